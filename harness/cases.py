@@ -1,0 +1,195 @@
+"""Test cases: what hypothesis draws, and the inputs a case turns into.
+
+A :class:`Case` is plain data (JSON round-trips it, so a failing case can be replayed from
+the command line). ``case_strategy`` draws cases for an operator; ``long_cases`` lists the
+long-sequence family; ``sample`` turns a case into float64 input tensors from the case's seed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from hypothesis import strategies as st
+
+from harness.operators import OPERATORS, levels_needed
+from harness.spec import Operator
+
+# Sizes the random family draws from, per device profile. The CPU profile keeps kernels
+# cheap under the Triton interpreter (T <= 128, few programs); both include T = 1, lengths
+# around and not multiples of every chunk size (16, 64), and head dims that are not powers
+# of two.
+PROFILES: dict[str, dict[str, Any]] = {
+    "cpu": dict(T=(1, 2, 15, 17, 63, 64, 65, 70, 100, 128), B=(1, 2), H=(1, 2, 3),
+                head=(8, 5, 12, 16, 24, 32), segment=40),
+    "cuda": dict(T=(1, 63, 64, 65, 100, 200, 255, 1000, 2048), B=(1, 2), H=(1, 2, 4),
+                 head=(64, 16, 32, 48, 100, 128), segment=700),
+}
+# The long-sequence family: lengths, and the gate strength that takes log gates to about
+# -60 per step (20 * logsigmoid(x) for x ~ N(0, 1) reaches -60 at x ~ -3).
+LONG_T = {"cpu": (256, 1024, 2048), "cuda": (1024, 4096, 16384, 65536)}
+LONG_HEAD = {"cpu": 16, "cuda": 64}
+STRONG_GATE = 20.0
+GATE_STRENGTHS = (1.0 / 16, 1.0, 8.0)
+SCALES = (None, 1.0, 0.3)
+
+
+@dataclass
+class Case:
+    """One drawn case of an operator: sizes, layout choices and the seed of its inputs."""
+
+    op: str
+    dims: dict[str, int]
+    seqlens: list[int] | None = None  # varlen: B == 1 and these lengths pack T
+    scale: float | None = None
+    initial_state: bool = False
+    output_final_state: bool = True
+    gate: float = 1.0  # strength of the decay gates: log gate = gate * logsigmoid(x)
+    options: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Case":
+        data = json.loads(text)
+        if not isinstance(data, dict) or "op" not in data or "dims" not in data:
+            raise ValueError(f"--case: expected a JSON case with 'op' and 'dims', got {text!r}")
+        return cls(**data)
+
+    @property
+    def operator(self) -> Operator:
+        return OPERATORS[self.op]
+
+    def label(self) -> str:
+        d = ",".join(f"{k}={v}" for k, v in self.dims.items())
+        extra = [f"seqlens={self.seqlens}"] if self.seqlens is not None else []
+        extra += [f"{k}={v}" for k, v in sorted(self.options.items()) if v]
+        if self.initial_state:
+            extra.append("h0")
+        if self.operator.gated:
+            extra.append(f"gate={self.gate:g}")
+        return " ".join([d] + extra)
+
+    def kwargs(self) -> dict[str, Any]:
+        """The keyword arguments (besides the tensors) every implementation receives."""
+        op = self.operator
+        kw: dict[str, Any] = {"scale": self.scale}
+        if op.has_state:
+            kw["output_final_state"] = self.output_final_state
+        kw.update({k: self.options[k] for k in op.kwargs if k in self.options})
+        return kw
+
+
+@st.composite
+def case_strategy(draw: Callable, op_name: str, profile: str = "cpu") -> Case:
+    """Hypothesis strategy for cases of one operator. Every choice shrinks to its first value."""
+    op, p = OPERATORS[op_name], PROFILES[profile]
+    varlen = draw(st.booleans())
+    seqlens = None
+    if varlen:
+        seg = st.one_of(st.sampled_from([0, 1]), st.integers(2, p["segment"]))
+        seqlens = draw(st.lists(seg, min_size=1, max_size=4))
+        if sum(seqlens) == 0:
+            seqlens[-1] = 1
+        B, T = 1, sum(seqlens)
+    else:
+        B, T = draw(st.sampled_from(p["B"])), draw(st.sampled_from(p["T"]))
+    H = draw(st.sampled_from(p["H"]))
+    head = st.sampled_from(p["head"])
+    dims: dict[str, int] = {"B": B, "T": T}
+    if "G" in op.dims:
+        dims["G"] = draw(st.sampled_from([g for g in range(1, H + 1) if H % g == 0]))
+    dims["H"] = H
+    if "D" in op.dims:
+        dims["D"] = draw(head)
+    else:
+        dims["K"], dims["V"] = draw(head), draw(head)
+    if "L" in op.dims:
+        dims["L"] = levels_needed(max(seqlens) if seqlens else T) + draw(st.sampled_from([0, 1]))
+    options = {name: draw(st.sampled_from(values)) for name, values in op.options.items()}
+    return Case(
+        op=op.name,
+        dims=dims,
+        seqlens=seqlens,
+        scale=draw(st.sampled_from(SCALES)),
+        initial_state=draw(st.booleans()) if op.has_state else False,
+        output_final_state=draw(st.sampled_from([True, False])) if op.has_state else False,
+        gate=draw(st.sampled_from(GATE_STRENGTHS)) if op.gated else 1.0,
+        options=options,
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def long_cases(op_name: str, profile: str = "cpu", lengths: tuple[int, ...] | None = None) -> list[Case]:
+    """The long-sequence family: one head pair, strong gates, an initial state, growing T."""
+    op = OPERATORS[op_name]
+    head = LONG_HEAD[profile]
+    cases = []
+    for i, T in enumerate(lengths or LONG_T[profile]):
+        dims: dict[str, int] = {"B": 1, "T": T}
+        if "G" in op.dims:
+            dims["G"] = 1
+        dims["H"] = 2
+        if "D" in op.dims:
+            dims["D"] = head
+        else:
+            dims["K"] = dims["V"] = head
+        if "L" in op.dims:
+            dims["L"] = levels_needed(T)
+        options = {name: values[0] for name, values in op.options.items()}
+        cases.append(Case(op=op.name, dims=dims, initial_state=op.has_state,
+                          output_final_state=op.has_state,
+                          gate=STRONG_GATE if op.gated else 1.0, options=options, seed=1000 + i))
+    return cases
+
+
+def with_dims(case: Case, **dims: int) -> Case:
+    return replace(case, dims={**case.dims, **dims})
+
+
+# Value domains (OPERATORS.md): each draws float64 values of a shape from a generator.
+def _randn(shape, gen):
+    return torch.randn(shape, generator=gen, dtype=torch.float64)
+
+
+DOMAINS: dict[str, Callable[[tuple[int, ...], Case, torch.Generator], torch.Tensor]] = {
+    "normal": lambda s, c, g: _randn(s, g),
+    "small": lambda s, c, g: 0.1 * _randn(s, g),
+    "unit": lambda s, c, g: F.normalize(_randn(s, g), dim=-1),  # unit-norm keys/queries
+    "unit_interval": lambda s, c, g: torch.sigmoid(_randn(s, g)),  # beta, level scales
+    "log_gate": lambda s, c, g: c.gate * F.logsigmoid(_randn(s, g)),  # log gates <= 0
+    "keep": lambda s, c, g: torch.exp(c.gate * F.logsigmoid(_randn(s, g))),  # in (0, 1]
+    "forget": lambda s, c, g: -torch.expm1(c.gate * F.logsigmoid(_randn(s, g))),  # in [0, 1)
+    "learning_rate": lambda s, c, g: 0.1 * torch.sigmoid(_randn(s, g)),
+    "ln_weight": lambda s, c, g: 1.0 + 0.1 * _randn(s, g),
+    "ln_bias": lambda s, c, g: 0.1 * _randn(s, g),
+}
+
+
+def sample(case: Case, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """The case's arguments: float64 tensors (drawn on the CPU from the case's seed, then
+    moved), cu_seqlens, and the keyword options."""
+    op = case.operator
+    gen = torch.Generator().manual_seed(case.seed)
+    sizes = dict(case.dims)
+    sizes["N"] = len(case.seqlens) if case.seqlens is not None else case.dims["B"]
+    args: dict[str, Any] = {}
+    for inp in op.inputs:
+        if not inp.present(case):
+            args[inp.name] = None
+            continue
+        shape = tuple(s if isinstance(s, int) else sizes[s] for s in inp.shapes[inp.pick(case)])
+        args[inp.name] = DOMAINS[inp.domain_for(case)](shape, case, gen).to(device)
+    args["cu_seqlens"] = None
+    if case.seqlens is not None:
+        offsets = [0]
+        for n in case.seqlens:
+            offsets.append(offsets[-1] + n)
+        args["cu_seqlens"] = torch.tensor(offsets, dtype=torch.int64, device=device)
+    args.update(case.kwargs())
+    return args

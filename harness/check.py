@@ -1,0 +1,262 @@
+"""The numerical checks: every implementation against the float64 truth.
+
+For one case and one dtype, the inputs are drawn in float64, rounded to the dtype, and
+
+* the truth is the step-by-step reference in float64 on the rounded inputs (the long-sequence
+  family uses the chunked float64 reference: the step loop is too slow at 64K tokens);
+* the same reference run in the dtype gives the error the dtype itself costs;
+* each implementation runs in the dtype with fresh allocations poisoned with NaN, and is
+  compared on every output, every final state and, under random upstream gradients on all of
+  them, the gradient of every differentiable input.
+
+A quantity passes when its relative error is within ``harness.tolerances.tolerance``.
+Two families: ``random`` (hypothesis draws the cases and shrinks a failure to a minimal one)
+and ``long`` (growing T with gates strong enough to leave float32 range).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import seed as hypothesis_seed
+
+from harness.cases import Case, case_strategy, long_cases, sample
+from harness.operators import OPERATORS
+from harness.poison import poison_allocations
+from harness.registry import Implementation, get
+from harness.tolerances import tolerance
+
+DTYPES = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+
+
+# The implementation each family treats as exact (in float64): the step-by-step reference,
+# except for long sequences, where its token loop is too slow and the chunked one stands in.
+TRUTH = {"random": "naive", "replay": "naive", "long": "chunk_ref"}
+
+
+def rel_error(x: torch.Tensor | None, ref: torch.Tensor) -> float:
+    """``||x - ref|| / ||ref||`` in float64; inf for a missing, misshapen or non-finite x."""
+    if x is None or tuple(x.shape) != tuple(ref.shape):
+        return math.inf
+    x64, r64 = x.detach().double(), ref.detach().double()
+    if not torch.isfinite(x64).all():
+        return math.inf
+    num, den = torch.linalg.vector_norm(x64 - r64).item(), torch.linalg.vector_norm(r64).item()
+    if den == 0.0:
+        return 0.0 if num == 0.0 else math.inf
+    return num / den
+
+
+@dataclass
+class Run:
+    """What one callable produced on one case in one dtype."""
+
+    outputs: dict[str, torch.Tensor | None] = field(default_factory=dict)
+    grads: dict[str, torch.Tensor | None] = field(default_factory=dict)
+    error: str | None = None
+
+
+def cast_args(args: dict[str, Any], case: Case, dtype: torch.dtype, grad: bool) -> dict[str, Any]:
+    """The case's float64 arguments in ``dtype`` (states in float32 at least), as leaves."""
+    op = case.operator
+    out = dict(args)
+    for inp in op.inputs:
+        x = args.get(inp.name)
+        if x is None:
+            continue
+        target = torch.promote_types(dtype, torch.float32) if inp.state else dtype
+        x = x.detach().to(target)
+        out[inp.name] = x.requires_grad_(grad and inp.differentiable)
+    return out
+
+
+def run(fn: Callable[..., Any], args: dict[str, Any], case: Case, dtype: torch.dtype,
+        douts: dict[str, torch.Tensor] | None, backward: bool = True,
+        poison: bool = False) -> Run:
+    """Call ``fn`` on the case's arguments in ``dtype``; backpropagate ``douts`` if given."""
+    op = case.operator
+    result = Run()
+    want_grad = backward and douts is not None
+    try:
+        call_args = cast_args(args, case, dtype, want_grad)
+        with poison_allocations(poison), torch.enable_grad():
+            out = fn(**call_args)
+            if not isinstance(out, tuple) or len(out) != len(op.outputs):
+                raise TypeError(f"returned {type(out).__name__} of length "
+                                f"{len(out) if isinstance(out, tuple) else '-'}, expected a "
+                                f"tuple {op.outputs}")
+            result.outputs = dict(zip(op.outputs, out))
+            if want_grad:
+                loss = sum((result.outputs[n].double() * d).sum()
+                           for n, d in douts.items() if result.outputs.get(n) is not None)
+                if isinstance(loss, torch.Tensor) and loss.requires_grad:
+                    loss.backward()
+                for inp in op.inputs:
+                    x = call_args.get(inp.name)
+                    if x is not None and inp.differentiable:
+                        result.grads[inp.name] = x.grad
+    except Exception as exc:
+        lines = traceback.format_exception_only(type(exc), exc)
+        result.error = lines[-1].strip()
+    return result
+
+
+@dataclass
+class Truth:
+    """The float64 truth and the same-dtype reference's errors, for one case and dtype."""
+
+    run: Run
+    ref_errors: dict[str, float]
+
+
+def quantities(case: Case, truth: Run, backward: bool) -> list[tuple[str, torch.Tensor]]:
+    """(name, truth tensor) of everything compared: outputs, final states, gradients."""
+    out = [(n, t) for n, t in truth.outputs.items() if t is not None]
+    if backward:
+        out += [(f"d{n}", g) for n, g in truth.grads.items() if g is not None]
+    return out
+
+
+def compare(run_: Run, truth: Run) -> dict[str, float]:
+    errors = {n: rel_error(run_.outputs.get(n), t) for n, t in truth.outputs.items() if t is not None}
+    errors.update({f"d{n}": rel_error(run_.grads.get(n), g) for n, g in truth.grads.items()
+                   if g is not None})
+    return errors
+
+
+def evaluate(case: Case, impls: list[Implementation], dtypes: list[str], device: str,
+             family: str = "random") -> list[dict[str, Any]]:
+    """Check every implementation on one case in every dtype; one row per quantity."""
+    op = case.operator
+    truth_fn = get(op.name, TRUTH[family])
+    args64 = sample(case, device)
+    rows: list[dict[str, Any]] = []
+    douts: dict[str, torch.Tensor] | None = None
+    gen = torch.Generator().manual_seed(case.seed + 1)
+    for dname in dtypes:
+        dtype = DTYPES[dname]
+        todo = []
+        for impl in impls:
+            if dname not in impl.dtypes:
+                continue
+            reason = impl.supports(case) if impl.supports is not None else None
+            todo.append((impl, reason))
+        if not todo:
+            continue
+        rounded = cast_args(args64, case, dtype, grad=False)  # inputs as the dtype holds them
+        if douts is None:  # upstream gradients: drawn once per case, shaped like the outputs
+            first = run(truth_fn.load(), rounded, case, torch.float64, None)
+            if first.error:
+                raise RuntimeError(f"the truth ({truth_fn.key}) failed on {case.to_json()}: {first.error}")
+            douts = {n: torch.randn(t.shape, generator=gen, dtype=torch.float64).to(device)
+                     for n, t in first.outputs.items() if t is not None}
+        truth = run(truth_fn.load(), rounded, case, torch.float64, douts)
+        if truth.error:
+            raise RuntimeError(f"the truth ({truth_fn.key}) failed on {case.to_json()}: {truth.error}")
+        if dtype == torch.float64:
+            ref_errors: dict[str, float] = {}
+        else:
+            ref_errors = compare(run(truth_fn.load(), rounded, case, dtype, douts), truth)
+        for impl, reason in todo:
+            base = dict(op=op.name, impl=impl.name, kind=impl.kind, dtype=dname, family=family,
+                        case=case.label(), T=case.dims["T"], case_json=case.to_json())
+            if reason:
+                rows.append({**base, "quantity": "*", "error": math.nan, "ref_error": math.nan,
+                             "tolerance": math.nan, "passed": True, "note": f"skipped: {reason}"})
+                continue
+            res = run(impl.load(), rounded, case, dtype, douts, backward=impl.backward, poison=True)
+            errors = compare(res, truth)
+            for name, _ in quantities(case, truth, impl.backward):
+                ref_err = ref_errors.get(name, 0.0)
+                err, tol = errors[name], tolerance(dname, ref_err)
+                note = res.error or ""
+                if not res.error and name in op.outputs and res.outputs.get(name) is None:
+                    note = f"{name} missing (returned None)"
+                rows.append({**base, "quantity": name, "error": err, "ref_error": ref_err,
+                             "tolerance": tol, "passed": bool(err <= tol), "note": note})
+            if not res.error and not case.output_final_state:
+                extra = [n for n in op.outputs[1:] if res.outputs.get(n) is not None]
+                if extra:
+                    rows.append({**base, "quantity": ",".join(extra), "error": math.inf,
+                                 "ref_error": 0.0, "tolerance": 0.0, "passed": False,
+                                 "note": "final state returned with output_final_state=False"})
+    return rows
+
+
+class CaseFailed(AssertionError):
+    def __init__(self, case: Case, rows: list[dict[str, Any]]):
+        self.case, self.rows = case, rows
+        worst = [r for r in rows if not r["passed"]]
+        super().__init__(f"{len(worst)} quantities failed on {case.to_json()}")
+
+
+@dataclass
+class CheckResult:
+    op: str
+    rows: list[dict[str, Any]]
+    failure: CaseFailed | None
+    examples: int
+    seconds: float
+
+
+def check_random(op_name: str, impls: list[Implementation], dtypes: list[str], device: str,
+                 examples: int, seed: int, profile: str) -> CheckResult:
+    """The random family: hypothesis draws ``examples`` cases and shrinks any failure."""
+    rows: list[dict[str, Any]] = []
+    count = 0
+    start = time.perf_counter()
+
+    @settings(max_examples=examples, deadline=None, database=None, print_blob=False,
+              suppress_health_check=list(HealthCheck), report_multiple_bugs=False)
+    @hypothesis_seed(seed)
+    @given(case=case_strategy(op_name, profile))
+    def one(case: Case) -> None:
+        nonlocal count
+        count += 1
+        case_rows = evaluate(case, impls, dtypes, device, "random")
+        if not all(r["passed"] for r in case_rows):
+            raise CaseFailed(case, case_rows)
+        rows.extend(case_rows)
+
+    failure = None
+    try:
+        one()
+    except CaseFailed as exc:  # raised again on the minimal example once shrinking is done
+        failure = exc
+        rows.extend(exc.rows)
+    return CheckResult(op_name, rows, failure, count, time.perf_counter() - start)
+
+
+def check_cases(cases: list[Case], impls: list[Implementation], dtypes: list[str],
+                device: str, family: str) -> CheckResult:
+    """Fixed cases (the long family, a replayed case): no drawing, no shrinking."""
+    rows: list[dict[str, Any]] = []
+    failure = None
+    start = time.perf_counter()
+    for case in cases:
+        case_rows = evaluate(case, impls, dtypes, device, family)
+        rows.extend(case_rows)
+        if failure is None and not all(r["passed"] for r in case_rows):
+            failure = CaseFailed(case, case_rows)
+    return CheckResult(cases[0].op if cases else "", rows, failure, len(cases),
+                       time.perf_counter() - start)
+
+
+def check_long(op_name: str, impls: list[Implementation], dtypes: list[str], device: str,
+               profile: str, lengths: tuple[int, ...] | None = None) -> CheckResult:
+    return check_cases(long_cases(op_name, profile, lengths), impls, dtypes, device, "long")
+
+
+__all__ = ["OPERATORS", "rel_error", "evaluate", "check_random", "check_cases", "check_long",
+           "CheckResult", "CaseFailed", "DTYPES", "TRUTH"]

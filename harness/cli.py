@@ -1,0 +1,170 @@
+"""The ``harness`` command line (typer + rich)."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Exact references and numerical checks for linear-attention kernels.")
+console = Console(width=None if sys.stdout.isatty() else 150)
+
+DEVICE_HELP = "auto: cuda when available, else cpu (Triton kernels run through its interpreter)."
+
+
+def select_device(device: str) -> str:
+    """Resolve auto/cpu/cuda. On the CPU, Triton kernels need TRITON_INTERPRET=1 before triton
+    is imported, so it is set here, before any implementation is loaded."""
+    import torch
+
+    if device not in ("auto", "cpu", "cuda"):
+        raise typer.BadParameter(f"expected auto, cpu or cuda, got {device!r}", param_hint="--device")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise typer.BadParameter("cuda requested but torch sees no CUDA device", param_hint="--device")
+    if device == "cpu":
+        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+            console.print("[yellow]triton was imported before TRITON_INTERPRET=1 could be set; "
+                          "kernels may not run on the CPU[/]")
+        os.environ["TRITON_INTERPRET"] = "1"
+    return device
+
+
+def _fail(message: str) -> None:
+    console.print(f"[red]error:[/] {message}")
+    raise typer.Exit(2)
+
+
+@app.command("list")
+def list_cmd(device: str = typer.Option("auto", help=DEVICE_HELP)) -> None:
+    """Every registered implementation: kind, devices, dtypes, and whether it can run here."""
+    device = select_device(device)
+    from harness.operators import OPERATORS
+    from harness.registry import implementations, plugin_errors
+
+    table = Table(title=f"operators and implementations (device: {device})", title_justify="left")
+    for col in ("operator", "implementation", "kind", "devices", "dtypes", "available here"):
+        table.add_column(col)
+    for op in OPERATORS.values():
+        for impl in implementations(op.name):
+            why = impl.why_unavailable(device)
+            table.add_row(op.name, impl.name, impl.kind, ",".join(impl.devices),
+                          ",".join(impl.dtypes), "[green]yes[/]" if why is None else f"[red]no[/]: {why}")
+    console.print(table)
+    for name, err in plugin_errors().items():
+        console.print(f"[red]plugin {name} failed to load:[/] {err}")
+
+
+def _split(values: list[str]) -> list[str]:
+    return [v.strip() for item in values for v in item.split(",") if v.strip()]
+
+
+@app.command()
+def check(
+    op: str = typer.Argument(..., help="operator, e.g. delta_rule (see `harness list`)"),
+    impl: list[str] = typer.Option([], "--impl", help="implementation(s); default: all available except the truth 'naive'"),
+    dtype: list[str] = typer.Option([], "--dtype", help="float64,float32,float16,bfloat16; default: float64,float32 on cpu, + bfloat16 on cuda"),
+    examples: int = typer.Option(40, help="random cases hypothesis draws"),
+    seed: int = typer.Option(0, help="hypothesis seed: the same seed draws the same cases"),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    family: list[str] = typer.Option(["random", "long"], "--family", help="random and/or long"),
+    long_t: str = typer.Option("", help="lengths of the long family, e.g. 1024,4096 (default by device)"),
+    case: Optional[str] = typer.Option(None, help="replay one case (JSON, as a failure prints it)"),
+    out: Path = typer.Option(Path("out/check"), help="directory for CSV, JSON and plots"),
+) -> None:
+    """Compare implementations of OP with the float64 reference: outputs, final states, gradients."""
+    device = select_device(device)
+    from harness.cases import Case
+    from harness.check import DTYPES, TRUTH, check_cases, check_long, check_random
+    from harness.operators import OPERATORS
+    from harness.registry import get, implementations
+    from harness.report import frame, plot_long, print_summary, write
+
+    if op not in OPERATORS:
+        _fail(f"unknown operator {op!r}; known: {', '.join(OPERATORS)}")
+    names = _split(impl)
+    if names:
+        try:
+            chosen = [get(op, n) for n in names]
+        except KeyError as exc:
+            _fail(exc.args[0])
+        for i in chosen:
+            why = i.why_unavailable(device)
+            if why:
+                _fail(f"{i.key} is not available on {device}: {why}")
+    else:  # everything that runs here; each family then leaves out its own truth
+        chosen = [i for i in implementations(op) if i.why_unavailable(device) is None]
+    dtypes = _split(dtype) or (["float64", "float32"] + (["bfloat16"] if device == "cuda" else []))
+    for d in dtypes:
+        if d not in DTYPES:
+            _fail(f"unknown dtype {d!r}; known: {', '.join(DTYPES)}")
+    families = _split(family)
+    for f in families:
+        if f not in ("random", "long"):
+            _fail(f"unknown family {f!r}; known: random, long")
+    profile = "cuda" if device == "cuda" else "cpu"
+
+    results = []
+    if case is not None:
+        try:
+            replay = Case.from_json(case)
+        except (ValueError, TypeError) as exc:
+            _fail(f"--case: {exc}")
+        if replay.op != op:
+            _fail(f"--case is a case of {replay.op!r}, not {op!r}")
+        results.append(check_cases([replay], chosen, dtypes, device, "replay"))
+    else:
+        with console.status(f"checking {op} on {device}: {', '.join(i.name for i in chosen)}"):
+            if "random" in families:
+                impls = chosen if names else [i for i in chosen if i.name != TRUTH["random"]]
+                results.append(check_random(op, impls, dtypes, device, examples, seed, profile))
+            if "long" in families:
+                impls = chosen if names else [i for i in chosen if i.name != TRUTH["long"]]
+                lengths = tuple(int(t) for t in long_t.split(",") if t.strip()) or None
+                results.append(check_long(op, impls, dtypes, device, profile, lengths))
+
+    rows = [r for res in results for r in res.rows]
+    df = frame(rows)
+    seconds = sum(r.seconds for r in results)
+    cases = sum(r.examples for r in results)
+    print_summary(console, df, OPERATORS[op], f"{op} on {device}: {cases} cases in {seconds:.1f} s "
+                               f"(rel. error vs float64 reference; 'of tol' = error / tolerance)")
+    paths = write(df, out, op)
+    plot = plot_long(df, out / f"{op}_long.png", f"{op}: error against T ({device})")
+    console.print(f"[dim]wrote {', '.join(str(p) for p in paths + ([plot] if plot else []))}[/]")
+
+    failures = [r.failure for r in results if r.failure is not None]
+    if not failures:
+        console.print(f"[green]{op}: all checks passed[/]")
+        return
+    for failure in failures:
+        bad = [r for r in failure.rows if not r["passed"]]
+        console.print(f"\n[red bold]FAILED[/] on case {failure.case.label()}")
+        for r in sorted(bad, key=lambda r: -r["error"] if r["error"] == r["error"] else 0)[:12]:
+            console.print(f"  {r['impl']} {r['dtype']} {r['quantity']}: error {_fmtf(r['error'])}"
+                          f" > tolerance {_fmtf(r['tolerance'])} {r['note']}")
+        failed_impls = sorted({r["impl"] for r in bad})
+        failed_dtypes = sorted({r["dtype"] for r in bad})
+        cmd = ["harness", "check", op] + [a for i in failed_impls for a in ("--impl", i)]
+        cmd += [a for d in failed_dtypes for a in ("--dtype", d)]
+        cmd += ["--device", device, "--case", failure.case.to_json()]
+        console.print("reproduce with:", style="bold")
+        console.print(" ".join(shlex.quote(c) for c in cmd), soft_wrap=True, highlight=False,
+                      markup=False)
+    raise typer.Exit(1)
+
+
+def _fmtf(x: float) -> str:
+    return f"{x:.3e}"
+
+
+def main() -> None:
+    app()

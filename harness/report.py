@@ -1,0 +1,103 @@
+"""Tables, files and plots of check results (pandas, rich, matplotlib)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+
+from harness.spec import Operator
+
+DTYPE_ORDER = {"float64": 0, "float32": 1, "float16": 2, "bfloat16": 3}
+COLUMNS = ["op", "impl", "kind", "dtype", "family", "case", "T", "quantity", "error",
+           "ref_error", "tolerance", "passed", "note", "case_json"]
+
+
+def frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def summary(df: pd.DataFrame, op: Operator | None = None) -> pd.DataFrame:
+    """One row per (implementation, dtype, family, quantity): worst error and margin."""
+    checked = df[df["quantity"] != "*"].copy()
+    if op is not None:  # outputs first, then gradients in the order of the inputs
+        order = {q: i for i, q in enumerate(list(op.outputs) + [f"d{i.name}" for i in op.inputs])}
+        checked["_q"] = checked["quantity"].map(lambda q: order.get(q, len(order)))
+        checked["_f"] = checked["family"].map({"random": 0, "replay": 0, "long": 1})
+        checked["_d"] = checked["dtype"].map(DTYPE_ORDER)
+        checked = checked.sort_values(["_f", "impl", "_d", "_q"], kind="stable")
+    if checked.empty:
+        return pd.DataFrame(columns=["impl", "dtype", "family", "quantity", "cases", "failed",
+                                     "max_error", "max_tolerance_used"])
+    checked["used"] = checked["error"] / checked["tolerance"]
+    g = checked.groupby(["impl", "dtype", "family", "quantity"], sort=False)
+    out = g.agg(cases=("error", "size"), failed=("passed", lambda s: int((~s).sum())),
+                max_error=("error", "max"), max_tolerance_used=("used", "max"))
+    return out.reset_index()
+
+
+def _fmt(x: float) -> str:
+    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
+        return str(x)
+    return f"{x:.2e}"
+
+
+def print_summary(console: Console, df: pd.DataFrame, op: Operator | None, title: str) -> None:
+    s = summary(df, op)
+    table = Table(title=title, title_justify="left")
+    for col in ("impl", "dtype", "family", "quantity", "cases", "max rel err", "of tol", "pass"):
+        table.add_column(col, justify="right" if col in ("cases", "max rel err", "of tol") else "left")
+    for r in s.itertuples(index=False):
+        ok = r.failed == 0
+        table.add_row(r.impl, r.dtype, r.family, r.quantity, str(r.cases), _fmt(r.max_error),
+                      f"{100 * r.max_tolerance_used:.0f}%" if math.isfinite(r.max_tolerance_used) else "inf",
+                      "[green]pass[/]" if ok else f"[red]FAIL ({r.failed})[/]")
+    console.print(table)
+    skipped = df[df["quantity"] == "*"]
+    for (impl, note), n in skipped.groupby(["impl", "note"]).size().items():
+        console.print(f"[dim]{impl}: {n} case(s) {note}[/]")
+
+
+def write(df: pd.DataFrame, out: Path, stem: str) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    csv, js = out / f"{stem}.csv", out / f"{stem}.json"
+    df.to_csv(csv, index=False)
+    js.write_text(json.dumps(json.loads(df.to_json(orient="records")), indent=1))
+    return [csv, js]
+
+
+def plot_long(df: pd.DataFrame, path: Path, title: str) -> Path | None:
+    """Error against T for the long family: outputs and gradients, a line per impl/dtype."""
+    long = df[(df["family"] == "long") & (df["quantity"] != "*")].copy()
+    if long.empty:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    long["kind_q"] = long["quantity"].map(lambda q: "gradients" if q.startswith("d") else "outputs")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, part in zip(axes, ("outputs", "gradients")):
+        sub = long[long["kind_q"] == part]
+        for (impl, dtype), g in sub.groupby(["impl", "dtype"]):
+            worst = g.groupby("T")["error"].max().replace(0.0, 1e-17)
+            ax.plot(worst.index, worst.values, marker="o", label=f"{impl} {dtype}")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("T (tokens)")
+        ax.set_title(f"{part}: worst rel. error")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("||x - ref|| / ||ref||")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
