@@ -1,0 +1,132 @@
+"""The check engine catches what it exists to catch: wrong math (shrunk to a minimal case and
+reproducible from the printed command), unwritten outputs, missing final states."""
+
+import shlex
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from harness.cases import Case, sample
+from harness.check import check_random, evaluate, rel_error
+from harness.cli import app
+from harness.registry import Implementation, get, register, unregister
+from references.gla import chunk_gla_ref
+
+runner = CliRunner()
+
+
+def gla_gate_off_by_one(q, k, v, gk=None, gv=None, **kw):
+    """A planted bug: the gate cumsum shifted by one token (an exclusive cumsum where the
+    recurrence needs an inclusive one): token t decays by gk_{t-1} instead of gk_t."""
+    if gk is not None:
+        gk = torch.cat([torch.zeros_like(gk[:, :1]), gk[:, :-1]], dim=1)
+    return chunk_gla_ref(q, k, v, gk, gv, **kw)
+
+
+@pytest.fixture
+def planted():
+    impl = register(Implementation(op="gla", name="planted_bug", kind="reference",
+                                   target=gla_gate_off_by_one), replace=True)
+    yield impl
+    unregister("gla", "planted_bug")
+
+
+def test_planted_bug_is_caught_shrunk_and_reproduced(planted):
+    result = runner.invoke(app, ["check", "gla", "--impl", "planted_bug", "--dtype", "float64",
+                                 "--examples", "20", "--family", "random", "--device", "cpu"])
+    assert result.exit_code == 1, result.output
+    assert "FAILED on case" in result.output
+    command = result.output.split("reproduce with:")[1].strip().replace("\n", "")
+    argv = shlex.split(command)
+    assert argv[:3] == ["harness", "check", "gla"]
+    case = Case.from_json(argv[argv.index("--case") + 1])
+    # shrunk: hypothesis minimises every choice. The shifted gate shows on one token decaying
+    # the initial state, or on the second of two tokens.
+    assert case.dims["B"] == 1 and case.dims["H"] == 1 and case.seqlens is None
+    assert (case.dims["T"], case.initial_state) in ((1, True), (2, False)), case
+    again = runner.invoke(app, argv[1:])
+    assert again.exit_code == 1, again.output
+    assert "planted_bug float64" in again.output
+
+
+def test_correct_implementation_passes_on_the_same_case(planted):
+    case = Case(op="gla", dims=dict(B=1, T=2, H=1, K=8, V=8), seed=0)
+    rows = evaluate(case, [get("gla", "chunk_ref"), planted], ["float64"], "cpu")
+    by_impl = {}
+    for r in rows:
+        by_impl.setdefault(r["impl"], []).append(r["passed"])
+    assert all(by_impl["chunk_ref"]) and not all(by_impl["planted_bug"])
+
+
+def leaves_last_token_unwritten(q, k, v, beta, **kw):
+    from references.delta_rule import naive_recurrent_delta_rule
+
+    o, s = naive_recurrent_delta_rule(q, k, v, beta, **kw)
+    out = torch.empty_like(o)  # poisoned with NaN by the harness
+    out[:, :-1] = o[:, :-1]
+    return out, s
+
+
+def drops_final_state(q, k, v, beta, **kw):
+    from references.delta_rule import naive_recurrent_delta_rule
+
+    return naive_recurrent_delta_rule(q, k, v, beta, **kw)[0], None
+
+
+@pytest.mark.parametrize("fn, note", [(leaves_last_token_unwritten, ""),
+                                      (drops_final_state, "final_state missing")])
+def test_unwritten_output_and_missing_state_fail(fn, note):
+    impl = Implementation(op="delta_rule", name="broken", kind="reference", target=fn)
+    case = Case(op="delta_rule", dims=dict(B=1, T=5, H=1, K=4, V=4), seed=3)
+    rows = evaluate(case, [impl], ["float32"], "cpu")
+    bad = [r for r in rows if not r["passed"]]
+    assert bad, rows
+    assert any(note in r["note"] for r in bad)
+
+
+def test_final_state_returned_when_not_asked_fails():
+    impl = Implementation(op="delta_rule", name="chatty", kind="reference",
+                          target=lambda **kw: get("delta_rule", "naive")(**{**kw, "output_final_state": True}))
+    case = Case(op="delta_rule", dims=dict(B=1, T=3, H=1, K=4, V=4), output_final_state=False)
+    rows = evaluate(case, [impl], ["float64"], "cpu")
+    assert [r["note"] for r in rows if not r["passed"]] == [
+        "final state returned with output_final_state=False"]
+
+
+def test_exception_becomes_a_failed_row():
+    def boom(**kw):
+        raise RuntimeError("kernel exploded")
+
+    impl = Implementation(op="delta_rule", name="boom", kind="reference", target=boom)
+    rows = evaluate(Case(op="delta_rule", dims=dict(B=1, T=3, H=1, K=4, V=4)), [impl], ["float32"], "cpu")
+    assert rows and not any(r["passed"] for r in rows)
+    assert "RuntimeError: kernel exploded" in rows[0]["note"]
+
+
+def test_rel_error():
+    ref = torch.tensor([3.0, 4.0])
+    assert rel_error(ref, ref) == 0.0
+    assert rel_error(torch.tensor([3.0, 4.5]), ref) == pytest.approx(0.1)
+    assert rel_error(torch.tensor([float("nan"), 4.0]), ref) == float("inf")
+    assert rel_error(torch.zeros(3), ref) == float("inf")  # wrong shape
+    assert rel_error(None, ref) == float("inf")
+
+
+def test_sample_is_reproducible_and_in_domain():
+    case = Case(op="gla", dims=dict(B=1, T=9, H=2, K=4, V=3), seqlens=[0, 4, 0, 5], gate=8.0,
+                initial_state=True, seed=7)
+    a, b = sample(case), sample(case)
+    assert torch.equal(a["q"], b["q"]) and torch.equal(a["gk"], b["gk"])
+    assert (a["gk"] <= 0).all() and a["gk"].min() < -8
+    assert a["cu_seqlens"].tolist() == [0, 0, 4, 4, 9]
+    assert a["initial_state"].shape == (4, 2, 4, 3)
+    assert Case.from_json(case.to_json()) == case
+
+
+def test_random_family_records_every_case():
+    res = check_random("delta_rule", [get("delta_rule", "chunk_ref")], ["float64"], "cpu",
+                       examples=5, seed=1, profile="cpu")
+    assert res.failure is None and res.examples == 5
+    assert len({r["case_json"] for r in res.rows}) == 5
+    assert max(r["error"] for r in res.rows) < 1e-12
