@@ -19,3 +19,21 @@ for _op in OPERATORS.values():
         op=_op.name, name="chunk_ref", kind="reference", target=_op.chunk_reference,
         description="chunked pure-PyTorch form, O(T) memory",
     ))
+
+
+def _triton_available() -> str | None:
+    """None when triton imports (on the CPU it runs through its interpreter), else why not."""
+    try:
+        import triton  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install
+        return f"triton does not import: {exc!r}"
+    return None
+
+
+register(Implementation(
+    op="delta_rule", name="fused_recurrent", kind="triton",
+    target="kernels.delta_rule:fused_recurrent_delta_rule",
+    devices=("cpu", "cuda"), dtypes=("float32", "float16", "bfloat16"),
+    description="one pass over time, state on chip (Triton)",
+    available=_triton_available,
+))

@@ -150,8 +150,10 @@ def evaluate(case: Case, impls: list[Implementation], dtypes: list[str], device:
         todo = []
         for impl in impls:
             if dname not in impl.dtypes:
-                continue
-            reason = impl.supports(case) if impl.supports is not None else None
+                continue  # not a dtype it claims: nothing to report
+            reason = impl.dtype_unsupported(dname, device)
+            if reason is None and impl.supports is not None:
+                reason = impl.supports(case)
             todo.append((impl, reason))
         if not todo:
             continue

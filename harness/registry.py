@@ -80,6 +80,14 @@ class Implementation:
             return f"cannot import {self.target}: {exc}"
         return None
 
+    def dtype_unsupported(self, dtype: str, device: str) -> str | None:
+        """Why this implementation cannot run ``dtype`` on ``device`` (None when it can)."""
+        if dtype not in self.dtypes:
+            return f"takes {', '.join(self.dtypes)}"
+        if self.kind == "triton" and device == "cpu" and dtype == "bfloat16":
+            return "the Triton interpreter has no bfloat16"
+        return None
+
     def __call__(self, **kwargs: Any) -> Any:
         return self.load()(**kwargs)
 

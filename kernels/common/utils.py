@@ -1,0 +1,66 @@
+"""Index helpers every kernel shares: where a sequence starts and ends, how its chunks are
+numbered, and the dot precision for an input dtype."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def seq_bounds(cu_seqlens, i_n, T, IS_VARLEN: tl.constexpr):
+    """First and one-past-last token (int64) of sequence i_n in the flattened [B*T] rows."""
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        eos = bos + T
+    return bos, eos
+
+
+@triton.jit
+def chunk_bounds(cu_seqlens, chunk_indices, i_c, i_b, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """(bos, eos, i_t) of the chunk a program handles: its sequence's first and one-past-last
+    token and the chunk's index within the sequence. Without varlen, i_c is the chunk index
+    and i_b the batch row; with varlen, i_c indexes ``chunk_indices`` (sequence, chunk)."""
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
+        i_t = tl.load(chunk_indices + i_c * 2 + 1).to(tl.int64)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    else:
+        i_t = i_c.to(tl.int64)
+        bos = i_b.to(tl.int64) * T
+        eos = bos + T
+    return bos, eos, i_t
+
+
+def chunk_layout(B: int, T: int, cu_seqlens: torch.Tensor | None, BT: int):
+    """How the chunk kernels see a batch.
+
+    Returns (N, NT, chunk_indices, chunk_offsets): N sequences; NT chunks per batch row
+    (without varlen) or in all (with varlen); chunk_indices [NT, 2] int32 (sequence, chunk in
+    sequence) and chunk_offsets [N + 1] int32 (first chunk of each sequence), or None without
+    varlen (there chunk i_t of row b is b * NT + i_t).
+    """
+    if cu_seqlens is None:
+        return B, triton.cdiv(T, BT), None, None
+    lens = torch.diff(cu_seqlens).tolist()
+    counts = [triton.cdiv(n, BT) for n in lens]
+    pairs = [(i_n, i_t) for i_n, c in enumerate(counts) for i_t in range(c)]
+    device = cu_seqlens.device
+    chunk_indices = torch.tensor(pairs or [(0, 0)], dtype=torch.int32, device=device)[:len(pairs)]
+    offsets = [0]
+    for c in counts:
+        offsets.append(offsets[-1] + c)
+    chunk_offsets = torch.tensor(offsets, dtype=torch.int32, device=device)
+    return len(lens), len(pairs), chunk_indices.reshape(-1, 2), chunk_offsets
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """Triton's input_precision for float32 operands: exact ("ieee") for float32 inputs, where
+    TF32's 10-bit mantissa would cost ~1e-3; three TF32 passes ("tf32x3", ~1e-6) for the
+    float32 intermediates of half-precision inputs."""
+    return "ieee" if dtype == torch.float32 else "tf32x3"

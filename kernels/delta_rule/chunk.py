@@ -1,0 +1,126 @@
+"""Delta rule, chunked form (OPERATORS.md section 1): chunks of BT = 64 tokens, matrix products
+inside a chunk, one sequential walk over chunks for the state.
+
+Forward, a chain of shared stages:
+
+    A  = tril(diag(beta) K K^T, -1);  Ai = (I + A)^{-1}          # wy.kkt_fwd, common.solve_tril
+    w  = Ai diag(beta) K;  u = Ai diag(beta) V                   # wy.recompute_w_u_fwd
+    h[n], v' = u - w h[n], S_{n+1} = h[n] + K^T v'               # common.chunk_state.chunk_fwd_h
+    O  = (scale Q) h[n] + tril((scale Q) K^T) v'                 # common.chunk_output.chunk_fwd_o
+
+Backward, the same stages in reverse (each kernel's docstring has its equations): recompute
+w, u, h and v' from the saved Ai; dv' from the outputs inside each chunk; a reverse walk over
+chunks for d(state) and the full dv'; dq, dk, dw per chunk; then back through the WY transform
+for the rest of dk, and dv, dbeta. Saved for the backward: q, k, v, beta, Ai, initial_state
+(not the states h, which cost K*V/BT floats a token and are cheaper to recompute).
+
+Per-channel beta ([B,T,H,V]) gives every value channel its own triangular system, V of them
+per chunk; that form is the recurrent kernel's, so this function hands it to
+``fused_recurrent_delta_rule`` (same results, same gradients).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from harness.operators import DELTA_RULE
+from kernels.common.chunk_output import chunk_bwd_dqk, chunk_bwd_dv_local, chunk_fwd_o
+from kernels.common.chunk_state import chunk_bwd_dh, chunk_fwd_h
+from kernels.common.l2norm import l2norm_bwd, l2norm_fwd
+from kernels.common.solve_tril import solve_tril
+from kernels.common.utils import chunk_layout
+from kernels.delta_rule.fused_recurrent import fused_recurrent_delta_rule
+from kernels.delta_rule.wy import kkt_fwd, recompute_w_u_fwd, wy_bwd
+
+__all__ = ["chunk_delta_rule", "chunk_delta_rule_fwd", "chunk_delta_rule_bwd"]
+
+BT = 64  # chunk size: a tiling choice, never a change of result
+
+
+def chunk_delta_rule_fwd(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens):
+    """Returns (o, final_state or None, Ai): q, k already normalised if asked."""
+    B, T, H, K = k.shape
+    N, NT, chunk_indices, chunk_offsets = chunk_layout(B, T, cu_seqlens, BT)
+    Ai = solve_tril(kkt_fwd(k, beta, cu_seqlens, chunk_indices, NT, BT), cu_seqlens, chunk_indices)
+    w, u = recompute_w_u_fwd(k, v, beta, Ai, cu_seqlens, chunk_indices, NT, BT)
+    h, v_new, ht = chunk_fwd_h(k, w, u, initial_state, output_final_state, cu_seqlens,
+                               chunk_offsets, N, NT, BT)
+    o = chunk_fwd_o(q, k, v_new, h, scale, cu_seqlens, chunk_indices, NT, BT)
+    return o, ht, Ai
+
+
+def chunk_delta_rule_bwd(q, k, v, beta, Ai, scale, initial_state, do, dht, cu_seqlens):
+    """Returns float32 (dq, dk, dv, dbeta, d(initial_state) or None)."""
+    B, T, H, K = k.shape
+    N, NT, chunk_indices, chunk_offsets = chunk_layout(B, T, cu_seqlens, BT)
+    w, u = recompute_w_u_fwd(k, v, beta, Ai, cu_seqlens, chunk_indices, NT, BT)
+    h, v_new, _ = chunk_fwd_h(k, w, u, initial_state, False, cu_seqlens, chunk_offsets, N, NT, BT)
+    dv_local = chunk_bwd_dv_local(q, k, do, scale, cu_seqlens, chunk_indices, NT, BT)
+    dh, dv_new, dh0 = chunk_bwd_dh(q, k, w, do, dv_local, dht, scale, initial_state is not None,
+                                   cu_seqlens, chunk_offsets, N, NT, BT)
+    dq, dk, dw = chunk_bwd_dqk(q, k, v_new, h, do, dh, dv_new, scale, cu_seqlens, chunk_indices,
+                               NT, BT)
+    dv, dbeta = wy_bwd(k, v, beta, Ai, dw, dv_new, dk, cu_seqlens, chunk_indices, NT, BT)
+    return dq, dk, dv, dbeta, dh0
+
+
+class ChunkDeltaRuleFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, beta, scale, initial_state, output_final_state, use_qk_l2norm,
+                cu_seqlens):
+        q_rstd = k_rstd = None
+        if use_qk_l2norm:
+            (q, q_rstd), (k, k_rstd) = l2norm_fwd(q), l2norm_fwd(k)
+        o, ht, Ai = chunk_delta_rule_fwd(q, k, v, beta, scale, initial_state, output_final_state,
+                                         cu_seqlens)
+        ctx.save_for_backward(q, k, v, beta, Ai, initial_state, q_rstd, k_rstd, cu_seqlens)
+        ctx.scale = scale
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, beta, Ai, initial_state, q_rstd, k_rstd, cu_seqlens = ctx.saved_tensors
+        dq, dk, dv, dbeta, dh0 = chunk_delta_rule_bwd(
+            q, k, v, beta, Ai, ctx.scale, initial_state, do.contiguous(),
+            None if dht is None else dht.contiguous(), cu_seqlens)
+        if q_rstd is not None:
+            dq, dk = l2norm_bwd(q, q_rstd, dq), l2norm_bwd(k, k_rstd, dk)
+        dh0 = None if dh0 is None else dh0.to(initial_state.dtype)
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbeta.to(beta.dtype), None, dh0,
+                None, None, None)
+
+
+def chunk_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    use_qk_l2norm_in_kernel: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The delta rule in chunks of 64 tokens (Triton), forward and backward.
+
+    q, k: [B, T, H, K]; v: [B, T, H, V]; beta: [B, T, H] (or [B, T, H, V], handed to the
+    recurrent kernel); initial_state: [N, H, K, V]; cu_seqlens: int64 [N + 1] with B == 1.
+    K, V <= 256. Returns o [B, T, H, V] (dtype of v) and the final state [N, H, K, V]
+    (float32) when ``output_final_state``.
+    """
+    dims = DELTA_RULE.validate(dict(
+        q=q, k=k, v=v, beta=beta, scale=scale, initial_state=initial_state,
+        output_final_state=output_final_state,
+        use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, cu_seqlens=cu_seqlens,
+    ))
+    if max(dims["K"], dims["V"]) > 256:
+        raise ValueError(f"chunk_delta_rule: K and V must be <= 256, got K={dims['K']}, V={dims['V']}")
+    if beta.dim() == 4:
+        return fused_recurrent_delta_rule(q, k, v, beta, scale, initial_state, output_final_state,
+                                          use_qk_l2norm_in_kernel, cu_seqlens)
+    scale = DELTA_RULE.resolve_scale(scale, dims)
+    q, k, v, beta = (x.contiguous() for x in (q, k, v, beta))
+    if initial_state is not None:
+        initial_state = initial_state.contiguous()
+    return ChunkDeltaRuleFunction.apply(q, k, v, beta, scale, initial_state, output_final_state,
+                                        use_qk_l2norm_in_kernel, cu_seqlens)

@@ -1,0 +1,184 @@
+"""The WY / UT transform of the delta rule's chunked form (OPERATORS.md section 1), and its backward.
+
+Within a chunk of BT tokens (rows i, j), with diag(beta) K K^T strictly below the diagonal
+
+    A  = tril(diag(beta) K K^T, -1)              # kkt_fwd
+    Ai = (I + A)^{-1}                            # kernels.common.solve_tril
+    w  = Ai diag(beta) K,   u = Ai diag(beta) V  # recompute_w_u_fwd
+
+so that the chunk's v'_t stack to ``u - w S_0`` (S_0: the state entering the chunk).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.common.utils import chunk_bounds, dot_precision
+
+__all__ = ["kkt_fwd", "recompute_w_u_fwd", "wy_bwd"]
+
+
+@triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
+@triton.jit(do_not_specialize=['T'])
+def kkt_fwd_kernel(
+    k, beta, A, cu_seqlens, chunk_indices, T,
+    H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """A[i, j] = beta_i <k_i, k_j> for j < i within the chunk (zero elsewhere)."""
+    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    bos, eos, i_t = chunk_bounds(cu_seqlens, chunk_indices, i_c, i_b, T, BT, IS_VARLEN)
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = o_t < eos - bos
+    o_row = (bos + o_t) * H + i_h  # token rows of this chunk and head
+    b_beta = tl.load(beta + o_row, mask=m_t, other=0.).to(tl.float32)
+    # [BT, BT]
+    b_A = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        # [BT, BK]
+        b_k = tl.load(k + o_row[:, None] * K + o_k[None, :],
+                      mask=m_t[:, None] & (o_k < K)[None, :], other=0.)
+        b_A += tl.dot(b_k, tl.trans(b_k), input_precision=PRECISION)
+    o_c = tl.arange(0, BT)
+    b_A = tl.where(o_c[:, None] > o_c[None, :], b_A * b_beta[:, None], 0.)
+    tl.store(A + o_row[:, None] * BT + o_c[None, :], b_A, mask=m_t[:, None])
+
+
+@triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
+@triton.jit(do_not_specialize=['T'])
+def recompute_w_u_fwd_kernel(
+    k, v, beta, Ai, w, u, cu_seqlens, chunk_indices, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """w = Ai diag(beta) K and u = Ai diag(beta) V for one chunk."""
+    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    bos, eos, i_t = chunk_bounds(cu_seqlens, chunk_indices, i_c, i_b, T, BT, IS_VARLEN)
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = o_t < eos - bos
+    o_row = (bos + o_t) * H + i_h
+    o_c = tl.arange(0, BT)
+    # [BT, BT]
+    b_Ai = tl.load(Ai + o_row[:, None] * BT + o_c[None, :], mask=m_t[:, None], other=0.)
+    b_beta = tl.load(beta + o_row, mask=m_t, other=0.).to(tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m = m_t[:, None] & (o_k < K)[None, :]
+        b_k = tl.load(k + o_row[:, None] * K + o_k[None, :], mask=m, other=0.).to(tl.float32)
+        b_w = tl.dot(b_Ai, b_k * b_beta[:, None], input_precision=PRECISION)
+        tl.store(w + o_row[:, None] * K + o_k[None, :], b_w.to(w.dtype.element_ty), mask=m)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m = m_t[:, None] & (o_v < V)[None, :]
+        b_v = tl.load(v + o_row[:, None] * V + o_v[None, :], mask=m, other=0.).to(tl.float32)
+        b_u = tl.dot(b_Ai, b_v * b_beta[:, None], input_precision=PRECISION)
+        tl.store(u + o_row[:, None] * V + o_v[None, :], b_u.to(u.dtype.element_ty), mask=m)
+
+
+def kkt_fwd(k: torch.Tensor, beta: torch.Tensor, cu_seqlens, chunk_indices, NT: int,
+            BT: int) -> torch.Tensor:
+    """A [B, T, H, BT] float32: tril(diag(beta) K K^T, -1) per chunk."""
+    B, T, H, K = k.shape
+    A = torch.empty(B, T, H, BT, dtype=torch.float32, device=k.device)
+    BK = min(64, triton.next_power_of_2(K))
+    if NT:
+        kkt_fwd_kernel[(NT, B * H)](k, beta, A, cu_seqlens, chunk_indices, T, H=H, K=K, BT=BT,
+                                    BK=BK, PRECISION=dot_precision(k.dtype), num_warps=4)
+    return A
+
+
+def recompute_w_u_fwd(k, v, beta, Ai, cu_seqlens, chunk_indices, NT: int, BT: int):
+    """(w [B,T,H,K], u [B,T,H,V]) in the dtypes of k and v."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    w, u = torch.empty_like(k), torch.empty_like(v)
+    BK, BV = min(64, triton.next_power_of_2(K)), min(64, triton.next_power_of_2(V))
+    if NT:
+        recompute_w_u_fwd_kernel[(NT, B * H)](
+            k, v, beta, Ai, w, u, cu_seqlens, chunk_indices, T, H=H, K=K, V=V, BT=BT, BK=BK,
+            BV=BV, PRECISION=dot_precision(k.dtype), num_warps=4)
+    return w, u
+
+
+@triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
+@triton.jit(do_not_specialize=['T'])
+def wy_bwd_kernel(
+    k, v, beta, Ai, dw, du, dk, dv, dbeta, cu_seqlens, chunk_indices, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """Back through w = Ai diag(beta) K, u = Ai diag(beta) V, Ai = (I + A)^{-1} and
+    A = tril(diag(beta) K K^T, -1), for one chunk:
+
+        dAi      = dw (diag(beta) K)^T + du (diag(beta) V)^T
+        dA       = -tril(Ai^T dAi Ai^T, -1)
+        dk      += diag(beta) Ai^T dw + diag(beta) dA K + dA^T diag(beta) K   (dk holds a term)
+        dv       = diag(beta) Ai^T du
+        dbeta    = rowsum(Ai^T dw * K) + rowsum(Ai^T du * V) + rowsum(dA * K K^T)
+    """
+    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    bos, eos, i_t = chunk_bounds(cu_seqlens, chunk_indices, i_c, i_b, T, BT, IS_VARLEN)
+    o_t = i_t * BT + tl.arange(0, BT)
+    m_t = o_t < eos - bos
+    o_row = (bos + o_t) * H + i_h
+    o_c = tl.arange(0, BT)
+    # [BT, BT]
+    b_Ai = tl.load(Ai + o_row[:, None] * BT + o_c[None, :], mask=m_t[:, None], other=0.)
+    b_beta = tl.load(beta + o_row, mask=m_t, other=0.).to(tl.float32)
+    b_dAi = tl.zeros([BT, BT], dtype=tl.float32)
+    b_kk = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dbeta = tl.zeros([BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m = m_t[:, None] & (o_k < K)[None, :]
+        b_k = tl.load(k + o_row[:, None] * K + o_k[None, :], mask=m, other=0.).to(tl.float32)
+        b_dw = tl.load(dw + o_row[:, None] * K + o_k[None, :], mask=m, other=0.).to(tl.float32)
+        b_dAi += tl.dot(b_dw, tl.trans(b_k * b_beta[:, None]), input_precision=PRECISION)
+        b_kk += tl.dot(b_k, tl.trans(b_k), input_precision=PRECISION)
+        b_dkb = tl.dot(tl.trans(b_Ai), b_dw, input_precision=PRECISION)  # d(diag(beta) K)
+        b_dbeta += tl.sum(b_dkb * b_k, 1)
+        p_dk = dk + o_row[:, None] * K + o_k[None, :]
+        tl.store(p_dk, tl.load(p_dk, mask=m, other=0.) + b_dkb * b_beta[:, None], mask=m)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m = m_t[:, None] & (o_v < V)[None, :]
+        b_v = tl.load(v + o_row[:, None] * V + o_v[None, :], mask=m, other=0.).to(tl.float32)
+        b_du = tl.load(du + o_row[:, None] * V + o_v[None, :], mask=m, other=0.).to(tl.float32)
+        b_dAi += tl.dot(b_du, tl.trans(b_v * b_beta[:, None]), input_precision=PRECISION)
+        b_dvb = tl.dot(tl.trans(b_Ai), b_du, input_precision=PRECISION)  # d(diag(beta) V)
+        b_dbeta += tl.sum(b_dvb * b_v, 1)
+        tl.store(dv + o_row[:, None] * V + o_v[None, :], (b_dvb * b_beta[:, None]).to(dv.dtype.element_ty), mask=m)
+    # dA = -(Ai^T dAi Ai^T), strictly below the diagonal
+    b_dA = tl.dot(tl.dot(tl.trans(b_Ai), b_dAi, input_precision=PRECISION), tl.trans(b_Ai),
+                  input_precision=PRECISION)
+    b_dA = tl.where(o_c[:, None] > o_c[None, :], -b_dA, 0.)
+    b_dbeta += tl.sum(b_dA * b_kk, 1)
+    tl.store(dbeta + o_row, b_dbeta.to(dbeta.dtype.element_ty), mask=m_t)
+    b_dAb = b_dA * b_beta[:, None]  # diag(beta) dA
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m = m_t[:, None] & (o_k < K)[None, :]
+        b_k = tl.load(k + o_row[:, None] * K + o_k[None, :], mask=m, other=0.).to(tl.float32)
+        p_dk = dk + o_row[:, None] * K + o_k[None, :]
+        b_dk = tl.dot(b_dAb, b_k, input_precision=PRECISION) + tl.dot(tl.trans(b_dAb), b_k, input_precision=PRECISION)
+        tl.store(p_dk, tl.load(p_dk, mask=m, other=0.) + b_dk, mask=m)
+
+
+def wy_bwd(k, v, beta, Ai, dw, du, dk, cu_seqlens, chunk_indices, NT: int, BT: int):
+    """Adds the WY path's share to dk (float32, in place); returns (dv, dbeta) float32."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    dv = torch.empty(B, T, H, V, dtype=torch.float32, device=v.device)
+    dbeta = torch.empty(B, T, H, dtype=torch.float32, device=v.device)
+    BK, BV = min(64, triton.next_power_of_2(K)), min(64, triton.next_power_of_2(V))
+    if NT:
+        wy_bwd_kernel[(NT, B * H)](k, v, beta, Ai, dw, du, dk, dv, dbeta, cu_seqlens, chunk_indices,
+                                   T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
+                                   PRECISION=dot_precision(k.dtype), num_warps=4)
+    return dv, dbeta
