@@ -30,10 +30,43 @@ def _triton_available() -> str | None:
     return None
 
 
+def _parallel_supports(case) -> str | None:
+    """parallel_delta_rule's API has no initial state, final state, varlen or per-channel beta."""
+    if case.initial_state or case.output_final_state or case.seqlens is not None:
+        return "no initial/final state or cu_seqlens in the parallel API"
+    if case.options.get("beta_per_channel") or case.options.get("use_qk_l2norm_in_kernel"):
+        return "per-token beta and unnormalised q, k only"
+    return None
+
+
+def _parallel_as_delta_rule(q, k, v, beta, scale=None, initial_state=None,
+                            output_final_state=False, use_qk_l2norm_in_kernel=False,
+                            cu_seqlens=None):
+    """parallel_delta_rule under the operator's canonical arguments (the ones it lacks must
+    hold their defaults, which ``_parallel_supports`` guarantees)."""
+    from kernels.delta_rule.parallel import parallel_delta_rule
+
+    return parallel_delta_rule(q, k, v, beta, scale=scale)[0], None
+
+
 register(Implementation(
     op="delta_rule", name="fused_recurrent", kind="triton",
     target="kernels.delta_rule:fused_recurrent_delta_rule",
     devices=("cpu", "cuda"), dtypes=("float32", "float16", "bfloat16"),
     description="one pass over time, state on chip (Triton)",
     available=_triton_available,
+))
+register(Implementation(
+    op="delta_rule", name="chunk", kind="triton",
+    target="kernels.delta_rule:chunk_delta_rule",
+    devices=("cpu", "cuda"), dtypes=("float32", "float16", "bfloat16"),
+    description="chunks of 64: WY transform + chunk state passing (Triton)",
+    available=_triton_available,
+))
+register(Implementation(
+    op="delta_rule", name="parallel", kind="triton",
+    target=_parallel_as_delta_rule,
+    devices=("cpu", "cuda"), dtypes=("float32", "float16", "bfloat16"),
+    description="attention form, O(T^2), inference only (Triton)", backward=False,
+    available=_triton_available, supports=_parallel_supports,
 ))

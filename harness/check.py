@@ -151,7 +151,7 @@ def evaluate(case: Case, impls: list[Implementation], dtypes: list[str], device:
         for impl in impls:
             if dname not in impl.dtypes:
                 continue  # not a dtype it claims: nothing to report
-            reason = impl.dtype_unsupported(dname, device)
+            reason = impl.dtype_unsupported(dname, device) or impl.too_slow(case, device)
             if reason is None and impl.supports is not None:
                 reason = impl.supports(case)
             todo.append((impl, reason))

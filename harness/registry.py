@@ -26,6 +26,7 @@ ENTRY_POINT_GROUP = "linattn_harness.plugins"
 KINDS = ("reference", "triton", "peer")
 DTYPES = ("float64", "float32", "float16", "bfloat16")
 DEVICES = ("cpu", "cuda")
+INTERPRETER_MAX_T = 512
 
 
 @dataclass
@@ -88,6 +89,13 @@ class Implementation:
             return "the Triton interpreter has no bfloat16"
         return None
 
+    def too_slow(self, case: Any, device: str) -> str | None:
+        """The Triton interpreter runs ~3 ms per program per loop step: long cases would take
+        minutes, so interpreted kernels stop at INTERPRETER_MAX_T tokens."""
+        if self.kind == "triton" and device == "cpu" and case.dims["T"] > INTERPRETER_MAX_T:
+            return f"T > {INTERPRETER_MAX_T} under the Triton interpreter"
+        return None
+
     def __call__(self, **kwargs: Any) -> Any:
         return self.load()(**kwargs)
 
@@ -128,6 +136,7 @@ def load_plugins() -> None:
         return
     _LOADED = True
     importlib.import_module("harness.builtin")
+    importlib.import_module("harness.peers")
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         try:
             obj = ep.load()

@@ -1,0 +1,359 @@
+"""Delta rule, fused recurrent form (OPERATORS.md section 1): one pass over time, state on chip.
+
+Forward. One program per (value tile, sequence, head) holds S [BK, BV] in float32 registers:
+
+    p_t  = S_{t-1}^T k_t,   r_t = v_t - p_t,   v'_t = beta_t * r_t
+    S_t  = S_{t-1} + k_t v'_t^T
+    o_t  = S_t^T (scale q_t)
+
+beta_t is one number per token ([B,T,H]) or one per value channel ([B,T,H,V]); either way the
+columns of S evolve independently, so value tiles never talk to each other. When gradients are
+needed the kernel also stores r_t (float32, [B,T,H,V]): with it S_t is rebuilt exactly as the
+forward built it, and v is not needed again.
+
+Backward. Write dX for d(loss)/dX, dS_t for the gradient reaching S_t (from o_t .. o_{T-1} and
+from the final state), dS_T = d(final_state). S_t enters o_t, S_{t+1} (identity and p_{t+1}),
+and v'_t enters S_t only, so, going backward from t = T-1 to 0:
+
+    dS_t    += (scale q_t) do_t^T                    # o_t = S_t^T (scale q_t)
+    dv'_t    = dS_t^T k_t                            # S_t = S_{t-1} + k_t v'_t^T
+    dk_t     = dS_t v'_t  +  S_{t-1} dp_t            # outer product, and p_t = S_{t-1}^T k_t
+    dv_t     = beta_t dv'_t                          # dr_t = beta_t dv'_t, and v_t enters r_t only
+    dbeta_t  = sum_v dv'_t * r_t                     # per channel: dv'_t * r_t, no sum
+    dp_t     = -beta_t dv'_t                         # r_t = v_t - p_t
+    dS_{t-1} = dS_t + k_t dp_t^T                     # p_t = S_{t-1}^T k_t
+    dq_t     = scale S_t do_t
+    d(initial_state) = dS_{-1}
+
+Two kernels, each a sweep with one [BK, BV] tile in registers (value tiles independent again):
+
+(a) reverse sweep with dS: dv_t, dbeta_t, dp_t (float32) and the first term of dk_t;
+    at the end dS_{-1} = d(initial_state);
+(b) forward sweep rebuilding S from initial_state, k, beta and r: dq_t and the second term of
+    dk_t (read, added, written back in the same tile's slot).
+
+dq, dk and per-token dbeta sum over value channels, so each value tile writes a float32 partial
+([.., NV, K] and [.., NV]) and PyTorch sums the NV partials; dv and per-channel dbeta are
+complete per tile. With ``use_qk_l2norm_in_kernel`` the autograd path normalises q and k with
+``kernels.common.l2norm`` first (saving the normalised q, k and 1/||x||) and back-propagates
+dq, dk through it last; the no-grad path (decoding) normalises inside the forward kernel, so a
+call is one launch.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from harness.operators import DELTA_RULE
+from kernels.common.l2norm import MAX_D, l2norm_bwd, l2norm_fwd, l2norm_vec
+
+__all__ = ["fused_recurrent_delta_rule", "fused_recurrent_delta_rule_fwd",
+           "fused_recurrent_delta_rule_bwd"]
+
+MAX_BV = 32  # value channels per program: BK * BV <= 256 * 32 = 8192 floats of state
+
+
+def _tiles(K: int, V: int) -> tuple[int, int, int, int]:
+    """BK, BV, NV and num_warps for a [BK, BV] float32 tile (about 32 floats a thread)."""
+    BK, BV = triton.next_power_of_2(K), min(triton.next_power_of_2(V), MAX_BV)
+    return BK, BV, triton.cdiv(V, BV), max(1, min(8, BK * BV // 1024))
+
+
+@triton.jit
+def _bounds(cu_seqlens, i_n, T, IS_VARLEN: tl.constexpr):
+    """First and one-past-last token (int64) of sequence i_n in the flattened [B*T] rows."""
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        eos = bos + T
+    return bos, eos
+
+
+@triton.heuristics({
+    'USE_INITIAL_STATE': lambda a: a['h0'] is not None,
+    'STORE_FINAL_STATE': lambda a: a['ht'] is not None,
+    'SAVE_R': lambda a: a['r'] is not None,
+    'IS_VARLEN': lambda a: a['cu_seqlens'] is not None,
+})
+@triton.jit(do_not_specialize=['T'])
+def fused_recurrent_delta_rule_fwd_kernel(
+    q, k, v, beta, o, r, h0, ht, cu_seqlens, scale, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BETA_PER_CHANNEL: tl.constexpr, USE_QK_L2NORM: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
+    STORE_FINAL_STATE: tl.constexpr, SAVE_R: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, eos = _bounds(cu_seqlens, i_n, T, IS_VARLEN)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_h = m_k[:, None] & m_v[None, :]
+    o_h = i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
+
+    # S [BK, BV]
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_INITIAL_STATE:
+        b_h += tl.load(h0 + o_h, mask=m_h, other=0.)
+    for i_t in range(0, eos - bos):
+        i_tok = (bos + i_t) * H + i_h
+        # [BK], [BK], [BV]
+        b_q = tl.load(q + i_tok * K + o_k, mask=m_k, other=0.).to(tl.float32)
+        b_k = tl.load(k + i_tok * K + o_k, mask=m_k, other=0.).to(tl.float32)
+        b_v = tl.load(v + i_tok * V + o_v, mask=m_v, other=0.).to(tl.float32)
+        if USE_QK_L2NORM:
+            b_q, b_k = l2norm_vec(b_q), l2norm_vec(b_k)
+        if BETA_PER_CHANNEL:
+            b_beta = tl.load(beta + i_tok * V + o_v, mask=m_v, other=0.).to(tl.float32)
+        else:
+            b_beta = tl.load(beta + i_tok).to(tl.float32)
+        # r_t = v_t - S_{t-1}^T k_t;  S_t = S_{t-1} + k_t (beta_t r_t)^T;  o_t = S_t^T (scale q_t)
+        b_r = b_v - tl.sum(b_h * b_k[:, None], 0)
+        b_h += b_k[:, None] * (b_beta * b_r)[None, :]
+        b_o = tl.sum(b_h * (b_q * scale)[:, None], 0)
+        tl.store(o + i_tok * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
+        if SAVE_R:
+            tl.store(r + i_tok * V + o_v, b_r, mask=m_v)
+    if STORE_FINAL_STATE:
+        tl.store(ht + o_h, b_h, mask=m_h)
+
+
+@triton.heuristics({
+    'USE_FINAL_STATE_GRADIENT': lambda a: a['dht'] is not None,
+    'STORE_INITIAL_STATE_GRADIENT': lambda a: a['dh0'] is not None,
+    'IS_VARLEN': lambda a: a['cu_seqlens'] is not None,
+})
+@triton.jit(do_not_specialize=['T'])
+def fused_recurrent_delta_rule_bwd_dh_kernel(
+    q, k, r, beta, do, dht, dh0, dp, dk, dv, dbeta, cu_seqlens, scale, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BETA_PER_CHANNEL: tl.constexpr, USE_FINAL_STATE_GRADIENT: tl.constexpr,
+    STORE_INITIAL_STATE_GRADIENT: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """(a) the reverse sweep: dS from d(final_state) down to d(initial_state)."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    NV: tl.constexpr = (V + BV - 1) // BV
+    bos, eos = _bounds(cu_seqlens, i_n, T, IS_VARLEN)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_h = m_k[:, None] & m_v[None, :]
+    o_h = i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
+
+    # dS [BK, BV]
+    b_dh = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_FINAL_STATE_GRADIENT:
+        b_dh += tl.load(dht + o_h, mask=m_h, other=0.)
+    for i_t in range(0, eos - bos):
+        i_tok = (eos - 1 - i_t) * H + i_h
+        # [BK], [BK], [BV], [BV]
+        b_q = tl.load(q + i_tok * K + o_k, mask=m_k, other=0.).to(tl.float32) * scale
+        b_k = tl.load(k + i_tok * K + o_k, mask=m_k, other=0.).to(tl.float32)
+        b_r = tl.load(r + i_tok * V + o_v, mask=m_v, other=0.)
+        b_do = tl.load(do + i_tok * V + o_v, mask=m_v, other=0.).to(tl.float32)
+        if BETA_PER_CHANNEL:
+            b_beta = tl.load(beta + i_tok * V + o_v, mask=m_v, other=0.).to(tl.float32)
+        else:
+            b_beta = tl.load(beta + i_tok).to(tl.float32)
+        # dS_t += (scale q_t) do_t^T
+        b_dh += b_q[:, None] * b_do[None, :]
+        # dk_t (first term) = dS_t v'_t;  dv'_t = dS_t^T k_t
+        b_dk = tl.sum(b_dh * (b_beta * b_r)[None, :], 1)
+        b_dvn = tl.sum(b_dh * b_k[:, None], 0)
+        if BETA_PER_CHANNEL:
+            tl.store(dbeta + i_tok * V + o_v, (b_dvn * b_r).to(dbeta.dtype.element_ty), mask=m_v)
+        else:
+            tl.store(dbeta + i_tok * NV + i_v, tl.sum(b_dvn * b_r))
+        b_dv = b_beta * b_dvn
+        tl.store(dv + i_tok * V + o_v, b_dv.to(dv.dtype.element_ty), mask=m_v)
+        tl.store(dp + i_tok * V + o_v, -b_dv, mask=m_v)
+        tl.store(dk + (i_tok * NV + i_v) * K + o_k, b_dk, mask=m_k)
+        # dS_{t-1} = dS_t + k_t dp_t^T
+        b_dh -= b_k[:, None] * b_dv[None, :]
+    if STORE_INITIAL_STATE_GRADIENT:
+        tl.store(dh0 + o_h, b_dh, mask=m_h)
+
+
+@triton.heuristics({
+    'USE_INITIAL_STATE': lambda a: a['h0'] is not None,
+    'IS_VARLEN': lambda a: a['cu_seqlens'] is not None,
+})
+@triton.jit(do_not_specialize=['T'])
+def fused_recurrent_delta_rule_bwd_dqk_kernel(
+    k, r, beta, do, dp, h0, dq, dk, cu_seqlens, scale, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BETA_PER_CHANNEL: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """(b) the forward sweep rebuilding S: dq_t = scale S_t do_t, dk_t += S_{t-1} dp_t."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    NV: tl.constexpr = (V + BV - 1) // BV
+    bos, eos = _bounds(cu_seqlens, i_n, T, IS_VARLEN)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_h = m_k[:, None] & m_v[None, :]
+
+    # S [BK, BV]
+    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_INITIAL_STATE:
+        b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :],
+                       mask=m_h, other=0.)
+    for i_t in range(0, eos - bos):
+        i_tok = (bos + i_t) * H + i_h
+        # [BK], [BV], [BV], [BV]
+        b_k = tl.load(k + i_tok * K + o_k, mask=m_k, other=0.).to(tl.float32)
+        b_r = tl.load(r + i_tok * V + o_v, mask=m_v, other=0.)
+        b_do = tl.load(do + i_tok * V + o_v, mask=m_v, other=0.).to(tl.float32)
+        b_dp = tl.load(dp + i_tok * V + o_v, mask=m_v, other=0.)
+        if BETA_PER_CHANNEL:
+            b_beta = tl.load(beta + i_tok * V + o_v, mask=m_v, other=0.).to(tl.float32)
+        else:
+            b_beta = tl.load(beta + i_tok).to(tl.float32)
+        # dk_t += S_{t-1} dp_t
+        p_dk = dk + (i_tok * NV + i_v) * K + o_k
+        tl.store(p_dk, tl.load(p_dk, mask=m_k, other=0.) + tl.sum(b_h * b_dp[None, :], 1), mask=m_k)
+        # S_t = S_{t-1} + k_t (beta_t r_t)^T;  dq_t = scale S_t do_t
+        b_h += b_k[:, None] * (b_beta * b_r)[None, :]
+        b_dq = tl.sum(b_h * b_do[None, :], 1) * scale
+        tl.store(dq + (i_tok * NV + i_v) * K + o_k, b_dq, mask=m_k)
+
+
+def _num_sequences(B: int, cu_seqlens: torch.Tensor | None) -> int:
+    return B if cu_seqlens is None else cu_seqlens.numel() - 1
+
+
+def fused_recurrent_delta_rule_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: torch.Tensor, scale: float,
+    initial_state: torch.Tensor | None, output_final_state: bool, use_qk_l2norm: bool = False,
+    cu_seqlens: torch.Tensor | None = None, save_r: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Launch the forward kernel on contiguous inputs; returns o, r (if save_r) and the final state."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    N = _num_sequences(B, cu_seqlens)
+    BK, BV, NV, num_warps = _tiles(K, V)
+    o = torch.empty_like(v)
+    r = torch.empty(B, T, H, V, dtype=torch.float32, device=v.device) if save_r else None
+    ht = torch.empty(N, H, K, V, dtype=torch.float32, device=v.device) if output_final_state else None
+    fused_recurrent_delta_rule_fwd_kernel[(NV, N * H)](
+        q, k, v, beta, o, r, initial_state, ht, cu_seqlens, scale, T,
+        H=H, K=K, V=V, BK=BK, BV=BV, BETA_PER_CHANNEL=beta.dim() == 4,
+        USE_QK_L2NORM=use_qk_l2norm, num_warps=num_warps,
+    )
+    return o, r, ht
+
+
+def fused_recurrent_delta_rule_bwd(
+    q: torch.Tensor, k: torch.Tensor, r: torch.Tensor, beta: torch.Tensor, scale: float,
+    initial_state: torch.Tensor | None, do: torch.Tensor, dht: torch.Tensor | None,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, ...]:
+    """Both backward sweeps. Returns dq, dk (float32, normalised q/k's gradients), dv, dbeta
+    (their inputs' dtypes) and d(initial_state) (float32, or None without an initial state)."""
+    B, T, H, K = q.shape
+    V = r.shape[-1]
+    N = _num_sequences(B, cu_seqlens)
+    BK, BV, NV, num_warps = _tiles(K, V)
+    per_channel = beta.dim() == 4
+    dp = torch.empty_like(r)
+    dq = torch.empty(B, T, H, NV, K, dtype=torch.float32, device=q.device)
+    dk = torch.empty(B, T, H, NV, K, dtype=torch.float32, device=q.device)
+    dv = torch.empty_like(do)
+    dbeta = torch.empty_like(beta) if per_channel else \
+        torch.empty(B, T, H, NV, dtype=torch.float32, device=q.device)
+    dh0 = torch.empty_like(initial_state, dtype=torch.float32) if initial_state is not None else None
+    grid = (NV, N * H)
+    fused_recurrent_delta_rule_bwd_dh_kernel[grid](
+        q, k, r, beta, do, dht, dh0, dp, dk, dv, dbeta, cu_seqlens, scale, T,
+        H=H, K=K, V=V, BK=BK, BV=BV, BETA_PER_CHANNEL=per_channel, num_warps=num_warps,
+    )
+    fused_recurrent_delta_rule_bwd_dqk_kernel[grid](
+        k, r, beta, do, dp, initial_state, dq, dk, cu_seqlens, scale, T,
+        H=H, K=K, V=V, BK=BK, BV=BV, BETA_PER_CHANNEL=per_channel, num_warps=num_warps,
+    )
+    dbeta = dbeta if per_channel else dbeta.sum(-1).to(beta.dtype)
+    return dq.sum(-2), dk.sum(-2), dv, dbeta, dh0
+
+
+class FusedRecurrentDeltaRuleFunction(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, q, k, v, beta, scale, initial_state, output_final_state, use_qk_l2norm,
+                cu_seqlens):
+        q_rstd = k_rstd = None
+        if use_qk_l2norm:
+            (q, q_rstd), (k, k_rstd) = l2norm_fwd(q), l2norm_fwd(k)
+        o, r, ht = fused_recurrent_delta_rule_fwd(q, k, v, beta, scale, initial_state,
+                                                  output_final_state, False, cu_seqlens, True)
+        # the normalised q, k (and 1/||x||), beta, r and initial_state rebuild every S_t
+        ctx.save_for_backward(q, k, q_rstd, k_rstd, r, beta, initial_state, cu_seqlens)
+        ctx.scale, ctx.v_dtype = scale, v.dtype
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, q_rstd, k_rstd, r, beta, initial_state, cu_seqlens = ctx.saved_tensors
+        do = do.contiguous().to(ctx.v_dtype)
+        dht = None if dht is None else dht.contiguous().float()
+        dq, dk, dv, dbeta, dh0 = fused_recurrent_delta_rule_bwd(
+            q, k, r, beta, ctx.scale, initial_state, do, dht, cu_seqlens)
+        if q_rstd is not None:
+            dq, dk = l2norm_bwd(q, q_rstd, dq), l2norm_bwd(k, k_rstd, dk)
+        return dq.to(q.dtype), dk.to(k.dtype), dv, dbeta, None, dh0, None, None, None
+
+
+def fused_recurrent_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    use_qk_l2norm_in_kernel: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    r"""The delta rule, one pass over time with the state on chip (OPERATORS.md section 1).
+
+    Args:
+        q, k: ``[B, T, H, K]``, K <= 256.  v: ``[B, T, H, V]`` (q, k, v share one dtype).
+        beta: ``[B, T, H]`` (per token) or ``[B, T, H, V]`` (per value channel).
+        scale: multiplies q before the read-out; ``None`` means ``K ** -0.5``.
+        initial_state: ``[N, H, K, V]`` float32 (N = B, or the number of sequences).
+        output_final_state: also return the state after the last token, ``[N, H, K, V]`` float32.
+        use_qk_l2norm_in_kernel: normalise q and k to unit L2 norm along K first.
+        cu_seqlens: ``[N + 1]`` int64 offsets of packed sequences (then B == 1).
+
+    Returns:
+        ``o [B, T, H, V]`` in v's dtype, and the final state or None.
+    """
+    dims = DELTA_RULE.validate(dict(
+        q=q, k=k, v=v, beta=beta, scale=scale, initial_state=initial_state,
+        output_final_state=output_final_state,
+        use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, cu_seqlens=cu_seqlens,
+    ))
+    if dims["K"] > MAX_D:
+        raise ValueError(f"fused_recurrent_delta_rule: K={dims['K']} exceeds {MAX_D} (the state "
+                         f"tile [K, BV] is held in registers)")
+    scale = DELTA_RULE.resolve_scale(scale, dims)
+    q, k, v, beta = (x.contiguous() for x in (q, k, v, beta))
+    if initial_state is not None:
+        initial_state = initial_state.contiguous()
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.contiguous()
+    tensors = (q, k, v, beta, initial_state)
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in tensors):
+        return FusedRecurrentDeltaRuleFunction.apply(
+            q, k, v, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel,
+            cu_seqlens)
+    # no gradients (e.g. decoding T = 1 with a carried state): one launch, l2norm fused
+    o, _, ht = fused_recurrent_delta_rule_fwd(q, k, v, beta, scale, initial_state,
+                                              output_final_state, use_qk_l2norm_in_kernel,
+                                              cu_seqlens)
+    return o, ht
