@@ -180,12 +180,14 @@ def chunk_bwd_dv_local(q, k, do, scale: float, cu_seqlens, chunk_indices, NT: in
 
 
 def chunk_bwd_dqk(q, k, v, h, do, dh, dv, scale: float, cu_seqlens, chunk_indices, NT: int,
-                  BT: int, with_w: bool = True):
-    """(dq, dk, dw or None), float32 [B, T, H, K] each (dk and dw get more terms later)."""
+                  BT: int, with_w: bool = True, dq_dtype: torch.dtype | None = None):
+    """(dq in ``dq_dtype`` (default q's), dk float32, dw float32 or None), [B, T, H, K] each;
+    dk and dw get more terms later."""
     B, T, H, K = q.shape
     V = v.shape[-1]
-    dq = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device)
-    dk, dw = torch.empty_like(dq), (torch.empty_like(dq) if with_w else None)
+    dq = torch.empty(B, T, H, K, dtype=dq_dtype or q.dtype, device=q.device)
+    dk = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device)
+    dw = torch.empty_like(dk) if with_w else None
     BK, BV = min(64, triton.next_power_of_2(K)), min(64, triton.next_power_of_2(V))
     if NT:
         grid = (triton.cdiv(K, BK), NT, B * H)

@@ -17,11 +17,25 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common.utils import dot_precision, seq_bounds
+from kernels.common.utils import dot_precision, seq_bounds, tuning
 
 __all__ = ["chunk_fwd_h", "chunk_bwd_dh"]
 
 MAX_STATE_TILE = 8192  # floats of state per program (BK * BV), 64 registers a thread at 4 warps
+
+# The walk over chunks is sequential, so the grid is only (V / BV) x N x H programs: BV = 32
+# doubles them (more SMs busy), BV = 64 halves the re-reads of k and w. Measured per shape.
+STATE_CONFIGS = tuning([
+    triton.Config({'BV': BV}, num_warps=num_warps, num_stages=num_stages)
+    for BV in (32, 64) for num_warps in (4, 8) for num_stages in (2, 3, 4)
+])
+
+
+def _fits(configs, named_args, **kwargs):
+    """Drop tiles whose float32 state would not fit in registers."""
+    BK = triton.next_power_of_2(named_args['K'] if 'K' in named_args else kwargs['K'])
+    fit = [c for c in configs if BK * c.kwargs['BV'] <= MAX_STATE_TILE]
+    return fit or [min(configs, key=lambda c: c.kwargs['BV'])]
 
 
 @triton.heuristics({
@@ -29,6 +43,8 @@ MAX_STATE_TILE = 8192  # floats of state per program (BK * BV), 64 registers a t
     'STORE_FINAL_STATE': lambda a: a['ht'] is not None,
     'IS_VARLEN': lambda a: a['cu_seqlens'] is not None,
 })
+@triton.autotune(configs=STATE_CONFIGS, key=['H', 'K', 'V', 'BT', 'IS_VARLEN'],
+                 prune_configs_by={'early_config_prune': _fits})
 @triton.jit(do_not_specialize=['T'])
 def chunk_fwd_h_kernel(
     k, w, u, v_new, h, h0, ht, cu_seqlens, chunk_offsets, T,
@@ -82,14 +98,12 @@ def chunk_fwd_h(k, w, u, initial_state, output_final_state: bool, cu_seqlens, ch
     B, T, H, K = k.shape
     V = u.shape[-1]
     BK = triton.next_power_of_2(K)
-    BV = min(triton.next_power_of_2(V), max(16, MAX_STATE_TILE // BK), 64)
     h = k.new_empty(B if cu_seqlens is None else 1, NT, H, K, V)
     v_new = torch.empty_like(u)
     ht = k.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
-    grid = (triton.cdiv(V, BV), N * H)
+    grid = lambda meta: (triton.cdiv(V, meta['BV']), N * H)  # noqa: E731
     chunk_fwd_h_kernel[grid](k, w, u, v_new, h, initial_state, ht, cu_seqlens, chunk_offsets, T,
-                             H=H, K=K, V=V, BT=BT, BK=BK, BV=BV, PRECISION=dot_precision(k.dtype),
-                             num_warps=4)
+                             H=H, K=K, V=V, BT=BT, BK=BK, PRECISION=dot_precision(k.dtype))
     return h, v_new, ht
 
 
@@ -98,6 +112,8 @@ def chunk_fwd_h(k, w, u, initial_state, output_final_state: bool, cu_seqlens, ch
     'STORE_INITIAL_STATE_GRADIENT': lambda a: a['dh0'] is not None,
     'IS_VARLEN': lambda a: a['cu_seqlens'] is not None,
 })
+@triton.autotune(configs=STATE_CONFIGS, key=['H', 'K', 'V', 'BT', 'IS_VARLEN'],
+                 prune_configs_by={'early_config_prune': _fits})
 @triton.jit(do_not_specialize=['T'])
 def chunk_bwd_dh_kernel(
     q, k, w, do, dv_local, dv, dh, dht, dh0, cu_seqlens, chunk_offsets, scale, T,
@@ -160,12 +176,11 @@ def chunk_bwd_dh(q, k, w, do, dv_local, dht, scale: float, need_dh0: bool, cu_se
     B, T, H, K = k.shape
     V = do.shape[-1]
     BK = triton.next_power_of_2(K)
-    BV = min(triton.next_power_of_2(V), max(16, MAX_STATE_TILE // BK), 64)
     dh = k.new_empty(B if cu_seqlens is None else 1, NT, H, K, V)
     dv = torch.empty_like(dv_local)
     dh0 = k.new_empty(N, H, K, V, dtype=torch.float32) if need_dh0 else None
-    grid = (triton.cdiv(V, BV), N * H)
+    grid = lambda meta: (triton.cdiv(V, meta['BV']), N * H)  # noqa: E731
     chunk_bwd_dh_kernel[grid](q, k, w, do, dv_local, dv, dh, dht, dh0, cu_seqlens, chunk_offsets,
-                              scale, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
-                              PRECISION=dot_precision(k.dtype), num_warps=4)
+                              scale, T, H=H, K=K, V=V, BT=BT, BK=BK,
+                              PRECISION=dot_precision(k.dtype))
     return dh, dv, dh0

@@ -46,12 +46,12 @@ def solve_tril_kernel(
     for i in tl.static_range(NB):
         rows = i * BC + o_r
         m_rows = rows < L
-        # X_ii = (I + A_ii)^{-1}, row by row
+        # X_ii = (I + A_ii)^{-1}, row by row from the block held in registers
+        b_aii = tl.load(A + base + rows[:, None] * H * BT + (i * BC + o_r)[None, :],
+                        mask=m_rows[:, None] & (o_r[:, None] > o_r[None, :]), other=0.)
         b_x = tl.zeros([BC, BC], dtype=tl.float32)
         for r in tl.static_range(BC):
-            # [BC]: row r of A_ii, strictly below the diagonal
-            b_a = tl.load(A + base + (i * BC + r) * H * BT + i * BC + o_r,
-                          mask=(o_r < r) & (i * BC + r < L), other=0.)
+            b_a = tl.sum(tl.where(o_r[:, None] == r, b_aii, 0.), 0)  # [BC]: row r of A_ii
             b_row = tl.where(o_r == r, 1., 0.) - tl.sum(b_a[:, None] * b_x, 0)
             b_x = tl.where(o_r[:, None] == r, b_row[None, :], b_x)
         p_ii = Ai + base + rows[:, None] * H * BT + (i * BC + o_r)[None, :]

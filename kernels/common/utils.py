@@ -3,6 +3,8 @@ numbered, and the dot precision for an input dtype."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -62,5 +64,17 @@ def chunk_layout(B: int, T: int, cu_seqlens: torch.Tensor | None, BT: int):
 def dot_precision(dtype: torch.dtype) -> str:
     """Triton's input_precision for float32 operands: exact ("ieee") for float32 inputs, where
     TF32's 10-bit mantissa would cost ~1e-3; three TF32 passes ("tf32x3", ~1e-6) for the
-    float32 intermediates of half-precision inputs."""
+    float32 intermediates of half-precision inputs that are kept in float32 on purpose (the
+    triangular solve). Elsewhere half-precision inputs multiply in their own dtype, float32
+    intermediates cast down to it, with float32 accumulation."""
     return "ieee" if dtype == torch.float32 else "tf32x3"
+
+
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def tuning(configs: list) -> list:
+    """Autotune configs: all on a GPU, the first alone under the interpreter (where timing
+    configs means nothing and every extra config costs seconds)."""
+    return configs[:1] if interpreted() else configs

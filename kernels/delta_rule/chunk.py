@@ -49,8 +49,10 @@ def chunk_delta_rule_fwd(q, k, v, beta, scale, initial_state, output_final_state
     return o, ht, Ai
 
 
-def chunk_delta_rule_bwd(q, k, v, beta, Ai, scale, initial_state, do, dht, cu_seqlens):
-    """Returns float32 (dq, dk, dv, dbeta, d(initial_state) or None)."""
+def chunk_delta_rule_bwd(q, k, v, beta, Ai, scale, initial_state, do, dht, cu_seqlens,
+                         qk_grad_dtype=None):
+    """Returns (dq, dk, dv, dbeta, d(initial_state) or None): dq, dk in ``qk_grad_dtype``
+    (default the inputs'), dv, dbeta in v's and beta's dtypes, d(initial_state) float32."""
     B, T, H, K = k.shape
     N, NT, chunk_indices, chunk_offsets = chunk_layout(B, T, cu_seqlens, BT)
     w, u = recompute_w_u_fwd(k, v, beta, Ai, cu_seqlens, chunk_indices, NT, BT)
@@ -59,8 +61,9 @@ def chunk_delta_rule_bwd(q, k, v, beta, Ai, scale, initial_state, do, dht, cu_se
     dh, dv_new, dh0 = chunk_bwd_dh(q, k, w, do, dv_local, dht, scale, initial_state is not None,
                                    cu_seqlens, chunk_offsets, N, NT, BT)
     dq, dk, dw = chunk_bwd_dqk(q, k, v_new, h, do, dh, dv_new, scale, cu_seqlens, chunk_indices,
-                               NT, BT)
-    dv, dbeta = wy_bwd(k, v, beta, Ai, dw, dv_new, dk, cu_seqlens, chunk_indices, NT, BT)
+                               NT, BT, dq_dtype=qk_grad_dtype)
+    dk, dv, dbeta = wy_bwd(k, v, beta, Ai, dw, dv_new, dk, cu_seqlens, chunk_indices, NT, BT,
+                           grad_dtype=qk_grad_dtype)
     return dq, dk, dv, dbeta, dh0
 
 
@@ -80,14 +83,15 @@ class ChunkDeltaRuleFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dht):
         q, k, v, beta, Ai, initial_state, q_rstd, k_rstd, cu_seqlens = ctx.saved_tensors
+        l2 = q_rstd is not None  # then dq, dk stay float32 until the normalisation's backward
         dq, dk, dv, dbeta, dh0 = chunk_delta_rule_bwd(
             q, k, v, beta, Ai, ctx.scale, initial_state, do.contiguous(),
-            None if dht is None else dht.contiguous(), cu_seqlens)
-        if q_rstd is not None:
+            None if dht is None else dht.contiguous(), cu_seqlens,
+            qk_grad_dtype=torch.float32 if l2 else None)
+        if l2:
             dq, dk = l2norm_bwd(q, q_rstd, dq), l2norm_bwd(k, k_rstd, dk)
         dh0 = None if dh0 is None else dh0.to(initial_state.dtype)
-        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dbeta.to(beta.dtype), None, dh0,
-                None, None, None)
+        return dq, dk, dv, dbeta, None, dh0, None, None, None
 
 
 def chunk_delta_rule(

@@ -63,20 +63,21 @@ def recompute_w_u_fwd_kernel(
     m_t = o_t < eos - bos
     o_row = (bos + o_t) * H + i_h
     o_c = tl.arange(0, BT)
+    DT = k.dtype.element_ty  # dots multiply in the input dtype, accumulate in float32
     # [BT, BT]
-    b_Ai = tl.load(Ai + o_row[:, None] * BT + o_c[None, :], mask=m_t[:, None], other=0.)
+    b_Ai = tl.load(Ai + o_row[:, None] * BT + o_c[None, :], mask=m_t[:, None], other=0.).to(DT)
     b_beta = tl.load(beta + o_row, mask=m_t, other=0.).to(tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m = m_t[:, None] & (o_k < K)[None, :]
-        b_k = tl.load(k + o_row[:, None] * K + o_k[None, :], mask=m, other=0.).to(tl.float32)
-        b_w = tl.dot(b_Ai, b_k * b_beta[:, None], input_precision=PRECISION)
+        b_k = tl.load(k + o_row[:, None] * K + o_k[None, :], mask=m, other=0.)
+        b_w = tl.dot(b_Ai, (b_k * b_beta[:, None]).to(DT), input_precision=PRECISION)
         tl.store(w + o_row[:, None] * K + o_k[None, :], b_w.to(w.dtype.element_ty), mask=m)
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m = m_t[:, None] & (o_v < V)[None, :]
-        b_v = tl.load(v + o_row[:, None] * V + o_v[None, :], mask=m, other=0.).to(tl.float32)
-        b_u = tl.dot(b_Ai, b_v * b_beta[:, None], input_precision=PRECISION)
+        b_v = tl.load(v + o_row[:, None] * V + o_v[None, :], mask=m, other=0.)
+        b_u = tl.dot(b_Ai, (b_v * b_beta[:, None]).to(DT), input_precision=PRECISION)
         tl.store(u + o_row[:, None] * V + o_v[None, :], b_u.to(u.dtype.element_ty), mask=m)
 
 
@@ -108,7 +109,7 @@ def recompute_w_u_fwd(k, v, beta, Ai, cu_seqlens, chunk_indices, NT: int, BT: in
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
 @triton.jit(do_not_specialize=['T'])
 def wy_bwd_kernel(
-    k, v, beta, Ai, dw, du, dk, dv, dbeta, cu_seqlens, chunk_indices, T,
+    k, v, beta, Ai, dw, du, dk_in, dk, dv, dbeta, cu_seqlens, chunk_indices, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
@@ -117,9 +118,11 @@ def wy_bwd_kernel(
 
         dAi      = dw (diag(beta) K)^T + du (diag(beta) V)^T
         dA       = -tril(Ai^T dAi Ai^T, -1)
-        dk      += diag(beta) Ai^T dw + diag(beta) dA K + dA^T diag(beta) K   (dk holds a term)
+        dk       = dk_in + diag(beta) Ai^T dw + diag(beta) dA K + dA^T diag(beta) K
         dv       = diag(beta) Ai^T du
         dbeta    = rowsum(Ai^T dw * K) + rowsum(Ai^T du * V) + rowsum(dA * K K^T)
+
+    dk_in holds the other paths' share of dk (float32); dk, dv, dbeta are written final.
     """
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
@@ -128,57 +131,62 @@ def wy_bwd_kernel(
     m_t = o_t < eos - bos
     o_row = (bos + o_t) * H + i_h
     o_c = tl.arange(0, BT)
+    DT = k.dtype.element_ty
     # [BT, BT]
     b_Ai = tl.load(Ai + o_row[:, None] * BT + o_c[None, :], mask=m_t[:, None], other=0.)
+    b_Ait = tl.trans(b_Ai).to(DT)
     b_beta = tl.load(beta + o_row, mask=m_t, other=0.).to(tl.float32)
     b_dAi = tl.zeros([BT, BT], dtype=tl.float32)
     b_kk = tl.zeros([BT, BT], dtype=tl.float32)
     b_dbeta = tl.zeros([BT], dtype=tl.float32)
-    for i_k in range(tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m = m_t[:, None] & (o_k < K)[None, :]
-        b_k = tl.load(k + o_row[:, None] * K + o_k[None, :], mask=m, other=0.).to(tl.float32)
-        b_dw = tl.load(dw + o_row[:, None] * K + o_k[None, :], mask=m, other=0.).to(tl.float32)
-        b_dAi += tl.dot(b_dw, tl.trans(b_k * b_beta[:, None]), input_precision=PRECISION)
-        b_kk += tl.dot(b_k, tl.trans(b_k), input_precision=PRECISION)
-        b_dkb = tl.dot(tl.trans(b_Ai), b_dw, input_precision=PRECISION)  # d(diag(beta) K)
-        b_dbeta += tl.sum(b_dkb * b_k, 1)
-        p_dk = dk + o_row[:, None] * K + o_k[None, :]
-        tl.store(p_dk, tl.load(p_dk, mask=m, other=0.) + b_dkb * b_beta[:, None], mask=m)
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m = m_t[:, None] & (o_v < V)[None, :]
-        b_v = tl.load(v + o_row[:, None] * V + o_v[None, :], mask=m, other=0.).to(tl.float32)
-        b_du = tl.load(du + o_row[:, None] * V + o_v[None, :], mask=m, other=0.).to(tl.float32)
-        b_dAi += tl.dot(b_du, tl.trans(b_v * b_beta[:, None]), input_precision=PRECISION)
-        b_dvb = tl.dot(tl.trans(b_Ai), b_du, input_precision=PRECISION)  # d(diag(beta) V)
+        b_v = tl.load(v + o_row[:, None] * V + o_v[None, :], mask=m, other=0.)
+        b_du = tl.load(du + o_row[:, None] * V + o_v[None, :], mask=m, other=0.).to(DT)
+        b_dAi += tl.dot(b_du, tl.trans((b_v * b_beta[:, None]).to(DT)), input_precision=PRECISION)
+        b_dvb = tl.dot(b_Ait, b_du, input_precision=PRECISION)  # d(diag(beta) V)
         b_dbeta += tl.sum(b_dvb * b_v, 1)
         tl.store(dv + o_row[:, None] * V + o_v[None, :], (b_dvb * b_beta[:, None]).to(dv.dtype.element_ty), mask=m)
-    # dA = -(Ai^T dAi Ai^T), strictly below the diagonal
-    b_dA = tl.dot(tl.dot(tl.trans(b_Ai), b_dAi, input_precision=PRECISION), tl.trans(b_Ai),
-                  input_precision=PRECISION)
-    b_dA = tl.where(o_c[:, None] > o_c[None, :], -b_dA, 0.)
-    b_dbeta += tl.sum(b_dA * b_kk, 1)
-    tl.store(dbeta + o_row, b_dbeta.to(dbeta.dtype.element_ty), mask=m_t)
-    b_dAb = b_dA * b_beta[:, None]  # diag(beta) dA
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m = m_t[:, None] & (o_k < K)[None, :]
-        b_k = tl.load(k + o_row[:, None] * K + o_k[None, :], mask=m, other=0.).to(tl.float32)
-        p_dk = dk + o_row[:, None] * K + o_k[None, :]
-        b_dk = tl.dot(b_dAb, b_k, input_precision=PRECISION) + tl.dot(tl.trans(b_dAb), b_k, input_precision=PRECISION)
-        tl.store(p_dk, tl.load(p_dk, mask=m, other=0.) + b_dk, mask=m)
+        b_k = tl.load(k + o_row[:, None] * K + o_k[None, :], mask=m, other=0.)
+        b_dw = tl.load(dw + o_row[:, None] * K + o_k[None, :], mask=m, other=0.).to(DT)
+        b_dAi += tl.dot(b_dw, tl.trans((b_k * b_beta[:, None]).to(DT)), input_precision=PRECISION)
+        b_kk += tl.dot(b_k, tl.trans(b_k), input_precision=PRECISION)
+    # dA = -(Ai^T dAi Ai^T), strictly below the diagonal
+    b_dA = tl.dot(tl.dot(b_Ait, b_dAi.to(DT), input_precision=PRECISION).to(DT), b_Ait,
+                  input_precision=PRECISION)
+    b_dA = tl.where(o_c[:, None] > o_c[None, :], -b_dA, 0.)
+    b_dbeta += tl.sum(b_dA * b_kk, 1)
+    b_dAb = (b_dA * b_beta[:, None]).to(DT)  # diag(beta) dA
+    b_dAbt = tl.trans(b_dAb)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m = m_t[:, None] & (o_k < K)[None, :]
+        b_k = tl.load(k + o_row[:, None] * K + o_k[None, :], mask=m, other=0.)
+        b_dw = tl.load(dw + o_row[:, None] * K + o_k[None, :], mask=m, other=0.).to(DT)
+        b_dkb = tl.dot(b_Ait, b_dw, input_precision=PRECISION)  # d(diag(beta) K)
+        b_dbeta += tl.sum(b_dkb * b_k, 1)
+        b_dk = tl.load(dk_in + o_row[:, None] * K + o_k[None, :], mask=m, other=0.)
+        b_dk += b_dkb * b_beta[:, None]
+        b_dk += tl.dot(b_dAb, b_k, input_precision=PRECISION) + tl.dot(b_dAbt, b_k, input_precision=PRECISION)
+        tl.store(dk + o_row[:, None] * K + o_k[None, :], b_dk.to(dk.dtype.element_ty), mask=m)
+    tl.store(dbeta + o_row, b_dbeta.to(dbeta.dtype.element_ty), mask=m_t)
 
 
-def wy_bwd(k, v, beta, Ai, dw, du, dk, cu_seqlens, chunk_indices, NT: int, BT: int):
-    """Adds the WY path's share to dk (float32, in place); returns (dv, dbeta) float32."""
+def wy_bwd(k, v, beta, Ai, dw, du, dk_in, cu_seqlens, chunk_indices, NT: int, BT: int,
+           grad_dtype: torch.dtype | None = None):
+    """(dk, dv, dbeta): dk = dk_in (float32, the other paths' share) plus the WY path's.
+    dk comes back in ``grad_dtype`` (default k's), dv in v's, dbeta in beta's."""
     B, T, H, K = k.shape
     V = v.shape[-1]
-    dv = torch.empty(B, T, H, V, dtype=torch.float32, device=v.device)
-    dbeta = torch.empty(B, T, H, dtype=torch.float32, device=v.device)
+    dk = torch.empty_like(k, dtype=grad_dtype or k.dtype)
+    dv, dbeta = torch.empty_like(v), torch.empty_like(beta)
     BK, BV = min(64, triton.next_power_of_2(K)), min(64, triton.next_power_of_2(V))
     if NT:
-        wy_bwd_kernel[(NT, B * H)](k, v, beta, Ai, dw, du, dk, dv, dbeta, cu_seqlens, chunk_indices,
-                                   T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
+        wy_bwd_kernel[(NT, B * H)](k, v, beta, Ai, dw, du, dk_in, dk, dv, dbeta, cu_seqlens,
+                                   chunk_indices, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
                                    PRECISION=dot_precision(k.dtype), num_warps=4)
-    return dv, dbeta
+    return dk, dv, dbeta
