@@ -130,3 +130,15 @@ def test_random_family_records_every_case():
     assert res.failure is None and res.examples == 5
     assert len({r["case_json"] for r in res.rows}) == 5
     assert max(r["error"] for r in res.rows) < 1e-12
+
+
+def test_long_family_writes_error_against_T(tmp_path):
+    result = runner.invoke(app, ["check", "gla", "--family", "long", "--long-t", "64,256",
+                                 "--device", "cpu", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    import pandas as pd
+
+    df = pd.read_csv(tmp_path / "gla.csv")
+    assert set(df["T"]) == {64, 256} and set(df["impl"]) == {"naive"}  # chunk_ref is the truth here
+    assert df["passed"].all() and (df["error"] < 1e-5).all()
+    assert (tmp_path / "gla_long.png").stat().st_size > 1000
