@@ -43,7 +43,7 @@ def chunk_fwd_o_kernel(
         m_k = o_k < K
         # [BT, BK], [BK, BT], [BK, BV]
         b_q = tl.load(q + o_row[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
-        b_kt = tl.load(k + o_row[None, :] * K + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.)
+        b_kt = tl.trans(tl.load(k + o_row[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.))
         b_h = tl.load(h + (i_chunk * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
                       mask=m_k[:, None] & m_v[None, :], other=0.)
         b_o += tl.dot(b_q, b_h, input_precision=PRECISION)
@@ -91,7 +91,7 @@ def chunk_bwd_dv_local_kernel(
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
         b_k = tl.load(k + o_row[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
-        b_qt = tl.load(q + o_row[None, :] * K + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.)
+        b_qt = tl.trans(tl.load(q + o_row[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.))
         b_At += tl.dot(b_k, b_qt, input_precision=PRECISION)
     o_c = tl.arange(0, BT)
     b_At = tl.where(o_c[:, None] <= o_c[None, :], b_At * scale, 0.)
@@ -145,8 +145,9 @@ def chunk_bwd_dqk_kernel(
         b_v = tl.load(v + o_row[:, None] * V + o_v[None, :], mask=m_tv, other=0.)
         b_do = tl.load(do + o_row[:, None] * V + o_v[None, :], mask=m_tv, other=0.)
         # [BV, BK]
-        b_ht = tl.load(h + p_h + o_k[None, :] * V + o_v[:, None], mask=m_v[:, None] & m_k[None, :], other=0.)
-        b_dht = tl.load(dh + p_h + o_k[None, :] * V + o_v[:, None], mask=m_v[:, None] & m_k[None, :], other=0.)
+        m_kv = m_k[:, None] & m_v[None, :]
+        b_ht = tl.trans(tl.load(h + p_h + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.))
+        b_dht = tl.trans(tl.load(dh + p_h + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.))
         b_dq += tl.dot(b_do, b_ht, input_precision=PRECISION)
         b_dk += tl.dot(b_v, b_dht, input_precision=PRECISION)
         b_ds += tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)

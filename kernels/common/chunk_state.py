@@ -83,7 +83,7 @@ def chunk_fwd_h_kernel(
         tl.store(v_new + o_row[:, None] * V + o_v[None, :], b_v.to(v_new.dtype.element_ty),
                  mask=m_t[:, None] & m_v[None, :])
         # S = S + K^T v'     [BK, BT]
-        b_kt = tl.load(k + o_row[None, :] * K + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.)
+        b_kt = tl.trans(tl.load(k + o_row[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.))
         b_h += tl.dot(b_kt, b_v.to(b_kt.dtype), input_precision=PRECISION)
     if STORE_FINAL_STATE:
         tl.store(ht + i_nh.to(tl.int64) * K * V + o_h, b_h, mask=m_h)
@@ -160,8 +160,8 @@ def chunk_bwd_dh_kernel(
         b_dv += tl.dot(b_k, b_dh.to(b_k.dtype), input_precision=PRECISION)
         tl.store(dv + o_row[:, None] * V + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_tv)
         # [BK, BT]
-        b_qt = tl.load(q + o_row[None, :] * K + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.)
-        b_wt = tl.load(w + o_row[None, :] * K + o_k[:, None], mask=m_k[:, None] & m_t[None, :], other=0.)
+        b_qt = tl.trans(tl.load(q + o_row[:, None] * K + o_k[None, :], mask=m_tk, other=0.))
+        b_wt = tl.trans(tl.load(w + o_row[:, None] * K + o_k[None, :], mask=m_tk, other=0.))
         b_do = tl.load(do + o_row[:, None] * V + o_v[None, :], mask=m_tv, other=0.)
         b_dh += tl.dot(b_qt, b_do, input_precision=PRECISION) * scale
         b_dh -= tl.dot(b_wt, b_dv.to(b_wt.dtype), input_precision=PRECISION)

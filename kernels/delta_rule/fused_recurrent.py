@@ -48,6 +48,7 @@ import triton.language as tl
 
 from harness.operators import DELTA_RULE
 from kernels.common.l2norm import MAX_D, l2norm_bwd, l2norm_fwd, l2norm_vec
+from kernels.common.utils import seq_bounds, tuning
 
 __all__ = ["fused_recurrent_delta_rule", "fused_recurrent_delta_rule_fwd",
            "fused_recurrent_delta_rule_bwd"]
@@ -61,16 +62,13 @@ def _tiles(K: int, V: int) -> tuple[int, int, int, int]:
     return BK, BV, triton.cdiv(V, BV), max(1, min(8, BK * BV // 1024))
 
 
-@triton.jit
-def _bounds(cu_seqlens, i_n, T, IS_VARLEN: tl.constexpr):
-    """First and one-past-last token (int64) of sequence i_n in the flattened [B*T] rows."""
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    else:
-        bos = i_n.to(tl.int64) * T
-        eos = bos + T
-    return bos, eos
+# The forward walks T steps, each waiting on its loads (~1 us): what hides that wait is many
+# programs in flight. Narrow value tiles (BV = 8, 16) multiply the programs when N * H is
+# small; wide ones re-read q and k less when it is large. Tuned per (K, V, N*H bucket).
+FWD_CONFIGS = tuning([
+    triton.Config({'BV': BV}, num_warps=num_warps)
+    for BV in (32, 16, 8) for num_warps in (1, 2, 4)
+])
 
 
 @triton.heuristics({
@@ -79,16 +77,17 @@ def _bounds(cu_seqlens, i_n, T, IS_VARLEN: tl.constexpr):
     'SAVE_R': lambda a: a['r'] is not None,
     'IS_VARLEN': lambda a: a['cu_seqlens'] is not None,
 })
+@triton.autotune(configs=FWD_CONFIGS, key=['K', 'V', 'NH_BUCKET', 'SAVE_R'])
 @triton.jit(do_not_specialize=['T'])
 def fused_recurrent_delta_rule_fwd_kernel(
-    q, k, v, beta, o, r, h0, ht, cu_seqlens, scale, T,
+    q, k, v, beta, o, r, h0, ht, cu_seqlens, scale, T, NH_BUCKET,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BETA_PER_CHANNEL: tl.constexpr, USE_QK_L2NORM: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
     STORE_FINAL_STATE: tl.constexpr, SAVE_R: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
-    bos, eos = _bounds(cu_seqlens, i_n, T, IS_VARLEN)
+    bos, eos = seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
@@ -138,7 +137,7 @@ def fused_recurrent_delta_rule_bwd_dh_kernel(
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     NV: tl.constexpr = (V + BV - 1) // BV
-    bos, eos = _bounds(cu_seqlens, i_n, T, IS_VARLEN)
+    bos, eos = seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
@@ -193,7 +192,7 @@ def fused_recurrent_delta_rule_bwd_dqk_kernel(
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     NV: tl.constexpr = (V + BV - 1) // BV
-    bos, eos = _bounds(cu_seqlens, i_n, T, IS_VARLEN)
+    bos, eos = seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
@@ -237,14 +236,15 @@ def fused_recurrent_delta_rule_fwd(
     B, T, H, K = q.shape
     V = v.shape[-1]
     N = _num_sequences(B, cu_seqlens)
-    BK, BV, NV, num_warps = _tiles(K, V)
+    BK = triton.next_power_of_2(K)
     o = torch.empty_like(v)
     r = torch.empty(B, T, H, V, dtype=torch.float32, device=v.device) if save_r else None
     ht = torch.empty(N, H, K, V, dtype=torch.float32, device=v.device) if output_final_state else None
-    fused_recurrent_delta_rule_fwd_kernel[(NV, N * H)](
+    grid = lambda meta: (triton.cdiv(V, meta['BV']), N * H)  # noqa: E731
+    fused_recurrent_delta_rule_fwd_kernel[grid](
         q, k, v, beta, o, r, initial_state, ht, cu_seqlens, scale, T,
-        H=H, K=K, V=V, BK=BK, BV=BV, BETA_PER_CHANNEL=beta.dim() == 4,
-        USE_QK_L2NORM=use_qk_l2norm, num_warps=num_warps,
+        min(triton.next_power_of_2(N * H), 1024), H=H, K=K, V=V, BK=BK,
+        BETA_PER_CHANNEL=beta.dim() == 4, USE_QK_L2NORM=use_qk_l2norm,
     )
     return o, r, ht
 
