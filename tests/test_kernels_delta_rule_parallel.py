@@ -22,9 +22,6 @@ from references.delta_rule import naive_recurrent_delta_rule
 F32_TOL = 1e-5
 ILL_TOL = 1e-4
 F16_FACTOR, F16_FLOOR = 3.0, 1e-3
-# Triton 3.6's interpreter turns a runtime loop bound into a Python int through a 1-element
-# NumPy array, which NumPy 1.25+ deprecates: its noise, not ours.
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 
 
 def rel(x, ref):

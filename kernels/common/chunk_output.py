@@ -168,10 +168,10 @@ def chunk_bwd_dqk_kernel(
 
 
 def chunk_bwd_dv_local(q, k, do, scale: float, cu_seqlens, chunk_indices, NT: int, BT: int):
-    """tril((scale Q) K^T)^T dO per chunk, float32 [B, T, H, V]."""
+    """tril((scale Q) K^T)^T dO per chunk, [B, T, H, V] in dO's dtype (float32 accumulation)."""
     B, T, H, K = q.shape
     V = do.shape[-1]
-    dv = torch.empty(B, T, H, V, dtype=torch.float32, device=do.device)
+    dv = torch.empty_like(do)
     BK, BV = min(64, triton.next_power_of_2(K)), min(64, triton.next_power_of_2(V))
     if NT:
         chunk_bwd_dv_local_kernel[(NT, B * H)](q, k, do, dv, cu_seqlens, chunk_indices, scale, T,
@@ -182,13 +182,13 @@ def chunk_bwd_dv_local(q, k, do, scale: float, cu_seqlens, chunk_indices, NT: in
 
 def chunk_bwd_dqk(q, k, v, h, do, dh, dv, scale: float, cu_seqlens, chunk_indices, NT: int,
                   BT: int, with_w: bool = True, dq_dtype: torch.dtype | None = None):
-    """(dq in ``dq_dtype`` (default q's), dk float32, dw float32 or None), [B, T, H, K] each;
-    dk and dw get more terms later."""
+    """(dq in ``dq_dtype`` (default q's), dk float32, dw in k's dtype or None), [B, T, H, K]
+    each; dk gets more terms later."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     dq = torch.empty(B, T, H, K, dtype=dq_dtype or q.dtype, device=q.device)
     dk = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device)
-    dw = torch.empty_like(dk) if with_w else None
+    dw = torch.empty_like(k) if with_w else None
     BK, BV = min(64, triton.next_power_of_2(K)), min(64, triton.next_power_of_2(V))
     if NT:
         grid = (triton.cdiv(K, BK), NT, B * H)

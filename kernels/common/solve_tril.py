@@ -1,13 +1,16 @@
 """The triangular solve of the chunked forms: Ai = (I + A)^{-1} for each chunk's strictly
 lower-triangular A [BT, BT] (the WY / UT transform of OPERATORS.md section 1).
 
-Blockwise, in BC x BC blocks (BC = 16), by block forward substitution on (I + A) X = I
-(``inv_unit_lower``): the diagonal blocks by row substitution, the rest by products of the
-block-diagonal inverse with A's off-diagonal blocks, at most third powers of a block-strictly-
-lower matrix. No power of A itself is ever formed, so the solve stays as accurate as the
-inverse is well-conditioned (beta near 1 with nearly parallel keys gives entries of A near 1
-and a bounded inverse; a solve by repeated squaring of A sees entries grow like binomial
-coefficients and cancel). float32 throughout, the whole chunk in registers.
+Blockwise, in BC x BC blocks (BC = 16), by block forward substitution on (I + A) X = I:
+
+    X_ii = (I + A_ii)^{-1}                               # row by row: X[r] = e_r - A_ii[r] X
+    X_ij = -X_ii  sum_{j <= m < i} A_im X_mj            # j < i
+
+Each step only multiplies entries of A by entries of the inverse itself, never forms powers of
+A, so it stays as accurate as the inverse is well-conditioned (beta near 1 with nearly parallel
+keys gives entries of A near 1 and a bounded inverse; a solve that forms powers of A, or
+inverts larger blocks by repeated squaring, sees its entries grow like binomial coefficients).
+The blocks of X a program has written are read back after a barrier. float32 throughout.
 
 Layout: A and Ai are [B, T, H, BT] (row t holds the entries of its chunk row), like fla.
 """
@@ -20,66 +23,56 @@ import triton.language as tl
 
 from kernels.common.utils import chunk_bounds, chunk_layout
 
-__all__ = ["solve_tril", "inv_unit_lower"]
+__all__ = ["solve_tril"]
 
 BC = 16  # block size of the substitution
-
-
-@triton.jit
-def inv_unit_lower(b_A, BT: tl.constexpr, BC: tl.constexpr, PRECISION: tl.constexpr):
-    """(I + A)^{-1} of a strictly lower-triangular float32 tile b_A [BT, BT] in registers.
-
-    D = I + (the BC x BC diagonal blocks of A) is inverted block by block, all blocks at once,
-    by substitution on a [BT/BC, BC, BC] view; then with N = D^{-1} (A - blockdiag(A)), strictly
-    block-lower and so nilpotent of order BT/BC <= 4:
-
-        (I + A)^{-1} = (I + N)^{-1} D^{-1} = (I - N)(I + N^2) D^{-1}
-
-    which is block forward substitution written as three products of [BT, BT] tiles.
-    """
-    NB: tl.constexpr = BT // BC
-    o = tl.arange(0, BT)
-    o_nb = tl.arange(0, NB)
-    o_c = tl.arange(0, BC)
-    diag4 = o_nb[:, None, None, None] == o_nb[None, None, :, None]  # [NB, 1, NB, 1]
-    # [NB, BC, BC]: the diagonal blocks of A
-    b_Ad = tl.sum(tl.where(diag4, tl.reshape(b_A, [NB, BC, NB, BC]), 0.), 2)
-    b_X = tl.zeros([NB, BC, BC], dtype=tl.float32)
-    for r in tl.static_range(BC):
-        # X[r] = e_r - A_d[r] X, in every block
-        b_a = tl.sum(tl.where(o_c[None, :, None] == r, b_Ad, 0.), 1)  # [NB, BC]
-        b_a = tl.where(o_c[None, :] < r, b_a, 0.)
-        b_row = tl.where(o_c[None, :] == r, 1., 0.) - tl.sum(b_a[:, :, None] * b_X, 1)
-        b_X = tl.where(o_c[None, :, None] == r, b_row[:, None, :], b_X)
-    # [BT, BT]: D^{-1}, block diagonal
-    b_D = tl.reshape(tl.where(diag4, tl.expand_dims(b_X, 2), 0.), [BT, BT])
-    same = (o[:, None] // BC) == (o[None, :] // BC)
-    eye = tl.where(o[:, None] == o[None, :], 1., 0.)
-    b_N = tl.dot(b_D, tl.where(same, 0., b_A), input_precision=PRECISION)
-    b_N2 = tl.dot(b_N, b_N, input_precision=PRECISION)
-    b_DN = tl.dot(eye + b_N2, b_D, input_precision=PRECISION)
-    return tl.dot(eye - b_N, b_DN, input_precision=PRECISION)
 
 
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
 @triton.jit(do_not_specialize=['T'])
 def solve_tril_kernel(
     A, Ai, cu_seqlens, chunk_indices, T,
-    H: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, PRECISION: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
+    H: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     bos, eos, i_t = chunk_bounds(cu_seqlens, chunk_indices, i_c, i_b, T, BT, IS_VARLEN)
-    o_t = i_t * BT + tl.arange(0, BT)
-    m_t = o_t < eos - bos
-    o_row = (bos + o_t) * H + i_h
-    o_c = tl.arange(0, BT)
-    # [BT, BT]; rows past the sequence end read as 0, so they invert to identity rows
-    b_A = tl.load(A + o_row[:, None] * BT + o_c[None, :],
-                  mask=m_t[:, None] & (o_c[:, None] > o_c[None, :]), other=0.)
-    b_Ai = inv_unit_lower(b_A, BT, BC, PRECISION)
-    tl.store(Ai + o_row[:, None] * BT + o_c[None, :], b_Ai, mask=m_t[:, None])
+    L = tl.minimum(eos - bos - i_t * BT, BT)  # rows of this chunk that hold tokens
+    NB: tl.constexpr = BT // BC
+    o_r = tl.arange(0, BC)
+    # row r of the chunk, entry c: (bos + i_t * BT + r) * H * BT + i_h * BT + c
+    base = (bos + i_t * BT) * H * BT + i_h * BT
+
+    for i in tl.static_range(NB):
+        rows = i * BC + o_r
+        m_rows = rows < L
+        # X_ii = (I + A_ii)^{-1}, row by row from the block held in registers
+        b_aii = tl.load(A + base + rows[:, None] * H * BT + (i * BC + o_r)[None, :],
+                        mask=m_rows[:, None] & (o_r[:, None] > o_r[None, :]), other=0.)
+        b_x = tl.zeros([BC, BC], dtype=tl.float32)
+        for r in tl.static_range(BC):
+            b_a = tl.sum(tl.where(o_r[:, None] == r, b_aii, 0.), 0)  # [BC]: row r of A_ii
+            b_row = tl.where(o_r == r, 1., 0.) - tl.sum(b_a[:, None] * b_x, 0)
+            b_x = tl.where(o_r[:, None] == r, b_row[None, :], b_x)
+        p_ii = Ai + base + rows[:, None] * H * BT + (i * BC + o_r)[None, :]
+        tl.store(p_ii, b_x, mask=m_rows[:, None])
+        # X_ij = -X_ii sum_{j <= m < i} A_im X_mj
+        for j in tl.static_range(i):
+            b_acc = tl.zeros([BC, BC], dtype=tl.float32)
+            for m in tl.static_range(j, i):
+                b_aim = tl.load(A + base + rows[:, None] * H * BT + (m * BC + o_r)[None, :],
+                                mask=m_rows[:, None], other=0.)
+                b_xmj = tl.load(Ai + base + (m * BC + o_r)[:, None] * H * BT + (j * BC + o_r)[None, :],
+                                mask=((m * BC + o_r) < L)[:, None], other=0.)
+                b_acc += tl.dot(b_aim, b_xmj, input_precision="ieee")
+            b_xij = -tl.dot(b_x, b_acc, input_precision="ieee")
+            tl.store(Ai + base + rows[:, None] * H * BT + (j * BC + o_r)[None, :], b_xij,
+                     mask=m_rows[:, None])
+        # zeros above the diagonal blocks, so Ai is a whole [BT, BT] lower-triangular matrix
+        for j in tl.static_range(i + 1, NB):
+            tl.store(Ai + base + rows[:, None] * H * BT + (j * BC + o_r)[None, :],
+                     tl.zeros([BC, BC], dtype=tl.float32), mask=m_rows[:, None])
+        tl.debug_barrier()  # block row i of Ai is read by the later block rows
 
 
 def solve_tril(A: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
@@ -94,5 +87,5 @@ def solve_tril(A: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
     Ai = torch.empty_like(A, dtype=torch.float32)
     if NT:
         solve_tril_kernel[(NT, B * H)](A, Ai, cu_seqlens, chunk_indices, T, H=H, BT=BT, BC=BC,
-                                       PRECISION="ieee", num_warps=4)
+                                       num_warps=4)
     return Ai

@@ -3,8 +3,8 @@ inside a chunk, one sequential walk over chunks for the state.
 
 Forward, a chain of shared stages:
 
-    A  = tril(diag(beta) K K^T, -1);  Ai = (I + A)^{-1}          # wy.wy_fwd, one kernel:
-    w  = Ai diag(beta) K;  u = Ai diag(beta) V                   #   A, Ai stay in registers
+    A  = tril(diag(beta) K K^T, -1);  Ai = (I + A)^{-1}          # wy.kkt_fwd, common.solve_tril
+    w  = Ai diag(beta) K;  u = Ai diag(beta) V                   # wy.recompute_w_u_fwd
     h[n], v' = u - w h[n], S_{n+1} = h[n] + K^T v'               # common.chunk_state.chunk_fwd_h
     O  = (scale Q) h[n] + tril((scale Q) K^T) v'                 # common.chunk_output.chunk_fwd_o
 
@@ -27,21 +27,22 @@ from harness.operators import DELTA_RULE
 from kernels.common.chunk_output import chunk_bwd_dqk, chunk_bwd_dv_local, chunk_fwd_o
 from kernels.common.chunk_state import chunk_bwd_dh, chunk_fwd_h
 from kernels.common.l2norm import l2norm_bwd, l2norm_fwd
+from kernels.common.solve_tril import solve_tril
 from kernels.common.utils import chunk_layout
 from kernels.delta_rule.fused_recurrent import fused_recurrent_delta_rule
-from kernels.delta_rule.wy import recompute_w_u_fwd, wy_bwd, wy_fwd
+from kernels.delta_rule.wy import kkt_fwd, recompute_w_u_fwd, wy_bwd
 
 __all__ = ["chunk_delta_rule", "chunk_delta_rule_fwd", "chunk_delta_rule_bwd"]
 
 BT = 64  # chunk size: a tiling choice, never a change of result
 
 
-def chunk_delta_rule_fwd(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens,
-                         store_Ai: bool = True):
-    """Returns (o, final_state or None, Ai or None): q, k already normalised if asked."""
+def chunk_delta_rule_fwd(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens):
+    """Returns (o, final_state or None, Ai): q, k already normalised if asked."""
     B, T, H, K = k.shape
     N, NT, chunk_indices, chunk_offsets = chunk_layout(B, T, cu_seqlens, BT)
-    w, u, Ai = wy_fwd(k, v, beta, cu_seqlens, chunk_indices, NT, BT, store_Ai)
+    Ai = solve_tril(kkt_fwd(k, beta, cu_seqlens, chunk_indices, NT, BT), cu_seqlens, chunk_indices)
+    w, u = recompute_w_u_fwd(k, v, beta, Ai, cu_seqlens, chunk_indices, NT, BT)
     h, v_new, ht = chunk_fwd_h(k, w, u, initial_state, output_final_state, cu_seqlens,
                                chunk_offsets, N, NT, BT)
     o = chunk_fwd_o(q, k, v_new, h, scale, cu_seqlens, chunk_indices, NT, BT)
@@ -74,7 +75,7 @@ class ChunkDeltaRuleFunction(torch.autograd.Function):
         if use_qk_l2norm:
             (q, q_rstd), (k, k_rstd) = l2norm_fwd(q), l2norm_fwd(k)
         o, ht, Ai = chunk_delta_rule_fwd(q, k, v, beta, scale, initial_state, output_final_state,
-                                         cu_seqlens, store_Ai=any(ctx.needs_input_grad))
+                                         cu_seqlens)
         ctx.save_for_backward(q, k, v, beta, Ai, initial_state, q_rstd, k_rstd, cu_seqlens)
         ctx.scale = scale
         return o, ht

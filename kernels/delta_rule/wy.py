@@ -6,8 +6,8 @@ Within a chunk of BT tokens (rows i, j), with diag(beta) K K^T strictly below th
     Ai = (I + A)^{-1}                            # kernels.common.solve_tril
     w  = Ai diag(beta) K,   u = Ai diag(beta) V  # recompute_w_u_fwd
 
-(wy_fwd does all three in one kernel, the chunk's A and Ai never leaving registers; the
-backward recomputes w, u from the saved Ai with recompute_w_u_fwd.)
+(One kernel doing all three with the inverse in registers measured 2.9 ms against 1.5 ms for
+the three at T=32768 on an H100: reports/NOTES.md.)
 
 so that the chunk's v'_t stack to ``u - w S_0`` (S_0: the state entering the chunk).
 """
@@ -18,10 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common.solve_tril import BC, inv_unit_lower
 from kernels.common.utils import chunk_bounds, dot_precision, dot_split
 
-__all__ = ["wy_fwd", "kkt_fwd", "recompute_w_u_fwd", "wy_bwd"]
+__all__ = ["kkt_fwd", "recompute_w_u_fwd", "wy_bwd"]
 
 
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
@@ -71,41 +70,6 @@ def _store_w_u(k, v, w, u, b_Ai, b_beta, o_row, m_t, K: tl.constexpr, V: tl.cons
         tl.store(u + o_row[:, None] * V + o_v[None, :], b_u.to(u.dtype.element_ty), mask=m)
 
 
-@triton.heuristics({
-    'STORE_AI': lambda a: a['Ai'] is not None,
-    'IS_VARLEN': lambda a: a['cu_seqlens'] is not None,
-})
-@triton.jit(do_not_specialize=['T'])
-def wy_fwd_kernel(
-    k, v, beta, Ai, w, u, cu_seqlens, chunk_indices, T,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
-    STORE_AI: tl.constexpr, IS_VARLEN: tl.constexpr,
-):
-    """The whole transform of one chunk in registers: A, Ai = (I + A)^{-1}, w, u.
-    Ai (float32) is stored only for the backward."""
-    i_c, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    bos, eos, i_t = chunk_bounds(cu_seqlens, chunk_indices, i_c, i_b, T, BT, IS_VARLEN)
-    o_t = i_t * BT + tl.arange(0, BT)
-    m_t = o_t < eos - bos
-    o_row = (bos + o_t) * H + i_h
-    o_c = tl.arange(0, BT)
-    b_beta = tl.load(beta + o_row, mask=m_t, other=0.).to(tl.float32)
-    # A = tril(diag(beta) K K^T, -1)    [BT, BT]
-    b_A = tl.zeros([BT, BT], dtype=tl.float32)
-    for i_k in range(tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        b_k = tl.load(k + o_row[:, None] * K + o_k[None, :],
-                      mask=m_t[:, None] & (o_k < K)[None, :], other=0.)
-        b_A += tl.dot(b_k, tl.trans(b_k), input_precision=PRECISION)
-    b_A = tl.where(o_c[:, None] > o_c[None, :], b_A * b_beta[:, None], 0.)
-    b_Ai = inv_unit_lower(b_A, BT, BC, "ieee" if PRECISION == "ieee" else "tf32x3")
-    if STORE_AI:
-        tl.store(Ai + o_row[:, None] * BT + o_c[None, :], b_Ai, mask=m_t[:, None])
-    _store_w_u(k, v, w, u, b_Ai, b_beta, o_row, m_t, K, V, BK, BV, PRECISION)
-
-
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
 @triton.jit(do_not_specialize=['T'])
 def recompute_w_u_fwd_kernel(
@@ -137,20 +101,6 @@ def kkt_fwd(k: torch.Tensor, beta: torch.Tensor, cu_seqlens, chunk_indices, NT: 
         kkt_fwd_kernel[(NT, B * H)](k, beta, A, cu_seqlens, chunk_indices, T, H=H, K=K, BT=BT,
                                     BK=BK, PRECISION=dot_precision(k.dtype), num_warps=4)
     return A
-
-
-def wy_fwd(k, v, beta, cu_seqlens, chunk_indices, NT: int, BT: int, store_Ai: bool):
-    """(w, u, Ai or None): w, u in the dtypes of k and v, Ai [B, T, H, BT] float32."""
-    B, T, H, K = k.shape
-    V = v.shape[-1]
-    w, u = torch.empty_like(k), torch.empty_like(v)
-    Ai = k.new_empty(B, T, H, BT, dtype=torch.float32) if store_Ai else None
-    BK, BV = min(64, triton.next_power_of_2(K)), min(64, triton.next_power_of_2(V))
-    if NT:
-        wy_fwd_kernel[(NT, B * H)](k, v, beta, Ai, w, u, cu_seqlens, chunk_indices, T, H=H, K=K,
-                                   V=V, BT=BT, BC=BC, BK=BK, BV=BV,
-                                   PRECISION=dot_precision(k.dtype), num_warps=4)
-    return w, u, Ai
 
 
 def recompute_w_u_fwd(k, v, beta, Ai, cu_seqlens, chunk_indices, NT: int, BT: int):
