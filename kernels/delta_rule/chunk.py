@@ -112,11 +112,7 @@ def chunk_delta_rule(
     K, V <= 256. Returns o [B, T, H, V] (dtype of v) and the final state [N, H, K, V]
     (float32) when ``output_final_state``.
     """
-    dims = DELTA_RULE.validate(dict(
-        q=q, k=k, v=v, beta=beta, scale=scale, initial_state=initial_state,
-        output_final_state=output_final_state,
-        use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, cu_seqlens=cu_seqlens,
-    ))
+    dims = DELTA_RULE.validate(locals())  # the call's own arguments, before anything else
     if max(dims["K"], dims["V"]) > 256:
         raise ValueError(f"chunk_delta_rule: K and V must be <= 256, got K={dims['K']}, V={dims['V']}")
     if beta.dim() == 4:

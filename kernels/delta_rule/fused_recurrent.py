@@ -333,11 +333,7 @@ def fused_recurrent_delta_rule(
     Returns:
         ``o [B, T, H, V]`` in v's dtype, and the final state or None.
     """
-    dims = DELTA_RULE.validate(dict(
-        q=q, k=k, v=v, beta=beta, scale=scale, initial_state=initial_state,
-        output_final_state=output_final_state,
-        use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, cu_seqlens=cu_seqlens,
-    ))
+    dims = DELTA_RULE.validate(locals())  # the call's own arguments, before anything else
     if dims["K"] > MAX_D:
         raise ValueError(f"fused_recurrent_delta_rule: K={dims['K']} exceeds {MAX_D} (the state "
                          f"tile [K, BV] is held in registers)")
