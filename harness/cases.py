@@ -8,7 +8,7 @@ long-sequence family; ``sample`` turns a case into float64 input tensors from th
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -146,10 +146,6 @@ def long_cases(op_name: str, profile: str = "cpu", lengths: tuple[int, ...] | No
                           output_final_state=op.has_state,
                           gate=STRONG_GATE if op.gated else 1.0, options=options, seed=1000 + i))
     return cases
-
-
-def with_dims(case: Case, **dims: int) -> Case:
-    return replace(case, dims={**case.dims, **dims})
 
 
 # Value domains (OPERATORS.md): each draws float64 values of a shape from a generator.

@@ -49,7 +49,6 @@ class Implementation:
     backward: bool = True  # gradients are checked too
     available: Callable[[], str | None] | None = None
     supports: Callable[[Any], str | None] | None = None
-    source: str = "builtin"
     _fn: Callable[..., Any] | None = field(default=None, repr=False)
 
     @property

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common.utils import chunk_bounds, dot_precision
+from kernels.common.utils import chunk_rows, dot_precision
 
 __all__ = ["chunk_fwd_o", "chunk_bwd_dv_local", "chunk_bwd_dqk"]
 
@@ -27,12 +27,8 @@ def chunk_fwd_o_kernel(
     BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b, i_h = i_bh // H, i_bh % H
-    bos, eos, i_t = chunk_bounds(cu_seqlens, chunk_indices, i_c, i_b, T, BT, IS_VARLEN)
-    i_chunk = i_c.to(tl.int64) if IS_VARLEN else i_b.to(tl.int64) * tl.cdiv(T, BT) + i_t
-    o_t = i_t * BT + tl.arange(0, BT)
-    m_t = o_t < eos - bos
-    o_row = (bos + o_t) * H + i_h
+    i_t, m_t, o_row = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BT, IS_VARLEN)
+    i_chunk = i_c.to(tl.int64) if IS_VARLEN else (i_bh // H).to(tl.int64) * tl.cdiv(T, BT) + i_t
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
 
@@ -44,7 +40,7 @@ def chunk_fwd_o_kernel(
         # [BT, BK], [BK, BT], [BK, BV]
         b_q = tl.load(q + o_row[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
         b_kt = tl.trans(tl.load(k + o_row[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.))
-        b_h = tl.load(h + (i_chunk * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
+        b_h = tl.load(h + (i_chunk * H + i_bh % H) * K * V + o_k[:, None] * V + o_v[None, :],
                       mask=m_k[:, None] & m_v[None, :], other=0.)
         b_o += tl.dot(b_q, b_h, input_precision=PRECISION)
         b_A += tl.dot(b_q, b_kt, input_precision=PRECISION)
@@ -80,11 +76,7 @@ def chunk_bwd_dv_local_kernel(
 ):
     """The in-chunk part of dv': tril((scale Q) K^T)^T dO."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    bos, eos, i_t = chunk_bounds(cu_seqlens, chunk_indices, i_c, i_b, T, BT, IS_VARLEN)
-    o_t = i_t * BT + tl.arange(0, BT)
-    m_t = o_t < eos - bos
-    o_row = (bos + o_t) * H + i_h
+    i_t, m_t, o_row = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BT, IS_VARLEN)
     # [BT, BT]: row j (key), column i (query)
     b_At = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
@@ -122,16 +114,12 @@ def chunk_bwd_dqk_kernel(
         dw    = -dv' h^T                                       # v' = u - w h (delta rule)
     """
     i_k, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_b, i_h = i_bh // H, i_bh % H
-    bos, eos, i_t = chunk_bounds(cu_seqlens, chunk_indices, i_c, i_b, T, BT, IS_VARLEN)
-    i_chunk = i_c.to(tl.int64) if IS_VARLEN else i_b.to(tl.int64) * tl.cdiv(T, BT) + i_t
-    o_t = i_t * BT + tl.arange(0, BT)
-    m_t = o_t < eos - bos
-    o_row = (bos + o_t) * H + i_h
+    i_t, m_t, o_row = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BT, IS_VARLEN)
+    i_chunk = i_c.to(tl.int64) if IS_VARLEN else (i_bh // H).to(tl.int64) * tl.cdiv(T, BT) + i_t
     o_k = i_k * BK + tl.arange(0, BK)
     m_k = o_k < K
     m_tk = m_t[:, None] & m_k[None, :]
-    p_h = (i_chunk * H + i_h) * K * V
+    p_h = (i_chunk * H + i_bh % H) * K * V
 
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
     b_dk = tl.zeros([BT, BK], dtype=tl.float32)

@@ -38,6 +38,18 @@ def _fits(configs, named_args, **kwargs):
     return fit or [min(configs, key=lambda c: c.kwargs['BV'])]
 
 
+@triton.jit
+def _walk(cu_seqlens, chunk_offsets, i_n, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """(bos, eos, NT, c0) of sequence i_n: its tokens, its chunk count, and the index of its
+    first chunk in the per-chunk state tensors."""
+    bos, eos = seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
+    if IS_VARLEN:
+        c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        c0 = i_n.to(tl.int64) * tl.cdiv(T, BT)
+    return bos, eos, tl.cdiv(eos - bos, BT), c0
+
+
 @triton.heuristics({
     'USE_INITIAL_STATE': lambda a: a['h0'] is not None,
     'STORE_FINAL_STATE': lambda a: a['ht'] is not None,
@@ -54,12 +66,7 @@ def chunk_fwd_h_kernel(
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
-    bos, eos = seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
-    NT = tl.cdiv(eos - bos, BT)
-    if IS_VARLEN:
-        c0 = tl.load(chunk_offsets + i_n).to(tl.int64)  # first chunk of this sequence
-    else:
-        c0 = i_n.to(tl.int64) * tl.cdiv(T, BT)
+    bos, eos, NT, c0 = _walk(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN)
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
@@ -131,12 +138,7 @@ def chunk_bwd_dh_kernel(
     and after the first chunk dS is d(initial_state)."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
-    bos, eos = seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
-    NT = tl.cdiv(eos - bos, BT)
-    if IS_VARLEN:
-        c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
-    else:
-        c0 = i_n.to(tl.int64) * tl.cdiv(T, BT)
+    bos, eos, NT, c0 = _walk(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN)
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V

@@ -39,6 +39,17 @@ def chunk_bounds(cu_seqlens, chunk_indices, i_c, i_b, T, BT: tl.constexpr, IS_VA
     return bos, eos, i_t
 
 
+@triton.jit
+def chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H: tl.constexpr, BT: tl.constexpr,
+               IS_VARLEN: tl.constexpr):
+    """(i_t, m_t, o_row) of the chunk program (i_c, i_bh): the chunk's index in its sequence,
+    which of its BT rows hold tokens, and those rows' offsets in [B*T*H] (int64), so that
+    token row t of head i_h starts at ``x + o_row[t] * D`` in a [B, T, H, D] tensor."""
+    bos, eos, i_t = chunk_bounds(cu_seqlens, chunk_indices, i_c, i_bh // H, T, BT, IS_VARLEN)
+    o_t = i_t * BT + tl.arange(0, BT)
+    return i_t, o_t < eos - bos, (bos + o_t) * H + i_bh % H
+
+
 def chunk_layout(B: int, T: int, cu_seqlens: torch.Tensor | None, BT: int):
     """How the chunk kernels see a batch.
 

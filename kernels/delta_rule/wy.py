@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common.utils import chunk_bounds, dot_precision, dot_split
+from kernels.common.utils import chunk_rows, dot_precision, dot_split
 
 __all__ = ["kkt_fwd", "recompute_w_u_fwd", "wy_bwd"]
 
@@ -32,11 +32,7 @@ def kkt_fwd_kernel(
 ):
     """A[i, j] = beta_i <k_i, k_j> for j < i within the chunk (zero elsewhere)."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    bos, eos, i_t = chunk_bounds(cu_seqlens, chunk_indices, i_c, i_b, T, BT, IS_VARLEN)
-    o_t = i_t * BT + tl.arange(0, BT)
-    m_t = o_t < eos - bos
-    o_row = (bos + o_t) * H + i_h  # token rows of this chunk and head
+    i_t, m_t, o_row = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BT, IS_VARLEN)
     b_beta = tl.load(beta + o_row, mask=m_t, other=0.).to(tl.float32)
     # [BT, BT]
     b_A = tl.zeros([BT, BT], dtype=tl.float32)
@@ -79,11 +75,7 @@ def recompute_w_u_fwd_kernel(
 ):
     """w = Ai diag(beta) K and u = Ai diag(beta) V for one chunk."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    bos, eos, i_t = chunk_bounds(cu_seqlens, chunk_indices, i_c, i_b, T, BT, IS_VARLEN)
-    o_t = i_t * BT + tl.arange(0, BT)
-    m_t = o_t < eos - bos
-    o_row = (bos + o_t) * H + i_h
+    i_t, m_t, o_row = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BT, IS_VARLEN)
     o_c = tl.arange(0, BT)
     # [BT, BT]
     b_Ai = tl.load(Ai + o_row[:, None] * BT + o_c[None, :], mask=m_t[:, None], other=0.)
@@ -135,11 +127,7 @@ def wy_bwd_kernel(
     dk_in holds the other paths' share of dk (float32); dk, dv, dbeta are written final.
     """
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
-    i_b, i_h = i_bh // H, i_bh % H
-    bos, eos, i_t = chunk_bounds(cu_seqlens, chunk_indices, i_c, i_b, T, BT, IS_VARLEN)
-    o_t = i_t * BT + tl.arange(0, BT)
-    m_t = o_t < eos - bos
-    o_row = (bos + o_t) * H + i_h
+    i_t, m_t, o_row = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BT, IS_VARLEN)
     o_c = tl.arange(0, BT)
     DT = k.dtype.element_ty
     # [BT, BT]
