@@ -93,3 +93,38 @@ def test_rejects_head_dims_over_256():
     q, k, v, beta = inputs(1, 4, 1, 300, 8)
     with pytest.raises(ValueError, match="K and V must be <= 256, got K=300"):
         chunk_delta_rule(q, k, v, beta)
+
+
+@pytest.mark.parametrize("B, T, H, K, V, cu", [
+    (1, 70, 2, 20, 12, None), (2, 64, 1, 32, 48, None), (1, 100, 2, 16, 16, [0, 0, 1, 64, 64, 100])])
+def test_fused_wy_forward_equals_the_three_stages(B, T, H, K, V, cu):
+    # wy_fwd (A and its inverse in registers) against kkt_fwd -> solve_tril -> recompute_w_u_fwd:
+    # the same float32 algorithm (same block substitution), so they agree to rounding (~1e-7),
+    # including the ragged last chunk and varlen with empty sequences.
+    from kernels.common.solve_tril import solve_tril
+    from kernels.common.utils import chunk_layout
+    from kernels.delta_rule.wy import kkt_fwd, recompute_w_u_fwd, wy_fwd
+
+    cu = None if cu is None else torch.tensor(cu)
+    _, k, v, beta = inputs(B, T, H, K, V)
+    _, NT, ci, _ = chunk_layout(B, T, cu, 64)
+    Ai, w, u = wy_fwd(k, v, beta, cu, ci, NT, 64)
+    Ai3 = solve_tril(kkt_fwd(k, beta, cu, ci, NT, 64), cu, ci)
+    w3, u3 = recompute_w_u_fwd(k, v, beta, Ai3, cu, ci, NT, 64)
+    for got, want in ((Ai, Ai3), (w, w3), (u, u3)):
+        assert rel_error(got, want) < 1e-6
+
+
+def test_fused_wy_forward_through_the_whole_kernel(monkeypatch):
+    # the switch that makes the fused WY stage the forward's: outputs and every gradient
+    # against the float64 recurrence, near-singular chunk included (bound as above).
+    import kernels.delta_rule.chunk as chunk_mod
+
+    monkeypatch.setattr(chunk_mod, "FUSED_WY_FWD", True)
+    K = 16
+    k = F.normalize(torch.randn(K) + 1e-3 * torch.randn(1, 70, 2, K), dim=-1)
+    q, v = torch.randn(1, 70, 2, K), torch.randn(1, 70, 2, 12)
+    beta = torch.full((1, 70, 2), 0.999)
+    got, ref = run_both(q, k, v, beta, torch.randn(1, 2, K, 12), scale=0.7)
+    for name, x, r in zip(["o", "ht", "dq", "dk", "dv", "dbeta", "dh0"], got, ref):
+        assert rel_error(x, r) < 1e-4, (name, rel_error(x, r))

@@ -23,9 +23,22 @@ import triton.language as tl
 
 from kernels.common.utils import chunk_bounds, chunk_layout
 
-__all__ = ["solve_tril"]
+__all__ = ["solve_tril", "inv_unit_lower"]
 
 BC = 16  # block size of the substitution
+
+
+@triton.jit
+def inv_unit_lower(b_a, BC: tl.constexpr):
+    """(I + A)^{-1} of one strictly lower-triangular [BC, BC] float32 block, row by row:
+    X[r] = e_r - A[r] X (row r of X only needs the rows above it)."""
+    o_r = tl.arange(0, BC)
+    b_x = tl.zeros([BC, BC], dtype=tl.float32)
+    for r in tl.static_range(BC):
+        b_ar = tl.sum(tl.where(o_r[:, None] == r, b_a, 0.), 0)  # [BC]: row r of A
+        b_row = tl.where(o_r == r, 1., 0.) - tl.sum(b_ar[:, None] * b_x, 0)
+        b_x = tl.where(o_r[:, None] == r, b_row[None, :], b_x)
+    return b_x
 
 
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
@@ -49,11 +62,7 @@ def solve_tril_kernel(
         # X_ii = (I + A_ii)^{-1}, row by row from the block held in registers
         b_aii = tl.load(A + base + rows[:, None] * H * BT + (i * BC + o_r)[None, :],
                         mask=m_rows[:, None] & (o_r[:, None] > o_r[None, :]), other=0.)
-        b_x = tl.zeros([BC, BC], dtype=tl.float32)
-        for r in tl.static_range(BC):
-            b_a = tl.sum(tl.where(o_r[:, None] == r, b_aii, 0.), 0)  # [BC]: row r of A_ii
-            b_row = tl.where(o_r == r, 1., 0.) - tl.sum(b_a[:, None] * b_x, 0)
-            b_x = tl.where(o_r[:, None] == r, b_row[None, :], b_x)
+        b_x = inv_unit_lower(b_aii, BC)
         p_ii = Ai + base + rows[:, None] * H * BT + (i * BC + o_r)[None, :]
         tl.store(p_ii, b_x, mask=m_rows[:, None])
         # X_ij = -X_ii sum_{j <= m < i} A_im X_mj

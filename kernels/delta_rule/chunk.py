@@ -9,10 +9,11 @@ Forward, a chain of shared stages:
     O  = (scale Q) h[n] + tril((scale Q) K^T) v'                 # common.chunk_output.chunk_fwd_o
 
 Backward, the same stages in reverse (each kernel's docstring has its equations): recompute
-w, u, h and v' from the saved Ai; dv' from the outputs inside each chunk; a reverse walk over
-chunks for d(state) and the full dv'; dq, dk, dw per chunk; then back through the WY transform
-for the rest of dk, and dv, dbeta. Saved for the backward: q, k, v, beta, Ai, initial_state
-(not the states h, which cost K*V/BT floats a token and are cheaper to recompute).
+w, u (wy.recompute_w_u_fwd), h and v' from the saved Ai; dv' from the outputs inside each
+chunk; a reverse walk over chunks for d(state) and the full dv'; dq, dk, dw per chunk; then
+back through the WY transform for the rest of dk, and dv, dbeta. Saved for the backward: q, k,
+v, beta, Ai, initial_state (not the states h, which cost K*V/BT floats a token and are cheaper
+to recompute).
 
 Per-channel beta ([B,T,H,V]) gives every value channel its own triangular system, V of them
 per chunk; that form is the recurrent kernel's, so this function hands it to
@@ -30,19 +31,27 @@ from kernels.common.l2norm import l2norm_bwd, l2norm_fwd
 from kernels.common.solve_tril import solve_tril
 from kernels.common.utils import chunk_layout
 from kernels.delta_rule.fused_recurrent import fused_recurrent_delta_rule
-from kernels.delta_rule.wy import kkt_fwd, recompute_w_u_fwd, wy_bwd
+from kernels.delta_rule.wy import kkt_fwd, recompute_w_u_fwd, wy_bwd, wy_fwd
 
 __all__ = ["chunk_delta_rule", "chunk_delta_rule_fwd", "chunk_delta_rule_bwd"]
 
 BT = 64  # chunk size: a tiling choice, never a change of result
+# wy.wy_fwd does the first three stages in one kernel with A in registers. It is exact on the
+# interpreter and on an H100 (bf16 errors at or below fla's) but its speed is not measured yet
+# (reports/NOTES.md), so the measured three-kernel path stays the default until it is.
+FUSED_WY_FWD = False
 
 
 def chunk_delta_rule_fwd(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens):
     """Returns (o, final_state or None, Ai): q, k already normalised if asked."""
     B, T, H, K = k.shape
     N, NT, chunk_indices, chunk_offsets = chunk_layout(B, T, cu_seqlens, BT)
-    Ai = solve_tril(kkt_fwd(k, beta, cu_seqlens, chunk_indices, NT, BT), cu_seqlens, chunk_indices)
-    w, u = recompute_w_u_fwd(k, v, beta, Ai, cu_seqlens, chunk_indices, NT, BT)
+    if FUSED_WY_FWD:
+        Ai, w, u = wy_fwd(k, v, beta, cu_seqlens, chunk_indices, NT, BT)
+    else:
+        A = kkt_fwd(k, beta, cu_seqlens, chunk_indices, NT, BT)
+        Ai = solve_tril(A, cu_seqlens, chunk_indices)
+        w, u = recompute_w_u_fwd(k, v, beta, Ai, cu_seqlens, chunk_indices, NT, BT)
     h, v_new, ht = chunk_fwd_h(k, w, u, initial_state, output_final_state, cu_seqlens,
                                chunk_offsets, N, NT, BT)
     o = chunk_fwd_o(q, k, v_new, h, scale, cu_seqlens, chunk_indices, NT, BT)

@@ -18,9 +18,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common.utils import chunk_rows, dot_precision, dot_split
+from kernels.common.solve_tril import inv_unit_lower
+from kernels.common.utils import chunk_bounds, chunk_rows, dot_precision, dot_split, tuning
 
-__all__ = ["kkt_fwd", "recompute_w_u_fwd", "wy_bwd"]
+__all__ = ["wy_fwd", "kkt_fwd", "recompute_w_u_fwd", "wy_bwd"]
 
 
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
@@ -81,6 +82,161 @@ def recompute_w_u_fwd_kernel(
     b_Ai = tl.load(Ai + o_row[:, None] * BT + o_c[None, :], mask=m_t[:, None], other=0.)
     b_beta = tl.load(beta + o_row, mask=m_t, other=0.).to(tl.float32)
     _store_w_u(k, v, w, u, b_Ai, b_beta, o_row, m_t, K, V, BK, BV, PRECISION)
+
+
+# The fused forward below tiles a chunk into 4 x 16 rows (blocks i, j); BT is fixed at 64.
+WY_BC = 16
+WY_CONFIGS = tuning([triton.Config({}, num_warps=w) for w in (2, 4, 1)])
+
+
+@triton.jit
+def _rows(bos, eos, i_t, i_h, i: tl.constexpr, H: tl.constexpr, BT: tl.constexpr,
+          BC: tl.constexpr):
+    """(m, o_row) of block row i (BC tokens) of chunk i_t: which rows hold tokens, and their
+    offsets in [B*T*H] rows."""
+    o_t = i_t * BT + i * BC + tl.arange(0, BC)
+    return o_t < eos - bos, (bos + o_t) * H + i_h
+
+
+@triton.jit
+def _store_ai_row(Ai, o_row, m, x0, x1, x2, x3, BT: tl.constexpr, BC: tl.constexpr):
+    """One block row of Ai [BT, BT] (row-major per token, like A)."""
+    o_c = tl.arange(0, BC)
+    p = Ai + o_row[:, None] * BT + o_c[None, :]
+    tl.store(p, x0, mask=m[:, None])
+    tl.store(p + BC, x1, mask=m[:, None])
+    tl.store(p + 2 * BC, x2, mask=m[:, None])
+    tl.store(p + 3 * BC, x3, mask=m[:, None])
+
+
+@triton.jit
+def _apply_wy(x, y, b0, b1, b2, b3, r0, r1, r2, r3, m0, m1, m2, m3,
+              x00, x10, x11, x20, x21, x22, x30, x31, x32, x33,
+              D: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr):
+    """y_i = sum_{j <= i} Ai_ij diag(beta_j) x_j for the four block rows (x: k or v, [.., D])."""
+    DT = x.dtype.element_ty
+    for i_d in range(tl.cdiv(D, BD)):
+        o_d = i_d * BD + tl.arange(0, BD)
+        m_d = o_d < D
+        # [BC, BD] each: diag(beta_j) x_j in the inputs' dtype
+        xb0 = (tl.load(x + r0[:, None] * D + o_d[None, :], mask=m0[:, None] & m_d[None, :], other=0.) * b0[:, None]).to(DT)
+        xb1 = (tl.load(x + r1[:, None] * D + o_d[None, :], mask=m1[:, None] & m_d[None, :], other=0.) * b1[:, None]).to(DT)
+        xb2 = (tl.load(x + r2[:, None] * D + o_d[None, :], mask=m2[:, None] & m_d[None, :], other=0.) * b2[:, None]).to(DT)
+        xb3 = (tl.load(x + r3[:, None] * D + o_d[None, :], mask=m3[:, None] & m_d[None, :], other=0.) * b3[:, None]).to(DT)
+        y0 = dot_split(x00, xb0, PRECISION)
+        y1 = dot_split(x10, xb0, PRECISION) + dot_split(x11, xb1, PRECISION)
+        y2 = dot_split(x20, xb0, PRECISION) + dot_split(x21, xb1, PRECISION) + dot_split(x22, xb2, PRECISION)
+        y3 = (dot_split(x30, xb0, PRECISION) + dot_split(x31, xb1, PRECISION)
+              + dot_split(x32, xb2, PRECISION) + dot_split(x33, xb3, PRECISION))
+        YT = y.dtype.element_ty
+        tl.store(y + r0[:, None] * D + o_d[None, :], y0.to(YT), mask=m0[:, None] & m_d[None, :])
+        tl.store(y + r1[:, None] * D + o_d[None, :], y1.to(YT), mask=m1[:, None] & m_d[None, :])
+        tl.store(y + r2[:, None] * D + o_d[None, :], y2.to(YT), mask=m2[:, None] & m_d[None, :])
+        tl.store(y + r3[:, None] * D + o_d[None, :], y3.to(YT), mask=m3[:, None] & m_d[None, :])
+
+
+@triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
+@triton.autotune(configs=WY_CONFIGS, key=['H', 'K', 'V'])
+@triton.jit(do_not_specialize=['T'])
+def wy_fwd_kernel(
+    k, v, beta, Ai, w, u, cu_seqlens, chunk_indices, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """The whole WY transform of one chunk with every block in registers (BT = 4 BC rows;
+    i, j index BC x BC blocks):
+
+        A_ij = diag(beta_i) K_i K_j^T              (j < i; strictly lower part for j == i)
+        X_ii = (I + A_ii)^{-1}                      # row by row, common.solve_tril
+        X_ij = -X_ii sum_{j <= m < i} A_im X_mj     # block substitution, as solve_tril
+        w_i  = sum_{j <= i} X_ij diag(beta_j) K_j,  u_i likewise with V
+
+    X = Ai = (I + A)^{-1} is stored in float32 for the backward. A never leaves registers."""
+    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_h = i_bh % H
+    bos, eos, i_t = chunk_bounds(cu_seqlens, chunk_indices, i_c, i_bh // H, T, BT, IS_VARLEN)
+    m0, r0 = _rows(bos, eos, i_t, i_h, 0, H, BT, BC)
+    m1, r1 = _rows(bos, eos, i_t, i_h, 1, H, BT, BC)
+    m2, r2 = _rows(bos, eos, i_t, i_h, 2, H, BT, BC)
+    m3, r3 = _rows(bos, eos, i_t, i_h, 3, H, BT, BC)
+    b0 = tl.load(beta + r0, mask=m0, other=0.).to(tl.float32)
+    b1 = tl.load(beta + r1, mask=m1, other=0.).to(tl.float32)
+    b2 = tl.load(beta + r2, mask=m2, other=0.).to(tl.float32)
+    b3 = tl.load(beta + r3, mask=m3, other=0.).to(tl.float32)
+
+    # K_i K_j^T, [BC, BC] each
+    a00 = tl.zeros([BC, BC], dtype=tl.float32)
+    a10 = tl.zeros([BC, BC], dtype=tl.float32)
+    a11 = tl.zeros([BC, BC], dtype=tl.float32)
+    a20 = tl.zeros([BC, BC], dtype=tl.float32)
+    a21 = tl.zeros([BC, BC], dtype=tl.float32)
+    a22 = tl.zeros([BC, BC], dtype=tl.float32)
+    a30 = tl.zeros([BC, BC], dtype=tl.float32)
+    a31 = tl.zeros([BC, BC], dtype=tl.float32)
+    a32 = tl.zeros([BC, BC], dtype=tl.float32)
+    a33 = tl.zeros([BC, BC], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        # [BC, BK]
+        k0 = tl.load(k + r0[:, None] * K + o_k[None, :], mask=m0[:, None] & m_k[None, :], other=0.)
+        k1 = tl.load(k + r1[:, None] * K + o_k[None, :], mask=m1[:, None] & m_k[None, :], other=0.)
+        k2 = tl.load(k + r2[:, None] * K + o_k[None, :], mask=m2[:, None] & m_k[None, :], other=0.)
+        k3 = tl.load(k + r3[:, None] * K + o_k[None, :], mask=m3[:, None] & m_k[None, :], other=0.)
+        kt0, kt1, kt2, kt3 = tl.trans(k0), tl.trans(k1), tl.trans(k2), tl.trans(k3)
+        a00 += tl.dot(k0, kt0, input_precision=PRECISION)
+        a10 += tl.dot(k1, kt0, input_precision=PRECISION)
+        a11 += tl.dot(k1, kt1, input_precision=PRECISION)
+        a20 += tl.dot(k2, kt0, input_precision=PRECISION)
+        a21 += tl.dot(k2, kt1, input_precision=PRECISION)
+        a22 += tl.dot(k2, kt2, input_precision=PRECISION)
+        a30 += tl.dot(k3, kt0, input_precision=PRECISION)
+        a31 += tl.dot(k3, kt1, input_precision=PRECISION)
+        a32 += tl.dot(k3, kt2, input_precision=PRECISION)
+        a33 += tl.dot(k3, kt3, input_precision=PRECISION)
+    o_r = tl.arange(0, BC)
+    strict = o_r[:, None] > o_r[None, :]
+    x00 = inv_unit_lower(tl.where(strict, a00 * b0[:, None], 0.), BC)
+    x11 = inv_unit_lower(tl.where(strict, a11 * b1[:, None], 0.), BC)
+    x22 = inv_unit_lower(tl.where(strict, a22 * b2[:, None], 0.), BC)
+    x33 = inv_unit_lower(tl.where(strict, a33 * b3[:, None], 0.), BC)
+    a10, a20, a21 = a10 * b1[:, None], a20 * b2[:, None], a21 * b2[:, None]
+    a30, a31, a32 = a30 * b3[:, None], a31 * b3[:, None], a32 * b3[:, None]
+    # X_ij = -X_ii sum_{j <= m < i} A_im X_mj, exact float32 products
+    x10 = -tl.dot(x11, tl.dot(a10, x00, input_precision="ieee"), input_precision="ieee")
+    x21 = -tl.dot(x22, tl.dot(a21, x11, input_precision="ieee"), input_precision="ieee")
+    x20 = -tl.dot(x22, tl.dot(a20, x00, input_precision="ieee")
+                  + tl.dot(a21, x10, input_precision="ieee"), input_precision="ieee")
+    x32 = -tl.dot(x33, tl.dot(a32, x22, input_precision="ieee"), input_precision="ieee")
+    x31 = -tl.dot(x33, tl.dot(a31, x11, input_precision="ieee")
+                  + tl.dot(a32, x21, input_precision="ieee"), input_precision="ieee")
+    x30 = -tl.dot(x33, tl.dot(a30, x00, input_precision="ieee") + tl.dot(a31, x10, input_precision="ieee")
+                  + tl.dot(a32, x20, input_precision="ieee"), input_precision="ieee")
+    zero = tl.zeros([BC, BC], dtype=tl.float32)
+    _store_ai_row(Ai, r0, m0, x00, zero, zero, zero, BT, BC)
+    _store_ai_row(Ai, r1, m1, x10, x11, zero, zero, BT, BC)
+    _store_ai_row(Ai, r2, m2, x20, x21, x22, zero, BT, BC)
+    _store_ai_row(Ai, r3, m3, x30, x31, x32, x33, BT, BC)
+    _apply_wy(k, w, b0, b1, b2, b3, r0, r1, r2, r3, m0, m1, m2, m3,
+              x00, x10, x11, x20, x21, x22, x30, x31, x32, x33, K, BK, PRECISION)
+    _apply_wy(v, u, b0, b1, b2, b3, r0, r1, r2, r3, m0, m1, m2, m3,
+              x00, x10, x11, x20, x21, x22, x30, x31, x32, x33, V, BV, PRECISION)
+
+
+def wy_fwd(k, v, beta, cu_seqlens, chunk_indices, NT: int, BT: int):
+    """(Ai [B,T,H,BT] float32, w [B,T,H,K], u [B,T,H,V]) in one pass over each chunk."""
+    if BT != 4 * WY_BC:
+        raise ValueError(f"wy_fwd: the chunk size must be {4 * WY_BC}, got {BT}")
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    Ai = torch.empty(B, T, H, BT, dtype=torch.float32, device=k.device)
+    w, u = torch.empty_like(k), torch.empty_like(v)
+    BK, BV = min(64, triton.next_power_of_2(K)), min(64, triton.next_power_of_2(V))
+    if NT:
+        wy_fwd_kernel[(NT, B * H)](k, v, beta, Ai, w, u, cu_seqlens, chunk_indices, T, H=H, K=K,
+                                   V=V, BT=BT, BC=WY_BC, BK=BK, BV=BV,
+                                   PRECISION=dot_precision(k.dtype))
+    return Ai, w, u
 
 
 def kkt_fwd(k: torch.Tensor, beta: torch.Tensor, cu_seqlens, chunk_indices, NT: int,
