@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common.utils import dot_precision, seq_bounds, tuning
+from kernels.common.utils import dot_precision, dot_split, seq_bounds, tuning
 
 __all__ = ["chunk_fwd_h", "chunk_bwd_dh"]
 
@@ -86,12 +86,12 @@ def chunk_fwd_h_kernel(
         b_w = tl.load(w + o_row[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
         b_u = tl.load(u + o_row[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
         # v' = u - w S
-        b_v = b_u.to(tl.float32) - tl.dot(b_w, b_h.to(b_w.dtype), input_precision=PRECISION)
+        b_v = b_u.to(tl.float32) - dot_split(b_w, b_h, PRECISION)
         tl.store(v_new + o_row[:, None] * V + o_v[None, :], b_v.to(v_new.dtype.element_ty),
                  mask=m_t[:, None] & m_v[None, :])
         # S = S + K^T v'     [BK, BT]
         b_kt = tl.trans(tl.load(k + o_row[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.))
-        b_h += tl.dot(b_kt, b_v.to(b_kt.dtype), input_precision=PRECISION)
+        b_h += dot_split(b_kt, b_v, PRECISION)  # v' unrounded: S is the final state
     if STORE_FINAL_STATE:
         tl.store(ht + i_nh.to(tl.int64) * K * V + o_h, b_h, mask=m_h)
 

@@ -93,12 +93,16 @@ def tuning(configs: list) -> list:
 
 @triton.jit
 def dot_split(b_a, b_b, PRECISION: tl.constexpr):
-    """b_a @ b_b for a float32 b_a and a b_b in the inputs' dtype, with b_a kept to ~16
-    mantissa bits when that dtype is half precision: b_a = hi + lo, both in b_b's dtype, and
-    two products (the float32 matrix here is an inverse whose rounding to bf16 alone would
-    cost ~4e-3 of every output). float32 b_b: one exact product."""
-    if b_b.dtype == tl.float32:
+    """b_a @ b_b where one operand is float32 and the other in the inputs' dtype, with the
+    float32 one kept to ~16 mantissa bits when that dtype is half precision: x = hi + lo, both
+    in the other operand's dtype, and two products. (An inverse, a state or a v' rounded to
+    bf16 alone costs ~2e-3 of every output it feeds.) Both float32: one exact product."""
+    if b_a.dtype == tl.float32 and b_b.dtype == tl.float32:
         return tl.dot(b_a, b_b, input_precision=PRECISION)
-    b_hi = b_a.to(b_b.dtype)
-    b_lo = (b_a - b_hi.to(tl.float32)).to(b_b.dtype)
-    return tl.dot(b_hi, b_b) + tl.dot(b_lo, b_b)
+    if b_a.dtype == tl.float32:
+        b_hi = b_a.to(b_b.dtype)
+        b_lo = (b_a - b_hi.to(tl.float32)).to(b_b.dtype)
+        return tl.dot(b_hi, b_b) + tl.dot(b_lo, b_b)
+    b_hi = b_b.to(b_a.dtype)
+    b_lo = (b_b - b_hi.to(tl.float32)).to(b_a.dtype)
+    return tl.dot(b_a, b_hi) + tl.dot(b_a, b_lo)
