@@ -39,7 +39,9 @@ def inputs(B, T, H, K, V, dtype=f32, unit=True):
     return [x.to(dtype) for x in (q, k, torch.randn(B, T, H, V), torch.rand(B, T, H))]
 
 
-@pytest.mark.parametrize("B, T, H, K, V", [(1, 1, 1, 16, 16), (2, 70, 2, 20, 12), (1, 130, 1, 32, 48)])
+# K = 130 and 256: the state walks hold S in three and four blocks of 64 rows
+@pytest.mark.parametrize("B, T, H, K, V", [(1, 1, 1, 16, 16), (2, 70, 2, 20, 12), (1, 130, 1, 32, 48),
+                                           (1, 70, 1, 130, 12), (1, 40, 1, 256, 8)])
 @pytest.mark.parametrize("with_h0", [False, True])
 def test_matches_reference(B, T, H, K, V, with_h0):
     q, k, v, beta = inputs(B, T, H, K, V)

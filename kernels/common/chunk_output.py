@@ -14,12 +14,14 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common.utils import chunk_rows, dot_precision
+from kernels.common.utils import (CHUNK_CONFIGS, chunk_rows, dot_precision, load_cols, load_rows,
+                                   store_rows)
 
 __all__ = ["chunk_fwd_o", "chunk_bwd_dv_local", "chunk_bwd_dqk"]
 
 
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
+@triton.autotune(configs=CHUNK_CONFIGS, key=['H', 'K', 'V', 'BT', 'IS_VARLEN'])
 @triton.jit(do_not_specialize=['T'])
 def chunk_fwd_o_kernel(
     q, k, v, h, o, cu_seqlens, chunk_indices, scale, T,
@@ -27,8 +29,10 @@ def chunk_fwd_o_kernel(
     BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_t, m_t, o_row = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BT, IS_VARLEN)
+    i_t, m_t, row0 = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BT, IS_VARLEN)
     i_chunk = i_c.to(tl.int64) if IS_VARLEN else (i_bh // H).to(tl.int64) * tl.cdiv(T, BT) + i_t
+    p_h = h + (i_chunk * H + i_bh % H) * K * V
+    o_c = tl.arange(0, BT)
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
 
@@ -36,21 +40,18 @@ def chunk_fwd_o_kernel(
     b_A = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < K
         # [BT, BK], [BK, BT], [BK, BV]
-        b_q = tl.load(q + o_row[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
-        b_kt = tl.trans(tl.load(k + o_row[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.))
-        b_h = tl.load(h + (i_chunk * H + i_bh % H) * K * V + o_k[:, None] * V + o_v[None, :],
-                      mask=m_k[:, None] & m_v[None, :], other=0.)
+        b_q = load_rows(q + row0 * K, o_c, m_t, o_k, K, H)
+        b_kt = load_cols(k + row0 * K, o_c, m_t, o_k, K, H)
+        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=(o_k < K)[:, None] & m_v[None, :],
+                      other=0.)
         b_o += tl.dot(b_q, b_h, input_precision=PRECISION)
         b_A += tl.dot(b_q, b_kt, input_precision=PRECISION)
-    o_c = tl.arange(0, BT)
     b_A = tl.where(o_c[:, None] >= o_c[None, :], b_A, 0.)
     # [BT, BV]
-    b_v = tl.load(v + o_row[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
+    b_v = load_rows(v + row0 * V, o_c, m_t, o_v, V, H)
     b_o = (b_o + tl.dot(b_A.to(b_v.dtype), b_v, input_precision=PRECISION)) * scale
-    tl.store(o + o_row[:, None] * V + o_v[None, :], b_o.to(o.dtype.element_ty),
-             mask=m_t[:, None] & m_v[None, :])
+    store_rows(o + row0 * V, b_o, o_c, m_t, o_v, V, H)
 
 
 def chunk_fwd_o(q, k, v, h, scale: float, cu_seqlens, chunk_indices, NT: int, BT: int,
@@ -62,12 +63,12 @@ def chunk_fwd_o(q, k, v, h, scale: float, cu_seqlens, chunk_indices, NT: int, BT
     if NT:
         grid = (triton.cdiv(V, BV), NT, B * H)
         chunk_fwd_o_kernel[grid](q, k, v, h, o, cu_seqlens, chunk_indices, scale, T, H=H, K=K,
-                                 V=V, BT=BT, BK=BK, BV=BV, PRECISION=dot_precision(q.dtype),
-                                 num_warps=4)
+                                 V=V, BT=BT, BK=BK, BV=BV, PRECISION=dot_precision(q.dtype))
     return o
 
 
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
+@triton.autotune(configs=CHUNK_CONFIGS, key=['H', 'K', 'V', 'BT', 'IS_VARLEN'])
 @triton.jit(do_not_specialize=['T'])
 def chunk_bwd_dv_local_kernel(
     q, k, do, dv, cu_seqlens, chunk_indices, scale, T,
@@ -76,29 +77,28 @@ def chunk_bwd_dv_local_kernel(
 ):
     """The in-chunk part of dv': tril((scale Q) K^T)^T dO."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
-    i_t, m_t, o_row = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BT, IS_VARLEN)
+    i_t, m_t, row0 = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BT, IS_VARLEN)
+    o_c = tl.arange(0, BT)
     # [BT, BT]: row j (key), column i (query)
     b_At = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < K
-        b_k = tl.load(k + o_row[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
-        b_qt = tl.trans(tl.load(q + o_row[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.))
+        b_k = load_rows(k + row0 * K, o_c, m_t, o_k, K, H)
+        b_qt = load_cols(q + row0 * K, o_c, m_t, o_k, K, H)
         b_At += tl.dot(b_k, b_qt, input_precision=PRECISION)
-    o_c = tl.arange(0, BT)
     b_At = tl.where(o_c[:, None] <= o_c[None, :], b_At * scale, 0.)
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
-        m = m_t[:, None] & (o_v < V)[None, :]
-        b_do = tl.load(do + o_row[:, None] * V + o_v[None, :], mask=m, other=0.)
+        b_do = load_rows(do + row0 * V, o_c, m_t, o_v, V, H)
         b_dv = tl.dot(b_At.to(b_do.dtype), b_do, input_precision=PRECISION)
-        tl.store(dv + o_row[:, None] * V + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m)
+        store_rows(dv + row0 * V, b_dv, o_c, m_t, o_v, V, H)
 
 
 @triton.heuristics({
     'USE_W': lambda a: a['dw'] is not None,
     'IS_VARLEN': lambda a: a['cu_seqlens'] is not None,
 })
+@triton.autotune(configs=CHUNK_CONFIGS, key=['H', 'K', 'V', 'BT', 'USE_W', 'IS_VARLEN'])
 @triton.jit(do_not_specialize=['T'])
 def chunk_bwd_dqk_kernel(
     q, k, v, h, do, dh, dv, dq, dk, dw, cu_seqlens, chunk_indices, scale, T,
@@ -114,12 +114,12 @@ def chunk_bwd_dqk_kernel(
         dw    = -dv' h^T                                       # v' = u - w h (delta rule)
     """
     i_k, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_t, m_t, o_row = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BT, IS_VARLEN)
+    i_t, m_t, row0 = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BT, IS_VARLEN)
     i_chunk = i_c.to(tl.int64) if IS_VARLEN else (i_bh // H).to(tl.int64) * tl.cdiv(T, BT) + i_t
+    p_h = (i_chunk * H + i_bh % H) * K * V
+    o_c = tl.arange(0, BT)
     o_k = i_k * BK + tl.arange(0, BK)
     m_k = o_k < K
-    m_tk = m_t[:, None] & m_k[None, :]
-    p_h = (i_chunk * H + i_bh % H) * K * V
 
     b_dq = tl.zeros([BT, BK], dtype=tl.float32)
     b_dk = tl.zeros([BT, BK], dtype=tl.float32)
@@ -127,32 +127,29 @@ def chunk_bwd_dqk_kernel(
     b_ds = tl.zeros([BT, BT], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
-        m_v = o_v < V
-        m_tv = m_t[:, None] & m_v[None, :]
         # [BT, BV]
-        b_v = tl.load(v + o_row[:, None] * V + o_v[None, :], mask=m_tv, other=0.)
-        b_do = tl.load(do + o_row[:, None] * V + o_v[None, :], mask=m_tv, other=0.)
-        # [BV, BK]
-        m_kv = m_k[:, None] & m_v[None, :]
-        b_ht = tl.trans(tl.load(h + p_h + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.))
-        b_dht = tl.trans(tl.load(dh + p_h + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.))
+        b_v = load_rows(v + row0 * V, o_c, m_t, o_v, V, H)
+        b_do = load_rows(do + row0 * V, o_c, m_t, o_v, V, H)
+        # [BV, BK]: the states transposed, loaded as such
+        m_vk = (o_v < V)[:, None] & m_k[None, :]
+        b_ht = tl.load(h + p_h + o_v[:, None] + o_k[None, :] * V, mask=m_vk, other=0.)
+        b_dht = tl.load(dh + p_h + o_v[:, None] + o_k[None, :] * V, mask=m_vk, other=0.)
         b_dq += tl.dot(b_do, b_ht, input_precision=PRECISION)
         b_dk += tl.dot(b_v, b_dht, input_precision=PRECISION)
         b_ds += tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
         if USE_W:
-            b_dv = tl.load(dv + o_row[:, None] * V + o_v[None, :], mask=m_tv, other=0.)
+            b_dv = load_rows(dv + row0 * V, o_c, m_t, o_v, V, H)
             b_dw -= tl.dot(b_dv.to(b_ht.dtype), b_ht, input_precision=PRECISION)
-    o_c = tl.arange(0, BT)
     b_ds = tl.where(o_c[:, None] >= o_c[None, :], b_ds * scale, 0.)
     # [BT, BK]
-    b_q = tl.load(q + o_row[:, None] * K + o_k[None, :], mask=m_tk, other=0.)
-    b_k = tl.load(k + o_row[:, None] * K + o_k[None, :], mask=m_tk, other=0.)
+    b_q = load_rows(q + row0 * K, o_c, m_t, o_k, K, H)
+    b_k = load_rows(k + row0 * K, o_c, m_t, o_k, K, H)
     b_dq = b_dq * scale + tl.dot(b_ds.to(b_k.dtype), b_k, input_precision=PRECISION)
     b_dk += tl.dot(tl.trans(b_ds).to(b_q.dtype), b_q, input_precision=PRECISION)
-    tl.store(dq + o_row[:, None] * K + o_k[None, :], b_dq.to(dq.dtype.element_ty), mask=m_tk)
-    tl.store(dk + o_row[:, None] * K + o_k[None, :], b_dk.to(dk.dtype.element_ty), mask=m_tk)
+    store_rows(dq + row0 * K, b_dq, o_c, m_t, o_k, K, H)
+    store_rows(dk + row0 * K, b_dk, o_c, m_t, o_k, K, H)
     if USE_W:
-        tl.store(dw + o_row[:, None] * K + o_k[None, :], b_dw.to(dw.dtype.element_ty), mask=m_tk)
+        store_rows(dw + row0 * K, b_dw, o_c, m_t, o_k, K, H)
 
 
 def chunk_bwd_dv_local(q, k, do, scale: float, cu_seqlens, chunk_indices, NT: int, BT: int):
@@ -164,7 +161,7 @@ def chunk_bwd_dv_local(q, k, do, scale: float, cu_seqlens, chunk_indices, NT: in
     if NT:
         chunk_bwd_dv_local_kernel[(NT, B * H)](q, k, do, dv, cu_seqlens, chunk_indices, scale, T,
                                                H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
-                                               PRECISION=dot_precision(q.dtype), num_warps=4)
+                                               PRECISION=dot_precision(q.dtype))
     return dv
 
 
@@ -182,5 +179,5 @@ def chunk_bwd_dqk(q, k, v, h, do, dh, dv, scale: float, cu_seqlens, chunk_indice
         grid = (triton.cdiv(K, BK), NT, B * H)
         chunk_bwd_dqk_kernel[grid](q, k, v, h, do, dh, dv, dq, dk, dw, cu_seqlens, chunk_indices,
                                    scale, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
-                                   PRECISION=dot_precision(q.dtype), num_warps=4)
+                                   PRECISION=dot_precision(q.dtype))
     return dq, dk, dw

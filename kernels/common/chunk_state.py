@@ -1,8 +1,10 @@
 """Chunked state passing: the state entering every chunk (forward) and its gradient (backward).
 
 One program per (value tile, sequence, head) walks the chunks of its sequence in order with
-the state S [BK, BV] in float32 registers. For the delta rule (OPERATORS.md section 1), with
-the WY transform's w, u of each chunk (kernels/delta_rule/wy.py):
+the state S [K, BV] in float32 registers, as up to four [BK, BV] blocks of K rows (BK <= 64;
+K <= 256): blocks keep each product's operands small, so nothing spills to local memory
+(ptxas, K = V = 128, BV = 32: no stack, where one [128, 32] block had 360 bytes). For the delta
+rule (OPERATORS.md section 1), with the WY transform's w, u of each chunk (delta_rule/wy.py):
 
     h[n]  = S                       # the state entering chunk n (stored for the output stage)
     v'    = u - w S                 # the chunk's v'_t, stacked            [BT, BV]
@@ -17,11 +19,12 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common.utils import dot_precision, dot_split, seq_bounds, tuning
+from kernels.common.utils import (dot_precision, dot_split, load_cols, load_rows, seq_bounds,
+                                   store_rows, tuning)
 
 __all__ = ["chunk_fwd_h", "chunk_bwd_dh"]
 
-MAX_STATE_TILE = 8192  # floats of state per program (BK * BV), 64 registers a thread at 4 warps
+MAX_STATE_TILE = 8192  # floats of state per program (K * BV), 64 registers a thread at 4 warps
 
 # The walk over chunks is sequential, so the grid is only (V / BV) x N x H programs: BV = 32
 # doubles them (more SMs busy), BV = 64 halves the re-reads of k and w. Measured per shape.
@@ -33,8 +36,8 @@ STATE_CONFIGS = tuning([
 
 def _fits(configs, named_args, **kwargs):
     """Drop tiles whose float32 state would not fit in registers."""
-    BK = triton.next_power_of_2(named_args['K'] if 'K' in named_args else kwargs['K'])
-    fit = [c for c in configs if BK * c.kwargs['BV'] <= MAX_STATE_TILE]
+    K = named_args['K'] if 'K' in named_args else kwargs['K']
+    fit = [c for c in configs if triton.cdiv(K, 64) * 64 * c.kwargs['BV'] <= MAX_STATE_TILE]
     return fit or [min(configs, key=lambda c: c.kwargs['BV'])]
 
 
@@ -48,6 +51,16 @@ def _walk(cu_seqlens, chunk_offsets, i_n, T, BT: tl.constexpr, IS_VARLEN: tl.con
     else:
         c0 = i_n.to(tl.int64) * tl.cdiv(T, BT)
     return bos, eos, tl.cdiv(eos - bos, BT), c0
+
+
+@triton.jit
+def _state_io(p, b_s, o_k, o_v, V: tl.constexpr, K: tl.constexpr, m_v, LOAD: tl.constexpr):
+    """Store block b_s (rows o_k of a [K, V] state at p), or add the stored one to it."""
+    m = (o_k < K)[:, None] & m_v[None, :]
+    if LOAD:
+        return b_s + tl.load(p + o_k[:, None] * V + o_v[None, :], mask=m, other=0.).to(tl.float32)
+    tl.store(p + o_k[:, None] * V + o_v[None, :], b_s.to(p.dtype.element_ty), mask=m)
+    return b_s
 
 
 @triton.heuristics({
@@ -67,33 +80,68 @@ def chunk_fwd_h_kernel(
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos, NT, c0 = _walk(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN)
-    o_k = tl.arange(0, BK)
+    o_c = tl.arange(0, BT)
+    o_k1 = tl.arange(0, BK)
+    o_k2, o_k3, o_k4 = o_k1 + BK, o_k1 + 2 * BK, o_k1 + 3 * BK
     o_v = i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < K, o_v < V
-    m_h = m_k[:, None] & m_v[None, :]
-    o_h = o_k[:, None] * V + o_v[None, :]
+    m_v = o_v < V
 
-    # S [BK, BV]
-    b_h = tl.zeros([BK, BV], dtype=tl.float32)
+    # S [K, BV] as blocks of BK rows (the later ones only when K needs them)
+    b_h1 = tl.zeros([BK, BV], dtype=tl.float32)
+    if K > BK:
+        b_h2 = tl.zeros([BK, BV], dtype=tl.float32)
+    if K > 2 * BK:
+        b_h3 = tl.zeros([BK, BV], dtype=tl.float32)
+    if K > 3 * BK:
+        b_h4 = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_INITIAL_STATE:
-        b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + o_h, mask=m_h, other=0.)
+        p_h0 = h0 + i_nh.to(tl.int64) * K * V
+        b_h1 = _state_io(p_h0, b_h1, o_k1, o_v, V, K, m_v, True)
+        if K > BK:
+            b_h2 = _state_io(p_h0, b_h2, o_k2, o_v, V, K, m_v, True)
+        if K > 2 * BK:
+            b_h3 = _state_io(p_h0, b_h3, o_k3, o_v, V, K, m_v, True)
+        if K > 3 * BK:
+            b_h4 = _state_io(p_h0, b_h4, o_k4, o_v, V, K, m_v, True)
     for i_t in range(NT):
-        tl.store(h + ((c0 + i_t) * H + i_h) * K * V + o_h, b_h.to(h.dtype.element_ty), mask=m_h)
-        o_t = i_t * BT + tl.arange(0, BT)
-        m_t = o_t < eos - bos
-        o_row = (bos + o_t) * H + i_h
-        # [BT, BK], [BT, BV]
-        b_w = tl.load(w + o_row[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.)
-        b_u = tl.load(u + o_row[:, None] * V + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.)
-        # v' = u - w S
-        b_v = b_u.to(tl.float32) - dot_split(b_w, b_h, PRECISION)
-        tl.store(v_new + o_row[:, None] * V + o_v[None, :], b_v.to(v_new.dtype.element_ty),
-                 mask=m_t[:, None] & m_v[None, :])
-        # S = S + K^T v'     [BK, BT]
-        b_kt = tl.trans(tl.load(k + o_row[:, None] * K + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.))
-        b_h += dot_split(b_kt, b_v, PRECISION)  # v' unrounded: S is the final state
+        p_h = h + ((c0 + i_t) * H + i_h) * K * V
+        _state_io(p_h, b_h1, o_k1, o_v, V, K, m_v, False)
+        if K > BK:
+            _state_io(p_h, b_h2, o_k2, o_v, V, K, m_v, False)
+        if K > 2 * BK:
+            _state_io(p_h, b_h3, o_k3, o_v, V, K, m_v, False)
+        if K > 3 * BK:
+            _state_io(p_h, b_h4, o_k4, o_v, V, K, m_v, False)
+        m_t = i_t * BT + o_c < eos - bos
+        row0 = (bos + i_t * BT) * H + i_h  # the chunk's first row (int64); offsets within stay int32
+        p_k, p_w = k + row0 * K, w + row0 * K
+        # v' = u - w S     [BT, BV]
+        b_v = load_rows(u + row0 * V, o_c, m_t, o_v, V, H).to(tl.float32)
+        b_v -= dot_split(load_rows(p_w, o_c, m_t, o_k1, K, H), b_h1, PRECISION)
+        if K > BK:
+            b_v -= dot_split(load_rows(p_w, o_c, m_t, o_k2, K, H), b_h2, PRECISION)
+        if K > 2 * BK:
+            b_v -= dot_split(load_rows(p_w, o_c, m_t, o_k3, K, H), b_h3, PRECISION)
+        if K > 3 * BK:
+            b_v -= dot_split(load_rows(p_w, o_c, m_t, o_k4, K, H), b_h4, PRECISION)
+        store_rows(v_new + row0 * V, b_v, o_c, m_t, o_v, V, H)
+        # S = S + K^T v'   (v' unrounded: S ends as the final state)
+        b_h1 += dot_split(load_cols(p_k, o_c, m_t, o_k1, K, H), b_v, PRECISION)
+        if K > BK:
+            b_h2 += dot_split(load_cols(p_k, o_c, m_t, o_k2, K, H), b_v, PRECISION)
+        if K > 2 * BK:
+            b_h3 += dot_split(load_cols(p_k, o_c, m_t, o_k3, K, H), b_v, PRECISION)
+        if K > 3 * BK:
+            b_h4 += dot_split(load_cols(p_k, o_c, m_t, o_k4, K, H), b_v, PRECISION)
     if STORE_FINAL_STATE:
-        tl.store(ht + i_nh.to(tl.int64) * K * V + o_h, b_h, mask=m_h)
+        p_ht = ht + i_nh.to(tl.int64) * K * V
+        _state_io(p_ht, b_h1, o_k1, o_v, V, K, m_v, False)
+        if K > BK:
+            _state_io(p_ht, b_h2, o_k2, o_v, V, K, m_v, False)
+        if K > 2 * BK:
+            _state_io(p_ht, b_h3, o_k3, o_v, V, K, m_v, False)
+        if K > 3 * BK:
+            _state_io(p_ht, b_h4, o_k4, o_v, V, K, m_v, False)
 
 
 def chunk_fwd_h(k, w, u, initial_state, output_final_state: bool, cu_seqlens, chunk_offsets,
@@ -104,7 +152,7 @@ def chunk_fwd_h(k, w, u, initial_state, output_final_state: bool, cu_seqlens, ch
     """
     B, T, H, K = k.shape
     V = u.shape[-1]
-    BK = triton.next_power_of_2(K)
+    BK = min(64, triton.next_power_of_2(K))
     h = k.new_empty(B if cu_seqlens is None else 1, NT, H, K, V)
     v_new = torch.empty_like(u)
     ht = k.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
@@ -112,6 +160,16 @@ def chunk_fwd_h(k, w, u, initial_state, output_final_state: bool, cu_seqlens, ch
     chunk_fwd_h_kernel[grid](k, w, u, v_new, h, initial_state, ht, cu_seqlens, chunk_offsets, T,
                              H=H, K=K, V=V, BT=BT, BK=BK, PRECISION=dot_precision(k.dtype))
     return h, v_new, ht
+
+
+@triton.jit
+def _dh_update(b_dh, p_q, p_w, o_c, m_t, o_k, b_do, b_dv, scale, K: tl.constexpr, H: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """One block of rows o_k of dS + (scale Q)^T dO - w^T dv'."""
+    b_qt = load_cols(p_q, o_c, m_t, o_k, K, H)
+    b_wt = load_cols(p_w, o_c, m_t, o_k, K, H)
+    b_dh += tl.dot(b_qt, b_do, input_precision=PRECISION) * scale
+    return b_dh - tl.dot(b_wt, b_dv.to(b_wt.dtype), input_precision=PRECISION)
 
 
 @triton.heuristics({
@@ -135,40 +193,78 @@ def chunk_bwd_dh_kernel(
         dv'   = dv_local + K dS                      # v' feeds the outputs and S_{n+1}
         dS    = dS + (scale Q)^T dO - w^T dv'        # d(state entering chunk n)
 
-    and after the first chunk dS is d(initial_state)."""
+    and after the first chunk dS is d(initial_state). Blocks of BK rows as in the forward."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos, NT, c0 = _walk(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN)
-    o_k = tl.arange(0, BK)
+    o_c = tl.arange(0, BT)
+    o_k1 = tl.arange(0, BK)
+    o_k2, o_k3, o_k4 = o_k1 + BK, o_k1 + 2 * BK, o_k1 + 3 * BK
     o_v = i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < K, o_v < V
-    m_h = m_k[:, None] & m_v[None, :]
-    o_h = o_k[:, None] * V + o_v[None, :]
+    m_v = o_v < V
 
-    # dS [BK, BV]
-    b_dh = tl.zeros([BK, BV], dtype=tl.float32)
+    # dS [K, BV] as blocks of BK rows
+    b_dh1 = tl.zeros([BK, BV], dtype=tl.float32)
+    if K > BK:
+        b_dh2 = tl.zeros([BK, BV], dtype=tl.float32)
+    if K > 2 * BK:
+        b_dh3 = tl.zeros([BK, BV], dtype=tl.float32)
+    if K > 3 * BK:
+        b_dh4 = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_FINAL_STATE_GRADIENT:
-        b_dh += tl.load(dht + i_nh.to(tl.int64) * K * V + o_h, mask=m_h, other=0.)
+        p_dht = dht + i_nh.to(tl.int64) * K * V
+        b_dh1 = _state_io(p_dht, b_dh1, o_k1, o_v, V, K, m_v, True)
+        if K > BK:
+            b_dh2 = _state_io(p_dht, b_dh2, o_k2, o_v, V, K, m_v, True)
+        if K > 2 * BK:
+            b_dh3 = _state_io(p_dht, b_dh3, o_k3, o_v, V, K, m_v, True)
+        if K > 3 * BK:
+            b_dh4 = _state_io(p_dht, b_dh4, o_k4, o_v, V, K, m_v, True)
     for i_r in range(NT):
         i_t = NT - 1 - i_r
-        tl.store(dh + ((c0 + i_t) * H + i_h) * K * V + o_h, b_dh.to(dh.dtype.element_ty), mask=m_h)
-        o_t = i_t * BT + tl.arange(0, BT)
-        m_t = o_t < eos - bos
-        o_row = (bos + o_t) * H + i_h
-        m_tk, m_tv = m_t[:, None] & m_k[None, :], m_t[:, None] & m_v[None, :]
-        # [BT, BK]
-        b_k = tl.load(k + o_row[:, None] * K + o_k[None, :], mask=m_tk, other=0.)
-        b_dv = tl.load(dv_local + o_row[:, None] * V + o_v[None, :], mask=m_tv, other=0.).to(tl.float32)
-        b_dv += tl.dot(b_k, b_dh.to(b_k.dtype), input_precision=PRECISION)
-        tl.store(dv + o_row[:, None] * V + o_v[None, :], b_dv.to(dv.dtype.element_ty), mask=m_tv)
-        # [BK, BT]
-        b_qt = tl.trans(tl.load(q + o_row[:, None] * K + o_k[None, :], mask=m_tk, other=0.))
-        b_wt = tl.trans(tl.load(w + o_row[:, None] * K + o_k[None, :], mask=m_tk, other=0.))
-        b_do = tl.load(do + o_row[:, None] * V + o_v[None, :], mask=m_tv, other=0.)
-        b_dh += tl.dot(b_qt, b_do, input_precision=PRECISION) * scale
-        b_dh -= tl.dot(b_wt, b_dv.to(b_wt.dtype), input_precision=PRECISION)
+        p_dh = dh + ((c0 + i_t) * H + i_h) * K * V
+        _state_io(p_dh, b_dh1, o_k1, o_v, V, K, m_v, False)
+        if K > BK:
+            _state_io(p_dh, b_dh2, o_k2, o_v, V, K, m_v, False)
+        if K > 2 * BK:
+            _state_io(p_dh, b_dh3, o_k3, o_v, V, K, m_v, False)
+        if K > 3 * BK:
+            _state_io(p_dh, b_dh4, o_k4, o_v, V, K, m_v, False)
+        m_t = i_t * BT + o_c < eos - bos
+        row0 = (bos + i_t * BT) * H + i_h  # the chunk's first row (int64); offsets within stay int32
+        p_q, p_k, p_w = q + row0 * K, k + row0 * K, w + row0 * K
+        # dv' = dv_local + K dS     [BT, BV]
+        b_dv = load_rows(dv_local + row0 * V, o_c, m_t, o_v, V, H).to(tl.float32)
+        b_k = load_rows(p_k, o_c, m_t, o_k1, K, H)
+        b_dv += tl.dot(b_k, b_dh1.to(b_k.dtype), input_precision=PRECISION)
+        if K > BK:
+            b_k = load_rows(p_k, o_c, m_t, o_k2, K, H)
+            b_dv += tl.dot(b_k, b_dh2.to(b_k.dtype), input_precision=PRECISION)
+        if K > 2 * BK:
+            b_k = load_rows(p_k, o_c, m_t, o_k3, K, H)
+            b_dv += tl.dot(b_k, b_dh3.to(b_k.dtype), input_precision=PRECISION)
+        if K > 3 * BK:
+            b_k = load_rows(p_k, o_c, m_t, o_k4, K, H)
+            b_dv += tl.dot(b_k, b_dh4.to(b_k.dtype), input_precision=PRECISION)
+        store_rows(dv + row0 * V, b_dv, o_c, m_t, o_v, V, H)
+        # dS = dS + (scale Q)^T dO - w^T dv'
+        b_do = load_rows(do + row0 * V, o_c, m_t, o_v, V, H)
+        b_dh1 = _dh_update(b_dh1, p_q, p_w, o_c, m_t, o_k1, b_do, b_dv, scale, K, H, PRECISION)
+        if K > BK:
+            b_dh2 = _dh_update(b_dh2, p_q, p_w, o_c, m_t, o_k2, b_do, b_dv, scale, K, H, PRECISION)
+        if K > 2 * BK:
+            b_dh3 = _dh_update(b_dh3, p_q, p_w, o_c, m_t, o_k3, b_do, b_dv, scale, K, H, PRECISION)
+        if K > 3 * BK:
+            b_dh4 = _dh_update(b_dh4, p_q, p_w, o_c, m_t, o_k4, b_do, b_dv, scale, K, H, PRECISION)
     if STORE_INITIAL_STATE_GRADIENT:
-        tl.store(dh0 + i_nh.to(tl.int64) * K * V + o_h, b_dh, mask=m_h)
+        p_dh0 = dh0 + i_nh.to(tl.int64) * K * V
+        _state_io(p_dh0, b_dh1, o_k1, o_v, V, K, m_v, False)
+        if K > BK:
+            _state_io(p_dh0, b_dh2, o_k2, o_v, V, K, m_v, False)
+        if K > 2 * BK:
+            _state_io(p_dh0, b_dh3, o_k3, o_v, V, K, m_v, False)
+        if K > 3 * BK:
+            _state_io(p_dh0, b_dh4, o_k4, o_v, V, K, m_v, False)
 
 
 def chunk_bwd_dh(q, k, w, do, dv_local, dht, scale: float, need_dh0: bool, cu_seqlens,
@@ -177,7 +273,7 @@ def chunk_bwd_dh(q, k, w, do, dv_local, dht, scale: float, need_dh0: bool, cu_se
     d(initial_state) float32 or None)."""
     B, T, H, K = k.shape
     V = do.shape[-1]
-    BK = triton.next_power_of_2(K)
+    BK = min(64, triton.next_power_of_2(K))
     dh = k.new_empty(B if cu_seqlens is None else 1, NT, H, K, V)
     dv = torch.empty_like(dv_local)
     dh0 = k.new_empty(N, H, K, V, dtype=torch.float32) if need_dh0 else None

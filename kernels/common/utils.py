@@ -42,12 +42,36 @@ def chunk_bounds(cu_seqlens, chunk_indices, i_c, i_b, T, BT: tl.constexpr, IS_VA
 @triton.jit
 def chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H: tl.constexpr, BT: tl.constexpr,
                IS_VARLEN: tl.constexpr):
-    """(i_t, m_t, o_row) of the chunk program (i_c, i_bh): the chunk's index in its sequence,
-    which of its BT rows hold tokens, and those rows' offsets in [B*T*H] (int64), so that
-    token row t of head i_h starts at ``x + o_row[t] * D`` in a [B, T, H, D] tensor."""
+    """(i_t, m_t, row0) of the chunk program (i_c, i_bh): the chunk's index in its sequence,
+    which of its BT rows hold tokens, and the row (int64, of the [B*T*H] rows) of its first
+    token: token t of head i_h of a [B, T, H, D] tensor x starts at x + row0 * D + t * H * D.
+    Kernels add the int64 row0 to the pointer once and keep the offsets within the chunk
+    int32 (load_rows): int64 offsets per element cost enough registers to spill."""
     bos, eos, i_t = chunk_bounds(cu_seqlens, chunk_indices, i_c, i_bh // H, T, BT, IS_VARLEN)
-    o_t = i_t * BT + tl.arange(0, BT)
-    return i_t, o_t < eos - bos, (bos + o_t) * H + i_bh % H
+    m_t = i_t * BT + tl.arange(0, BT) < eos - bos
+    return i_t, m_t, (bos + i_t * BT) * H + i_bh % H
+
+
+@triton.jit
+def load_rows(x, o_c, m_t, o_d, D: tl.constexpr, H: tl.constexpr):
+    """[BT, BD] tile of a [.., H, D] tensor: x points at the chunk's first row (row t at
+    x + t * H * D), rows o_c where m_t, columns o_d < D; zeros elsewhere."""
+    return tl.load(x + o_c[:, None] * (H * D) + o_d[None, :],
+                   mask=m_t[:, None] & (o_d < D)[None, :], other=0.)
+
+
+@triton.jit
+def load_cols(x, o_c, m_t, o_d, D: tl.constexpr, H: tl.constexpr):
+    """The same tile transposed, [BD, BT], loaded as such."""
+    return tl.load(x + o_c[None, :] * (H * D) + o_d[:, None],
+                   mask=(o_d < D)[:, None] & m_t[None, :], other=0.)
+
+
+@triton.jit
+def store_rows(x, b_x, o_c, m_t, o_d, D: tl.constexpr, H: tl.constexpr):
+    """Store a [BT, BD] tile where load_rows reads one, in x's dtype."""
+    tl.store(x + o_c[:, None] * (H * D) + o_d[None, :], b_x.to(x.dtype.element_ty),
+             mask=m_t[:, None] & (o_d < D)[None, :])
 
 
 def chunk_layout(B: int, T: int, cu_seqlens: torch.Tensor | None, BT: int):
@@ -89,6 +113,12 @@ def tuning(configs: list) -> list:
     """Autotune configs: all on a GPU, the first alone under the interpreter (where timing
     configs means nothing and every extra config costs seconds)."""
     return configs[:1] if interpreted() else configs
+
+
+# Warps of the per-chunk kernels (one program per chunk and tile). With 4 warps the ones holding
+# three [64, 64] float32 accumulators spill to local memory (ptxas: 768-992 bytes of stack for
+# dqk and wy_bwd at K = V = 128), with 8 they do not; which is faster is timed per shape.
+CHUNK_CONFIGS = tuning([triton.Config({}, num_warps=w) for w in (4, 8)])
 
 
 @triton.jit

@@ -19,7 +19,8 @@ import triton
 import triton.language as tl
 
 from kernels.common.solve_tril import inv_unit_lower
-from kernels.common.utils import chunk_bounds, chunk_rows, dot_precision, dot_split, tuning
+from kernels.common.utils import (CHUNK_CONFIGS, chunk_bounds, chunk_rows, dot_precision, dot_split,
+                                   load_rows, store_rows, tuning)
 
 __all__ = ["wy_fwd", "kkt_fwd", "recompute_w_u_fwd", "wy_bwd"]
 
@@ -33,41 +34,45 @@ def kkt_fwd_kernel(
 ):
     """A[i, j] = beta_i <k_i, k_j> for j < i within the chunk (zero elsewhere)."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
-    i_t, m_t, o_row = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BT, IS_VARLEN)
-    b_beta = tl.load(beta + o_row, mask=m_t, other=0.).to(tl.float32)
+    i_t, m_t, row0 = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BT, IS_VARLEN)
+    o_c = tl.arange(0, BT)
+    b_beta = tl.load(beta + row0 + o_c * H, mask=m_t, other=0.).to(tl.float32)
     # [BT, BT]
     b_A = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         # [BT, BK]
-        b_k = tl.load(k + o_row[:, None] * K + o_k[None, :],
+        b_k = tl.load(k + row0 * K + o_c[:, None] * (H * K) + o_k[None, :],
                       mask=m_t[:, None] & (o_k < K)[None, :], other=0.)
         b_A += tl.dot(b_k, tl.trans(b_k), input_precision=PRECISION)
     o_c = tl.arange(0, BT)
     b_A = tl.where(o_c[:, None] > o_c[None, :], b_A * b_beta[:, None], 0.)
-    tl.store(A + o_row[:, None] * BT + o_c[None, :], b_A, mask=m_t[:, None])
+    tl.store(A + row0 * BT + o_c[:, None] * (H * BT) + o_c[None, :], b_A, mask=m_t[:, None])
 
 
 @triton.jit
-def _store_w_u(k, v, w, u, b_Ai, b_beta, o_row, m_t, K: tl.constexpr, V: tl.constexpr,
-               BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
+def _store_w_u(k, v, w, u, b_Ai, b_beta, row0, m_t, H: tl.constexpr, K: tl.constexpr,
+               V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+               PRECISION: tl.constexpr):
     """w = Ai diag(beta) K and u = Ai diag(beta) V for one chunk, Ai [BT, BT] float32."""
     DT = k.dtype.element_ty
+    o_c = tl.arange(0, BT)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m = m_t[:, None] & (o_k < K)[None, :]
-        b_k = tl.load(k + o_row[:, None] * K + o_k[None, :], mask=m, other=0.)
+        b_k = tl.load(k + row0 * K + o_c[:, None] * (H * K) + o_k[None, :], mask=m, other=0.)
         b_w = dot_split(b_Ai, (b_k * b_beta[:, None]).to(DT), PRECISION)
-        tl.store(w + o_row[:, None] * K + o_k[None, :], b_w.to(w.dtype.element_ty), mask=m)
+        tl.store(w + row0 * K + o_c[:, None] * (H * K) + o_k[None, :], b_w.to(w.dtype.element_ty), mask=m)
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m = m_t[:, None] & (o_v < V)[None, :]
-        b_v = tl.load(v + o_row[:, None] * V + o_v[None, :], mask=m, other=0.)
+        b_v = tl.load(v + row0 * V + o_c[:, None] * (H * V) + o_v[None, :], mask=m, other=0.)
         b_u = dot_split(b_Ai, (b_v * b_beta[:, None]).to(DT), PRECISION)
-        tl.store(u + o_row[:, None] * V + o_v[None, :], b_u.to(u.dtype.element_ty), mask=m)
+        tl.store(u + row0 * V + o_c[:, None] * (H * V) + o_v[None, :], b_u.to(u.dtype.element_ty), mask=m)
 
 
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
+@triton.autotune(configs=CHUNK_CONFIGS, key=['H', 'K', 'V', 'BT', 'IS_VARLEN'])
 @triton.jit(do_not_specialize=['T'])
 def recompute_w_u_fwd_kernel(
     k, v, beta, Ai, w, u, cu_seqlens, chunk_indices, T,
@@ -76,33 +81,35 @@ def recompute_w_u_fwd_kernel(
 ):
     """w = Ai diag(beta) K and u = Ai diag(beta) V for one chunk."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
-    i_t, m_t, o_row = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BT, IS_VARLEN)
+    i_t, m_t, row0 = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BT, IS_VARLEN)
+    o_c = tl.arange(0, BT)
     o_c = tl.arange(0, BT)
     # [BT, BT]
-    b_Ai = tl.load(Ai + o_row[:, None] * BT + o_c[None, :], mask=m_t[:, None], other=0.)
-    b_beta = tl.load(beta + o_row, mask=m_t, other=0.).to(tl.float32)
-    _store_w_u(k, v, w, u, b_Ai, b_beta, o_row, m_t, K, V, BK, BV, PRECISION)
+    b_Ai = tl.load(Ai + row0 * BT + o_c[:, None] * (H * BT) + o_c[None, :], mask=m_t[:, None], other=0.)
+    b_beta = tl.load(beta + row0 + o_c * H, mask=m_t, other=0.).to(tl.float32)
+    _store_w_u(k, v, w, u, b_Ai, b_beta, row0, m_t, H, K, V, BT, BK, BV, PRECISION)
 
 
 # The fused forward below tiles a chunk into 4 x 16 rows (blocks i, j); BT is fixed at 64.
 WY_BC = 16
-WY_CONFIGS = tuning([triton.Config({}, num_warps=w) for w in (2, 4, 1)])
+WY_CONFIGS = tuning([triton.Config({}, num_warps=w) for w in (4, 2)])  # 1 warp spills
 
 
 @triton.jit
 def _rows(bos, eos, i_t, i_h, i: tl.constexpr, H: tl.constexpr, BT: tl.constexpr,
           BC: tl.constexpr):
-    """(m, o_row) of block row i (BC tokens) of chunk i_t: which rows hold tokens, and their
-    offsets in [B*T*H] rows."""
+    """(m, row) of block row i (BC tokens) of chunk i_t: which rows hold tokens, and the row
+    (int64, of the [B*T*H] rows) of its first token (offsets within stay int32)."""
     o_t = i_t * BT + i * BC + tl.arange(0, BC)
-    return o_t < eos - bos, (bos + o_t) * H + i_h
+    return o_t < eos - bos, (bos + i_t * BT + i * BC) * H + i_h
 
 
 @triton.jit
-def _store_ai_row(Ai, o_row, m, x0, x1, x2, x3, BT: tl.constexpr, BC: tl.constexpr):
+def _store_ai_row(Ai, row, m, x0, x1, x2, x3, H: tl.constexpr, BT: tl.constexpr,
+                  BC: tl.constexpr):
     """One block row of Ai [BT, BT] (row-major per token, like A)."""
-    o_c = tl.arange(0, BC)
-    p = Ai + o_row[:, None] * BT + o_c[None, :]
+    o_r = tl.arange(0, BC)
+    p = Ai + row * BT + o_r[:, None] * (H * BT) + o_r[None, :]
     tl.store(p, x0, mask=m[:, None])
     tl.store(p + BC, x1, mask=m[:, None])
     tl.store(p + 2 * BC, x2, mask=m[:, None])
@@ -112,27 +119,27 @@ def _store_ai_row(Ai, o_row, m, x0, x1, x2, x3, BT: tl.constexpr, BC: tl.constex
 @triton.jit
 def _apply_wy(x, y, b0, b1, b2, b3, r0, r1, r2, r3, m0, m1, m2, m3,
               x00, x10, x11, x20, x21, x22, x30, x31, x32, x33,
-              D: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr):
+              H: tl.constexpr, D: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr,
+              PRECISION: tl.constexpr):
     """y_i = sum_{j <= i} Ai_ij diag(beta_j) x_j for the four block rows (x: k or v, [.., D])."""
     DT = x.dtype.element_ty
+    o_r = tl.arange(0, BC)
     for i_d in range(tl.cdiv(D, BD)):
         o_d = i_d * BD + tl.arange(0, BD)
-        m_d = o_d < D
         # [BC, BD] each: diag(beta_j) x_j in the inputs' dtype
-        xb0 = (tl.load(x + r0[:, None] * D + o_d[None, :], mask=m0[:, None] & m_d[None, :], other=0.) * b0[:, None]).to(DT)
-        xb1 = (tl.load(x + r1[:, None] * D + o_d[None, :], mask=m1[:, None] & m_d[None, :], other=0.) * b1[:, None]).to(DT)
-        xb2 = (tl.load(x + r2[:, None] * D + o_d[None, :], mask=m2[:, None] & m_d[None, :], other=0.) * b2[:, None]).to(DT)
-        xb3 = (tl.load(x + r3[:, None] * D + o_d[None, :], mask=m3[:, None] & m_d[None, :], other=0.) * b3[:, None]).to(DT)
+        xb0 = (load_rows(x + r0 * D, o_r, m0, o_d, D, H) * b0[:, None]).to(DT)
+        xb1 = (load_rows(x + r1 * D, o_r, m1, o_d, D, H) * b1[:, None]).to(DT)
+        xb2 = (load_rows(x + r2 * D, o_r, m2, o_d, D, H) * b2[:, None]).to(DT)
+        xb3 = (load_rows(x + r3 * D, o_r, m3, o_d, D, H) * b3[:, None]).to(DT)
         y0 = dot_split(x00, xb0, PRECISION)
         y1 = dot_split(x10, xb0, PRECISION) + dot_split(x11, xb1, PRECISION)
         y2 = dot_split(x20, xb0, PRECISION) + dot_split(x21, xb1, PRECISION) + dot_split(x22, xb2, PRECISION)
         y3 = (dot_split(x30, xb0, PRECISION) + dot_split(x31, xb1, PRECISION)
               + dot_split(x32, xb2, PRECISION) + dot_split(x33, xb3, PRECISION))
-        YT = y.dtype.element_ty
-        tl.store(y + r0[:, None] * D + o_d[None, :], y0.to(YT), mask=m0[:, None] & m_d[None, :])
-        tl.store(y + r1[:, None] * D + o_d[None, :], y1.to(YT), mask=m1[:, None] & m_d[None, :])
-        tl.store(y + r2[:, None] * D + o_d[None, :], y2.to(YT), mask=m2[:, None] & m_d[None, :])
-        tl.store(y + r3[:, None] * D + o_d[None, :], y3.to(YT), mask=m3[:, None] & m_d[None, :])
+        store_rows(y + r0 * D, y0, o_r, m0, o_d, D, H)
+        store_rows(y + r1 * D, y1, o_r, m1, o_d, D, H)
+        store_rows(y + r2 * D, y2, o_r, m2, o_d, D, H)
+        store_rows(y + r3 * D, y3, o_r, m3, o_d, D, H)
 
 
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
@@ -159,10 +166,11 @@ def wy_fwd_kernel(
     m1, r1 = _rows(bos, eos, i_t, i_h, 1, H, BT, BC)
     m2, r2 = _rows(bos, eos, i_t, i_h, 2, H, BT, BC)
     m3, r3 = _rows(bos, eos, i_t, i_h, 3, H, BT, BC)
-    b0 = tl.load(beta + r0, mask=m0, other=0.).to(tl.float32)
-    b1 = tl.load(beta + r1, mask=m1, other=0.).to(tl.float32)
-    b2 = tl.load(beta + r2, mask=m2, other=0.).to(tl.float32)
-    b3 = tl.load(beta + r3, mask=m3, other=0.).to(tl.float32)
+    o_r = tl.arange(0, BC)
+    b0 = tl.load(beta + r0 + o_r * H, mask=m0, other=0.).to(tl.float32)
+    b1 = tl.load(beta + r1 + o_r * H, mask=m1, other=0.).to(tl.float32)
+    b2 = tl.load(beta + r2 + o_r * H, mask=m2, other=0.).to(tl.float32)
+    b3 = tl.load(beta + r3 + o_r * H, mask=m3, other=0.).to(tl.float32)
 
     # K_i K_j^T, [BC, BC] each
     a00 = tl.zeros([BC, BC], dtype=tl.float32)
@@ -179,10 +187,10 @@ def wy_fwd_kernel(
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
         # [BC, BK]
-        k0 = tl.load(k + r0[:, None] * K + o_k[None, :], mask=m0[:, None] & m_k[None, :], other=0.)
-        k1 = tl.load(k + r1[:, None] * K + o_k[None, :], mask=m1[:, None] & m_k[None, :], other=0.)
-        k2 = tl.load(k + r2[:, None] * K + o_k[None, :], mask=m2[:, None] & m_k[None, :], other=0.)
-        k3 = tl.load(k + r3[:, None] * K + o_k[None, :], mask=m3[:, None] & m_k[None, :], other=0.)
+        k0 = load_rows(k + r0 * K, o_r, m0, o_k, K, H)
+        k1 = load_rows(k + r1 * K, o_r, m1, o_k, K, H)
+        k2 = load_rows(k + r2 * K, o_r, m2, o_k, K, H)
+        k3 = load_rows(k + r3 * K, o_r, m3, o_k, K, H)
         kt0, kt1, kt2, kt3 = tl.trans(k0), tl.trans(k1), tl.trans(k2), tl.trans(k3)
         a00 += tl.dot(k0, kt0, input_precision=PRECISION)
         a10 += tl.dot(k1, kt0, input_precision=PRECISION)
@@ -194,7 +202,6 @@ def wy_fwd_kernel(
         a31 += tl.dot(k3, kt1, input_precision=PRECISION)
         a32 += tl.dot(k3, kt2, input_precision=PRECISION)
         a33 += tl.dot(k3, kt3, input_precision=PRECISION)
-    o_r = tl.arange(0, BC)
     strict = o_r[:, None] > o_r[None, :]
     x00 = inv_unit_lower(tl.where(strict, a00 * b0[:, None], 0.), BC)
     x11 = inv_unit_lower(tl.where(strict, a11 * b1[:, None], 0.), BC)
@@ -213,14 +220,14 @@ def wy_fwd_kernel(
     x30 = -tl.dot(x33, tl.dot(a30, x00, input_precision="ieee") + tl.dot(a31, x10, input_precision="ieee")
                   + tl.dot(a32, x20, input_precision="ieee"), input_precision="ieee")
     zero = tl.zeros([BC, BC], dtype=tl.float32)
-    _store_ai_row(Ai, r0, m0, x00, zero, zero, zero, BT, BC)
-    _store_ai_row(Ai, r1, m1, x10, x11, zero, zero, BT, BC)
-    _store_ai_row(Ai, r2, m2, x20, x21, x22, zero, BT, BC)
-    _store_ai_row(Ai, r3, m3, x30, x31, x32, x33, BT, BC)
+    _store_ai_row(Ai, r0, m0, x00, zero, zero, zero, H, BT, BC)
+    _store_ai_row(Ai, r1, m1, x10, x11, zero, zero, H, BT, BC)
+    _store_ai_row(Ai, r2, m2, x20, x21, x22, zero, H, BT, BC)
+    _store_ai_row(Ai, r3, m3, x30, x31, x32, x33, H, BT, BC)
     _apply_wy(k, w, b0, b1, b2, b3, r0, r1, r2, r3, m0, m1, m2, m3,
-              x00, x10, x11, x20, x21, x22, x30, x31, x32, x33, K, BK, PRECISION)
+              x00, x10, x11, x20, x21, x22, x30, x31, x32, x33, H, K, BC, BK, PRECISION)
     _apply_wy(v, u, b0, b1, b2, b3, r0, r1, r2, r3, m0, m1, m2, m3,
-              x00, x10, x11, x20, x21, x22, x30, x31, x32, x33, V, BV, PRECISION)
+              x00, x10, x11, x20, x21, x22, x30, x31, x32, x33, H, V, BC, BV, PRECISION)
 
 
 def wy_fwd(k, v, beta, cu_seqlens, chunk_indices, NT: int, BT: int):
@@ -247,7 +254,7 @@ def kkt_fwd(k: torch.Tensor, beta: torch.Tensor, cu_seqlens, chunk_indices, NT: 
     BK = min(64, triton.next_power_of_2(K))
     if NT:
         kkt_fwd_kernel[(NT, B * H)](k, beta, A, cu_seqlens, chunk_indices, T, H=H, K=K, BT=BT,
-                                    BK=BK, PRECISION=dot_precision(k.dtype), num_warps=4)
+                                    BK=BK, PRECISION=dot_precision(k.dtype))
     return A
 
 
@@ -260,11 +267,12 @@ def recompute_w_u_fwd(k, v, beta, Ai, cu_seqlens, chunk_indices, NT: int, BT: in
     if NT:
         recompute_w_u_fwd_kernel[(NT, B * H)](
             k, v, beta, Ai, w, u, cu_seqlens, chunk_indices, T, H=H, K=K, V=V, BT=BT, BK=BK,
-            BV=BV, PRECISION=dot_precision(k.dtype), num_warps=4)
+            BV=BV, PRECISION=dot_precision(k.dtype))
     return w, u
 
 
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
+@triton.autotune(configs=CHUNK_CONFIGS, key=['H', 'K', 'V', 'BT', 'IS_VARLEN'])
 @triton.jit(do_not_specialize=['T'])
 def wy_bwd_kernel(
     k, v, beta, Ai, dw, du, dk_in, dk, dv, dbeta, cu_seqlens, chunk_indices, T,
@@ -283,30 +291,31 @@ def wy_bwd_kernel(
     dk_in holds the other paths' share of dk (float32); dk, dv, dbeta are written final.
     """
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
-    i_t, m_t, o_row = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BT, IS_VARLEN)
+    i_t, m_t, row0 = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BT, IS_VARLEN)
+    o_c = tl.arange(0, BT)
     o_c = tl.arange(0, BT)
     DT = k.dtype.element_ty
     # [BT, BT]
-    b_Ai = tl.load(Ai + o_row[:, None] * BT + o_c[None, :], mask=m_t[:, None], other=0.)
+    b_Ai = tl.load(Ai + row0 * BT + o_c[:, None] * (H * BT) + o_c[None, :], mask=m_t[:, None], other=0.)
     b_Ait = tl.trans(b_Ai).to(DT)
-    b_beta = tl.load(beta + o_row, mask=m_t, other=0.).to(tl.float32)
+    b_beta = tl.load(beta + row0 + o_c * H, mask=m_t, other=0.).to(tl.float32)
     b_dAi = tl.zeros([BT, BT], dtype=tl.float32)
     b_kk = tl.zeros([BT, BT], dtype=tl.float32)
     b_dbeta = tl.zeros([BT], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m = m_t[:, None] & (o_v < V)[None, :]
-        b_v = tl.load(v + o_row[:, None] * V + o_v[None, :], mask=m, other=0.)
-        b_du = tl.load(du + o_row[:, None] * V + o_v[None, :], mask=m, other=0.).to(DT)
+        b_v = tl.load(v + row0 * V + o_c[:, None] * (H * V) + o_v[None, :], mask=m, other=0.)
+        b_du = tl.load(du + row0 * V + o_c[:, None] * (H * V) + o_v[None, :], mask=m, other=0.).to(DT)
         b_dAi += tl.dot(b_du, tl.trans((b_v * b_beta[:, None]).to(DT)), input_precision=PRECISION)
         b_dvb = tl.dot(b_Ait, b_du, input_precision=PRECISION)  # d(diag(beta) V)
         b_dbeta += tl.sum(b_dvb * b_v, 1)
-        tl.store(dv + o_row[:, None] * V + o_v[None, :], (b_dvb * b_beta[:, None]).to(dv.dtype.element_ty), mask=m)
+        store_rows(dv + row0 * V, b_dvb * b_beta[:, None], o_c, m_t, o_v, V, H)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m = m_t[:, None] & (o_k < K)[None, :]
-        b_k = tl.load(k + o_row[:, None] * K + o_k[None, :], mask=m, other=0.)
-        b_dw = tl.load(dw + o_row[:, None] * K + o_k[None, :], mask=m, other=0.).to(DT)
+        b_k = tl.load(k + row0 * K + o_c[:, None] * (H * K) + o_k[None, :], mask=m, other=0.)
+        b_dw = tl.load(dw + row0 * K + o_c[:, None] * (H * K) + o_k[None, :], mask=m, other=0.).to(DT)
         b_dAi += tl.dot(b_dw, tl.trans((b_k * b_beta[:, None]).to(DT)), input_precision=PRECISION)
         b_kk += tl.dot(b_k, tl.trans(b_k), input_precision=PRECISION)
     # dA = -(Ai^T dAi Ai^T), strictly below the diagonal
@@ -319,15 +328,15 @@ def wy_bwd_kernel(
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m = m_t[:, None] & (o_k < K)[None, :]
-        b_k = tl.load(k + o_row[:, None] * K + o_k[None, :], mask=m, other=0.)
-        b_dw = tl.load(dw + o_row[:, None] * K + o_k[None, :], mask=m, other=0.).to(DT)
+        b_k = tl.load(k + row0 * K + o_c[:, None] * (H * K) + o_k[None, :], mask=m, other=0.)
+        b_dw = tl.load(dw + row0 * K + o_c[:, None] * (H * K) + o_k[None, :], mask=m, other=0.).to(DT)
         b_dkb = tl.dot(b_Ait, b_dw, input_precision=PRECISION)  # d(diag(beta) K)
         b_dbeta += tl.sum(b_dkb * b_k, 1)
-        b_dk = tl.load(dk_in + o_row[:, None] * K + o_k[None, :], mask=m, other=0.)
+        b_dk = tl.load(dk_in + row0 * K + o_c[:, None] * (H * K) + o_k[None, :], mask=m, other=0.)
         b_dk += b_dkb * b_beta[:, None]
         b_dk += tl.dot(b_dAb, b_k, input_precision=PRECISION) + tl.dot(b_dAbt, b_k, input_precision=PRECISION)
-        tl.store(dk + o_row[:, None] * K + o_k[None, :], b_dk.to(dk.dtype.element_ty), mask=m)
-    tl.store(dbeta + o_row, b_dbeta.to(dbeta.dtype.element_ty), mask=m_t)
+        tl.store(dk + row0 * K + o_c[:, None] * (H * K) + o_k[None, :], b_dk.to(dk.dtype.element_ty), mask=m)
+    tl.store(dbeta + row0 + o_c * H, b_dbeta.to(dbeta.dtype.element_ty), mask=m_t)
 
 
 def wy_bwd(k, v, beta, Ai, dw, du, dk_in, cu_seqlens, chunk_indices, NT: int, BT: int,
@@ -342,5 +351,5 @@ def wy_bwd(k, v, beta, Ai, dw, du, dk_in, cu_seqlens, chunk_indices, NT: int, BT
     if NT:
         wy_bwd_kernel[(NT, B * H)](k, v, beta, Ai, dw, du, dk_in, dk, dv, dbeta, cu_seqlens,
                                    chunk_indices, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
-                                   PRECISION=dot_precision(k.dtype), num_warps=4)
+                                   PRECISION=dot_precision(k.dtype))
     return dk, dv, dbeta
