@@ -1,0 +1,134 @@
+"""GPU experiment: accuracy and speed of our delta rule kernels beside fla-core 0.6.0, in one call.
+
+    PYTHONPATH=/tmp/site:$PWD python3 reports/delta_rule/experiment.py WHAT IMPLS [T,...]
+
+WHAT: any of acc (bf16 errors vs the float64 recurrence, B=2 T=1000 H=4 D=64; ACC_DTYPES to
+add float32), bench (median ms and peak MB, B=2 H=16 D=128 bf16), prof (per-kernel time of
+fwd+bwd at the last T), cfg (autotune choices). IMPLS: chunk, chunk_fused (FUSED_WY_FWD on),
+fla_chunk, fused_recurrent, fla_fused_recurrent. Uses kernels/ and references/ only, so it
+runs even while the harness is being changed. Compiles are the cost on a cold machine: time
+few implementations and one shape per call."""
+import json, os, sys, time
+import torch, triton
+import torch.nn.functional as F
+from triton.testing import do_bench
+from kernels.delta_rule.chunk import chunk_delta_rule
+from kernels.delta_rule.fused_recurrent import fused_recurrent_delta_rule
+from references.delta_rule import naive_recurrent_delta_rule, chunk_delta_rule_ref
+import fla.ops.delta_rule as fdr
+
+OUT = os.environ.get("OUT", "/tmp")
+import kernels.delta_rule.chunk as chunk_module
+
+
+def chunk_fused(*args, **kwargs):
+    chunk_module.FUSED_WY_FWD = True
+    try:
+        return chunk_delta_rule(*args, **kwargs)
+    finally:
+        chunk_module.FUSED_WY_FWD = False
+
+
+IMPLS = {"chunk": chunk_delta_rule, "chunk_fused": chunk_fused, "fla_chunk": fdr.chunk_delta_rule,
+         "fused_recurrent": fused_recurrent_delta_rule, "fla_fused_recurrent": fdr.fused_recurrent_delta_rule}
+what = sys.argv[1].split(",")
+impls = sys.argv[2].split(",")
+Ts = [int(t) for t in sys.argv[3].split(",")] if len(sys.argv) > 3 else [2048, 8192, 32768]
+
+def inputs(B, T, H, D, seed=0, dev="cuda"):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    q = torch.randn(B, T, H, D, generator=g, dtype=torch.float64)
+    k = F.normalize(torch.randn(B, T, H, D, generator=g, dtype=torch.float64), dim=-1)
+    v = torch.randn(B, T, H, D, generator=g, dtype=torch.float64)
+    beta = torch.sigmoid(torch.randn(B, T, H, generator=g, dtype=torch.float64))
+    h0 = torch.randn(B, H, D, D, generator=g, dtype=torch.float64)
+    return [x.to(dev) for x in (q, k, v, beta, h0)]
+
+def rel(x, r):
+    x, r = x.double(), r.double()
+    return ((x - r).norm() / r.norm()).item()
+
+def grads(fn, xs, h0, dtype, do, dht):
+    xs = [x.to(dtype).detach().requires_grad_() for x in xs]
+    s0 = h0.to(torch.float32 if dtype != torch.float64 else dtype).detach().requires_grad_()
+    o, ht = fn(*xs, initial_state=s0, output_final_state=True)
+    ((o.double() * do).sum() + (ht.double() * dht).sum()).backward()
+    return [o, ht] + [x.grad for x in xs] + [s0.grad]
+
+if "acc" in what:
+    names = ["o", "ht", "dq", "dk", "dv", "dbeta", "dh0"]
+    for (B, T, H, D) in [(2, 1000, 4, 64)]:
+        q, k, v, beta, h0 = inputs(B, T, H, D)
+        g = torch.Generator(device="cpu").manual_seed(1)
+        do = torch.randn(B, T, H, D, generator=g, dtype=torch.float64).cuda()
+        dht = torch.randn(B, H, D, D, generator=g, dtype=torch.float64).cuda()
+        for dt in [getattr(torch, d) for d in os.environ.get("ACC_DTYPES", "bfloat16").split(",")]:
+            xs = [x.to(dt).double() for x in (q, k, v, beta)]  # the rounded inputs
+            ref = grads(naive_recurrent_delta_rule, xs, h0, torch.float64, do, dht)
+            for name in impls:
+                if dt == torch.float32 and name == "fla_chunk":
+                    continue
+                got = grads(IMPLS[name], xs, h0, dt, do, dht)
+                print(f"acc B={B} T={T} H={H} D={D} {str(dt)[6:]:9s} {name:20s} " +
+                      " ".join(f"{n}={rel(a, b):.2e}" for n, a, b in zip(names, got, ref)), flush=True)
+
+rows = []
+if "bench" in what:
+    B, H, D = 2, 16, 128
+    for T in Ts:
+        q, k, v, beta, _ = inputs(B, T, H, D)
+        xs = [x.to(torch.bfloat16) for x in (q, k, v, beta)]
+        for name in impls:
+            fn = IMPLS[name]
+            for mode in ("fwd", "fwdbwd"):
+                if "recurrent" in name and T > 8192 and mode == "fwdbwd":
+                    continue
+                ys = [x.detach().requires_grad_(mode != "fwd") for x in xs]
+                if mode == "fwd":
+                    def step():
+                        with torch.no_grad():
+                            return fn(*ys)
+                else:
+                    do = torch.randn_like(ys[2])
+                    def step():
+                        o = fn(*ys)[0]
+                        return torch.autograd.grad(o, ys, do)
+                step(); torch.cuda.synchronize()
+                base = torch.cuda.memory_allocated(); torch.cuda.reset_peak_memory_stats()
+                step(); torch.cuda.synchronize()
+                peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+                ms = do_bench(step, warmup=25, rep=100, quantiles=[0.5, 0.2, 0.8])
+                rows.append(dict(impl=name, T=T, mode=mode, ms=ms[0], p20=ms[1], p80=ms[2], peak_mb=peak))
+                print(f"bench T={T:6d} {mode:7s} {name:20s} {ms[0]:8.3f} ms [{ms[1]:.3f}, {ms[2]:.3f}] peak {peak:8.1f} MB", flush=True)
+                del step
+                torch.cuda.empty_cache()
+    json.dump(rows, open(f"{OUT}/bench.json", "w"))
+
+if "prof" in what:
+    from torch.profiler import profile, ProfilerActivity
+    B, H, D, T = 2, 16, 128, Ts[-1]
+    q, k, v, beta, _ = inputs(B, T, H, D)
+    xs = [x.to(torch.bfloat16).detach().requires_grad_() for x in (q, k, v, beta)]
+    do = torch.randn_like(xs[2])
+    for name in impls:
+        fn = IMPLS[name]
+        def step():
+            o = fn(*xs)[0]
+            return torch.autograd.grad(o, xs, do)
+        for _ in range(3): step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5): step()
+            torch.cuda.synchronize()
+        print(f"== prof {name} fwdbwd T={T}: per-call us")
+        for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:14]:
+            print(f"   {e.key[:60]:60s} {e.device_time_total / 5:9.1f}")
+
+if "cfg" in what:
+    import kernels.common.chunk_state as cs, kernels.common.chunk_output as co, kernels.delta_rule.wy as wy
+    for mod in (cs, co, wy):
+        for n in dir(mod):
+            obj = getattr(mod, n)
+            if hasattr(obj, "cache") and hasattr(obj, "configs"):
+                for key, cfg in obj.cache.items():
+                    print(f"cfg {n}: {cfg}")
