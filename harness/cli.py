@@ -43,6 +43,11 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
+from harness.cli_gate import gate_cmd  # noqa: E402  (the command lives in its own module)
+
+app.command("gate")(gate_cmd)
+
+
 @app.command("list")
 def list_cmd(device: str = typer.Option("auto", help=DEVICE_HELP)) -> None:
     """Every registered implementation: kind, devices, dtypes, and whether it can run here."""
@@ -97,11 +102,15 @@ def check(
         except KeyError as exc:
             _fail(exc.args[0])
         for i in chosen:
+            if not i.checkable:
+                _fail(f"{i.key} is a {i.kind} ({i.description}); it computes other math, so "
+                      f"there is nothing to check it against: time it with `harness bench`")
             why = i.why_unavailable(device)
             if why:
                 _fail(f"{i.key} is not available on {device}: {why}")
-    else:  # everything that runs here; each family then leaves out its own truth
-        chosen = [i for i in implementations(op) if i.why_unavailable(device) is None]
+    else:  # everything that runs here except baselines; each family then leaves out its truth
+        chosen = [i for i in implementations(op)
+                  if i.checkable and i.why_unavailable(device) is None]
     dtypes = _split(dtype) or (["float64", "float32"] + (["bfloat16"] if device == "cuda" else []))
     for d in dtypes:
         if d not in DTYPES:
@@ -170,58 +179,4 @@ def main() -> None:
     app()
 
 
-@app.command()
-def bench(
-    ops: list[str] = typer.Argument(..., help="operators, or 'all'"),
-    impl: list[str] = typer.Option([], "--impl", help="implementation(s); default: every available kernel and peer"),
-    seq_len: str = typer.Option("2048,8192", help="comma-separated T values"),
-    batch: int = typer.Option(2, help="B"),
-    heads: int = typer.Option(16, help="H"),
-    head_dim: int = typer.Option(128, help="K = V (D for TTT/Titans)"),
-    dtype: str = typer.Option("bfloat16", help="input dtype"),
-    mode: str = typer.Option("fwd,fwdbwd", help="fwd, bwd and/or fwdbwd"),
-    warmup: int = typer.Option(25, help="do_bench warm-up (ms)"),
-    rep: int = typer.Option(100, help="do_bench repetitions (ms)"),
-    out: Path = typer.Option(Path("out/bench"), help="directory for the CSV"),
-) -> None:
-    """Time implementations (median ms, do_bench) and their extra peak memory on the GPU."""
-    import pandas as pd
-    import torch
-
-    from harness.bench import bench_case, make_call, measure, with_T
-    from harness.check import DTYPES
-    from harness.operators import OPERATORS
-    from harness.registry import get, implementations
-
-    if not torch.cuda.is_available():
-        _fail("bench needs a CUDA device: timings through the CPU interpreter mean nothing")
-    if dtype not in DTYPES:
-        _fail(f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
-    names = list(OPERATORS) if ops == ["all"] else ops
-    rows = []
-    for op in names:
-        if op not in OPERATORS:
-            _fail(f"unknown operator {op!r}; known: {', '.join(OPERATORS)}")
-        chosen = [get(op, n) for n in _split(impl)] if impl else [
-            i for i in implementations(op) if i.kind != "reference" and i.why_unavailable("cuda") is None]
-        base = bench_case(op, batch, 1, heads, head_dim)
-        for T in (int(t) for t in seq_len.split(",")):
-            case = with_T(base, T)
-            for m in _split([mode]):
-                for i in chosen:
-                    if dtype not in i.dtypes or (m != "fwd" and not i.backward):
-                        continue
-                    row = dict(op=op, impl=i.name, kind=i.kind, dtype=dtype, mode=m, B=batch, T=T,
-                               H=heads, D=head_dim)
-                    try:
-                        row.update(measure(make_call(i, case, dtype, m), warmup, rep))
-                    except Exception as exc:  # one failing row must not end the sweep
-                        row["error"] = repr(exc)[:200]
-                    torch.cuda.empty_cache()
-                    rows.append(row)
-                    console.print(row)
-    df = pd.DataFrame(rows)
-    out.mkdir(parents=True, exist_ok=True)
-    df.to_csv(out / "bench.csv", index=False)
-    if "ms" in df:
-        console.print(df.pivot_table(index=["op", "mode", "T"], columns="impl", values="ms").round(3).to_string())
+from harness import cli_bench  # noqa: E402,F401  (registers `bench` and `report`)

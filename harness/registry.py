@@ -11,19 +11,30 @@ with no arguments) or a module (imported), which calls :func:`register`::
 
     [project.entry-points."linattn_harness.plugins"]
     mykernels = "mykernels.harness_plugin:register_all"
+
+Without installing anything, :func:`load_plugin` imports one such module by name or file path
+(``harness bench --plugin``, which also hands it to every worker process).
+
+Kinds: ``reference`` (ours, pure PyTorch), ``triton`` (our kernels), ``peer`` (another
+library computing the same operator) and ``baseline``: something users compare speed with
+that computes *different* math (softmax attention), so ``harness bench`` times it and
+``harness check`` leaves it out.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import importlib.util
+import sys
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from harness.operators import OPERATORS
 
 ENTRY_POINT_GROUP = "linattn_harness.plugins"
-KINDS = ("reference", "triton", "peer")
+KINDS = ("reference", "triton", "peer", "baseline")
 DTYPES = ("float64", "float32", "float16", "bfloat16")
 DEVICES = ("cpu", "cuda")
 INTERPRETER_MAX_T = 512
@@ -54,6 +65,11 @@ class Implementation:
     @property
     def key(self) -> str:
         return f"{self.op}/{self.name}"
+
+    @property
+    def checkable(self) -> bool:
+        """Whether it computes the operator's math (a baseline computes something else)."""
+        return self.kind != "baseline"
 
     def load(self) -> Callable[..., Any]:
         if self._fn is None:
@@ -143,6 +159,47 @@ def load_plugins() -> None:
                 obj()
         except Exception as exc:  # a broken plugin is reported, not fatal
             _PLUGIN_ERRORS[ep.name] = f"{ep.value}: {exc!r}"
+
+
+_LOADED_SPECS: dict[str, str] = {}
+
+
+def load_plugin(spec: str) -> None:
+    """Import one plugin module and call its ``register_all`` (or the named function).
+
+    ``spec`` is ``"package.module"``, ``"package.module:function"``, or a path to a ``.py``
+    file (optionally ``"path.py:function"``). Loading the same spec twice does nothing the
+    second time. Raises ValueError naming the spec when it cannot be imported or called.
+    """
+    load_plugins()
+    if ":" in spec and not spec.endswith(".py"):
+        target, attr = spec.rsplit(":", 1)
+    else:
+        target, attr = spec, ""
+    if target.endswith(".py"):
+        target = str(Path(target).resolve())
+    if target in _LOADED_SPECS:
+        return
+    try:
+        if target.endswith(".py"):
+            path = Path(target)
+            if not path.is_file():
+                raise FileNotFoundError(f"no such file: {path}")
+            name = f"_harness_plugin_{len(_LOADED_SPECS)}_{path.stem}"
+            module_spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[name] = module
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+        fn = getattr(module, attr or "register_all", None)
+        if attr and fn is None:
+            raise AttributeError(f"{target} has no function {attr!r}")
+        if callable(fn):
+            fn()
+    except Exception as exc:
+        raise ValueError(f"plugin {spec!r} failed to load: {exc!r}") from exc
+    _LOADED_SPECS[target] = spec
 
 
 def plugin_errors() -> dict[str, str]:

@@ -10,7 +10,10 @@ rule (OPERATORS.md section 1), with the WY transform's w, u of each chunk (delta
     v'    = u - w S                 # the chunk's v'_t, stacked            [BT, BV]
     S     = S + K^T v'              # the state leaving the chunk
 
-v' is stored (the output stage reads it). The final S is the final state.
+v' is stored (the output stage reads it). The final S is the final state. What decides its
+error in half precision is what enters v' and S rounded: u comes in float32 (rounded to bf16 it
+alone costs ~2e-3, one bf16 ulp), and S and v' enter their products as hi + lo halves
+(dot_split); w stays in the inputs' dtype (~1e-3). reports/NOTES.md has the emulation.
 """
 
 from __future__ import annotations
@@ -146,7 +149,8 @@ def chunk_fwd_h_kernel(
 
 def chunk_fwd_h(k, w, u, initial_state, output_final_state: bool, cu_seqlens, chunk_offsets,
                 N: int, NT: int, BT: int):
-    """Returns (h [B, NT, H, K, V] or [1, NT_all, H, K, V], v_new like u, final state or None).
+    """Returns (h [B, NT, H, K, V] or [1, NT_all, H, K, V], v_new [B, T, H, V] in w's dtype,
+    final state or None).
 
     h is kept in k's dtype (it feeds the output stage's matmuls); the final state in float32.
     """
@@ -154,7 +158,7 @@ def chunk_fwd_h(k, w, u, initial_state, output_final_state: bool, cu_seqlens, ch
     V = u.shape[-1]
     BK = min(64, triton.next_power_of_2(K))
     h = k.new_empty(B if cu_seqlens is None else 1, NT, H, K, V)
-    v_new = torch.empty_like(u)
+    v_new = torch.empty_like(u, dtype=w.dtype)  # u may be float32; v' is stored like w
     ht = k.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
     grid = lambda meta: (triton.cdiv(V, meta['BV']), N * H)  # noqa: E731
     chunk_fwd_h_kernel[grid](k, w, u, v_new, h, initial_state, ht, cu_seqlens, chunk_offsets, T,

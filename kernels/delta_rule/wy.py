@@ -231,13 +231,13 @@ def wy_fwd_kernel(
 
 
 def wy_fwd(k, v, beta, cu_seqlens, chunk_indices, NT: int, BT: int):
-    """(Ai [B,T,H,BT] float32, w [B,T,H,K], u [B,T,H,V]) in one pass over each chunk."""
+    """(Ai [B,T,H,BT] float32, w [B,T,H,K] in k's dtype, u [B,T,H,V] float32), one pass."""
     if BT != 4 * WY_BC:
         raise ValueError(f"wy_fwd: the chunk size must be {4 * WY_BC}, got {BT}")
     B, T, H, K = k.shape
     V = v.shape[-1]
     Ai = torch.empty(B, T, H, BT, dtype=torch.float32, device=k.device)
-    w, u = torch.empty_like(k), torch.empty_like(v)
+    w, u = torch.empty_like(k), torch.empty_like(v, dtype=torch.float32)
     BK, BV = min(64, triton.next_power_of_2(K)), min(64, triton.next_power_of_2(V))
     if NT:
         wy_fwd_kernel[(NT, B * H)](k, v, beta, Ai, w, u, cu_seqlens, chunk_indices, T, H=H, K=K,
@@ -259,10 +259,10 @@ def kkt_fwd(k: torch.Tensor, beta: torch.Tensor, cu_seqlens, chunk_indices, NT: 
 
 
 def recompute_w_u_fwd(k, v, beta, Ai, cu_seqlens, chunk_indices, NT: int, BT: int):
-    """(w [B,T,H,K], u [B,T,H,V]) in the dtypes of k and v."""
+    """(w [B,T,H,K] in k's dtype, u [B,T,H,V] float32)."""
     B, T, H, K = k.shape
     V = v.shape[-1]
-    w, u = torch.empty_like(k), torch.empty_like(v)
+    w, u = torch.empty_like(k), torch.empty_like(v, dtype=torch.float32)
     BK, BV = min(64, triton.next_power_of_2(K)), min(64, triton.next_power_of_2(V))
     if NT:
         recompute_w_u_fwd_kernel[(NT, B * H)](

@@ -1,0 +1,251 @@
+"""Crash isolation for ``harness bench``: rows are measured in a worker process.
+
+A kernel that corrupts memory can take its process down (a segfault), leave the CUDA context
+unusable (an illegal memory access is sticky), exhaust memory, or never return. So the
+sweep's own process never touches the device: it hands each row to a worker
+(``python -m harness.bench_worker``) and waits at most ``timeout`` seconds for the answer.
+
+* One worker is kept alive across rows: Triton's in-process caches (compiled kernels,
+  autotuning results) then serve every row of that process, and torch is imported once.
+* After any row that did not succeed (an exception, a death, a timeout) the worker is killed
+  and a fresh one is started for the next row: a CUDA error may have poisoned its context,
+  and a fresh process costs seconds, a wrong measurement much more.
+* A death is reported with its signal (``SIGSEGV``...) and the tail of what the worker wrote
+  to stderr (faulthandler prints the Python stack of a fatal signal there); a timeout kills
+  the worker's whole process group.
+
+Protocol: JSON lines. The parent writes the worker's configuration (device, device index,
+plugins) as the first line of its stdin and waits for ``{"ready": ...}``; then each request
+(``{"cmd": "row", "spec": {...}}`` or ``{"cmd": "ceilings"}``) gets one reply line. The
+worker keeps its real stdout for replies and sends everything else printed (by kernels,
+libraries) to stderr, which the parent appends to a log file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+STARTUP_TIMEOUT = 300.0  # s: importing torch, triton and the plugins
+STDERR_TAIL_LINES = 3
+PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h)
+MAX_REASON = 400  # characters of stderr quoted in a failed row's reason
+
+
+class WorkerFailed(Exception):
+    """The worker did not answer: ``status`` is "failed" (it died) or "timeout"."""
+
+    def __init__(self, status: str, reason: str):
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "worker still running"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"worker killed by {name} (exit code {code})"
+    return f"worker exited with code {code}"
+
+
+class Worker:
+    """The parent's handle on one worker process (started on first use, restarted after a
+    failure)."""
+
+    def __init__(self, config: dict[str, Any], log_path: Path):
+        self.config = config
+        self.log_path = Path(log_path)
+        self.proc: subprocess.Popen | None = None
+        self._buffer = b""
+        self.started = 0
+
+    def _spawn(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        env = dict(os.environ)
+        env["PYTHONUNBUFFERED"] = "1"
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "harness.bench_worker"], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=log, env=env, start_new_session=True)
+        log.close()  # the child holds its own descriptor
+        self._buffer = b""
+        self.started += 1
+        self._send({**self.config, "parent": os.getpid()})
+        reply = self._receive(STARTUP_TIMEOUT, self.log_path.stat().st_size)
+        if not reply.get("ready"):
+            self.kill()
+            raise WorkerFailed("failed", f"worker did not start: {reply}")
+
+    def request(self, message: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """Send one request and return the reply; raises :class:`WorkerFailed` when the worker
+        dies or does not answer within ``timeout`` seconds (it is then killed)."""
+        if self.proc is None or self.proc.poll() is not None:
+            self._spawn()
+        mark = self.log_path.stat().st_size
+        self._send(message)
+        return self._receive(timeout, mark)
+
+    def _send(self, message: dict[str, Any]) -> None:
+        try:
+            self.proc.stdin.write((json.dumps(message) + "\n").encode())
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass  # it died: _receive reads the EOF and says how
+
+    def _receive(self, timeout: float, log_mark: int) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in self._buffer:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.kill()
+                raise WorkerFailed("timeout", f"no result after {timeout:g} s (worker killed)"
+                                   + self._stderr_tail(log_mark))
+            ready, _, _ = select.select([fd], [], [], min(left, 1.0))
+            if not ready:
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:  # EOF: the worker is gone
+                try:
+                    code = self.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self.kill()
+                    code = self.proc.returncode
+                self.proc = None
+                raise WorkerFailed("failed", describe_exit(code) + self._stderr_tail(log_mark))
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return json.loads(line)
+
+    def _stderr_tail(self, mark: int) -> str:
+        """What the worker wrote to stderr during this request, condensed (the whole of it is in
+        the log file): a fatal error's first line and innermost frame, else the last lines."""
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(mark)
+                text = f.read().decode(errors="replace")
+        except OSError:
+            return ""
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        fatal = [i for i, ln in enumerate(lines) if ln.startswith("Fatal Python error")]
+        if fatal:
+            i = fatal[-1]
+            frames = [ln for ln in lines[i + 1:] if ln.startswith("File ")]
+            picked = [lines[i]] + frames[:1]
+        else:
+            picked = [ln for ln in lines if not ln.startswith("Extension modules")][-STDERR_TAIL_LINES:]
+        if not picked:
+            return ""
+        tail = " | ".join(picked)
+        if len(tail) > MAX_REASON:
+            tail = "..." + tail[-MAX_REASON:]
+        return f"; stderr: {tail} (log: {self.log_path})"
+
+    def kill(self) -> None:
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        self.proc = None
+
+    def close(self) -> None:
+        """Let the worker finish (EOF on its stdin), killing it if it does not."""
+        if self.proc is None:
+            return
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=30)
+            self.proc = None
+        except (subprocess.TimeoutExpired, OSError):
+            self.kill()
+
+
+# ---------------------------------------------------------------- the worker's side
+def error_text(exc: BaseException) -> str:
+    """``Type: message`` of an exception, on one line, cut to a readable length."""
+    text = " ".join(traceback.format_exception_only(type(exc), exc)[-1].split())
+    return text if len(text) <= MAX_REASON else text[:MAX_REASON] + "..."
+
+
+def handle(message: dict[str, Any], device: str) -> dict[str, Any]:
+    """One request, in the worker: a row's measurements or the device's ceilings."""
+    if message.get("cmd") == "ceilings":
+        from harness.ceilings import device_name, measure
+
+        name = device_name(device)
+        if name in message.get("cached", []):
+            return {"device_name": name, "ceilings": None}
+        try:
+            return {"device_name": name, "ceilings": measure(device)}
+        except Exception as exc:  # no ceilings means no % columns, not no sweep
+            return {"device_name": name, "ceilings": None, "error": error_text(exc)}
+    from harness.bench import run_spec
+
+    try:
+        return {"status": "ok", **run_spec(message["spec"])}
+    except Exception as exc:  # an exception is one failed row; the parent restarts us
+        return {"status": "failed", "reason": error_text(exc)}
+
+
+def die_with_parent(parent: int) -> None:
+    """The worker runs in its own session (so a timeout can kill its process group without
+    touching the sweep); ask Linux to kill it when the sweep's process dies, so a sweep killed
+    from outside (``timeout``, a job limit) leaves no worker holding the GPU."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the worker ends at EOF on stdin instead
+        return
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def main() -> None:
+    import faulthandler
+
+    replies = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # whatever else is printed goes to the log, not into the protocol
+    sys.stdout = sys.stderr
+    faulthandler.enable()
+    config = json.loads(sys.stdin.readline())
+    die_with_parent(config.get("parent", os.getppid()))
+    device = config["device"]
+    if device == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"
+    from harness.registry import load_plugin, load_plugins
+
+    load_plugins()
+    for spec in config.get("plugins", []):
+        load_plugin(spec)
+    if device == "cuda":
+        import torch
+
+        torch.cuda.set_device(config.get("device_index", 0))
+    replies.write(json.dumps({"ready": True, "pid": os.getpid()}) + "\n")
+    for line in sys.stdin:
+        if line.strip():
+            replies.write(json.dumps(handle(json.loads(line), device)) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""``harness gate``: the tolerance regression gate on the command line (see harness/gate.py).
+
+Registered on the ``harness`` app by harness/cli.py. Exit status: 0 passed (or baseline
+updated), 1 regressions or entries missing from the baseline, 2 usage errors (unknown or
+invalid suite, missing or malformed baseline, a suite not meant for this device).
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+MAX_ROWS = 40  # rows printed per table; the report under --out has all of them
+
+
+def _command(suite: str, device: str, device_class: Optional[str], baselines: Optional[Path],
+             update: bool) -> str:
+    parts = ["harness", "gate", "--suite", suite]
+    if device != "auto":
+        parts += ["--device", device]
+    if device_class:
+        parts += ["--device-class", device_class]
+    if baselines is not None:
+        parts += ["--baselines", str(baselines)]
+    if update:
+        parts.append("--update")
+    return shlex.join(parts)
+
+
+def gate_cmd(
+    suite: str = typer.Option(..., "--suite", help="suite name (suites/<name>.toml) or path to a .toml file"),
+    update: bool = typer.Option(False, "--update", help="rewrite the suite's baseline from this run and print what changed"),
+    device: str = typer.Option("auto", help="auto: cuda when available, else cpu (Triton kernels through the interpreter)"),
+    device_class: Optional[str] = typer.Option(None, "--device-class", help="baseline to use; default: cpu-interpret on the CPU, cuda-sm<major><minor> on a GPU"),
+    baselines: Optional[Path] = typer.Option(None, help="directory of <device-class>.json baselines; default: baselines/ beside the suite file"),
+    out: Path = typer.Option(Path("out/gate"), help="directory for the JSON and markdown report"),
+) -> None:
+    """Run a suite and fail when any implementation's error grew past its recorded baseline."""
+    from harness.cli import _fail, console, select_device
+
+    device_arg = device
+    device = select_device(device)
+    from harness import gate
+    from harness.suites import SuiteError, display, load_suite
+
+    try:
+        s = load_suite(suite)
+    except SuiteError as exc:
+        _fail(str(exc))
+    if device not in s.devices:
+        _fail(f"suite {s.name!r} runs on {', '.join(s.devices)} only, not on {device} "
+              f"({display(s.path)}: devices = {list(s.devices)}). {s.description}".strip())
+    try:
+        dc = gate.check_device_class(device_class or gate.device_class(device))
+        path = Path(display(gate.baseline_path(dc, baselines or s.path.parent / "baselines")))
+        data = gate.read_baselines(path, dc)
+    except gate.GateError as exc:
+        _fail(str(exc))
+    section = (data or {}).get("suites", {}).get(s.name)
+    make = _command(suite, device_arg, device_class, baselines, update=True)
+    if section is None and not update:
+        _fail(f"no baseline for device class {dc} / suite {s.name} ({path} "
+              f"{'has no section ' + repr(s.name) if data else 'does not exist'}); create it with\n"
+              f"  {make}\nthen review the file and commit it")
+
+    with console.status(f"gate {s.name} on {device} ({dc})") as status:
+        def progress(n: int, total: int, sc) -> None:
+            status.update(f"gate {s.name} on {device}: case {n + 1}/{total}: {sc.op} {sc.id}")
+
+        m = gate.run_suite(s, device, progress)
+    measured = sum(1 for k in m.entries if k[4] != gate.SKIP)
+    console.print(f"gate {s.name} on {device} ({dc}): {len(s.cases)} cases, {measured} entries in "
+                  f"{m.total_seconds:.1f} s ("
+                  + ", ".join(f"{op} {t:.0f} s" for op, t in m.seconds.items()) + ")")
+    for case, why in sorted(m.failures.items()):
+        console.print(f"[red]{case} could not run:[/] {why}")
+
+    if update:
+        _update(console, gate, s, m, path, dc, section, make, device)
+        return
+    rows = gate.compare(section, m, s, device)
+    _print_rows(console, gate, rows, path, section)
+    c = gate.counts(rows)
+    paths = gate.write_report(out, s, dc, path, section, rows, m.total_seconds)
+    console.print(gate.summary_line(c))
+    console.print(f"[dim]wrote {', '.join(map(str, paths))}[/]")
+    if gate.failed(c):
+        what = []
+        if c["regression"]:
+            what.append(f"{c['regression']} regression(s)")
+        if c["new"]:
+            what.append(f"{c['new']} entr{'y' if c['new'] == 1 else 'ies'} not in the baseline")
+        console.print(f"[red bold]gate {s.name}: FAILED[/] ({', '.join(what)}). If the change is "
+                      f"intended, record it with\n  {make}\nand review the diff of {path}",
+                      highlight=False)
+        raise typer.Exit(1)
+    console.print(f"[green bold]gate {s.name}: passed[/]")
+
+
+def _print_rows(console, gate, rows, path: Path, section) -> None:
+    from rich.table import Table
+
+    shown = [r for r in rows if r.status in ("regression", "new", "improvement")]
+    if not shown:
+        console.print(f"no regressions, new entries or improvements against {path}")
+        return
+    table = Table(title=f"against {path} (growth {section['growth']:g}x)", title_justify="left")
+    for col in ("status", "op", "impl", "dtype", "case", "quantity", "baseline", "now", "ratio", "why"):
+        table.add_column(col, justify="right" if col in ("baseline", "now", "ratio") else "left")
+    style = {"regression": "red", "new": "yellow", "improvement": "green"}
+    for r in shown[:MAX_ROWS]:
+        table.add_row(f"[{style[r.status]}]{r.status}[/]", r.op, r.impl, r.dtype, r.case, r.quantity,
+                      gate.fmt_error(r.baseline), gate.fmt_error(r.now),
+                      "-" if r.ratio is None else f"{r.ratio:.3g}x", r.reason)
+    console.print(table)
+    if len(shown) > MAX_ROWS:
+        console.print(f"... and {len(shown) - MAX_ROWS} more rows (all of them in the report)")
+    seen = set()
+    for r in rows:
+        if r.status == "regression" and r.reproduce and (r.op, r.impl, r.dtype, r.case) not in seen:
+            if len(seen) == 3:
+                break
+            if not seen:
+                console.print("reproduce with:", style="bold")
+            seen.add((r.op, r.impl, r.dtype, r.case))
+            console.print(r.reproduce, soft_wrap=True, highlight=False, markup=False)
+
+
+def _update(console, gate, s, m, path: Path, dc: str, old, command: str, device: str) -> None:
+    from rich.table import Table
+
+    if m.failures:
+        console.print(f"[red]not writing {path}: {len(m.failures)} case(s) could not run[/]")
+        raise typer.Exit(1)
+    section = gate.make_section(m, command, gate.environment(device), old)
+    gate.write_baseline(path, dc, s.name, section)
+    ch = gate.changes(old, section)
+    for key in ("command", "environment"):
+        if old is not None and old.get(key) != section[key]:
+            console.print(f"{key} changed: {old.get(key)} -> {section[key]}", highlight=False)
+    if old is None:
+        console.print(f"created the {s.name} section of {path}: {len(section['entries'])} entries")
+    elif not ch:
+        console.print(f"baseline unchanged: {path} ({len(section['entries'])} entries)")
+    else:
+        table = Table(title=f"changed in {path} (suite {s.name})", title_justify="left")
+        for col in ("change", "op", "impl", "dtype", "case", "quantity", "old", "new"):
+            table.add_column(col)
+        for c in ch[:MAX_ROWS]:
+            table.add_row(c.change, c.op, c.impl, c.dtype, c.case, c.quantity, c.old, c.new)
+        console.print(table)
+        if len(ch) > MAX_ROWS:
+            console.print(f"... and {len(ch) - MAX_ROWS} more (git diff {path})")
+        console.print(f"updated {path}: {len(ch)} change(s), {len(section['entries'])} entries")
+    failing = [e for e in section["entries"] if e["passed"] is False]
+    if failing:
+        console.print(f"[yellow]{len(failing)} entr{'y' if len(failing) == 1 else 'ies'} fail their "
+                      f"tolerance and are recorded as known failures (the gate fails if they get worse):[/]")
+        for e in failing[:10]:
+            console.print(f"  {e['op']} {e['impl']} {e['dtype']} {e['case']} {e['quantity']}: "
+                          f"{gate.show_entry(e)}", highlight=False)
