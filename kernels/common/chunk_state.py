@@ -57,13 +57,53 @@ def _walk(cu_seqlens, chunk_offsets, i_n, T, BT: tl.constexpr, IS_VARLEN: tl.con
 
 
 @triton.jit
-def _state_io(p, b_s, o_k, o_v, V: tl.constexpr, K: tl.constexpr, m_v, LOAD: tl.constexpr):
-    """Store block b_s (rows o_k of a [K, V] state at p), or add the stored one to it."""
-    m = (o_k < K)[:, None] & m_v[None, :]
+def _block(p, i_b: tl.constexpr, o_v, m_v, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr):
+    """(pointers, mask) of rows [i_b * BK, (i_b + 1) * BK) of a [K, V] state at p."""
+    o_k = i_b * BK + tl.arange(0, BK)
+    return p + o_k[:, None] * V + o_v[None, :], (o_k < K)[:, None] & m_v[None, :]
+
+
+@triton.jit
+def _load_state(p, i_nh, o_v, m_v, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr,
+                BV: tl.constexpr, LOAD: tl.constexpr):
+    """A [K, BV] float32 state as four [BK, BV] blocks of rows: state i_nh of p ([N*H, K, V])
+    when LOAD, else zeros. Blocks past K stay zero and unused (the compiler drops them)."""
+    b_1 = tl.zeros([BK, BV], dtype=tl.float32)
+    b_2 = tl.zeros([BK, BV], dtype=tl.float32)
+    b_3 = tl.zeros([BK, BV], dtype=tl.float32)
+    b_4 = tl.zeros([BK, BV], dtype=tl.float32)
     if LOAD:
-        return b_s + tl.load(p + o_k[:, None] * V + o_v[None, :], mask=m, other=0.).to(tl.float32)
-    tl.store(p + o_k[:, None] * V + o_v[None, :], b_s.to(p.dtype.element_ty), mask=m)
-    return b_s
+        p = p + i_nh.to(tl.int64) * K * V
+        p_b, m_b = _block(p, 0, o_v, m_v, K, V, BK)
+        b_1 += tl.load(p_b, mask=m_b, other=0.)
+        if K > BK:
+            p_b, m_b = _block(p, 1, o_v, m_v, K, V, BK)
+            b_2 += tl.load(p_b, mask=m_b, other=0.)
+        if K > 2 * BK:
+            p_b, m_b = _block(p, 2, o_v, m_v, K, V, BK)
+            b_3 += tl.load(p_b, mask=m_b, other=0.)
+        if K > 3 * BK:
+            p_b, m_b = _block(p, 3, o_v, m_v, K, V, BK)
+            b_4 += tl.load(p_b, mask=m_b, other=0.)
+    return b_1, b_2, b_3, b_4
+
+
+@triton.jit
+def _store_state(p, b_1, b_2, b_3, b_4, o_v, m_v, K: tl.constexpr, V: tl.constexpr,
+                 BK: tl.constexpr):
+    """Store the blocks of a [K, BV] state (as _load_state holds it) at p, in p's dtype."""
+    DT = p.dtype.element_ty
+    p_b, m_b = _block(p, 0, o_v, m_v, K, V, BK)
+    tl.store(p_b, b_1.to(DT), mask=m_b)
+    if K > BK:
+        p_b, m_b = _block(p, 1, o_v, m_v, K, V, BK)
+        tl.store(p_b, b_2.to(DT), mask=m_b)
+    if K > 2 * BK:
+        p_b, m_b = _block(p, 2, o_v, m_v, K, V, BK)
+        tl.store(p_b, b_3.to(DT), mask=m_b)
+    if K > 3 * BK:
+        p_b, m_b = _block(p, 3, o_v, m_v, K, V, BK)
+        tl.store(p_b, b_4.to(DT), mask=m_b)
 
 
 @triton.heuristics({
@@ -90,31 +130,11 @@ def chunk_fwd_h_kernel(
     m_v = o_v < V
 
     # S [K, BV] as blocks of BK rows (the later ones only when K needs them)
-    b_h1 = tl.zeros([BK, BV], dtype=tl.float32)
-    if K > BK:
-        b_h2 = tl.zeros([BK, BV], dtype=tl.float32)
-    if K > 2 * BK:
-        b_h3 = tl.zeros([BK, BV], dtype=tl.float32)
-    if K > 3 * BK:
-        b_h4 = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_INITIAL_STATE:
-        p_h0 = h0 + i_nh.to(tl.int64) * K * V
-        b_h1 = _state_io(p_h0, b_h1, o_k1, o_v, V, K, m_v, True)
-        if K > BK:
-            b_h2 = _state_io(p_h0, b_h2, o_k2, o_v, V, K, m_v, True)
-        if K > 2 * BK:
-            b_h3 = _state_io(p_h0, b_h3, o_k3, o_v, V, K, m_v, True)
-        if K > 3 * BK:
-            b_h4 = _state_io(p_h0, b_h4, o_k4, o_v, V, K, m_v, True)
+    b_h1, b_h2, b_h3, b_h4 = _load_state(h0, i_nh, o_v, m_v, K, V, BK, BV,
+                                         USE_INITIAL_STATE)
     for i_t in range(NT):
         p_h = h + ((c0 + i_t) * H + i_h) * K * V
-        _state_io(p_h, b_h1, o_k1, o_v, V, K, m_v, False)
-        if K > BK:
-            _state_io(p_h, b_h2, o_k2, o_v, V, K, m_v, False)
-        if K > 2 * BK:
-            _state_io(p_h, b_h3, o_k3, o_v, V, K, m_v, False)
-        if K > 3 * BK:
-            _state_io(p_h, b_h4, o_k4, o_v, V, K, m_v, False)
+        _store_state(p_h, b_h1, b_h2, b_h3, b_h4, o_v, m_v, K, V, BK)
         m_t = i_t * BT + o_c < eos - bos
         row0 = (bos + i_t * BT) * H + i_h  # the chunk's first row (int64); offsets within stay int32
         p_k, p_w = k + row0 * K, w + row0 * K
@@ -138,13 +158,7 @@ def chunk_fwd_h_kernel(
             b_h4 += dot_split(load_cols(p_k, o_c, m_t, o_k4, K, H), b_v, PRECISION)
     if STORE_FINAL_STATE:
         p_ht = ht + i_nh.to(tl.int64) * K * V
-        _state_io(p_ht, b_h1, o_k1, o_v, V, K, m_v, False)
-        if K > BK:
-            _state_io(p_ht, b_h2, o_k2, o_v, V, K, m_v, False)
-        if K > 2 * BK:
-            _state_io(p_ht, b_h3, o_k3, o_v, V, K, m_v, False)
-        if K > 3 * BK:
-            _state_io(p_ht, b_h4, o_k4, o_v, V, K, m_v, False)
+        _store_state(p_ht, b_h1, b_h2, b_h3, b_h4, o_v, m_v, K, V, BK)
 
 
 def chunk_fwd_h(k, w, u, initial_state, output_final_state: bool, cu_seqlens, chunk_offsets,
@@ -208,32 +222,12 @@ def chunk_bwd_dh_kernel(
     m_v = o_v < V
 
     # dS [K, BV] as blocks of BK rows
-    b_dh1 = tl.zeros([BK, BV], dtype=tl.float32)
-    if K > BK:
-        b_dh2 = tl.zeros([BK, BV], dtype=tl.float32)
-    if K > 2 * BK:
-        b_dh3 = tl.zeros([BK, BV], dtype=tl.float32)
-    if K > 3 * BK:
-        b_dh4 = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_FINAL_STATE_GRADIENT:
-        p_dht = dht + i_nh.to(tl.int64) * K * V
-        b_dh1 = _state_io(p_dht, b_dh1, o_k1, o_v, V, K, m_v, True)
-        if K > BK:
-            b_dh2 = _state_io(p_dht, b_dh2, o_k2, o_v, V, K, m_v, True)
-        if K > 2 * BK:
-            b_dh3 = _state_io(p_dht, b_dh3, o_k3, o_v, V, K, m_v, True)
-        if K > 3 * BK:
-            b_dh4 = _state_io(p_dht, b_dh4, o_k4, o_v, V, K, m_v, True)
+    b_dh1, b_dh2, b_dh3, b_dh4 = _load_state(dht, i_nh, o_v, m_v, K, V, BK, BV,
+                                             USE_FINAL_STATE_GRADIENT)
     for i_r in range(NT):
         i_t = NT - 1 - i_r
         p_dh = dh + ((c0 + i_t) * H + i_h) * K * V
-        _state_io(p_dh, b_dh1, o_k1, o_v, V, K, m_v, False)
-        if K > BK:
-            _state_io(p_dh, b_dh2, o_k2, o_v, V, K, m_v, False)
-        if K > 2 * BK:
-            _state_io(p_dh, b_dh3, o_k3, o_v, V, K, m_v, False)
-        if K > 3 * BK:
-            _state_io(p_dh, b_dh4, o_k4, o_v, V, K, m_v, False)
+        _store_state(p_dh, b_dh1, b_dh2, b_dh3, b_dh4, o_v, m_v, K, V, BK)
         m_t = i_t * BT + o_c < eos - bos
         row0 = (bos + i_t * BT) * H + i_h  # the chunk's first row (int64); offsets within stay int32
         p_q, p_k, p_w = q + row0 * K, k + row0 * K, w + row0 * K
@@ -262,13 +256,7 @@ def chunk_bwd_dh_kernel(
             b_dh4 = _dh_update(b_dh4, p_q, p_w, o_c, m_t, o_k4, b_do, b_dv, scale, K, H, PRECISION)
     if STORE_INITIAL_STATE_GRADIENT:
         p_dh0 = dh0 + i_nh.to(tl.int64) * K * V
-        _state_io(p_dh0, b_dh1, o_k1, o_v, V, K, m_v, False)
-        if K > BK:
-            _state_io(p_dh0, b_dh2, o_k2, o_v, V, K, m_v, False)
-        if K > 2 * BK:
-            _state_io(p_dh0, b_dh3, o_k3, o_v, V, K, m_v, False)
-        if K > 3 * BK:
-            _state_io(p_dh0, b_dh4, o_k4, o_v, V, K, m_v, False)
+        _store_state(p_dh0, b_dh1, b_dh2, b_dh3, b_dh4, o_v, m_v, K, V, BK)
 
 
 def chunk_bwd_dh(q, k, w, do, dv_local, dht, scale: float, need_dh0: bool, cu_seqlens,
