@@ -120,12 +120,14 @@ def test_fused_wy_forward_equals_the_three_stages(B, T, H, K, V, cu):
         assert rel_error(got, want) < 1e-6
 
 
-def test_fused_wy_forward_through_the_whole_kernel(monkeypatch):
-    # the switch that makes the fused WY stage the forward's: outputs and every gradient
-    # against the float64 recurrence, near-singular chunk included (bound as above).
+@pytest.mark.parametrize("fused", [True, False])
+def test_both_wy_forwards_through_the_whole_kernel(monkeypatch, fused):
+    # FUSED_WY_FWD (the default, wy_fwd) and the three-kernel path (kkt_fwd, solve_tril,
+    # recompute_w_u_fwd): outputs and every gradient against the float64 recurrence,
+    # near-singular chunk included (bound as above).
     import kernels.delta_rule.chunk as chunk_mod
 
-    monkeypatch.setattr(chunk_mod, "FUSED_WY_FWD", True)
+    monkeypatch.setattr(chunk_mod, "FUSED_WY_FWD", fused)
     K = 16
     k = F.normalize(torch.randn(K) + 1e-3 * torch.randn(1, 70, 2, K), dim=-1)
     q, v = torch.randn(1, 70, 2, K), torch.randn(1, 70, 2, 12)

@@ -22,10 +22,20 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common.utils import (dot_precision, dot_split, load_cols, load_rows, seq_bounds,
+from kernels.common.utils import (dot_mixed, dot_precision, load_cols, load_rows, seq_bounds,
                                    store_rows, tuning)
 
 __all__ = ["chunk_fwd_h", "chunk_bwd_dh"]
+
+# How S and v' (float32) enter their products with w and K (half precision) in the forward
+# walk (utils.dot_mixed), per input dtype. The walk is latency-bound (about one program per SM,
+# chunks in order), so every product in its chain costs time. On the H100 (B=2 T=32K H=16
+# K=V=128 bf16, reports/NOTES.md): "split" costs ~0.2 ms a forward over "round" and keeps the
+# final state at 2.2e-3; "tf32" is 0.1 ms over "round" at 2.3e-3; "round" gives 3.4e-3 (fla:
+# 4.0e-3, our check's floor 3.9e-3). For float16 TF32 keeps no more bits than the inputs, so
+# float16 splits. Set FWD_MIXED to force one mode.
+FWD_MIXED_BY_DTYPE = {torch.bfloat16: "tf32", torch.float16: "split", torch.float32: "split"}
+FWD_MIXED = None
 
 MAX_STATE_TILE = 8192  # floats of state per program (K * BV), 64 registers a thread at 4 warps
 
@@ -33,7 +43,7 @@ MAX_STATE_TILE = 8192  # floats of state per program (K * BV), 64 registers a th
 # doubles them (more SMs busy), BV = 64 halves the re-reads of k and w. Measured per shape.
 STATE_CONFIGS = tuning([
     triton.Config({'BV': BV}, num_warps=num_warps, num_stages=num_stages)
-    for BV in (32, 64) for num_warps in (4, 8) for num_stages in (2, 3, 4)
+    for BV in (32, 64) for num_warps in (4, 8) for num_stages in (3, 4, 2)
 ])
 
 
@@ -117,7 +127,7 @@ def _store_state(p, b_1, b_2, b_3, b_4, o_v, m_v, K: tl.constexpr, V: tl.constex
 def chunk_fwd_h_kernel(
     k, w, u, v_new, h, h0, ht, cu_seqlens, chunk_offsets, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, MIXED: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
@@ -138,24 +148,24 @@ def chunk_fwd_h_kernel(
         m_t = i_t * BT + o_c < eos - bos
         row0 = (bos + i_t * BT) * H + i_h  # the chunk's first row (int64); offsets within stay int32
         p_k, p_w = k + row0 * K, w + row0 * K
-        # v' = u - w S     [BT, BV]
-        b_v = load_rows(u + row0 * V, o_c, m_t, o_v, V, H).to(tl.float32)
-        b_v -= dot_split(load_rows(p_w, o_c, m_t, o_k1, K, H), b_h1, PRECISION)
+        # v' = u - w S     [BT, BV]: the products first, u after them (as in the backward walk)
+        b_v = dot_mixed(load_rows(p_w, o_c, m_t, o_k1, K, H), b_h1, PRECISION, MIXED)
         if K > BK:
-            b_v -= dot_split(load_rows(p_w, o_c, m_t, o_k2, K, H), b_h2, PRECISION)
+            b_v += dot_mixed(load_rows(p_w, o_c, m_t, o_k2, K, H), b_h2, PRECISION, MIXED)
         if K > 2 * BK:
-            b_v -= dot_split(load_rows(p_w, o_c, m_t, o_k3, K, H), b_h3, PRECISION)
+            b_v += dot_mixed(load_rows(p_w, o_c, m_t, o_k3, K, H), b_h3, PRECISION, MIXED)
         if K > 3 * BK:
-            b_v -= dot_split(load_rows(p_w, o_c, m_t, o_k4, K, H), b_h4, PRECISION)
+            b_v += dot_mixed(load_rows(p_w, o_c, m_t, o_k4, K, H), b_h4, PRECISION, MIXED)
+        b_v = load_rows(u + row0 * V, o_c, m_t, o_v, V, H).to(tl.float32) - b_v
         store_rows(v_new + row0 * V, b_v, o_c, m_t, o_v, V, H)
         # S = S + K^T v'   (v' unrounded: S ends as the final state)
-        b_h1 += dot_split(load_cols(p_k, o_c, m_t, o_k1, K, H), b_v, PRECISION)
+        b_h1 += dot_mixed(load_cols(p_k, o_c, m_t, o_k1, K, H), b_v, PRECISION, MIXED)
         if K > BK:
-            b_h2 += dot_split(load_cols(p_k, o_c, m_t, o_k2, K, H), b_v, PRECISION)
+            b_h2 += dot_mixed(load_cols(p_k, o_c, m_t, o_k2, K, H), b_v, PRECISION, MIXED)
         if K > 2 * BK:
-            b_h3 += dot_split(load_cols(p_k, o_c, m_t, o_k3, K, H), b_v, PRECISION)
+            b_h3 += dot_mixed(load_cols(p_k, o_c, m_t, o_k3, K, H), b_v, PRECISION, MIXED)
         if K > 3 * BK:
-            b_h4 += dot_split(load_cols(p_k, o_c, m_t, o_k4, K, H), b_v, PRECISION)
+            b_h4 += dot_mixed(load_cols(p_k, o_c, m_t, o_k4, K, H), b_v, PRECISION, MIXED)
     if STORE_FINAL_STATE:
         p_ht = ht + i_nh.to(tl.int64) * K * V
         _store_state(p_ht, b_h1, b_h2, b_h3, b_h4, o_v, m_v, K, V, BK)
@@ -176,7 +186,8 @@ def chunk_fwd_h(k, w, u, initial_state, output_final_state: bool, cu_seqlens, ch
     ht = k.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
     grid = lambda meta: (triton.cdiv(V, meta['BV']), N * H)  # noqa: E731
     chunk_fwd_h_kernel[grid](k, w, u, v_new, h, initial_state, ht, cu_seqlens, chunk_offsets, T,
-                             H=H, K=K, V=V, BT=BT, BK=BK, PRECISION=dot_precision(k.dtype))
+                             H=H, K=K, V=V, BT=BT, BK=BK, PRECISION=dot_precision(k.dtype),
+                             MIXED=FWD_MIXED or FWD_MIXED_BY_DTYPE[k.dtype])
     return h, v_new, ht
 
 
@@ -231,10 +242,11 @@ def chunk_bwd_dh_kernel(
         m_t = i_t * BT + o_c < eos - bos
         row0 = (bos + i_t * BT) * H + i_h  # the chunk's first row (int64); offsets within stay int32
         p_q, p_k, p_w = q + row0 * K, k + row0 * K, w + row0 * K
-        # dv' = dv_local + K dS     [BT, BV]
-        b_dv = load_rows(dv_local + row0 * V, o_c, m_t, o_v, V, H).to(tl.float32)
+        # dv' = K dS + dv_local     [BT, BV]. dv_local is added after the products: loaded
+        # first, as the products' accumulator, it stayed a synchronous load in the loop (not
+        # pipelined: the ttgir kept one tt.load) and cost ~1 us a chunk on the H100.
         b_k = load_rows(p_k, o_c, m_t, o_k1, K, H)
-        b_dv += tl.dot(b_k, b_dh1.to(b_k.dtype), input_precision=PRECISION)
+        b_dv = tl.dot(b_k, b_dh1.to(b_k.dtype), input_precision=PRECISION)
         if K > BK:
             b_k = load_rows(p_k, o_c, m_t, o_k2, K, H)
             b_dv += tl.dot(b_k, b_dh2.to(b_k.dtype), input_precision=PRECISION)
@@ -244,6 +256,7 @@ def chunk_bwd_dh_kernel(
         if K > 3 * BK:
             b_k = load_rows(p_k, o_c, m_t, o_k4, K, H)
             b_dv += tl.dot(b_k, b_dh4.to(b_k.dtype), input_precision=PRECISION)
+        b_dv += load_rows(dv_local + row0 * V, o_c, m_t, o_v, V, H).to(tl.float32)
         store_rows(dv + row0 * V, b_dv, o_c, m_t, o_v, V, H)
         # dS = dS + (scale Q)^T dO - w^T dv'
         b_do = load_rows(do + row0 * V, o_c, m_t, o_v, V, H)

@@ -110,9 +110,12 @@ def interpreted() -> bool:
 
 
 def tuning(configs: list) -> list:
-    """Autotune configs: all on a GPU, the first alone under the interpreter (where timing
-    configs means nothing and every extra config costs seconds)."""
-    return configs[:1] if interpreted() else configs
+    """Autotune configs: all on a GPU; the first alone under the interpreter (where timing
+    configs means nothing and every extra config costs seconds) and when LINATTN_AUTOTUNE=0
+    (read at import). Configs differ in tiling and warps, never in the arithmetic, so numerical
+    checks pin the first one: reproducible, and one compile per kernel and shape."""
+    pinned = interpreted() or os.environ.get("LINATTN_AUTOTUNE", "1") == "0"
+    return configs[:1] if pinned else configs
 
 
 # Warps of the per-chunk kernels (one program per chunk and tile). With 4 warps the ones holding
@@ -136,3 +139,20 @@ def dot_split(b_a, b_b, PRECISION: tl.constexpr):
     b_hi = b_b.to(b_a.dtype)
     b_lo = (b_b - b_hi.to(tl.float32)).to(b_a.dtype)
     return tl.dot(b_a, b_hi) + tl.dot(b_a, b_lo)
+
+
+@triton.jit
+def dot_mixed(b_a, b_b, PRECISION: tl.constexpr, MIXED: tl.constexpr):
+    """b_a @ b_b where one operand is float32 and the other half precision, as MIXED says:
+    "split" (dot_split: ~16 bits kept, two products), "tf32" (one product in TF32: 11 bits
+    kept, the half operand widened exactly) or "round" (the float32 operand rounded to the
+    other's dtype: 8 bits for bf16). Both float32: one product at PRECISION."""
+    if b_a.dtype == tl.float32 and b_b.dtype == tl.float32:
+        return tl.dot(b_a, b_b, input_precision=PRECISION)
+    if MIXED == "split":
+        return dot_split(b_a, b_b, PRECISION)
+    if MIXED == "tf32":
+        return tl.dot(b_a.to(tl.float32), b_b.to(tl.float32), input_precision="tf32")
+    if b_a.dtype == tl.float32:
+        return tl.dot(b_a.to(b_b.dtype), b_b)
+    return tl.dot(b_a, b_b.to(b_a.dtype))

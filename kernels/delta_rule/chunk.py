@@ -36,14 +36,17 @@ from kernels.delta_rule.wy import kkt_fwd, recompute_w_u_fwd, wy_bwd, wy_fwd
 __all__ = ["chunk_delta_rule", "chunk_delta_rule_fwd", "chunk_delta_rule_bwd"]
 
 BT = 64  # chunk size: a tiling choice, never a change of result
-# wy.wy_fwd does the first three stages in one kernel with A in registers. It is exact on the
-# interpreter and on an H100 (bf16 errors at or below fla's) but its speed is not measured yet
-# (reports/NOTES.md), so the measured three-kernel path stays the default until it is.
-FUSED_WY_FWD = False
+# wy.wy_fwd does the first three stages in one kernel with A in registers (A never stored).
+# On the H100 (B=2 H=16 K=V=128 bf16) it took the forward from 0.83 to 0.65 ms at T=8K and
+# 3.16 to 2.47 ms at 32K, same errors; False runs kkt_fwd, solve_tril, recompute_w_u_fwd.
+FUSED_WY_FWD = True
 
 
-def chunk_delta_rule_fwd(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens):
-    """Returns (o, final_state or None, Ai): q, k already normalised if asked."""
+def chunk_delta_rule_fwd(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens,
+                         keep_Ai: bool = True):
+    """Returns (o, final_state or None, Ai or None): q, k already normalised if asked. Ai (the
+    backward's input) is kept only when asked; each intermediate is freed as soon as the last
+    stage that reads it is done (the forward's peak memory is what it holds at once)."""
     B, T, H, K = k.shape
     N, NT, chunk_indices, chunk_offsets = chunk_layout(B, T, cu_seqlens, BT)
     if FUSED_WY_FWD:
@@ -51,9 +54,13 @@ def chunk_delta_rule_fwd(q, k, v, beta, scale, initial_state, output_final_state
     else:
         A = kkt_fwd(k, beta, cu_seqlens, chunk_indices, NT, BT)
         Ai = solve_tril(A, cu_seqlens, chunk_indices)
+        del A
         w, u = recompute_w_u_fwd(k, v, beta, Ai, cu_seqlens, chunk_indices, NT, BT)
+    if not keep_Ai:
+        Ai = None
     h, v_new, ht = chunk_fwd_h(k, w, u, initial_state, output_final_state, cu_seqlens,
                                chunk_offsets, N, NT, BT)
+    del w, u
     o = chunk_fwd_o(q, k, v_new, h, scale, cu_seqlens, chunk_indices, NT, BT)
     return o, ht, Ai
 
@@ -66,11 +73,14 @@ def chunk_delta_rule_bwd(q, k, v, beta, Ai, scale, initial_state, do, dht, cu_se
     N, NT, chunk_indices, chunk_offsets = chunk_layout(B, T, cu_seqlens, BT)
     w, u = recompute_w_u_fwd(k, v, beta, Ai, cu_seqlens, chunk_indices, NT, BT)
     h, v_new, _ = chunk_fwd_h(k, w, u, initial_state, False, cu_seqlens, chunk_offsets, N, NT, BT)
+    del u  # from here on each intermediate is freed after the last stage that reads it
     dv_local = chunk_bwd_dv_local(q, k, do, scale, cu_seqlens, chunk_indices, NT, BT)
     dh, dv_new, dh0 = chunk_bwd_dh(q, k, w, do, dv_local, dht, scale, initial_state is not None,
                                    cu_seqlens, chunk_offsets, N, NT, BT)
+    del w, dv_local
     dq, dk, dw = chunk_bwd_dqk(q, k, v_new, h, do, dh, dv_new, scale, cu_seqlens, chunk_indices,
                                NT, BT, dq_dtype=qk_grad_dtype)
+    del h, dh, v_new
     dk, dv, dbeta = wy_bwd(k, v, beta, Ai, dw, dv_new, dk, cu_seqlens, chunk_indices, NT, BT,
                            grad_dtype=qk_grad_dtype)
     return dq, dk, dv, dbeta, dh0
@@ -84,7 +94,7 @@ class ChunkDeltaRuleFunction(torch.autograd.Function):
         if use_qk_l2norm:
             (q, q_rstd), (k, k_rstd) = l2norm_fwd(q), l2norm_fwd(k)
         o, ht, Ai = chunk_delta_rule_fwd(q, k, v, beta, scale, initial_state, output_final_state,
-                                         cu_seqlens)
+                                         cu_seqlens, keep_Ai=any(ctx.needs_input_grad))
         ctx.save_for_backward(q, k, v, beta, Ai, initial_state, q_rstd, k_rstd, cu_seqlens)
         ctx.scale = scale
         return o, ht
