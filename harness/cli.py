@@ -38,6 +38,18 @@ def select_device(device: str) -> str:
     return device
 
 
+AUTOTUNE_HELP = ("time every tiling config of each kernel and keep the fastest (as bench does); by "
+                 "default numerical runs compile each kernel's first config alone: reproducible (the "
+                 "autotuner's pick varies run to run, and configs differ in summation order, a few "
+                 "ulps), and one compile per shape is minutes less on a GPU")
+
+
+def pin_configs(autotune: bool) -> None:
+    """LINATTN_AUTOTUNE=0 unless asked to autotune; kernels read it when first imported."""
+    if not autotune:
+        os.environ["LINATTN_AUTOTUNE"] = "0"
+
+
 def _fail(message: str) -> None:
     console.print(f"[red]error:[/] {message}")
     raise typer.Exit(2)
@@ -84,9 +96,11 @@ def check(
     long_t: str = typer.Option("", help="lengths of the long family, e.g. 1024,4096 (default by device)"),
     case: Optional[str] = typer.Option(None, help="replay one case (JSON, as a failure prints it)"),
     out: Path = typer.Option(Path("out/check"), help="directory for CSV, JSON and plots"),
+    autotune: bool = typer.Option(False, "--autotune/--pinned", help=AUTOTUNE_HELP),
 ) -> None:
     """Compare implementations of OP with the float64 reference: outputs, final states, gradients."""
     device = select_device(device)
+    pin_configs(autotune)
     from harness.cases import Case
     from harness.check import DTYPES, TRUTH, check_cases, check_long, check_random
     from harness.operators import OPERATORS

@@ -37,12 +37,17 @@ def gate_cmd(
     device_class: Optional[str] = typer.Option(None, "--device-class", help="baseline to use; default: cpu-interpret on the CPU, cuda-sm<major><minor> on a GPU"),
     baselines: Optional[Path] = typer.Option(None, help="directory of <device-class>.json baselines; default: baselines/ beside the suite file"),
     out: Path = typer.Option(Path("out/gate"), help="directory for the JSON and markdown report"),
+    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="cases evaluated at once, each in its own process (a GPU run spends most of its time compiling each case's kernels)"),
+    autotune: bool = typer.Option(False, "--autotune/--pinned", help="see `harness check --help`"),
 ) -> None:
     """Run a suite and fail when any implementation's error grew past its recorded baseline."""
-    from harness.cli import _fail, console, select_device
+    import time
+
+    from harness.cli import _fail, console, pin_configs, select_device
 
     device_arg = device
     device = select_device(device)
+    pin_configs(autotune)
     from harness import gate
     from harness.suites import SuiteError, display, load_suite
 
@@ -70,10 +75,12 @@ def gate_cmd(
         def progress(n: int, total: int, sc) -> None:
             status.update(f"gate {s.name} on {device}: case {n + 1}/{total}: {sc.op} {sc.id}")
 
-        m = gate.run_suite(s, device, progress)
+        start = time.perf_counter()
+        m = gate.run_suite(s, device, progress, jobs=jobs)
+        wall = time.perf_counter() - start
     measured = sum(1 for k in m.entries if k[4] != gate.SKIP)
     console.print(f"gate {s.name} on {device} ({dc}): {len(s.cases)} cases, {measured} entries in "
-                  f"{m.total_seconds:.1f} s ("
+                  f"{wall:.1f} s wall, {m.total_seconds:.1f} s of case time ("
                   + ", ".join(f"{op} {t:.0f} s" for op, t in m.seconds.items()) + ")")
     for case, why in sorted(m.failures.items()):
         console.print(f"[red]{case} could not run:[/] {why}")

@@ -162,40 +162,82 @@ def chosen_impls(sc: SuiteCase, device: str) -> tuple[list[Any], list[tuple[Any,
 
 
 def run_suite(suite: Suite, device: str,
-              progress: Callable[[int, int, SuiteCase], None] | None = None) -> Measurement:
+              progress: Callable[[int, int, SuiteCase], None] | None = None,
+              jobs: int = 1) -> Measurement:
     """Evaluate every case of the suite on ``device``; one entry per measured quantity and
-    one per skipped (implementation, dtype, case)."""
+    one per skipped (implementation, dtype, case). ``jobs`` > 1 evaluates cases in that many
+    worker processes (on a GPU the time goes to compiling each case's kernel shapes, which
+    parallelises; every case's result is the same as in one process)."""
     import torch
 
     threads = torch.get_num_threads()
     if device == "cpu":
         torch.set_num_threads(CPU_THREADS)
     try:
-        return _run(suite, device, progress)
+        if jobs > 1 and len(suite.cases) > 1:
+            results = _run_parallel(suite, device, progress, jobs)
+        else:
+            results = []
+            for n, sc in enumerate(suite.cases):
+                if progress is not None:
+                    progress(n, len(suite.cases), sc)
+                results.append(_run_case(sc, device))
+        return _measurement(suite, results)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(suite: Suite, device: str,
-         progress: Callable[[int, int, SuiteCase], None] | None) -> Measurement:
+def _run_case(sc: SuiteCase, device: str) -> tuple[list[dict[str, Any]], str | None, float]:
+    """One case: its gate entries, why its truth could not run (or None), and its seconds."""
+    start = time.perf_counter()
+    impls, skipped = chosen_impls(sc, device)
+    rows = [dict(impl=impl.name, dtype=d, quantity=SKIP, note=f"skipped: {why}")
+            for impl, why in skipped for d in sc.dtypes if d in impl.dtypes]
+    failure = None
+    try:
+        rows += evaluate(sc.case, impls, sc.dtypes, device, sc.family)
+    except Exception as exc:  # the truth failed: every entry of the case goes missing
+        failure = f"{type(exc).__name__}: {exc}"
+    return [_entry(sc, row) for row in rows], failure, time.perf_counter() - start
+
+
+def _worker(path: str, index: int, device: str):
+    """A worker process's case (spawned: it loads the suite and the registry itself)."""
+    import torch
+
+    from harness.suites import load_suite
+
+    if device == "cpu":
+        torch.set_num_threads(CPU_THREADS)
+    return index, _run_case(load_suite(path).cases[index], device)
+
+
+def _run_parallel(suite: Suite, device: str, progress, jobs: int) -> list:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    results: list = [None] * len(suite.cases)
+    ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
+    with ProcessPoolExecutor(max_workers=min(jobs, len(suite.cases)), mp_context=ctx) as pool:
+        futures = [pool.submit(_worker, str(suite.path), n, device) for n in range(len(suite.cases))]
+        for done, future in enumerate(as_completed(futures)):
+            n, result = future.result()
+            results[n] = result
+            if progress is not None:
+                progress(done, len(suite.cases), suite.cases[n])
+    return results
+
+
+def _measurement(suite: Suite, results: list) -> Measurement:
     entries: dict[Key, dict[str, Any]] = {}
     failures: dict[str, str] = {}
     seconds: dict[str, float] = {}
-    for n, sc in enumerate(suite.cases):
-        if progress is not None:
-            progress(n, len(suite.cases), sc)
-        start = time.perf_counter()
-        impls, skipped = chosen_impls(sc, device)
-        rows = [dict(impl=impl.name, dtype=d, quantity=SKIP, note=f"skipped: {why}")
-                for impl, why in skipped for d in sc.dtypes if d in impl.dtypes]
-        try:
-            rows += evaluate(sc.case, impls, sc.dtypes, device, sc.family)
-        except Exception as exc:  # the truth failed: every entry of the case goes missing
-            failures[f"{sc.op}/{sc.id}"] = f"{type(exc).__name__}: {exc}"
-        for row in rows:
-            e = _entry(sc, row)
+    for sc, (case_entries, failure, secs) in zip(suite.cases, results):
+        for e in case_entries:
             entries[entry_key(e)] = e
-        seconds[sc.op] = seconds.get(sc.op, 0.0) + time.perf_counter() - start
+        if failure is not None:
+            failures[f"{sc.op}/{sc.id}"] = failure
+        seconds[sc.op] = seconds.get(sc.op, 0.0) + secs
     cases = {f"{sc.op}/{sc.id}": json.loads(sc.case.to_json()) for sc in suite.cases}
     return Measurement(entries, cases, failures, seconds)
 

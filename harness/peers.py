@@ -35,6 +35,8 @@ linear-attention kernels, ``harness check`` leaves it out (it computes different
 
 from __future__ import annotations
 
+import functools
+import importlib
 import importlib.util
 
 from harness.builtin import _parallel_supports
@@ -50,6 +52,20 @@ def _fla_available() -> str | None:
     if importlib.util.find_spec("fla") is None:
         return "fla-core is not installed (pip install 'linattn-harness[peers]')"
     return None
+
+
+@functools.cache
+def _fla_imports(module: str) -> str | None:
+    """None when fla is installed and ``module`` imports, else why not. (fla-core 0.6.0's
+    fla.ops.delta_rule.parallel does not: it imports fwd_prepare_T, which its wy_fast no
+    longer has; seen on the H100, 2026-11-23.)"""
+    why = _fla_available()
+    if why is None:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # noqa: BLE001 - any import failure makes the peer unavailable
+            why = f"{module} does not import: {type(exc).__name__}: {exc}"
+    return why
 
 
 # ---------------------------------------------------------------- what each adapter declines
@@ -146,7 +162,7 @@ for _op, _name, _function, _adapter, _dtypes, _backward, _supports in FLA:
     register(Implementation(
         op=_op, name=_name, kind="peer", target=_adapter or _function, devices=("cuda",),
         dtypes=_dtypes, description=f"fla-core {_function.split(':')[1]}", backward=_backward,
-        available=_fla_available, supports=_supports,
+        available=functools.partial(_fla_imports, _function.split(":")[0]), supports=_supports,
     ))
 
 

@@ -322,3 +322,14 @@ def test_committed_cpu_baseline_matches_the_ci_suite():
     section = data["suites"]["ci"]
     assert section["cases"] == {f"{c.op}/{c.id}": json.loads(c.case.to_json()) for c in suite.cases}
     assert section["command"] == "harness gate --suite ci --update"
+
+
+def test_parallel_jobs_give_the_same_entries_as_one_process(tmp_path):
+    # Worker processes (spawned) load the suite and the built-in registry themselves; their
+    # entries must be those of the one-process run, value for value, in the same case order.
+    suite = load_suite(write_suite(tmp_path, TINY.replace('"planted"', '"naive"')))
+    one = gate.run_suite(suite, "cpu")
+    two = gate.run_suite(suite, "cpu", jobs=2)
+    assert one.entries and two.entries == one.entries
+    assert list(two.cases) == list(one.cases) and two.failures == one.failures == {}
+    assert set(two.seconds) == {"delta_rule"}

@@ -112,8 +112,8 @@ def interpreted() -> bool:
 def tuning(configs: list) -> list:
     """Autotune configs: all on a GPU; the first alone under the interpreter (where timing
     configs means nothing and every extra config costs seconds) and when LINATTN_AUTOTUNE=0
-    (read at import). Configs differ in tiling and warps, never in the arithmetic, so numerical
-    checks pin the first one: reproducible, and one compile per kernel and shape."""
+    (read at import). Configs differ in tiling and warps, so in summation order only (a few
+    ulps); numerical checks pin the first one: reproducible, one compile per kernel and shape."""
     pinned = interpreted() or os.environ.get("LINATTN_AUTOTUNE", "1") == "0"
     return configs[:1] if pinned else configs
 
