@@ -170,6 +170,10 @@ def plot(df: pd.DataFrame, out: Path, baseline: str | None = None) -> list[Path]
         sub = ok[ok["op"] == op]
         modes = [m for m in ("fwd", "bwd", "fwdbwd") if m in set(sub["mode"])]
         ndt = sub["dtype"].nunique()
+        # one colour per (implementation, dtype) in every panel and figure of the operator
+        cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        colour = {key: cycle[i % len(cycle)] for i, key in
+                  enumerate(dict.fromkeys(zip(sub["impl"], sub["dtype"])))}
         figures = [("time", "ms", "median time (ms)", True)]
         if sub["peak_mb"].notna().any():
             figures.append(("memory", "peak_mb", "extra peak memory (MiB)", True))
@@ -184,7 +188,8 @@ def plot(df: pd.DataFrame, out: Path, baseline: str | None = None) -> list[Path]
                     y = pd.to_numeric(g[col], errors="coerce")
                     if not y.notna().any():
                         continue
-                    line, = ax.plot(g["T"], y, marker="o", label=_label(g, impl, ndt))
+                    line, = ax.plot(g["T"], y, marker="o", label=_label(g, impl, ndt),
+                                    color=colour[impl, dtype])
                     if name == "time":
                         ax.fill_between(g["T"], g["ms_p20"], g["ms_p80"], alpha=0.2,
                                         color=line.get_color())
