@@ -82,6 +82,34 @@ def cast_args(args: dict[str, Any], case: Case, dtype: torch.dtype, grad: bool) 
     return out
 
 
+# Messages of errors that leave the CUDA context unusable: every later call in the process fails
+# too, so a check must stop at the first one (shrinking would "minimise" to whatever case ran
+# next, which is how an H100 run once reported a one-token case for a fault it did not cause).
+STICKY = ("illegal memory access", "unspecified launch failure", "device-side assert",
+          "misaligned address", "illegal instruction", "an illegal address")
+
+
+def is_device_fault(exc: BaseException) -> bool:
+    text = str(exc)
+    return any(s in text for s in STICKY)
+
+
+class DeviceFault(BaseException):
+    """A sticky device error: not an Exception, so hypothesis neither retries nor shrinks it."""
+
+    def __init__(self, message: str, case: Case | None = None, impl: str = "", dtype: str = ""):
+        super().__init__(message)
+        self.message, self.case, self.impl, self.dtype = message, case, impl, dtype
+
+    def row(self) -> dict[str, Any]:
+        case = self.case
+        return dict(op=case.op, impl=self.impl or "?", kind="", dtype=self.dtype or "?",
+                    family="", case=case.label(), T=case.dims["T"], case_json=case.to_json(),
+                    quantity="*", error=math.inf, ref_error=math.nan, tolerance=0.0, passed=False,
+                    note=f"device fault, run stopped (replay this case alone, with "
+                         f"CUDA_LAUNCH_BLOCKING=1): {self.message}")
+
+
 def run(fn: Callable[..., Any], args: dict[str, Any], case: Case, dtype: torch.dtype,
         douts: dict[str, torch.Tensor] | None, backward: bool = True,
         poison: bool = False) -> Run:
@@ -109,6 +137,8 @@ def run(fn: Callable[..., Any], args: dict[str, Any], case: Case, dtype: torch.d
                         result.grads[inp.name] = x.grad
     except Exception as exc:
         lines = traceback.format_exception_only(type(exc), exc)
+        if is_device_fault(exc):
+            raise DeviceFault(lines[-1].strip(), case) from exc
         result.error = lines[-1].strip()
     return result
 
@@ -186,7 +216,12 @@ def evaluate(case: Case, impls: list[Implementation], dtypes: list[str], device:
             is_ref = impl.name in ref_runs and impl is get(op.name, impl.name)
             res = ref_runs[impl.name] if is_ref else None
             if res is None:
-                res = run(impl.load(), rounded, case, dtype, douts, backward=impl.backward, poison=True)
+                try:
+                    res = run(impl.load(), rounded, case, dtype, douts, backward=impl.backward,
+                              poison=True)
+                except DeviceFault as fault:
+                    fault.impl, fault.dtype = impl.name, dname
+                    raise
             errors = compare(res, truth)
             for name, _ in quantities(case, truth, impl.backward):
                 ref_err = ref_errors.get(name, 0.0)
@@ -235,7 +270,7 @@ def check_random(op_name: str, impls: list[Implementation], dtypes: list[str], d
     def one(case: Case) -> None:
         nonlocal count
         count += 1
-        case_rows = evaluate(case, impls, dtypes, device, "random")
+        case_rows = guarded(evaluate, case, impls, dtypes, device, "random")
         if not all(r["passed"] for r in case_rows):
             raise CaseFailed(case, case_rows)
         rows.extend(case_rows)
@@ -246,7 +281,24 @@ def check_random(op_name: str, impls: list[Implementation], dtypes: list[str], d
     except CaseFailed as exc:  # raised again on the minimal example once shrinking is done
         failure = exc
         rows.extend(exc.rows)
+    except DeviceFault as fault:  # the first faulting case, as it was drawn
+        failure = CaseFailed(fault.case, [fault.row()])
+        rows.extend(failure.rows)
     return CheckResult(op_name, rows, failure, count, time.perf_counter() - start)
+
+
+def guarded(evaluate_: Callable[..., list[dict[str, Any]]], case: Case, *args: Any) -> list:
+    """evaluate_(case, ...), with any sticky device error raised as a DeviceFault naming case
+    (one from preparing the inputs too: then the fault may be the previous case's)."""
+    try:
+        return evaluate_(case, *args)
+    except DeviceFault as fault:
+        fault.case = fault.case or case
+        raise
+    except Exception as exc:
+        if is_device_fault(exc):
+            raise DeviceFault(f"{type(exc).__name__}: {exc}".splitlines()[0], case) from exc
+        raise
 
 
 def check_cases(cases: list[Case], impls: list[Implementation], dtypes: list[str],
@@ -255,12 +307,19 @@ def check_cases(cases: list[Case], impls: list[Implementation], dtypes: list[str
     rows: list[dict[str, Any]] = []
     failure = None
     start = time.perf_counter()
+    done = 0
     for case in cases:
-        case_rows = evaluate(case, impls, dtypes, device, family)
+        done += 1
+        try:
+            case_rows = guarded(evaluate, case, impls, dtypes, device, family)
+        except DeviceFault as fault:  # the process's device is unusable: stop here
+            failure = CaseFailed(fault.case, [fault.row()])
+            rows.extend(failure.rows)
+            break
         rows.extend(case_rows)
         if failure is None and not all(r["passed"] for r in case_rows):
             failure = CaseFailed(case, case_rows)
-    return CheckResult(cases[0].op if cases else "", rows, failure, len(cases),
+    return CheckResult(cases[0].op if cases else "", rows, failure, done,
                        time.perf_counter() - start)
 
 

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from harness.check import TRUTH, evaluate
+from harness.check import TRUTH, DeviceFault, evaluate
 from harness.registry import get, implementations
 from harness.suites import SUITES_DIR, Suite, SuiteCase
 from harness.tolerances import FLOOR as CHECK_FLOOR
@@ -198,6 +198,8 @@ def _run_case(sc: SuiteCase, device: str) -> tuple[list[dict[str, Any]], str | N
         rows += evaluate(sc.case, impls, sc.dtypes, device, sc.family)
     except Exception as exc:  # the truth failed: every entry of the case goes missing
         failure = f"{type(exc).__name__}: {exc}"
+    except DeviceFault as fault:  # later cases in this process will fail too, each recorded
+        failure = f"device fault in {fault.impl or 'a reference'} {fault.dtype}: {fault.message}"
     return [_entry(sc, row) for row in rows], failure, time.perf_counter() - start
 
 

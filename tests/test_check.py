@@ -142,3 +142,34 @@ def test_long_family_writes_error_against_T(tmp_path):
     assert set(df["T"]) == {64, 256} and set(df["impl"]) == {"naive"}  # chunk_ref is the truth here
     assert df["passed"].all() and (df["error"] < 1e-5).all()
     assert (tmp_path / "gla_long.png").stat().st_size > 1000
+
+
+SEEN: list[int] = []
+
+
+def faulting_gla(q, k, v, gk=None, gv=None, **kw):
+    """A planted kernel that faults like an out-of-bounds CUDA access once T >= 40: after such
+    an error every later call in the process fails as well (the context is unusable)."""
+    SEEN.append(q.shape[1])
+    if q.shape[1] >= 40 or len([t for t in SEEN if t >= 40]):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    return chunk_gla_ref(q, k, v, gk, gv, **kw)
+
+
+def test_device_fault_stops_at_the_case_that_faulted_without_shrinking():
+    # Shrinking a sticky fault would "minimise" it to whatever case ran next (the fault makes
+    # every case fail); the check stops at the first faulting case, exactly as drawn, and says
+    # so instead.
+    SEEN.clear()
+    impl = register(Implementation(op="gla", name="faulting", kind="reference",
+                                   target=faulting_gla), replace=True)
+    try:
+        result = check_random("gla", [impl], ["float64"], "cpu", examples=30, seed=0, profile="cpu")
+    finally:
+        unregister("gla", "faulting")
+    first = next(i for i, t in enumerate(SEEN) if t >= 40)
+    assert len(SEEN) == first + 1  # nothing ran after the fault
+    assert result.failure is not None and result.failure.case.dims["T"] == SEEN[first]
+    (row,) = result.failure.rows
+    assert row["impl"] == "faulting" and row["dtype"] == "float64" and not row["passed"]
+    assert "device fault" in row["note"] and "illegal memory access" in row["note"]
