@@ -12,8 +12,9 @@ rule (OPERATORS.md section 1), with the WY transform's w, u of each chunk (delta
 
 v' is stored (the output stage reads it). The final S is the final state. What decides its
 error in half precision is what enters v' and S rounded: u comes in float32 (rounded to bf16 it
-alone costs ~2e-3, one bf16 ulp), and S and v' enter their products as hi + lo halves
-(dot_split); w stays in the inputs' dtype (~1e-3). reports/NOTES.md has the emulation.
+alone costs ~2e-3, one bf16 ulp), and S and v' enter their products with more bits than the
+inputs' dtype (FWD_MIXED_BY_DTYPE: TF32 for bf16, hi + lo halves for fp16); w stays in the
+inputs' dtype (~1e-3). reports/NOTES.md has the emulation and the timings of each mode.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@ inside a chunk, one sequential walk over chunks for the state.
 
 Forward, a chain of shared stages:
 
-    A  = tril(diag(beta) K K^T, -1);  Ai = (I + A)^{-1}          # wy.kkt_fwd, common.solve_tril
-    w  = Ai diag(beta) K;  u = Ai diag(beta) V                   # wy.recompute_w_u_fwd
+    A  = tril(diag(beta) K K^T, -1);  Ai = (I + A)^{-1}          # wy.wy_fwd: one kernel
+    w  = Ai diag(beta) K;  u = Ai diag(beta) V                   # (FUSED_WY_FWD = False:
+                                            # wy.kkt_fwd, common.solve_tril, wy.recompute_w_u_fwd)
     h[n], v' = u - w h[n], S_{n+1} = h[n] + K^T v'               # common.chunk_state.chunk_fwd_h
     O  = (scale Q) h[n] + tril((scale Q) K^T) v'                 # common.chunk_output.chunk_fwd_o
 
