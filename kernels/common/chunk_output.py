@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from kernels.common.utils import (CHUNK_CONFIGS, chunk_rows, dot_precision, load_cols, load_rows,
-                                   store_rows)
+                                   store_rows, tile)
 
 __all__ = ["chunk_fwd_o", "chunk_bwd_dv_local", "chunk_bwd_dqk"]
 
@@ -59,7 +59,7 @@ def chunk_fwd_o(q, k, v, h, scale: float, cu_seqlens, chunk_indices, NT: int, BT
     B, T, H, K = q.shape
     V = v.shape[-1]
     o = torch.empty(B, T, H, V, dtype=out_dtype or v.dtype, device=v.device)
-    BK, BV = min(64, triton.next_power_of_2(K)), min(64, triton.next_power_of_2(V))
+    BK, BV = tile(K), tile(V)
     if NT:
         grid = (triton.cdiv(V, BV), NT, B * H)
         chunk_fwd_o_kernel[grid](q, k, v, h, o, cu_seqlens, chunk_indices, scale, T, H=H, K=K,
@@ -157,7 +157,7 @@ def chunk_bwd_dv_local(q, k, do, scale: float, cu_seqlens, chunk_indices, NT: in
     B, T, H, K = q.shape
     V = do.shape[-1]
     dv = torch.empty_like(do)
-    BK, BV = min(64, triton.next_power_of_2(K)), min(64, triton.next_power_of_2(V))
+    BK, BV = tile(K), tile(V)
     if NT:
         chunk_bwd_dv_local_kernel[(NT, B * H)](q, k, do, dv, cu_seqlens, chunk_indices, scale, T,
                                                H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
@@ -174,7 +174,7 @@ def chunk_bwd_dqk(q, k, v, h, do, dh, dv, scale: float, cu_seqlens, chunk_indice
     dq = torch.empty(B, T, H, K, dtype=dq_dtype or q.dtype, device=q.device)
     dk = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device)
     dw = torch.empty_like(k) if with_w else None
-    BK, BV = min(64, triton.next_power_of_2(K)), min(64, triton.next_power_of_2(V))
+    BK, BV = tile(K), tile(V)
     if NT:
         grid = (triton.cdiv(K, BK), NT, B * H)
         chunk_bwd_dqk_kernel[grid](q, k, v, h, do, dh, dv, dq, dk, dw, cu_seqlens, chunk_indices,

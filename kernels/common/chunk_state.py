@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from kernels.common.utils import (dot_mixed, dot_precision, load_cols, load_rows, seq_bounds,
-                                   store_rows, tuning)
+                                   store_rows, tile, tuning)
 
 __all__ = ["chunk_fwd_h", "chunk_bwd_dh"]
 
@@ -43,12 +43,12 @@ MAX_STATE_TILE = 8192  # floats of state per program (K * BV), 64 registers a th
 # The walk over chunks is sequential, so the grid is only (V / BV) x N x H programs: BV = 32
 # doubles them (more SMs busy), BV = 64 halves the re-reads of k and w. On the H100 at N*H = 32,
 # K = V = 128 every key measured picked BV = 32, 4 warps: 128 programs for 132 SMs, each walking
-# its chunks latency-bound. BV = 16 (two programs an SM, one's chain hiding the other's) is a
-# candidate not yet timed. The first config is the one numerical checks pin.
+# its chunks latency-bound. No BV = 16: 16-column products are where Triton 3.6 miscompiled a
+# chunk kernel on the H100 (utils.MIN_TILE). The first config is the one numerical checks pin.
 STATE_CONFIGS = tuning([
     triton.Config({'BV': BV}, num_warps=num_warps, num_stages=num_stages)
     for BV in (32, 64) for num_warps in (4, 8) for num_stages in (3, 4, 2)
-] + [triton.Config({'BV': 16}, num_warps=4, num_stages=s) for s in (3, 4)])
+])
 
 
 def _fits(configs, named_args, **kwargs):
@@ -184,7 +184,7 @@ def chunk_fwd_h(k, w, u, initial_state, output_final_state: bool, cu_seqlens, ch
     """
     B, T, H, K = k.shape
     V = u.shape[-1]
-    BK = min(64, triton.next_power_of_2(K))
+    BK = tile(K)
     h = k.new_empty(B if cu_seqlens is None else 1, NT, H, K, V)
     v_new = torch.empty_like(u, dtype=w.dtype)  # u may be float32; v' is stored like w
     ht = k.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
@@ -282,7 +282,7 @@ def chunk_bwd_dh(q, k, w, do, dv_local, dht, scale: float, need_dh0: bool, cu_se
     d(initial_state) float32 or None)."""
     B, T, H, K = k.shape
     V = do.shape[-1]
-    BK = min(64, triton.next_power_of_2(K))
+    BK = tile(K)
     dh = k.new_empty(B if cu_seqlens is None else 1, NT, H, K, V)
     dv = torch.empty_like(dv_local)
     dh0 = k.new_empty(N, H, K, V, dtype=torch.float32) if need_dh0 else None

@@ -74,6 +74,19 @@ def store_rows(x, b_x, o_c, m_t, o_d, D: tl.constexpr, H: tl.constexpr):
              mask=m_t[:, None] & (o_d < D)[None, :])
 
 
+# The narrowest tile of a head dimension in the chunk kernels. On the H100 (Triton 3.6, 4 warps)
+# a 16-wide tile made the chunk backward's dq and dk wrong (relative error ~1, K = 16 with V >= 32,
+# bf16 and fp16; right with 8 warps and on the interpreter): a [64, 64] product's accumulator
+# feeding, as the register operand, a product with 16 output columns. 32-wide tiles (masked past
+# the head dimension) keep every product at 32 columns or more, at no cost that matters.
+MIN_TILE = 32
+
+
+def tile(D: int, cap: int = 64) -> int:
+    """Tile width for a head dimension of size D: a power of two in [MIN_TILE, cap]."""
+    return min(cap, max(MIN_TILE, triton.next_power_of_2(D)))
+
+
 def chunk_layout(B: int, T: int, cu_seqlens: torch.Tensor | None, BT: int):
     """How the chunk kernels see a batch.
 

@@ -44,7 +44,7 @@ import triton.language as tl
 
 from harness.operators import DELTA_RULE
 from kernels.common.solve_tril import solve_tril
-from kernels.common.utils import dot_precision
+from kernels.common.utils import dot_precision, tile
 from kernels.delta_rule.wy import kkt_fwd
 
 __all__ = ["parallel_delta_rule", "parallel_delta_rule_fwd"]
@@ -124,8 +124,8 @@ def parallel_delta_rule_fwd(q, k, v, beta, scale: float, output_attentions: bool
     Ai = solve_tril(kkt_fwd(k, beta, None, None, NT, BT))
     o = torch.empty(B, T, H, V, dtype=torch.float32, device=v.device)
     attn = torch.empty(B, H, T, T, dtype=v.dtype, device=v.device) if output_attentions else None
-    BK = max(16, triton.next_power_of_2(K))
-    BV = max(16, min(64, triton.next_power_of_2(V)))
+    BK = tile(K, cap=256)
+    BV = tile(V)
     if NT:
         parallel_delta_rule_fwd_kernel[(NT, B * H)](
             q, k, v, beta, Ai, o, attn, scale, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,

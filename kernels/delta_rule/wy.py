@@ -20,7 +20,7 @@ import triton.language as tl
 
 from kernels.common.solve_tril import inv_unit_lower
 from kernels.common.utils import (CHUNK_CONFIGS, chunk_bounds, chunk_rows, dot_precision, dot_split,
-                                   load_rows, store_rows, tuning)
+                                   load_rows, store_rows, tile, tuning)
 
 __all__ = ["wy_fwd", "kkt_fwd", "recompute_w_u_fwd", "wy_bwd"]
 
@@ -238,7 +238,7 @@ def wy_fwd(k, v, beta, cu_seqlens, chunk_indices, NT: int, BT: int):
     V = v.shape[-1]
     Ai = torch.empty(B, T, H, BT, dtype=torch.float32, device=k.device)
     w, u = torch.empty_like(k), torch.empty_like(v, dtype=torch.float32)
-    BK, BV = min(64, triton.next_power_of_2(K)), min(64, triton.next_power_of_2(V))
+    BK, BV = tile(K), tile(V)
     if NT:
         wy_fwd_kernel[(NT, B * H)](k, v, beta, Ai, w, u, cu_seqlens, chunk_indices, T, H=H, K=K,
                                    V=V, BT=BT, BC=WY_BC, BK=BK, BV=BV,
@@ -251,7 +251,7 @@ def kkt_fwd(k: torch.Tensor, beta: torch.Tensor, cu_seqlens, chunk_indices, NT: 
     """A [B, T, H, BT] float32: tril(diag(beta) K K^T, -1) per chunk."""
     B, T, H, K = k.shape
     A = torch.empty(B, T, H, BT, dtype=torch.float32, device=k.device)
-    BK = min(64, triton.next_power_of_2(K))
+    BK = tile(K)
     if NT:
         kkt_fwd_kernel[(NT, B * H)](k, beta, A, cu_seqlens, chunk_indices, T, H=H, K=K, BT=BT,
                                     BK=BK, PRECISION=dot_precision(k.dtype))
@@ -263,7 +263,7 @@ def recompute_w_u_fwd(k, v, beta, Ai, cu_seqlens, chunk_indices, NT: int, BT: in
     B, T, H, K = k.shape
     V = v.shape[-1]
     w, u = torch.empty_like(k), torch.empty_like(v, dtype=torch.float32)
-    BK, BV = min(64, triton.next_power_of_2(K)), min(64, triton.next_power_of_2(V))
+    BK, BV = tile(K), tile(V)
     if NT:
         recompute_w_u_fwd_kernel[(NT, B * H)](
             k, v, beta, Ai, w, u, cu_seqlens, chunk_indices, T, H=H, K=K, V=V, BT=BT, BK=BK,
@@ -286,13 +286,12 @@ def wy_bwd_kernel(
         dA       = -tril(Ai^T dAi Ai^T, -1)
         dk       = dk_in + diag(beta) Ai^T dw + diag(beta) dA K + dA^T diag(beta) K
         dv       = diag(beta) Ai^T du
-        dbeta    = rowsum(Ai^T dw * K) + rowsum(Ai^T du * V) + rowsum(dA * K K^T)
+        dbeta    = rowsum(Ai^T dw * K) + rowsum(Ai^T du * V) + rowsum((dA K) * K)
 
     dk_in holds the other paths' share of dk (float32); dk, dv, dbeta are written final.
     """
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
     i_t, m_t, row0 = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BT, IS_VARLEN)
-    o_c = tl.arange(0, BT)
     o_c = tl.arange(0, BT)
     DT = k.dtype.element_ty
     # [BT, BT]
@@ -300,7 +299,6 @@ def wy_bwd_kernel(
     b_Ait = tl.trans(b_Ai).to(DT)
     b_beta = tl.load(beta + row0 + o_c * H, mask=m_t, other=0.).to(tl.float32)
     b_dAi = tl.zeros([BT, BT], dtype=tl.float32)
-    b_kk = tl.zeros([BT, BT], dtype=tl.float32)
     b_dbeta = tl.zeros([BT], dtype=tl.float32)
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
@@ -317,14 +315,15 @@ def wy_bwd_kernel(
         b_k = tl.load(k + row0 * K + o_c[:, None] * (H * K) + o_k[None, :], mask=m, other=0.)
         b_dw = tl.load(dw + row0 * K + o_c[:, None] * (H * K) + o_k[None, :], mask=m, other=0.).to(DT)
         b_dAi += tl.dot(b_dw, tl.trans((b_k * b_beta[:, None]).to(DT)), input_precision=PRECISION)
-        b_kk += tl.dot(b_k, tl.trans(b_k), input_precision=PRECISION)
     # dA = -(Ai^T dAi Ai^T), strictly below the diagonal
     b_dA = tl.dot(tl.dot(b_Ait, b_dAi.to(DT), input_precision=PRECISION).to(DT), b_Ait,
                   input_precision=PRECISION)
     b_dA = tl.where(o_c[:, None] > o_c[None, :], -b_dA, 0.)
-    b_dbeta += tl.sum(b_dA * b_kk, 1)
-    b_dAb = (b_dA * b_beta[:, None]).to(DT)  # diag(beta) dA
-    b_dAbt = tl.trans(b_dAb)
+    # rowsum(dA * K K^T) is taken as rowsum((dA K) * K), per block of K below, from the same
+    # product that dk needs. (Summed from a K K^T accumulator instead, the H100 gave dbeta 2e-2
+    # off at K = V = 128, 4 or 8 warps, the same kernel's dv and dk right; fla: 3.9e-3.)
+    b_dAbt = tl.trans((b_dA * b_beta[:, None]).to(DT))  # (diag(beta) dA)^T
+    b_dA = b_dA.to(DT)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m = m_t[:, None] & (o_k < K)[None, :]
@@ -332,9 +331,11 @@ def wy_bwd_kernel(
         b_dw = tl.load(dw + row0 * K + o_c[:, None] * (H * K) + o_k[None, :], mask=m, other=0.).to(DT)
         b_dkb = tl.dot(b_Ait, b_dw, input_precision=PRECISION)  # d(diag(beta) K)
         b_dbeta += tl.sum(b_dkb * b_k, 1)
+        b_dAk = tl.dot(b_dA, b_k, input_precision=PRECISION)  # dA K
+        b_dbeta += tl.sum(b_dAk * b_k, 1)
         b_dk = tl.load(dk_in + row0 * K + o_c[:, None] * (H * K) + o_k[None, :], mask=m, other=0.)
-        b_dk += b_dkb * b_beta[:, None]
-        b_dk += tl.dot(b_dAb, b_k, input_precision=PRECISION) + tl.dot(b_dAbt, b_k, input_precision=PRECISION)
+        b_dk += (b_dkb + b_dAk) * b_beta[:, None]
+        b_dk += tl.dot(b_dAbt, b_k, input_precision=PRECISION)
         tl.store(dk + row0 * K + o_c[:, None] * (H * K) + o_k[None, :], b_dk.to(dk.dtype.element_ty), mask=m)
     tl.store(dbeta + row0 + o_c * H, b_dbeta.to(dbeta.dtype.element_ty), mask=m_t)
 
@@ -347,7 +348,7 @@ def wy_bwd(k, v, beta, Ai, dw, du, dk_in, cu_seqlens, chunk_indices, NT: int, BT
     V = v.shape[-1]
     dk = torch.empty_like(k, dtype=grad_dtype or k.dtype)
     dv, dbeta = torch.empty_like(v), torch.empty_like(beta)
-    BK, BV = min(64, triton.next_power_of_2(K)), min(64, triton.next_power_of_2(V))
+    BK, BV = tile(K), tile(V)
     if NT:
         wy_bwd_kernel[(NT, B * H)](k, v, beta, Ai, dw, du, dk_in, dk, dv, dbeta, cu_seqlens,
                                    chunk_indices, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
