@@ -94,6 +94,40 @@ def test_per_channel_beta_goes_to_the_recurrent_kernel():
     assert rel_error(o, o_ref) < 1e-5
 
 
+@pytest.mark.parametrize("cu", [None, [0, 1, 1, 2]])
+def test_one_token_sequences_go_to_the_recurrent_kernel(monkeypatch, cu):
+    """Decoding (every sequence one token) takes the recurrent kernel: the chunked form would
+    round v' to the inputs' dtype before dq = scale (dO . v') k, a single dot product."""
+    import kernels.delta_rule.chunk as chunk_mod
+    calls = []
+    real = chunk_mod.fused_recurrent_delta_rule
+    monkeypatch.setattr(chunk_mod, "fused_recurrent_delta_rule",
+                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    B, T = (2, 1) if cu is None else (1, 2)
+    cu = None if cu is None else torch.tensor(cu)
+    q, k, v, beta = inputs(B, T, 2, 16, 16)
+    got, ref = run_both(q, k, v, beta, torch.randn(B if cu is None else 3, 2, 16, 16), cu=cu)
+    assert calls, "one-token sequences should be handed to fused_recurrent_delta_rule"
+    for name, x, r in zip(["o", "ht", "dq", "dk", "dv", "dbeta", "dh0"], got, ref):
+        assert rel_error(x, r) < 1e-5, (name, rel_error(x, r))
+
+
+def test_one_token_chunk_through_the_chunked_stages():
+    """The chunked stages themselves on a chunk of one token (the autograd Function, past the
+    hand-off): exact in float32 like every other chunk."""
+    from kernels.delta_rule.chunk import ChunkDeltaRuleFunction
+    q, k, v, beta = inputs(1, 1, 1, 16, 16)
+    xs = [x.clone().requires_grad_() for x in (q, k, v, beta)]
+    o, _ = ChunkDeltaRuleFunction.apply(*xs, 0.5, None, False, False, None)
+    o.sum().backward()
+    xr = [x.double().requires_grad_() for x in (q, k, v, beta)]
+    o_ref, _ = naive_recurrent_delta_rule(*xr, scale=0.5)
+    o_ref.sum().backward()
+    assert rel_error(o, o_ref) < 1e-5
+    for x, r in zip(xs, xr):
+        assert rel_error(x.grad, r.grad) < 1e-5
+
+
 def test_rejects_head_dims_over_256():
     q, k, v, beta = inputs(1, 4, 1, 300, 8)
     with pytest.raises(ValueError, match="K and V must be <= 256, got K=300"):
