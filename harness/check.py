@@ -9,6 +9,11 @@ For one case and one dtype, the inputs are drawn in float64, rounded to the dtyp
   compared on every output, every final state and, under random upstream gradients on all of
   them, the gradient of every differentiable input.
 
+The truth and the references run on ``reference_device`` (by default the CPU when the
+implementations run on a GPU: their step loops are launch-bound there, and their autograd
+graphs would share the GPU's memory with the kernels); the implementations' results are
+compared there.
+
 A quantity passes when its relative error is within ``harness.tolerances.tolerance``.
 Two families: ``random`` (hypothesis draws the cases and shrinks a failure to a minimal one)
 and ``long`` (growing T with gates strong enough to leave float32 range).
@@ -17,6 +22,7 @@ and ``long`` (growing T with gates strong enough to leave float32 range).
 from __future__ import annotations
 
 import math
+import os
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -46,11 +52,30 @@ TRUTH = {"random": "naive", "replay": "naive", "long": "chunk_ref"}
 REFERENCES = ("naive", "chunk_ref")
 
 
+# Where the truth and the references run: "auto" (the CPU when the implementations run on a
+# GPU, else with them), "cpu" or "device" (with the implementations). The CLI's --ref-device
+# sets it; gate workers inherit it. On the H100 a float64 step loop took ~60 s per T = 2048
+# delta-rule case (kernel launches); on 2 CPU cores it takes 12 s.
+REF_DEVICE_ENV = "LINATTN_REF_DEVICE"
+REF_DEVICES = ("auto", "cpu", "device")
+
+
+def reference_device(device: str) -> str:
+    """The device the truth and the references run on, for implementations on ``device``."""
+    choice = os.environ.get(REF_DEVICE_ENV, "auto")
+    if choice not in REF_DEVICES:
+        raise ValueError(f"{REF_DEVICE_ENV}: expected one of {', '.join(REF_DEVICES)}, got {choice!r}")
+    if choice == "device" or (choice == "auto" and device == "cpu"):
+        return device
+    return "cpu"
+
+
 def rel_error(x: torch.Tensor | None, ref: torch.Tensor) -> float:
-    """``||x - ref|| / ||ref||`` in float64; inf for a missing, misshapen or non-finite x."""
+    """``||x - ref|| / ||ref||`` in float64 on ref's device; inf for a missing, misshapen or
+    non-finite x."""
     if x is None or tuple(x.shape) != tuple(ref.shape):
         return math.inf
-    x64, r64 = x.detach().double(), ref.detach().double()
+    x64, r64 = x.detach().to(ref.device, torch.float64), ref.detach().double()
     if not torch.isfinite(x64).all():
         return math.inf
     num, den = torch.linalg.vector_norm(x64 - r64).item(), torch.linalg.vector_norm(r64).item()
@@ -171,9 +196,12 @@ def evaluate(case: Case, impls: list[Implementation], dtypes: list[str], device:
     """Check every implementation on one case in every dtype; one row per quantity."""
     op = case.operator
     truth_fn = get(op.name, TRUTH[family])
-    args64 = sample(case, device)
+    rdev = reference_device(device)
+    args64 = sample(case, device)  # drawn on the CPU, then moved: the same values everywhere
+    args_ref = args64 if rdev == device else sample(case, rdev)
     rows: list[dict[str, Any]] = []
-    douts: dict[str, torch.Tensor] | None = None
+    douts: dict[str, torch.Tensor] | None = None  # on the reference device
+    douts_impl: dict[str, torch.Tensor] | None = None  # the same, on the implementations' device
     gen = torch.Generator().manual_seed(case.seed + 1)
     for dname in dtypes:
         dtype = DTYPES[dname]
@@ -188,13 +216,15 @@ def evaluate(case: Case, impls: list[Implementation], dtypes: list[str], device:
         if not todo:
             continue
         rounded = cast_args(args64, case, dtype, grad=False)  # inputs as the dtype holds them
+        rounded_ref = rounded if rdev == device else cast_args(args_ref, case, dtype, grad=False)
         if douts is None:  # upstream gradients: drawn once per case, shaped like the outputs
-            first = run(truth_fn.load(), rounded, case, torch.float64, None)
+            first = run(truth_fn.load(), rounded_ref, case, torch.float64, None)
             if first.error:
                 raise RuntimeError(f"the truth ({truth_fn.key}) failed on {case.to_json()}: {first.error}")
-            douts = {n: torch.randn(t.shape, generator=gen, dtype=torch.float64).to(device)
+            douts = {n: torch.randn(t.shape, generator=gen, dtype=torch.float64).to(rdev)
                      for n, t in first.outputs.items() if t is not None}
-        truth = run(truth_fn.load(), rounded, case, torch.float64, douts)
+            douts_impl = {n: t.to(device) for n, t in douts.items()}
+        truth = run(truth_fn.load(), rounded_ref, case, torch.float64, douts)
         if truth.error:
             raise RuntimeError(f"the truth ({truth_fn.key}) failed on {case.to_json()}: {truth.error}")
         # What the dtype itself costs: the worse of the two references run in it (the step
@@ -203,7 +233,7 @@ def evaluate(case: Case, impls: list[Implementation], dtypes: list[str], device:
         ref_errors: dict[str, float] = {}
         if dtype != torch.float64:
             for name in REFERENCES:
-                ref_runs[name] = run(get(op.name, name).load(), rounded, case, dtype, douts)
+                ref_runs[name] = run(get(op.name, name).load(), rounded_ref, case, dtype, douts)
                 for q, e in compare(ref_runs[name], truth).items():
                     ref_errors[q] = max(ref_errors.get(q, 0.0), e)
         for impl, reason in todo:
@@ -217,8 +247,8 @@ def evaluate(case: Case, impls: list[Implementation], dtypes: list[str], device:
             res = ref_runs[impl.name] if is_ref else None
             if res is None:
                 try:
-                    res = run(impl.load(), rounded, case, dtype, douts, backward=impl.backward,
-                              poison=True)
+                    res = run(impl.load(), rounded, case, dtype, douts_impl,
+                              backward=impl.backward, poison=True)
                 except DeviceFault as fault:
                     fault.impl, fault.dtype = impl.name, dname
                     raise

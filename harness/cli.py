@@ -44,6 +44,22 @@ AUTOTUNE_HELP = ("time every tiling config of each kernel and keep the fastest (
                  "ulps), and one compile per shape is minutes less on a GPU")
 
 
+REF_DEVICE_HELP = ("where the float64 truth and the same-dtype references run: auto (the CPU when "
+                   "the implementations run on a GPU, where the references' step loops are "
+                   "launch-bound and their autograd graphs would take GPU memory), cpu, or device "
+                   "(with the implementations)")
+
+
+def set_ref_device(choice: str) -> None:
+    """Record --ref-device for harness.check (and gate workers, which inherit the environment)."""
+    from harness.check import REF_DEVICE_ENV, REF_DEVICES
+
+    if choice not in REF_DEVICES:
+        raise typer.BadParameter(f"expected one of {', '.join(REF_DEVICES)}, got {choice!r}",
+                                 param_hint="--ref-device")
+    os.environ[REF_DEVICE_ENV] = choice
+
+
 def pin_configs(autotune: bool) -> None:
     """LINATTN_AUTOTUNE=0 unless asked to autotune; kernels read it when first imported."""
     if not autotune:
@@ -97,10 +113,12 @@ def check(
     case: Optional[str] = typer.Option(None, help="replay one case (JSON, as a failure prints it)"),
     out: Path = typer.Option(Path("out/check"), help="directory for CSV, JSON and plots"),
     autotune: bool = typer.Option(False, "--autotune/--pinned", help=AUTOTUNE_HELP),
+    ref_device: str = typer.Option("auto", "--ref-device", help=REF_DEVICE_HELP),
 ) -> None:
     """Compare implementations of OP with the float64 reference: outputs, final states, gradients."""
     device = select_device(device)
     pin_configs(autotune)
+    set_ref_device(ref_device)
     from harness.cases import Case
     from harness.check import DTYPES, TRUTH, check_cases, check_long, check_random
     from harness.operators import OPERATORS

@@ -39,15 +39,17 @@ def gate_cmd(
     out: Path = typer.Option(Path("out/gate"), help="directory for the JSON and markdown report"),
     jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="cases evaluated at once, each in its own process (a GPU run spends most of its time compiling each case's kernels)"),
     autotune: bool = typer.Option(False, "--autotune/--pinned", help="see `harness check --help`"),
+    ref_device: str = typer.Option("auto", "--ref-device", help="see `harness check --help`"),
 ) -> None:
     """Run a suite and fail when any implementation's error grew past its recorded baseline."""
     import time
 
-    from harness.cli import _fail, console, pin_configs, select_device
+    from harness.cli import _fail, console, pin_configs, select_device, set_ref_device
 
     device_arg = device
     device = select_device(device)
     pin_configs(autotune)
+    set_ref_device(ref_device)
     from harness import gate
     from harness.suites import SuiteError, display, load_suite
 

@@ -99,7 +99,10 @@ def environment(device: str) -> dict[str, str]:
     if device == "cuda":
         import torch
 
+        from harness.check import reference_device
+
         env["device"] = torch.cuda.get_device_name()
+        env["references"] = reference_device(device)
     else:
         env["device"] = f"cpu (Triton interpreter), {CPU_THREADS} thread(s)"
     return env
@@ -203,14 +206,19 @@ def _run_case(sc: SuiteCase, device: str) -> tuple[list[dict[str, Any]], str | N
     return [_entry(sc, row) for row in rows], failure, time.perf_counter() - start
 
 
-def _worker(path: str, index: int, device: str):
+def _worker(path: str, index: int, device: str, jobs: int):
     """A worker process's case (spawned: it loads the suite and the registry itself)."""
+    import os
+
     import torch
 
+    from harness.check import reference_device
     from harness.suites import load_suite
 
     if device == "cpu":
         torch.set_num_threads(CPU_THREADS)
+    elif reference_device(device) == "cpu":  # the references' loops share the host's cores
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // jobs))
     return index, _run_case(load_suite(path).cases[index], device)
 
 
@@ -221,7 +229,8 @@ def _run_parallel(suite: Suite, device: str, progress, jobs: int) -> list:
     results: list = [None] * len(suite.cases)
     ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
     with ProcessPoolExecutor(max_workers=min(jobs, len(suite.cases)), mp_context=ctx) as pool:
-        futures = [pool.submit(_worker, str(suite.path), n, device) for n in range(len(suite.cases))]
+        futures = [pool.submit(_worker, str(suite.path), n, device, jobs)
+                   for n in range(len(suite.cases))]
         for done, future in enumerate(as_completed(futures)):
             n, result = future.result()
             results[n] = result

@@ -104,6 +104,43 @@ def test_exception_becomes_a_failed_row():
     assert "RuntimeError: kernel exploded" in rows[0]["note"]
 
 
+@pytest.mark.parametrize("env, device, expected", [
+    (None, "cuda", "cpu"), ("auto", "cuda", "cpu"), ("auto", "cpu", "cpu"), ("cpu", "cuda", "cpu"),
+    ("device", "cuda", "cuda"), ("device", "cpu", "cpu")])
+def test_reference_device(monkeypatch, env, device, expected):
+    from harness.check import REF_DEVICE_ENV, reference_device
+    if env is None:
+        monkeypatch.delenv(REF_DEVICE_ENV, raising=False)
+    else:
+        monkeypatch.setenv(REF_DEVICE_ENV, env)
+    assert reference_device(device) == expected
+
+
+def test_unknown_reference_device_is_refused(monkeypatch):
+    from harness.check import REF_DEVICE_ENV, reference_device
+    monkeypatch.setenv(REF_DEVICE_ENV, "tpu")
+    with pytest.raises(ValueError, match="LINATTN_REF_DEVICE: expected one of auto, cpu, device, got 'tpu'"):
+        reference_device("cuda")
+    result = runner.invoke(app, ["check", "delta_rule", "--device", "cpu", "--ref-device", "tpu"])
+    assert result.exit_code != 0 and "--ref-device" in result.output
+
+
+def test_references_on_another_device_give_the_same_rows(monkeypatch, planted):
+    """The truth and the references on their own device (here "cpu:0" against the
+    implementations' "cpu", which takes the two-device path): every row as on one device."""
+    import harness.check as check
+    case = Case(op="gla", dims=dict(B=1, T=9, H=1, K=4, V=4), initial_state=True, seed=5)
+    impls = [get("gla", "chunk_ref"), planted]
+    one = evaluate(case, impls, ["float64", "float32"], "cpu")
+    monkeypatch.setattr(check, "reference_device", lambda device: "cpu:0")
+    two = evaluate(case, impls, ["float64", "float32"], "cpu")
+    assert len(one) == len(two) > 0
+    for a, b in zip(one, two):
+        assert (a["impl"], a["quantity"], a["dtype"], a["passed"]) == (b["impl"], b["quantity"], b["dtype"], b["passed"])
+        assert a["error"] == b["error"] and a["ref_error"] == b["ref_error"]
+    assert not all(r["passed"] for r in two if r["impl"] == "planted_bug")
+
+
 def test_rel_error():
     ref = torch.tensor([3.0, 4.0])
     assert rel_error(ref, ref) == 0.0
