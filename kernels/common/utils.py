@@ -76,9 +76,10 @@ def store_rows(x, b_x, o_c, m_t, o_d, D: tl.constexpr, H: tl.constexpr):
 
 # The narrowest tile of a head dimension in the chunk kernels. On the H100 (Triton 3.6, 4 warps)
 # a 16-wide tile made the chunk backward's dq and dk wrong (relative error ~1, K = 16 with V >= 32,
-# bf16 and fp16; right with 8 warps and on the interpreter): a [64, 64] product's accumulator
-# feeding, as the register operand, a product with 16 output columns. 32-wide tiles (masked past
-# the head dimension) keep every product at 32 columns or more, at no cost that matters.
+# bf16 and fp16; right with 8 warps and on the interpreter; reports/delta_rule/dqk_iso.py). There
+# the [64, 64] dS accumulator feeds the two 16-column products of dq and dk. 32-wide tiles
+# (masked past the head dimension) keep every product at 32 columns or more, at no cost that
+# matters (head dims under 32 are rare, and the tiles of larger ones are unchanged).
 MIN_TILE = 32
 
 
