@@ -171,6 +171,35 @@ def test_both_wy_forwards_through_the_whole_kernel(monkeypatch, fused):
         assert rel_error(x, r) < 1e-4, (name, rel_error(x, r))
 
 
+@pytest.mark.parametrize("mode", ["forward", "inputs"])
+def test_backward_recompute_modes(monkeypatch, mode):
+    """BWD_RECOMPUTE: float32 inputs get exact gradients in both modes (the same arithmetic);
+    float16 gradients stay within the float16 bound of the test above in both (measured 5.8e-4
+    to 7.4e-4 with "inputs", where the backward's u, Ai and walk products are rounded to float16
+    as fla's are, against 5.7e-4 to 7.3e-4 with "forward")."""
+    import kernels.delta_rule.chunk as chunk_mod
+
+    monkeypatch.setattr(chunk_mod, "BWD_RECOMPUTE", mode)
+    q, k, v, beta = inputs(2, 70, 2, 20, 12)
+    got, ref = run_both(q, k, v, beta, torch.randn(2, 2, 20, 12), scale=0.7)
+    for name, x, r in zip(["o", "ht", "dq", "dk", "dv", "dbeta", "dh0"], got, ref):
+        assert rel_error(x, r) < 1e-5, (name, rel_error(x, r))
+    q, k, v, beta = inputs(1, 70, 2, 16, 16, dtype=torch.float16)
+    got, ref = run_both(q, k, v, beta)
+    for name, x, r in zip(["dq", "dk", "dv", "dbeta"], got[2:], ref[2:]):
+        assert rel_error(x, r) < 2e-3, (name, rel_error(x, r))
+
+
+def test_unknown_backward_recompute_mode_is_refused(monkeypatch):
+    import kernels.delta_rule.chunk as chunk_mod
+
+    monkeypatch.setattr(chunk_mod, "BWD_RECOMPUTE", "fast")
+    q, k, v, beta = (x.requires_grad_() for x in inputs(1, 8, 1, 16, 16))
+    o, _ = chunk_delta_rule(q, k, v, beta)
+    with pytest.raises(ValueError, match="BWD_RECOMPUTE: expected 'forward' or 'inputs', got 'fast'"):
+        o.sum().backward()
+
+
 def test_final_state_keeps_u_v_and_state_unrounded_in_half_precision():
     # The state walk takes u in float32 and multiplies with hi + lo halves of S and v'
     # (kernels.common.utils.dot_split) instead of rounding them to the inputs' dtype. Rounded,

@@ -176,11 +176,13 @@ def chunk_fwd_h_kernel(
 
 
 def chunk_fwd_h(k, w, u, initial_state, output_final_state: bool, cu_seqlens, chunk_offsets,
-                N: int, NT: int, BT: int):
+                N: int, NT: int, BT: int, mixed: str | None = None):
     """Returns (h [B, NT, H, K, V] or [1, NT_all, H, K, V], v_new [B, T, H, V] in w's dtype,
     final state or None).
 
     h is kept in k's dtype (it feeds the output stage's matmuls); the final state in float32.
+    ``mixed`` overrides how S and v' enter their products (utils.dot_mixed; default
+    FWD_MIXED, else FWD_MIXED_BY_DTYPE).
     """
     B, T, H, K = k.shape
     V = u.shape[-1]
@@ -191,7 +193,7 @@ def chunk_fwd_h(k, w, u, initial_state, output_final_state: bool, cu_seqlens, ch
     grid = lambda meta: (triton.cdiv(V, meta['BV']), N * H)  # noqa: E731
     chunk_fwd_h_kernel[grid](k, w, u, v_new, h, initial_state, ht, cu_seqlens, chunk_offsets, T,
                              H=H, K=K, V=V, BT=BT, BK=BK, PRECISION=dot_precision(k.dtype),
-                             MIXED=FWD_MIXED or FWD_MIXED_BY_DTYPE[k.dtype])
+                             MIXED=mixed or FWD_MIXED or FWD_MIXED_BY_DTYPE[k.dtype])
     return h, v_new, ht
 
 

@@ -42,6 +42,12 @@ BT = 64  # chunk size: a tiling choice, never a change of result
 # On the H100 (B=2 H=16 K=V=128 bf16) it took the forward from 0.83 to 0.65 ms at T=8K and
 # 3.16 to 2.47 ms at 32K, same errors; False runs kkt_fwd, solve_tril, recompute_w_u_fwd.
 FUSED_WY_FWD = True
+# The backward recomputes w, u, h and v' (to dq, dk, dw and dv'). "forward": with the forward's
+# arithmetic (u float32, Ai as hi + lo, S and v' per FWD_MIXED_BY_DTYPE). "inputs": in the
+# inputs' dtype (u rounded, Ai rounded, S and v' rounded into the walk's products; fla's
+# arithmetic), for half-precision inputs one product less per stage and half of u's bytes;
+# float32 inputs get the same arithmetic either way. Not timed yet (reports/NOTES.md).
+BWD_RECOMPUTE = "forward"
 
 
 def chunk_delta_rule_fwd(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens,
@@ -73,8 +79,13 @@ def chunk_delta_rule_bwd(q, k, v, beta, Ai, scale, initial_state, do, dht, cu_se
     (default the inputs'), dv, dbeta in v's and beta's dtypes, d(initial_state) float32."""
     B, T, H, K = k.shape
     N, NT, chunk_indices, chunk_offsets = chunk_layout(B, T, cu_seqlens, BT)
-    w, u = recompute_w_u_fwd(k, v, beta, Ai, cu_seqlens, chunk_indices, NT, BT)
-    h, v_new, _ = chunk_fwd_h(k, w, u, initial_state, False, cu_seqlens, chunk_offsets, N, NT, BT)
+    if BWD_RECOMPUTE not in ("forward", "inputs"):
+        raise ValueError(f"BWD_RECOMPUTE: expected 'forward' or 'inputs', got {BWD_RECOMPUTE!r}")
+    fast = BWD_RECOMPUTE == "inputs"
+    w, u = recompute_w_u_fwd(k, v, beta, Ai, cu_seqlens, chunk_indices, NT, BT,
+                             in_inputs_dtype=fast)
+    h, v_new, _ = chunk_fwd_h(k, w, u, initial_state, False, cu_seqlens, chunk_offsets, N, NT, BT,
+                              mixed="round" if fast else None)
     del u  # from here on each intermediate is freed after the last stage that reads it
     dv_local = chunk_bwd_dv_local(q, k, do, scale, cu_seqlens, chunk_indices, NT, BT)
     dh, dv_new, dh0 = chunk_bwd_dh(q, k, w, do, dv_local, dht, scale, initial_state is not None,

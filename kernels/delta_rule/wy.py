@@ -53,10 +53,13 @@ def kkt_fwd_kernel(
 @triton.jit
 def _store_w_u(k, v, w, u, b_Ai, b_beta, row0, m_t, H: tl.constexpr, K: tl.constexpr,
                V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-               PRECISION: tl.constexpr):
-    """w = Ai diag(beta) K and u = Ai diag(beta) V for one chunk, Ai [BT, BT] float32."""
+               PRECISION: tl.constexpr, SPLIT_AI: tl.constexpr):
+    """w = Ai diag(beta) K and u = Ai diag(beta) V for one chunk, Ai [BT, BT] float32: kept to
+    ~16 bits (hi + lo, two products) when SPLIT_AI, else rounded to the inputs' dtype."""
     DT = k.dtype.element_ty
     o_c = tl.arange(0, BT)
+    if not SPLIT_AI:
+        b_Ai = b_Ai.to(DT)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m = m_t[:, None] & (o_k < K)[None, :]
@@ -77,17 +80,17 @@ def _store_w_u(k, v, w, u, b_Ai, b_beta, row0, m_t, H: tl.constexpr, K: tl.const
 def recompute_w_u_fwd_kernel(
     k, v, beta, Ai, w, u, cu_seqlens, chunk_indices, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, SPLIT_AI: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):
     """w = Ai diag(beta) K and u = Ai diag(beta) V for one chunk."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
     i_t, m_t, row0 = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BT, IS_VARLEN)
     o_c = tl.arange(0, BT)
-    o_c = tl.arange(0, BT)
     # [BT, BT]
     b_Ai = tl.load(Ai + row0 * BT + o_c[:, None] * (H * BT) + o_c[None, :], mask=m_t[:, None], other=0.)
     b_beta = tl.load(beta + row0 + o_c * H, mask=m_t, other=0.).to(tl.float32)
-    _store_w_u(k, v, w, u, b_Ai, b_beta, row0, m_t, H, K, V, BT, BK, BV, PRECISION)
+    _store_w_u(k, v, w, u, b_Ai, b_beta, row0, m_t, H, K, V, BT, BK, BV, PRECISION, SPLIT_AI)
 
 
 # The fused forward below tiles a chunk into 4 x 16 rows (blocks i, j); BT is fixed at 64.
@@ -258,16 +261,19 @@ def kkt_fwd(k: torch.Tensor, beta: torch.Tensor, cu_seqlens, chunk_indices, NT: 
     return A
 
 
-def recompute_w_u_fwd(k, v, beta, Ai, cu_seqlens, chunk_indices, NT: int, BT: int):
-    """(w [B,T,H,K] in k's dtype, u [B,T,H,V] float32)."""
+def recompute_w_u_fwd(k, v, beta, Ai, cu_seqlens, chunk_indices, NT: int, BT: int,
+                      in_inputs_dtype: bool = False):
+    """(w [B,T,H,K] in k's dtype, u [B,T,H,V] float32). ``in_inputs_dtype``: u in v's dtype
+    and Ai rounded to it (one product each instead of a hi + lo pair)."""
     B, T, H, K = k.shape
     V = v.shape[-1]
-    w, u = torch.empty_like(k), torch.empty_like(v, dtype=torch.float32)
+    w = torch.empty_like(k)
+    u = torch.empty_like(v, dtype=v.dtype if in_inputs_dtype else torch.float32)
     BK, BV = tile(K), tile(V)
     if NT:
         recompute_w_u_fwd_kernel[(NT, B * H)](
             k, v, beta, Ai, w, u, cu_seqlens, chunk_indices, T, H=H, K=K, V=V, BT=BT, BK=BK,
-            BV=BV, PRECISION=dot_precision(k.dtype))
+            BV=BV, PRECISION=dot_precision(k.dtype), SPLIT_AI=not in_inputs_dtype)
     return w, u
 
 

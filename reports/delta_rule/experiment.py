@@ -5,8 +5,8 @@
 WHAT: any of acc (bf16 errors vs the float64 recurrence, B=2 T=1000 H=4 D=64; ACC_DTYPES to
 add float32), bench (median ms and peak MB, B=2 H=16 D=128 bf16), prof (per-kernel time of
 fwd+bwd at the last T), cfg (autotune choices). IMPLS: chunk, chunk_fused (FUSED_WY_FWD on),
-chunk[_fused]_{split,tf32,round} (chunk_state.FWD_MIXED), fla_chunk, fused_recurrent,
-fla_fused_recurrent. Uses kernels/ and references/ only, so it
+chunk[_fused]_{split,tf32,round} (chunk_state.FWD_MIXED), chunk_bwdin and chunk_round_bwdin
+(chunk.BWD_RECOMPUTE = "inputs"), fla_chunk, fused_recurrent, fla_fused_recurrent. Uses kernels/ and references/ only, so it
 runs even while the harness is being changed. Compiles are the cost on a cold machine: time
 few implementations and one shape per call."""
 import json, os, sys, time
@@ -23,25 +23,28 @@ import kernels.delta_rule.chunk as chunk_module
 import kernels.common.chunk_state as state_module
 
 
-def chunk_variant(fused: bool, mixed: str):
-    """chunk_delta_rule with the module switches set for the call: FUSED_WY_FWD (wy.wy_fwd)
-    and the forward walk's mixed products (chunk_state.FWD_MIXED: split, tf32, round)."""
+def chunk_variant(fused: bool, mixed: str | None, bwd: str = "forward"):
+    """chunk_delta_rule with the module switches set: FUSED_WY_FWD (wy.wy_fwd), the forward
+    walk's mixed products (chunk_state.FWD_MIXED: split, tf32, round; None: by dtype) and the
+    backward's recompute (chunk.BWD_RECOMPUTE: forward, inputs). The backward reads
+    BWD_RECOMPUTE when it runs, so the switches stay set until the next variant's call (every
+    variant, "chunk" included, sets all three)."""
     def fn(*args, **kwargs):
-        saved = chunk_module.FUSED_WY_FWD, state_module.FWD_MIXED
         chunk_module.FUSED_WY_FWD, state_module.FWD_MIXED = fused, mixed
-        try:
-            return chunk_delta_rule(*args, **kwargs)
-        finally:
-            chunk_module.FUSED_WY_FWD, state_module.FWD_MIXED = saved
+        chunk_module.BWD_RECOMPUTE = bwd
+        return chunk_delta_rule(*args, **kwargs)
     return fn
 
 
-IMPLS = {"chunk": chunk_delta_rule, "chunk_fused": chunk_variant(True, "split"),
+IMPLS = {"chunk": chunk_variant(True, None), "chunk_fused": chunk_variant(True, "split"),
          "fla_chunk": fdr.chunk_delta_rule,
          "fused_recurrent": fused_recurrent_delta_rule, "fla_fused_recurrent": fdr.fused_recurrent_delta_rule}
 for fused in (False, True):
     for mixed in ("split", "tf32", "round"):
         IMPLS[f"chunk{'_fused' if fused else ''}_{mixed}"] = chunk_variant(fused, mixed)
+# the defaults with the backward's recompute in the inputs' dtype (BWD_RECOMPUTE = "inputs")
+IMPLS["chunk_bwdin"] = chunk_variant(True, None, "inputs")
+IMPLS["chunk_round_bwdin"] = chunk_variant(True, "round", "inputs")
 what = sys.argv[1].split(",")
 impls = sys.argv[2].split(",")
 Ts = [int(t) for t in sys.argv[3].split(",")] if len(sys.argv) > 3 else [2048, 8192, 32768]
