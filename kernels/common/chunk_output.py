@@ -166,13 +166,14 @@ def chunk_bwd_dv_local(q, k, do, scale: float, cu_seqlens, chunk_indices, NT: in
 
 
 def chunk_bwd_dqk(q, k, v, h, do, dh, dv, scale: float, cu_seqlens, chunk_indices, NT: int,
-                  BT: int, with_w: bool = True, dq_dtype: torch.dtype | None = None):
-    """(dq in ``dq_dtype`` (default q's), dk float32, dw in k's dtype or None), [B, T, H, K]
-    each; dk gets more terms later."""
+                  BT: int, with_w: bool = True, dq_dtype: torch.dtype | None = None,
+                  dk_dtype: torch.dtype = torch.float32):
+    """(dq in ``dq_dtype`` (default q's), dk in ``dk_dtype``, dw in k's dtype or None),
+    [B, T, H, K] each; dk gets more terms later."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     dq = torch.empty(B, T, H, K, dtype=dq_dtype or q.dtype, device=q.device)
-    dk = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device)
+    dk = torch.empty(B, T, H, K, dtype=dk_dtype, device=q.device)
     dw = torch.empty_like(k) if with_w else None
     BK, BV = tile(K), tile(V)
     if NT:

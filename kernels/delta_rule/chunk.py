@@ -48,6 +48,10 @@ FUSED_WY_FWD = True
 # arithmetic), for half-precision inputs one product less per stage and half of u's bytes;
 # float32 inputs get the same arithmetic either way. Not timed yet (reports/NOTES.md).
 BWD_RECOMPUTE = "forward"
+# dk's share from dq/dk (v' dh^T + scale dS^T Q), handed to the WY backward: float32 (True), or
+# rounded to the inputs' dtype (False, as fla's; half the bytes written and read back). Not
+# timed yet.
+DK_PARTIAL_FLOAT32 = True
 
 
 def chunk_delta_rule_fwd(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens,
@@ -92,7 +96,8 @@ def chunk_delta_rule_bwd(q, k, v, beta, Ai, scale, initial_state, do, dht, cu_se
                                    cu_seqlens, chunk_offsets, N, NT, BT)
     del w, dv_local
     dq, dk, dw = chunk_bwd_dqk(q, k, v_new, h, do, dh, dv_new, scale, cu_seqlens, chunk_indices,
-                               NT, BT, dq_dtype=qk_grad_dtype)
+                               NT, BT, dq_dtype=qk_grad_dtype,
+                               dk_dtype=torch.float32 if DK_PARTIAL_FLOAT32 else k.dtype)
     del h, dh, v_new
     dk, dv, dbeta = wy_bwd(k, v, beta, Ai, dw, dv_new, dk, cu_seqlens, chunk_indices, NT, BT,
                            grad_dtype=qk_grad_dtype)

@@ -294,7 +294,8 @@ def wy_bwd_kernel(
         dv       = diag(beta) Ai^T du
         dbeta    = rowsum(Ai^T dw * K) + rowsum(Ai^T du * V) + rowsum((dA K) * K)
 
-    dk_in holds the other paths' share of dk (float32); dk, dv, dbeta are written final.
+    dk_in holds the other paths' share of dk (float32 or the inputs' dtype); dk, dv, dbeta
+    are written final.
     """
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
     i_t, m_t, row0 = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BT, IS_VARLEN)
@@ -339,7 +340,8 @@ def wy_bwd_kernel(
         b_dbeta += tl.sum(b_dkb * b_k, 1)
         b_dAk = tl.dot(b_dA, b_k, input_precision=PRECISION)  # dA K
         b_dbeta += tl.sum(b_dAk * b_k, 1)
-        b_dk = tl.load(dk_in + row0 * K + o_c[:, None] * (H * K) + o_k[None, :], mask=m, other=0.)
+        b_dk = tl.load(dk_in + row0 * K + o_c[:, None] * (H * K) + o_k[None, :], mask=m,
+                       other=0.).to(tl.float32)
         b_dk += (b_dkb + b_dAk) * b_beta[:, None]
         b_dk += tl.dot(b_dAbt, b_k, input_precision=PRECISION)
         tl.store(dk + row0 * K + o_c[:, None] * (H * K) + o_k[None, :], b_dk.to(dk.dtype.element_ty), mask=m)
@@ -348,7 +350,7 @@ def wy_bwd_kernel(
 
 def wy_bwd(k, v, beta, Ai, dw, du, dk_in, cu_seqlens, chunk_indices, NT: int, BT: int,
            grad_dtype: torch.dtype | None = None):
-    """(dk, dv, dbeta): dk = dk_in (float32, the other paths' share) plus the WY path's.
+    """(dk, dv, dbeta): dk = dk_in (the other paths' share, any float dtype) plus the WY path's.
     dk comes back in ``grad_dtype`` (default k's), dv in v's, dbeta in beta's."""
     B, T, H, K = k.shape
     V = v.shape[-1]

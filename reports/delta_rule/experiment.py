@@ -6,7 +6,8 @@ WHAT: any of acc (bf16 errors vs the float64 recurrence, B=2 T=1000 H=4 D=64; AC
 add float32), bench (median ms and peak MB, B=2 H=16 D=128 bf16), prof (per-kernel time of
 fwd+bwd at the last T), cfg (autotune choices). IMPLS: chunk, chunk_fused (FUSED_WY_FWD on),
 chunk[_fused]_{split,tf32,round} (chunk_state.FWD_MIXED), chunk_bwdin and chunk_round_bwdin
-(chunk.BWD_RECOMPUTE = "inputs"), fla_chunk, fused_recurrent, fla_fused_recurrent. Uses kernels/ and references/ only, so it
+(chunk.BWD_RECOMPUTE = "inputs"), chunk_dk16 and chunk_bwdin_dk16 (chunk.DK_PARTIAL_FLOAT32 =
+False), fla_chunk, fused_recurrent, fla_fused_recurrent. Uses kernels/ and references/ only, so it
 runs even while the harness is being changed. Compiles are the cost on a cold machine: time
 few implementations and one shape per call."""
 import json, os, sys, time
@@ -23,15 +24,16 @@ import kernels.delta_rule.chunk as chunk_module
 import kernels.common.chunk_state as state_module
 
 
-def chunk_variant(fused: bool, mixed: str | None, bwd: str = "forward"):
+def chunk_variant(fused: bool, mixed: str | None, bwd: str = "forward", dk32: bool = True):
     """chunk_delta_rule with the module switches set: FUSED_WY_FWD (wy.wy_fwd), the forward
     walk's mixed products (chunk_state.FWD_MIXED: split, tf32, round; None: by dtype) and the
-    backward's recompute (chunk.BWD_RECOMPUTE: forward, inputs). The backward reads
-    BWD_RECOMPUTE when it runs, so the switches stay set until the next variant's call (every
-    variant, "chunk" included, sets all three)."""
+    backward's recompute (chunk.BWD_RECOMPUTE: forward, inputs) and dk's partial
+    (chunk.DK_PARTIAL_FLOAT32). The backward reads
+    them when it runs, so the switches stay set until the next variant's call (every variant,
+    "chunk" included, sets all four)."""
     def fn(*args, **kwargs):
         chunk_module.FUSED_WY_FWD, state_module.FWD_MIXED = fused, mixed
-        chunk_module.BWD_RECOMPUTE = bwd
+        chunk_module.BWD_RECOMPUTE, chunk_module.DK_PARTIAL_FLOAT32 = bwd, dk32
         return chunk_delta_rule(*args, **kwargs)
     return fn
 
@@ -45,6 +47,8 @@ for fused in (False, True):
 # the defaults with the backward's recompute in the inputs' dtype (BWD_RECOMPUTE = "inputs")
 IMPLS["chunk_bwdin"] = chunk_variant(True, None, "inputs")
 IMPLS["chunk_round_bwdin"] = chunk_variant(True, "round", "inputs")
+IMPLS["chunk_dk16"] = chunk_variant(True, None, "forward", False)  # dk's partial in bf16
+IMPLS["chunk_bwdin_dk16"] = chunk_variant(True, None, "inputs", False)
 what = sys.argv[1].split(",")
 impls = sys.argv[2].split(",")
 Ts = [int(t) for t in sys.argv[3].split(",")] if len(sys.argv) > 3 else [2048, 8192, 32768]
