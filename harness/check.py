@@ -243,6 +243,8 @@ def evaluate(case: Case, impls: list[Implementation], dtypes: list[str], device:
                 rows.append({**base, "quantity": "*", "error": math.nan, "ref_error": math.nan,
                              "tolerance": math.nan, "passed": True, "note": f"skipped: {reason}"})
                 continue
+            # a reference checked as an implementation: its same-dtype run above (on the
+            # reference device) is its result
             is_ref = impl.name in ref_runs and impl is get(op.name, impl.name)
             res = ref_runs[impl.name] if is_ref else None
             if res is None:

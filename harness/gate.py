@@ -207,7 +207,8 @@ def _run_case(sc: SuiteCase, device: str) -> tuple[list[dict[str, Any]], str | N
 
 
 def _worker(path: str, index: int, device: str, jobs: int):
-    """A worker process's case (spawned: it loads the suite and the registry itself)."""
+    """A worker process's case (spawned: it loads the suite and the registry itself); ``jobs``
+    workers run at once."""
     import os
 
     import torch
@@ -218,7 +219,8 @@ def _worker(path: str, index: int, device: str, jobs: int):
     if device == "cpu":
         torch.set_num_threads(CPU_THREADS)
     elif reference_device(device) == "cpu":  # the references' loops share the host's cores
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // jobs))
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        torch.set_num_threads(max(1, (cores or 1) // jobs))
     return index, _run_case(load_suite(path).cases[index], device)
 
 
@@ -229,7 +231,8 @@ def _run_parallel(suite: Suite, device: str, progress, jobs: int) -> list:
     results: list = [None] * len(suite.cases)
     ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
     with ProcessPoolExecutor(max_workers=min(jobs, len(suite.cases)), mp_context=ctx) as pool:
-        futures = [pool.submit(_worker, str(suite.path), n, device, jobs)
+        workers = min(jobs, len(suite.cases))
+        futures = [pool.submit(_worker, str(suite.path), n, device, workers)
                    for n in range(len(suite.cases))]
         for done, future in enumerate(as_completed(futures)):
             n, result = future.result()

@@ -127,13 +127,33 @@ def test_unknown_reference_device_is_refused(monkeypatch):
 
 def test_references_on_another_device_give_the_same_rows(monkeypatch, planted):
     """The truth and the references on their own device (here "cpu:0" against the
-    implementations' "cpu", which takes the two-device path): every row as on one device."""
+    implementations' "cpu", which takes the two-device path): every row as on one device, and
+    each side fed its own device's inputs (told apart by storage: float64 inputs are not
+    copied on their way to a run)."""
     import harness.check as check
     case = Case(op="gla", dims=dict(B=1, T=9, H=1, K=4, V=4), initial_state=True, seed=5)
     impls = [get("gla", "chunk_ref"), planted]
     one = evaluate(case, impls, ["float64", "float32"], "cpu")
     monkeypatch.setattr(check, "reference_device", lambda device: "cpu:0")
+    drawn, fed = {}, []
+    real_sample, real_run = check.sample, check.run
+
+    def spy_sample(case_, device="cpu"):
+        drawn[str(device)] = real_sample(case_, device)
+        return drawn[str(device)]
+
+    def spy_run(fn, args, case_, dtype, douts, backward=True, poison=False):
+        if args["q"].dtype == torch.float64:  # the float64 pass; poison: an implementation
+            fed.append((poison, args["q"].untyped_storage().data_ptr()))
+        return real_run(fn, args, case_, dtype, douts, backward=backward, poison=poison)
+
+    monkeypatch.setattr(check, "sample", spy_sample)
+    monkeypatch.setattr(check, "run", spy_run)
     two = evaluate(case, impls, ["float64", "float32"], "cpu")
+    ptr = {d: x["q"].untyped_storage().data_ptr() for d, x in drawn.items()}
+    assert set(ptr) == {"cpu", "cpu:0"} and ptr["cpu"] != ptr["cpu:0"]
+    assert {p for poison, p in fed if poison} == {ptr["cpu"]}
+    assert {p for poison, p in fed if not poison} == {ptr["cpu:0"]}
     assert len(one) == len(two) > 0
     for a, b in zip(one, two):
         assert (a["impl"], a["quantity"], a["dtype"], a["passed"]) == (b["impl"], b["quantity"], b["dtype"], b["passed"])
