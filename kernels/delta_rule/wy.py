@@ -51,6 +51,15 @@ def kkt_fwd_kernel(
 
 
 @triton.jit
+def _ai_dot(b_Ai, b_x, PRECISION: tl.constexpr, SPLIT_AI: tl.constexpr):
+    """Ai @ x: Ai float32 as hi + lo (two products) when SPLIT_AI, else Ai already rounded to
+    x's dtype (one product)."""
+    if SPLIT_AI:
+        return dot_split(b_Ai, b_x, PRECISION)
+    return tl.dot(b_Ai, b_x, input_precision=PRECISION)
+
+
+@triton.jit
 def _store_w_u(k, v, w, u, b_Ai, b_beta, row0, m_t, H: tl.constexpr, K: tl.constexpr,
                V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                PRECISION: tl.constexpr, SPLIT_AI: tl.constexpr):
@@ -64,21 +73,13 @@ def _store_w_u(k, v, w, u, b_Ai, b_beta, row0, m_t, H: tl.constexpr, K: tl.const
         o_k = i_k * BK + tl.arange(0, BK)
         m = m_t[:, None] & (o_k < K)[None, :]
         b_k = tl.load(k + row0 * K + o_c[:, None] * (H * K) + o_k[None, :], mask=m, other=0.)
-        b_kb = (b_k * b_beta[:, None]).to(DT)
-        if SPLIT_AI:
-            b_w = dot_split(b_Ai, b_kb, PRECISION)
-        else:
-            b_w = tl.dot(b_Ai, b_kb, input_precision=PRECISION)
+        b_w = _ai_dot(b_Ai, (b_k * b_beta[:, None]).to(DT), PRECISION, SPLIT_AI)
         tl.store(w + row0 * K + o_c[:, None] * (H * K) + o_k[None, :], b_w.to(w.dtype.element_ty), mask=m)
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m = m_t[:, None] & (o_v < V)[None, :]
         b_v = tl.load(v + row0 * V + o_c[:, None] * (H * V) + o_v[None, :], mask=m, other=0.)
-        b_vb = (b_v * b_beta[:, None]).to(DT)
-        if SPLIT_AI:
-            b_u = dot_split(b_Ai, b_vb, PRECISION)
-        else:
-            b_u = tl.dot(b_Ai, b_vb, input_precision=PRECISION)
+        b_u = _ai_dot(b_Ai, (b_v * b_beta[:, None]).to(DT), PRECISION, SPLIT_AI)
         tl.store(u + row0 * V + o_c[:, None] * (H * V) + o_v[None, :], b_u.to(u.dtype.element_ty), mask=m)
 
 
