@@ -54,9 +54,13 @@ def kkt_fwd_kernel(
 def _ai_dot(b_Ai, b_x, PRECISION: tl.constexpr, SPLIT_AI: tl.constexpr):
     """Ai @ x: Ai float32 as hi + lo (two products) when SPLIT_AI, else Ai already rounded to
     x's dtype (one product)."""
+    # if/else, not an early return: the compiler (unlike the interpreter) also builds the
+    # statements after a return inside a constexpr if, and tl.dot(float32, bf16) does not type.
     if SPLIT_AI:
-        return dot_split(b_Ai, b_x, PRECISION)
-    return tl.dot(b_Ai, b_x, input_precision=PRECISION)
+        b_y = dot_split(b_Ai, b_x, PRECISION)
+    else:
+        b_y = tl.dot(b_Ai, b_x, input_precision=PRECISION)
+    return b_y
 
 
 @triton.jit

@@ -1,0 +1,351 @@
+"""Compile an operator's Triton kernels for a GPU, on a machine without one (`harness compile`).
+
+Triton's interpreter runs a kernel's Python statement by statement; it does not type the
+program the way the compiler does. A kernel can pass every interpreted test and fail to compile
+on the GPU: the compiler also builds the statements after a ``return`` inside a constexpr
+``if`` (where ``tl.dot`` of float32 and bfloat16 then fails to type), and the interpreter has
+no bfloat16 at all. This closes that gap on the CPU:
+
+1. *record* (a process with ``TRITON_INTERPRET=1``): run every Triton implementation of the
+   operator forward and backward on small cases with the head sizes and options of the GPU
+   suite, in float32 and float16, and record each kernel launch: the kernel, its argument
+   types, its constexprs and its launch options;
+2. *build* (a process without the interpreter): compile each distinct launch for a CUDA
+   target (sm_90 by default; Triton's bundled ptxas), in every tiling config its autotuner
+   holds, and the float16 launches in bfloat16 too.
+
+Nothing runs on a GPU, so a compiled kernel's *results* are not checked here (that is
+``harness check`` on a GPU); what this catches is a kernel that would not compile there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Cases are the GPU suite's explicit cases of the operator, shrunk for the interpreter: head
+# sizes, options, states and varlen layouts decide the constexprs; T, B and H do not.
+RECORD_T = 70  # one full chunk of 64 and a tail
+RECORD_DTYPES = ("float32", "float16")
+TORCH_TO_TRITON = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64",
+                   "int32": "i32", "int64": "i64", "bool": "i1", "uint8": "u8", "int8": "i8"}
+
+
+@dataclass
+class Launch:
+    """One kernel launch as compiled: the kernel (module, name), every argument's type or
+    constexpr value, and the launch options (num_warps, num_stages)."""
+
+    module: str
+    name: str
+    args: dict[str, list]  # name -> ["ptr" | "int" | "float", triton type] | ["const", value]
+    options: dict[str, int]
+
+    def key(self) -> str:
+        return json.dumps([self.module, self.name, self.args, self.options], sort_keys=True)
+
+
+# ------------------------------------------------------------------------------------ record
+def _describe(value: Any) -> list:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return ["ptr", TORCH_TO_TRITON[str(value.dtype).removeprefix("torch.")]]
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return ["const", value]
+    if isinstance(value, int):  # runtime scalars: only the type reaches the compiler
+        return ["int", "i32" if -2**31 <= value < 2**31 else "i64"]
+    if isinstance(value, float):
+        return ["float", "fp32"]
+    if hasattr(value, "value"):  # tl.constexpr
+        return ["const", value.value]
+    return ["const", repr(value)]
+
+
+def constexprs(fn) -> set[str]:
+    """The names of an interpreted kernel's tl.constexpr parameters."""
+    import inspect
+
+    return {p.name for p in inspect.signature(fn.fn).parameters.values()
+            if "constexpr" in str(p.annotation)}
+
+
+def _recorder(launches: dict[str, Launch]):
+    """Patch the interpreter so that every launch is recorded (and still run)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    original = InterpretedFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+        named = dict(zip(self.arg_names, args))
+        named.update({k: v for k, v in kwargs.items() if k in self.arg_names})
+        launch = Launch(self.fn.__module__, self.fn.__qualname__,
+                        {k: ["const", getattr(v, "value", v)] if k in constexprs(self) else _describe(v)
+                         for k, v in named.items()}, options)
+        launches.setdefault(launch.key(), launch)
+        return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    InterpretedFunction.run = run
+
+
+def record_cases(op_name: str, ids: list[str] | None = None):
+    """The GPU suite's explicit cases of ``op_name`` (those named in ``ids``, if given), shrunk
+    to RECORD_T tokens, B = H = 1."""
+    from dataclasses import replace
+
+    from harness.suites import load_suite
+
+    suite = load_suite("gpu")
+    cases, seen = [], set()
+    for sc in suite.cases:
+        if sc.op != op_name or sc.family != "random" or (ids and sc.id not in ids):
+            continue
+        case = sc.case
+        dims = dict(case.dims, B=1, H=1)
+        seqlens = None
+        if case.seqlens is not None:  # keep the empty and one-token sequences, shorten the rest
+            seqlens = [min(n, 40) for n in case.seqlens]
+            dims["T"] = sum(seqlens)
+        else:
+            dims["T"] = min(dims["T"], RECORD_T)
+        small = replace(case, dims=dims, seqlens=seqlens)
+        if small.to_json() not in seen:
+            seen.add(small.to_json())
+            cases.append(small)
+    return cases
+
+
+# Module switches whose other values take other kernel paths (constexprs the host picks), and
+# the implementations they affect: a record pass each, beside the defaults. The host picks some
+# by dtype: a float16 run records float16's choices, and bfloat16's (which the interpreter
+# cannot run) are forced in a float16 pass, then compiled in bfloat16.
+SWITCHES: dict[str, list[dict[str, Any]]] = {
+    "delta_rule": [
+        {"impls": ["chunk"], "what": "bfloat16's choices",
+         "set": {"kernels.delta_rule.chunk.BWD_RECOMPUTE": "inputs",
+                 "kernels.delta_rule.chunk.DK_PARTIAL_FLOAT32": False,
+                 "kernels.common.chunk_state.FWD_MIXED": "tf32"}},
+        {"impls": ["chunk"], "what": "the unfused WY forward",
+         "set": {"kernels.delta_rule.chunk.FUSED_WY_FWD": False}},
+    ],
+}
+
+
+class _switched:
+    """Set module attributes ("module.NAME": value) for the block; restore them after."""
+
+    def __init__(self, switches: dict[str, Any]):
+        self.items = list(switches.get("set", {}).items())
+        self.saved: list[tuple[Any, str, Any]] = []
+
+    def __enter__(self):
+        import importlib
+
+        for path, value in self.items:
+            module, _, name = path.rpartition(".")
+            mod = importlib.import_module(module)
+            self.saved.append((mod, name, getattr(mod, name)))
+            setattr(mod, name, value)
+
+    def __exit__(self, *exc):
+        for mod, name, value in reversed(self.saved):
+            setattr(mod, name, value)
+
+
+def _run_once(impl, args, case, dtype) -> str | None:
+    """One forward (and backward) of ``impl``; its error message or None."""
+    import torch
+
+    from harness.check import run as run_impl
+
+    douts = None
+    if impl.backward:
+        g = torch.Generator().manual_seed(0)
+        out = run_impl(impl.load(), args, case, dtype, None, backward=False)
+        douts = {n: torch.randn(o.shape, generator=g, dtype=torch.float64)
+                 for n, o in (out.outputs or {}).items() if o is not None}
+    return run_impl(impl.load(), args, case, dtype, douts).error
+
+
+def record(op_name: str, impl_names: list[str] | None = None,
+           case_ids: list[str] | None = None) -> tuple[list[Launch], list[str]]:
+    """Run the operator's Triton implementations under the interpreter; (launches, errors)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("record needs TRITON_INTERPRET=1 set before triton is imported")
+    import torch
+
+    from harness.cases import sample
+    from harness.registry import implementations
+
+    launches: dict[str, Launch] = {}
+    _recorder(launches)
+    impls = [i for i in implementations(op_name) if i.kind == "triton"
+             and (not impl_names or i.name in impl_names) and i.why_unavailable("cpu") is None]
+    errors = []
+    cases = record_cases(op_name, case_ids)
+    if case_ids and len(cases) != len(set(case_ids)):
+        raise ValueError(f"cases: the gpu suite has no {op_name} case named in {case_ids}")
+    for switches in [{}] + SWITCHES.get(op_name, []):
+        with _switched(switches):
+            for case in cases:
+                args = sample(case, "cpu")
+                for impl in impls:
+                    if switches and impl.name not in switches["impls"]:
+                        continue
+                    if impl.supports is not None and impl.supports(case) is not None:
+                        continue
+                    for dtype in RECORD_DTYPES:
+                        error = _run_once(impl, args, case, getattr(torch, dtype))
+                        if error:
+                            errors.append(f"{impl.name} {dtype} {switches.get('what', '')} "
+                                          f"{case.to_json()}: {error}")
+    return list(launches.values()), errors
+
+
+# ------------------------------------------------------------------------------------- build
+def _kernel(launch: Launch):
+    """The JITFunction of a launch, and the autotuner wrapping it (or None)."""
+    import importlib
+
+    from triton.runtime.autotuner import Autotuner
+    from triton.runtime.jit import JITFunction
+
+    obj = getattr(importlib.import_module(launch.module), launch.name)
+    tuner = None
+    while not isinstance(obj, JITFunction):
+        if isinstance(obj, Autotuner):
+            tuner = obj
+        obj = obj.fn
+    return obj, tuner
+
+
+def variants(launch: Launch, half_as: tuple[str, ...] = ("bf16",), all_configs: bool = False
+             ) -> list[tuple[str, Launch]]:
+    """The launches to compile for one recorded launch, as (label, launch) pairs: its
+    autotuner's first tiling config (the one the interpreter ran), or every config with
+    ``all_configs``; float16 pointers as each of ``half_as`` (bfloat16: the dtype the
+    interpreter cannot run; float16 ran interpreted already)."""
+    _, tuner = _kernel(launch)
+    configs = [None] if tuner is None else tuner.configs[:None if all_configs else 1]
+    has_half = any(a == ["ptr", "fp16"] for a in launch.args.values())
+    out = []
+    for half in (half_as if has_half else ("",)):
+        args = {k: (["ptr", half] if a == ["ptr", "fp16"] else a) for k, a in launch.args.items()}
+        for n, cfg in enumerate(configs):
+            options = dict(launch.options)
+            cargs = dict(args)
+            if cfg is not None:
+                cargs.update({k: ["const", v] for k, v in cfg.kwargs.items()})
+                options.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            consts = ", ".join(f"{k}={a[1]}" for k, a in cargs.items() if a[0] == "const")
+            label = f"{launch.name}[{half or 'fp32'}, config {n}, {options}] ({consts})"
+            out.append((label, Launch(launch.module, launch.name, cargs, options)))
+    return out
+
+
+def compile_launch(launch: Launch, arch: int) -> str | None:
+    """Compile one launch for CUDA sm_<arch>; None, or the compiler's error (its last lines)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn, _ = _kernel(launch)
+    signature, constexprs = {}, {}
+    for p in fn.params:
+        kind, value = launch.args.get(p.name, ["const", None])
+        if p.is_constexpr or kind == "const":
+            signature[p.name], constexprs[p.name] = "constexpr", value
+        elif kind == "ptr":
+            signature[p.name] = "*" + value
+        else:  # int, float
+            signature[p.name] = value
+    try:
+        triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32),
+                       options=launch.options)
+    except Exception as exc:  # the compiler's message ends with the offending source line
+        return "\n".join(str(exc).strip().splitlines()[-12:])
+    return None
+
+
+def _build_one(item: tuple[str, dict, int]) -> tuple[str, str | None, float]:
+    label, fields, arch = item
+    start = time.perf_counter()
+    return label, compile_launch(Launch(**fields), arch), time.perf_counter() - start
+
+
+def build(launches: list[Launch], arch: int = 90, jobs: int = 1, all_configs: bool = False):
+    """Compile every variant of every launch; yields (label, error or None, seconds)."""
+    from dataclasses import asdict
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("build needs a process without TRITON_INTERPRET=1")
+    items = [(label, asdict(v), arch) for launch in launches
+             for label, v in variants(launch, all_configs=all_configs)]
+    if jobs <= 1:
+        yield from map(_build_one, items)
+        return
+    with ProcessPoolExecutor(max_workers=jobs) as pool:
+        yield from pool.map(_build_one, items)
+
+
+# ------------------------------------------------------------------------- both, in processes
+def compile_op(op_name: str, impls: list[str] | None = None, arch: int = 90, jobs: int = 1,
+               all_configs: bool = False, cases: list[str] | None = None,
+               workdir: Path | None = None) -> dict[str, Any]:
+    """Record (interpreter) and build (compiler) in two child processes, whatever this
+    process's TRITON_INTERPRET; returns {"launches", "compiled": [(label, error, s)], "errors"}."""
+    import tempfile
+
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="linattn-compile-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    recorded, built = workdir / "launches.json", workdir / "compiled.json"
+    base = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    common = ["--op", op_name, "--arch", str(arch), "--jobs", str(jobs),
+              "--impls", ",".join(impls or []), "--cases", ",".join(cases or [])]
+    common += ["--all-configs"] if all_configs else []
+    for phase, env, out in (("record", dict(base, TRITON_INTERPRET="1"), recorded),
+                            ("build", base, built)):
+        proc = subprocess.run([sys.executable, "-m", "harness.compile", phase, str(workdir), *common],
+                              env=env, capture_output=True, text=True)
+        if proc.returncode != 0 or not out.exists():
+            raise RuntimeError(f"harness.compile {phase} failed:\n{proc.stderr[-4000:]}")
+    data = json.loads(recorded.read_text())
+    data["compiled"] = json.loads(built.read_text())
+    return data
+
+
+def _main(argv: list[str]) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m harness.compile")
+    ap.add_argument("phase", choices=("record", "build"))
+    ap.add_argument("workdir", type=Path)
+    ap.add_argument("--op", required=True)
+    ap.add_argument("--impls", default="")
+    ap.add_argument("--cases", default="")
+    ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--jobs", type=int, default=1)
+    ap.add_argument("--all-configs", action="store_true")
+    a = ap.parse_args(argv)
+    names = [n for n in a.impls.split(",") if n]
+    if a.phase == "record":
+        launches, errors = record(a.op, names, [c for c in a.cases.split(",") if c])
+        (a.workdir / "launches.json").write_text(json.dumps(
+            {"launches": [vars(x) for x in launches], "errors": errors}))
+    else:
+        data = json.loads((a.workdir / "launches.json").read_text())
+        launches = [Launch(**x) for x in data["launches"]]
+        results = list(build(launches, a.arch, a.jobs, a.all_configs))
+        (a.workdir / "compiled.json").write_text(json.dumps(results))
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])
