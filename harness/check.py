@@ -4,7 +4,10 @@ For one case and one dtype, the inputs are drawn in float64, rounded to the dtyp
 
 * the truth is the step-by-step reference in float64 on the rounded inputs (the long-sequence
   family uses the chunked float64 reference: the step loop is too slow at 64K tokens);
-* both references run in the dtype give the error the dtype itself costs (the worse of two);
+* both references run in the dtype give the error the dtype itself costs (the worse of two;
+  in the long family the chunked one alone, unless the step loop is itself being checked:
+  at 64K tokens its loop took minutes on the host per dtype, and one reference can only
+  tighten the tolerance);
 * each implementation runs in the dtype with fresh allocations poisoned with NaN, and is
   compared on every output, every final state and, under random upstream gradients on all of
   them, the gradient of every differentiable input.
@@ -29,8 +32,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import seed as hypothesis_seed
+from hypothesis.errors import Unsatisfiable
 
 from harness.cases import Case, case_strategy, long_cases, sample
 from harness.operators import OPERATORS
@@ -50,6 +54,15 @@ DTYPES = {
 # except for long sequences, where its token loop is too slow and the chunked one stands in.
 TRUTH = {"random": "naive", "replay": "naive", "long": "chunk_ref"}
 REFERENCES = ("naive", "chunk_ref")
+
+
+def dtype_references(family: str, impls: list[Implementation]) -> list[str]:
+    """The references run in each dtype for the tolerance: both, except in the long family,
+    where the truth's chunked form alone plus any reference that is itself being checked."""
+    if family != "long":
+        return list(REFERENCES)
+    names = {i.name for i in impls}
+    return [n for n in REFERENCES if n == TRUTH["long"] or n in names]
 
 
 # Where the truth and the references run: "auto" (the CPU when the implementations run on a
@@ -232,7 +245,7 @@ def evaluate(case: Case, impls: list[Implementation], dtypes: list[str], device:
         ref_runs: dict[str, Run] = {}
         ref_errors: dict[str, float] = {}
         if dtype != torch.float64:
-            for name in REFERENCES:
+            for name in dtype_references(family, impls):
                 ref_runs[name] = run(get(op.name, name).load(), rounded_ref, case, dtype, douts)
                 for q, e in compare(ref_runs[name], truth).items():
                     ref_errors[q] = max(ref_errors.get(q, 0.0), e)
@@ -286,13 +299,22 @@ class CheckResult:
     failure: CaseFailed | None
     examples: int
     seconds: float
+    stopped: bool = False  # cut short by the deadline (--max-time): the rows cover fewer cases
+
+
+def past(deadline: float | None) -> bool:
+    """Whether ``deadline`` (a time.perf_counter() value) has passed."""
+    return deadline is not None and time.perf_counter() > deadline
 
 
 def check_random(op_name: str, impls: list[Implementation], dtypes: list[str], device: str,
-                 examples: int, seed: int, profile: str) -> CheckResult:
-    """The random family: hypothesis draws ``examples`` cases and shrinks any failure."""
+                 examples: int, seed: int, profile: str,
+                 deadline: float | None = None) -> CheckResult:
+    """The random family: hypothesis draws ``examples`` cases and shrinks any failure. Past
+    ``deadline`` no further case is evaluated (a shrink in progress keeps what it has)."""
     rows: list[dict[str, Any]] = []
     count = 0
+    stopped = False
     start = time.perf_counter()
 
     @settings(max_examples=examples, deadline=None, database=None, print_blob=False,
@@ -300,7 +322,10 @@ def check_random(op_name: str, impls: list[Implementation], dtypes: list[str], d
     @hypothesis_seed(seed)
     @given(case=case_strategy(op_name, profile))
     def one(case: Case) -> None:
-        nonlocal count
+        nonlocal count, stopped
+        if past(deadline):
+            stopped = True
+            reject()
         count += 1
         case_rows = guarded(evaluate, case, impls, dtypes, device, "random")
         if not all(r["passed"] for r in case_rows):
@@ -310,13 +335,16 @@ def check_random(op_name: str, impls: list[Implementation], dtypes: list[str], d
     failure = None
     try:
         one()
+    except Unsatisfiable:  # every draw rejected: the deadline passed before the first case
+        if not stopped:
+            raise
     except CaseFailed as exc:  # raised again on the minimal example once shrinking is done
         failure = exc
         rows.extend(exc.rows)
     except DeviceFault as fault:  # the first faulting case, as it was drawn
         failure = CaseFailed(fault.case, [fault.row()])
         rows.extend(failure.rows)
-    return CheckResult(op_name, rows, failure, count, time.perf_counter() - start)
+    return CheckResult(op_name, rows, failure, count, time.perf_counter() - start, stopped)
 
 
 def guarded(evaluate_: Callable[..., list[dict[str, Any]]], case: Case, *args: Any) -> list:
@@ -334,13 +362,16 @@ def guarded(evaluate_: Callable[..., list[dict[str, Any]]], case: Case, *args: A
 
 
 def check_cases(cases: list[Case], impls: list[Implementation], dtypes: list[str],
-                device: str, family: str) -> CheckResult:
-    """Fixed cases (the long family, a replayed case): no drawing, no shrinking."""
+                device: str, family: str, deadline: float | None = None) -> CheckResult:
+    """Fixed cases (the long family, a replayed case): no drawing, no shrinking; in order until
+    ``deadline``."""
     rows: list[dict[str, Any]] = []
     failure = None
     start = time.perf_counter()
     done = 0
     for case in cases:
+        if past(deadline):
+            break
         done += 1
         try:
             case_rows = guarded(evaluate, case, impls, dtypes, device, family)
@@ -352,12 +383,14 @@ def check_cases(cases: list[Case], impls: list[Implementation], dtypes: list[str
         if failure is None and not all(r["passed"] for r in case_rows):
             failure = CaseFailed(case, case_rows)
     return CheckResult(cases[0].op if cases else "", rows, failure, done,
-                       time.perf_counter() - start)
+                       time.perf_counter() - start, done < len(cases) and failure is None)
 
 
 def check_long(op_name: str, impls: list[Implementation], dtypes: list[str], device: str,
-               profile: str, lengths: tuple[int, ...] | None = None) -> CheckResult:
-    return check_cases(long_cases(op_name, profile, lengths), impls, dtypes, device, "long")
+               profile: str, lengths: tuple[int, ...] | None = None,
+               deadline: float | None = None) -> CheckResult:
+    return check_cases(long_cases(op_name, profile, lengths), impls, dtypes, device, "long",
+                       deadline)
 
 
 __all__ = ["OPERATORS", "rel_error", "evaluate", "check_random", "check_cases", "check_long",

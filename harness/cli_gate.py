@@ -17,8 +17,10 @@ MAX_ROWS = 40  # rows printed per table; the report under --out has all of them
 
 
 def _command(suite: str, device: str, device_class: Optional[str], baselines: Optional[Path],
-             update: bool) -> str:
+             update: bool, ops: list[str]) -> str:
     parts = ["harness", "gate", "--suite", suite]
+    if ops:
+        parts += ["--op", ",".join(ops)]
     if device != "auto":
         parts += ["--device", device]
     if device_class:
@@ -40,11 +42,12 @@ def gate_cmd(
     jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="cases evaluated at once, each in its own process (a GPU run spends most of its time compiling each case's kernels)"),
     autotune: bool = typer.Option(False, "--autotune/--pinned", help="see `harness check --help`"),
     ref_device: str = typer.Option("auto", "--ref-device", help="see `harness check --help`"),
+    op: list[str] = typer.Option([], "--op", help="only these operators' cases (comma-separated): compared with their entries alone; with --update, their entries are replaced and the other operators' kept"),
 ) -> None:
     """Run a suite and fail when any implementation's error grew past its recorded baseline."""
     import time
 
-    from harness.cli import _fail, console, pin_configs, select_device, set_ref_device
+    from harness.cli import _fail, _split, console, pin_configs, select_device, set_ref_device
 
     device_arg = device
     device = select_device(device)
@@ -57,6 +60,10 @@ def gate_cmd(
         s = load_suite(suite)
     except SuiteError as exc:
         _fail(str(exc))
+    ops = _split(op)
+    unknown = [o for o in ops if o not in s.ops]
+    if unknown:
+        _fail(f"--op: suite {s.name!r} has no cases of {', '.join(unknown)}; it has {', '.join(s.ops)}")
     if device not in s.devices:
         _fail(f"suite {s.name!r} runs on {', '.join(s.devices)} only, not on {device} "
               f"({display(s.path)}: devices = {list(s.devices)}). {s.description}".strip())
@@ -67,29 +74,34 @@ def gate_cmd(
     except gate.GateError as exc:
         _fail(str(exc))
     section = (data or {}).get("suites", {}).get(s.name)
-    make = _command(suite, device_arg, device_class, baselines, update=True)
+    make = _command(suite, device_arg, device_class, baselines, update=True, ops=ops)
     if section is None and not update:
         _fail(f"no baseline for device class {dc} / suite {s.name} ({path} "
               f"{'has no section ' + repr(s.name) if data else 'does not exist'}); create it with\n"
               f"  {make}\nthen review the file and commit it")
 
+    start = time.perf_counter()
     with console.status(f"gate {s.name} on {device} ({dc})") as status:
         def progress(n: int, total: int, sc) -> None:
             status.update(f"gate {s.name} on {device}: case {n + 1}/{total}: {sc.op} {sc.id}")
+            if not console.is_terminal:  # a log: one line per case, with the time so far
+                console.print(f"case {n + 1}/{total}: {sc.op} {sc.id} ({time.perf_counter() - start:.0f} s)",
+                              highlight=False)
 
-        start = time.perf_counter()
-        m = gate.run_suite(s, device, progress, jobs=jobs)
+        m = gate.run_suite(s, device, progress, jobs=jobs, ops=ops)
         wall = time.perf_counter() - start
     measured = sum(1 for k in m.entries if k[4] != gate.SKIP)
-    console.print(f"gate {s.name} on {device} ({dc}): {len(s.cases)} cases, {measured} entries in "
+    n_cases = sum(1 for sc in s.cases if not ops or sc.op in ops)
+    console.print(f"gate {s.name} on {device} ({dc}): {n_cases} cases, {measured} entries in "
                   f"{wall:.1f} s wall, {m.total_seconds:.1f} s of case time ("
                   + ", ".join(f"{op} {t:.0f} s" for op, t in m.seconds.items()) + ")")
     for case, why in sorted(m.failures.items()):
         console.print(f"[red]{case} could not run:[/] {why}")
 
     if update:
-        _update(console, gate, s, m, path, dc, section, make, device)
+        _update(console, gate, s, m, path, dc, section, make, device, ops)
         return
+    section = gate.only_ops(section, ops)
     rows = gate.compare(section, m, s, device)
     _print_rows(console, gate, rows, path, section)
     c = gate.counts(rows)
@@ -138,15 +150,19 @@ def _print_rows(console, gate, rows, path: Path, section) -> None:
             console.print(r.reproduce, soft_wrap=True, highlight=False, markup=False)
 
 
-def _update(console, gate, s, m, path: Path, dc: str, old, command: str, device: str) -> None:
+def _update(console, gate, s, m, path: Path, dc: str, old, command: str, device: str,
+            ops: list[str]) -> None:
     from rich.table import Table
 
     if m.failures:
         console.print(f"[red]not writing {path}: {len(m.failures)} case(s) could not run[/]")
         raise typer.Exit(1)
-    section = gate.make_section(m, command, gate.environment(device), old)
+    section = gate.make_section(m, command, gate.environment(device), old, ops)
     gate.write_baseline(path, dc, s.name, section)
     ch = gate.changes(old, section)
+    if ops and old is not None:
+        kept = sum(1 for e in section["entries"] if e["op"] not in ops)
+        console.print(f"kept {kept} entries of the other operators from the old section")
     for key in ("command", "environment"):
         if old is not None and old.get(key) != section[key]:
             console.print(f"{key} changed: {old.get(key)} -> {section[key]}", highlight=False)

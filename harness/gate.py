@@ -166,26 +166,28 @@ def chosen_impls(sc: SuiteCase, device: str) -> tuple[list[Any], list[tuple[Any,
 
 def run_suite(suite: Suite, device: str,
               progress: Callable[[int, int, SuiteCase], None] | None = None,
-              jobs: int = 1) -> Measurement:
-    """Evaluate every case of the suite on ``device``; one entry per measured quantity and
-    one per skipped (implementation, dtype, case). ``jobs`` > 1 evaluates cases in that many
-    worker processes (on a GPU the time goes to compiling each case's kernel shapes, which
-    parallelises; every case's result is the same as in one process)."""
+              jobs: int = 1, ops: list[str] | None = None) -> Measurement:
+    """Evaluate every case of the suite on ``device`` (those of ``ops`` only, if given); one
+    entry per measured quantity and one per skipped (implementation, dtype, case). ``jobs`` > 1
+    evaluates cases in that many worker processes (on a GPU the time goes to compiling each
+    case's kernel shapes, which parallelises; every case's result is the same as in one
+    process)."""
     import torch
 
+    chosen = [n for n, sc in enumerate(suite.cases) if not ops or sc.op in ops]
     threads = torch.get_num_threads()
     if device == "cpu":
         torch.set_num_threads(CPU_THREADS)
     try:
-        if jobs > 1 and len(suite.cases) > 1:
-            results = _run_parallel(suite, device, progress, jobs)
+        if jobs > 1 and len(chosen) > 1:
+            results = _run_parallel(suite, chosen, device, progress, jobs)
         else:
             results = []
-            for n, sc in enumerate(suite.cases):
+            for done, n in enumerate(chosen):
                 if progress is not None:
-                    progress(n, len(suite.cases), sc)
-                results.append(_run_case(sc, device))
-        return _measurement(suite, results)
+                    progress(done, len(chosen), suite.cases[n])
+                results.append(_run_case(suite.cases[n], device))
+        return _measurement([suite.cases[n] for n in chosen], results)
     finally:
         torch.set_num_threads(threads)
 
@@ -224,36 +226,45 @@ def _worker(path: str, index: int, device: str, jobs: int):
     return index, _run_case(load_suite(path).cases[index], device)
 
 
-def _run_parallel(suite: Suite, device: str, progress, jobs: int) -> list:
+def _run_parallel(suite: Suite, chosen: list[int], device: str, progress, jobs: int) -> list:
+    """The cases ``chosen`` (indices into suite.cases), in ``jobs`` worker processes."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
-    results: list = [None] * len(suite.cases)
+    results: dict[int, Any] = {}
     ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
-    with ProcessPoolExecutor(max_workers=min(jobs, len(suite.cases)), mp_context=ctx) as pool:
-        workers = min(jobs, len(suite.cases))
-        futures = [pool.submit(_worker, str(suite.path), n, device, workers)
-                   for n in range(len(suite.cases))]
+    workers = min(jobs, len(chosen))
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+        futures = [pool.submit(_worker, str(suite.path), n, device, workers) for n in chosen]
         for done, future in enumerate(as_completed(futures)):
             n, result = future.result()
             results[n] = result
             if progress is not None:
-                progress(done, len(suite.cases), suite.cases[n])
-    return results
+                progress(done, len(chosen), suite.cases[n])
+    return [results[n] for n in chosen]
 
 
-def _measurement(suite: Suite, results: list) -> Measurement:
+def _measurement(cases: list[SuiteCase], results: list) -> Measurement:
     entries: dict[Key, dict[str, Any]] = {}
     failures: dict[str, str] = {}
     seconds: dict[str, float] = {}
-    for sc, (case_entries, failure, secs) in zip(suite.cases, results):
+    for sc, (case_entries, failure, secs) in zip(cases, results):
         for e in case_entries:
             entries[entry_key(e)] = e
         if failure is not None:
             failures[f"{sc.op}/{sc.id}"] = failure
         seconds[sc.op] = seconds.get(sc.op, 0.0) + secs
-    cases = {f"{sc.op}/{sc.id}": json.loads(sc.case.to_json()) for sc in suite.cases}
-    return Measurement(entries, cases, failures, seconds)
+    return Measurement(entries, {f"{sc.op}/{sc.id}": json.loads(sc.case.to_json()) for sc in cases},
+                       failures, seconds)
+
+
+def only_ops(section: dict[str, Any], ops: list[str] | None) -> dict[str, Any]:
+    """The section's entries and cases of ``ops`` alone (all of them when ``ops`` is empty):
+    what a gate run restricted to those operators is compared with."""
+    if not ops:
+        return section
+    return dict(section, entries=[e for e in section["entries"] if e["op"] in ops],
+                cases={c: js for c, js in section["cases"].items() if c.split("/", 1)[0] in ops})
 
 
 # ------------------------------------------------------------------------------- baseline I/O
@@ -305,15 +316,20 @@ def _check_section(path: Path, name: str, section: Any) -> None:
 
 
 def make_section(m: Measurement, command: str, env: dict[str, str],
-                 old: dict[str, Any] | None) -> dict[str, Any]:
-    """A suite's baseline from a run; growth and floors carry over from the old one."""
+                 old: dict[str, Any] | None, ops: list[str] | None = None) -> dict[str, Any]:
+    """A suite's baseline from a run; growth and floors carry over from the old one. A run
+    restricted to ``ops`` replaces those operators' entries and cases and keeps the others'."""
+    entries, cases = dict(m.entries), dict(m.cases)
+    if ops and old:
+        entries.update({entry_key(e): e for e in old["entries"] if e["op"] not in ops})
+        cases.update({c: js for c, js in old["cases"].items() if c.split("/", 1)[0] not in ops})
     return {
         "command": command,
         "environment": env,
         "growth": old["growth"] if old else GROWTH,
         "floor": old["floor"] if old else dict(FLOOR),
-        "cases": dict(sorted(m.cases.items())),
-        "entries": [m.entries[k] for k in sorted(m.entries)],
+        "cases": dict(sorted(cases.items())),
+        "entries": [entries[k] for k in sorted(entries)],
     }
 
 

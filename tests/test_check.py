@@ -230,3 +230,32 @@ def test_device_fault_stops_at_the_case_that_faulted_without_shrinking():
     (row,) = result.failure.rows
     assert row["impl"] == "faulting" and row["dtype"] == "float64" and not row["passed"]
     assert "device fault" in row["note"] and "illegal memory access" in row["note"]
+
+
+def test_long_family_runs_the_chunked_reference_alone_unless_the_step_loop_is_checked():
+    # At 64K tokens the step loop took minutes per dtype on the host; the chunked reference
+    # alone can only make the tolerance tighter (the worse of fewer references).
+    from harness.check import dtype_references
+
+    chunk, naive = get("delta_rule", "chunk"), get("delta_rule", "naive")
+    assert dtype_references("random", [chunk]) == ["naive", "chunk_ref"]
+    assert dtype_references("long", [chunk]) == ["chunk_ref"]
+    assert dtype_references("long", [naive, chunk]) == ["naive", "chunk_ref"]
+
+
+def test_max_time_stops_drawing_and_says_so(tmp_path):
+    # A deadline already past: the first case is not evaluated and the summary says the run
+    # was cut short, instead of a silent "all passed" over nothing.
+    result = runner.invoke(app, ["check", "gla", "--impl", "chunk_ref", "--dtype", "float64",
+                                 "--examples", "5", "--device", "cpu", "--max-time", "0",
+                                 "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "stopped at --max-time 0 s: 0 cases ran" in result.output
+    assert "(on the cases that ran)" in result.output
+    from harness.check import check_long
+    from harness.registry import get
+    import time
+
+    res = check_long("gla", [get("gla", "chunk_ref")], ["float64"], "cpu", "cpu", (16, 32),
+                     deadline=time.perf_counter() + 3600)
+    assert res.examples == 2 and not res.stopped and res.rows

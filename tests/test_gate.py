@@ -333,3 +333,48 @@ def test_parallel_jobs_give_the_same_entries_as_one_process(tmp_path):
     assert one.entries and two.entries == one.entries
     assert list(two.cases) == list(one.cases) and two.failures == one.failures == {}
     assert set(two.seconds) == {"delta_rule"}
+
+
+TWO_OPS = TINY + """
+[ops.gla]
+impls = ["chunk_ref"]
+dtypes = ["float64"]
+
+[[ops.gla.case]]
+id = "g"
+dims = { B = 1, T = 5, H = 1, K = 4, V = 4 }
+seed = 3
+"""
+
+
+def test_op_restricts_the_run_and_the_comparison(tmp_path, planted):
+    suite = write_suite(tmp_path, TWO_OPS)
+    assert invoke(tmp_path, suite, "--update").exit_code == 0
+    FACTOR["o"] = 1 + 1e-3  # a delta-rule regression: invisible to a gla-only run
+    only_gla = invoke(tmp_path, suite, "--op", "gla")
+    assert only_gla.exit_code == 0, only_gla.output
+    assert "1 cases" in only_gla.output and "gate tiny: passed" in only_gla.output
+    summary = report(tmp_path)["summary"]  # delta_rule's entries are not reported missing
+    assert summary["regression"] == 0 and summary["new"] == 0 and summary["ok"] > 0
+    assert invoke(tmp_path, suite, "--op", "delta_rule").exit_code == 1
+    bad = invoke(tmp_path, suite, "--op", "ttt")
+    assert bad.exit_code == 2 and "has no cases of ttt" in bad.output
+
+
+def test_op_update_replaces_that_operator_and_keeps_the_others(tmp_path, planted):
+    suite = write_suite(tmp_path, TWO_OPS)
+    assert invoke(tmp_path, suite, "--update").exit_code == 0
+    baseline = tmp_path / "baselines" / "cpu-interpret.json"
+    before = json.loads(baseline.read_text())["suites"]["tiny"]
+    FACTOR["o"] = 2.0
+    result = invoke(tmp_path, suite, "--op", "delta_rule", "--update")
+    assert result.exit_code == 0 and "kept" in result.output, result.output
+    after = json.loads(baseline.read_text())["suites"]["tiny"]
+    assert "--op delta_rule" in after["command"]
+    gla = [e for e in before["entries"] if e["op"] == "gla"]
+    assert gla and [e for e in after["entries"] if e["op"] == "gla"] == gla
+    assert after["cases"] == before["cases"]
+    planted_o = {(e["dtype"], e["case"]): e["error"] for e in after["entries"]
+                 if e["impl"] == "planted" and e["quantity"] == "o"}
+    assert planted_o and all(err > 0.5 for err in planted_o.values())  # re-recorded at 2x
+    assert invoke(tmp_path, suite).exit_code == 0  # the merged section gates the whole suite
