@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import time
 import sys
 from pathlib import Path
 from typing import Optional
@@ -111,6 +112,7 @@ def check(
     family: list[str] = typer.Option(["random", "long"], "--family", help="random and/or long"),
     long_t: str = typer.Option("", help="lengths of the long family, e.g. 1024,4096 (default by device)"),
     case: Optional[str] = typer.Option(None, help="replay one case (JSON, as a failure prints it)"),
+    max_time: Optional[float] = typer.Option(None, "--max-time", help="seconds: start no new case after this (a capped GPU call still gets its table); the summary says how many ran"),
     out: Path = typer.Option(Path("out/check"), help="directory for CSV, JSON and plots"),
     autotune: bool = typer.Option(False, "--autotune/--pinned", help=AUTOTUNE_HELP),
     ref_device: str = typer.Option("auto", "--ref-device", help=REF_DEVICE_HELP),
@@ -154,6 +156,7 @@ def check(
     profile = "cuda" if device == "cuda" else "cpu"
 
     results = []
+    deadline = None if max_time is None else time.perf_counter() + max_time
     if case is not None:
         try:
             replay = Case.from_json(case)
@@ -166,11 +169,12 @@ def check(
         with console.status(f"checking {op} on {device}: {', '.join(i.name for i in chosen)}"):
             if "random" in families:
                 impls = chosen if names else [i for i in chosen if i.name != TRUTH["random"]]
-                results.append(check_random(op, impls, dtypes, device, examples, seed, profile))
+                results.append(check_random(op, impls, dtypes, device, examples, seed, profile,
+                                            deadline))
             if "long" in families:
                 impls = chosen if names else [i for i in chosen if i.name != TRUTH["long"]]
                 lengths = tuple(int(t) for t in long_t.split(",") if t.strip()) or None
-                results.append(check_long(op, impls, dtypes, device, profile, lengths))
+                results.append(check_long(op, impls, dtypes, device, profile, lengths, deadline))
 
     rows = [r for res in results for r in res.rows]
     df = frame(rows)
@@ -183,8 +187,12 @@ def check(
     console.print(f"[dim]wrote {', '.join(str(p) for p in paths + ([plot] if plot else []))}[/]")
 
     failures = [r.failure for r in results if r.failure is not None]
+    if any(r.stopped for r in results):
+        console.print(f"[yellow]stopped at --max-time {max_time:g} s: {cases} cases ran, not all "
+                      f"that were asked for[/]")
     if not failures:
-        console.print(f"[green]{op}: all checks passed[/]")
+        console.print(f"[green]{op}: all checks passed[/]"
+                      + (" (on the cases that ran)" if any(r.stopped for r in results) else ""))
         return
     for failure in failures:
         bad = [r for r in failure.rows if not r["passed"]]
@@ -205,6 +213,41 @@ def check(
 
 def _fmtf(x: float) -> str:
     return f"{x:.3e}"
+
+
+@app.command("compile")
+def compile_cmd(
+    op: str = typer.Argument(..., help="operator, e.g. delta_rule"),
+    impl: list[str] = typer.Option([], "--impl", help="Triton implementation(s); default: all of the operator's"),
+    case: list[str] = typer.Option([], "--case", help="ids of the gpu suite's cases to record on; default: all"),
+    arch: int = typer.Option(90, help="CUDA compute capability to compile for, e.g. 80, 90"),
+    jobs: int = typer.Option(2, "--jobs", "-j", min=1, help="compiles at once"),
+    all_configs: bool = typer.Option(False, "--all-configs", help="every autotune config, not the first alone"),
+) -> None:
+    """Compile OP's Triton kernels for a GPU on a machine without one: every launch that OP's
+    kernels make on the gpu suite's cases (recorded under the interpreter), in bfloat16 too.
+    Catches what the interpreter cannot: a kernel that would not compile on the GPU."""
+    from harness.compile import compile_op
+    from harness.operators import OPERATORS
+
+    if op not in OPERATORS:
+        _fail(f"unknown operator {op!r}; known: {', '.join(OPERATORS)}")
+    with console.status(f"compiling {op}'s kernels for sm_{arch}"):
+        try:
+            data = compile_op(op, _split(impl), arch, jobs, all_configs, _split(case))
+        except (RuntimeError, ValueError) as exc:
+            _fail(str(exc))
+    for err in data["errors"]:
+        console.print(f"[yellow]interpreted run failed:[/] {err}", highlight=False)
+    failed = [(label, err) for label, err, _ in data["compiled"] if err]
+    for label, err in failed:
+        console.print(f"[red bold]does not compile:[/] {label}", highlight=False)
+        console.print(err, highlight=False, markup=False)
+    seconds = sum(t for _, _, t in data["compiled"])
+    console.print(f"{op}: {len(data['launches'])} distinct launches, {len(data['compiled'])} "
+                  f"compiles for sm_{arch} ({seconds:.0f} s), {len(failed)} failed")
+    if failed or data["errors"]:
+        raise typer.Exit(1)
 
 
 def main() -> None:
