@@ -171,13 +171,16 @@ def test_both_wy_forwards_through_the_whole_kernel(monkeypatch, fused):
         assert rel_error(x, r) < 1e-4, (name, rel_error(x, r))
 
 
-@pytest.mark.parametrize("mode, dk32", [("forward", True), ("inputs", True), ("forward", False)])
+@pytest.mark.parametrize("mode, dk32", [("forward", True), ("inputs", True), ("forward", False),
+                                        ("inputs", False)])
 def test_backward_precision_switches(monkeypatch, mode, dk32):
-    """BWD_RECOMPUTE and DK_PARTIAL_FLOAT32: float32 inputs get exact gradients either way (the
-    same arithmetic); float16 gradients stay within the float16 bound of the test above
-    (measured: 5.7e-4 to 7.3e-4 with the defaults; 5.8e-4 to 7.4e-4 with "inputs", where the
-    backward's u, Ai and walk products are rounded to float16 as fla's are; dk 7.6e-4 with its
-    partial in float16; torch.manual_seed(0) before the inputs)."""
+    """BWD_RECOMPUTE and DK_PARTIAL_FLOAT32 forced for every dtype (("inputs", False) is
+    bfloat16's default, which the interpreter cannot run: float16 stands in for it): float32
+    inputs get exact gradients either way (the same arithmetic); float16 gradients stay within
+    the float16 bound of the test above (measured: 5.7e-4 to 7.3e-4 with float16's defaults;
+    5.8e-4 to 7.4e-4 with "inputs", where the backward's u, Ai and walk products are rounded to
+    float16 as fla's are; dk 7.6e-4 with its partial in float16; torch.manual_seed(0) before
+    the inputs)."""
     import kernels.delta_rule.chunk as chunk_mod
 
     monkeypatch.setattr(chunk_mod, "BWD_RECOMPUTE", mode)

@@ -42,16 +42,24 @@ BT = 64  # chunk size: a tiling choice, never a change of result
 # On the H100 (B=2 H=16 K=V=128 bf16) it took the forward from 0.83 to 0.65 ms at T=8K and
 # 3.16 to 2.47 ms at 32K, same errors; False runs kkt_fwd, solve_tril, recompute_w_u_fwd.
 FUSED_WY_FWD = True
-# The backward recomputes w, u, h and v' (to dq, dk, dw and dv'). "forward": with the forward's
-# arithmetic (u float32, Ai as hi + lo, S and v' per FWD_MIXED_BY_DTYPE). "inputs": in the
-# inputs' dtype (u rounded, Ai rounded, S and v' rounded into the walk's products; fla's
-# arithmetic), for half-precision inputs one product less per stage and half of u's bytes;
-# float32 inputs get the same arithmetic either way. Not timed yet (reports/NOTES.md).
-BWD_RECOMPUTE = "forward"
-# dk's share from dq/dk (v' dh^T + scale dS^T Q), handed to the WY backward: float32 (True), or
-# rounded to the inputs' dtype (False, as fla's; half the bytes written and read back). Not
-# timed yet.
-DK_PARTIAL_FLOAT32 = True
+# The backward recomputes w, u, h and v' (to dq, dk, dw and dv'). "inputs": in the inputs'
+# dtype (u rounded, Ai rounded, S and v' rounded into the walk's products; fla's arithmetic).
+# "forward": with the forward's arithmetic (u float32, Ai as hi + lo, S and v' per
+# FWD_MIXED_BY_DTYPE), one product more per stage and twice u's bytes. Float32 inputs get the
+# same arithmetic either way. H100, B=2 H=16 K=V=128 bf16, T=32K fwd+bwd: 7.36 ms "forward",
+# 6.81 ms "inputs" (with dk's partial in bf16; fla-core 0.6.0: 7.11); bf16 errors at B=2 T=1000
+# H=4 D=64: dq 3.95e-3 -> 4.73e-3 (fla 4.72e-3), dk 5.08e-3 -> 5.88e-3 (fla 6.09e-3), the rest
+# within 4% and at or under fla's (reports/delta_rule.md). float16 keeps "forward": with
+# "inputs" its d(initial state) crossed the check's tolerance on the CI suite's basic case
+# (9.84e-4 against 9.57e-4; "forward" 9.30e-4). BWD_RECOMPUTE, if set, forces one mode.
+BWD_RECOMPUTE_BY_DTYPE = {torch.bfloat16: "inputs", torch.float16: "forward", torch.float32: "forward"}
+BWD_RECOMPUTE = None
+# dk's share from dq/dk (v' dh^T + scale dS^T Q), handed to the WY backward rounded to the
+# inputs' dtype (False, as fla's) or in float32 (True: twice the bytes written and read back).
+# bf16 at T=32K (as above): False took fwd+bwd from 7.36 to 7.18 ms, dk 5.08e-3 -> 5.35e-3.
+# float16 keeps float32 (dk 7.3e-4 against 7.9e-4 on the CI suite's basic case).
+DK_PARTIAL_FLOAT32_BY_DTYPE = {torch.bfloat16: False, torch.float16: True, torch.float32: True}
+DK_PARTIAL_FLOAT32 = None
 
 
 def chunk_delta_rule_fwd(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens,
@@ -83,9 +91,11 @@ def chunk_delta_rule_bwd(q, k, v, beta, Ai, scale, initial_state, do, dht, cu_se
     (default the inputs'), dv, dbeta in v's and beta's dtypes, d(initial_state) float32."""
     B, T, H, K = k.shape
     N, NT, chunk_indices, chunk_offsets = chunk_layout(B, T, cu_seqlens, BT)
-    if BWD_RECOMPUTE not in ("forward", "inputs"):
-        raise ValueError(f"BWD_RECOMPUTE: expected 'forward' or 'inputs', got {BWD_RECOMPUTE!r}")
-    fast = BWD_RECOMPUTE == "inputs"
+    mode = BWD_RECOMPUTE_BY_DTYPE[k.dtype] if BWD_RECOMPUTE is None else BWD_RECOMPUTE
+    if mode not in ("forward", "inputs"):
+        raise ValueError(f"BWD_RECOMPUTE: expected 'forward' or 'inputs', got {mode!r}")
+    fast = mode == "inputs"
+    dk32 = DK_PARTIAL_FLOAT32_BY_DTYPE[k.dtype] if DK_PARTIAL_FLOAT32 is None else DK_PARTIAL_FLOAT32
     w, u = recompute_w_u_fwd(k, v, beta, Ai, cu_seqlens, chunk_indices, NT, BT,
                              in_inputs_dtype=fast)
     h, v_new, _ = chunk_fwd_h(k, w, u, initial_state, False, cu_seqlens, chunk_offsets, N, NT, BT,
@@ -97,7 +107,7 @@ def chunk_delta_rule_bwd(q, k, v, beta, Ai, scale, initial_state, do, dht, cu_se
     del w, dv_local
     dq, dk, dw = chunk_bwd_dqk(q, k, v_new, h, do, dh, dv_new, scale, cu_seqlens, chunk_indices,
                                NT, BT, dq_dtype=qk_grad_dtype,
-                               dk_dtype=torch.float32 if DK_PARTIAL_FLOAT32 else k.dtype)
+                               dk_dtype=torch.float32 if dk32 else k.dtype)
     del h, dh, v_new
     dk, dv, dbeta = wy_bwd(k, v, beta, Ai, dw, dv_new, dk, cu_seqlens, chunk_indices, NT, BT,
                            grad_dtype=qk_grad_dtype)

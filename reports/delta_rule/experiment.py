@@ -5,9 +5,9 @@
 WHAT: any of acc (bf16 errors vs the float64 recurrence, B=2 T=1000 H=4 D=64; ACC_DTYPES to
 add float32), bench (median ms and peak MB, B=2 H=16 D=128 bf16), prof (per-kernel time of
 fwd+bwd at the last T), cfg (autotune choices). IMPLS: chunk, chunk_fused (FUSED_WY_FWD on),
-chunk[_fused]_{split,tf32,round} (chunk_state.FWD_MIXED), chunk_bwdin and chunk_round_bwdin
-(chunk.BWD_RECOMPUTE = "inputs"), chunk_dk16 and chunk_bwdin_dk16 (chunk.DK_PARTIAL_FLOAT32 =
-False), fla_chunk, fused_recurrent, fla_fused_recurrent. Uses kernels/ and references/ only, so it
+chunk[_fused]_{split,tf32,round} (chunk_state.FWD_MIXED), chunk_bwdfwd (chunk.BWD_RECOMPUTE =
+"forward"), chunk_dk32 (chunk.DK_PARTIAL_FLOAT32 = True), chunk_bwdfwd_dk32 (both: the defaults
+before session d), fla_chunk, fused_recurrent, fla_fused_recurrent. Uses kernels/ and references/ only, so it
 runs even while the harness is being changed. Compiles are the cost on a cold machine: time
 few implementations and one shape per call."""
 import json, os, sys, time
@@ -24,7 +24,7 @@ import kernels.delta_rule.chunk as chunk_module
 import kernels.common.chunk_state as state_module
 
 
-def chunk_variant(fused: bool, mixed: str | None, bwd: str = "forward", dk32: bool = True):
+def chunk_variant(fused: bool, mixed: str | None, bwd: str = "inputs", dk32: bool = False):
     """chunk_delta_rule with the module switches set: FUSED_WY_FWD (wy.wy_fwd), the forward
     walk's mixed products (chunk_state.FWD_MIXED: split, tf32, round; None: by dtype) and the
     backward's recompute (chunk.BWD_RECOMPUTE: forward, inputs) and dk's partial
@@ -44,11 +44,11 @@ IMPLS = {"chunk": chunk_variant(True, None), "chunk_fused": chunk_variant(True, 
 for fused in (False, True):
     for mixed in ("split", "tf32", "round"):
         IMPLS[f"chunk{'_fused' if fused else ''}_{mixed}"] = chunk_variant(fused, mixed)
-# the defaults with the backward's recompute in the inputs' dtype (BWD_RECOMPUTE = "inputs")
-IMPLS["chunk_bwdin"] = chunk_variant(True, None, "inputs")
-IMPLS["chunk_round_bwdin"] = chunk_variant(True, "round", "inputs")
-IMPLS["chunk_dk16"] = chunk_variant(True, None, "forward", False)  # dk's partial in bf16
-IMPLS["chunk_bwdin_dk16"] = chunk_variant(True, None, "inputs", False)
+# the backward's recompute with the forward's arithmetic (BWD_RECOMPUTE = "forward") and dk's
+# partial in float32 (DK_PARTIAL_FLOAT32 = True): the defaults until 2026-11-23 session d
+IMPLS["chunk_bwdfwd_dk32"] = chunk_variant(True, None, "forward", True)
+IMPLS["chunk_bwdfwd"] = chunk_variant(True, None, "forward", False)
+IMPLS["chunk_dk32"] = chunk_variant(True, None, "inputs", True)
 what = sys.argv[1].split(",")
 impls = sys.argv[2].split(",")
 Ts = [int(t) for t in sys.argv[3].split(",")] if len(sys.argv) > 3 else [2048, 8192, 32768]
