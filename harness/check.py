@@ -311,11 +311,13 @@ def check_random(op_name: str, impls: list[Implementation], dtypes: list[str], d
                  examples: int, seed: int, profile: str,
                  deadline: float | None = None) -> CheckResult:
     """The random family: hypothesis draws ``examples`` cases and shrinks any failure. Past
-    ``deadline`` no further case is evaluated (a shrink in progress keeps what it has)."""
+    ``deadline`` no further case is evaluated: a shrink in progress stops at the smallest
+    failing case found so far."""
     rows: list[dict[str, Any]] = []
     count = 0
     stopped = False
     start = time.perf_counter()
+    failed: dict[str, CaseFailed] = {}  # by case: replayed past the deadline without evaluating
 
     @settings(max_examples=examples, deadline=None, database=None, print_blob=False,
               suppress_health_check=list(HealthCheck), report_multiple_bugs=False)
@@ -324,12 +326,15 @@ def check_random(op_name: str, impls: list[Implementation], dtypes: list[str], d
     def one(case: Case) -> None:
         nonlocal count, stopped
         if past(deadline):
+            if case.to_json() in failed:  # hypothesis replays the failure it keeps: consistently
+                raise failed[case.to_json()]
             stopped = True
             reject()
         count += 1
         case_rows = guarded(evaluate, case, impls, dtypes, device, "random")
         if not all(r["passed"] for r in case_rows):
-            raise CaseFailed(case, case_rows)
+            failed[case.to_json()] = CaseFailed(case, case_rows)
+            raise failed[case.to_json()]
         rows.extend(case_rows)
 
     failure = None
@@ -368,9 +373,10 @@ def check_cases(cases: list[Case], impls: list[Implementation], dtypes: list[str
     rows: list[dict[str, Any]] = []
     failure = None
     start = time.perf_counter()
-    done = 0
+    done, stopped = 0, False
     for case in cases:
         if past(deadline):
+            stopped = True
             break
         done += 1
         try:
@@ -383,7 +389,7 @@ def check_cases(cases: list[Case], impls: list[Implementation], dtypes: list[str
         if failure is None and not all(r["passed"] for r in case_rows):
             failure = CaseFailed(case, case_rows)
     return CheckResult(cases[0].op if cases else "", rows, failure, done,
-                       time.perf_counter() - start, done < len(cases) and failure is None)
+                       time.perf_counter() - start, stopped)
 
 
 def check_long(op_name: str, impls: list[Implementation], dtypes: list[str], device: str,

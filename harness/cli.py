@@ -223,6 +223,7 @@ def compile_cmd(
     arch: int = typer.Option(90, help="CUDA compute capability to compile for, e.g. 80, 90"),
     jobs: int = typer.Option(2, "--jobs", "-j", min=1, help="compiles at once"),
     all_configs: bool = typer.Option(False, "--all-configs", help="every autotune config, not the first alone"),
+    half: list[str] = typer.Option([], "--half", help="dtypes the float16 launches are compiled in; default: bfloat16,float16"),
 ) -> None:
     """Compile OP's Triton kernels for a GPU on a machine without one: every launch that OP's
     kernels make on the gpu suite's cases (recorded under the interpreter), in bfloat16 too.
@@ -234,12 +235,13 @@ def compile_cmd(
         _fail(f"unknown operator {op!r}; known: {', '.join(OPERATORS)}")
     with console.status(f"compiling {op}'s kernels for sm_{arch}"):
         try:
-            data = compile_op(op, _split(impl), arch, jobs, all_configs, _split(case))
+            data = compile_op(op, _split(impl), arch, jobs, all_configs, _split(case),
+                              half_as=tuple(_split(half) or ["bfloat16", "float16"]))
         except (RuntimeError, ValueError) as exc:
             _fail(str(exc))
     for err in data["errors"]:
         console.print(f"[yellow]interpreted run failed:[/] {err}", highlight=False)
-    failed = [(label, err) for label, err, _ in data["compiled"] if err]
+    failed = [(label, err) for label, err, _ in data["compiled"] if err is not None]
     for label, err in failed:
         console.print(f"[red bold]does not compile:[/] {label}", highlight=False)
         console.print(err, highlight=False, markup=False)

@@ -31,11 +31,10 @@ from pathlib import Path
 from typing import Any
 
 # Cases are the GPU suite's explicit cases of the operator, shrunk for the interpreter: head
-# sizes, options, states and varlen layouts decide the constexprs; T, B and H do not.
+# sizes, options, states and varlen layouts decide the constexprs (H too, but not the code
+# path); T and B are runtime values.
 RECORD_T = 70  # one full chunk of 64 and a tail
 RECORD_DTYPES = ("float32", "float16")
-TORCH_TO_TRITON = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64",
-                   "int32": "i32", "int64": "i64", "bool": "i1", "uint8": "u8", "int8": "i8"}
 
 
 @dataclass
@@ -45,7 +44,8 @@ class Launch:
 
     module: str
     name: str
-    args: dict[str, list]  # name -> ["ptr" | "int" | "float", triton type] | ["const", value]
+    args: dict[str, list]  # name -> ["ptr", torch dtype, aligned] | ["int", type, "one" | "div16" | ""]
+    #                          | ["float", "fp32"] | ["bool", value] | ["const", value]
     options: dict[str, int]
 
     def key(self) -> str:
@@ -54,14 +54,19 @@ class Launch:
 
 # ------------------------------------------------------------------------------------ record
 def _describe(value: Any) -> list:
+    """A runtime argument as the JIT specializes it: pointers by dtype and 16-byte alignment,
+    integers by width and whether they are 1 or divisible by 16 (not by value: T varies)."""
     import torch
 
     if isinstance(value, torch.Tensor):
-        return ["ptr", TORCH_TO_TRITON[str(value.dtype).removeprefix("torch.")]]
-    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return ["ptr", str(value.dtype).removeprefix("torch."), value.data_ptr() % 16 == 0]
+    if isinstance(value, bool):
+        return ["bool", value]
+    if value is None or isinstance(value, str):
         return ["const", value]
-    if isinstance(value, int):  # runtime scalars: only the type reaches the compiler
-        return ["int", "i32" if -2**31 <= value < 2**31 else "i64"]
+    if isinstance(value, int):
+        kind = "one" if value == 1 else "div16" if value % 16 == 0 else ""
+        return ["int", "i32" if -2**31 <= value < 2**31 else "i64", kind]
     if isinstance(value, float):
         return ["float", "fp32"]
     if hasattr(value, "value"):  # tl.constexpr
@@ -98,7 +103,7 @@ def _recorder(launches: dict[str, Launch]):
 
 def record_cases(op_name: str, ids: list[str] | None = None):
     """The GPU suite's explicit cases of ``op_name`` (those named in ``ids``, if given), shrunk
-    to RECORD_T tokens, B = H = 1."""
+    to RECORD_T tokens, B = 1, H = 2."""
     from dataclasses import replace
 
     from harness.suites import load_suite
@@ -109,7 +114,7 @@ def record_cases(op_name: str, ids: list[str] | None = None):
         if sc.op != op_name or sc.family != "random" or (ids and sc.id not in ids):
             continue
         case = sc.case
-        dims = dict(case.dims, B=1, H=1)
+        dims = dict(case.dims, B=1, H=2)  # two heads: no head count folds to a constant 1
         seqlens = None
         if case.seqlens is not None:  # keep the empty and one-token sequences, shorten the rest
             seqlens = [min(n, 40) for n in case.seqlens]
@@ -190,6 +195,9 @@ def record(op_name: str, impl_names: list[str] | None = None,
     impls = [i for i in implementations(op_name) if i.kind == "triton"
              and (not impl_names or i.name in impl_names) and i.why_unavailable("cpu") is None]
     errors = []
+    if not impls:
+        raise ValueError(f"{op_name} has no Triton implementation that runs here"
+                         + (f" among {impl_names}" if impl_names else ""))
     cases = record_cases(op_name, case_ids)
     if case_ids and len(cases) != len(set(case_ids)):
         raise ValueError(f"cases: the gpu suite has no {op_name} case named in {case_ids}")
@@ -207,6 +215,8 @@ def record(op_name: str, impl_names: list[str] | None = None,
                         if error:
                             errors.append(f"{impl.name} {dtype} {switches.get('what', '')} "
                                           f"{case.to_json()}: {error}")
+    if not launches:
+        raise ValueError(f"no kernel launch recorded for {op_name} on {len(cases)} case(s)")
     return list(launches.values()), errors
 
 
@@ -227,7 +237,7 @@ def _kernel(launch: Launch):
     return obj, tuner
 
 
-def variants(launch: Launch, half_as: tuple[str, ...] = ("bf16",), all_configs: bool = False
+def variants(launch: Launch, half_as: tuple[str, ...] = ("bfloat16",), all_configs: bool = False
              ) -> list[tuple[str, Launch]]:
     """The launches to compile for one recorded launch, as (label, launch) pairs: its
     autotuner's first tiling config (the one the interpreter ran), or every config with
@@ -235,10 +245,11 @@ def variants(launch: Launch, half_as: tuple[str, ...] = ("bf16",), all_configs: 
     interpreter cannot run; float16 ran interpreted already)."""
     _, tuner = _kernel(launch)
     configs = [None] if tuner is None else tuner.configs[:None if all_configs else 1]
-    has_half = any(a == ["ptr", "fp16"] for a in launch.args.values())
+    has_half = any(a[:2] == ["ptr", "float16"] for a in launch.args.values())
     out = []
     for half in (half_as if has_half else ("",)):
-        args = {k: (["ptr", half] if a == ["ptr", "fp16"] else a) for k, a in launch.args.items()}
+        args = {k: (["ptr", half, a[2]] if a[:2] == ["ptr", "float16"] else a)
+                for k, a in launch.args.items()}
         for n, cfg in enumerate(configs):
             options = dict(launch.options)
             cargs = dict(args)
@@ -246,32 +257,61 @@ def variants(launch: Launch, half_as: tuple[str, ...] = ("bf16",), all_configs: 
                 cargs.update({k: ["const", v] for k, v in cfg.kwargs.items()})
                 options.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             consts = ", ".join(f"{k}={a[1]}" for k, a in cargs.items() if a[0] == "const")
-            label = f"{launch.name}[{half or 'fp32'}, config {n}, {options}] ({consts})"
+            label = f"{launch.name}[{half or 'float32'}, config {n}, {options}] ({consts})"
             out.append((label, Launch(launch.module, launch.name, cargs, options)))
     return out
 
 
+# Shared memory a block may use (bytes): the opt-in maximum per compute capability.
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+
+
+def _argument(a: list) -> Any:
+    """A stand-in value that the JIT specializes as the recorded argument was (CPU tensors: only
+    their dtype and the alignment of their address matter)."""
+    import torch
+
+    kind = a[0]
+    if kind == "ptr":
+        x = torch.empty(32, dtype=getattr(torch, a[1]))
+        return x if a[2] else x[1:]  # 16-byte aligned, or not
+    if kind == "int":
+        return {"one": 1, "div16": 16}.get(a[2], 17) + (2**32 if a[1] == "i64" else 0)
+    if kind == "float":
+        return 0.5
+    return a[1]  # bool, const
+
+
 def compile_launch(launch: Launch, arch: int) -> str | None:
-    """Compile one launch for CUDA sm_<arch>; None, or the compiler's error (its last lines)."""
+    """Compile one launch for CUDA sm_<arch> as the JIT would (its binder specializes the
+    arguments: alignment and divisibility hints, constexprs); None, or what went wrong: the
+    compiler's error (its last lines) or more shared memory than a block may have."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
 
     fn, _ = _kernel(launch)
-    signature, constexprs = {}, {}
-    for p in fn.params:
-        kind, value = launch.args.get(p.name, ["const", None])
-        if p.is_constexpr or kind == "const":
-            signature[p.name], constexprs[p.name] = "constexpr", value
-        elif kind == "ptr":
-            signature[p.name] = "*" + value
-        else:  # int, float
-            signature[p.name] = value
+    missing = [p.name for p in fn.params if p.name not in launch.args]
+    if missing:
+        return f"recorded launch has no value for {', '.join(missing)}"
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    args = [_argument(launch.args[p.name]) for p in fn.params]
     try:
-        triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32),
-                       options=launch.options)
+        kwargs = dict(launch.options, debug=False)
+        bound, specialization, options = binder(*args, **kwargs)
+        options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+        kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
+                                options=options.__dict__)
     except Exception as exc:  # the compiler's message ends with the offending source line
-        return "\n".join(str(exc).strip().splitlines()[-12:])
+        text = "\n".join(str(exc).strip().splitlines()[-12:])
+        return text or repr(exc)
+    limit = SHARED_LIMIT.get(arch)
+    if limit is not None and kernel.metadata.shared > limit:
+        return (f"needs {kernel.metadata.shared} bytes of shared memory; sm_{arch} allows {limit} "
+                f"(the launch would fail with OutOfResources)")
     return None
 
 
@@ -281,14 +321,15 @@ def _build_one(item: tuple[str, dict, int]) -> tuple[str, str | None, float]:
     return label, compile_launch(Launch(**fields), arch), time.perf_counter() - start
 
 
-def build(launches: list[Launch], arch: int = 90, jobs: int = 1, all_configs: bool = False):
+def build(launches: list[Launch], arch: int = 90, jobs: int = 1, all_configs: bool = False,
+          half_as: tuple[str, ...] = ("bfloat16",)):
     """Compile every variant of every launch; yields (label, error or None, seconds)."""
     from dataclasses import asdict
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("build needs a process without TRITON_INTERPRET=1")
     items = [(label, asdict(v), arch) for launch in launches
-             for label, v in variants(launch, all_configs=all_configs)]
+             for label, v in variants(launch, half_as, all_configs)]
     if jobs <= 1:
         yield from map(_build_one, items)
         return
@@ -299,7 +340,8 @@ def build(launches: list[Launch], arch: int = 90, jobs: int = 1, all_configs: bo
 # ------------------------------------------------------------------------- both, in processes
 def compile_op(op_name: str, impls: list[str] | None = None, arch: int = 90, jobs: int = 1,
                all_configs: bool = False, cases: list[str] | None = None,
-               workdir: Path | None = None) -> dict[str, Any]:
+               workdir: Path | None = None,
+               half_as: tuple[str, ...] = ("bfloat16",)) -> dict[str, Any]:
     """Record (interpreter) and build (compiler) in two child processes, whatever this
     process's TRITON_INTERPRET; returns {"launches", "compiled": [(label, error, s)], "errors"}."""
     import tempfile
@@ -310,7 +352,7 @@ def compile_op(op_name: str, impls: list[str] | None = None, arch: int = 90, job
     base = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     common = ["--op", op_name, "--arch", str(arch), "--jobs", str(jobs),
               "--impls", ",".join(impls or []), "--cases", ",".join(cases or [])]
-    common += ["--all-configs"] if all_configs else []
+    common += ["--half", ",".join(half_as)] + (["--all-configs"] if all_configs else [])
     for phase, env, out in (("record", dict(base, TRITON_INTERPRET="1"), recorded),
                             ("build", base, built)):
         proc = subprocess.run([sys.executable, "-m", "harness.compile", phase, str(workdir), *common],
@@ -334,6 +376,7 @@ def _main(argv: list[str]) -> None:
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--all-configs", action="store_true")
+    ap.add_argument("--half", default="bfloat16")
     a = ap.parse_args(argv)
     names = [n for n in a.impls.split(",") if n]
     if a.phase == "record":
@@ -343,7 +386,7 @@ def _main(argv: list[str]) -> None:
     else:
         data = json.loads((a.workdir / "launches.json").read_text())
         launches = [Launch(**x) for x in data["launches"]]
-        results = list(build(launches, a.arch, a.jobs, a.all_configs))
+        results = list(build(launches, a.arch, a.jobs, a.all_configs, tuple(a.half.split(","))))
         (a.workdir / "compiled.json").write_text(json.dumps(results))
 
 

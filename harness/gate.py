@@ -318,14 +318,20 @@ def _check_section(path: Path, name: str, section: Any) -> None:
 def make_section(m: Measurement, command: str, env: dict[str, str],
                  old: dict[str, Any] | None, ops: list[str] | None = None) -> dict[str, Any]:
     """A suite's baseline from a run; growth and floors carry over from the old one. A run
-    restricted to ``ops`` replaces those operators' entries and cases and keeps the others'."""
+    restricted to ``ops`` replaces those operators' entries and cases and keeps the others', and
+    records its command and environment per operator under "op_updates"."""
     entries, cases = dict(m.entries), dict(m.cases)
-    if ops and old:
-        entries.update({entry_key(e): e for e in old["entries"] if e["op"] not in ops})
-        cases.update({c: js for c, js in old["cases"].items() if c.split("/", 1)[0] not in ops})
+    section = {"command": command, "environment": env}
+    if ops:  # what recorded these operators' entries; the section's own command stays
+        updates = dict(old.get("op_updates", {})) if old else {}
+        updates.update({op: {"command": command, "environment": env} for op in ops})
+        if old:
+            section = {"command": old["command"], "environment": old["environment"]}
+            entries.update({entry_key(e): e for e in old["entries"] if e["op"] not in ops})
+            cases.update({c: js for c, js in old["cases"].items() if c.split("/", 1)[0] not in ops})
+        section["op_updates"] = dict(sorted(updates.items()))
     return {
-        "command": command,
-        "environment": env,
+        **section,
         "growth": old["growth"] if old else GROWTH,
         "floor": old["floor"] if old else dict(FLOOR),
         "cases": dict(sorted(cases.items())),

@@ -259,3 +259,20 @@ def test_max_time_stops_drawing_and_says_so(tmp_path):
     res = check_long("gla", [get("gla", "chunk_ref")], ["float64"], "cpu", "cpu", (16, 32),
                      deadline=time.perf_counter() + 3600)
     assert res.examples == 2 and not res.stopped and res.rows
+
+
+def test_max_time_during_a_shrink_keeps_the_failure(monkeypatch):
+    # Past the deadline hypothesis still replays the failure it keeps: that replay must fail
+    # again (not be rejected, which hypothesis reports as a flaky test and the table is lost).
+    import time
+
+    import harness.check as check
+
+    def failing(case, *args):
+        time.sleep(0.05)
+        return [dict(impl="x", dtype="float64", quantity="o", error=1.0, passed=False)]
+
+    monkeypatch.setattr(check, "evaluate", failing)
+    res = check.check_random("gla", [], ["float64"], "cpu", 5, 0, "cpu",
+                             deadline=time.perf_counter() + 0.12)
+    assert res.failure is not None and res.rows and not res.rows[0]["passed"]

@@ -370,7 +370,9 @@ def test_op_update_replaces_that_operator_and_keeps_the_others(tmp_path, planted
     result = invoke(tmp_path, suite, "--op", "delta_rule", "--update")
     assert result.exit_code == 0 and "kept" in result.output, result.output
     after = json.loads(baseline.read_text())["suites"]["tiny"]
-    assert "--op delta_rule" in after["command"]
+    assert after["command"] == before["command"]  # the section's own command stays
+    assert "--op delta_rule" in after["op_updates"]["delta_rule"]["command"]
+    assert "gla" not in after["op_updates"]
     gla = [e for e in before["entries"] if e["op"] == "gla"]
     assert gla and [e for e in after["entries"] if e["op"] == "gla"] == gla
     assert after["cases"] == before["cases"]

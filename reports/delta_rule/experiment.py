@@ -24,11 +24,11 @@ import kernels.delta_rule.chunk as chunk_module
 import kernels.common.chunk_state as state_module
 
 
-def chunk_variant(fused: bool, mixed: str | None, bwd: str = "inputs", dk32: bool = False):
+def chunk_variant(fused: bool, mixed: str | None, bwd: str | None = None, dk32: bool | None = None):
     """chunk_delta_rule with the module switches set: FUSED_WY_FWD (wy.wy_fwd), the forward
     walk's mixed products (chunk_state.FWD_MIXED: split, tf32, round; None: by dtype) and the
     backward's recompute (chunk.BWD_RECOMPUTE: forward, inputs) and dk's partial
-    (chunk.DK_PARTIAL_FLOAT32). The backward reads
+    (chunk.DK_PARTIAL_FLOAT32), each None for the library's choice by dtype. The backward reads
     them when it runs, so the switches stay set until the next variant's call (every variant,
     "chunk" included, sets all four)."""
     def fn(*args, **kwargs):
