@@ -53,7 +53,7 @@ def gate_cmd(
     device = select_device(device)
     pin_configs(autotune)
     set_ref_device(ref_device)
-    from harness import gate
+    from harness import gate, gate_report
     from harness.suites import SuiteError, display, load_suite
 
     try:
@@ -105,7 +105,7 @@ def gate_cmd(
     rows = gate.compare(section, m, s, device)
     _print_rows(console, gate, rows, path, section)
     c = gate.counts(rows)
-    paths = gate.write_report(out, s, dc, path, section, rows, m.total_seconds)
+    paths = gate_report.write_report(out, s, dc, path, section, rows, m.total_seconds)
     console.print(gate.summary_line(c))
     console.print(f"[dim]wrote {', '.join(map(str, paths))}[/]")
     if gate.failed(c):
@@ -124,6 +124,8 @@ def gate_cmd(
 def _print_rows(console, gate, rows, path: Path, section) -> None:
     from rich.table import Table
 
+    from harness import gate_report
+
     shown = [r for r in rows if r.status in ("regression", "new", "improvement")]
     if not shown:
         console.print(f"no regressions, new entries or improvements against {path}")
@@ -134,7 +136,7 @@ def _print_rows(console, gate, rows, path: Path, section) -> None:
     style = {"regression": "red", "new": "yellow", "improvement": "green"}
     for r in shown[:MAX_ROWS]:
         table.add_row(f"[{style[r.status]}]{r.status}[/]", r.op, r.impl, r.dtype, r.case, r.quantity,
-                      gate.fmt_error(r.baseline), gate.fmt_error(r.now),
+                      gate_report.fmt_error(r.baseline), gate_report.fmt_error(r.now),
                       "-" if r.ratio is None else f"{r.ratio:.3g}x", r.reason)
     console.print(table)
     if len(shown) > MAX_ROWS:
@@ -154,12 +156,14 @@ def _update(console, gate, s, m, path: Path, dc: str, old, command: str, device:
             ops: list[str]) -> None:
     from rich.table import Table
 
+    from harness import gate_report
+
     if m.failures:
         console.print(f"[red]not writing {path}: {len(m.failures)} case(s) could not run[/]")
         raise typer.Exit(1)
     section = gate.make_section(m, command, gate.environment(device), old, ops)
     gate.write_baseline(path, dc, s.name, section)
-    ch = gate.changes(old, section)
+    ch = gate_report.changes(old, section)
     if ops and old is not None:
         kept = sum(1 for e in section["entries"] if e["op"] not in ops)
         console.print(f"kept {kept} entries of the other operators from the old section")
@@ -186,4 +190,4 @@ def _update(console, gate, s, m, path: Path, dc: str, old, command: str, device:
                       f"tolerance and are recorded as known failures (the gate fails if they get worse):[/]")
         for e in failing[:10]:
             console.print(f"  {e['op']} {e['impl']} {e['dtype']} {e['case']} {e['quantity']}: "
-                          f"{gate.show_entry(e)}", highlight=False)
+                          f"{gate_report.show_entry(e)}", highlight=False)
