@@ -8,8 +8,9 @@ no bfloat16 at all. This closes that gap on the CPU:
 
 1. *record* (a process with ``TRITON_INTERPRET=1``): run every Triton implementation of the
    operator forward and backward on small cases with the head sizes and options of the GPU
-   suite, in float32 and float16, and record each kernel launch: the kernel, its argument
-   types, its constexprs and its launch options;
+   suite, in float32 and float16, under its defaults and under each of its registered
+   ``switches`` (module settings that take other kernel paths), and record each kernel
+   launch: the kernel, its argument types, its constexprs and its launch options;
 2. *build* (a process without the interpreter): compile each distinct launch for a CUDA
    target (sm_90 by default; Triton's bundled ptxas), in every tiling config its autotuner
    holds, and the float16 launches in bfloat16 too.
@@ -26,9 +27,11 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 # Cases are the GPU suite's explicit cases of the operator, shrunk for the interpreter: head
 # sizes, options, states and varlen layouts decide the constexprs (H too, but not the code
@@ -128,43 +131,6 @@ def record_cases(op_name: str, ids: list[str] | None = None):
     return cases
 
 
-# Module switches whose other values take other kernel paths (constexprs the host picks), and
-# the implementations they affect: a record pass each, beside the defaults. The host picks some
-# by dtype: a float16 run records float16's choices, and bfloat16's (which the interpreter
-# cannot run) are forced in a float16 pass, then compiled in bfloat16.
-SWITCHES: dict[str, list[dict[str, Any]]] = {
-    "delta_rule": [
-        {"impls": ["chunk"], "what": "bfloat16's choices",
-         "set": {"kernels.delta_rule.chunk.BWD_RECOMPUTE": "inputs",
-                 "kernels.delta_rule.chunk.DK_PARTIAL_FLOAT32": False,
-                 "kernels.common.chunk_state.FWD_MIXED": "tf32"}},
-        {"impls": ["chunk"], "what": "the unfused WY forward",
-         "set": {"kernels.delta_rule.chunk.FUSED_WY_FWD": False}},
-    ],
-}
-
-
-class _switched:
-    """Set module attributes ("module.NAME": value) for the block; restore them after."""
-
-    def __init__(self, switches: dict[str, Any]):
-        self.items = list(switches.get("set", {}).items())
-        self.saved: list[tuple[Any, str, Any]] = []
-
-    def __enter__(self):
-        import importlib
-
-        for path, value in self.items:
-            module, _, name = path.rpartition(".")
-            mod = importlib.import_module(module)
-            self.saved.append((mod, name, getattr(mod, name)))
-            setattr(mod, name, value)
-
-    def __exit__(self, *exc):
-        for mod, name, value in reversed(self.saved):
-            setattr(mod, name, value)
-
-
 def _run_once(impl, args, case, dtype) -> str | None:
     """One forward (and backward) of ``impl``; its error message or None."""
     import torch
@@ -194,22 +160,22 @@ def record(op_name: str, impl_names: list[str] | None = None,
     _recorder(launches)
     impls = [i for i in implementations(op_name) if i.kind == "triton"
              and (not impl_names or i.name in impl_names) and i.why_unavailable("cpu") is None]
-    errors = []
     if not impls:
         raise ValueError(f"{op_name} has no Triton implementation that runs here"
                          + (f" among {impl_names}" if impl_names else ""))
     cases = record_cases(op_name, case_ids)
     if case_ids and len(cases) != len(set(case_ids)):
         raise ValueError(f"cases: the gpu suite has no {op_name} case named in {case_ids}")
-    for switches in [{}] + SWITCHES.get(op_name, []):
-        with _switched(switches):
-            for case in cases:
-                args = sample(case, "cpu")
-                for impl in impls:
-                    if switches and impl.name not in switches["impls"]:
-                        continue
+    errors = []
+    for impl in impls:  # under its defaults, then under each of its switches (registry)
+        for switches in ({},) + impl.switches:
+            with ExitStack() as stack:
+                for path, value in switches.get("set", {}).items():
+                    stack.enter_context(patch(path, value))
+                for case in cases:
                     if impl.supports is not None and impl.supports(case) is not None:
                         continue
+                    args = sample(case, "cpu")
                     for dtype in RECORD_DTYPES:
                         error = _run_once(impl, args, case, getattr(torch, dtype))
                         if error:

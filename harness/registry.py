@@ -60,6 +60,10 @@ class Implementation:
     backward: bool = True  # gradients are checked too
     available: Callable[[], str | None] | None = None
     supports: Callable[[Any], str | None] | None = None
+    # Module switches whose other values take other kernel paths (constexprs the host picks):
+    # ({"what": ..., "set": {"module.NAME": value}}, ...). `harness compile` records the
+    # kernel's launches under each as well as under the defaults.
+    switches: tuple[dict[str, Any], ...] = ()
     _fn: Callable[..., Any] | None = field(default=None, repr=False)
 
     @property
