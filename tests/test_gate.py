@@ -335,6 +335,16 @@ def test_parallel_jobs_give_the_same_entries_as_one_process(tmp_path):
     assert set(two.seconds) == {"delta_rule"}
 
 
+def test_workers_take_the_largest_case_first():
+    # On the H100 a delta-rule T = 65536 case, taken in suite order (last), held up a run that
+    # was otherwise done: the largest case must be the first one handed to a worker.
+    cases = [c for c in load_suite("gpu").cases if c.op == "delta_rule"]
+    assert cases[-1].id == "long-T16384" and cases[0].id == "basic"
+    order = sorted(cases, key=lambda c: -gate.case_size(c))
+    assert order[0].id == "stateless" and order[1].id in ("basic", "long-T16384")
+    assert [gate.case_size(c) for c in order] == sorted(map(gate.case_size, cases), reverse=True)
+
+
 TWO_OPS = TINY + """
 [ops.gla]
 impls = ["chunk_ref"]

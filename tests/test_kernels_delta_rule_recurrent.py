@@ -94,6 +94,8 @@ CASES = {
     "T1_decode_step": (1, 1, 2, 16, 16, False, True, True, 0.7),
     "T1_no_state": (2, 1, 1, 20, 12, True, False, False, None),
     "T23_V40_two_value_tiles": (1, 23, 1, 16, 40, True, True, False, None),
+    # per-token beta and l2norm with two value tiles: dq, dk summed by atomic adds, dbeta partials
+    "T23_V40_token_beta_l2": (1, 23, 2, 16, 40, False, True, True, None),
 }
 
 

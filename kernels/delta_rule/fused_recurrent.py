@@ -30,13 +30,17 @@ Two kernels, each a sweep with one [BK, BV] tile in registers (value tiles indep
 (a) reverse sweep with dS: dv_t, dbeta_t, dp_t (float32) and the first term of dk_t;
     at the end dS_{-1} = d(initial_state);
 (b) forward sweep rebuilding S from initial_state, k, beta and r: dq_t and the second term of
-    dk_t (read, added, written back in the same tile's slot).
+    dk_t (added to the first).
 
-dq, dk and per-token dbeta sum over value channels, so each value tile writes a float32 partial
-([.., NV, K] and [.., NV]) and PyTorch sums the NV partials; dv and per-channel dbeta are
-complete per tile. With ``use_qk_l2norm_in_kernel`` the autograd path normalises q and k with
-``kernels.common.l2norm`` first (saving the normalised q, k and 1/||x||) and back-propagates
-dq, dk through it last; the no-grad path (decoding) normalises inside the forward kernel, so a
+dq, dk and per-token dbeta sum over value channels. dq and dk go into one float32 [B, T, H, K]
+buffer each: stored when there is one value tile, else atomically added (relaxed) from each
+tile (a float32 sum of NV terms in whatever order the tiles arrive: not bit-reproducible, off
+by an ulp of float32 at most per term); per-token dbeta writes a float32 partial per tile
+([.., NV]) that PyTorch sums. dv and per-channel dbeta are complete per tile.
+
+Every sweep loads token t+1's rows before token t's arithmetic (see _row). With
+``use_qk_l2norm_in_kernel`` the autograd path normalises q and k with ``kernels.common.l2norm``
+first (saving the normalised q, k and 1/||x||) and back-propagates dq, dk through it last; the no-grad path (decoding) normalises inside the forward kernel, so a
 call is one launch.
 """
 
@@ -60,6 +64,33 @@ def _tiles(K: int, V: int) -> tuple[int, int, int, int]:
     """BK, BV, NV and num_warps for a [BK, BV] float32 tile (about 32 floats a thread)."""
     BK, BV = triton.next_power_of_2(K), min(triton.next_power_of_2(V), MAX_BV)
     return BK, BV, triton.cdiv(V, BV), max(1, min(8, BK * BV // 1024))
+
+
+@triton.jit
+def _row(x, i_tok, o_d, m_d, D: tl.constexpr):
+    """Row i_tok (token * H + head) of a [.., H, D] tensor at columns o_d where m_d, else 0.
+    The sweeps load every row a step ahead: a step waits ~1 us on its loads, far longer than
+    its arithmetic, so token t+1's loads go out before token t's arithmetic."""
+    return tl.load(x + i_tok * D + o_d, mask=m_d, other=0.)
+
+
+@triton.jit
+def _beta(beta, i_tok, o_v, m_v, ok, V: tl.constexpr, BETA_PER_CHANNEL: tl.constexpr):
+    """beta_t of row i_tok: [BV] per value channel, else a scalar (0 where not m_v / not ok)."""
+    if BETA_PER_CHANNEL:
+        return tl.load(beta + i_tok * V + o_v, mask=m_v & ok, other=0.)
+    else:
+        return tl.load(beta + i_tok, mask=ok, other=0.)
+
+
+@triton.jit
+def _add_row(p, b_x, m, NV: tl.constexpr):
+    """p[m] += b_x for a float32 sum over the NV value tiles: a store when there is one tile
+    (so the sum is deterministic), else a relaxed atomic add into a zeroed buffer."""
+    if NV == 1:
+        tl.store(p, b_x, mask=m)
+    else:
+        tl.atomic_add(p, b_x, mask=m, sem="relaxed")
 
 
 # The forward walks T steps, each waiting on its loads (~1 us): what hides that wait is many
@@ -98,25 +129,31 @@ def fused_recurrent_delta_rule_fwd_kernel(
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_INITIAL_STATE:
         b_h += tl.load(h0 + o_h, mask=m_h, other=0.)
-    for i_t in range(0, eos - bos):
-        i_tok = (bos + i_t) * H + i_h
-        # [BK], [BK], [BV]
-        b_q = tl.load(q + i_tok * K + o_k, mask=m_k, other=0.).to(tl.float32)
-        b_k = tl.load(k + i_tok * K + o_k, mask=m_k, other=0.).to(tl.float32)
-        b_v = tl.load(v + i_tok * V + o_v, mask=m_v, other=0.).to(tl.float32)
+    L = eos - bos
+    i_tok = bos * H + i_h
+    ok = L > 0
+    # token t's inputs, in their own dtype, loaded a step ahead (see _row)
+    b_q, b_k = _row(q, i_tok, o_k, m_k & ok, K), _row(k, i_tok, o_k, m_k & ok, K)
+    b_v, b_beta = _row(v, i_tok, o_v, m_v & ok, V), _beta(beta, i_tok, o_v, m_v, ok, V,
+                                                          BETA_PER_CHANNEL)
+    for i_t in range(0, L):
+        # the next token's row (the last step loads its own again)
+        i_nxt = (bos + tl.minimum(i_t + 1, L - 1)) * H + i_h
+        n_q, n_k = _row(q, i_nxt, o_k, m_k, K), _row(k, i_nxt, o_k, m_k, K)
+        n_v, n_beta = _row(v, i_nxt, o_v, m_v, V), _beta(beta, i_nxt, o_v, m_v, ok, V,
+                                                         BETA_PER_CHANNEL)
+        b_kf, b_qs = b_k.to(tl.float32), b_q.to(tl.float32)
         if USE_QK_L2NORM:
-            b_q, b_k = l2norm_vec(b_q), l2norm_vec(b_k)
-        if BETA_PER_CHANNEL:
-            b_beta = tl.load(beta + i_tok * V + o_v, mask=m_v, other=0.).to(tl.float32)
-        else:
-            b_beta = tl.load(beta + i_tok).to(tl.float32)
+            b_qs, b_kf = l2norm_vec(b_qs), l2norm_vec(b_kf)
+        b_qs = b_qs * scale
         # r_t = v_t - S_{t-1}^T k_t;  S_t = S_{t-1} + k_t (beta_t r_t)^T;  o_t = S_t^T (scale q_t)
-        b_r = b_v - tl.sum(b_h * b_k[:, None], 0)
-        b_h += b_k[:, None] * (b_beta * b_r)[None, :]
-        b_o = tl.sum(b_h * (b_q * scale)[:, None], 0)
+        b_r = b_v.to(tl.float32) - tl.sum(b_h * b_kf[:, None], 0)
+        b_h += b_kf[:, None] * (b_beta.to(tl.float32) * b_r)[None, :]
+        b_o = tl.sum(b_h * b_qs[:, None], 0)
         tl.store(o + i_tok * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
         if SAVE_R:
             tl.store(r + i_tok * V + o_v, b_r, mask=m_v)
+        b_q, b_k, b_v, b_beta, i_tok = n_q, n_k, n_v, n_beta, i_nxt
     if STORE_FINAL_STATE:
         tl.store(ht + o_h, b_h, mask=m_h)
 
@@ -148,32 +185,35 @@ def fused_recurrent_delta_rule_bwd_dh_kernel(
     b_dh = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_FINAL_STATE_GRADIENT:
         b_dh += tl.load(dht + o_h, mask=m_h, other=0.)
-    for i_t in range(0, eos - bos):
-        i_tok = (eos - 1 - i_t) * H + i_h
-        # [BK], [BK], [BV], [BV]
-        b_q = tl.load(q + i_tok * K + o_k, mask=m_k, other=0.).to(tl.float32) * scale
-        b_k = tl.load(k + i_tok * K + o_k, mask=m_k, other=0.).to(tl.float32)
-        b_r = tl.load(r + i_tok * V + o_v, mask=m_v, other=0.)
-        b_do = tl.load(do + i_tok * V + o_v, mask=m_v, other=0.).to(tl.float32)
-        if BETA_PER_CHANNEL:
-            b_beta = tl.load(beta + i_tok * V + o_v, mask=m_v, other=0.).to(tl.float32)
-        else:
-            b_beta = tl.load(beta + i_tok).to(tl.float32)
+    L = eos - bos
+    ok = L > 0
+    i_tok = (eos - 1) * H + i_h
+    # token t's rows, loaded a step ahead (t runs backward)
+    b_q, b_k = _row(q, i_tok, o_k, m_k & ok, K), _row(k, i_tok, o_k, m_k & ok, K)
+    b_r, b_do = _row(r, i_tok, o_v, m_v & ok, V), _row(do, i_tok, o_v, m_v & ok, V)
+    b_beta = _beta(beta, i_tok, o_v, m_v, ok, V, BETA_PER_CHANNEL)
+    for i_t in range(0, L):
+        i_nxt = (eos - 1 - tl.minimum(i_t + 1, L - 1)) * H + i_h
+        n_q, n_k = _row(q, i_nxt, o_k, m_k, K), _row(k, i_nxt, o_k, m_k, K)
+        n_r, n_do = _row(r, i_nxt, o_v, m_v, V), _row(do, i_nxt, o_v, m_v, V)
+        n_beta = _beta(beta, i_nxt, o_v, m_v, ok, V, BETA_PER_CHANNEL)
+        b_kf, b_betaf = b_k.to(tl.float32), b_beta.to(tl.float32)
         # dS_t += (scale q_t) do_t^T
-        b_dh += b_q[:, None] * b_do[None, :]
+        b_dh += (b_q.to(tl.float32) * scale)[:, None] * b_do.to(tl.float32)[None, :]
         # dk_t (first term) = dS_t v'_t;  dv'_t = dS_t^T k_t
-        b_dk = tl.sum(b_dh * (b_beta * b_r)[None, :], 1)
-        b_dvn = tl.sum(b_dh * b_k[:, None], 0)
+        b_dk = tl.sum(b_dh * (b_betaf * b_r)[None, :], 1)
+        b_dvn = tl.sum(b_dh * b_kf[:, None], 0)
         if BETA_PER_CHANNEL:
             tl.store(dbeta + i_tok * V + o_v, (b_dvn * b_r).to(dbeta.dtype.element_ty), mask=m_v)
         else:
             tl.store(dbeta + i_tok * NV + i_v, tl.sum(b_dvn * b_r))
-        b_dv = b_beta * b_dvn
+        b_dv = b_betaf * b_dvn
         tl.store(dv + i_tok * V + o_v, b_dv.to(dv.dtype.element_ty), mask=m_v)
         tl.store(dp + i_tok * V + o_v, -b_dv, mask=m_v)
-        tl.store(dk + (i_tok * NV + i_v) * K + o_k, b_dk, mask=m_k)
+        _add_row(dk + i_tok * K + o_k, b_dk, m_k, NV)
         # dS_{t-1} = dS_t + k_t dp_t^T
-        b_dh -= b_k[:, None] * b_dv[None, :]
+        b_dh -= b_kf[:, None] * b_dv[None, :]
+        b_q, b_k, b_r, b_do, b_beta, i_tok = n_q, n_k, n_r, n_do, n_beta, i_nxt
     if STORE_INITIAL_STATE_GRADIENT:
         tl.store(dh0 + o_h, b_dh, mask=m_h)
 
@@ -203,24 +243,26 @@ def fused_recurrent_delta_rule_bwd_dqk_kernel(
     if USE_INITIAL_STATE:
         b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :],
                        mask=m_h, other=0.)
-    for i_t in range(0, eos - bos):
-        i_tok = (bos + i_t) * H + i_h
-        # [BK], [BV], [BV], [BV]
-        b_k = tl.load(k + i_tok * K + o_k, mask=m_k, other=0.).to(tl.float32)
-        b_r = tl.load(r + i_tok * V + o_v, mask=m_v, other=0.)
-        b_do = tl.load(do + i_tok * V + o_v, mask=m_v, other=0.).to(tl.float32)
-        b_dp = tl.load(dp + i_tok * V + o_v, mask=m_v, other=0.)
-        if BETA_PER_CHANNEL:
-            b_beta = tl.load(beta + i_tok * V + o_v, mask=m_v, other=0.).to(tl.float32)
-        else:
-            b_beta = tl.load(beta + i_tok).to(tl.float32)
+    L = eos - bos
+    ok = L > 0
+    i_tok = bos * H + i_h
+    # token t's rows, loaded a step ahead
+    b_k, b_r = _row(k, i_tok, o_k, m_k & ok, K), _row(r, i_tok, o_v, m_v & ok, V)
+    b_do, b_dp = _row(do, i_tok, o_v, m_v & ok, V), _row(dp, i_tok, o_v, m_v & ok, V)
+    b_beta = _beta(beta, i_tok, o_v, m_v, ok, V, BETA_PER_CHANNEL)
+    for i_t in range(0, L):
+        i_nxt = (bos + tl.minimum(i_t + 1, L - 1)) * H + i_h
+        n_k, n_r = _row(k, i_nxt, o_k, m_k, K), _row(r, i_nxt, o_v, m_v, V)
+        n_do, n_dp = _row(do, i_nxt, o_v, m_v, V), _row(dp, i_nxt, o_v, m_v, V)
+        n_beta = _beta(beta, i_nxt, o_v, m_v, ok, V, BETA_PER_CHANNEL)
         # dk_t += S_{t-1} dp_t
-        p_dk = dk + (i_tok * NV + i_v) * K + o_k
-        tl.store(p_dk, tl.load(p_dk, mask=m_k, other=0.) + tl.sum(b_h * b_dp[None, :], 1), mask=m_k)
+        tl.atomic_add(dk + i_tok * K + o_k, tl.sum(b_h * b_dp[None, :], 1), mask=m_k,
+                      sem="relaxed")
         # S_t = S_{t-1} + k_t (beta_t r_t)^T;  dq_t = scale S_t do_t
-        b_h += b_k[:, None] * (b_beta * b_r)[None, :]
-        b_dq = tl.sum(b_h * b_do[None, :], 1) * scale
-        tl.store(dq + (i_tok * NV + i_v) * K + o_k, b_dq, mask=m_k)
+        b_h += b_k.to(tl.float32)[:, None] * (b_beta.to(tl.float32) * b_r)[None, :]
+        b_dq = tl.sum(b_h * b_do.to(tl.float32)[None, :], 1) * scale
+        _add_row(dq + i_tok * K + o_k, b_dq, m_k, NV)
+        b_k, b_r, b_do, b_dp, b_beta, i_tok = n_k, n_r, n_do, n_dp, n_beta, i_nxt
 
 
 def _num_sequences(B: int, cu_seqlens: torch.Tensor | None) -> int:
@@ -262,8 +304,10 @@ def fused_recurrent_delta_rule_bwd(
     BK, BV, NV, num_warps = _tiles(K, V)
     per_channel = beta.dim() == 4
     dp = torch.empty_like(r)
-    dq = torch.empty(B, T, H, NV, K, dtype=torch.float32, device=q.device)
-    dk = torch.empty(B, T, H, NV, K, dtype=torch.float32, device=q.device)
+    # dq, dk: float32 sums over the value tiles (zeroed for the atomic adds when NV > 1)
+    new = torch.zeros if NV > 1 else torch.empty
+    dq = new(B, T, H, K, dtype=torch.float32, device=q.device)
+    dk = new(B, T, H, K, dtype=torch.float32, device=q.device)
     dv = torch.empty_like(do)
     dbeta = torch.empty_like(beta) if per_channel else \
         torch.empty(B, T, H, NV, dtype=torch.float32, device=q.device)
@@ -278,7 +322,7 @@ def fused_recurrent_delta_rule_bwd(
         H=H, K=K, V=V, BK=BK, BV=BV, BETA_PER_CHANNEL=per_channel, num_warps=num_warps,
     )
     dbeta = dbeta if per_channel else dbeta.sum(-1).to(beta.dtype)
-    return dq.sum(-2), dk.sum(-2), dv, dbeta, dh0
+    return dq, dk, dv, dbeta, dh0
 
 
 class FusedRecurrentDeltaRuleFunction(torch.autograd.Function):

@@ -7,8 +7,9 @@ add float32), bench (median ms and peak MB, B=2 H=16 D=128 bf16), prof (per-kern
 fwd+bwd at the last T), cfg (autotune choices). IMPLS: chunk, chunk_fused (FUSED_WY_FWD on),
 chunk[_fused]_{split,tf32,round} (chunk_state.FWD_MIXED), chunk_bwdfwd (chunk.BWD_RECOMPUTE =
 "forward"), chunk_dk32 (chunk.DK_PARTIAL_FLOAT32 = True), chunk_bwdfwd_dk32 (both: the defaults
-before session d), fla_chunk, fused_recurrent, fla_fused_recurrent. Uses kernels/ and references/ only, so it
-runs even while the harness is being changed. Compiles are the cost on a cold machine: time
+before session d), fla_chunk, fused_recurrent, fla_fused_recurrent, and any EXTRA="name=module:
+function,..." (e.g. an old version of a kernel file, to time it beside the new one). Uses
+kernels/ and references/ only, so it runs even while the harness is being changed. Compiles are the cost on a cold machine: time
 few implementations and one shape per call."""
 import json, os, sys, time
 import torch, triton
@@ -49,6 +50,10 @@ for fused in (False, True):
 IMPLS["chunk_bwdfwd_dk32"] = chunk_variant(True, None, "forward", True)
 IMPLS["chunk_bwdfwd"] = chunk_variant(True, None, "forward", False)
 IMPLS["chunk_dk32"] = chunk_variant(True, None, "inputs", True)
+for extra in filter(None, os.environ.get("EXTRA", "").split(",")):
+    name, target = extra.split("=")
+    module, function = target.split(":")
+    IMPLS[name] = getattr(__import__(module), function)
 what = sys.argv[1].split(",")
 impls = sys.argv[2].split(",")
 Ts = [int(t) for t in sys.argv[3].split(",")] if len(sys.argv) > 3 else [2048, 8192, 32768]
