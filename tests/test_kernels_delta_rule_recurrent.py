@@ -106,6 +106,48 @@ def test_float32_matches_reference(name):
     assert max(err.values()) < F32_TOL, err
 
 
+@pytest.mark.parametrize("BV", [8, 16])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_float32_every_value_tile_the_gpu_autotunes(monkeypatch, BV, per_channel):
+    # The interpreter runs the first config; a GPU may pick any. Each tiling of V = 40 (5 or 3
+    # value tiles, the last partial) in all three sweeps: the atomic sums of dq and dk over the
+    # tiles and per-token dbeta's slots.
+    names = ["fused_recurrent_delta_rule_fwd_kernel", "fused_recurrent_delta_rule_bwd_dh_kernel",
+             "fused_recurrent_delta_rule_bwd_dqk_kernel"]
+    for n in names:
+        tuner = getattr(fr, n).fn  # the heuristics wrap the autotuner
+        cfg = next(c for c in tuner.configs + fr.SWEEP_CONFIGS if c.kwargs["BV"] == BV)
+        monkeypatch.setattr(tuner, "configs", [cfg])
+    err, _ = errors(1, 23, 2, 16, 40, per_channel, True, not per_channel, None)
+    assert max(err.values()) < F32_TOL, err
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_float32_after_autotuning_reran_every_sweep(monkeypatch, per_channel):
+    # Autotuning runs each kernel several times per config on the same buffers, before the
+    # chosen config's run: the atomic sums (dq, dk) and dbeta's slots must not keep those runs.
+    # The GPU's timer is replaced by three runs of each config; the last config wins: BV 32 (two
+    # value tiles of V = 40), after BV 8 and 16 wrote all five and three of dbeta's slots.
+    names = ["fused_recurrent_delta_rule_fwd_kernel", "fused_recurrent_delta_rule_bwd_dh_kernel",
+             "fused_recurrent_delta_rule_bwd_dqk_kernel"]
+    runs = []
+
+    def three_runs(kernel_call, quantiles):
+        for _ in range(3):
+            kernel_call()
+        runs.append(1)
+        return [1.0 / len(runs)] * len(quantiles)
+
+    for n in names:
+        tuner = getattr(fr, n).fn
+        monkeypatch.setattr(tuner, "configs", [c for c in fr.SWEEP_CONFIGS[::-1] if c.num_warps == 1])
+        monkeypatch.setattr(tuner, "cache", {})
+        monkeypatch.setitem(vars(tuner), "do_bench", three_runs)  # a cached_property
+    err, _ = errors(1, 23, 2, 16, 40, per_channel, True, not per_channel, None)
+    assert len(runs) == 3 * 3, runs  # three configs of each of the three kernels were timed
+    assert max(err.values()) < F32_TOL, err
+
+
 @pytest.mark.parametrize("per_channel,l2norm", [(False, True), (True, False)])
 def test_float32_varlen_with_empty_and_single_token_sequences(per_channel, l2norm):
     cu = torch.tensor([0, 0, 1, 20, 37], dtype=torch.int64)

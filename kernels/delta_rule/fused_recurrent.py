@@ -36,7 +36,8 @@ dq, dk and per-token dbeta sum over value channels. dq and dk go into one float3
 buffer each: stored when there is one value tile, else atomically added (relaxed) from each
 tile (a float32 sum of NV terms in whatever order the tiles arrive: not bit-reproducible, off
 by an ulp of float32 at most per term); per-token dbeta writes a float32 partial per tile
-([.., NV]) that PyTorch sums. dv and per-channel dbeta are complete per tile.
+into [.., cdiv(V, MIN_BV)] zeroed slots that PyTorch sums. dv and per-channel dbeta are complete
+per tile. Both sweeps autotune their value tile and warps, as the forward does.
 
 Every sweep loads token t+1's rows before token t's arithmetic (see _row). With
 ``use_qk_l2norm_in_kernel`` the autograd path normalises q and k with ``kernels.common.l2norm``
@@ -56,15 +57,6 @@ from kernels.common.utils import seq_bounds, tuning
 
 __all__ = ["fused_recurrent_delta_rule", "fused_recurrent_delta_rule_fwd",
            "fused_recurrent_delta_rule_bwd"]
-
-MAX_BV = 32  # value channels per program: BK * BV <= 256 * 32 = 8192 floats of state
-
-
-def _tiles(K: int, V: int) -> tuple[int, int, int, int]:
-    """BK, BV, NV and num_warps for a [BK, BV] float32 tile (about 32 floats a thread)."""
-    BK, BV = triton.next_power_of_2(K), min(triton.next_power_of_2(V), MAX_BV)
-    return BK, BV, triton.cdiv(V, BV), max(1, min(8, BK * BV // 1024))
-
 
 @triton.jit
 def _row(x, i_tok, o_d, m_d, D: tl.constexpr):
@@ -93,13 +85,16 @@ def _add_row(p, b_x, m, NV: tl.constexpr):
         tl.atomic_add(p, b_x, mask=m, sem="relaxed")
 
 
-# The forward walks T steps, each waiting on its loads (~1 us): what hides that wait is many
-# programs in flight. Narrow value tiles (BV = 8, 16) multiply the programs when N * H is
-# small; wide ones re-read q and k less when it is large. Tuned per (K, V, N*H bucket).
-FWD_CONFIGS = tuning([
-    triton.Config({'BV': BV}, num_warps=num_warps)
-    for BV in (32, 16, 8) for num_warps in (1, 2, 4)
-])
+# Each sweep walks T steps, each a chain of two reductions over K and a rank-1 update (0.47 us
+# on the H100 with the loads a step ahead): what fills the device is many programs in flight.
+# Narrow value tiles (BV = 8, 16) multiply the programs when N * H is small; wide ones re-read
+# q and k less when it is large. Tuned per (K, V, N*H bucket). The forward pins (BV 32, 1
+# warp), the backward (BV 32, 4 warps: it holds dS or S and a step's temporaries) for numerics.
+SWEEP_CONFIGS = [triton.Config({'BV': BV}, num_warps=num_warps)
+                 for BV in (32, 16, 8) for num_warps in (1, 2, 4)]
+MIN_BV = 8  # the narrowest value tile: the backward's per-token dbeta has a slot per tile
+FWD_CONFIGS = tuning(SWEEP_CONFIGS)
+BWD_CONFIGS = tuning(sorted(SWEEP_CONFIGS, key=lambda c: (c.kwargs['BV'], c.num_warps) != (32, 4)))
 
 
 @triton.heuristics({
@@ -163,10 +158,14 @@ def fused_recurrent_delta_rule_fwd_kernel(
     'STORE_INITIAL_STATE_GRADIENT': lambda a: a['dh0'] is not None,
     'IS_VARLEN': lambda a: a['cu_seqlens'] is not None,
 })
+# autotuning runs the kernel once per config: dk's atomic sum and dbeta's slots start at zero
+@triton.autotune(configs=BWD_CONFIGS, key=['K', 'V', 'NH_BUCKET', 'BETA_PER_CHANNEL'],
+                 reset_to_zero=['dk', 'dbeta'])
 @triton.jit(do_not_specialize=['T'])
 def fused_recurrent_delta_rule_bwd_dh_kernel(
-    q, k, r, beta, do, dht, dh0, dp, dk, dv, dbeta, cu_seqlens, scale, T,
+    q, k, r, beta, do, dht, dh0, dp, dk, dv, dbeta, cu_seqlens, scale, T, NH_BUCKET,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    NV_SLOTS: tl.constexpr,
     BETA_PER_CHANNEL: tl.constexpr, USE_FINAL_STATE_GRADIENT: tl.constexpr,
     STORE_INITIAL_STATE_GRADIENT: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
@@ -206,7 +205,7 @@ def fused_recurrent_delta_rule_bwd_dh_kernel(
         if BETA_PER_CHANNEL:
             tl.store(dbeta + i_tok * V + o_v, (b_dvn * b_r).to(dbeta.dtype.element_ty), mask=m_v)
         else:
-            tl.store(dbeta + i_tok * NV + i_v, tl.sum(b_dvn * b_r))
+            tl.store(dbeta + i_tok * NV_SLOTS + i_v, tl.sum(b_dvn * b_r))
         b_dv = b_betaf * b_dvn
         tl.store(dv + i_tok * V + o_v, b_dv.to(dv.dtype.element_ty), mask=m_v)
         tl.store(dp + i_tok * V + o_v, -b_dv, mask=m_v)
@@ -222,9 +221,12 @@ def fused_recurrent_delta_rule_bwd_dh_kernel(
     'USE_INITIAL_STATE': lambda a: a['h0'] is not None,
     'IS_VARLEN': lambda a: a['cu_seqlens'] is not None,
 })
+# autotuning runs the kernel once per config: dq's atomic sum starts at zero, dk at sweep (a)'s
+@triton.autotune(configs=BWD_CONFIGS, key=['K', 'V', 'NH_BUCKET', 'BETA_PER_CHANNEL'],
+                 reset_to_zero=['dq'], restore_value=['dk'])
 @triton.jit(do_not_specialize=['T'])
 def fused_recurrent_delta_rule_bwd_dqk_kernel(
-    k, r, beta, do, dp, h0, dq, dk, cu_seqlens, scale, T,
+    k, r, beta, do, dp, h0, dq, dk, cu_seqlens, scale, T, NH_BUCKET,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BETA_PER_CHANNEL: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
@@ -301,25 +303,26 @@ def fused_recurrent_delta_rule_bwd(
     B, T, H, K = q.shape
     V = r.shape[-1]
     N = _num_sequences(B, cu_seqlens)
-    BK, BV, NV, num_warps = _tiles(K, V)
+    BK, slots = triton.next_power_of_2(K), triton.cdiv(V, MIN_BV)
     per_channel = beta.dim() == 4
     dp = torch.empty_like(r)
-    # dq, dk: float32 sums over the value tiles (zeroed for the atomic adds when NV > 1)
-    new = torch.zeros if NV > 1 else torch.empty
-    dq = new(B, T, H, K, dtype=torch.float32, device=q.device)
-    dk = new(B, T, H, K, dtype=torch.float32, device=q.device)
+    # dq, dk: float32 sums over the value tiles (zeroed: atomic adds when there are several);
+    # per-token dbeta: one float32 slot per value tile (as many as the narrowest tiling has)
+    dq = torch.zeros(B, T, H, K, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(B, T, H, K, dtype=torch.float32, device=q.device)
     dv = torch.empty_like(do)
     dbeta = torch.empty_like(beta) if per_channel else \
-        torch.empty(B, T, H, NV, dtype=torch.float32, device=q.device)
+        torch.zeros(B, T, H, slots, dtype=torch.float32, device=q.device)
     dh0 = torch.empty_like(initial_state, dtype=torch.float32) if initial_state is not None else None
-    grid = (NV, N * H)
+    grid = lambda meta: (triton.cdiv(V, meta['BV']), N * H)  # noqa: E731
+    bucket = min(triton.next_power_of_2(N * H), 1024)
     fused_recurrent_delta_rule_bwd_dh_kernel[grid](
-        q, k, r, beta, do, dht, dh0, dp, dk, dv, dbeta, cu_seqlens, scale, T,
-        H=H, K=K, V=V, BK=BK, BV=BV, BETA_PER_CHANNEL=per_channel, num_warps=num_warps,
+        q, k, r, beta, do, dht, dh0, dp, dk, dv, dbeta, cu_seqlens, scale, T, bucket,
+        H=H, K=K, V=V, BK=BK, NV_SLOTS=slots, BETA_PER_CHANNEL=per_channel,
     )
     fused_recurrent_delta_rule_bwd_dqk_kernel[grid](
-        k, r, beta, do, dp, initial_state, dq, dk, cu_seqlens, scale, T,
-        H=H, K=K, V=V, BK=BK, BV=BV, BETA_PER_CHANNEL=per_channel, num_warps=num_warps,
+        k, r, beta, do, dp, initial_state, dq, dk, cu_seqlens, scale, T, bucket,
+        H=H, K=K, V=V, BK=BK, BETA_PER_CHANNEL=per_channel,
     )
     dbeta = dbeta if per_channel else dbeta.sum(-1).to(beta.dtype)
     return dq, dk, dv, dbeta, dh0
