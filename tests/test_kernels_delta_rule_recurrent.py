@@ -24,6 +24,9 @@ from references.delta_rule import naive_recurrent_delta_rule
 F32_TOL = 1e-5
 F16_FACTOR, F16_FLOOR = 3.0, 1e-3
 QUANTITIES = ("o", "final_state", "dq", "dk", "dv", "dbeta", "dinitial_state")
+# the three sweeps: the forward, the backward's reverse (dS) and forward (dq, dk) sweeps
+KERNELS = ("fused_recurrent_delta_rule_fwd_kernel", "fused_recurrent_delta_rule_bwd_dh_kernel",
+           "fused_recurrent_delta_rule_bwd_dqk_kernel")
 
 
 def rel(x, ref):
@@ -112,9 +115,7 @@ def test_float32_every_value_tile_the_gpu_autotunes(monkeypatch, BV, per_channel
     # The interpreter runs the first config; a GPU may pick any. Each tiling of V = 40 (5 or 3
     # value tiles, the last partial) in all three sweeps: the atomic sums of dq and dk over the
     # tiles and per-token dbeta's slots.
-    names = ["fused_recurrent_delta_rule_fwd_kernel", "fused_recurrent_delta_rule_bwd_dh_kernel",
-             "fused_recurrent_delta_rule_bwd_dqk_kernel"]
-    for n in names:
+    for n in KERNELS:
         tuner = getattr(fr, n).fn  # the heuristics wrap the autotuner
         cfg = next(c for c in tuner.configs + fr.SWEEP_CONFIGS if c.kwargs["BV"] == BV)
         monkeypatch.setattr(tuner, "configs", [cfg])
@@ -128,8 +129,6 @@ def test_float32_after_autotuning_reran_every_sweep(monkeypatch, per_channel):
     # chosen config's run: the atomic sums (dq, dk) and dbeta's slots must not keep those runs.
     # The GPU's timer is replaced by three runs of each config; the last config wins: BV 32 (two
     # value tiles of V = 40), after BV 8 and 16 wrote all five and three of dbeta's slots.
-    names = ["fused_recurrent_delta_rule_fwd_kernel", "fused_recurrent_delta_rule_bwd_dh_kernel",
-             "fused_recurrent_delta_rule_bwd_dqk_kernel"]
     runs = []
 
     def three_runs(kernel_call, quantiles):
@@ -138,7 +137,7 @@ def test_float32_after_autotuning_reran_every_sweep(monkeypatch, per_channel):
         runs.append(1)
         return [1.0 / len(runs)] * len(quantiles)
 
-    for n in names:
+    for n in KERNELS:
         tuner = getattr(fr, n).fn
         monkeypatch.setattr(tuner, "configs", [c for c in fr.SWEEP_CONFIGS[::-1] if c.num_warps == 1])
         monkeypatch.setattr(tuner, "cache", {})
@@ -186,9 +185,7 @@ def test_decoding_steps_match_one_call_with_one_launch_each(monkeypatch):
     inputs, _ = make_inputs(1, 9, 2, 20, 12, False, True, True)
     full, ht_full = fused_recurrent_delta_rule(**inputs, output_final_state=True,
                                                use_qk_l2norm_in_kernel=True)
-    names = ["fused_recurrent_delta_rule_fwd_kernel", "fused_recurrent_delta_rule_bwd_dh_kernel",
-             "fused_recurrent_delta_rule_bwd_dqk_kernel"]
-    counters = {n: _Launches(getattr(fr, n)) for n in names}
+    counters = {n: _Launches(getattr(fr, n)) for n in KERNELS}
     for n, c in counters.items():
         monkeypatch.setattr(fr, n, c)
     for n in ("l2norm_fwd_kernel", "l2norm_bwd_kernel"):
@@ -200,7 +197,7 @@ def test_decoding_steps_match_one_call_with_one_launch_each(monkeypatch):
         o, state = fused_recurrent_delta_rule(**step, initial_state=state, output_final_state=True,
                                               use_qk_l2norm_in_kernel=True)
         outs.append(o)
-    assert {n: c.count for n, c in counters.items()} == {n: 9 if n == names[0] else 0 for n in counters}
+    assert {n: c.count for n, c in counters.items()} == {n: 9 if n == KERNELS[0] else 0 for n in counters}
     torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(state, ht_full, rtol=1e-6, atol=1e-6)
 
