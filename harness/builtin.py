@@ -62,12 +62,13 @@ register(Implementation(
     devices=("cpu", "cuda"), dtypes=("float32", "float16", "bfloat16"),
     description="chunks of 64: WY transform + chunk state passing (Triton)",
     available=_triton_available,
-    # bfloat16's host choices (the interpreter has no bfloat16: forced in a float16 run), and
-    # the unfused WY forward
+    # bfloat16's host choices (the interpreter has no bfloat16: forced in a float16 run), the
+    # recomputing backward in bfloat16's arithmetic, and the unfused WY forward
     switches=(
-        {"what": "bfloat16's choices", "set": {"kernels.delta_rule.chunk.BWD_RECOMPUTE": "inputs",
-                                               "kernels.delta_rule.chunk.DK_PARTIAL_FLOAT32": False,
-                                               "kernels.common.chunk_state.FWD_MIXED": "tf32"}},
+        {"what": "bfloat16's choices", "set": {"kernels.delta_rule.chunk.DK_PARTIAL_FLOAT32": False,
+                                               "kernels.common.chunk_state.FWD_MIXED": "round"}},
+        {"what": "the recomputing backward", "set": {"kernels.delta_rule.chunk.SAVE_STATES": False,
+                                                     "kernels.delta_rule.chunk.BWD_RECOMPUTE": "inputs"}},
         {"what": "the unfused WY forward", "set": {"kernels.delta_rule.chunk.FUSED_WY_FWD": False}},
     ),
 ))

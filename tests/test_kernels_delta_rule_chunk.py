@@ -183,6 +183,7 @@ def test_backward_precision_switches(monkeypatch, mode, dk32):
     the inputs)."""
     import kernels.delta_rule.chunk as chunk_mod
 
+    monkeypatch.setattr(chunk_mod, "SAVE_STATES", False)  # the backward's recompute is under test
     monkeypatch.setattr(chunk_mod, "BWD_RECOMPUTE", mode)
     monkeypatch.setattr(chunk_mod, "DK_PARTIAL_FLOAT32", dk32)
     q, k, v, beta = inputs(2, 70, 2, 20, 12)
@@ -195,14 +196,50 @@ def test_backward_precision_switches(monkeypatch, mode, dk32):
         assert rel_error(x, r) < 2e-3, (name, rel_error(x, r))
 
 
-def test_unknown_backward_recompute_mode_is_refused(monkeypatch):
+@pytest.mark.parametrize("save", [True, False])
+def test_unknown_backward_recompute_mode_is_refused(monkeypatch, save):
+    # refused whether or not the backward recomputes (a typo is never silently ignored)
     import kernels.delta_rule.chunk as chunk_mod
 
+    monkeypatch.setattr(chunk_mod, "SAVE_STATES", save)
     monkeypatch.setattr(chunk_mod, "BWD_RECOMPUTE", "fast")
     q, k, v, beta = (x.requires_grad_() for x in inputs(1, 8, 1, 16, 16))
     o, _ = chunk_delta_rule(q, k, v, beta)
     with pytest.raises(ValueError, match="BWD_RECOMPUTE: expected 'forward' or 'inputs', got 'fast'"):
         o.sum().backward()
+
+
+@pytest.mark.parametrize("dtype, bound", [(f32, 1e-5), (torch.float16, 2e-3)])
+def test_saved_states_skip_the_backward_recompute(monkeypatch, dtype, bound):
+    """SAVE_STATES (the default): the backward uses the forward's w, h, v' and launches neither
+    the w, u recompute nor a forward state walk (both replaced here by functions that fail);
+    gradients within the bounds above (float32: the test above's 1e-5; float16: the 2e-3 of
+    test_backward_precision_switches), and in float32 equal to the recomputing backward's up to
+    float32 roundings (same arithmetic, same kernels: measured 0 here)."""
+    import kernels.delta_rule.chunk as chunk_mod
+
+    torch.manual_seed(0)
+    q, k, v, beta = inputs(2, 70, 2, 20, 12, dtype=dtype)
+    h0 = torch.randn(2, 2, 20, 12)
+    monkeypatch.setattr(chunk_mod, "SAVE_STATES", False)
+    recomputed, _ = run_both(q, k, v, beta, h0, scale=0.7)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the backward recomputed a saved stage")
+    monkeypatch.setattr(chunk_mod, "SAVE_STATES", True)
+    forward_h = chunk_mod.chunk_fwd_h
+    calls = []
+    def walk_once(*args, **kwargs):  # the forward's walk runs once, the backward's never
+        calls.append(1)
+        return forward_h(*args, **kwargs)
+    monkeypatch.setattr(chunk_mod, "chunk_fwd_h", walk_once)
+    monkeypatch.setattr(chunk_mod, "recompute_w_u_fwd", refuse)
+    got, ref = run_both(q, k, v, beta, h0, scale=0.7)
+    assert len(calls) == 1
+    for name, x, r, x0 in zip(["o", "ht", "dq", "dk", "dv", "dbeta", "dh0"], got, ref, recomputed):
+        assert rel_error(x, r) < bound, (name, rel_error(x, r))
+        if dtype == f32:
+            assert rel_error(x, x0) < 1e-6, (name, rel_error(x, x0))
 
 
 def test_final_state_keeps_u_v_and_state_unrounded_in_half_precision():
@@ -215,3 +252,39 @@ def test_final_state_keeps_u_v_and_state_unrounded_in_half_precision():
     q, k, v, beta = inputs(1, 128, 2, 32, 32, dtype=torch.float16)
     got, ref = run_both(q, k, v, beta, torch.randn(1, 2, 32, 32))
     assert rel_error(got[1], ref[1]) < 3.6e-4
+
+
+@pytest.mark.parametrize("grad, save", [(False, True), (True, True), (True, False)])
+def test_forward_frees_what_no_later_stage_reads(monkeypatch, grad, save):
+    """Each intermediate lives only as long as a stage reads it: without gradients Ai is gone
+    before the state walk and w before the output stage (the inference forward's peak, which
+    an Ai kept by mistake raised by 256 MiB at T = 32K on the H200); with them Ai is kept, and
+    w too when SAVE_STATES. Weak references to what wy_fwd returned, looked at when each stage
+    starts."""
+    import weakref
+
+    import kernels.delta_rule.chunk as chunk_mod
+
+    monkeypatch.setattr(chunk_mod, "SAVE_STATES", save)
+    refs, alive = {}, {}
+    stages = {name: getattr(chunk_mod, name) for name in ("wy_fwd", "chunk_fwd_h", "chunk_fwd_o")}
+
+    def wy(*args, **kwargs):
+        Ai, w, u = stages["wy_fwd"](*args, **kwargs)
+        refs.update(Ai=weakref.ref(Ai), w=weakref.ref(w))
+        return Ai, w, u
+
+    def watch(name):
+        def stage(*args, **kwargs):
+            if name not in alive:  # the forward's call (the backward's recompute comes later)
+                alive[name] = {n: r() is not None for n, r in refs.items()}
+            return stages[name](*args, **kwargs)
+        return stage
+    monkeypatch.setattr(chunk_mod, "wy_fwd", wy)
+    monkeypatch.setattr(chunk_mod, "chunk_fwd_h", watch("chunk_fwd_h"))
+    monkeypatch.setattr(chunk_mod, "chunk_fwd_o", watch("chunk_fwd_o"))
+    q, k, v, beta = (x.requires_grad_(grad) for x in inputs(1, 70, 1, 16, 16))
+    with torch.set_grad_enabled(grad):
+        chunk_delta_rule(q, k, v, beta)
+    assert alive == {"chunk_fwd_h": {"Ai": grad, "w": True},
+                     "chunk_fwd_o": {"Ai": grad, "w": grad and save}}

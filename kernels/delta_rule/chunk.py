@@ -13,8 +13,8 @@ Backward, the same stages in reverse (each kernel's docstring has its equations)
 w, u (wy.recompute_w_u_fwd), h and v' from the saved Ai; dv' from the outputs inside each
 chunk; a reverse walk over chunks for d(state) and the full dv'; dq, dk, dw per chunk; then
 back through the WY transform for the rest of dk, and dv, dbeta. Saved for the backward: q, k,
-v, beta, Ai, initial_state (not the states h, which cost K*V/BT floats a token and are cheaper
-to recompute).
+v, beta, Ai, initial_state, and with SAVE_STATES (the default) the forward's w, h and v' too, so
+that the backward recomputes nothing (see SAVE_STATES for what that costs and saves).
 
 Per-channel beta ([B,T,H,V]) gives every value channel its own triangular system, V of them
 per chunk; that form is the recurrent kernel's, so this function hands it to
@@ -23,6 +23,8 @@ are all one token long (decoding; see ``_one_token_each``).
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -42,8 +44,9 @@ BT = 64  # chunk size: a tiling choice, never a change of result
 # On the H100 (B=2 H=16 K=V=128 bf16) it took the forward from 0.83 to 0.65 ms at T=8K and
 # 3.16 to 2.47 ms at 32K, same errors; False runs kkt_fwd, solve_tril, recompute_w_u_fwd.
 FUSED_WY_FWD = True
-# The backward recomputes w, u, h and v' (to dq, dk, dw and dv'). "inputs": in the inputs'
-# dtype (u rounded, Ai rounded, S and v' rounded into the walk's products; fla's arithmetic).
+# Without SAVE_STATES the backward recomputes w, u, h and v' (to dq, dk, dw and dv').
+# "inputs": in the inputs' dtype (u rounded, Ai rounded, S and v' rounded into the walk's
+# products; fla's arithmetic).
 # "forward": with the forward's arithmetic (u float32, Ai as hi + lo, S and v' per
 # FWD_MIXED_BY_DTYPE), one product more per stage and twice u's bytes. Float32 inputs get the
 # same arithmetic either way. H100, B=2 H=16 K=V=128 bf16, T=32K fwd+bwd: 7.36 ms "forward",
@@ -60,13 +63,33 @@ BWD_RECOMPUTE = None
 # float16 keeps float32 (dk 7.3e-4 against 7.9e-4 on the CI suite's basic case).
 DK_PARTIAL_FLOAT32_BY_DTYPE = {torch.bfloat16: False, torch.float16: True, torch.float32: True}
 DK_PARTIAL_FLOAT32 = None
+# SAVE_STATES: the forward keeps w, h and v' for the backward, which then skips its recompute
+# of w, u (wy.recompute_w_u_fwd) and its second forward state walk; the gradients are those of
+# the forward's own h and v' (BWD_RECOMPUTE no longer applies). Held from the forward to the
+# backward per token and head, in the inputs' dtype: K (w) + V (v') + K*V/BT (h) values, on
+# top of Ai's BT floats: at K = V = 128, bf16, 1280 bytes instead of 256. They go through
+# ctx.save_for_backward (so saved-tensor hooks, checkpointing and offloading, see them), which
+# keeps them to the end of the backward: one forward + backward peaks higher by w and, in
+# wy_bwd, h and v'. H200, B=2 T=32K H=16 K=V=128 bf16 (reports/delta_rule.md): fwd+bwd 5.930
+# -> 5.084 ms, its peak 2816 -> 3074 MB (fla-core 0.6.0: 5.934 ms, 3714 MB). False recomputes
+# them as fla-core does, for the least activation memory held across layers.
+SAVE_STATES = True
+
+
+class Saved(NamedTuple):
+    """What the forward hands the backward: Ai (float32), and with SAVE_STATES w, h, v' (the
+    inputs' dtype; None when the backward is to recompute them)."""
+    Ai: torch.Tensor
+    w: torch.Tensor | None = None
+    h: torch.Tensor | None = None
+    v_new: torch.Tensor | None = None
 
 
 def chunk_delta_rule_fwd(q, k, v, beta, scale, initial_state, output_final_state, cu_seqlens,
-                         keep_Ai: bool = True):
-    """Returns (o, final_state or None, Ai or None): q, k already normalised if asked. Ai (the
-    backward's input) is kept only when asked; each intermediate is freed as soon as the last
-    stage that reads it is done (the forward's peak memory is what it holds at once)."""
+                         for_backward: bool = True):
+    """Returns (o, final_state or None, Saved or None): q, k already normalised if asked. What
+    the backward needs is kept only ``for_backward``; each intermediate is freed as soon as the
+    last stage that reads it is done (the forward's peak memory is what it holds at once)."""
     B, T, H, K = k.shape
     N, NT, chunk_indices, chunk_offsets = chunk_layout(B, T, cu_seqlens, BT)
     if FUSED_WY_FWD:
@@ -76,31 +99,39 @@ def chunk_delta_rule_fwd(q, k, v, beta, scale, initial_state, output_final_state
         Ai = solve_tril(A, cu_seqlens, chunk_indices)
         del A
         w, u = recompute_w_u_fwd(k, v, beta, Ai, cu_seqlens, chunk_indices, NT, BT)
-    if not keep_Ai:
-        Ai = None
+    if not for_backward:
+        Ai = None  # inference keeps nothing: the walk's peak is then w, u, h and v'
     h, v_new, ht = chunk_fwd_h(k, w, u, initial_state, output_final_state, cu_seqlens,
                                chunk_offsets, N, NT, BT)
-    del w, u
+    del u
+    if not (for_backward and SAVE_STATES):
+        w = None  # the output stage does not read it
     o = chunk_fwd_o(q, k, v_new, h, scale, cu_seqlens, chunk_indices, NT, BT)
-    return o, ht, Ai
+    if not for_backward:
+        return o, ht, None
+    return o, ht, Saved(Ai, w, h, v_new) if SAVE_STATES else Saved(Ai)
 
 
-def chunk_delta_rule_bwd(q, k, v, beta, Ai, scale, initial_state, do, dht, cu_seqlens,
+def chunk_delta_rule_bwd(q, k, v, beta, saved: Saved, scale, initial_state, do, dht, cu_seqlens,
                          qk_grad_dtype=None):
     """Returns (dq, dk, dv, dbeta, d(initial_state) or None): dq, dk in ``qk_grad_dtype``
-    (default the inputs'), dv, dbeta in v's and beta's dtypes, d(initial_state) float32."""
+    (default the inputs'), dv, dbeta in v's and beta's dtypes, d(initial_state) float32.
+    w, h and v' come from ``saved`` when the forward kept them, else they are recomputed."""
     B, T, H, K = k.shape
     N, NT, chunk_indices, chunk_offsets = chunk_layout(B, T, cu_seqlens, BT)
+    dk32 = DK_PARTIAL_FLOAT32_BY_DTYPE[k.dtype] if DK_PARTIAL_FLOAT32 is None else DK_PARTIAL_FLOAT32
     mode = BWD_RECOMPUTE_BY_DTYPE[k.dtype] if BWD_RECOMPUTE is None else BWD_RECOMPUTE
     if mode not in ("forward", "inputs"):
         raise ValueError(f"BWD_RECOMPUTE: expected 'forward' or 'inputs', got {mode!r}")
-    fast = mode == "inputs"
-    dk32 = DK_PARTIAL_FLOAT32_BY_DTYPE[k.dtype] if DK_PARTIAL_FLOAT32 is None else DK_PARTIAL_FLOAT32
-    w, u = recompute_w_u_fwd(k, v, beta, Ai, cu_seqlens, chunk_indices, NT, BT,
-                             in_inputs_dtype=fast)
-    h, v_new, _ = chunk_fwd_h(k, w, u, initial_state, False, cu_seqlens, chunk_offsets, N, NT, BT,
-                              mixed="round" if fast else None)
-    del u  # from here on each intermediate is freed after the last stage that reads it
+    Ai, w, h, v_new = saved
+    del saved  # from here on each intermediate is freed after the last stage that reads it
+    if h is None:
+        fast = mode == "inputs"
+        w, u = recompute_w_u_fwd(k, v, beta, Ai, cu_seqlens, chunk_indices, NT, BT,
+                                 in_inputs_dtype=fast)
+        h, v_new, _ = chunk_fwd_h(k, w, u, initial_state, False, cu_seqlens, chunk_offsets, N,
+                                  NT, BT, mixed="round" if fast else None)
+        del u
     dv_local = chunk_bwd_dv_local(q, k, do, scale, cu_seqlens, chunk_indices, NT, BT)
     dh, dv_new, dh0 = chunk_bwd_dh(q, k, w, do, dv_local, dht, scale, initial_state is not None,
                                    cu_seqlens, chunk_offsets, N, NT, BT)
@@ -133,18 +164,20 @@ class ChunkDeltaRuleFunction(torch.autograd.Function):
         q_rstd = k_rstd = None
         if use_qk_l2norm:
             (q, q_rstd), (k, k_rstd) = l2norm_fwd(q), l2norm_fwd(k)
-        o, ht, Ai = chunk_delta_rule_fwd(q, k, v, beta, scale, initial_state, output_final_state,
-                                         cu_seqlens, keep_Ai=any(ctx.needs_input_grad))
-        ctx.save_for_backward(q, k, v, beta, Ai, initial_state, q_rstd, k_rstd, cu_seqlens)
+        o, ht, saved = chunk_delta_rule_fwd(q, k, v, beta, scale, initial_state,
+                                            output_final_state, cu_seqlens,
+                                            for_backward=any(ctx.needs_input_grad))
+        saved = saved or Saved(None)
+        ctx.save_for_backward(q, k, v, beta, *saved, initial_state, q_rstd, k_rstd, cu_seqlens)
         ctx.scale = scale
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, k, v, beta, Ai, initial_state, q_rstd, k_rstd, cu_seqlens = ctx.saved_tensors
+        q, k, v, beta, Ai, w, h, v_new, initial_state, q_rstd, k_rstd, cu_seqlens = ctx.saved_tensors
         l2 = q_rstd is not None  # then dq, dk stay float32 until the normalisation's backward
         dq, dk, dv, dbeta, dh0 = chunk_delta_rule_bwd(
-            q, k, v, beta, Ai, ctx.scale, initial_state, do.contiguous(),
+            q, k, v, beta, Saved(Ai, w, h, v_new), ctx.scale, initial_state, do.contiguous(),
             None if dht is None else dht.contiguous(), cu_seqlens,
             qk_grad_dtype=torch.float32 if l2 else None)
         if l2:

@@ -2,7 +2,7 @@
 
     PYTHONPATH=/tmp/site:$PWD python3 reports/delta_rule/experiment.py WHAT IMPLS [T,...]
 
-WHAT: any of acc (bf16 errors vs the float64 recurrence, B=2 T=1000 H=4 D=64; ACC_DTYPES to
+WHAT: any of warm (compile only: run one process per implementation in parallel first), acc (bf16 errors vs the float64 recurrence, B=2 T=1000 H=4 D=64; ACC_DTYPES to
 add float32), bench (median ms and peak MB, B=2 H=16 D=128 bf16), prof (per-kernel time of
 fwd+bwd at the last T), cfg (autotune choices). IMPLS: chunk, chunk_fused (FUSED_WY_FWD on),
 chunk[_fused]_{split,tf32,round} (chunk_state.FWD_MIXED), chunk_bwdfwd (chunk.BWD_RECOMPUTE =
@@ -25,16 +25,20 @@ import kernels.delta_rule.chunk as chunk_module
 import kernels.common.chunk_state as state_module
 
 
-def chunk_variant(fused: bool, mixed: str | None, bwd: str | None = None, dk32: bool | None = None):
+def chunk_variant(fused: bool, mixed: str | None, bwd: str | None = None, dk32: bool | None = None,
+                  save: bool = True):
     """chunk_delta_rule with the module switches set: FUSED_WY_FWD (wy.wy_fwd), the forward
     walk's mixed products (chunk_state.FWD_MIXED: split, tf32, round; None: by dtype) and the
     backward's recompute (chunk.BWD_RECOMPUTE: forward, inputs) and dk's partial
     (chunk.DK_PARTIAL_FLOAT32), each None for the library's choice by dtype. The backward reads
     them when it runs, so the switches stay set until the next variant's call (every variant,
-    "chunk" included, sets all four)."""
+    "chunk" included, sets all five). ``save``: chunk.SAVE_STATES (the forward keeps w, h, v'
+    and the backward recomputes nothing; False: the recomputing backward, the default until
+    2026-12-01)."""
     def fn(*args, **kwargs):
         chunk_module.FUSED_WY_FWD, state_module.FWD_MIXED = fused, mixed
         chunk_module.BWD_RECOMPUTE, chunk_module.DK_PARTIAL_FLOAT32 = bwd, dk32
+        chunk_module.SAVE_STATES = save
         return chunk_delta_rule(*args, **kwargs)
     return fn
 
@@ -45,11 +49,15 @@ IMPLS = {"chunk": chunk_variant(True, None), "chunk_fused": chunk_variant(True, 
 for fused in (False, True):
     for mixed in ("split", "tf32", "round"):
         IMPLS[f"chunk{'_fused' if fused else ''}_{mixed}"] = chunk_variant(fused, mixed)
-# the backward's recompute with the forward's arithmetic (BWD_RECOMPUTE = "forward") and dk's
+# (recomputing backwards) the backward's recompute with the forward's arithmetic (BWD_RECOMPUTE = "forward") and dk's
 # partial in float32 (DK_PARTIAL_FLOAT32 = True): the defaults until 2026-11-23 session d
-IMPLS["chunk_bwdfwd_dk32"] = chunk_variant(True, None, "forward", True)
-IMPLS["chunk_bwdfwd"] = chunk_variant(True, None, "forward", False)
-IMPLS["chunk_dk32"] = chunk_variant(True, None, "inputs", True)
+IMPLS["chunk_bwdfwd_dk32"] = chunk_variant(True, None, "forward", True, save=False)
+IMPLS["chunk_bwdfwd"] = chunk_variant(True, None, "forward", False, save=False)
+IMPLS["chunk_dk32"] = chunk_variant(True, None, "inputs", True, save=False)
+# the recomputing backward (chunk.SAVE_STATES = False; bf16: BWD_RECOMPUTE "inputs"), the default
+# of sessions d-e; and the forward walk's products rounded (FWD_MIXED "round") on top of today's
+IMPLS["chunk_recompute"] = chunk_variant(True, None, save=False)
+IMPLS["chunk_round"] = chunk_variant(True, "round")
 for extra in filter(None, os.environ.get("EXTRA", "").split(",")):
     name, target = extra.split("=")
     module, function = target.split(":")
@@ -58,7 +66,16 @@ what = sys.argv[1].split(",")
 impls = sys.argv[2].split(",")
 Ts = [int(t) for t in sys.argv[3].split(",")] if len(sys.argv) > 3 else [2048, 8192, 32768]
 
-def inputs(B, T, H, D, seed=0, dev="cuda"):
+DEV = os.environ.get("EXP_DEVICE", "cuda")  # cpu (TRITON_INTERPRET=1): a smoke test of acc/warm
+ACC_SHAPE = tuple(int(x) for x in os.environ.get("ACC_SHAPE", "2,1000,4,64").split(","))
+
+
+def sync():
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def inputs(B, T, H, D, seed=0, dev=DEV):
     g = torch.Generator(device="cpu").manual_seed(seed)
     q = torch.randn(B, T, H, D, generator=g, dtype=torch.float64)
     k = F.normalize(torch.randn(B, T, H, D, generator=g, dtype=torch.float64), dim=-1)
@@ -68,7 +85,7 @@ def inputs(B, T, H, D, seed=0, dev="cuda"):
     return [x.to(dev) for x in (q, k, v, beta, h0)]
 
 def rel(x, r):
-    x, r = x.double(), r.double()
+    x, r = x.double().cpu(), r.double().cpu()
     return ((x - r).norm() / r.norm()).item()
 
 def grads(fn, xs, h0, dtype, do, dht):
@@ -78,16 +95,40 @@ def grads(fn, xs, h0, dtype, do, dht):
     ((o.double() * do).sum() + (ht.double() * dht).sum()).backward()
     return [o, ht] + [x.grad for x in xs] + [s0.grad]
 
+if "warm" in what:
+    # compile only (one fwd+bwd per implementation at the acc and bench shapes), to be run as
+    # one process per implementation in parallel before the timed run; autotune results are not
+    # cached (TRITON_CACHE_AUTOTUNING unset), compiled kernels are
+    for name in impls:
+        t0 = time.time()
+        for (B, T, H, D, dts) in [(*ACC_SHAPE, os.environ.get("ACC_DTYPES", "bfloat16")),
+                                  (2, Ts[0], 16, 128, "bfloat16")][:2 if DEV == "cuda" else 1]:
+            q, k, v, beta, h0 = inputs(B, T, H, D)
+            for dt in [getattr(torch, d) for d in dts.split(",")]:
+                if dt == torch.float32 and name == "fla_chunk":
+                    continue
+                xs = [x.to(dt).detach().requires_grad_() for x in (q, k, v, beta)]
+                acc_shape = (B, T, H, D) == ACC_SHAPE
+                o, ht = IMPLS[name](*xs, initial_state=h0.float() if acc_shape else None,
+                                    output_final_state=acc_shape)
+                o.float().sum().backward()
+                with torch.no_grad():
+                    IMPLS[name](*xs)
+        sync()
+        print(f"warm {name}: {time.time() - t0:.1f} s", flush=True)
+
 if "acc" in what:
     names = ["o", "ht", "dq", "dk", "dv", "dbeta", "dh0"]
-    for (B, T, H, D) in [(2, 1000, 4, 64)]:
+    for (B, T, H, D) in [ACC_SHAPE]:
         q, k, v, beta, h0 = inputs(B, T, H, D)
         g = torch.Generator(device="cpu").manual_seed(1)
-        do = torch.randn(B, T, H, D, generator=g, dtype=torch.float64).cuda()
-        dht = torch.randn(B, H, D, D, generator=g, dtype=torch.float64).cuda()
+        do = torch.randn(B, T, H, D, generator=g, dtype=torch.float64).to(DEV)
+        dht = torch.randn(B, H, D, D, generator=g, dtype=torch.float64).to(DEV)
         for dt in [getattr(torch, d) for d in os.environ.get("ACC_DTYPES", "bfloat16").split(",")]:
             xs = [x.to(dt).double() for x in (q, k, v, beta)]  # the rounded inputs
-            ref = grads(naive_recurrent_delta_rule, xs, h0, torch.float64, do, dht)
+            # the float64 truth on the CPU (its step loop is launch-bound on a GPU: ~60 s)
+            ref = grads(naive_recurrent_delta_rule, [x.cpu() for x in xs], h0.cpu(), torch.float64,
+                        do.cpu(), dht.cpu())
             for name in impls:
                 if dt == torch.float32 and name == "fla_chunk":
                     continue
@@ -104,8 +145,6 @@ if "bench" in what:
         for name in impls:
             fn = IMPLS[name]
             for mode in ("fwd", "fwdbwd"):
-                if "recurrent" in name and T > 8192 and mode == "fwdbwd":
-                    continue
                 ys = [x.detach().requires_grad_(mode != "fwd") for x in xs]
                 if mode == "fwd":
                     def step():

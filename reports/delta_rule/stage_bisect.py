@@ -98,7 +98,8 @@ def main():
     CK = chunks(T)
 
     # ---------- the device pipeline, stage by stage (as chunk_delta_rule_bwd)
-    o, ht, Ai = CH.chunk_delta_rule_fwd(q, k, v, beta, scale, h0, dht is not None, None)
+    o, ht, saved = CH.chunk_delta_rule_fwd(q, k, v, beta, scale, h0, dht is not None, None)
+    Ai = saved.Ai
     w, u = recompute_w_u_fwd(k, v, beta, Ai, None, ci, NT, BT)
     h, v_new, _ = chunk_fwd_h(k, w, u, h0, False, None, co, N, NT, BT)
     dvl = chunk_bwd_dv_local(q, k, do, scale, None, ci, NT, BT)
