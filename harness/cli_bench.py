@@ -139,6 +139,7 @@ def bench(
     out: Path = typer.Option(Path("out/bench"), help="directory for rows.jsonl, CSV, JSON, plots, ceilings.json, meta.json"),
     resume: bool = typer.Option(False, "--resume", help="keep the rows already in OUT and measure only the rest (failed and timed-out rows again)"),
     isolate: bool = typer.Option(True, "--isolate/--no-isolate", help="measure each row in a worker process (crash-proof); --no-isolate for debugging"),
+    prewarm: int = typer.Option(0, help="first compile every implementation's kernels in this many processes at once (one process a job; a cold Triton cache otherwise costs each first row its compiles, one after another)"),
     plugin: list[str] = typer.Option([], "--plugin", help="module or .py file registering extra implementations, imported here and in every worker"),
     device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
@@ -184,6 +185,8 @@ def bench(
         _fail(f"--rep and --timeout: expected positive values, got {rep} and {timeout}")
     if max_time is not None and max_time <= 0:
         _fail(f"--max-time: expected positive seconds, got {max_time}")
+    if prewarm < 0:
+        _fail(f"--prewarm: expected a number of processes >= 0, got {prewarm}")
     chosen = _choose(ops, _split(impl), baseline, device)
     if not chosen:
         _fail(f"no implementation of {', '.join(ops)} is available on {device}")
@@ -194,13 +197,14 @@ def bench(
     args += (["--baseline", baseline] if baseline else []) + ["--warmup", f"{warmup:g}",
              "--rep", f"{rep:g}", "--timeout", f"{timeout:g}", "--device", device, "--out", str(out)]
     args += ["--max-time", f"{max_time:g}"] if max_time is not None else []
+    args += ["--prewarm", str(prewarm)] if prewarm else []
     args += (["--resume"] if resume else []) + ([] if isolate else ["--no-isolate"])
     args += [a for p in plugin for a in ("--plugin", p)]
 
     sweep = sw.Sweep(impls=chosen, seq_lens=seq_lens, batch=B, heads=H, head_dim=D,
                      dtypes=dtypes, modes=modes, device=device, out=out, warmup=warmup, rep=rep,
                      timeout=timeout, isolate=isolate, resume=resume, plugins=list(plugin),
-                     max_time=max_time)
+                     max_time=max_time, prewarm=prewarm)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if device == "cpu" and rank == 0:
         console.print(f"[yellow bold]{CPU_CAVEAT}[/]")
@@ -224,8 +228,14 @@ def bench(
             if rank == 0:
                 progress.console.print(_row_line(row), highlight=False, soft_wrap=True)
 
+        def on_prewarm(job: dict[str, Any]) -> None:
+            if rank == 0:
+                progress.console.print(
+                    f"prewarm {job['op']} {job['impl']} {job['dtype']} {job['mode']} T={job['T']}: "
+                    f"{job['status']} in {job['seconds']:g} s", highlight=False, soft_wrap=True)
+
         try:
-            result = sw.run(sweep, on_row, cached_ceilings=list(cached))
+            result = sw.run(sweep, on_row, cached_ceilings=list(cached), on_prewarm=on_prewarm)
         finally:
             sw.shutdown()
     if result.rank != 0:

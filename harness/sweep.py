@@ -5,6 +5,8 @@ A row is one (op, impl, dtype, mode, B, T, H, D) (``harness.bench.KEY``). The sw
 * plans every row in a fixed order (operator, T, dtype, mode, implementation); rows an
   implementation cannot run (dtype, no backward, a declined case, too long for the Triton
   interpreter) are recorded as ``skipped`` with the reason, not measured;
+* with ``prewarm`` N, first runs each implementation's kernels once in N processes at a time,
+  so that the timed rows find them compiled (``harness.prewarm``);
 * measures each of the others in a worker process (``harness.bench_worker``), so that a crash,
   a CUDA error or a hang costs that row only: it is recorded as ``failed`` or ``timeout`` with
   the reason and the sweep goes on (``isolate=False`` measures in this process, for debugging);
@@ -61,6 +63,7 @@ class Sweep:
     resume: bool = False
     plugins: list[str] = field(default_factory=list)
     max_time: float | None = None  # s: start no row after this (a device's time limit)
+    prewarm: int = 0  # processes compiling the rows' kernels before timing (harness.prewarm)
 
 
 def skip_reason(impl: Implementation, case: Any, dtype: str, mode: str, device: str) -> str | None:
@@ -252,9 +255,11 @@ class Result:
 
 
 def run(sweep: Sweep, on_row: Callable[[dict[str, Any], int, int], None] | None = None,
-        cached_ceilings: list[str] = ()) -> Result:
-    """Plan, shard, measure and gather. ``on_row(row, done, total)`` is called on each finished
-    row of this rank (the progress display)."""
+        cached_ceilings: list[str] = (),
+        on_prewarm: Callable[[dict[str, Any]], None] | None = None) -> Result:
+    """Plan, shard, (prewarm,) measure and gather. ``on_row(row, done, total)`` is called on
+    each finished row of this rank (the progress display), ``on_prewarm(job)`` on each
+    finished prewarm job."""
     deadline = None if sweep.max_time is None else time.monotonic() + sweep.max_time
     rank, world, local_rank = distributed()
     out = Path(sweep.out)
@@ -278,6 +283,13 @@ def run(sweep: Sweep, on_row: Callable[[dict[str, Any], int, int], None] | None 
     notes: list[str] = []
     measured = remaining = 0
     try:
+        if sweep.prewarm > 0 and any(r.get("status") != "skipped" for r in mine):
+            from harness import prewarm
+
+            start = time.perf_counter()
+            results = prewarm.prewarm(mine, sweep.device, local_rank, sweep.plugins, sweep.prewarm,
+                                      sweep.timeout, on_prewarm)
+            notes.append(f"rank {rank}: " + prewarm.summary(results, time.perf_counter() - start))
         if any(r.get("status") != "skipped" for r in mine):
             reply = runner.ceilings(list(cached_ceilings)) or {}
             if reply.get("ceilings"):

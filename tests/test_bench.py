@@ -127,6 +127,65 @@ def test_exception_is_a_failed_row_and_resume_skips_done_rows(tmp_path, planted)
     assert [(r["impl"], r["status"]) for r in read_rows(out)] == [("naive", "ok"), ("chunk_ref", "ok")]
 
 
+# ---------------------------------------------------------------- prewarm
+def test_prewarm_jobs_take_each_implementation_and_mode_once_at_its_smallest_T():
+    from harness.prewarm import jobs
+
+    def row(impl, T, mode="fwd", status=None):
+        r = dict(op="delta_rule", impl=impl, dtype="float32", mode=mode, B=1, T=T, H=2, D=16)
+        return r if status is None else {**r, "status": status}
+    rows = [row("a", 64), row("a", 32), row("a", 64, "fwdbwd"), row("b", 16, status="skipped"),
+            row("b", 128)]
+    assert [(j["impl"], j["mode"], j["T"]) for j in jobs(rows)] == [
+        ("a", "fwd", 32), ("a", "fwdbwd", 64), ("b", "fwd", 128)]
+    assert set(jobs(rows)[0]) == {"op", "impl", "dtype", "mode", "B", "T", "H", "D"}
+
+
+def test_prewarm_runs_each_job_in_its_own_process_before_the_rows(tmp_path, planted):
+    # a planted implementation that records each call (pid, T, the autotune-cache setting):
+    # the prewarm job calls it once at the smallest T, in another process than the timing
+    # worker, with autotune results not cached; a job that segfaults costs only a note, and
+    # its row is measured (and fails) as usual
+    marker = tmp_path / "calls.txt"
+    plugin = tmp_path / "recorder.py"
+    plugin.write_text(textwrap.dedent(f"""
+        import os
+        from harness.registry import Implementation, register
+        from references.delta_rule import naive_recurrent_delta_rule
+
+        def recorded(**kwargs):
+            with open({str(marker)!r}, "a") as f:
+                f.write(f"{{os.getpid()}} {{kwargs['q'].shape[1]}} "
+                        f"{{os.environ.get('TRITON_CACHE_AUTOTUNING')}}\\n")
+            return naive_recurrent_delta_rule(**kwargs)
+
+        def register_all():
+            register(Implementation(op="delta_rule", name="recorded", kind="peer", target=recorded,
+                                    devices=("cpu",), dtypes=("float32",),
+                                    description="records its calls"), replace=True)
+    """))
+    out = tmp_path / "out"
+    try:
+        res = harness_cli(["harness", "bench", "delta_rule", "--impl", "recorded,planted_segfault",
+                           "--seq-len", "16,8", "--prewarm", "2", "--timeout", "60",
+                           "--plugin", str(plugin), "--plugin", str(planted), "--out", str(out),
+                           *TINY], tmp_path)
+    finally:
+        unregister("delta_rule", "recorded")
+    assert res.returncode == 0, res.stdout + res.stderr
+    calls = [line.split() for line in marker.read_text().splitlines()]
+    assert calls[0][1:] == ["8", "0"]  # the prewarm job: smallest T, autotune results not cached
+    rows_calls = calls[1:]  # the timed rows: in the worker, another process, T = 16 first
+    assert calls[0][0] not in {c[0] for c in rows_calls} and rows_calls[0][1] == "16"
+    assert {c[2] for c in rows_calls} == {"None"}
+    assert "prewarm delta_rule recorded float32 fwd T=8: ok" in res.stdout
+    assert "prewarm delta_rule planted_segfault float32 fwd T=8: failed" in res.stdout
+    assert "prewarmed 2 job(s)" in res.stdout and "1 did not finish" in res.stdout
+    statuses = {(r["impl"], r["T"]): r["status"] for r in read_rows(out)}
+    assert statuses == {("recorded", 16): "ok", ("recorded", 8): "ok",
+                        ("planted_segfault", 16): "failed", ("planted_segfault", 8): "failed"}
+
+
 # ---------------------------------------------------------------- torchrun
 def test_torchrun_shards_rows_and_rank0_gathers_them_once(tmp_path):
     out = tmp_path / "out"
@@ -260,6 +319,7 @@ def test_writers_and_report(tmp_path):
     (["gla", "--impl", "fla_chunk"], ["gla/fla_chunk is not available on cpu"]),
     (["gla", "--timeout", "0"], ["--timeout", "positive"]),
     (["gla", "--max-time", "-5"], ["--max-time", "positive seconds", "-5"]),
+    (["gla", "--prewarm", "-1"], ["--prewarm", ">= 0", "-1"]),
     (["gla", "--batch", "0"], ["--batch", "positive integer", "got 0"]),
     (["gla", "--plugin", "no_such_module_xyz"], ["--plugin", "no_such_module_xyz"]),
 ])

@@ -1,0 +1,107 @@
+"""Compile before timing: ``harness bench --prewarm N``.
+
+On a cold Triton cache a sweep pays every kernel's compiles (and a peer's autotune space) at
+the first row of each implementation, one after another in its single timing worker: 30-70 s a
+row on the H100 (reports/NOTES.md, session e). Prewarming runs each distinct
+(op, impl, dtype, mode) of the rows still to measure once, at the smallest T it has in the
+sweep, in up to N processes at a time (``python -m harness.prewarm SPEC``: one process a job,
+so a crash or a hang costs that job only), before any row is timed. The compiled kernels land
+in Triton's on-disk cache, where the timing worker finds them. Nothing measured here is kept:
+the jobs share the device, so their autotuning timings are noise and are not cached
+(``TRITON_CACHE_AUTOTUNING=0``); the worker autotunes again from the compiled kernels.
+A job that fails is only noted: its rows are measured (and fail, or not) as usual.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable
+
+JOB_KEY = ("op", "impl", "dtype", "mode")
+MAX_MESSAGE = 300  # characters of a failed job's output quoted in its note
+
+
+def jobs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One job per distinct (op, impl, dtype, mode) among the rows to measure (not skipped), at
+    the smallest T it has; in the rows' order."""
+    chosen: dict[tuple, dict[str, Any]] = {}
+    for row in rows:
+        if row.get("status") == "skipped":
+            continue
+        key = tuple(row[k] for k in JOB_KEY)
+        if key not in chosen or row["T"] < chosen[key]["T"]:
+            chosen[key] = {k: row[k] for k in (*JOB_KEY, "B", "T", "H", "D")}
+    return list(chosen.values())
+
+
+def _run_one(job: dict[str, Any], timeout: float) -> dict[str, Any]:
+    env = {**os.environ, "TRITON_CACHE_AUTOTUNING": "0"}
+    start = time.perf_counter()
+    try:
+        done = subprocess.run([sys.executable, "-m", "harness.prewarm", json.dumps(job)],
+                              capture_output=True, text=True, timeout=timeout, env=env)
+        status = "ok" if done.returncode == 0 else "failed"
+        message = "" if status == "ok" else (done.stderr or done.stdout).strip()[-MAX_MESSAGE:]
+    except subprocess.TimeoutExpired:
+        status, message = "timeout", f"no result after {timeout:g} s"
+    return {**job, "status": status, "message": message,
+            "seconds": round(time.perf_counter() - start, 1)}
+
+
+def prewarm(todo: list[dict[str, Any]], device: str, device_index: int, plugins: list[str],
+            processes: int, timeout: float,
+            on_job: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Run :func:`jobs` of ``todo`` in up to ``processes`` processes at once; returns one result
+    per job (its spec, status ok/failed/timeout, message, seconds)."""
+    specs = [{**job, "device": device, "device_index": device_index, "plugins": list(plugins)}
+             for job in jobs(todo)]
+    results = []
+    with ThreadPoolExecutor(max_workers=max(1, processes)) as pool:
+        for result in pool.map(lambda spec: _run_one(spec, timeout), specs):
+            results.append(result)
+            if on_job is not None:
+                on_job(result)
+    return results
+
+
+def summary(results: list[dict[str, Any]], seconds: float) -> str:
+    bad = [r for r in results if r["status"] != "ok"]
+    text = f"prewarmed {len(results)} job(s) in {seconds:.0f} s"
+    if bad:
+        text += f"; {len(bad)} did not finish (their rows are measured as usual): " + "; ".join(
+            f"{r['op']} {r['impl']} {r['dtype']} {r['mode']}: {r['status']} {r['message']}"
+            for r in bad)
+    return text
+
+
+def main(spec: dict[str, Any]) -> None:
+    """One job, in this process: the row's step once (compile, autotune), synchronised. Set up
+    as a timing worker is (harness.bench_worker): the interpreter on the CPU, the plugins."""
+    from harness.bench_worker import die_with_parent
+
+    die_with_parent(os.getppid())
+    if spec["device"] == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"
+    from harness.bench import bench_case, make_call
+    from harness.registry import get, load_plugin, load_plugins
+
+    load_plugins()
+    for plugin in spec["plugins"]:
+        load_plugin(plugin)
+    if spec["device"] == "cuda":
+        import torch
+
+        torch.cuda.set_device(spec["device_index"])
+    case = bench_case(spec["op"], spec["B"], spec["T"], spec["H"], spec["D"])
+    make_call(get(spec["op"], spec["impl"]), case, spec["dtype"], spec["mode"], spec["device"])()
+    if spec["device"] == "cuda":
+        torch.cuda.synchronize()
+
+
+if __name__ == "__main__":
+    main(json.loads(sys.argv[1]))
