@@ -49,6 +49,14 @@ def gate_cmd(
 
     from harness.cli import _fail, _split, console, pin_configs, select_device, set_ref_device
 
+    from harness import cpu_pins
+
+    # the CPU's math pinned (harness/cpu_pins.py) before torch loads it, when the run is
+    # going to be on the CPU; worker processes get the pins in any case (gate._run_parallel)
+    pinned_here = None
+    if device == "cpu" or (device == "auto" and not cpu_pins.gpu_present()):
+        pinned_here = cpu_pins.unloaded()
+        cpu_pins.pin()
     device_arg = device
     device = select_device(device)
     pin_configs(autotune)
@@ -90,6 +98,10 @@ def gate_cmd(
 
         m = gate.run_suite(s, device, progress, jobs=jobs, ops=ops)
         wall = time.perf_counter() - start
+    if device == "cpu" and not pinned_here and (jobs == 1 or len(m.cases) == 1):
+        console.print("[yellow]the CPU's math is not pinned in this process (torch was loaded "
+                      "first): errors may differ from the baseline's by the machine's rounding; "
+                      "-j 2 evaluates in fresh, pinned processes[/]")
     measured = sum(1 for k in m.entries if k[4] != gate.SKIP)
     n_cases = sum(1 for sc in s.cases if not ops or sc.op in ops)
     console.print(f"gate {s.name} on {device} ({dc}): {n_cases} cases, {measured} entries in "

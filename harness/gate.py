@@ -36,10 +36,11 @@ from harness.registry import get, implementations
 from harness.suites import SUITES_DIR, Suite, SuiteCase
 from harness.tolerances import FLOOR as CHECK_FLOOR
 
-# Allowed growth. Reruns on one device class are deterministic for the references (float64 on
-# the CPU) and for the interpreter (NumPy), so on the CPU any factor above 1 would do. The
-# factor only has to absorb what legitimately moves an error on the same class of device: a
-# different BLAS build (MKL, OpenBLAS) reassociating the references' sums, and on a GPU the
+# Allowed growth. Reruns on one device class are deterministic for the references and for the
+# interpreter (NumPy), on any x86-64 machine once the CPU's math is pinned (below), so on the
+# CPU any factor above 1 would do. The factor only has to absorb what legitimately moves an
+# error on the same class of device: a different BLAS build (MKL, OpenBLAS) reassociating the
+# references' sums, and on a GPU the
 # tile sizes autotuning picks (a different BT/BK reorders the dot products). Those move a relative
 # error by tens of percent; a real regression (a lost guard against exp overflow, a dot demoted
 # to a lower precision, a wrong mask) moves it by 10x or more (see harness/tolerances.py).
@@ -52,6 +53,9 @@ GROWTH = 2.0
 # float64 roundoff (1e-16..1e-15) where the order of a sum decides the digits.
 FLOOR = {dtype: float(f"{floor / 10:.3g}") for dtype, floor in CHECK_FLOOR.items()}
 
+# On the CPU the libraries' kernels are pinned to ones every x86-64 machine runs alike
+# (harness/cpu_pins.py): unpinned, AVX2 and AVX-512 kernels round differently, and errors of
+# ill-conditioned quantities moved by up to 11x between machines.
 # The CPU runs single-threaded: a BLAS splits its sums by thread, so the digits of an error
 # would depend on the core count of the machine CI lands on; and on tensors this small, threads
 # only add synchronisation (the ci suite's GLA cases ran 5x slower with 2 threads than with 1
@@ -104,7 +108,10 @@ def environment(device: str) -> dict[str, str]:
         env["device"] = torch.cuda.get_device_name()
         env["references"] = reference_device(device)
     else:
+        from harness import cpu_pins
+
         env["device"] = f"cpu (Triton interpreter), {CPU_THREADS} thread(s)"
+        env["cpu_pins"] = " ".join(f"{k}={v}" for k, v in cpu_pins.pinned().items()) or "none"
     return env
 
 
@@ -239,6 +246,10 @@ def _run_parallel(suite: Suite, chosen: list[int], device: str, progress, jobs: 
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     results: dict[int, Any] = {}
+    if device == "cpu":  # the workers load torch and NumPy with the CPU's math pinned
+        from harness import cpu_pins
+
+        cpu_pins.pin()
     ctx = multiprocessing.get_context("spawn")  # CUDA cannot be forked
     workers = min(jobs, len(chosen))
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:

@@ -4,6 +4,9 @@ improvements without failing, and --update round-trips. Every suite under suites
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,7 @@ from references.delta_rule import chunk_delta_rule_ref
 from references.gla import chunk_gla_ref
 
 runner = CliRunner()
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = """
 name = "tiny"
@@ -327,11 +331,24 @@ def test_committed_cpu_baseline_matches_the_ci_suite():
 def test_parallel_jobs_give_the_same_entries_as_one_process(tmp_path):
     # Worker processes (spawned) load the suite and the built-in registry themselves; their
     # entries must be those of the one-process run, value for value, in the same case order.
-    suite = load_suite(write_suite(tmp_path, TINY.replace('"planted"', '"naive"')))
-    one = gate.run_suite(suite, "cpu")
+    # Both with the CPU's math pinned (harness/cpu_pins.py): the one-process run is a fresh
+    # `harness gate` (pinned before it loads torch; this test's own process loaded it unpinned).
+    suite_path = write_suite(tmp_path, TINY.replace('"planted"', '"naive"'))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "OPENBLAS_CORETYPE", "NPY_DISABLE_CPU_FEATURES")}
+    done = subprocess.run([sys.executable, "-m", "harness", "gate", "--suite", str(suite_path),
+                           "--device", "cpu", "--update", "--baselines", str(tmp_path / "one"),
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                          env={**env, "PYTHONPATH": str(ROOT)}, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "not pinned" not in done.stdout
+    section = json.loads((tmp_path / "one" / "cpu-interpret.json").read_text())["suites"]["tiny"]
+    assert "ATEN_CPU_CAPABILITY=default" in section["environment"]["cpu_pins"]
+    one = {gate.entry_key(e): e for e in section["entries"]}
+    suite = load_suite(suite_path)
     two = gate.run_suite(suite, "cpu", jobs=2)
-    assert one.entries and two.entries == one.entries
-    assert list(two.cases) == list(one.cases) and two.failures == one.failures == {}
+    assert one and two.entries == one
+    assert list(two.cases) == sorted(section["cases"]) and two.failures == {}
     assert set(two.seconds) == {"delta_rule"}
 
 
