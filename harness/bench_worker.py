@@ -220,14 +220,13 @@ def die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def main() -> None:
+def prepare(config: dict[str, Any]) -> str:
+    """Set up a process that runs implementations for the sweep (this worker, a prewarm job):
+    Python's stack on a fatal signal, death with the parent, the interpreter on the CPU, the
+    registry and plugins, the GPU ``device_index``. Returns the device."""
     import faulthandler
 
-    replies = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)  # whatever else is printed goes to the log, not into the protocol
-    sys.stdout = sys.stderr
     faulthandler.enable()
-    config = json.loads(sys.stdin.readline())
     die_with_parent(config.get("parent", os.getppid()))
     device = config["device"]
     if device == "cpu":
@@ -241,6 +240,14 @@ def main() -> None:
         import torch
 
         torch.cuda.set_device(config.get("device_index", 0))
+    return device
+
+
+def main() -> None:
+    replies = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # whatever else is printed goes to the log, not into the protocol
+    sys.stdout = sys.stderr
+    device = prepare(json.loads(sys.stdin.readline()))
     replies.write(json.dumps({"ready": True, "pid": os.getpid()}) + "\n")
     for line in sys.stdin:
         if line.strip():

@@ -98,7 +98,7 @@ def gate_cmd(
 
         m = gate.run_suite(s, device, progress, jobs=jobs, ops=ops)
         wall = time.perf_counter() - start
-    if device == "cpu" and not pinned_here and (jobs == 1 or len(m.cases) == 1):
+    if device == "cpu" and not pinned_here and gate.in_process(jobs, len(m.cases)):
         console.print("[yellow]the CPU's math is not pinned in this process (torch was loaded "
                       "first): errors may differ from the baseline's by the machine's rounding; "
                       "-j 2 evaluates in fresh, pinned processes[/]")

@@ -171,6 +171,11 @@ def chosen_impls(sc: SuiteCase, device: str) -> tuple[list[Any], list[tuple[Any,
     return run, skipped
 
 
+def in_process(jobs: int, cases: int) -> bool:
+    """Whether run_suite evaluates in this process (else in spawned workers)."""
+    return jobs <= 1 or cases <= 1
+
+
 def run_suite(suite: Suite, device: str,
               progress: Callable[[int, int, SuiteCase], None] | None = None,
               jobs: int = 1, ops: list[str] | None = None) -> Measurement:
@@ -186,7 +191,7 @@ def run_suite(suite: Suite, device: str,
     if device == "cpu":
         torch.set_num_threads(CPU_THREADS)
     try:
-        if jobs > 1 and len(chosen) > 1:
+        if not in_process(jobs, len(chosen)):
             results = _run_parallel(suite, chosen, device, progress, jobs)
         else:
             results = []

@@ -80,26 +80,19 @@ def summary(results: list[dict[str, Any]], seconds: float) -> str:
 
 
 def main(spec: dict[str, Any]) -> None:
-    """One job, in this process: the row's step once (compile, autotune), synchronised. Set up
-    as a timing worker is (harness.bench_worker): the interpreter on the CPU, the plugins."""
-    from harness.bench_worker import die_with_parent
+    """One job, in this process: the row's step once (compile, autotune), synchronised; the
+    process set up as a timing worker is (harness.bench_worker.prepare)."""
+    from harness.bench_worker import prepare
 
-    die_with_parent(os.getppid())
-    if spec["device"] == "cpu":
-        os.environ["TRITON_INTERPRET"] = "1"
+    device = prepare(spec)
     from harness.bench import bench_case, make_call
-    from harness.registry import get, load_plugin, load_plugins
+    from harness.registry import get
 
-    load_plugins()
-    for plugin in spec["plugins"]:
-        load_plugin(plugin)
-    if spec["device"] == "cuda":
+    case = bench_case(spec["op"], spec["B"], spec["T"], spec["H"], spec["D"])
+    make_call(get(spec["op"], spec["impl"]), case, spec["dtype"], spec["mode"], device)()
+    if device == "cuda":
         import torch
 
-        torch.cuda.set_device(spec["device_index"])
-    case = bench_case(spec["op"], spec["B"], spec["T"], spec["H"], spec["D"])
-    make_call(get(spec["op"], spec["impl"]), case, spec["dtype"], spec["mode"], spec["device"])()
-    if spec["device"] == "cuda":
         torch.cuda.synchronize()
 
 
