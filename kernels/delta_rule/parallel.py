@@ -8,7 +8,7 @@ so every value channel sees the same A; A is lower-triangular, A[t, s] = 0 for s
 Derivation. Cut the sequence into chunks of BT = 64 tokens (Q~ = scale Q; in chunk c:
 K_c, V_c, beta_c). The WY stages of the chunked form give, per chunk,
 
-    Ai_c = (I + tril(diag(beta_c) K_c K_c^T, -1))^{-1}              # wy.kkt_fwd, solve_tril
+    Ai_c = (I + tril(diag(beta_c) K_c K_c^T, -1))^{-1}              # wy.wy_fwd, with W and U
     W_c  = Ai_c diag(beta_c) K_c,   U_c = Ai_c diag(beta_c) V_c
 
 and, with S_c the state entering chunk c (S_0 = 0), the chunk's v' = U_c - W_c S_c, so
@@ -23,15 +23,30 @@ Reading off the coefficient of V_j gives the attention blocks of query chunk i:
     A_ij = G_ij K_j^T Ai_j diag(beta_j)   (j < i),   G_{i,i-1} = Q'_i,  G_{i,j-1} = G_ij P_j.
 
 Both have the form A_ij = M_ij Ai_j diag(beta_j) with M_ij = G_ij K_j^T (masked to tril for
-j = i, where G_ii = Q~_i), and since M_ij Ai_j diag(beta_j) K_j = A_ij K_j the next G is
+j = i, where G_ii = Q~_i). With the chunked form's W_j = Ai_j diag(beta_j) K_j and
+U_j = Ai_j diag(beta_j) V_j (wy.wy_fwd), the output and the next G need M alone:
 
-    G_{i,j-1} = G_ij - G_ij K_j^T W_j = G_ij - A_ij K_j        (for j = i: G = Q'_i)
+    o_i      = sum_{j <= i} A_ij V_j = sum_{j <= i} M_ij U_j
+    G_{i,j-1} = G_ij P_j = G_ij - A_ij K_j = G_ij - M_ij W_j      (for j = i: G = Q'_i)
 
-so W_j is never formed. One program per (query chunk i, sequence and head) keeps G [BT, K] in
-float32 registers and sweeps j = i, i-1, ..., 0: M = G K_j^T, A_ij = (M Ai_j) diag(beta_j),
-o_i += A_ij V_j, G -= A_ij K_j; it writes A_ij, and zeros for j > i, when asked. Cost: T^2/BT
-blocks of four BT x BT x {K, BT, K, V} products, against the chunked form's T; it is the
-price of A, and of O(T / BT) parallel query chunks with no sequential walk over chunks.
+One program per (value tile, query chunk i, sequence and head) keeps G [BT, K] and o_i
+[BT, BV] in float32 registers and sweeps j = i, i-1, ..., 0: M = G K_j^T, o_i += M U_j,
+G -= M W_j (three products, two of them in G's dependent chain); when asked it also writes
+A_ij = M Ai_j diag(beta_j), and zeros for j > i. Cost: T^2 / (2 BT) blocks of three
+BT x BT x {K, V, K} products, against the chunked form's T / BT chunks; it is the price of A,
+and of O(T / BT) parallel query chunks with no sequential walk over chunks. A value dimension
+over BV_MAX = 128 is split over programs, each redoing the G sweep (V = 256 only).
+
+Arithmetic. G and U are float32, K, W, V in the inputs' dtype. For half-precision inputs
+the two float32 operands enter their products as MIXED_BY_DTYPE says (utils.dot_mixed): bf16
+rounds them (as the chunked forward walk does: "round"), fp16 keeps ~16 bits of them as
+hi + lo halves ("split"); M is rounded to the inputs' dtype for o += M U and G -= M W (as the
+chunked output stage rounds tril(Q K^T)). Emulated on the CPU (bf16, float64 truth, B=2
+H=4, reports/NOTES.md): o 3.6e-3 at T=1000 D=64 and 3.5e-3 at T=2048 D=128 ("round"), 2.5e-3
+and 2.3e-3 ("split"), where the chunked kernel's o is 4.0e-3 and the check's bf16 floor 3.9e-3.
+Until session g (2026-12-01) every product here was float32 in three TF32 passes (o 1.7e-3), which left
+the H200 at 14 TFLOP/s: 1107 ms at B=2 T=32K H=16 K=V=128 (reports/bench). Float32 inputs
+get exact ("ieee") products throughout. A is stored from the unrounded M (float32 products).
 
 Dtypes: o and A have the dtype of v (o accumulates in float32). K, V <= 256.
 """
@@ -43,77 +58,79 @@ import triton
 import triton.language as tl
 
 from harness.operators import DELTA_RULE
-from kernels.common.solve_tril import solve_tril
-from kernels.common.utils import dot_precision, tile
-from kernels.delta_rule.wy import kkt_fwd
+from kernels.common.utils import dot_mixed, dot_precision, load_cols, load_rows, store_rows, tile, tuning
+from kernels.delta_rule.wy import wy_fwd
 
 __all__ = ["parallel_delta_rule", "parallel_delta_rule_fwd"]
 
 BT = 64  # chunk size: a tiling choice, never a change of result
 MAX_D = 256  # G [BT, K] is held in registers
+BV_MAX = 128  # o [BT, BV] too; a larger V is split over programs
+# How the float32 G and U enter their products with the half-precision K and M (see above);
+# MIXED forces one mode. Float32 inputs: every product exact.
+MIXED_BY_DTYPE = {torch.bfloat16: "round", torch.float16: "split", torch.float32: "split"}
+MIXED = None
+
+# G and o take 2 x 64 float32 registers a thread at K = V = 128 and 4 warps, beside K_j, W_j,
+# U_j and M: 8 warps keep them out of local memory. The first config is the one the
+# interpreter and numerical checks pin (warps and stages change no arithmetic).
+PARALLEL_CONFIGS = tuning([triton.Config({}, num_warps=w, num_stages=s)
+                           for w in (8, 4) for s in (2, 3, 1)])
 
 
 @triton.heuristics({'STORE_ATTN': lambda a: a['attn'] is not None})
+@triton.autotune(configs=PARALLEL_CONFIGS, key=['H', 'K', 'V', 'BK', 'BV', 'MIXED', 'STORE_ATTN'])
 @triton.jit(do_not_specialize=['T'])
 def parallel_delta_rule_fwd_kernel(
-    q, k, v, beta, Ai, o, attn, scale, T,
+    q, k, w, u, beta, Ai, o, attn, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-    BV: tl.constexpr, PRECISION: tl.constexpr, STORE_ATTN: tl.constexpr,
+    BV: tl.constexpr, PRECISION: tl.constexpr, MIXED: tl.constexpr, STORE_ATTN: tl.constexpr,
 ):
-    """Rows of query chunk i_t: o_i = sum_{j <= i} A_ij V_j, and A_ij (float32 o)."""
-    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    """Rows of query chunk i_t, value columns of tile i_v: o_i = sum_{j <= i} M_ij U_j with
+    M_ij = G_ij K_j^T and G_{i,j-1} = G_ij - M_ij W_j; and A_ij = M_ij Ai_j diag(beta_j)."""
+    i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     NT = tl.cdiv(T, BT)
     i_t = NT - 1 - i_c  # longest sweeps first
-    bos = i_b.to(tl.int64) * T
     o_c = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
-    m_k = o_k < K
-    o_i = i_t * BT + o_c  # query positions
-    m_i = o_i < T
-    o_qrow = (bos + o_i) * H + i_h
-    o_arow = (i_bh.to(tl.int64) * T + o_i[:, None]) * T  # rows of A [B, H, T, T]
-    # [BT, BK]: G_ii = Q~_i
-    b_g = tl.load(q + o_qrow[:, None] * K + o_k[None, :], mask=m_i[:, None] & m_k[None, :],
-                  other=0.).to(tl.float32) * scale
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_i = i_t * BT + o_c < T  # query rows that hold tokens
+    row_i = (i_b.to(tl.int64) * T + i_t * BT) * H + i_h  # first row of chunk i (int64)
+    # [BT, BK]: G_ii = Q~_i, float32
+    b_g = load_rows(q + row_i * K, o_c, m_i, o_k, K, H).to(tl.float32) * scale
+    b_o = tl.zeros([BT, BV], dtype=tl.float32)
     for i_n in range(0, i_t + 1):
         i_j = i_t - i_n
-        o_j = i_j * BT + o_c  # key positions
-        m_j = o_j < T
-        o_krow = (bos + o_j) * H + i_h
-        # [BT, BK]
-        b_k = tl.load(k + o_krow[:, None] * K + o_k[None, :], mask=m_j[:, None] & m_k[None, :],
-                      other=0.).to(tl.float32)
-        b_beta = tl.load(beta + o_krow, mask=m_j, other=0.).to(tl.float32)
-        # [BT, BT]
-        b_ai = tl.load(Ai + o_krow[:, None] * BT + o_c[None, :], mask=m_j[:, None], other=0.)
-        # M_ij = G_ij K_j^T (tril for j = i); A_ij = M_ij Ai_j diag(beta_j)
-        b_m = tl.dot(b_g, tl.trans(b_k), input_precision=PRECISION)
+        m_j = i_j * BT + o_c < T  # key rows that hold tokens
+        row_j = (i_b.to(tl.int64) * T + i_j * BT) * H + i_h
+        # M_ij = G_ij K_j^T [BT, BT], tril for j = i
+        b_m = dot_mixed(b_g, load_cols(k + row_j * K, o_c, m_j, o_k, K, H), PRECISION, MIXED)
         b_m = tl.where((o_c[:, None] >= o_c[None, :]) | (i_j < i_t), b_m, 0.)
-        b_a = tl.dot(b_m, b_ai, input_precision=PRECISION) * b_beta[None, :]
-        # G_{i,j-1} = G_ij P_j = G_ij - A_ij K_j
-        b_g -= tl.dot(b_a, b_k, input_precision=PRECISION)
-        # o_i += A_ij V_j, in the program's own float32 rows of o (written at j = i)
-        for i_v in range(tl.cdiv(V, BV)):
-            o_v = i_v * BV + tl.arange(0, BV)
-            m_v = o_v < V
-            # [BT, BV]
-            b_v = tl.load(v + o_krow[:, None] * V + o_v[None, :],
-                          mask=m_j[:, None] & m_v[None, :], other=0.).to(tl.float32)
-            p_o = o + o_qrow[:, None] * V + o_v[None, :]
-            m_o = m_i[:, None] & m_v[None, :]
-            b_o = tl.load(p_o, mask=m_o & (i_j < i_t), other=0.)
-            b_o += tl.dot(b_a, b_v, input_precision=PRECISION)
-            tl.store(p_o, b_o, mask=m_o)
+        b_mh = b_m.to(k.dtype.element_ty)
+        # o_i += M_ij U_j;  G_{i,j-1} = G_ij - M_ij W_j
+        b_o += dot_mixed(b_mh, load_rows(u + row_j * V, o_c, m_j, o_v, V, H), PRECISION, MIXED)
+        b_g -= tl.dot(b_mh, load_rows(w + row_j * K, o_c, m_j, o_k, K, H),
+                      input_precision=PRECISION)
         if STORE_ATTN:
-            tl.store(attn + o_arow + o_j[None, :], b_a.to(attn.dtype.element_ty),
-                     mask=m_i[:, None] & m_j[None, :])
+            if i_v == 0:
+                # A_ij = M_ij Ai_j diag(beta_j), from the unrounded M
+                b_ai = load_rows(Ai + row_j * BT, o_c, m_j, o_c, BT, H)
+                b_beta = tl.load(beta + row_j + o_c * H, mask=m_j, other=0.).to(tl.float32)
+                b_a = tl.dot(b_m, b_ai, input_precision=PRECISION) * b_beta[None, :]
+                p_a = attn + (i_bh.to(tl.int64) * T + i_t * BT) * T + i_j * BT
+                tl.store(p_a + o_c[:, None] * T + o_c[None, :], b_a.to(attn.dtype.element_ty),
+                         mask=m_i[:, None] & m_j[None, :])
+    store_rows(o + row_i * V, b_o, o_c, m_i, o_v, V, H)
     if STORE_ATTN:
-        # the blocks above the diagonal, j > i, are zero
-        for i_j in range(i_t + 1, NT):
-            o_j = i_j * BT + o_c
-            tl.store(attn + o_arow + o_j[None, :], tl.zeros([BT, BT], dtype=attn.dtype.element_ty),
-                     mask=m_i[:, None] & (o_j < T)[None, :])
+        if i_v == 0:
+            # the blocks above the diagonal, j > i, are zero
+            p_a = attn + (i_bh.to(tl.int64) * T + i_t * BT) * T
+            for i_j in range(i_t + 1, NT):
+                o_j = i_j * BT + o_c
+                tl.store(p_a + o_c[:, None] * T + o_j[None, :],
+                         tl.zeros([BT, BT], dtype=attn.dtype.element_ty),
+                         mask=m_i[:, None] & (o_j < T)[None, :])
 
 
 def parallel_delta_rule_fwd(q, k, v, beta, scale: float, output_attentions: bool):
@@ -121,17 +138,16 @@ def parallel_delta_rule_fwd(q, k, v, beta, scale: float, output_attentions: bool
     B, T, H, K = k.shape
     V = v.shape[-1]
     NT = triton.cdiv(T, BT)
-    Ai = solve_tril(kkt_fwd(k, beta, None, None, NT, BT))
-    o = torch.empty(B, T, H, V, dtype=torch.float32, device=v.device)
+    o = torch.empty(B, T, H, V, dtype=v.dtype, device=v.device)
     attn = torch.empty(B, H, T, T, dtype=v.dtype, device=v.device) if output_attentions else None
-    BK = tile(K, cap=256)
-    BV = tile(V)
     if NT:
-        parallel_delta_rule_fwd_kernel[(NT, B * H)](
-            q, k, v, beta, Ai, o, attn, scale, T, H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
-            PRECISION=dot_precision(k.dtype), num_warps=8 if BK > 64 else 4)
-    return o.to(v.dtype), attn
-
+        Ai, w, u = wy_fwd(k, v, beta, None, None, NT, BT)
+        BV = tile(V, cap=BV_MAX)
+        grid = (triton.cdiv(V, BV), NT, B * H)
+        parallel_delta_rule_fwd_kernel[grid](
+            q, k, w, u, beta, Ai, o, attn, scale, T, H=H, K=K, V=V, BT=BT, BK=tile(K, cap=MAX_D),
+            BV=BV, PRECISION=dot_precision(k.dtype), MIXED=MIXED or MIXED_BY_DTYPE[k.dtype])
+    return o, attn
 
 def parallel_delta_rule(
     q: torch.Tensor,
@@ -167,6 +183,9 @@ def parallel_delta_rule(
     if max(dims["K"], dims["V"]) > MAX_D:
         raise ValueError(f"parallel_delta_rule: K and V must be <= {MAX_D}, "
                          f"got K={dims['K']}, V={dims['V']}")
+    if k.dtype not in MIXED_BY_DTYPE:
+        raise TypeError(f"parallel_delta_rule: q, k, v must be float32, float16 or bfloat16, "
+                        f"got {k.dtype}")
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, beta)):
         raise NotImplementedError(
             "parallel_delta_rule is forward only (inference): it has no backward; use "
