@@ -288,3 +288,58 @@ def test_forward_frees_what_no_later_stage_reads(monkeypatch, grad, save):
         chunk_delta_rule(q, k, v, beta)
     assert alive == {"chunk_fwd_h": {"Ai": grad, "w": True},
                      "chunk_fwd_o": {"Ai": grad, "w": grad and save}}
+
+
+# K = 130: the walk holds S in three blocks, and the fused output sums Q K^T over them
+@pytest.mark.parametrize("B, T, H, K, V, cu", [
+    (2, 70, 2, 20, 12, None), (1, 70, 1, 130, 40, None), (1, 100, 2, 16, 16, [0, 0, 1, 64, 64, 100])])
+@pytest.mark.parametrize("save", [True, False])
+def test_fused_output_walk_matches_reference(monkeypatch, B, T, H, K, V, cu, save):
+    """FUSED_OUTPUT: the walk writes O (chunk_state.chunk_fwd_h_o). Outputs and every gradient
+    against the float64 recurrence (the 1e-5 above), with the states saved for the backward or
+    recomputed by it, and O equal to the separate output stage's up to float32 summation order
+    (measured: bitwise equal on the interpreter)."""
+    import kernels.delta_rule.chunk as chunk_mod
+
+    cu = None if cu is None else torch.tensor(cu)
+    N = B if cu is None else len(cu) - 1
+    q, k, v, beta = inputs(B, T, H, K, V, unit=cu is None)
+    h0 = torch.randn(N, H, K, V)
+    monkeypatch.setattr(chunk_mod, "SAVE_STATES", save)
+    monkeypatch.setattr(chunk_mod, "FUSED_OUTPUT", False)
+    separate = chunk_delta_rule(q, k, v, beta, 0.7, h0, True, cu is not None, cu)
+    monkeypatch.setattr(chunk_mod, "FUSED_OUTPUT", True)
+    monkeypatch.setattr(chunk_mod, "chunk_fwd_o", None)  # never called
+    got, ref = run_both(q, k, v, beta, h0, cu=cu, scale=0.7, l2=cu is not None)
+    for name, x, r in zip(["o", "ht", "dq", "dk", "dv", "dbeta", "dh0"], got, ref):
+        assert rel_error(x, r) < 1e-5, (name, rel_error(x, r))
+    assert rel_error(got[0], separate[0]) < 1e-6
+    assert rel_error(got[1], separate[1]) < 1e-6
+
+
+def test_fused_output_walk_in_half_precision_and_inference(monkeypatch):
+    """float16, the same roundings as the separate stage (S, v' and tril(Q K^T) rounded to
+    float16 for the output's products): O agrees with it to float32 summation order, below
+    half a float16 ulp (2.4e-4; measured 0). Without gradients the walk stores neither h
+    nor v' (nothing reads them)."""
+    import kernels.delta_rule.chunk as chunk_mod
+    from kernels.common import chunk_state
+
+    q, k, v, beta = inputs(1, 128, 2, 32, 32, dtype=torch.float16)
+    h0 = torch.randn(1, 2, 32, 32)
+    monkeypatch.setattr(chunk_mod, "FUSED_OUTPUT", False)
+    separate = chunk_delta_rule(q, k, v, beta, None, h0, True)
+    stored = []
+
+    def walk(*args, **kwargs):
+        o, ht, h, v_new = chunk_state.chunk_fwd_h_o(*args, **kwargs)
+        stored.append((h is not None, v_new is not None))
+        return o, ht, h, v_new
+    monkeypatch.setattr(chunk_mod, "FUSED_OUTPUT", True)
+    monkeypatch.setattr(chunk_mod, "chunk_fwd_h_o", walk)
+    with torch.no_grad():
+        fused = chunk_delta_rule(q, k, v, beta, None, h0, True)
+    assert stored == [(False, False)]
+    assert fused[0].dtype == torch.float16
+    assert rel_error(fused[0], separate[0]) < 2.4e-4, rel_error(fused[0], separate[0])
+    assert rel_error(fused[1], separate[1]) < 1e-6

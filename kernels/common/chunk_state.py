@@ -10,7 +10,8 @@ rule (OPERATORS.md section 1), with the WY transform's w, u of each chunk (delta
     v'    = u - w S                 # the chunk's v'_t, stacked            [BT, BV]
     S     = S + K^T v'              # the state leaving the chunk
 
-v' is stored (the output stage reads it). The final S is the final state. What decides its
+v' is stored (the output stage reads it; chunk_fwd_h_o instead writes the output in the walk
+and stores h and v' only for a backward). The final S is the final state. What decides its
 error in half precision is what enters v' and S rounded: u comes in float32 (rounded to bf16 it
 alone costs ~2e-3, one bf16 ulp), and S and v' enter their products per FWD_MIXED_BY_DTYPE:
 with hi + lo halves for fp16, rounded for bf16 (TF32 or halves keep the bf16 final state at
@@ -27,7 +28,7 @@ import triton.language as tl
 from kernels.common.utils import (dot_mixed, dot_precision, load_cols, load_rows, seq_bounds,
                                    store_rows, tile, tuning)
 
-__all__ = ["chunk_fwd_h", "chunk_bwd_dh"]
+__all__ = ["chunk_fwd_h", "chunk_fwd_h_o", "chunk_bwd_dh"]
 
 # How S and v' (float32) enter their products with w and K (half precision) in the forward
 # walk (utils.dot_mixed), per input dtype. The walk is latency-bound (about one program per SM,
@@ -127,20 +128,40 @@ def _store_state(p, b_1, b_2, b_3, b_4, o_v, m_v, K: tl.constexpr, V: tl.constex
         tl.store(p_b, b_4.to(DT), mask=m_b)
 
 
+@triton.jit
+def _out_block(b_o, b_A, p_q, p_k, o_c, m_t, o_k, b_h, K: tl.constexpr, H: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """One block of rows o_k of the output's products: b_o += Q_b S_b (S rounded to the
+    inputs' dtype, as the output stage reads the stored h), b_A += Q_b K_b^T."""
+    b_q = load_rows(p_q, o_c, m_t, o_k, K, H)
+    b_o += tl.dot(b_q, b_h.to(b_q.dtype), input_precision=PRECISION)
+    b_A += tl.dot(b_q, load_cols(p_k, o_c, m_t, o_k, K, H), input_precision=PRECISION)
+    return b_o, b_A
+
+
 @triton.heuristics({
     'USE_INITIAL_STATE': lambda a: a['h0'] is not None,
     'STORE_FINAL_STATE': lambda a: a['ht'] is not None,
+    'STORE_STATES': lambda a: a['h'] is not None,
+    'FUSE_OUTPUT': lambda a: a['o'] is not None,
     'IS_VARLEN': lambda a: a['cu_seqlens'] is not None,
 })
-@triton.autotune(configs=STATE_CONFIGS, key=['H', 'K', 'V', 'BT', 'IS_VARLEN'],
+@triton.autotune(configs=STATE_CONFIGS,
+                 key=['H', 'K', 'V', 'BT', 'STORE_STATES', 'FUSE_OUTPUT', 'IS_VARLEN'],
                  prune_configs_by={'early_config_prune': _fits})
 @triton.jit(do_not_specialize=['T'])
 def chunk_fwd_h_kernel(
-    k, w, u, v_new, h, h0, ht, cu_seqlens, chunk_offsets, T,
+    k, w, u, v_new, h, h0, ht, q, o, cu_seqlens, chunk_offsets, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, MIXED: tl.constexpr,
-    USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, IS_VARLEN: tl.constexpr,
+    USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
+    STORE_STATES: tl.constexpr, FUSE_OUTPUT: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
+    """The walk (module docstring); h[n] and v' stored when STORE_STATES. With FUSE_OUTPUT
+    it also writes the chunk's output columns, the output stage's arithmetic in the walk:
+
+        O = scale (Q h[n] + tril(Q K^T) v')        # h[n] = S and v' rounded to the inputs' dtype
+    """
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos, NT, c0 = _walk(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN)
@@ -154,8 +175,9 @@ def chunk_fwd_h_kernel(
     b_h1, b_h2, b_h3, b_h4 = _load_state(h0, i_nh, o_v, m_v, K, V, BK, BV,
                                          USE_INITIAL_STATE)
     for i_t in range(NT):
-        p_h = h + ((c0 + i_t) * H + i_h) * K * V
-        _store_state(p_h, b_h1, b_h2, b_h3, b_h4, o_v, m_v, K, V, BK)
+        if STORE_STATES:
+            p_h = h + ((c0 + i_t) * H + i_h) * K * V
+            _store_state(p_h, b_h1, b_h2, b_h3, b_h4, o_v, m_v, K, V, BK)
         m_t = i_t * BT + o_c < eos - bos
         row0 = (bos + i_t * BT) * H + i_h  # the chunk's first row (int64); offsets within stay int32
         p_k, p_w = k + row0 * K, w + row0 * K
@@ -168,7 +190,23 @@ def chunk_fwd_h_kernel(
         if K > 3 * BK:
             b_v += dot_mixed(load_rows(p_w, o_c, m_t, o_k4, K, H), b_h4, PRECISION, MIXED)
         b_v = load_rows(u + row0 * V, o_c, m_t, o_v, V, H).to(tl.float32) - b_v
-        store_rows(v_new + row0 * V, b_v, o_c, m_t, o_v, V, H)
+        if STORE_STATES:
+            store_rows(v_new + row0 * V, b_v, o_c, m_t, o_v, V, H)
+        if FUSE_OUTPUT:
+            # O = scale (Q h[n] + tril(Q K^T) v'), from S before its update
+            p_q = q + row0 * K
+            b_o = tl.zeros([BT, BV], dtype=tl.float32)
+            b_A = tl.zeros([BT, BT], dtype=tl.float32)
+            b_o, b_A = _out_block(b_o, b_A, p_q, p_k, o_c, m_t, o_k1, b_h1, K, H, PRECISION)
+            if K > BK:
+                b_o, b_A = _out_block(b_o, b_A, p_q, p_k, o_c, m_t, o_k2, b_h2, K, H, PRECISION)
+            if K > 2 * BK:
+                b_o, b_A = _out_block(b_o, b_A, p_q, p_k, o_c, m_t, o_k3, b_h3, K, H, PRECISION)
+            if K > 3 * BK:
+                b_o, b_A = _out_block(b_o, b_A, p_q, p_k, o_c, m_t, o_k4, b_h4, K, H, PRECISION)
+            b_A = tl.where(o_c[:, None] >= o_c[None, :], b_A, 0.).to(k.dtype.element_ty)
+            b_o += tl.dot(b_A, b_v.to(k.dtype.element_ty), input_precision=PRECISION)
+            store_rows(o + row0 * V, b_o * scale, o_c, m_t, o_v, V, H)
         # S = S + K^T v'   (v' unrounded: S ends as the final state)
         b_h1 += dot_mixed(load_cols(p_k, o_c, m_t, o_k1, K, H), b_v, PRECISION, MIXED)
         if K > BK:
@@ -191,17 +229,45 @@ def chunk_fwd_h(k, w, u, initial_state, output_final_state: bool, cu_seqlens, ch
     ``mixed`` overrides how S and v' enter their products (utils.dot_mixed; default
     FWD_MIXED, else FWD_MIXED_BY_DTYPE).
     """
+    h, v_new, ht = _states(k, u, w, True, output_final_state, cu_seqlens, N, NT)
+    _launch_fwd_h(k, w, u, v_new, h, initial_state, ht, None, None, 1.0, cu_seqlens,
+                  chunk_offsets, N, BT, mixed)
+    return h, v_new, ht
+
+
+def chunk_fwd_h_o(q, k, w, u, scale: float, initial_state, output_final_state: bool,
+                  keep_states: bool, cu_seqlens, chunk_offsets, N: int, NT: int, BT: int,
+                  mixed: str | None = None):
+    """The walk with the output stage in it (chunk_output.chunk_fwd_o's O, its arithmetic):
+    returns (o [B, T, H, V] in k's dtype, final state or None, h or None, v_new or None).
+    h and v' are stored only when ``keep_states`` (for the backward): inference writes neither,
+    and nothing reads h back."""
+    B, T, H, K = k.shape
+    o = k.new_empty(B, T, H, u.shape[-1])
+    h, v_new, ht = _states(k, u, w, keep_states, output_final_state, cu_seqlens, N, NT)
+    _launch_fwd_h(k, w, u, v_new, h, initial_state, ht, q, o, scale, cu_seqlens, chunk_offsets,
+                  N, BT, mixed)
+    return o, ht, h, v_new
+
+
+def _states(k, u, w, keep: bool, output_final_state: bool, cu_seqlens, N: int, NT: int):
+    """(h, v_new) when ``keep`` (else None, None) and the final state's buffer or None."""
     B, T, H, K = k.shape
     V = u.shape[-1]
-    BK = tile(K)
-    h = k.new_empty(B if cu_seqlens is None else 1, NT, H, K, V)
-    v_new = torch.empty_like(u, dtype=w.dtype)  # u may be float32; v' is stored like w
+    h = k.new_empty(B if cu_seqlens is None else 1, NT, H, K, V) if keep else None
+    v_new = torch.empty_like(u, dtype=w.dtype) if keep else None  # u may be float32
     ht = k.new_empty(N, H, K, V, dtype=torch.float32) if output_final_state else None
-    grid = lambda meta: (triton.cdiv(V, meta['BV']), N * H)  # noqa: E731
-    chunk_fwd_h_kernel[grid](k, w, u, v_new, h, initial_state, ht, cu_seqlens, chunk_offsets, T,
-                             H=H, K=K, V=V, BT=BT, BK=BK, PRECISION=dot_precision(k.dtype),
-                             MIXED=mixed or FWD_MIXED or FWD_MIXED_BY_DTYPE[k.dtype])
     return h, v_new, ht
+
+
+def _launch_fwd_h(k, w, u, v_new, h, h0, ht, q, o, scale, cu_seqlens, chunk_offsets, N, BT,
+                  mixed):
+    B, T, H, K = k.shape
+    V = u.shape[-1]
+    grid = lambda meta: (triton.cdiv(V, meta['BV']), N * H)  # noqa: E731
+    chunk_fwd_h_kernel[grid](k, w, u, v_new, h, h0, ht, q, o, cu_seqlens, chunk_offsets, scale, T,
+                             H=H, K=K, V=V, BT=BT, BK=tile(K), PRECISION=dot_precision(k.dtype),
+                             MIXED=mixed or FWD_MIXED or FWD_MIXED_BY_DTYPE[k.dtype])
 
 
 @triton.jit

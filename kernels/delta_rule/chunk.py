@@ -8,6 +8,7 @@ Forward, a chain of shared stages:
                                             # wy.kkt_fwd, common.solve_tril, wy.recompute_w_u_fwd)
     h[n], v' = u - w h[n], S_{n+1} = h[n] + K^T v'               # common.chunk_state.chunk_fwd_h
     O  = (scale Q) h[n] + tril((scale Q) K^T) v'                 # common.chunk_output.chunk_fwd_o
+                                 # (FUSED_OUTPUT: in the walk, common.chunk_state.chunk_fwd_h_o)
 
 Backward, the same stages in reverse (each kernel's docstring has its equations): recompute
 w, u (wy.recompute_w_u_fwd), h and v' from the saved Ai; dv' from the outputs inside each
@@ -30,7 +31,7 @@ import torch
 
 from harness.operators import DELTA_RULE
 from kernels.common.chunk_output import chunk_bwd_dqk, chunk_bwd_dv_local, chunk_fwd_o
-from kernels.common.chunk_state import chunk_bwd_dh, chunk_fwd_h
+from kernels.common.chunk_state import chunk_bwd_dh, chunk_fwd_h, chunk_fwd_h_o
 from kernels.common.l2norm import l2norm_bwd, l2norm_fwd
 from kernels.common.solve_tril import solve_tril
 from kernels.common.utils import chunk_layout
@@ -74,6 +75,14 @@ DK_PARTIAL_FLOAT32 = None
 # -> 5.084 ms, its peak 2816 -> 3074 MB (fla-core 0.6.0: 5.934 ms, 3714 MB). False recomputes
 # them as fla-core does, for the least activation memory held across layers.
 SAVE_STATES = True
+# FUSED_OUTPUT: the forward walk writes O itself (chunk_state.chunk_fwd_h_o), so nothing reads
+# h back and inference stores neither h nor v'; the same arithmetic as chunk_fwd_o, the same
+# results up to summation order. Its cost: the walk (one program per value tile and head,
+# chunks in order) gains Q S, Q K^T and tril(Q K^T) v' per chunk, Q K^T once per value tile.
+# H200 prediction at B=2 T=32K H=16 K=V=128 bf16: the output stage's 0.41 ms goes, the walk
+# (~0.57 ms) grows by what of the three products its dependent chain does not hide; not yet
+# timed (no GPU in session g), so off.
+FUSED_OUTPUT = False
 
 
 class Saved(NamedTuple):
@@ -101,15 +110,21 @@ def chunk_delta_rule_fwd(q, k, v, beta, scale, initial_state, output_final_state
         w, u = recompute_w_u_fwd(k, v, beta, Ai, cu_seqlens, chunk_indices, NT, BT)
     if not for_backward:
         Ai = None  # inference keeps nothing: the walk's peak is then w, u, h and v'
-    h, v_new, ht = chunk_fwd_h(k, w, u, initial_state, output_final_state, cu_seqlens,
-                               chunk_offsets, N, NT, BT)
-    del u
-    if not (for_backward and SAVE_STATES):
-        w = None  # the output stage does not read it
-    o = chunk_fwd_o(q, k, v_new, h, scale, cu_seqlens, chunk_indices, NT, BT)
+    keep = for_backward and SAVE_STATES
+    if FUSED_OUTPUT:
+        o, ht, h, v_new = chunk_fwd_h_o(q, k, w, u, scale, initial_state, output_final_state,
+                                        keep, cu_seqlens, chunk_offsets, N, NT, BT)
+        del u
+    else:
+        h, v_new, ht = chunk_fwd_h(k, w, u, initial_state, output_final_state, cu_seqlens,
+                                   chunk_offsets, N, NT, BT)
+        del u
+        if not keep:
+            w = None  # the output stage does not read it
+        o = chunk_fwd_o(q, k, v_new, h, scale, cu_seqlens, chunk_indices, NT, BT)
     if not for_backward:
         return o, ht, None
-    return o, ht, Saved(Ai, w, h, v_new) if SAVE_STATES else Saved(Ai)
+    return o, ht, Saved(Ai, w, h, v_new) if keep else Saved(Ai)
 
 
 def chunk_delta_rule_bwd(q, k, v, beta, saved: Saved, scale, initial_state, do, dht, cu_seqlens,

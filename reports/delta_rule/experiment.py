@@ -7,7 +7,7 @@ add float32), bench (median ms and peak MB, B=2 H=16 D=128 bf16), prof (per-kern
 fwd+bwd at the last T), cfg (autotune choices). IMPLS: chunk, chunk_fused (FUSED_WY_FWD on),
 chunk[_fused]_{split,tf32,round} (chunk_state.FWD_MIXED), chunk_bwdfwd (chunk.BWD_RECOMPUTE =
 "forward"), chunk_dk32 (chunk.DK_PARTIAL_FLOAT32 = True), chunk_bwdfwd_dk32 (both: the defaults
-before session d), fla_chunk, fused_recurrent, fla_fused_recurrent, and any EXTRA="name=module:
+before session d), chunk_fusedo (chunk.FUSED_OUTPUT), fla_chunk, fused_recurrent, fla_fused_recurrent, and any EXTRA="name=module:
 function,..." (e.g. an old version of a kernel file, to time it beside the new one). Uses
 kernels/ and references/ only, so it runs even while the harness is being changed. Compiles are the cost on a cold machine: time
 few implementations and one shape per call."""
@@ -26,7 +26,7 @@ import kernels.common.chunk_state as state_module
 
 
 def chunk_variant(fused: bool, mixed: str | None, bwd: str | None = None, dk32: bool | None = None,
-                  save: bool = True):
+                  save: bool = True, fuse_o: bool = False):
     """chunk_delta_rule with the module switches set: FUSED_WY_FWD (wy.wy_fwd), the forward
     walk's mixed products (chunk_state.FWD_MIXED: split, tf32, round; None: by dtype) and the
     backward's recompute (chunk.BWD_RECOMPUTE: forward, inputs) and dk's partial
@@ -34,11 +34,11 @@ def chunk_variant(fused: bool, mixed: str | None, bwd: str | None = None, dk32: 
     them when it runs, so the switches stay set until the next variant's call (every variant,
     "chunk" included, sets all five). ``save``: chunk.SAVE_STATES (the forward keeps w, h, v'
     and the backward recomputes nothing; False: the recomputing backward, the default until
-    2026-12-01)."""
+    2026-12-01). ``fuse_o``: chunk.FUSED_OUTPUT (the walk writes O; session g)."""
     def fn(*args, **kwargs):
         chunk_module.FUSED_WY_FWD, state_module.FWD_MIXED = fused, mixed
         chunk_module.BWD_RECOMPUTE, chunk_module.DK_PARTIAL_FLOAT32 = bwd, dk32
-        chunk_module.SAVE_STATES = save
+        chunk_module.SAVE_STATES, chunk_module.FUSED_OUTPUT = save, fuse_o
         return chunk_delta_rule(*args, **kwargs)
     return fn
 
@@ -58,6 +58,8 @@ IMPLS["chunk_dk32"] = chunk_variant(True, None, "inputs", True, save=False)
 # of sessions d-e; and the forward walk's products rounded (FWD_MIXED "round") on top of today's
 IMPLS["chunk_recompute"] = chunk_variant(True, None, save=False)
 IMPLS["chunk_round"] = chunk_variant(True, "round")
+# the output in the forward walk (chunk.FUSED_OUTPUT), on top of today's defaults
+IMPLS["chunk_fusedo"] = chunk_variant(True, None, fuse_o=True)
 for extra in filter(None, os.environ.get("EXTRA", "").split(",")):
     name, target = extra.split("=")
     module, function = target.split(":")
