@@ -302,6 +302,16 @@ class CheckResult:
     stopped: bool = False  # cut short by the deadline (--max-time): the rows cover fewer cases
 
 
+# Called after each evaluated case with (case, its rows, seconds it took): the CLI's progress
+# line and its rows written as they come, so a run killed from outside keeps its finished cases.
+OnCase = Callable[[Case, list, float], None]
+
+
+def _evaluated(on_case: OnCase | None, case: Case, rows: list, t0: float) -> None:
+    if on_case is not None:
+        on_case(case, rows, time.perf_counter() - t0)
+
+
 def past(deadline: float | None) -> bool:
     """Whether ``deadline`` (a time.perf_counter() value) has passed."""
     return deadline is not None and time.perf_counter() > deadline
@@ -309,7 +319,7 @@ def past(deadline: float | None) -> bool:
 
 def check_random(op_name: str, impls: list[Implementation], dtypes: list[str], device: str,
                  examples: int, seed: int, profile: str,
-                 deadline: float | None = None) -> CheckResult:
+                 deadline: float | None = None, on_case: OnCase | None = None) -> CheckResult:
     """The random family: hypothesis draws ``examples`` cases and shrinks any failure. Past
     ``deadline`` no further case is evaluated: a shrink in progress stops at the smallest
     failing case found so far."""
@@ -331,7 +341,9 @@ def check_random(op_name: str, impls: list[Implementation], dtypes: list[str], d
             stopped = True
             reject()
         count += 1
+        t0 = time.perf_counter()
         case_rows = guarded(evaluate, case, impls, dtypes, device, "random")
+        _evaluated(on_case, case, case_rows, t0)
         if not all(r["passed"] for r in case_rows):
             failed[case.to_json()] = CaseFailed(case, case_rows)
             raise failed[case.to_json()]
@@ -367,7 +379,8 @@ def guarded(evaluate_: Callable[..., list[dict[str, Any]]], case: Case, *args: A
 
 
 def check_cases(cases: list[Case], impls: list[Implementation], dtypes: list[str],
-                device: str, family: str, deadline: float | None = None) -> CheckResult:
+                device: str, family: str, deadline: float | None = None,
+                on_case: OnCase | None = None) -> CheckResult:
     """Fixed cases (the long family, a replayed case): no drawing, no shrinking; in order until
     ``deadline``."""
     rows: list[dict[str, Any]] = []
@@ -379,12 +392,15 @@ def check_cases(cases: list[Case], impls: list[Implementation], dtypes: list[str
             stopped = True
             break
         done += 1
+        t0 = time.perf_counter()
         try:
             case_rows = guarded(evaluate, case, impls, dtypes, device, family)
         except DeviceFault as fault:  # the process's device is unusable: stop here
             failure = CaseFailed(fault.case, [fault.row()])
             rows.extend(failure.rows)
+            _evaluated(on_case, case, failure.rows, t0)
             break
+        _evaluated(on_case, case, case_rows, t0)
         rows.extend(case_rows)
         if failure is None and not all(r["passed"] for r in case_rows):
             failure = CaseFailed(case, case_rows)
@@ -394,9 +410,9 @@ def check_cases(cases: list[Case], impls: list[Implementation], dtypes: list[str
 
 def check_long(op_name: str, impls: list[Implementation], dtypes: list[str], device: str,
                profile: str, lengths: tuple[int, ...] | None = None,
-               deadline: float | None = None) -> CheckResult:
+               deadline: float | None = None, on_case: OnCase | None = None) -> CheckResult:
     return check_cases(long_cases(op_name, profile, lengths), impls, dtypes, device, "long",
-                       deadline)
+                       deadline, on_case)
 
 
 __all__ = ["OPERATORS", "rel_error", "evaluate", "check_random", "check_cases", "check_long",

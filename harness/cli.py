@@ -101,6 +101,30 @@ def _split(values: list[str]) -> list[str]:
     return [v.strip() for item in values for v in item.split(",") if v.strip()]
 
 
+def _case_progress(path: Path):
+    """A line per evaluated case (its worst error as a share of its tolerance, its seconds) and
+    its rows appended to ``path`` as JSON lines, written as each case ends: a check killed from
+    outside (a device call's time limit) keeps every case it finished."""
+    import json
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("")
+    count = 0
+
+    def on_case(case, rows, seconds: float) -> None:
+        nonlocal count
+        count += 1
+        shares = [r["error"] / r["tolerance"] for r in rows
+                  if r.get("tolerance") and r["error"] == r["error"]]
+        failed = sum(not r["passed"] for r in rows)
+        worst = f"worst {max(shares):.0%} of tolerance" if shares else "nothing compared"
+        console.print(f"case {count}: {case.label()}: {worst}"
+                      + (f", [red]{failed} failed[/]" if failed else "") + f" ({seconds:.1f} s)")
+        with path.open("a") as f:
+            for r in rows:
+                f.write(json.dumps(r, default=str) + "\n")
+    return on_case
+
+
 @app.command()
 def check(
     op: str = typer.Argument(..., help="operator, e.g. delta_rule (see `harness list`)"),
@@ -157,6 +181,7 @@ def check(
 
     results = []
     deadline = None if max_time is None else time.perf_counter() + max_time
+    on_case = _case_progress(out / f"{op}_cases.jsonl")
     if case is not None:
         try:
             replay = Case.from_json(case)
@@ -164,17 +189,18 @@ def check(
             _fail(f"--case: {exc}")
         if replay.op != op:
             _fail(f"--case is a case of {replay.op!r}, not {op!r}")
-        results.append(check_cases([replay], chosen, dtypes, device, "replay"))
+        results.append(check_cases([replay], chosen, dtypes, device, "replay", on_case=on_case))
     else:
         with console.status(f"checking {op} on {device}: {', '.join(i.name for i in chosen)}"):
             if "random" in families:
                 impls = chosen if names else [i for i in chosen if i.name != TRUTH["random"]]
                 results.append(check_random(op, impls, dtypes, device, examples, seed, profile,
-                                            deadline))
+                                            deadline, on_case))
             if "long" in families:
                 impls = chosen if names else [i for i in chosen if i.name != TRUTH["long"]]
                 lengths = tuple(int(t) for t in long_t.split(",") if t.strip()) or None
-                results.append(check_long(op, impls, dtypes, device, profile, lengths, deadline))
+                results.append(check_long(op, impls, dtypes, device, profile, lengths, deadline,
+                                          on_case))
 
     rows = [r for res in results for r in res.rows]
     df = frame(rows)

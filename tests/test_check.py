@@ -201,6 +201,39 @@ def test_long_family_writes_error_against_T(tmp_path):
     assert (tmp_path / "gla_long.png").stat().st_size > 1000
 
 
+def test_check_writes_each_case_as_it_ends(tmp_path, monkeypatch):
+    """A progress line per case and its rows in <op>_cases.jsonl as each case ends, so a check
+    killed from outside (a device call's time limit; here an interrupt in the second case)
+    keeps the cases it finished: the rows equal the table's for those cases."""
+    import json
+
+    import harness.check as check_mod
+
+    argv = ["check", "gla", "--family", "long", "--long-t", "64,128", "--device", "cpu",
+            "--out", str(tmp_path)]
+    result = runner.invoke(app, argv)
+    assert result.exit_code == 0, result.output
+    assert "case 1: " in result.output and "case 2: " in result.output
+    import pandas as pd
+
+    table = pd.read_csv(tmp_path / "gla.csv")
+    lines = [json.loads(x) for x in (tmp_path / "gla_cases.jsonl").read_text().splitlines()]
+    assert len(lines) == len(table) and {r["T"] for r in lines} == {64, 128}
+    assert sorted(r["error"] for r in lines) == pytest.approx(sorted(table["error"]))
+
+    evaluate = check_mod.evaluate
+    def killed_at_128(case, *args):
+        if case.dims["T"] == 128:
+            raise KeyboardInterrupt
+        return evaluate(case, *args)
+    monkeypatch.setattr(check_mod, "evaluate", killed_at_128)
+    runner.invoke(app, argv)
+    kept = [json.loads(x) for x in (tmp_path / "gla_cases.jsonl").read_text().splitlines()]
+    assert kept and {r["T"] for r in kept} == {64}
+    assert sorted(r["error"] for r in kept) == pytest.approx(
+        sorted(table[table["T"] == 64]["error"]))
+
+
 SEEN: list[int] = []
 
 

@@ -80,8 +80,10 @@ SAVE_STATES = True
 # results up to summation order. Its cost: the walk (one program per value tile and head,
 # chunks in order) gains Q S, Q K^T and tril(Q K^T) v' per chunk, Q K^T once per value tile.
 # H200 prediction at B=2 T=32K H=16 K=V=128 bf16: the output stage's 0.41 ms goes, the walk
-# (~0.57 ms) grows by what of the three products its dependent chain does not hide; not yet
-# timed (no GPU in session g), so off.
+# (~0.57 ms) grows by what of the three products its dependent chain does not hide. Timed
+# once, at T=8K with every kernel's first config (LINATTN_AUTOTUNE=0, session g, H200): fwd
+# 0.724 -> 0.693 ms, fwd+bwd 1.573 -> 1.558, inference peak 384 -> 256 MB; off until timed
+# tuned beside fla at 2K-32K (reports/NOTES.md).
 FUSED_OUTPUT = False
 
 

@@ -41,12 +41,16 @@ Arithmetic. G and U are float32, K, W, V in the inputs' dtype. For half-precisio
 the two float32 operands enter their products as MIXED_BY_DTYPE says (utils.dot_mixed): bf16
 rounds them (as the chunked forward walk does: "round"), fp16 keeps ~16 bits of them as
 hi + lo halves ("split"); M is rounded to the inputs' dtype for o += M U and G -= M W (as the
-chunked output stage rounds tril(Q K^T)). Emulated on the CPU (bf16, float64 truth, B=2
-H=4, reports/NOTES.md): o 3.6e-3 at T=1000 D=64 and 3.5e-3 at T=2048 D=128 ("round"), 2.5e-3
-and 2.3e-3 ("split"), where the chunked kernel's o is 4.0e-3 and the check's bf16 floor 3.9e-3.
-Until session g (2026-12-01) every product here was float32 in three TF32 passes (o 1.7e-3), which left
-the H200 at 14 TFLOP/s: 1107 ms at B=2 T=32K H=16 K=V=128 (reports/bench). Float32 inputs
-get exact ("ieee") products throughout. A is stored from the unrounded M (float32 products).
+chunked output stage rounds tril(Q K^T)). H200, bf16, against the float64 truth on the same
+rounded inputs (reports/delta_rule/h200_2026-12-01g/parallel.txt): o 4.4e-3 at B=2 T=1000
+H=4 D=64 and 4.3e-3 at T=2048 D=128 (the CPU emulation of these roundings said 3.6e-3 and
+3.5e-3), where the chunked kernel's o is 4.0e-3 and the check's bf16 floor alone 3.9e-3;
+fp16 4.4e-4; float32 6e-7. Until session g (2026-12-01) every product here was float32 in
+three TF32 passes and o went through global memory each step: o 1.7e-3 in bf16, but 10-12
+TFLOP/s. The same run, B=2 H=16 K=V=128 bf16, output only, the first config (8 warps, untuned): 0.462 ms at T=2048 (was 5.250),
+5.26 ms at 8K (was 71.98), 80.6 ms at 32K (was 1107, reports/bench), 115-164 TFLOP/s of the
+three products. Float32 inputs get exact ("ieee") products throughout. A is stored from the
+unrounded M (float32 products).
 
 Dtypes: o and A have the dtype of v (o accumulates in float32). K, V <= 256.
 """
