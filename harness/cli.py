@@ -103,11 +103,13 @@ def _split(values: list[str]) -> list[str]:
 
 def _case_progress(path: Path):
     """A line per evaluated case (its worst error as a share of its tolerance, its seconds) and
-    its rows appended to ``path`` as JSON lines, written as each case ends: a check killed from
-    outside (a device call's time limit) keeps every case it finished."""
-    import json
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("")
+    its rows appended to ``path`` as JSON lines, written as each case ends (flushed and synced,
+    as bench's rows are): a check killed from outside (a device call's time limit) keeps every
+    case it finished."""
+    from harness.sweep import RowWriter
+
+    path.unlink(missing_ok=True)
+    rows_out = RowWriter(path)
     count = 0
 
     def on_case(case, rows, seconds: float) -> None:
@@ -119,9 +121,8 @@ def _case_progress(path: Path):
         worst = f"worst {max(shares):.0%} of tolerance" if shares else "nothing compared"
         console.print(f"case {count}: {case.label()}: {worst}"
                       + (f", [red]{failed} failed[/]" if failed else "") + f" ({seconds:.1f} s)")
-        with path.open("a") as f:
-            for r in rows:
-                f.write(json.dumps(r, default=str) + "\n")
+        for r in rows:
+            rows_out.write(r)
     return on_case
 
 

@@ -242,7 +242,7 @@ def chunk_fwd_h_o(q, k, w, u, scale: float, initial_state, output_final_state: b
     returns (o [B, T, H, V] in k's dtype, final state or None, h or None, v_new or None).
     h and v' are stored only when ``keep_states`` (for the backward): inference writes neither,
     and nothing reads h back."""
-    B, T, H, K = k.shape
+    B, T, H, _ = k.shape
     o = k.new_empty(B, T, H, u.shape[-1])
     h, v_new, ht = _states(k, u, w, keep_states, output_final_state, cu_seqlens, N, NT)
     _launch_fwd_h(k, w, u, v_new, h, initial_state, ht, q, o, scale, cu_seqlens, chunk_offsets,
