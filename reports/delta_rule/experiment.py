@@ -13,7 +13,6 @@ kernels/ and references/ only, so it runs even while the harness is being change
 few implementations and one shape per call."""
 import json, os, sys, time
 import torch, triton
-import torch.nn.functional as F
 from triton.testing import do_bench
 from kernels.delta_rule.chunk import chunk_delta_rule
 from kernels.delta_rule.fused_recurrent import fused_recurrent_delta_rule
@@ -23,6 +22,9 @@ import fla.ops.delta_rule as fdr
 OUT = os.environ.get("OUT", "/tmp")
 import kernels.delta_rule.chunk as chunk_module
 import kernels.common.chunk_state as state_module
+sys.path.insert(0, os.path.dirname(__file__))
+import exp_inputs
+from exp_inputs import rel
 
 
 def chunk_variant(fused: bool, mixed: str | None, bwd: str | None = None, dk32: bool | None = None,
@@ -78,17 +80,7 @@ def sync():
 
 
 def inputs(B, T, H, D, seed=0, dev=DEV):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    q = torch.randn(B, T, H, D, generator=g, dtype=torch.float64)
-    k = F.normalize(torch.randn(B, T, H, D, generator=g, dtype=torch.float64), dim=-1)
-    v = torch.randn(B, T, H, D, generator=g, dtype=torch.float64)
-    beta = torch.sigmoid(torch.randn(B, T, H, generator=g, dtype=torch.float64))
-    h0 = torch.randn(B, H, D, D, generator=g, dtype=torch.float64)
-    return [x.to(dev) for x in (q, k, v, beta, h0)]
-
-def rel(x, r):
-    x, r = x.double().cpu(), r.double().cpu()
-    return ((x - r).norm() / r.norm()).item()
+    return exp_inputs.inputs(B, T, H, D, seed, dev)
 
 def grads(fn, xs, h0, dtype, do, dht):
     xs = [x.to(dtype).detach().requires_grad_() for x in xs]

@@ -12,12 +12,13 @@ K=V=128 bf16, output only; the old kernel only up to OLD_MAX_T, default 8192: 1.
 32K). Uses kernels/ and references/ only."""
 import os, sys
 import torch
-import torch.nn.functional as F
 from triton.testing import do_bench
 from kernels.delta_rule.parallel import parallel_delta_rule as new
 from references.delta_rule import chunk_delta_rule_ref
 sys.path.insert(0, os.path.dirname(__file__))
 from parallel_v1 import parallel_delta_rule as old
+import exp_inputs
+from exp_inputs import rel
 
 what = sys.argv[1].split(",")
 Ts = [int(t) for t in sys.argv[2].split(",")] if len(sys.argv) > 2 else [2048, 8192, 32768]
@@ -25,18 +26,8 @@ OLD_MAX_T = int(os.environ.get("OLD_MAX_T", "8192"))
 IMPLS = {"parallel": new, "parallel_v1": old}
 
 
-def inputs(B, T, H, D, seed=0):
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    q = torch.randn(B, T, H, D, generator=g, dtype=torch.float64)
-    k = F.normalize(torch.randn(B, T, H, D, generator=g, dtype=torch.float64), dim=-1)
-    v = torch.randn(B, T, H, D, generator=g, dtype=torch.float64)
-    beta = torch.sigmoid(torch.randn(B, T, H, generator=g, dtype=torch.float64))
-    return q, k, v, beta
-
-
-def rel(x, r):
-    x, r = x.double().cpu(), r.double().cpu()
-    return ((x - r).norm() / r.norm()).item()
+def inputs(B, T, H, D):
+    return exp_inputs.inputs(B, T, H, D)[:4]
 
 
 if "warm" in what:
