@@ -26,6 +26,24 @@ def l2norm(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x, p=2.0, dim=-1)
 
 
+def per_step(x: Mapping[str, torch.Tensor | None]) -> dict[str, tuple[torch.Tensor, ...] | None]:
+    """Each per-token tensor ``[T_n, ...]`` as its ``T_n`` steps, for a loop over time.
+
+    ``x[t]`` inside the loop is the same math, but under autograd every index's backward writes
+    a zero-filled gradient of the whole ``[T_n, ...]`` tensor, so the backward pass costs O(T^2)
+    (one unbind per tensor stacks the step gradients once, O(T)).
+    """
+    return {n: None if t is None else t.unbind(0) for n, t in x.items()}
+
+
+def per_chunk(x: Mapping[str, torch.Tensor | None], size: int) -> dict[str, tuple[torch.Tensor, ...] | None]:
+    """Each per-token tensor ``[T_n, ...]`` as its chunks of ``size`` tokens (the last may be
+    shorter); one split per tensor, for the reason given in ``per_step``: slicing ``x[i:i + C]``
+    in a loop made the float64 chunked delta rule's backward take 93 s at T = 65536 (2 cores).
+    An empty sequence has no chunks (``split`` alone would give one empty chunk)."""
+    return {n: None if t is None else t.split(size, 0) if len(t) else () for n, t in x.items()}
+
+
 def map_sequences(
     fn: SeqFn,
     B: int,

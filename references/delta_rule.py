@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from harness.operators import DELTA_RULE
-from references._common import l2norm, map_sequences, state_dtype
+from references._common import l2norm, map_sequences, per_chunk, per_step, state_dtype
 
 __all__ = ["naive_recurrent_delta_rule", "chunk_delta_rule_ref"]
 
@@ -63,7 +63,8 @@ def naive_recurrent_delta_rule(
     def one_sequence(x, st):
         S = torch.zeros(H, K, V, dtype=acc, device=v.device) if st["S"] is None else st["S"].to(acc)
         outs = []
-        for t in range(x["v"].shape[0]):
+        x = per_step(x)
+        for t in range(len(x["v"])):
             q_t, k_t, v_t = x["q"][t].to(acc), x["k"][t].to(acc), x["v"][t].to(acc)  # [H,K],[H,K],[H,V]
             b_t = x["beta"][t].to(acc)
             b_t = b_t[:, None] if b_t.dim() == 1 else b_t  # [H,1] or [H,V]
@@ -100,8 +101,9 @@ def chunk_delta_rule_ref(
     def one_sequence(x, st):
         S = torch.zeros(H, K, V, dtype=acc, device=v.device) if st["S"] is None else st["S"].to(acc)
         outs = []
-        for i in range(0, x["v"].shape[0], chunk_size):
-            Q, Kc, Vc, b = (x[n][i:i + chunk_size].to(acc).transpose(0, 1) for n in ("q", "k", "v", "beta"))
+        x = per_chunk(x, chunk_size)
+        for c in range(len(x["v"])):
+            Q, Kc, Vc, b = (x[n][c].to(acc).transpose(0, 1) for n in ("q", "k", "v", "beta"))
             C = Vc.shape[1]  # Q, Kc: [H,C,K]; Vc: [H,C,V]; b: [H,C] or [H,C,V]
             KK = Kc @ Kc.transpose(1, 2)  # [H,C,C]
             eye = torch.eye(C, dtype=acc, device=v.device)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from harness.operators import GLA
-from references._common import map_sequences, segsum, state_dtype
+from references._common import map_sequences, per_chunk, per_step, segsum, state_dtype
 
 __all__ = ["naive_recurrent_gla", "chunk_gla_ref"]
 
@@ -69,7 +69,8 @@ def naive_recurrent_gla(
     def one_sequence(x, st):
         S = torch.zeros(H, K, V, dtype=acc, device=v.device) if st["S"] is None else st["S"].to(acc)
         outs = []
-        for t in range(x["v"].shape[0]):
+        x = per_step(x)
+        for t in range(len(x["v"])):
             if x["gk"] is not None:
                 S = S * torch.exp(x["gk"][t].to(acc))[:, :, None]  # diag(exp(gk_t)) S
             if x["gv"] is not None:
@@ -109,10 +110,11 @@ def chunk_gla_ref(
     def one_sequence(x, st):
         S = torch.zeros(H, K, V, dtype=acc, device=v.device) if st["S"] is None else st["S"].to(acc)
         outs = []
-        for i in range(0, x["v"].shape[0], chunk_size):
-            Q, Kc, Vc = (x[n][i:i + chunk_size].to(acc).transpose(0, 1) for n in ("q", "k", "v"))
+        x = per_chunk(x, chunk_size)
+        for c in range(len(x["v"])):
+            Q, Kc, Vc = (x[n][c].to(acc).transpose(0, 1) for n in ("q", "k", "v"))
             C = Vc.shape[1]
-            ck, cv = (None if x[n] is None else x[n][i:i + chunk_size] for n in ("gk", "gv"))
+            ck, cv = (None if x[n] is None else x[n][c] for n in ("gk", "gv"))
             Dk = torch.exp(gates(ck, C, K))  # [H,K,C,C]: D_k[i, j]
             Dv = torch.exp(gates(cv, C, V))  # [H,V,C,C]
             # c_k[i] = exp(sum_{r <= i} gk_r): the segment sums from a virtual position -1

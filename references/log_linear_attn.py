@@ -46,7 +46,7 @@ from __future__ import annotations
 import torch
 
 from harness.operators import LOG_LINEAR
-from references._common import map_sequences, segsum, state_dtype
+from references._common import map_sequences, per_chunk, segsum, state_dtype
 
 __all__ = ["naive_log_linear_attn", "chunk_log_linear_attn_ref"]
 
@@ -138,10 +138,10 @@ def chunk_log_linear_attn_ref(
         n_tok = x["v"].shape[0]
         states: dict[int, torch.Tensor] = {}  # level l >= 1 -> S_l [H,K,V], decayed to the chunk start
         outs = []
+        x = per_chunk(x, chunk_size)
         for n, i in enumerate(range(0, n_tok, chunk_size)):
-            sl = slice(i, i + chunk_size)
-            Q, Kh = x["q"][sl].to(acc)[:, group], x["k"][sl].to(acc)[:, group]  # [C,H,K]
-            Vc, gc, ls = x["v"][sl].to(acc), x["g"][sl].to(acc), x["ls"][sl].to(acc)
+            Q, Kh = x["q"][n].to(acc)[:, group], x["k"][n].to(acc)[:, group]  # [C,H,K]
+            Vc, gc, ls = x["v"][n].to(acc), x["g"][n].to(acc), x["ls"][n].to(acc)
             o = _quadratic(Q, Kh, Vc, gc, ls, scale)  # the chunk's own tokens
             cum = torch.cumsum(gc, 0)  # [C,H]: G_t - G_{nC-1}, a sum of gates <= 0
             for l, S in states.items():  # earlier chunks at level c + l

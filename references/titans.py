@@ -47,7 +47,7 @@ from __future__ import annotations
 import torch
 
 from harness.operators import TITANS
-from references._common import map_sequences, segprod, state_dtype
+from references._common import map_sequences, per_chunk, per_step, segprod, state_dtype
 from references._layernorm import ln_recon_grad, ln_residual
 
 __all__ = ["naive_titans_linear", "chunk_titans_linear_ref"]
@@ -110,11 +110,12 @@ def naive_titans_linear(
 
     def one_sequence(x, st):
         M, S = _initial(st, H, D, acc, v.device)
-        q_, k_, v_, theta_, alpha_, eta_ = (x[n].to(acc) for n in _TOKENS)  # [T_n,H,D] / [T_n,H]
+        steps = per_step({n: x[n].to(acc) for n in _TOKENS})
+        q_, k_, v_, theta_, alpha_, eta_ = (steps[n] for n in _TOKENS)  # T_n x [H,D] / [H]
         outs = []
-        for start in range(0, v_.shape[0], chunk_size):
+        for start in range(0, len(v_), chunk_size):
             M_start = M  # M': the gradients of this mini-batch are taken here
-            for t in range(start, min(start + chunk_size, v_.shape[0])):
+            for t in range(start, min(start + chunk_size, len(v_))):
                 z_t = torch.einsum("hk,hkd->hd", k_[t], M_start)
                 g_t = ln_recon_grad(z_t, v_[t] - k_[t], w, b, eps)
                 grad_t = 2 * torch.einsum("hk,hd->hkd", k_[t], g_t)
@@ -156,10 +157,10 @@ def chunk_titans_linear_ref(
     def one_sequence(x, st):
         M, S = _initial(st, H, D, acc, v.device)
         outs = []
-        for start in range(0, x["v"].shape[0], chunk_size):
+        x = per_chunk(x, chunk_size)
+        for c in range(len(x["v"])):
             # Q, Kc, Vc: [H, C, D]; th, al, et: [H, C]
-            Q, Kc, Vc, th, al, et = (x[n][start:start + chunk_size].to(acc).transpose(0, 1)
-                                     for n in _TOKENS)
+            Q, Kc, Vc, th, al, et = (x[n][c].to(acc).transpose(0, 1) for n in _TOKENS)
             Kt = Kc.transpose(1, 2)
             G = 2 * ln_recon_grad(Kc @ M, Vc - Kc, w_, b_, eps)  # grad_j = k_j^T G_j, at M_0
             pad = torch.ones(H, 1, dtype=acc, device=v.device)  # position 0: the carried state

@@ -45,7 +45,7 @@ from __future__ import annotations
 import torch
 
 from harness.operators import TTT
-from references._common import map_sequences, state_dtype
+from references._common import map_sequences, per_chunk, per_step, state_dtype
 from references._layernorm import ln_recon_grad, ln_residual
 
 __all__ = ["naive_ttt_linear", "chunk_ttt_linear_ref"]
@@ -103,10 +103,11 @@ def naive_ttt_linear(
 
     def one_sequence(x, st):
         W, hb = _initial(st, H, D, acc, v.device)
-        q_, k_, v_, eta_ = (x[n].to(acc) for n in ("q", "k", "v", "eta"))  # [T_n,H,D], eta [T_n,H,1]
+        steps = per_step({n: x[n].to(acc) for n in ("q", "k", "v", "eta")})
+        q_, k_, v_, eta_ = (steps[n] for n in ("q", "k", "v", "eta"))  # T_n x [H,D], eta [H,1]
         outs = []
-        for start in range(0, v_.shape[0], chunk_size):
-            batch = range(start, min(start + chunk_size, v_.shape[0]))
+        for start in range(0, len(v_), chunk_size):
+            batch = range(start, min(start + chunk_size, len(v_)))
             # the gradients of the mini-batch, all at the weights W, hb held at its start
             g = {}
             for j in batch:
@@ -153,10 +154,10 @@ def chunk_ttt_linear_ref(
     def one_sequence(x, st):
         W, hb = _initial(st, H, D, acc, v.device)
         outs = []
-        for start in range(0, x["v"].shape[0], chunk_size):
+        x = per_chunk(x, chunk_size)
+        for c in range(len(x["v"])):
             # [H, C, D] each; e: [H, C, 1]
-            Q, Kc, Vc, e = (x[n][start:start + chunk_size].to(acc).transpose(0, 1)
-                            for n in ("q", "k", "v", "eta"))
+            Q, Kc, Vc, e = (x[n][c].to(acc).transpose(0, 1) for n in ("q", "k", "v", "eta"))
             C = Vc.shape[1]
             Z = Kc @ W + hb[:, None]  # Z = K W + 1 hb
             G = ln_recon_grad(Z, Vc - Kc, w_, b_, eps)  # [H, C, D]
