@@ -83,9 +83,10 @@ def store_rows(x, b_x, o_c, m_t, o_d, D: tl.constexpr, H: tl.constexpr):
 MIN_TILE = 32
 
 
-def tile(D: int, cap: int = 64) -> int:
-    """Tile width for a head dimension of size D: a power of two in [MIN_TILE, cap]."""
-    return min(cap, max(MIN_TILE, triton.next_power_of_2(D)))
+def tile(D: int, cap: int = 64, floor: int | None = None) -> int:
+    """Tile width for a head dimension of size D: a power of two in [floor, cap] (floor:
+    MIN_TILE unless given)."""
+    return min(cap, max(MIN_TILE if floor is None else floor, triton.next_power_of_2(D)))
 
 
 def chunk_layout(B: int, T: int, cu_seqlens: torch.Tensor | None, BT: int):
