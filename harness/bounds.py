@@ -2,14 +2,14 @@
 
 On a GPU, a load or store a little past the end of a tensor usually lands in the caching
 allocator's slack: it reads garbage or writes over a neighbour without a fault, and faults only
-when the layout of the allocations happens to put the address on an unmapped page (session h
-met one such read as an illegal memory access on the H200 that a replay of the same case did
-not reproduce). The interpreter reads and writes raw host memory, unchecked, in the same way.
-Within ``checked_bounds()``, every lane a load or store does not mask off must lie, whole,
-inside the storage of one of the tensors passed to the launch that issued it; otherwise
-``OutOfBounds`` names the kernel, the access and the first stray address.
+when the allocations happen to put the address on an unmapped page. The interpreter reads and
+writes raw host memory, unchecked, in the same way. Within ``checked_bounds()``, every lane a
+load, store or atomic add does not mask off must lie, whole, inside the storage of one of the
+tensors passed to the launch that issued it; otherwise ``OutOfBounds`` names the kernel, the
+access and the first stray address.
 
-Only the interpreter is checked (``TRITON_INTERPRET=1``); compiled kernels run as they are.
+Only the interpreter is checked (``TRITON_INTERPRET=1``); compiled kernels run as they are, and
+a miscompiled kernel (session h's chunk_fwd_o on the H200, suites/gpu.toml) is right here.
 """
 
 from __future__ import annotations
@@ -83,7 +83,8 @@ def checked_bounds(enabled: bool = True) -> Iterator[None]:
     launches: list[_Launch] = []
     Grid, Builder = interp.GridExecutor, interp.InterpreterBuilder
     saved = [(Grid, "__call__", Grid.__call__), (Builder, "create_masked_load", Builder.create_masked_load),
-             (Builder, "create_masked_store", Builder.create_masked_store)]
+             (Builder, "create_masked_store", Builder.create_masked_store),
+             (Builder, "create_atomic_rmw", Builder.create_atomic_rmw)]
 
     def itemsize(ptrs: Any) -> int:
         return np.dtype(interp._get_np_dtype(ptrs.get_element_ty())).itemsize
@@ -112,8 +113,15 @@ def checked_bounds(enabled: bool = True) -> Iterator[None]:
             launches[-1].check(ptrs.data, mask.data, itemsize(ptrs), "a store")
         return saved[2][2](self, ptrs, value, mask, *rest)
 
+    @functools.wraps(Builder.create_atomic_rmw)
+    def atomic(self, op, ptr, val, mask, *rest):
+        if launches:
+            launches[-1].check(ptr.data, mask.data, itemsize(ptr), "an atomic")
+        return saved[3][2](self, op, ptr, val, mask, *rest)
+
     try:
-        Grid.__call__, Builder.create_masked_load, Builder.create_masked_store = call, load, store
+        for (owner, name, _), fn in zip(saved, (call, load, store, atomic)):
+            setattr(owner, name, fn)
         yield
     finally:
         for owner, name, fn in saved:

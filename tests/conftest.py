@@ -17,7 +17,6 @@ def _deterministic():
     yield
 
 
-
 @pytest.fixture(autouse=True)
 def _bounds_checked():
     """Every interpreted load and store must stay inside its launch's tensors (harness.bounds):

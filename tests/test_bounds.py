@@ -47,12 +47,30 @@ def test_a_mask_combined_with_a_scalar_condition_masks():
     assert torch.equal(y, torch.zeros(10))
 
 
+@triton.jit
+def _add(y, n, BLOCK: tl.constexpr):
+    o = tl.arange(0, BLOCK)
+    tl.atomic_add(y + o, tl.full([BLOCK], 1., tl.float32), mask=o < n, sem="relaxed")
+
+
+def test_an_atomic_add_past_the_end_raises():
+    y = torch.zeros(10)
+    with checked_bounds():
+        _add[(1,)](y, 10, BLOCK=16)
+        with pytest.raises(OutOfBounds, match="_add: an atomic of 1 of 11 unmasked"):
+            _add[(1,)](y, 11, BLOCK=16)
+    assert torch.equal(y[:10], torch.ones(10))
+
+
 def test_the_interpreter_is_restored_on_exit():
     from triton.runtime import interpreter as interp
 
-    before = (interp.GridExecutor.__call__, interp.InterpreterBuilder.create_masked_load,
-              interp.InterpreterBuilder.create_masked_store)
+    def hooks():
+        B = interp.InterpreterBuilder
+        return (interp.GridExecutor.__call__, B.create_masked_load, B.create_masked_store,
+                B.create_atomic_rmw)
+
+    before = hooks()
     with checked_bounds():
-        assert interp.GridExecutor.__call__ is not before[0]
-    assert (interp.GridExecutor.__call__, interp.InterpreterBuilder.create_masked_load,
-            interp.InterpreterBuilder.create_masked_store) == before
+        assert all(now is not then for now, then in zip(hooks(), before))
+    assert hooks() == before
