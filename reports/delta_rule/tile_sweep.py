@@ -6,8 +6,9 @@ the float64 chunked reference: o, the final state and every gradient, plus chunk
     the head dim allows (chunk_output.OUTPUT_MIN_TILE = 32, the tiling Triton 3.6 miscompiled);
     every kernel's tiles at least 64 wide (utils.MIN_TILE = 64)
 
-Head dims map to tiles as utils.tile does (32 -> one 32-wide tile; 64 -> one 64-wide; 128 ->
-two; 256 -> four), so K, V in {32, 64, 128, 256} cover every tiling of the K and V loops.
+Head dims map to tiles as utils.tile does (32 -> one 32-wide tile, in the output stage one
+64-wide tile since session h; 64 -> one 64-wide; 128 -> two; 256 -> four), so K, V in
+{32, 64, 128, 256} cover every tiling of the K and V loops.
 Prints one line per (K, V): the worst relative error and where; bf16 rounding gives <= ~1e-2.
 """
 import os
