@@ -19,16 +19,6 @@ from kernels.common.utils import (CHUNK_CONFIGS, chunk_rows, dot_precision, load
 
 __all__ = ["chunk_fwd_o", "chunk_bwd_dv_local", "chunk_bwd_dqk"]
 
-# The narrowest K and V tile of these kernels. With 32-wide tiles Triton 3.6 miscompiled two of
-# them on the H200 in bf16 and fp16 (4 warps; float32 and the interpreter right): chunk_fwd_o
-# at K = 64 or 48 with V = 32 (o off by 0.63-0.73 relative; compute-sanitizer: an
-# out-of-bounds __shared__ read at the tril(QK^T) v' product) and the dq/dk kernel at K = 32
-# with V = 64 (dq 0.89, dk 2.2). With every tile here 64 wide (masked past the head dim) all of
-# K in {32, 64, 128, 256} x V = 32 came out right, forward and every gradient (session h,
-# reports/delta_rule/tile_sweep.py; K = 32 with V = 64 was not re-run with them: the session's
-# device time was spent); head dims of 64 and up keep the tiles they had.
-OUTPUT_MIN_TILE = 64
-
 
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
 @triton.autotune(configs=CHUNK_CONFIGS, key=['H', 'K', 'V', 'BT', 'IS_VARLEN'])
@@ -69,7 +59,7 @@ def chunk_fwd_o(q, k, v, h, scale: float, cu_seqlens, chunk_indices, NT: int, BT
     B, T, H, K = q.shape
     V = v.shape[-1]
     o = torch.empty(B, T, H, V, dtype=out_dtype or v.dtype, device=v.device)
-    BK, BV = tile(K, floor=OUTPUT_MIN_TILE), tile(V, floor=OUTPUT_MIN_TILE)
+    BK, BV = tile(K), tile(V)
     if NT:
         grid = (triton.cdiv(V, BV), NT, B * H)
         chunk_fwd_o_kernel[grid](q, k, v, h, o, cu_seqlens, chunk_indices, scale, T, H=H, K=K,
@@ -167,7 +157,7 @@ def chunk_bwd_dv_local(q, k, do, scale: float, cu_seqlens, chunk_indices, NT: in
     B, T, H, K = q.shape
     V = do.shape[-1]
     dv = torch.empty_like(do)
-    BK, BV = tile(K, floor=OUTPUT_MIN_TILE), tile(V, floor=OUTPUT_MIN_TILE)
+    BK, BV = tile(K), tile(V)
     if NT:
         chunk_bwd_dv_local_kernel[(NT, B * H)](q, k, do, dv, cu_seqlens, chunk_indices, scale, T,
                                                H=H, K=K, V=V, BT=BT, BK=BK, BV=BV,
@@ -185,7 +175,7 @@ def chunk_bwd_dqk(q, k, v, h, do, dh, dv, scale: float, cu_seqlens, chunk_indice
     dq = torch.empty(B, T, H, K, dtype=dq_dtype or q.dtype, device=q.device)
     dk = torch.empty(B, T, H, K, dtype=dk_dtype, device=q.device)
     dw = torch.empty_like(k) if with_w else None
-    BK, BV = tile(K, floor=OUTPUT_MIN_TILE), tile(V, floor=OUTPUT_MIN_TILE)
+    BK, BV = tile(K), tile(V)
     if NT:
         grid = (triton.cdiv(K, BK), NT, B * H)
         chunk_bwd_dqk_kernel[grid](q, k, v, h, do, dh, dv, dq, dk, dw, cu_seqlens, chunk_indices,

@@ -74,19 +74,24 @@ def store_rows(x, b_x, o_c, m_t, o_d, D: tl.constexpr, H: tl.constexpr):
              mask=m_t[:, None] & (o_d < D)[None, :])
 
 
-# The narrowest tile of a head dimension in the chunk kernels. On the H100 (Triton 3.6, 4 warps)
-# a 16-wide tile made the chunk backward's dq and dk wrong (relative error ~1, K = 16 with V >= 32,
-# bf16 and fp16; right with 8 warps and on the interpreter; reports/delta_rule/dqk_iso.py). There
-# the [64, 64] dS accumulator feeds the two 16-column products of dq and dk. 32-wide tiles
-# (masked past the head dimension) keep every product at 32 columns or more, at no cost that
-# matters (head dims under 32 are rare, and the tiles of larger ones are unchanged).
-MIN_TILE = 32
+# The narrowest tile of a head dimension in the chunk kernels: 64, masked past the head dim.
+# Narrower tiles met three Triton 3.6 miscompiles (bf16 and fp16 at 4 warps; float32 and the
+# interpreter right, so no CPU test can see them), each relative error ~1:
+#   - H100: the dq/dk kernel with 16-wide key tiles (K = 16, V >= 32; reports/delta_rule/dqk_iso.py)
+#   - H200: chunk_fwd_o with a 32-wide value tile under a 64-wide key tile (K = 64 or 48, V = 32;
+#     compute-sanitizer: an out-of-bounds __shared__ read), and the dq/dk kernel at K = 32, V = 64
+#   - H200: wy_bwd at K = 32, V = 64 (dk 1.9, dbeta 1.2; 8 warps did not help) and an illegal
+#     address in it at K = 16, V = 64 (reports/delta_rule/bwd_localize.py)
+# With every tile 64 wide all of K, V in {16, 32, 48, 64, 100, 128, 256} came out right on the
+# H200 (reports/delta_rule.md, session i). Head dims of 64 and up keep the tiles they had; under
+# 64 the kernels do up to 4x the (masked) work of a 16-wide tile, at no cost that matters.
+MIN_TILE = 64
 
 
-def tile(D: int, cap: int = 64, floor: int | None = None) -> int:
-    """Tile width for a head dimension of size D: a power of two in [floor, cap] (floor:
-    MIN_TILE unless given)."""
-    return min(cap, max(MIN_TILE if floor is None else floor, triton.next_power_of_2(D)))
+def tile(D: int, cap: int = 64) -> int:
+    """Tile width for a head dimension of size D: a power of two in [MIN_TILE, cap] (with the
+    default cap, 64 for every D: a head dim over 64 is walked in 64-wide blocks)."""
+    return min(cap, max(MIN_TILE, triton.next_power_of_2(D)))
 
 
 def chunk_layout(B: int, T: int, cu_seqlens: torch.Tensor | None, BT: int):

@@ -1,7 +1,8 @@
 """Which backward stage of chunk_delta_rule goes wrong at a head-dim pair.
 
     PYTHONPATH=$PWD LINATTN_AUTOTUNE=0 python3 reports/delta_rule/bwd_localize.py DTYPE K,V [K,V ...]
-    VARIANT=min64: every kernel's tiles at least 64 wide (utils.MIN_TILE = 64)
+    VARIANT=min32: every kernel's tiles 32 wide where the head dim allows (utils.MIN_TILE = 32,
+    the tiling before session i; its call B ran today's default as "min64")
     VARIANT=warps8:NAME[,NAME]: those kernels (chunk_output / wy / chunk_state module names of
     the @triton.jit functions, e.g. wy_bwd_kernel) with 8 warps instead of 4
 
@@ -25,8 +26,8 @@ from harness.cases import Case, sample
 from harness.check import cast_args, rel_error
 
 VARIANT = os.environ.get("VARIANT", "")
-if VARIANT == "min64":
-    ut.MIN_TILE = 64
+if VARIANT == "min32":
+    ut.MIN_TILE = 32
 elif VARIANT.startswith("warps8:"):
     for name in VARIANT.split(":", 1)[1].split(","):
         mod = next(m for m in (co, wy, cs) if hasattr(m, name))

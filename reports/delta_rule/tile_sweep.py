@@ -2,13 +2,12 @@
 the float64 chunked reference: o, the final state and every gradient, plus chunk_fwd_o alone.
 
     PYTHONPATH=$PWD python3 reports/delta_rule/tile_sweep.py DTYPE K,V [K,V ...]
-    VARIANT=warps8|out32|min64: chunk_fwd_o with 8 warps; the output stage's tiles 32 wide where
-    the head dim allows (chunk_output.OUTPUT_MIN_TILE = 32, the tiling Triton 3.6 miscompiled);
-    every kernel's tiles at least 64 wide (utils.MIN_TILE = 64)
+    VARIANT=warps8|min32: chunk_fwd_o with 8 warps; every kernel's tiles 32 wide where the head
+    dim allows (utils.MIN_TILE = 32, the tiling before session i, which Triton 3.6 miscompiled)
 
-Head dims map to tiles as utils.tile does (32 -> one 32-wide tile, in the output stage one
-64-wide tile since session h; 64 -> one 64-wide; 128 -> two; 256 -> four), so K, V in
-{32, 64, 128, 256} cover every tiling of the K and V loops.
+Head dims map to tiles as utils.tile does (up to 64 -> one 64-wide tile, masked; 128 -> two;
+256 -> four; under min32, 32 -> one 32-wide tile), so K, V in {32, 64, 128, 256} cover every
+tiling of the K and V loops.
 Prints one line per (K, V): the worst relative error and where; bf16 rounding gives <= ~1e-2.
 """
 import os
@@ -31,11 +30,9 @@ if VARIANT == "warps8":
     while not isinstance(kern, triton.runtime.autotuner.Autotuner):
         kern = kern.fn
     kern.configs = [triton.Config({}, num_warps=8)]
-elif VARIANT == "min64":
-    import kernels.common.utils as ut
-    ut.MIN_TILE = 64
-elif VARIANT == "out32":  # session h's call G ran this as the default (and "bv64" = today's)
-    co.OUTPUT_MIN_TILE = 32
+elif VARIANT == "min32":  # session h's call G ran this as its default; session i's call B
+    import kernels.common.utils as ut  # ran today's default as "min64"
+    ut.MIN_TILE = 32
 
 dtype = getattr(torch, sys.argv[1])
 dev = "cuda" if torch.cuda.is_available() else "cpu"
