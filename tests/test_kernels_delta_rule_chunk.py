@@ -254,6 +254,21 @@ def test_final_state_keeps_u_v_and_state_unrounded_in_half_precision():
     assert rel_error(got[1], ref[1]) < 3.6e-4
 
 
+@pytest.mark.parametrize("mixed, bound", [("tf32", 4e-4), ("round", 6e-4)])
+def test_forward_walk_modes_of_bfloat16(monkeypatch, mixed, bound):
+    # bfloat16's walk modes (chunk_state.fwd_mixed: "tf32" for heads of <= 64 keys, "round"
+    # above), forced in float16 (the interpreter has no bfloat16). The interpreter multiplies
+    # "tf32" operands in full float32 (TF32's rounding is the device's), so this checks the
+    # path, not its rounding: final state 3.1e-4 as with the split (test above); rounded to
+    # float16, 4.8e-4 (one float16 ulp is 4.9e-4); a wrong term would be ~1.
+    import kernels.common.chunk_state as cs
+
+    monkeypatch.setattr(cs, "FWD_MIXED", mixed)
+    q, k, v, beta = inputs(1, 128, 2, 32, 32, dtype=torch.float16)
+    got, ref = run_both(q, k, v, beta, torch.randn(1, 2, 32, 32))
+    assert rel_error(got[1], ref[1]) < bound, (mixed, rel_error(got[1], ref[1]))
+
+
 @pytest.mark.parametrize("grad, save", [(False, True), (True, True), (True, False)])
 def test_forward_frees_what_no_later_stage_reads(monkeypatch, grad, save):
     """Each intermediate lives only as long as a stage reads it: without gradients Ai is gone

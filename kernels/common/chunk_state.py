@@ -41,8 +41,23 @@ __all__ = ["chunk_fwd_h", "chunk_fwd_h_o", "chunk_bwd_dh"]
 # (o 3.97e-3 against 4.42e-3, final state 3.39e-3 against 4.03e-3, dq 4.30e-3 against
 # 4.72e-3). For float16 TF32 keeps no more bits than the inputs, so float16 splits. Set
 # FWD_MIXED to force one mode.
+#
+# Heads of up to FWD_TF32_MAX_K keys take "tf32" in bf16 too: there "round" left the final state
+# at 4.0-4.5e-3 (H200, 2026-12-02: 3.96e-3 at K=16, V=64, T=200, over the check's bf16 floor of
+# 3.91e-3), and the walk's products are one key block each (K = 128 has two), so the cost is a
+# smaller share (measured in reports/delta_rule.md, session i).
 FWD_MIXED_BY_DTYPE = {torch.bfloat16: "round", torch.float16: "split", torch.float32: "split"}
+FWD_TF32_MAX_K = 64
 FWD_MIXED = None
+
+
+def fwd_mixed(dtype: torch.dtype, K: int) -> str:
+    """The forward walk's mode for S and v' (FWD_MIXED if set)."""
+    if FWD_MIXED is not None:
+        return FWD_MIXED
+    if dtype == torch.bfloat16 and K <= FWD_TF32_MAX_K:
+        return "tf32"
+    return FWD_MIXED_BY_DTYPE[dtype]
 
 MAX_STATE_TILE = 8192  # floats of state per program (K * BV), 64 registers a thread at 4 warps
 
@@ -227,7 +242,7 @@ def chunk_fwd_h(k, w, u, initial_state, output_final_state: bool, cu_seqlens, ch
 
     h is kept in k's dtype (it feeds the output stage's matmuls); the final state in float32.
     ``mixed`` overrides how S and v' enter their products (utils.dot_mixed; default
-    FWD_MIXED, else FWD_MIXED_BY_DTYPE).
+    fwd_mixed(k.dtype, K)).
     """
     h, v_new, ht = _states(k, u, w, True, output_final_state, cu_seqlens, N, NT)
     _launch_fwd_h(k, w, u, v_new, h, initial_state, ht, None, None, 1.0, cu_seqlens,
@@ -267,7 +282,7 @@ def _launch_fwd_h(k, w, u, v_new, h, h0, ht, q, o, scale, cu_seqlens, chunk_offs
     grid = lambda meta: (triton.cdiv(V, meta['BV']), N * H)  # noqa: E731
     chunk_fwd_h_kernel[grid](k, w, u, v_new, h, h0, ht, q, o, cu_seqlens, chunk_offsets, scale, T,
                              H=H, K=K, V=V, BT=BT, BK=tile(K), PRECISION=dot_precision(k.dtype),
-                             MIXED=mixed or FWD_MIXED or FWD_MIXED_BY_DTYPE[k.dtype])
+                             MIXED=mixed or fwd_mixed(k.dtype, K))
 
 
 @triton.jit

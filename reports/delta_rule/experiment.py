@@ -3,7 +3,7 @@
     PYTHONPATH=/tmp/site:$PWD python3 reports/delta_rule/experiment.py WHAT IMPLS [T,...]
 
 WHAT: any of warm (compile only: run one process per implementation in parallel first), acc (bf16 errors vs the float64 recurrence, B=2 T=1000 H=4 D=64; ACC_DTYPES to
-add float32), bench (median ms and peak MB, B=2 H=16 D=128 bf16), prof (per-kernel time of
+add float32), bench (median ms and peak MB, B=2 H=16 D=128 bf16; D=BENCH_D), prof (per-kernel time of
 fwd+bwd at the last T), cfg (autotune choices). IMPLS: chunk, chunk_fused (FUSED_WY_FWD on),
 chunk[_fused]_{split,tf32,round} (chunk_state.FWD_MIXED), chunk_bwdfwd (chunk.BWD_RECOMPUTE =
 "forward"), chunk_dk32 (chunk.DK_PARTIAL_FLOAT32 = True), chunk_bwdfwd_dk32 (both: the defaults
@@ -132,7 +132,7 @@ if "acc" in what:
 
 rows = []
 if "bench" in what:
-    B, H, D = 2, 16, 128
+    B, H, D = 2, 16, int(os.environ.get("BENCH_D", "128"))
     for T in Ts:
         q, k, v, beta, _ = inputs(B, T, H, D)
         xs = [x.to(torch.bfloat16) for x in (q, k, v, beta)]
