@@ -83,8 +83,9 @@ def store_rows(x, b_x, o_c, m_t, o_d, D: tl.constexpr, H: tl.constexpr):
 #   - H200: wy_bwd at K = 32, V = 64 (dk 1.9, dbeta 1.2; 8 warps did not help) and an illegal
 #     address in it at K = 16, V = 64 (reports/delta_rule/bwd_localize.py)
 # With every tile 64 wide every tiling class came out right on the H200 (K, V in {16, 32, 64,
-# 128, 256} and three pairs with 48 and 100; reports/delta_rule.md, session i). Head dims of 64 and up keep the tiles they had; under
-# 64 the kernels do up to 4x the (masked) work of a 16-wide tile, at no cost that matters.
+# 128, 256} and three pairs with 48 and 100; reports/delta_rule.md, session i). Head dims of 64
+# and up keep the tiles they had; under 64 the kernels do up to 4x the (masked) work of a
+# 16-wide tile, at no cost that matters.
 MIN_TILE = 64
 
 
