@@ -43,9 +43,9 @@ __all__ = ["chunk_fwd_h", "chunk_fwd_h_o", "chunk_bwd_dh"]
 # FWD_MIXED to force one mode.
 #
 # Heads of up to FWD_TF32_MAX_K keys take "tf32" in bf16 too: there "round" left the final state
-# at 4.0-4.5e-3 (H200, 2026-12-02: 3.96e-3 at K=16, V=64, T=200, over the check's bf16 floor of
-# 3.91e-3), and the walk's products are one key block each (K = 128 has two), so the cost is a
-# smaller share (measured in reports/delta_rule.md, session i).
+# at 3.4-5.1e-3 (H200, 2026-12-02; 3.96e-3 on the gpu suite's k16-v64, over the check's bf16
+# floor of 3.91e-3); "tf32" gives 2.3-2.4e-3 at 3% of the forward (reports/delta_rule.md,
+# session i).
 FWD_MIXED_BY_DTYPE = {torch.bfloat16: "round", torch.float16: "split", torch.float32: "split"}
 FWD_TF32_MAX_K = 64
 FWD_MIXED = None

@@ -1,10 +1,7 @@
 """Which backward stage of chunk_delta_rule goes wrong at a head-dim pair.
 
     PYTHONPATH=$PWD LINATTN_AUTOTUNE=0 python3 reports/delta_rule/bwd_localize.py DTYPE K,V [K,V ...]
-    VARIANT=min32: every kernel's tiles 32 wide where the head dim allows (utils.MIN_TILE = 32,
-    the tiling before session i; its call B ran today's default as "min64")
-    VARIANT=warps8:NAME[,NAME]: those kernels (chunk_output / wy / chunk_state module names of
-    the @triton.jit functions, e.g. wy_bwd_kernel) with 8 warps instead of 4
+    VARIANT=min32 | warps8:NAME[,NAME]: see variants.py
 
 Runs the stages of the backward one by one in DTYPE (chunk_bwd_dv_local, chunk_bwd_dh,
 chunk_bwd_dqk, wy_bwd), each fed the previous stage's DTYPE outputs, and runs the same stage
@@ -16,25 +13,14 @@ import os
 import sys
 
 import torch
-import triton
 
 import kernels.common.chunk_output as co
 import kernels.common.chunk_state as cs
 import kernels.common.utils as ut
 import kernels.delta_rule.wy as wy
-from harness.cases import Case, sample
+from harness.cases import sample
 from harness.check import cast_args, rel_error
-
-VARIANT = os.environ.get("VARIANT", "")
-if VARIANT == "min32":
-    ut.MIN_TILE = 32
-elif VARIANT.startswith("warps8:"):
-    for name in VARIANT.split(":", 1)[1].split(","):
-        mod = next(m for m in (co, wy, cs) if hasattr(m, name))
-        kern = getattr(mod, name)
-        while not isinstance(kern, triton.runtime.autotuner.Autotuner):
-            kern = kern.fn
-        kern.configs = [triton.Config(dict(kern.configs[0].kwargs), num_warps=8)]
+from variants import VARIANT, sweep_case
 
 BT = 64
 dtype = getattr(torch, sys.argv[1])
@@ -53,8 +39,7 @@ def both(fn, *args, **kw):
 
 for kv in sys.argv[2:]:
     K, V = map(int, kv.split(","))
-    case = Case(op="delta_rule", dims=dict(B=1, T=T, H=2, K=K, V=V), initial_state=True,
-                output_final_state=True, seed=11)
+    case = sweep_case(K, V, T)
     a = cast_args(sample(case, dev), case, dtype, grad=False)
     q, k, v, beta, h0 = a["q"], a["k"], a["v"], a["beta"], a["initial_state"]
     scale = K ** -0.5

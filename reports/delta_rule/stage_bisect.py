@@ -29,15 +29,9 @@ BT = 64
 # WARPS=4 or 8: force num_warps of the per-chunk backward kernels (wy_bwd, dqk, dv_local);
 # unset: as the repo configures (LINATTN_AUTOTUNE=0 pins the first, 4 warps).
 if os.environ.get("WARPS"):
-    import triton
-    from kernels.delta_rule import wy as _wy
-    from kernels.common import chunk_output as _co
-    for _k in (_wy.wy_bwd_kernel, _wy.recompute_w_u_fwd_kernel, _co.chunk_bwd_dqk_kernel,
-               _co.chunk_bwd_dv_local_kernel):
-        while not isinstance(_k, triton.runtime.autotuner.Autotuner):
-            _k = _k.fn
-        _k.configs = [triton.Config({}, num_warps=int(os.environ["WARPS"]))]
-        _k.cache = {}
+    from variants import force_warps
+    force_warps(["wy_bwd_kernel", "recompute_w_u_fwd_kernel", "chunk_bwd_dqk_kernel",
+                 "chunk_bwd_dv_local_kernel"], int(os.environ["WARPS"]))
 CASES = {
     "tail200": Case(op="delta_rule", dims=dict(B=2, T=200, H=4, K=128, V=128), initial_state=True,
                     scale=0.3, seed=1103),

@@ -2,8 +2,7 @@
 the float64 chunked reference: o, the final state and every gradient, plus chunk_fwd_o alone.
 
     PYTHONPATH=$PWD python3 reports/delta_rule/tile_sweep.py DTYPE K,V [K,V ...]
-    VARIANT=warps8|min32: chunk_fwd_o with 8 warps; every kernel's tiles 32 wide where the head
-    dim allows (utils.MIN_TILE = 32, the tiling before session i, which Triton 3.6 miscompiled)
+    VARIANT=min32 | warps8:NAME[,NAME]: see variants.py
 
 Head dims map to tiles as utils.tile does (up to 64 -> one 64-wide tile, masked; 128 -> two;
 256 -> four; under min32, 32 -> one 32-wide tile), so K, V in {32, 64, 128, 256} cover every
@@ -22,25 +21,14 @@ from harness.registry import get
 from kernels.common.chunk_state import chunk_fwd_h
 from kernels.common.utils import chunk_layout
 from kernels.delta_rule.wy import wy_fwd
-
-VARIANT = os.environ.get("VARIANT", "")
-if VARIANT == "warps8":
-    import triton
-    kern = co.chunk_fwd_o_kernel
-    while not isinstance(kern, triton.runtime.autotuner.Autotuner):
-        kern = kern.fn
-    kern.configs = [triton.Config({}, num_warps=8)]
-elif VARIANT == "min32":  # session h's call G ran this as its default; session i's call B
-    import kernels.common.utils as ut  # ran today's default as "min64"
-    ut.MIN_TILE = 32
+from variants import VARIANT, sweep_case
 
 dtype = getattr(torch, sys.argv[1])
 dev = "cuda" if torch.cuda.is_available() else "cpu"
 T = int(os.environ.get("T", "200"))
 for kv in sys.argv[2:]:
     K, V = map(int, kv.split(","))
-    case = Case(op="delta_rule", dims=dict(B=1, T=T, H=2, K=K, V=V), initial_state=True,
-                output_final_state=True, seed=11)
+    case = sweep_case(K, V, T)
     a64 = sample(case, dev)
     truth = run(get("delta_rule", "chunk_ref").load(), a64, case, torch.float64, None)
     douts = {n: torch.randn_like(t) for n, t in truth.outputs.items() if t is not None}
