@@ -2,7 +2,8 @@
 
 A :class:`Case` is plain data (JSON round-trips it, so a failing case can be replayed from
 the command line). ``case_strategy`` draws cases for an operator; ``long_cases`` lists the
-long-sequence family; ``sample`` turns a case into float64 input tensors from the case's seed.
+long-sequence family and ``tiling_cases`` the head-dim tiling classes; ``sample`` turns a case
+into float64 input tensors from the case's seed and ``cast_args`` rounds them to a dtype.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from hypothesis import strategies as st
 
-from harness.operators import OPERATORS, levels_needed
-from harness.spec import Operator
+from references.operators import OPERATORS, levels_needed
+from references.spec import Operator
 
 # Sizes the random family draws from, per device profile. The CPU profile keeps kernels
 # cheap under the Triton interpreter (T <= 128, few programs); both include T = 1, lengths
@@ -125,30 +126,68 @@ def case_strategy(draw: Callable, op_name: str, profile: str = "cpu") -> Case:
     )
 
 
+def case_dims(op_name: str, B: int, T: int, H: int, K: int, V: int | None = None,
+              G: int | None = None) -> dict[str, int]:
+    """The sizes of a case of ``op_name``: K = V = D for the operators with one head dim, G q/k
+    groups (default H) and just enough levels L where the operator has them."""
+    op = OPERATORS[op_name]
+    dims: dict[str, int] = {"B": B, "T": T}
+    if "G" in op.dims:
+        dims["G"] = H if G is None else G
+    dims["H"] = H
+    if "D" in op.dims:
+        dims["D"] = K
+    else:
+        dims["K"], dims["V"] = K, K if V is None else V
+    if "L" in op.dims:
+        dims["L"] = levels_needed(T)
+    return dims
+
+
+def _fixed(op_name: str, dims: dict[str, int], seed: int, gate: float = 1.0) -> Case:
+    """A fixed case: the operator's first option values, initial and final state if it has them."""
+    op = OPERATORS[op_name]
+    options = {name: values[0] for name, values in op.options.items()}
+    return Case(op=op_name, dims=dims, initial_state=op.has_state,
+                output_final_state=op.has_state, gate=gate if op.gated else 1.0,
+                options=options, seed=seed)
+
+
 def long_cases(op_name: str, profile: str = "cpu", lengths: tuple[int, ...] | None = None) -> list[Case]:
     """The long-sequence family: one head pair, strong gates, an initial state, growing T."""
-    op = OPERATORS[op_name]
     head = LONG_HEAD[profile]
-    cases = []
-    for i, T in enumerate(lengths or LONG_T[profile]):
-        dims: dict[str, int] = {"B": 1, "T": T}
-        if "G" in op.dims:
-            dims["G"] = 1
-        dims["H"] = 2
-        if "D" in op.dims:
-            dims["D"] = head
-        else:
-            dims["K"] = dims["V"] = head
-        if "L" in op.dims:
-            dims["L"] = levels_needed(T)
-        options = {name: values[0] for name, values in op.options.items()}
-        cases.append(Case(op=op.name, dims=dims, initial_state=op.has_state,
-                          output_final_state=op.has_state,
-                          gate=STRONG_GATE if op.gated else 1.0, options=options, seed=1000 + i))
-    return cases
+    return [_fixed(op_name, case_dims(op_name, 1, T, 2, head, G=1), 1000 + i, STRONG_GATE)
+            for i, T in enumerate(lengths or LONG_T[profile])]
 
 
-# Value domains (OPERATORS.md): each draws float64 values of a shape from a generator.
+# The tiling family: one case per head-dim class the kernels tile differently (every pair of
+# the powers of two, and pairs that are not powers of two), with both states. Triton 3.6
+# miscompiled narrow tiles of the delta rule's kernels in bfloat16 and float16 on the GPU while
+# float32 and the interpreter were right (reports/delta_rule.md), so every kernel's classes are
+# checked on the GPU in both half dtypes: `harness check OP --family tiling --dtype
+# bfloat16,float16`. The CPU profile keeps the interpreter's run short.
+TILING_HEADS = {
+    "cpu": ((8, 16, 32), ((12, 8), (5, 16), (12, 5))),
+    "cuda": ((16, 32, 64, 128, 256), ((48, 32), (100, 32), (48, 100))),
+}
+TILING_T = {"cpu": 70, "cuda": 200}  # a full chunk of 64 and a tail (three tails on a GPU)
+
+
+def tiling_cases(op_name: str, profile: str = "cpu") -> list[Case]:
+    """The tiling family: (K, V) over every pair of TILING_HEADS, or D over each head size for
+    the operators with one head dim; B = 1, H = 2."""
+    op = OPERATORS[op_name]
+    powers, others = TILING_HEADS[profile]
+    if "D" in op.dims:
+        pairs = [(d, d) for d in powers] + [(k, k) for k, _ in others]
+    else:
+        pairs = [(k, v) for k in powers for v in powers] + list(others)
+    T = TILING_T[profile]
+    return [_fixed(op_name, case_dims(op_name, 1, T, 2, K, V, G=1), 2000 + i)
+            for i, (K, V) in enumerate(dict.fromkeys(pairs))]
+
+
+# Value domains (docs/operators.md): each draws float64 values of a shape from a generator.
 def _randn(shape, gen):
     return torch.randn(shape, generator=gen, dtype=torch.float64)
 
@@ -189,3 +228,17 @@ def sample(case: Case, device: str | torch.device = "cpu") -> dict[str, Any]:
         args["cu_seqlens"] = torch.tensor(offsets, dtype=torch.int64, device=device)
     args.update(case.kwargs())
     return args
+
+
+def cast_args(args: dict[str, Any], case: Case, dtype: torch.dtype, grad: bool) -> dict[str, Any]:
+    """The case's float64 arguments in ``dtype`` (states in float32 at least), as leaves."""
+    op = case.operator
+    out = dict(args)
+    for inp in op.inputs:
+        x = args.get(inp.name)
+        if x is None:
+            continue
+        target = torch.promote_types(dtype, torch.float32) if inp.state else dtype
+        x = x.detach().to(target)
+        out[inp.name] = x.requires_grad_(grad and inp.differentiable)
+    return out

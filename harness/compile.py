@@ -22,15 +22,16 @@ Nothing runs on a GPU, so a compiled kernel's *results* are not checked here (th
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 from unittest.mock import patch
 
 # Cases are the GPU suite's explicit cases of the operator, shrunk for the interpreter: head
@@ -85,8 +86,12 @@ def constexprs(fn) -> set[str]:
             if "constexpr" in str(p.annotation)}
 
 
-def _recorder(launches: dict[str, Launch]):
-    """Patch the interpreter so that every launch is recorded (and still run)."""
+def _recorder(launches: dict[str, Launch], execute: bool = False):
+    """Patch the interpreter so that every launch is recorded, and run only with ``execute``.
+    A launch's signature (argument dtypes, constexprs, options) is known before it runs and no
+    host code of the kernels reads a kernel's results to pick the next launch, so recording
+    without running sees the same launches in a fraction of the time (whether the kernels
+    compute the right numbers is the tests' and `harness check`'s business)."""
     from triton.runtime.interpreter import InterpretedFunction
 
     original = InterpretedFunction.run
@@ -99,7 +104,9 @@ def _recorder(launches: dict[str, Launch]):
                         {k: ["const", getattr(v, "value", v)] if k in constexprs(self) else _describe(v)
                          for k, v in named.items()}, options)
         launches.setdefault(launch.key(), launch)
-        return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+        if execute:
+            return original(self, *args, grid=grid, warmup=warmup, **kwargs)
+        return None
 
     InterpretedFunction.run = run
 
@@ -109,7 +116,7 @@ def record_cases(op_name: str, ids: list[str] | None = None):
     to RECORD_T tokens, B = 1, H = 2."""
     from dataclasses import replace
 
-    from harness.suites import load_suite
+    from harness.gate.suites import load_suite
 
     suite = load_suite("gpu")
     cases, seen = [], set()
@@ -135,7 +142,7 @@ def _run_once(impl, args, case, dtype) -> str | None:
     """One forward (and backward) of ``impl``; its error message or None."""
     import torch
 
-    from harness.check import run as run_impl
+    from harness.check.engine import run as run_impl
 
     douts = None
     if impl.backward:
@@ -146,9 +153,10 @@ def _run_once(impl, args, case, dtype) -> str | None:
     return run_impl(impl.load(), args, case, dtype, douts).error
 
 
-def record(op_name: str, impl_names: list[str] | None = None,
-           case_ids: list[str] | None = None) -> tuple[list[Launch], list[str]]:
-    """Run the operator's Triton implementations under the interpreter; (launches, errors)."""
+def record(op_name: str, impl_names: list[str] | None = None, case_ids: list[str] | None = None,
+           on_event: Callable[[dict], None] | None = None) -> tuple[list[Launch], list[str]]:
+    """Run the operator's Triton implementations under the interpreter; (launches, errors).
+    ``on_event`` hears of each implementation and switch recorded (launches so far, seconds)."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("record needs TRITON_INTERPRET=1 set before triton is imported")
     import torch
@@ -167,6 +175,7 @@ def record(op_name: str, impl_names: list[str] | None = None,
     if case_ids and len(cases) != len(set(case_ids)):
         raise ValueError(f"cases: the gpu suite has no {op_name} case named in {case_ids}")
     errors = []
+    start = time.perf_counter()
     for impl in impls:  # under its defaults, then under each of its switches (registry)
         for switches in ({},) + impl.switches:
             with ExitStack() as stack:
@@ -181,6 +190,10 @@ def record(op_name: str, impl_names: list[str] | None = None,
                         if error:
                             errors.append(f"{impl.name} {dtype} {switches.get('what', '')} "
                                           f"{case.to_json()}: {error}")
+            if on_event is not None:
+                on_event({"phase": "record", "impl": impl.name,
+                          "what": switches.get("what", "defaults"), "launches": len(launches),
+                          "seconds": round(time.perf_counter() - start, 1)})
     if not launches:
         raise ValueError(f"no kernel launch recorded for {op_name} on {len(cases)} case(s)")
     return list(launches.values()), errors
@@ -226,6 +239,32 @@ def variants(launch: Launch, half_as: tuple[str, ...] = ("bfloat16",), all_confi
             label = f"{launch.name}[{half or 'float32'}, config {n}, {options}] ({consts})"
             out.append((label, Launch(launch.module, launch.name, cargs, options)))
     return out
+
+
+def _size(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def code_path(launch: Launch) -> str:
+    """A launch without its sizes: the kernel, its pointer dtypes, its non-numeric constexprs
+    (flags, modes: what picks the statements the compiler types) and its launch options.
+    Launches on one path differ in head and tile sizes only."""
+    args = {k: a[:2] for k, a in launch.args.items()
+            if a[0] == "ptr" or (a[0] in ("const", "bool") and not _size(a[1]))}
+    return json.dumps([launch.module, launch.name, args, launch.options], sort_keys=True)
+
+
+def per_path(launches: list[Launch]) -> list[Launch]:
+    """One launch per code path: the one with the largest sizes (the most shared memory, the
+    limit a launch can break), in the order the paths first appear."""
+    best: dict[str, tuple[int, Launch]] = {}
+    for launch in launches:
+        size = math.prod(a[1] for a in launch.args.values()
+                         if a[0] == "const" and _size(a[1]) and a[1] > 0)
+        key = code_path(launch)
+        if key not in best or size > best[key][0]:
+            best[key] = (size, launch)
+    return [launch for _, launch in best.values()]
 
 
 # Shared memory a block may use (bytes): the opt-in maximum per compute capability.
@@ -287,29 +326,39 @@ def _build_one(item: tuple[str, dict, int]) -> tuple[str, str | None, float]:
     return label, compile_launch(Launch(**fields), arch), time.perf_counter() - start
 
 
-def build(launches: list[Launch], arch: int = 90, jobs: int = 1, all_configs: bool = False,
-          half_as: tuple[str, ...] = ("bfloat16",)):
-    """Compile every variant of every launch; yields (label, error or None, seconds)."""
+def build_items(launches: list[Launch], arch: int = 90, all_configs: bool = False,
+                half_as: tuple[str, ...] = ("bfloat16",)) -> list[tuple[str, dict, int]]:
+    """(label, launch fields, arch) of every variant of every launch to compile."""
     from dataclasses import asdict
 
+    return [(label, asdict(v), arch) for launch in launches
+            for label, v in variants(launch, half_as, all_configs)]
+
+
+def build(items: list[tuple[str, dict, int]], jobs: int = 1):
+    """Compile ``build_items``; yields (label, error or None, seconds) as each finishes."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("build needs a process without TRITON_INTERPRET=1")
-    items = [(label, asdict(v), arch) for launch in launches
-             for label, v in variants(launch, half_as, all_configs)]
     if jobs <= 1:
         yield from map(_build_one, items)
         return
     with ProcessPoolExecutor(max_workers=jobs) as pool:
-        yield from pool.map(_build_one, items)
+        for future in as_completed([pool.submit(_build_one, item) for item in items]):
+            yield future.result()
 
 
 # ------------------------------------------------------------------------- both, in processes
 def compile_op(op_name: str, impls: list[str] | None = None, arch: int = 90, jobs: int = 1,
                all_configs: bool = False, cases: list[str] | None = None,
-               workdir: Path | None = None,
-               half_as: tuple[str, ...] = ("bfloat16",)) -> dict[str, Any]:
+               workdir: Path | None = None, half_as: tuple[str, ...] = ("bfloat16",),
+               on_event: Callable[[dict], None] | None = None,
+               each_path: bool = False) -> dict[str, Any]:
     """Record (interpreter) and build (compiler) in two child processes, whatever this
-    process's TRITON_INTERPRET; returns {"launches", "compiled": [(label, error, s)], "errors"}."""
+    process's TRITON_INTERPRET; returns {"launches", "compiled": [(label, error, s)], "errors"}.
+    ``on_event`` hears each step as it happens (the children write one JSON line per event):
+    {"phase": "record", ...} per implementation and switch, {"phase": "build-start", "total",
+    "jobs"}, then {"phase": "build", "label", "error", "seconds"} per compile. ``each_path``
+    compiles one launch per code path (``per_path``) instead of every recorded launch."""
     import tempfile
 
     workdir = Path(workdir or tempfile.mkdtemp(prefix="linattn-compile-"))
@@ -319,12 +368,19 @@ def compile_op(op_name: str, impls: list[str] | None = None, arch: int = 90, job
     common = ["--op", op_name, "--arch", str(arch), "--jobs", str(jobs),
               "--impls", ",".join(impls or []), "--cases", ",".join(cases or [])]
     common += ["--half", ",".join(half_as)] + (["--all-configs"] if all_configs else [])
+    common += ["--each-path"] if each_path else []
     for phase, env, out in (("record", dict(base, TRITON_INTERPRET="1"), recorded),
                             ("build", base, built)):
-        proc = subprocess.run([sys.executable, "-m", "harness.compile", phase, str(workdir), *common],
-                              env=env, capture_output=True, text=True)
+        log = workdir / f"{phase}.log"
+        with open(log, "w") as err:
+            proc = subprocess.Popen([sys.executable, "-m", "harness.compile", phase, str(workdir),
+                                     *common], env=env, stdout=subprocess.PIPE, stderr=err, text=True)
+            for line in proc.stdout:
+                if on_event is not None and line.startswith("{"):
+                    on_event(json.loads(line))
+            proc.wait()
         if proc.returncode != 0 or not out.exists():
-            raise RuntimeError(f"harness.compile {phase} failed:\n{proc.stderr[-4000:]}")
+            raise RuntimeError(f"harness.compile {phase} failed:\n{log.read_text()[-4000:]}")
     data = json.loads(recorded.read_text())
     data["compiled"] = json.loads(built.read_text())
     return data
@@ -343,17 +399,31 @@ def _main(argv: list[str]) -> None:
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--all-configs", action="store_true")
     ap.add_argument("--half", default="bfloat16")
+    ap.add_argument("--each-path", action="store_true")
     a = ap.parse_args(argv)
+    events = os.fdopen(os.dup(1), "w", buffering=1)  # the parent reads events from stdout;
+    os.dup2(2, 1)  # whatever else is printed (by kernels, libraries) goes to the log
+
+    def emit(event: dict) -> None:
+        events.write(json.dumps(event) + "\n")
+
     names = [n for n in a.impls.split(",") if n]
     if a.phase == "record":
-        launches, errors = record(a.op, names, [c for c in a.cases.split(",") if c])
+        launches, errors = record(a.op, names, [c for c in a.cases.split(",") if c], emit)
         (a.workdir / "launches.json").write_text(json.dumps(
             {"launches": [vars(x) for x in launches], "errors": errors}))
-    else:
-        data = json.loads((a.workdir / "launches.json").read_text())
-        launches = [Launch(**x) for x in data["launches"]]
-        results = list(build(launches, a.arch, a.jobs, a.all_configs, tuple(a.half.split(","))))
-        (a.workdir / "compiled.json").write_text(json.dumps(results))
+        return
+    data = json.loads((a.workdir / "launches.json").read_text())
+    launches = [Launch(**x) for x in data["launches"]]
+    chosen = per_path(launches) if a.each_path else launches
+    items = build_items(chosen, a.arch, a.all_configs, tuple(a.half.split(",")))
+    emit({"phase": "build-start", "total": len(items), "jobs": a.jobs, "launches": len(launches),
+          "chosen": len(chosen)})
+    results = []
+    for label, error, seconds in build(items, a.jobs):
+        results.append((label, error, seconds))
+        emit({"phase": "build", "label": label, "error": error, "seconds": round(seconds, 2)})
+    (a.workdir / "compiled.json").write_text(json.dumps(results))
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from typing import Callable, Mapping
 import torch
 import torch.nn.functional as F
 
-from harness.spec import sequences
+from references.spec import sequences
 
 SeqFn = Callable[
     [dict[str, torch.Tensor | None], dict[str, torch.Tensor | None]],

@@ -1,4 +1,4 @@
-"""The LayerNorm pieces TTT-Linear and Titans share (OPERATORS.md sections 3 and 4), written once.
+"""The LayerNorm pieces TTT-Linear and Titans share (docs/operators.md sections 3 and 4), written once.
 
     LN(z) = (z - mean(z)) / sigma,   sigma = sqrt(var(z) + eps)      over the last axis, var biased
 

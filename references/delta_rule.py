@@ -1,4 +1,4 @@
-"""Delta rule (DeltaNet), OPERATORS.md section 1: the exact references.
+"""Delta rule (DeltaNet), docs/operators.md section 1: the exact references.
 
     v'_t = beta_t * (v_t - S_{t-1}^T k_t)
     S_t  = S_{t-1} + k_t v'_t^T
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from harness.operators import DELTA_RULE
+from references.operators import DELTA_RULE
 from references._common import l2norm, map_sequences, per_chunk, per_step, state_dtype
 
 __all__ = ["naive_recurrent_delta_rule", "chunk_delta_rule_ref"]

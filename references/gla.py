@@ -1,4 +1,4 @@
-"""Gated linear attention, OPERATORS.md section 2: the exact references.
+"""Gated linear attention, docs/operators.md section 2: the exact references.
 
     S_t = diag(exp(gk_t)) S_{t-1} diag(exp(gv_t)) + k_t v_t^T
     o_t = S_t^T (scale * q_t)
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from harness.operators import GLA
+from references.operators import GLA
 from references._common import map_sequences, per_chunk, per_step, segsum, state_dtype
 
 __all__ = ["naive_recurrent_gla", "chunk_gla_ref"]

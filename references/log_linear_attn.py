@@ -1,4 +1,4 @@
-"""Log-linear attention (Fenwick-tree hierarchy of states), OPERATORS.md section 5: the exact
+"""Log-linear attention (Fenwick-tree hierarchy of states), docs/operators.md section 5: the exact
 references.
 
     o_t = sum_{s <= t} level_scales[t, lvl(t, s)] * exp(G_t - G_s) * scale * <q_t, k_s> * v_s
@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import torch
 
-from harness.operators import LOG_LINEAR
+from references.operators import LOG_LINEAR
 from references._common import map_sequences, per_chunk, segsum, state_dtype
 
 __all__ = ["naive_log_linear_attn", "chunk_log_linear_attn_ref"]

@@ -1,4 +1,4 @@
-"""Titans (neural long-term memory, linear memory), OPERATORS.md section 4: the exact references.
+"""Titans (neural long-term memory, linear memory), docs/operators.md section 4: the exact references.
 
 The memory ``M: [D, D]`` of one (sequence, head) is trained at test time on
 ``l_t(M) = ||w * LN(k_t M) + b - (v_t - k_t)||^2`` with momentum S and forgetting; the gradient
@@ -36,7 +36,7 @@ at M_0: stacking rows ``Q~ = scale Q``, ``K``, and ``G`` (rows ``2 g_j``, so gra
     S <- E[C, 0] S_0 - K^T diag(E[C, 1:] * theta) G
 
 where ``A[1:, 0]`` and ``P[:, 0]`` scale the rows. (P[:, 1:] is lower triangular, so no mask
-is needed.) OPERATORS.md asks the chunked form to keep the gate products out of 0/0 and
+is needed.) docs/operators.md asks the chunked form to keep the gate products out of 0/0 and
 overflow ("log space"); ``segprod`` meets that by multiplying the factors themselves, never
 dividing cumulative products: products underflow to an exact 0, and a factor of exactly 0
 (alpha = 1 or eta = 0) keeps a finite, correct gradient where a log would give nan.
@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import torch
 
-from harness.operators import TITANS
+from references.operators import TITANS
 from references._common import map_sequences, per_chunk, per_step, segprod, state_dtype
 from references._layernorm import ln_recon_grad, ln_residual
 

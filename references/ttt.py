@@ -1,4 +1,4 @@
-"""TTT-Linear, OPERATORS.md section 3: the exact references.
+"""TTT-Linear, docs/operators.md section 3: the exact references.
 
 The inner model of one (sequence, head) is ``z = x W + hb`` (``W: [D, D]``, ``hb: [1, D]``),
 trained at test time on the reconstruction loss ``0.5 * ||w * LN(k W + hb) + b - (v - k)||^2``
@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import torch
 
-from harness.operators import TTT
+from references.operators import TTT
 from references._common import map_sequences, per_chunk, per_step, state_dtype
 from references._layernorm import ln_recon_grad, ln_residual
 

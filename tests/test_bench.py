@@ -16,10 +16,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from harness.bench_report import derive, frame, pivot, plot, write_report, write_tables
+from harness.bench.report import derive, frame, pivot, plot, write_report, write_tables
 from harness.cli import app
 from harness.registry import get, unregister
-from harness.sweep import read_rows
+from harness.bench.sweep import read_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -129,7 +129,7 @@ def test_exception_is_a_failed_row_and_resume_skips_done_rows(tmp_path, planted)
 
 # ---------------------------------------------------------------- prewarm
 def test_prewarm_jobs_take_each_implementation_and_mode_once_at_its_smallest_T():
-    from harness.prewarm import jobs
+    from harness.bench.prewarm import jobs
 
     def row(impl, T, mode="fwd", status=None):
         r = dict(op="delta_rule", impl=impl, dtype="float32", mode=mode, B=1, T=T, H=2, D=16)
@@ -427,7 +427,7 @@ def test_fla_chunk_gla_adapter_maps_gk_to_g(fake_fla):
 def test_fla_peers_decline_what_fla_cannot_do(op, name, case_changes, reason):
     from dataclasses import replace
 
-    from harness.bench import bench_case
+    from harness.bench.measure import bench_case
 
     case = bench_case(op, 1, 16, 2, 64)
     changes = dict(case_changes)

@@ -1,11 +1,11 @@
-"""harness.bounds: interpreted loads and stores outside the launch's tensors raise."""
+"""harness.check.bounds: interpreted loads and stores outside the launch's tensors raise."""
 
 import pytest
 import torch
 import triton
 import triton.language as tl
 
-from harness.bounds import OutOfBounds, checked_bounds
+from harness.check.bounds import OutOfBounds, checked_bounds
 
 
 @triton.jit

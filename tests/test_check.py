@@ -8,7 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 from harness.cases import Case, sample
-from harness.check import check_random, evaluate, rel_error
+from harness.check.engine import check_random, evaluate, rel_error
 from harness.cli import app
 from harness.registry import Implementation, get, register, unregister
 from references.gla import chunk_gla_ref
@@ -108,7 +108,7 @@ def test_exception_becomes_a_failed_row():
     (None, "cuda", "cpu"), ("auto", "cuda", "cpu"), ("auto", "cpu", "cpu"), ("cpu", "cuda", "cpu"),
     ("device", "cuda", "cuda"), ("device", "cpu", "cpu")])
 def test_reference_device(monkeypatch, env, device, expected):
-    from harness.check import REF_DEVICE_ENV, reference_device
+    from harness.check.engine import REF_DEVICE_ENV, reference_device
     if env is None:
         monkeypatch.delenv(REF_DEVICE_ENV, raising=False)
     else:
@@ -117,7 +117,7 @@ def test_reference_device(monkeypatch, env, device, expected):
 
 
 def test_unknown_reference_device_is_refused(monkeypatch):
-    from harness.check import REF_DEVICE_ENV, reference_device
+    from harness.check.engine import REF_DEVICE_ENV, reference_device
     monkeypatch.setenv(REF_DEVICE_ENV, "tpu")
     with pytest.raises(ValueError, match="LINATTN_REF_DEVICE: expected one of auto, cpu, device, got 'tpu'"):
         reference_device("cuda")
@@ -130,7 +130,7 @@ def test_references_on_another_device_give_the_same_rows(monkeypatch, planted):
     implementations' "cpu", which takes the two-device path): every row as on one device, and
     each side fed its own device's inputs (told apart by storage: float64 inputs are not
     copied on their way to a run)."""
-    import harness.check as check
+    import harness.check.engine as check
     case = Case(op="gla", dims=dict(B=1, T=9, H=1, K=4, V=4), initial_state=True, seed=5)
     impls = [get("gla", "chunk_ref"), planted]
     one = evaluate(case, impls, ["float64", "float32"], "cpu")
@@ -203,11 +203,11 @@ def test_long_family_writes_error_against_T(tmp_path):
 
 def test_check_writes_each_case_as_it_ends(tmp_path, monkeypatch):
     """A progress line per case and its rows in <op>_cases.jsonl as each case ends, so a check
-    killed from outside (a device call's time limit; here an interrupt in the second case)
+    killed from outside (a time limit; here an interrupt in the second case)
     keeps the cases it finished: the rows equal the table's for those cases."""
     import json
 
-    import harness.check as check_mod
+    import harness.check.engine as check_mod
 
     argv = ["check", "gla", "--family", "long", "--long-t", "64,128", "--device", "cpu",
             "--out", str(tmp_path)]
@@ -268,7 +268,7 @@ def test_device_fault_stops_at_the_case_that_faulted_without_shrinking():
 def test_long_family_runs_the_chunked_reference_alone_unless_the_step_loop_is_checked():
     # At 64K tokens the step loop took minutes per dtype on the host; the chunked reference
     # alone can only make the tolerance tighter (the worse of fewer references).
-    from harness.check import dtype_references
+    from harness.check.engine import dtype_references
 
     chunk, naive = get("delta_rule", "chunk"), get("delta_rule", "naive")
     assert dtype_references("random", [chunk]) == ["naive", "chunk_ref"]
@@ -285,7 +285,7 @@ def test_max_time_stops_drawing_and_says_so(tmp_path):
     assert result.exit_code == 0, result.output
     assert "stopped at --max-time 0 s: 0 cases ran" in result.output
     assert "(on the cases that ran)" in result.output
-    from harness.check import check_long
+    from harness.check.engine import check_long
     from harness.registry import get
     import time
 
@@ -299,7 +299,7 @@ def test_max_time_during_a_shrink_keeps_the_failure(monkeypatch):
     # again (not be rejected, which hypothesis reports as a flaky test and the table is lost).
     import time
 
-    import harness.check as check
+    import harness.check.engine as check
 
     def failing(case, *args):
         time.sleep(0.05)
@@ -309,3 +309,21 @@ def test_max_time_during_a_shrink_keeps_the_failure(monkeypatch):
     res = check.check_random("gla", [], ["float64"], "cpu", 5, 0, "cpu",
                              deadline=time.perf_counter() + 0.12)
     assert res.failure is not None and res.rows and not res.rows[0]["passed"]
+
+
+def test_check_takes_a_plugin_file(tmp_path):
+    """`--plugin FILE.py` registers implementations for this check, as for bench."""
+    plugin = tmp_path / "plugged.py"
+    plugin.write_text(
+        "from harness.registry import Implementation, register\n"
+        "def register_all():\n"
+        "    register(Implementation(op='delta_rule', name='plugged_ref', kind='reference',\n"
+        "                            target='references.delta_rule:chunk_delta_rule_ref'))\n")
+    result = runner.invoke(app, ["check", "delta_rule", "--impl", "plugged_ref", "--plugin",
+                                 str(plugin), "--examples", "2", "--family", "random",
+                                 "--dtype", "float64", "--device", "cpu", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "plugged_ref" in result.output and "all checks passed" in result.output
+    missing = runner.invoke(app, ["check", "delta_rule", "--plugin", str(tmp_path / "nope.py"),
+                                  "--device", "cpu"])
+    assert missing.exit_code == 2 and "--plugin" in missing.output

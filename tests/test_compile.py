@@ -1,39 +1,58 @@
-"""Our kernels compile for an H100 (sm_90), checked on the CPU: the interpreter runs a kernel's
-Python and cannot see what the compiler rejects. A helper that returned early from a constexpr
-``if`` ran on the interpreter and failed to compile on the GPU (the compiler also typed the
-statements after the return: tl.dot of float32 and bfloat16); every bfloat16 kernel is only
-ever compiled on the GPU otherwise."""
+"""Our kernels compile for an H100/H200 (sm_90), checked on the CPU: the interpreter runs a
+kernel's Python and cannot see what the compiler rejects. A helper that returned early from a
+constexpr ``if`` ran on the interpreter and failed to compile on the GPU (the compiler also
+typed the statements after the return: tl.dot of float32 and bfloat16); every bfloat16 kernel
+is only ever compiled on the GPU otherwise.
+
+Compiling takes minutes on 2 cores, so these tests are marked ``compile`` and left out of the
+plain ``pytest`` run: CI runs them as a step of their own (``pytest -m compile``; docs/testing.md
+has the budget). Each compiles one launch per code path (``harness.compile.per_path``) in
+bfloat16, the first tiling config."""
 
 import importlib.util
 
 import pytest
 
 from harness.compile import Launch, compile_op
+from harness.registry import implementations
+from references.operators import OPERATORS
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton.backends.nvidia") is None,
-                                reason="Triton's NVIDIA backend is not installed")
+needs_nvidia = pytest.mark.skipif(importlib.util.find_spec("triton.backends.nvidia") is None,
+                                  reason="Triton's NVIDIA backend is not installed")
 
-# The gpu suite's cases that between them take every code path of the three kernels: both
-# states, K != V and not powers of two, 16-wide heads, l2norm with per-channel beta, varlen
-# with empty and one-token sequences, one token, no states at K = V = 128, the largest head
-# (256: the most shared memory; each launch is checked against the H100's limit).
-CASES = ["basic", "kv-256", "kv-48x80", "l2norm-beta-v", "varlen-empty", "k16-tail-l2norm", "t1",
-         "stateless"]
-KERNELS = {
-    "wy_fwd_kernel", "kkt_fwd_kernel", "solve_tril_kernel", "recompute_w_u_fwd_kernel",
-    "chunk_fwd_h_kernel", "chunk_fwd_o_kernel", "chunk_bwd_dv_local_kernel", "chunk_bwd_dh_kernel",
-    "chunk_bwd_dqk_kernel", "wy_bwd_kernel", "l2norm_fwd_kernel", "l2norm_bwd_kernel",
-    "fused_recurrent_delta_rule_fwd_kernel", "fused_recurrent_delta_rule_bwd_dh_kernel",
-    "fused_recurrent_delta_rule_bwd_dqk_kernel", "parallel_delta_rule_fwd_kernel",
+# Per operator with Triton kernels: the gpu suite's cases that between them take every code path
+# of its kernels, and the kernels they must launch. The delta rule's: both states, K != V and
+# not powers of two, 16-wide heads, l2norm with per-channel beta, varlen with empty and
+# one-token sequences, one token, no states at K = V = 128, the largest head (256: the most
+# shared memory; each launch is checked against sm_90's limit).
+COVER = {
+    "delta_rule": (
+        ["basic", "kv-256", "kv-48x80", "l2norm-beta-v", "varlen-empty", "k16-tail-l2norm", "t1",
+         "stateless"],
+        {"wy_fwd_kernel", "kkt_fwd_kernel", "solve_tril_kernel", "recompute_w_u_fwd_kernel",
+         "chunk_fwd_h_kernel", "chunk_fwd_o_kernel", "chunk_bwd_dv_local_kernel",
+         "chunk_bwd_dh_kernel", "chunk_bwd_dqk_kernel", "wy_bwd_kernel", "l2norm_fwd_kernel",
+         "l2norm_bwd_kernel", "fused_recurrent_delta_rule_fwd_kernel",
+         "fused_recurrent_delta_rule_bwd_dh_kernel", "fused_recurrent_delta_rule_bwd_dqk_kernel",
+         "parallel_delta_rule_fwd_kernel"}),
 }
 
 
-def test_delta_rule_kernels_compile_for_sm90(tmp_path):
-    data = compile_op("delta_rule", arch=90, jobs=2, cases=CASES, workdir=tmp_path)
+def test_every_operator_with_kernels_lists_its_covering_cases():
+    with_kernels = {op for op in OPERATORS if any(i.kind == "triton" for i in implementations(op))}
+    assert with_kernels == set(COVER)
+
+
+@pytest.mark.compile
+@needs_nvidia
+@pytest.mark.parametrize("op", sorted(COVER))
+def test_kernels_compile_for_sm90(op, tmp_path):
+    cases, kernels = COVER[op]
+    data = compile_op(op, arch=90, jobs=2, cases=cases, workdir=tmp_path, each_path=True)
     assert data["errors"] == []
     names = {Launch(**x).name for x in data["launches"]}
-    # every kernel of the three implementations was launched, so was compiled
-    assert KERNELS - names == set()
+    # every kernel of the operator's implementations was launched, so was compiled
+    assert kernels - names == set()
     labels = [label for label, _, _ in data["compiled"]]
     assert any("[bfloat16," in label for label in labels) and any("[float32," in label for label in labels)
     failed = {label: err for label, err, _ in data["compiled"] if err is not None}

@@ -1,4 +1,4 @@
-"""Cost models (harness/costs.py): hand-computed numbers, agreement with the tensors a case
+"""Cost models (harness/bench/costs.py): hand-computed numbers, agreement with the tensors a case
 really holds, and how they grow with T."""
 
 from dataclasses import replace
@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from harness.bench import bench_case
+from harness.bench.measure import bench_case
 from harness.cases import sample
-from harness.costs import ITEMSIZE, MODELS, cost, popcount_sum
+from harness.bench.costs import ITEMSIZE, MODELS, cost, popcount_sum
 
 OPS = ("delta_rule", "gla", "ttt", "titans", "log_linear_attn")
 

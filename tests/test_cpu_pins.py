@@ -1,4 +1,4 @@
-"""The gate's CPU pins (harness/cpu_pins.py): set only where unset, and a process started with
+"""The gate's CPU pins (harness/gate/cpu_pins.py): set only where unset, and a process started with
 them loads torch's baseline kernels and a NumPy that imports (naming one of NumPy's baseline
 features in NPY_DISABLE_CPU_FEATURES makes it refuse to import)."""
 
@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from harness import cpu_pins
+from harness.gate import cpu_pins
 
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 

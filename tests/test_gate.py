@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from harness import gate
 from harness.cli import app
-from harness.operators import OPERATORS
-from harness.registry import KINDS, Implementation, register, unregister
-from harness.suites import SUITES_DIR, SuiteError, available_suites, load_suite
+from harness.gate import baseline, run
+from harness.gate.suites import SUITES_DIR, SuiteError, available_suites, load_suite
+from harness.implementation import KINDS
+from harness.registry import Implementation, register, unregister
+from references.operators import OPERATORS
 from references.delta_rule import chunk_delta_rule_ref
 from references.gla import chunk_gla_ref
 
@@ -82,13 +83,13 @@ def test_update_round_trips(tmp_path, planted):
     first = invoke(tmp_path, suite, "--update")
     assert first.exit_code == 0, first.output
     assert "created the tiny section" in first.output
-    baseline = tmp_path / "baselines" / "cpu-interpret.json"
-    text = baseline.read_text()
+    recorded = tmp_path / "baselines" / "cpu-interpret.json"
+    text = recorded.read_text()
     data = json.loads(text)
     section = data["suites"]["tiny"]
-    assert data["device_class"] == "cpu-interpret" and section["growth"] == gate.GROWTH
+    assert data["device_class"] == "cpu-interpret" and section["growth"] == baseline.GROWTH
     assert section["command"].startswith("harness gate --suite ") and "--update" in section["command"]
-    keys = [gate.entry_key(e) for e in section["entries"]]
+    keys = [run.entry_key(e) for e in section["entries"]]
     assert keys == sorted(keys) and len(keys) == len(set(keys))
     assert {e["impl"] for e in section["entries"]} == {"chunk_ref", "planted"}
     assert {e["case"] for e in section["entries"]} == {"a", "varlen"}
@@ -100,7 +101,7 @@ def test_update_round_trips(tmp_path, planted):
 
     second = invoke(tmp_path, suite, "--update")
     assert second.exit_code == 0 and "baseline unchanged" in second.output, second.output
-    assert baseline.read_text() == text  # stable byte for byte
+    assert recorded.read_text() == text  # stable byte for byte
 
 
 def test_planted_regression_fails_and_names_the_row(tmp_path, planted):
@@ -226,11 +227,11 @@ def test_baseline_of_another_device_class_is_refused(tmp_path, planted):
 def test_device_class(monkeypatch):
     import torch
 
-    assert gate.device_class("cpu") == "cpu-interpret"
+    assert baseline.device_class("cpu") == "cpu-interpret"
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
-    assert gate.device_class("cuda") == "cuda-sm90"
-    with pytest.raises(gate.GateError, match="--device-class"):
-        gate.check_device_class("CUDA SM90")
+    assert baseline.device_class("cuda") == "cuda-sm90"
+    with pytest.raises(baseline.GateError, match="--device-class"):
+        baseline.check_device_class("CUDA SM90")
 
 
 BAD = [
@@ -283,7 +284,7 @@ def test_speed_baselines_cannot_be_gated(tmp_path):
         with pytest.raises(SuiteError, match="planted_sdpa is a baseline: it computes other math"):
             load_suite(write_suite(tmp_path, text))
         suite = load_suite(write_suite(tmp_path, TINY.replace('["chunk_ref", "planted"]', '"*"')))
-        impls, _ = gate.chosen_impls(suite.cases[0], "cpu")
+        impls, _ = run.chosen_impls(suite.cases[0], "cpu")
         assert "planted_sdpa" not in {i.name for i in impls} and "chunk_ref" in {i.name for i in impls}
     finally:
         unregister("delta_rule", "planted_sdpa")
@@ -322,7 +323,7 @@ def test_every_suite_loads_and_builds_its_cases(name):
 def test_committed_cpu_baseline_matches_the_ci_suite():
     """Editing suites/ci.toml without rerunning --update fails here, before CI's gate does."""
     suite = load_suite("ci")
-    data = gate.read_baselines(SUITES_DIR / "baselines" / "cpu-interpret.json", "cpu-interpret")
+    data = baseline.read_baselines(SUITES_DIR / "baselines" / "cpu-interpret.json", "cpu-interpret")
     section = data["suites"]["ci"]
     assert section["cases"] == {f"{c.op}/{c.id}": json.loads(c.case.to_json()) for c in suite.cases}
     assert section["command"] == "harness gate --suite ci --update"
@@ -331,7 +332,7 @@ def test_committed_cpu_baseline_matches_the_ci_suite():
 def test_parallel_jobs_give_the_same_entries_as_one_process(tmp_path):
     # Worker processes (spawned) load the suite and the built-in registry themselves; their
     # entries must be those of the one-process run, value for value, in the same case order.
-    # Both with the CPU's math pinned (harness/cpu_pins.py): the one-process run is a fresh
+    # Both with the CPU's math pinned (harness/gate/cpu_pins.py): the one-process run is a fresh
     # `harness gate` (pinned before it loads torch; this test's own process loaded it unpinned).
     suite_path = write_suite(tmp_path, TINY.replace('"planted"', '"naive"'))
     env = {k: v for k, v in os.environ.items()
@@ -344,9 +345,9 @@ def test_parallel_jobs_give_the_same_entries_as_one_process(tmp_path):
     assert "not pinned" not in done.stdout
     section = json.loads((tmp_path / "one" / "cpu-interpret.json").read_text())["suites"]["tiny"]
     assert "ATEN_CPU_CAPABILITY=default" in section["environment"]["cpu_pins"]
-    one = {gate.entry_key(e): e for e in section["entries"]}
+    one = {run.entry_key(e): e for e in section["entries"]}
     suite = load_suite(suite_path)
-    two = gate.run_suite(suite, "cpu", jobs=2)
+    two = run.run_suite(suite, "cpu", jobs=2)
     assert one and two.entries == one
     assert list(two.cases) == sorted(section["cases"]) and two.failures == {}
     assert set(two.seconds) == {"delta_rule"}
@@ -357,9 +358,9 @@ def test_workers_take_the_largest_case_first():
     # was otherwise done: the largest case must be the first one handed to a worker.
     cases = [c for c in load_suite("gpu").cases if c.op == "delta_rule"]
     assert cases[-1].id == "long-T16384" and cases[0].id == "basic"
-    order = sorted(cases, key=lambda c: -gate.case_size(c))
+    order = sorted(cases, key=lambda c: -run.case_size(c))
     assert order[0].id == "stateless" and order[1].id in ("basic", "long-T16384")
-    assert [gate.case_size(c) for c in order] == sorted(map(gate.case_size, cases), reverse=True)
+    assert [run.case_size(c) for c in order] == sorted(map(run.case_size, cases), reverse=True)
 
 
 TWO_OPS = TINY + """

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.check import rel_error
+from harness.check.engine import rel_error
 from kernels.delta_rule import chunk_delta_rule
 from references.delta_rule import naive_recurrent_delta_rule
 

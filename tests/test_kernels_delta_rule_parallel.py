@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.poison import poison_allocations
+from harness.check.poison import poison_allocations
 from kernels.delta_rule.parallel import parallel_delta_rule
 from references.delta_rule import naive_recurrent_delta_rule
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 import kernels.common.l2norm as l2norm_mod
 import kernels.delta_rule.fused_recurrent as fr
-from harness.poison import poison_allocations
+from harness.check.poison import poison_allocations
 from kernels.common.l2norm import l2norm_bwd, l2norm_fwd
 from kernels.delta_rule import fused_recurrent_delta_rule
 from references.delta_rule import naive_recurrent_delta_rule

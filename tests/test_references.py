@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.check import check_random, rel_error
-from harness.operators import OPERATORS
+from harness.check.engine import check_random, rel_error
+from references.operators import OPERATORS
 from harness.registry import get
 from references.delta_rule import chunk_delta_rule_ref, naive_recurrent_delta_rule
 from references.gla import chunk_gla_ref, naive_recurrent_gla

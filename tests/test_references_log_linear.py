@@ -1,4 +1,4 @@
-"""The log-linear attention references (OPERATORS.md section 5), in float64 on CPU.
+"""The log-linear attention references (docs/operators.md section 5), in float64 on CPU.
 
 The chunked Fenwick form must agree with the definition (outputs and the gradients of every
 input); the definition is checked against hand-written sums: plain decayed linear attention
@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.operators import levels_needed
+from references.operators import levels_needed
 from references.log_linear_attn import chunk_log_linear_attn_ref, naive_log_linear_attn
 
 F64 = torch.float64

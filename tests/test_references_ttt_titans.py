@@ -1,4 +1,4 @@
-"""The TTT-Linear and Titans references (OPERATORS.md sections 3 and 4), in float64 on CPU.
+"""The TTT-Linear and Titans references (docs/operators.md sections 3 and 4), in float64 on CPU.
 
 The matrix (chunk / dual) forms must agree with the token-by-token forms, outputs, final
 states and gradients of every input; the token-by-token forms are checked against closed forms

@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from harness.cli import app
-from harness.operators import OPERATORS
+from references.operators import OPERATORS
 from harness.registry import Implementation, get, implementations, register
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,7 +4,7 @@ from every implementation (the references here; kernels share the same Operator.
 import pytest
 import torch
 
-from harness.operators import DELTA_RULE, GLA, LOG_LINEAR, TITANS, TTT
+from references.operators import DELTA_RULE, GLA, LOG_LINEAR, TITANS, TTT
 from references.delta_rule import chunk_delta_rule_ref, naive_recurrent_delta_rule
 from references.gla import naive_recurrent_gla
 
@@ -112,3 +112,25 @@ def test_required_inputs_and_tensor_types():
         DELTA_RULE.validate({**delta_args(), "beta": None})
     with pytest.raises(TypeError, match="'q' must be a torch.Tensor, got list"):
         GLA.validate({"q": [1.0], "k": torch.randn(1), "v": torch.randn(1)})
+
+
+@pytest.mark.parametrize("function", ["chunk_delta_rule", "fused_recurrent_delta_rule",
+                                      "parallel_delta_rule"])
+def test_a_kernel_on_cpu_tensors_without_the_interpreter_says_what_to_do(function):
+    """Without TRITON_INTERPRET=1 at import, Triton would fail deep in the launch with "0 active
+    drivers ([]). There should only be one."; each kernel raises first, saying what to do. A
+    fresh process: this one runs the interpreter."""
+    import os
+    import subprocess
+    import sys
+
+    code = (f"import torch\nfrom kernels.delta_rule import {function}\n"
+            f"q = torch.randn(1, 4, 1, 8)\n"
+            f"try:\n    {function}(q, q, q, torch.rand(1, 4, 1))\n"
+            f"except ValueError as exc:\n    print('ValueError:', exc)\n")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"ValueError: {function}: the inputs are on the CPU" in done.stdout
+    assert "TRITON_INTERPRET=1" in done.stdout and "CUDA" in done.stdout

@@ -1,7 +1,7 @@
 """Chunked output assembly and its backward: each chunk reads the state entering it and its own tokens.
 
 For a chunk with entering state h[n] and values v' (for the delta rule, the v'_t of
-OPERATORS.md section 1; for plain linear attention, v):
+docs/operators.md section 1; for plain linear attention, v):
 
     O = (scale Q) h[n] + tril((scale Q) K^T) v'
 

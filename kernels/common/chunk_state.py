@@ -4,7 +4,7 @@ One program per (value tile, sequence, head) walks the chunks of its sequence in
 the state S [K, BV] in float32 registers, as up to four [BK, BV] blocks of K rows (BK <= 64;
 K <= 256): blocks keep each product's operands small, so nothing spills to local memory
 (ptxas, K = V = 128, BV = 32: no stack, where one [128, 32] block had 360 bytes). For the delta
-rule (OPERATORS.md section 1), with the WY transform's w, u of each chunk (delta_rule/wy.py):
+rule (docs/operators.md section 1), with the WY transform's w, u of each chunk (delta_rule/wy.py):
 
     h[n]  = S                       # the state entering chunk n (stored for the output stage)
     v'    = u - w S                 # the chunk's v'_t, stacked            [BT, BV]
@@ -16,7 +16,8 @@ error in half precision is what enters v' and S rounded: u comes in float32 (rou
 alone costs ~2e-3, one bf16 ulp), and S and v' enter their products per FWD_MIXED_BY_DTYPE:
 with hi + lo halves for fp16, rounded for bf16 (TF32 or halves keep the bf16 final state at
 2.2-2.3e-3 instead of 3.4e-3, but cost the H200 0.28 ms of a 2 ms forward at 32K); w stays in
-the inputs' dtype (~1e-3). reports/NOTES.md has the emulation and the timings of each mode.
+the inputs' dtype (~1e-3). reports/delta_rule.md (kernel switches, FWD_MIXED_BY_DTYPE) has the
+emulation and the timings of each mode.
 """
 
 from __future__ import annotations
@@ -33,9 +34,9 @@ __all__ = ["chunk_fwd_h", "chunk_fwd_h_o", "chunk_bwd_dh"]
 # How S and v' (float32) enter their products with w and K (half precision) in the forward
 # walk (utils.dot_mixed), per input dtype. The walk is latency-bound (about one program per SM,
 # chunks in order), so every product in its chain costs time. On the H100 (B=2 T=32K H=16
-# K=V=128 bf16, reports/NOTES.md): "split" costs ~0.2 ms a forward over "round" and keeps the
-# final state at 2.2e-3; "tf32" is 0.1 ms over "round" at 2.3e-3; "round" gives 3.4e-3 (fla:
-# 4.0e-3, our check's floor 3.9e-3). On the H200 (2026-12-01, one run beside fla-core 0.6.0)
+# K=V=128 bf16, reports/delta_rule.md, FWD_MIXED_BY_DTYPE): "split" costs ~0.2 ms a forward
+# over "round" and keeps the final state at 2.2e-3; "tf32" is 0.1 ms over "round" at 2.3e-3;
+# "round" gives 3.4e-3 (fla: 4.0e-3, our check's floor 3.9e-3). On the H200 (2026-12-01, one run beside fla-core 0.6.0)
 # "tf32" cost 0.28 ms a forward at 32K and left it slower than fla's (2.225 against 2.097 ms;
 # "round" 1.941), so bf16 rounds: every bf16 error of B=2 T=1000 H=4 D=64 stays under fla's
 # (o 3.97e-3 against 4.42e-3, final state 3.39e-3 against 4.03e-3, dq 4.30e-3 against
@@ -45,7 +46,7 @@ __all__ = ["chunk_fwd_h", "chunk_fwd_h_o", "chunk_bwd_dh"]
 # Heads of up to FWD_TF32_MAX_K keys take "tf32" in bf16 too: there "round" left the final state
 # at 3.4-5.1e-3 (H200, 2026-12-02; 3.96e-3 on the gpu suite's k16-v64, over the check's bf16
 # floor of 3.91e-3); "tf32" gives 2.3-2.4e-3 at 3% of the forward (reports/delta_rule.md,
-# session i).
+# kernel switches).
 FWD_MIXED_BY_DTYPE = {torch.bfloat16: "round", torch.float16: "split", torch.float32: "split"}
 FWD_TF32_MAX_K = 64
 FWD_MIXED = None

@@ -1,5 +1,5 @@
 """The triangular solve of the chunked forms: Ai = (I + A)^{-1} for each chunk's strictly
-lower-triangular A [BT, BT] (the WY / UT transform of OPERATORS.md section 1).
+lower-triangular A [BT, BT] (the WY / UT transform of docs/operators.md section 1).
 
 Blockwise, in BC x BC blocks (BC = 16), by block forward substitution on (I + A) X = I:
 

@@ -77,14 +77,15 @@ def store_rows(x, b_x, o_c, m_t, o_d, D: tl.constexpr, H: tl.constexpr):
 # The narrowest tile of a head dimension in the chunk kernels: 64, masked past the head dim.
 # Narrower tiles met three Triton 3.6 miscompiles (bf16 and fp16 at 4 warps; float32 and the
 # interpreter right, so no CPU test can see them), each relative error ~1:
-#   - H100: the dq/dk kernel with 16-wide key tiles (K = 16, V >= 32; reports/delta_rule/dqk_iso.py)
+#   - H100: the dq/dk kernel with 16-wide key tiles (K = 16, V >= 32)
 #   - H200: chunk_fwd_o with a 32-wide value tile under a 64-wide key tile (K = 64 or 48, V = 32;
 #     compute-sanitizer: an out-of-bounds __shared__ read), and the dq/dk kernel at K = 32, V = 64
 #   - H200: wy_bwd at K = 32, V = 64 (dk 1.9, dbeta 1.2; 8 warps did not help) and an illegal
-#     address in it at K = 16, V = 64 (reports/delta_rule/bwd_localize.py)
+#     address in it at K = 16, V = 64
 # With every tile 64 wide every tiling class came out right on the H200 (K, V in {16, 32, 64,
-# 128, 256} and three pairs with 48 and 100; reports/delta_rule.md, session i). Head dims of 64
-# and up keep the tiles they had; under 64 the kernels do up to 4x the (masked) work of a
+# 128, 256} and three pairs with 48 and 100, 2026-12-02; reports/delta_rule.md, Triton
+# miscompiles; rerun with `harness check delta_rule --family tiling --dtype bfloat16,float16`).
+# Head dims of 64 and up keep the tiles they had; under 64 the kernels do up to 4x the (masked) work of a
 # 16-wide tile, at no cost that matters.
 MIN_TILE = 64
 
@@ -128,6 +129,30 @@ def dot_precision(dtype: torch.dtype) -> str:
 
 def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# Whether this module's kernels (and the kernels of every module imported with it) were built
+# for Triton's interpreter: triton.jit reads TRITON_INTERPRET when it decorates a kernel.
+INTERPRETED = interpreted()
+
+
+def check_launchable(name: str, x: torch.Tensor) -> None:
+    """A clear error before any launch when ``x``'s device cannot run the kernels: CPU tensors
+    need Triton's interpreter switched on before the kernels were imported (else Triton fails
+    deep in the launch with "0 active drivers"); anything else needs CUDA."""
+    if x.device.type == "cuda":
+        return
+    if x.device.type == "cpu":
+        if INTERPRETED:
+            return
+        raise ValueError(
+            f"{name}: the inputs are on the CPU, where Triton kernels run only through Triton's "
+            f"interpreter, which was off when the kernels were imported: set TRITON_INTERPRET=1 "
+            f"in the environment before the first import of triton or kernels (e.g. "
+            f"`TRITON_INTERPRET=1 python ...`; slow: for checking, not for speed), or move the "
+            f"inputs to a CUDA device")
+    raise ValueError(f"{name}: the inputs are on {x.device}; the Triton kernels run on CUDA "
+                     f"tensors (or on the CPU through Triton's interpreter)")
 
 
 def tuning(configs: list) -> list:

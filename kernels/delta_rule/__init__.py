@@ -1,4 +1,4 @@
-"""Delta rule (DeltaNet) kernels, OPERATORS.md section 1."""
+"""Delta rule (DeltaNet) kernels, docs/operators.md section 1."""
 
 from kernels.delta_rule.chunk import chunk_delta_rule
 from kernels.delta_rule.fused_recurrent import fused_recurrent_delta_rule

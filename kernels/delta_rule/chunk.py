@@ -1,4 +1,4 @@
-"""Delta rule, chunked form (OPERATORS.md section 1): chunks of BT = 64 tokens, matrix products
+"""Delta rule, chunked form (docs/operators.md section 1): chunks of BT = 64 tokens, matrix products
 inside a chunk, one sequential walk over chunks for the state.
 
 Forward, a chain of shared stages:
@@ -29,12 +29,12 @@ from typing import NamedTuple
 
 import torch
 
-from harness.operators import DELTA_RULE
+from references.operators import DELTA_RULE
 from kernels.common.chunk_output import chunk_bwd_dqk, chunk_bwd_dv_local, chunk_fwd_o
 from kernels.common.chunk_state import chunk_bwd_dh, chunk_fwd_h, chunk_fwd_h_o
 from kernels.common.l2norm import l2norm_bwd, l2norm_fwd
 from kernels.common.solve_tril import solve_tril
-from kernels.common.utils import chunk_layout
+from kernels.common.utils import check_launchable, chunk_layout
 from kernels.delta_rule.fused_recurrent import fused_recurrent_delta_rule
 from kernels.delta_rule.wy import kkt_fwd, recompute_w_u_fwd, wy_bwd, wy_fwd
 
@@ -81,9 +81,9 @@ SAVE_STATES = True
 # chunks in order) gains Q S, Q K^T and tril(Q K^T) v' per chunk, Q K^T once per value tile.
 # H200 prediction at B=2 T=32K H=16 K=V=128 bf16: the output stage's 0.41 ms goes, the walk
 # (~0.57 ms) grows by what of the three products its dependent chain does not hide. Timed
-# once, at T=8K with every kernel's first config (LINATTN_AUTOTUNE=0, session g, H200): fwd
+# once, at T=8K with every kernel's first config (LINATTN_AUTOTUNE=0, H200, 2026-12-01): fwd
 # 0.724 -> 0.693 ms, fwd+bwd 1.573 -> 1.558, inference peak 384 -> 256 MB; off until timed
-# tuned beside fla at 2K-32K (reports/NOTES.md).
+# tuned beside fla at 2K-32K (reports/delta_rule.md, FUSED_OUTPUT; reports/NOTES.md).
 FUSED_OUTPUT = False
 
 
@@ -222,6 +222,7 @@ def chunk_delta_rule(
     (float32) when ``output_final_state``.
     """
     dims = DELTA_RULE.validate(locals())  # the call's own arguments, before anything else
+    check_launchable("chunk_delta_rule", q)
     if max(dims["K"], dims["V"]) > 256:
         raise ValueError(f"chunk_delta_rule: K and V must be <= 256, got K={dims['K']}, V={dims['V']}")
     if k.dtype not in BWD_RECOMPUTE_BY_DTYPE:

@@ -1,4 +1,4 @@
-"""Delta rule, fused recurrent form (OPERATORS.md section 1): one pass over time, state on chip.
+"""Delta rule, fused recurrent form (docs/operators.md section 1): one pass over time, state on chip.
 
 Forward. One program per (value tile, sequence, head) holds S [BK, BV] in float32 registers:
 
@@ -52,9 +52,9 @@ import torch
 import triton
 import triton.language as tl
 
-from harness.operators import DELTA_RULE
+from references.operators import DELTA_RULE
 from kernels.common.l2norm import MAX_D, l2norm_bwd, l2norm_fwd, l2norm_vec
-from kernels.common.utils import seq_bounds, tuning
+from kernels.common.utils import check_launchable, seq_bounds, tuning
 
 __all__ = ["fused_recurrent_delta_rule", "fused_recurrent_delta_rule_fwd",
            "fused_recurrent_delta_rule_bwd"]
@@ -367,7 +367,7 @@ def fused_recurrent_delta_rule(
     use_qk_l2norm_in_kernel: bool = False,
     cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    r"""The delta rule, one pass over time with the state on chip (OPERATORS.md section 1).
+    r"""The delta rule, one pass over time with the state on chip (docs/operators.md section 1).
 
     Args:
         q, k: ``[B, T, H, K]``, K <= 256.  v: ``[B, T, H, V]`` (q, k, v share one dtype).
@@ -382,6 +382,7 @@ def fused_recurrent_delta_rule(
         ``o [B, T, H, V]`` in v's dtype, and the final state or None.
     """
     dims = DELTA_RULE.validate(locals())  # the call's own arguments, before anything else
+    check_launchable("fused_recurrent_delta_rule", q)
     if dims["K"] > MAX_D:
         raise ValueError(f"fused_recurrent_delta_rule: K={dims['K']} exceeds {MAX_D} (the state "
                          f"tile [K, BV] is held in registers)")

@@ -1,4 +1,4 @@
-"""Delta rule, parallel form (OPERATORS.md section 1): the output and, on request, the whole
+"""Delta rule, parallel form (docs/operators.md section 1): the output and, on request, the whole
 attention matrix A with o = A v, for inference (zero initial state, no varlen, forward only).
 
 With a zero initial state the delta rule is linear in v, so per (sequence, head) there is one
@@ -42,10 +42,10 @@ the two float32 operands enter their products as MIXED_BY_DTYPE says (utils.dot_
 rounds them (as the chunked forward walk does: "round"), fp16 keeps ~16 bits of them as
 hi + lo halves ("split"); M is rounded to the inputs' dtype for o += M U and G -= M W (as the
 chunked output stage rounds tril(Q K^T)). H200, bf16, against the float64 truth on the same
-rounded inputs (reports/delta_rule/h200_2026-12-01g/parallel.txt): o 4.4e-3 at B=2 T=1000
+rounded inputs (reports/delta_rule.md, the parallel form): o 4.4e-3 at B=2 T=1000
 H=4 D=64 and 4.3e-3 at T=2048 D=128 (the CPU emulation of these roundings said 3.6e-3 and
 3.5e-3), where the chunked kernel's o is 4.0e-3 and the check's bf16 floor alone 3.9e-3;
-fp16 4.4e-4; float32 6e-7. Until session g (2026-12-01) every product here was float32 in
+fp16 4.4e-4; float32 6e-7. Until 2026-12-01 every product here was float32 in
 three TF32 passes and o went through global memory each step: o 1.7e-3 in bf16, but 10-12
 TFLOP/s. The same run, B=2 H=16 K=V=128 bf16, output only, the first config (8 warps, untuned): 0.462 ms at T=2048 (was 5.250),
 5.26 ms at 8K (was 71.98), 80.6 ms at 32K (was 1107, reports/bench), 115-164 TFLOP/s of the
@@ -61,8 +61,9 @@ import torch
 import triton
 import triton.language as tl
 
-from harness.operators import DELTA_RULE
-from kernels.common.utils import dot_mixed, dot_precision, load_cols, load_rows, store_rows, tile, tuning
+from references.operators import DELTA_RULE
+from kernels.common.utils import (check_launchable, dot_mixed, dot_precision, load_cols, load_rows,
+                                  store_rows, tile, tuning)
 from kernels.delta_rule.wy import wy_fwd
 
 __all__ = ["parallel_delta_rule", "parallel_delta_rule_fwd"]
@@ -177,6 +178,7 @@ def parallel_delta_rule(
     initial state and ``cu_seqlens``).
     """
     dims = DELTA_RULE.validate(dict(q=q, k=k, v=v, beta=beta, scale=scale))
+    check_launchable("parallel_delta_rule", q)
     if not isinstance(output_attentions, bool):
         raise TypeError(f"parallel_delta_rule: 'output_attentions' must be a bool, "
                         f"got {output_attentions!r}")

@@ -1,4 +1,4 @@
-"""The WY / UT transform of the delta rule's chunked form (OPERATORS.md section 1), and its backward.
+"""The WY / UT transform of the delta rule's chunked form (docs/operators.md section 1), and its backward.
 
 Within a chunk of BT tokens (rows i, j), with diag(beta) K K^T strictly below the diagonal
 
@@ -7,7 +7,7 @@ Within a chunk of BT tokens (rows i, j), with diag(beta) K K^T strictly below th
     w  = Ai diag(beta) K,   u = Ai diag(beta) V  # recompute_w_u_fwd
 
 (One kernel doing all three with the inverse in registers measured 2.9 ms against 1.5 ms for
-the three at T=32768 on an H100: reports/NOTES.md.)
+the three at T=32768 on an H100: reports/delta_rule.md, FUSED_WY_FWD.)
 
 so that the chunk's v'_t stack to ``u - w S_0`` (S_0: the state entering the chunk).
 """

@@ -1,9 +1,9 @@
 """Tables, files, plots and the report page of ``harness bench`` results.
 
-The rows (``harness.sweep``) hold what was measured; everything derived from them is computed
+The rows (``harness.bench.sweep``) hold what was measured; everything derived from them is computed
 here, so a better cost model or a re-measured ceiling never needs a GPU again:
-tokens/s, TFLOP/s and GB/s from ``harness.costs``, the percentage of the device's measured
-ceilings (``harness.ceilings``), and the speedup over a baseline implementation.
+tokens/s, TFLOP/s and GB/s from ``harness.bench.costs``, the percentage of the device's measured
+ceilings (``harness.bench.ceilings``), and the speedup over a baseline implementation.
 ``harness report DIR`` rebuilds the CSV, JSON, plots and ``report.md``/``report.html`` of a
 sweep's directory from its rows alone.
 """
@@ -20,8 +20,8 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from harness.bench import KEY, bench_case
-from harness.costs import cost
+from harness.bench.costs import cost
+from harness.bench.measure import KEY, bench_case
 
 COLUMNS = list(KEY) + [
     "kind", "status", "reason", "ms", "ms_p20", "ms_p80", "peak_mb", "tokens_per_s", "flops",

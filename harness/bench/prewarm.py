@@ -2,10 +2,10 @@
 
 On a cold Triton cache a sweep pays every kernel's compiles (and a peer's autotune space) at
 the first row of each implementation, one after another in its single timing worker: 30-70 s a
-row on the H100 (reports/NOTES.md, session e). Prewarming runs each distinct
-(op, impl, dtype, mode) of the rows still to measure once, at the smallest T it has in the
-sweep, in up to N processes at a time (``python -m harness.prewarm SPEC``: one process a job,
-so a crash or a hang costs that job only), before any row is timed. The compiled kernels land
+row on an H100 (2026-11-23). Prewarming runs each distinct (op, impl, dtype, mode) of the rows
+still to measure once, at the smallest T it has in the sweep, in up to N processes at a time
+(``python -m harness.bench.prewarm SPEC``: one process a job, so a crash or a hang costs that
+job only), before any row is timed. The compiled kernels land
 in Triton's on-disk cache, where the timing worker finds them. Nothing measured here is kept:
 the jobs share the device, so their autotuning timings are noise and are not cached
 (``TRITON_CACHE_AUTOTUNING=0``); the worker autotunes again from the compiled kernels.
@@ -43,7 +43,7 @@ def _run_one(job: dict[str, Any], timeout: float) -> dict[str, Any]:
     env = {**os.environ, "TRITON_CACHE_AUTOTUNING": "0"}
     start = time.perf_counter()
     try:
-        done = subprocess.run([sys.executable, "-m", "harness.prewarm", json.dumps(job)],
+        done = subprocess.run([sys.executable, "-m", "harness.bench.prewarm", json.dumps(job)],
                               capture_output=True, text=True, timeout=timeout, env=env)
         status = "ok" if done.returncode == 0 else "failed"
         message = "" if status == "ok" else (done.stderr or done.stdout).strip()[-MAX_MESSAGE:]
@@ -81,11 +81,11 @@ def summary(results: list[dict[str, Any]], seconds: float) -> str:
 
 def main(spec: dict[str, Any]) -> None:
     """One job, in this process: the row's step once (compile, autotune), synchronised; the
-    process set up as a timing worker is (harness.bench_worker.prepare)."""
-    from harness.bench_worker import prepare
+    process set up as a timing worker is (harness.bench.worker.prepare)."""
+    from harness.bench.worker import prepare
 
     device = prepare(spec)
-    from harness.bench import bench_case, make_call
+    from harness.bench.measure import bench_case, make_call
     from harness.registry import get
 
     case = bench_case(spec["op"], spec["B"], spec["T"], spec["H"], spec["D"])

@@ -3,7 +3,7 @@
 A kernel that corrupts memory can take its process down (a segfault), leave the CUDA context
 unusable (an illegal memory access is sticky), exhaust memory, or never return. So the
 sweep's own process never touches the device: it hands each row to a worker
-(``python -m harness.bench_worker``) and waits at most ``timeout`` seconds for the answer.
+(``python -m harness.bench.worker``) and waits at most ``timeout`` seconds for the answer.
 
 * One worker is kept alive across rows: Triton's in-process caches (compiled kernels,
   autotuning results) then serve every row of that process, and torch is imported once.
@@ -77,7 +77,7 @@ class Worker:
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "harness.bench_worker"], stdin=subprocess.PIPE,
+            [sys.executable, "-m", "harness.bench.worker"], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=log, env=env, start_new_session=True)
         log.close()  # the child holds its own descriptor
         self._buffer = b""
@@ -188,7 +188,7 @@ def error_text(exc: BaseException) -> str:
 def handle(message: dict[str, Any], device: str) -> dict[str, Any]:
     """One request, in the worker: a row's measurements or the device's ceilings."""
     if message.get("cmd") == "ceilings":
-        from harness.ceilings import device_name, measure
+        from harness.bench.ceilings import device_name, measure
 
         name = device_name(device)
         if name in message.get("cached", []):
@@ -197,7 +197,7 @@ def handle(message: dict[str, Any], device: str) -> dict[str, Any]:
             return {"device_name": name, "ceilings": measure(device)}
         except Exception as exc:  # no ceilings means no % columns, not no sweep
             return {"device_name": name, "ceilings": None, "error": error_text(exc)}
-    from harness.bench import run_spec
+    from harness.bench.measure import run_spec
 
     try:
         return {"status": "ok", **run_spec(message["spec"])}

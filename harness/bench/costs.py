@@ -1,8 +1,8 @@
 """Cost models: the floating-point work and the minimum memory traffic of each operator.
 
 ``harness bench`` divides these by the measured time to report TFLOP/s and GB/s, and compares
-those with the device's measured ceilings (``harness.ceilings``). One function per operator,
-its formula in its docstring in the notation of OPERATORS.md (B batch, T tokens per sequence,
+those with the device's measured ceilings (``harness.bench.ceilings``). One function per operator,
+its formula in its docstring in the notation of docs/operators.md (B batch, T tokens per sequence,
 H heads, K/V or D head dims, G q/k groups, L levels, C the chunk or mini-batch size).
 
 Conventions, shared by every model:

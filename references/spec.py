@@ -1,8 +1,8 @@
-"""What an operator is, to the harness: its inputs, outputs, options and reference.
+"""The operator contract: what an operator takes, returns and accepts.
 
-An :class:`Operator` declares each input once (name, shape in the symbols of OPERATORS.md,
-the domain its values are drawn from, whether gradients flow to it). That one declaration
-serves three things:
+An :class:`Operator` declares each input once (name, shape in the symbols of
+docs/operators.md, the domain its values are drawn from, whether gradients flow to it). That
+one declaration serves three things:
 
 * argument validation shared by every implementation (:meth:`Operator.validate`), so that a
   reference, a Triton kernel and a peer all reject the same bad input with the same message
@@ -10,7 +10,8 @@ serves three things:
 * input generation for the numerical checks (``harness.cases``);
 * the gradient checks (which inputs are differentiable).
 
-This module imports only torch, so kernels and references can use it cheaply.
+This is the ground floor of the project: it imports only torch. References and kernels build
+on it; the harness builds on all three.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ class Input:
 
 @dataclass(frozen=True)
 class Operator:
-    """The contract of one operator (OPERATORS.md), as the harness uses it."""
+    """The contract of one operator (docs/operators.md)."""
 
     name: str
     title: str

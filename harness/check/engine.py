@@ -17,15 +17,17 @@ implementations run on a GPU: their step loops are launch-bound there, and their
 graphs would share the GPU's memory with the kernels); the implementations' results are
 compared there.
 
-A quantity passes when its relative error is within ``harness.tolerances.tolerance``.
-Two families: ``random`` (hypothesis draws the cases and shrinks a failure to a minimal one)
-and ``long`` (growing T with gates strong enough to leave float32 range).
+A quantity passes when its relative error is within ``harness.check.tolerances.tolerance``.
+Three families: ``random`` (hypothesis draws the cases and shrinks a failure to a minimal one),
+``long`` (growing T with gates strong enough to leave float32 range) and ``tiling`` (one case
+per head-dim class the kernels tile differently).
 """
 
 from __future__ import annotations
 
 import math
 import os
+import shlex
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -36,23 +38,17 @@ from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import seed as hypothesis_seed
 from hypothesis.errors import Unsatisfiable
 
-from harness.cases import Case, case_strategy, long_cases, sample
-from harness.operators import OPERATORS
-from harness.poison import poison_allocations
-from harness.registry import Implementation, get
-from harness.tolerances import tolerance
-
-DTYPES = {
-    "float64": torch.float64,
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-}
+from harness.cases import Case, case_strategy, cast_args, long_cases, sample, tiling_cases
+from harness.check.poison import poison_allocations
+from harness.check.tolerances import tolerance
+from harness.implementation import DTYPES, Implementation
+from harness.registry import get
 
 
 # The implementation each family treats as exact (in float64): the step-by-step reference,
 # except for long sequences, where its token loop is too slow and the chunked one stands in.
-TRUTH = {"random": "naive", "replay": "naive", "long": "chunk_ref"}
+TRUTH = {"random": "naive", "replay": "naive", "tiling": "naive", "long": "chunk_ref"}
+FAMILIES = ("random", "long", "tiling")  # the ones `harness check --family` draws
 REFERENCES = ("naive", "chunk_ref")
 
 
@@ -104,20 +100,6 @@ class Run:
     outputs: dict[str, torch.Tensor | None] = field(default_factory=dict)
     grads: dict[str, torch.Tensor | None] = field(default_factory=dict)
     error: str | None = None
-
-
-def cast_args(args: dict[str, Any], case: Case, dtype: torch.dtype, grad: bool) -> dict[str, Any]:
-    """The case's float64 arguments in ``dtype`` (states in float32 at least), as leaves."""
-    op = case.operator
-    out = dict(args)
-    for inp in op.inputs:
-        x = args.get(inp.name)
-        if x is None:
-            continue
-        target = torch.promote_types(dtype, torch.float32) if inp.state else dtype
-        x = x.detach().to(target)
-        out[inp.name] = x.requires_grad_(grad and inp.differentiable)
-    return out
 
 
 # Messages of errors that leave the CUDA context unusable: every later call in the process fails
@@ -415,5 +397,16 @@ def check_long(op_name: str, impls: list[Implementation], dtypes: list[str], dev
                        deadline, on_case)
 
 
-__all__ = ["OPERATORS", "rel_error", "evaluate", "check_random", "check_cases", "check_long",
-           "CheckResult", "CaseFailed", "DTYPES", "TRUTH"]
+def check_tiling(op_name: str, impls: list[Implementation], dtypes: list[str], device: str,
+                 profile: str, deadline: float | None = None,
+                 on_case: OnCase | None = None) -> CheckResult:
+    return check_cases(tiling_cases(op_name, profile), impls, dtypes, device, "tiling",
+                       deadline, on_case)
+
+
+def replay_command(op: str, impls: list[str], dtypes: list[str], device: str, case: Case) -> str:
+    """The shell command that checks exactly ``case`` again (quoted for a POSIX shell)."""
+    argv = ["harness", "check", op] + [a for i in impls for a in ("--impl", i)]
+    argv += [a for d in dtypes for a in ("--dtype", d)]
+    argv += ["--device", device, "--case", case.to_json()]
+    return shlex.join(argv)

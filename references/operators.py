@@ -1,17 +1,17 @@
-"""The five operators of OPERATORS.md, declared once for validation, generation and checks.
+"""The five operators of docs/operators.md, declared once for validation, generation and checks.
 
 Adding an operator means adding one declaration here (plus its reference module, its kernel
-folder and its implementations in ``harness/builtin.py``). Domains name the generators in
-``harness.cases.DOMAINS``; ``options`` are the values a hypothesis case may draw for each
-option, and ``kwargs`` which of those options are passed to the function as keyword arguments
-(the rest choose a layout, like a per-channel beta).
+folder, its registration module ``harness/impls/<op>.py`` and its suite entries). Domains name
+the generators in ``harness.cases.DOMAINS``; ``options`` are the values a hypothesis case may
+draw for each option, and ``kwargs`` which of those options are passed to the function as
+keyword arguments (the rest choose a layout, like a per-channel beta).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from harness.spec import Input, Operator
+from references.spec import Input, Operator
 
 __all__ = ["OPERATORS", "DELTA_RULE", "GLA", "TTT", "TITANS", "LOG_LINEAR", "get_operator"]
 

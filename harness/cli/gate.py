@@ -1,8 +1,7 @@
-"""``harness gate``: the tolerance regression gate on the command line (see harness/gate.py).
-
-Registered on the ``harness`` app by harness/cli.py. Exit status: 0 passed (or baseline
-updated), 1 regressions or entries missing from the baseline, 2 usage errors (unknown or
-invalid suite, missing or malformed baseline, a suite not meant for this device).
+"""``harness gate``: the tolerance regression gate on the command line (``harness.gate``;
+docs/gate.md). Exit status: 0 passed (or baseline updated), 1 regressions or entries missing
+from the baseline, 2 usage errors (unknown or invalid suite, missing or malformed baseline, a
+suite not meant for this device).
 """
 
 from __future__ import annotations
@@ -12,6 +11,8 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+
+from harness.cli.common import console, fail, pin_configs, select_device, set_ref_device, split
 
 MAX_ROWS = 40  # rows printed per table; the report under --out has all of them
 
@@ -47,12 +48,10 @@ def gate_cmd(
     """Run a suite and fail when any implementation's error grew past its recorded baseline."""
     import time
 
-    from harness.cli import _fail, _split, console, pin_configs, select_device, set_ref_device
+    from harness.gate import cpu_pins
 
-    from harness import cpu_pins
-
-    # the CPU's math pinned (harness/cpu_pins.py) before torch loads it, when the run is
-    # going to be on the CPU; worker processes get the pins in any case (gate._run_parallel)
+    # the CPU's math pinned (harness/gate/cpu_pins.py) before torch loads it, when the run is
+    # going to be on the CPU; worker processes get the pins in any case (harness/gate/run.py)
     pinned_here = None
     if device == "cpu" or (device == "auto" and not cpu_pins.gpu_present()):
         pinned_here = cpu_pins.unloaded()
@@ -61,30 +60,30 @@ def gate_cmd(
     device = select_device(device)
     pin_configs(autotune)
     set_ref_device(ref_device)
-    from harness import gate, gate_report
-    from harness.suites import SuiteError, display, load_suite
+    from harness.gate import baseline, compare, report, run
+    from harness.gate.suites import SuiteError, display, load_suite
 
     try:
         s = load_suite(suite)
     except SuiteError as exc:
-        _fail(str(exc))
-    ops = _split(op)
+        fail(str(exc))
+    ops = split(op)
     unknown = [o for o in ops if o not in s.ops]
     if unknown:
-        _fail(f"--op: suite {s.name!r} has no cases of {', '.join(unknown)}; it has {', '.join(s.ops)}")
+        fail(f"--op: suite {s.name!r} has no cases of {', '.join(unknown)}; it has {', '.join(s.ops)}")
     if device not in s.devices:
-        _fail(f"suite {s.name!r} runs on {', '.join(s.devices)} only, not on {device} "
+        fail(f"suite {s.name!r} runs on {', '.join(s.devices)} only, not on {device} "
               f"({display(s.path)}: devices = {list(s.devices)}). {s.description}".strip())
     try:
-        dc = gate.check_device_class(device_class or gate.device_class(device))
-        path = Path(display(gate.baseline_path(dc, baselines or s.path.parent / "baselines")))
-        data = gate.read_baselines(path, dc)
-    except gate.GateError as exc:
-        _fail(str(exc))
+        dc = baseline.check_device_class(device_class or baseline.device_class(device))
+        path = Path(display(baseline.baseline_path(dc, baselines or s.path.parent / "baselines")))
+        data = baseline.read_baselines(path, dc)
+    except baseline.GateError as exc:
+        fail(str(exc))
     section = (data or {}).get("suites", {}).get(s.name)
     make = _command(suite, device_arg, device_class, baselines, update=True, ops=ops)
     if section is None and not update:
-        _fail(f"no baseline for device class {dc} / suite {s.name} ({path} "
+        fail(f"no baseline for device class {dc} / suite {s.name} ({path} "
               f"{'has no section ' + repr(s.name) if data else 'does not exist'}); create it with\n"
               f"  {make}\nthen review the file and commit it")
 
@@ -96,13 +95,13 @@ def gate_cmd(
                 console.print(f"case {n + 1}/{total}: {sc.op} {sc.id} ({time.perf_counter() - start:.0f} s)",
                               highlight=False)
 
-        m = gate.run_suite(s, device, progress, jobs=jobs, ops=ops)
+        m = run.run_suite(s, device, progress, jobs=jobs, ops=ops)
         wall = time.perf_counter() - start
-    if device == "cpu" and not pinned_here and gate.in_process(jobs, len(m.cases)):
+    if device == "cpu" and not pinned_here and run.in_process(jobs, len(m.cases)):
         console.print("[yellow]the CPU's math is not pinned in this process (torch was loaded "
                       "first): errors may differ from the baseline's by the machine's rounding; "
                       "-j 2 evaluates in fresh, pinned processes[/]")
-    measured = sum(1 for k in m.entries if k[4] != gate.SKIP)
+    measured = sum(1 for k in m.entries if k[4] != run.SKIP)
     n_cases = sum(1 for sc in s.cases if not ops or sc.op in ops)
     console.print(f"gate {s.name} on {device} ({dc}): {n_cases} cases, {measured} entries in "
                   f"{wall:.1f} s wall, {m.total_seconds:.1f} s of case time ("
@@ -111,16 +110,16 @@ def gate_cmd(
         console.print(f"[red]{case} could not run:[/] {why}")
 
     if update:
-        _update(console, gate, s, m, path, dc, section, make, device, ops)
+        _update(s, m, path, dc, section, make, device, ops)
         return
-    section = gate.only_ops(section, ops)
-    rows = gate.compare(section, m, s, device)
-    _print_rows(console, gate, rows, path, section)
-    c = gate.counts(rows)
-    paths = gate_report.write_report(out, s, dc, path, section, rows, m.total_seconds)
-    console.print(gate.summary_line(c))
+    section = run.only_ops(section, ops)
+    rows = compare.compare(section, m, s, device)
+    _print_rows(rows, path, section)
+    c = compare.counts(rows)
+    paths = report.write_report(out, s, dc, path, section, rows, m.total_seconds)
+    console.print(compare.summary_line(c))
     console.print(f"[dim]wrote {', '.join(map(str, paths))}[/]")
-    if gate.failed(c):
+    if compare.failed(c):
         what = []
         if c["regression"]:
             what.append(f"{c['regression']} regression(s)")
@@ -133,10 +132,10 @@ def gate_cmd(
     console.print(f"[green bold]gate {s.name}: passed[/]")
 
 
-def _print_rows(console, gate, rows, path: Path, section) -> None:
+def _print_rows(rows, path: Path, section) -> None:
     from rich.table import Table
 
-    from harness import gate_report
+    from harness.gate import report
 
     shown = [r for r in rows if r.status in ("regression", "new", "improvement")]
     if not shown:
@@ -148,7 +147,7 @@ def _print_rows(console, gate, rows, path: Path, section) -> None:
     style = {"regression": "red", "new": "yellow", "improvement": "green"}
     for r in shown[:MAX_ROWS]:
         table.add_row(f"[{style[r.status]}]{r.status}[/]", r.op, r.impl, r.dtype, r.case, r.quantity,
-                      gate_report.fmt_error(r.baseline), gate_report.fmt_error(r.now),
+                      report.fmt_error(r.baseline), report.fmt_error(r.now),
                       "-" if r.ratio is None else f"{r.ratio:.3g}x", r.reason)
     console.print(table)
     if len(shown) > MAX_ROWS:
@@ -164,18 +163,18 @@ def _print_rows(console, gate, rows, path: Path, section) -> None:
             console.print(r.reproduce, soft_wrap=True, highlight=False, markup=False)
 
 
-def _update(console, gate, s, m, path: Path, dc: str, old, command: str, device: str,
+def _update(s, m, path: Path, dc: str, old, command: str, device: str,
             ops: list[str]) -> None:
     from rich.table import Table
 
-    from harness import gate_report
+    from harness.gate import baseline, report, run
 
     if m.failures:
         console.print(f"[red]not writing {path}: {len(m.failures)} case(s) could not run[/]")
         raise typer.Exit(1)
-    section = gate.make_section(m, command, gate.environment(device), old, ops)
-    gate.write_baseline(path, dc, s.name, section)
-    ch = gate_report.changes(old, section)
+    section = baseline.make_section(m, command, run.environment(device), old, ops)
+    baseline.write_baseline(path, dc, s.name, section)
+    ch = report.changes(old, section)
     if ops and old is not None:
         kept = sum(1 for e in section["entries"] if e["op"] not in ops)
         console.print(f"kept {kept} entries of the other operators from the old section")
@@ -202,4 +201,4 @@ def _update(console, gate, s, m, path: Path, dc: str, old, command: str, device:
                       f"tolerance and are recorded as known failures (the gate fails if they get worse):[/]")
         for e in failing[:10]:
             console.print(f"  {e['op']} {e['impl']} {e['dtype']} {e['case']} {e['quantity']}: "
-                          f"{gate_report.show_entry(e)}", highlight=False)
+                          f"{report.show_entry(e)}", highlight=False)

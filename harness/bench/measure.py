@@ -7,7 +7,7 @@ saved forward). On the CPU, time is the median of ``time.perf_counter`` over rep
 memory is NaN: there the Triton kernels run through the interpreter and the timings mean
 nothing. Inputs are drawn like the checks' (unit-norm keys, sigmoid betas, ...).
 
-:func:`run_spec` measures one row of a sweep (``harness.sweep``), in whichever process runs it.
+:func:`run_spec` measures one row of a sweep (``harness.bench.sweep``), in whichever process runs it.
 """
 
 from __future__ import annotations
@@ -21,12 +21,11 @@ from typing import Any, Callable
 
 import torch
 
-from harness.cases import Case, sample
-from harness.check import DTYPES, cast_args
-from harness.operators import OPERATORS
-from harness.registry import Implementation
+from harness.bench.costs import MODES
+from harness.cases import Case, case_dims, cast_args, sample
+from harness.implementation import DTYPES, Implementation
+from references.operators import OPERATORS
 
-MODES = ("fwd", "bwd", "fwdbwd")
 # The identity of a row of a sweep: --resume skips a row whose key is done.
 KEY = ("op", "impl", "dtype", "mode", "B", "T", "H", "D")
 CPU_MIN_REPS, CPU_MAX_REPS = 3, 100
@@ -37,23 +36,10 @@ def row_key(row: dict[str, Any]) -> tuple:
 
 
 def bench_case(op_name: str, B: int, T: int, H: int, head_dim: int, seed: int = 0) -> Case:
-    """The case a benchmark times: one shape, default options, no states in or out."""
-    op = OPERATORS[op_name]
-    dims: dict[str, int] = {"B": B, "T": T}
-    if "G" in op.dims:
-        dims["G"] = H
-    dims["H"] = H
-    if "D" in op.dims:
-        dims["D"] = head_dim
-    else:
-        dims["K"] = dims["V"] = head_dim
-    if "L" in op.dims:
-        from harness.operators import levels_needed
-
-        dims["L"] = levels_needed(T)
-    options = {name: values[0] for name, values in op.options.items()}
-    return Case(op=op_name, dims=dims, initial_state=False, output_final_state=False,
-                options=options, seed=seed)
+    """The case a benchmark times: one shape (K = V = D, G = H), default options, no states."""
+    options = {name: values[0] for name, values in OPERATORS[op_name].options.items()}
+    return Case(op=op_name, dims=case_dims(op_name, B, T, H, head_dim), initial_state=False,
+                output_final_state=False, options=options, seed=seed)
 
 
 _INPUTS: dict[tuple, dict[str, Any]] = {}  # the last case's inputs, in its dtype, on its device
@@ -136,7 +122,7 @@ def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
     """Measure one row: ``spec`` holds the row key (op, impl, dtype, mode, B, T, H, D) and
     ``device``, ``warmup``, ``rep`` (ms). Returns the measurements; raises what the
     implementation raises."""
-    from harness.ceilings import device_name
+    from harness.bench.ceilings import device_name
     from harness.registry import get
 
     device = spec["device"]

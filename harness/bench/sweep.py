@@ -6,8 +6,8 @@ A row is one (op, impl, dtype, mode, B, T, H, D) (``harness.bench.KEY``). The sw
   implementation cannot run (dtype, no backward, a declined case, too long for the Triton
   interpreter) are recorded as ``skipped`` with the reason, not measured;
 * with ``prewarm`` N, first runs each implementation's kernels once in N processes at a time,
-  so that the timed rows find them compiled (``harness.prewarm``);
-* measures each of the others in a worker process (``harness.bench_worker``), so that a crash,
+  so that the timed rows find them compiled (``harness.bench.prewarm``);
+* measures each of the others in a worker process (``harness.bench.worker``), so that a crash,
   a CUDA error or a hang costs that row only: it is recorded as ``failed`` or ``timeout`` with
   the reason and the sweep goes on (``isolate=False`` measures in this process, for debugging);
 * starts no row after ``max_time`` seconds (a device's time limit per call): the rows left
@@ -35,8 +35,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
-from harness.bench import KEY, bench_case, row_key
-from harness.registry import Implementation
+from harness.bench.measure import KEY, bench_case, row_key
+from harness.implementation import Implementation
 
 DONE = ("ok", "skipped")
 DIST_TIMEOUT = timedelta(hours=24)  # ranks wait for the slowest one at the final gather
@@ -63,7 +63,7 @@ class Sweep:
     resume: bool = False
     plugins: list[str] = field(default_factory=list)
     max_time: float | None = None  # s: start no row after this (a device's time limit)
-    prewarm: int = 0  # processes compiling the rows' kernels before timing (harness.prewarm)
+    prewarm: int = 0  # processes compiling the rows' kernels before timing (harness.bench.prewarm)
 
 
 def skip_reason(impl: Implementation, case: Any, dtype: str, mode: str, device: str) -> str | None:
@@ -165,8 +165,8 @@ class InProcess:
             torch.cuda.set_device(device_index)
 
     def run(self, spec: dict[str, Any], timeout: float) -> dict[str, Any]:
-        from harness.bench import run_spec
-        from harness.bench_worker import error_text
+        from harness.bench.measure import run_spec
+        from harness.bench.worker import error_text
 
         try:
             return {"status": "ok", **run_spec(spec)}
@@ -174,7 +174,7 @@ class InProcess:
             return {"status": "failed", "reason": error_text(exc)}
 
     def ceilings(self, cached: list[str]) -> dict[str, Any] | None:
-        from harness.bench_worker import handle
+        from harness.bench.worker import handle
 
         return handle({"cmd": "ceilings", "cached": cached}, self.device)
 
@@ -189,13 +189,13 @@ class Isolated:
     """Measures in a worker process, restarted after every row that did not succeed."""
 
     def __init__(self, device: str, device_index: int, plugins: list[str], log: Path):
-        from harness.bench_worker import Worker
+        from harness.bench.worker import Worker
 
         self.worker = Worker({"device": device, "device_index": device_index,
                               "plugins": list(plugins)}, log)
 
     def run(self, spec: dict[str, Any], timeout: float) -> dict[str, Any]:
-        from harness.bench_worker import WorkerFailed
+        from harness.bench.worker import WorkerFailed
 
         try:
             reply = self.worker.request({"cmd": "row", "spec": spec}, timeout)
@@ -206,7 +206,7 @@ class Isolated:
         return reply
 
     def ceilings(self, cached: list[str]) -> dict[str, Any] | None:
-        from harness.bench_worker import WorkerFailed
+        from harness.bench.worker import WorkerFailed
 
         try:
             return self.worker.request({"cmd": "ceilings", "cached": cached}, CEILINGS_TIMEOUT)
@@ -284,7 +284,7 @@ def run(sweep: Sweep, on_row: Callable[[dict[str, Any], int, int], None] | None 
     measured = remaining = 0
     try:
         if sweep.prewarm > 0 and any(r.get("status") != "skipped" for r in mine):
-            from harness import prewarm
+            from harness.bench import prewarm
 
             start = time.perf_counter()
             results = prewarm.prewarm(mine, sweep.device, local_rank, sweep.plugins, sweep.prewarm,

@@ -1,5 +1,5 @@
 """What ``harness gate --update`` changed in a baseline, and the gate's report files (JSON and
-markdown under ``--out``): the presentation side of harness/gate.py."""
+markdown under ``--out``): the presentation side of harness/gate/run.py."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from harness.gate import SKIP, Row, counts, entry_key, failed, summary_line
-from harness.suites import Suite
+from harness.gate.compare import Row, counts, failed, summary_line
+from harness.gate.run import SKIP, entry_key
+from harness.gate.suites import Suite
 
 
 # ----------------------------------------------------------------------------------- changes

@@ -9,7 +9,8 @@ tensors passed to the launch that issued it; otherwise ``OutOfBounds`` names the
 access and the first stray address.
 
 Only the interpreter is checked (``TRITON_INTERPRET=1``); compiled kernels run as they are, and
-a miscompiled kernel (session h's chunk_fwd_o on the H200, suites/gpu.toml) is right here.
+a kernel the compiler gets wrong is right here (chunk_fwd_o's 32-wide value tiles on an H200,
+reports/delta_rule.md, Triton miscompiles).
 """
 
 from __future__ import annotations

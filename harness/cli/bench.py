@@ -1,8 +1,7 @@
 """``harness bench`` and ``harness report``: timing and memory sweeps, and their report page.
 
-Registered on the ``harness`` app by ``harness/cli.py``. The sweep itself is
-``harness.sweep`` (rows, workers, resume, torchrun), the numbers ``harness.bench``, the
-tables and plots ``harness.bench_report``.
+The sweep itself is ``harness.bench.sweep`` (rows, workers, resume, torchrun), the numbers
+``harness.bench.measure``, the tables and plots ``harness.bench.report`` (docs/bench.md).
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from typing import Any, Optional
 import typer
 from rich.markup import escape
 
-from harness.cli import _fail, _split, app, console, select_device, DEVICE_HELP
+from harness.cli.common import DEVICE_HELP, console, fail, select_device, split
 
 # Sizes when none are given: a GPU sweep, and a CPU run the Triton interpreter finishes.
 DEFAULTS = {
@@ -33,16 +32,16 @@ CPU_CAVEAT = ("timings on CPU (Triton interpreter) are not meaningful: this run 
 
 def _ints(text: str, option: str) -> list[int]:
     values = []
-    for part in _split([text]):
+    for part in split([text]):
         try:
             value = int(part)
         except ValueError:
             value = 0
         if value < 1:
-            _fail(f"{option}: expected comma-separated positive integers, got {text!r}")
+            fail(f"{option}: expected comma-separated positive integers, got {text!r}")
         values.append(value)
     if not values:
-        _fail(f"{option}: expected comma-separated positive integers, got {text!r}")
+        fail(f"{option}: expected comma-separated positive integers, got {text!r}")
     return values
 
 
@@ -50,7 +49,7 @@ def _positive(value: int | None, option: str, default: int) -> int:
     if value is None:
         return default
     if value < 1:
-        _fail(f"{option}: expected a positive integer, got {value}")
+        fail(f"{option}: expected a positive integer, got {value}")
     return value
 
 
@@ -67,12 +66,12 @@ def _choose(ops: list[str], names: list[str], baseline: str | None, device: str)
         having = [op for op in ops if name in by_op[op]]
         if not having:
             known = sorted({n for op in ops for n in by_op[op]})
-            _fail(f"{option}: unknown implementation {name!r} of {', '.join(ops)}; "
+            fail(f"{option}: unknown implementation {name!r} of {', '.join(ops)}; "
                   f"known: {', '.join(known)}")
         for op in having:
             why = by_op[op][name].why_unavailable(device)
             if why:
-                _fail(f"{option}: {op}/{name} is not available on {device}: {why}")
+                fail(f"{option}: {op}/{name} is not available on {device}: {why}")
             if by_op[op][name] not in chosen[op]:
                 chosen[op].append(by_op[op][name])
 
@@ -121,7 +120,6 @@ def _row_line(row: dict[str, Any]) -> str:
     return f"[red]{what}: {row['status']}[/] {escape(str(row.get('reason', '')))}"
 
 
-@app.command()
 def bench(
     ops: list[str] = typer.Argument(..., help="operators (see `harness list`), or 'all'"),
     impl: list[str] = typer.Option([], "--impl", help="implementation(s), comma-separated or repeated; default: every available one (on a GPU: kernels, peers and baselines, no references)"),
@@ -145,53 +143,54 @@ def bench(
 ) -> None:
     """Time implementations over a sweep of T: median ms and spread, tokens/s, TFLOP/s, GB/s, % of the device's ceilings, extra peak memory; table, CSV, JSON and plots under OUT."""
     device = select_device(device)
-    from harness import ceilings as ceil
-    from harness import sweep as sw
-    from harness.bench import MODES
-    from harness.bench_report import derive, failures, frame, plot, print_pivot, pivot, read_meta, write_tables
-    from harness.check import DTYPES
-    from harness.operators import OPERATORS
+    from harness.bench import ceilings as ceil
+    from harness.bench import sweep as sw
+    from harness.bench.costs import MODES
+    from harness.bench.report import (derive, failures, frame, plot, pivot, print_pivot, read_meta,
+                                      write_tables)
+    from harness.implementation import DTYPES
     from harness.registry import load_plugin
+    from references.operators import OPERATORS
 
     for spec in plugin:
         try:
             load_plugin(spec)
         except ValueError as exc:
-            _fail(f"--plugin: {exc}")
+            fail(f"--plugin: {exc}")
     if ops == ["all"]:
         ops = list(OPERATORS)
     for op in ops:
         if op not in OPERATORS:
-            _fail(f"unknown operator {op!r}; expected one of {', '.join(OPERATORS)}, or all")
+            fail(f"unknown operator {op!r}; expected one of {', '.join(OPERATORS)}, or all")
     ops = list(dict.fromkeys(ops))
     d = DEFAULTS[device]
     seq_lens = _ints(seq_len, "--seq-len") if seq_len is not None else d["seq_len"]
     B = _positive(batch, "--batch", d["batch"])
     H = _positive(heads, "--heads", d["heads"])
     D = _positive(head_dim, "--head-dim", d["head_dim"])
-    dtypes = _split([dtype]) if dtype is not None else d["dtype"]
+    dtypes = split([dtype]) if dtype is not None else d["dtype"]
     for name in dtypes:
         if name not in DTYPES:
-            _fail(f"--dtype: expected {', '.join(DTYPES)}, got {name!r}")
-    modes = _split([mode])
+            fail(f"--dtype: expected {', '.join(DTYPES)}, got {name!r}")
+    modes = split([mode])
     for m in modes:
         if m not in MODES:
-            _fail(f"--mode: expected {', '.join(MODES)}, got {m!r}")
+            fail(f"--mode: expected {', '.join(MODES)}, got {m!r}")
     if not modes or not dtypes:
-        _fail(f"--mode and --dtype need at least one value, got {mode!r} and {dtype!r}")
+        fail(f"--mode and --dtype need at least one value, got {mode!r} and {dtype!r}")
     if warmup < 0:
-        _fail(f"--warmup: expected milliseconds >= 0, got {warmup}")
+        fail(f"--warmup: expected milliseconds >= 0, got {warmup}")
     if rep <= 0 or timeout <= 0:
-        _fail(f"--rep and --timeout: expected positive values, got {rep} and {timeout}")
+        fail(f"--rep and --timeout: expected positive values, got {rep} and {timeout}")
     if max_time is not None and max_time <= 0:
-        _fail(f"--max-time: expected positive seconds, got {max_time}")
+        fail(f"--max-time: expected positive seconds, got {max_time}")
     if prewarm < 0:
-        _fail(f"--prewarm: expected a number of processes >= 0, got {prewarm}")
-    chosen = _choose(ops, _split(impl), baseline, device)
+        fail(f"--prewarm: expected a number of processes >= 0, got {prewarm}")
+    chosen = _choose(ops, split(impl), baseline, device)
     if not chosen:
-        _fail(f"no implementation of {', '.join(ops)} is available on {device}")
+        fail(f"no implementation of {', '.join(ops)} is available on {device}")
 
-    args = ["bench", *ops] + (["--impl", ",".join(_split(impl))] if impl else [])
+    args = ["bench", *ops] + (["--impl", ",".join(split(impl))] if impl else [])
     args += ["--seq-len", ",".join(map(str, seq_lens)), "--batch", str(B), "--heads", str(H),
              "--head-dim", str(D), "--dtype", ",".join(dtypes), "--mode", ",".join(modes)]
     args += (["--baseline", baseline] if baseline else []) + ["--warmup", f"{warmup:g}",
@@ -272,26 +271,25 @@ def bench(
         console.print(f"[yellow bold]{CPU_CAVEAT}[/]")
 
 
-@app.command()
 def report(
     out_dir: Path = typer.Argument(..., help="a directory `harness bench --out` wrote"),
     baseline: Optional[str] = typer.Option(None, help="implementation the speedups divide by (default: the sweep's --baseline)"),
 ) -> None:
     """Write OUT_DIR/report.md and report.html (tables, plots, commands) from a bench sweep's rows; rebuilds its CSV, JSON and plots too."""
-    from harness import ceilings as ceil
-    from harness.bench_report import read_meta, write_report
-    from harness.sweep import latest, read_rows
+    from harness.bench import ceilings as ceil
+    from harness.bench.report import read_meta, write_report
+    from harness.bench.sweep import latest, read_rows
 
     if not out_dir.is_dir():
-        _fail(f"OUT_DIR: expected a directory written by `harness bench`, got {str(out_dir)!r}")
+        fail(f"OUT_DIR: expected a directory written by `harness bench`, got {str(out_dir)!r}")
     rows = latest(read_rows(out_dir))
     if not rows:
-        _fail(f"OUT_DIR: no rows in {out_dir} (expected rows*.jsonl from `harness bench`)")
+        fail(f"OUT_DIR: no rows in {out_dir} (expected rows*.jsonl from `harness bench`)")
     meta = read_meta(out_dir)
     if baseline is not None:
         impls = sorted({r["impl"] for r in rows})
         if baseline not in impls:
-            _fail(f"--baseline: expected one of the implementations in {out_dir} "
+            fail(f"--baseline: expected one of the implementations in {out_dir} "
                   f"({', '.join(impls)}), got {baseline!r}")
         meta["baseline"] = baseline
     paths = write_report(out_dir, rows, meta, ceil.load(out_dir))

@@ -11,7 +11,7 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
-from harness.spec import Operator
+from references.spec import Operator
 
 DTYPE_ORDER = {"float64": 0, "float32": 1, "float16": 2, "bfloat16": 3}
 COLUMNS = ["op", "impl", "kind", "dtype", "family", "case", "T", "quantity", "error",
@@ -28,7 +28,7 @@ def summary(df: pd.DataFrame, op: Operator | None = None) -> pd.DataFrame:
     if op is not None:  # outputs first, then gradients in the order of the inputs
         order = {q: i for i, q in enumerate(list(op.outputs) + [f"d{i.name}" for i in op.inputs])}
         checked["_q"] = checked["quantity"].map(lambda q: order.get(q, len(order)))
-        checked["_f"] = checked["family"].map({"random": 0, "replay": 0, "long": 1})
+        checked["_f"] = checked["family"].map({"random": 0, "replay": 0, "tiling": 1, "long": 2})
         checked["_d"] = checked["dtype"].map(DTYPE_ORDER)
         checked = checked.sort_values(["_f", "impl", "_d", "_q"], kind="stable")
     if checked.empty:

@@ -46,10 +46,11 @@ except ModuleNotFoundError:  # Python 3.10
 import torch
 
 from harness.cases import LONG_HEAD, Case, long_cases
-from harness.operators import OPERATORS, levels_needed
-from harness.registry import DTYPES, get
+from harness.implementation import DEVICES, DTYPES
+from harness.registry import get
+from references.operators import OPERATORS, levels_needed
 
-SUITES_DIR = Path(__file__).resolve().parent.parent / "suites"
+SUITES_DIR = Path(__file__).resolve().parents[2] / "suites"
 ALL = "*"
 ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.+-]*$")
 SUITE_KEYS = {"name", "description", "devices", "ops"}
@@ -57,7 +58,6 @@ OP_KEYS = {"impls", "dtypes", "case", "long"}
 CASE_KEYS = {"id", "dims", "seed", "seqlens", "scale", "initial_state", "output_final_state",
              "gate", "options", "impls", "dtypes"}
 LONG_KEYS = {"id", "lengths", "seed", "profile", "impls", "dtypes"}
-DEVICES = ("cpu", "cuda")
 
 
 class SuiteError(ValueError):

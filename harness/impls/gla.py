@@ -1,0 +1,43 @@
+"""GLA's implementations: the two references, fla-core 0.6.0's two kernels and the softmax
+baseline. (Our Triton kernels are yet to come.)
+
+fla's ``fused_recurrent_gla`` takes our arguments unchanged (gk, gv, reverse included);
+``chunk_gla`` takes the key gate as ``g`` and has no ``gv`` and no ``reverse``. (fla's
+``fused_chunk_gla`` only raises "deprecated".)
+"""
+
+from __future__ import annotations
+
+from harness.impls.common import KERNEL_DTYPES, fla, references, sdpa
+from references.operators import GLA
+
+
+
+def _fla_chunk_gla_supports(case) -> str | None:
+    if case.options.get("gv"):
+        return "no value-side gate gv in fla's chunk_gla"
+    if case.options.get("reverse"):
+        return "no reverse in fla's chunk_gla"
+    return None
+
+
+def _fla_chunk_gla(q, k, v, gk=None, gv=None, scale=None, initial_state=None,
+                   output_final_state=False, reverse=False, cu_seqlens=None):
+    """fla's chunk_gla under our arguments: our key gate ``gk`` is its ``g``."""
+    from fla.ops.gla import chunk_gla
+
+    if gk is None or gv is not None or reverse:
+        raise ValueError(f"fla_chunk (gla): chunk_gla needs a key gate gk and takes no gv and "
+                         f"no reverse; got gk={'None' if gk is None else 'tensor'}, "
+                         f"gv={'None' if gv is None else 'tensor'}, reverse={reverse}")
+    return chunk_gla(q, k, v, gk, scale=scale, initial_state=initial_state,
+                     output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+
+
+IMPLEMENTATIONS = [
+    *references(GLA),
+    fla("gla", "fla_chunk", "fla.ops.gla:chunk_gla", KERNEL_DTYPES, adapter=_fla_chunk_gla,
+        supports=_fla_chunk_gla_supports),
+    fla("gla", "fla_fused_recurrent", "fla.ops.gla:fused_recurrent_gla", KERNEL_DTYPES),
+    sdpa("gla"),
+]

@@ -1,0 +1,35 @@
+"""Log-linear attention's implementations: the two references, fla-core 0.6.0's kernel and the
+softmax baseline. (Our Triton kernel is yet to come.)
+
+fla's ``chunk_log_linear_attn`` takes our arguments unchanged (grouped q/k, ``scale=1.0``
+default, the same Fenwick levels as docs/operators.md); its kernel needs K % 64 == 0, V a power
+of two, and sequences under 2^17 tokens.
+"""
+
+from __future__ import annotations
+
+from harness.impls.common import KERNEL_DTYPES, fla, references, sdpa
+from references.operators import LOG_LINEAR
+
+FLA_BLOCK_K = 64
+FLA_MAX_T = 2**17
+
+
+def _fla_supports(case) -> str | None:
+    K, V = case.dims["K"], case.dims["V"]
+    if K % FLA_BLOCK_K:
+        return f"K={K}: fla's chunk_log_linear_attn needs K % {FLA_BLOCK_K} == 0"
+    if V & (V - 1):
+        return f"V={V}: fla's chunk_log_linear_attn needs a power of two"
+    longest = max(case.seqlens) if case.seqlens else case.dims["T"]
+    if longest > FLA_MAX_T:
+        return f"sequences longer than {FLA_MAX_T} tokens"
+    return None
+
+
+IMPLEMENTATIONS = [
+    *references(LOG_LINEAR),
+    fla("log_linear_attn", "fla_chunk", "fla.ops.log_linear_attn:chunk_log_linear_attn",
+        KERNEL_DTYPES, supports=_fla_supports),
+    sdpa("log_linear_attn"),
+]

@@ -1,0 +1,37 @@
+"""TTT-Linear's implementations: the two references, fla-core 0.6.0's two kernels and the
+softmax baseline. (Our Triton kernels are yet to come.)
+
+fla's ``chunk_ttt_linear`` and ``fused_chunk_ttt_linear`` take our arguments unchanged and
+compute docs/operators.md's TTT-Linear (fla's ``naive.py`` is the same dual form: the learning
+rate of the query position scales the running sum). Their kernels hold one head in one tile
+(D <= 128), tile the mini-batch (chunk_size a power of two >= 16), and have no backward for
+``cu_seqlens``.
+"""
+
+from __future__ import annotations
+
+from harness.impls.common import KERNEL_DTYPES, fla, references, sdpa
+from references.operators import TTT
+
+FLA_MAX_HEAD = 128
+
+
+def _fla_ttt_supports(case) -> str | None:
+    chunk = case.options.get("chunk_size", 16)
+    if case.dims["D"] > FLA_MAX_HEAD:
+        return f"D > {FLA_MAX_HEAD} in fla's TTT kernels"
+    if chunk < 16 or chunk & (chunk - 1):
+        return f"chunk_size={chunk}: fla's TTT kernels need a power of two >= 16"
+    if case.seqlens is not None:
+        return "fla's TTT has no backward for cu_seqlens"
+    return None
+
+
+IMPLEMENTATIONS = [
+    *references(TTT),
+    fla("ttt", "fla_chunk", "fla.ops.ttt:chunk_ttt_linear", KERNEL_DTYPES,
+        supports=_fla_ttt_supports),
+    fla("ttt", "fla_fused_chunk", "fla.ops.ttt:fused_chunk_ttt_linear", KERNEL_DTYPES,
+        supports=_fla_ttt_supports),
+    sdpa("ttt"),
+]
