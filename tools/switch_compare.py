@@ -1,0 +1,134 @@
+"""An implementation under each of its kernel switches, beside peers, in one process: the
+accuracy of every quantity on one case against the float64 truth, and the median time per T.
+
+    python tools/switch_compare.py OP IMPL [--peer NAME ...] [--set 'LABEL:module.NAME=VALUE,...' ...]
+        [--acc B,T,H,D] [--dtype bfloat16] [--seq-len 2048,8192,32768] [--mode fwd,fwdbwd]
+        [--batch 2 --heads 16 --head-dim 128] [--out out/switches]
+
+The variants are IMPL under its defaults, under each switch its registration lists
+(``Implementation.switches``, e.g. chunk's "the unfused WY forward"), and under each ``--set``
+(module constants the kernels read when they run, e.g.
+``--set 'fused output:kernels.delta_rule.chunk.FUSED_OUTPUT=True'``); peers run as they are.
+A switch stays set for the whole of its variant's forward and backward. Accuracy is the check
+engine's (``harness.check.engine.evaluate``: inputs drawn in float64, rounded to the dtype,
+relative error of every output, final state and gradient, with initial and final states);
+times are bench's (``harness.bench.measure``: ``do_bench`` median on a GPU). This is how a
+switch's default is chosen: the numbers behind each go into reports/<op>.md.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import json
+from pathlib import Path
+from unittest.mock import patch
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console(width=150)
+
+
+def _parse_set(text: str) -> dict:
+    """'LABEL:module.NAME=VALUE,module.NAME=VALUE' -> {"what": LABEL, "set": {path: value}}."""
+    label, _, assignments = text.partition(":")
+    if not assignments:
+        raise typer.BadParameter(f"expected 'LABEL:module.NAME=VALUE,...', got {text!r}",
+                                 param_hint="--set")
+    values = {}
+    for item in assignments.split(","):
+        path, _, value = item.partition("=")
+        try:
+            values[path.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            raise typer.BadParameter(f"{value!r} is not a Python literal", param_hint="--set")
+    return {"what": label, "set": values}
+
+
+@contextlib.contextmanager
+def _switched(switch: dict):
+    with contextlib.ExitStack() as stack:
+        for path, value in switch.get("set", {}).items():
+            stack.enter_context(patch(path, value))
+        yield
+
+
+def main(
+    op: str = typer.Argument(..., help="operator, e.g. delta_rule"),
+    impl: str = typer.Argument(..., help="the implementation whose switches are compared, e.g. chunk"),
+    peer: list[str] = typer.Option([], "--peer", help="implementations run beside it as they are, e.g. fla_chunk"),
+    sets: list[str] = typer.Option([], "--set", help="an extra variant: 'LABEL:module.NAME=VALUE,...'"),
+    acc: str = typer.Option("2,1000,4,64", help="B,T,H,D of the accuracy case (K = V = D)"),
+    dtype: str = typer.Option("bfloat16", help="dtype(s) of the accuracy case, comma-separated"),
+    seq_len: str = typer.Option("2048,8192,32768", help="T of the timed rows; empty: no timing"),
+    mode: str = typer.Option("fwd,fwdbwd", help="timed modes"),
+    batch: int = typer.Option(2), heads: int = typer.Option(16), head_dim: int = typer.Option(128),
+    time_dtype: str = typer.Option("bfloat16", help="dtype of the timed rows"),
+    out: Path = typer.Option(Path("out/switches"), help="where results.json goes"),
+) -> None:
+    import torch
+
+    from harness.bench.measure import bench_case, make_call, measure
+    from harness.cases import Case, case_dims
+    from harness.check.engine import evaluate
+    from harness.registry import get
+    from references.operators import OPERATORS
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        console.print("[yellow]no GPU: accuracy only, through the interpreter (float32, float16)[/]")
+    target = get(op, impl)
+    variants = [(f"{impl}", target, {})] + [(f"{impl}: {s['what']}", target, s) for s in target.switches]
+    variants += [(f"{impl}: {s['what']}", target, s) for s in map(_parse_set, sets)]
+    variants += [(name, get(op, name), {}) for name in peer]
+
+    B, T, H, D = (int(x) for x in acc.split(","))
+    has_state = OPERATORS[op].has_state
+    case = Case(op=op, dims=case_dims(op, B, T, H, D), initial_state=has_state,
+                output_final_state=has_state, seed=0)
+    results = {"op": op, "acc_case": json.loads(case.to_json()), "accuracy": [], "time": []}
+    for dname in dtype.split(","):
+        table = Table(title=f"{op} {dname}, {case.label()}: relative error against float64",
+                      title_justify="left")
+        rows = {}
+        for label, implementation, switch in variants:
+            with _switched(switch):
+                for r in evaluate(case, [implementation], [dname], device):
+                    rows.setdefault(label, {})[r["quantity"]] = r["error"]
+                    results["accuracy"].append({**r, "variant": label})
+        quantities = list(dict.fromkeys(q for v in rows.values() for q in v))
+        for col in ["variant"] + quantities:
+            table.add_column(col, justify="left" if col == "variant" else "right")
+        for label, errs in rows.items():
+            table.add_row(label, *(f"{errs[q]:.3g}" if q in errs else "-" for q in quantities))
+        console.print(table)
+
+    lengths = [int(t) for t in seq_len.split(",") if t.strip()]
+    if device == "cuda" and lengths:
+        modes = mode.split(",")
+        table = Table(title=f"{op} {time_dtype} B={batch} H={heads} D={head_dim}: median ms",
+                      title_justify="left")
+        for col in ["variant"] + [f"{m} T={t}" for m in modes for t in lengths]:
+            table.add_column(col, justify="left" if col == "variant" else "right")
+        for label, implementation, switch in variants:
+            cells = []
+            for m in modes:
+                for t in lengths:
+                    with _switched(switch):
+                        step = make_call(implementation, bench_case(op, batch, t, heads, head_dim),
+                                         time_dtype, m)
+                        ms = measure(step)
+                    del step
+                    results["time"].append({"variant": label, "mode": m, "T": t, **ms})
+                    cells.append(f"{ms['ms']:.3f}")
+            table.add_row(label, *cells)
+        console.print(table)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
+    console.print(f"[dim]wrote {out / 'results.json'}[/]")
+
+
+if __name__ == "__main__":
+    typer.run(main)
