@@ -201,7 +201,6 @@ def wy_fwd_kernel(
     a33 = tl.zeros([BC, BC], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < K
         # [BC, BK]
         k0 = load_rows(k + r0 * K, o_r, m0, o_k, K, H)
         k1 = load_rows(k + r1 * K, o_r, m1, o_k, K, H)
