@@ -11,9 +11,10 @@ import pandas as pd
 from rich.console import Console
 from rich.table import Table
 
+from harness.implementation import DTYPES
 from references.spec import Operator
 
-DTYPE_ORDER = {"float64": 0, "float32": 1, "float16": 2, "bfloat16": 3}
+DTYPE_ORDER = {name: i for i, name in enumerate(DTYPES)}
 COLUMNS = ["op", "impl", "kind", "dtype", "family", "case", "T", "quantity", "error",
            "ref_error", "tolerance", "passed", "note", "case_json"]
 
