@@ -93,6 +93,20 @@ def measure(device: str) -> dict[str, Any]:
     }
 
 
+def request(spec: dict[str, Any], device: str) -> dict[str, Any]:
+    """A worker's answer to "the ceilings of this device, unless ``spec["cached"]`` names it":
+    {"device_name", "ceilings" (None when cached or failed), "error" (when it failed)}."""
+    name = device_name(device)
+    if name in spec.get("cached", []):
+        return {"device_name": name, "ceilings": None}
+    try:
+        return {"device_name": name, "ceilings": measure(device)}
+    except Exception as exc:  # no ceilings means no % columns, not no sweep
+        from harness.worker import error_text
+
+        return {"device_name": name, "ceilings": None, "error": error_text(exc)}
+
+
 def load(out: Path) -> dict[str, dict[str, Any]]:
     """The cached ceilings under ``out``, by device name ({} when none)."""
     path = Path(out) / FILE

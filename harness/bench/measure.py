@@ -118,10 +118,10 @@ def measure_cpu(step: Callable[[], Any], warmup: float = 25, rep: float = 100) -
     return {"ms": statistics.median(samples), "ms_p20": q[1], "ms_p80": q[7], "peak_mb": math.nan}
 
 
-def run_spec(spec: dict[str, Any]) -> dict[str, Any]:
+def run_spec(spec: dict[str, Any], device: str | None = None) -> dict[str, Any]:
     """Measure one row: ``spec`` holds the row key (op, impl, dtype, mode, B, T, H, D) and
     ``device``, ``warmup``, ``rep`` (ms). Returns the measurements; raises what the
-    implementation raises."""
+    implementation raises. (A worker process calls it with its device, which is the spec's.)"""
     from harness.bench.ceilings import device_name
     from harness.registry import get
 

@@ -81,8 +81,8 @@ def summary(results: list[dict[str, Any]], seconds: float) -> str:
 
 def main(spec: dict[str, Any]) -> None:
     """One job, in this process: the row's step once (compile, autotune), synchronised; the
-    process set up as a timing worker is (harness.bench.worker.prepare)."""
-    from harness.bench.worker import prepare
+    process set up as a timing worker is (harness.worker.prepare)."""
+    from harness.worker import prepare
 
     device = prepare(spec)
     from harness.bench.measure import bench_case, make_call

@@ -7,7 +7,7 @@ A row is one (op, impl, dtype, mode, B, T, H, D) (``harness.bench.KEY``). The sw
   interpreter) are recorded as ``skipped`` with the reason, not measured;
 * with ``prewarm`` N, first runs each implementation's kernels once in N processes at a time,
   so that the timed rows find them compiled (``harness.bench.prewarm``);
-* measures each of the others in a worker process (``harness.bench.worker``), so that a crash,
+* measures each of the others in a worker process (``harness.worker``), so that a crash,
   a CUDA error or a hang costs that row only: it is recorded as ``failed`` or ``timeout`` with
   the reason and the sweep goes on (``isolate=False`` measures in this process, for debugging);
 * starts no row after ``max_time`` seconds (a device's time limit per call): the rows left
@@ -41,6 +41,7 @@ from harness.implementation import Implementation
 DONE = ("ok", "skipped")
 DIST_TIMEOUT = timedelta(hours=24)  # ranks wait for the slowest one at the final gather
 CEILINGS_TIMEOUT = 600.0
+ROW, CEILINGS = "harness.bench.measure:run_spec", "harness.bench.ceilings:request"
 
 
 @dataclass
@@ -165,18 +166,14 @@ class InProcess:
             torch.cuda.set_device(device_index)
 
     def run(self, spec: dict[str, Any], timeout: float) -> dict[str, Any]:
-        from harness.bench.measure import run_spec
-        from harness.bench.worker import error_text
+        from harness.worker import handle
 
-        try:
-            return {"status": "ok", **run_spec(spec)}
-        except Exception as exc:
-            return {"status": "failed", "reason": error_text(exc)}
+        return handle({"target": ROW, "spec": spec}, self.device)
 
     def ceilings(self, cached: list[str]) -> dict[str, Any] | None:
-        from harness.bench.worker import handle
+        from harness.bench.ceilings import request
 
-        return handle({"cmd": "ceilings", "cached": cached}, self.device)
+        return request({"cached": cached}, self.device)
 
     def abort(self) -> None:
         pass
@@ -189,16 +186,16 @@ class Isolated:
     """Measures in a worker process, restarted after every row that did not succeed."""
 
     def __init__(self, device: str, device_index: int, plugins: list[str], log: Path):
-        from harness.bench.worker import Worker
+        from harness.worker import Worker
 
         self.worker = Worker({"device": device, "device_index": device_index,
                               "plugins": list(plugins)}, log)
 
     def run(self, spec: dict[str, Any], timeout: float) -> dict[str, Any]:
-        from harness.bench.worker import WorkerFailed
+        from harness.worker import WorkerFailed
 
         try:
-            reply = self.worker.request({"cmd": "row", "spec": spec}, timeout)
+            reply = self.worker.request({"target": ROW, "spec": spec}, timeout)
         except WorkerFailed as exc:
             return {"status": exc.status, "reason": exc.reason}
         if reply.get("status") != "ok":
@@ -206,12 +203,16 @@ class Isolated:
         return reply
 
     def ceilings(self, cached: list[str]) -> dict[str, Any] | None:
-        from harness.bench.worker import WorkerFailed
+        from harness.worker import WorkerFailed
 
         try:
-            return self.worker.request({"cmd": "ceilings", "cached": cached}, CEILINGS_TIMEOUT)
+            reply = self.worker.request({"target": CEILINGS, "spec": {"cached": cached}},
+                                        CEILINGS_TIMEOUT)
         except WorkerFailed as exc:
             return {"device_name": None, "ceilings": None, "error": exc.reason}
+        if reply.get("status") != "ok":
+            return {"device_name": None, "ceilings": None, "error": reply.get("reason")}
+        return reply
 
     def abort(self) -> None:
         self.worker.kill()

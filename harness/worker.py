@@ -1,28 +1,33 @@
-"""Crash isolation for ``harness bench``: rows are measured in a worker process.
+"""Crash isolation: implementations run in a worker process, for ``harness bench`` (a row)
+and ``harness check`` (an implementation on a case).
 
 A kernel that corrupts memory can take its process down (a segfault), leave the CUDA context
 unusable (an illegal memory access is sticky), exhaust memory, or never return. So the
-sweep's own process never touches the device: it hands each row to a worker
-(``python -m harness.bench.worker``) and waits at most ``timeout`` seconds for the answer.
+command's own process never runs an implementation on the device: it hands each piece of work
+to a worker (``python -m harness.worker``) and waits at most ``timeout`` seconds for the answer.
 
-* One worker is kept alive across rows: Triton's in-process caches (compiled kernels,
-  autotuning results) then serve every row of that process, and torch is imported once.
-* After any row that did not succeed (an exception, a death, a timeout) the worker is killed
-  and a fresh one is started for the next row: a CUDA error may have poisoned its context,
-  and a fresh process costs seconds, a wrong measurement much more.
+* One worker is kept alive across requests: Triton's in-process caches (compiled kernels,
+  autotuning results) then serve every request of that process, and torch is imported once.
+* After any request that did not succeed (an exception, a death, a timeout) the worker is
+  killed and a fresh one is started for the next: a CUDA error may have poisoned its context,
+  and a fresh process costs seconds, a wrong result much more.
 * A death is reported with its signal (``SIGSEGV``...) and the tail of what the worker wrote
   to stderr (faulthandler prints the Python stack of a fatal signal there); a timeout kills
   the worker's whole process group.
 
 Protocol: JSON lines. The parent writes the worker's configuration (device, device index,
-plugins) as the first line of its stdin and waits for ``{"ready": ...}``; then each request
-(``{"cmd": "row", "spec": {...}}`` or ``{"cmd": "ceilings"}``) gets one reply line. The
-worker keeps its real stdout for replies and sends everything else printed (by kernels,
-libraries) to stderr, which the parent appends to a log file.
+plugins, environment) as the first line of its stdin and waits for ``{"ready": ...}``; then
+each request ``{"target": "module:function", "spec": {...}}`` gets one reply line: the
+function's result (a dict) called as ``function(spec, device)``, with ``"status": "ok"``, or
+``{"status": "failed", "reason": ...}`` when it raised. Naming the function in the request
+keeps this module free of the engines it serves. The worker keeps its real stdout for replies
+and sends everything else printed (by kernels, libraries) to stderr, which the parent appends
+to a log file.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import select
@@ -77,7 +82,7 @@ class Worker:
         env = dict(os.environ)
         env["PYTHONUNBUFFERED"] = "1"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "harness.bench.worker"], stdin=subprocess.PIPE,
+            [sys.executable, "-m", "harness.worker"], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=log, env=env, start_new_session=True)
         log.close()  # the child holds its own descriptor
         self._buffer = b""
@@ -186,22 +191,12 @@ def error_text(exc: BaseException) -> str:
 
 
 def handle(message: dict[str, Any], device: str) -> dict[str, Any]:
-    """One request, in the worker: a row's measurements or the device's ceilings."""
-    if message.get("cmd") == "ceilings":
-        from harness.bench.ceilings import device_name, measure
-
-        name = device_name(device)
-        if name in message.get("cached", []):
-            return {"device_name": name, "ceilings": None}
-        try:
-            return {"device_name": name, "ceilings": measure(device)}
-        except Exception as exc:  # no ceilings means no % columns, not no sweep
-            return {"device_name": name, "ceilings": None, "error": error_text(exc)}
-    from harness.bench.measure import run_spec
-
+    """One request, in the worker: ``target(spec, device)``'s result, or why it raised."""
+    module, _, name = message["target"].partition(":")
     try:
-        return {"status": "ok", **run_spec(message["spec"])}
-    except Exception as exc:  # an exception is one failed row; the parent restarts us
+        function = getattr(importlib.import_module(module), name)
+        return {"status": "ok", **function(message["spec"], device)}
+    except Exception as exc:  # an exception fails this request; the parent restarts us
         return {"status": "failed", "reason": error_text(exc)}
 
 
@@ -221,9 +216,9 @@ def die_with_parent(parent: int) -> None:
 
 
 def prepare(config: dict[str, Any]) -> str:
-    """Set up a process that runs implementations for the sweep (this worker, a prewarm job):
-    Python's stack on a fatal signal, death with the parent, the interpreter on the CPU, the
-    registry and plugins, the GPU ``device_index``. Returns the device."""
+    """Set up a process that runs implementations (this worker, a prewarm job): Python's stack on
+    a fatal signal, death with the parent, the interpreter on the CPU, the registry and plugins,
+    torch's ``threads``, the GPU ``device_index``. Returns the device."""
     import faulthandler
 
     faulthandler.enable()
@@ -236,9 +231,11 @@ def prepare(config: dict[str, Any]) -> str:
     load_plugins()
     for spec in config.get("plugins", []):
         load_plugin(spec)
-    if device == "cuda":
-        import torch
+    import torch
 
+    if config.get("threads"):
+        torch.set_num_threads(config["threads"])
+    if device == "cuda":
         torch.cuda.set_device(config.get("device_index", 0))
     return device
 
