@@ -28,11 +28,13 @@ __all__ = ["naive_recurrent_delta_rule", "chunk_delta_rule_ref"]
 
 
 def _prepare(q, k, v, beta, scale, initial_state, output_final_state, use_qk_l2norm_in_kernel, cu_seqlens):
-    dims = DELTA_RULE.validate(dict(
+    args = dict(
         q=q, k=k, v=v, beta=beta, scale=scale, initial_state=initial_state,
         output_final_state=output_final_state,
         use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, cu_seqlens=cu_seqlens,
-    ))
+    )
+    dims = DELTA_RULE.validate(args)
+    DELTA_RULE.check_values(args)  # the values' domains too (positive log gates...)
     if use_qk_l2norm_in_kernel:
         q, k = l2norm(q), l2norm(k)
     return dims, q, k, DELTA_RULE.resolve_scale(scale, dims)

@@ -28,10 +28,12 @@ __all__ = ["naive_recurrent_gla", "chunk_gla_ref"]
 
 
 def _prepare(q, k, v, gk, gv, scale, initial_state, output_final_state, reverse, cu_seqlens):
-    dims = GLA.validate(dict(
+    args = dict(
         q=q, k=k, v=v, gk=gk, gv=gv, scale=scale, initial_state=initial_state,
         output_final_state=output_final_state, reverse=reverse, cu_seqlens=cu_seqlens,
-    ))
+    )
+    dims = GLA.validate(args)
+    GLA.check_values(args)  # the values' domains too (positive log gates...)
     return dims, GLA.resolve_scale(scale, dims)
 
 

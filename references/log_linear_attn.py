@@ -52,10 +52,12 @@ __all__ = ["naive_log_linear_attn", "chunk_log_linear_attn_ref"]
 
 
 def _prepare(q, k, v, g, level_scales, initial_state, output_final_state, cu_seqlens, scale):
-    dims = LOG_LINEAR.validate(dict(
+    args = dict(
         q=q, k=k, v=v, g=g, level_scales=level_scales, initial_state=initial_state,
         output_final_state=output_final_state, cu_seqlens=cu_seqlens, scale=scale,
-    ))
+    )
+    dims = LOG_LINEAR.validate(args)
+    LOG_LINEAR.check_values(args)  # the values' domains too (positive log gates...)
     group = torch.arange(dims["H"], device=v.device) // (dims["H"] // dims["G"])  # head -> group
     return dims, group, LOG_LINEAR.resolve_scale(scale, dims)
 

@@ -9,6 +9,7 @@ keyword arguments (the rest choose a layout, like a per-channel beta).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from references.spec import Input, Operator
@@ -66,6 +67,7 @@ def levels_needed(length: int) -> int:
     return max(length - 1, 0).bit_length() + 1
 
 
+LOG_GATE = (-math.inf, 0.0)  # log-space forget gates: exp(g) <= 1
 _QK = ("B", "T", "H", "K")
 _V = ("B", "T", "H", "V")
 _D = ("B", "T", "H", "D")
@@ -97,8 +99,8 @@ GLA = Operator(
         Input("q", (_QK,), "normal"),
         Input("k", (_QK,), "normal"),
         Input("v", (_V,), "normal"),
-        Input("gk", (_QK,), "log_gate", required=False),
-        Input("gv", (_V,), "log_gate", required=False, present=_opt("gv")),
+        Input("gk", (_QK,), "log_gate", required=False, bounds=LOG_GATE),
+        Input("gv", (_V,), "log_gate", required=False, present=_opt("gv"), bounds=LOG_GATE),
         Input("initial_state", (("N", "H", "K", "V"),), "normal", required=False, state=True, present=_initial),
     ),
     outputs=("o", "final_state"),
@@ -142,9 +144,9 @@ TITANS = Operator(
         Input("v", (_D,), "normal"),
         Input("w", (("H", "D"),), "ln_weight"),
         Input("b", (("H", "D"),), "ln_bias"),
-        Input("theta", (("B", "T", "H"),), "learning_rate"),
-        Input("alpha", (("B", "T", "H"),), "forget"),
-        Input("eta", (("B", "T", "H"),), "keep"),
+        Input("theta", (("B", "T", "H"),), "learning_rate", bounds=(0.0, math.inf)),
+        Input("alpha", (("B", "T", "H"),), "forget", bounds=(0.0, 1.0)),
+        Input("eta", (("B", "T", "H"),), "keep", bounds=(0.0, 1.0)),
         Input("initial_state", (("N", "H", "D", "D"),), "small", required=False, state=True, present=_initial),
         Input("initial_momentum", (("N", "H", "D", "D"),), "small", required=False, state=True, present=_initial),
     ),
@@ -165,7 +167,7 @@ LOG_LINEAR = Operator(
         Input("q", (("B", "T", "G", "K"),), "normal"),
         Input("k", (("B", "T", "G", "K"),), "normal"),
         Input("v", (_V,), "normal"),
-        Input("g", (("B", "T", "H"),), "log_gate"),
+        Input("g", (("B", "T", "H"),), "log_gate", bounds=LOG_GATE),
         Input("level_scales", (("B", "T", "H", "L"),), "unit_interval"),
         Input("initial_state", (("N", "H", "K", "V"),), "normal", required=False, state=True, present=lambda c: False),
     ),

@@ -52,6 +52,7 @@ class Input:
     state: bool = False  # a per-sequence state [N, ...]; kept float32 by kernels
     present: Callable[[Any], bool] = _always
     pick: Callable[[Any], int] = _first
+    bounds: tuple[float, float] | None = None  # the closed interval its values must lie in
 
     def domain_for(self, case: Any) -> str:
         return self.domain(case) if callable(self.domain) else self.domain
@@ -155,6 +156,22 @@ class Operator:
         if self.extra_check is not None:
             self.extra_check(dims, dict(args))
         return dims
+
+    def check_values(self, args: Mapping[str, Any]) -> None:
+        """Raise ValueError when an input holds values outside its declared bounds (a
+        positive log gate, a forgetting rate above 1), naming the argument, the bounds and the
+        worst value. NaN is not out of bounds (it propagates, as the math does). The references
+        call this; the kernels do not: it reads the values back from the device."""
+        for inp in self.inputs:
+            x = args.get(inp.name)
+            if inp.bounds is None or not isinstance(x, torch.Tensor) or x.numel() == 0:
+                continue
+            lo, hi = inp.bounds
+            below, above = x < lo, x > hi
+            if bool(below.any()) or bool(above.any()):
+                worst = x[below].min().item() if bool(below.any()) else x[above].max().item()
+                raise ValueError(f"{self.name}: '{inp.name}' must lie in [{lo:g}, {hi:g}], got "
+                                 f"{worst!r}")
 
     def resolve_scale(self, scale: float | None, dims: Mapping[str, int]) -> float:
         """The scale a call uses: the given one, or ``K ** -0.5`` for ``None``."""

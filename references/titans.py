@@ -57,11 +57,13 @@ _TOKENS = ("q", "k", "v", "theta", "alpha", "eta")
 
 def _prepare(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, initial_state,
              initial_momentum, output_final_state, cu_seqlens):
-    dims = TITANS.validate(dict(
+    args = dict(
         q=q, k=k, v=v, w=w, b=b, theta=theta, alpha=alpha, eta=eta, scale=scale, eps=eps,
         chunk_size=chunk_size, initial_state=initial_state, initial_momentum=initial_momentum,
         output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-    ))
+    )
+    dims = TITANS.validate(args)
+    TITANS.check_values(args)  # the values' domains too (positive log gates...)
     acc = state_dtype(v.dtype)
     return dims, TITANS.resolve_scale(scale, dims), acc, w.to(acc), b.to(acc)
 

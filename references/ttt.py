@@ -53,11 +53,13 @@ __all__ = ["naive_ttt_linear", "chunk_ttt_linear_ref"]
 
 def _prepare(q, k, v, w, b, eta, scale, eps, chunk_size, initial_state, initial_state_bias,
              output_final_state, cu_seqlens):
-    dims = TTT.validate(dict(
+    args = dict(
         q=q, k=k, v=v, w=w, b=b, eta=eta, scale=scale, eps=eps, chunk_size=chunk_size,
         initial_state=initial_state, initial_state_bias=initial_state_bias,
         output_final_state=output_final_state, cu_seqlens=cu_seqlens,
-    ))
+    )
+    dims = TTT.validate(args)
+    TTT.check_values(args)  # the values' domains too (positive log gates...)
     acc = state_dtype(v.dtype)
     return dims, TTT.resolve_scale(scale, dims), acc, w.to(acc), b.to(acc)
 

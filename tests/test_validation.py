@@ -134,3 +134,38 @@ def test_a_kernel_on_cpu_tensors_without_the_interpreter_says_what_to_do(functio
     assert done.returncode == 0, done.stderr
     assert f"ValueError: {function}: the inputs are on the CPU" in done.stdout
     assert "TRITON_INTERPRET=1" in done.stdout and "CUDA" in done.stdout
+
+
+@pytest.mark.parametrize("function", ["chunk_delta_rule", "fused_recurrent_delta_rule",
+                                      "parallel_delta_rule"])
+def test_a_kernel_refuses_a_dtype_it_does_not_declare(function):
+    """The kernels are registered for float32, float16 and bfloat16: float64 is refused before
+    any launch (fused_recurrent used to run it)."""
+    import kernels.delta_rule as kdr
+
+    q = torch.randn(1, 4, 1, 8, dtype=torch.float64)
+    with pytest.raises(TypeError, match=f"{function}: q, k, v must be float32, float16 or "
+                                        f"bfloat16, got torch.float64"):
+        getattr(kdr, function)(q, q, q, torch.rand(1, 4, 1, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("fn, over, words", [
+    (naive_recurrent_gla, dict(gk=0.5), ["'gk'", "[-inf, 0]", "0.5"]),
+    (naive_recurrent_gla, dict(gv=1e-3), ["'gv'", "[-inf, 0]"]),
+])
+def test_references_refuse_values_outside_the_contract(fn, over, words):
+    """A positive log gate is outside the contract (docs/operators.md): the references say so
+    instead of computing a growing state. NaN is not refused (it propagates as the math does)."""
+    args = dict(q=torch.randn(B, T, H, K), k=torch.randn(B, T, H, K), v=torch.randn(B, T, H, V),
+                gk=-torch.rand(B, T, H, K), gv=-torch.rand(B, T, H, V))
+    for name, value in over.items():
+        args[name] = args[name].clone()
+        args[name][0, 2] = value
+    with pytest.raises(ValueError) as info:
+        fn(**args)
+    for w in words:
+        assert w in str(info.value)
+    args["gk"][0, 1] = float("nan")
+    args["gv"] = -torch.rand(B, T, H, V)
+    args["gk"][0, 2] = -1.0
+    assert torch.isnan(fn(**args)[0]).any()

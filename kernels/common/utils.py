@@ -136,10 +136,17 @@ def interpreted() -> bool:
 INTERPRETED = interpreted()
 
 
+# The dtypes the kernels take (float64 has no tensor-core path; the references run it).
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def check_launchable(name: str, x: torch.Tensor) -> None:
-    """A clear error before any launch when ``x``'s device cannot run the kernels: CPU tensors
-    need Triton's interpreter switched on before the kernels were imported (else Triton fails
-    deep in the launch with "0 active drivers"); anything else needs CUDA."""
+    """A clear error before any launch when the kernels cannot run ``x`` (q, whose dtype k and v
+    share): a dtype they do not take, or a device they cannot run on: CPU tensors need Triton's
+    interpreter switched on before the kernels were imported (else Triton fails deep in the
+    launch with "0 active drivers"); anything else needs CUDA."""
+    if x.dtype not in KERNEL_DTYPES:
+        raise TypeError(f"{name}: q, k, v must be float32, float16 or bfloat16, got {x.dtype}")
     if x.device.type == "cuda":
         return
     if x.device.type == "cpu":

@@ -225,8 +225,6 @@ def chunk_delta_rule(
     check_launchable("chunk_delta_rule", q)
     if max(dims["K"], dims["V"]) > 256:
         raise ValueError(f"chunk_delta_rule: K and V must be <= 256, got K={dims['K']}, V={dims['V']}")
-    if k.dtype not in BWD_RECOMPUTE_BY_DTYPE:
-        raise TypeError(f"chunk_delta_rule: q, k, v must be float32, float16 or bfloat16, got {k.dtype}")
     if beta.dim() == 4 or _one_token_each(dims["T"], cu_seqlens):
         return fused_recurrent_delta_rule(q, k, v, beta, scale, initial_state, output_final_state,
                                           use_qk_l2norm_in_kernel, cu_seqlens)

@@ -189,9 +189,6 @@ def parallel_delta_rule(
     if max(dims["K"], dims["V"]) > MAX_D:
         raise ValueError(f"parallel_delta_rule: K and V must be <= {MAX_D}, "
                          f"got K={dims['K']}, V={dims['V']}")
-    if k.dtype not in MIXED_BY_DTYPE:
-        raise TypeError(f"parallel_delta_rule: q, k, v must be float32, float16 or bfloat16, "
-                        f"got {k.dtype}")
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, beta)):
         raise NotImplementedError(
             "parallel_delta_rule is forward only (inference): it has no backward; use "
