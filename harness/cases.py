@@ -9,7 +9,8 @@ into float64 input tensors from the case's seed and ``cast_args`` rounds them to
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+import random
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable
 
 import torch
@@ -22,12 +23,15 @@ from references.spec import Operator
 # Sizes the random family draws from, per device profile. The CPU profile keeps kernels
 # cheap under the Triton interpreter (T <= 128, few programs); both include T = 1, lengths
 # around and not multiples of every chunk size (16, 64), and head dims that are not powers
-# of two.
+# of two. On a GPU every distinct head dim is a compile of every kernel (head dims are
+# constexprs), and compiling is where a cold check's time goes: four head dims, two of them
+# one 64-wide tile and its masked narrower kin, one tile pair (128), one not a power of two
+# (100); the tiling family checks every other class.
 PROFILES: dict[str, dict[str, Any]] = {
     "cpu": dict(T=(1, 2, 15, 17, 63, 64, 65, 70, 100, 128), B=(1, 2), H=(1, 2, 3),
                 head=(8, 5, 12, 16, 24, 32), segment=40),
     "cuda": dict(T=(1, 63, 64, 65, 100, 200, 255, 1000, 2048), B=(1, 2), H=(1, 2, 4),
-                 head=(64, 16, 32, 48, 100, 128), segment=700),
+                 head=(64, 32, 100, 128), segment=700),
 }
 # The long-sequence family: lengths, and the gate strength that takes log gates to about
 # -60 per step (20 * logsigmoid(x) for x ~ N(0, 1) reaches -60 at x ~ -3).
@@ -51,15 +55,30 @@ class Case:
     gate: float = 1.0  # strength of the decay gates: log gate = gate * logsigmoid(x)
     options: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
+    # The causality family's planted value: {"input", "seq", "t", "value"}: ``value`` ("nan",
+    # "inf", "-inf") at token ``t`` of sequence ``seq`` of input ``input`` (every channel).
+    poison: dict[str, Any] | None = None
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), separators=(",", ":"), sort_keys=True)
+        data = asdict(self)
+        if data["poison"] is None:  # a case without one reads as it always has
+            del data["poison"]
+        return json.dumps(data, separators=(",", ":"), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> "Case":
-        data = json.loads(text)
+        """A case from its JSON (as a failure prints it); ValueError naming what is wrong."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"not JSON ({exc}): {text!r}") from None
         if not isinstance(data, dict) or "op" not in data or "dims" not in data:
-            raise ValueError(f"--case: expected a JSON case with 'op' and 'dims', got {text!r}")
+            raise ValueError(f"expected a JSON case with 'op' and 'dims', got {text!r}")
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown key(s) {', '.join(unknown)} in {text!r}")
+        if data["op"] not in OPERATORS:
+            raise ValueError(f"unknown operator {data['op']!r}; known: {', '.join(OPERATORS)}")
         return cls(**data)
 
     @property
@@ -74,6 +93,9 @@ class Case:
             extra.append("h0")
         if self.operator.gated:
             extra.append(f"gate={self.gate:g}")
+        if self.poison:
+            p = self.poison
+            extra.append(f"{p['value']} in {p['input']}[seq {p['seq']}, t={p['t']}]")
         return " ".join([d] + extra)
 
     def kwargs(self) -> dict[str, Any]:
@@ -185,6 +207,70 @@ def tiling_cases(op_name: str, profile: str = "cpu") -> list[Case]:
     T = TILING_T[profile]
     return [_fixed(op_name, case_dims(op_name, 1, T, 2, K, V, G=1), 2000 + i)
             for i, (K, V) in enumerate(dict.fromkeys(pairs))]
+
+
+# The causality family: a non-finite value planted at one token of one input must reach no
+# output before that token and no other sequence (docs/check.md). Lengths span several chunks of
+# 64; every other case is varlen; the input, sequence, token and value go round in turn.
+CAUSALITY = {"cpu": dict(cases=6, T=(70, 100), head=(8, 16)),
+             "cuda": dict(cases=12, T=(200, 1000), head=(64, 128))}
+POISONS = ("nan", "inf", "-inf")
+
+
+def causality_cases(op_name: str, profile: str = "cpu") -> list[Case]:
+    """The causality family: one planted non-finite value per case (``Case.poison``)."""
+    op, p = OPERATORS[op_name], CAUSALITY[profile]
+    rng = random.Random(3000)
+    cases = []
+    for i in range(p["cases"]):
+        T, head = p["T"][i % len(p["T"])], p["head"][(i // 2) % len(p["head"])]
+        seqlens = None
+        if i % 2:  # three sequences, the first one short
+            first = rng.randrange(1, T // 4)
+            second = rng.randrange(1, T - first)
+            seqlens = [first, second, T - first - second]
+        lengths = seqlens or [T, T]
+        dims = case_dims(op_name, 1 if seqlens else len(lengths), T, 2, head, G=1)
+        if "L" in dims:
+            dims["L"] = levels_needed(max(lengths))
+        case = replace(_fixed(op_name, dims, 3000 + i), seqlens=seqlens)
+        names = [inp.name for inp in op.inputs if not inp.state and inp.present(case)
+                 and inp.shapes[inp.pick(case)][:2] == ("B", "T")]
+        seq = rng.randrange(len(lengths))
+        poison = {"input": names[i % len(names)], "seq": seq, "t": rng.randrange(lengths[seq]),
+                  "value": POISONS[i % len(POISONS)]}
+        cases.append(replace(case, poison=poison))
+    return cases
+
+
+def without(case: Case, features: tuple[str, ...]) -> Case:
+    """``case`` without some of its features: "states" (no initial or final state), "varlen"
+    (one sequence of the same T), "options" (every option at its first value)."""
+    op = case.operator
+    if "states" in features:
+        case = replace(case, initial_state=False, output_final_state=False)
+    if "varlen" in features and case.seqlens is not None:
+        dims = dict(case.dims)
+        if "L" in dims:
+            dims["L"] = max(dims["L"], levels_needed(dims["T"]))
+        case = replace(case, seqlens=None, dims=dims)
+    if "options" in features:
+        case = replace(case, options={name: values[0] for name, values in op.options.items()})
+    return case
+
+
+REDUCTIONS = (("states",), ("varlen",), ("options",), ("states", "varlen"),
+              ("states", "options"), ("varlen", "options"), ("states", "varlen", "options"))
+
+
+def reduced(case: Case, supports: Callable[[Case], str | None]) -> Case | None:
+    """The case with the fewest features taken away (``without``) that ``supports`` accepts,
+    or None: how an implementation that declines a feature still gets cases."""
+    for features in REDUCTIONS:
+        smaller = without(case, features)
+        if smaller != case and supports(smaller) is None:
+            return smaller
+    return None
 
 
 # Value domains (docs/operators.md): each draws float64 values of a shape from a generator.

@@ -1,5 +1,9 @@
 """The check engine catches what it exists to catch: wrong math (shrunk to a minimal case and
-reproducible from the printed command), unwritten outputs, missing final states."""
+reproducible from the printed command), unwritten outputs, missing final states; a fault, an
+abort or a hang costs the implementation that caused it alone; nothing checked is not a pass.
+
+Implementations registered here at run time (the planted ones) run with --no-isolate: a worker
+process only knows the built-ins and plugins (the isolation tests load theirs with --plugin)."""
 
 import shlex
 
@@ -8,7 +12,8 @@ import torch
 from typer.testing import CliRunner
 
 from harness.cases import Case, sample
-from harness.check.engine import check_random, evaluate, rel_error
+from harness.check.engine import evaluate, rel_error
+from harness.check.families import check_family
 from harness.cli import app
 from harness.registry import Implementation, get, register, unregister
 from references.gla import chunk_gla_ref
@@ -34,7 +39,8 @@ def planted():
 
 def test_planted_bug_is_caught_shrunk_and_reproduced(planted):
     result = runner.invoke(app, ["check", "gla", "--impl", "planted_bug", "--dtype", "float64",
-                                 "--examples", "20", "--family", "random", "--device", "cpu"])
+                                 "--examples", "20", "--family", "random", "--device", "cpu",
+                                 "--no-isolate"])
     assert result.exit_code == 1, result.output
     assert "FAILED on case" in result.output
     command = result.output.split("reproduce with:")[1].strip().replace("\n", "")
@@ -45,7 +51,7 @@ def test_planted_bug_is_caught_shrunk_and_reproduced(planted):
     # the initial state, or on the second of two tokens.
     assert case.dims["B"] == 1 and case.dims["H"] == 1 and case.seqlens is None
     assert (case.dims["T"], case.initial_state) in ((1, True), (2, False)), case
-    again = runner.invoke(app, argv[1:])
+    again = runner.invoke(app, argv[1:] + ["--no-isolate"])
     assert again.exit_code == 1, again.output
     assert "planted_bug float64" in again.output
 
@@ -139,8 +145,9 @@ def test_references_on_another_device_give_the_same_rows(monkeypatch, planted):
     real_sample, real_run = check.sample, check.run
 
     def spy_sample(case_, device="cpu"):
-        drawn[str(device)] = real_sample(case_, device)
-        return drawn[str(device)]
+        args = real_sample(case_, device)
+        drawn.setdefault(str(device), set()).add(args["q"].untyped_storage().data_ptr())
+        return args
 
     def spy_run(fn, args, case_, dtype, douts, backward=True, poison=False):
         if args["q"].dtype == torch.float64:  # the float64 pass; poison: an implementation
@@ -150,10 +157,10 @@ def test_references_on_another_device_give_the_same_rows(monkeypatch, planted):
     monkeypatch.setattr(check, "sample", spy_sample)
     monkeypatch.setattr(check, "run", spy_run)
     two = evaluate(case, impls, ["float64", "float32"], "cpu")
-    ptr = {d: x["q"].untyped_storage().data_ptr() for d, x in drawn.items()}
-    assert set(ptr) == {"cpu", "cpu:0"} and ptr["cpu"] != ptr["cpu:0"]
-    assert {p for poison, p in fed if poison} == {ptr["cpu"]}
-    assert {p for poison, p in fed if not poison} == {ptr["cpu:0"]}
+    assert set(drawn) == {"cpu", "cpu:0"} and not drawn["cpu"] & drawn["cpu:0"]
+    assert {p for poison, p in fed if poison} <= drawn["cpu"]
+    assert {p for poison, p in fed if not poison} <= drawn["cpu:0"]
+    assert any(poison for poison, _ in fed) and any(not poison for poison, _ in fed)
     assert len(one) == len(two) > 0
     for a, b in zip(one, two):
         assert (a["impl"], a["quantity"], a["dtype"], a["passed"]) == (b["impl"], b["quantity"], b["dtype"], b["passed"])
@@ -182,9 +189,9 @@ def test_sample_is_reproducible_and_in_domain():
 
 
 def test_random_family_records_every_case():
-    res = check_random("delta_rule", [get("delta_rule", "chunk_ref")], ["float64"], "cpu",
-                       examples=5, seed=1, profile="cpu")
-    assert res.failure is None and res.examples == 5
+    res = check_family("random", "delta_rule", [get("delta_rule", "chunk_ref")], ["float64"],
+                       "cpu", examples=5, seed=1)
+    assert res.failures == [] and res.examples == 5
     assert len({r["case_json"] for r in res.rows}) == 5
     assert max(r["error"] for r in res.rows) < 1e-12
 
@@ -203,11 +210,11 @@ def test_long_family_writes_error_against_T(tmp_path):
 
 def test_check_writes_each_case_as_it_ends(tmp_path, monkeypatch):
     """A progress line per case and its rows in <op>_cases.jsonl as each case ends, so a check
-    killed from outside (a time limit; here an interrupt in the second case)
-    keeps the cases it finished: the rows equal the table's for those cases."""
+    stopped before its end (here an interrupt while the second case's truth is computed)
+    keeps the cases it finished, and its table is built from them."""
     import json
 
-    import harness.check.engine as check_mod
+    import harness.check.runner as runner_mod
 
     argv = ["check", "gla", "--family", "long", "--long-t", "64,128", "--device", "cpu",
             "--out", str(tmp_path)]
@@ -221,17 +228,19 @@ def test_check_writes_each_case_as_it_ends(tmp_path, monkeypatch):
     assert len(lines) == len(table) and {r["T"] for r in lines} == {64, 128}
     assert sorted(r["error"] for r in lines) == pytest.approx(sorted(table["error"]))
 
-    evaluate = check_mod.evaluate
+    truths = runner_mod.truths
     def killed_at_128(case, *args):
         if case.dims["T"] == 128:
             raise KeyboardInterrupt
-        return evaluate(case, *args)
-    monkeypatch.setattr(check_mod, "evaluate", killed_at_128)
-    runner.invoke(app, argv)
+        return truths(case, *args)
+    monkeypatch.setattr(runner_mod, "truths", killed_at_128)
+    stopped = runner.invoke(app, argv + ["--no-isolate"])  # the first case ends before the second
+    assert "interrupted" in stopped.output
     kept = [json.loads(x) for x in (tmp_path / "gla_cases.jsonl").read_text().splitlines()]
     assert kept and {r["T"] for r in kept} == {64}
     assert sorted(r["error"] for r in kept) == pytest.approx(
         sorted(table[table["T"] == 64]["error"]))
+    assert set(pd.read_csv(tmp_path / "gla.csv")["T"]) == {64}  # the table: what finished
 
 
 SEEN: list[int] = []
@@ -246,23 +255,27 @@ def faulting_gla(q, k, v, gk=None, gv=None, **kw):
     return chunk_gla_ref(q, k, v, gk, gv, **kw)
 
 
-def test_device_fault_stops_at_the_case_that_faulted_without_shrinking():
-    # Shrinking a sticky fault would "minimise" it to whatever case ran next (the fault makes
-    # every case fail); the check stops at the first faulting case, exactly as drawn, and says
-    # so instead.
+def test_device_fault_costs_that_implementation_its_remaining_cases():
+    # A sticky fault is recorded as a fault (with its replay command), not shrunk (every later
+    # call would fail too), and the implementation runs no further case; the others go on.
     SEEN.clear()
     impl = register(Implementation(op="gla", name="faulting", kind="reference",
                                    target=faulting_gla), replace=True)
     try:
-        result = check_random("gla", [impl], ["float64"], "cpu", examples=30, seed=0, profile="cpu")
+        result = check_family("random", "gla", [impl, get("gla", "chunk_ref")], ["float64"],
+                              "cpu", examples=30, seed=0)
     finally:
         unregister("gla", "faulting")
     first = next(i for i, t in enumerate(SEEN) if t >= 40)
-    assert len(SEEN) == first + 1  # nothing ran after the fault
-    assert result.failure is not None and result.failure.case.dims["T"] == SEEN[first]
-    (row,) = result.failure.rows
-    assert row["impl"] == "faulting" and row["dtype"] == "float64" and not row["passed"]
-    assert "device fault" in row["note"] and "illegal memory access" in row["note"]
+    assert len(SEEN) == first + 1  # nothing of it ran after the fault
+    faults = [r for r in result.rows if r["status"] == "fault"]
+    assert faults[0]["impl"] == "faulting" and "illegal memory access" in faults[0]["note"]
+    assert "replay: harness check gla --impl faulting" in faults[0]["note"]
+    assert all("not run: faulting faulted" in r["note"] for r in faults[1:])
+    assert result.failures == []  # a fault is not a numerical failure to shrink
+    ours = [r for r in result.rows if r["impl"] == "chunk_ref"]
+    assert len({r["case_json"] for r in ours}) == result.examples > 20  # every case it had
+    assert all(r["passed"] for r in ours)
 
 
 def test_long_family_runs_the_chunked_reference_alone_unless_the_step_loop_is_checked():
@@ -270,45 +283,141 @@ def test_long_family_runs_the_chunked_reference_alone_unless_the_step_loop_is_ch
     # alone can only make the tolerance tighter (the worse of fewer references).
     from harness.check.engine import dtype_references
 
-    chunk, naive = get("delta_rule", "chunk"), get("delta_rule", "naive")
-    assert dtype_references("random", [chunk]) == ["naive", "chunk_ref"]
-    assert dtype_references("long", [chunk]) == ["chunk_ref"]
-    assert dtype_references("long", [naive, chunk]) == ["naive", "chunk_ref"]
+    assert dtype_references("random", ["chunk"]) == ["naive", "chunk_ref"]
+    assert dtype_references("long", ["chunk"]) == ["chunk_ref"]
+    assert dtype_references("long", ["naive", "chunk"]) == ["naive", "chunk_ref"]
 
 
 def test_max_time_stops_drawing_and_says_so(tmp_path):
-    # A deadline already past: the first case is not evaluated and the summary says the run
-    # was cut short, instead of a silent "all passed" over nothing.
+    # A deadline already past: no case is evaluated, the summary says the run was cut short,
+    # and a run that compared nothing fails instead of a silent "all passed" over nothing.
     result = runner.invoke(app, ["check", "gla", "--impl", "chunk_ref", "--dtype", "float64",
                                  "--examples", "5", "--device", "cpu", "--max-time", "0",
                                  "--out", str(tmp_path)])
-    assert result.exit_code == 0, result.output
+    assert result.exit_code == 1, result.output
     assert "stopped at --max-time 0 s: 0 cases ran" in result.output
-    assert "(on the cases that ran)" in result.output
-    from harness.check.engine import check_long
-    from harness.registry import get
+    assert "nothing was compared" in result.output
     import time
 
-    res = check_long("gla", [get("gla", "chunk_ref")], ["float64"], "cpu", "cpu", (16, 32),
-                     deadline=time.perf_counter() + 3600)
+    res = check_family("long", "gla", [get("gla", "chunk_ref")], ["float64"], "cpu",
+                       lengths=(16, 32), deadline=time.perf_counter() + 3600)
     assert res.examples == 2 and not res.stopped and res.rows
 
 
-def test_max_time_during_a_shrink_keeps_the_failure(monkeypatch):
-    # Past the deadline hypothesis still replays the failure it keeps: that replay must fail
-    # again (not be rejected, which hypothesis reports as a flaky test and the table is lost).
+def test_shrinking_past_the_deadline_keeps_the_failure(planted):
+    # Past the deadline the shrinking pass evaluates nothing new: the failure found is reported
+    # as it was (hypothesis rejecting every draw must not lose it).
     import time
 
-    import harness.check.engine as check
+    from harness.check.families import shrink
+    from harness.check.runner import CaseFailed, InProcess, Setup, TruthMaker
 
-    def failing(case, *args):
-        time.sleep(0.05)
-        return [dict(impl="x", dtype="float64", quantity="o", error=1.0, passed=False)]
+    case = Case(op="gla", dims=dict(B=1, T=2, H=1, K=8, V=8), seed=0)
+    rows = evaluate(case, [planted], ["float64"], "cpu")
+    setup = Setup(device="cpu", dtypes=["float64"], isolate=False,
+                  deadline=time.perf_counter() - 1)
+    kept = shrink("gla", planted, CaseFailed(case, rows), setup, InProcess(setup),
+                  TruthMaker(setup), {}, 5, 0, "cpu")
+    assert kept.case == case and kept.rows and not all(r["passed"] for r in kept.rows)
 
-    monkeypatch.setattr(check, "evaluate", failing)
-    res = check.check_random("gla", [], ["float64"], "cpu", 5, 0, "cpu",
-                             deadline=time.perf_counter() + 0.12)
-    assert res.failure is not None and res.rows and not res.rows[0]["passed"]
+
+def test_nothing_checked_is_not_a_pass():
+    # every case skipped (the interpreter has no bfloat16): exit 1, saying why
+    result = runner.invoke(app, ["check", "delta_rule", "--impl", "chunk", "--dtype", "bfloat16",
+                                 "--examples", "2", "--family", "random", "--device", "cpu"])
+    assert result.exit_code == 1, result.output
+    assert "chunk: nothing compared: skipped: the Triton interpreter has no bfloat16" in result.output
+    assert "nothing was compared" in result.output and "all checks passed" not in result.output
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--examples", "0"], ["--examples: expected a number of cases >= 1, got 0"]),
+    (["--long-t", "abc"], ["--long-t: expected comma-separated positive integers, got 'abc'"]),
+    (["--max-time", "-1"], ["--max-time: expected seconds >= 0, got -1"]),
+    (["--case", '{"foo":1}'], ["--case: expected a JSON case with 'op' and 'dims'"]),
+    (["--case", '{"op":"gla","dims":{},"x":1}'], ["--case: unknown key(s) x"]),
+])
+def test_bad_options_are_usage_errors_before_any_case(args, words):
+    result = runner.invoke(app, ["check", "gla", "--device", "cpu"] + args)
+    assert result.exit_code == 2, result.output
+    for w in words:
+        assert w in result.output
+    assert result.output.count("--case:") <= 1
+
+
+PLANTED = """
+import os, time
+from harness.registry import Implementation, register
+from references.delta_rule import chunk_delta_rule_ref
+
+def aborts(**kw):
+    os.abort()  # what a device fault that kills the process looks like from outside
+
+def hangs(**kw):
+    time.sleep(3600)
+
+def stateless(**kw):
+    return chunk_delta_rule_ref(**kw)
+
+def no_states(case):
+    if case.initial_state or case.output_final_state or case.seqlens is not None:
+        return "no states or varlen here"
+    return None
+
+def register_all():
+    register(Implementation(op="delta_rule", name="planted_abort", kind="peer", target=aborts))
+    register(Implementation(op="delta_rule", name="planted_hang", kind="peer", target=hangs))
+    register(Implementation(op="delta_rule", name="planted_stateless", kind="peer",
+                            target=stateless, supports=no_states))
+"""
+
+
+def test_an_abort_and_a_hang_cost_only_themselves(tmp_path):
+    """Each implementation runs in a worker process: one that aborts its process and one that
+    never returns (--timeout) are recorded as faults with their replay commands; the others'
+    rows are in the table and the files; exit 1 naming the planted ones. A peer that declines
+    every case with states or varlen still gets the cases without them."""
+    import pandas as pd
+
+    plugin = tmp_path / "planted.py"
+    plugin.write_text(PLANTED)
+    result = runner.invoke(app, [
+        "check", "delta_rule", "--impl", "chunk_ref,planted_abort,planted_hang,planted_stateless",
+        "--plugin", str(plugin), "--examples", "4", "--family", "random", "--dtype", "float64",
+        "--device", "cpu", "--timeout", "5", "-j", "2", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 1, result.output
+    out = result.output
+    assert "FAULT planted_abort float64" in out and "SIGABRT" in out
+    assert "FAULT planted_hang float64" in out and "no result after 5 s" in out
+    assert "replay: harness check delta_rule --impl planted_abort" in out
+    df = pd.read_csv(tmp_path / "out" / "delta_rule.csv")
+    ours = df[df["impl"] == "chunk_ref"]
+    assert len(set(ours["case_json"])) == 4 and ours["passed"].all()
+    stateless = df[(df["impl"] == "planted_stateless") & (df["status"] == "pass")]
+    assert len(stateless) > 0 and not stateless["case_json"].str.contains('"initial_state":true').any()
+    assert set(df.loc[df["status"] == "fault", "impl"]) == {"planted_abort", "planted_hang"}
+
+
+def leaks_the_future(q, k, v, beta, **kw):
+    """A planted kernel whose every output is multiplied by zero with every token of the batch
+    (as a chunk's dense products are: 0 * NaN = NaN)."""
+    from references.delta_rule import naive_recurrent_delta_rule
+
+    o, s = naive_recurrent_delta_rule(q, k, v, beta, **kw)
+    everything = sum(x.sum(1, keepdim=True).sum(-1, keepdim=True) for x in (q, k, v))
+    return o + 0 * (everything + beta.sum(1, keepdim=True)[..., None]), s
+
+
+def test_causality_family_catches_a_future_leak():
+    leaky = Implementation(op="delta_rule", name="leaky", kind="peer", target=leaks_the_future)
+    result = check_family("causality", "delta_rule", [leaky, get("delta_rule", "fused_recurrent")],
+                          ["float32"], "cpu")
+    by_impl = {}
+    for r in result.rows:
+        by_impl.setdefault((r["impl"], r["quantity"]), []).append(r["passed"])
+    assert not all(by_impl[("leaky", "leak")])  # a NaN at the last token reached t = 0
+    assert all(by_impl[("fused_recurrent", "leak")]) and all(by_impl[("fused_recurrent", "non-finite")])
+    assert len(by_impl[("fused_recurrent", "leak")]) == 6
 
 
 def test_check_takes_a_plugin_file(tmp_path):

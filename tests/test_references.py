@@ -5,7 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.check.engine import check_random, rel_error
+from harness.check.engine import rel_error
+from harness.check.families import check_family
 from references.operators import OPERATORS
 from harness.registry import get
 from references.delta_rule import chunk_delta_rule_ref, naive_recurrent_delta_rule
@@ -18,9 +19,9 @@ f64 = torch.float64
 def test_chunk_reference_agrees_with_recurrence(op):
     # float64 end to end: the two forms differ only by reassociation (~1e-15); 1e-12 leaves
     # three orders for conditioning and is ten orders below any bug in the math.
-    res = check_random(op, [get(op, "chunk_ref")], ["float64"], "cpu", examples=12, seed=5,
-                       profile="cpu")
-    assert res.failure is None, res.failure
+    res = check_family("random", op, [get(op, "chunk_ref")], ["float64"], "cpu", examples=12,
+                       seed=5)
+    assert res.failures == [], res.failures
     worst = max(r["error"] for r in res.rows)
     assert worst < 1e-12, worst
 

@@ -28,17 +28,13 @@ from __future__ import annotations
 import math
 import os
 import shlex
-import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-from hypothesis import HealthCheck, given, reject, settings
-from hypothesis import seed as hypothesis_seed
-from hypothesis.errors import Unsatisfiable
 
-from harness.cases import Case, case_strategy, cast_args, long_cases, sample, tiling_cases
+from harness.cases import Case, cast_args, sample
 from harness.check.poison import poison_allocations
 from harness.check.tolerances import tolerance
 from harness.implementation import DTYPES, Implementation
@@ -47,18 +43,19 @@ from harness.registry import get
 
 # The implementation each family treats as exact (in float64): the step-by-step reference,
 # except for long sequences, where its token loop is too slow and the chunked one stands in.
-TRUTH = {"random": "naive", "replay": "naive", "tiling": "naive", "long": "chunk_ref"}
-FAMILIES = ("random", "long", "tiling")  # the ones `harness check --family` draws
+TRUTH = {"random": "naive", "replay": "naive", "tiling": "naive", "causality": "naive",
+         "long": "chunk_ref"}
+FAMILIES = ("random", "long", "tiling", "causality")  # the ones `harness check --family` runs
 REFERENCES = ("naive", "chunk_ref")
 
 
-def dtype_references(family: str, impls: list[Implementation]) -> list[str]:
+def dtype_references(family: str, checked: list[str]) -> list[str]:
     """The references run in each dtype for the tolerance: both, except in the long family,
-    where the truth's chunked form alone plus any reference that is itself being checked."""
+    where the truth's chunked form alone plus any reference that is itself being checked
+    (``checked``: the names of the implementations being checked)."""
     if family != "long":
         return list(REFERENCES)
-    names = {i.name for i in impls}
-    return [n for n in REFERENCES if n == TRUTH["long"] or n in names]
+    return [n for n in REFERENCES if n == TRUTH["long"] or n in checked]
 
 
 # Where the truth and the references run: "auto" (the CPU when the implementations run on a
@@ -165,10 +162,15 @@ def run(fn: Callable[..., Any], args: dict[str, Any], case: Case, dtype: torch.d
 
 @dataclass
 class Truth:
-    """The float64 truth and the same-dtype reference's errors, for one case and dtype."""
+    """What an implementation is compared with on one case in one dtype: the float64 truth on
+    the dtype's rounded inputs (on the reference device), the worse same-dtype reference's
+    error per quantity, those references' own runs, and the upstream gradients (float64, the
+    reference device; drawn once per case, so every dtype and every process uses the same)."""
 
-    run: Run
+    truth: Run
     ref_errors: dict[str, float]
+    ref_runs: dict[str, Run]
+    douts: dict[str, torch.Tensor]
 
 
 def quantities(case: Case, truth: Run, backward: bool) -> list[tuple[str, torch.Tensor]]:
@@ -186,222 +188,136 @@ def compare(run_: Run, truth: Run) -> dict[str, float]:
     return errors
 
 
-def evaluate(case: Case, impls: list[Implementation], dtypes: list[str], device: str,
-             family: str = "random") -> list[dict[str, Any]]:
-    """Check every implementation on one case in every dtype; one row per quantity."""
+def skip_reason(impl: Implementation, case: Case, dname: str, device: str) -> str | None:
+    """Why ``impl`` cannot run ``case`` in ``dname`` here (None when it can)."""
+    reason = impl.dtype_unsupported(dname, device) or impl.too_slow(case, device)
+    if reason is None and impl.supports is not None:
+        reason = impl.supports(case)
+    return reason
+
+
+def claimed(impls: list[Implementation], dtypes: list[str]) -> list[str]:
+    """The dtypes of ``dtypes`` that one of ``impls`` claims: the ones a truth is needed for."""
+    return [d for d in dtypes if any(d in impl.dtypes for impl in impls)]
+
+
+def truths(case: Case, checked: list[str], dtypes: list[str], device: str,
+           family: str) -> dict[str, Truth]:
+    """The Truth of every dtype in ``dtypes``, for checking the implementations named
+    ``checked`` on ``device``."""
     op = case.operator
-    truth_fn = get(op.name, TRUTH[family])
+    truth_fn = get(op.name, TRUTH[family]).load()
     rdev = reference_device(device)
-    args64 = sample(case, device)  # drawn on the CPU, then moved: the same values everywhere
-    args_ref = args64 if rdev == device else sample(case, rdev)
-    rows: list[dict[str, Any]] = []
-    douts: dict[str, torch.Tensor] | None = None  # on the reference device
-    douts_impl: dict[str, torch.Tensor] | None = None  # the same, on the implementations' device
-    gen = torch.Generator().manual_seed(case.seed + 1)
+    args = sample(case, rdev)  # drawn on the CPU, then moved: the same values everywhere
+    out: dict[str, Truth] = {}
+    douts: dict[str, torch.Tensor] | None = None
     for dname in dtypes:
         dtype = DTYPES[dname]
-        todo = []
-        for impl in impls:
-            if dname not in impl.dtypes:
-                continue  # not a dtype it claims: nothing to report
-            reason = impl.dtype_unsupported(dname, device) or impl.too_slow(case, device)
-            if reason is None and impl.supports is not None:
-                reason = impl.supports(case)
-            todo.append((impl, reason))
-        if not todo:
-            continue
-        rounded = cast_args(args64, case, dtype, grad=False)  # inputs as the dtype holds them
-        rounded_ref = rounded if rdev == device else cast_args(args_ref, case, dtype, grad=False)
+        rounded = cast_args(args, case, dtype, grad=False)  # inputs as the dtype holds them
         if douts is None:  # upstream gradients: drawn once per case, shaped like the outputs
-            first = run(truth_fn.load(), rounded_ref, case, torch.float64, None)
+            first = run(truth_fn, rounded, case, torch.float64, None)
             if first.error:
-                raise RuntimeError(f"the truth ({truth_fn.key}) failed on {case.to_json()}: {first.error}")
+                raise RuntimeError(f"the truth ({TRUTH[family]}) failed on {case.to_json()}: {first.error}")
+            gen = torch.Generator().manual_seed(case.seed + 1)
             douts = {n: torch.randn(t.shape, generator=gen, dtype=torch.float64).to(rdev)
                      for n, t in first.outputs.items() if t is not None}
-            douts_impl = {n: t.to(device) for n, t in douts.items()}
-        truth = run(truth_fn.load(), rounded_ref, case, torch.float64, douts)
+        truth = run(truth_fn, rounded, case, torch.float64, douts)
         if truth.error:
-            raise RuntimeError(f"the truth ({truth_fn.key}) failed on {case.to_json()}: {truth.error}")
+            raise RuntimeError(f"the truth ({TRUTH[family]}) failed on {case.to_json()}: {truth.error}")
         # What the dtype itself costs: the worse of the two references run in it (the step
         # loop and the chunked form round differently; both are honest algorithms).
         ref_runs: dict[str, Run] = {}
         ref_errors: dict[str, float] = {}
         if dtype != torch.float64:
-            for name in dtype_references(family, impls):
-                ref_runs[name] = run(get(op.name, name).load(), rounded_ref, case, dtype, douts)
+            for name in dtype_references(family, checked):
+                ref_runs[name] = run(get(op.name, name).load(), rounded, case, dtype, douts)
                 for q, e in compare(ref_runs[name], truth).items():
                     ref_errors[q] = max(ref_errors.get(q, 0.0), e)
-        for impl, reason in todo:
-            base = dict(op=op.name, impl=impl.name, kind=impl.kind, dtype=dname, family=family,
-                        case=case.label(), T=case.dims["T"], case_json=case.to_json())
-            if reason:
-                rows.append({**base, "quantity": "*", "error": math.nan, "ref_error": math.nan,
-                             "tolerance": math.nan, "passed": True, "note": f"skipped: {reason}"})
-                continue
-            # a reference checked as an implementation: its same-dtype run above (on the
-            # reference device) is its result
-            is_ref = impl.name in ref_runs and impl is get(op.name, impl.name)
-            res = ref_runs[impl.name] if is_ref else None
-            if res is None:
-                try:
-                    res = run(impl.load(), rounded, case, dtype, douts_impl,
-                              backward=impl.backward, poison=True)
-                except DeviceFault as fault:
-                    fault.impl, fault.dtype = impl.name, dname
-                    raise
-            errors = compare(res, truth)
-            for name, _ in quantities(case, truth, impl.backward):
-                ref_err = ref_errors.get(name, 0.0)
-                err, tol = errors[name], tolerance(dname, ref_err)
-                note = res.error or ""
-                if not res.error and name in op.outputs and res.outputs.get(name) is None:
-                    note = f"{name} missing (returned None)"
-                rows.append({**base, "quantity": name, "error": err, "ref_error": ref_err,
-                             "tolerance": tol, "passed": bool(err <= tol), "note": note})
-            if not res.error and not case.output_final_state:
-                extra = [n for n in op.outputs[1:] if res.outputs.get(n) is not None]
-                if extra:
-                    rows.append({**base, "quantity": ",".join(extra), "error": math.inf,
-                                 "ref_error": 0.0, "tolerance": 0.0, "passed": False,
-                                 "note": "final state returned with output_final_state=False"})
+        out[dname] = Truth(truth, ref_errors, ref_runs, douts)
+    return out
+
+
+def base_row(case: Case, impl: Implementation, dname: str, family: str) -> dict[str, Any]:
+    return dict(op=case.op, impl=impl.name, kind=impl.kind, dtype=dname, family=family,
+                case=case.label(), T=case.dims["T"], case_json=case.to_json())
+
+
+def note_row(case: Case, impl: Implementation, dname: str, family: str, status: str,
+             note: str) -> dict[str, Any]:
+    """A row that compared nothing: ``status`` is skipped (it cannot run the case; not a
+    failure) or fault (it did not finish; a failure)."""
+    return {**base_row(case, impl, dname, family), "quantity": "*", "error": math.nan,
+            "ref_error": math.nan, "tolerance": math.nan, "passed": status == "skipped",
+            "status": status, "note": note}
+
+
+def run_impl(case: Case, impl: Implementation, dname: str, t: Truth, device: str) -> Run:
+    """``impl`` on the case's inputs rounded to ``dname``, on ``device``, fresh allocations
+    poisoned with NaN, backpropagating the truth's upstream gradients."""
+    try:
+        return run(impl.load(), sample(case, device), case, DTYPES[dname],
+                   {n: d.to(device) for n, d in t.douts.items()}, backward=impl.backward,
+                   poison=True)
+    except DeviceFault as fault:
+        fault.impl, fault.dtype = impl.name, dname
+        raise
+
+
+def impl_rows(case: Case, impl: Implementation, dname: str, t: Truth, family: str,
+              res: Run) -> list[dict[str, Any]]:
+    """One row per quantity: ``res`` (the implementation's run) against the truth."""
+    op, base = case.operator, base_row(case, impl, dname, family)
+    errors = compare(res, t.truth)
+    rows = []
+    for name, _ in quantities(case, t.truth, impl.backward):
+        ref_err = t.ref_errors.get(name, 0.0)
+        err, tol = errors[name], tolerance(dname, ref_err)
+        note = res.error or ""
+        if not res.error and name in op.outputs and res.outputs.get(name) is None:
+            note = f"{name} missing (returned None)"
+        rows.append({**base, "quantity": name, "error": err, "ref_error": ref_err,
+                     "tolerance": tol, "passed": bool(err <= tol),
+                     "status": "pass" if err <= tol else "fail", "note": note})
+    if not res.error and not case.output_final_state:
+        extra = [n for n in op.outputs[1:] if res.outputs.get(n) is not None]
+        if extra:
+            rows.append({**base, "quantity": ",".join(extra), "error": math.inf,
+                         "ref_error": 0.0, "tolerance": 0.0, "passed": False, "status": "fail",
+                         "note": "final state returned with output_final_state=False"})
     return rows
 
 
-class CaseFailed(AssertionError):
-    def __init__(self, case: Case, rows: list[dict[str, Any]]):
-        self.case, self.rows = case, rows
-        worst = [r for r in rows if not r["passed"]]
-        super().__init__(f"{len(worst)} quantities failed on {case.to_json()}")
+def reference_rows(case: Case, impls: list[Implementation], ts: dict[str, Truth],
+                   family: str) -> list[dict[str, Any]]:
+    """Rows of the references checked as implementations: their same-dtype runs of the Truth
+    (on the reference device) are their results."""
+    rows = []
+    for dname, t in ts.items():
+        for impl in impls:
+            if dname in impl.dtypes and impl.name in t.ref_runs \
+                    and impl is get(case.op, impl.name):
+                rows += impl_rows(case, impl, dname, t, family, t.ref_runs[impl.name])
+    return rows
 
 
-@dataclass
-class CheckResult:
-    op: str
-    rows: list[dict[str, Any]]
-    failure: CaseFailed | None
-    examples: int
-    seconds: float
-    stopped: bool = False  # cut short by the deadline (--max-time): the rows cover fewer cases
-
-
-# Called after each evaluated case with (case, its rows, seconds it took): the CLI's progress
-# line and its rows written as they come, so a run killed from outside keeps its finished cases.
-OnCase = Callable[[Case, list, float], None]
-
-
-def _evaluated(on_case: OnCase | None, case: Case, rows: list, t0: float) -> None:
-    if on_case is not None:
-        on_case(case, rows, time.perf_counter() - t0)
-
-
-def past(deadline: float | None) -> bool:
-    """Whether ``deadline`` (a time.perf_counter() value) has passed."""
-    return deadline is not None and time.perf_counter() > deadline
-
-
-def check_random(op_name: str, impls: list[Implementation], dtypes: list[str], device: str,
-                 examples: int, seed: int, profile: str,
-                 deadline: float | None = None, on_case: OnCase | None = None) -> CheckResult:
-    """The random family: hypothesis draws ``examples`` cases and shrinks any failure. Past
-    ``deadline`` no further case is evaluated: a shrink in progress stops at the smallest
-    failing case found so far."""
-    rows: list[dict[str, Any]] = []
-    count = 0
-    stopped = False
-    start = time.perf_counter()
-    failed: dict[str, CaseFailed] = {}  # by case: replayed past the deadline without evaluating
-
-    @settings(max_examples=examples, deadline=None, database=None, print_blob=False,
-              suppress_health_check=list(HealthCheck), report_multiple_bugs=False)
-    @hypothesis_seed(seed)
-    @given(case=case_strategy(op_name, profile))
-    def one(case: Case) -> None:
-        nonlocal count, stopped
-        if past(deadline):
-            if case.to_json() in failed:  # hypothesis replays the failure it keeps: consistently
-                raise failed[case.to_json()]
-            stopped = True
-            reject()
-        count += 1
-        t0 = time.perf_counter()
-        case_rows = guarded(evaluate, case, impls, dtypes, device, "random")
-        _evaluated(on_case, case, case_rows, t0)
-        if not all(r["passed"] for r in case_rows):
-            failed[case.to_json()] = CaseFailed(case, case_rows)
-            raise failed[case.to_json()]
-        rows.extend(case_rows)
-
-    failure = None
-    try:
-        one()
-    except Unsatisfiable:  # every draw rejected: the deadline passed before the first case
-        if not stopped:
-            raise
-    except CaseFailed as exc:  # raised again on the minimal example once shrinking is done
-        failure = exc
-        rows.extend(exc.rows)
-    except DeviceFault as fault:  # the first faulting case, as it was drawn
-        failure = CaseFailed(fault.case, [fault.row()])
-        rows.extend(failure.rows)
-    return CheckResult(op_name, rows, failure, count, time.perf_counter() - start, stopped)
-
-
-def guarded(evaluate_: Callable[..., list[dict[str, Any]]], case: Case, *args: Any) -> list:
-    """evaluate_(case, ...), with any sticky device error raised as a DeviceFault naming case
-    (one from preparing the inputs too: then the fault may be the previous case's)."""
-    try:
-        return evaluate_(case, *args)
-    except DeviceFault as fault:
-        fault.case = fault.case or case
-        raise
-    except Exception as exc:
-        if is_device_fault(exc):
-            raise DeviceFault(f"{type(exc).__name__}: {exc}".splitlines()[0], case) from exc
-        raise
-
-
-def check_cases(cases: list[Case], impls: list[Implementation], dtypes: list[str],
-                device: str, family: str, deadline: float | None = None,
-                on_case: OnCase | None = None) -> CheckResult:
-    """Fixed cases (the long family, a replayed case): no drawing, no shrinking; in order until
-    ``deadline``."""
-    rows: list[dict[str, Any]] = []
-    failure = None
-    start = time.perf_counter()
-    done, stopped = 0, False
-    for case in cases:
-        if past(deadline):
-            stopped = True
-            break
-        done += 1
-        t0 = time.perf_counter()
-        try:
-            case_rows = guarded(evaluate, case, impls, dtypes, device, family)
-        except DeviceFault as fault:  # the process's device is unusable: stop here
-            failure = CaseFailed(fault.case, [fault.row()])
-            rows.extend(failure.rows)
-            _evaluated(on_case, case, failure.rows, t0)
-            break
-        _evaluated(on_case, case, case_rows, t0)
-        rows.extend(case_rows)
-        if failure is None and not all(r["passed"] for r in case_rows):
-            failure = CaseFailed(case, case_rows)
-    return CheckResult(cases[0].op if cases else "", rows, failure, done,
-                       time.perf_counter() - start, stopped)
-
-
-def check_long(op_name: str, impls: list[Implementation], dtypes: list[str], device: str,
-               profile: str, lengths: tuple[int, ...] | None = None,
-               deadline: float | None = None, on_case: OnCase | None = None) -> CheckResult:
-    return check_cases(long_cases(op_name, profile, lengths), impls, dtypes, device, "long",
-                       deadline, on_case)
-
-
-def check_tiling(op_name: str, impls: list[Implementation], dtypes: list[str], device: str,
-                 profile: str, deadline: float | None = None,
-                 on_case: OnCase | None = None) -> CheckResult:
-    return check_cases(tiling_cases(op_name, profile), impls, dtypes, device, "tiling",
-                       deadline, on_case)
+def evaluate(case: Case, impls: list[Implementation], dtypes: list[str], device: str,
+             family: str = "random") -> list[dict[str, Any]]:
+    """Check every implementation on one case in every dtype, in this process; one row per
+    quantity (and one per implementation and dtype it skips)."""
+    ts = truths(case, [i.name for i in impls], claimed(impls, dtypes), device, family)
+    rows = reference_rows(case, impls, ts, family)
+    done = {(r["impl"], r["dtype"]) for r in rows}
+    for dname in ts:
+        for impl in impls:
+            if dname not in impl.dtypes or (impl.name, dname) in done:
+                continue
+            reason = skip_reason(impl, case, dname, device)
+            if reason:
+                rows.append(note_row(case, impl, dname, family, "skipped", f"skipped: {reason}"))
+            else:
+                rows += impl_rows(case, impl, dname, ts[dname], family,
+                                  run_impl(case, impl, dname, ts[dname], device))
+    return rows
 
 
 def replay_command(op: str, impls: list[str], dtypes: list[str], device: str, case: Case) -> str:

@@ -16,27 +16,37 @@ from references.spec import Operator
 
 DTYPE_ORDER = {name: i for i, name in enumerate(DTYPES)}
 COLUMNS = ["op", "impl", "kind", "dtype", "family", "case", "T", "quantity", "error",
-           "ref_error", "tolerance", "passed", "note", "case_json"]
+           "ref_error", "tolerance", "passed", "status", "note", "case_json"]
+OURS = ("reference", "triton")
 
 
 def frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
+FAMILY_ORDER = {"random": 0, "replay": 0, "tiling": 1, "long": 2, "causality": 3}
+
+
 def summary(df: pd.DataFrame, op: Operator | None = None) -> pd.DataFrame:
-    """One row per (implementation, dtype, family, quantity): worst error and margin."""
-    checked = df[df["quantity"] != "*"].copy()
+    """One row per (implementation, dtype, family, quantity) compared: worst error and margin;
+    ours first, then the peers."""
+    checked = df[df["status"].isin(["pass", "fail"])].copy()
+    if checked.empty:
+        return pd.DataFrame(columns=["who", "impl", "dtype", "family", "quantity", "cases",
+                                     "failed", "max_error", "max_tolerance_used"])
+    checked["who"] = checked["kind"].map(lambda k: "ours" if k in OURS else "peer")
     if op is not None:  # outputs first, then gradients in the order of the inputs
         order = {q: i for i, q in enumerate(list(op.outputs) + [f"d{i.name}" for i in op.inputs])}
         checked["_q"] = checked["quantity"].map(lambda q: order.get(q, len(order)))
-        checked["_f"] = checked["family"].map({"random": 0, "replay": 0, "tiling": 1, "long": 2})
+        checked["_f"] = checked["family"].map(FAMILY_ORDER)
         checked["_d"] = checked["dtype"].map(DTYPE_ORDER)
-        checked = checked.sort_values(["_f", "impl", "_d", "_q"], kind="stable")
-    if checked.empty:
-        return pd.DataFrame(columns=["impl", "dtype", "family", "quantity", "cases", "failed",
-                                     "max_error", "max_tolerance_used"])
-    checked["used"] = checked["error"] / checked["tolerance"]
-    g = checked.groupby(["impl", "dtype", "family", "quantity"], sort=False)
+        checked["_w"] = checked["who"].map({"ours": 0, "peer": 1})
+        checked = checked.sort_values(["_w", "_f", "impl", "_d", "_q"], kind="stable")
+    # the causality family counts elements that must be 0 (tolerance 0)
+    exact = checked["tolerance"] == 0
+    checked["used"] = (checked["error"] / checked["tolerance"]).where(
+        ~exact, checked["error"].map(lambda e: 0.0 if e == 0 else math.inf))
+    g = checked.groupby(["who", "impl", "dtype", "family", "quantity"], sort=False)
     out = g.agg(cases=("error", "size"), failed=("passed", lambda s: int((~s).sum())),
                 max_error=("error", "max"), max_tolerance_used=("used", "max"))
     return out.reset_index()
@@ -51,17 +61,35 @@ def _fmt(x: float) -> str:
 def print_summary(console: Console, df: pd.DataFrame, op: Operator | None, title: str) -> None:
     s = summary(df, op)
     table = Table(title=title, title_justify="left")
-    for col in ("impl", "dtype", "family", "quantity", "cases", "max rel err", "of tol", "pass"):
+    for col in ("who", "impl", "dtype", "family", "quantity", "cases", "max rel err", "of tol", "pass"):
         table.add_column(col, justify="right" if col in ("cases", "max rel err", "of tol") else "left")
     for r in s.itertuples(index=False):
         ok = r.failed == 0
-        table.add_row(r.impl, r.dtype, r.family, r.quantity, str(r.cases), _fmt(r.max_error),
+        table.add_row(r.who, r.impl, r.dtype, r.family, r.quantity, str(r.cases), _fmt(r.max_error),
                       f"{100 * r.max_tolerance_used:.0f}%" if math.isfinite(r.max_tolerance_used) else "inf",
                       "[green]pass[/]" if ok else f"[red]FAIL ({r.failed})[/]")
     console.print(table)
-    skipped = df[df["quantity"] == "*"]
+    skipped = df[df["status"] == "skipped"]
     for (impl, note), n in skipped.groupby(["impl", "note"]).size().items():
-        console.print(f"[dim]{impl}: {n} case(s) {note}[/]")
+        console.print(f"[dim]{impl}: {n} case(s) {note}[/]", highlight=False)
+
+
+def uncovered(df: pd.DataFrame, asked: list, dtypes: list[str]) -> dict[str, str]:
+    """The implementations a family was asked to check (by default or by name) that compared
+    nothing and did not fault, with why: what they were skipped for, or the dtypes they lack."""
+    out = {}
+    for impl in asked:
+        mine = df[df["impl"] == impl.name]
+        if mine["status"].isin(["pass", "fail", "fault"]).any():
+            continue
+        notes = sorted(set(mine.loc[mine["status"] == "skipped", "note"]))
+        if notes:
+            out[impl.name] = "; ".join(notes[:3]) + (" ..." if len(notes) > 3 else "")
+        elif not set(dtypes) & set(impl.dtypes):
+            out[impl.name] = f"it takes {', '.join(impl.dtypes)}, none of {', '.join(dtypes)}"
+        else:
+            out[impl.name] = "no case ran"
+    return out
 
 
 def write(df: pd.DataFrame, out: Path, stem: str) -> list[Path]:

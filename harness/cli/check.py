@@ -1,8 +1,10 @@
 """``harness check``: implementations of an operator against the float64 reference (the engine
-is ``harness.check.engine``; docs/check.md says what is checked and how)."""
+is ``harness.check``; docs/check.md says what is checked and how)."""
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -12,39 +14,59 @@ import typer
 from harness.cli.common import (AUTOTUNE_HELP, DEVICE_HELP, REF_DEVICE_HELP, console, fail,
                                 known_op, pin_configs, select_device, set_ref_device, split)
 
+OURS = ("reference", "triton")  # the project's own kinds; peers come with --peers or --impl
 
-def _case_progress(path: Path):
-    """A line per evaluated case (its worst error as a share of its tolerance, its seconds) and
-    its rows appended to ``path`` as JSON lines, written as each case ends (flushed and synced,
-    as bench's rows are): a check killed from outside (a time limit) keeps every case it
-    finished."""
+
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _case_progress(out: Path, op: str):
+    """A line per finished case (its worst quantity as a share of its tolerance, which
+    implementation, its seconds; its failures and faults) and its rows appended to
+    ``<out>/<op>_cases.jsonl`` (flushed and synced), the CSV and JSON rewritten from them: a
+    check stopped or killed from outside keeps every case it finished."""
     from harness.bench.sweep import RowWriter
+    from harness.check.report import frame, write
 
+    path = out / f"{op}_cases.jsonl"
     path.unlink(missing_ok=True)
-    rows_out = RowWriter(path)
-    count = 0
+    rows_out, kept, count = RowWriter(path), [], 0
 
     def on_case(case, rows, seconds: float) -> None:
         nonlocal count
         count += 1
-        shares = [r["error"] / r["tolerance"] for r in rows
+        shares = [(r["error"] / r["tolerance"], r) for r in rows
                   if r.get("tolerance") and r["error"] == r["error"]]
-        failed = sum(not r["passed"] for r in rows)
-        worst = f"worst {max(shares):.0%} of tolerance" if shares else "nothing compared"
+        exact = [r for r in rows if r.get("tolerance") == 0 and r.get("status") in ("pass", "fail")]
+        failed = sum(r.get("status") == "fail" for r in rows)
+        faults = sum(r.get("status") == "fault" for r in rows)
+        if shares:
+            share, r = max(shares, key=lambda x: x[0])
+            worst = f"worst {share:.0%} of tolerance ({r['impl']} {r['dtype']} {r['quantity']})"
+        elif exact:  # the causality family: counts that must be 0
+            worst = f"{len(exact)} exact comparison(s)"
+        else:
+            worst = "nothing compared"
         console.print(f"case {count}: {case.label()}: {worst}"
-                      + (f", [red]{failed} failed[/]" if failed else "") + f" ({seconds:.1f} s)")
+                      + (f", [red]{failed} failed[/]" if failed else "")
+                      + (f", [red]{faults} fault(s)[/]" if faults else "")
+                      + f" ({seconds:.1f} s)", highlight=False)
         for r in rows:
             rows_out.write(r)
+        kept.extend(rows)
+        write(frame(kept), out, op)
     return on_case
 
 
-def _chosen(op: str, names: list[str], device: str) -> list:
-    """The implementations named (each checkable and available here), or by default every one
-    available here except the speed baselines."""
+def _chosen(op: str, names: list[str], peers: bool, device: str) -> list:
+    """The implementations named (each checkable and available here), or by default the
+    project's own available here (and the peers with ``peers``)."""
     from harness.registry import get, implementations
 
     if not names:
-        return [i for i in implementations(op) if i.checkable and i.why_unavailable(device) is None]
+        return [i for i in implementations(op) if i.checkable and (peers or i.kind in OURS)
+                and i.why_unavailable(device) is None]
     try:
         chosen = [get(op, n) for n in names]
     except KeyError as exc:
@@ -59,21 +81,35 @@ def _chosen(op: str, names: list[str], device: str) -> list:
     return chosen
 
 
+def _lengths(text: str) -> tuple[int, ...] | None:
+    try:
+        values = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        values = (0,)
+    if any(v < 1 for v in values):
+        fail(f"--long-t: expected comma-separated positive integers, got {text!r}")
+    return values or None
+
+
 def check(
     op: str = typer.Argument(..., help="operator, e.g. delta_rule (see `harness list`)"),
-    impl: list[str] = typer.Option([], "--impl", help="implementation(s); default: all available except the truth 'naive'"),
-    dtype: list[str] = typer.Option([], "--dtype", help="float64,float32,float16,bfloat16; default: float64,float32 on cpu, + bfloat16 on cuda"),
+    impl: list[str] = typer.Option([], "--impl", help="implementation(s); default: the project's own available here, but the truth 'naive'"),
+    peers: bool = typer.Option(False, "--peers", help="add the registered peers (other libraries) to the default implementations"),
+    dtype: list[str] = typer.Option([], "--dtype", help="float64,float32,float16,bfloat16; default: float64,float32 on cpu, float32,bfloat16 on cuda"),
     examples: int = typer.Option(40, help="random cases hypothesis draws"),
     seed: int = typer.Option(0, help="hypothesis seed: the same seed draws the same cases"),
     device: str = typer.Option("auto", help=DEVICE_HELP),
-    family: list[str] = typer.Option(["random", "long"], "--family", help="random, long and/or tiling (one case per head-dim tiling class)"),
+    family: list[str] = typer.Option(["random", "long"], "--family", help="random, long, tiling (one case per head-dim tiling class) and/or causality (a non-finite input reaches no earlier output)"),
     long_t: str = typer.Option("", help="lengths of the long family, e.g. 1024,4096 (default by device)"),
     case: Optional[str] = typer.Option(None, help="replay one case (JSON, as a failure prints it)"),
-    max_time: Optional[float] = typer.Option(None, "--max-time", help="seconds: start no new case after this (a time-limited run still gets its table); the summary says how many ran"),
-    out: Path = typer.Option(Path("out/check"), help="directory for CSV, JSON and plots"),
+    max_time: Optional[float] = typer.Option(None, "--max-time", help="seconds: start no new case after this; the summary says how many ran"),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="worker processes running implementations at once (default: 1 on cpu, half the cores up to 8 on cuda)"),
+    timeout: float = typer.Option(600.0, help="seconds one implementation may take on one case in one dtype (compiles included) before its worker is killed"),
+    isolate: bool = typer.Option(True, "--isolate/--no-isolate", help="run implementations in worker processes (a fault or a hang costs that implementation only); --no-isolate runs them here"),
+    out: Path = typer.Option(Path("out/check"), help="directory for CSV, JSON, plots and worker logs"),
     autotune: bool = typer.Option(False, "--autotune/--pinned", help=AUTOTUNE_HELP),
     ref_device: str = typer.Option("auto", "--ref-device", help=REF_DEVICE_HELP),
-    plugin: list[str] = typer.Option([], "--plugin", help="module or .py file registering extra implementations"),
+    plugin: list[str] = typer.Option([], "--plugin", help="module or .py file registering extra implementations (here and in every worker)"),
 ) -> None:
     """Compare implementations of OP with the float64 reference: outputs, final states, gradients."""
     device = select_device(device)
@@ -81,10 +117,9 @@ def check(
     set_ref_device(ref_device)
     from harness.cases import Case
     from harness.check import engine
-    from harness.check.report import frame, plot_long, print_summary, write
+    from harness.check.runner import Setup
     from harness.implementation import DTYPES
     from harness.registry import load_plugin
-    from references.operators import OPERATORS
 
     for spec in plugin:
         try:
@@ -93,8 +128,8 @@ def check(
             fail(f"--plugin: {exc}")
     known_op(op)
     names = split(impl)
-    chosen = _chosen(op, names, device)
-    dtypes = split(dtype) or (["float64", "float32"] + (["bfloat16"] if device == "cuda" else []))
+    chosen = _chosen(op, names, peers, device)
+    dtypes = split(dtype) or (["float64", "float32"] if device == "cpu" else ["float32", "bfloat16"])
     for d in dtypes:
         if d not in DTYPES:
             fail(f"unknown dtype {d!r}; known: {', '.join(DTYPES)}")
@@ -102,14 +137,14 @@ def check(
     for f in families:
         if f not in engine.FAMILIES:
             fail(f"unknown family {f!r}; known: {', '.join(engine.FAMILIES)}")
-    profile = "cuda" if device == "cuda" else "cpu"
-
-    def impls_for(fam: str) -> list:  # by default each family leaves out its own truth
-        return chosen if names else [i for i in chosen if i.name != engine.TRUTH[fam]]
-
-    results = []
-    deadline = None if max_time is None else time.perf_counter() + max_time
-    on_case = _case_progress(out / f"{op}_cases.jsonl")
+    if examples < 1:
+        fail(f"--examples: expected a number of cases >= 1, got {examples}")
+    if max_time is not None and max_time < 0:
+        fail(f"--max-time: expected seconds >= 0, got {max_time}")
+    if timeout <= 0 or (jobs is not None and jobs < 1):
+        fail(f"--timeout and --jobs: expected positive values, got {timeout} and {jobs}")
+    lengths = _lengths(long_t)
+    replay = None
     if case is not None:
         try:
             replay = Case.from_json(case)
@@ -117,53 +152,100 @@ def check(
             fail(f"--case: {exc}")
         if replay.op != op:
             fail(f"--case is a case of {replay.op!r}, not {op!r}")
-        results.append(engine.check_cases([replay], chosen, dtypes, device, "replay",
-                                          on_case=on_case))
-    else:
-        with console.status(f"checking {op} on {device}: {', '.join(i.name for i in chosen)}"):
-            if "random" in families:
-                results.append(engine.check_random(op, impls_for("random"), dtypes, device,
-                                                   examples, seed, profile, deadline, on_case))
-            if "long" in families:
-                lengths = tuple(int(t) for t in long_t.split(",") if t.strip()) or None
-                results.append(engine.check_long(op, impls_for("long"), dtypes, device, profile,
-                                                 lengths, deadline, on_case))
-            if "tiling" in families:
-                results.append(engine.check_tiling(op, impls_for("tiling"), dtypes, device,
-                                                   profile, deadline, on_case))
+    if not chosen:
+        fail(f"no implementation of {op} to check on {device}"
+             + ("" if peers else " (--peers adds the other libraries' implementations)"))
+    cuda = device == "cuda"
+    setup = Setup(device=device, dtypes=dtypes, isolate=isolate,
+                  jobs=jobs or (min(8, max(1, _cores() // 2)) if cuda else 1),
+                  truth_jobs=max(1, _cores() // 4) if cuda and isolate else 0, timeout=timeout,
+                  plugins=list(plugin),
+                  deadline=None if max_time is None else time.perf_counter() + max_time,
+                  on_case=_case_progress(out, op), log_dir=out / "logs")
+    _run(op, chosen, names, families, replay, setup, examples, seed, lengths, out, max_time)
 
-    rows = [r for res in results for r in res.rows]
+
+def _run(op, chosen, names, families, replay, setup, examples, seed, lengths, out,
+         max_time) -> None:
+    """The families (or the replayed case) in order, sharing the workers; then the summary
+    from the rows written as each case ended, and the verdict."""
+    from harness.check import engine
+    from harness.check.families import run_family
+    from harness.check.runner import TruthMaker, executor
+
+    profile = "cuda" if setup.device == "cuda" else "cpu"
+    units, maker = executor(setup), TruthMaker(setup)
+    results, asked = [], {}  # asked: the implementations some family was to check
+    console.print(f"checking {op} on {setup.device}: {', '.join(i.name for i in chosen)} "
+                  f"({'in ' + str(setup.jobs) + ' worker process(es)' if setup.isolate else 'in this process'})")
+    try:
+        todo = [(f, None) for f in families]
+        if replay is not None:  # a planted case replays in its own family
+            todo = [("causality" if replay.poison else "replay", [replay])]
+        for fam, cases in todo:
+            impls = chosen if names else [i for i in chosen if i.name != engine.TRUTH[fam]
+                                          and not (fam == "causality" and i.kind == "reference")]
+            asked.update({i.name: i for i in impls})
+            results.append(run_family(fam, op, impls, setup, profile, units, maker, examples,
+                                      seed, lengths, cases))
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: the table below has the cases that finished[/]")
+    finally:
+        units.close()
+        maker.close()
+    _summary(op, list(asked.values()), setup, results, out, max_time)
+
+
+def _summary(op, asked, setup, results, out, max_time) -> None:
+    """The table of every finished case (read back from what was written as each ended), the
+    failures, the faults, what compared nothing; exit 1 on any of them."""
+    from harness.check.report import frame, plot_long, print_summary, uncovered, write
+    from references.operators import OPERATORS
+
+    path = out / f"{op}_cases.jsonl"
+    rows = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
     df = frame(rows)
     seconds = sum(r.seconds for r in results)
     cases = sum(r.examples for r in results)
-    print_summary(console, df, OPERATORS[op], f"{op} on {device}: {cases} cases in {seconds:.1f} s "
-                               f"(rel. error vs float64 reference; 'of tol' = error / tolerance)")
+    print_summary(console, df, OPERATORS[op], f"{op} on {setup.device}: {cases} cases in "
+                  f"{seconds:.1f} s (rel. error vs float64 reference; 'of tol' = error / tolerance)")
     paths = write(df, out, op)
-    plot = plot_long(df, out / f"{op}_long.png", f"{op}: error against T ({device})")
+    plot = plot_long(df, out / f"{op}_long.png", f"{op}: error against T ({setup.device})")
     console.print(f"[dim]wrote {', '.join(str(p) for p in paths + ([plot] if plot else []))}[/]")
-
-    failures = [r.failure for r in results if r.failure is not None]
-    stopped = any(r.stopped for r in results)
-    if stopped:
+    stopped = any(r.stopped for r in results) or len(results) == 0
+    if stopped and max_time is not None:
         console.print(f"[yellow]stopped at --max-time {max_time:g} s: {cases} cases ran, not all "
                       f"that were asked for[/]")
-    if not failures:
-        console.print(f"[green]{op}: all checks passed[/]" + (" (on the cases that ran)" if stopped else ""))
-        return
-    for failure in failures:
-        _print_failure(op, device, failure)
-    raise typer.Exit(1)
+    problems = []
+    for failure in (f for r in results for f in r.failures):
+        problems.append("failure")
+        _print_failure(op, setup.device, failure)
+    for r in df[df["status"] == "fault"].itertuples(index=False):
+        problems.append("fault")
+        console.print(f"[red bold]FAULT[/] {r.impl} {r.dtype} on {r.case}: {r.note}",
+                      highlight=False, soft_wrap=True)
+    for name, why in uncovered(df, asked, setup.dtypes).items():
+        problems.append("uncovered")
+        console.print(f"[red]{name}: nothing compared: {why}[/]", highlight=False)
+    compared = int(df["status"].isin(["pass", "fail"]).sum()) if len(df) else 0
+    if compared == 0:
+        problems.append("nothing")
+        console.print(f"[red]{op}: nothing was compared[/] (every case skipped or none ran): "
+                      f"nothing checked is not a pass")
+    if problems:
+        raise typer.Exit(1)
+    console.print(f"[green]{op}: all checks passed[/]" + (" (on the cases that ran)" if stopped else ""))
 
 
 def _print_failure(op: str, device: str, failure) -> None:
     """The failing case, its worst quantities, and the command that replays it."""
     from harness.check.engine import replay_command
 
-    bad = [r for r in failure.rows if not r["passed"]]
-    console.print(f"\n[red bold]FAILED[/] on case {failure.case.label()}")
+    bad = [r for r in failure.rows if r.get("status") == "fail"]
+    console.print(f"\n[red bold]FAILED[/] on case {failure.case.label()}", highlight=False)
     for r in sorted(bad, key=lambda r: -r["error"] if r["error"] == r["error"] else 0)[:12]:
         console.print(f"  {r['impl']} {r['dtype']} {r['quantity']}: error {r['error']:.3e}"
-                      f" > tolerance {r['tolerance']:.3e} {r['note']}")
+                      f" > tolerance {r['tolerance']:.3e} {r['note']}", highlight=False)
     command = replay_command(op, sorted({r["impl"] for r in bad}), sorted({r["dtype"] for r in bad}),
                              device, failure.case)
     console.print("reproduce with:", style="bold")

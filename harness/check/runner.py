@@ -1,0 +1,328 @@
+"""Running a check: each case's truths, then every implementation on it in every dtype.
+
+The implementations run in worker processes (``harness.worker``; ``Isolated``): a device
+fault, an out-of-memory, an abort or a hang (``timeout``) there costs that implementation its
+remaining cases only; it is recorded as a ``fault`` row with the reason, and every other
+implementation goes on. ``InProcess`` runs them here instead (``--no-isolate``: a debugger,
+or implementations registered at run time that a fresh process cannot find).
+
+Work overlaps: the truths of the next cases (CPU-bound step loops, in ``truth_jobs``
+processes) are computed while ``jobs`` workers run the implementations of the cases already
+prepared (each compiling its own kernels: on a cold GPU the time goes there). A case's rows
+are handed to ``on_case`` as soon as all of its units are done.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import queue
+import shutil
+import tempfile
+import threading
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from harness.cases import Case
+from harness.check import unit
+from harness.check.engine import (REFERENCES, TRUTH, DeviceFault, claimed, impl_rows, note_row,
+                                  reference_rows, replay_command, run_impl, skip_reason, truths)
+from harness.implementation import Implementation
+from harness.registry import get
+
+UNIT = "harness.check.unit:run_unit"
+# Called after each case with (case, its rows, seconds it took): the CLI's progress line and
+# its rows written as they come, so a run killed from outside keeps its finished cases.
+OnCase = Callable[[Case, list, float], None]
+
+
+@dataclass
+class Setup:
+    """How a check runs (the CLI's options)."""
+
+    device: str
+    dtypes: list[str]
+    isolate: bool = True
+    jobs: int = 1  # worker processes running implementations
+    truth_jobs: int = 0  # processes computing truths (0: this one)
+    timeout: float = 600.0  # seconds one implementation may take on one case in one dtype
+    plugins: list[str] = field(default_factory=list)
+    deadline: float | None = None  # time.perf_counter(): start no new case after it
+    on_case: OnCase | None = None
+    log_dir: Path = Path("out/check/logs")
+
+
+class CaseFailed(AssertionError):
+    def __init__(self, case: Case, rows: list[dict[str, Any]]):
+        self.case, self.rows = case, rows
+        worst = [r for r in rows if not r["passed"]]
+        super().__init__(f"{len(worst)} quantities failed on {case.to_json()}")
+
+
+@dataclass
+class CheckResult:
+    op: str
+    rows: list[dict[str, Any]]
+    failures: list[CaseFailed]  # numerical failures, one per failing case (faults are rows)
+    examples: int  # cases run
+    seconds: float
+    stopped: bool = False  # cut short by the deadline: the rows cover fewer cases
+
+
+def past(deadline: float | None) -> bool:
+    return deadline is not None and time.perf_counter() > deadline
+
+
+# ---------------------------------------------------------------- who runs an implementation
+class InProcess:
+    """Runs units here; a sticky device fault is recorded as a fault like a worker's."""
+
+    def __init__(self, setup: Setup):
+        self.device = setup.device
+
+    def submit(self, spec: dict[str, Any], truth: Any) -> Future:
+        fut: Future = Future()
+        case, impl, dname = Case.from_json(spec["case"]), spec["impl_obj"], spec["dtype"]
+        try:
+            if spec["family"] == "causality":
+                rows = unit.causality_rows(case, impl, dname, self.device)
+            else:
+                res = run_impl(case, impl, dname, truth, self.device)
+                rows = impl_rows(case, impl, dname, truth, spec["family"], res)
+            fut.set_result({"rows": rows})
+        except DeviceFault as fault:
+            fut.set_result({"fault": f"device fault: {fault.message}"})
+        return fut
+
+    def close(self) -> None:
+        pass
+
+
+class Isolated:
+    """``jobs`` worker processes, each served by a thread taking units from one queue; a
+    worker whose unit did not end well is replaced before its next unit."""
+
+    def __init__(self, setup: Setup):
+        from harness.worker import Worker
+
+        self.setup = setup
+        self.queue: queue.Queue = queue.Queue()
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        threads = max(1, (cores or 1) // max(1, setup.jobs + setup.truth_jobs))
+        config = {"device": setup.device, "device_index": 0, "plugins": list(setup.plugins),
+                  "threads": threads}
+        self.threads = [threading.Thread(target=self._serve, daemon=True, args=(
+            Worker(config, setup.log_dir / f"worker{i}.log"),)) for i in range(setup.jobs)]
+        for t in self.threads:
+            t.start()
+
+    def _serve(self, worker) -> None:
+        from harness.worker import WorkerFailed
+
+        while True:
+            item = self.queue.get()
+            if item is None:
+                worker.close()
+                return
+            fut, spec = item
+            try:
+                reply = worker.request({"target": UNIT, "spec": spec}, self.setup.timeout)
+            except WorkerFailed as exc:
+                fut.set_result({"fault": f"{exc.status}: {exc.reason}"})
+                continue
+            if reply.get("status") != "ok" or "fault" in reply:
+                worker.kill()  # its CUDA context may be poisoned: a fresh one for the next unit
+                reply = {"fault": reply.get("fault") or f"raised: {reply.get('reason')}"}
+            fut.set_result(reply)
+
+    def submit(self, spec: dict[str, Any], truth: Any) -> Future:
+        fut: Future = Future()
+        self.queue.put((fut, {k: v for k, v in spec.items() if k != "impl_obj"}))
+        return fut
+
+    def close(self) -> None:
+        for _ in self.threads:
+            self.queue.put(None)
+        for t in self.threads:
+            t.join(timeout=60)
+
+
+def executor(setup: Setup):
+    return Isolated(setup) if setup.isolate else InProcess(setup)
+
+
+# ---------------------------------------------------------------- truths
+def _truth_process(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+class TruthMaker:
+    """Computes each case's truths, here or in a pool of processes; with isolated workers the
+    truths go to files in a temporary folder (removed at the end)."""
+
+    def __init__(self, setup: Setup):
+        self.setup = setup
+        self.folder = Path(tempfile.mkdtemp(prefix="linattn-check-")) if setup.isolate else None
+        self.pool = None
+        if setup.isolate and setup.truth_jobs > 0:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+            self.pool = ProcessPoolExecutor(
+                setup.truth_jobs, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_truth_process, initargs=(max(1, (cores or 1) // setup.truth_jobs),))
+        self.count = 0
+
+    def submit(self, case: Case, impls: list[Implementation], family: str) -> Future:
+        """A future of (truth: a Truth per dtype or a file, reference rows)."""
+        dtypes = claimed(impls, self.setup.dtypes)
+        checked = [i.name for i in impls]
+        fut: Future = Future()
+        if family == "causality":  # compared with the implementation itself and a forward pass
+            fut.set_result((None, []))
+            return fut
+        self.count += 1
+        path = None if self.folder is None else self.folder / f"truth{self.count}.pt"
+        spec = dict(case=case.to_json(), checked=checked, dtypes=dtypes,
+                    device=self.setup.device, family=family, path=str(path))
+        if self.pool is not None:
+            inner = self.pool.submit(unit.truth_job, spec)
+            inner.add_done_callback(lambda f: fut.set_exception(f.exception()) if f.exception()
+                                    else fut.set_result((path, f.result()["rows"])))
+            return fut
+        try:
+            ts = truths(case, checked, dtypes, self.setup.device, family)
+            refs = [i for i in impls if i.name in REFERENCES]
+            rows = reference_rows(case, refs, ts, family)
+            if path is not None:
+                unit.save_truths(ts, path)
+            fut.set_result((path if path is not None else ts, rows))
+        except Exception as exc:  # the truth failed: the case is recorded as such
+            fut.set_exception(exc)
+        return fut
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(cancel_futures=True)
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- the run
+@dataclass
+class _Case:
+    case: Case
+    impls: list[Implementation]
+    start: float
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    pending: int = 0
+    truth_done: bool = False
+    reported: bool = False
+
+
+def run_cases(plan: list[tuple[Case, list[Implementation]]], family: str, setup: Setup,
+              units=None, maker: TruthMaker | None = None) -> CheckResult:
+    """Every (case, implementations) of ``plan``, in order, until the deadline. ``units`` and
+    ``maker`` may be shared between families (workers kept warm); made and closed here if not."""
+    own = units is None
+    units = units or executor(setup)
+    maker = maker or TruthMaker(setup)
+    events: queue.Queue = queue.Queue()
+    faulted: dict[str, str] = {}
+    states: list[_Case] = []
+    rows: list[dict[str, Any]] = []
+    start, stopped, done = time.perf_counter(), False, 0
+    window = max(1, setup.truth_jobs) + 1  # truths prepared ahead of the workers
+
+    def open_case(i: int) -> None:
+        case, impls = plan[i]
+        states.append(_Case(case, impls, time.perf_counter()))
+        maker.submit(case, impls, family).add_done_callback(lambda f: events.put(("truth", i, f)))
+
+    def on_truth(i: int, f: Future) -> None:
+        st = states[i]
+        st.truth_done = True
+        try:
+            truth, ref_rows = f.result()
+        except Exception as exc:  # noqa: BLE001 - the truth failed: every row of the case lost
+            st.rows.append({**note_row(st.case, get(st.case.op, TRUTH[family]), "*", family,
+                                       "fault", f"the truth failed: {type(exc).__name__}: {exc}")})
+            return
+        st.rows += ref_rows
+        covered = {(r["impl"], r["dtype"]) for r in ref_rows}
+        for dname in claimed(st.impls, setup.dtypes):
+            for impl in st.impls:
+                if dname not in impl.dtypes or (impl.name, dname) in covered:
+                    continue
+                reason = skip_reason(impl, st.case, dname, setup.device)
+                if reason:
+                    st.rows.append(note_row(st.case, impl, dname, family, "skipped",
+                                            f"skipped: {reason}"))
+                elif impl.name in faulted:
+                    st.rows.append(note_row(st.case, impl, dname, family, "fault",
+                                            f"not run: {faulted[impl.name]}"))
+                else:
+                    st.pending += 1
+                    spec = dict(case=st.case.to_json(), impl=impl.name, impl_obj=impl,
+                                dtype=dname, family=family, truth=str(truth))
+                    held = truth[dname] if isinstance(truth, dict) else truth
+                    units.submit(spec, held).add_done_callback(
+                        lambda u, impl=impl, dname=dname: events.put(("unit", i, (impl, dname), u)))
+
+    def on_unit(i: int, key, u: Future) -> None:
+        st, (impl, dname) = states[i], key
+        st.pending -= 1
+        reply = u.result()
+        if "fault" in reply and impl.name in faulted:  # queued before the fault was known
+            st.rows.append(note_row(st.case, impl, dname, family, "fault",
+                                    f"not run: {faulted[impl.name]}"))
+        elif "fault" in reply:
+            command = replay_command(st.case.op, [impl.name], [dname], setup.device, st.case)
+            st.rows.append(note_row(st.case, impl, dname, family, "fault",
+                                    f"fault: {reply['fault']}; replay: {command}"))
+            faulted[impl.name] = f"{impl.name} faulted on {dname} {st.case.label()}"
+        else:
+            st.rows += reply["rows"]
+
+    def handle(event) -> None:
+        nonlocal done, rows
+        kind, i, *rest = event
+        (on_truth if kind == "truth" else on_unit)(i, *rest)
+        st = states[i]
+        if st.truth_done and st.pending == 0 and not st.reported:
+            st.reported = True
+            done += 1
+            rows += st.rows
+            if setup.on_case is not None:
+                setup.on_case(st.case, st.rows, time.perf_counter() - st.start)
+
+    try:
+        nxt = 0
+        while True:
+            while not events.empty():  # what is ready first: a case's units start at once
+                handle(events.get())
+            if nxt < len(plan) and not stopped \
+                    and sum(not s.truth_done for s in states) < window:
+                if past(setup.deadline):
+                    stopped = True
+                else:
+                    open_case(nxt)
+                    nxt += 1
+                continue
+            if not any(s.pending or not s.truth_done for s in states):
+                break
+            handle(events.get())
+    finally:
+        if own:
+            units.close()
+            maker.close()
+    failures = []
+    for st in states:
+        bad = [r for r in st.rows if r.get("status") == "fail"]
+        if bad:
+            failures.append(CaseFailed(st.case, st.rows))
+    return CheckResult(plan[0][0].op if plan else "", rows, failures, done,
+                       time.perf_counter() - start, stopped)
