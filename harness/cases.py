@@ -253,7 +253,10 @@ def without(case: Case, features: tuple[str, ...]) -> Case:
         dims = dict(case.dims)
         if "L" in dims:
             dims["L"] = max(dims["L"], levels_needed(dims["T"]))
-        case = replace(case, seqlens=None, dims=dims)
+        poison = case.poison
+        if poison is not None:  # the same token, now of the one sequence
+            poison = {**poison, "seq": 0, "t": sum(case.seqlens[:poison["seq"]]) + poison["t"]}
+        case = replace(case, seqlens=None, dims=dims, poison=poison)
     if "options" in features:
         case = replace(case, options={name: values[0] for name, values in op.options.items()})
     return case

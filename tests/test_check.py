@@ -436,3 +436,17 @@ def test_check_takes_a_plugin_file(tmp_path):
     missing = runner.invoke(app, ["check", "delta_rule", "--plugin", str(tmp_path / "nope.py"),
                                   "--device", "cpu"])
     assert missing.exit_code == 2 and "--plugin" in missing.output
+
+
+def test_a_case_without_varlen_keeps_its_planted_token():
+    """Coverage takes varlen away from a planted case for an implementation without it: the
+    planted value stays on the same token, now of the one sequence."""
+    from harness.cases import causality_cases, without
+    from harness.check.unit import planted
+
+    case = next(c for c in causality_cases("delta_rule", "cpu") if c.seqlens and c.poison["seq"])
+    flat = without(case, ("varlen",))
+    assert flat.seqlens is None and flat.poison["seq"] == 0
+    a, b = planted(sample(case), case), planted(sample(flat), flat)
+    name = case.poison["input"]
+    assert torch.equal(torch.isfinite(a[name]), torch.isfinite(b[name]))
