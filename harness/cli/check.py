@@ -184,7 +184,9 @@ def _run(op, chosen, names, families, replay, setup, examples, seed, lengths, ou
             todo = [("causality" if replay.poison else "replay", [replay])]
         for fam, cases in todo:
             impls = chosen if names else [i for i in chosen if i.name != engine.TRUTH[fam]
-                                          and not (fam == "causality" and i.kind == "reference")]
+                                          and not (fam == "causality" and i.kind == "reference")
+                                          and not (fam == "long" and profile == "cuda"
+                                                   and i.name in engine.REFERENCES)]
             asked.update({i.name: i for i in impls})
             results.append(run_family(fam, op, impls, setup, profile, units, maker, examples,
                                       seed, lengths, cases))
