@@ -84,6 +84,7 @@ class InProcess:
 
     def __init__(self, setup: Setup):
         self.device = setup.device
+        self.faulted: dict[str, str] = {}  # implementation -> where it faulted
 
     def submit(self, spec: dict[str, Any], truth: Any) -> Future:
         fut: Future = Future()
@@ -111,6 +112,7 @@ class Isolated:
         from harness.worker import Worker
 
         self.setup = setup
+        self.faulted: dict[str, str] = {}  # implementation -> where it faulted
         self.queue: queue.Queue = queue.Queue()
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
         threads = max(1, (cores or 1) // max(1, setup.jobs + setup.truth_jobs))
@@ -130,6 +132,9 @@ class Isolated:
                 worker.close()
                 return
             fut, spec = item
+            if spec["impl"] in self.faulted:  # it faulted while this unit waited its turn
+                fut.set_result({"not_run": self.faulted[spec["impl"]]})
+                continue
             try:
                 reply = worker.request({"target": UNIT, "spec": spec}, self.setup.timeout)
             except WorkerFailed as exc:
@@ -223,106 +228,122 @@ class _Case:
     reported: bool = False
 
 
-def run_cases(plan: list[tuple[Case, list[Implementation]]], family: str, setup: Setup,
-              units=None, maker: TruthMaker | None = None) -> CheckResult:
-    """Every (case, implementations) of ``plan``, in order, until the deadline. ``units`` and
-    ``maker`` may be shared between families (workers kept warm); made and closed here if not."""
-    own = units is None
-    units = units or executor(setup)
-    maker = maker or TruthMaker(setup)
-    events: queue.Queue = queue.Queue()
-    faulted: dict[str, str] = {}
-    states: list[_Case] = []
-    rows: list[dict[str, Any]] = []
-    start, stopped, done = time.perf_counter(), False, 0
-    window = max(1, setup.truth_jobs) + 1  # truths prepared ahead of the workers
+class _Run:
+    """One ``run_cases``: the cases opened in order (a truth each), their units handed to the
+    executor as each truth arrives, every event handled in this thread."""
 
-    def open_case(i: int) -> None:
-        case, impls = plan[i]
-        states.append(_Case(case, impls, time.perf_counter()))
-        maker.submit(case, impls, family).add_done_callback(lambda f: events.put(("truth", i, f)))
+    def __init__(self, plan, family: str, setup: Setup, units, maker: TruthMaker):
+        self.plan, self.family, self.setup, self.units, self.maker = plan, family, setup, units, maker
+        self.events: queue.Queue = queue.Queue()
+        self.states: list[_Case] = []
+        self.rows: list[dict[str, Any]] = []
+        self.done, self.stopped = 0, False
 
-    def on_truth(i: int, f: Future) -> None:
-        st = states[i]
+    def open_case(self, i: int) -> None:
+        case, impls = self.plan[i]
+        self.states.append(_Case(case, impls, time.perf_counter()))
+        self.maker.submit(case, impls, self.family).add_done_callback(
+            lambda f: self.events.put(("truth", i, f)))
+
+    def on_truth(self, i: int, f: Future) -> None:
+        st = self.states[i]
         st.truth_done = True
         try:
             truth, ref_rows = f.result()
         except Exception as exc:  # noqa: BLE001 - the truth failed: every row of the case lost
-            st.rows.append({**note_row(st.case, get(st.case.op, TRUTH[family]), "*", family,
-                                       "fault", f"the truth failed: {type(exc).__name__}: {exc}")})
+            truth_impl = get(st.case.op, TRUTH[self.family])
+            st.rows.append(note_row(st.case, truth_impl, "*", self.family, "fault",
+                                    f"the truth failed: {type(exc).__name__}: {exc}"))
             return
         st.rows += ref_rows
         covered = {(r["impl"], r["dtype"]) for r in ref_rows}
-        for dname in claimed(st.impls, setup.dtypes):
+        for dname in claimed(st.impls, self.setup.dtypes):
             for impl in st.impls:
-                if dname not in impl.dtypes or (impl.name, dname) in covered:
-                    continue
-                reason = skip_reason(impl, st.case, dname, setup.device)
-                if reason:
-                    st.rows.append(note_row(st.case, impl, dname, family, "skipped",
-                                            f"skipped: {reason}"))
-                elif impl.name in faulted:
-                    st.rows.append(note_row(st.case, impl, dname, family, "fault",
-                                            f"not run: {faulted[impl.name]}"))
-                else:
-                    st.pending += 1
-                    spec = dict(case=st.case.to_json(), impl=impl.name, impl_obj=impl,
-                                dtype=dname, family=family, truth=str(truth))
-                    held = truth[dname] if isinstance(truth, dict) else truth
-                    units.submit(spec, held).add_done_callback(
-                        lambda u, impl=impl, dname=dname: events.put(("unit", i, (impl, dname), u)))
+                if dname in impl.dtypes and (impl.name, dname) not in covered:
+                    self.submit(i, st, impl, dname, truth)
 
-    def on_unit(i: int, key, u: Future) -> None:
-        st, (impl, dname) = states[i], key
+    def submit(self, i: int, st: _Case, impl: Implementation, dname: str, truth: Any) -> None:
+        """One unit, or the row that says why it does not run."""
+        reason = skip_reason(impl, st.case, dname, self.setup.device)
+        if reason:
+            st.rows.append(note_row(st.case, impl, dname, self.family, "skipped",
+                                    f"skipped: {reason}"))
+            return
+        if impl.name in self.units.faulted:
+            st.rows.append(note_row(st.case, impl, dname, self.family, "fault",
+                                    f"not run: {self.units.faulted[impl.name]}"))
+            return
+        st.pending += 1
+        spec = dict(case=st.case.to_json(), impl=impl.name, impl_obj=impl, dtype=dname,
+                    family=self.family, truth=str(truth))
+        held = truth[dname] if isinstance(truth, dict) else truth
+        self.units.submit(spec, held).add_done_callback(
+            lambda u: self.events.put(("unit", i, (impl, dname), u)))
+
+    def on_unit(self, i: int, key, u: Future) -> None:
+        st, (impl, dname) = self.states[i], key
         st.pending -= 1
         reply = u.result()
-        if "fault" in reply and impl.name in faulted:  # queued before the fault was known
-            st.rows.append(note_row(st.case, impl, dname, family, "fault",
-                                    f"not run: {faulted[impl.name]}"))
+        if "not_run" in reply:  # the implementation faulted while this unit waited
+            st.rows.append(note_row(st.case, impl, dname, self.family, "fault",
+                                    f"not run: {reply['not_run']}"))
         elif "fault" in reply:
-            command = replay_command(st.case.op, [impl.name], [dname], setup.device, st.case)
-            st.rows.append(note_row(st.case, impl, dname, family, "fault",
+            command = replay_command(st.case.op, [impl.name], [dname], self.setup.device, st.case)
+            st.rows.append(note_row(st.case, impl, dname, self.family, "fault",
                                     f"fault: {reply['fault']}; replay: {command}"))
-            faulted[impl.name] = f"{impl.name} faulted on {dname} {st.case.label()}"
+            self.units.faulted.setdefault(
+                impl.name, f"{impl.name} faulted on {dname} {st.case.label()}")
         else:
             st.rows += reply["rows"]
 
-    def handle(event) -> None:
-        nonlocal done, rows
+    def handle(self, event) -> None:
         kind, i, *rest = event
-        (on_truth if kind == "truth" else on_unit)(i, *rest)
-        st = states[i]
+        (self.on_truth if kind == "truth" else self.on_unit)(i, *rest)
+        st = self.states[i]
         if st.truth_done and st.pending == 0 and not st.reported:
             st.reported = True
-            done += 1
-            rows += st.rows
-            if setup.on_case is not None:
-                setup.on_case(st.case, st.rows, time.perf_counter() - st.start)
+            self.done += 1
+            self.rows += st.rows
+            if self.setup.on_case is not None:
+                self.setup.on_case(st.case, st.rows, time.perf_counter() - st.start)
 
-    try:
+    def loop(self) -> None:
+        """Open cases while fewer truths than the window are in flight (and the deadline has not
+        passed), handling every event ready first, until every opened case is done."""
+        window = max(1, self.setup.truth_jobs) + 1  # truths prepared ahead of the workers
         nxt = 0
         while True:
-            while not events.empty():  # what is ready first: a case's units start at once
-                handle(events.get())
-            if nxt < len(plan) and not stopped \
-                    and sum(not s.truth_done for s in states) < window:
-                if past(setup.deadline):
-                    stopped = True
+            while not self.events.empty():  # what is ready first: a case's units start at once
+                self.handle(self.events.get())
+            if nxt < len(self.plan) and not self.stopped \
+                    and sum(not s.truth_done for s in self.states) < window:
+                if past(self.setup.deadline):
+                    self.stopped = True
                 else:
-                    open_case(nxt)
+                    self.open_case(nxt)
                     nxt += 1
                 continue
-            if not any(s.pending or not s.truth_done for s in states):
-                break
-            handle(events.get())
+            if not any(s.pending or not s.truth_done for s in self.states):
+                return
+            self.handle(self.events.get())
+
+
+def run_cases(plan: list[tuple[Case, list[Implementation]]], family: str, setup: Setup,
+              units=None, maker: TruthMaker | None = None) -> CheckResult:
+    """Every (case, implementations) of ``plan``, in order, until the deadline. ``units`` and
+    ``maker`` may be shared between families (workers kept warm, faults remembered); made and
+    closed here if not."""
+    own = units is None
+    units = units or executor(setup)
+    maker = maker or TruthMaker(setup)
+    run, start = _Run(plan, family, setup, units, maker), time.perf_counter()
+    try:
+        run.loop()
     finally:
         if own:
             units.close()
             maker.close()
-    failures = []
-    for st in states:
-        bad = [r for r in st.rows if r.get("status") == "fail"]
-        if bad:
-            failures.append(CaseFailed(st.case, st.rows))
-    return CheckResult(plan[0][0].op if plan else "", rows, failures, done,
-                       time.perf_counter() - start, stopped)
+    failures = [CaseFailed(st.case, st.rows) for st in run.states
+                if any(r.get("status") == "fail" for r in st.rows)]
+    return CheckResult(plan[0][0].op if plan else "", run.rows, failures, run.done,
+                       time.perf_counter() - start, run.stopped)
