@@ -183,6 +183,11 @@ class Worker:
             self.kill()
 
 
+def cores() -> int:
+    """The CPU cores this process may run on (what a pool of processes divides)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 # ---------------------------------------------------------------- the worker's side
 def error_text(exc: BaseException) -> str:
     """``Type: message`` of an exception, on one line, cut to a readable length."""

@@ -214,7 +214,7 @@ def test_check_writes_each_case_as_it_ends(tmp_path, monkeypatch):
     keeps the cases it finished, and its table is built from them."""
     import json
 
-    import harness.check.runner as runner_mod
+    import harness.check.unit as unit_mod
 
     argv = ["check", "gla", "--family", "long", "--long-t", "64,128", "--device", "cpu",
             "--out", str(tmp_path)]
@@ -228,12 +228,12 @@ def test_check_writes_each_case_as_it_ends(tmp_path, monkeypatch):
     assert len(lines) == len(table) and {r["T"] for r in lines} == {64, 128}
     assert sorted(r["error"] for r in lines) == pytest.approx(sorted(table["error"]))
 
-    truths = runner_mod.truths
+    truths = unit_mod.truths
     def killed_at_128(case, *args):
         if case.dims["T"] == 128:
             raise KeyboardInterrupt
         return truths(case, *args)
-    monkeypatch.setattr(runner_mod, "truths", killed_at_128)
+    monkeypatch.setattr(unit_mod, "truths", killed_at_128)
     stopped = runner.invoke(app, argv + ["--no-isolate"])  # the first case ends before the second
     assert "interrupted" in stopped.output
     kept = [json.loads(x) for x in (tmp_path / "gla_cases.jsonl").read_text().splitlines()]

@@ -21,7 +21,6 @@ from hypothesis.errors import Unsatisfiable
 
 from harness.cases import (Case, case_strategy, causality_cases, long_cases, reduced,
                            tiling_cases)
-from harness.check.engine import TRUTH
 from harness.check.runner import CaseFailed, CheckResult, Setup, TruthMaker, past, run_cases
 from harness.implementation import Implementation
 
@@ -47,7 +46,7 @@ def draw(op: str, examples: int, seed: int, profile: str) -> list[Case]:
     return list({c.to_json(): c for c in drawn}.values())  # each case once, first come first
 
 
-def with_coverage(cases: list[Case], impls: list[Implementation], device: str) -> Plan:
+def with_coverage(cases: list[Case], impls: list[Implementation]) -> Plan:
     """Every case for every implementation, and for each implementation that declines cases,
     the reduced forms of as many of them as a quarter of the family (at least one)."""
     plan: Plan = [(c, list(impls)) for c in cases]
@@ -83,17 +82,17 @@ def run_family(family: str, op: str, impls: list[Implementation], setup: Setup, 
                  "long": lambda: long_cases(op, profile, lengths),
                  "tiling": lambda: tiling_cases(op, profile),
                  "causality": lambda: causality_cases(op, profile)}[family]()
-        plan = with_coverage(cases, impls, setup.device)
+        plan = with_coverage(cases, impls)
     else:
         plan = [(c, list(impls)) for c in cases]
     result = run_cases(plan, family, setup, units, maker)
     if family == "random" and result.failures and not past(setup.deadline):
-        result.failures = shrink_all(op, result, setup, units, examples, seed, profile)
+        result.failures = shrink_all(op, impls, result, setup, units, examples, seed, profile)
     return result
 
 
-def shrink_all(op: str, result: CheckResult, setup: Setup, units, examples: int, seed: int,
-               profile: str) -> list[CaseFailed]:
+def shrink_all(op: str, impls: list[Implementation], result: CheckResult, setup: Setup, units,
+               examples: int, seed: int, profile: str) -> list[CaseFailed]:
     """Each failing implementation's failure shrunk to a minimal case (or as it was, when the
     deadline comes first or the failing case was not one hypothesis drew)."""
     by_impl: dict[str, CaseFailed] = {}
@@ -108,18 +107,12 @@ def shrink_all(op: str, result: CheckResult, setup: Setup, units, examples: int,
     maker = TruthMaker(Setup(**{**setup.__dict__, "truth_jobs": 0}))
     try:
         for name, failure in by_impl.items():
-            impl = next(i for i in _impls_of(result, failure) if i.name == name)
+            impl = next(i for i in impls if i.name == name)
             out.append(shrink(op, impl, failure, setup, units, maker, cache, examples, seed,
                               profile))
     finally:
         maker.close()
     return out
-
-
-def _impls_of(result: CheckResult, failure: CaseFailed) -> list[Implementation]:
-    from harness.registry import get
-
-    return [get(failure.case.op, n) for n in dict.fromkeys(r["impl"] for r in failure.rows)]
 
 
 def shrink(op: str, impl: Implementation, failure: CaseFailed, setup: Setup, units,
@@ -181,4 +174,4 @@ def check_family(family: str, op: str, impls: list[Implementation], dtypes: list
         maker.close()
 
 
-__all__ = ["draw", "with_coverage", "run_family", "shrink", "check_family", "TRUTH"]
+__all__ = ["draw", "with_coverage", "run_family", "shrink", "check_family"]

@@ -15,7 +15,6 @@ are handed to ``on_case`` as soon as all of its units are done.
 from __future__ import annotations
 
 import multiprocessing
-import os
 import queue
 import shutil
 import tempfile
@@ -31,7 +30,7 @@ import torch
 from harness.cases import Case
 from harness.check import unit
 from harness.check.engine import (REFERENCES, TRUTH, DeviceFault, claimed, impl_rows, note_row,
-                                  reference_rows, replay_command, run_impl, skip_reason, truths)
+                                  replay_command, run_impl, skip_reason)
 from harness.implementation import Implementation
 from harness.registry import get
 
@@ -109,13 +108,12 @@ class Isolated:
     worker whose unit did not end well is replaced before its next unit."""
 
     def __init__(self, setup: Setup):
-        from harness.worker import Worker
+        from harness.worker import Worker, cores
 
         self.setup = setup
         self.faulted: dict[str, str] = {}  # implementation -> where it faulted
         self.queue: queue.Queue = queue.Queue()
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        threads = max(1, (cores or 1) // max(1, setup.jobs + setup.truth_jobs))
+        threads = max(1, cores() // max(1, setup.jobs + setup.truth_jobs))
         config = {"device": setup.device, "device_index": 0, "plugins": list(setup.plugins),
                   "threads": threads}
         self.threads = [threading.Thread(target=self._serve, daemon=True, args=(
@@ -175,10 +173,11 @@ class TruthMaker:
         self.folder = Path(tempfile.mkdtemp(prefix="linattn-check-")) if setup.isolate else None
         self.pool = None
         if setup.isolate and setup.truth_jobs > 0:
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+            from harness.worker import cores
+
             self.pool = ProcessPoolExecutor(
                 setup.truth_jobs, mp_context=multiprocessing.get_context("spawn"),
-                initializer=_truth_process, initargs=(max(1, (cores or 1) // setup.truth_jobs),))
+                initializer=_truth_process, initargs=(max(1, cores() // setup.truth_jobs),))
         self.count = 0
 
     def submit(self, case: Case, impls: list[Implementation], family: str) -> Future:
@@ -199,11 +198,9 @@ class TruthMaker:
                                     else fut.set_result((path, f.result()["rows"])))
             return fut
         try:
-            ts = truths(case, checked, dtypes, self.setup.device, family)
             refs = [i for i in impls if i.name in REFERENCES]
-            rows = reference_rows(case, refs, ts, family)
-            if path is not None:
-                unit.save_truths(ts, path)
+            ts, rows = unit.prepare_truths(case, refs, checked, dtypes, self.setup.device,
+                                           family, path)
             fut.set_result((path if path is not None else ts, rows))
         except Exception as exc:  # the truth failed: the case is recorded as such
             fut.set_exception(exc)

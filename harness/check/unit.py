@@ -23,6 +23,7 @@ from harness.check.engine import (REFERENCES, DeviceFault, Run, Truth, impl_rows
                                   reference_device, reference_rows, run, run_impl, truths)
 from harness.implementation import DTYPES
 from harness.registry import get
+from references.spec import sequences
 
 VALUES = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
 
@@ -41,15 +42,24 @@ def load_truth(path: str | Path, dname: str) -> Truth:
     return Truth(Run(data["outputs"], data["grads"]), data["ref_errors"], {}, data["douts"])
 
 
+def prepare_truths(case: Case, refs: list, checked: list[str], dtypes: list[str], device: str,
+                   family: str, path: Path | None) -> tuple[dict[str, Truth], list[dict[str, Any]]]:
+    """The case's truths in ``dtypes`` for the implementations named ``checked`` (saved to
+    ``path``, if given), and the rows of ``refs``, the references among them (their same-dtype
+    runs are their results)."""
+    ts = truths(case, checked, dtypes, device, family)
+    if path is not None:
+        save_truths(ts, Path(path))
+    return ts, reference_rows(case, refs, ts, family)
+
+
 def truth_job(spec: dict[str, Any]) -> dict[str, Any]:
-    """The truths of ``spec["case"]`` in ``spec["dtypes"]`` for the implementations named
-    ``spec["checked"]`` on ``spec["device"]``, saved to ``spec["path"]``; returns the rows of
-    the references among them (their same-dtype runs are their results)."""
+    """``prepare_truths`` in a process of the truth pool, from a spec of plain values."""
     case = Case.from_json(spec["case"])
-    ts = truths(case, spec["checked"], spec["dtypes"], spec["device"], spec["family"])
-    save_truths(ts, Path(spec["path"]))
     refs = [get(case.op, n) for n in spec["checked"] if n in REFERENCES]
-    return {"rows": reference_rows(case, refs, ts, spec["family"])}
+    _, rows = prepare_truths(case, refs, spec["checked"], spec["dtypes"], spec["device"],
+                             spec["family"], spec["path"])
+    return {"rows": rows}
 
 
 # ---------------------------------------------------------------- one implementation
@@ -94,16 +104,6 @@ def _outputs(fn, args: dict[str, Any], case: Case, dtype: torch.dtype) -> Run:
         return run(fn, args, case, dtype, None, backward=False)
 
 
-def spans(case: Case) -> list[tuple[int, int, int]]:
-    """(batch row, first token, end) of every sequence."""
-    if case.seqlens is None:
-        return [(b, 0, case.dims["T"]) for b in range(case.dims["B"])]
-    ends = [0]
-    for n in case.seqlens:
-        ends.append(ends[-1] + n)
-    return [(0, ends[i], ends[i + 1]) for i in range(len(case.seqlens))]
-
-
 def causality_rows(case: Case, impl, dname: str, device: str) -> list[dict[str, Any]]:
     """Two rows. ``leak``: the elements of the output before the planted token, and of every
     other sequence (their final states too), that differ from the implementation's own output
@@ -126,7 +126,8 @@ def causality_rows(case: Case, impl, dname: str, device: str) -> list[dict[str, 
         return [{**base, "quantity": "leak", "error": math.inf, "passed": False, "status": "fail",
                  "note": error}]
     p, leak, wrong = case.poison, 0, 0
-    for n, (row, lo, hi) in enumerate(spans(case)):
+    for n, (row, lo, hi) in enumerate(sequences(case.dims["T"], case.dims["B"],
+                                                args["cu_seqlens"])):
         o_c, o_d, o_r = (r.outputs["o"][row, lo:hi] for r in (clean, dirty, ref))
         cut = p["t"] if n == p["seq"] else hi - lo  # everything of another sequence
         before_c, before_d = o_c[:cut].cpu(), o_d[:cut].cpu()

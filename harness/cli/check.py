@@ -4,7 +4,6 @@ is ``harness.check``; docs/check.md says what is checked and how)."""
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Optional
@@ -15,10 +14,6 @@ from harness.cli.common import (AUTOTUNE_HELP, DEVICE_HELP, REF_DEVICE_HELP, con
                                 known_op, pin_configs, select_device, set_ref_device, split)
 
 OURS = ("reference", "triton")  # the project's own kinds; peers come with --peers or --impl
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _case_progress(out: Path, op: str):
@@ -155,10 +150,12 @@ def check(
     if not chosen:
         fail(f"no implementation of {op} to check on {device}"
              + ("" if peers else " (--peers adds the other libraries' implementations)"))
+    from harness.worker import cores
+
     cuda = device == "cuda"
     setup = Setup(device=device, dtypes=dtypes, isolate=isolate,
-                  jobs=jobs or (min(8, max(1, _cores() // 2)) if cuda else 1),
-                  truth_jobs=max(1, _cores() // 4) if cuda and isolate else 0, timeout=timeout,
+                  jobs=jobs or (min(8, max(1, cores() // 2)) if cuda else 1),
+                  truth_jobs=max(1, cores() // 4) if cuda and isolate else 0, timeout=timeout,
                   plugins=list(plugin),
                   deadline=None if max_time is None else time.perf_counter() + max_time,
                   on_case=_case_progress(out, op), log_dir=out / "logs")

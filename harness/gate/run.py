@@ -160,7 +160,6 @@ def _run_case(sc: SuiteCase, device: str) -> tuple[list[dict[str, Any]], str | N
 def _worker(path: str, index: int, device: str, jobs: int):
     """A worker process's case (spawned: it loads the suite and the registry itself); ``jobs``
     workers run at once."""
-    import os
 
     import torch
 
@@ -170,8 +169,9 @@ def _worker(path: str, index: int, device: str, jobs: int):
     if device == "cpu":
         torch.set_num_threads(CPU_THREADS)
     elif reference_device(device) == "cpu":  # the references' loops share the host's cores
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        torch.set_num_threads(max(1, (cores or 1) // jobs))
+        from harness.worker import cores
+
+        torch.set_num_threads(max(1, cores() // jobs))
     return index, _run_case(load_suite(path).cases[index], device)
 
 
