@@ -14,8 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common.utils import (CHUNK_CONFIGS, chunk_rows, dot_precision, load_cols, load_rows,
-                                   store_rows, tile)
+from kernels.common.utils import (CHUNK_CONFIGS, chunk_rows, dot_precision, finite_part,
+                                   first_bad_row, load_cols, load_rows, poison_rows, store_rows,
+                                   tile)
 
 __all__ = ["chunk_fwd_o", "chunk_bwd_dv_local", "chunk_bwd_dqk"]
 
@@ -49,8 +50,10 @@ def chunk_fwd_o_kernel(
         b_A += tl.dot(b_q, b_kt, input_precision=PRECISION)
     b_A = tl.where(o_c[:, None] >= o_c[None, :], b_A, 0.)
     # [BT, BV]
-    b_v = load_rows(v + row0 * V, o_c, m_t, o_v, V, H)
+    # (a non-finite v' row reaches the rows after it only: utils.finite_part)
+    b_v, b_bad = finite_part(load_rows(v + row0 * V, o_c, m_t, o_v, V, H))
     b_o = (b_o + tl.dot(b_A.to(b_v.dtype), b_v, input_precision=PRECISION)) * scale
+    b_o = poison_rows(b_o, o_c, first_bad_row(b_bad, o_c, BT))
     store_rows(o + row0 * V, b_o, o_c, m_t, o_v, V, H)
 
 

@@ -26,8 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common.utils import (dot_mixed, dot_precision, load_cols, load_rows, seq_bounds,
-                                   store_rows, tile, tuning)
+from kernels.common.utils import (dot_mixed, dot_precision, finite_part, first_bad_row, load_cols,
+                                   load_rows, poison_rows, seq_bounds, store_rows, tile, tuning)
 
 __all__ = ["chunk_fwd_h", "chunk_fwd_h_o", "chunk_bwd_dh"]
 
@@ -221,7 +221,9 @@ def chunk_fwd_h_kernel(
             if K > 3 * BK:
                 b_o, b_A = _out_block(b_o, b_A, p_q, p_k, o_c, m_t, o_k4, b_h4, K, H, PRECISION)
             b_A = tl.where(o_c[:, None] >= o_c[None, :], b_A, 0.).to(k.dtype.element_ty)
-            b_o += tl.dot(b_A, b_v.to(k.dtype.element_ty), input_precision=PRECISION)
+            b_vf, b_bad = finite_part(b_v)  # as chunk_output.chunk_fwd_o
+            b_o += tl.dot(b_A, b_vf.to(k.dtype.element_ty), input_precision=PRECISION)
+            b_o = poison_rows(b_o, o_c, first_bad_row(b_bad, o_c, BT))
             store_rows(o + row0 * V, b_o * scale, o_c, m_t, o_v, V, H)
         # S = S + K^T v'   (v' unrounded: S ends as the final state)
         b_h1 += dot_mixed(load_cols(p_k, o_c, m_t, o_k1, K, H), b_v, PRECISION, MIXED)

@@ -177,6 +177,31 @@ def tuning(configs: list) -> list:
 CHUNK_CONFIGS = tuning([triton.Config({}, num_warps=w) for w in (4, 8)])
 
 
+# Causality under non-finite input. A NaN or inf at token t must reach no output before t. The
+# dense products inside a chunk multiply masked-out (future) entries by 0, and 0 * NaN = NaN,
+# so the stages whose products mix a chunk's rows load through `finite_part` (non-finite
+# elements read as 0: finite inputs unchanged, bit for bit) and then set what the math makes
+# non-finite to NaN themselves (`poison_rows`): per column, the rows at and after the first
+# non-finite input row (`first_bad_row`).
+@triton.jit
+def finite_part(x):
+    """(x with its NaN and +-inf elements replaced by 0, where they were)."""
+    bad = x - x != 0  # NaN - NaN and inf - inf are NaN
+    return tl.where(bad, 0., x), bad
+
+
+@triton.jit
+def first_bad_row(bad, o_r, NONE: tl.constexpr):
+    """[C]: per column of bad [R, C], the least row index o_r [R] where bad; NONE if none."""
+    return tl.min(tl.where(bad, o_r[:, None], NONE), axis=0)
+
+
+@triton.jit
+def poison_rows(x, o_r, first):
+    """x [R, C] with the rows o_r >= first (per column, [C]) set to NaN."""
+    return tl.where(o_r[:, None] >= first[None, :], float("nan"), x)
+
+
 @triton.jit
 def dot_split(b_a, b_b, PRECISION: tl.constexpr):
     """b_a @ b_b where one operand is float32 and the other in the inputs' dtype, with the

@@ -44,6 +44,8 @@ BT = 64  # chunk size: a tiling choice, never a change of result
 # wy.wy_fwd does the first three stages in one kernel with A in registers (A never stored).
 # On the H100 (B=2 H=16 K=V=128 bf16) it took the forward from 0.83 to 0.65 ms at T=8K and
 # 3.16 to 2.47 ms at 32K, same errors; False runs kkt_fwd, solve_tril, recompute_w_u_fwd.
+# Only wy_fwd keeps a non-finite k, v or beta out of the chunk's earlier rows (utils.finite_part);
+# with False a NaN at token t also turns the outputs of t's chunk before t NaN.
 FUSED_WY_FWD = True
 # Without SAVE_STATES the backward recomputes w, u, h and v' (to dq, dk, dw and dv').
 # "inputs": in the inputs' dtype (u rounded, Ai rounded, S and v' rounded into the walk's

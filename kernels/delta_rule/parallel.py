@@ -62,8 +62,9 @@ import triton
 import triton.language as tl
 
 from references.operators import DELTA_RULE
-from kernels.common.utils import (check_launchable, dot_mixed, dot_precision, load_cols, load_rows,
-                                  store_rows, tile, tuning)
+from kernels.common.utils import (check_launchable, dot_mixed, dot_precision, finite_part,
+                                  first_bad_row, load_cols, load_rows, poison_rows, store_rows,
+                                  tile, tuning)
 from kernels.delta_rule.wy import wy_fwd
 
 __all__ = ["parallel_delta_rule", "parallel_delta_rule_fwd"]
@@ -81,6 +82,45 @@ MIXED = None
 # interpreter and numerical checks pin (warps and stages change no arithmetic).
 PARALLEL_CONFIGS = tuning([triton.Config({}, num_warps=w, num_stages=s)
                            for w in (8, 4) for s in (2, 3, 1)])
+
+
+@triton.jit
+def _sweep_step(b_g, b_o, b_m, k, w, u, beta, Ai, attn, row_j, a_ij, m_i, m_j, o_c, o_k, o_v, T,
+                store_a, DIAG: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                H: tl.constexpr, BT: tl.constexpr, PRECISION: tl.constexpr, MIXED: tl.constexpr,
+                STORE_ATTN: tl.constexpr):
+    """One step j of the sweep, M_ij = b_m given: o_i += M U_j, G -= M W_j, A_ij = M Ai_j
+    diag(beta_j) at attn + a_ij when STORE_ATTN and store_a (the first value tile). On the
+    diagonal (DIAG) U_j, W_j, Ai_j and beta_j are read through utils.finite_part and the rows
+    the math makes non-finite set to NaN after the products: the tril zeros would carry a
+    later row's NaN to every row. Off the diagonal every row of chunk j is earlier than every
+    row of chunk i, so its NaN is already where it belongs."""
+    b_mh = b_m.to(k.dtype.element_ty)
+    b_u = load_rows(u + row_j * V, o_c, m_j, o_v, V, H)
+    b_w = load_rows(w + row_j * K, o_c, m_j, o_k, K, H)
+    if DIAG:
+        b_u, b_bad_u = finite_part(b_u)
+        b_w, b_bad_w = finite_part(b_w)
+        first_w = tl.min(first_bad_row(b_bad_w, o_c, BT), 0)  # w's NaN rows: k or beta's
+    b_o += dot_mixed(b_mh, b_u, PRECISION, MIXED)
+    b_g -= tl.dot(b_mh, b_w, input_precision=PRECISION)
+    if DIAG:
+        b_o = poison_rows(b_o, o_c, tl.minimum(first_bad_row(b_bad_u, o_c, BT), first_w))
+        b_g = tl.where(o_c[:, None] >= first_w, float("nan"), b_g)
+    if STORE_ATTN:
+        if store_a:
+            # A_ij = M_ij Ai_j diag(beta_j), from the unrounded M
+            b_ai = load_rows(Ai + row_j * BT, o_c, m_j, o_c, BT, H)
+            b_beta = tl.load(beta + row_j + o_c * H, mask=m_j, other=0.).to(tl.float32)
+            if DIAG:
+                b_ai, _ = finite_part(b_ai)
+                b_beta, _ = finite_part(b_beta)
+            b_a = tl.dot(b_m, b_ai, input_precision=PRECISION) * b_beta[None, :]
+            if DIAG:
+                b_a = tl.where(o_c[:, None] >= first_w, float("nan"), b_a)
+            tl.store(attn + a_ij + o_c[:, None] * T + o_c[None, :], b_a.to(attn.dtype.element_ty),
+                     mask=m_i[:, None] & m_j[None, :])
+    return b_g, b_o
 
 
 @triton.heuristics({'STORE_ATTN': lambda a: a['attn'] is not None})
@@ -102,38 +142,32 @@ def parallel_delta_rule_fwd_kernel(
     o_v = i_v * BV + tl.arange(0, BV)
     m_i = i_t * BT + o_c < T  # query rows that hold tokens
     row_i = (i_b.to(tl.int64) * T + i_t * BT) * H + i_h  # first row of chunk i (int64)
+    a_i = (i_bh.to(tl.int64) * T + i_t * BT) * T  # row block i of A (STORE_ATTN)
+    store_a = i_v == 0  # one value tile writes A
     # [BT, BK]: G_ii = Q~_i, float32
     b_g = load_rows(q + row_i * K, o_c, m_i, o_k, K, H).to(tl.float32) * scale
     b_o = tl.zeros([BT, BV], dtype=tl.float32)
-    for i_n in range(0, i_t + 1):
+    # j = i: M_ii = tril(G_ii K_i^T)
+    b_m = dot_mixed(b_g, load_cols(k + row_i * K, o_c, m_i, o_k, K, H), PRECISION, MIXED)
+    b_m = tl.where(o_c[:, None] >= o_c[None, :], b_m, 0.)
+    b_g, b_o = _sweep_step(b_g, b_o, b_m, k, w, u, beta, Ai, attn, row_i, a_i + i_t * BT, m_i,
+                           m_i, o_c, o_k, o_v, T, store_a, True, K, V, H, BT, PRECISION, MIXED,
+                           STORE_ATTN)
+    for i_n in range(1, i_t + 1):
         i_j = i_t - i_n
         m_j = i_j * BT + o_c < T  # key rows that hold tokens
         row_j = (i_b.to(tl.int64) * T + i_j * BT) * H + i_h
-        # M_ij = G_ij K_j^T [BT, BT], tril for j = i
         b_m = dot_mixed(b_g, load_cols(k + row_j * K, o_c, m_j, o_k, K, H), PRECISION, MIXED)
-        b_m = tl.where((o_c[:, None] >= o_c[None, :]) | (i_j < i_t), b_m, 0.)
-        b_mh = b_m.to(k.dtype.element_ty)
-        # o_i += M_ij U_j;  G_{i,j-1} = G_ij - M_ij W_j
-        b_o += dot_mixed(b_mh, load_rows(u + row_j * V, o_c, m_j, o_v, V, H), PRECISION, MIXED)
-        b_g -= tl.dot(b_mh, load_rows(w + row_j * K, o_c, m_j, o_k, K, H),
-                      input_precision=PRECISION)
-        if STORE_ATTN:
-            if i_v == 0:
-                # A_ij = M_ij Ai_j diag(beta_j), from the unrounded M
-                b_ai = load_rows(Ai + row_j * BT, o_c, m_j, o_c, BT, H)
-                b_beta = tl.load(beta + row_j + o_c * H, mask=m_j, other=0.).to(tl.float32)
-                b_a = tl.dot(b_m, b_ai, input_precision=PRECISION) * b_beta[None, :]
-                p_a = attn + (i_bh.to(tl.int64) * T + i_t * BT) * T + i_j * BT
-                tl.store(p_a + o_c[:, None] * T + o_c[None, :], b_a.to(attn.dtype.element_ty),
-                         mask=m_i[:, None] & m_j[None, :])
+        b_g, b_o = _sweep_step(b_g, b_o, b_m, k, w, u, beta, Ai, attn, row_j, a_i + i_j * BT,
+                               m_i, m_j, o_c, o_k, o_v, T, store_a, False, K, V, H, BT,
+                               PRECISION, MIXED, STORE_ATTN)
     store_rows(o + row_i * V, b_o, o_c, m_i, o_v, V, H)
     if STORE_ATTN:
-        if i_v == 0:
+        if store_a:
             # the blocks above the diagonal, j > i, are zero
-            p_a = attn + (i_bh.to(tl.int64) * T + i_t * BT) * T
             for i_j in range(i_t + 1, NT):
                 o_j = i_j * BT + o_c
-                tl.store(p_a + o_c[:, None] * T + o_j[None, :],
+                tl.store(attn + a_i + o_c[:, None] * T + o_j[None, :],
                          tl.zeros([BT, BT], dtype=attn.dtype.element_ty),
                          mask=m_i[:, None] & (o_j < T)[None, :])
 

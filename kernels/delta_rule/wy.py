@@ -20,7 +20,8 @@ import triton.language as tl
 
 from kernels.common.solve_tril import inv_unit_lower
 from kernels.common.utils import (CHUNK_CONFIGS, chunk_bounds, chunk_rows, dot_precision, dot_split,
-                                   load_rows, store_rows, tile, tuning)
+                                   finite_part, first_bad_row, load_rows, poison_rows, store_rows,
+                                   tile, tuning)
 
 __all__ = ["wy_fwd", "kkt_fwd", "recompute_w_u_fwd", "wy_bwd"]
 
@@ -121,41 +122,103 @@ def _rows(bos, eos, i_t, i_h, i: tl.constexpr, H: tl.constexpr, BT: tl.constexpr
 
 
 @triton.jit
-def _store_ai_row(Ai, row, m, x0, x1, x2, x3, H: tl.constexpr, BT: tl.constexpr,
-                  BC: tl.constexpr):
-    """One block row of Ai [BT, BT] (row-major per token, like A)."""
+def _store_ai_row(Ai, row, m, x0, x1, x2, x3, i: tl.constexpr, first, H: tl.constexpr,
+                  BT: tl.constexpr, BC: tl.constexpr):
+    """Block row i of Ai [BT, BT] (row-major per token, like A); NaN from chunk row ``first``
+    on (the first with a non-finite k or beta)."""
     o_r = tl.arange(0, BC)
     p = Ai + row * BT + o_r[:, None] * (H * BT) + o_r[None, :]
-    tl.store(p, x0, mask=m[:, None])
-    tl.store(p + BC, x1, mask=m[:, None])
-    tl.store(p + 2 * BC, x2, mask=m[:, None])
-    tl.store(p + 3 * BC, x3, mask=m[:, None])
+    bad = (i * BC + o_r)[:, None] >= first
+    tl.store(p, tl.where(bad, float("nan"), x0), mask=m[:, None])
+    tl.store(p + BC, tl.where(bad, float("nan"), x1), mask=m[:, None])
+    tl.store(p + 2 * BC, tl.where(bad, float("nan"), x2), mask=m[:, None])
+    tl.store(p + 3 * BC, tl.where(bad, float("nan"), x3), mask=m[:, None])
+
+
+@triton.jit
+def _load_finite(x, o_r, m, o_d, i: tl.constexpr, D: tl.constexpr, H: tl.constexpr,
+                 BC: tl.constexpr):
+    """Block row i of x [BC, BD] through utils.finite_part, and per column the first chunk row
+    with a non-finite element (BT = 4 BC if none)."""
+    b_x, b_bad = finite_part(load_rows(x, o_r, m, o_d, D, H))
+    return b_x, first_bad_row(b_bad, i * BC + o_r, 4 * BC)
 
 
 @triton.jit
 def _apply_wy(x, y, b0, b1, b2, b3, r0, r1, r2, r3, m0, m1, m2, m3,
-              x00, x10, x11, x20, x21, x22, x30, x31, x32, x33,
+              x00, x10, x11, x20, x21, x22, x30, x31, x32, x33, first,
               H: tl.constexpr, D: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr,
               PRECISION: tl.constexpr):
-    """y_i = sum_{j <= i} Ai_ij diag(beta_j) x_j for the four block rows (x: k or v, [.., D])."""
+    """y_i = sum_{j <= i} Ai_ij diag(beta_j) x_j for the four block rows (x: k or v, [.., D]);
+    NaN from chunk row ``first`` on, and in a column from its first non-finite x on."""
     DT = x.dtype.element_ty
     o_r = tl.arange(0, BC)
     for i_d in range(tl.cdiv(D, BD)):
         o_d = i_d * BD + tl.arange(0, BD)
         # [BC, BD] each: diag(beta_j) x_j in the inputs' dtype
-        xb0 = (load_rows(x + r0 * D, o_r, m0, o_d, D, H) * b0[:, None]).to(DT)
-        xb1 = (load_rows(x + r1 * D, o_r, m1, o_d, D, H) * b1[:, None]).to(DT)
-        xb2 = (load_rows(x + r2 * D, o_r, m2, o_d, D, H) * b2[:, None]).to(DT)
-        xb3 = (load_rows(x + r3 * D, o_r, m3, o_d, D, H) * b3[:, None]).to(DT)
+        x0, f0 = _load_finite(x + r0 * D, o_r, m0, o_d, 0, D, H, BC)
+        x1, f1 = _load_finite(x + r1 * D, o_r, m1, o_d, 1, D, H, BC)
+        x2, f2 = _load_finite(x + r2 * D, o_r, m2, o_d, 2, D, H, BC)
+        x3, f3 = _load_finite(x + r3 * D, o_r, m3, o_d, 3, D, H, BC)
+        f = tl.minimum(tl.minimum(tl.minimum(f0, f1), tl.minimum(f2, f3)), first)
+        xb0, xb1 = (x0 * b0[:, None]).to(DT), (x1 * b1[:, None]).to(DT)
+        xb2, xb3 = (x2 * b2[:, None]).to(DT), (x3 * b3[:, None]).to(DT)
         y0 = dot_split(x00, xb0, PRECISION)
         y1 = dot_split(x10, xb0, PRECISION) + dot_split(x11, xb1, PRECISION)
         y2 = dot_split(x20, xb0, PRECISION) + dot_split(x21, xb1, PRECISION) + dot_split(x22, xb2, PRECISION)
         y3 = (dot_split(x30, xb0, PRECISION) + dot_split(x31, xb1, PRECISION)
               + dot_split(x32, xb2, PRECISION) + dot_split(x33, xb3, PRECISION))
-        store_rows(y + r0 * D, y0, o_r, m0, o_d, D, H)
-        store_rows(y + r1 * D, y1, o_r, m1, o_d, D, H)
-        store_rows(y + r2 * D, y2, o_r, m2, o_d, D, H)
-        store_rows(y + r3 * D, y3, o_r, m3, o_d, D, H)
+        store_rows(y + r0 * D, poison_rows(y0, o_r, f), o_r, m0, o_d, D, H)
+        store_rows(y + r1 * D, poison_rows(y1, BC + o_r, f), o_r, m1, o_d, D, H)
+        store_rows(y + r2 * D, poison_rows(y2, 2 * BC + o_r, f), o_r, m2, o_d, D, H)
+        store_rows(y + r3 * D, poison_rows(y3, 3 * BC + o_r, f), o_r, m3, o_d, D, H)
+
+
+@triton.jit
+def _load_beta(beta, r, m, o_r, i: tl.constexpr, H: tl.constexpr, BC: tl.constexpr):
+    """beta of block row i through utils.finite_part, and the first chunk row with a
+    non-finite one (4 BC if none)."""
+    b, bad = finite_part(tl.load(beta + r + o_r * H, mask=m, other=0.).to(tl.float32))
+    return b, tl.min(tl.where(bad, i * BC + o_r, 4 * BC), 0)
+
+
+@triton.jit
+def _kkt_blocks(k, r0, r1, r2, r3, m0, m1, m2, m3, H: tl.constexpr, K: tl.constexpr,
+                BC: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
+    """K_i K_j^T for the ten blocks j <= i ([BC, BC] float32 each), from k read through
+    utils.finite_part, and the first chunk row with a non-finite k (4 BC if none)."""
+    o_r = tl.arange(0, BC)
+    a00 = tl.zeros([BC, BC], dtype=tl.float32)
+    a10 = tl.zeros([BC, BC], dtype=tl.float32)
+    a11 = tl.zeros([BC, BC], dtype=tl.float32)
+    a20 = tl.zeros([BC, BC], dtype=tl.float32)
+    a21 = tl.zeros([BC, BC], dtype=tl.float32)
+    a22 = tl.zeros([BC, BC], dtype=tl.float32)
+    a30 = tl.zeros([BC, BC], dtype=tl.float32)
+    a31 = tl.zeros([BC, BC], dtype=tl.float32)
+    a32 = tl.zeros([BC, BC], dtype=tl.float32)
+    a33 = tl.zeros([BC, BC], dtype=tl.float32)
+    first = tl.full((), 4 * BC, tl.int32)  # the loop lowers it
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        # [BC, BK]
+        k0, f0 = _load_finite(k + r0 * K, o_r, m0, o_k, 0, K, H, BC)
+        k1, f1 = _load_finite(k + r1 * K, o_r, m1, o_k, 1, K, H, BC)
+        k2, f2 = _load_finite(k + r2 * K, o_r, m2, o_k, 2, K, H, BC)
+        k3, f3 = _load_finite(k + r3 * K, o_r, m3, o_k, 3, K, H, BC)
+        first = tl.minimum(first, tl.min(tl.minimum(tl.minimum(f0, f1), tl.minimum(f2, f3)), 0))
+        kt0, kt1, kt2, kt3 = tl.trans(k0), tl.trans(k1), tl.trans(k2), tl.trans(k3)
+        a00 += tl.dot(k0, kt0, input_precision=PRECISION)
+        a10 += tl.dot(k1, kt0, input_precision=PRECISION)
+        a11 += tl.dot(k1, kt1, input_precision=PRECISION)
+        a20 += tl.dot(k2, kt0, input_precision=PRECISION)
+        a21 += tl.dot(k2, kt1, input_precision=PRECISION)
+        a22 += tl.dot(k2, kt2, input_precision=PRECISION)
+        a30 += tl.dot(k3, kt0, input_precision=PRECISION)
+        a31 += tl.dot(k3, kt1, input_precision=PRECISION)
+        a32 += tl.dot(k3, kt2, input_precision=PRECISION)
+        a33 += tl.dot(k3, kt3, input_precision=PRECISION)
+    return a00, a10, a11, a20, a21, a22, a30, a31, a32, a33, first
 
 
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
@@ -174,7 +237,9 @@ def wy_fwd_kernel(
         X_ij = -X_ii sum_{j <= m < i} A_im X_mj     # block substitution, as solve_tril
         w_i  = sum_{j <= i} X_ij diag(beta_j) K_j,  u_i likewise with V
 
-    X = Ai = (I + A)^{-1} is stored in float32 for the backward. A never leaves registers."""
+    X = Ai = (I + A)^{-1} is stored in float32 for the backward. A never leaves registers.
+    Non-finite k, v, beta are read as 0 and their rows on made NaN (utils.finite_part): the
+    products would otherwise carry them to the chunk's earlier rows."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
     i_h = i_bh % H
     bos, eos, i_t = chunk_bounds(cu_seqlens, chunk_indices, i_c, i_bh // H, T, BT, IS_VARLEN)
@@ -183,40 +248,15 @@ def wy_fwd_kernel(
     m2, r2 = _rows(bos, eos, i_t, i_h, 2, H, BT, BC)
     m3, r3 = _rows(bos, eos, i_t, i_h, 3, H, BT, BC)
     o_r = tl.arange(0, BC)
-    b0 = tl.load(beta + r0 + o_r * H, mask=m0, other=0.).to(tl.float32)
-    b1 = tl.load(beta + r1 + o_r * H, mask=m1, other=0.).to(tl.float32)
-    b2 = tl.load(beta + r2 + o_r * H, mask=m2, other=0.).to(tl.float32)
-    b3 = tl.load(beta + r3 + o_r * H, mask=m3, other=0.).to(tl.float32)
+    b0, f0 = _load_beta(beta, r0, m0, o_r, 0, H, BC)
+    b1, f1 = _load_beta(beta, r1, m1, o_r, 1, H, BC)
+    b2, f2 = _load_beta(beta, r2, m2, o_r, 2, H, BC)
+    b3, f3 = _load_beta(beta, r3, m3, o_r, 3, H, BC)
+    a00, a10, a11, a20, a21, a22, a30, a31, a32, a33, first = _kkt_blocks(
+        k, r0, r1, r2, r3, m0, m1, m2, m3, H, K, BC, BK, PRECISION)
+    # the first chunk row with a non-finite k or beta (BT if none)
+    first = tl.minimum(first, tl.minimum(tl.minimum(f0, f1), tl.minimum(f2, f3)))
 
-    # K_i K_j^T, [BC, BC] each
-    a00 = tl.zeros([BC, BC], dtype=tl.float32)
-    a10 = tl.zeros([BC, BC], dtype=tl.float32)
-    a11 = tl.zeros([BC, BC], dtype=tl.float32)
-    a20 = tl.zeros([BC, BC], dtype=tl.float32)
-    a21 = tl.zeros([BC, BC], dtype=tl.float32)
-    a22 = tl.zeros([BC, BC], dtype=tl.float32)
-    a30 = tl.zeros([BC, BC], dtype=tl.float32)
-    a31 = tl.zeros([BC, BC], dtype=tl.float32)
-    a32 = tl.zeros([BC, BC], dtype=tl.float32)
-    a33 = tl.zeros([BC, BC], dtype=tl.float32)
-    for i_k in range(tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        # [BC, BK]
-        k0 = load_rows(k + r0 * K, o_r, m0, o_k, K, H)
-        k1 = load_rows(k + r1 * K, o_r, m1, o_k, K, H)
-        k2 = load_rows(k + r2 * K, o_r, m2, o_k, K, H)
-        k3 = load_rows(k + r3 * K, o_r, m3, o_k, K, H)
-        kt0, kt1, kt2, kt3 = tl.trans(k0), tl.trans(k1), tl.trans(k2), tl.trans(k3)
-        a00 += tl.dot(k0, kt0, input_precision=PRECISION)
-        a10 += tl.dot(k1, kt0, input_precision=PRECISION)
-        a11 += tl.dot(k1, kt1, input_precision=PRECISION)
-        a20 += tl.dot(k2, kt0, input_precision=PRECISION)
-        a21 += tl.dot(k2, kt1, input_precision=PRECISION)
-        a22 += tl.dot(k2, kt2, input_precision=PRECISION)
-        a30 += tl.dot(k3, kt0, input_precision=PRECISION)
-        a31 += tl.dot(k3, kt1, input_precision=PRECISION)
-        a32 += tl.dot(k3, kt2, input_precision=PRECISION)
-        a33 += tl.dot(k3, kt3, input_precision=PRECISION)
     strict = o_r[:, None] > o_r[None, :]
     x00 = inv_unit_lower(tl.where(strict, a00 * b0[:, None], 0.), BC)
     x11 = inv_unit_lower(tl.where(strict, a11 * b1[:, None], 0.), BC)
@@ -235,14 +275,14 @@ def wy_fwd_kernel(
     x30 = -tl.dot(x33, tl.dot(a30, x00, input_precision="ieee") + tl.dot(a31, x10, input_precision="ieee")
                   + tl.dot(a32, x20, input_precision="ieee"), input_precision="ieee")
     zero = tl.zeros([BC, BC], dtype=tl.float32)
-    _store_ai_row(Ai, r0, m0, x00, zero, zero, zero, H, BT, BC)
-    _store_ai_row(Ai, r1, m1, x10, x11, zero, zero, H, BT, BC)
-    _store_ai_row(Ai, r2, m2, x20, x21, x22, zero, H, BT, BC)
-    _store_ai_row(Ai, r3, m3, x30, x31, x32, x33, H, BT, BC)
+    _store_ai_row(Ai, r0, m0, x00, zero, zero, zero, 0, first, H, BT, BC)
+    _store_ai_row(Ai, r1, m1, x10, x11, zero, zero, 1, first, H, BT, BC)
+    _store_ai_row(Ai, r2, m2, x20, x21, x22, zero, 2, first, H, BT, BC)
+    _store_ai_row(Ai, r3, m3, x30, x31, x32, x33, 3, first, H, BT, BC)
     _apply_wy(k, w, b0, b1, b2, b3, r0, r1, r2, r3, m0, m1, m2, m3,
-              x00, x10, x11, x20, x21, x22, x30, x31, x32, x33, H, K, BC, BK, PRECISION)
+              x00, x10, x11, x20, x21, x22, x30, x31, x32, x33, first, H, K, BC, BK, PRECISION)
     _apply_wy(v, u, b0, b1, b2, b3, r0, r1, r2, r3, m0, m1, m2, m3,
-              x00, x10, x11, x20, x21, x22, x30, x31, x32, x33, H, V, BC, BV, PRECISION)
+              x00, x10, x11, x20, x21, x22, x30, x31, x32, x33, first, H, V, BC, BV, PRECISION)
 
 
 def wy_fwd(k, v, beta, cu_seqlens, chunk_indices, NT: int, BT: int):
