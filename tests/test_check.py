@@ -235,7 +235,8 @@ def test_check_writes_each_case_as_it_ends(tmp_path, monkeypatch):
         return truths(case, *args)
     monkeypatch.setattr(unit_mod, "truths", killed_at_128)
     stopped = runner.invoke(app, argv + ["--no-isolate"])  # the first case ends before the second
-    assert "interrupted" in stopped.output
+    assert "interrupted" in stopped.output and stopped.exit_code == 130  # no verdict of success
+    assert "gla on cpu: 1 cases in" in stopped.output
     kept = [json.loads(x) for x in (tmp_path / "gla_cases.jsonl").read_text().splitlines()]
     assert kept and {r["T"] for r in kept} == {64}
     assert sorted(r["error"] for r in kept) == pytest.approx(

@@ -173,6 +173,7 @@ def _run(op, chosen, names, families, replay, setup, examples, seed, lengths, ou
     profile = "cuda" if setup.device == "cuda" else "cpu"
     units, maker = executor(setup), TruthMaker(setup)
     results, asked = [], {}  # asked: the implementations some family was to check
+    start, interrupted = time.perf_counter(), False
     console.print(f"checking {op} on {setup.device}: {', '.join(i.name for i in chosen)} "
                   f"({'in ' + str(setup.jobs) + ' worker process(es)' if setup.isolate else 'in this process'})")
     try:
@@ -188,14 +189,18 @@ def _run(op, chosen, names, families, replay, setup, examples, seed, lengths, ou
             results.append(run_family(fam, op, impls, setup, profile, units, maker, examples,
                                       seed, lengths, cases))
     except KeyboardInterrupt:
+        interrupted = True
         console.print("[yellow]interrupted: the table below has the cases that finished[/]")
     finally:
         units.close()
         maker.close()
-    _summary(op, list(asked.values()), setup, results, out, max_time)
+    _summary(op, list(asked.values()), setup, results, out, max_time,
+             time.perf_counter() - start)
+    if interrupted:  # not every case asked for ran: no verdict of success
+        raise typer.Exit(130)
 
 
-def _summary(op, asked, setup, results, out, max_time) -> None:
+def _summary(op, asked, setup, results, out, max_time, seconds) -> None:
     """The table of every finished case (read back from what was written as each ended), the
     failures, the faults, what compared nothing; exit 1 on any of them."""
     from harness.check.report import frame, plot_long, print_summary, uncovered, write
@@ -204,8 +209,7 @@ def _summary(op, asked, setup, results, out, max_time) -> None:
     path = out / f"{op}_cases.jsonl"
     rows = [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
     df = frame(rows)
-    seconds = sum(r.seconds for r in results)
-    cases = sum(r.examples for r in results)
+    cases = df.groupby(["family", "case_json"]).ngroups if len(df) else 0
     print_summary(console, df, OPERATORS[op], f"{op} on {setup.device}: {cases} cases in "
                   f"{seconds:.1f} s (rel. error vs float64 reference; 'of tol' = error / tolerance)")
     paths = write(df, out, op)
