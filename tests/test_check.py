@@ -411,14 +411,15 @@ def leaks_the_future(q, k, v, beta, **kw):
 
 def test_causality_family_catches_a_future_leak():
     leaky = Implementation(op="delta_rule", name="leaky", kind="peer", target=leaks_the_future)
-    result = check_family("causality", "delta_rule", [leaky, get("delta_rule", "fused_recurrent")],
-                          ["float32"], "cpu")
+    ours = [get("delta_rule", name) for name in ("fused_recurrent", "chunk")]
+    result = check_family("causality", "delta_rule", [leaky, *ours], ["float32"], "cpu")
     by_impl = {}
     for r in result.rows:
         by_impl.setdefault((r["impl"], r["quantity"]), []).append(r["passed"])
     assert not all(by_impl[("leaky", "leak")])  # a NaN at the last token reached t = 0
-    assert all(by_impl[("fused_recurrent", "leak")]) and all(by_impl[("fused_recurrent", "non-finite")])
-    assert len(by_impl[("fused_recurrent", "leak")]) == 6
+    for name in ("fused_recurrent", "chunk"):  # chunk: since its chunks mask with where
+        assert all(by_impl[(name, "leak")]) and all(by_impl[(name, "non-finite")])
+        assert len(by_impl[(name, "leak")]) == 6
 
 
 def test_check_takes_a_plugin_file(tmp_path):
