@@ -75,3 +75,18 @@ def test_parallel_keeps_a_non_finite_token_in_its_future(name, t, value):
     assert torch.equal(o_d[:, t:].isfinite(), o_r[:, t:].isfinite())
     if name in ("k", "beta"):  # A = d o / d v depends on k and beta, not on v
         assert not a_d[:, :, t, :t + 1].isfinite().any()
+
+
+def test_switched_off_the_same_results_and_the_leak_again(monkeypatch):
+    """utils.NONFINITE_SAFE = False (the stages as before the fix, for speed): finite inputs give
+    bitwise what they give switched on, and a NaN in v at token 40 reaches token 0 again."""
+    import kernels.common.utils as utils
+
+    x = inputs()
+    with torch.no_grad():
+        on = chunk_delta_rule(**x, output_final_state=True)
+        monkeypatch.setattr(utils, "NONFINITE_SAFE", False)
+        off = chunk_delta_rule(**x, output_final_state=True)
+        leaky, _ = chunk_delta_rule(**planted(x, "v", 40, "nan"))
+    assert torch.equal(on[0], off[0]) and torch.equal(on[1], off[1])
+    assert not leaky[:, 0].isfinite().all()

@@ -15,8 +15,8 @@ import triton
 import triton.language as tl
 
 from kernels.common.utils import (CHUNK_CONFIGS, chunk_rows, dot_precision, finite_part,
-                                   first_bad_row, load_cols, load_rows, poison_rows, store_rows,
-                                   tile)
+                                   first_bad_row, load_cols, load_rows, nonfinite_safe, poison_rows,
+                                   store_rows, tile)
 
 __all__ = ["chunk_fwd_o", "chunk_bwd_dv_local", "chunk_bwd_dqk"]
 
@@ -27,7 +27,8 @@ __all__ = ["chunk_fwd_o", "chunk_bwd_dv_local", "chunk_bwd_dqk"]
 def chunk_fwd_o_kernel(
     q, k, v, h, o, cu_seqlens, chunk_indices, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, SAFE: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):
     i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_t, m_t, row0 = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BT, IS_VARLEN)
@@ -51,9 +52,9 @@ def chunk_fwd_o_kernel(
     b_A = tl.where(o_c[:, None] >= o_c[None, :], b_A, 0.)
     # [BT, BV]
     # (a non-finite v' row reaches the rows after it only: utils.finite_part)
-    b_v, b_bad = finite_part(load_rows(v + row0 * V, o_c, m_t, o_v, V, H))
+    b_v, b_bad = finite_part(load_rows(v + row0 * V, o_c, m_t, o_v, V, H), SAFE)
     b_o = (b_o + tl.dot(b_A.to(b_v.dtype), b_v, input_precision=PRECISION)) * scale
-    b_o = poison_rows(b_o, o_c, first_bad_row(b_bad, o_c, BT))
+    b_o = poison_rows(b_o, o_c, first_bad_row(b_bad, o_c, BT), SAFE)
     store_rows(o + row0 * V, b_o, o_c, m_t, o_v, V, H)
 
 
@@ -66,7 +67,8 @@ def chunk_fwd_o(q, k, v, h, scale: float, cu_seqlens, chunk_indices, NT: int, BT
     if NT:
         grid = (triton.cdiv(V, BV), NT, B * H)
         chunk_fwd_o_kernel[grid](q, k, v, h, o, cu_seqlens, chunk_indices, scale, T, H=H, K=K,
-                                 V=V, BT=BT, BK=BK, BV=BV, PRECISION=dot_precision(q.dtype))
+                                 V=V, BT=BT, BK=BK, BV=BV, PRECISION=dot_precision(q.dtype),
+                                 SAFE=nonfinite_safe())
     return o
 
 

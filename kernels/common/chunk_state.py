@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from kernels.common.utils import (dot_mixed, dot_precision, finite_part, first_bad_row, load_cols,
-                                   load_rows, poison_rows, seq_bounds, store_rows, tile, tuning)
+                                   load_rows, nonfinite_safe, poison_rows, seq_bounds, store_rows, tile, tuning)
 
 __all__ = ["chunk_fwd_h", "chunk_fwd_h_o", "chunk_bwd_dh"]
 
@@ -171,7 +171,8 @@ def chunk_fwd_h_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, MIXED: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
-    STORE_STATES: tl.constexpr, FUSE_OUTPUT: tl.constexpr, IS_VARLEN: tl.constexpr,
+    STORE_STATES: tl.constexpr, FUSE_OUTPUT: tl.constexpr, SAFE: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):
     """The walk (module docstring); h[n] and v' stored when STORE_STATES. With FUSE_OUTPUT
     it also writes the chunk's output columns, the output stage's arithmetic in the walk:
@@ -221,9 +222,9 @@ def chunk_fwd_h_kernel(
             if K > 3 * BK:
                 b_o, b_A = _out_block(b_o, b_A, p_q, p_k, o_c, m_t, o_k4, b_h4, K, H, PRECISION)
             b_A = tl.where(o_c[:, None] >= o_c[None, :], b_A, 0.).to(k.dtype.element_ty)
-            b_vf, b_bad = finite_part(b_v)  # as chunk_output.chunk_fwd_o
+            b_vf, b_bad = finite_part(b_v, SAFE)  # as chunk_output.chunk_fwd_o
             b_o += tl.dot(b_A, b_vf.to(k.dtype.element_ty), input_precision=PRECISION)
-            b_o = poison_rows(b_o, o_c, first_bad_row(b_bad, o_c, BT))
+            b_o = poison_rows(b_o, o_c, first_bad_row(b_bad, o_c, BT), SAFE)
             store_rows(o + row0 * V, b_o * scale, o_c, m_t, o_v, V, H)
         # S = S + K^T v'   (v' unrounded: S ends as the final state)
         b_h1 += dot_mixed(load_cols(p_k, o_c, m_t, o_k1, K, H), b_v, PRECISION, MIXED)
@@ -285,7 +286,7 @@ def _launch_fwd_h(k, w, u, v_new, h, h0, ht, q, o, scale, cu_seqlens, chunk_offs
     grid = lambda meta: (triton.cdiv(V, meta['BV']), N * H)  # noqa: E731
     chunk_fwd_h_kernel[grid](k, w, u, v_new, h, h0, ht, q, o, cu_seqlens, chunk_offsets, scale, T,
                              H=H, K=K, V=V, BT=BT, BK=tile(K), PRECISION=dot_precision(k.dtype),
-                             MIXED=mixed or fwd_mixed(k.dtype, K))
+                             MIXED=mixed or fwd_mixed(k.dtype, K), SAFE=nonfinite_safe())
 
 
 @triton.jit

@@ -182,12 +182,30 @@ CHUNK_CONFIGS = tuning([triton.Config({}, num_warps=w) for w in (4, 8)])
 # so the stages whose products mix a chunk's rows load through `finite_part` (non-finite
 # elements read as 0: finite inputs unchanged, bit for bit) and then set what the math makes
 # non-finite to NaN themselves (`poison_rows`): per column, the rows at and after the first
-# non-finite input row (`first_bad_row`).
+# non-finite input row (`first_bad_row`). Kernels take it as the constexpr SAFE, from
+# NONFINITE_SAFE at launch; False compiles the stages as they were before (x unchanged, the
+# reductions unused and removed).
+#
+# Its cost, H200 (B=2 H=16 K=V=128 bf16, chunk_delta_rule, beside fla-core 0.6.0 in one run,
+# 2026-12-03, reports/delta_rule.md): forward 0.495 -> 0.988 ms at T=8K and 1.895 -> 3.794 ms
+# at 32K (fla 0.547 and 2.093), fwd+bwd 4.780 -> 6.681 ms at 32K (fla 5.934). On until a
+# cheaper form is measured (reports/NOTES.md).
+NONFINITE_SAFE = True
+
+
+def nonfinite_safe() -> bool:
+    """NONFINITE_SAFE as it is now (read at each launch, so that a switch takes effect)."""
+    return NONFINITE_SAFE
+
+
 @triton.jit
-def finite_part(x):
-    """(x with its NaN and +-inf elements replaced by 0, where they were)."""
+def finite_part(x, SAFE: tl.constexpr):
+    """(x with its NaN and +-inf elements replaced by 0, where they were); x unchanged when
+    not SAFE."""
     bad = x - x != 0  # NaN - NaN and inf - inf are NaN
-    return tl.where(bad, 0., x), bad
+    if SAFE:
+        x = tl.where(bad, 0., x)
+    return x, bad
 
 
 @triton.jit
@@ -197,9 +215,11 @@ def first_bad_row(bad, o_r, NONE: tl.constexpr):
 
 
 @triton.jit
-def poison_rows(x, o_r, first):
-    """x [R, C] with the rows o_r >= first (per column, [C]) set to NaN."""
-    return tl.where(o_r[:, None] >= first[None, :], float("nan"), x)
+def poison_rows(x, o_r, first, SAFE: tl.constexpr):
+    """x [R, C] with the rows o_r >= first (per column, [C]) set to NaN when SAFE."""
+    if SAFE:
+        x = tl.where(o_r[:, None] >= first[None, :], float("nan"), x)
+    return x
 
 
 @triton.jit

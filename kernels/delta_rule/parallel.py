@@ -63,8 +63,8 @@ import triton.language as tl
 
 from references.operators import DELTA_RULE
 from kernels.common.utils import (check_launchable, dot_mixed, dot_precision, finite_part,
-                                  first_bad_row, load_cols, load_rows, poison_rows, store_rows,
-                                  tile, tuning)
+                                  first_bad_row, load_cols, load_rows, nonfinite_safe, poison_rows,
+                                  store_rows, tile, tuning)
 from kernels.delta_rule.wy import wy_fwd
 
 __all__ = ["parallel_delta_rule", "parallel_delta_rule_fwd"]
@@ -88,7 +88,7 @@ PARALLEL_CONFIGS = tuning([triton.Config({}, num_warps=w, num_stages=s)
 def _sweep_step(b_g, b_o, b_m, k, w, u, beta, Ai, attn, row_j, a_ij, m_i, m_j, o_c, o_k, o_v, T,
                 store_a, DIAG: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
                 H: tl.constexpr, BT: tl.constexpr, PRECISION: tl.constexpr, MIXED: tl.constexpr,
-                STORE_ATTN: tl.constexpr):
+                STORE_ATTN: tl.constexpr, SAFE: tl.constexpr):
     """One step j of the sweep, M_ij = b_m given: o_i += M U_j, G -= M W_j, A_ij = M Ai_j
     diag(beta_j) at attn + a_ij when STORE_ATTN and store_a (the first value tile). On the
     diagonal (DIAG) U_j, W_j, Ai_j and beta_j are read through utils.finite_part and the rows
@@ -98,25 +98,25 @@ def _sweep_step(b_g, b_o, b_m, k, w, u, beta, Ai, attn, row_j, a_ij, m_i, m_j, o
     b_mh = b_m.to(k.dtype.element_ty)
     b_u = load_rows(u + row_j * V, o_c, m_j, o_v, V, H)
     b_w = load_rows(w + row_j * K, o_c, m_j, o_k, K, H)
-    if DIAG:
-        b_u, b_bad_u = finite_part(b_u)
-        b_w, b_bad_w = finite_part(b_w)
+    if DIAG and SAFE:
+        b_u, b_bad_u = finite_part(b_u, SAFE)
+        b_w, b_bad_w = finite_part(b_w, SAFE)
         first_w = tl.min(first_bad_row(b_bad_w, o_c, BT), 0)  # w's NaN rows: k or beta's
     b_o += dot_mixed(b_mh, b_u, PRECISION, MIXED)
     b_g -= tl.dot(b_mh, b_w, input_precision=PRECISION)
-    if DIAG:
-        b_o = poison_rows(b_o, o_c, tl.minimum(first_bad_row(b_bad_u, o_c, BT), first_w))
+    if DIAG and SAFE:
+        b_o = poison_rows(b_o, o_c, tl.minimum(first_bad_row(b_bad_u, o_c, BT), first_w), SAFE)
         b_g = tl.where(o_c[:, None] >= first_w, float("nan"), b_g)
     if STORE_ATTN:
         if store_a:
             # A_ij = M_ij Ai_j diag(beta_j), from the unrounded M
             b_ai = load_rows(Ai + row_j * BT, o_c, m_j, o_c, BT, H)
             b_beta = tl.load(beta + row_j + o_c * H, mask=m_j, other=0.).to(tl.float32)
-            if DIAG:
-                b_ai, _ = finite_part(b_ai)
-                b_beta, _ = finite_part(b_beta)
+            if DIAG and SAFE:
+                b_ai, _ = finite_part(b_ai, SAFE)
+                b_beta, _ = finite_part(b_beta, SAFE)
             b_a = tl.dot(b_m, b_ai, input_precision=PRECISION) * b_beta[None, :]
-            if DIAG:
+            if DIAG and SAFE:
                 b_a = tl.where(o_c[:, None] >= first_w, float("nan"), b_a)
             tl.store(attn + a_ij + o_c[:, None] * T + o_c[None, :], b_a.to(attn.dtype.element_ty),
                      mask=m_i[:, None] & m_j[None, :])
@@ -130,6 +130,7 @@ def parallel_delta_rule_fwd_kernel(
     q, k, w, u, beta, Ai, o, attn, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, PRECISION: tl.constexpr, MIXED: tl.constexpr, STORE_ATTN: tl.constexpr,
+    SAFE: tl.constexpr,
 ):
     """Rows of query chunk i_t, value columns of tile i_v: o_i = sum_{j <= i} M_ij U_j with
     M_ij = G_ij K_j^T and G_{i,j-1} = G_ij - M_ij W_j; and A_ij = M_ij Ai_j diag(beta_j)."""
@@ -152,7 +153,7 @@ def parallel_delta_rule_fwd_kernel(
     b_m = tl.where(o_c[:, None] >= o_c[None, :], b_m, 0.)
     b_g, b_o = _sweep_step(b_g, b_o, b_m, k, w, u, beta, Ai, attn, row_i, a_i + i_t * BT, m_i,
                            m_i, o_c, o_k, o_v, T, store_a, True, K, V, H, BT, PRECISION, MIXED,
-                           STORE_ATTN)
+                           STORE_ATTN, SAFE)
     for i_n in range(1, i_t + 1):
         i_j = i_t - i_n
         m_j = i_j * BT + o_c < T  # key rows that hold tokens
@@ -160,7 +161,7 @@ def parallel_delta_rule_fwd_kernel(
         b_m = dot_mixed(b_g, load_cols(k + row_j * K, o_c, m_j, o_k, K, H), PRECISION, MIXED)
         b_g, b_o = _sweep_step(b_g, b_o, b_m, k, w, u, beta, Ai, attn, row_j, a_i + i_j * BT,
                                m_i, m_j, o_c, o_k, o_v, T, store_a, False, K, V, H, BT,
-                               PRECISION, MIXED, STORE_ATTN)
+                               PRECISION, MIXED, STORE_ATTN, SAFE)
     store_rows(o + row_i * V, b_o, o_c, m_i, o_v, V, H)
     if STORE_ATTN:
         if store_a:
@@ -185,7 +186,8 @@ def parallel_delta_rule_fwd(q, k, v, beta, scale: float, output_attentions: bool
         grid = (triton.cdiv(V, BV), NT, B * H)
         parallel_delta_rule_fwd_kernel[grid](
             q, k, w, u, beta, Ai, o, attn, scale, T, H=H, K=K, V=V, BT=BT, BK=tile(K, cap=MAX_D),
-            BV=BV, PRECISION=dot_precision(k.dtype), MIXED=MIXED or MIXED_BY_DTYPE[k.dtype])
+            BV=BV, PRECISION=dot_precision(k.dtype), MIXED=MIXED or MIXED_BY_DTYPE[k.dtype],
+            SAFE=nonfinite_safe())
     return o, attn
 
 def parallel_delta_rule(

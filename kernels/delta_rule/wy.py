@@ -20,8 +20,8 @@ import triton.language as tl
 
 from kernels.common.solve_tril import inv_unit_lower
 from kernels.common.utils import (CHUNK_CONFIGS, chunk_bounds, chunk_rows, dot_precision, dot_split,
-                                   finite_part, first_bad_row, load_rows, poison_rows, store_rows,
-                                   tile, tuning)
+                                   finite_part, first_bad_row, load_rows, nonfinite_safe, poison_rows,
+                                   store_rows, tile, tuning)
 
 __all__ = ["wy_fwd", "kkt_fwd", "recompute_w_u_fwd", "wy_bwd"]
 
@@ -123,24 +123,27 @@ def _rows(bos, eos, i_t, i_h, i: tl.constexpr, H: tl.constexpr, BT: tl.constexpr
 
 @triton.jit
 def _store_ai_row(Ai, row, m, x0, x1, x2, x3, i: tl.constexpr, first, H: tl.constexpr,
-                  BT: tl.constexpr, BC: tl.constexpr):
+                  BT: tl.constexpr, BC: tl.constexpr, SAFE: tl.constexpr):
     """Block row i of Ai [BT, BT] (row-major per token, like A); NaN from chunk row ``first``
     on (the first with a non-finite k or beta)."""
     o_r = tl.arange(0, BC)
     p = Ai + row * BT + o_r[:, None] * (H * BT) + o_r[None, :]
-    bad = (i * BC + o_r)[:, None] >= first
-    tl.store(p, tl.where(bad, float("nan"), x0), mask=m[:, None])
-    tl.store(p + BC, tl.where(bad, float("nan"), x1), mask=m[:, None])
-    tl.store(p + 2 * BC, tl.where(bad, float("nan"), x2), mask=m[:, None])
-    tl.store(p + 3 * BC, tl.where(bad, float("nan"), x3), mask=m[:, None])
+    if SAFE:
+        bad = (i * BC + o_r)[:, None] >= first
+        x0, x1 = tl.where(bad, float("nan"), x0), tl.where(bad, float("nan"), x1)
+        x2, x3 = tl.where(bad, float("nan"), x2), tl.where(bad, float("nan"), x3)
+    tl.store(p, x0, mask=m[:, None])
+    tl.store(p + BC, x1, mask=m[:, None])
+    tl.store(p + 2 * BC, x2, mask=m[:, None])
+    tl.store(p + 3 * BC, x3, mask=m[:, None])
 
 
 @triton.jit
 def _load_finite(x, o_r, m, o_d, i: tl.constexpr, D: tl.constexpr, H: tl.constexpr,
-                 BC: tl.constexpr):
+                 BC: tl.constexpr, SAFE: tl.constexpr):
     """Block row i of x [BC, BD] through utils.finite_part, and per column the first chunk row
     with a non-finite element (BT = 4 BC if none)."""
-    b_x, b_bad = finite_part(load_rows(x, o_r, m, o_d, D, H))
+    b_x, b_bad = finite_part(load_rows(x, o_r, m, o_d, D, H), SAFE)
     return b_x, first_bad_row(b_bad, i * BC + o_r, 4 * BC)
 
 
@@ -148,7 +151,7 @@ def _load_finite(x, o_r, m, o_d, i: tl.constexpr, D: tl.constexpr, H: tl.constex
 def _apply_wy(x, y, b0, b1, b2, b3, r0, r1, r2, r3, m0, m1, m2, m3,
               x00, x10, x11, x20, x21, x22, x30, x31, x32, x33, first,
               H: tl.constexpr, D: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr,
-              PRECISION: tl.constexpr):
+              PRECISION: tl.constexpr, SAFE: tl.constexpr):
     """y_i = sum_{j <= i} Ai_ij diag(beta_j) x_j for the four block rows (x: k or v, [.., D]);
     NaN from chunk row ``first`` on, and in a column from its first non-finite x on."""
     DT = x.dtype.element_ty
@@ -156,10 +159,10 @@ def _apply_wy(x, y, b0, b1, b2, b3, r0, r1, r2, r3, m0, m1, m2, m3,
     for i_d in range(tl.cdiv(D, BD)):
         o_d = i_d * BD + tl.arange(0, BD)
         # [BC, BD] each: diag(beta_j) x_j in the inputs' dtype
-        x0, f0 = _load_finite(x + r0 * D, o_r, m0, o_d, 0, D, H, BC)
-        x1, f1 = _load_finite(x + r1 * D, o_r, m1, o_d, 1, D, H, BC)
-        x2, f2 = _load_finite(x + r2 * D, o_r, m2, o_d, 2, D, H, BC)
-        x3, f3 = _load_finite(x + r3 * D, o_r, m3, o_d, 3, D, H, BC)
+        x0, f0 = _load_finite(x + r0 * D, o_r, m0, o_d, 0, D, H, BC, SAFE)
+        x1, f1 = _load_finite(x + r1 * D, o_r, m1, o_d, 1, D, H, BC, SAFE)
+        x2, f2 = _load_finite(x + r2 * D, o_r, m2, o_d, 2, D, H, BC, SAFE)
+        x3, f3 = _load_finite(x + r3 * D, o_r, m3, o_d, 3, D, H, BC, SAFE)
         f = tl.minimum(tl.minimum(tl.minimum(f0, f1), tl.minimum(f2, f3)), first)
         xb0, xb1 = (x0 * b0[:, None]).to(DT), (x1 * b1[:, None]).to(DT)
         xb2, xb3 = (x2 * b2[:, None]).to(DT), (x3 * b3[:, None]).to(DT)
@@ -168,23 +171,24 @@ def _apply_wy(x, y, b0, b1, b2, b3, r0, r1, r2, r3, m0, m1, m2, m3,
         y2 = dot_split(x20, xb0, PRECISION) + dot_split(x21, xb1, PRECISION) + dot_split(x22, xb2, PRECISION)
         y3 = (dot_split(x30, xb0, PRECISION) + dot_split(x31, xb1, PRECISION)
               + dot_split(x32, xb2, PRECISION) + dot_split(x33, xb3, PRECISION))
-        store_rows(y + r0 * D, poison_rows(y0, o_r, f), o_r, m0, o_d, D, H)
-        store_rows(y + r1 * D, poison_rows(y1, BC + o_r, f), o_r, m1, o_d, D, H)
-        store_rows(y + r2 * D, poison_rows(y2, 2 * BC + o_r, f), o_r, m2, o_d, D, H)
-        store_rows(y + r3 * D, poison_rows(y3, 3 * BC + o_r, f), o_r, m3, o_d, D, H)
+        store_rows(y + r0 * D, poison_rows(y0, o_r, f, SAFE), o_r, m0, o_d, D, H)
+        store_rows(y + r1 * D, poison_rows(y1, BC + o_r, f, SAFE), o_r, m1, o_d, D, H)
+        store_rows(y + r2 * D, poison_rows(y2, 2 * BC + o_r, f, SAFE), o_r, m2, o_d, D, H)
+        store_rows(y + r3 * D, poison_rows(y3, 3 * BC + o_r, f, SAFE), o_r, m3, o_d, D, H)
 
 
 @triton.jit
-def _load_beta(beta, r, m, o_r, i: tl.constexpr, H: tl.constexpr, BC: tl.constexpr):
+def _load_beta(beta, r, m, o_r, i: tl.constexpr, H: tl.constexpr, BC: tl.constexpr,
+               SAFE: tl.constexpr):
     """beta of block row i through utils.finite_part, and the first chunk row with a
     non-finite one (4 BC if none)."""
-    b, bad = finite_part(tl.load(beta + r + o_r * H, mask=m, other=0.).to(tl.float32))
+    b, bad = finite_part(tl.load(beta + r + o_r * H, mask=m, other=0.).to(tl.float32), SAFE)
     return b, tl.min(tl.where(bad, i * BC + o_r, 4 * BC), 0)
 
 
 @triton.jit
 def _kkt_blocks(k, r0, r1, r2, r3, m0, m1, m2, m3, H: tl.constexpr, K: tl.constexpr,
-                BC: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr):
+                BC: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr, SAFE: tl.constexpr):
     """K_i K_j^T for the ten blocks j <= i ([BC, BC] float32 each), from k read through
     utils.finite_part, and the first chunk row with a non-finite k (4 BC if none)."""
     o_r = tl.arange(0, BC)
@@ -202,11 +206,12 @@ def _kkt_blocks(k, r0, r1, r2, r3, m0, m1, m2, m3, H: tl.constexpr, K: tl.conste
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         # [BC, BK]
-        k0, f0 = _load_finite(k + r0 * K, o_r, m0, o_k, 0, K, H, BC)
-        k1, f1 = _load_finite(k + r1 * K, o_r, m1, o_k, 1, K, H, BC)
-        k2, f2 = _load_finite(k + r2 * K, o_r, m2, o_k, 2, K, H, BC)
-        k3, f3 = _load_finite(k + r3 * K, o_r, m3, o_k, 3, K, H, BC)
-        first = tl.minimum(first, tl.min(tl.minimum(tl.minimum(f0, f1), tl.minimum(f2, f3)), 0))
+        k0, f0 = _load_finite(k + r0 * K, o_r, m0, o_k, 0, K, H, BC, SAFE)
+        k1, f1 = _load_finite(k + r1 * K, o_r, m1, o_k, 1, K, H, BC, SAFE)
+        k2, f2 = _load_finite(k + r2 * K, o_r, m2, o_k, 2, K, H, BC, SAFE)
+        k3, f3 = _load_finite(k + r3 * K, o_r, m3, o_k, 3, K, H, BC, SAFE)
+        if SAFE:
+            first = tl.minimum(first, tl.min(tl.minimum(tl.minimum(f0, f1), tl.minimum(f2, f3)), 0))
         kt0, kt1, kt2, kt3 = tl.trans(k0), tl.trans(k1), tl.trans(k2), tl.trans(k3)
         a00 += tl.dot(k0, kt0, input_precision=PRECISION)
         a10 += tl.dot(k1, kt0, input_precision=PRECISION)
@@ -227,7 +232,8 @@ def _kkt_blocks(k, r0, r1, r2, r3, m0, m1, m2, m3, H: tl.constexpr, K: tl.conste
 def wy_fwd_kernel(
     k, v, beta, Ai, w, u, cu_seqlens, chunk_indices, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, SAFE: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):
     """The whole WY transform of one chunk with every block in registers (BT = 4 BC rows;
     i, j index BC x BC blocks):
@@ -239,7 +245,7 @@ def wy_fwd_kernel(
 
     X = Ai = (I + A)^{-1} is stored in float32 for the backward. A never leaves registers.
     Non-finite k, v, beta are read as 0 and their rows on made NaN (utils.finite_part): the
-    products would otherwise carry them to the chunk's earlier rows."""
+    products would otherwise carry them to the chunk's earlier rows; SAFE, see there."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
     i_h = i_bh % H
     bos, eos, i_t = chunk_bounds(cu_seqlens, chunk_indices, i_c, i_bh // H, T, BT, IS_VARLEN)
@@ -248,12 +254,12 @@ def wy_fwd_kernel(
     m2, r2 = _rows(bos, eos, i_t, i_h, 2, H, BT, BC)
     m3, r3 = _rows(bos, eos, i_t, i_h, 3, H, BT, BC)
     o_r = tl.arange(0, BC)
-    b0, f0 = _load_beta(beta, r0, m0, o_r, 0, H, BC)
-    b1, f1 = _load_beta(beta, r1, m1, o_r, 1, H, BC)
-    b2, f2 = _load_beta(beta, r2, m2, o_r, 2, H, BC)
-    b3, f3 = _load_beta(beta, r3, m3, o_r, 3, H, BC)
+    b0, f0 = _load_beta(beta, r0, m0, o_r, 0, H, BC, SAFE)
+    b1, f1 = _load_beta(beta, r1, m1, o_r, 1, H, BC, SAFE)
+    b2, f2 = _load_beta(beta, r2, m2, o_r, 2, H, BC, SAFE)
+    b3, f3 = _load_beta(beta, r3, m3, o_r, 3, H, BC, SAFE)
     a00, a10, a11, a20, a21, a22, a30, a31, a32, a33, first = _kkt_blocks(
-        k, r0, r1, r2, r3, m0, m1, m2, m3, H, K, BC, BK, PRECISION)
+        k, r0, r1, r2, r3, m0, m1, m2, m3, H, K, BC, BK, PRECISION, SAFE)
     # the first chunk row with a non-finite k or beta (BT if none)
     first = tl.minimum(first, tl.minimum(tl.minimum(f0, f1), tl.minimum(f2, f3)))
 
@@ -275,14 +281,16 @@ def wy_fwd_kernel(
     x30 = -tl.dot(x33, tl.dot(a30, x00, input_precision="ieee") + tl.dot(a31, x10, input_precision="ieee")
                   + tl.dot(a32, x20, input_precision="ieee"), input_precision="ieee")
     zero = tl.zeros([BC, BC], dtype=tl.float32)
-    _store_ai_row(Ai, r0, m0, x00, zero, zero, zero, 0, first, H, BT, BC)
-    _store_ai_row(Ai, r1, m1, x10, x11, zero, zero, 1, first, H, BT, BC)
-    _store_ai_row(Ai, r2, m2, x20, x21, x22, zero, 2, first, H, BT, BC)
-    _store_ai_row(Ai, r3, m3, x30, x31, x32, x33, 3, first, H, BT, BC)
+    _store_ai_row(Ai, r0, m0, x00, zero, zero, zero, 0, first, H, BT, BC, SAFE)
+    _store_ai_row(Ai, r1, m1, x10, x11, zero, zero, 1, first, H, BT, BC, SAFE)
+    _store_ai_row(Ai, r2, m2, x20, x21, x22, zero, 2, first, H, BT, BC, SAFE)
+    _store_ai_row(Ai, r3, m3, x30, x31, x32, x33, 3, first, H, BT, BC, SAFE)
     _apply_wy(k, w, b0, b1, b2, b3, r0, r1, r2, r3, m0, m1, m2, m3,
-              x00, x10, x11, x20, x21, x22, x30, x31, x32, x33, first, H, K, BC, BK, PRECISION)
+              x00, x10, x11, x20, x21, x22, x30, x31, x32, x33, first, H, K, BC, BK, PRECISION,
+              SAFE)
     _apply_wy(v, u, b0, b1, b2, b3, r0, r1, r2, r3, m0, m1, m2, m3,
-              x00, x10, x11, x20, x21, x22, x30, x31, x32, x33, first, H, V, BC, BV, PRECISION)
+              x00, x10, x11, x20, x21, x22, x30, x31, x32, x33, first, H, V, BC, BV, PRECISION,
+              SAFE)
 
 
 def wy_fwd(k, v, beta, cu_seqlens, chunk_indices, NT: int, BT: int):
@@ -297,7 +305,7 @@ def wy_fwd(k, v, beta, cu_seqlens, chunk_indices, NT: int, BT: int):
     if NT:
         wy_fwd_kernel[(NT, B * H)](k, v, beta, Ai, w, u, cu_seqlens, chunk_indices, T, H=H, K=K,
                                    V=V, BT=BT, BC=WY_BC, BK=BK, BV=BV,
-                                   PRECISION=dot_precision(k.dtype))
+                                   PRECISION=dot_precision(k.dtype), SAFE=nonfinite_safe())
     return Ai, w, u
 
 
