@@ -1,5 +1,5 @@
-"""GLA's implementations: the two references, fla-core 0.6.0's two kernels and the softmax
-baseline. (Our Triton kernels are yet to come.)
+"""GLA's implementations: the two references, our Triton kernel, fla-core 0.6.0's two kernels
+and the softmax baseline. (chunk_gla and fused_chunk_gla of ours are yet to come.)
 
 fla's ``fused_recurrent_gla`` takes our arguments unchanged (gk, gv, reverse included);
 ``chunk_gla`` takes the key gate as ``g`` and has no ``gv`` and no ``reverse``. (fla's
@@ -8,9 +8,9 @@ fla's ``fused_recurrent_gla`` takes our arguments unchanged (gk, gv, reverse inc
 
 from __future__ import annotations
 
-from harness.impls.common import KERNEL_DTYPES, fla, references, sdpa
+from harness.impls.common import KERNEL_DTYPES, fla, references, sdpa, triton_available
+from harness.implementation import Implementation
 from references.operators import GLA
-
 
 
 def _fla_chunk_gla_supports(case) -> str | None:
@@ -36,6 +36,10 @@ def _fla_chunk_gla(q, k, v, gk=None, gv=None, scale=None, initial_state=None,
 
 IMPLEMENTATIONS = [
     *references(GLA),
+    Implementation(
+        op="gla", name="fused_recurrent", kind="triton", target="kernels.gla:fused_recurrent_gla",
+        dtypes=KERNEL_DTYPES, description="one pass over time, state on chip (Triton)",
+        available=triton_available),
     fla("gla", "fla_chunk", "fla.ops.gla:chunk_gla", KERNEL_DTYPES, adapter=_fla_chunk_gla,
         supports=_fla_chunk_gla_supports),
     fla("gla", "fla_fused_recurrent", "fla.ops.gla:fused_recurrent_gla", KERNEL_DTYPES),

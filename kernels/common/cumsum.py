@@ -1,0 +1,59 @@
+"""Sums over the rest of a chunk, plus the chunk's anchor: the gates' backward.
+
+A sequence is walked in order (``reverse``: from its last token to its first) and cut, in
+walking order, into chunks of BT tokens. For walking index i of chunk c,
+
+    y_i = sum_{i <= j < end of c} x_j + anchor[c]
+
+in float32: the log gates' gradient d g_i = sum_{j >= i} x_j (x_j = d loss / d B_j, B the
+cumulative log gate, docs/operators.md section 2) summed from the chunk's anchor, the exact
+d g at the next chunk's first token, so that rounding accumulates over at most BT terms and
+not over the whole rest of the sequence. One program per (channel tile, chunk, head).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.common.utils import chunk_bounds
+
+__all__ = ["chunk_suffix_sum"]
+
+
+@triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
+@triton.jit(do_not_specialize=['T'])
+def chunk_suffix_sum_kernel(
+    x, anchor, y, cu_seqlens, chunk_indices, T,
+    H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+    REVERSE: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    i_d, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_h = i_bh % H
+    bos, eos, i_t = chunk_bounds(cu_seqlens, chunk_indices, i_c, i_bh // H, T, BT, IS_VARLEN)
+    # the chunk's index among all chunks: anchor is [chunks, H, D]
+    i_g = i_c.to(tl.int64) if IS_VARLEN else (i_bh // H).to(tl.int64) * tl.cdiv(T, BT) + i_t
+    L = eos - bos
+    o_w = i_t * BT + tl.arange(0, BT)  # walking indices
+    o_d = i_d * BD + tl.arange(0, BD)
+    m = (o_w < L)[:, None] & (o_d < D)[None, :]
+    o_tok = L - 1 - o_w if REVERSE else o_w
+    p = ((bos + o_tok) * H + i_h)[:, None] * D + o_d[None, :]
+    b_x = tl.load(x + p, mask=m, other=0.).to(tl.float32)
+    b_a = tl.load(anchor + (i_g * H + i_h) * D + o_d, mask=o_d < D, other=0.)
+    tl.store(y + p, (tl.cumsum(b_x, 0, reverse=True) + b_a[None, :]).to(y.dtype.element_ty),
+             mask=m)
+
+
+def chunk_suffix_sum(x: torch.Tensor, anchor: torch.Tensor, reverse: bool, cu_seqlens,
+                     chunk_indices, NT: int, BT: int, out_dtype: torch.dtype = torch.float32):
+    """x [B, T, H, D] (float32) and anchor [chunks, H, D] (float32; chunks of BT tokens in
+    walking order, numbered as utils.chunk_layout numbers them) -> y [B, T, H, D]."""
+    B, T, H, D = x.shape
+    y = torch.empty(B, T, H, D, dtype=out_dtype, device=x.device)
+    BD = min(64, triton.next_power_of_2(D))
+    if NT:
+        chunk_suffix_sum_kernel[(triton.cdiv(D, BD), NT, B * H)](
+            x, anchor, y, cu_seqlens, chunk_indices, T, H=H, D=D, BT=BT, BD=BD, REVERSE=reverse)
+    return y
