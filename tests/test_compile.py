@@ -35,6 +35,11 @@ COVER = {
          "l2norm_bwd_kernel", "fused_recurrent_delta_rule_fwd_kernel",
          "fused_recurrent_delta_rule_bwd_dh_kernel", "fused_recurrent_delta_rule_bwd_dqk_kernel",
          "parallel_delta_rule_fwd_kernel"}),
+    # GLA's: the key gate, both gates over a tail chunk, reverse, varlen with empty sequences
+    "gla": (
+        ["basic", "tail-64+6", "reverse", "varlen-empty"],
+        {"fused_recurrent_gla_fwd_kernel", "fused_recurrent_gla_bwd_dq_kernel",
+         "fused_recurrent_gla_bwd_dh_kernel", "chunk_suffix_sum_kernel"}),
 }
 
 
