@@ -70,6 +70,21 @@ def _token(bos, L, i_t, i_h, H: tl.constexpr, REVERSE: tl.constexpr):
 
 
 @triton.jit
+def _program(cu_seqlens, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+             BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Where every sweep's program (value tile i_v, sequence and head i_nh) starts: its
+    sequence's bounds, its rows and columns, and its [BK, BV] tile of one [K, V] state (offsets
+    o_s, held entries m_h)."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    bos, eos = seq_bounds(cu_seqlens, i_nh // H, T, IS_VARLEN)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    return (i_v, i_nh, bos, eos, o_k, o_v, m_k, m_v, o_k[:, None] * V + o_v[None, :],
+            m_k[:, None] & m_v[None, :])
+
+
+@triton.jit
 def _decay(b_h, gk, gv, i_tok, o_k, m_k, o_v, m_v, K: tl.constexpr, V: tl.constexpr,
            USE_GK: tl.constexpr, USE_GV: tl.constexpr):
     """diag(exp(gk_t)) b_h diag(exp(gv_t))."""
@@ -101,14 +116,10 @@ def fused_recurrent_gla_fwd_kernel(
     USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """S_t = diag(exp(gk_t)) S_{t-1} diag(exp(gv_t)) + k_t v_t^T, o_t = S_t^T (scale q_t)."""
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos, eos = seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < K, o_v < V
-    o_h = i_nh.to(tl.int64) * K * V + o_k[:, None] * V + o_v[None, :]
-    m_h = m_k[:, None] & m_v[None, :]
+    i_v, i_nh, bos, eos, o_k, o_v, m_k, m_v, o_s, m_h = _program(cu_seqlens, T, H, K, V, BK, BV,
+                                                                 IS_VARLEN)
+    i_h = i_nh % H
+    o_h = i_nh.to(tl.int64) * K * V + o_s
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_INITIAL_STATE:
         b_h += tl.load(h0 + o_h, mask=m_h, other=0.)
@@ -152,14 +163,9 @@ def fused_recurrent_gla_bwd_dq_kernel(
     """The forward walk rebuilding S: dq'_t = scale S~_t do_t (this tile's slot), with gv also
     o'_t * do_t. With gates, the state entering each chunk after the first (ckpt) and the last
     chunk's anchors: rowsum(S~_T * d(final state)) (this tile's slot of ak) and colsum (av)."""
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_v, i_nh, bos, eos, o_k, o_v, m_k, m_v, o_s, m_h = _program(cu_seqlens, T, H, K, V, BK, BV,
+                                                                 IS_VARLEN)
     i_n, i_h = i_nh // H, i_nh % H
-    bos, eos = seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < K, o_v < V
-    o_s = o_k[:, None] * V + o_v[None, :]
-    m_h = m_k[:, None] & m_v[None, :]
     p_dq = dq + i_v.to(tl.int64) * slot
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_INITIAL_STATE:
@@ -212,15 +218,10 @@ def fused_recurrent_gla_bwd_dh_kernel(
     d(final state) v_T and d(final state)^T k_T, goes to dkt (this tile's slot) and dvt. At each
     chunk's first token (but the sequence's), the anchors of the chunk before: rowsum(dS_t * S~_t)
     (this tile's slot of ak) and colsum (av), S~_t from the state the dq walk left in ckpt."""
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_v, i_nh, bos, eos, o_k, o_v, m_k, m_v, o_s, m_h = _program(cu_seqlens, T, H, K, V, BK, BV,
+                                                                 IS_VARLEN)
     i_n, i_h = i_nh // H, i_nh % H
-    bos, eos = seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < K, o_v < V
-    o_s = o_k[:, None] * V + o_v[None, :]
     o_h = i_nh.to(tl.int64) * K * V + o_s
-    m_h = m_k[:, None] & m_v[None, :]
     p_dk = dk + i_v.to(tl.int64) * slot  # this value tile's slot of dk
     b_dh = tl.zeros([BK, BV], dtype=tl.float32)
     L = eos - bos
