@@ -1,4 +1,6 @@
-"""Sums over the rest of a chunk, plus the chunk's anchor: the gates' backward.
+"""Sums over time within chunks: ``chunk_local_cumsum`` (the chunked forms' cumulative log
+gates) and ``chunk_suffix_sum`` (the rest of a chunk plus the chunk's anchor: the gates'
+backward).
 
 A sequence is walked in order (``reverse``: from its last token to its first) and cut, in
 walking order, into chunks of BT tokens. For walking index i of chunk c,
@@ -17,9 +19,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common.utils import chunk_bounds
+from kernels.common.utils import chunk_bounds, chunk_rows
 
-__all__ = ["chunk_suffix_sum"]
+__all__ = ["chunk_local_cumsum", "chunk_suffix_sum"]
 
 
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
@@ -56,4 +58,32 @@ def chunk_suffix_sum(x: torch.Tensor, anchor: torch.Tensor, reverse: bool, cu_se
     if NT:
         chunk_suffix_sum_kernel[(triton.cdiv(D, BD), NT, B * H)](
             x, anchor, y, cu_seqlens, chunk_indices, T, H=H, D=D, BT=BT, BD=BD, REVERSE=reverse)
+    return y
+
+
+@triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
+@triton.jit(do_not_specialize=['T'])
+def chunk_local_cumsum_kernel(
+    x, y, cu_seqlens, chunk_indices, T,
+    H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """y_i = sum_{chunk start <= j <= i} x_j within each chunk of BT tokens, float32."""
+    i_d, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_t, m_t, row0 = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BT, IS_VARLEN)
+    o_d = i_d * BD + tl.arange(0, BD)
+    m = m_t[:, None] & (o_d < D)[None, :]
+    p = row0 * D + (tl.arange(0, BT) * H * D)[:, None] + o_d[None, :]
+    b_x = tl.load(x + p, mask=m, other=0.).to(tl.float32)
+    tl.store(y + p, tl.cumsum(b_x, 0), mask=m)
+
+
+def chunk_local_cumsum(x: torch.Tensor, cu_seqlens, chunk_indices, NT: int, BT: int):
+    """x [B, T, H, D] -> its cumulative sum over T within each chunk of BT tokens, float32."""
+    B, T, H, D = x.shape
+    y = torch.empty(B, T, H, D, dtype=torch.float32, device=x.device)
+    BD = min(64, triton.next_power_of_2(D))
+    if NT:
+        chunk_local_cumsum_kernel[(triton.cdiv(D, BD), NT, B * H)](x, y, cu_seqlens, chunk_indices,
+                                                                   T, H=H, D=D, BT=BT, BD=BD)
     return y

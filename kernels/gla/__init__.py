@@ -1,5 +1,6 @@
 """Gated linear attention (GLA) kernels, docs/operators.md section 2."""
 
+from kernels.gla.chunk import chunk_gla
 from kernels.gla.fused_recurrent import fused_recurrent_gla
 
-__all__ = ["fused_recurrent_gla"]
+__all__ = ["chunk_gla", "fused_recurrent_gla"]

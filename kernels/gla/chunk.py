@@ -1,0 +1,238 @@
+"""GLA, chunked form (docs/operators.md section 2), key gate: the forward. (The backward, the
+value gate and the merge of these stages into kernels/common are the next steps.)
+
+Chunks of BT = 64 tokens. With b the cumulative log gate within a chunk (b_i = sum of g over
+the chunk's tokens up to i, so b decreases, b_i <= 0) and h[n] the state entering chunk n:
+
+    S_{n+1} = diag(exp(b_L)) h[n] + (K * exp(b_L - b))^T V             # L: the chunk's last row
+    O       = scale (Q * exp(b)) h[n] + A V,
+    A_ij    = scale sum_c q_ic k_jc exp(b_ic - b_jc)   for j <= i, 0 above
+
+Every exponent here is <= 0, so nothing overflows at any gate strength (log gates to -60 per
+step put b near -3840 at a chunk's end: exp(b) underflows to 0, which is the true value to
+float32). A's entries need exp(b_i - b_j) for j <= i, never exp(b_i) exp(-b_j): the chunk is cut
+into BC = 16-row blocks; for a column j before row block I, with r = I's first row,
+
+    exp(b_i - b_j) = exp(b_i - b_r) exp(b_r - b_j),    both factors <= 1,
+
+so a block row of A is one product of q * exp(b - b_r) and k * exp(b_r - b); the diagonal
+blocks take exp(b_i - b_j) element by element (BC x BC x K exponentials a block).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.common.cumsum import chunk_local_cumsum
+from kernels.common.utils import (check_launchable, chunk_layout, chunk_rows, dot_precision,
+                                  load_rows, store_rows, tile)
+from references.operators import GLA
+
+__all__ = ["chunk_gla", "chunk_gla_fwd"]
+
+BT = 64  # chunk size: a tiling choice, never a change of result
+BC = 16  # A's row blocks
+MAX_D = 256
+
+
+@triton.jit
+def _intra_row_block(q, k, b, row0, n_t, I: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
+                     BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                     PRECISION: tl.constexpr):
+    """Row block I of A [BC, BT] (unscaled): the columns before it by one product through the
+    block's first row, its diagonal block element by element."""
+    o_c = tl.arange(0, BT)
+    o_r = I * BC + tl.arange(0, BC)
+    m_r = o_r < n_t
+    b_A = tl.zeros([BC, BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        b_q = load_rows(q + row0 * K, o_r, m_r, o_k, K, H).to(tl.float32)
+        b_bi = load_rows(b + row0 * K, o_r, m_r, o_k, K, H)
+        # the reference row r = I * BC (b_r = 0 where the block holds no token: masked anyway)
+        b_br = tl.load(b + row0 * K + I * BC * H * K + o_k, mask=m_k & (I * BC < n_t), other=0.)
+        if I > 0:
+            m_j = (o_c < I * BC) & (I * BC < n_t)  # the columns before a block with tokens
+            b_k = load_rows(k + row0 * K, o_c, m_j, o_k, K, H).to(tl.float32)
+            b_bj = load_rows(b + row0 * K, o_c, m_j, o_k, K, H)
+            b_qr = b_q * tl.exp(tl.where(m_r[:, None], b_bi - b_br[None, :], float("-inf")))
+            b_kr = b_k * tl.exp(tl.where(m_j[:, None], b_br[None, :] - b_bj, float("-inf")))
+            b_A += tl.dot(b_qr.to(q.dtype.element_ty), tl.trans(b_kr.to(k.dtype.element_ty)),
+                          input_precision=PRECISION)
+        for jj in tl.static_range(BC):
+            j = I * BC + jj
+            p_j = row0 * K + j * H * K + o_k
+            b_kj = tl.load(k + p_j, mask=m_k & (j < n_t), other=0.).to(tl.float32)
+            b_bj1 = tl.load(b + p_j, mask=m_k & (j < n_t), other=0.)
+            # exp(b_i - b_j) for token rows i >= j only (elsewhere exp(-inf) = 0: no overflow)
+            b_e = tl.exp(tl.where((m_r & (o_r >= j))[:, None], b_bi - b_bj1[None, :],
+                                  float("-inf")))
+            b_col = tl.sum(b_q * b_kj[None, :] * b_e, 1)
+            b_A += tl.where((o_c == j)[None, :], b_col[:, None], 0.)
+    return b_A, o_r, m_r
+
+
+@triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
+@triton.jit(do_not_specialize=['T'])
+def chunk_gla_fwd_A_kernel(
+    q, k, b, A, cu_seqlens, chunk_indices, scale, T,
+    H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+    PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """A_ij = scale sum_c q_ic k_jc exp(b_ic - b_jc), j <= i, for one chunk ([BT, BT] float32)."""
+    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_t, m_t, row0 = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BT, IS_VARLEN)
+    n_t = tl.sum(m_t.to(tl.int32), 0)  # the rows that hold tokens
+    o_c = tl.arange(0, BT)
+    for I in tl.static_range(BT // BC):
+        b_A, o_r, m_r = _intra_row_block(q, k, b, row0, n_t, I, H, K, BT, BC, BK, PRECISION)
+        tl.store(A + row0 * BT + (o_r * H * BT)[:, None] + o_c[None, :], b_A * scale,
+                 mask=m_r[:, None])
+
+
+@triton.heuristics({
+    'USE_INITIAL_STATE': lambda a: a['h0'] is not None,
+    'STORE_FINAL_STATE': lambda a: a['ht'] is not None,
+    'IS_VARLEN': lambda a: a['cu_seqlens'] is not None,
+})
+@triton.jit(do_not_specialize=['T'])
+def chunk_gla_fwd_h_kernel(
+    k, v, b, h, h0, ht, cu_seqlens, chunk_offsets, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, PRECISION: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
+    STORE_FINAL_STATE: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """The walk over one sequence's chunks: h[n] stored (float32), then
+    S = diag(exp(b_L)) S + (K * exp(b_L - b))^T V."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        bos, eos = i_n.to(tl.int64) * T, i_n.to(tl.int64) * T + T
+        c0 = i_n.to(tl.int64) * tl.cdiv(T, BT)
+    L = eos - bos
+    o_c = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    o_s = o_k[:, None] * V + o_v[None, :]
+    m_s = m_k[:, None] & m_v[None, :]
+    b_s = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_INITIAL_STATE:
+        b_s += tl.load(h0 + i_nh.to(tl.int64) * K * V + o_s, mask=m_s, other=0.)
+    for i_t in range(tl.cdiv(L, BT)):
+        tl.store(h + ((c0 + i_t) * H + i_h) * K * V + o_s, b_s, mask=m_s)
+        row0 = (bos + i_t * BT) * H + i_h
+        m_t = i_t * BT + o_c < L
+        last = tl.minimum(BT, L - i_t * BT) - 1
+        b_bl = tl.load(b + (row0 + last * H) * K + o_k, mask=m_k, other=0.)
+        b_k = load_rows(k + row0 * K, o_c, m_t, o_k, K, H).to(tl.float32)
+        b_b = load_rows(b + row0 * K, o_c, m_t, o_k, K, H)
+        b_kd = b_k * tl.exp(tl.where(m_t[:, None], b_bl[None, :] - b_b, float("-inf")))
+        b_v = load_rows(v + row0 * V, o_c, m_t, o_v, V, H)
+        b_s = b_s * tl.exp(b_bl)[:, None] + tl.dot(tl.trans(b_kd.to(k.dtype.element_ty)), b_v,
+                                                   input_precision=PRECISION)
+    if STORE_FINAL_STATE:
+        tl.store(ht + i_nh.to(tl.int64) * K * V + o_s, b_s, mask=m_s)
+
+
+@triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
+@triton.jit(do_not_specialize=['T'])
+def chunk_gla_fwd_o_kernel(
+    q, v, b, h, A, o, cu_seqlens, chunk_indices, scale, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """O = scale (Q * exp(b)) h[n] + A V for one chunk and value tile."""
+    i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_t, m_t, row0 = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BT, IS_VARLEN)
+    i_g = i_c.to(tl.int64) if IS_VARLEN else (i_bh // H).to(tl.int64) * tl.cdiv(T, BT) + i_t
+    p_h = h + (i_g * H + i_bh % H) * K * V
+    o_c = tl.arange(0, BT)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    b_o = tl.zeros([BT, BV], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        b_qg = (load_rows(q + row0 * K, o_c, m_t, o_k, K, H).to(tl.float32)
+                * tl.exp(load_rows(b + row0 * K, o_c, m_t, o_k, K, H)))
+        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :],
+                      mask=(o_k < K)[:, None] & m_v[None, :], other=0.)
+        b_o += tl.dot(b_qg, b_h, input_precision=PRECISION)
+    b_A = load_rows(A + row0 * BT, o_c, m_t, o_c, BT, H)
+    b_v = load_rows(v + row0 * V, o_c, m_t, o_v, V, H)
+    b_o = b_o * scale + tl.dot(b_A.to(b_v.dtype), b_v, input_precision=PRECISION)
+    store_rows(o + row0 * V, b_o, o_c, m_t, o_v, V, H)
+
+
+def chunk_gla_fwd(q, k, v, g, scale: float, initial_state, output_final_state: bool,
+                  cu_seqlens):
+    """(o [B,T,H,V] in v's dtype, final state [N,H,K,V] float32 or None, (b, h, A) for a
+    backward); inputs contiguous and checked."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    N, NT, chunk_indices, chunk_offsets = chunk_layout(B, T, cu_seqlens, BT)
+    chunks = NT * (B if cu_seqlens is None else 1)
+    b = chunk_local_cumsum(g, cu_seqlens, chunk_indices, NT, BT)
+    h = torch.empty(chunks, H, K, V, dtype=torch.float32, device=q.device)
+    A = torch.empty(B, T, H, BT, dtype=torch.float32, device=q.device)
+    o = torch.empty_like(v)
+    ht = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
+    BK, BV, prec = tile(K), tile(V), dot_precision(q.dtype)
+    if NT:
+        chunk_gla_fwd_A_kernel[(NT, B * H)](q, k, b, A, cu_seqlens, chunk_indices, scale, T,
+                                            H=H, K=K, BT=BT, BC=BC, BK=BK, PRECISION=prec)
+        _walk(k, v, b, h, initial_state, ht, cu_seqlens, chunk_offsets, N, prec)
+        chunk_gla_fwd_o_kernel[(triton.cdiv(V, BV), NT, B * H)](
+            q, v, b, h, A, o, cu_seqlens, chunk_indices, scale, T, H=H, K=K, V=V, BT=BT, BK=BK,
+            BV=BV, PRECISION=prec)
+    elif ht is not None:  # no tokens: the final state is the initial one
+        ht.copy_(initial_state if initial_state is not None else torch.zeros_like(ht))
+    return o, ht, (b, h, A)
+
+
+def _walk(k, v, b, h, initial_state, ht, cu_seqlens, chunk_offsets, N: int, prec: str):
+    """chunk_gla_fwd_h_kernel: h[n] for every chunk, and the final state into ht."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    BV = min(64, triton.next_power_of_2(V))
+    chunk_gla_fwd_h_kernel[(triton.cdiv(V, BV), N * H)](
+        k, v, b, h, initial_state, ht, cu_seqlens, chunk_offsets, T, H=H, K=K, V=V, BT=BT,
+        BK=triton.next_power_of_2(K), BV=BV, PRECISION=prec)
+    return h
+
+
+def chunk_gla(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gated linear attention in chunks of 64 tokens (Triton), key gate ``g`` ([B,T,H,K], log
+    space, <= 0). Forward only for now: a call that needs gradients raises."""
+    dims = GLA.validate({"q": q, "k": k, "v": v, "gk": g, "scale": scale,
+                         "initial_state": initial_state, "output_final_state": output_final_state,
+                         "cu_seqlens": cu_seqlens})
+    check_launchable("chunk_gla", q)
+    if max(dims["K"], dims["V"]) > MAX_D:
+        raise ValueError(f"chunk_gla: K and V must be <= {MAX_D}, got K={dims['K']}, V={dims['V']}")
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad
+                                       for x in (q, k, v, g, initial_state)):
+        raise NotImplementedError("chunk_gla has no backward yet: use fused_recurrent_gla for "
+                                  "training, or call it under torch.no_grad()")
+    scale = GLA.resolve_scale(scale, dims)
+    q, k, v, g = (x.contiguous() for x in (q, k, v, g))
+    if initial_state is not None:
+        initial_state = initial_state.contiguous()
+    o, ht, _ = chunk_gla_fwd(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
+    return o, ht
