@@ -1,8 +1,9 @@
-"""chunk_gla's forward (Triton, through the interpreter) against the float64 recurrence.
+"""chunk_gla (Triton, through the interpreter) against the float64 recurrence.
 
 float32 bound 1e-5 (the issue's bar): every product is an exact float32 product ("ieee") over
 at most 64 tokens and K <= 40 channels here, states over at most four chunks; o and the final
-state measure 6e-8 to 7e-7. Any wrong exponent or a missed term is >= 1e-3.
+state measure 6e-8 to 7e-7, the gradients 6e-8 to 7e-7 at these gates. Any wrong exponent or a
+missed term is >= 1e-3.
 """
 
 import numpy as np
@@ -67,8 +68,57 @@ def test_float16_within_three_times_the_reference_in_float16():
     assert rel_error(o, r) <= 3 * rel_error(ref16, r)
 
 
-def test_gradients_are_not_there_yet():
-    q = torch.randn(1, 8, 1, 16, requires_grad=True)
-    with pytest.raises(NotImplementedError, match="no backward yet"):
-        chunk_gla(q, torch.randn(1, 8, 1, 16), torch.randn(1, 8, 1, 16),
-                  -torch.rand(1, 8, 1, 16))
+def grads(fn, x, h0, cu, dtype):
+    """o, final state and every gradient of fn under a fixed upstream gradient."""
+    xs = {n: t.detach().to(dtype).requires_grad_() for n, t in x.items()}
+    s0 = None if h0 is None else h0.detach().to(dtype).requires_grad_()
+    o, ht = fn(xs["q"], xs["k"], xs["v"], xs["g"], initial_state=s0, output_final_state=True,
+               cu_seqlens=cu)
+    gen = torch.Generator().manual_seed(1)
+    do, dht = torch.randn(o.shape, generator=gen), torch.randn(ht.shape, generator=gen)
+    ((o.double() * do.double()).sum() + (ht.double() * dht.double()).sum()).backward()
+    out = {"o": o, "ht": ht, **{"d" + n: t.grad for n, t in xs.items()}}
+    if s0 is not None:
+        out["dh0"] = s0.grad
+    return out
+
+
+def both(B, T, H, K, V, h0=True, cu=None, strong=False):
+    g = torch.Generator().manual_seed(2)
+    N = B if cu is None else len(cu) - 1
+    x = {"q": torch.randn(B, T, H, K, generator=g), "k": torch.randn(B, T, H, K, generator=g),
+         "v": torch.randn(B, T, H, V, generator=g),
+         "g": (-5 - 55 * torch.rand(B, T, H, K, generator=g) if strong
+               else F.logsigmoid(torch.randn(B, T, H, K, generator=g)) / 4)}
+    s0 = torch.randn(N, H, K, V, generator=g) if h0 else None
+    cu = None if cu is None else torch.tensor(cu)
+    return (grads(chunk_gla, x, s0, cu, torch.float32),
+            grads(naive_recurrent_gla, x, s0, cu, torch.float64))
+
+
+@pytest.mark.parametrize("B, T, H, K, V, cu", [(1, 70, 1, 16, 16, None), (2, 130, 1, 20, 40, None),
+                                               (1, 150, 2, 16, 16, [0, 0, 1, 70, 70, 150])])
+def test_gradients_match_reference(B, T, H, K, V, cu):
+    got, ref = both(B, T, H, K, V, cu=cu)
+    for name in ref:
+        assert rel_error(got[name], ref[name]) < 1e-5, (name, rel_error(got[name], ref[name]))
+
+
+def test_one_token_without_a_state_has_an_exactly_zero_gate_gradient():
+    """The gate multiplies a zero state: dg is 0. The i = j terms, which cancel in
+    q dq - k dk, are kept out of it, so it is exactly 0, not rounding noise."""
+    got, ref = both(1, 1, 1, 16, 16, h0=False)
+    assert torch.equal(got["dg"], torch.zeros_like(got["dg"]))
+
+
+def test_strong_gates_gradients_finite_and_close():
+    """Log gates in [-60, -5]: everything finite; every quantity within 1e-5 but dg, whose
+    exponents are differences of cumulative sums near -3000 in float32 (their rounding, up to
+    ulp(3000) / 2 = 1.2e-4 a step, is the error: 4.8e-5 measured; bound 1e-4, a wrong term is
+    >= 1e-3). reports/gla.md and NOTES have it as the open accuracy question."""
+    with np.errstate(over="raise", invalid="raise"):
+        got, ref = both(1, 200, 1, 16, 16, strong=True)
+    assert all(t.isfinite().all() for t in got.values())
+    for name in ref:
+        bound = 1e-4 if name == "dg" else 1e-5
+        assert rel_error(got[name], ref[name]) < bound, (name, rel_error(got[name], ref[name]))

@@ -1,5 +1,6 @@
-"""GLA, chunked form (docs/operators.md section 2), key gate: the forward. (The backward, the
-value gate and the merge of these stages into kernels/common are the next steps.)
+"""GLA, chunked form (docs/operators.md section 2), key gate: the forward here, the backward in
+kernels.gla.chunk_bwd. (The value gate and the merge of these stages into kernels/common are
+the next steps.)
 
 Chunks of BT = 64 tokens. With b the cumulative log gate within a chunk (b_i = sum of g over
 the chunk's tokens up to i, so b decreases, b_i <= 0) and h[n] the state entering chunk n:
@@ -208,6 +209,28 @@ def _walk(k, v, b, h, initial_state, ht, cu_seqlens, chunk_offsets, N: int, prec
     return h
 
 
+class ChunkGLAFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
+        o, ht, saved = chunk_gla_fwd(q, k, v, g, scale, initial_state, output_final_state,
+                                     cu_seqlens)
+        ctx.save_for_backward(q, k, v, g, initial_state, cu_seqlens, *saved)
+        ctx.scale = scale
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        from kernels.gla.chunk_bwd import chunk_gla_bwd
+
+        q, k, v, g, initial_state, cu_seqlens, *saved = ctx.saved_tensors
+        dq, dk, dv, dg, dh0 = chunk_gla_bwd(
+            q, k, v, g, saved, ctx.scale, initial_state, do.contiguous().to(v.dtype),
+            None if dht is None else dht.contiguous().float(), cu_seqlens, BT, BC)
+        if dh0 is not None:
+            dh0 = dh0.to(initial_state.dtype)
+        return dq, dk, dv, dg, None, dh0, None, None
+
+
 def chunk_gla(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -219,20 +242,20 @@ def chunk_gla(
     cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gated linear attention in chunks of 64 tokens (Triton), key gate ``g`` ([B,T,H,K], log
-    space, <= 0). Forward only for now: a call that needs gradients raises."""
+    space, <= 0), forward and backward."""
     dims = GLA.validate({"q": q, "k": k, "v": v, "gk": g, "scale": scale,
                          "initial_state": initial_state, "output_final_state": output_final_state,
                          "cu_seqlens": cu_seqlens})
     check_launchable("chunk_gla", q)
     if max(dims["K"], dims["V"]) > MAX_D:
         raise ValueError(f"chunk_gla: K and V must be <= {MAX_D}, got K={dims['K']}, V={dims['V']}")
-    if torch.is_grad_enabled() and any(x is not None and x.requires_grad
-                                       for x in (q, k, v, g, initial_state)):
-        raise NotImplementedError("chunk_gla has no backward yet: use fused_recurrent_gla for "
-                                  "training, or call it under torch.no_grad()")
     scale = GLA.resolve_scale(scale, dims)
     q, k, v, g = (x.contiguous() for x in (q, k, v, g))
     if initial_state is not None:
         initial_state = initial_state.contiguous()
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad
+                                       for x in (q, k, v, g, initial_state)):
+        return ChunkGLAFunction.apply(q, k, v, g, scale, initial_state, output_final_state,
+                                      cu_seqlens)
     o, ht, _ = chunk_gla_fwd(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
     return o, ht

@@ -1,0 +1,256 @@
+"""GLA, chunked form, key gate: the backward of kernels.gla.chunk (its docstring has the forward).
+
+Per chunk n, with b the cumulative log gate within the chunk (b_L at its last row), h = h[n] the
+state entering it and dH the gradient of the state leaving it:
+
+    dh[n-1 side]  dh = diag(exp(b_L)) dH + scale (Q * exp(b))^T dO      # walked back over chunks
+    dA    = scale tril(dO V^T)
+    dv_j  = sum_{i >= j} A_ij do_i + (k_j * exp(b_L - b_j)) dH
+    dq_i  = scale exp(b_i) * (h do_i) + sum_{j <= i} dA_ij k_j * exp(b_i - b_j)
+    dk_j  = sum_{i >= j} dA_ij q_i * exp(b_i - b_j) + exp(b_L - b_j) * (dH v_j)
+
+The gate enters through b alone (b_i = sum of g over the chunk's tokens up to i), and the loss
+through query-side factors exp(b_i) and key-side exp(-b_j), so d loss / d b_i = q_i dq_i -
+k_i dk_i, plus for the last row the state leaving the chunk, rowsum(S_{n+1} * dH); and
+dg_r = sum_{i >= r in the chunk} d loss / d b_i. With S_{n+1} = diag(exp(b_L)) h + sum_j
+exp(b_L - b_j) k_j v_j^T, that last term is exp(b_L) rowsum(h * dH) + sum_j k_j dk_j^(state),
+which chunk_gla_bwd_dqk_kernel sums per chunk with the terms that cancel kept apart. The
+intra-chunk exponentials go through a block's first or last row, as in the
+forward: every exponent <= 0.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.common.utils import chunk_layout, chunk_rows, load_rows, store_rows, tile
+
+__all__ = ["chunk_gla_bwd"]
+
+
+@triton.heuristics({
+    'USE_FINAL_STATE_GRADIENT': lambda a: a['dht'] is not None,
+    'STORE_INITIAL_STATE_GRADIENT': lambda a: a['dh0'] is not None,
+    'IS_VARLEN': lambda a: a['cu_seqlens'] is not None,
+})
+@triton.jit(do_not_specialize=['T'])
+def chunk_gla_bwd_dh_kernel(
+    q, b, do, dH, dht, dh0, cu_seqlens, chunk_offsets, scale, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, PRECISION: tl.constexpr, USE_FINAL_STATE_GRADIENT: tl.constexpr,
+    STORE_INITIAL_STATE_GRADIENT: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """Back over one sequence's chunks: dH[n] (the gradient of the state leaving chunk n)
+    stored, then dh = diag(exp(b_L)) dh + scale (Q * exp(b))^T dO."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+        c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        bos, eos = i_n.to(tl.int64) * T, i_n.to(tl.int64) * T + T
+        c0 = i_n.to(tl.int64) * tl.cdiv(T, BT)
+    L = eos - bos
+    NT = tl.cdiv(L, BT)
+    o_c = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    o_s = o_k[:, None] * V + o_v[None, :]
+    m_s = m_k[:, None] & m_v[None, :]
+    b_dh = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_FINAL_STATE_GRADIENT:
+        b_dh += tl.load(dht + i_nh.to(tl.int64) * K * V + o_s, mask=m_s, other=0.)
+    for i_s in range(NT):
+        i_t = NT - 1 - i_s
+        tl.store(dH + ((c0 + i_t) * H + i_h) * K * V + o_s, b_dh, mask=m_s)
+        row0 = (bos + i_t * BT) * H + i_h
+        m_t = i_t * BT + o_c < L
+        last = tl.minimum(BT, L - i_t * BT) - 1
+        b_bl = tl.load(b + (row0 + last * H) * K + o_k, mask=m_k, other=0.)
+        b_qg = (load_rows(q + row0 * K, o_c, m_t, o_k, K, H).to(tl.float32)
+                * tl.exp(load_rows(b + row0 * K, o_c, m_t, o_k, K, H)) * scale)
+        b_do = load_rows(do + row0 * V, o_c, m_t, o_v, V, H)
+        b_dh = b_dh * tl.exp(b_bl)[:, None] + tl.dot(tl.trans(b_qg.to(do.dtype.element_ty)), b_do,
+                                                     input_precision=PRECISION)
+    if STORE_INITIAL_STATE_GRADIENT:
+        tl.store(dh0 + i_nh.to(tl.int64) * K * V + o_s, b_dh, mask=m_s)
+
+
+@triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
+@triton.jit(do_not_specialize=['T'])
+def chunk_gla_bwd_dv_kernel(
+    k, b, A, do, dH, dv, cu_seqlens, chunk_indices, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """dv = A^T dO + (K * exp(b_L - b)) dH for one chunk and value tile."""
+    i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_t, m_t, row0 = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BT, IS_VARLEN)
+    i_g = i_c.to(tl.int64) if IS_VARLEN else (i_bh // H).to(tl.int64) * tl.cdiv(T, BT) + i_t
+    n_t = tl.sum(m_t.to(tl.int32), 0)
+    o_c = tl.arange(0, BT)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < V
+    p_dH = dH + (i_g * H + i_bh % H) * K * V
+    b_dv = tl.zeros([BT, BV], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        b_bl = tl.load(b + (row0 + (n_t - 1) * H) * K + o_k, mask=m_k, other=0.)
+        b_b = load_rows(b + row0 * K, o_c, m_t, o_k, K, H)
+        b_kd = (load_rows(k + row0 * K, o_c, m_t, o_k, K, H).to(tl.float32)
+                * tl.exp(tl.where(m_t[:, None], b_bl[None, :] - b_b, float("-inf"))))
+        b_dH = tl.load(p_dH + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :],
+                       other=0.)
+        b_dv += tl.dot(b_kd, b_dH, input_precision=PRECISION)
+    b_A = load_rows(A + row0 * BT, o_c, m_t, o_c, BT, H)
+    b_do = load_rows(do + row0 * V, o_c, m_t, o_v, V, H)
+    b_dv += tl.dot(tl.trans(b_A).to(b_do.dtype), b_do, input_precision=PRECISION)
+    store_rows(dv + row0 * V, b_dv, o_c, m_t, o_v, V, H)
+
+
+@triton.jit
+def _dq_intra(b_dA, b_k, b_b, m_t, n_t, BT: tl.constexpr, BC: tl.constexpr,
+              PRECISION: tl.constexpr):
+    """sum_{j < i} dA_ij k_j exp(b_i - b_j) [BT, BK] (the j = i terms apart): the columns before
+    row block I through its first row r (exp(b_i - b_r) exp(b_r - b_j)), the diagonal blocks
+    element by element."""
+    o_c = tl.arange(0, BT)
+    b_dq = tl.zeros(b_k.shape, dtype=tl.float32)
+    for I in tl.static_range(1, BT // BC):
+        r = I * BC
+        b_br = tl.sum(tl.where((o_c == r)[:, None], b_b, 0.), 0)  # row r of b
+        b_kr = b_k * tl.exp(tl.where(((o_c < r) & (r < n_t))[:, None], b_br[None, :] - b_b,
+                                     float("-inf")))
+        b_t = tl.dot(b_dA, b_kr, input_precision=PRECISION)
+        rows = (o_c >= r) & (o_c < r + BC) & m_t
+        b_dq += b_t * tl.exp(tl.where(rows[:, None], b_b - b_br[None, :], float("-inf")))
+    for j in tl.static_range(BT):
+        b_col = tl.sum(tl.where((o_c == j)[None, :], b_dA, 0.), 1)  # dA[:, j]
+        b_kj = tl.sum(tl.where((o_c == j)[:, None], b_k, 0.), 0)
+        b_bj = tl.sum(tl.where((o_c == j)[:, None], b_b, 0.), 0)
+        same = (o_c > j) & (o_c < (j // BC + 1) * BC) & m_t & (j < n_t)
+        b_dq += b_col[:, None] * b_kj[None, :] * tl.exp(
+            tl.where(same[:, None], b_b - b_bj[None, :], float("-inf")))
+    return b_dq
+
+
+@triton.jit
+def _dk_intra(b_dA, b_q, b_b, m_t, n_t, BT: tl.constexpr, BC: tl.constexpr,
+              PRECISION: tl.constexpr):
+    """sum_{i > j} dA_ij q_i exp(b_i - b_j) [BT, BK] (the i = j terms apart): the rows after
+    column block J through its last row p (exp(b_i - b_p) exp(b_p - b_j)), the diagonal blocks
+    element by element."""
+    o_c = tl.arange(0, BT)
+    b_dk = tl.zeros(b_q.shape, dtype=tl.float32)
+    for J in tl.static_range(BT // BC - 1):
+        p = tl.minimum(J * BC + BC - 1, n_t - 1)
+        b_bp = tl.sum(tl.where((o_c == p)[:, None], b_b, 0.), 0)  # row p of b
+        b_qp = b_q * tl.exp(tl.where(((o_c > J * BC + BC - 1) & m_t)[:, None],
+                                     b_b - b_bp[None, :], float("-inf")))
+        b_t = tl.dot(tl.trans(b_dA), b_qp, input_precision=PRECISION)
+        cols = (o_c >= J * BC) & (o_c < J * BC + BC) & m_t
+        b_dk += b_t * tl.exp(tl.where(cols[:, None], b_bp[None, :] - b_b, float("-inf")))
+    for i in tl.static_range(BT):
+        b_row = tl.sum(tl.where((o_c == i)[:, None], b_dA, 0.), 0)  # dA[i, :]
+        b_qi = tl.sum(tl.where((o_c == i)[:, None], b_q, 0.), 0)
+        b_bi = tl.sum(tl.where((o_c == i)[:, None], b_b, 0.), 0)
+        same = (o_c < i) & (o_c >= (i // BC) * BC) & m_t & (i < n_t)
+        b_dk += b_row[:, None] * b_qi[None, :] * tl.exp(
+            tl.where(same[:, None], b_bi[None, :] - b_b, float("-inf")))
+    return b_dk
+
+
+@triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
+@triton.jit(do_not_specialize=['T'])
+def chunk_gla_bwd_dqk_kernel(
+    q, k, v, b, h, do, dH, dq, dk, dg, cu_seqlens, chunk_indices, scale, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """dq, dk (float32) and dg for one chunk and key tile. With the i = j terms apart (they
+    cancel in q dq - k dk, and are the large ones under strong gates):
+
+        dg_r = sum_{i >= r} (q_i dq'_i - k_i dk'_i) + sum_{j < r} k_j dk_j^(state)
+               + exp(b_L) rowsum(h * dH)
+
+    dq' = dq less dA_ii k_i, dk' the intra-chunk part of dk less dA_ii q_i; the sums over rows
+    are products with triangular ones (exact float32 sums of at most 64 terms)."""
+    i_k, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_t, m_t, row0 = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BT, IS_VARLEN)
+    i_g = i_c.to(tl.int64) if IS_VARLEN else (i_bh // H).to(tl.int64) * tl.cdiv(T, BT) + i_t
+    n_t = tl.sum(m_t.to(tl.int32), 0)
+    p_s = (i_g * H + i_bh % H) * K * V
+    o_c = tl.arange(0, BT)
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    b_dA = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dqs = tl.zeros([BT, BK], dtype=tl.float32)  # dO h^T
+    b_dks = tl.zeros([BT, BK], dtype=tl.float32)  # V dH^T
+    b_anc = tl.zeros([BK], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        m_kv = m_k[:, None] & (o_v < V)[None, :]
+        b_do = load_rows(do + row0 * V, o_c, m_t, o_v, V, H).to(tl.float32)
+        b_v = load_rows(v + row0 * V, o_c, m_t, o_v, V, H).to(tl.float32)
+        b_h = tl.load(h + p_s + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.)
+        b_dH = tl.load(dH + p_s + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.)
+        b_dA += tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
+        b_dqs += tl.dot(b_do, tl.trans(b_h), input_precision=PRECISION)
+        b_dks += tl.dot(b_v, tl.trans(b_dH), input_precision=PRECISION)
+        b_anc += tl.sum(b_h * b_dH, 1)
+    b_dA = tl.where((o_c[:, None] >= o_c[None, :]) & m_t[:, None], b_dA * scale, 0.)
+    b_q = load_rows(q + row0 * K, o_c, m_t, o_k, K, H).to(tl.float32)
+    b_k = load_rows(k + row0 * K, o_c, m_t, o_k, K, H).to(tl.float32)
+    b_b = load_rows(b + row0 * K, o_c, m_t, o_k, K, H)
+    b_bl = tl.load(b + (row0 + (n_t - 1) * H) * K + o_k, mask=m_k, other=0.)
+    b_dq = b_dqs * tl.exp(b_b) * scale + _dq_intra(b_dA, b_k, b_b, m_t, n_t, BT, BC, PRECISION)
+    b_dks = b_dks * tl.exp(tl.where(m_t[:, None], b_bl[None, :] - b_b, float("-inf")))
+    b_dk = _dk_intra(b_dA, b_q, b_b, m_t, n_t, BT, BC, PRECISION)
+    # dg from the strict parts (see above), before the i = j terms join dq and dk
+    b_x = b_q * b_dq - b_k * b_dk
+    b_y = b_k * b_dks
+    upper = (o_c[:, None] <= o_c[None, :]).to(tl.float32)  # row r sums rows i >= r
+    lower = (o_c[:, None] > o_c[None, :]).to(tl.float32)  # row r sums rows j < r
+    b_dg = (tl.dot(upper, b_x, input_precision="ieee") + tl.dot(lower, b_y, input_precision="ieee")
+            + (b_anc * tl.exp(b_bl))[None, :])
+    store_rows(dg + row0 * K, b_dg, o_c, m_t, o_k, K, H)
+    b_dAd = tl.sum(tl.where(o_c[:, None] == o_c[None, :], b_dA, 0.), 1)  # dA_ii
+    store_rows(dq + row0 * K, b_dq + b_dAd[:, None] * b_k, o_c, m_t, o_k, K, H)
+    store_rows(dk + row0 * K, b_dk + b_dAd[:, None] * b_q + b_dks, o_c, m_t, o_k, K, H)
+
+
+def chunk_gla_bwd(q, k, v, g, saved, scale: float, initial_state, do, dht, cu_seqlens, BT: int,
+                  BC: int):
+    """(dq, dk, dv, dg, d(initial state) or None) from the forward's (b, h, A)."""
+    b, h, A = saved
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    N, NT, chunk_indices, chunk_offsets = chunk_layout(B, T, cu_seqlens, BT)
+    chunks = NT * (B if cu_seqlens is None else 1)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    dH = torch.empty(chunks, H, K, V, **f32)
+    dh0 = torch.empty(N, H, K, V, **f32) if initial_state is not None else None
+    dq, dk = torch.empty(B, T, H, K, **f32), torch.empty(B, T, H, K, **f32)
+    dg = torch.empty_like(g)
+    dv = torch.empty_like(v)
+    prec = "ieee" if q.dtype == torch.float32 else "tf32x3"
+    BK, BV = tile(K), tile(V)
+    if NT:
+        BVw = min(64, triton.next_power_of_2(V))
+        chunk_gla_bwd_dh_kernel[(triton.cdiv(V, BVw), N * H)](
+            q, b, do, dH, dht, dh0, cu_seqlens, chunk_offsets, scale, T, H=H, K=K, V=V, BT=BT,
+            BK=triton.next_power_of_2(K), BV=BVw, PRECISION=prec)
+        chunk_gla_bwd_dv_kernel[(triton.cdiv(V, BV), NT, B * H)](
+            k, b, A, do, dH, dv, cu_seqlens, chunk_indices, T, H=H, K=K, V=V, BT=BT, BK=BK,
+            BV=BV, PRECISION=prec)
+        chunk_gla_bwd_dqk_kernel[(triton.cdiv(K, BK), NT, B * H)](
+            q, k, v, b, h, do, dH, dq, dk, dg, cu_seqlens, chunk_indices, scale, T, H=H,
+            K=K, V=V, BT=BT, BC=BC, BK=BK, BV=BV, PRECISION=prec)
+    elif dh0 is not None:  # no tokens: the initial state is the final one
+        dh0.copy_(dht if dht is not None else torch.zeros_like(dh0))
+    return dq.to(q.dtype), dk.to(k.dtype), dv, dg, dh0
