@@ -39,7 +39,10 @@ COVER = {
     "gla": (
         ["basic", "tail-64+6", "reverse", "varlen-empty"],
         {"fused_recurrent_gla_fwd_kernel", "fused_recurrent_gla_bwd_dq_kernel",
-         "fused_recurrent_gla_bwd_dh_kernel", "chunk_suffix_sum_kernel"}),
+         "fused_recurrent_gla_bwd_dh_kernel", "chunk_suffix_sum_kernel",
+         "chunk_local_cumsum_kernel", "chunk_gla_fwd_A_kernel", "chunk_gla_fwd_h_kernel",
+         "chunk_gla_fwd_o_kernel", "chunk_gla_bwd_dh_kernel", "chunk_gla_bwd_dv_kernel",
+         "chunk_gla_bwd_dqk_kernel"}),
 }
 
 

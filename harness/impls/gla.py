@@ -1,5 +1,6 @@
-"""GLA's implementations: the two references, our Triton kernel, fla-core 0.6.0's two kernels
-and the softmax baseline. (chunk_gla and fused_chunk_gla of ours are yet to come.)
+"""GLA's implementations: the two references, our two Triton kernels, fla-core 0.6.0's two and
+the softmax baseline. (Our fused_chunk_gla is yet to come; our chunk_gla has the key gate only
+so far.)
 
 fla's ``fused_recurrent_gla`` takes our arguments unchanged (gk, gv, reverse included);
 ``chunk_gla`` takes the key gate as ``g`` and has no ``gv`` and no ``reverse``. (fla's
@@ -34,12 +35,38 @@ def _fla_chunk_gla(q, k, v, gk=None, gv=None, scale=None, initial_state=None,
                      output_final_state=output_final_state, cu_seqlens=cu_seqlens)
 
 
+def _chunk_gla_supports(case) -> str | None:
+    if case.options.get("gv"):
+        return "no value-side gate gv in chunk_gla yet"
+    if case.options.get("reverse"):
+        return "no reverse in chunk_gla"
+    return None
+
+
+def _chunk_as_gla(q, k, v, gk=None, gv=None, scale=None, initial_state=None,
+                  output_final_state=False, reverse=False, cu_seqlens=None):
+    """Our chunk_gla under the operator's arguments (its key gate is ``g``; without one the
+    gate is 0, and gv and reverse must hold their defaults: ``_chunk_gla_supports``)."""
+    from kernels.gla.chunk import chunk_gla
+
+    if gv is not None or reverse:
+        raise ValueError(f"chunk (gla): chunk_gla takes no gv and no reverse yet; got "
+                         f"gv={'None' if gv is None else 'tensor'}, reverse={reverse}")
+    g = gk if gk is not None else q.new_zeros(q.shape)
+    return chunk_gla(q, k, v, g, scale=scale, initial_state=initial_state,
+                     output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+
+
 IMPLEMENTATIONS = [
     *references(GLA),
     Implementation(
         op="gla", name="fused_recurrent", kind="triton", target="kernels.gla:fused_recurrent_gla",
         dtypes=KERNEL_DTYPES, description="one pass over time, state on chip (Triton)",
         available=triton_available),
+    Implementation(
+        op="gla", name="chunk", kind="triton", target=_chunk_as_gla, dtypes=KERNEL_DTYPES,
+        description="chunks of 64, key gate (Triton)", available=triton_available,
+        supports=_chunk_gla_supports),
     fla("gla", "fla_chunk", "fla.ops.gla:chunk_gla", KERNEL_DTYPES, adapter=_fla_chunk_gla,
         supports=_fla_chunk_gla_supports),
     fla("gla", "fla_fused_recurrent", "fla.ops.gla:fused_recurrent_gla", KERNEL_DTYPES),

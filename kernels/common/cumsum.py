@@ -21,7 +21,7 @@ import triton.language as tl
 
 from kernels.common.utils import chunk_bounds, chunk_rows
 
-__all__ = ["chunk_local_cumsum", "chunk_suffix_sum"]
+__all__ = ["chunk_local_cumsum", "chunk_suffix_sum", "pair_diff"]
 
 
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
@@ -61,29 +61,53 @@ def chunk_suffix_sum(x: torch.Tensor, anchor: torch.Tensor, reverse: bool, cu_se
     return y
 
 
+@triton.jit
+def _two_sum(a_hi, a_lo, b_hi, b_lo):
+    """(a_hi + a_lo) + (b_hi + b_lo) as a float32 sum and its rounding error (Knuth's TwoSum:
+    s + err == a_hi + b_hi exactly), the low parts added."""
+    s = a_hi + b_hi
+    bb = s - a_hi
+    err = (a_hi - (s - bb)) + (b_hi - bb)
+    return s, a_lo + b_lo + err
+
+
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
 @triton.jit(do_not_specialize=['T'])
 def chunk_local_cumsum_kernel(
-    x, y, cu_seqlens, chunk_indices, T,
+    x, y, ylo, cu_seqlens, chunk_indices, T,
     H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
-    """y_i = sum_{chunk start <= j <= i} x_j within each chunk of BT tokens, float32."""
+    """y_i + ylo_i = sum_{chunk start <= j <= i} x_j within each chunk of BT tokens: y the
+    float32 sum, ylo what its roundings lost (a compensated scan)."""
     i_d, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_t, m_t, row0 = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BT, IS_VARLEN)
     o_d = i_d * BD + tl.arange(0, BD)
     m = m_t[:, None] & (o_d < D)[None, :]
     p = row0 * D + (tl.arange(0, BT) * H * D)[:, None] + o_d[None, :]
     b_x = tl.load(x + p, mask=m, other=0.).to(tl.float32)
-    tl.store(y + p, tl.cumsum(b_x, 0), mask=m)
+    b_hi, b_lo = tl.associative_scan((b_x, tl.zeros_like(b_x)), 0, _two_sum)
+    tl.store(y + p, b_hi, mask=m)
+    tl.store(ylo + p, b_lo, mask=m)
 
 
 def chunk_local_cumsum(x: torch.Tensor, cu_seqlens, chunk_indices, NT: int, BT: int):
-    """x [B, T, H, D] -> its cumulative sum over T within each chunk of BT tokens, float32."""
+    """x [B, T, H, D] -> its cumulative sum over T within each chunk of BT tokens as a float32
+    pair (hi, lo), hi + lo exact to float32's rounding of the sum itself. Differences of two
+    such sums, (hi_i - hi_j) + (lo_i - lo_j), stay accurate when the sums are large and close
+    (log gates of -60 a step put them near -3800, where one float32 rounding is 1.2e-4)."""
     B, T, H, D = x.shape
     y = torch.empty(B, T, H, D, dtype=torch.float32, device=x.device)
+    ylo = torch.empty_like(y)
     BD = min(64, triton.next_power_of_2(D))
     if NT:
-        chunk_local_cumsum_kernel[(triton.cdiv(D, BD), NT, B * H)](x, y, cu_seqlens, chunk_indices,
-                                                                   T, H=H, D=D, BT=BT, BD=BD)
-    return y
+        chunk_local_cumsum_kernel[(triton.cdiv(D, BD), NT, B * H)](
+            x, y, ylo, cu_seqlens, chunk_indices, T, H=H, D=D, BT=BT, BD=BD)
+    return y, ylo
+
+
+@triton.jit
+def pair_diff(a_hi, a_lo, b_hi, b_lo):
+    """(a_hi + a_lo) - (b_hi + b_lo) for two chunk_local_cumsum pairs: the high parts first
+    (exact when they are within a factor of two of each other, as two close large sums are)."""
+    return (a_hi - b_hi) + (a_lo - b_lo)

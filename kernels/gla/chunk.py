@@ -18,6 +18,11 @@ into BC = 16-row blocks; for a column j before row block I, with r = I's first r
 
 so a block row of A is one product of q * exp(b - b_r) and k * exp(b_r - b); the diagonal
 blocks take exp(b_i - b_j) element by element (BC x BC x K exponentials a block).
+
+b is a compensated pair (b, blo: common.cumsum.chunk_local_cumsum) and every difference of two
+b's is taken as pair_diff: at -60 a step b reaches -3800 within a chunk, where a float32 sum
+rounds by up to 1.2e-4 a step (the gate's gradient was 4.8e-5 off float64 that way, 2.1e-7
+now; reports/gla.md). exp(b) alone needs no pair: where b is that large it is 0.
 """
 
 from __future__ import annotations
@@ -26,9 +31,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common.cumsum import chunk_local_cumsum
+from kernels.common.cumsum import chunk_local_cumsum, pair_diff
 from kernels.common.utils import (check_launchable, chunk_layout, chunk_rows, dot_precision,
                                   load_rows, store_rows, tile)
+from kernels.gla.chunk_bwd import chunk_gla_bwd, walk_tile
 from references.operators import GLA
 
 __all__ = ["chunk_gla", "chunk_gla_fwd"]
@@ -39,7 +45,7 @@ MAX_D = 256
 
 
 @triton.jit
-def _intra_row_block(q, k, b, row0, n_t, I: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
+def _intra_row_block(q, k, b, blo, row0, n_t, I: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
                      BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
                      PRECISION: tl.constexpr):
     """Row block I of A [BC, BT] (unscaled): the columns before it by one product through the
@@ -53,23 +59,31 @@ def _intra_row_block(q, k, b, row0, n_t, I: tl.constexpr, H: tl.constexpr, K: tl
         m_k = o_k < K
         b_q = load_rows(q + row0 * K, o_r, m_r, o_k, K, H).to(tl.float32)
         b_bi = load_rows(b + row0 * K, o_r, m_r, o_k, K, H)
+        l_bi = load_rows(blo + row0 * K, o_r, m_r, o_k, K, H)
         # the reference row r = I * BC (b_r = 0 where the block holds no token: masked anyway)
-        b_br = tl.load(b + row0 * K + I * BC * H * K + o_k, mask=m_k & (I * BC < n_t), other=0.)
+        m_br = m_k & (I * BC < n_t)
+        b_br = tl.load(b + row0 * K + I * BC * H * K + o_k, mask=m_br, other=0.)
+        l_br = tl.load(blo + row0 * K + I * BC * H * K + o_k, mask=m_br, other=0.)
         if I > 0:
             m_j = (o_c < I * BC) & (I * BC < n_t)  # the columns before a block with tokens
             b_k = load_rows(k + row0 * K, o_c, m_j, o_k, K, H).to(tl.float32)
             b_bj = load_rows(b + row0 * K, o_c, m_j, o_k, K, H)
-            b_qr = b_q * tl.exp(tl.where(m_r[:, None], b_bi - b_br[None, :], float("-inf")))
-            b_kr = b_k * tl.exp(tl.where(m_j[:, None], b_br[None, :] - b_bj, float("-inf")))
+            l_bj = load_rows(blo + row0 * K, o_c, m_j, o_k, K, H)
+            b_qr = b_q * tl.exp(tl.where(m_r[:, None], pair_diff(b_bi, l_bi, b_br[None, :],
+                                                                 l_br[None, :]), float("-inf")))
+            b_kr = b_k * tl.exp(tl.where(m_j[:, None], pair_diff(b_br[None, :], l_br[None, :],
+                                                                 b_bj, l_bj), float("-inf")))
             b_A += tl.dot(b_qr.to(q.dtype.element_ty), tl.trans(b_kr.to(k.dtype.element_ty)),
                           input_precision=PRECISION)
-        for jj in tl.static_range(BC):
+        for jj in range(BC):  # a loop, not unrolled: 16 x 4 unrolled bodies compile slowly
             j = I * BC + jj
             p_j = row0 * K + j * H * K + o_k
             b_kj = tl.load(k + p_j, mask=m_k & (j < n_t), other=0.).to(tl.float32)
             b_bj1 = tl.load(b + p_j, mask=m_k & (j < n_t), other=0.)
+            l_bj1 = tl.load(blo + p_j, mask=m_k & (j < n_t), other=0.)
             # exp(b_i - b_j) for token rows i >= j only (elsewhere exp(-inf) = 0: no overflow)
-            b_e = tl.exp(tl.where((m_r & (o_r >= j))[:, None], b_bi - b_bj1[None, :],
+            b_e = tl.exp(tl.where((m_r & (o_r >= j))[:, None],
+                                  pair_diff(b_bi, l_bi, b_bj1[None, :], l_bj1[None, :]),
                                   float("-inf")))
             b_col = tl.sum(b_q * b_kj[None, :] * b_e, 1)
             b_A += tl.where((o_c == j)[None, :], b_col[:, None], 0.)
@@ -79,7 +93,7 @@ def _intra_row_block(q, k, b, row0, n_t, I: tl.constexpr, H: tl.constexpr, K: tl
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
 @triton.jit(do_not_specialize=['T'])
 def chunk_gla_fwd_A_kernel(
-    q, k, b, A, cu_seqlens, chunk_indices, scale, T,
+    q, k, b, blo, A, cu_seqlens, chunk_indices, scale, T,
     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
     PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
@@ -89,7 +103,7 @@ def chunk_gla_fwd_A_kernel(
     n_t = tl.sum(m_t.to(tl.int32), 0)  # the rows that hold tokens
     o_c = tl.arange(0, BT)
     for I in tl.static_range(BT // BC):
-        b_A, o_r, m_r = _intra_row_block(q, k, b, row0, n_t, I, H, K, BT, BC, BK, PRECISION)
+        b_A, o_r, m_r = _intra_row_block(q, k, b, blo, row0, n_t, I, H, K, BT, BC, BK, PRECISION)
         tl.store(A + row0 * BT + (o_r * H * BT)[:, None] + o_c[None, :], b_A * scale,
                  mask=m_r[:, None])
 
@@ -101,7 +115,7 @@ def chunk_gla_fwd_A_kernel(
 })
 @triton.jit(do_not_specialize=['T'])
 def chunk_gla_fwd_h_kernel(
-    k, v, b, h, h0, ht, cu_seqlens, chunk_offsets, T,
+    k, v, b, blo, h, h0, ht, cu_seqlens, chunk_offsets, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, PRECISION: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
     STORE_FINAL_STATE: tl.constexpr, IS_VARLEN: tl.constexpr,
@@ -133,9 +147,13 @@ def chunk_gla_fwd_h_kernel(
         m_t = i_t * BT + o_c < L
         last = tl.minimum(BT, L - i_t * BT) - 1
         b_bl = tl.load(b + (row0 + last * H) * K + o_k, mask=m_k, other=0.)
+        l_bl = tl.load(blo + (row0 + last * H) * K + o_k, mask=m_k, other=0.)
         b_k = load_rows(k + row0 * K, o_c, m_t, o_k, K, H).to(tl.float32)
         b_b = load_rows(b + row0 * K, o_c, m_t, o_k, K, H)
-        b_kd = b_k * tl.exp(tl.where(m_t[:, None], b_bl[None, :] - b_b, float("-inf")))
+        l_b = load_rows(blo + row0 * K, o_c, m_t, o_k, K, H)
+        b_kd = b_k * tl.exp(tl.where(m_t[:, None],
+                                     pair_diff(b_bl[None, :], l_bl[None, :], b_b, l_b),
+                                     float("-inf")))
         b_v = load_rows(v + row0 * V, o_c, m_t, o_v, V, H)
         b_s = b_s * tl.exp(b_bl)[:, None] + tl.dot(tl.trans(b_kd.to(k.dtype.element_ty)), b_v,
                                                    input_precision=PRECISION)
@@ -174,38 +192,38 @@ def chunk_gla_fwd_o_kernel(
 
 def chunk_gla_fwd(q, k, v, g, scale: float, initial_state, output_final_state: bool,
                   cu_seqlens):
-    """(o [B,T,H,V] in v's dtype, final state [N,H,K,V] float32 or None, (b, h, A) for a
+    """(o [B,T,H,V] in v's dtype, final state [N,H,K,V] float32 or None, (b, blo, h, A) for a
     backward); inputs contiguous and checked."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     N, NT, chunk_indices, chunk_offsets = chunk_layout(B, T, cu_seqlens, BT)
     chunks = NT * (B if cu_seqlens is None else 1)
-    b = chunk_local_cumsum(g, cu_seqlens, chunk_indices, NT, BT)
+    b, blo = chunk_local_cumsum(g, cu_seqlens, chunk_indices, NT, BT)
     h = torch.empty(chunks, H, K, V, dtype=torch.float32, device=q.device)
     A = torch.empty(B, T, H, BT, dtype=torch.float32, device=q.device)
     o = torch.empty_like(v)
     ht = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
     BK, BV, prec = tile(K), tile(V), dot_precision(q.dtype)
     if NT:
-        chunk_gla_fwd_A_kernel[(NT, B * H)](q, k, b, A, cu_seqlens, chunk_indices, scale, T,
+        chunk_gla_fwd_A_kernel[(NT, B * H)](q, k, b, blo, A, cu_seqlens, chunk_indices, scale, T,
                                             H=H, K=K, BT=BT, BC=BC, BK=BK, PRECISION=prec)
-        _walk(k, v, b, h, initial_state, ht, cu_seqlens, chunk_offsets, N, prec)
+        _walk(k, v, b, blo, h, initial_state, ht, cu_seqlens, chunk_offsets, N, prec)
         chunk_gla_fwd_o_kernel[(triton.cdiv(V, BV), NT, B * H)](
             q, v, b, h, A, o, cu_seqlens, chunk_indices, scale, T, H=H, K=K, V=V, BT=BT, BK=BK,
             BV=BV, PRECISION=prec)
     elif ht is not None:  # no tokens: the final state is the initial one
         ht.copy_(initial_state if initial_state is not None else torch.zeros_like(ht))
-    return o, ht, (b, h, A)
+    return o, ht, (b, blo, h, A)
 
 
-def _walk(k, v, b, h, initial_state, ht, cu_seqlens, chunk_offsets, N: int, prec: str):
+def _walk(k, v, b, blo, h, initial_state, ht, cu_seqlens, chunk_offsets, N: int, prec: str):
     """chunk_gla_fwd_h_kernel: h[n] for every chunk, and the final state into ht."""
     B, T, H, K = k.shape
     V = v.shape[-1]
-    BV = min(64, triton.next_power_of_2(V))
+    BV = walk_tile(K, V)
     chunk_gla_fwd_h_kernel[(triton.cdiv(V, BV), N * H)](
-        k, v, b, h, initial_state, ht, cu_seqlens, chunk_offsets, T, H=H, K=K, V=V, BT=BT,
-        BK=triton.next_power_of_2(K), BV=BV, PRECISION=prec)
+        k, v, b, blo, h, initial_state, ht, cu_seqlens, chunk_offsets, T, H=H, K=K, V=V, BT=BT,
+        BK=triton.next_power_of_2(K), BV=BV, PRECISION=prec, num_stages=1)
     return h
 
 
@@ -220,8 +238,6 @@ class ChunkGLAFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dht):
-        from kernels.gla.chunk_bwd import chunk_gla_bwd
-
         q, k, v, g, initial_state, cu_seqlens, *saved = ctx.saved_tensors
         dq, dk, dv, dg, dh0 = chunk_gla_bwd(
             q, k, v, g, saved, ctx.scale, initial_state, do.contiguous().to(v.dtype),

@@ -25,9 +25,17 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.common.cumsum import pair_diff
 from kernels.common.utils import chunk_layout, chunk_rows, load_rows, store_rows, tile
 
-__all__ = ["chunk_gla_bwd"]
+__all__ = ["chunk_gla_bwd", "walk_tile"]
+
+
+def walk_tile(K: int, V: int) -> int:
+    """The value tile of the walks over chunks (S [K, BV] whole K in registers): 32 above 64
+    keys, where 64 asked sm_90 for 264 KB of shared memory (float32, K = V = 128; the limit is
+    228 KB; the walks also run unpipelined, num_stages=1, for the same reason)."""
+    return min(64 if K <= 64 else 32, triton.next_power_of_2(V))
 
 
 @triton.heuristics({
@@ -83,7 +91,7 @@ def chunk_gla_bwd_dh_kernel(
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
 @triton.jit(do_not_specialize=['T'])
 def chunk_gla_bwd_dv_kernel(
-    k, b, A, do, dH, dv, cu_seqlens, chunk_indices, T,
+    k, b, blo, A, do, dH, dv, cu_seqlens, chunk_indices, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
@@ -101,9 +109,12 @@ def chunk_gla_bwd_dv_kernel(
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
         b_bl = tl.load(b + (row0 + (n_t - 1) * H) * K + o_k, mask=m_k, other=0.)
+        l_bl = tl.load(blo + (row0 + (n_t - 1) * H) * K + o_k, mask=m_k, other=0.)
         b_b = load_rows(b + row0 * K, o_c, m_t, o_k, K, H)
+        l_b = load_rows(blo + row0 * K, o_c, m_t, o_k, K, H)
         b_kd = (load_rows(k + row0 * K, o_c, m_t, o_k, K, H).to(tl.float32)
-                * tl.exp(tl.where(m_t[:, None], b_bl[None, :] - b_b, float("-inf"))))
+                * tl.exp(tl.where(m_t[:, None], pair_diff(b_bl[None, :], l_bl[None, :], b_b, l_b),
+                                  float("-inf"))))
         b_dH = tl.load(p_dH + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :],
                        other=0.)
         b_dv += tl.dot(b_kd, b_dH, input_precision=PRECISION)
@@ -114,7 +125,7 @@ def chunk_gla_bwd_dv_kernel(
 
 
 @triton.jit
-def _dq_intra(b_dA, b_k, b_b, m_t, n_t, BT: tl.constexpr, BC: tl.constexpr,
+def _dq_intra(b_dA, b_k, b_b, l_b, m_t, n_t, BT: tl.constexpr, BC: tl.constexpr,
               PRECISION: tl.constexpr):
     """sum_{j < i} dA_ij k_j exp(b_i - b_j) [BT, BK] (the j = i terms apart): the columns before
     row block I through its first row r (exp(b_i - b_r) exp(b_r - b_j)), the diagonal blocks
@@ -124,23 +135,28 @@ def _dq_intra(b_dA, b_k, b_b, m_t, n_t, BT: tl.constexpr, BC: tl.constexpr,
     for I in tl.static_range(1, BT // BC):
         r = I * BC
         b_br = tl.sum(tl.where((o_c == r)[:, None], b_b, 0.), 0)  # row r of b
-        b_kr = b_k * tl.exp(tl.where(((o_c < r) & (r < n_t))[:, None], b_br[None, :] - b_b,
+        l_br = tl.sum(tl.where((o_c == r)[:, None], l_b, 0.), 0)
+        b_kr = b_k * tl.exp(tl.where(((o_c < r) & (r < n_t))[:, None],
+                                     pair_diff(b_br[None, :], l_br[None, :], b_b, l_b),
                                      float("-inf")))
         b_t = tl.dot(b_dA, b_kr, input_precision=PRECISION)
         rows = (o_c >= r) & (o_c < r + BC) & m_t
-        b_dq += b_t * tl.exp(tl.where(rows[:, None], b_b - b_br[None, :], float("-inf")))
-    for j in tl.static_range(BT):
+        b_dq += b_t * tl.exp(tl.where(rows[:, None], pair_diff(b_b, l_b, b_br[None, :],
+                                                               l_br[None, :]), float("-inf")))
+    for j in range(BT):  # a loop, not unrolled (64 bodies compile slowly)
         b_col = tl.sum(tl.where((o_c == j)[None, :], b_dA, 0.), 1)  # dA[:, j]
         b_kj = tl.sum(tl.where((o_c == j)[:, None], b_k, 0.), 0)
         b_bj = tl.sum(tl.where((o_c == j)[:, None], b_b, 0.), 0)
+        l_bj = tl.sum(tl.where((o_c == j)[:, None], l_b, 0.), 0)
         same = (o_c > j) & (o_c < (j // BC + 1) * BC) & m_t & (j < n_t)
         b_dq += b_col[:, None] * b_kj[None, :] * tl.exp(
-            tl.where(same[:, None], b_b - b_bj[None, :], float("-inf")))
+            tl.where(same[:, None], pair_diff(b_b, l_b, b_bj[None, :], l_bj[None, :]),
+                     float("-inf")))
     return b_dq
 
 
 @triton.jit
-def _dk_intra(b_dA, b_q, b_b, m_t, n_t, BT: tl.constexpr, BC: tl.constexpr,
+def _dk_intra(b_dA, b_q, b_b, l_b, m_t, n_t, BT: tl.constexpr, BC: tl.constexpr,
               PRECISION: tl.constexpr):
     """sum_{i > j} dA_ij q_i exp(b_i - b_j) [BT, BK] (the i = j terms apart): the rows after
     column block J through its last row p (exp(b_i - b_p) exp(b_p - b_j)), the diagonal blocks
@@ -150,25 +166,30 @@ def _dk_intra(b_dA, b_q, b_b, m_t, n_t, BT: tl.constexpr, BC: tl.constexpr,
     for J in tl.static_range(BT // BC - 1):
         p = tl.minimum(J * BC + BC - 1, n_t - 1)
         b_bp = tl.sum(tl.where((o_c == p)[:, None], b_b, 0.), 0)  # row p of b
+        l_bp = tl.sum(tl.where((o_c == p)[:, None], l_b, 0.), 0)
         b_qp = b_q * tl.exp(tl.where(((o_c > J * BC + BC - 1) & m_t)[:, None],
-                                     b_b - b_bp[None, :], float("-inf")))
+                                     pair_diff(b_b, l_b, b_bp[None, :], l_bp[None, :]),
+                                     float("-inf")))
         b_t = tl.dot(tl.trans(b_dA), b_qp, input_precision=PRECISION)
         cols = (o_c >= J * BC) & (o_c < J * BC + BC) & m_t
-        b_dk += b_t * tl.exp(tl.where(cols[:, None], b_bp[None, :] - b_b, float("-inf")))
-    for i in tl.static_range(BT):
+        b_dk += b_t * tl.exp(tl.where(cols[:, None], pair_diff(b_bp[None, :], l_bp[None, :],
+                                                               b_b, l_b), float("-inf")))
+    for i in range(BT):  # a loop, not unrolled (64 bodies compile slowly)
         b_row = tl.sum(tl.where((o_c == i)[:, None], b_dA, 0.), 0)  # dA[i, :]
         b_qi = tl.sum(tl.where((o_c == i)[:, None], b_q, 0.), 0)
         b_bi = tl.sum(tl.where((o_c == i)[:, None], b_b, 0.), 0)
+        l_bi = tl.sum(tl.where((o_c == i)[:, None], l_b, 0.), 0)
         same = (o_c < i) & (o_c >= (i // BC) * BC) & m_t & (i < n_t)
         b_dk += b_row[:, None] * b_qi[None, :] * tl.exp(
-            tl.where(same[:, None], b_bi[None, :] - b_b, float("-inf")))
+            tl.where(same[:, None], pair_diff(b_bi[None, :], l_bi[None, :], b_b, l_b),
+                     float("-inf")))
     return b_dk
 
 
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
 @triton.jit(do_not_specialize=['T'])
 def chunk_gla_bwd_dqk_kernel(
-    q, k, v, b, h, do, dH, dq, dk, dg, cu_seqlens, chunk_indices, scale, T,
+    q, k, v, b, blo, h, do, dH, dq, dk, dg, cu_seqlens, chunk_indices, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
@@ -207,10 +228,14 @@ def chunk_gla_bwd_dqk_kernel(
     b_q = load_rows(q + row0 * K, o_c, m_t, o_k, K, H).to(tl.float32)
     b_k = load_rows(k + row0 * K, o_c, m_t, o_k, K, H).to(tl.float32)
     b_b = load_rows(b + row0 * K, o_c, m_t, o_k, K, H)
+    l_b = load_rows(blo + row0 * K, o_c, m_t, o_k, K, H)
     b_bl = tl.load(b + (row0 + (n_t - 1) * H) * K + o_k, mask=m_k, other=0.)
-    b_dq = b_dqs * tl.exp(b_b) * scale + _dq_intra(b_dA, b_k, b_b, m_t, n_t, BT, BC, PRECISION)
-    b_dks = b_dks * tl.exp(tl.where(m_t[:, None], b_bl[None, :] - b_b, float("-inf")))
-    b_dk = _dk_intra(b_dA, b_q, b_b, m_t, n_t, BT, BC, PRECISION)
+    l_bl = tl.load(blo + (row0 + (n_t - 1) * H) * K + o_k, mask=m_k, other=0.)
+    b_dq = (b_dqs * tl.exp(b_b) * scale
+            + _dq_intra(b_dA, b_k, b_b, l_b, m_t, n_t, BT, BC, PRECISION))
+    b_dks = b_dks * tl.exp(tl.where(m_t[:, None], pair_diff(b_bl[None, :], l_bl[None, :], b_b, l_b),
+                                    float("-inf")))
+    b_dk = _dk_intra(b_dA, b_q, b_b, l_b, m_t, n_t, BT, BC, PRECISION)
     # dg from the strict parts (see above), before the i = j terms join dq and dk
     b_x = b_q * b_dq - b_k * b_dk
     b_y = b_k * b_dks
@@ -226,8 +251,8 @@ def chunk_gla_bwd_dqk_kernel(
 
 def chunk_gla_bwd(q, k, v, g, saved, scale: float, initial_state, do, dht, cu_seqlens, BT: int,
                   BC: int):
-    """(dq, dk, dv, dg, d(initial state) or None) from the forward's (b, h, A)."""
-    b, h, A = saved
+    """(dq, dk, dv, dg, d(initial state) or None) from the forward's (b, blo, h, A)."""
+    b, blo, h, A = saved
     B, T, H, K = q.shape
     V = v.shape[-1]
     N, NT, chunk_indices, chunk_offsets = chunk_layout(B, T, cu_seqlens, BT)
@@ -241,15 +266,15 @@ def chunk_gla_bwd(q, k, v, g, saved, scale: float, initial_state, do, dht, cu_se
     prec = "ieee" if q.dtype == torch.float32 else "tf32x3"
     BK, BV = tile(K), tile(V)
     if NT:
-        BVw = min(64, triton.next_power_of_2(V))
+        BVw = walk_tile(K, V)
         chunk_gla_bwd_dh_kernel[(triton.cdiv(V, BVw), N * H)](
             q, b, do, dH, dht, dh0, cu_seqlens, chunk_offsets, scale, T, H=H, K=K, V=V, BT=BT,
-            BK=triton.next_power_of_2(K), BV=BVw, PRECISION=prec)
+            BK=triton.next_power_of_2(K), BV=BVw, PRECISION=prec, num_stages=1)
         chunk_gla_bwd_dv_kernel[(triton.cdiv(V, BV), NT, B * H)](
-            k, b, A, do, dH, dv, cu_seqlens, chunk_indices, T, H=H, K=K, V=V, BT=BT, BK=BK,
+            k, b, blo, A, do, dH, dv, cu_seqlens, chunk_indices, T, H=H, K=K, V=V, BT=BT, BK=BK,
             BV=BV, PRECISION=prec)
         chunk_gla_bwd_dqk_kernel[(triton.cdiv(K, BK), NT, B * H)](
-            q, k, v, b, h, do, dH, dq, dk, dg, cu_seqlens, chunk_indices, scale, T, H=H,
+            q, k, v, b, blo, h, do, dH, dq, dk, dg, cu_seqlens, chunk_indices, scale, T, H=H,
             K=K, V=V, BT=BT, BC=BC, BK=BK, BV=BV, PRECISION=prec)
     elif dh0 is not None:  # no tokens: the initial state is the final one
         dh0.copy_(dht if dht is not None else torch.zeros_like(dh0))
