@@ -27,7 +27,8 @@ import triton
 import triton.language as tl
 
 from kernels.common.utils import (dot_mixed, dot_precision, finite_part, first_bad_row, load_cols,
-                                   load_rows, nonfinite_safe, poison_rows, seq_bounds, store_rows, tile, tuning)
+                                   load_rows, nonfinite_safe, poison_rows, store_rows, tile, tuning,
+                                   walk_bounds)
 
 __all__ = ["chunk_fwd_h", "chunk_fwd_h_o", "chunk_bwd_dh"]
 
@@ -80,18 +81,6 @@ def _fits(configs, named_args, **kwargs):
     K = named_args['K'] if 'K' in named_args else kwargs['K']
     fit = [c for c in configs if triton.cdiv(K, 64) * 64 * c.kwargs['BV'] <= MAX_STATE_TILE]
     return fit or [min(configs, key=lambda c: c.kwargs['BV'])]
-
-
-@triton.jit
-def _walk(cu_seqlens, chunk_offsets, i_n, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """(bos, eos, NT, c0) of sequence i_n: its tokens, its chunk count, and the index of its
-    first chunk in the per-chunk state tensors."""
-    bos, eos = seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
-    if IS_VARLEN:
-        c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
-    else:
-        c0 = i_n.to(tl.int64) * tl.cdiv(T, BT)
-    return bos, eos, tl.cdiv(eos - bos, BT), c0
 
 
 @triton.jit
@@ -181,7 +170,7 @@ def chunk_fwd_h_kernel(
     """
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
-    bos, eos, NT, c0 = _walk(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN)
+    bos, eos, NT, c0 = walk_bounds(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN)
     o_c = tl.arange(0, BT)
     o_k1 = tl.arange(0, BK)
     o_k2, o_k3, o_k4 = o_k1 + BK, o_k1 + 2 * BK, o_k1 + 3 * BK
@@ -323,7 +312,7 @@ def chunk_bwd_dh_kernel(
     and after the first chunk dS is d(initial_state). Blocks of BK rows as in the forward."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
-    bos, eos, NT, c0 = _walk(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN)
+    bos, eos, NT, c0 = walk_bounds(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN)
     o_c = tl.arange(0, BT)
     o_k1 = tl.arange(0, BK)
     o_k2, o_k3, o_k4 = o_k1 + BK, o_k1 + 2 * BK, o_k1 + 3 * BK

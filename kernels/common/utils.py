@@ -23,6 +23,18 @@ def seq_bounds(cu_seqlens, i_n, T, IS_VARLEN: tl.constexpr):
 
 
 @triton.jit
+def walk_bounds(cu_seqlens, chunk_offsets, i_n, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """(bos, eos, NT, c0) of sequence i_n for a walk over its chunks: its tokens, its chunk
+    count, and the index of its first chunk in the per-chunk state tensors."""
+    bos, eos = seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
+    if IS_VARLEN:
+        c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        c0 = i_n.to(tl.int64) * tl.cdiv(T, BT)
+    return bos, eos, tl.cdiv(eos - bos, BT), c0
+
+
+@triton.jit
 def chunk_bounds(cu_seqlens, chunk_indices, i_c, i_b, T, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
     """(bos, eos, i_t) of the chunk a program handles: its sequence's first and one-past-last
     token and the chunk's index within the sequence. Without varlen, i_c is the chunk index

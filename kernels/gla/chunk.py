@@ -33,7 +33,7 @@ import triton.language as tl
 
 from kernels.common.cumsum import chunk_local_cumsum, pair_diff
 from kernels.common.utils import (check_launchable, chunk_layout, chunk_rows, dot_precision,
-                                  load_rows, store_rows, tile)
+                                  load_rows, store_rows, tile, walk_bounds)
 from kernels.gla.chunk_bwd import chunk_gla_bwd, walk_tile
 from references.operators import GLA
 
@@ -124,13 +124,7 @@ def chunk_gla_fwd_h_kernel(
     S = diag(exp(b_L)) S + (K * exp(b_L - b))^T V."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-        c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
-    else:
-        bos, eos = i_n.to(tl.int64) * T, i_n.to(tl.int64) * T + T
-        c0 = i_n.to(tl.int64) * tl.cdiv(T, BT)
+    bos, eos, NT, c0 = walk_bounds(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN)
     L = eos - bos
     o_c = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
@@ -141,7 +135,7 @@ def chunk_gla_fwd_h_kernel(
     b_s = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_INITIAL_STATE:
         b_s += tl.load(h0 + i_nh.to(tl.int64) * K * V + o_s, mask=m_s, other=0.)
-    for i_t in range(tl.cdiv(L, BT)):
+    for i_t in range(NT):
         tl.store(h + ((c0 + i_t) * H + i_h) * K * V + o_s, b_s, mask=m_s)
         row0 = (bos + i_t * BT) * H + i_h
         m_t = i_t * BT + o_c < L

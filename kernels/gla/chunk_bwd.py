@@ -26,7 +26,8 @@ import triton
 import triton.language as tl
 
 from kernels.common.cumsum import pair_diff
-from kernels.common.utils import chunk_layout, chunk_rows, load_rows, store_rows, tile
+from kernels.common.utils import (chunk_layout, chunk_rows, load_rows, store_rows, tile,
+                                  walk_bounds)
 
 __all__ = ["chunk_gla_bwd", "walk_tile"]
 
@@ -54,15 +55,8 @@ def chunk_gla_bwd_dh_kernel(
     stored, then dh = diag(exp(b_L)) dh + scale (Q * exp(b))^T dO."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
-    if IS_VARLEN:
-        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-        eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-        c0 = tl.load(chunk_offsets + i_n).to(tl.int64)
-    else:
-        bos, eos = i_n.to(tl.int64) * T, i_n.to(tl.int64) * T + T
-        c0 = i_n.to(tl.int64) * tl.cdiv(T, BT)
+    bos, eos, NT, c0 = walk_bounds(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN)
     L = eos - bos
-    NT = tl.cdiv(L, BT)
     o_c = tl.arange(0, BT)
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
