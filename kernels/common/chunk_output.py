@@ -14,9 +14,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common.utils import (CHUNK_CONFIGS, chunk_rows, dot_precision, finite_part,
-                                   first_bad_row, load_cols, load_rows, nonfinite_safe, poison_rows,
-                                   store_rows, tile)
+from kernels.common.utils import (CHUNK_CONFIGS, chunk_index, chunk_rows, dot_precision,
+                                   finite_part, first_bad_row, load_cols, load_rows,
+                                   nonfinite_safe, poison_rows, store_rows, tile)
 
 __all__ = ["chunk_fwd_o", "chunk_bwd_dv_local", "chunk_bwd_dqk"]
 
@@ -32,7 +32,7 @@ def chunk_fwd_o_kernel(
 ):
     i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_t, m_t, row0 = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BT, IS_VARLEN)
-    i_chunk = i_c.to(tl.int64) if IS_VARLEN else (i_bh // H).to(tl.int64) * tl.cdiv(T, BT) + i_t
+    i_chunk = chunk_index(i_c, i_bh, i_t, T, H, BT, IS_VARLEN)
     p_h = h + (i_chunk * H + i_bh % H) * K * V
     o_c = tl.arange(0, BT)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -120,7 +120,7 @@ def chunk_bwd_dqk_kernel(
     """
     i_k, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_t, m_t, row0 = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BT, IS_VARLEN)
-    i_chunk = i_c.to(tl.int64) if IS_VARLEN else (i_bh // H).to(tl.int64) * tl.cdiv(T, BT) + i_t
+    i_chunk = chunk_index(i_c, i_bh, i_t, T, H, BT, IS_VARLEN)
     p_h = (i_chunk * H + i_bh % H) * K * V
     o_c = tl.arange(0, BT)
     o_k = i_k * BK + tl.arange(0, BK)

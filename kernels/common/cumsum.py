@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common.utils import chunk_bounds, chunk_rows
+from kernels.common.utils import chunk_bounds, chunk_index, chunk_rows
 
 __all__ = ["chunk_local_cumsum", "chunk_suffix_sum", "pair_diff"]
 
@@ -35,7 +35,7 @@ def chunk_suffix_sum_kernel(
     i_h = i_bh % H
     bos, eos, i_t = chunk_bounds(cu_seqlens, chunk_indices, i_c, i_bh // H, T, BT, IS_VARLEN)
     # the chunk's index among all chunks: anchor is [chunks, H, D]
-    i_g = i_c.to(tl.int64) if IS_VARLEN else (i_bh // H).to(tl.int64) * tl.cdiv(T, BT) + i_t
+    i_g = chunk_index(i_c, i_bh, i_t, T, H, BT, IS_VARLEN)
     L = eos - bos
     o_w = i_t * BT + tl.arange(0, BT)  # walking indices
     o_d = i_d * BD + tl.arange(0, BD)

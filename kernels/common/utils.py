@@ -65,6 +65,16 @@ def chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H: tl.constexpr, BT: tl.
 
 
 @triton.jit
+def chunk_index(i_c, i_bh, i_t, T, H: tl.constexpr, BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Index (int64) among all chunks of the chunk program (i_c, i_bh) handles, i_t its chunk
+    within the sequence: how per-chunk tensors (states h, anchors) are numbered."""
+    if IS_VARLEN:
+        return i_c.to(tl.int64)
+    else:
+        return (i_bh // H).to(tl.int64) * tl.cdiv(T, BT) + i_t
+
+
+@triton.jit
 def load_rows(x, o_c, m_t, o_d, D: tl.constexpr, H: tl.constexpr):
     """[BT, BD] tile of a [.., H, D] tensor: x points at the chunk's first row (row t at
     x + t * H * D), rows o_c where m_t, columns o_d < D; zeros elsewhere."""

@@ -32,8 +32,8 @@ import triton
 import triton.language as tl
 
 from kernels.common.cumsum import chunk_local_cumsum, pair_diff
-from kernels.common.utils import (check_launchable, chunk_layout, chunk_rows, dot_precision,
-                                  load_rows, store_rows, tile, walk_bounds)
+from kernels.common.utils import (check_launchable, chunk_index, chunk_layout, chunk_rows,
+                                  dot_precision, load_rows, store_rows, tile, walk_bounds)
 from kernels.gla.chunk_bwd import chunk_gla_bwd, walk_tile
 from references.operators import GLA
 
@@ -165,7 +165,7 @@ def chunk_gla_fwd_o_kernel(
     """O = scale (Q * exp(b)) h[n] + A V for one chunk and value tile."""
     i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_t, m_t, row0 = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BT, IS_VARLEN)
-    i_g = i_c.to(tl.int64) if IS_VARLEN else (i_bh // H).to(tl.int64) * tl.cdiv(T, BT) + i_t
+    i_g = chunk_index(i_c, i_bh, i_t, T, H, BT, IS_VARLEN)
     p_h = h + (i_g * H + i_bh % H) * K * V
     o_c = tl.arange(0, BT)
     o_v = i_v * BV + tl.arange(0, BV)

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from kernels.common.cumsum import pair_diff
-from kernels.common.utils import (chunk_layout, chunk_rows, load_rows, store_rows, tile,
+from kernels.common.utils import (chunk_index, chunk_layout, chunk_rows, load_rows, store_rows, tile,
                                   walk_bounds)
 
 __all__ = ["chunk_gla_bwd", "walk_tile"]
@@ -92,7 +92,7 @@ def chunk_gla_bwd_dv_kernel(
     """dv = A^T dO + (K * exp(b_L - b)) dH for one chunk and value tile."""
     i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_t, m_t, row0 = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BT, IS_VARLEN)
-    i_g = i_c.to(tl.int64) if IS_VARLEN else (i_bh // H).to(tl.int64) * tl.cdiv(T, BT) + i_t
+    i_g = chunk_index(i_c, i_bh, i_t, T, H, BT, IS_VARLEN)
     n_t = tl.sum(m_t.to(tl.int32), 0)
     o_c = tl.arange(0, BT)
     o_v = i_v * BV + tl.arange(0, BV)
@@ -197,7 +197,7 @@ def chunk_gla_bwd_dqk_kernel(
     are products with triangular ones (exact float32 sums of at most 64 terms)."""
     i_k, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_t, m_t, row0 = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BT, IS_VARLEN)
-    i_g = i_c.to(tl.int64) if IS_VARLEN else (i_bh // H).to(tl.int64) * tl.cdiv(T, BT) + i_t
+    i_g = chunk_index(i_c, i_bh, i_t, T, H, BT, IS_VARLEN)
     n_t = tl.sum(m_t.to(tl.int32), 0)
     p_s = (i_g * H + i_bh % H) * K * V
     o_c = tl.arange(0, BT)
