@@ -6,6 +6,8 @@ Implementations registered here at run time (the planted ones) run with --no-iso
 process only knows the built-ins and plugins (the isolation tests load theirs with --plugin)."""
 
 import shlex
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -453,3 +455,36 @@ def test_a_case_without_varlen_keeps_its_planted_token():
     a, b = planted(sample(case), case), planted(sample(flat), flat)
     name = case.poison["input"]
     assert torch.equal(torch.isfinite(a[name]), torch.isfinite(b[name]))
+
+
+def test_an_interrupt_stops_a_run_whose_worker_hangs(tmp_path):
+    """SIGINT (Ctrl-C, or `timeout -s INT` around a GPU run) while a worker is inside a unit
+    that never ends (a hang here; minutes of compiling on a GPU): the run kills its workers
+    and exits 130 at once, instead of waiting for them (it used to wait a minute per worker
+    thread, and on a GPU outlived the `timeout` that sent the signal)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    plugin = tmp_path / "planted.py"
+    plugin.write_text(PLANTED)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "harness", "check", "delta_rule", "--impl", "planted_hang",
+         "--plugin", str(plugin), "--examples", "2", "--family", "random", "--dtype", "float64",
+         "--device", "cpu", "--timeout", "600", "-j", "1", "--out", str(tmp_path / "out")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    logs = tmp_path / "out" / "logs" / "worker0.log"
+    deadline = time.monotonic() + 120
+    while not logs.exists() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    time.sleep(5)  # the worker has started and taken the first unit: it sleeps for an hour
+    proc.send_signal(signal.SIGINT)
+    try:
+        out, _ = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("the interrupted run did not exit within 30 s")
+    assert proc.returncode == 130, out
+    assert "interrupted" in out

@@ -99,7 +99,7 @@ class InProcess:
             fut.set_result({"fault": f"device fault: {fault.message}"})
         return fut
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
         pass
 
 
@@ -116,8 +116,9 @@ class Isolated:
         threads = max(1, cores() // max(1, setup.jobs + setup.truth_jobs))
         config = {"device": setup.device, "device_index": 0, "plugins": list(setup.plugins),
                   "threads": threads}
-        self.threads = [threading.Thread(target=self._serve, daemon=True, args=(
-            Worker(config, setup.log_dir / f"worker{i}.log"),)) for i in range(setup.jobs)]
+        self.workers = [Worker(config, setup.log_dir / f"worker{i}.log") for i in range(setup.jobs)]
+        self.threads = [threading.Thread(target=self._serve, daemon=True, args=(w,))
+                        for w in self.workers]
         for t in self.threads:
             t.start()
 
@@ -148,9 +149,15 @@ class Isolated:
         self.queue.put((fut, {k: v for k, v in spec.items() if k != "impl_obj"}))
         return fut
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
+        """Let the workers finish their units and stop; with ``abort`` (an interrupt) kill them
+        now instead: a worker may be minutes into a compile, and a run told to stop must."""
         for _ in self.threads:
             self.queue.put(None)
+        if abort:
+            for w in self.workers:
+                w.kill()
+            return
         for t in self.threads:
             t.join(timeout=60)
 
@@ -206,9 +213,11 @@ class TruthMaker:
             fut.set_exception(exc)
         return fut
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
+        """Wait for the truths being computed, or with ``abort`` (an interrupt) only cancel
+        the waiting ones (those running were interrupted with this process's group)."""
         if self.pool is not None:
-            self.pool.shutdown(cancel_futures=True)
+            self.pool.shutdown(wait=not abort, cancel_futures=True)
         if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
 

@@ -192,17 +192,16 @@ def _run(op, chosen, names, families, replay, setup, examples, seed, lengths, ou
         interrupted = True
         console.print("[yellow]interrupted: the table below has the cases that finished[/]")
     finally:
-        units.close()
-        maker.close()
+        units.close(abort=interrupted)
+        maker.close(abort=interrupted)
     _summary(op, list(asked.values()), setup, results, out, max_time,
-             time.perf_counter() - start)
-    if interrupted:  # not every case asked for ran: no verdict of success
-        raise typer.Exit(130)
+             time.perf_counter() - start, interrupted)
 
 
-def _summary(op, asked, setup, results, out, max_time, seconds) -> None:
+def _summary(op, asked, setup, results, out, max_time, seconds, interrupted=False) -> None:
     """The table of every finished case (read back from what was written as each ended), the
-    failures, the faults, what compared nothing; exit 1 on any of them."""
+    failures, the faults, what compared nothing; exit 1 on any of them, 130 if interrupted
+    (not every case asked for ran: no verdict either way)."""
     from harness.check.report import frame, plot_long, print_summary, uncovered, write
     from references.operators import OPERATORS
 
@@ -235,6 +234,8 @@ def _summary(op, asked, setup, results, out, max_time, seconds) -> None:
         problems.append("nothing")
         console.print(f"[red]{op}: nothing was compared[/] (every case skipped or none ran): "
                       f"nothing checked is not a pass")
+    if interrupted:
+        raise typer.Exit(130)
     if problems:
         raise typer.Exit(1)
     console.print(f"[green]{op}: all checks passed[/]" + (" (on the cases that ran)" if stopped else ""))
