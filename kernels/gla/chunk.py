@@ -34,7 +34,7 @@ import triton.language as tl
 from kernels.common.cumsum import chunk_local_cumsum, pair_diff
 from kernels.common.utils import (check_launchable, chunk_index, chunk_layout, chunk_rows,
                                   dot_precision, load_rows, store_rows, tile, walk_bounds)
-from kernels.gla.chunk_bwd import chunk_gla_bwd, walk_tile
+from kernels.gla.chunk_bwd import chunk_gla_bwd
 from references.operators import GLA
 
 __all__ = ["chunk_gla", "chunk_gla_fwd"]
@@ -120,14 +120,15 @@ def chunk_gla_fwd_h_kernel(
     BV: tl.constexpr, PRECISION: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
     STORE_FINAL_STATE: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    """The walk over one sequence's chunks: h[n] stored (float32), then
+    """The walk over one sequence's chunks for one [BK, BV] tile of the state (the key gate
+    scales the state's rows, so the key tiles walk apart): h[n] stored (float32), then
     S = diag(exp(b_L)) S + (K * exp(b_L - b))^T V."""
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos, NT, c0 = walk_bounds(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN)
     L = eos - bos
     o_c = tl.arange(0, BT)
-    o_k = tl.arange(0, BK)
+    o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
     o_s = o_k[:, None] * V + o_v[None, :]
@@ -199,8 +200,9 @@ def chunk_gla_fwd(q, k, v, g, scale: float, initial_state, output_final_state: b
     ht = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
     BK, BV, prec = tile(K), tile(V), dot_precision(q.dtype)
     if NT:
-        chunk_gla_fwd_A_kernel[(NT, B * H)](q, k, b, blo, A, cu_seqlens, chunk_indices, scale, T,
-                                            H=H, K=K, BT=BT, BC=BC, BK=BK, PRECISION=prec)
+        chunk_gla_fwd_A_kernel[(NT, B * H)](
+            q, k, b, blo, A, cu_seqlens, chunk_indices, scale, T, H=H, K=K, BT=BT, BC=BC, BK=BK,
+            PRECISION=prec)
         _walk(k, v, b, blo, h, initial_state, ht, cu_seqlens, chunk_offsets, N, prec)
         chunk_gla_fwd_o_kernel[(triton.cdiv(V, BV), NT, B * H)](
             q, v, b, h, A, o, cu_seqlens, chunk_indices, scale, T, H=H, K=K, V=V, BT=BT, BK=BK,
@@ -214,10 +216,10 @@ def _walk(k, v, b, blo, h, initial_state, ht, cu_seqlens, chunk_offsets, N: int,
     """chunk_gla_fwd_h_kernel: h[n] for every chunk, and the final state into ht."""
     B, T, H, K = k.shape
     V = v.shape[-1]
-    BV = walk_tile(K, V)
-    chunk_gla_fwd_h_kernel[(triton.cdiv(V, BV), N * H)](
+    BK, BV = tile(K), tile(V)
+    chunk_gla_fwd_h_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)](
         k, v, b, blo, h, initial_state, ht, cu_seqlens, chunk_offsets, T, H=H, K=K, V=V, BT=BT,
-        BK=triton.next_power_of_2(K), BV=BV, PRECISION=prec, num_stages=1)
+        BK=BK, BV=BV, PRECISION=prec)
     return h
 
 

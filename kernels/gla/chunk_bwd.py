@@ -26,17 +26,10 @@ import triton
 import triton.language as tl
 
 from kernels.common.cumsum import pair_diff
-from kernels.common.utils import (chunk_index, chunk_layout, chunk_rows, load_rows, store_rows, tile,
-                                  walk_bounds)
+from kernels.common.utils import (chunk_index, chunk_layout, chunk_rows, dot_precision, load_rows,
+                                  store_rows, tile, walk_bounds)
 
-__all__ = ["chunk_gla_bwd", "walk_tile"]
-
-
-def walk_tile(K: int, V: int) -> int:
-    """The value tile of the walks over chunks (S [K, BV] whole K in registers): 32 above 64
-    keys, where 64 asked sm_90 for 264 KB of shared memory (float32, K = V = 128; the limit is
-    228 KB; the walks also run unpipelined, num_stages=1, for the same reason)."""
-    return min(64 if K <= 64 else 32, triton.next_power_of_2(V))
+__all__ = ["chunk_gla_bwd"]
 
 
 @triton.heuristics({
@@ -51,14 +44,14 @@ def chunk_gla_bwd_dh_kernel(
     BV: tl.constexpr, PRECISION: tl.constexpr, USE_FINAL_STATE_GRADIENT: tl.constexpr,
     STORE_INITIAL_STATE_GRADIENT: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    """Back over one sequence's chunks: dH[n] (the gradient of the state leaving chunk n)
-    stored, then dh = diag(exp(b_L)) dh + scale (Q * exp(b))^T dO."""
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    """Back over one sequence's chunks for one [BK, BV] tile: dH[n] (the gradient of the state
+    leaving chunk n) stored, then dh = diag(exp(b_L)) dh + scale (Q * exp(b))^T dO."""
+    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos, NT, c0 = walk_bounds(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN)
     L = eos - bos
     o_c = tl.arange(0, BT)
-    o_k = tl.arange(0, BK)
+    o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
     o_s = o_k[:, None] * V + o_v[None, :]
@@ -118,83 +111,120 @@ def chunk_gla_bwd_dv_kernel(
     store_rows(dv + row0 * V, b_dv, o_c, m_t, o_v, V, H)
 
 
-@triton.jit
-def _dq_intra(b_dA, b_k, b_b, l_b, m_t, n_t, BT: tl.constexpr, BC: tl.constexpr,
-              PRECISION: tl.constexpr):
-    """sum_{j < i} dA_ij k_j exp(b_i - b_j) [BT, BK] (the j = i terms apart): the columns before
-    row block I through its first row r (exp(b_i - b_r) exp(b_r - b_j)), the diagonal blocks
-    element by element."""
+@triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
+@triton.jit(do_not_specialize=['T'])
+def chunk_gla_bwd_dA_kernel(
+    v, do, dA, cu_seqlens, chunk_indices, scale, T,
+    H: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BV: tl.constexpr,
+    PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """dA = scale tril(dO V^T) for one chunk ([BT, BT] float32, zero above the diagonal)."""
+    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_t, m_t, row0 = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BT, IS_VARLEN)
     o_c = tl.arange(0, BT)
-    b_dq = tl.zeros(b_k.shape, dtype=tl.float32)
-    for I in tl.static_range(1, BT // BC):
-        r = I * BC
-        b_br = tl.sum(tl.where((o_c == r)[:, None], b_b, 0.), 0)  # row r of b
-        l_br = tl.sum(tl.where((o_c == r)[:, None], l_b, 0.), 0)
-        b_kr = b_k * tl.exp(tl.where(((o_c < r) & (r < n_t))[:, None],
-                                     pair_diff(b_br[None, :], l_br[None, :], b_b, l_b),
-                                     float("-inf")))
-        b_t = tl.dot(b_dA, b_kr, input_precision=PRECISION)
-        rows = (o_c >= r) & (o_c < r + BC) & m_t
-        b_dq += b_t * tl.exp(tl.where(rows[:, None], pair_diff(b_b, l_b, b_br[None, :],
-                                                               l_br[None, :]), float("-inf")))
-    for j in range(BT):  # a loop, not unrolled (64 bodies compile slowly)
-        b_col = tl.sum(tl.where((o_c == j)[None, :], b_dA, 0.), 1)  # dA[:, j]
-        b_kj = tl.sum(tl.where((o_c == j)[:, None], b_k, 0.), 0)
-        b_bj = tl.sum(tl.where((o_c == j)[:, None], b_b, 0.), 0)
-        l_bj = tl.sum(tl.where((o_c == j)[:, None], l_b, 0.), 0)
-        same = (o_c > j) & (o_c < (j // BC + 1) * BC) & m_t & (j < n_t)
-        b_dq += b_col[:, None] * b_kj[None, :] * tl.exp(
-            tl.where(same[:, None], pair_diff(b_b, l_b, b_bj[None, :], l_bj[None, :]),
-                     float("-inf")))
-    return b_dq
+    b_dA = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        b_do = load_rows(do + row0 * V, o_c, m_t, o_v, V, H)
+        b_v = load_rows(v + row0 * V, o_c, m_t, o_v, V, H)
+        b_dA += tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
+    b_dA = tl.where(o_c[:, None] >= o_c[None, :], b_dA * scale, 0.)
+    store_rows(dA + row0 * BT, b_dA, o_c, m_t, o_c, BT, H)
 
 
 @triton.jit
-def _dk_intra(b_dA, b_q, b_b, l_b, m_t, n_t, BT: tl.constexpr, BC: tl.constexpr,
-              PRECISION: tl.constexpr):
-    """sum_{i > j} dA_ij q_i exp(b_i - b_j) [BT, BK] (the i = j terms apart): the rows after
-    column block J through its last row p (exp(b_i - b_p) exp(b_p - b_j)), the diagonal blocks
-    element by element."""
+def _row(x, i, o_k, m, K: tl.constexpr, H: tl.constexpr):
+    """Row i of a [.., H, K] tensor (x at the chunk's first row), float32, 0 where not m."""
+    return tl.load(x + i * H * K + o_k, mask=m, other=0.).to(tl.float32)
+
+
+@triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
+@triton.jit(do_not_specialize=['T'])
+def chunk_gla_bwd_intra_kernel(
+    q, k, b, blo, dA, dq, dk, cu_seqlens, chunk_indices, T,
+    H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+    PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """The strict intra-chunk parts, for the BC rows of block I of a chunk and one key tile:
+
+        dq'_i = sum_{j < i} dA_ij k_j exp(b_i - b_j),   dk'_j = sum_{i > j} dA_ij q_i exp(b_i - b_j)
+
+    Off the diagonal block through one row of block I (its first row r for dq', its last token
+    row p for dk'), both factors <= 1; in the diagonal block element by element (BC x BC x BK
+    exponentials). Stored (float32) into dq, dk, which chunk_gla_bwd_dqk_kernel completes."""
+    i_k, i_ci, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_c, I = i_ci // (BT // BC), i_ci % (BT // BC)
+    i_t, m_t, row0 = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BT, IS_VARLEN)
+    n_t = tl.sum(m_t.to(tl.int32), 0)
     o_c = tl.arange(0, BT)
-    b_dk = tl.zeros(b_q.shape, dtype=tl.float32)
-    for J in tl.static_range(BT // BC - 1):
-        p = tl.minimum(J * BC + BC - 1, n_t - 1)
-        b_bp = tl.sum(tl.where((o_c == p)[:, None], b_b, 0.), 0)  # row p of b
-        l_bp = tl.sum(tl.where((o_c == p)[:, None], l_b, 0.), 0)
-        b_qp = b_q * tl.exp(tl.where(((o_c > J * BC + BC - 1) & m_t)[:, None],
-                                     pair_diff(b_b, l_b, b_bp[None, :], l_bp[None, :]),
-                                     float("-inf")))
-        b_t = tl.dot(tl.trans(b_dA), b_qp, input_precision=PRECISION)
-        cols = (o_c >= J * BC) & (o_c < J * BC + BC) & m_t
-        b_dk += b_t * tl.exp(tl.where(cols[:, None], pair_diff(b_bp[None, :], l_bp[None, :],
-                                                               b_b, l_b), float("-inf")))
-    for i in range(BT):  # a loop, not unrolled (64 bodies compile slowly)
-        b_row = tl.sum(tl.where((o_c == i)[:, None], b_dA, 0.), 0)  # dA[i, :]
-        b_qi = tl.sum(tl.where((o_c == i)[:, None], b_q, 0.), 0)
-        b_bi = tl.sum(tl.where((o_c == i)[:, None], b_b, 0.), 0)
-        l_bi = tl.sum(tl.where((o_c == i)[:, None], l_b, 0.), 0)
-        same = (o_c < i) & (o_c >= (i // BC) * BC) & m_t & (i < n_t)
-        b_dk += b_row[:, None] * b_qi[None, :] * tl.exp(
-            tl.where(same[:, None], pair_diff(b_bi[None, :], l_bi[None, :], b_b, l_b),
-                     float("-inf")))
-    return b_dk
+    o_r = I * BC + tl.arange(0, BC)
+    m_r = o_r < n_t
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    r = I * BC
+    p = tl.minimum(r + BC - 1, n_t - 1)  # the block's last token row (< r: no token, all masked)
+    b_b = load_rows(b + row0 * K, o_r, m_r, o_k, K, H)
+    l_b = load_rows(blo + row0 * K, o_r, m_r, o_k, K, H)
+    b_dq = tl.zeros([BC, BK], dtype=tl.float32)
+    b_dk = tl.zeros([BC, BK], dtype=tl.float32)
+    if I > 0:  # columns j < r, through row r (none where the block holds no token)
+        m_j = (o_c < r) & m_t & (r < n_t)
+        b_br, l_br = _row(b + row0 * K, r, o_k, m_k & (r < n_t), K, H), \
+            _row(blo + row0 * K, r, o_k, m_k & (r < n_t), K, H)
+        b_kr = load_rows(k + row0 * K, o_c, m_j, o_k, K, H).to(tl.float32) * tl.exp(tl.where(
+            m_j[:, None], pair_diff(b_br[None, :], l_br[None, :],
+                                    load_rows(b + row0 * K, o_c, m_j, o_k, K, H),
+                                    load_rows(blo + row0 * K, o_c, m_j, o_k, K, H)), float("-inf")))
+        b_dAr = tl.load(dA + row0 * BT + (o_r * H * BT)[:, None] + o_c[None, :],
+                        mask=m_r[:, None] & m_j[None, :], other=0.)
+        b_dq = tl.dot(b_dAr, b_kr, input_precision=PRECISION) * tl.exp(tl.where(
+            m_r[:, None], pair_diff(b_b, l_b, b_br[None, :], l_br[None, :]), float("-inf")))
+    if I < BT // BC - 1:  # rows i > the block, through row p
+        m_i = (o_c >= r + BC) & m_t
+        b_bp, l_bp = _row(b + row0 * K, p, o_k, m_k & (p >= r), K, H), \
+            _row(blo + row0 * K, p, o_k, m_k & (p >= r), K, H)
+        b_qp = load_rows(q + row0 * K, o_c, m_i, o_k, K, H).to(tl.float32) * tl.exp(tl.where(
+            m_i[:, None], pair_diff(load_rows(b + row0 * K, o_c, m_i, o_k, K, H),
+                                    load_rows(blo + row0 * K, o_c, m_i, o_k, K, H),
+                                    b_bp[None, :], l_bp[None, :]), float("-inf")))
+        b_dAc = tl.load(dA + row0 * BT + (o_c * H * BT)[None, :] + o_r[:, None],
+                        mask=m_r[:, None] & m_i[None, :], other=0.)  # dA[i, j] at [j, i]
+        b_dk = tl.dot(b_dAc, b_qp, input_precision=PRECISION) * tl.exp(tl.where(
+            m_r[:, None], pair_diff(b_bp[None, :], l_bp[None, :], b_b, l_b), float("-inf")))
+    for jj in range(BC):  # the diagonal block (a loop, not unrolled: compile time)
+        j = r + jj
+        m_j = m_k & (j < n_t)
+        b_kj, b_qj = _row(k + row0 * K, j, o_k, m_j, K, H), _row(q + row0 * K, j, o_k, m_j, K, H)
+        b_bj = _row(b + row0 * K, j, o_k, m_j, K, H)
+        l_bj = _row(blo + row0 * K, j, o_k, m_j, K, H)
+        b_col = tl.load(dA + row0 * BT + o_r * H * BT + j, mask=m_r & (j < n_t), other=0.)
+        b_row = tl.load(dA + row0 * BT + j * H * BT + o_r, mask=m_r & (j < n_t), other=0.)
+        after = (o_r > j) & m_r  # rows i > j: dq'_i gains dA_ij k_j exp(b_i - b_j)
+        b_dq += b_col[:, None] * b_kj[None, :] * tl.exp(tl.where(
+            after[:, None], pair_diff(b_b, l_b, b_bj[None, :], l_bj[None, :]), float("-inf")))
+        before = (o_r < j) & m_r & (j < n_t)  # rows i < j: dk'_i gains dA_ji q_j exp(b_j - b_i)
+        b_dk += b_row[:, None] * b_qj[None, :] * tl.exp(tl.where(
+            before[:, None], pair_diff(b_bj[None, :], l_bj[None, :], b_b, l_b), float("-inf")))
+    store_rows(dq + row0 * K, b_dq, o_r, m_r, o_k, K, H)
+    store_rows(dk + row0 * K, b_dk, o_r, m_r, o_k, K, H)
 
 
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
 @triton.jit(do_not_specialize=['T'])
 def chunk_gla_bwd_dqk_kernel(
     q, k, v, b, blo, h, do, dH, dq, dk, dg, cu_seqlens, chunk_indices, scale, T,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    """dq, dk (float32) and dg for one chunk and key tile. With the i = j terms apart (they
-    cancel in q dq - k dk, and are the large ones under strong gates):
+    """dq, dk (float32) and dg for one chunk and key tile, from the strict intra-chunk parts
+    dq', dk' in dq, dk (chunk_gla_bwd_intra_kernel). With the i = j terms apart (they cancel
+    in q dq - k dk, and are the large ones under strong gates):
 
-        dg_r = sum_{i >= r} (q_i dq'_i - k_i dk'_i) + sum_{j < r} k_j dk_j^(state)
+        dg_r = sum_{i >= r} (q_i dq''_i - k_i dk'_i) + sum_{j < r} k_j dk_j^(state)
                + exp(b_L) rowsum(h * dH)
 
-    dq' = dq less dA_ii k_i, dk' the intra-chunk part of dk less dA_ii q_i; the sums over rows
-    are products with triangular ones (exact float32 sums of at most 64 terms)."""
+    dq'' = dq' + scale exp(b) * (dO h^T), dk^(state) = exp(b_L - b) * (V dH^T); the sums over
+    rows are products with triangular ones (exact float32 sums of at most 64 terms)."""
     i_k, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_t, m_t, row0 = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BT, IS_VARLEN)
     i_g = chunk_index(i_c, i_bh, i_t, T, H, BT, IS_VARLEN)
@@ -203,7 +233,7 @@ def chunk_gla_bwd_dqk_kernel(
     o_c = tl.arange(0, BT)
     o_k = i_k * BK + tl.arange(0, BK)
     m_k = o_k < K
-    b_dA = tl.zeros([BT, BT], dtype=tl.float32)
+    b_dAd = tl.zeros([BT], dtype=tl.float32)  # dA_ii / scale
     b_dqs = tl.zeros([BT, BK], dtype=tl.float32)  # dO h^T
     b_dks = tl.zeros([BT, BK], dtype=tl.float32)  # V dH^T
     b_anc = tl.zeros([BK], dtype=tl.float32)
@@ -214,22 +244,20 @@ def chunk_gla_bwd_dqk_kernel(
         b_v = load_rows(v + row0 * V, o_c, m_t, o_v, V, H).to(tl.float32)
         b_h = tl.load(h + p_s + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.)
         b_dH = tl.load(dH + p_s + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.)
-        b_dA += tl.dot(b_do, tl.trans(b_v), input_precision=PRECISION)
+        b_dAd += tl.sum(b_do * b_v, 1)
         b_dqs += tl.dot(b_do, tl.trans(b_h), input_precision=PRECISION)
         b_dks += tl.dot(b_v, tl.trans(b_dH), input_precision=PRECISION)
         b_anc += tl.sum(b_h * b_dH, 1)
-    b_dA = tl.where((o_c[:, None] >= o_c[None, :]) & m_t[:, None], b_dA * scale, 0.)
     b_q = load_rows(q + row0 * K, o_c, m_t, o_k, K, H).to(tl.float32)
     b_k = load_rows(k + row0 * K, o_c, m_t, o_k, K, H).to(tl.float32)
     b_b = load_rows(b + row0 * K, o_c, m_t, o_k, K, H)
     l_b = load_rows(blo + row0 * K, o_c, m_t, o_k, K, H)
     b_bl = tl.load(b + (row0 + (n_t - 1) * H) * K + o_k, mask=m_k, other=0.)
     l_bl = tl.load(blo + (row0 + (n_t - 1) * H) * K + o_k, mask=m_k, other=0.)
-    b_dq = (b_dqs * tl.exp(b_b) * scale
-            + _dq_intra(b_dA, b_k, b_b, l_b, m_t, n_t, BT, BC, PRECISION))
+    b_dq = b_dqs * tl.exp(b_b) * scale + load_rows(dq + row0 * K, o_c, m_t, o_k, K, H)
     b_dks = b_dks * tl.exp(tl.where(m_t[:, None], pair_diff(b_bl[None, :], l_bl[None, :], b_b, l_b),
                                     float("-inf")))
-    b_dk = _dk_intra(b_dA, b_q, b_b, l_b, m_t, n_t, BT, BC, PRECISION)
+    b_dk = load_rows(dk + row0 * K, o_c, m_t, o_k, K, H)
     # dg from the strict parts (see above), before the i = j terms join dq and dk
     b_x = b_q * b_dq - b_k * b_dk
     b_y = b_k * b_dks
@@ -238,7 +266,7 @@ def chunk_gla_bwd_dqk_kernel(
     b_dg = (tl.dot(upper, b_x, input_precision="ieee") + tl.dot(lower, b_y, input_precision="ieee")
             + (b_anc * tl.exp(b_bl))[None, :])
     store_rows(dg + row0 * K, b_dg, o_c, m_t, o_k, K, H)
-    b_dAd = tl.sum(tl.where(o_c[:, None] == o_c[None, :], b_dA, 0.), 1)  # dA_ii
+    b_dAd = tl.where(m_t, b_dAd * scale, 0.)
     store_rows(dq + row0 * K, b_dq + b_dAd[:, None] * b_k, o_c, m_t, o_k, K, H)
     store_rows(dk + row0 * K, b_dk + b_dAd[:, None] * b_q + b_dks, o_c, m_t, o_k, K, H)
 
@@ -260,16 +288,22 @@ def chunk_gla_bwd(q, k, v, g, saved, scale: float, initial_state, do, dht, cu_se
     prec = "ieee" if q.dtype == torch.float32 else "tf32x3"
     BK, BV = tile(K), tile(V)
     if NT:
-        BVw = walk_tile(K, V)
-        chunk_gla_bwd_dh_kernel[(triton.cdiv(V, BVw), N * H)](
+        chunk_gla_bwd_dh_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)](
             q, b, do, dH, dht, dh0, cu_seqlens, chunk_offsets, scale, T, H=H, K=K, V=V, BT=BT,
-            BK=triton.next_power_of_2(K), BV=BVw, PRECISION=prec, num_stages=1)
+            BK=BK, BV=BV, PRECISION=prec)
         chunk_gla_bwd_dv_kernel[(triton.cdiv(V, BV), NT, B * H)](
             k, b, blo, A, do, dH, dv, cu_seqlens, chunk_indices, T, H=H, K=K, V=V, BT=BT, BK=BK,
             BV=BV, PRECISION=prec)
+        dA = torch.empty(B, T, H, BT, **f32)
+        chunk_gla_bwd_dA_kernel[(NT, B * H)](
+            v, do, dA, cu_seqlens, chunk_indices, scale, T, H=H, V=V, BT=BT, BV=BV,
+            PRECISION=dot_precision(q.dtype))
+        chunk_gla_bwd_intra_kernel[(triton.cdiv(K, BK), NT * (BT // BC), B * H)](
+            q, k, b, blo, dA, dq, dk, cu_seqlens, chunk_indices, T, H=H, K=K, BT=BT, BC=BC,
+            BK=BK, PRECISION=prec)
         chunk_gla_bwd_dqk_kernel[(triton.cdiv(K, BK), NT, B * H)](
             q, k, v, b, blo, h, do, dH, dq, dk, dg, cu_seqlens, chunk_indices, scale, T, H=H,
-            K=K, V=V, BT=BT, BC=BC, BK=BK, BV=BV, PRECISION=prec)
+            K=K, V=V, BT=BT, BK=BK, BV=BV, PRECISION=prec)
     elif dh0 is not None:  # no tokens: the initial state is the final one
         dh0.copy_(dht if dht is not None else torch.zeros_like(dh0))
     return dq.to(q.dtype), dk.to(k.dtype), dv, dg, dh0
