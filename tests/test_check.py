@@ -205,8 +205,9 @@ def test_long_family_writes_error_against_T(tmp_path):
     import pandas as pd
 
     df = pd.read_csv(tmp_path / "gla.csv")
-    # chunk_ref is the truth here; ours: the step loop and the two kernels
-    assert set(df["T"]) == {64, 256} and set(df["impl"]) == {"naive", "fused_recurrent", "chunk"}
+    # chunk_ref is the truth here; ours: the step loop and the three kernels
+    assert set(df["T"]) == {64, 256} and set(df["impl"]) == {"naive", "fused_recurrent", "chunk",
+                                                             "fused_chunk"}
     assert df["passed"].all() and (df["error"] < 1e-5).all()
     assert (tmp_path / "gla_long.png").stat().st_size > 1000
 

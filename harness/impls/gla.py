@@ -1,6 +1,6 @@
-"""GLA's implementations: the two references, our two Triton kernels, fla-core 0.6.0's two and
-the softmax baseline. (Our fused_chunk_gla is yet to come; our chunk_gla has the key gate only
-so far.)
+"""GLA's implementations: the two references, our three Triton kernels, fla-core 0.6.0's two and
+the softmax baseline. Our chunk_gla and fused_chunk_gla take the key gate alone (their
+signature, docs/operators.md); fused_recurrent_gla takes gv and reverse too.
 
 fla's ``fused_recurrent_gla`` takes our arguments unchanged (gk, gv, reverse included);
 ``chunk_gla`` takes the key gate as ``g`` and has no ``gv`` and no ``reverse``. (fla's
@@ -35,26 +35,33 @@ def _fla_chunk_gla(q, k, v, gk=None, gv=None, scale=None, initial_state=None,
                      output_final_state=output_final_state, cu_seqlens=cu_seqlens)
 
 
-def _chunk_gla_supports(case) -> str | None:
+def _key_gate_only(case) -> str | None:
     if case.options.get("gv"):
-        return "no value-side gate gv in chunk_gla yet"
+        return "no value-side gate gv in chunk_gla's signature"
     if case.options.get("reverse"):
-        return "no reverse in chunk_gla"
+        return "no reverse in chunk_gla's signature"
     return None
 
 
-def _chunk_as_gla(q, k, v, gk=None, gv=None, scale=None, initial_state=None,
-                  output_final_state=False, reverse=False, cu_seqlens=None):
-    """Our chunk_gla under the operator's arguments (its key gate is ``g``; without one the
-    gate is 0, and gv and reverse must hold their defaults: ``_chunk_gla_supports``)."""
-    from kernels.gla.chunk import chunk_gla
+def _as_gla(name: str):
+    """Our chunk_gla or fused_chunk_gla under the operator's arguments (their key gate is
+    ``g``; without one the gate is 0, and gv and reverse must hold their defaults:
+    ``_key_gate_only``)."""
+    def call(q, k, v, gk=None, gv=None, scale=None, initial_state=None,
+             output_final_state=False, reverse=False, cu_seqlens=None):
+        import kernels.gla
 
-    if gv is not None or reverse:
-        raise ValueError(f"chunk (gla): chunk_gla takes no gv and no reverse yet; got "
-                         f"gv={'None' if gv is None else 'tensor'}, reverse={reverse}")
-    g = gk if gk is not None else q.new_zeros(q.shape)
-    return chunk_gla(q, k, v, g, scale=scale, initial_state=initial_state,
-                     output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+        if gv is not None or reverse:
+            raise ValueError(f"{name} takes no gv and no reverse; got "
+                             f"gv={'None' if gv is None else 'tensor'}, reverse={reverse}")
+        g = gk if gk is not None else q.new_zeros(q.shape)
+        return getattr(kernels.gla, name)(q, k, v, g, scale=scale, initial_state=initial_state,
+                                          output_final_state=output_final_state,
+                                          cu_seqlens=cu_seqlens)
+    call.__name__ = call.__qualname__ = f"{name}_as_gla"
+    return call
+
+
 
 
 IMPLEMENTATIONS = [
@@ -64,9 +71,13 @@ IMPLEMENTATIONS = [
         dtypes=KERNEL_DTYPES, description="one pass over time, state on chip (Triton)",
         available=triton_available),
     Implementation(
-        op="gla", name="chunk", kind="triton", target=_chunk_as_gla, dtypes=KERNEL_DTYPES,
+        op="gla", name="chunk", kind="triton", target=_as_gla("chunk_gla"), dtypes=KERNEL_DTYPES,
         description="chunks of 64, key gate (Triton)", available=triton_available,
-        supports=_chunk_gla_supports),
+        supports=_key_gate_only),
+    Implementation(
+        op="gla", name="fused_chunk", kind="triton", target=_as_gla("fused_chunk_gla"),
+        dtypes=KERNEL_DTYPES, description="chunks of 64 walked in one program, key gate (Triton)",
+        available=triton_available, supports=_key_gate_only),
     fla("gla", "fla_chunk", "fla.ops.gla:chunk_gla", KERNEL_DTYPES, adapter=_fla_chunk_gla,
         supports=_fla_chunk_gla_supports),
     fla("gla", "fla_fused_recurrent", "fla.ops.gla:fused_recurrent_gla", KERNEL_DTYPES),

@@ -1,0 +1,166 @@
+"""GLA, chunks walked in one program (docs/operators.md section 2), key gate: the forward is one
+walk per (sequence, head, value tile) with the state on chip; nothing per chunk is stored.
+
+chunk_gla (kernels.gla.chunk) stores the state entering every chunk (float32, K V per chunk and
+head) and the intra-chunk matrix A (BT per token and head) between its stages, and launches four
+kernels for a forward. Here one kernel after the cumulative gates walks each sequence's chunks:
+
+    for each chunk n, with S = h[n] on chip and b the chunk's cumulative log gate:
+        O_I = scale ((Q_I * exp(b_I)) S + A_I V)       for each 16-row block I
+        S   = diag(exp(b_L)) S + (K * exp(b_L - b))^T V
+
+A_I is chunk_gla's row block (kernels.gla.chunk._intra_row_block: every exponent <= 0, from
+compensated cumulative sums), so the two forwards agree to rounding. The cost: each value tile's
+program forms A again (twice at V = 128), and there are only N H V / BV programs, so long
+sequences in a large batch go to chunk_gla; short ones, small batches and prefill before
+decoding are what this walk is for (no state tensor to write, two launches).
+
+The backward recomputes the states and A with chunk_gla's stages and runs chunk_gla's backward:
+a forward for training keeps no per-chunk tensor alive until the backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.common.cumsum import chunk_local_cumsum, pair_diff
+from kernels.common.utils import (check_launchable, chunk_layout, dot_precision, load_rows,
+                                  seq_bounds, store_rows, tile)
+from kernels.gla.chunk import BC, BT, MAX_D, _intra_row_block, chunk_gla_fwd
+from kernels.gla.chunk_bwd import chunk_gla_bwd
+from references.operators import GLA
+
+__all__ = ["fused_chunk_gla"]
+
+
+def value_tile(K: int, V: int) -> int:
+    """The value tile of the walk (the state [K, BV] whole K, float32, in registers): 32 above
+    64 keys, as sm_90's shared memory allows with the walk unpipelined (num_stages=1); at
+    least 16, the narrowest tl.dot."""
+    return min(64 if K <= 64 else 32, max(16, triton.next_power_of_2(V)))
+
+
+@triton.heuristics({
+    'USE_INITIAL_STATE': lambda a: a['h0'] is not None,
+    'STORE_FINAL_STATE': lambda a: a['ht'] is not None,
+    'IS_VARLEN': lambda a: a['cu_seqlens'] is not None,
+})
+@triton.jit(do_not_specialize=['T'])
+def fused_chunk_gla_fwd_kernel(
+    q, k, v, b, blo, o, h0, ht, cu_seqlens, scale, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+    BK: tl.constexpr, BKA: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
+    USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """One sequence, head and value tile: O = scale ((Q * exp(b)) S + A V) per 16-row block,
+    then S = diag(exp(b_L)) S + (K * exp(b_L - b))^T V, chunk after chunk (S [BK, BV] float32,
+    the whole key width; A's products over key tiles of BKA)."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, eos = seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
+    L = eos - bos
+    o_c = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    o_s = o_k[:, None] * V + o_v[None, :]
+    m_s = m_k[:, None] & m_v[None, :]
+    b_s = tl.zeros([BK, BV], dtype=tl.float32)
+    if USE_INITIAL_STATE:
+        b_s += tl.load(h0 + i_nh.to(tl.int64) * K * V + o_s, mask=m_s, other=0.)
+    for i_t in range(tl.cdiv(L, BT)):
+        row0 = (bos + i_t * BT) * H + i_h
+        m_t = i_t * BT + o_c < L
+        n_t = tl.minimum(BT, L - i_t * BT)
+        b_v = load_rows(v + row0 * V, o_c, m_t, o_v, V, H)
+        for I in tl.static_range(BT // BC):
+            b_A, o_r, m_r = _intra_row_block(q, k, b, blo, row0, n_t, I, H, K, BT, BC, BKA,
+                                             PRECISION)
+            b_qg = (load_rows(q + row0 * K, o_r, m_r, o_k, K, H).to(tl.float32)
+                    * tl.exp(load_rows(b + row0 * K, o_r, m_r, o_k, K, H)))
+            b_o = (tl.dot(b_qg, b_s, input_precision=PRECISION) * scale
+                   + tl.dot((b_A * scale).to(b_v.dtype), b_v, input_precision=PRECISION))
+            store_rows(o + row0 * V, b_o, o_r, m_r, o_v, V, H)
+        b_bl = tl.load(b + (row0 + (n_t - 1) * H) * K + o_k, mask=m_k, other=0.)
+        l_bl = tl.load(blo + (row0 + (n_t - 1) * H) * K + o_k, mask=m_k, other=0.)
+        b_kd = load_rows(k + row0 * K, o_c, m_t, o_k, K, H).to(tl.float32) * tl.exp(tl.where(
+            m_t[:, None], pair_diff(b_bl[None, :], l_bl[None, :],
+                                    load_rows(b + row0 * K, o_c, m_t, o_k, K, H),
+                                    load_rows(blo + row0 * K, o_c, m_t, o_k, K, H)),
+            float("-inf")))
+        b_s = b_s * tl.exp(b_bl)[:, None] + tl.dot(tl.trans(b_kd.to(k.dtype.element_ty)), b_v,
+                                                   input_precision=PRECISION)
+    if STORE_FINAL_STATE:
+        tl.store(ht + i_nh.to(tl.int64) * K * V + o_s, b_s, mask=m_s)
+
+
+def fused_chunk_gla_fwd(q, k, v, g, scale: float, initial_state, output_final_state: bool,
+                        cu_seqlens):
+    """(o [B,T,H,V] in v's dtype, final state [N,H,K,V] float32 or None); inputs contiguous
+    and checked."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    N, NT, chunk_indices, _ = chunk_layout(B, T, cu_seqlens, BT)
+    b, blo = chunk_local_cumsum(g, cu_seqlens, chunk_indices, NT, BT)
+    o = torch.empty_like(v)
+    ht = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
+    BV = value_tile(K, V)
+    fused_chunk_gla_fwd_kernel[(triton.cdiv(V, BV), N * H)](
+        q, k, v, b, blo, o, initial_state, ht, cu_seqlens, scale, T, H=H, K=K, V=V, BT=BT, BC=BC,
+        BK=triton.next_power_of_2(K), BKA=tile(K), BV=BV, PRECISION=dot_precision(q.dtype),
+        num_warps=8 if K > 128 else 4, num_stages=1)
+    return o, ht
+
+
+class FusedChunkGLAFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
+        o, ht = fused_chunk_gla_fwd(q, k, v, g, scale, initial_state, output_final_state,
+                                    cu_seqlens)
+        ctx.save_for_backward(q, k, v, g, initial_state, cu_seqlens)
+        ctx.scale = scale
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, g, initial_state, cu_seqlens = ctx.saved_tensors
+        # the states and A again, from chunk_gla's stages (its output is not needed)
+        _, _, saved = chunk_gla_fwd(q, k, v, g, ctx.scale, initial_state, False, cu_seqlens)
+        dq, dk, dv, dg, dh0 = chunk_gla_bwd(
+            q, k, v, g, saved, ctx.scale, initial_state, do.contiguous().to(v.dtype),
+            None if dht is None else dht.contiguous().float(), cu_seqlens, BT, BC)
+        if dh0 is not None:
+            dh0 = dh0.to(initial_state.dtype)
+        return dq, dk, dv, dg, None, dh0, None, None
+
+
+def fused_chunk_gla(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gated linear attention with each sequence's chunks of 64 walked in one program (Triton),
+    key gate ``g`` ([B,T,H,K], log space, <= 0); chunk_gla's arguments and results."""
+    dims = GLA.validate({"q": q, "k": k, "v": v, "gk": g, "scale": scale,
+                         "initial_state": initial_state, "output_final_state": output_final_state,
+                         "cu_seqlens": cu_seqlens})
+    check_launchable("fused_chunk_gla", q)
+    if max(dims["K"], dims["V"]) > MAX_D:
+        raise ValueError(f"fused_chunk_gla: K and V must be <= {MAX_D}, got K={dims['K']}, "
+                         f"V={dims['V']}")
+    scale = GLA.resolve_scale(scale, dims)
+    q, k, v, g = (x.contiguous() for x in (q, k, v, g))
+    if initial_state is not None:
+        initial_state = initial_state.contiguous()
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad
+                                       for x in (q, k, v, g, initial_state)):
+        return FusedChunkGLAFunction.apply(q, k, v, g, scale, initial_state, output_final_state,
+                                           cu_seqlens)
+    return fused_chunk_gla_fwd(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
