@@ -287,10 +287,10 @@ def _argument(a: list) -> Any:
     return a[1]  # bool, const
 
 
-def compile_launch(launch: Launch, arch: int) -> str | None:
-    """Compile one launch for CUDA sm_<arch> as the JIT would (its binder specializes the
-    arguments: alignment and divisibility hints, constexprs); None, or what went wrong: the
-    compiler's error (its last lines) or more shared memory than a block may have."""
+def compile_kernel(launch: Launch, arch: int):
+    """The launch compiled for CUDA sm_<arch> as the JIT would (its binder specializes the
+    arguments: alignment and divisibility hints, constexprs): Triton's compiled kernel, with
+    its PTX (``.asm["ptx"]``) and metadata. Raises what the compiler raises."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
@@ -299,17 +299,23 @@ def compile_launch(launch: Launch, arch: int) -> str | None:
     fn, _ = _kernel(launch)
     missing = [p.name for p in fn.params if p.name not in launch.args]
     if missing:
-        return f"recorded launch has no value for {', '.join(missing)}"
+        raise ValueError(f"recorded launch has no value for {', '.join(missing)}")
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     binder = create_function_from_signature(fn.signature, fn.params, backend)
     args = [_argument(launch.args[p.name]) for p in fn.params]
+    kwargs = dict(launch.options, debug=False)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+    return triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
+                          options=options.__dict__)
+
+
+def compile_launch(launch: Launch, arch: int) -> str | None:
+    """Compile one launch (``compile_kernel``); None, or what went wrong: the compiler's error
+    (its last lines) or more shared memory than a block may have."""
     try:
-        kwargs = dict(launch.options, debug=False)
-        bound, specialization, options = binder(*args, **kwargs)
-        options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
-        kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=target,
-                                options=options.__dict__)
+        kernel = compile_kernel(launch, arch)
     except Exception as exc:  # the compiler's message ends with the offending source line
         text = "\n".join(str(exc).strip().splitlines()[-12:])
         return text or repr(exc)

@@ -224,7 +224,7 @@ def chunk_gla_bwd_dqk_kernel(
                + exp(b_L) rowsum(h * dH)
 
     dq'' = dq' + scale exp(b) * (dO h^T), dk^(state) = exp(b_L - b) * (V dH^T); the sums over
-    rows are products with triangular ones (exact float32 sums of at most 64 terms)."""
+    rows are float32 scans."""
     i_k, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_t, m_t, row0 = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BT, IS_VARLEN)
     i_g = chunk_index(i_c, i_bh, i_t, T, H, BT, IS_VARLEN)
@@ -248,27 +248,28 @@ def chunk_gla_bwd_dqk_kernel(
         b_dqs += tl.dot(b_do, tl.trans(b_h), input_precision=PRECISION)
         b_dks += tl.dot(b_v, tl.trans(b_dH), input_precision=PRECISION)
         b_anc += tl.sum(b_h * b_dH, 1)
-    b_q = load_rows(q + row0 * K, o_c, m_t, o_k, K, H).to(tl.float32)
-    b_k = load_rows(k + row0 * K, o_c, m_t, o_k, K, H).to(tl.float32)
-    b_b = load_rows(b + row0 * K, o_c, m_t, o_k, K, H)
-    l_b = load_rows(blo + row0 * K, o_c, m_t, o_k, K, H)
+    b_dAd = tl.where(m_t, b_dAd * scale, 0.)
     b_bl = tl.load(b + (row0 + (n_t - 1) * H) * K + o_k, mask=m_k, other=0.)
     l_bl = tl.load(blo + (row0 + (n_t - 1) * H) * K + o_k, mask=m_k, other=0.)
+    # in phases, each tile dead before the next is formed (all at once they spilled: ptxas,
+    # tools/kernel_registers.py)
+    b_b = load_rows(b + row0 * K, o_c, m_t, o_k, K, H)
+    l_b = load_rows(blo + row0 * K, o_c, m_t, o_k, K, H)
+    b_dks *= tl.exp(tl.where(m_t[:, None], pair_diff(b_bl[None, :], l_bl[None, :], b_b, l_b),
+                             float("-inf")))
     b_dq = b_dqs * tl.exp(b_b) * scale + load_rows(dq + row0 * K, o_c, m_t, o_k, K, H)
-    b_dks = b_dks * tl.exp(tl.where(m_t[:, None], pair_diff(b_bl[None, :], l_bl[None, :], b_b, l_b),
-                                    float("-inf")))
+    b_k = load_rows(k + row0 * K, o_c, m_t, o_k, K, H).to(tl.float32)
+    b_q = load_rows(q + row0 * K, o_c, m_t, o_k, K, H).to(tl.float32)
+    b_x = b_q * b_dq  # dg from the strict parts (see above)
+    store_rows(dq + row0 * K, b_dq + b_dAd[:, None] * b_k, o_c, m_t, o_k, K, H)
     b_dk = load_rows(dk + row0 * K, o_c, m_t, o_k, K, H)
-    # dg from the strict parts (see above), before the i = j terms join dq and dk
-    b_x = b_q * b_dq - b_k * b_dk
+    b_x -= b_k * b_dk
     b_y = b_k * b_dks
-    upper = (o_c[:, None] <= o_c[None, :]).to(tl.float32)  # row r sums rows i >= r
-    lower = (o_c[:, None] > o_c[None, :]).to(tl.float32)  # row r sums rows j < r
-    b_dg = (tl.dot(upper, b_x, input_precision="ieee") + tl.dot(lower, b_y, input_precision="ieee")
+    store_rows(dk + row0 * K, b_dk + b_dAd[:, None] * b_q + b_dks, o_c, m_t, o_k, K, H)
+    # row r: the rows i >= r of x, the rows j < r of y (float32 scans over at most 64 rows)
+    b_dg = (tl.cumsum(b_x, axis=0, reverse=True) + tl.cumsum(b_y, axis=0) - b_y
             + (b_anc * tl.exp(b_bl))[None, :])
     store_rows(dg + row0 * K, b_dg, o_c, m_t, o_k, K, H)
-    b_dAd = tl.where(m_t, b_dAd * scale, 0.)
-    store_rows(dq + row0 * K, b_dq + b_dAd[:, None] * b_k, o_c, m_t, o_k, K, H)
-    store_rows(dk + row0 * K, b_dk + b_dAd[:, None] * b_q + b_dks, o_c, m_t, o_k, K, H)
 
 
 def chunk_gla_bwd(q, k, v, g, saved, scale: float, initial_state, do, dht, cu_seqlens, BT: int,
@@ -303,7 +304,7 @@ def chunk_gla_bwd(q, k, v, g, saved, scale: float, initial_state, do, dht, cu_se
             BK=BK, PRECISION=prec)
         chunk_gla_bwd_dqk_kernel[(triton.cdiv(K, BK), NT, B * H)](
             q, k, v, b, blo, h, do, dH, dq, dk, dg, cu_seqlens, chunk_indices, scale, T, H=H,
-            K=K, V=V, BT=BT, BK=BK, BV=BV, PRECISION=prec)
+            K=K, V=V, BT=BT, BK=BK, BV=BV, PRECISION=prec, num_warps=8)
     elif dh0 is not None:  # no tokens: the initial state is the final one
         dh0.copy_(dht if dht is not None else torch.zeros_like(dh0))
     return dq.to(q.dtype), dk.to(k.dtype), dv, dg, dh0

@@ -110,7 +110,7 @@ def fused_chunk_gla_fwd(q, k, v, g, scale: float, initial_state, output_final_st
     fused_chunk_gla_fwd_kernel[(triton.cdiv(V, BV), N * H)](
         q, k, v, b, blo, o, initial_state, ht, cu_seqlens, scale, T, H=H, K=K, V=V, BT=BT, BC=BC,
         BK=triton.next_power_of_2(K), BKA=tile(K), BV=BV, PRECISION=dot_precision(q.dtype),
-        num_warps=8 if K > 128 else 4, num_stages=1)
+        num_warps=8 if K > 64 else 4, num_stages=1)
     return o, ht
 
 

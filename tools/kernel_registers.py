@@ -1,0 +1,92 @@
+"""Registers and spills of an operator's kernels on sm_90, measured without a GPU.
+
+    python tools/kernel_registers.py OP [--case basic] [--impl chunk] [--kernel NAME]
+        [--half bfloat16] [--arch 90]
+
+Records the launches of the gpu suite's case (``harness.compile``'s record phase, through the
+interpreter), compiles one launch per kernel and code path as the JIT would
+(``harness.compile.compile_kernel``), and runs Triton's bundled ptxas with ``-v`` on each PTX:
+registers per thread, spill stores and loads (bytes per thread), shared memory. A kernel that
+spills moves its tiles through local memory in its hot loop: the first thing to look at when a
+stage is slower than its arithmetic and traffic say. The numbers are the compiler's, not a
+timing; a change they motivate is still timed on the GPU (reports/<op>.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console(width=150)
+SIZES = ("K", "V", "D", "BT", "BC", "BK", "BKA", "BV")
+REGS = re.compile(r"Used (\d+) registers")
+SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+def _record(op: str, case: str, impl: str, workdir: Path) -> list[dict]:
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    subprocess.run([sys.executable, "-m", "harness.compile", "record", str(workdir), "--op", op,
+                    "--impls", impl, "--cases", case], env=env, check=True,
+                   stdout=subprocess.DEVNULL)
+    return json.loads((workdir / "launches.json").read_text())["launches"]
+
+
+def _ptxas(ptx: str, arch: int, workdir: Path) -> tuple[int, int, int]:
+    """(registers, spill store bytes, spill load bytes) from ptxas -v."""
+    import triton
+
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    src = workdir / "kernel.ptx"
+    src.write_text(ptx)
+    suffix = "a" if arch >= 90 else ""
+    out = subprocess.run([str(ptxas), f"-arch=sm_{arch}{suffix}", "-v", str(src), "-o",
+                          str(workdir / "kernel.cubin")], capture_output=True, text=True)
+    regs, spills = REGS.search(out.stderr), SPILLS.search(out.stderr)
+    if regs is None or spills is None:
+        raise RuntimeError(f"ptxas said nothing usable:\n{out.stderr[-2000:]}")
+    return int(regs.group(1)), int(spills.group(1)), int(spills.group(2))
+
+
+def main(op: str = typer.Argument(..., help="operator (see `harness list`)"),
+         case: str = typer.Option("basic", help="the gpu suite's case whose launches to compile"),
+         impl: str = typer.Option("", help="implementations, comma-separated (default: all)"),
+         kernel: str = typer.Option("", help="only kernels whose name contains this"),
+         half: str = typer.Option("bfloat16", help="the dtype a half-precision launch runs in"),
+         arch: int = typer.Option(90, help="CUDA compute capability x 10")) -> None:
+    """Registers, spills and shared memory per kernel and code path."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise typer.BadParameter("run without TRITON_INTERPRET=1 (the compiler runs here)")
+    from harness.compile import Launch, compile_kernel, per_path, variants
+
+    workdir = Path(tempfile.mkdtemp(prefix="linattn-registers-"))
+    launches = [Launch(**x) for x in _record(op, case, impl, workdir)]
+    table = Table(title=f"{op} {case}: sm_{arch}, {half}")
+    for col in ("kernel (code path)", "warps", "stages", "registers", "spill stores",
+                "spill loads", "shared"):
+        table.add_column(col, justify="left" if col.startswith("kernel") else "right")
+    for launch in per_path(launches):
+        if kernel not in launch.name:
+            continue
+        for _, variant in variants(launch, (half,)):
+            compiled = compile_kernel(variant, arch)
+            regs, st, ld = _ptxas(compiled.asm["ptx"], arch, workdir)
+            meta = compiled.metadata
+            consts = ", ".join(f"{k}={a[1]}" for k, a in variant.args.items()
+                               if a[0] == "const" and (k in SIZES or k == "PRECISION"))
+            table.add_row(f"{launch.name} ({consts})", str(meta.num_warps), str(meta.num_stages), str(regs), str(st),
+                          str(ld), str(meta.shared),
+                          style="red" if st or ld else None)
+    console.print(table)
+
+
+if __name__ == "__main__":
+    typer.run(main)
