@@ -73,11 +73,15 @@ IMPLEMENTATIONS = [
     Implementation(
         op="gla", name="chunk", kind="triton", target=_as_gla("chunk_gla"), dtypes=KERNEL_DTYPES,
         description="chunks of 64, key gate (Triton)", available=triton_available,
-        supports=_key_gate_only),
+        supports=_key_gate_only,
+        switches=({"what": "the diagonal blocks row by row",
+                   "set": {"kernels.gla.chunk_bwd.DIAG_3D": False}},)),
     Implementation(
         op="gla", name="fused_chunk", kind="triton", target=_as_gla("fused_chunk_gla"),
         dtypes=KERNEL_DTYPES, description="chunks of 64 walked in one program, key gate (Triton)",
-        available=triton_available, supports=_key_gate_only),
+        available=triton_available, supports=_key_gate_only,
+        switches=({"what": "the diagonal blocks row by row",
+                   "set": {"kernels.gla.chunk_bwd.DIAG_3D": False}},)),
     fla("gla", "fla_chunk", "fla.ops.gla:chunk_gla", KERNEL_DTYPES, adapter=_fla_chunk_gla,
         supports=_fla_chunk_gla_supports),
     fla("gla", "fla_fused_recurrent", "fla.ops.gla:fused_recurrent_gla", KERNEL_DTYPES),

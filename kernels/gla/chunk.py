@@ -34,6 +34,7 @@ import triton.language as tl
 from kernels.common.cumsum import chunk_local_cumsum, pair_diff
 from kernels.common.utils import (check_launchable, chunk_index, chunk_layout, chunk_rows,
                                   dot_precision, load_rows, store_rows, tile, walk_bounds)
+from kernels.gla import chunk_bwd
 from kernels.gla.chunk_bwd import chunk_gla_bwd
 from references.operators import GLA
 
@@ -47,13 +48,17 @@ MAX_D = 256
 @triton.jit
 def _intra_row_block(q, k, b, blo, row0, n_t, I: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
                      BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                     PRECISION: tl.constexpr):
+                     PRECISION: tl.constexpr, DIAG_3D: tl.constexpr):
     """Row block I of A [BC, BT] (unscaled): the columns before it by one product through the
-    block's first row, its diagonal block element by element."""
+    block's first row, its diagonal block element by element (DIAG_3D: as one [BC, BC, BK]
+    product, placed into its columns by an exact product with a 0/1 matrix; else column by
+    column)."""
     o_c = tl.arange(0, BT)
-    o_r = I * BC + tl.arange(0, BC)
+    o_d = tl.arange(0, BC)
+    o_r = I * BC + o_d
     m_r = o_r < n_t
     b_A = tl.zeros([BC, BT], dtype=tl.float32)
+    b_Ad = tl.zeros([BC, BC], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
@@ -75,18 +80,29 @@ def _intra_row_block(q, k, b, blo, row0, n_t, I: tl.constexpr, H: tl.constexpr, 
                                                                  b_bj, l_bj), float("-inf")))
             b_A += tl.dot(b_qr.to(q.dtype.element_ty), tl.trans(b_kr.to(k.dtype.element_ty)),
                           input_precision=PRECISION)
-        for jj in range(BC):  # a loop, not unrolled: 16 x 4 unrolled bodies compile slowly
-            j = I * BC + jj
-            p_j = row0 * K + j * H * K + o_k
-            b_kj = tl.load(k + p_j, mask=m_k & (j < n_t), other=0.).to(tl.float32)
-            b_bj1 = tl.load(b + p_j, mask=m_k & (j < n_t), other=0.)
-            l_bj1 = tl.load(blo + p_j, mask=m_k & (j < n_t), other=0.)
-            # exp(b_i - b_j) for token rows i >= j only (elsewhere exp(-inf) = 0: no overflow)
-            b_e = tl.exp(tl.where((m_r & (o_r >= j))[:, None],
-                                  pair_diff(b_bi, l_bi, b_bj1[None, :], l_bj1[None, :]),
+        if DIAG_3D:  # exp(b_i - b_j) for token rows i >= j only (elsewhere exp(-inf) = 0)
+            b_kd = load_rows(k + row0 * K, o_r, m_r, o_k, K, H).to(tl.float32)
+            on = (o_d[:, None] >= o_d[None, :]) & m_r[:, None] & m_r[None, :]
+            b_e = tl.exp(tl.where(on[:, :, None], pair_diff(b_bi[:, None, :], l_bi[:, None, :],
+                                                            b_bi[None, :, :], l_bi[None, :, :]),
                                   float("-inf")))
-            b_col = tl.sum(b_q * b_kj[None, :] * b_e, 1)
-            b_A += tl.where((o_c == j)[None, :], b_col[:, None], 0.)
+            b_Ad += tl.sum(b_q[:, None, :] * b_kd[None, :, :] * b_e, 2)
+        else:
+            for jj in range(BC):  # a loop, not unrolled: 16 x 4 unrolled bodies compile slowly
+                j = I * BC + jj
+                p_j = row0 * K + j * H * K + o_k
+                b_kj = tl.load(k + p_j, mask=m_k & (j < n_t), other=0.).to(tl.float32)
+                b_bj1 = tl.load(b + p_j, mask=m_k & (j < n_t), other=0.)
+                l_bj1 = tl.load(blo + p_j, mask=m_k & (j < n_t), other=0.)
+                # exp(b_i - b_j) for token rows i >= j only (elsewhere exp(-inf) = 0: no overflow)
+                b_e = tl.exp(tl.where((m_r & (o_r >= j))[:, None],
+                                      pair_diff(b_bi, l_bi, b_bj1[None, :], l_bj1[None, :]),
+                                      float("-inf")))
+                b_col = tl.sum(b_q * b_kj[None, :] * b_e, 1)
+                b_A += tl.where((o_c == j)[None, :], b_col[:, None], 0.)
+    if DIAG_3D:  # column r + j of b_A gains column j of b_Ad
+        place = (o_c[None, :] == o_r[:, None]).to(tl.float32)
+        b_A += tl.dot(b_Ad, place, input_precision="ieee")
     return b_A, o_r, m_r
 
 
@@ -95,7 +111,7 @@ def _intra_row_block(q, k, b, blo, row0, n_t, I: tl.constexpr, H: tl.constexpr, 
 def chunk_gla_fwd_A_kernel(
     q, k, b, blo, A, cu_seqlens, chunk_indices, scale, T,
     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-    PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr,
+    PRECISION: tl.constexpr, DIAG_3D: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """A_ij = scale sum_c q_ic k_jc exp(b_ic - b_jc), j <= i, for one chunk ([BT, BT] float32)."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
@@ -103,7 +119,8 @@ def chunk_gla_fwd_A_kernel(
     n_t = tl.sum(m_t.to(tl.int32), 0)  # the rows that hold tokens
     o_c = tl.arange(0, BT)
     for I in tl.static_range(BT // BC):
-        b_A, o_r, m_r = _intra_row_block(q, k, b, blo, row0, n_t, I, H, K, BT, BC, BK, PRECISION)
+        b_A, o_r, m_r = _intra_row_block(q, k, b, blo, row0, n_t, I, H, K, BT, BC, BK, PRECISION,
+                                         DIAG_3D)
         tl.store(A + row0 * BT + (o_r * H * BT)[:, None] + o_c[None, :], b_A * scale,
                  mask=m_r[:, None])
 
@@ -202,7 +219,8 @@ def chunk_gla_fwd(q, k, v, g, scale: float, initial_state, output_final_state: b
     if NT:
         chunk_gla_fwd_A_kernel[(NT, B * H)](
             q, k, b, blo, A, cu_seqlens, chunk_indices, scale, T, H=H, K=K, BT=BT, BC=BC, BK=BK,
-            PRECISION=prec)
+            PRECISION=prec, DIAG_3D=chunk_bwd.DIAG_3D,
+            num_warps=8 if chunk_bwd.DIAG_3D else 4)
         _walk(k, v, b, blo, h, initial_state, ht, cu_seqlens, chunk_offsets, N, prec)
         chunk_gla_fwd_o_kernel[(triton.cdiv(V, BV), NT, B * H)](
             q, v, b, h, A, o, cu_seqlens, chunk_indices, scale, T, H=H, K=K, V=V, BT=BT, BK=BK,

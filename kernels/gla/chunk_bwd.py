@@ -31,6 +31,13 @@ from kernels.common.utils import (chunk_index, chunk_layout, chunk_rows, dot_pre
 
 __all__ = ["chunk_gla_bwd"]
 
+# The diagonal 16-row blocks of the intra-chunk terms (forward A, backward dq' and dk'): True
+# forms each as one [16, 16, BK] product (in the backward one exponential per (i, j, c) shared by
+# dq and dk: half the exponentials; no loop of dependent loads), False row by row (the backward's
+# intra kernel took 2.07 ms and A 0.91 ms of a 10.8 ms fwd+bwd at T = 8192 on the H200 that way).
+# Both exact; registers in reports/gla.md. Not yet timed against each other on a GPU.
+DIAG_3D = True
+
 
 @triton.heuristics({
     'USE_FINAL_STATE_GRADIENT': lambda a: a['dht'] is not None,
@@ -138,12 +145,31 @@ def _row(x, i, o_k, m, K: tl.constexpr, H: tl.constexpr):
     return tl.load(x + i * H * K + o_k, mask=m, other=0.).to(tl.float32)
 
 
+@triton.jit
+def _diag_3d(q, k, dA, row0, r, o_r, m_r, n_t, o_k, b_b, l_b, H: tl.constexpr, K: tl.constexpr,
+             BT: tl.constexpr, BC: tl.constexpr):
+    """The diagonal block's strict terms of dq' and dk' for the rows o_r = r + [0, BC):
+    e_ijc = exp(b_ic - b_jc) for i > j (0 elsewhere) once, then
+    dq'_i += sum_j dA_ij k_j e_ij and dk'_j += sum_i dA_ij q_i e_ij."""
+    o_d = tl.arange(0, BC)
+    b_dA = tl.load(dA + row0 * BT + (o_r * H * BT)[:, None] + (r + o_d)[None, :],
+                   mask=m_r[:, None] & m_r[None, :], other=0.)
+    b_q = load_rows(q + row0 * K, o_r, m_r, o_k, K, H).to(tl.float32)
+    b_k = load_rows(k + row0 * K, o_r, m_r, o_k, K, H).to(tl.float32)
+    lower = (o_d[:, None] > o_d[None, :]) & m_r[:, None] & m_r[None, :]
+    b_e = tl.exp(tl.where(lower[:, :, None],
+                          pair_diff(b_b[:, None, :], l_b[:, None, :], b_b[None, :, :],
+                                    l_b[None, :, :]), float("-inf")))
+    b_Ae = b_dA[:, :, None] * b_e
+    return tl.sum(b_Ae * b_k[None, :, :], 1), tl.sum(b_Ae * b_q[:, None, :], 0)
+
+
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
 @triton.jit(do_not_specialize=['T'])
 def chunk_gla_bwd_intra_kernel(
     q, k, b, blo, dA, dq, dk, cu_seqlens, chunk_indices, T,
     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-    PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr,
+    PRECISION: tl.constexpr, DIAG_3D: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """The strict intra-chunk parts, for the BC rows of block I of a chunk and one key tile:
 
@@ -191,20 +217,25 @@ def chunk_gla_bwd_intra_kernel(
                         mask=m_r[:, None] & m_i[None, :], other=0.)  # dA[i, j] at [j, i]
         b_dk = tl.dot(b_dAc, b_qp, input_precision=PRECISION) * tl.exp(tl.where(
             m_r[:, None], pair_diff(b_bp[None, :], l_bp[None, :], b_b, l_b), float("-inf")))
-    for jj in range(BC):  # the diagonal block (a loop, not unrolled: compile time)
-        j = r + jj
-        m_j = m_k & (j < n_t)
-        b_kj, b_qj = _row(k + row0 * K, j, o_k, m_j, K, H), _row(q + row0 * K, j, o_k, m_j, K, H)
-        b_bj = _row(b + row0 * K, j, o_k, m_j, K, H)
-        l_bj = _row(blo + row0 * K, j, o_k, m_j, K, H)
-        b_col = tl.load(dA + row0 * BT + o_r * H * BT + j, mask=m_r & (j < n_t), other=0.)
-        b_row = tl.load(dA + row0 * BT + j * H * BT + o_r, mask=m_r & (j < n_t), other=0.)
-        after = (o_r > j) & m_r  # rows i > j: dq'_i gains dA_ij k_j exp(b_i - b_j)
-        b_dq += b_col[:, None] * b_kj[None, :] * tl.exp(tl.where(
-            after[:, None], pair_diff(b_b, l_b, b_bj[None, :], l_bj[None, :]), float("-inf")))
-        before = (o_r < j) & m_r & (j < n_t)  # rows i < j: dk'_i gains dA_ji q_j exp(b_j - b_i)
-        b_dk += b_row[:, None] * b_qj[None, :] * tl.exp(tl.where(
-            before[:, None], pair_diff(b_bj[None, :], l_bj[None, :], b_b, l_b), float("-inf")))
+    if DIAG_3D:  # the diagonal block as one [BC, BC, BK] product: one exponential per (i, j, c)
+        b_dqd, b_dkd = _diag_3d(q, k, dA, row0, r, o_r, m_r, n_t, o_k, b_b, l_b, H, K, BT, BC)
+        b_dq += b_dqd
+        b_dk += b_dkd
+    else:
+        for jj in range(BC):  # the diagonal block (a loop, not unrolled: compile time)
+            j = r + jj
+            m_j = m_k & (j < n_t)
+            b_kj, b_qj = _row(k + row0 * K, j, o_k, m_j, K, H), _row(q + row0 * K, j, o_k, m_j, K, H)
+            b_bj = _row(b + row0 * K, j, o_k, m_j, K, H)
+            l_bj = _row(blo + row0 * K, j, o_k, m_j, K, H)
+            b_col = tl.load(dA + row0 * BT + o_r * H * BT + j, mask=m_r & (j < n_t), other=0.)
+            b_row = tl.load(dA + row0 * BT + j * H * BT + o_r, mask=m_r & (j < n_t), other=0.)
+            after = (o_r > j) & m_r  # rows i > j: dq'_i gains dA_ij k_j exp(b_i - b_j)
+            b_dq += b_col[:, None] * b_kj[None, :] * tl.exp(tl.where(
+                after[:, None], pair_diff(b_b, l_b, b_bj[None, :], l_bj[None, :]), float("-inf")))
+            before = (o_r < j) & m_r & (j < n_t)  # rows i < j: dk'_i gains dA_ji q_j exp(b_j - b_i)
+            b_dk += b_row[:, None] * b_qj[None, :] * tl.exp(tl.where(
+                before[:, None], pair_diff(b_bj[None, :], l_bj[None, :], b_b, l_b), float("-inf")))
     store_rows(dq + row0 * K, b_dq, o_r, m_r, o_k, K, H)
     store_rows(dk + row0 * K, b_dk, o_r, m_r, o_k, K, H)
 
@@ -301,7 +332,7 @@ def chunk_gla_bwd(q, k, v, g, saved, scale: float, initial_state, do, dht, cu_se
             PRECISION=dot_precision(q.dtype))
         chunk_gla_bwd_intra_kernel[(triton.cdiv(K, BK), NT * (BT // BC), B * H)](
             q, k, b, blo, dA, dq, dk, cu_seqlens, chunk_indices, T, H=H, K=K, BT=BT, BC=BC,
-            BK=BK, PRECISION=prec)
+            BK=BK, PRECISION=prec, DIAG_3D=DIAG_3D, num_warps=8 if DIAG_3D else 4)
         chunk_gla_bwd_dqk_kernel[(triton.cdiv(K, BK), NT, B * H)](
             q, k, v, b, blo, h, do, dH, dq, dk, dg, cu_seqlens, chunk_indices, scale, T, H=H,
             K=K, V=V, BT=BT, BK=BK, BV=BV, PRECISION=prec, num_warps=8)
