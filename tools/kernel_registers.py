@@ -1,7 +1,7 @@
 """Registers and spills of an operator's kernels on sm_90, measured without a GPU.
 
     python tools/kernel_registers.py OP [--case basic] [--impl chunk] [--kernel NAME]
-        [--half bfloat16] [--arch 90]
+        [--half bfloat16] [--arch 90] [--ptx DIR]
 
 Records the launches of the gpu suite's case (``harness.compile``'s record phase, through the
 interpreter), compiles one launch per kernel and code path as the JIT would
@@ -9,7 +9,9 @@ interpreter), compiles one launch per kernel and code path as the JIT would
 registers per thread, spill stores and loads (bytes per thread), shared memory. A kernel that
 spills moves its tiles through local memory in its hot loop: the first thing to look at when a
 stage is slower than its arithmetic and traffic say. The numbers are the compiler's, not a
-timing; a change they motivate is still timed on the GPU (reports/<op>.md).
+timing; a change they motivate is still timed on the GPU (reports/<op>.md). ``--ptx DIR``
+keeps each kernel's PTX: two runs' folders diff to nothing when a change leaves an operator's
+compiled code as it was (a shared stage gaining a switch another operator uses, say).
 """
 
 from __future__ import annotations
@@ -61,7 +63,10 @@ def main(op: str = typer.Argument(..., help="operator (see `harness list`)"),
          impl: str = typer.Option("", help="implementations, comma-separated (default: all)"),
          kernel: str = typer.Option("", help="only kernels whose name contains this"),
          half: str = typer.Option("bfloat16", help="the dtype a half-precision launch runs in"),
-         arch: int = typer.Option(90, help="CUDA compute capability x 10")) -> None:
+         arch: int = typer.Option(90, help="CUDA compute capability x 10"),
+         ptx: Path = typer.Option(None, help="also write each compiled kernel's PTX here, one "
+                                             "file per row (to diff a change's compiled code)")
+         ) -> None:
     """Registers, spills and shared memory per kernel and code path."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise typer.BadParameter("run without TRITON_INTERPRET=1 (the compiler runs here)")
@@ -73,11 +78,17 @@ def main(op: str = typer.Argument(..., help="operator (see `harness list`)"),
     for col in ("kernel (code path)", "warps", "stages", "registers", "spill stores",
                 "spill loads", "shared"):
         table.add_column(col, justify="left" if col.startswith("kernel") else "right")
+    if ptx is not None:
+        ptx.mkdir(parents=True, exist_ok=True)
+    row = 0
     for launch in per_path(launches):
         if kernel not in launch.name:
             continue
         for _, variant in variants(launch, (half,)):
             compiled = compile_kernel(variant, arch)
+            row += 1
+            if ptx is not None:
+                (ptx / f"{row:02d}-{launch.name}.ptx").write_text(compiled.asm["ptx"])
             regs, st, ld = _ptxas(compiled.asm["ptx"], arch, workdir)
             meta = compiled.metadata
             consts = ", ".join(f"{k}={a[1]}" for k, a in variant.args.items()

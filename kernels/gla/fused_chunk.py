@@ -16,7 +16,12 @@ sequences in a large batch go to chunk_gla; short ones, small batches and prefil
 decoding are what this walk is for (no state tensor to write, two launches).
 
 The backward recomputes the states and A with chunk_gla's stages and runs chunk_gla's backward:
-a forward for training keeps no per-chunk tensor alive until the backward.
+a forward for training keeps no per-chunk tensor alive until the backward. A backward in one
+walk would not keep the states off memory either: the gate's gradient needs, per chunk and key
+channel, rowsum(h[n] * dH[n]), the product of a quantity that runs forward (the state entering
+chunk n) and one that runs backward (the gradient of the state leaving it), so one of them must
+be kept per chunk (fused_recurrent_gla keeps the states every 64 tokens for the same reason),
+and that is what chunk_gla's backward already does, in parallel over chunks.
 """
 
 from __future__ import annotations
