@@ -10,7 +10,7 @@ registers per thread, spill stores and loads (bytes per thread), shared memory. 
 spills moves its tiles through local memory in its hot loop: the first thing to look at when a
 stage is slower than its arithmetic and traffic say. The numbers are the compiler's, not a
 timing; a change they motivate is still timed on the GPU (reports/<op>.md). ``--ptx DIR``
-keeps each kernel's PTX: two runs' folders diff to nothing when a change leaves an operator's
+keeps each kernel's PTX without its debug information: two runs' folders diff to nothing when a change leaves an operator's
 compiled code as it was (a shared stage gaining a switch another operator uses, say).
 """
 
@@ -40,6 +40,14 @@ def _record(op: str, case: str, impl: str, workdir: Path) -> list[dict]:
                     "--impls", impl, "--cases", case], env=env, check=True,
                    stdout=subprocess.DEVNULL)
     return json.loads((workdir / "launches.json").read_text())["launches"]
+
+
+def code_only(ptx: str) -> str:
+    """PTX without its debug information (source lines and columns, DWARF sections), which
+    moves with every edit of a source file; what is left is the compiled code."""
+    code = ptx.split("\t.section\t.debug", 1)[0]
+    return "\n".join(line for line in code.splitlines()
+                     if not line.lstrip().startswith((".loc", ".file", "$L__tmp", "$L__func"))) + "\n"
 
 
 def _ptxas(ptx: str, arch: int, workdir: Path) -> tuple[int, int, int]:
@@ -88,7 +96,7 @@ def main(op: str = typer.Argument(..., help="operator (see `harness list`)"),
             compiled = compile_kernel(variant, arch)
             row += 1
             if ptx is not None:
-                (ptx / f"{row:02d}-{launch.name}.ptx").write_text(compiled.asm["ptx"])
+                (ptx / f"{row:02d}-{launch.name}.ptx").write_text(code_only(compiled.asm["ptx"]))
             regs, st, ld = _ptxas(compiled.asm["ptx"], arch, workdir)
             meta = compiled.metadata
             consts = ", ".join(f"{k}={a[1]}" for k, a in variant.args.items()

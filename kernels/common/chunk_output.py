@@ -5,6 +5,9 @@ docs/operators.md section 1; for plain linear attention, v):
 
     O = (scale Q) h[n] + tril((scale Q) K^T) v'
 
+and, for GLA (section 2; kernels/gla/chunk.py forms A with the gates and b, the cumulative log
+key gate within the chunk), O = scale (Q * exp(b)) h[n] + A v.
+
 One program per (value tile, chunk, head).
 """
 
@@ -21,15 +24,23 @@ from kernels.common.utils import (CHUNK_CONFIGS, chunk_index, chunk_rows, dot_pr
 __all__ = ["chunk_fwd_o", "chunk_bwd_dv_local", "chunk_bwd_dqk"]
 
 
-@triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
-@triton.autotune(configs=CHUNK_CONFIGS, key=['H', 'K', 'V', 'BT', 'IS_VARLEN'])
+@triton.heuristics({
+    'USE_G': lambda a: a['g'] is not None,
+    'USE_A': lambda a: a['A'] is not None,
+    'IS_VARLEN': lambda a: a['cu_seqlens'] is not None,
+})
+@triton.autotune(configs=CHUNK_CONFIGS, key=['H', 'K', 'V', 'BT', 'USE_G', 'USE_A', 'IS_VARLEN'])
 @triton.jit(do_not_specialize=['T'])
 def chunk_fwd_o_kernel(
-    q, k, v, h, o, cu_seqlens, chunk_indices, scale, T,
+    q, k, v, h, o, g, A, cu_seqlens, chunk_indices, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, SAFE: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
+    USE_G: tl.constexpr, USE_A: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
+    """O = scale (Q h[n] + tril(Q K^T) v') for one chunk and value tile. With a key gate g (USE_G:
+    the cumulative log gate within the chunk, float32) Q * exp(g) takes Q's place against the
+    state; with A given (USE_A: the chunk's intra-chunk matrix, scale and gates included, as
+    GLA's kernels/gla/chunk.py forms it) A V takes tril(Q K^T) v''s place."""
     i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_t, m_t, row0 = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BT, IS_VARLEN)
     i_chunk = chunk_index(i_c, i_bh, i_t, T, H, BT, IS_VARLEN)
@@ -39,36 +50,52 @@ def chunk_fwd_o_kernel(
     m_v = o_v < V
 
     b_o = tl.zeros([BT, BV], dtype=tl.float32)
-    b_A = tl.zeros([BT, BT], dtype=tl.float32)
+    if not USE_A:
+        b_A = tl.zeros([BT, BT], dtype=tl.float32)
     for i_k in range(tl.cdiv(K, BK)):
         o_k = i_k * BK + tl.arange(0, BK)
         # [BT, BK], [BK, BT], [BK, BV]
         b_q = load_rows(q + row0 * K, o_c, m_t, o_k, K, H)
-        b_kt = load_cols(k + row0 * K, o_c, m_t, o_k, K, H)
+        if not USE_A:
+            b_kt = load_cols(k + row0 * K, o_c, m_t, o_k, K, H)
         b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=(o_k < K)[:, None] & m_v[None, :],
                       other=0.)
+        if USE_G:
+            b_q = b_q.to(tl.float32) * tl.exp(load_rows(g + row0 * K, o_c, m_t, o_k, K, H))
         b_o += tl.dot(b_q, b_h, input_precision=PRECISION)
-        b_A += tl.dot(b_q, b_kt, input_precision=PRECISION)
-    b_A = tl.where(o_c[:, None] >= o_c[None, :], b_A, 0.)
+        if not USE_A:
+            b_A += tl.dot(b_q, b_kt, input_precision=PRECISION)
+    if USE_A:
+        b_A = load_rows(A + row0 * BT, o_c, m_t, o_c, BT, H)
+    else:
+        b_A = tl.where(o_c[:, None] >= o_c[None, :], b_A, 0.)
     # [BT, BV]
     # (a non-finite v' row reaches the rows after it only: utils.finite_part)
     b_v, b_bad = finite_part(load_rows(v + row0 * V, o_c, m_t, o_v, V, H), SAFE)
-    b_o = (b_o + tl.dot(b_A.to(b_v.dtype), b_v, input_precision=PRECISION)) * scale
+    if USE_A:
+        b_o = b_o * scale + tl.dot(b_A.to(b_v.dtype), b_v, input_precision=PRECISION)
+    else:
+        b_o = (b_o + tl.dot(b_A.to(b_v.dtype), b_v, input_precision=PRECISION)) * scale
     b_o = poison_rows(b_o, o_c, first_bad_row(b_bad, o_c, BT), SAFE)
     store_rows(o + row0 * V, b_o, o_c, m_t, o_v, V, H)
 
 
 def chunk_fwd_o(q, k, v, h, scale: float, cu_seqlens, chunk_indices, NT: int, BT: int,
-                out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                out_dtype: torch.dtype | None = None, g: torch.Tensor | None = None,
+                A: torch.Tensor | None = None, safe: bool | None = None) -> torch.Tensor:
+    """O per chunk (chunk_fwd_o_kernel), [B, T, H, V] in ``out_dtype`` (default v's). ``g``, a
+    key gate's cumulative log gate within each chunk ([B, T, H, K] float32), and ``A``, the
+    intra-chunk matrix ([B, T, H, BT] float32), go together (GLA); ``safe`` defaults to
+    utils.NONFINITE_SAFE."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     o = torch.empty(B, T, H, V, dtype=out_dtype or v.dtype, device=v.device)
     BK, BV = tile(K), tile(V)
     if NT:
         grid = (triton.cdiv(V, BV), NT, B * H)
-        chunk_fwd_o_kernel[grid](q, k, v, h, o, cu_seqlens, chunk_indices, scale, T, H=H, K=K,
-                                 V=V, BT=BT, BK=BK, BV=BV, PRECISION=dot_precision(q.dtype),
-                                 SAFE=nonfinite_safe())
+        chunk_fwd_o_kernel[grid](q, k, v, h, o, g, A, cu_seqlens, chunk_indices, scale, T, H=H,
+                                 K=K, V=V, BT=BT, BK=BK, BV=BV, PRECISION=dot_precision(q.dtype),
+                                 SAFE=nonfinite_safe() if safe is None else safe)
     return o
 
 

@@ -1,6 +1,6 @@
 """GLA, chunked form (docs/operators.md section 2), key gate: the forward here, the backward in
-kernels.gla.chunk_bwd. (The value gate and the merge of these stages into kernels/common are
-the next steps.)
+kernels.gla.chunk_bwd. The output stage is the delta rule's (kernels.common.chunk_output, under
+its key gate and with A given); the walk, A and the backward are GLA's own.
 
 Chunks of BT = 64 tokens. With b the cumulative log gate within a chunk (b_i = sum of g over
 the chunk's tokens up to i, so b decreases, b_i <= 0) and h[n] the state entering chunk n:
@@ -31,9 +31,10 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.common.chunk_output import chunk_fwd_o
 from kernels.common.cumsum import chunk_local_cumsum, pair_diff
-from kernels.common.utils import (check_launchable, chunk_index, chunk_layout, chunk_rows,
-                                  dot_precision, load_rows, store_rows, tile, walk_bounds)
+from kernels.common.utils import (check_launchable, chunk_layout, chunk_rows, dot_precision,
+                                  load_rows, tile, walk_bounds)
 from kernels.gla import chunk_bwd
 from kernels.gla.chunk_bwd import chunk_gla_bwd
 from references.operators import GLA
@@ -173,35 +174,6 @@ def chunk_gla_fwd_h_kernel(
         tl.store(ht + i_nh.to(tl.int64) * K * V + o_s, b_s, mask=m_s)
 
 
-@triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
-@triton.jit(do_not_specialize=['T'])
-def chunk_gla_fwd_o_kernel(
-    q, v, b, h, A, o, cu_seqlens, chunk_indices, scale, T,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-    BV: tl.constexpr, PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr,
-):
-    """O = scale (Q * exp(b)) h[n] + A V for one chunk and value tile."""
-    i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_t, m_t, row0 = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BT, IS_VARLEN)
-    i_g = chunk_index(i_c, i_bh, i_t, T, H, BT, IS_VARLEN)
-    p_h = h + (i_g * H + i_bh % H) * K * V
-    o_c = tl.arange(0, BT)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_v = o_v < V
-    b_o = tl.zeros([BT, BV], dtype=tl.float32)
-    for i_k in range(tl.cdiv(K, BK)):
-        o_k = i_k * BK + tl.arange(0, BK)
-        b_qg = (load_rows(q + row0 * K, o_c, m_t, o_k, K, H).to(tl.float32)
-                * tl.exp(load_rows(b + row0 * K, o_c, m_t, o_k, K, H)))
-        b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :],
-                      mask=(o_k < K)[:, None] & m_v[None, :], other=0.)
-        b_o += tl.dot(b_qg, b_h, input_precision=PRECISION)
-    b_A = load_rows(A + row0 * BT, o_c, m_t, o_c, BT, H)
-    b_v = load_rows(v + row0 * V, o_c, m_t, o_v, V, H)
-    b_o = b_o * scale + tl.dot(b_A.to(b_v.dtype), b_v, input_precision=PRECISION)
-    store_rows(o + row0 * V, b_o, o_c, m_t, o_v, V, H)
-
-
 def chunk_gla_fwd(q, k, v, g, scale: float, initial_state, output_final_state: bool,
                   cu_seqlens):
     """(o [B,T,H,V] in v's dtype, final state [N,H,K,V] float32 or None, (b, blo, h, A) for a
@@ -215,16 +187,17 @@ def chunk_gla_fwd(q, k, v, g, scale: float, initial_state, output_final_state: b
     A = torch.empty(B, T, H, BT, dtype=torch.float32, device=q.device)
     o = torch.empty_like(v)
     ht = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
-    BK, BV, prec = tile(K), tile(V), dot_precision(q.dtype)
+    BK, prec = tile(K), dot_precision(q.dtype)
     if NT:
         chunk_gla_fwd_A_kernel[(NT, B * H)](
             q, k, b, blo, A, cu_seqlens, chunk_indices, scale, T, H=H, K=K, BT=BT, BC=BC, BK=BK,
             PRECISION=prec, DIAG_3D=chunk_bwd.DIAG_3D,
             num_warps=8 if chunk_bwd.DIAG_3D else 4)
         _walk(k, v, b, blo, h, initial_state, ht, cu_seqlens, chunk_offsets, N, prec)
-        chunk_gla_fwd_o_kernel[(triton.cdiv(V, BV), NT, B * H)](
-            q, v, b, h, A, o, cu_seqlens, chunk_indices, scale, T, H=H, K=K, V=V, BT=BT, BK=BK,
-            BV=BV, PRECISION=prec)
+        # the output stage shared with the delta rule, under the key gate and with A given (no
+        # guard against non-finite inputs yet in GLA's stages: safe=False)
+        o = chunk_fwd_o(q, k, v, h, scale, cu_seqlens, chunk_indices, NT, BT, g=b, A=A,
+                        safe=False)
     elif ht is not None:  # no tokens: the final state is the initial one
         ht.copy_(initial_state if initial_state is not None else torch.zeros_like(ht))
     return o, ht, (b, blo, h, A)
