@@ -26,11 +26,12 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.common.cumsum import pair_diff
 from kernels.common.utils import (dot_mixed, dot_precision, finite_part, first_bad_row, load_cols,
                                    load_rows, nonfinite_safe, poison_rows, store_rows, tile, tuning,
                                    walk_bounds)
 
-__all__ = ["chunk_fwd_h", "chunk_fwd_h_o", "chunk_bwd_dh"]
+__all__ = ["chunk_fwd_h", "chunk_fwd_h_o", "chunk_fwd_h_gated", "chunk_bwd_dh"]
 
 # How S and v' (float32) enter their products with w and K (half precision) in the forward
 # walk (utils.dot_mixed), per input dtype. The walk is latency-bound (about one program per SM,
@@ -144,30 +145,52 @@ def _out_block(b_o, b_A, p_q, p_k, o_c, m_t, o_k, b_h, K: tl.constexpr, H: tl.co
     return b_o, b_A
 
 
+@triton.jit
+def _gated_update(b_h, p_k, p_g, p_l, last, o_c, m_t, o_k, b_v, K: tl.constexpr, H: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """Rows o_k of S = diag(exp(b_L)) S + (K * exp(b_L - b))^T V under a key gate (GLA): b the
+    chunk's cumulative log gate as a compensated pair (p_g, p_l: common.cumsum), L its last
+    row; every exponent <= 0."""
+    m_k = o_k < K
+    b_bl = tl.load(p_g + last * H * K + o_k, mask=m_k, other=0.)
+    l_bl = tl.load(p_l + last * H * K + o_k, mask=m_k, other=0.)
+    b_kd = load_cols(p_k, o_c, m_t, o_k, K, H).to(tl.float32) * tl.exp(tl.where(
+        m_t[None, :], pair_diff(b_bl[:, None], l_bl[:, None], load_cols(p_g, o_c, m_t, o_k, K, H),
+                                load_cols(p_l, o_c, m_t, o_k, K, H)), float("-inf")))
+    return b_h * tl.exp(b_bl)[:, None] + tl.dot(b_kd.to(p_k.dtype.element_ty), b_v,
+                                               input_precision=PRECISION)
+
+
 @triton.heuristics({
     'USE_INITIAL_STATE': lambda a: a['h0'] is not None,
     'STORE_FINAL_STATE': lambda a: a['ht'] is not None,
     'STORE_STATES': lambda a: a['h'] is not None,
     'FUSE_OUTPUT': lambda a: a['o'] is not None,
+    'USE_W': lambda a: a['w'] is not None,
+    'USE_G': lambda a: a['g'] is not None,
     'IS_VARLEN': lambda a: a['cu_seqlens'] is not None,
 })
 @triton.autotune(configs=STATE_CONFIGS,
-                 key=['H', 'K', 'V', 'BT', 'STORE_STATES', 'FUSE_OUTPUT', 'IS_VARLEN'],
+                 key=['H', 'K', 'V', 'BT', 'STORE_STATES', 'FUSE_OUTPUT', 'USE_W', 'USE_G',
+                      'IS_VARLEN'],
                  prune_configs_by={'early_config_prune': _fits})
 @triton.jit(do_not_specialize=['T'])
 def chunk_fwd_h_kernel(
-    k, w, u, v_new, h, h0, ht, q, o, cu_seqlens, chunk_offsets, scale, T,
+    k, w, u, v_new, h, h0, ht, q, o, g, glo, cu_seqlens, chunk_offsets, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, MIXED: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
     STORE_STATES: tl.constexpr, FUSE_OUTPUT: tl.constexpr, SAFE: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
+    USE_W: tl.constexpr, USE_G: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """The walk (module docstring); h[n] and v' stored when STORE_STATES. With FUSE_OUTPUT
     it also writes the chunk's output columns, the output stage's arithmetic in the walk:
 
         O = scale (Q h[n] + tril(Q K^T) v')        # h[n] = S and v' rounded to the inputs' dtype
-    """
+
+    Without w (USE_W off) v' is u itself, the values; with a key gate (USE_G: g, glo the
+    chunk's cumulative log gate as a compensated pair) S = diag(exp(b_L)) S + (K *
+    exp(b_L - b))^T v' (GLA, kernels/gla/chunk.py)."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos, NT, c0 = walk_bounds(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN)
@@ -186,18 +209,22 @@ def chunk_fwd_h_kernel(
             _store_state(p_h, b_h1, b_h2, b_h3, b_h4, o_v, m_v, K, V, BK)
         m_t = i_t * BT + o_c < eos - bos
         row0 = (bos + i_t * BT) * H + i_h  # the chunk's first row (int64); offsets within stay int32
-        p_k, p_w = k + row0 * K, w + row0 * K
-        # v' = u - w S     [BT, BV]: the products first, u after them (as in the backward walk)
-        b_v = dot_mixed(load_rows(p_w, o_c, m_t, o_k1, K, H), b_h1, PRECISION, MIXED)
-        if K > BK:
-            b_v += dot_mixed(load_rows(p_w, o_c, m_t, o_k2, K, H), b_h2, PRECISION, MIXED)
-        if K > 2 * BK:
-            b_v += dot_mixed(load_rows(p_w, o_c, m_t, o_k3, K, H), b_h3, PRECISION, MIXED)
-        if K > 3 * BK:
-            b_v += dot_mixed(load_rows(p_w, o_c, m_t, o_k4, K, H), b_h4, PRECISION, MIXED)
-        b_v = load_rows(u + row0 * V, o_c, m_t, o_v, V, H).to(tl.float32) - b_v
-        if STORE_STATES:
-            store_rows(v_new + row0 * V, b_v, o_c, m_t, o_v, V, H)
+        p_k = k + row0 * K
+        if USE_W:
+            p_w = w + row0 * K
+            # v' = u - w S     [BT, BV]: the products first, u after them (as in the backward walk)
+            b_v = dot_mixed(load_rows(p_w, o_c, m_t, o_k1, K, H), b_h1, PRECISION, MIXED)
+            if K > BK:
+                b_v += dot_mixed(load_rows(p_w, o_c, m_t, o_k2, K, H), b_h2, PRECISION, MIXED)
+            if K > 2 * BK:
+                b_v += dot_mixed(load_rows(p_w, o_c, m_t, o_k3, K, H), b_h3, PRECISION, MIXED)
+            if K > 3 * BK:
+                b_v += dot_mixed(load_rows(p_w, o_c, m_t, o_k4, K, H), b_h4, PRECISION, MIXED)
+            b_v = load_rows(u + row0 * V, o_c, m_t, o_v, V, H).to(tl.float32) - b_v
+            if STORE_STATES:
+                store_rows(v_new + row0 * V, b_v, o_c, m_t, o_v, V, H)
+        else:
+            b_v = load_rows(u + row0 * V, o_c, m_t, o_v, V, H)
         if FUSE_OUTPUT:
             # O = scale (Q h[n] + tril(Q K^T) v'), from S before its update
             p_q = q + row0 * K
@@ -215,14 +242,28 @@ def chunk_fwd_h_kernel(
             b_o += tl.dot(b_A, b_vf.to(k.dtype.element_ty), input_precision=PRECISION)
             b_o = poison_rows(b_o, o_c, first_bad_row(b_bad, o_c, BT), SAFE)
             store_rows(o + row0 * V, b_o * scale, o_c, m_t, o_v, V, H)
-        # S = S + K^T v'   (v' unrounded: S ends as the final state)
-        b_h1 += dot_mixed(load_cols(p_k, o_c, m_t, o_k1, K, H), b_v, PRECISION, MIXED)
-        if K > BK:
-            b_h2 += dot_mixed(load_cols(p_k, o_c, m_t, o_k2, K, H), b_v, PRECISION, MIXED)
-        if K > 2 * BK:
-            b_h3 += dot_mixed(load_cols(p_k, o_c, m_t, o_k3, K, H), b_v, PRECISION, MIXED)
-        if K > 3 * BK:
-            b_h4 += dot_mixed(load_cols(p_k, o_c, m_t, o_k4, K, H), b_v, PRECISION, MIXED)
+        if USE_G:
+            p_g, p_l = g + row0 * K, glo + row0 * K
+            last = tl.minimum(BT, eos - bos - i_t * BT) - 1
+            b_h1 = _gated_update(b_h1, p_k, p_g, p_l, last, o_c, m_t, o_k1, b_v, K, H, PRECISION)
+            if K > BK:
+                b_h2 = _gated_update(b_h2, p_k, p_g, p_l, last, o_c, m_t, o_k2, b_v, K, H,
+                                     PRECISION)
+            if K > 2 * BK:
+                b_h3 = _gated_update(b_h3, p_k, p_g, p_l, last, o_c, m_t, o_k3, b_v, K, H,
+                                     PRECISION)
+            if K > 3 * BK:
+                b_h4 = _gated_update(b_h4, p_k, p_g, p_l, last, o_c, m_t, o_k4, b_v, K, H,
+                                     PRECISION)
+        else:
+            # S = S + K^T v'   (v' unrounded: S ends as the final state)
+            b_h1 += dot_mixed(load_cols(p_k, o_c, m_t, o_k1, K, H), b_v, PRECISION, MIXED)
+            if K > BK:
+                b_h2 += dot_mixed(load_cols(p_k, o_c, m_t, o_k2, K, H), b_v, PRECISION, MIXED)
+            if K > 2 * BK:
+                b_h3 += dot_mixed(load_cols(p_k, o_c, m_t, o_k3, K, H), b_v, PRECISION, MIXED)
+            if K > 3 * BK:
+                b_h4 += dot_mixed(load_cols(p_k, o_c, m_t, o_k4, K, H), b_v, PRECISION, MIXED)
     if STORE_FINAL_STATE:
         p_ht = ht + i_nh.to(tl.int64) * K * V
         _store_state(p_ht, b_h1, b_h2, b_h3, b_h4, o_v, m_v, K, V, BK)
@@ -273,9 +314,24 @@ def _launch_fwd_h(k, w, u, v_new, h, h0, ht, q, o, scale, cu_seqlens, chunk_offs
     B, T, H, K = k.shape
     V = u.shape[-1]
     grid = lambda meta: (triton.cdiv(V, meta['BV']), N * H)  # noqa: E731
-    chunk_fwd_h_kernel[grid](k, w, u, v_new, h, h0, ht, q, o, cu_seqlens, chunk_offsets, scale, T,
-                             H=H, K=K, V=V, BT=BT, BK=tile(K), PRECISION=dot_precision(k.dtype),
+    chunk_fwd_h_kernel[grid](k, w, u, v_new, h, h0, ht, q, o, None, None, cu_seqlens,
+                             chunk_offsets, scale, T, H=H, K=K, V=V, BT=BT, BK=tile(K),
+                             PRECISION=dot_precision(k.dtype),
                              MIXED=mixed or fwd_mixed(k.dtype, K), SAFE=nonfinite_safe())
+
+
+def chunk_fwd_h_gated(k, v, g, glo, h, initial_state, ht, cu_seqlens, chunk_offsets, N: int,
+                      BT: int):
+    """The walk under a key gate, without w (GLA): h[n] into ``h`` ([chunks, H, K, V], kept in
+    its dtype) and the final state into ``ht`` (or None); g, glo the cumulative log gate within
+    each chunk as a compensated pair (common.cumsum.chunk_local_cumsum)."""
+    B, T, H, K = k.shape
+    V = v.shape[-1]
+    grid = lambda meta: (triton.cdiv(V, meta['BV']), N * H)  # noqa: E731
+    chunk_fwd_h_kernel[grid](k, None, v, None, h, initial_state, ht, None, None, g, glo,
+                             cu_seqlens, chunk_offsets, 1.0, T, H=H, K=K, V=V, BT=BT,
+                             BK=tile(K), PRECISION=dot_precision(k.dtype), MIXED="round",
+                             SAFE=False)
 
 
 @triton.jit

@@ -1,6 +1,7 @@
 """GLA, chunked form (docs/operators.md section 2), key gate: the forward here, the backward in
-kernels.gla.chunk_bwd. The output stage is the delta rule's (kernels.common.chunk_output, under
-its key gate and with A given); the walk, A and the backward are GLA's own.
+kernels.gla.chunk_bwd. The walk and the output stage are the delta rule's (kernels.common:
+chunk_state's walk under its key gate and without w, chunk_output's stage under its key gate and
+with A given); A and the backward are GLA's own.
 
 Chunks of BT = 64 tokens. With b the cumulative log gate within a chunk (b_i = sum of g over
 the chunk's tokens up to i, so b decreases, b_i <= 0) and h[n] the state entering chunk n:
@@ -32,9 +33,10 @@ import triton
 import triton.language as tl
 
 from kernels.common.chunk_output import chunk_fwd_o
+from kernels.common.chunk_state import chunk_fwd_h_gated
 from kernels.common.cumsum import chunk_local_cumsum, pair_diff
 from kernels.common.utils import (check_launchable, chunk_layout, chunk_rows, dot_precision,
-                                  load_rows, tile, walk_bounds)
+                                  load_rows, tile)
 from kernels.gla import chunk_bwd
 from kernels.gla.chunk_bwd import chunk_gla_bwd
 from references.operators import GLA
@@ -126,54 +128,6 @@ def chunk_gla_fwd_A_kernel(
                  mask=m_r[:, None])
 
 
-@triton.heuristics({
-    'USE_INITIAL_STATE': lambda a: a['h0'] is not None,
-    'STORE_FINAL_STATE': lambda a: a['ht'] is not None,
-    'IS_VARLEN': lambda a: a['cu_seqlens'] is not None,
-})
-@triton.jit(do_not_specialize=['T'])
-def chunk_gla_fwd_h_kernel(
-    k, v, b, blo, h, h0, ht, cu_seqlens, chunk_offsets, T,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-    BV: tl.constexpr, PRECISION: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
-    STORE_FINAL_STATE: tl.constexpr, IS_VARLEN: tl.constexpr,
-):
-    """The walk over one sequence's chunks for one [BK, BV] tile of the state (the key gate
-    scales the state's rows, so the key tiles walk apart): h[n] stored (float32), then
-    S = diag(exp(b_L)) S + (K * exp(b_L - b))^T V."""
-    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos, eos, NT, c0 = walk_bounds(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN)
-    L = eos - bos
-    o_c = tl.arange(0, BT)
-    o_k = i_k * BK + tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < K, o_v < V
-    o_s = o_k[:, None] * V + o_v[None, :]
-    m_s = m_k[:, None] & m_v[None, :]
-    b_s = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_INITIAL_STATE:
-        b_s += tl.load(h0 + i_nh.to(tl.int64) * K * V + o_s, mask=m_s, other=0.)
-    for i_t in range(NT):
-        tl.store(h + ((c0 + i_t) * H + i_h) * K * V + o_s, b_s, mask=m_s)
-        row0 = (bos + i_t * BT) * H + i_h
-        m_t = i_t * BT + o_c < L
-        last = tl.minimum(BT, L - i_t * BT) - 1
-        b_bl = tl.load(b + (row0 + last * H) * K + o_k, mask=m_k, other=0.)
-        l_bl = tl.load(blo + (row0 + last * H) * K + o_k, mask=m_k, other=0.)
-        b_k = load_rows(k + row0 * K, o_c, m_t, o_k, K, H).to(tl.float32)
-        b_b = load_rows(b + row0 * K, o_c, m_t, o_k, K, H)
-        l_b = load_rows(blo + row0 * K, o_c, m_t, o_k, K, H)
-        b_kd = b_k * tl.exp(tl.where(m_t[:, None],
-                                     pair_diff(b_bl[None, :], l_bl[None, :], b_b, l_b),
-                                     float("-inf")))
-        b_v = load_rows(v + row0 * V, o_c, m_t, o_v, V, H)
-        b_s = b_s * tl.exp(b_bl)[:, None] + tl.dot(tl.trans(b_kd.to(k.dtype.element_ty)), b_v,
-                                                   input_precision=PRECISION)
-    if STORE_FINAL_STATE:
-        tl.store(ht + i_nh.to(tl.int64) * K * V + o_s, b_s, mask=m_s)
-
-
 def chunk_gla_fwd(q, k, v, g, scale: float, initial_state, output_final_state: bool,
                   cu_seqlens):
     """(o [B,T,H,V] in v's dtype, final state [N,H,K,V] float32 or None, (b, blo, h, A) for a
@@ -193,7 +147,8 @@ def chunk_gla_fwd(q, k, v, g, scale: float, initial_state, output_final_state: b
             q, k, b, blo, A, cu_seqlens, chunk_indices, scale, T, H=H, K=K, BT=BT, BC=BC, BK=BK,
             PRECISION=prec, DIAG_3D=chunk_bwd.DIAG_3D,
             num_warps=8 if chunk_bwd.DIAG_3D else 4)
-        _walk(k, v, b, blo, h, initial_state, ht, cu_seqlens, chunk_offsets, N, prec)
+        # the delta rule's walk, under the key gate and without w
+        chunk_fwd_h_gated(k, v, b, blo, h, initial_state, ht, cu_seqlens, chunk_offsets, N, BT)
         # the output stage shared with the delta rule, under the key gate and with A given (no
         # guard against non-finite inputs yet in GLA's stages: safe=False)
         o = chunk_fwd_o(q, k, v, h, scale, cu_seqlens, chunk_indices, NT, BT, g=b, A=A,
@@ -201,17 +156,6 @@ def chunk_gla_fwd(q, k, v, g, scale: float, initial_state, output_final_state: b
     elif ht is not None:  # no tokens: the final state is the initial one
         ht.copy_(initial_state if initial_state is not None else torch.zeros_like(ht))
     return o, ht, (b, blo, h, A)
-
-
-def _walk(k, v, b, blo, h, initial_state, ht, cu_seqlens, chunk_offsets, N: int, prec: str):
-    """chunk_gla_fwd_h_kernel: h[n] for every chunk, and the final state into ht."""
-    B, T, H, K = k.shape
-    V = v.shape[-1]
-    BK, BV = tile(K), tile(V)
-    chunk_gla_fwd_h_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)](
-        k, v, b, blo, h, initial_state, ht, cu_seqlens, chunk_offsets, T, H=H, K=K, V=V, BT=BT,
-        BK=BK, BV=BV, PRECISION=prec)
-    return h
 
 
 class ChunkGLAFunction(torch.autograd.Function):
