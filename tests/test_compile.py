@@ -42,7 +42,7 @@ COVER = {
         {"fused_recurrent_gla_fwd_kernel", "fused_recurrent_gla_bwd_dq_kernel",
          "fused_recurrent_gla_bwd_dh_kernel", "chunk_suffix_sum_kernel",
          "chunk_local_cumsum_kernel", "chunk_gla_fwd_A_kernel", "chunk_fwd_h_kernel",
-         "chunk_fwd_o_kernel", "chunk_gla_bwd_dh_kernel", "chunk_gla_bwd_dv_kernel",
+         "chunk_fwd_o_kernel", "chunk_bwd_dh_kernel", "chunk_gla_bwd_dv_kernel",
          "chunk_gla_bwd_dA_kernel", "chunk_gla_bwd_intra_kernel", "chunk_gla_bwd_dqk_kernel",
          "fused_chunk_gla_fwd_kernel"}),
 }

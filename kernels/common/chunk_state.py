@@ -31,7 +31,8 @@ from kernels.common.utils import (dot_mixed, dot_precision, finite_part, first_b
                                    load_rows, nonfinite_safe, poison_rows, store_rows, tile, tuning,
                                    walk_bounds)
 
-__all__ = ["chunk_fwd_h", "chunk_fwd_h_o", "chunk_fwd_h_gated", "chunk_bwd_dh"]
+__all__ = ["chunk_fwd_h", "chunk_fwd_h_o", "chunk_fwd_h_gated", "chunk_bwd_dh",
+           "chunk_bwd_dh_gated"]
 
 # How S and v' (float32) enter their products with w and K (half precision) in the forward
 # walk (utils.dot_mixed), per input dtype. The walk is latency-bound (about one program per SM,
@@ -344,20 +345,33 @@ def _dh_update(b_dh, p_q, p_w, o_c, m_t, o_k, b_do, b_dv, scale, K: tl.constexpr
     return b_dh - tl.dot(b_wt, b_dv.to(b_wt.dtype), input_precision=PRECISION)
 
 
+@triton.jit
+def _dh_gated_update(b_dh, p_q, p_g, last, o_c, m_t, o_k, b_do, scale, K: tl.constexpr,
+                     H: tl.constexpr, PRECISION: tl.constexpr):
+    """Rows o_k of dS = diag(exp(b_L)) dS + scale (Q * exp(b))^T dO under a key gate (GLA)."""
+    b_bl = tl.load(p_g + last * H * K + o_k, mask=o_k < K, other=0.)
+    b_qg = (load_cols(p_q, o_c, m_t, o_k, K, H).to(tl.float32)
+            * tl.exp(load_cols(p_g, o_c, m_t, o_k, K, H)) * scale)
+    return b_dh * tl.exp(b_bl)[:, None] + tl.dot(b_qg.to(b_do.dtype), b_do,
+                                                 input_precision=PRECISION)
+
+
 @triton.heuristics({
     'USE_FINAL_STATE_GRADIENT': lambda a: a['dht'] is not None,
     'STORE_INITIAL_STATE_GRADIENT': lambda a: a['dh0'] is not None,
+    'USE_W': lambda a: a['w'] is not None,
+    'USE_G': lambda a: a['g'] is not None,
     'IS_VARLEN': lambda a: a['cu_seqlens'] is not None,
 })
-@triton.autotune(configs=STATE_CONFIGS, key=['H', 'K', 'V', 'BT', 'IS_VARLEN'],
+@triton.autotune(configs=STATE_CONFIGS, key=['H', 'K', 'V', 'BT', 'USE_W', 'USE_G', 'IS_VARLEN'],
                  prune_configs_by={'early_config_prune': _fits})
 @triton.jit(do_not_specialize=['T'])
 def chunk_bwd_dh_kernel(
-    q, k, w, do, dv_local, dv, dh, dht, dh0, cu_seqlens, chunk_offsets, scale, T,
+    q, k, w, do, dv_local, dv, dh, dht, dh0, g, cu_seqlens, chunk_offsets, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
     USE_FINAL_STATE_GRADIENT: tl.constexpr, STORE_INITIAL_STATE_GRADIENT: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
+    USE_W: tl.constexpr, USE_G: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """The reverse walk over chunks. dS holds the gradient of the state leaving chunk n:
 
@@ -365,7 +379,9 @@ def chunk_bwd_dh_kernel(
         dv'   = dv_local + K dS                      # v' feeds the outputs and S_{n+1}
         dS    = dS + (scale Q)^T dO - w^T dv'        # d(state entering chunk n)
 
-    and after the first chunk dS is d(initial_state). Blocks of BK rows as in the forward."""
+    and after the first chunk dS is d(initial_state). Blocks of BK rows as in the forward.
+    Without w and under a key gate (USE_W off, USE_G: g the chunk's cumulative log gate; GLA,
+    whose dv is formed apart) only dS = diag(exp(b_L)) dS + scale (Q * exp(b))^T dO."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos, NT, c0 = walk_bounds(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN)
@@ -384,32 +400,48 @@ def chunk_bwd_dh_kernel(
         _store_state(p_dh, b_dh1, b_dh2, b_dh3, b_dh4, o_v, m_v, K, V, BK)
         m_t = i_t * BT + o_c < eos - bos
         row0 = (bos + i_t * BT) * H + i_h  # the chunk's first row (int64); offsets within stay int32
-        p_q, p_k, p_w = q + row0 * K, k + row0 * K, w + row0 * K
-        # dv' = K dS + dv_local     [BT, BV]. dv_local is added after the products: loaded
-        # first, as the products' accumulator, it stayed a synchronous load in the loop (not
-        # pipelined: the ttgir kept one tt.load) and cost ~1 us a chunk on the H100.
-        b_k = load_rows(p_k, o_c, m_t, o_k1, K, H)
-        b_dv = tl.dot(b_k, b_dh1.to(b_k.dtype), input_precision=PRECISION)
-        if K > BK:
-            b_k = load_rows(p_k, o_c, m_t, o_k2, K, H)
-            b_dv += tl.dot(b_k, b_dh2.to(b_k.dtype), input_precision=PRECISION)
-        if K > 2 * BK:
-            b_k = load_rows(p_k, o_c, m_t, o_k3, K, H)
-            b_dv += tl.dot(b_k, b_dh3.to(b_k.dtype), input_precision=PRECISION)
-        if K > 3 * BK:
-            b_k = load_rows(p_k, o_c, m_t, o_k4, K, H)
-            b_dv += tl.dot(b_k, b_dh4.to(b_k.dtype), input_precision=PRECISION)
-        b_dv += load_rows(dv_local + row0 * V, o_c, m_t, o_v, V, H).to(tl.float32)
-        store_rows(dv + row0 * V, b_dv, o_c, m_t, o_v, V, H)
-        # dS = dS + (scale Q)^T dO - w^T dv'
-        b_do = load_rows(do + row0 * V, o_c, m_t, o_v, V, H)
-        b_dh1 = _dh_update(b_dh1, p_q, p_w, o_c, m_t, o_k1, b_do, b_dv, scale, K, H, PRECISION)
-        if K > BK:
-            b_dh2 = _dh_update(b_dh2, p_q, p_w, o_c, m_t, o_k2, b_do, b_dv, scale, K, H, PRECISION)
-        if K > 2 * BK:
-            b_dh3 = _dh_update(b_dh3, p_q, p_w, o_c, m_t, o_k3, b_do, b_dv, scale, K, H, PRECISION)
-        if K > 3 * BK:
-            b_dh4 = _dh_update(b_dh4, p_q, p_w, o_c, m_t, o_k4, b_do, b_dv, scale, K, H, PRECISION)
+        if USE_G:
+            p_q, p_g = q + row0 * K, g + row0 * K
+            last = tl.minimum(BT, eos - bos - i_t * BT) - 1
+            b_do = load_rows(do + row0 * V, o_c, m_t, o_v, V, H)
+            b_dh1 = _dh_gated_update(b_dh1, p_q, p_g, last, o_c, m_t, o_k1, b_do, scale, K, H,
+                                     PRECISION)
+            if K > BK:
+                b_dh2 = _dh_gated_update(b_dh2, p_q, p_g, last, o_c, m_t, o_k2, b_do, scale, K,
+                                         H, PRECISION)
+            if K > 2 * BK:
+                b_dh3 = _dh_gated_update(b_dh3, p_q, p_g, last, o_c, m_t, o_k3, b_do, scale, K,
+                                         H, PRECISION)
+            if K > 3 * BK:
+                b_dh4 = _dh_gated_update(b_dh4, p_q, p_g, last, o_c, m_t, o_k4, b_do, scale, K,
+                                         H, PRECISION)
+        else:
+            p_q, p_k, p_w = q + row0 * K, k + row0 * K, w + row0 * K
+            # dv' = K dS + dv_local     [BT, BV]. dv_local is added after the products: loaded
+            # first, as the products' accumulator, it stayed a synchronous load in the loop (not
+            # pipelined: the ttgir kept one tt.load) and cost ~1 us a chunk on the H100.
+            b_k = load_rows(p_k, o_c, m_t, o_k1, K, H)
+            b_dv = tl.dot(b_k, b_dh1.to(b_k.dtype), input_precision=PRECISION)
+            if K > BK:
+                b_k = load_rows(p_k, o_c, m_t, o_k2, K, H)
+                b_dv += tl.dot(b_k, b_dh2.to(b_k.dtype), input_precision=PRECISION)
+            if K > 2 * BK:
+                b_k = load_rows(p_k, o_c, m_t, o_k3, K, H)
+                b_dv += tl.dot(b_k, b_dh3.to(b_k.dtype), input_precision=PRECISION)
+            if K > 3 * BK:
+                b_k = load_rows(p_k, o_c, m_t, o_k4, K, H)
+                b_dv += tl.dot(b_k, b_dh4.to(b_k.dtype), input_precision=PRECISION)
+            b_dv += load_rows(dv_local + row0 * V, o_c, m_t, o_v, V, H).to(tl.float32)
+            store_rows(dv + row0 * V, b_dv, o_c, m_t, o_v, V, H)
+            # dS = dS + (scale Q)^T dO - w^T dv'
+            b_do = load_rows(do + row0 * V, o_c, m_t, o_v, V, H)
+            b_dh1 = _dh_update(b_dh1, p_q, p_w, o_c, m_t, o_k1, b_do, b_dv, scale, K, H, PRECISION)
+            if K > BK:
+                b_dh2 = _dh_update(b_dh2, p_q, p_w, o_c, m_t, o_k2, b_do, b_dv, scale, K, H, PRECISION)
+            if K > 2 * BK:
+                b_dh3 = _dh_update(b_dh3, p_q, p_w, o_c, m_t, o_k3, b_do, b_dv, scale, K, H, PRECISION)
+            if K > 3 * BK:
+                b_dh4 = _dh_update(b_dh4, p_q, p_w, o_c, m_t, o_k4, b_do, b_dv, scale, K, H, PRECISION)
     if STORE_INITIAL_STATE_GRADIENT:
         p_dh0 = dh0 + i_nh.to(tl.int64) * K * V
         _store_state(p_dh0, b_dh1, b_dh2, b_dh3, b_dh4, o_v, m_v, K, V, BK)
@@ -426,7 +458,20 @@ def chunk_bwd_dh(q, k, w, do, dv_local, dht, scale: float, need_dh0: bool, cu_se
     dv = torch.empty_like(dv_local)
     dh0 = k.new_empty(N, H, K, V, dtype=torch.float32) if need_dh0 else None
     grid = lambda meta: (triton.cdiv(V, meta['BV']), N * H)  # noqa: E731
-    chunk_bwd_dh_kernel[grid](q, k, w, do, dv_local, dv, dh, dht, dh0, cu_seqlens, chunk_offsets,
-                              scale, T, H=H, K=K, V=V, BT=BT, BK=BK,
+    chunk_bwd_dh_kernel[grid](q, k, w, do, dv_local, dv, dh, dht, dh0, None, cu_seqlens,
+                              chunk_offsets, scale, T, H=H, K=K, V=V, BT=BT, BK=BK,
                               PRECISION=dot_precision(k.dtype))
     return dh, dv, dh0
+
+
+def chunk_bwd_dh_gated(q, g, do, dh, dht, dh0, scale: float, cu_seqlens, chunk_offsets, N: int,
+                       BT: int):
+    """The reverse walk under a key gate, without w and dv' (GLA): the gradient of the state
+    leaving each chunk into ``dh`` ([chunks, H, K, V], kept in its dtype), d(initial state) into
+    ``dh0`` (or None); ``dht`` the final state's gradient or None."""
+    B, T, H, K = q.shape
+    V = do.shape[-1]
+    grid = lambda meta: (triton.cdiv(V, meta['BV']), N * H)  # noqa: E731
+    chunk_bwd_dh_kernel[grid](q, None, None, do, None, None, dh, dht, dh0, g, cu_seqlens,
+                              chunk_offsets, scale, T, H=H, K=K, V=V, BT=BT, BK=tile(K),
+                              PRECISION=dot_precision(q.dtype))

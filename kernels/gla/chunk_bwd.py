@@ -16,7 +16,8 @@ dg_r = sum_{i >= r in the chunk} d loss / d b_i. With S_{n+1} = diag(exp(b_L)) h
 exp(b_L - b_j) k_j v_j^T, that last term is exp(b_L) rowsum(h * dH) + sum_j k_j dk_j^(state),
 which chunk_gla_bwd_dqk_kernel sums per chunk with the terms that cancel kept apart. The
 intra-chunk exponentials go through a block's first or last row, as in the
-forward: every exponent <= 0.
+forward: every exponent <= 0. The walk back over chunks is the delta rule's
+(kernels.common.chunk_state.chunk_bwd_dh_gated: its reverse walk under the key gate, without w).
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.common.chunk_state import chunk_bwd_dh_gated
 from kernels.common.cumsum import pair_diff
 from kernels.common.utils import (chunk_index, chunk_layout, chunk_rows, dot_precision, load_rows,
-                                  store_rows, tile, walk_bounds)
+                                  store_rows, tile)
 
 __all__ = ["chunk_gla_bwd"]
 
@@ -37,49 +39,6 @@ __all__ = ["chunk_gla_bwd"]
 # intra kernel took 2.07 ms and A 0.91 ms of a 10.8 ms fwd+bwd at T = 8192 on the H200 that way).
 # Both exact; registers in reports/gla.md. Not yet timed against each other on a GPU.
 DIAG_3D = True
-
-
-@triton.heuristics({
-    'USE_FINAL_STATE_GRADIENT': lambda a: a['dht'] is not None,
-    'STORE_INITIAL_STATE_GRADIENT': lambda a: a['dh0'] is not None,
-    'IS_VARLEN': lambda a: a['cu_seqlens'] is not None,
-})
-@triton.jit(do_not_specialize=['T'])
-def chunk_gla_bwd_dh_kernel(
-    q, b, do, dH, dht, dh0, cu_seqlens, chunk_offsets, scale, T,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-    BV: tl.constexpr, PRECISION: tl.constexpr, USE_FINAL_STATE_GRADIENT: tl.constexpr,
-    STORE_INITIAL_STATE_GRADIENT: tl.constexpr, IS_VARLEN: tl.constexpr,
-):
-    """Back over one sequence's chunks for one [BK, BV] tile: dH[n] (the gradient of the state
-    leaving chunk n) stored, then dh = diag(exp(b_L)) dh + scale (Q * exp(b))^T dO."""
-    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos, eos, NT, c0 = walk_bounds(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN)
-    L = eos - bos
-    o_c = tl.arange(0, BT)
-    o_k = i_k * BK + tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < K, o_v < V
-    o_s = o_k[:, None] * V + o_v[None, :]
-    m_s = m_k[:, None] & m_v[None, :]
-    b_dh = tl.zeros([BK, BV], dtype=tl.float32)
-    if USE_FINAL_STATE_GRADIENT:
-        b_dh += tl.load(dht + i_nh.to(tl.int64) * K * V + o_s, mask=m_s, other=0.)
-    for i_s in range(NT):
-        i_t = NT - 1 - i_s
-        tl.store(dH + ((c0 + i_t) * H + i_h) * K * V + o_s, b_dh, mask=m_s)
-        row0 = (bos + i_t * BT) * H + i_h
-        m_t = i_t * BT + o_c < L
-        last = tl.minimum(BT, L - i_t * BT) - 1
-        b_bl = tl.load(b + (row0 + last * H) * K + o_k, mask=m_k, other=0.)
-        b_qg = (load_rows(q + row0 * K, o_c, m_t, o_k, K, H).to(tl.float32)
-                * tl.exp(load_rows(b + row0 * K, o_c, m_t, o_k, K, H)) * scale)
-        b_do = load_rows(do + row0 * V, o_c, m_t, o_v, V, H)
-        b_dh = b_dh * tl.exp(b_bl)[:, None] + tl.dot(tl.trans(b_qg.to(do.dtype.element_ty)), b_do,
-                                                     input_precision=PRECISION)
-    if STORE_INITIAL_STATE_GRADIENT:
-        tl.store(dh0 + i_nh.to(tl.int64) * K * V + o_s, b_dh, mask=m_s)
 
 
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
@@ -320,9 +279,8 @@ def chunk_gla_bwd(q, k, v, g, saved, scale: float, initial_state, do, dht, cu_se
     prec = "ieee" if q.dtype == torch.float32 else "tf32x3"
     BK, BV = tile(K), tile(V)
     if NT:
-        chunk_gla_bwd_dh_kernel[(triton.cdiv(K, BK), triton.cdiv(V, BV), N * H)](
-            q, b, do, dH, dht, dh0, cu_seqlens, chunk_offsets, scale, T, H=H, K=K, V=V, BT=BT,
-            BK=BK, BV=BV, PRECISION=prec)
+        # the delta rule's reverse walk, under the key gate and without w and dv'
+        chunk_bwd_dh_gated(q, b, do, dH, dht, dh0, scale, cu_seqlens, chunk_offsets, N, BT)
         chunk_gla_bwd_dv_kernel[(triton.cdiv(V, BV), NT, B * H)](
             k, b, blo, A, do, dH, dv, cu_seqlens, chunk_indices, T, H=H, K=K, V=V, BT=BT, BK=BK,
             BV=BV, PRECISION=prec)
