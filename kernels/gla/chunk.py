@@ -170,12 +170,35 @@ class ChunkGLAFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dht):
         q, k, v, g, initial_state, cu_seqlens, *saved = ctx.saved_tensors
-        dq, dk, dv, dg, dh0 = chunk_gla_bwd(
-            q, k, v, g, saved, ctx.scale, initial_state, do.contiguous().to(v.dtype),
-            None if dht is None else dht.contiguous().float(), cu_seqlens, BT, BC)
-        if dh0 is not None:
-            dh0 = dh0.to(initial_state.dtype)
-        return dq, dk, dv, dg, None, dh0, None, None
+        return gradients(q, k, v, g, saved, ctx.scale, initial_state, cu_seqlens, do, dht)
+
+
+def gradients(q, k, v, g, saved, scale: float, initial_state, cu_seqlens, do, dht):
+    """An autograd Function's backward of (q, k, v, g, scale, initial_state,
+    output_final_state, cu_seqlens) from the forward's (b, blo, h, A): chunk_gla_bwd."""
+    dq, dk, dv, dg, dh0 = chunk_gla_bwd(
+        q, k, v, g, saved, scale, initial_state, do.contiguous().to(v.dtype),
+        None if dht is None else dht.contiguous().float(), cu_seqlens, BT, BC)
+    if dh0 is not None:
+        dh0 = dh0.to(initial_state.dtype)
+    return dq, dk, dv, dg, None, dh0, None, None
+
+
+def checked_inputs(name: str, q, k, v, g, scale, initial_state, output_final_state, cu_seqlens):
+    """(q, k, v, g, scale, initial_state, needs a backward): the arguments checked (a clear
+    error naming ``name`` before any launch), made contiguous, scale resolved."""
+    dims = GLA.validate({"q": q, "k": k, "v": v, "gk": g, "scale": scale,
+                         "initial_state": initial_state, "output_final_state": output_final_state,
+                         "cu_seqlens": cu_seqlens})
+    check_launchable(name, q)
+    if max(dims["K"], dims["V"]) > MAX_D:
+        raise ValueError(f"{name}: K and V must be <= {MAX_D}, got K={dims['K']}, V={dims['V']}")
+    q, k, v, g = (x.contiguous() for x in (q, k, v, g))
+    if initial_state is not None:
+        initial_state = initial_state.contiguous()
+    grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad
+                                           for x in (q, k, v, g, initial_state))
+    return q, k, v, g, GLA.resolve_scale(scale, dims), initial_state, grad
 
 
 def chunk_gla(
@@ -190,18 +213,9 @@ def chunk_gla(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gated linear attention in chunks of 64 tokens (Triton), key gate ``g`` ([B,T,H,K], log
     space, <= 0), forward and backward."""
-    dims = GLA.validate({"q": q, "k": k, "v": v, "gk": g, "scale": scale,
-                         "initial_state": initial_state, "output_final_state": output_final_state,
-                         "cu_seqlens": cu_seqlens})
-    check_launchable("chunk_gla", q)
-    if max(dims["K"], dims["V"]) > MAX_D:
-        raise ValueError(f"chunk_gla: K and V must be <= {MAX_D}, got K={dims['K']}, V={dims['V']}")
-    scale = GLA.resolve_scale(scale, dims)
-    q, k, v, g = (x.contiguous() for x in (q, k, v, g))
-    if initial_state is not None:
-        initial_state = initial_state.contiguous()
-    if torch.is_grad_enabled() and any(x is not None and x.requires_grad
-                                       for x in (q, k, v, g, initial_state)):
+    q, k, v, g, scale, initial_state, grad = checked_inputs(
+        "chunk_gla", q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
+    if grad:
         return ChunkGLAFunction.apply(q, k, v, g, scale, initial_state, output_final_state,
                                       cu_seqlens)
     o, ht, _ = chunk_gla_fwd(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)

@@ -31,12 +31,10 @@ import triton
 import triton.language as tl
 
 from kernels.common.cumsum import chunk_local_cumsum, pair_diff
-from kernels.common.utils import (check_launchable, chunk_layout, dot_precision, load_rows,
-                                  seq_bounds, store_rows, tile)
-from kernels.gla.chunk import BC, BT, MAX_D, _intra_row_block, chunk_gla_fwd
+from kernels.common.utils import chunk_layout, dot_precision, load_rows, seq_bounds, store_rows, tile
 from kernels.gla import chunk_bwd
-from kernels.gla.chunk_bwd import chunk_gla_bwd
-from references.operators import GLA
+from kernels.gla.chunk import (BC, BT, _intra_row_block, checked_inputs, chunk_gla_fwd,
+                               gradients)
 
 __all__ = ["fused_chunk_gla"]
 
@@ -136,12 +134,7 @@ class FusedChunkGLAFunction(torch.autograd.Function):
         q, k, v, g, initial_state, cu_seqlens = ctx.saved_tensors
         # the states and A again, from chunk_gla's stages (its output is not needed)
         _, _, saved = chunk_gla_fwd(q, k, v, g, ctx.scale, initial_state, False, cu_seqlens)
-        dq, dk, dv, dg, dh0 = chunk_gla_bwd(
-            q, k, v, g, saved, ctx.scale, initial_state, do.contiguous().to(v.dtype),
-            None if dht is None else dht.contiguous().float(), cu_seqlens, BT, BC)
-        if dh0 is not None:
-            dh0 = dh0.to(initial_state.dtype)
-        return dq, dk, dv, dg, None, dh0, None, None
+        return gradients(q, k, v, g, saved, ctx.scale, initial_state, cu_seqlens, do, dht)
 
 
 def fused_chunk_gla(
@@ -156,19 +149,9 @@ def fused_chunk_gla(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gated linear attention with each sequence's chunks of 64 walked in one program (Triton),
     key gate ``g`` ([B,T,H,K], log space, <= 0); chunk_gla's arguments and results."""
-    dims = GLA.validate({"q": q, "k": k, "v": v, "gk": g, "scale": scale,
-                         "initial_state": initial_state, "output_final_state": output_final_state,
-                         "cu_seqlens": cu_seqlens})
-    check_launchable("fused_chunk_gla", q)
-    if max(dims["K"], dims["V"]) > MAX_D:
-        raise ValueError(f"fused_chunk_gla: K and V must be <= {MAX_D}, got K={dims['K']}, "
-                         f"V={dims['V']}")
-    scale = GLA.resolve_scale(scale, dims)
-    q, k, v, g = (x.contiguous() for x in (q, k, v, g))
-    if initial_state is not None:
-        initial_state = initial_state.contiguous()
-    if torch.is_grad_enabled() and any(x is not None and x.requires_grad
-                                       for x in (q, k, v, g, initial_state)):
+    q, k, v, g, scale, initial_state, grad = checked_inputs(
+        "fused_chunk_gla", q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
+    if grad:
         return FusedChunkGLAFunction.apply(q, k, v, g, scale, initial_state, output_final_state,
                                            cu_seqlens)
     return fused_chunk_gla_fwd(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
