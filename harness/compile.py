@@ -28,11 +28,11 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
-from unittest.mock import patch
+
+from harness.switches import switched
 
 # Cases are the GPU suite's explicit cases of the operator, shrunk for the interpreter: head
 # sizes, options, states and varlen layouts decide the constexprs (H too, but not the code
@@ -178,9 +178,7 @@ def record(op_name: str, impl_names: list[str] | None = None, case_ids: list[str
     start = time.perf_counter()
     for impl in impls:  # under its defaults, then under each of its switches (registry)
         for switches in ({},) + impl.switches:
-            with ExitStack() as stack:
-                for path, value in switches.get("set", {}).items():
-                    stack.enter_context(patch(path, value))
+            with switched(switches):
                 for case in cases:
                     if impl.supports is not None and impl.supports(case) is not None:
                         continue

@@ -18,41 +18,23 @@ switch's default is chosen: the numbers behind each go into reports/<op>.md.
 
 from __future__ import annotations
 
-import ast
-import contextlib
 import json
 from pathlib import Path
-from unittest.mock import patch
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from harness.switches import parse_set, switched
+
 console = Console(width=150)
 
 
 def _parse_set(text: str) -> dict:
-    """'LABEL:module.NAME=VALUE,module.NAME=VALUE' -> {"what": LABEL, "set": {path: value}}."""
-    label, _, assignments = text.partition(":")
-    if not assignments:
-        raise typer.BadParameter(f"expected 'LABEL:module.NAME=VALUE,...', got {text!r}",
-                                 param_hint="--set")
-    values = {}
-    for item in assignments.split(","):
-        path, _, value = item.partition("=")
-        try:
-            values[path.strip()] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            raise typer.BadParameter(f"{value!r} is not a Python literal", param_hint="--set")
-    return {"what": label, "set": values}
-
-
-@contextlib.contextmanager
-def _switched(switch: dict):
-    with contextlib.ExitStack() as stack:
-        for path, value in switch.get("set", {}).items():
-            stack.enter_context(patch(path, value))
-        yield
+    try:
+        return parse_set(text)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--set")
 
 
 def main(
@@ -94,7 +76,7 @@ def main(
                       title_justify="left")
         rows = {}
         for label, implementation, switch in variants:
-            with _switched(switch):
+            with switched(switch):
                 for r in evaluate(case, [implementation], [dname], device):
                     rows.setdefault(label, {})[r["quantity"]] = r["error"]
                     results["accuracy"].append({**r, "variant": label})
@@ -116,7 +98,7 @@ def main(
             cells = []
             for m in modes:
                 for t in lengths:
-                    with _switched(switch):
+                    with switched(switch):
                         step = make_call(implementation, bench_case(op, batch, t, heads, head_dim),
                                          time_dtype, m)
                         ms = measure(step)

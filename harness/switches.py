@@ -1,0 +1,36 @@
+"""Kernel switches: module constants the kernels read when they launch (an implementation's
+registered ``switches``, or a ``LABEL:module.NAME=VALUE,...`` given on a command line), set for
+the length of a ``with`` block."""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+from typing import Any, Iterator
+from unittest.mock import patch
+
+__all__ = ["parse_set", "switched"]
+
+
+def parse_set(text: str) -> dict[str, Any]:
+    """'LABEL:module.NAME=VALUE,module.NAME=VALUE' -> {"what": LABEL, "set": {path: value}}."""
+    label, _, assignments = text.partition(":")
+    if not assignments:
+        raise ValueError(f"expected 'LABEL:module.NAME=VALUE,...', got {text!r}")
+    values = {}
+    for item in assignments.split(","):
+        path, _, value = item.partition("=")
+        try:
+            values[path.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            raise ValueError(f"{value.strip()!r} in {text!r} is not a Python literal") from None
+    return {"what": label, "set": values}
+
+
+@contextlib.contextmanager
+def switched(switch: dict[str, Any]) -> Iterator[None]:
+    """Every ``module.NAME`` of ``switch["set"]`` at its value inside the block, restored after."""
+    with contextlib.ExitStack() as stack:
+        for path, value in switch.get("set", {}).items():
+            stack.enter_context(patch(path, value))
+        yield
