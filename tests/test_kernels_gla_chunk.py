@@ -83,7 +83,7 @@ def grads(fn, x, h0, cu, dtype):
     return out
 
 
-def both(B, T, H, K, V, h0=True, cu=None, strong=False):
+def both(B, T, H, K, V, h0=True, cu=None, strong=False, dtype=torch.float32):
     g = torch.Generator().manual_seed(2)
     N = B if cu is None else len(cu) - 1
     x = {"q": torch.randn(B, T, H, K, generator=g), "k": torch.randn(B, T, H, K, generator=g),
@@ -92,7 +92,7 @@ def both(B, T, H, K, V, h0=True, cu=None, strong=False):
                else F.logsigmoid(torch.randn(B, T, H, K, generator=g)) / 4)}
     s0 = torch.randn(N, H, K, V, generator=g) if h0 else None
     cu = None if cu is None else torch.tensor(cu)
-    return (grads(chunk_gla, x, s0, cu, torch.float32),
+    return (grads(chunk_gla, x, s0, cu, dtype),
             grads(naive_recurrent_gla, x, s0, cu, torch.float64))
 
 
@@ -122,14 +122,46 @@ def test_strong_gates_gradients_finite_and_exact():
         assert rel_error(got[name], ref[name]) < 1e-5, (name, rel_error(got[name], ref[name]))
 
 
-@pytest.mark.parametrize("diag_3d", [True, False])
-def test_both_forms_of_the_diagonal_blocks_are_exact(monkeypatch, diag_3d):
-    """kernels.gla.chunk_bwd.DIAG_3D picks how the diagonal 16-row blocks of A, dq' and dk' are
-    formed (one [16, 16, K] product, or row by row); both within 1e-5 of float64 under log
-    gates in [-60, -5] over a tail chunk, forward and every gradient."""
+# the switches of kernels.gla (chunk_bwd.DIAG_3D, STATE_DOTS_SPLIT, chunk.A_DIAG_3D) and of
+# kernels.common.cumsum.CUMSUM_F64: each form they pick is exact
+FORMS = {
+    "diagonals as [16, 16, K] products": {"DIAG_3D": True, "A_DIAG_3D": True},
+    "diagonals row by row": {"DIAG_3D": False, "A_DIAG_3D": False},
+    "gates summed in float64": {"CUMSUM_F64": True},
+    "gates summed compensated": {"CUMSUM_F64": False},
+}
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_both_forms_of_the_state_products_in_float16(monkeypatch, split):
+    """chunk_bwd.STATE_DOTS_SPLIT changes only half-precision runs (in float32 both are one
+    exact product): every float16 gradient within 3x of the float64 reference's own error when
+    run in float16 on the same inputs (measured: at most 1.3x)."""
     from kernels.gla import chunk_bwd
 
-    monkeypatch.setattr(chunk_bwd, "DIAG_3D", diag_3d)
+    monkeypatch.setattr(chunk_bwd, "STATE_DOTS_SPLIT", split)
+    got, ref = both(1, 100, 2, 32, 32, dtype=torch.float16)
+    g = torch.Generator().manual_seed(2)
+    x = {"q": torch.randn(1, 100, 2, 32, generator=g), "k": torch.randn(1, 100, 2, 32, generator=g),
+         "v": torch.randn(1, 100, 2, 32, generator=g),
+         "g": F.logsigmoid(torch.randn(1, 100, 2, 32, generator=g)) / 4}
+    s0 = torch.randn(1, 2, 32, 32, generator=g)
+    ref16 = grads(naive_recurrent_gla, x, s0, None, torch.float16)
+    for name in ref:
+        assert rel_error(got[name], ref[name]) <= 3 * rel_error(ref16[name], ref[name]), name
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_every_form_of_the_switches_is_exact(monkeypatch, form):
+    """Each switched form within 1e-5 of float64 under log gates in [-60, -5] over a tail
+    chunk, forward and every gradient (dg is where a cruder gate sum shows: 4.8e-5 from a plain
+    float32 sum)."""
+    from kernels.common import cumsum
+    from kernels.gla import chunk, chunk_bwd
+
+    for name, value in FORMS[form].items():
+        module = cumsum if name == "CUMSUM_F64" else chunk if name == "A_DIAG_3D" else chunk_bwd
+        monkeypatch.setattr(module, name, value)
     with np.errstate(over="raise", invalid="raise"):
         got, ref = both(1, 70, 1, 16, 16, strong=True)
     for name in ref:

@@ -37,7 +37,6 @@ from kernels.common.chunk_state import chunk_fwd_h_gated
 from kernels.common.cumsum import chunk_local_cumsum, pair_diff
 from kernels.common.utils import (check_launchable, chunk_layout, chunk_rows, dot_precision,
                                   load_rows, tile)
-from kernels.gla import chunk_bwd
 from kernels.gla.chunk_bwd import chunk_gla_bwd
 from references.operators import GLA
 
@@ -46,6 +45,11 @@ __all__ = ["chunk_gla", "chunk_gla_fwd"]
 BT = 64  # chunk size: a tiling choice, never a change of result
 BC = 16  # A's row blocks
 MAX_D = 256
+# A's diagonal 16-row blocks: True forms each as one [16, 16, BK] product (8 warps), False row
+# by row (4 warps). Both exact. H200, T = 8192, B = 2, H = 16, K = V = 128 bf16: row by row
+# 0.90 ms, as products 1.76 ms (8 warps; 1.80 ms at 4 warps with a program per row block; row
+# by row with a program per row block 1.15 ms at 4 warps, 1.35 at 8). reports/gla.md.
+A_DIAG_3D = False
 
 
 @triton.jit
@@ -145,8 +149,7 @@ def chunk_gla_fwd(q, k, v, g, scale: float, initial_state, output_final_state: b
     if NT:
         chunk_gla_fwd_A_kernel[(NT, B * H)](
             q, k, b, blo, A, cu_seqlens, chunk_indices, scale, T, H=H, K=K, BT=BT, BC=BC, BK=BK,
-            PRECISION=prec, DIAG_3D=chunk_bwd.DIAG_3D,
-            num_warps=8 if chunk_bwd.DIAG_3D else 4)
+            PRECISION=prec, DIAG_3D=A_DIAG_3D, num_warps=8 if A_DIAG_3D else 4)
         # the delta rule's walk, under the key gate and without w
         chunk_fwd_h_gated(k, v, b, blo, h, initial_state, ht, cu_seqlens, chunk_offsets, N, BT)
         # the output stage shared with the delta rule, under the key gate and with A given (no

@@ -28,17 +28,22 @@ import triton.language as tl
 
 from kernels.common.chunk_state import chunk_bwd_dh_gated
 from kernels.common.cumsum import pair_diff
-from kernels.common.utils import (chunk_index, chunk_layout, chunk_rows, dot_precision, load_rows,
-                                  store_rows, tile)
+from kernels.common.utils import (chunk_index, chunk_layout, chunk_rows, dot_precision, dot_split,
+                                  load_rows, store_rows, tile)
 
 __all__ = ["chunk_gla_bwd"]
 
-# The diagonal 16-row blocks of the intra-chunk terms (forward A, backward dq' and dk'): True
-# forms each as one [16, 16, BK] product (in the backward one exponential per (i, j, c) shared by
-# dq and dk: half the exponentials; no loop of dependent loads), False row by row (the backward's
-# intra kernel took 2.07 ms and A 0.91 ms of a 10.8 ms fwd+bwd at T = 8192 on the H200 that way).
-# Both exact; registers in reports/gla.md. Not yet timed against each other on a GPU.
+# The diagonal 16-row blocks of the backward's intra-chunk terms dq' and dk': True forms each
+# as one [16, 16, BK] product (one exponential per (i, j, c) shared by dq' and dk': half the
+# exponentials, no loop of dependent loads), False row by row. Both exact. H200, T = 8192,
+# B = 2, H = 16, K = V = 128 bf16, the intra kernel: products 1.36 ms at 4 warps (2.85 ms at
+# 8), row by row 2.04 ms at 4 warps (3.22 at 8; unrolled 2.06). reports/gla.md. The forward's
+# A has its own switch (kernels.gla.chunk.A_DIAG_3D).
 DIAG_3D = True
+# The dq/dk kernel's products of dO and V (the inputs' dtype) with the float32 states h and dH:
+# True splits each state into two parts in the inputs' dtype (two products, ~16 mantissa bits
+# of the state kept: utils.dot_split), False multiplies in float32 (three TF32 passes).
+STATE_DOTS_SPLIT = True
 
 
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
@@ -123,6 +128,25 @@ def _diag_3d(q, k, dA, row0, r, o_r, m_r, n_t, o_k, b_b, l_b, H: tl.constexpr, K
     return tl.sum(b_Ae * b_k[None, :, :], 1), tl.sum(b_Ae * b_q[:, None, :], 0)
 
 
+@triton.jit
+def _diag_row(q, k, b, blo, dA, row0, j, o_r, m_r, n_t, o_k, m_k, b_b, l_b, b_dq, b_dk,
+              H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr):
+    """Row j of the diagonal block: dq'_i += dA_ij k_j exp(b_i - b_j) for rows i > j and
+    dk'_i += dA_ji q_j exp(b_j - b_i) for rows i < j (exp(-inf) = 0 elsewhere: no overflow)."""
+    m_j = m_k & (j < n_t)
+    b_kj, b_qj = _row(k + row0 * K, j, o_k, m_j, K, H), _row(q + row0 * K, j, o_k, m_j, K, H)
+    b_bj, l_bj = _row(b + row0 * K, j, o_k, m_j, K, H), _row(blo + row0 * K, j, o_k, m_j, K, H)
+    b_col = tl.load(dA + row0 * BT + o_r * H * BT + j, mask=m_r & (j < n_t), other=0.)
+    b_row = tl.load(dA + row0 * BT + j * H * BT + o_r, mask=m_r & (j < n_t), other=0.)
+    after = (o_r > j) & m_r
+    b_dq += b_col[:, None] * b_kj[None, :] * tl.exp(tl.where(
+        after[:, None], pair_diff(b_b, l_b, b_bj[None, :], l_bj[None, :]), float("-inf")))
+    before = (o_r < j) & m_r & (j < n_t)
+    b_dk += b_row[:, None] * b_qj[None, :] * tl.exp(tl.where(
+        before[:, None], pair_diff(b_bj[None, :], l_bj[None, :], b_b, l_b), float("-inf")))
+    return b_dq, b_dk
+
+
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
 @triton.jit(do_not_specialize=['T'])
 def chunk_gla_bwd_intra_kernel(
@@ -181,20 +205,9 @@ def chunk_gla_bwd_intra_kernel(
         b_dq += b_dqd
         b_dk += b_dkd
     else:
-        for jj in range(BC):  # the diagonal block (a loop, not unrolled: compile time)
-            j = r + jj
-            m_j = m_k & (j < n_t)
-            b_kj, b_qj = _row(k + row0 * K, j, o_k, m_j, K, H), _row(q + row0 * K, j, o_k, m_j, K, H)
-            b_bj = _row(b + row0 * K, j, o_k, m_j, K, H)
-            l_bj = _row(blo + row0 * K, j, o_k, m_j, K, H)
-            b_col = tl.load(dA + row0 * BT + o_r * H * BT + j, mask=m_r & (j < n_t), other=0.)
-            b_row = tl.load(dA + row0 * BT + j * H * BT + o_r, mask=m_r & (j < n_t), other=0.)
-            after = (o_r > j) & m_r  # rows i > j: dq'_i gains dA_ij k_j exp(b_i - b_j)
-            b_dq += b_col[:, None] * b_kj[None, :] * tl.exp(tl.where(
-                after[:, None], pair_diff(b_b, l_b, b_bj[None, :], l_bj[None, :]), float("-inf")))
-            before = (o_r < j) & m_r & (j < n_t)  # rows i < j: dk'_i gains dA_ji q_j exp(b_j - b_i)
-            b_dk += b_row[:, None] * b_qj[None, :] * tl.exp(tl.where(
-                before[:, None], pair_diff(b_bj[None, :], l_bj[None, :], b_b, l_b), float("-inf")))
+        for jj in range(BC):  # a loop, not unrolled: compile time
+            b_dq, b_dk = _diag_row(q, k, b, blo, dA, row0, r + jj, o_r, m_r, n_t, o_k, m_k, b_b, l_b,
+                                   b_dq, b_dk, H, K, BT)
     store_rows(dq + row0 * K, b_dq, o_r, m_r, o_k, K, H)
     store_rows(dk + row0 * K, b_dk, o_r, m_r, o_k, K, H)
 
@@ -202,12 +215,12 @@ def chunk_gla_bwd_intra_kernel(
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
 @triton.jit(do_not_specialize=['T'])
 def chunk_gla_bwd_dqk_kernel(
-    q, k, v, b, blo, h, do, dH, dq, dk, dg, cu_seqlens, chunk_indices, scale, T,
+    q, k, v, b, blo, h, do, dH, dq, dk, dq_out, dk_out, dg, cu_seqlens, chunk_indices, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
-    BV: tl.constexpr, PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr,
+    BV: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    """dq, dk (float32) and dg for one chunk and key tile, from the strict intra-chunk parts
-    dq', dk' in dq, dk (chunk_gla_bwd_intra_kernel). With the i = j terms apart (they cancel
+    """dq, dk (into dq_out, dk_out, in the inputs' dtype) and dg for one chunk and key tile,
+    from the strict intra-chunk parts dq', dk' in dq, dk (float32, chunk_gla_bwd_intra_kernel). With the i = j terms apart (they cancel
     in q dq - k dk, and are the large ones under strong gates):
 
         dg_r = sum_{i >= r} (q_i dq''_i - k_i dk'_i) + sum_{j < r} k_j dk_j^(state)
@@ -230,13 +243,17 @@ def chunk_gla_bwd_dqk_kernel(
     for i_v in range(tl.cdiv(V, BV)):
         o_v = i_v * BV + tl.arange(0, BV)
         m_kv = m_k[:, None] & (o_v < V)[None, :]
-        b_do = load_rows(do + row0 * V, o_c, m_t, o_v, V, H).to(tl.float32)
-        b_v = load_rows(v + row0 * V, o_c, m_t, o_v, V, H).to(tl.float32)
+        b_do = load_rows(do + row0 * V, o_c, m_t, o_v, V, H)
+        b_v = load_rows(v + row0 * V, o_c, m_t, o_v, V, H)
         b_h = tl.load(h + p_s + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.)
         b_dH = tl.load(dH + p_s + o_k[:, None] * V + o_v[None, :], mask=m_kv, other=0.)
-        b_dAd += tl.sum(b_do * b_v, 1)
-        b_dqs += tl.dot(b_do, tl.trans(b_h), input_precision=PRECISION)
-        b_dks += tl.dot(b_v, tl.trans(b_dH), input_precision=PRECISION)
+        b_dAd += tl.sum(b_do.to(tl.float32) * b_v.to(tl.float32), 1)
+        if SPLIT:  # the float32 state as two products in dO's dtype
+            b_dqs += dot_split(b_do, tl.trans(b_h), PRECISION)
+            b_dks += dot_split(b_v, tl.trans(b_dH), PRECISION)
+        else:
+            b_dqs += tl.dot(b_do.to(tl.float32), tl.trans(b_h), input_precision=PRECISION)
+            b_dks += tl.dot(b_v.to(tl.float32), tl.trans(b_dH), input_precision=PRECISION)
         b_anc += tl.sum(b_h * b_dH, 1)
     b_dAd = tl.where(m_t, b_dAd * scale, 0.)
     b_bl = tl.load(b + (row0 + (n_t - 1) * H) * K + o_k, mask=m_k, other=0.)
@@ -251,11 +268,11 @@ def chunk_gla_bwd_dqk_kernel(
     b_k = load_rows(k + row0 * K, o_c, m_t, o_k, K, H).to(tl.float32)
     b_q = load_rows(q + row0 * K, o_c, m_t, o_k, K, H).to(tl.float32)
     b_x = b_q * b_dq  # dg from the strict parts (see above)
-    store_rows(dq + row0 * K, b_dq + b_dAd[:, None] * b_k, o_c, m_t, o_k, K, H)
+    store_rows(dq_out + row0 * K, b_dq + b_dAd[:, None] * b_k, o_c, m_t, o_k, K, H)
     b_dk = load_rows(dk + row0 * K, o_c, m_t, o_k, K, H)
     b_x -= b_k * b_dk
     b_y = b_k * b_dks
-    store_rows(dk + row0 * K, b_dk + b_dAd[:, None] * b_q + b_dks, o_c, m_t, o_k, K, H)
+    store_rows(dk_out + row0 * K, b_dk + b_dAd[:, None] * b_q + b_dks, o_c, m_t, o_k, K, H)
     # row r: the rows i >= r of x, the rows j < r of y (float32 scans over at most 64 rows)
     b_dg = (tl.cumsum(b_x, axis=0, reverse=True) + tl.cumsum(b_y, axis=0) - b_y
             + (b_anc * tl.exp(b_bl))[None, :])
@@ -273,7 +290,8 @@ def chunk_gla_bwd(q, k, v, g, saved, scale: float, initial_state, do, dht, cu_se
     f32 = dict(dtype=torch.float32, device=q.device)
     dH = torch.empty(chunks, H, K, V, **f32)
     dh0 = torch.empty(N, H, K, V, **f32) if initial_state is not None else None
-    dq, dk = torch.empty(B, T, H, K, **f32), torch.empty(B, T, H, K, **f32)
+    dq, dk = torch.empty(B, T, H, K, **f32), torch.empty(B, T, H, K, **f32)  # dq', dk'
+    dq_out, dk_out = torch.empty_like(q), torch.empty_like(k)
     dg = torch.empty_like(g)
     dv = torch.empty_like(v)
     prec = "ieee" if q.dtype == torch.float32 else "tf32x3"
@@ -290,10 +308,11 @@ def chunk_gla_bwd(q, k, v, g, saved, scale: float, initial_state, do, dht, cu_se
             PRECISION=dot_precision(q.dtype))
         chunk_gla_bwd_intra_kernel[(triton.cdiv(K, BK), NT * (BT // BC), B * H)](
             q, k, b, blo, dA, dq, dk, cu_seqlens, chunk_indices, T, H=H, K=K, BT=BT, BC=BC,
-            BK=BK, PRECISION=prec, DIAG_3D=DIAG_3D, num_warps=8 if DIAG_3D else 4)
+            BK=BK, PRECISION=prec, DIAG_3D=DIAG_3D, num_warps=4)
         chunk_gla_bwd_dqk_kernel[(triton.cdiv(K, BK), NT, B * H)](
-            q, k, v, b, blo, h, do, dH, dq, dk, dg, cu_seqlens, chunk_indices, scale, T, H=H,
-            K=K, V=V, BT=BT, BK=BK, BV=BV, PRECISION=prec, num_warps=8)
+            q, k, v, b, blo, h, do, dH, dq, dk, dq_out, dk_out, dg, cu_seqlens, chunk_indices,
+            scale, T, H=H,
+            K=K, V=V, BT=BT, BK=BK, BV=BV, PRECISION=prec, SPLIT=STATE_DOTS_SPLIT, num_warps=8)
     elif dh0 is not None:  # no tokens: the initial state is the final one
         dh0.copy_(dht if dht is not None else torch.zeros_like(dh0))
-    return dq.to(q.dtype), dk.to(k.dtype), dv, dg, dh0
+    return dq_out, dk_out, dv, dg, dh0

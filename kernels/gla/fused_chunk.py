@@ -32,7 +32,7 @@ import triton.language as tl
 
 from kernels.common.cumsum import chunk_local_cumsum, pair_diff
 from kernels.common.utils import chunk_layout, dot_precision, load_rows, seq_bounds, store_rows, tile
-from kernels.gla import chunk_bwd
+from kernels.gla import chunk
 from kernels.gla.chunk import (BC, BT, _intra_row_block, checked_inputs, chunk_gla_fwd,
                                gradients)
 
@@ -115,7 +115,7 @@ def fused_chunk_gla_fwd(q, k, v, g, scale: float, initial_state, output_final_st
     fused_chunk_gla_fwd_kernel[(triton.cdiv(V, BV), N * H)](
         q, k, v, b, blo, o, initial_state, ht, cu_seqlens, scale, T, H=H, K=K, V=V, BT=BT, BC=BC,
         BK=triton.next_power_of_2(K), BKA=tile(K), BV=BV, PRECISION=dot_precision(q.dtype),
-        DIAG_3D=chunk_bwd.DIAG_3D,
+        DIAG_3D=chunk.A_DIAG_3D,
         num_warps=8 if K > 64 else 4, num_stages=1)
     return o, ht
 
