@@ -127,6 +127,8 @@ def test_strong_gates_gradients_finite_and_exact():
 FORMS = {
     "diagonals as [16, 16, K] products": {"DIAG_3D": True, "A_DIAG_3D": True},
     "diagonals row by row": {"DIAG_3D": False, "A_DIAG_3D": False},
+    "A's diagonal as [16, 16, 16] products": {"A_DIAG_3D": True, "A_DIAG_BK": 16},
+    "A's diagonal as [16, 16, 32] products": {"A_DIAG_3D": True, "A_DIAG_BK": 32},
     "gates summed in float64": {"CUMSUM_F64": True},
     "gates summed compensated": {"CUMSUM_F64": False},
 }
@@ -160,7 +162,8 @@ def test_every_form_of_the_switches_is_exact(monkeypatch, form):
     from kernels.gla import chunk, chunk_bwd
 
     for name, value in FORMS[form].items():
-        module = cumsum if name == "CUMSUM_F64" else chunk if name == "A_DIAG_3D" else chunk_bwd
+        module = (cumsum if name == "CUMSUM_F64" else chunk if name.startswith("A_")
+                  else chunk_bwd)
         monkeypatch.setattr(module, name, value)
     with np.errstate(over="raise", invalid="raise"):
         got, ref = both(1, 70, 1, 16, 16, strong=True)

@@ -50,15 +50,42 @@ MAX_D = 256
 # 0.90 ms, as products 1.76 ms (8 warps; 1.80 ms at 4 warps with a program per row block; row
 # by row with a program per row block 1.15 ms at 4 warps, 1.35 at 8). reports/gla.md.
 A_DIAG_3D = False
+# The channels of each of those products (16, 32 or 64): at 64 and 4 warps they spilled (780 /
+# 2576 bytes, ptxas), hence 8 warps there; narrower ones run at 4. A_WARPS: None, or a number
+# of warps for A's kernel whatever the form. Narrower products and A_WARPS not yet timed.
+A_DIAG_BK = 64
+A_WARPS = None
+
+
+@triton.jit
+def _diag_products(q, k, b, blo, row0, o_r, m_r, k0, H: tl.constexpr, K: tl.constexpr,
+                   BC: tl.constexpr, BK: tl.constexpr, DBK: tl.constexpr):
+    """sum_c q_ic k_jc exp(b_ic - b_jc) over the channels [k0, k0 + BK) for the rows i >= j of a
+    diagonal block (0 above it), as [BC, BC, DBK] products (exp(-inf) = 0 off the lower
+    triangle: no overflow)."""
+    o_d = tl.arange(0, BC)
+    on = (o_d[:, None] >= o_d[None, :]) & m_r[:, None] & m_r[None, :]
+    b_Ad = tl.zeros([BC, BC], dtype=tl.float32)
+    for i_d in tl.static_range(BK // DBK):
+        o_k = k0 + i_d * DBK + tl.arange(0, DBK)
+        b_q = load_rows(q + row0 * K, o_r, m_r, o_k, K, H).to(tl.float32)
+        b_k = load_rows(k + row0 * K, o_r, m_r, o_k, K, H).to(tl.float32)
+        b_b = load_rows(b + row0 * K, o_r, m_r, o_k, K, H)
+        l_b = load_rows(blo + row0 * K, o_r, m_r, o_k, K, H)
+        b_e = tl.exp(tl.where(on[:, :, None], pair_diff(b_b[:, None, :], l_b[:, None, :],
+                                                        b_b[None, :, :], l_b[None, :, :]),
+                              float("-inf")))
+        b_Ad += tl.sum(b_q[:, None, :] * b_k[None, :, :] * b_e, 2)
+    return b_Ad
 
 
 @triton.jit
 def _intra_row_block(q, k, b, blo, row0, n_t, I: tl.constexpr, H: tl.constexpr, K: tl.constexpr,
                      BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-                     PRECISION: tl.constexpr, DIAG_3D: tl.constexpr):
+                     PRECISION: tl.constexpr, DIAG_3D: tl.constexpr, DBK: tl.constexpr):
     """Row block I of A [BC, BT] (unscaled): the columns before it by one product through the
-    block's first row, its diagonal block element by element (DIAG_3D: as one [BC, BC, BK]
-    product, placed into its columns by an exact product with a 0/1 matrix; else column by
+    block's first row, its diagonal block element by element (DIAG_3D: as [BC, BC, DBK]
+    products, placed into its columns by an exact product with a 0/1 matrix; else column by
     column)."""
     o_c = tl.arange(0, BT)
     o_d = tl.arange(0, BC)
@@ -87,13 +114,8 @@ def _intra_row_block(q, k, b, blo, row0, n_t, I: tl.constexpr, H: tl.constexpr, 
                                                                  b_bj, l_bj), float("-inf")))
             b_A += tl.dot(b_qr.to(q.dtype.element_ty), tl.trans(b_kr.to(k.dtype.element_ty)),
                           input_precision=PRECISION)
-        if DIAG_3D:  # exp(b_i - b_j) for token rows i >= j only (elsewhere exp(-inf) = 0)
-            b_kd = load_rows(k + row0 * K, o_r, m_r, o_k, K, H).to(tl.float32)
-            on = (o_d[:, None] >= o_d[None, :]) & m_r[:, None] & m_r[None, :]
-            b_e = tl.exp(tl.where(on[:, :, None], pair_diff(b_bi[:, None, :], l_bi[:, None, :],
-                                                            b_bi[None, :, :], l_bi[None, :, :]),
-                                  float("-inf")))
-            b_Ad += tl.sum(b_q[:, None, :] * b_kd[None, :, :] * b_e, 2)
+        if DIAG_3D:
+            b_Ad += _diag_products(q, k, b, blo, row0, o_r, m_r, i_k * BK, H, K, BC, BK, DBK)
         else:
             for jj in range(BC):  # a loop, not unrolled: 16 x 4 unrolled bodies compile slowly
                 j = I * BC + jj
@@ -118,7 +140,7 @@ def _intra_row_block(q, k, b, blo, row0, n_t, I: tl.constexpr, H: tl.constexpr, 
 def chunk_gla_fwd_A_kernel(
     q, k, b, blo, A, cu_seqlens, chunk_indices, scale, T,
     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-    PRECISION: tl.constexpr, DIAG_3D: tl.constexpr, IS_VARLEN: tl.constexpr,
+    PRECISION: tl.constexpr, DIAG_3D: tl.constexpr, DBK: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """A_ij = scale sum_c q_ic k_jc exp(b_ic - b_jc), j <= i, for one chunk ([BT, BT] float32)."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
@@ -127,7 +149,7 @@ def chunk_gla_fwd_A_kernel(
     o_c = tl.arange(0, BT)
     for I in tl.static_range(BT // BC):
         b_A, o_r, m_r = _intra_row_block(q, k, b, blo, row0, n_t, I, H, K, BT, BC, BK, PRECISION,
-                                         DIAG_3D)
+                                         DIAG_3D, DBK)
         tl.store(A + row0 * BT + (o_r * H * BT)[:, None] + o_c[None, :], b_A * scale,
                  mask=m_r[:, None])
 
@@ -149,7 +171,8 @@ def chunk_gla_fwd(q, k, v, g, scale: float, initial_state, output_final_state: b
     if NT:
         chunk_gla_fwd_A_kernel[(NT, B * H)](
             q, k, b, blo, A, cu_seqlens, chunk_indices, scale, T, H=H, K=K, BT=BT, BC=BC, BK=BK,
-            PRECISION=prec, DIAG_3D=A_DIAG_3D, num_warps=8 if A_DIAG_3D else 4)
+            PRECISION=prec, DIAG_3D=A_DIAG_3D, DBK=A_DIAG_BK,
+            num_warps=A_WARPS or (8 if A_DIAG_3D and A_DIAG_BK > 32 else 4))
         # the delta rule's walk, under the key gate and without w
         chunk_fwd_h_gated(k, v, b, blo, h, initial_state, ht, cu_seqlens, chunk_offsets, N, BT)
         # the output stage shared with the delta rule, under the key gate and with A given (no

@@ -56,7 +56,7 @@ def fused_chunk_gla_fwd_kernel(
     q, k, v, b, blo, o, h0, ht, cu_seqlens, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
     BK: tl.constexpr, BKA: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
-    DIAG_3D: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
+    DIAG_3D: tl.constexpr, DBK: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
     """One sequence, head and value tile: O = scale ((Q * exp(b)) S + A V) per 16-row block,
@@ -82,7 +82,7 @@ def fused_chunk_gla_fwd_kernel(
         b_v = load_rows(v + row0 * V, o_c, m_t, o_v, V, H)
         for I in tl.static_range(BT // BC):
             b_A, o_r, m_r = _intra_row_block(q, k, b, blo, row0, n_t, I, H, K, BT, BC, BKA,
-                                             PRECISION, DIAG_3D)
+                                             PRECISION, DIAG_3D, DBK)
             b_qg = (load_rows(q + row0 * K, o_r, m_r, o_k, K, H).to(tl.float32)
                     * tl.exp(load_rows(b + row0 * K, o_r, m_r, o_k, K, H)))
             b_o = (tl.dot(b_qg, b_s, input_precision=PRECISION) * scale
@@ -115,7 +115,7 @@ def fused_chunk_gla_fwd(q, k, v, g, scale: float, initial_state, output_final_st
     fused_chunk_gla_fwd_kernel[(triton.cdiv(V, BV), N * H)](
         q, k, v, b, blo, o, initial_state, ht, cu_seqlens, scale, T, H=H, K=K, V=V, BT=BT, BC=BC,
         BK=triton.next_power_of_2(K), BKA=tile(K), BV=BV, PRECISION=dot_precision(q.dtype),
-        DIAG_3D=chunk.A_DIAG_3D,
+        DIAG_3D=chunk.A_DIAG_3D, DBK=min(chunk.A_DIAG_BK, tile(K)),
         num_warps=8 if K > 64 else 4, num_stages=1)
     return o, ht
 
