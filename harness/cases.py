@@ -53,16 +53,28 @@ class Case:
     initial_state: bool = False
     output_final_state: bool = True
     gate: float = 1.0  # strength of the decay gates: log gate = gate * logsigmoid(x)
+    # [lo, hi]: log gates uniform in it instead (as peers report their errors: [-60, -5])
+    gate_range: list[float] | None = None
     options: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     # The causality family's planted value: {"input", "seq", "t", "value"}: ``value`` ("nan",
     # "inf", "-inf") at token ``t`` of sequence ``seq`` of input ``input`` (every channel).
     poison: dict[str, Any] | None = None
 
+    def __post_init__(self):
+        if self.gate_range is not None:
+            r = self.gate_range
+            if (not isinstance(r, (list, tuple)) or len(r) != 2
+                    or not all(isinstance(x, (int, float)) for x in r) or not r[0] <= r[1] <= 0):
+                raise ValueError(f"gate_range: expected [lo, hi] with lo <= hi <= 0 (log gates), "
+                                 f"got {r!r}")
+            self.gate_range = [float(r[0]), float(r[1])]
+
     def to_json(self) -> str:
         data = asdict(self)
-        if data["poison"] is None:  # a case without one reads as it always has
-            del data["poison"]
+        for key in ("poison", "gate_range"):  # a case without one reads as it always has
+            if data[key] is None:
+                del data[key]
         return json.dumps(data, separators=(",", ":"), sort_keys=True)
 
     @classmethod
@@ -91,7 +103,9 @@ class Case:
         extra += [f"{k}={v}" for k, v in sorted(self.options.items()) if v]
         if self.initial_state:
             extra.append("h0")
-        if self.operator.gated:
+        if self.operator.gated and self.gate_range is not None:
+            extra.append(f"log gates in [{self.gate_range[0]:g}, {self.gate_range[1]:g}]")
+        elif self.operator.gated:
             extra.append(f"gate={self.gate:g}")
         if self.poison:
             p = self.poison
@@ -281,14 +295,22 @@ def _randn(shape, gen):
     return torch.randn(shape, generator=gen, dtype=torch.float64)
 
 
+def _log_gate(shape, case, gen):
+    """gate * logsigmoid(x), x standard normal; or uniform in case.gate_range."""
+    if case.gate_range is not None:
+        lo, hi = case.gate_range
+        return lo + (hi - lo) * torch.rand(shape, generator=gen, dtype=torch.float64)
+    return case.gate * F.logsigmoid(_randn(shape, gen))
+
+
 DOMAINS: dict[str, Callable[[tuple[int, ...], Case, torch.Generator], torch.Tensor]] = {
     "normal": lambda s, c, g: _randn(s, g),
     "small": lambda s, c, g: 0.1 * _randn(s, g),
     "unit": lambda s, c, g: F.normalize(_randn(s, g), dim=-1),  # unit-norm keys/queries
     "unit_interval": lambda s, c, g: torch.sigmoid(_randn(s, g)),  # beta, level scales
-    "log_gate": lambda s, c, g: c.gate * F.logsigmoid(_randn(s, g)),  # log gates <= 0
-    "keep": lambda s, c, g: torch.exp(c.gate * F.logsigmoid(_randn(s, g))),  # in (0, 1]
-    "forget": lambda s, c, g: -torch.expm1(c.gate * F.logsigmoid(_randn(s, g))),  # in [0, 1)
+    "log_gate": lambda s, c, g: _log_gate(s, c, g),  # log gates <= 0
+    "keep": lambda s, c, g: torch.exp(_log_gate(s, c, g)),  # in (0, 1]
+    "forget": lambda s, c, g: -torch.expm1(_log_gate(s, c, g)),  # in [0, 1)
     "learning_rate": lambda s, c, g: 0.1 * torch.sigmoid(_randn(s, g)),
     "ln_weight": lambda s, c, g: 1.0 + 0.1 * _randn(s, g),
     "ln_bias": lambda s, c, g: 0.1 * _randn(s, g),

@@ -190,6 +190,18 @@ def test_sample_is_reproducible_and_in_domain():
     assert Case.from_json(case.to_json()) == case
 
 
+def test_a_gate_range_draws_uniform_log_gates_and_is_kept_in_the_json():
+    """gate_range reproduces the inputs peers report errors on (log gates uniform in [-60, -5]);
+    a case without it has the JSON it always had (baselines are keyed by it)."""
+    case = Case(op="gla", dims={"B": 1, "T": 300, "H": 2, "K": 8, "V": 8}, gate_range=[-60, -5])
+    g = sample(case)["gk"]
+    assert -60 <= g.min() < -59 and -6 < g.max() <= -5 and abs(g.mean() + 32.5) < 0.5
+    assert Case.from_json(case.to_json()) == case and "log gates in [-60, -5]" in case.label()
+    assert "gate_range" not in Case(op="gla", dims=case.dims).to_json()
+    with pytest.raises(ValueError, match="gate_range: expected"):
+        Case(op="gla", dims=case.dims, gate_range=[-5, -60])
+
+
 def test_random_family_records_every_case():
     res = check_family("random", "delta_rule", [get("delta_rule", "chunk_ref")], ["float64"],
                        "cpu", examples=5, seed=1)
