@@ -122,6 +122,17 @@ def test_strong_gates_gradients_finite_and_exact():
         assert rel_error(got[name], ref[name]) < 1e-5, (name, rel_error(got[name], ref[name]))
 
 
+def test_gate_gradient_at_the_sequence_end_under_strong_gates():
+    """At a chunk's last row the gate's gradient sums k_j dk_j^(state) over the rows j before it;
+    the last row's own term, k_L (v_L dH^T), is O(10) where the final state's gradient enters
+    and dg is O(1e-3) under log gates in [-60, -5]. Taken as (sum over j <= L) - (row L) that
+    sum kept float32's rounding of the large term: dg 2.0e-5 off float64 here (K = V = 64; the
+    test above, K = V = 16, saw less). Scanned without the subtraction: 4.2e-7."""
+    got, ref = both(1, 70, 1, 64, 64, strong=True)
+    for name in ref:
+        assert rel_error(got[name], ref[name]) < 1e-5, (name, rel_error(got[name], ref[name]))
+
+
 # the switches of kernels.gla (chunk_bwd.DIAG_3D, STATE_DOTS_SPLIT, chunk.A_DIAG_3D) and of
 # kernels.common.cumsum.CUMSUM_F64: each form they pick is exact
 FORMS = {
