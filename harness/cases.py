@@ -39,6 +39,8 @@ LONG_T = {"cpu": (256, 1024, 2048), "cuda": (1024, 4096, 16384, 65536)}
 LONG_HEAD = {"cpu": 16, "cuda": 64}
 STRONG_GATE = 20.0
 GATE_STRENGTHS = (1.0 / 16, 1.0, 8.0)
+# Or log gates uniform in a range (overrides the strength): the inputs peers report errors on.
+GATE_RANGES = (None, [-60.0, -5.0])
 SCALES = (None, 1.0, 0.3)
 
 
@@ -157,6 +159,7 @@ def case_strategy(draw: Callable, op_name: str, profile: str = "cpu") -> Case:
         initial_state=draw(st.booleans()) if op.has_state else False,
         output_final_state=draw(st.sampled_from([True, False])) if op.has_state else False,
         gate=draw(st.sampled_from(GATE_STRENGTHS)) if op.gated else 1.0,
+        gate_range=draw(st.sampled_from(GATE_RANGES)) if op.gated else None,
         options=options,
         seed=draw(st.integers(0, 2**31 - 1)),
     )
