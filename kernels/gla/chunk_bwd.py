@@ -44,6 +44,13 @@ DIAG_3D = True
 # True splits each state into two parts in the inputs' dtype (two products, ~16 mantissa bits
 # of the state kept: utils.dot_split), False multiplies in float32 (three TF32 passes).
 STATE_DOTS_SPLIT = True
+# Software-pipelining stages of the dv and dq/dk kernels' loops (Triton's default: 3), not yet
+# timed otherwise. The loops run K / 64 and V / 64 times; the staged float32 tiles are most of
+# the shared memory (ptxas, sm_90, bf16, K = V = 128: dv 181 / 123 / 64 KB at 3 / 2 / 1 stages,
+# one program an SM at 3 stages, two by registers at 1; dq/dk 114 / 65 / 32 KB, one program an
+# SM by its registers whatever the stages).
+DV_STAGES = 3
+DQK_STAGES = 3
 
 
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
@@ -312,7 +319,7 @@ def chunk_gla_bwd(q, k, v, g, saved, scale: float, initial_state, do, dht, cu_se
         chunk_bwd_dh_gated(q, b, do, dH, dht, dh0, scale, cu_seqlens, chunk_offsets, N, BT)
         chunk_gla_bwd_dv_kernel[(triton.cdiv(V, BV), NT, B * H)](
             k, b, blo, A, do, dH, dv, cu_seqlens, chunk_indices, T, H=H, K=K, V=V, BT=BT, BK=BK,
-            BV=BV, PRECISION=prec)
+            BV=BV, PRECISION=prec, num_stages=DV_STAGES)
         dA = torch.empty(B, T, H, BT, **f32)
         chunk_gla_bwd_dA_kernel[(NT, B * H)](
             v, do, dA, cu_seqlens, chunk_indices, scale, T, H=H, V=V, BT=BT, BV=BV,
@@ -323,7 +330,8 @@ def chunk_gla_bwd(q, k, v, g, saved, scale: float, initial_state, do, dht, cu_se
         chunk_gla_bwd_dqk_kernel[(triton.cdiv(K, BK), NT, B * H)](
             q, k, v, b, blo, h, do, dH, dq, dk, dq_out, dk_out, dg, cu_seqlens, chunk_indices,
             scale, T, H=H,
-            K=K, V=V, BT=BT, BK=BK, BV=BV, PRECISION=prec, SPLIT=STATE_DOTS_SPLIT, num_warps=8)
+            K=K, V=V, BT=BT, BK=BK, BV=BV, PRECISION=prec, SPLIT=STATE_DOTS_SPLIT, num_warps=8,
+            num_stages=DQK_STAGES)
     elif dh0 is not None:  # no tokens: the initial state is the final one
         dh0.copy_(dht if dht is not None else torch.zeros_like(dh0))
     return dq_out, dk_out, dv, dg, dh0
