@@ -40,7 +40,7 @@ from kernels.common.utils import (check_launchable, chunk_layout, chunk_rows, do
 from kernels.gla.chunk_bwd import chunk_gla_bwd
 from references.operators import GLA
 
-__all__ = ["chunk_gla", "chunk_gla_fwd"]
+__all__ = ["chunk_gla", "chunk_gla_fwd", "intra_chunk_A"]
 
 BT = 64  # chunk size: a tiling choice, never a change of result
 BC = 16  # A's row blocks
@@ -154,31 +154,40 @@ def chunk_gla_fwd_A_kernel(
                  mask=m_r[:, None])
 
 
+def intra_chunk_A(q, k, b, blo, scale: float, cu_seqlens, chunk_indices, NT: int):
+    """A [B, T, H, BT] float32 (row i of a chunk: A_ij scaled, zero for j > i) from the
+    cumulative gates (b, blo); every chunk in parallel."""
+    B, T, H, K = q.shape
+    A = torch.empty(B, T, H, BT, dtype=torch.float32, device=q.device)
+    if NT:
+        chunk_gla_fwd_A_kernel[(NT, B * H)](
+            q, k, b, blo, A, cu_seqlens, chunk_indices, scale, T, H=H, K=K, BT=BT, BC=BC,
+            BK=tile(K), PRECISION=dot_precision(q.dtype), DIAG_3D=A_DIAG_3D, DBK=A_DIAG_BK,
+            num_warps=A_WARPS or (8 if A_DIAG_3D and A_DIAG_BK > 32 else 4))
+    return A
+
+
 def chunk_gla_fwd(q, k, v, g, scale: float, initial_state, output_final_state: bool,
-                  cu_seqlens):
-    """(o [B,T,H,V] in v's dtype, final state [N,H,K,V] float32 or None, (b, blo, h, A) for a
-    backward); inputs contiguous and checked."""
+                  cu_seqlens, with_output: bool = True):
+    """(o [B,T,H,V] in v's dtype (None without with_output), final state [N,H,K,V] float32 or
+    None, (b, blo, h, A) for a backward); inputs contiguous and checked."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     N, NT, chunk_indices, chunk_offsets = chunk_layout(B, T, cu_seqlens, BT)
     chunks = NT * (B if cu_seqlens is None else 1)
     b, blo = chunk_local_cumsum(g, cu_seqlens, chunk_indices, NT, BT)
     h = torch.empty(chunks, H, K, V, dtype=torch.float32, device=q.device)
-    A = torch.empty(B, T, H, BT, dtype=torch.float32, device=q.device)
-    o = torch.empty_like(v)
+    A = intra_chunk_A(q, k, b, blo, scale, cu_seqlens, chunk_indices, NT)
+    o = torch.empty_like(v) if with_output else None
     ht = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
-    BK, prec = tile(K), dot_precision(q.dtype)
     if NT:
-        chunk_gla_fwd_A_kernel[(NT, B * H)](
-            q, k, b, blo, A, cu_seqlens, chunk_indices, scale, T, H=H, K=K, BT=BT, BC=BC, BK=BK,
-            PRECISION=prec, DIAG_3D=A_DIAG_3D, DBK=A_DIAG_BK,
-            num_warps=A_WARPS or (8 if A_DIAG_3D and A_DIAG_BK > 32 else 4))
         # the delta rule's walk, under the key gate and without w
         chunk_fwd_h_gated(k, v, b, blo, h, initial_state, ht, cu_seqlens, chunk_offsets, N, BT)
         # the output stage shared with the delta rule, under the key gate and with A given (no
         # guard against non-finite inputs yet in GLA's stages: safe=False)
-        o = chunk_fwd_o(q, k, v, h, scale, cu_seqlens, chunk_indices, NT, BT, g=b, A=A,
-                        safe=False)
+        if with_output:
+            o = chunk_fwd_o(q, k, v, h, scale, cu_seqlens, chunk_indices, NT, BT, g=b, A=A,
+                            safe=False)
     elif ht is not None:  # no tokens: the final state is the initial one
         ht.copy_(initial_state if initial_state is not None else torch.zeros_like(ht))
     return o, ht, (b, blo, h, A)

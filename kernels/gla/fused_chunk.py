@@ -1,19 +1,21 @@
-"""GLA, chunks walked in one program (docs/operators.md section 2), key gate: the forward is one
-walk per (sequence, head, value tile) with the state on chip; nothing per chunk is stored.
+"""GLA, chunks walked in one program (docs/operators.md section 2), key gate: the forward's walk
+runs per (sequence, head, value tile) with the state on chip and writes no per-chunk state.
 
 chunk_gla (kernels.gla.chunk) stores the state entering every chunk (float32, K V per chunk and
-head) and the intra-chunk matrix A (BT per token and head) between its stages, and launches four
-kernels for a forward. Here one kernel after the cumulative gates walks each sequence's chunks:
+head) between its walk and its output stage. Here, after the cumulative gates and chunk_gla's A
+kernel (kernels.gla.chunk.intra_chunk_A: every chunk in parallel, BT values per token and head),
+one kernel walks each sequence's chunks and writes the output on the way:
 
     for each chunk n, with S = h[n] on chip and b the chunk's cumulative log gate:
-        O_I = scale ((Q_I * exp(b_I)) S + A_I V)       for each 16-row block I
+        O_I = scale (Q_I * exp(b_I)) S + A_I V          for each 16-row block I
         S   = diag(exp(b_L)) S + (K * exp(b_L - b))^T V
 
-A_I is chunk_gla's row block (kernels.gla.chunk._intra_row_block: every exponent <= 0, from
-compensated cumulative sums), so the two forwards agree to rounding. The cost: each value tile's
-program forms A again (twice at V = 128), and there are only N H V / BV programs, so long
-sequences in a large batch go to chunk_gla; short ones, small batches and prefill before
-decoding are what this walk is for (no state tensor to write, two launches).
+so the two forwards agree to rounding. A used to be formed inside the walk, 16 dependent rounds
+of loads per 16-row block and key tile, every chunk, in every value tile's program: 3.19 ms
+forward at T = 2048, B = 2, H = 16, K = V = 128 bf16 on an H200, against chunk_gla's 0.73
+(reports/gla.md). There are only N H V / BV programs: the walk is for short sequences, small
+batches and prefill before decoding (three launches, no state tensor); long sequences in a
+large batch go to chunk_gla.
 
 The backward recomputes the states and A with chunk_gla's stages and runs chunk_gla's backward:
 a forward for training keeps no per-chunk tensor alive until the backward. A backward in one
@@ -31,10 +33,8 @@ import triton
 import triton.language as tl
 
 from kernels.common.cumsum import chunk_local_cumsum, pair_diff
-from kernels.common.utils import chunk_layout, dot_precision, load_rows, seq_bounds, store_rows, tile
-from kernels.gla import chunk
-from kernels.gla.chunk import (BC, BT, _intra_row_block, checked_inputs, chunk_gla_fwd,
-                               gradients)
+from kernels.common.utils import chunk_layout, dot_precision, load_rows, seq_bounds, store_rows
+from kernels.gla.chunk import BC, BT, checked_inputs, chunk_gla_fwd, gradients, intra_chunk_A
 
 __all__ = ["fused_chunk_gla"]
 
@@ -53,15 +53,14 @@ def value_tile(K: int, V: int) -> int:
 })
 @triton.jit(do_not_specialize=['T'])
 def fused_chunk_gla_fwd_kernel(
-    q, k, v, b, blo, o, h0, ht, cu_seqlens, scale, T,
+    q, k, v, b, blo, A, o, h0, ht, cu_seqlens, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
-    BK: tl.constexpr, BKA: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr,
-    DIAG_3D: tl.constexpr, DBK: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
+    STORE_FINAL_STATE: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    """One sequence, head and value tile: O = scale ((Q * exp(b)) S + A V) per 16-row block,
-    then S = diag(exp(b_L)) S + (K * exp(b_L - b))^T V, chunk after chunk (S [BK, BV] float32,
-    the whole key width; A's products over key tiles of BKA)."""
+    """One sequence, head and value tile: O = scale (Q * exp(b)) S + A V, then
+    S = diag(exp(b_L)) S + (K * exp(b_L - b))^T V, chunk after chunk (S [BK, BV] float32, the
+    whole key width; A as chunk_gla's A kernel wrote it, scaled)."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos = seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
@@ -80,13 +79,14 @@ def fused_chunk_gla_fwd_kernel(
         m_t = i_t * BT + o_c < L
         n_t = tl.minimum(BT, L - i_t * BT)
         b_v = load_rows(v + row0 * V, o_c, m_t, o_v, V, H)
-        for I in tl.static_range(BT // BC):
-            b_A, o_r, m_r = _intra_row_block(q, k, b, blo, row0, n_t, I, H, K, BT, BC, BKA,
-                                             PRECISION, DIAG_3D, DBK)
+        for I in tl.static_range(BT // BC):  # by 16-row blocks: [BT, BK] tiles spilled
+            o_r = I * BC + tl.arange(0, BC)
+            m_r = o_r < n_t
             b_qg = (load_rows(q + row0 * K, o_r, m_r, o_k, K, H).to(tl.float32)
                     * tl.exp(load_rows(b + row0 * K, o_r, m_r, o_k, K, H)))
+            b_A = load_rows(A + row0 * BT, o_r, m_r, o_c, BT, H)
             b_o = (tl.dot(b_qg, b_s, input_precision=PRECISION) * scale
-                   + tl.dot((b_A * scale).to(b_v.dtype), b_v, input_precision=PRECISION))
+                   + tl.dot(b_A.to(b_v.dtype), b_v, input_precision=PRECISION))
             store_rows(o + row0 * V, b_o, o_r, m_r, o_v, V, H)
         b_bl = tl.load(b + (row0 + (n_t - 1) * H) * K + o_k, mask=m_k, other=0.)
         l_bl = tl.load(blo + (row0 + (n_t - 1) * H) * K + o_k, mask=m_k, other=0.)
@@ -109,13 +109,13 @@ def fused_chunk_gla_fwd(q, k, v, g, scale: float, initial_state, output_final_st
     V = v.shape[-1]
     N, NT, chunk_indices, _ = chunk_layout(B, T, cu_seqlens, BT)
     b, blo = chunk_local_cumsum(g, cu_seqlens, chunk_indices, NT, BT)
+    A = intra_chunk_A(q, k, b, blo, scale, cu_seqlens, chunk_indices, NT)
     o = torch.empty_like(v)
     ht = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
     BV = value_tile(K, V)
     fused_chunk_gla_fwd_kernel[(triton.cdiv(V, BV), N * H)](
-        q, k, v, b, blo, o, initial_state, ht, cu_seqlens, scale, T, H=H, K=K, V=V, BT=BT, BC=BC,
-        BK=triton.next_power_of_2(K), BKA=tile(K), BV=BV, PRECISION=dot_precision(q.dtype),
-        DIAG_3D=chunk.A_DIAG_3D, DBK=min(chunk.A_DIAG_BK, tile(K)),
+        q, k, v, b, blo, A, o, initial_state, ht, cu_seqlens, scale, T, H=H, K=K, V=V, BT=BT,
+        BC=BC, BK=triton.next_power_of_2(K), BV=BV, PRECISION=dot_precision(q.dtype),
         num_warps=8 if K > 64 else 4, num_stages=1)
     return o, ht
 
@@ -133,7 +133,8 @@ class FusedChunkGLAFunction(torch.autograd.Function):
     def backward(ctx, do, dht):
         q, k, v, g, initial_state, cu_seqlens = ctx.saved_tensors
         # the states and A again, from chunk_gla's stages (its output is not needed)
-        _, _, saved = chunk_gla_fwd(q, k, v, g, ctx.scale, initial_state, False, cu_seqlens)
+        _, _, saved = chunk_gla_fwd(q, k, v, g, ctx.scale, initial_state, False, cu_seqlens,
+                                    with_output=False)
         return gradients(q, k, v, g, saved, ctx.scale, initial_state, cu_seqlens, do, dht)
 
 
