@@ -36,13 +36,15 @@ __all__ = ["chunk_gla_bwd"]
 # The diagonal 16-row blocks of the backward's intra-chunk terms dq' and dk': True forms each
 # as one [16, 16, BK] product (one exponential per (i, j, c) shared by dq' and dk': half the
 # exponentials, no loop of dependent loads), False row by row. Both exact. H200, T = 8192,
-# B = 2, H = 16, K = V = 128 bf16, the intra kernel: products 1.36 ms at 4 warps (2.85 ms at
+# B = 2, H = 16, K = V = 128 bf16, the intra kernel: products 1.37 ms at 4 warps (2.85 ms at
 # 8), row by row 2.04 ms at 4 warps (3.22 at 8; unrolled 2.06). reports/gla.md. The forward's
 # A has its own switch (kernels.gla.chunk.A_DIAG_3D).
 DIAG_3D = True
 # The dq/dk kernel's products of dO and V (the inputs' dtype) with the float32 states h and dH:
 # True splits each state into two parts in the inputs' dtype (two products, ~16 mantissa bits
-# of the state kept: utils.dot_split), False multiplies in float32 (three TF32 passes).
+# of the state kept: utils.dot_split), False multiplies in float32 (three TF32 passes). H200,
+# the same shape: 1.00 ms split (184 registers, no spills), 1.57 ms in float32 (264 bytes
+# spilled). Both far below bf16's rounding of the inputs.
 STATE_DOTS_SPLIT = True
 # Software-pipelining stages of the dv and dq/dk kernels' loops (Triton's default: 3), not yet
 # timed otherwise. The loops run K / 64 and V / 64 times; the staged float32 tiles are most of
@@ -213,8 +215,8 @@ def chunk_gla_bwd_intra_kernel(
         b_dk += b_dkd
     else:
         for jj in range(BC):  # a loop, not unrolled: compile time
-            b_dq, b_dk = _diag_row(q, k, b, blo, dA, row0, r + jj, o_r, m_r, n_t, o_k, m_k, b_b, l_b,
-                                   b_dq, b_dk, H, K, BT)
+            b_dq, b_dk = _diag_row(q, k, b, blo, dA, row0, r + jj, o_r, m_r, n_t, o_k, m_k,
+                                   b_b, l_b, b_dq, b_dk, H, K, BT)
     store_rows(dq + row0 * K, b_dq, o_r, m_r, o_k, K, H)
     store_rows(dk + row0 * K, b_dk, o_r, m_r, o_k, K, H)
 
@@ -235,8 +237,9 @@ def chunk_gla_bwd_dqk_kernel(
     BV: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """dq, dk (into dq_out, dk_out, in the inputs' dtype) and dg for one chunk and key tile,
-    from the strict intra-chunk parts dq', dk' in dq, dk (float32, chunk_gla_bwd_intra_kernel). With the i = j terms apart (they cancel
-    in q dq - k dk, and are the large ones under strong gates):
+    from the strict intra-chunk parts dq', dk' in dq, dk (float32, from
+    chunk_gla_bwd_intra_kernel). With the i = j terms apart (they cancel in q dq - k dk, and are
+    the large ones under strong gates):
 
         dg_r = sum_{i >= r} (q_i dq''_i - k_i dk'_i) + sum_{j < r} k_j dk_j^(state)
                + exp(b_L) rowsum(h * dH)
