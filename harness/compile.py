@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from harness.switches import switched
+from harness.switches import parse_set, switched
 
 # Cases are the GPU suite's explicit cases of the operator, shrunk for the interpreter: head
 # sizes, options, states and varlen layouts decide the constexprs (H too, but not the code
@@ -154,9 +154,12 @@ def _run_once(impl, args, case, dtype) -> str | None:
 
 
 def record(op_name: str, impl_names: list[str] | None = None, case_ids: list[str] | None = None,
-           on_event: Callable[[dict], None] | None = None) -> tuple[list[Launch], list[str]]:
+           on_event: Callable[[dict], None] | None = None, extra: tuple[dict, ...] = ()
+           ) -> tuple[list[Launch], list[str]]:
     """Run the operator's Triton implementations under the interpreter; (launches, errors).
-    ``on_event`` hears of each implementation and switch recorded (launches so far, seconds)."""
+    Each runs under its defaults, its registered switches and the ``extra`` forms
+    (harness.switches.parse_set's). ``on_event`` hears of each implementation and switch
+    recorded (launches so far, seconds)."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("record needs TRITON_INTERPRET=1 set before triton is imported")
     import torch
@@ -177,7 +180,7 @@ def record(op_name: str, impl_names: list[str] | None = None, case_ids: list[str
     errors = []
     start = time.perf_counter()
     for impl in impls:  # under its defaults, then under each of its switches (registry)
-        for switches in ({},) + impl.switches:
+        for switches in ({},) + impl.switches + tuple(extra):
             with switched(switches):
                 for case in cases:
                     if impl.supports is not None and impl.supports(case) is not None:
@@ -404,6 +407,8 @@ def _main(argv: list[str]) -> None:
     ap.add_argument("--all-configs", action="store_true")
     ap.add_argument("--half", default="bfloat16")
     ap.add_argument("--each-path", action="store_true")
+    ap.add_argument("--set", action="append", default=[], dest="sets",
+                    help="record under this form too: 'LABEL:module.NAME=VALUE,...'")
     a = ap.parse_args(argv)
     events = os.fdopen(os.dup(1), "w", buffering=1)  # the parent reads events from stdout;
     os.dup2(2, 1)  # whatever else is printed (by kernels, libraries) goes to the log
@@ -413,7 +418,8 @@ def _main(argv: list[str]) -> None:
 
     names = [n for n in a.impls.split(",") if n]
     if a.phase == "record":
-        launches, errors = record(a.op, names, [c for c in a.cases.split(",") if c], emit)
+        launches, errors = record(a.op, names, [c for c in a.cases.split(",") if c], emit,
+                                  tuple(parse_set(text) for text in a.sets))
         (a.workdir / "launches.json").write_text(json.dumps(
             {"launches": [vars(x) for x in launches], "errors": errors}))
         return

@@ -25,3 +25,19 @@ def test_switched_sets_a_constant_for_the_block_only():
     with switched({"set": {"kernels.gla.chunk_bwd.STATE_DOTS_SPLIT": not before}}):
         assert chunk_bwd.STATE_DOTS_SPLIT is (not before)
     assert chunk_bwd.STATE_DOTS_SPLIT is before
+
+
+def test_compile_records_launches_under_an_extra_form_too():
+    """`harness.compile record --set` (tools/kernel_registers.py --set): the launches of a form
+    no registration lists are recorded beside the defaults' (A's diagonal products over 16
+    channels: DBK=16 appears only under the form)."""
+    from harness.compile import record
+
+    def dbks(extra):
+        launches, errors = record("gla", ["chunk"], ["basic"], extra=extra)
+        assert errors == []
+        return {x.args["DBK"][1] for x in launches if x.name == "chunk_gla_fwd_A_kernel"}
+
+    assert dbks(()) == {64}
+    form = parse_set("A3D16:kernels.gla.chunk.A_DIAG_3D=True,kernels.gla.chunk.A_DIAG_BK=16")
+    assert dbks((form,)) == {64, 16}

@@ -1,7 +1,7 @@
 """Registers and spills of an operator's kernels on sm_90, measured without a GPU.
 
     python tools/kernel_registers.py OP [--case basic] [--impl chunk] [--kernel NAME]
-        [--half bfloat16] [--arch 90] [--ptx DIR]
+        [--half bfloat16] [--arch 90] [--ptx DIR] [--set 'LABEL:module.NAME=VALUE,...' ...]
 
 Records the launches of the gpu suite's case (``harness.compile``'s record phase, through the
 interpreter), compiles one launch per kernel and code path as the JIT would
@@ -12,6 +12,8 @@ stage is slower than its arithmetic and traffic say. The numbers are the compile
 timing; a change they motivate is still timed on the GPU (reports/<op>.md). ``--ptx DIR``
 keeps each kernel's PTX without its debug information: two runs' folders diff to nothing when a change leaves an operator's
 compiled code as it was (a shared stage gaining a switch another operator uses, say).
+``--set`` also records the launches under a form no registration lists (a switch's value not yet
+timed), as tools/switch_compare.py and tools/kernel_profile.py take it.
 """
 
 from __future__ import annotations
@@ -29,16 +31,16 @@ from rich.console import Console
 from rich.table import Table
 
 console = Console(width=150)
-SIZES = ("K", "V", "D", "BT", "BC", "BK", "BKA", "BV")
+SIZES = ("K", "V", "D", "BT", "BC", "BK", "BKA", "BV", "DBK")
 REGS = re.compile(r"Used (\d+) registers")
 SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
-def _record(op: str, case: str, impl: str, workdir: Path) -> list[dict]:
+def _record(op: str, case: str, impl: str, workdir: Path, sets: list[str]) -> list[dict]:
     env = dict(os.environ, TRITON_INTERPRET="1")
     subprocess.run([sys.executable, "-m", "harness.compile", "record", str(workdir), "--op", op,
-                    "--impls", impl, "--cases", case], env=env, check=True,
-                   stdout=subprocess.DEVNULL)
+                    "--impls", impl, "--cases", case, *(f"--set={text}" for text in sets)],
+                   env=env, check=True, stdout=subprocess.DEVNULL)
     return json.loads((workdir / "launches.json").read_text())["launches"]
 
 
@@ -73,15 +75,23 @@ def main(op: str = typer.Argument(..., help="operator (see `harness list`)"),
          half: str = typer.Option("bfloat16", help="the dtype a half-precision launch runs in"),
          arch: int = typer.Option(90, help="CUDA compute capability x 10"),
          ptx: Path = typer.Option(None, help="also write each compiled kernel's PTX here, one "
-                                             "file per row (to diff a change's compiled code)")
+                                             "file per row (to diff a change's compiled code)"),
+         sets: list[str] = typer.Option([], "--set", help="also under 'LABEL:module.NAME=VALUE,...'")
          ) -> None:
     """Registers, spills and shared memory per kernel and code path."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise typer.BadParameter("run without TRITON_INTERPRET=1 (the compiler runs here)")
     from harness.compile import Launch, compile_kernel, per_path, variants
+    from harness.switches import parse_set
+
+    for text in sets:
+        try:
+            parse_set(text)
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="--set")
 
     workdir = Path(tempfile.mkdtemp(prefix="linattn-registers-"))
-    launches = [Launch(**x) for x in _record(op, case, impl, workdir)]
+    launches = [Launch(**x) for x in _record(op, case, impl, workdir, sets)]
     table = Table(title=f"{op} {case}: sm_{arch}, {half}")
     for col in ("kernel (code path)", "warps", "stages", "registers", "spill stores",
                 "spill loads", "shared"):
