@@ -21,6 +21,7 @@ Nothing runs on a GPU, so a compiled kernel's *results* are not checked here (th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -86,8 +87,11 @@ def constexprs(fn) -> set[str]:
             if "constexpr" in str(p.annotation)}
 
 
-def _recorder(launches: dict[str, Launch], execute: bool = False):
-    """Patch the interpreter so that every launch is recorded, and run only with ``execute``.
+@contextlib.contextmanager
+def _recording(launches: dict[str, Launch], execute: bool = False):
+    """Within the block, patch the interpreter so that every launch is recorded, and run only
+    with ``execute`` (the interpreter as it was after it: a recording process goes on running
+    kernels).
     A launch's signature (argument dtypes, constexprs, options) is known before it runs and no
     host code of the kernels reads a kernel's results to pick the next launch, so recording
     without running sees the same launches in a fraction of the time (whether the kernels
@@ -109,6 +113,10 @@ def _recorder(launches: dict[str, Launch], execute: bool = False):
         return None
 
     InterpretedFunction.run = run
+    try:
+        yield
+    finally:
+        InterpretedFunction.run = original
 
 
 def record_cases(op_name: str, ids: list[str] | None = None):
@@ -168,7 +176,6 @@ def record(op_name: str, impl_names: list[str] | None = None, case_ids: list[str
     from harness.registry import implementations
 
     launches: dict[str, Launch] = {}
-    _recorder(launches)
     impls = [i for i in implementations(op_name) if i.kind == "triton"
              and (not impl_names or i.name in impl_names) and i.why_unavailable("cpu") is None]
     if not impls:
@@ -177,24 +184,25 @@ def record(op_name: str, impl_names: list[str] | None = None, case_ids: list[str
     cases = record_cases(op_name, case_ids)
     if case_ids and len(cases) != len(set(case_ids)):
         raise ValueError(f"cases: the gpu suite has no {op_name} case named in {case_ids}")
-    errors = []
-    start = time.perf_counter()
-    for impl in impls:  # under its defaults, then under each of its switches (registry)
-        for switches in ({},) + impl.switches + tuple(extra):
-            with switched(switches):
-                for case in cases:
-                    if impl.supports is not None and impl.supports(case) is not None:
-                        continue
-                    args = sample(case, "cpu")
-                    for dtype in RECORD_DTYPES:
-                        error = _run_once(impl, args, case, getattr(torch, dtype))
-                        if error:
-                            errors.append(f"{impl.name} {dtype} {switches.get('what', '')} "
-                                          f"{case.to_json()}: {error}")
-            if on_event is not None:
-                on_event({"phase": "record", "impl": impl.name,
-                          "what": switches.get("what", "defaults"), "launches": len(launches),
-                          "seconds": round(time.perf_counter() - start, 1)})
+    with _recording(launches):
+        errors = []
+        start = time.perf_counter()
+        for impl in impls:  # under its defaults, then under each of its switches (registry)
+            for switches in ({},) + impl.switches + tuple(extra):
+                with switched(switches):
+                    for case in cases:
+                        if impl.supports is not None and impl.supports(case) is not None:
+                            continue
+                        args = sample(case, "cpu")
+                        for dtype in RECORD_DTYPES:
+                            error = _run_once(impl, args, case, getattr(torch, dtype))
+                            if error:
+                                errors.append(f"{impl.name} {dtype} {switches.get('what', '')} "
+                                              f"{case.to_json()}: {error}")
+                if on_event is not None:
+                    on_event({"phase": "record", "impl": impl.name,
+                              "what": switches.get("what", "defaults"), "launches": len(launches),
+                              "seconds": round(time.perf_counter() - start, 1)})
     if not launches:
         raise ValueError(f"no kernel launch recorded for {op_name} on {len(cases)} case(s)")
     return list(launches.values()), errors

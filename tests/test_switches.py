@@ -30,8 +30,13 @@ def test_switched_sets_a_constant_for_the_block_only():
 def test_compile_records_launches_under_an_extra_form_too():
     """`harness.compile record --set` (tools/kernel_registers.py --set): the launches of a form
     no registration lists are recorded beside the defaults' (A's diagonal products over 16
-    channels: DBK=16 appears only under the form)."""
+    channels: DBK=16 appears only under the form), and the interpreter is left as it was (tests
+    that run kernels in this process come after)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
     from harness.compile import record
+
+    before = InterpretedFunction.run
 
     def dbks(extra):
         launches, errors = record("gla", ["chunk"], ["basic"], extra=extra)
@@ -41,3 +46,4 @@ def test_compile_records_launches_under_an_extra_form_too():
     assert dbks(()) == {64}
     form = parse_set("A3D16:kernels.gla.chunk.A_DIAG_3D=True,kernels.gla.chunk.A_DIAG_BK=16")
     assert dbks((form,)) == {64, 16}
+    assert InterpretedFunction.run is before
