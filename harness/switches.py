@@ -9,7 +9,7 @@ import contextlib
 from typing import Any, Iterator
 from unittest.mock import patch
 
-__all__ = ["parse_set", "switched"]
+__all__ = ["parse_set", "parse_set_option", "switched"]
 
 
 def parse_set(text: str) -> dict[str, Any]:
@@ -25,6 +25,16 @@ def parse_set(text: str) -> dict[str, Any]:
         except (ValueError, SyntaxError):
             raise ValueError(f"{value.strip()!r} in {text!r} is not a Python literal") from None
     return {"what": label, "set": values}
+
+
+def parse_set_option(texts: list[str]) -> list[dict[str, Any]]:
+    """The forms of a command line's repeated ``--set``; a typer usage error naming the bad one."""
+    import typer
+
+    try:
+        return [parse_set(text) for text in texts]
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--set") from None
 
 
 @contextlib.contextmanager

@@ -38,12 +38,9 @@ def main(
 
     from harness.bench.measure import bench_case
     from harness.registry import get
-    from harness.switches import parse_set, switched
+    from harness.switches import parse_set_option, switched
 
-    try:
-        extra = [parse_set(text) for text in sets]
-    except ValueError as e:
-        raise typer.BadParameter(str(e), param_hint="--set")
+    extra = parse_set_option(sets)
 
     if not torch.cuda.is_available():
         raise typer.BadParameter("needs a CUDA device")

@@ -82,13 +82,9 @@ def main(op: str = typer.Argument(..., help="operator (see `harness list`)"),
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise typer.BadParameter("run without TRITON_INTERPRET=1 (the compiler runs here)")
     from harness.compile import Launch, compile_kernel, per_path, variants
-    from harness.switches import parse_set
+    from harness.switches import parse_set_option
 
-    for text in sets:
-        try:
-            parse_set(text)
-        except ValueError as e:
-            raise typer.BadParameter(str(e), param_hint="--set")
+    parse_set_option(sets)  # a bad --set is a usage error before the record subprocess runs
 
     workdir = Path(tempfile.mkdtemp(prefix="linattn-registers-"))
     launches = [Launch(**x) for x in _record(op, case, impl, workdir, sets)]

@@ -25,16 +25,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from harness.switches import parse_set, switched
+from harness.switches import parse_set_option, switched
 
 console = Console(width=150)
-
-
-def _parse_set(text: str) -> dict:
-    try:
-        return parse_set(text)
-    except ValueError as e:
-        raise typer.BadParameter(str(e), param_hint="--set")
 
 
 def main(
@@ -63,7 +56,7 @@ def main(
         console.print("[yellow]no GPU: accuracy only, through the interpreter (float32, float16)[/]")
     target = get(op, impl)
     variants = [(f"{impl}", target, {})] + [(f"{impl}: {s['what']}", target, s) for s in target.switches]
-    variants += [(f"{impl}: {s['what']}", target, s) for s in map(_parse_set, sets)]
+    variants += [(f"{impl}: {s['what']}", target, s) for s in parse_set_option(sets)]
     variants += [(name, get(op, name), {}) for name in peer]
 
     B, T, H, D = (int(x) for x in acc.split(","))
