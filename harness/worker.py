@@ -65,12 +65,19 @@ def describe_exit(code: int | None) -> str:
     return f"worker exited with code {code}"
 
 
+# Autotuning timings taken while other processes share the device are noise: not written to
+# Triton's on-disk cache, where a later timing run would take them as its choice. Triton's own
+# setting, and fla's: it passes cache_results=True to its autotuners, which wins over Triton's.
+NO_AUTOTUNE_CACHE = {"TRITON_CACHE_AUTOTUNING": "0", "FLA_CACHE_RESULTS": "0"}
+
+
 class Worker:
     """The parent's handle on one worker process (started on first use, restarted after a
-    failure)."""
+    failure); ``env``: variables set for it on top of this process's environment."""
 
-    def __init__(self, config: dict[str, Any], log_path: Path):
+    def __init__(self, config: dict[str, Any], log_path: Path, env: dict[str, str] | None = None):
         self.config = config
+        self.env = dict(env or {})
         self.log_path = Path(log_path)
         self.proc: subprocess.Popen | None = None
         self._buffer = b""
@@ -79,8 +86,7 @@ class Worker:
     def _spawn(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "ab")
-        env = dict(os.environ)
-        env["PYTHONUNBUFFERED"] = "1"
+        env = {**os.environ, **self.env, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "harness.worker"], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, stderr=log, env=env, start_new_session=True)

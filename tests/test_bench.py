@@ -156,7 +156,8 @@ def test_prewarm_runs_each_job_in_its_own_process_before_the_rows(tmp_path, plan
         def recorded(**kwargs):
             with open({str(marker)!r}, "a") as f:
                 f.write(f"{{os.getpid()}} {{kwargs['q'].shape[1]}} "
-                        f"{{os.environ.get('TRITON_CACHE_AUTOTUNING')}}\\n")
+                        f"{{os.environ.get('TRITON_CACHE_AUTOTUNING')}} "
+                        f"{{os.environ.get('FLA_CACHE_RESULTS')}}\\n")
             return naive_recurrent_delta_rule(**kwargs)
 
         def register_all():
@@ -174,10 +175,11 @@ def test_prewarm_runs_each_job_in_its_own_process_before_the_rows(tmp_path, plan
         unregister("delta_rule", "recorded")
     assert res.returncode == 0, res.stdout + res.stderr
     calls = [line.split() for line in marker.read_text().splitlines()]
-    assert calls[0][1:] == ["8", "0"]  # the prewarm job: smallest T, autotune results not cached
+    # the prewarm job: smallest T, autotune results not cached (Triton's setting and fla's)
+    assert calls[0][1:] == ["8", "0", "0"]
     rows_calls = calls[1:]  # the timed rows: in the worker, another process, T = 16 first
     assert calls[0][0] not in {c[0] for c in rows_calls} and rows_calls[0][1] == "16"
-    assert {c[2] for c in rows_calls} == {"None"}
+    assert {tuple(c[2:]) for c in rows_calls} == {("None", "None")}
     assert "prewarm delta_rule recorded float32 fwd T=8: ok" in res.stdout
     assert "prewarm delta_rule planted_segfault float32 fwd T=8: failed" in res.stdout
     assert "prewarmed 2 job(s)" in res.stdout and "1 did not finish" in res.stdout

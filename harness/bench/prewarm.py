@@ -8,7 +8,9 @@ still to measure once, at the smallest T it has in the sweep, in up to N process
 job only), before any row is timed. The compiled kernels land
 in Triton's on-disk cache, where the timing worker finds them. Nothing measured here is kept:
 the jobs share the device, so their autotuning timings are noise and are not cached
-(``TRITON_CACHE_AUTOTUNING=0``); the worker autotunes again from the compiled kernels.
+(``TRITON_CACHE_AUTOTUNING=0``, and ``FLA_CACHE_RESULTS=0``: fla passes ``cache_results=True``
+to its autotuners, which wins over Triton's setting); the worker autotunes again from the
+compiled kernels.
 A job that fails is only noted: its rows are measured (and fail, or not) as usual.
 """
 
@@ -21,6 +23,8 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
+
+from harness.worker import NO_AUTOTUNE_CACHE
 
 JOB_KEY = ("op", "impl", "dtype", "mode")
 MAX_MESSAGE = 300  # characters of a failed job's output quoted in its note
@@ -40,7 +44,7 @@ def jobs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _run_one(job: dict[str, Any], timeout: float) -> dict[str, Any]:
-    env = {**os.environ, "TRITON_CACHE_AUTOTUNING": "0"}
+    env = {**os.environ, **NO_AUTOTUNE_CACHE}
     start = time.perf_counter()
     try:
         done = subprocess.run([sys.executable, "-m", "harness.bench.prewarm", json.dumps(job)],

@@ -108,7 +108,7 @@ class Isolated:
     worker whose unit did not end well is replaced before its next unit."""
 
     def __init__(self, setup: Setup):
-        from harness.worker import Worker, cores
+        from harness.worker import NO_AUTOTUNE_CACHE, Worker, cores
 
         self.setup = setup
         self.faulted: dict[str, str] = {}  # implementation -> where it faulted
@@ -116,7 +116,10 @@ class Isolated:
         threads = max(1, cores() // max(1, setup.jobs + setup.truth_jobs))
         config = {"device": setup.device, "device_index": 0, "plugins": list(setup.plugins),
                   "threads": threads}
-        self.workers = [Worker(config, setup.log_dir / f"worker{i}.log") for i in range(setup.jobs)]
+        # several workers share the device: their autotuning timings are not kept on disk
+        env = NO_AUTOTUNE_CACHE if setup.jobs > 1 else {}
+        self.workers = [Worker(config, setup.log_dir / f"worker{i}.log", env)
+                        for i in range(setup.jobs)]
         self.threads = [threading.Thread(target=self._serve, daemon=True, args=(w,))
                         for w in self.workers]
         for t in self.threads:
