@@ -180,3 +180,75 @@ def test_every_form_of_the_switches_is_exact(monkeypatch, form):
         got, ref = both(1, 70, 1, 16, 16, strong=True)
     for name in ref:
         assert rel_error(got[name], ref[name]) < 1e-5, (name, rel_error(got[name], ref[name]))
+
+
+def test_half_precision_A_as_one_product_where_the_gates_are_mild():
+    """chunk.A_WHOLE_SPREAD: in float16, a chunk whose gates stay within 40 of its first row's
+    takes A as one float32 product and is exact to float32 (measured 1.3e-7 against float64
+    on the same float16 inputs). The row-block form rounds its off-diagonal products to float16:
+    8.0e-5 on those chunks, over the 1e-5 bound, so the bound sees which form ran. The chunk
+    with log gates in [-60, -5] takes the row blocks with no overflow on the way (its A is
+    nearly diagonal, taken element by element: 5.9e-8)."""
+    from kernels.common.cumsum import chunk_local_cumsum
+    from kernels.common.utils import chunk_layout
+    from kernels.gla.chunk import BT, intra_chunk_A
+
+    g = torch.Generator().manual_seed(3)
+    T, K = 150, 32  # chunks of 64, 64 and 22 tokens; the middle one under strong gates
+    q, k = (torch.randn(1, T, 1, K, generator=g).half() for _ in range(2))
+    gk = F.logsigmoid(torch.randn(1, T, 1, K, generator=g)) / 4
+    gk[:, 64:128] = -5 - 55 * torch.rand(1, 64, 1, K, generator=g)
+    gk = gk.half()
+    N, NT, chunk_indices, _ = chunk_layout(1, T, None, BT)
+    b, blo = chunk_local_cumsum(gk, None, chunk_indices, NT, BT)
+    with np.errstate(over="raise", invalid="raise"):
+        got = intra_chunk_A(q, k, b, blo, 0.5, None, chunk_indices, NT)[0, :, 0]
+    ref = torch.zeros(T, BT, dtype=torch.float64)
+    for c0 in range(0, T, BT):
+        rows = slice(c0, min(c0 + BT, T))
+        B = gk[0, rows, 0].double().cumsum(0)
+        qi, kj = q[0, rows, 0].double(), k[0, rows, 0].double()
+        L = B.shape[0]
+        expo = (B[:, None, :] - B[None, :, :]).masked_fill(
+            ~torch.ones(L, L, dtype=torch.bool).tril()[:, :, None], float("-inf"))
+        ref[rows, :L] = 0.5 * (qi[:, None, :] * kj[None, :, :] * expo.exp()).sum(-1)
+    mild = torch.cat([torch.arange(0, 64), torch.arange(128, T)])
+    assert rel_error(got[mild], ref[mild]) < 1e-5, rel_error(got[mild], ref[mild])
+    assert got.isfinite().all() and rel_error(got[64:128], ref[64:128]) < 1e-5
+
+
+def test_half_precision_intra_gradients_by_whole_chunks_and_by_blocks():
+    """chunk_bwd.INTRA_WHOLE_SPREAD: dq'_i = sum_{j<i} dA_ij k_j exp(b_i - b_j) and dk'_j =
+    sum_{i>j} dA_ij q_i exp(b_i - b_j) in float16, the mild chunks as two products, the chunk
+    under log gates in [-60, -5] by blocks, no overflow on the way. Both forms multiply
+    float32 operands (exact in the interpreter): 1e-5 of float64 on the same inputs
+    (measured 5.4e-8 / 1.3e-7); a wrong factor or a missed term is >= 1e-3."""
+    from kernels.common.cumsum import chunk_local_cumsum
+    from kernels.common.utils import chunk_layout
+    from kernels.gla.chunk import BC, BT
+    from kernels.gla.chunk_bwd import intra_chunk_grads
+
+    g = torch.Generator().manual_seed(4)
+    T, K = 150, 32
+    q, k = (torch.randn(1, T, 1, K, generator=g).half() for _ in range(2))
+    gk = F.logsigmoid(torch.randn(1, T, 1, K, generator=g)) / 4
+    gk[:, 64:128] = -5 - 55 * torch.rand(1, 64, 1, K, generator=g)
+    gk = gk.half()
+    dA = torch.randn(1, T, 1, BT, generator=g).tril_()  # row i of a chunk: dA_ij, j <= i
+    N, NT, chunk_indices, _ = chunk_layout(1, T, None, BT)
+    b, blo = chunk_local_cumsum(gk, None, chunk_indices, NT, BT)
+    dq, dk = torch.empty(1, T, 1, K), torch.empty(1, T, 1, K)
+    with np.errstate(over="raise", invalid="raise"):
+        intra_chunk_grads(q, k, b, blo, dA, dq, dk, None, chunk_indices, NT, BT, BC, "tf32x3")
+    rq, rk = torch.zeros(T, K, dtype=torch.float64), torch.zeros(T, K, dtype=torch.float64)
+    for c0 in range(0, T, BT):
+        rows = slice(c0, min(c0 + BT, T))
+        B = gk[0, rows, 0].double().cumsum(0)
+        L = B.shape[0]
+        below = torch.ones(L, L, dtype=torch.bool).tril(-1)[:, :, None]  # i > j
+        e = (B[:, None, :] - B[None, :, :]).masked_fill(~below, float("-inf")).exp()
+        w = dA[0, rows, 0, :L].double()[:, :, None] * e  # [i, j, c]
+        rq[rows] = (w * k[0, rows, 0].double()[None, :, :]).sum(1)
+        rk[rows] = (w * q[0, rows, 0].double()[:, None, :]).sum(0)
+    assert rel_error(dq[0, :, 0], rq) < 1e-5 and rel_error(dk[0, :, 0], rk) < 1e-5, \
+        (rel_error(dq[0, :, 0], rq), rel_error(dk[0, :, 0], rk))

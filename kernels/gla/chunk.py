@@ -12,7 +12,8 @@ the chunk's tokens up to i, so b decreases, b_i <= 0) and h[n] the state enterin
 
 Every exponent here is <= 0, so nothing overflows at any gate strength (log gates to -60 per
 step put b near -3840 at a chunk's end: exp(b) underflows to 0, which is the true value to
-float32). A's entries need exp(b_i - b_j) for j <= i, never exp(b_i) exp(-b_j): the chunk is cut
+float32); the one exception, A of a chunk whose gates stay within A_WHOLE_SPREAD of its first
+row's, takes exp(b_0 - b) <= exp(A_WHOLE_SPREAD). A's entries need exp(b_i - b_j) for j <= i, never exp(b_i) exp(-b_j): the chunk is cut
 into BC = 16-row blocks; for a column j before row block I, with r = I's first row,
 
     exp(b_i - b_j) = exp(b_i - b_r) exp(b_r - b_j),    both factors <= 1,
@@ -51,10 +52,19 @@ MAX_D = 256
 # by row with a program per row block 1.15 ms at 4 warps, 1.35 at 8). reports/gla.md.
 A_DIAG_3D = False
 # The channels of each of those products (16, 32 or 64): at 64 and 4 warps they spilled (780 /
-# 2576 bytes, ptxas), hence 8 warps there; narrower ones run at 4. A_WARPS: None, or a number
-# of warps for A's kernel whatever the form. Narrower products and A_WARPS not yet timed.
+# 2576 bytes, ptxas), hence 8 warps there; narrower ones run at 4 (206 / 222 registers, no
+# spills) and are slower still: 2.06 ms at 16, 2.01 at 32 (same shape). A_WARPS: None, or a
+# number of warps for A's kernel whatever the form (not timed).
 A_DIAG_BK = 64
 A_WARPS = None
+# A as one product for the whole chunk where the chunk's gates are mild: with d = b - b_0 (row 0
+# of the chunk) and |d| <= A_WHOLE_SPREAD on every row and channel, A = tril((Q * exp(d))
+# (K * exp(-d))^T) in float32 operands (three TF32 passes), every factor within exp(+-40) of 1:
+# no overflow, no underflow. The exponentials are then 2 BT K a chunk instead of ~20 BT K, and
+# the diagonal blocks' loop is gone. exp(d) alone is off by |d| float32 ulps of its argument
+# (2e-6 relative at |d| = 40), far below half precision's rounding but not float32's: float32
+# inputs keep the row-block form. A chunk over the bound takes the row-block form. 0: off.
+A_WHOLE_SPREAD = 40.0
 
 
 @triton.jit
@@ -135,23 +145,61 @@ def _intra_row_block(q, k, b, blo, row0, n_t, I: tl.constexpr, H: tl.constexpr, 
     return b_A, o_r, m_r
 
 
+@triton.jit
+def _whole_chunk(q, k, b, blo, row0, m_t, H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr,
+                 BK: tl.constexpr, PRECISION: tl.constexpr, SPREAD: tl.constexpr):
+    """(tril((Q * exp(d)) (K * exp(-d))^T) unscaled, max |d|) for the chunk, d = b - b_0 on
+    the rows that hold tokens (0 elsewhere). Exact where max |d| <= SPREAD; past it d is
+    clamped to [-SPREAD, SPREAD] (finite, and not the result)."""
+    o_c = tl.arange(0, BT)
+    b_A = tl.zeros([BT, BT], dtype=tl.float32)
+    spread = tl.zeros([BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
+        b_b0 = tl.load(b + row0 * K + o_k, mask=m_k, other=0.)
+        l_b0 = tl.load(blo + row0 * K + o_k, mask=m_k, other=0.)
+        b_d = pair_diff(load_rows(b + row0 * K, o_c, m_t, o_k, K, H),
+                        load_rows(blo + row0 * K, o_c, m_t, o_k, K, H), b_b0[None, :],
+                        l_b0[None, :])
+        b_d = tl.where(m_t[:, None] & m_k[None, :], b_d, 0.)
+        spread = tl.maximum(spread, tl.max(tl.abs(b_d), 1))
+        b_d = tl.minimum(tl.maximum(b_d, -SPREAD), SPREAD)
+        b_q = load_rows(q + row0 * K, o_c, m_t, o_k, K, H).to(tl.float32) * tl.exp(b_d)
+        b_k = load_rows(k + row0 * K, o_c, m_t, o_k, K, H).to(tl.float32) * tl.exp(-b_d)
+        b_A += tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)
+    return tl.where(o_c[:, None] >= o_c[None, :], b_A, 0.), tl.max(spread, 0)
+
+
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
 @triton.jit(do_not_specialize=['T'])
 def chunk_gla_fwd_A_kernel(
     q, k, b, blo, A, cu_seqlens, chunk_indices, scale, T,
     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-    PRECISION: tl.constexpr, DIAG_3D: tl.constexpr, DBK: tl.constexpr, IS_VARLEN: tl.constexpr,
+    PRECISION: tl.constexpr, DIAG_3D: tl.constexpr, DBK: tl.constexpr,
+    WHOLE_SPREAD: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    """A_ij = scale sum_c q_ic k_jc exp(b_ic - b_jc), j <= i, for one chunk ([BT, BT] float32)."""
+    """A_ij = scale sum_c q_ic k_jc exp(b_ic - b_jc), j <= i, for one chunk ([BT, BT] float32):
+    as one product when the chunk's gates spread by at most WHOLE_SPREAD (_whole_chunk), else
+    by row blocks."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
     i_t, m_t, row0 = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BT, IS_VARLEN)
     n_t = tl.sum(m_t.to(tl.int32), 0)  # the rows that hold tokens
     o_c = tl.arange(0, BT)
-    for I in tl.static_range(BT // BC):
-        b_A, o_r, m_r = _intra_row_block(q, k, b, blo, row0, n_t, I, H, K, BT, BC, BK, PRECISION,
-                                         DIAG_3D, DBK)
-        tl.store(A + row0 * BT + (o_r * H * BT)[:, None] + o_c[None, :], b_A * scale,
-                 mask=m_r[:, None])
+    whole = n_t < 0  # False, as a tensor: set below where the whole-chunk form applies
+    if WHOLE_SPREAD > 0:
+        b_Aw, spread = _whole_chunk(q, k, b, blo, row0, m_t, H, K, BT, BK, PRECISION,
+                                    WHOLE_SPREAD)
+        whole = spread <= WHOLE_SPREAD
+        if whole:
+            tl.store(A + row0 * BT + (o_c * H * BT)[:, None] + o_c[None, :], b_Aw * scale,
+                     mask=m_t[:, None])
+    if not whole:
+        for I in tl.static_range(BT // BC):
+            b_A, o_r, m_r = _intra_row_block(q, k, b, blo, row0, n_t, I, H, K, BT, BC, BK,
+                                             PRECISION, DIAG_3D, DBK)
+            tl.store(A + row0 * BT + (o_r * H * BT)[:, None] + o_c[None, :], b_A * scale,
+                     mask=m_r[:, None])
 
 
 def intra_chunk_A(q, k, b, blo, scale: float, cu_seqlens, chunk_indices, NT: int):
@@ -159,10 +207,12 @@ def intra_chunk_A(q, k, b, blo, scale: float, cu_seqlens, chunk_indices, NT: int
     cumulative gates (b, blo); every chunk in parallel."""
     B, T, H, K = q.shape
     A = torch.empty(B, T, H, BT, dtype=torch.float32, device=q.device)
+    whole_spread = 0.0 if q.dtype == torch.float32 else float(A_WHOLE_SPREAD)
     if NT:
         chunk_gla_fwd_A_kernel[(NT, B * H)](
             q, k, b, blo, A, cu_seqlens, chunk_indices, scale, T, H=H, K=K, BT=BT, BC=BC,
             BK=tile(K), PRECISION=dot_precision(q.dtype), DIAG_3D=A_DIAG_3D, DBK=A_DIAG_BK,
+            WHOLE_SPREAD=whole_spread,
             num_warps=A_WARPS or (8 if A_DIAG_3D and A_DIAG_BK > 32 else 4))
     return A
 

@@ -46,12 +46,18 @@ DIAG_3D = True
 # the same shape: 1.00 ms split (184 registers, no spills), 1.57 ms in float32 (264 bytes
 # spilled). Both far below bf16's rounding of the inputs.
 STATE_DOTS_SPLIT = True
-# Software-pipelining stages of the dv and dq/dk kernels' loops (Triton's default: 3), not yet
-# timed otherwise. The loops run K / 64 and V / 64 times; the staged float32 tiles are most of
-# the shared memory (ptxas, sm_90, bf16, K = V = 128: dv 181 / 123 / 64 KB at 3 / 2 / 1 stages,
-# one program an SM at 3 stages, two by registers at 1; dq/dk 114 / 65 / 32 KB, one program an
-# SM by its registers whatever the stages).
-DV_STAGES = 3
+# Software-pipelining stages of the dv and dq/dk kernels' loops. The loops run K / 64 and V / 64
+# times; the staged float32 tiles are most of the shared memory (ptxas, sm_90, bf16, K = V =
+# 128: dv 181 / 123 / 64 KB at 3 / 2 / 1 stages, one program an SM at 3 stages, two by
+# registers at 1; dq/dk 114 / 65 / 32 KB, one program an SM by its registers whatever the
+# stages). H200, the same shape, the dv kernel: 0.52 ms at 1 stage, 0.72 at 2, 0.67 at 3.
+# DQK_STAGES not yet timed otherwise.
+DV_STAGES = 1
+# dq' and dk' of a chunk as two products where its gates stay within INTRA_WHOLE_SPREAD of its
+# first row's, half-precision inputs only (0: off); the forward's A does the same, and
+# kernels.gla.chunk.A_WHOLE_SPREAD says why the bound and why not float32.
+INTRA_WHOLE_SPREAD = 40.0
+INTRA_WHOLE_WARPS = 8
 DQK_STAGES = 3
 
 
@@ -156,24 +162,14 @@ def _diag_row(q, k, b, blo, dA, row0, j, o_r, m_r, n_t, o_k, m_k, b_b, l_b, b_dq
     return b_dq, b_dk
 
 
-@triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
-@triton.jit(do_not_specialize=['T'])
-def chunk_gla_bwd_intra_kernel(
-    q, k, b, blo, dA, dq, dk, cu_seqlens, chunk_indices, T,
-    H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-    PRECISION: tl.constexpr, DIAG_3D: tl.constexpr, IS_VARLEN: tl.constexpr,
-):
-    """The strict intra-chunk parts, for the BC rows of block I of a chunk and one key tile:
-
-        dq'_i = sum_{j < i} dA_ij k_j exp(b_i - b_j),   dk'_j = sum_{i > j} dA_ij q_i exp(b_i - b_j)
-
-    Off the diagonal block through one row of block I (its first row r for dq', its last token
+@triton.jit
+def _intra_block(q, k, b, blo, dA, dq, dk, row0, m_t, n_t, I, i_k, H: tl.constexpr,
+                 K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+                 PRECISION: tl.constexpr, DIAG_3D: tl.constexpr):
+    """dq' and dk' (below) for the BC rows of block I of a chunk and key tile i_k, by blocks:
+    off the diagonal block through one row of block I (its first row r for dq', its last token
     row p for dk'), both factors <= 1; in the diagonal block element by element (BC x BC x BK
-    exponentials). Stored (float32) into dq, dk, which chunk_gla_bwd_dqk_kernel completes."""
-    i_k, i_ci, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_c, I = i_ci // (BT // BC), i_ci % (BT // BC)
-    i_t, m_t, row0 = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BT, IS_VARLEN)
-    n_t = tl.sum(m_t.to(tl.int32), 0)
+    exponentials). Stored (float32) into dq, dk."""
     o_c = tl.arange(0, BT)
     o_r = I * BC + tl.arange(0, BC)
     m_r = o_r < n_t
@@ -219,6 +215,70 @@ def chunk_gla_bwd_intra_kernel(
                                    b_b, l_b, b_dq, b_dk, H, K, BT)
     store_rows(dq + row0 * K, b_dq, o_r, m_r, o_k, K, H)
     store_rows(dk + row0 * K, b_dk, o_r, m_r, o_k, K, H)
+
+
+@triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
+@triton.jit(do_not_specialize=['T'])
+def chunk_gla_bwd_intra_kernel(
+    q, k, b, blo, dA, dq, dk, cu_seqlens, chunk_indices, T,
+    H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+    PRECISION: tl.constexpr, DIAG_3D: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """The strict intra-chunk parts, for the BC rows of block I of a chunk and one key tile:
+
+        dq'_i = sum_{j < i} dA_ij k_j exp(b_i - b_j),   dk'_j = sum_{i > j} dA_ij q_i exp(b_i - b_j)
+
+    by blocks (_intra_block), which chunk_gla_bwd_dqk_kernel completes."""
+    i_k, i_ci, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_c, I = i_ci // (BT // BC), i_ci % (BT // BC)
+    i_t, m_t, row0 = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BT, IS_VARLEN)
+    n_t = tl.sum(m_t.to(tl.int32), 0)
+    _intra_block(q, k, b, blo, dA, dq, dk, row0, m_t, n_t, I, i_k, H, K, BT, BC, BK, PRECISION,
+                 DIAG_3D)
+
+
+@triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
+@triton.jit(do_not_specialize=['T'])
+def chunk_gla_bwd_intra_whole_kernel(
+    q, k, b, blo, dA, dq, dk, cu_seqlens, chunk_indices, T,
+    H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
+    PRECISION: tl.constexpr, DIAG_3D: tl.constexpr, SPREAD: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """dq' and dk' (above) for a whole chunk and one key tile. Where d = b - b_0 (row 0 of the
+    chunk) stays within SPREAD on this tile, as two products:
+
+        dq' = exp(d) * (stril(dA) (K * exp(-d))),   dk' = exp(-d) * (stril(dA)^T (Q * exp(d)))
+
+    every factor within exp(+-SPREAD) of 1 (INTRA_WHOLE_SPREAD); elsewhere block by block
+    (_intra_block)."""
+    i_k, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_t, m_t, row0 = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BT, IS_VARLEN)
+    n_t = tl.sum(m_t.to(tl.int32), 0)
+    o_c = tl.arange(0, BT)
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    m = m_t[:, None] & m_k[None, :]
+    b_d = pair_diff(load_rows(b + row0 * K, o_c, m_t, o_k, K, H),
+                    load_rows(blo + row0 * K, o_c, m_t, o_k, K, H),
+                    tl.load(b + row0 * K + o_k, mask=m_k, other=0.)[None, :],
+                    tl.load(blo + row0 * K + o_k, mask=m_k, other=0.)[None, :])
+    b_d = tl.where(m, b_d, 0.)
+    if tl.max(tl.max(tl.abs(b_d), 1), 0) <= SPREAD:
+        b_e = tl.exp(b_d)
+        b_ei = tl.exp(-b_d)
+        b_dA = load_rows(dA + row0 * BT, o_c, m_t, o_c, BT, H)
+        b_dA = tl.where(o_c[:, None] > o_c[None, :], b_dA, 0.)
+        b_kt = load_rows(k + row0 * K, o_c, m_t, o_k, K, H).to(tl.float32) * b_ei
+        b_qt = load_rows(q + row0 * K, o_c, m_t, o_k, K, H).to(tl.float32) * b_e
+        b_dq = tl.dot(b_dA, b_kt, input_precision=PRECISION) * b_e
+        b_dk = tl.dot(tl.trans(b_dA), b_qt, input_precision=PRECISION) * b_ei
+        store_rows(dq + row0 * K, b_dq, o_c, m_t, o_k, K, H)
+        store_rows(dk + row0 * K, b_dk, o_c, m_t, o_k, K, H)
+    else:
+        for I in range(BT // BC):
+            _intra_block(q, k, b, blo, dA, dq, dk, row0, m_t, n_t, I, i_k, H, K, BT, BC, BK,
+                         PRECISION, DIAG_3D)
 
 
 @triton.jit
@@ -300,6 +360,23 @@ def chunk_gla_bwd_dqk_kernel(
     store_rows(dg + row0 * K, b_dg, o_c, m_t, o_k, K, H)
 
 
+def intra_chunk_grads(q, k, b, blo, dA, dq, dk, cu_seqlens, chunk_indices, NT: int, BT: int,
+                      BC: int, prec: str):
+    """dq', dk' (float32, into dq, dk): by whole chunks where the gates allow it
+    (INTRA_WHOLE_SPREAD, half-precision inputs), else by row blocks."""
+    B, T, H, K = q.shape
+    BK = tile(K)
+    spread = 0.0 if q.dtype == torch.float32 else float(INTRA_WHOLE_SPREAD)
+    if spread > 0:
+        chunk_gla_bwd_intra_whole_kernel[(triton.cdiv(K, BK), NT, B * H)](
+            q, k, b, blo, dA, dq, dk, cu_seqlens, chunk_indices, T, H=H, K=K, BT=BT, BC=BC,
+            BK=BK, PRECISION=prec, DIAG_3D=DIAG_3D, SPREAD=spread, num_warps=INTRA_WHOLE_WARPS)
+    else:
+        chunk_gla_bwd_intra_kernel[(triton.cdiv(K, BK), NT * (BT // BC), B * H)](
+            q, k, b, blo, dA, dq, dk, cu_seqlens, chunk_indices, T, H=H, K=K, BT=BT, BC=BC,
+            BK=BK, PRECISION=prec, DIAG_3D=DIAG_3D, num_warps=4)
+
+
 def chunk_gla_bwd(q, k, v, g, saved, scale: float, initial_state, do, dht, cu_seqlens, BT: int,
                   BC: int):
     """(dq, dk, dv, dg, d(initial state) or None) from the forward's (b, blo, h, A)."""
@@ -327,9 +404,7 @@ def chunk_gla_bwd(q, k, v, g, saved, scale: float, initial_state, do, dht, cu_se
         chunk_gla_bwd_dA_kernel[(NT, B * H)](
             v, do, dA, cu_seqlens, chunk_indices, scale, T, H=H, V=V, BT=BT, BV=BV,
             PRECISION=dot_precision(q.dtype))
-        chunk_gla_bwd_intra_kernel[(triton.cdiv(K, BK), NT * (BT // BC), B * H)](
-            q, k, b, blo, dA, dq, dk, cu_seqlens, chunk_indices, T, H=H, K=K, BT=BT, BC=BC,
-            BK=BK, PRECISION=prec, DIAG_3D=DIAG_3D, num_warps=4)
+        intra_chunk_grads(q, k, b, blo, dA, dq, dk, cu_seqlens, chunk_indices, NT, BT, BC, prec)
         chunk_gla_bwd_dqk_kernel[(triton.cdiv(K, BK), NT, B * H)](
             q, k, v, b, blo, h, do, dH, dq, dk, dq_out, dk_out, dg, cu_seqlens, chunk_indices,
             scale, T, H=H,
