@@ -65,6 +65,22 @@ def describe_exit(code: int | None) -> str:
     return f"worker exited with code {code}"
 
 
+def condense_stderr(text: str) -> str:
+    """A dead process's stderr in one line: a fatal error's first line and innermost frame
+    (faulthandler's report of a fatal signal), else its last lines; at most MAX_REASON
+    characters."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    fatal = [i for i, ln in enumerate(lines) if ln.startswith("Fatal Python error")]
+    if fatal:
+        i = fatal[-1]
+        frames = [ln for ln in lines[i + 1:] if ln.startswith("File ")]
+        picked = [lines[i]] + frames[:1]
+    else:
+        picked = [ln for ln in lines if not ln.startswith("Extension modules")][-STDERR_TAIL_LINES:]
+    tail = " | ".join(picked)
+    return "..." + tail[-MAX_REASON:] if len(tail) > MAX_REASON else tail
+
+
 # Autotuning timings taken while other processes share the device are noise: not written to
 # Triton's on-disk cache, where a later timing run would take them as its choice. Triton's own
 # setting, and fla's: it passes cache_results=True to its autotuners, which wins over Triton's.
@@ -149,19 +165,9 @@ class Worker:
                 text = f.read().decode(errors="replace")
         except OSError:
             return ""
-        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-        fatal = [i for i, ln in enumerate(lines) if ln.startswith("Fatal Python error")]
-        if fatal:
-            i = fatal[-1]
-            frames = [ln for ln in lines[i + 1:] if ln.startswith("File ")]
-            picked = [lines[i]] + frames[:1]
-        else:
-            picked = [ln for ln in lines if not ln.startswith("Extension modules")][-STDERR_TAIL_LINES:]
-        if not picked:
+        tail = condense_stderr(text)
+        if not tail:
             return ""
-        tail = " | ".join(picked)
-        if len(tail) > MAX_REASON:
-            tail = "..." + tail[-MAX_REASON:]
         return f"; stderr: {tail} (log: {self.log_path})"
 
     def kill(self) -> None:

@@ -24,10 +24,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-from harness.worker import NO_AUTOTUNE_CACHE
+from harness.worker import NO_AUTOTUNE_CACHE, condense_stderr, describe_exit
 
 JOB_KEY = ("op", "impl", "dtype", "mode")
-MAX_MESSAGE = 300  # characters of a failed job's output quoted in its note
 
 
 def jobs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -50,7 +49,9 @@ def _run_one(job: dict[str, Any], timeout: float) -> dict[str, Any]:
         done = subprocess.run([sys.executable, "-m", "harness.bench.prewarm", json.dumps(job)],
                               capture_output=True, text=True, timeout=timeout, env=env)
         status = "ok" if done.returncode == 0 else "failed"
-        message = "" if status == "ok" else (done.stderr or done.stdout).strip()[-MAX_MESSAGE:]
+        message = "" if status == "ok" else "; ".join(
+            filter(None, [describe_exit(done.returncode).replace("worker", "job", 1),
+                          condense_stderr(done.stderr or done.stdout)]))
     except subprocess.TimeoutExpired:
         status, message = "timeout", f"no result after {timeout:g} s"
     return {**job, "status": status, "message": message,

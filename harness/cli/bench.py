@@ -231,7 +231,9 @@ def bench(
             if rank == 0:
                 progress.console.print(
                     f"prewarm {job['op']} {job['impl']} {job['dtype']} {job['mode']} T={job['T']}: "
-                    f"{job['status']} in {job['seconds']:g} s", highlight=False, soft_wrap=True)
+                    f"{job['status']} in {job['seconds']:g} s"
+                    + (f": {job['message']}" if job["status"] != "ok" and job["message"] else ""),
+                    highlight=False, soft_wrap=True)
 
         try:
             result = sw.run(sweep, on_row, cached_ceilings=list(cached), on_prewarm=on_prewarm)
