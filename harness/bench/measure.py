@@ -35,11 +35,19 @@ def row_key(row: dict[str, Any]) -> tuple:
     return tuple(row[k] for k in KEY)
 
 
+# The timed inputs' log gates: logsigmoid(x) / 16, x standard normal (GLA layers divide their
+# gate logits by 16; a decay of about exp(-0.05) a token). A kernel whose work depends on the
+# gates (chunk_gla's whole-chunk forms, kernels/gla/chunk.py) is timed where models run it;
+# the check's families cover gates to -60 a token.
+BENCH_GATE = 1 / 16
+
+
 def bench_case(op_name: str, B: int, T: int, H: int, head_dim: int, seed: int = 0) -> Case:
-    """The case a benchmark times: one shape (K = V = D, G = H), default options, no states."""
+    """The case a benchmark times: one shape (K = V = D, G = H), default options, no states,
+    log gates of strength BENCH_GATE."""
     options = {name: values[0] for name, values in OPERATORS[op_name].options.items()}
     return Case(op=op_name, dims=case_dims(op_name, B, T, H, head_dim), initial_state=False,
-                output_final_state=False, options=options, seed=seed)
+                output_final_state=False, options=options, seed=seed, gate=BENCH_GATE)
 
 
 _INPUTS: dict[tuple, dict[str, Any]] = {}  # the last case's inputs, in its dtype, on its device

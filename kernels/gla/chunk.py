@@ -13,8 +13,9 @@ the chunk's tokens up to i, so b decreases, b_i <= 0) and h[n] the state enterin
 Every exponent here is <= 0, so nothing overflows at any gate strength (log gates to -60 per
 step put b near -3840 at a chunk's end: exp(b) underflows to 0, which is the true value to
 float32); the one exception, A of a chunk whose gates stay within A_WHOLE_SPREAD of its first
-row's, takes exp(b_0 - b) <= exp(A_WHOLE_SPREAD). A's entries need exp(b_i - b_j) for j <= i, never exp(b_i) exp(-b_j): the chunk is cut
-into BC = 16-row blocks; for a column j before row block I, with r = I's first row,
+row's, takes exp(b_0 - b) <= exp(A_WHOLE_SPREAD). Otherwise A's entries need exp(b_i - b_j)
+for j <= i, never exp(b_i) exp(-b_j): the chunk is cut into BC = 16-row blocks; for a column j
+before row block I, with r = I's first row,
 
     exp(b_i - b_j) = exp(b_i - b_r) exp(b_r - b_j),    both factors <= 1,
 
@@ -59,12 +60,20 @@ A_DIAG_BK = 64
 A_WARPS = None
 # A as one product for the whole chunk where the chunk's gates are mild: with d = b - b_0 (row 0
 # of the chunk) and |d| <= A_WHOLE_SPREAD on every row and channel, A = tril((Q * exp(d))
-# (K * exp(-d))^T) in float32 operands (three TF32 passes), every factor within exp(+-40) of 1:
-# no overflow, no underflow. The exponentials are then 2 BT K a chunk instead of ~20 BT K, and
-# the diagonal blocks' loop is gone. exp(d) alone is off by |d| float32 ulps of its argument
-# (2e-6 relative at |d| = 40), far below half precision's rounding but not float32's: float32
-# inputs keep the row-block form. A chunk over the bound takes the row-block form. 0: off.
+# (K * exp(-d))^T) in float32 operands, every factor within exp(+-40) of 1: no overflow, no
+# underflow. The exponentials are then 2 BT K a chunk instead of ~20 BT K, and the diagonal
+# blocks' loop is gone. exp(d) alone is off by |d| float32 ulps of its argument (2e-6 relative
+# at |d| = 40), far below half precision's rounding but not float32's: float32 inputs keep the
+# row-block form. Its own kernel (chunk_gla_fwd_A_whole_kernel) marks the chunks it formed; the
+# row-block kernel forms the others. 0: off. The product's operands in one TF32 pass
+# (A_WHOLE_PRECISION "tf32": 10 mantissa bits, as fine as float16's and finer than bfloat16's)
+# or three ("tf32x3"). Inside the row-block kernel, as a branch, with three passes at 8 warps,
+# the form took 2.28 ms against the row blocks' 0.90 (H200, T = 8192, B = 2, H = 16,
+# K = V = 128 bf16: 161 KB of shared memory a program, one program an SM).
 A_WHOLE_SPREAD = 40.0
+A_WHOLE_PRECISION = "tf32"
+A_WHOLE_WARPS = 4
+A_WHOLE_STAGES = 2
 
 
 @triton.jit
@@ -173,28 +182,45 @@ def _whole_chunk(q, k, b, blo, row0, m_t, H: tl.constexpr, K: tl.constexpr, BT: 
 
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
 @triton.jit(do_not_specialize=['T'])
+def chunk_gla_fwd_A_whole_kernel(
+    q, k, b, blo, A, done, cu_seqlens, chunk_indices, scale, T,
+    H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    PRECISION: tl.constexpr, SPREAD: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """A of one chunk as one product, tril((Q * exp(d)) (K * exp(-d))^T) scaled, d = b - b_0,
+    where the chunk's gates spread by at most SPREAD (done = 1); else nothing is stored
+    (done = 0) and chunk_gla_fwd_A_kernel forms it by row blocks."""
+    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_t, m_t, row0 = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BT, IS_VARLEN)
+    o_c = tl.arange(0, BT)
+    b_A, spread = _whole_chunk(q, k, b, blo, row0, m_t, H, K, BT, BK, PRECISION, SPREAD)
+    whole = spread <= SPREAD
+    if whole:
+        tl.store(A + row0 * BT + (o_c * H * BT)[:, None] + o_c[None, :], b_A * scale,
+                 mask=m_t[:, None])
+    tl.store(done + i_bh * tl.num_programs(0) + i_c, whole.to(tl.int8))
+
+
+@triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None,
+                    'SKIP_DONE': lambda a: a['done'] is not None})
+@triton.jit(do_not_specialize=['T'])
 def chunk_gla_fwd_A_kernel(
-    q, k, b, blo, A, cu_seqlens, chunk_indices, scale, T,
+    q, k, b, blo, A, done, cu_seqlens, chunk_indices, scale, T,
     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
     PRECISION: tl.constexpr, DIAG_3D: tl.constexpr, DBK: tl.constexpr,
-    WHOLE_SPREAD: tl.constexpr, IS_VARLEN: tl.constexpr,
+    IS_VARLEN: tl.constexpr, SKIP_DONE: tl.constexpr,
 ):
-    """A_ij = scale sum_c q_ic k_jc exp(b_ic - b_jc), j <= i, for one chunk ([BT, BT] float32):
-    as one product when the chunk's gates spread by at most WHOLE_SPREAD (_whole_chunk), else
-    by row blocks."""
+    """A_ij = scale sum_c q_ic k_jc exp(b_ic - b_jc), j <= i, for one chunk ([BT, BT] float32)
+    by row blocks (_intra_row_block); with SKIP_DONE, only where chunk_gla_fwd_A_whole_kernel
+    did not."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
     i_t, m_t, row0 = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BT, IS_VARLEN)
     n_t = tl.sum(m_t.to(tl.int32), 0)  # the rows that hold tokens
     o_c = tl.arange(0, BT)
-    whole = n_t < 0  # False, as a tensor: set below where the whole-chunk form applies
-    if WHOLE_SPREAD > 0:
-        b_Aw, spread = _whole_chunk(q, k, b, blo, row0, m_t, H, K, BT, BK, PRECISION,
-                                    WHOLE_SPREAD)
-        whole = spread <= WHOLE_SPREAD
-        if whole:
-            tl.store(A + row0 * BT + (o_c * H * BT)[:, None] + o_c[None, :], b_Aw * scale,
-                     mask=m_t[:, None])
-    if not whole:
+    todo = n_t > 0
+    if SKIP_DONE:
+        todo = tl.load(done + i_bh * tl.num_programs(0) + i_c) == 0
+    if todo:  # (0.90 ms as without the branch: H200, the shape of A_WHOLE_SPREAD's note)
         for I in tl.static_range(BT // BC):
             b_A, o_r, m_r = _intra_row_block(q, k, b, blo, row0, n_t, I, H, K, BT, BC, BK,
                                              PRECISION, DIAG_3D, DBK)
@@ -204,16 +230,23 @@ def chunk_gla_fwd_A_kernel(
 
 def intra_chunk_A(q, k, b, blo, scale: float, cu_seqlens, chunk_indices, NT: int):
     """A [B, T, H, BT] float32 (row i of a chunk: A_ij scaled, zero for j > i) from the
-    cumulative gates (b, blo); every chunk in parallel."""
+    cumulative gates (b, blo); every chunk in parallel: first as one product per chunk where
+    its gates allow it (A_WHOLE_SPREAD, half-precision inputs), then by row blocks the rest."""
     B, T, H, K = q.shape
     A = torch.empty(B, T, H, BT, dtype=torch.float32, device=q.device)
-    whole_spread = 0.0 if q.dtype == torch.float32 else float(A_WHOLE_SPREAD)
-    if NT:
-        chunk_gla_fwd_A_kernel[(NT, B * H)](
-            q, k, b, blo, A, cu_seqlens, chunk_indices, scale, T, H=H, K=K, BT=BT, BC=BC,
-            BK=tile(K), PRECISION=dot_precision(q.dtype), DIAG_3D=A_DIAG_3D, DBK=A_DIAG_BK,
-            WHOLE_SPREAD=whole_spread,
-            num_warps=A_WARPS or (8 if A_DIAG_3D and A_DIAG_BK > 32 else 4))
+    if not NT:
+        return A
+    done = None
+    if q.dtype != torch.float32 and A_WHOLE_SPREAD > 0:
+        done = torch.empty(B * H, NT, dtype=torch.int8, device=q.device)
+        chunk_gla_fwd_A_whole_kernel[(NT, B * H)](
+            q, k, b, blo, A, done, cu_seqlens, chunk_indices, scale, T, H=H, K=K, BT=BT,
+            BK=tile(K), PRECISION=A_WHOLE_PRECISION, SPREAD=float(A_WHOLE_SPREAD),
+            num_warps=A_WHOLE_WARPS, num_stages=A_WHOLE_STAGES)
+    chunk_gla_fwd_A_kernel[(NT, B * H)](
+        q, k, b, blo, A, done, cu_seqlens, chunk_indices, scale, T, H=H, K=K, BT=BT, BC=BC,
+        BK=tile(K), PRECISION=dot_precision(q.dtype), DIAG_3D=A_DIAG_3D, DBK=A_DIAG_BK,
+        num_warps=A_WARPS or (8 if A_DIAG_3D and A_DIAG_BK > 32 else 4))
     return A
 
 

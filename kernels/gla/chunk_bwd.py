@@ -54,10 +54,15 @@ STATE_DOTS_SPLIT = True
 # DQK_STAGES not yet timed otherwise.
 DV_STAGES = 1
 # dq' and dk' of a chunk as two products where its gates stay within INTRA_WHOLE_SPREAD of its
-# first row's, half-precision inputs only (0: off); the forward's A does the same, and
-# kernels.gla.chunk.A_WHOLE_SPREAD says why the bound and why not float32.
+# first row's, half-precision inputs only (0: off), in their own kernel, which marks the chunks
+# it formed for the row-block kernel to skip; the forward's A does the same, and
+# kernels.gla.chunk.A_WHOLE_SPREAD says why the bound and why not float32. Operands in one TF32
+# pass ("tf32") or three ("tf32x3"). As a branch of one kernel with the row blocks, three passes:
+# 2.91 ms at 8 warps, 1.85 at 4, against the row blocks' 1.37 (H200, the shape above).
 INTRA_WHOLE_SPREAD = 40.0
-INTRA_WHOLE_WARPS = 8
+INTRA_WHOLE_PRECISION = "tf32"
+INTRA_WHOLE_WARPS = 4
+INTRA_WHOLE_STAGES = 1
 DQK_STAGES = 3
 
 
@@ -217,44 +222,51 @@ def _intra_block(q, k, b, blo, dA, dq, dk, row0, m_t, n_t, I, i_k, H: tl.constex
     store_rows(dk + row0 * K, b_dk, o_r, m_r, o_k, K, H)
 
 
-@triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
+@triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None,
+                    'SKIP_DONE': lambda a: a['done'] is not None})
 @triton.jit(do_not_specialize=['T'])
 def chunk_gla_bwd_intra_kernel(
-    q, k, b, blo, dA, dq, dk, cu_seqlens, chunk_indices, T,
+    q, k, b, blo, dA, dq, dk, done, cu_seqlens, chunk_indices, T,
     H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
     PRECISION: tl.constexpr, DIAG_3D: tl.constexpr, IS_VARLEN: tl.constexpr,
+    SKIP_DONE: tl.constexpr,
 ):
     """The strict intra-chunk parts, for the BC rows of block I of a chunk and one key tile:
 
         dq'_i = sum_{j < i} dA_ij k_j exp(b_i - b_j),   dk'_j = sum_{i > j} dA_ij q_i exp(b_i - b_j)
 
-    by blocks (_intra_block), which chunk_gla_bwd_dqk_kernel completes."""
+    by blocks (_intra_block), which chunk_gla_bwd_dqk_kernel completes; with SKIP_DONE, only
+    where chunk_gla_bwd_intra_whole_kernel did not form them."""
     i_k, i_ci, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_c, I = i_ci // (BT // BC), i_ci % (BT // BC)
     i_t, m_t, row0 = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BT, IS_VARLEN)
     n_t = tl.sum(m_t.to(tl.int32), 0)
-    _intra_block(q, k, b, blo, dA, dq, dk, row0, m_t, n_t, I, i_k, H, K, BT, BC, BK, PRECISION,
-                 DIAG_3D)
+    if SKIP_DONE:  # (a branch around the body in the other form cost 14%: H200, 1.57 ms)
+        NT = tl.num_programs(1) // (BT // BC)
+        if tl.load(done + (i_bh * NT + i_c) * tl.num_programs(0) + i_k) == 0:
+            _intra_block(q, k, b, blo, dA, dq, dk, row0, m_t, n_t, I, i_k, H, K, BT, BC, BK,
+                         PRECISION, DIAG_3D)
+    else:
+        _intra_block(q, k, b, blo, dA, dq, dk, row0, m_t, n_t, I, i_k, H, K, BT, BC, BK,
+                     PRECISION, DIAG_3D)
 
 
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
 @triton.jit(do_not_specialize=['T'])
 def chunk_gla_bwd_intra_whole_kernel(
-    q, k, b, blo, dA, dq, dk, cu_seqlens, chunk_indices, T,
-    H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr,
-    PRECISION: tl.constexpr, DIAG_3D: tl.constexpr, SPREAD: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
+    q, k, b, blo, dA, dq, dk, done, cu_seqlens, chunk_indices, T,
+    H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    PRECISION: tl.constexpr, SPREAD: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    """dq' and dk' (above) for a whole chunk and one key tile. Where d = b - b_0 (row 0 of the
-    chunk) stays within SPREAD on this tile, as two products:
+    """dq' and dk' (above) for a whole chunk and one key tile where d = b - b_0 (row 0 of the
+    chunk) stays within SPREAD on the tile (done = 1), as two products:
 
         dq' = exp(d) * (stril(dA) (K * exp(-d))),   dk' = exp(-d) * (stril(dA)^T (Q * exp(d)))
 
-    every factor within exp(+-SPREAD) of 1 (INTRA_WHOLE_SPREAD); elsewhere block by block
-    (_intra_block)."""
+    every factor within exp(+-SPREAD) of 1 (INTRA_WHOLE_SPREAD); elsewhere nothing is stored
+    (done = 0) and chunk_gla_bwd_intra_kernel forms them by blocks."""
     i_k, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_t, m_t, row0 = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BT, IS_VARLEN)
-    n_t = tl.sum(m_t.to(tl.int32), 0)
     o_c = tl.arange(0, BT)
     o_k = i_k * BK + tl.arange(0, BK)
     m_k = o_k < K
@@ -264,7 +276,10 @@ def chunk_gla_bwd_intra_whole_kernel(
                     tl.load(b + row0 * K + o_k, mask=m_k, other=0.)[None, :],
                     tl.load(blo + row0 * K + o_k, mask=m_k, other=0.)[None, :])
     b_d = tl.where(m, b_d, 0.)
-    if tl.max(tl.max(tl.abs(b_d), 1), 0) <= SPREAD:
+    whole = tl.max(tl.max(tl.abs(b_d), 1), 0) <= SPREAD
+    tl.store(done + (i_bh * tl.num_programs(1) + i_c) * tl.num_programs(0) + i_k,
+             whole.to(tl.int8))
+    if whole:
         b_e = tl.exp(b_d)
         b_ei = tl.exp(-b_d)
         b_dA = load_rows(dA + row0 * BT, o_c, m_t, o_c, BT, H)
@@ -275,10 +290,6 @@ def chunk_gla_bwd_intra_whole_kernel(
         b_dk = tl.dot(tl.trans(b_dA), b_qt, input_precision=PRECISION) * b_ei
         store_rows(dq + row0 * K, b_dq, o_c, m_t, o_k, K, H)
         store_rows(dk + row0 * K, b_dk, o_c, m_t, o_k, K, H)
-    else:
-        for I in range(BT // BC):
-            _intra_block(q, k, b, blo, dA, dq, dk, row0, m_t, n_t, I, i_k, H, K, BT, BC, BK,
-                         PRECISION, DIAG_3D)
 
 
 @triton.jit
@@ -362,19 +373,20 @@ def chunk_gla_bwd_dqk_kernel(
 
 def intra_chunk_grads(q, k, b, blo, dA, dq, dk, cu_seqlens, chunk_indices, NT: int, BT: int,
                       BC: int, prec: str):
-    """dq', dk' (float32, into dq, dk): by whole chunks where the gates allow it
-    (INTRA_WHOLE_SPREAD, half-precision inputs), else by row blocks."""
+    """dq', dk' (float32, into dq, dk): first by whole chunks where the gates allow it
+    (INTRA_WHOLE_SPREAD, half-precision inputs), then by row blocks the rest."""
     B, T, H, K = q.shape
     BK = tile(K)
-    spread = 0.0 if q.dtype == torch.float32 else float(INTRA_WHOLE_SPREAD)
-    if spread > 0:
+    done = None
+    if q.dtype != torch.float32 and INTRA_WHOLE_SPREAD > 0:
+        done = torch.empty(B * H, NT, triton.cdiv(K, BK), dtype=torch.int8, device=q.device)
         chunk_gla_bwd_intra_whole_kernel[(triton.cdiv(K, BK), NT, B * H)](
-            q, k, b, blo, dA, dq, dk, cu_seqlens, chunk_indices, T, H=H, K=K, BT=BT, BC=BC,
-            BK=BK, PRECISION=prec, DIAG_3D=DIAG_3D, SPREAD=spread, num_warps=INTRA_WHOLE_WARPS)
-    else:
-        chunk_gla_bwd_intra_kernel[(triton.cdiv(K, BK), NT * (BT // BC), B * H)](
-            q, k, b, blo, dA, dq, dk, cu_seqlens, chunk_indices, T, H=H, K=K, BT=BT, BC=BC,
-            BK=BK, PRECISION=prec, DIAG_3D=DIAG_3D, num_warps=4)
+            q, k, b, blo, dA, dq, dk, done, cu_seqlens, chunk_indices, T, H=H, K=K, BT=BT,
+            BK=BK, PRECISION=INTRA_WHOLE_PRECISION, SPREAD=float(INTRA_WHOLE_SPREAD),
+            num_warps=INTRA_WHOLE_WARPS, num_stages=INTRA_WHOLE_STAGES)
+    chunk_gla_bwd_intra_kernel[(triton.cdiv(K, BK), NT * (BT // BC), B * H)](
+        q, k, b, blo, dA, dq, dk, done, cu_seqlens, chunk_indices, T, H=H, K=K, BT=BT, BC=BC,
+        BK=BK, PRECISION=prec, DIAG_3D=DIAG_3D, num_warps=4)
 
 
 def chunk_gla_bwd(q, k, v, g, saved, scale: float, initial_state, do, dht, cu_seqlens, BT: int,
