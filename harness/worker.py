@@ -53,16 +53,16 @@ class WorkerFailed(Exception):
         self.status, self.reason = status, reason
 
 
-def describe_exit(code: int | None) -> str:
+def describe_exit(code: int | None, who: str = "worker") -> str:
     if code is None:
-        return "worker still running"
+        return f"{who} still running"
     if code < 0:
         try:
             name = signal.Signals(-code).name
         except ValueError:
             name = f"signal {-code}"
-        return f"worker killed by {name} (exit code {code})"
-    return f"worker exited with code {code}"
+        return f"{who} killed by {name} (exit code {code})"
+    return f"{who} exited with code {code}"
 
 
 def condense_stderr(text: str) -> str:

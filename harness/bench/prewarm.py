@@ -50,7 +50,7 @@ def _run_one(job: dict[str, Any], timeout: float) -> dict[str, Any]:
                               capture_output=True, text=True, timeout=timeout, env=env)
         status = "ok" if done.returncode == 0 else "failed"
         message = "" if status == "ok" else "; ".join(
-            filter(None, [describe_exit(done.returncode).replace("worker", "job", 1),
+            filter(None, [describe_exit(done.returncode, "job"),
                           condense_stderr(done.stderr or done.stdout)]))
     except subprocess.TimeoutExpired:
         status, message = "timeout", f"no result after {timeout:g} s"

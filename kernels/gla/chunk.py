@@ -69,7 +69,9 @@ A_WARPS = None
 # (A_WHOLE_PRECISION "tf32": 10 mantissa bits, as fine as float16's and finer than bfloat16's)
 # or three ("tf32x3"). Inside the row-block kernel, as a branch, with three passes at 8 warps,
 # the form took 2.28 ms against the row blocks' 0.90 (H200, T = 8192, B = 2, H = 16,
-# K = V = 128 bf16: 161 KB of shared memory a program, one program an SM).
+# K = V = 128 bf16: 161 KB of shared memory a program, one program an SM). Its own kernel at
+# bench's gates, the same shape: one pass, 4 warps, 1 stage 158 us, 2 stages 135; three passes
+# 181; 8 warps 152. reports/gla.md.
 A_WHOLE_SPREAD = 40.0
 A_WHOLE_PRECISION = "tf32"
 A_WHOLE_WARPS = 4
@@ -201,6 +203,19 @@ def chunk_gla_fwd_A_whole_kernel(
     tl.store(done + i_bh * tl.num_programs(0) + i_c, whole.to(tl.int8))
 
 
+@triton.jit
+def _row_blocks(q, k, b, blo, A, row0, n_t, scale, H: tl.constexpr, K: tl.constexpr,
+                BT: tl.constexpr, BC: tl.constexpr, BK: tl.constexpr, PRECISION: tl.constexpr,
+                DIAG_3D: tl.constexpr, DBK: tl.constexpr):
+    """A of one chunk, scaled, stored row block by row block (_intra_row_block)."""
+    o_c = tl.arange(0, BT)
+    for I in tl.static_range(BT // BC):
+        b_A, o_r, m_r = _intra_row_block(q, k, b, blo, row0, n_t, I, H, K, BT, BC, BK,
+                                         PRECISION, DIAG_3D, DBK)
+        tl.store(A + row0 * BT + (o_r * H * BT)[:, None] + o_c[None, :], b_A * scale,
+                 mask=m_r[:, None])
+
+
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None,
                     'SKIP_DONE': lambda a: a['done'] is not None})
 @triton.jit(do_not_specialize=['T'])
@@ -216,16 +231,12 @@ def chunk_gla_fwd_A_kernel(
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
     i_t, m_t, row0 = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BT, IS_VARLEN)
     n_t = tl.sum(m_t.to(tl.int32), 0)  # the rows that hold tokens
-    o_c = tl.arange(0, BT)
-    todo = n_t > 0
     if SKIP_DONE:
-        todo = tl.load(done + i_bh * tl.num_programs(0) + i_c) == 0
-    if todo:  # (0.90 ms as without the branch: H200, the shape of A_WHOLE_SPREAD's note)
-        for I in tl.static_range(BT // BC):
-            b_A, o_r, m_r = _intra_row_block(q, k, b, blo, row0, n_t, I, H, K, BT, BC, BK,
-                                             PRECISION, DIAG_3D, DBK)
-            tl.store(A + row0 * BT + (o_r * H * BT)[:, None] + o_c[None, :], b_A * scale,
-                     mask=m_r[:, None])
+        if tl.load(done + i_bh * tl.num_programs(0) + i_c) == 0:
+            _row_blocks(q, k, b, blo, A, row0, n_t, scale, H, K, BT, BC, BK, PRECISION, DIAG_3D,
+                        DBK)
+    else:
+        _row_blocks(q, k, b, blo, A, row0, n_t, scale, H, K, BT, BC, BK, PRECISION, DIAG_3D, DBK)
 
 
 def intra_chunk_A(q, k, b, blo, scale: float, cu_seqlens, chunk_indices, NT: int):
