@@ -2,7 +2,7 @@
 accuracy of every quantity on one case against the float64 truth, and the median time per T.
 
     python tools/switch_compare.py OP IMPL [--peer NAME ...] [--set 'LABEL:module.NAME=VALUE,...' ...]
-        [--acc B,T,H,D] [--dtype bfloat16] [--seq-len 2048,8192,32768] [--mode fwd,fwdbwd]
+        [--acc B,T,H,D | --case JSON] [--dtype bfloat16] [--seq-len 2048,8192,32768] [--mode fwd,fwdbwd]
         [--batch 2 --heads 16 --head-dim 128] [--out out/switches]
 
 The variants are IMPL under its defaults, under each switch its registration lists
@@ -35,7 +35,11 @@ def main(
     impl: str = typer.Argument(..., help="the implementation whose switches are compared, e.g. chunk"),
     peer: list[str] = typer.Option([], "--peer", help="implementations run beside it as they are, e.g. fla_chunk"),
     sets: list[str] = typer.Option([], "--set", help="an extra variant: 'LABEL:module.NAME=VALUE,...'"),
+    registered: bool = typer.Option(True, "--registered/--no-registered",
+                                    help="also the switches IMPL's registration lists"),
     acc: str = typer.Option("2,1000,4,64", help="B,T,H,D of the accuracy case (K = V = D)"),
+    case_json: str = typer.Option("", "--case", help="the accuracy case as JSON (as a check "
+                                  "failure prints it), instead of --acc"),
     dtype: str = typer.Option("bfloat16", help="dtype(s) of the accuracy case, comma-separated"),
     seq_len: str = typer.Option("2048,8192,32768", help="T of the timed rows; empty: no timing"),
     mode: str = typer.Option("fwd,fwdbwd", help="timed modes"),
@@ -55,14 +59,19 @@ def main(
     if device == "cpu":
         console.print("[yellow]no GPU: accuracy only, through the interpreter (float32, float16)[/]")
     target = get(op, impl)
-    variants = [(f"{impl}", target, {})] + [(f"{impl}: {s['what']}", target, s) for s in target.switches]
+    variants = [(f"{impl}", target, {})]
+    if registered:
+        variants += [(f"{impl}: {s['what']}", target, s) for s in target.switches]
     variants += [(f"{impl}: {s['what']}", target, s) for s in parse_set_option(sets)]
     variants += [(name, get(op, name), {}) for name in peer]
 
-    B, T, H, D = (int(x) for x in acc.split(","))
-    has_state = OPERATORS[op].has_state
-    case = Case(op=op, dims=case_dims(op, B, T, H, D), initial_state=has_state,
-                output_final_state=has_state, seed=0)
+    if case_json:
+        case = Case.from_json(case_json)
+    else:
+        B, T, H, D = (int(x) for x in acc.split(","))
+        has_state = OPERATORS[op].has_state
+        case = Case(op=op, dims=case_dims(op, B, T, H, D), initial_state=has_state,
+                    output_final_state=has_state, seed=0)
     results = {"op": op, "acc_case": json.loads(case.to_json()), "accuracy": [], "time": []}
     for dname in dtype.split(","):
         table = Table(title=f"{op} {dname}, {case.label()}: relative error against float64",
