@@ -114,7 +114,7 @@ def test_one_token_without_a_state_has_an_exactly_zero_gate_gradient():
 def test_strong_gates_gradients_finite_and_exact():
     """Log gates in [-60, -5]: everything finite and within 1e-5, dg too (2.1e-7): its
     exponents are differences of cumulative sums near -3800, taken from compensated sums
-    (common.cumsum.chunk_local_cumsum); from plain float32 sums dg was 4.8e-5."""
+    (common.cumsum.local_scan, in chunk.gated_operands); from plain float32 sums dg was 4.8e-5."""
     with np.errstate(over="raise", invalid="raise"):
         got, ref = both(1, 200, 1, 16, 16, strong=True)
     assert all(t.isfinite().all() for t in got.values())
@@ -189,9 +189,8 @@ def test_half_precision_A_as_one_product_where_the_gates_are_mild():
     8.0e-5 on those chunks, over the 1e-5 bound, so the bound sees which form ran. The chunk
     with log gates in [-60, -5] takes the row blocks with no overflow on the way (its A is
     nearly diagonal, taken element by element: 5.9e-8)."""
-    from kernels.common.cumsum import chunk_local_cumsum
     from kernels.common.utils import chunk_layout
-    from kernels.gla.chunk import BT, intra_chunk_A
+    from kernels.gla.chunk import BT, gated_operands, intra_chunk_A
 
     g = torch.Generator().manual_seed(3)
     T, K = 150, 32  # chunks of 64, 64 and 22 tokens; the middle one under strong gates
@@ -200,9 +199,12 @@ def test_half_precision_A_as_one_product_where_the_gates_are_mild():
     gk[:, 64:128] = -5 - 55 * torch.rand(1, 64, 1, K, generator=g)
     gk = gk.half()
     N, NT, chunk_indices, _ = chunk_layout(1, T, None, BT)
-    b, blo = chunk_local_cumsum(gk, None, chunk_indices, NT, BT)
+    b, blo, _, _ = gated_operands(gk, q, k, None, chunk_indices, NT)
     with np.errstate(over="raise", invalid="raise"):
         got = intra_chunk_A(q, k, b, blo, 0.5, None, chunk_indices, NT)[0, :, 0]
+        # a forward without a backward stores A in the inputs' dtype: the float32 A rounded
+        got16 = intra_chunk_A(q, k, b, blo, 0.5, None, chunk_indices, NT, q.dtype)[0, :, 0]
+    assert got16.dtype == torch.float16 and torch.equal(got16, got.half())
     ref = torch.zeros(T, BT, dtype=torch.float64)
     for c0 in range(0, T, BT):
         rows = slice(c0, min(c0 + BT, T))
@@ -223,9 +225,8 @@ def test_half_precision_intra_gradients_by_whole_chunks_and_by_blocks():
     under log gates in [-60, -5] by blocks, no overflow on the way. Both forms multiply
     float32 operands (exact in the interpreter): 1e-5 of float64 on the same inputs
     (measured 5.4e-8 / 1.3e-7); a wrong factor or a missed term is >= 1e-3."""
-    from kernels.common.cumsum import chunk_local_cumsum
     from kernels.common.utils import chunk_layout
-    from kernels.gla.chunk import BC, BT
+    from kernels.gla.chunk import BC, BT, gated_operands
     from kernels.gla.chunk_bwd import intra_chunk_grads
 
     g = torch.Generator().manual_seed(4)
@@ -236,7 +237,7 @@ def test_half_precision_intra_gradients_by_whole_chunks_and_by_blocks():
     gk = gk.half()
     dA = torch.randn(1, T, 1, BT, generator=g).tril_()  # row i of a chunk: dA_ij, j <= i
     N, NT, chunk_indices, _ = chunk_layout(1, T, None, BT)
-    b, blo = chunk_local_cumsum(gk, None, chunk_indices, NT, BT)
+    b, blo, _, _ = gated_operands(gk, q, k, None, chunk_indices, NT)
     dq, dk = torch.empty(1, T, 1, K), torch.empty(1, T, 1, K)
     with np.errstate(over="raise", invalid="raise"):
         intra_chunk_grads(q, k, b, blo, dA, dq, dk, None, chunk_indices, NT, BT, BC, "tf32x3")

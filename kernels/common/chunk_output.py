@@ -5,8 +5,8 @@ docs/operators.md section 1; for plain linear attention, v):
 
     O = (scale Q) h[n] + tril((scale Q) K^T) v'
 
-and, for GLA (section 2; kernels/gla/chunk.py forms A with the gates and b, the cumulative log
-key gate within the chunk), O = scale (Q * exp(b)) h[n] + A v.
+and, for GLA (section 2; kernels/gla/chunk.py forms A with the gates, and Q * exp(b) with b the
+cumulative log key gate within the chunk, which it passes as Q), O = scale (Q * exp(b)) h[n] + A v.
 
 One program per (value tile, chunk, head).
 """
@@ -25,21 +25,19 @@ __all__ = ["chunk_fwd_o", "chunk_bwd_dv_local", "chunk_bwd_dqk"]
 
 
 @triton.heuristics({
-    'USE_G': lambda a: a['g'] is not None,
     'USE_A': lambda a: a['A'] is not None,
     'IS_VARLEN': lambda a: a['cu_seqlens'] is not None,
 })
-@triton.autotune(configs=CHUNK_CONFIGS, key=['H', 'K', 'V', 'BT', 'USE_G', 'USE_A', 'IS_VARLEN'])
+@triton.autotune(configs=CHUNK_CONFIGS, key=['H', 'K', 'V', 'BT', 'USE_A', 'IS_VARLEN'])
 @triton.jit(do_not_specialize=['T'])
 def chunk_fwd_o_kernel(
-    q, k, v, h, o, g, A, cu_seqlens, chunk_indices, scale, T,
+    q, k, v, h, o, A, cu_seqlens, chunk_indices, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, SAFE: tl.constexpr,
-    USE_G: tl.constexpr, USE_A: tl.constexpr, IS_VARLEN: tl.constexpr,
+    USE_A: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    """O = scale (Q h[n] + tril(Q K^T) v') for one chunk and value tile. With a key gate g (USE_G:
-    the cumulative log gate within the chunk, float32) Q * exp(g) takes Q's place against the
-    state; with A given (USE_A: the chunk's intra-chunk matrix, scale and gates included, as
+    """O = scale (Q h[n] + tril(Q K^T) v') for one chunk and value tile, h[n] rounded to Q's
+    dtype. With A given (USE_A: the chunk's intra-chunk matrix, scale and gates included, as
     GLA's kernels/gla/chunk.py forms it) A V takes tril(Q K^T) v''s place."""
     i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_t, m_t, row0 = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BT, IS_VARLEN)
@@ -60,9 +58,7 @@ def chunk_fwd_o_kernel(
             b_kt = load_cols(k + row0 * K, o_c, m_t, o_k, K, H)
         b_h = tl.load(p_h + o_k[:, None] * V + o_v[None, :], mask=(o_k < K)[:, None] & m_v[None, :],
                       other=0.)
-        if USE_G:
-            b_q = b_q.to(tl.float32) * tl.exp(load_rows(g + row0 * K, o_c, m_t, o_k, K, H))
-        b_o += tl.dot(b_q, b_h, input_precision=PRECISION)
+        b_o += tl.dot(b_q, b_h.to(b_q.dtype), input_precision=PRECISION)
         if not USE_A:
             b_A += tl.dot(b_q, b_kt, input_precision=PRECISION)
     if USE_A:
@@ -81,11 +77,11 @@ def chunk_fwd_o_kernel(
 
 
 def chunk_fwd_o(q, k, v, h, scale: float, cu_seqlens, chunk_indices, NT: int, BT: int,
-                out_dtype: torch.dtype | None = None, g: torch.Tensor | None = None,
-                A: torch.Tensor | None = None, safe: bool | None = None) -> torch.Tensor:
-    """O per chunk (chunk_fwd_o_kernel), [B, T, H, V] in ``out_dtype`` (default v's). ``g``, a
-    key gate's cumulative log gate within each chunk ([B, T, H, K] float32), and ``A``, the
-    intra-chunk matrix ([B, T, H, BT] float32), go together (GLA); ``safe`` defaults to
+                out_dtype: torch.dtype | None = None, A: torch.Tensor | None = None,
+                safe: bool | None = None) -> torch.Tensor:
+    """O per chunk (chunk_fwd_o_kernel), [B, T, H, V] in ``out_dtype`` (default v's). ``A``,
+    the intra-chunk matrix ([B, T, H, BT], any dtype: its product rounds it to v's), replaces
+    tril(Q K^T) (GLA, which passes Q * exp(b) as q); ``safe`` defaults to
     utils.NONFINITE_SAFE."""
     B, T, H, K = q.shape
     V = v.shape[-1]
@@ -93,7 +89,7 @@ def chunk_fwd_o(q, k, v, h, scale: float, cu_seqlens, chunk_indices, NT: int, BT
     BK, BV = tile(K), tile(V)
     if NT:
         grid = (triton.cdiv(V, BV), NT, B * H)
-        chunk_fwd_o_kernel[grid](q, k, v, h, o, g, A, cu_seqlens, chunk_indices, scale, T, H=H,
+        chunk_fwd_o_kernel[grid](q, k, v, h, o, A, cu_seqlens, chunk_indices, scale, T, H=H,
                                  K=K, V=V, BT=BT, BK=BK, BV=BV, PRECISION=dot_precision(q.dtype),
                                  SAFE=nonfinite_safe() if safe is None else safe)
     return o

@@ -26,7 +26,6 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common.cumsum import pair_diff
 from kernels.common.utils import (dot_mixed, dot_precision, finite_part, first_bad_row, load_cols,
                                    load_rows, nonfinite_safe, poison_rows, store_rows, tile, tuning,
                                    walk_bounds)
@@ -147,18 +146,12 @@ def _out_block(b_o, b_A, p_q, p_k, o_c, m_t, o_k, b_h, K: tl.constexpr, H: tl.co
 
 
 @triton.jit
-def _gated_update(b_h, p_k, p_g, p_l, last, o_c, m_t, o_k, b_v, K: tl.constexpr, H: tl.constexpr,
+def _gated_update(b_h, p_kd, p_g, last, o_c, m_t, o_k, b_v, K: tl.constexpr, H: tl.constexpr,
                   PRECISION: tl.constexpr):
-    """Rows o_k of S = diag(exp(b_L)) S + (K * exp(b_L - b))^T V under a key gate (GLA): b the
-    chunk's cumulative log gate as a compensated pair (p_g, p_l: common.cumsum), L its last
-    row; every exponent <= 0."""
-    m_k = o_k < K
-    b_bl = tl.load(p_g + last * H * K + o_k, mask=m_k, other=0.)
-    l_bl = tl.load(p_l + last * H * K + o_k, mask=m_k, other=0.)
-    b_kd = load_cols(p_k, o_c, m_t, o_k, K, H).to(tl.float32) * tl.exp(tl.where(
-        m_t[None, :], pair_diff(b_bl[:, None], l_bl[:, None], load_cols(p_g, o_c, m_t, o_k, K, H),
-                                load_cols(p_l, o_c, m_t, o_k, K, H)), float("-inf")))
-    return b_h * tl.exp(b_bl)[:, None] + tl.dot(b_kd.to(p_k.dtype.element_ty), b_v,
+    """Rows o_k of S = diag(exp(b_L)) S + Kd^T V under a key gate (GLA): Kd = K * exp(b_L - b)
+    as given (p_kd), b the chunk's cumulative log gate (p_g), L its last row."""
+    b_bl = tl.load(p_g + last * H * K + o_k, mask=o_k < K, other=0.)
+    return b_h * tl.exp(b_bl)[:, None] + tl.dot(load_cols(p_kd, o_c, m_t, o_k, K, H), b_v,
                                                input_precision=PRECISION)
 
 
@@ -177,7 +170,7 @@ def _gated_update(b_h, p_k, p_g, p_l, last, o_c, m_t, o_k, b_v, K: tl.constexpr,
                  prune_configs_by={'early_config_prune': _fits})
 @triton.jit(do_not_specialize=['T'])
 def chunk_fwd_h_kernel(
-    k, w, u, v_new, h, h0, ht, q, o, g, glo, cu_seqlens, chunk_offsets, scale, T,
+    k, w, u, v_new, h, h0, ht, q, o, g, cu_seqlens, chunk_offsets, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, MIXED: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
@@ -189,9 +182,9 @@ def chunk_fwd_h_kernel(
 
         O = scale (Q h[n] + tril(Q K^T) v')        # h[n] = S and v' rounded to the inputs' dtype
 
-    Without w (USE_W off) v' is u itself, the values; with a key gate (USE_G: g, glo the
-    chunk's cumulative log gate as a compensated pair) S = diag(exp(b_L)) S + (K *
-    exp(b_L - b))^T v' (GLA, kernels/gla/chunk.py)."""
+    Without w (USE_W off) v' is u itself, the values; with a key gate (USE_G: g the chunk's
+    cumulative log gate b, and k given as K * exp(b_L - b)) S = diag(exp(b_L)) S + k^T v' (GLA,
+    kernels/gla/chunk.py)."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos, NT, c0 = walk_bounds(cu_seqlens, chunk_offsets, i_n, T, BT, IS_VARLEN)
@@ -244,18 +237,15 @@ def chunk_fwd_h_kernel(
             b_o = poison_rows(b_o, o_c, first_bad_row(b_bad, o_c, BT), SAFE)
             store_rows(o + row0 * V, b_o * scale, o_c, m_t, o_v, V, H)
         if USE_G:
-            p_g, p_l = g + row0 * K, glo + row0 * K
+            p_g = g + row0 * K
             last = tl.minimum(BT, eos - bos - i_t * BT) - 1
-            b_h1 = _gated_update(b_h1, p_k, p_g, p_l, last, o_c, m_t, o_k1, b_v, K, H, PRECISION)
+            b_h1 = _gated_update(b_h1, p_k, p_g, last, o_c, m_t, o_k1, b_v, K, H, PRECISION)
             if K > BK:
-                b_h2 = _gated_update(b_h2, p_k, p_g, p_l, last, o_c, m_t, o_k2, b_v, K, H,
-                                     PRECISION)
+                b_h2 = _gated_update(b_h2, p_k, p_g, last, o_c, m_t, o_k2, b_v, K, H, PRECISION)
             if K > 2 * BK:
-                b_h3 = _gated_update(b_h3, p_k, p_g, p_l, last, o_c, m_t, o_k3, b_v, K, H,
-                                     PRECISION)
+                b_h3 = _gated_update(b_h3, p_k, p_g, last, o_c, m_t, o_k3, b_v, K, H, PRECISION)
             if K > 3 * BK:
-                b_h4 = _gated_update(b_h4, p_k, p_g, p_l, last, o_c, m_t, o_k4, b_v, K, H,
-                                     PRECISION)
+                b_h4 = _gated_update(b_h4, p_k, p_g, last, o_c, m_t, o_k4, b_v, K, H, PRECISION)
         else:
             # S = S + K^T v'   (v' unrounded: S ends as the final state)
             b_h1 += dot_mixed(load_cols(p_k, o_c, m_t, o_k1, K, H), b_v, PRECISION, MIXED)
@@ -315,23 +305,24 @@ def _launch_fwd_h(k, w, u, v_new, h, h0, ht, q, o, scale, cu_seqlens, chunk_offs
     B, T, H, K = k.shape
     V = u.shape[-1]
     grid = lambda meta: (triton.cdiv(V, meta['BV']), N * H)  # noqa: E731
-    chunk_fwd_h_kernel[grid](k, w, u, v_new, h, h0, ht, q, o, None, None, cu_seqlens,
+    chunk_fwd_h_kernel[grid](k, w, u, v_new, h, h0, ht, q, o, None, cu_seqlens,
                              chunk_offsets, scale, T, H=H, K=K, V=V, BT=BT, BK=tile(K),
                              PRECISION=dot_precision(k.dtype),
                              MIXED=mixed or fwd_mixed(k.dtype, K), SAFE=nonfinite_safe())
 
 
-def chunk_fwd_h_gated(k, v, g, glo, h, initial_state, ht, cu_seqlens, chunk_offsets, N: int,
+def chunk_fwd_h_gated(kd, v, g, h, initial_state, ht, cu_seqlens, chunk_offsets, N: int,
                       BT: int):
     """The walk under a key gate, without w (GLA): h[n] into ``h`` ([chunks, H, K, V], kept in
-    its dtype) and the final state into ``ht`` (or None); g, glo the cumulative log gate within
-    each chunk as a compensated pair (common.cumsum.chunk_local_cumsum)."""
-    B, T, H, K = k.shape
+    its dtype) and the final state into ``ht`` (or None); g the cumulative log gate within each
+    chunk (its last row is read), kd = K * exp(b_L - b) in the inputs' dtype
+    (kernels.gla.chunk.gated_operands)."""
+    B, T, H, K = kd.shape
     V = v.shape[-1]
     grid = lambda meta: (triton.cdiv(V, meta['BV']), N * H)  # noqa: E731
-    chunk_fwd_h_kernel[grid](k, None, v, None, h, initial_state, ht, None, None, g, glo,
+    chunk_fwd_h_kernel[grid](kd, None, v, None, h, initial_state, ht, None, None, g,
                              cu_seqlens, chunk_offsets, 1.0, T, H=H, K=K, V=V, BT=BT,
-                             BK=tile(K), PRECISION=dot_precision(k.dtype), MIXED="round",
+                             BK=tile(K), PRECISION=dot_precision(kd.dtype), MIXED="round",
                              SAFE=False)
 
 

@@ -1,7 +1,13 @@
-"""Sums over time within chunks: ``chunk_local_cumsum`` (the chunked forms' cumulative log
-gates) and ``chunk_suffix_sum`` (the rest of a chunk plus the chunk's anchor: the gates'
-backward).
+"""Sums over time within chunks: ``local_scan`` (a chunk's cumulative log gates as a float32
+pair, inside a kernel: GLA's gates stage, kernels/gla/chunk.py), ``pair_diff`` (the difference
+of two such pairs) and ``chunk_suffix_sum`` (the rest of a chunk plus the chunk's anchor: the
+gates' backward).
 
+Within a chunk the exponents are differences b_i - b_j of cumulative log gates, which reach
+-3800 at -60 a step, where one float32 rounding of the running sum is up to 1.2e-4: the sums
+are kept as pairs (hi, and lo what hi lost) and differenced as (hi_i - hi_j) + (lo_i - lo_j).
+
+For chunk_suffix_sum:
 A sequence is walked in order (``reverse``: from its last token to its first) and cut, in
 walking order, into chunks of BT tokens. For walking index i of chunk c,
 
@@ -19,13 +25,14 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common.utils import chunk_bounds, chunk_index, chunk_rows
+from kernels.common.utils import chunk_bounds, chunk_index
 
-__all__ = ["chunk_local_cumsum", "chunk_suffix_sum", "pair_diff"]
+__all__ = ["chunk_suffix_sum", "local_scan", "pair_diff"]
 
-# chunk_local_cumsum's scan: in float64, then split into a float32 pair (True), or a compensated
-# float32 scan (False: for GPUs with slow float64). Both give the pair to float32's rounding.
-# H200, the gates of B = 2, T = 8192, H = 16, K = 128: 0.18 ms in float64, 0.26 ms compensated.
+# local_scan's scan: in float64, then split into a float32 pair (True), or a compensated float32
+# scan (False: for GPUs with slow float64). Both give the pair to float32's rounding. H200, the
+# gates of B = 2, T = 8192, H = 16, K = 128 as a kernel of their own: 0.18 ms in float64, 0.26
+# ms compensated.
 CUMSUM_F64 = True
 
 
@@ -76,49 +83,22 @@ def _two_sum(a_hi, a_lo, b_hi, b_lo):
     return s, a_lo + b_lo + err
 
 
-@triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
-@triton.jit(do_not_specialize=['T'])
-def chunk_local_cumsum_kernel(
-    x, y, ylo, cu_seqlens, chunk_indices, T,
-    H: tl.constexpr, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, F64: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
-):
-    """y_i + ylo_i = sum_{chunk start <= j <= i} x_j within each chunk of BT tokens: y the
-    float32 sum, ylo what its roundings lost (a compensated scan; F64: a float64 scan split into
-    its float32 rounding and the rest)."""
-    i_d, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    i_t, m_t, row0 = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BT, IS_VARLEN)
-    o_d = i_d * BD + tl.arange(0, BD)
-    m = m_t[:, None] & (o_d < D)[None, :]
-    p = row0 * D + (tl.arange(0, BT) * H * D)[:, None] + o_d[None, :]
-    b_x = tl.load(x + p, mask=m, other=0.).to(tl.float32)
+@triton.jit
+def local_scan(b_x, F64: tl.constexpr):
+    """(hi, lo): the cumulative sum of b_x [BT, BD] (float32) down its rows as a float32 pair,
+    hi + lo exact to float32's rounding of the sum (F64: a float64 scan split into its float32
+    rounding and the rest; else a compensated float32 scan)."""
     if F64:  # a float32 sum of <= 64 float32 terms is exact in float64 to 2^-46 of its size
         b_s = tl.cumsum(b_x.to(tl.float64), 0)
         b_hi = b_s.to(tl.float32)
         b_lo = (b_s - b_hi.to(tl.float64)).to(tl.float32)
     else:
         b_hi, b_lo = tl.associative_scan((b_x, tl.zeros_like(b_x)), 0, _two_sum)
-    tl.store(y + p, b_hi, mask=m)
-    tl.store(ylo + p, b_lo, mask=m)
-
-
-def chunk_local_cumsum(x: torch.Tensor, cu_seqlens, chunk_indices, NT: int, BT: int):
-    """x [B, T, H, D] -> its cumulative sum over T within each chunk of BT tokens as a float32
-    pair (hi, lo), hi + lo exact to float32's rounding of the sum itself. Differences of two
-    such sums, (hi_i - hi_j) + (lo_i - lo_j), stay accurate when the sums are large and close
-    (log gates of -60 a step put them near -3800, where one float32 rounding is 1.2e-4)."""
-    B, T, H, D = x.shape
-    y = torch.empty(B, T, H, D, dtype=torch.float32, device=x.device)
-    ylo = torch.empty_like(y)
-    BD = min(64, triton.next_power_of_2(D))
-    if NT:
-        chunk_local_cumsum_kernel[(triton.cdiv(D, BD), NT, B * H)](
-            x, y, ylo, cu_seqlens, chunk_indices, T, H=H, D=D, BT=BT, BD=BD, F64=CUMSUM_F64)
-    return y, ylo
+    return b_hi, b_lo
 
 
 @triton.jit
 def pair_diff(a_hi, a_lo, b_hi, b_lo):
-    """(a_hi + a_lo) - (b_hi + b_lo) for two chunk_local_cumsum pairs: the high parts first
+    """(a_hi + a_lo) - (b_hi + b_lo) for two local_scan pairs: the high parts first
     (exact when they are within a factor of two of each other, as two close large sums are)."""
     return (a_hi - b_hi) + (a_lo - b_lo)

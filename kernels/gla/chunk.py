@@ -1,7 +1,9 @@
 """GLA, chunked form (docs/operators.md section 2), key gate: the forward here, the backward in
-kernels.gla.chunk_bwd. The walk and the output stage are the delta rule's (kernels.common:
-chunk_state's walk under its key gate and without w, chunk_output's stage under its key gate and
-with A given); A and the backward are GLA's own.
+kernels.gla.chunk_bwd. The forward is four stages: the gates (b, and the gated operands
+Q * exp(b) and K * exp(b_L - b), every chunk in parallel), A, the walk and the output stage. The
+walk and the output stage are the delta rule's (kernels.common: chunk_state's walk under its
+key gate, given the gated keys, and without w; chunk_output's stage with the gated queries and
+A given); the gates, A and the backward are GLA's own.
 
 Chunks of BT = 64 tokens. With b the cumulative log gate within a chunk (b_i = sum of g over
 the chunk's tokens up to i, so b decreases, b_i <= 0) and h[n] the state entering chunk n:
@@ -22,7 +24,7 @@ before row block I, with r = I's first row,
 so a block row of A is one product of q * exp(b - b_r) and k * exp(b_r - b); the diagonal
 blocks take exp(b_i - b_j) element by element (BC x BC x K exponentials a block).
 
-b is a compensated pair (b, blo: common.cumsum.chunk_local_cumsum) and every difference of two
+b is a compensated pair (b, blo: common.cumsum.local_scan) and every difference of two
 b's is taken as pair_diff: at -60 a step b reaches -3800 within a chunk, where a float32 sum
 rounds by up to 1.2e-4 a step (the gate's gradient was 4.8e-5 off float64 that way, 2.1e-7
 now; reports/gla.md). exp(b) alone needs no pair: where b is that large it is 0.
@@ -36,9 +38,10 @@ import triton.language as tl
 
 from kernels.common.chunk_output import chunk_fwd_o
 from kernels.common.chunk_state import chunk_fwd_h_gated
-from kernels.common.cumsum import chunk_local_cumsum, pair_diff
+from kernels.common import cumsum
+from kernels.common.cumsum import local_scan, pair_diff
 from kernels.common.utils import (check_launchable, chunk_layout, chunk_rows, dot_precision,
-                                  load_rows, tile)
+                                  load_rows, tile, tuning)
 from kernels.gla.chunk_bwd import chunk_gla_bwd
 from references.operators import GLA
 
@@ -239,12 +242,68 @@ def chunk_gla_fwd_A_kernel(
         _row_blocks(q, k, b, blo, A, row0, n_t, scale, H, K, BT, BC, BK, PRECISION, DIAG_3D, DBK)
 
 
-def intra_chunk_A(q, k, b, blo, scale: float, cu_seqlens, chunk_indices, NT: int):
-    """A [B, T, H, BT] float32 (row i of a chunk: A_ij scaled, zero for j > i) from the
+# The gates stage's tiles: channels per program and warps (the scan runs down the tokens, so
+# neither changes a result). BK = 64 at 4 warps, the first (pinned) config, took 309 us at
+# B = 2, T = 8192, H = 16, K = 128 bf16 on an H200 (300 MB moved: ~75 us of bandwidth).
+GATES_CONFIGS = tuning([triton.Config({'BK': BK}, num_warps=w)
+                        for BK in (64, 32, 16) for w in (4, 2, 1)])
+
+
+@triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
+@triton.autotune(configs=GATES_CONFIGS, key=['H', 'K', 'BT', 'IS_VARLEN'])
+@triton.jit(do_not_specialize=['T'])
+def chunk_gla_fwd_gates_kernel(
+    g, q, k, b, blo, qg, kd, cu_seqlens, chunk_indices, T,
+    H: tl.constexpr, K: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, F64: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """One chunk and key tile: b + blo, the cumulative log gate within the chunk (local_scan),
+    and the gated operands of the walk and the output stage, in the inputs' dtype:
+
+        qg = Q * exp(b),    kd = K * exp(b_L - b)        (L the chunk's last row; exponents <= 0)
+    """
+    i_k, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_t, m_t, row0 = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BT, IS_VARLEN)
+    o_c = tl.arange(0, BT)
+    o_k = i_k * BK + tl.arange(0, BK)
+    m = m_t[:, None] & (o_k < K)[None, :]
+    p = row0 * K + (o_c * H * K)[:, None] + o_k[None, :]
+    b_b, l_b = local_scan(tl.load(g + p, mask=m, other=0.).to(tl.float32), F64)
+    tl.store(b + p, b_b, mask=m)
+    tl.store(blo + p, l_b, mask=m)
+    is_last = (o_c == tl.sum(m_t.to(tl.int32), 0) - 1)[:, None]
+    b_bl = tl.sum(tl.where(is_last, b_b, 0.), 0)  # row L of the pair, exactly
+    l_bl = tl.sum(tl.where(is_last, l_b, 0.), 0)
+    b_q = tl.load(q + p, mask=m, other=0.).to(tl.float32)
+    tl.store(qg + p, (b_q * tl.exp(b_b)).to(qg.dtype.element_ty), mask=m)
+    b_k = tl.load(k + p, mask=m, other=0.).to(tl.float32)
+    b_kd = b_k * tl.exp(tl.where(m_t[:, None], pair_diff(b_bl[None, :], l_bl[None, :], b_b, l_b),
+                                 float("-inf")))
+    tl.store(kd + p, b_kd.to(kd.dtype.element_ty), mask=m)
+
+
+def gated_operands(g, q, k, cu_seqlens, chunk_indices, NT: int):
+    """(b, blo, qg, kd) of chunk_gla_fwd_gates_kernel: the cumulative log gate as a float32
+    pair ([B, T, H, K] each) and Q * exp(b), K * exp(b_L - b) in q's dtype."""
+    B, T, H, K = q.shape
+    b = torch.empty(B, T, H, K, dtype=torch.float32, device=q.device)
+    blo, qg, kd = torch.empty_like(b), torch.empty_like(q), torch.empty_like(k)
+    if NT:
+        grid = lambda meta: (triton.cdiv(K, meta['BK']), NT, B * H)  # noqa: E731
+        chunk_gla_fwd_gates_kernel[grid](g, q, k, b, blo, qg, kd, cu_seqlens, chunk_indices, T,
+                                         H=H, K=K, BT=BT, F64=cumsum.CUMSUM_F64)
+    return b, blo, qg, kd
+
+
+def intra_chunk_A(q, k, b, blo, scale: float, cu_seqlens, chunk_indices, NT: int,
+                  dtype: torch.dtype = torch.float32):
+    """A [B, T, H, BT] in ``dtype`` (row i of a chunk: A_ij scaled, zero for j > i; the
+    output stage rounds A to the inputs' dtype, so a forward without a backward stores it so:
+    the same result in half the bytes; the backward's dv splits a float32 A in two halves) from the
     cumulative gates (b, blo); every chunk in parallel: first as one product per chunk where
     its gates allow it (A_WHOLE_SPREAD, half-precision inputs), then by row blocks the rest."""
     B, T, H, K = q.shape
-    A = torch.empty(B, T, H, BT, dtype=torch.float32, device=q.device)
+    A = torch.empty(B, T, H, BT, dtype=dtype, device=q.device)
     if not NT:
         return A
     done = None
@@ -262,25 +321,29 @@ def intra_chunk_A(q, k, b, blo, scale: float, cu_seqlens, chunk_indices, NT: int
 
 
 def chunk_gla_fwd(q, k, v, g, scale: float, initial_state, output_final_state: bool,
-                  cu_seqlens, with_output: bool = True):
+                  cu_seqlens, with_output: bool = True, for_backward: bool = True):
     """(o [B,T,H,V] in v's dtype (None without with_output), final state [N,H,K,V] float32 or
-    None, (b, blo, h, A) for a backward); inputs contiguous and checked."""
+    None, (b, blo, h, A) for a backward); inputs contiguous and checked. The states h[n] and A
+    are kept in float32 ``for_backward`` (its dq/dk and dv products split them in two halves),
+    else in the inputs' dtype, which is what the output stage multiplies them in either way."""
     B, T, H, K = q.shape
     V = v.shape[-1]
     N, NT, chunk_indices, chunk_offsets = chunk_layout(B, T, cu_seqlens, BT)
     chunks = NT * (B if cu_seqlens is None else 1)
-    b, blo = chunk_local_cumsum(g, cu_seqlens, chunk_indices, NT, BT)
-    h = torch.empty(chunks, H, K, V, dtype=torch.float32, device=q.device)
-    A = intra_chunk_A(q, k, b, blo, scale, cu_seqlens, chunk_indices, NT)
+    b, blo, qg, kd = gated_operands(g, q, k, cu_seqlens, chunk_indices, NT)
+    h = torch.empty(chunks, H, K, V, dtype=torch.float32 if for_backward else q.dtype,
+                    device=q.device)
+    A = intra_chunk_A(q, k, b, blo, scale, cu_seqlens, chunk_indices, NT,
+                      torch.float32 if for_backward else q.dtype)
     o = torch.empty_like(v) if with_output else None
     ht = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
     if NT:
-        # the delta rule's walk, under the key gate and without w
-        chunk_fwd_h_gated(k, v, b, blo, h, initial_state, ht, cu_seqlens, chunk_offsets, N, BT)
-        # the output stage shared with the delta rule, under the key gate and with A given (no
+        # the delta rule's walk, under the key gate (K * exp(b_L - b) given) and without w
+        chunk_fwd_h_gated(kd, v, b, h, initial_state, ht, cu_seqlens, chunk_offsets, N, BT)
+        # the output stage shared with the delta rule, with Q * exp(b) for Q and A given (no
         # guard against non-finite inputs yet in GLA's stages: safe=False)
         if with_output:
-            o = chunk_fwd_o(q, k, v, h, scale, cu_seqlens, chunk_indices, NT, BT, g=b, A=A,
+            o = chunk_fwd_o(qg, k, v, h, scale, cu_seqlens, chunk_indices, NT, BT, A=A,
                             safe=False)
     elif ht is not None:  # no tokens: the final state is the initial one
         ht.copy_(initial_state if initial_state is not None else torch.zeros_like(ht))
@@ -347,5 +410,6 @@ def chunk_gla(
     if grad:
         return ChunkGLAFunction.apply(q, k, v, g, scale, initial_state, output_final_state,
                                       cu_seqlens)
-    o, ht, _ = chunk_gla_fwd(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens)
+    o, ht, _ = chunk_gla_fwd(q, k, v, g, scale, initial_state, output_final_state, cu_seqlens,
+                             for_backward=False)
     return o, ht

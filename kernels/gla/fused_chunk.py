@@ -2,20 +2,19 @@
 runs per (sequence, head, value tile) with the state on chip and writes no per-chunk state.
 
 chunk_gla (kernels.gla.chunk) stores the state entering every chunk (float32, K V per chunk and
-head) between its walk and its output stage. Here, after the cumulative gates and chunk_gla's A
-kernel (kernels.gla.chunk.intra_chunk_A: every chunk in parallel, BT values per token and head),
-one kernel walks each sequence's chunks and writes the output on the way:
+head) between its walk and its output stage. Here, after chunk_gla's gates stage and A kernel
+(kernels.gla.chunk.gated_operands, intra_chunk_A: every chunk in parallel), one kernel walks
+each sequence's chunks and writes the output on the way:
 
     for each chunk n, with S = h[n] on chip and b the chunk's cumulative log gate:
         O_I = scale (Q_I * exp(b_I)) S + A_I V          for each 16-row block I
         S   = diag(exp(b_L)) S + (K * exp(b_L - b))^T V
 
-so the two forwards agree to rounding. A used to be formed inside the walk, 16 dependent rounds
-of loads per 16-row block and key tile, every chunk, in every value tile's program: 3.19 ms
-forward at T = 2048, B = 2, H = 16, K = V = 128 bf16 on an H200, against chunk_gla's 0.73
-(reports/gla.md). There are only N H V / BV programs: the walk is for short sequences, small
-batches and prefill before decoding (three launches, no state tensor); long sequences in a
-large batch go to chunk_gla.
+so the two forwards agree to rounding. There are only N H V / BV programs, each walking its
+chunks in order with the output's products inside the loop: the kernel is for short sequences,
+where launches bound the forward (four launches, only the gates stage autotuned, no
+state tensor). H200, B = 2, H = 16, K = V = 128 bf16 (reports/gla.md): the forward at T = 2048
+0.376 ms against chunk_gla's 0.544 and fla's 0.703; at 8K 1.133 against chunk_gla's 0.706.
 
 The backward recomputes the states and A with chunk_gla's stages and runs chunk_gla's backward:
 a forward for training keeps no per-chunk tensor alive until the backward. A backward in one
@@ -32,9 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common.cumsum import chunk_local_cumsum, pair_diff
 from kernels.common.utils import chunk_layout, dot_precision, load_rows, seq_bounds, store_rows
-from kernels.gla.chunk import BC, BT, checked_inputs, chunk_gla_fwd, gradients, intra_chunk_A
+from kernels.gla.chunk import (BC, BT, checked_inputs, chunk_gla_fwd, gated_operands, gradients,
+                              intra_chunk_A)
 
 __all__ = ["fused_chunk_gla"]
 
@@ -53,14 +52,15 @@ def value_tile(K: int, V: int) -> int:
 })
 @triton.jit(do_not_specialize=['T'])
 def fused_chunk_gla_fwd_kernel(
-    q, k, v, b, blo, A, o, h0, ht, cu_seqlens, scale, T,
+    qg, kd, v, b, A, o, h0, ht, cu_seqlens, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
     STORE_FINAL_STATE: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """One sequence, head and value tile: O = scale (Q * exp(b)) S + A V, then
     S = diag(exp(b_L)) S + (K * exp(b_L - b))^T V, chunk after chunk (S [BK, BV] float32, the
-    whole key width; A as chunk_gla's A kernel wrote it, scaled)."""
+    whole key width, rounded to the inputs' dtype for the output's product as chunk_gla's output
+    stage reads it; qg, kd, A as chunk_gla's forward forms them)."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, eos = seq_bounds(cu_seqlens, i_n, T, IS_VARLEN)
@@ -82,21 +82,14 @@ def fused_chunk_gla_fwd_kernel(
         for I in tl.static_range(BT // BC):  # by 16-row blocks: [BT, BK] tiles spilled
             o_r = I * BC + tl.arange(0, BC)
             m_r = o_r < n_t
-            b_qg = (load_rows(q + row0 * K, o_r, m_r, o_k, K, H).to(tl.float32)
-                    * tl.exp(load_rows(b + row0 * K, o_r, m_r, o_k, K, H)))
+            b_qg = load_rows(qg + row0 * K, o_r, m_r, o_k, K, H)
             b_A = load_rows(A + row0 * BT, o_r, m_r, o_c, BT, H)
-            b_o = (tl.dot(b_qg, b_s, input_precision=PRECISION) * scale
+            b_o = (tl.dot(b_qg, b_s.to(b_qg.dtype), input_precision=PRECISION) * scale
                    + tl.dot(b_A.to(b_v.dtype), b_v, input_precision=PRECISION))
             store_rows(o + row0 * V, b_o, o_r, m_r, o_v, V, H)
         b_bl = tl.load(b + (row0 + (n_t - 1) * H) * K + o_k, mask=m_k, other=0.)
-        l_bl = tl.load(blo + (row0 + (n_t - 1) * H) * K + o_k, mask=m_k, other=0.)
-        b_kd = load_rows(k + row0 * K, o_c, m_t, o_k, K, H).to(tl.float32) * tl.exp(tl.where(
-            m_t[:, None], pair_diff(b_bl[None, :], l_bl[None, :],
-                                    load_rows(b + row0 * K, o_c, m_t, o_k, K, H),
-                                    load_rows(blo + row0 * K, o_c, m_t, o_k, K, H)),
-            float("-inf")))
-        b_s = b_s * tl.exp(b_bl)[:, None] + tl.dot(tl.trans(b_kd.to(k.dtype.element_ty)), b_v,
-                                                   input_precision=PRECISION)
+        b_kd = load_rows(kd + row0 * K, o_c, m_t, o_k, K, H)
+        b_s = b_s * tl.exp(b_bl)[:, None] + tl.dot(tl.trans(b_kd), b_v, input_precision=PRECISION)
     if STORE_FINAL_STATE:
         tl.store(ht + i_nh.to(tl.int64) * K * V + o_s, b_s, mask=m_s)
 
@@ -108,13 +101,13 @@ def fused_chunk_gla_fwd(q, k, v, g, scale: float, initial_state, output_final_st
     B, T, H, K = q.shape
     V = v.shape[-1]
     N, NT, chunk_indices, _ = chunk_layout(B, T, cu_seqlens, BT)
-    b, blo = chunk_local_cumsum(g, cu_seqlens, chunk_indices, NT, BT)
-    A = intra_chunk_A(q, k, b, blo, scale, cu_seqlens, chunk_indices, NT)
+    b, blo, qg, kd = gated_operands(g, q, k, cu_seqlens, chunk_indices, NT)
+    A = intra_chunk_A(q, k, b, blo, scale, cu_seqlens, chunk_indices, NT, q.dtype)
     o = torch.empty_like(v)
     ht = torch.empty(N, H, K, V, dtype=torch.float32, device=q.device) if output_final_state else None
     BV = value_tile(K, V)
     fused_chunk_gla_fwd_kernel[(triton.cdiv(V, BV), N * H)](
-        q, k, v, b, blo, A, o, initial_state, ht, cu_seqlens, scale, T, H=H, K=K, V=V, BT=BT,
+        qg, kd, v, b, A, o, initial_state, ht, cu_seqlens, scale, T, H=H, K=K, V=V, BT=BT,
         BC=BC, BK=triton.next_power_of_2(K), BV=BV, PRECISION=dot_precision(q.dtype),
         num_warps=8 if K > 64 else 4, num_stages=1)
     return o, ht
