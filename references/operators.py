@@ -130,7 +130,7 @@ TTT = Operator(
     reference="references.ttt:naive_ttt_linear",
     chunk_reference="references.ttt:chunk_ttt_linear_ref",
     dims=("B", "T", "H", "D"),
-    options={"chunk_size": (16, 4, 8)},
+    options={"chunk_size": (16, 4, 8, 32, 64)},
     kwargs=("chunk_size",),
     extra_check=lambda dims, args: _check_minibatch("ttt", args),
 )

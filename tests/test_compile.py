@@ -46,6 +46,9 @@ COVER = {
          "chunk_fwd_o_kernel", "chunk_bwd_dh_kernel", "chunk_gla_bwd_dv_kernel",
          "chunk_gla_bwd_dA_kernel", "chunk_gla_bwd_intra_kernel", "chunk_gla_bwd_dqk_kernel",
          "fused_chunk_gla_fwd_kernel"}),
+    # TTT's: D = 64 with a partial last mini-batch (T = 1024 has none: basic), D = 128
+    "ttt": (["partial-64+6", "partial-200"],
+            {"fused_chunk_ttt_linear_fwd_kernel", "fused_chunk_ttt_linear_bwd_kernel"}),
 }
 
 

@@ -1,5 +1,5 @@
-"""TTT-Linear's implementations: the two references, fla-core 0.6.0's two kernels and the
-softmax baseline. (Our Triton kernels are yet to come.)
+"""TTT-Linear's implementations: the two references, our fused_chunk (Triton, forward and
+backward), fla-core 0.6.0's two kernels and the softmax baseline.
 
 fla's ``chunk_ttt_linear`` and ``fused_chunk_ttt_linear`` take our arguments unchanged and
 compute docs/operators.md's TTT-Linear (fla's ``naive.py`` is the same dual form: the learning
@@ -10,7 +10,8 @@ rate of the query position scales the running sum). Their kernels hold one head 
 
 from __future__ import annotations
 
-from harness.impls.common import KERNEL_DTYPES, fla, references, sdpa
+from harness.impls.common import KERNEL_DTYPES, fla, references, sdpa, triton_available
+from harness.implementation import Implementation
 from references.operators import TTT
 
 FLA_MAX_HEAD = 128
@@ -27,8 +28,24 @@ def _fla_ttt_supports(case) -> str | None:
     return None
 
 
+def _ours_supports(case) -> str | None:
+    from kernels.ttt.fused_chunk import CHUNK_SIZES, MAX_D
+
+    chunk = case.options.get("chunk_size", 16)
+    if case.dims["D"] > MAX_D:
+        return f"D > {MAX_D} in fused_chunk_ttt_linear"
+    if chunk not in CHUNK_SIZES:
+        return f"chunk_size={chunk}: fused_chunk_ttt_linear takes {CHUNK_SIZES}"
+    return None
+
+
 IMPLEMENTATIONS = [
     *references(TTT),
+    Implementation(
+        op="ttt", name="fused_chunk", kind="triton",
+        target="kernels.ttt:fused_chunk_ttt_linear", dtypes=KERNEL_DTYPES,
+        description="mini-batches walked in one program, state on chip (Triton)",
+        available=triton_available, supports=_ours_supports),
     fla("ttt", "fla_chunk", "fla.ops.ttt:chunk_ttt_linear", KERNEL_DTYPES,
         supports=_fla_ttt_supports),
     fla("ttt", "fla_fused_chunk", "fla.ops.ttt:fused_chunk_ttt_linear", KERNEL_DTYPES,

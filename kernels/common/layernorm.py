@@ -1,0 +1,75 @@
+"""The inner models' LayerNorm pieces inside a kernel (TTT-Linear and Titans, docs/operators.md
+sections 3 and 4), row by row over a [C, BD] tile whose columns past D are masked:
+
+    LN(z) = (z - mean(z)) / sigma,   sigma = sqrt(var(z) + eps)          var biased, over D
+    g     = d(0.5 ||w * LN(z) + b - t||^2) / dz                           (the LayerNorm backward)
+          = (D gx - sum(gx) - x sum(gx x)) / (D sigma),   x = LN(z), gx = w (w x + b - t)
+
+references/_layernorm.py is the same math in float64 (Titans' loss has no 0.5: its gradient
+is 2 g). Everything here is float32.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+__all__ = ["layer_norm_bwd_rows", "layer_norm_rows", "ln_recon_grad_bwd_rows", "ln_recon_grad_rows"]
+
+
+@triton.jit
+def layer_norm_rows(b_z, m_d, D: tl.constexpr, eps):
+    """(LN(z) [C, BD], sigma [C]) of each row of b_z over its columns m_d (D of them); the
+    other columns of b_z must be 0, and come out 0."""
+    b_mean = tl.sum(b_z, 1) / D
+    b_zc = tl.where(m_d[None, :], b_z - b_mean[:, None], 0.)
+    b_sigma = tl.sqrt(tl.sum(b_zc * b_zc, 1) / D + eps)
+    return b_zc / b_sigma[:, None], b_sigma
+
+
+@triton.jit
+def ln_recon_grad_rows(b_z, b_t, b_w, b_b, m_d, D: tl.constexpr, eps):
+    """g [C, BD] = d(0.5 ||w * LN(z) + b - t||^2) / dz for each row of b_z (w, b [BD]; the
+    columns past D of b_z, w and b must be 0; those of g come out 0)."""
+    b_x, b_sigma = layer_norm_rows(b_z, m_d, D, eps)
+    b_gx = b_w[None, :] * (b_w[None, :] * b_x + b_b[None, :] - b_t)
+    b_g = (D * b_gx - tl.sum(b_gx, 1)[:, None]
+           - b_x * tl.sum(b_gx * b_x, 1)[:, None]) / (D * b_sigma[:, None])
+    return tl.where(m_d[None, :], b_g, 0.)
+
+
+@triton.jit
+def layer_norm_bwd_rows(b_dx, b_x, b_sigma, m_d, D: tl.constexpr):
+    """dz [C, BD] of x = LN(z) per row, given dx (columns past D 0) and LN's x and sigma:
+    (dx - mean(dx) - x mean(dx x)) / sigma."""
+    b_m1 = tl.sum(b_dx, 1) / D
+    b_m2 = tl.sum(b_dx * b_x, 1) / D
+    return tl.where(m_d[None, :], (b_dx - b_m1[:, None] - b_x * b_m2[:, None]) / b_sigma[:, None],
+                    0.)
+
+
+@triton.jit
+def ln_recon_grad_bwd_rows(b_dg, b_z, b_t, b_w, b_b, m_d, D: tl.constexpr, eps):
+    """The backward of ln_recon_grad_rows: given dg [C, BD] (rows that do not count: 0),
+    (dz [C, BD], dt [C, BD], dw [BD], db [BD]), dw and db summed over the rows. With
+    g = P(gx) / sigma, P(y) = y - mean(y) - x mean(x y) (symmetric), gx = w r,
+    r = w x + b - t, x = LN(z):
+
+        dgx = P(dg) / sigma
+        dx  = -(mean(gx x) dg + gx mean(dg x)) / sigma + w (w dgx)     (P's own x, then r's)
+        dsigma = -sum(dg g) / sigma,     dz = LN backward of dx + dsigma x / D
+        dw  = sum(dgx r + w dgx x),  db = sum(w dgx),  dt = -w dgx
+    """
+    b_x, b_sigma = layer_norm_rows(b_z, m_d, D, eps)
+    b_r = b_w[None, :] * b_x + b_b[None, :] - b_t
+    b_gx = b_w[None, :] * b_r
+    b_g = (b_gx - (tl.sum(b_gx, 1) / D)[:, None]
+           - b_x * (tl.sum(b_gx * b_x, 1) / D)[:, None]) / b_sigma[:, None]
+    b_dgx = layer_norm_bwd_rows(b_dg, b_x, b_sigma, m_d, D)
+    b_dr = b_dgx * b_w[None, :]
+    b_dx = (-((tl.sum(b_gx * b_x, 1) / D)[:, None] * b_dg
+              + b_gx * (tl.sum(b_dg * b_x, 1) / D)[:, None]) / b_sigma[:, None]
+            + b_dr * b_w[None, :])
+    b_dsigma = -tl.sum(tl.where(m_d[None, :], b_dg * b_g, 0.), 1) / b_sigma
+    b_dz = layer_norm_bwd_rows(b_dx, b_x, b_sigma, m_d, D) + (b_dsigma / D)[:, None] * b_x
+    return b_dz, -b_dr, tl.sum(b_dgx * b_r + b_dr * b_x, 0), tl.sum(b_dr, 0)

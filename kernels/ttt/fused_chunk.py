@@ -1,0 +1,334 @@
+"""TTT-Linear, mini-batches walked in one program (docs/operators.md section 3): forward and
+backward.
+
+One program per (sequence, head) holds the inner model W [D, D] and hb [D] in float32 and walks
+the sequence's mini-batches of C = chunk_size tokens in order. For a mini-batch with rows
+Q, K, V [C, D] and learning rates eta [C] (the dual form, references/ttt.py):
+
+    Z  = K W + 1 hb,                 G = ln_recon_grad(Z, V - K)     (kernels.common.layernorm)
+    U  = Q~ W + 1 hb - eta * ((tril(Q~ K^T) + tril(1)) G),   Q~ = scale Q
+    O  = U + w * LN(U) + b
+    W <- W - eta_last K^T G,         hb <- hb - eta_last 1^T G
+
+A last mini-batch shorter than C holds only its real tokens: the rows past the sequence load as
+zeros, their G is set to 0 (so they reach no sum and no update) and eta_last is the learning
+rate of the last real token. Every product multiplies float32 operands: exact ("ieee") for
+float32 inputs, three TF32 passes for half precision (utils.dot_precision).
+
+The backward walks the mini-batches from last to first in one program per (sequence, head),
+from the W and hb each started with (the forward stores them when gradients are needed: D^2 + D
+float32 values per mini-batch and head), carrying dW and dhb on chip. Per mini-batch it
+recomputes Z, G, U and goes back through O = U + w LN(U) + b, U's dual form, the update of W
+and hb, and G's LayerNorm backward (its own backward: kernels.common.layernorm), in that order.
+dw and db are summed per (sequence, head), then over sequences on the host.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.common.layernorm import (layer_norm_bwd_rows, layer_norm_rows,
+                                     ln_recon_grad_bwd_rows, ln_recon_grad_rows)
+from kernels.common.utils import (MIN_TILE, check_launchable, chunk_layout, dot_precision,
+                                  load_rows, store_rows, walk_bounds)
+from references.operators import TTT
+
+__all__ = ["fused_chunk_ttt_linear"]
+
+MAX_D = 128  # W [D, D] float32 on chip: at D = 128, 16384 values, 64 a thread at 8 warps
+# The backward's software pipelining: at 3 stages ptxas put its shared memory at 336,896 bytes
+# for D = 128 (bf16, the stored W of the next mini-batch staged ahead), over sm_90's 232,448;
+# at 1 stage, 180,224 (the loads not staged ahead; python tools/kernel_registers.py ttt --impl
+# fused_chunk --case partial-200). Both spill (6.6 KB a thread at 1 stage): not yet timed.
+BWD_STAGES = 1
+CHUNK_SIZES = (16, 32, 64)  # tl.dot needs 16 rows at least
+
+
+@triton.jit
+def _program(w, b, cu_seqlens, chunk_offsets, T, H: tl.constexpr, D: tl.constexpr,
+             BD: tl.constexpr, BC: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """What a (sequence, head) program walks: (i_nh, i_h, bos, L, NT, c0) (its tokens, its
+    mini-batches and the first one's index among all), the head's columns o_d, m_d, a [D, D]
+    state's offsets and mask, and the head's LayerNorm weight and bias in float32 (0 past D)."""
+    i_nh = tl.program_id(0)
+    i_h = i_nh % H
+    bos, eos, NT, c0 = walk_bounds(cu_seqlens, chunk_offsets, i_nh // H, T, BC, IS_VARLEN)
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    b_w = tl.load(w + i_h * D + o_d, mask=m_d, other=0.).to(tl.float32)
+    b_b = tl.load(b + i_h * D + o_d, mask=m_d, other=0.).to(tl.float32)
+    return (i_nh, i_h, bos, eos - bos, NT, c0, o_d, m_d, o_d[:, None] * D + o_d[None, :],
+            m_d[:, None] & m_d[None, :], b_w, b_b)
+
+
+@triton.jit
+def _load_state(p_W, p_hb, i, o_s, m_s, o_d, m_d, D: tl.constexpr):
+    """State i of a [.., D, D] weight and [.., D] bias pair, in float32."""
+    return (tl.load(p_W + i.to(tl.int64) * D * D + o_s, mask=m_s, other=0.).to(tl.float32),
+            tl.load(p_hb + i.to(tl.int64) * D + o_d, mask=m_d, other=0.).to(tl.float32))
+
+
+@triton.jit
+def _mini_batch_rows(q, k, v, eta, row0, o_c, m_t, o_d, scale, D: tl.constexpr, H: tl.constexpr):
+    """The mini-batch's rows in float32, zeros past the sequence: Q~ = scale Q, K, V, eta."""
+    b_q = load_rows(q + row0 * D, o_c, m_t, o_d, D, H).to(tl.float32) * scale
+    b_k = load_rows(k + row0 * D, o_c, m_t, o_d, D, H).to(tl.float32)
+    b_v = load_rows(v + row0 * D, o_c, m_t, o_d, D, H).to(tl.float32)
+    return b_q, b_k, b_v, tl.load(eta + row0 + o_c * H, mask=m_t, other=0.).to(tl.float32)
+
+
+@triton.heuristics({
+    'USE_INITIAL_STATE': lambda a: a['h0'] is not None,
+    'STORE_FINAL_STATE': lambda a: a['ht'] is not None,
+    'STORE_STATES': lambda a: a['hs'] is not None,
+    'IS_VARLEN': lambda a: a['cu_seqlens'] is not None,
+})
+@triton.jit(do_not_specialize=['T'])
+def fused_chunk_ttt_linear_fwd_kernel(
+    q, k, v, w, b, eta, o, h0, hb0, ht, hbt, hs, hbs, cu_seqlens, chunk_offsets, scale, eps, T,
+    H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
+    PRECISION: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
+    STORE_STATES: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """One sequence and head: the mini-batches in order (module docstring), W and hb on chip;
+    with STORE_STATES the W and hb each mini-batch starts from, for the backward."""
+    i_nh, i_h, bos, L, NT, c0, o_d, m_d, o_s, m_s, b_w, b_b = _program(
+        w, b, cu_seqlens, chunk_offsets, T, H, D, BD, BC, IS_VARLEN)
+    o_c = tl.arange(0, BC)
+    b_W = tl.zeros([BD, BD], dtype=tl.float32)
+    b_hb = tl.zeros([BD], dtype=tl.float32)
+    if USE_INITIAL_STATE:
+        b_W, b_hb = _load_state(h0, hb0, i_nh, o_s, m_s, o_d, m_d, D)
+    causal = o_c[:, None] >= o_c[None, :]
+    for i_t in range(NT):
+        if STORE_STATES:
+            i_s = (c0 + i_t) * H + i_h
+            tl.store(hs + i_s * D * D + o_s, b_W, mask=m_s)
+            tl.store(hbs + i_s * D + o_d, b_hb, mask=m_d)
+        row0 = (bos + i_t * BC) * H + i_h
+        m_t = i_t * BC + o_c < L
+        n_t = tl.minimum(BC, L - i_t * BC)
+        b_q, b_k, b_v, b_e = _mini_batch_rows(q, k, v, eta, row0, o_c, m_t, o_d, scale, D, H)
+        # G: the reconstruction gradients at the mini-batch's starting weights; 0 past the end
+        b_z = tl.dot(b_k, b_W, input_precision=PRECISION) + b_hb[None, :]
+        b_g = ln_recon_grad_rows(b_z, b_v - b_k, b_w, b_b, m_d, D, eps)
+        b_g = tl.where(m_t[:, None], b_g, 0.)
+        # U = Q~ W + 1 hb - eta * ((tril(Q~ K^T) + tril(1)) G);  O = U + w * LN(U) + b
+        b_A = tl.where(causal, tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) + 1., 0.)
+        b_u = (tl.dot(b_q, b_W, input_precision=PRECISION) + b_hb[None, :]
+               - b_e[:, None] * tl.dot(b_A, b_g, input_precision=PRECISION))
+        b_x, _ = layer_norm_rows(b_u, m_d, D, eps)
+        store_rows(o + row0 * D, b_u + b_w[None, :] * b_x + b_b[None, :], o_c, m_t, o_d, D, H)
+        # W <- W - eta_last K^T G, hb <- hb - eta_last 1^T G (eta_last: the last real token's)
+        e_last = tl.sum(tl.where(o_c == n_t - 1, b_e, 0.), 0)
+        b_W -= e_last * tl.dot(tl.trans(b_k), b_g, input_precision=PRECISION)
+        b_hb -= e_last * tl.sum(b_g, 0)
+    if STORE_FINAL_STATE:
+        tl.store(ht + i_nh.to(tl.int64) * D * D + o_s, b_W, mask=m_s)
+        tl.store(hbt + i_nh.to(tl.int64) * D + o_d, b_hb, mask=m_d)
+
+
+@triton.jit
+def _mini_batch_bwd(b_q, b_k, b_v, b_e, b_do, b_W, b_hb, b_w, b_b, b_dW, b_dhb, m_t, n_t, o_c,
+                    m_d, D: tl.constexpr, eps, PRECISION: tl.constexpr):
+    """One mini-batch backward (the forward recomputed from its starting W, hb; b_q scaled):
+    given dO and the gradients dW, dhb of the weights it hands on, (dQ~, dK, dV, deta, the
+    gradients of the weights it starts from, dw, db)."""
+    causal = o_c[:, None] >= o_c[None, :]
+    b_z = tl.dot(b_k, b_W, input_precision=PRECISION) + b_hb[None, :]
+    b_t = b_v - b_k
+    b_g = tl.where(m_t[:, None], ln_recon_grad_rows(b_z, b_t, b_w, b_b, m_d, D, eps), 0.)
+    b_A = tl.where(causal, tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) + 1., 0.)
+    b_ag = tl.dot(b_A, b_g, input_precision=PRECISION)
+    b_u = tl.dot(b_q, b_W, input_precision=PRECISION) + b_hb[None, :] - b_e[:, None] * b_ag
+    b_xu, b_su = layer_norm_rows(b_u, m_d, D, eps)
+    # O = U + w * LN(U) + b
+    b_dw = tl.sum(b_do * b_xu, 0)
+    b_db = tl.sum(b_do, 0)
+    b_du = b_do + layer_norm_bwd_rows(b_w[None, :] * b_do, b_xu, b_su, m_d, D)
+    # W' = W - e_L K^T G, hb' = hb - e_L 1^T G
+    last = o_c == n_t - 1
+    e_last = tl.sum(tl.where(last, b_e, 0.), 0)
+    b_dg = -e_last * (tl.dot(b_k, b_dW, input_precision=PRECISION) + b_dhb[None, :])
+    de_last = -(tl.sum(tl.sum(b_dW * tl.dot(tl.trans(b_k), b_g, input_precision=PRECISION), 1), 0)
+                + tl.sum(b_dhb * tl.sum(b_g, 0), 0))
+    b_dk = -e_last * tl.dot(b_g, tl.trans(b_dW), input_precision=PRECISION)
+    # U = Q~ W + 1 hb - e (A G),  A = tril(Q~ K^T + 1)
+    b_dq = tl.dot(b_du, tl.trans(b_W), input_precision=PRECISION)
+    b_dW += tl.dot(tl.trans(b_q), b_du, input_precision=PRECISION)
+    b_dhb += tl.sum(b_du, 0)
+    b_dag = -b_e[:, None] * b_du
+    b_de = -tl.sum(b_du * b_ag, 1) + tl.where(last, de_last, 0.)
+    b_dg += tl.dot(tl.trans(b_A), b_dag, input_precision=PRECISION)
+    b_dA = tl.where(causal, tl.dot(b_dag, tl.trans(b_g), input_precision=PRECISION), 0.)
+    b_dq += tl.dot(b_dA, b_k, input_precision=PRECISION)
+    b_dk += tl.dot(tl.trans(b_dA), b_q, input_precision=PRECISION)
+    # G = ln_recon_grad(Z, V - K),  Z = K W + 1 hb
+    b_dz, b_dt, b_dw2, b_db2 = ln_recon_grad_bwd_rows(tl.where(m_t[:, None], b_dg, 0.), b_z, b_t,
+                                                      b_w, b_b, m_d, D, eps)
+    b_dk += tl.dot(b_dz, tl.trans(b_W), input_precision=PRECISION) - b_dt
+    b_dW += tl.dot(tl.trans(b_k), b_dz, input_precision=PRECISION)
+    b_dhb += tl.sum(b_dz, 0)
+    return b_dq, b_dk, b_dt, b_de, b_dW, b_dhb, b_dw + b_dw2, b_db + b_db2
+
+
+@triton.heuristics({
+    'USE_INITIAL_STATE': lambda a: a['dh0'] is not None,
+    'USE_FINAL_STATE_GRADIENT': lambda a: a['dht'] is not None,
+    'IS_VARLEN': lambda a: a['cu_seqlens'] is not None,
+})
+@triton.jit(do_not_specialize=['T'])
+def fused_chunk_ttt_linear_bwd_kernel(
+    q, k, v, w, b, eta, do, hs, hbs, dht, dhbt, dq, dk, dv, deta, dw, db, dh0, dhb0,
+    cu_seqlens, chunk_offsets, scale, eps, T,
+    H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
+    PRECISION: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
+    USE_FINAL_STATE_GRADIENT: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """One sequence and head: the mini-batches from last to first, each from the W, hb the
+    forward stored for it, dW and dhb carried on chip; dw, db per (sequence, head)."""
+    i_nh, i_h, bos, L, NT, c0, o_d, m_d, o_s, m_s, b_w, b_b = _program(
+        w, b, cu_seqlens, chunk_offsets, T, H, D, BD, BC, IS_VARLEN)
+    o_c = tl.arange(0, BC)
+    b_dW = tl.zeros([BD, BD], dtype=tl.float32)
+    b_dhb = tl.zeros([BD], dtype=tl.float32)
+    if USE_FINAL_STATE_GRADIENT:
+        b_dW, b_dhb = _load_state(dht, dhbt, i_nh, o_s, m_s, o_d, m_d, D)
+    b_dwa = tl.zeros([BD], dtype=tl.float32)
+    b_dba = tl.zeros([BD], dtype=tl.float32)
+    for i_r in range(NT):
+        i_t = NT - 1 - i_r
+        row0 = (bos + i_t * BC) * H + i_h
+        m_t = i_t * BC + o_c < L
+        n_t = tl.minimum(BC, L - i_t * BC)
+        b_W, b_hb = _load_state(hs, hbs, (c0 + i_t) * H + i_h, o_s, m_s, o_d, m_d, D)
+        b_q, b_k, b_v, b_e = _mini_batch_rows(q, k, v, eta, row0, o_c, m_t, o_d, scale, D, H)
+        b_do = load_rows(do + row0 * D, o_c, m_t, o_d, D, H).to(tl.float32)
+        b_dq, b_dk, b_dv, b_de, b_dW, b_dhb, b_dw, b_db = _mini_batch_bwd(
+            b_q, b_k, b_v, b_e, b_do, b_W, b_hb, b_w, b_b, b_dW, b_dhb, m_t, n_t, o_c, m_d, D,
+            eps, PRECISION)
+        b_dwa += b_dw
+        b_dba += b_db
+        store_rows(dq + row0 * D, b_dq * scale, o_c, m_t, o_d, D, H)
+        store_rows(dk + row0 * D, b_dk, o_c, m_t, o_d, D, H)
+        store_rows(dv + row0 * D, b_dv, o_c, m_t, o_d, D, H)
+        tl.store(deta + row0 + o_c * H, b_de.to(deta.dtype.element_ty), mask=m_t)
+    if USE_INITIAL_STATE:
+        tl.store(dh0 + i_nh.to(tl.int64) * D * D + o_s, b_dW, mask=m_s)
+        tl.store(dhb0 + i_nh.to(tl.int64) * D + o_d, b_dhb, mask=m_d)
+    tl.store(dw + i_nh * D + o_d, b_dwa, mask=m_d)
+    tl.store(db + i_nh * D + o_d, b_dba, mask=m_d)
+
+
+def _forward(q, k, v, w, b, eta, scale, eps, chunk_size, h0, hb0, output_final_state,
+             cu_seqlens, keep_states: bool):
+    """(o, final W, final hb, W and hb at each mini-batch's start or None, None); inputs checked
+    and contiguous, h0 and hb0 both given or both None."""
+    B, T, H, D = q.shape
+    N, NT, _, chunk_offsets = chunk_layout(B, T, cu_seqlens, chunk_size)
+    chunks = NT * (B if cu_seqlens is None else 1)
+    o = torch.empty_like(v)
+    f32 = dict(dtype=torch.float32, device=q.device)
+    ht = torch.empty(N, H, D, D, **f32) if output_final_state else None
+    hbt = torch.empty(N, H, 1, D, **f32) if output_final_state else None
+    hs = torch.empty(chunks, H, D, D, **f32) if keep_states else None
+    hbs = torch.empty(chunks, H, D, **f32) if keep_states else None
+    fused_chunk_ttt_linear_fwd_kernel[(N * H,)](
+        q, k, v, w, b, eta, o, h0, hb0, ht, hbt, hs, hbs, cu_seqlens, chunk_offsets, scale,
+        float(eps), T, H=H, D=D, BD=max(MIN_TILE, triton.next_power_of_2(D)), BC=chunk_size,
+        PRECISION=dot_precision(q.dtype), num_warps=4 if D <= 64 else 8)
+    return o, ht, hbt, hs, hbs
+
+
+def _backward(q, k, v, w, b, eta, hs, hbs, h0, do, dht, dhbt, scale, eps, chunk_size,
+              cu_seqlens):
+    """(dq, dk, dv, dw, db, deta, d initial W or None, d initial hb or None)."""
+    B, T, H, D = q.shape
+    N, _, _, chunk_offsets = chunk_layout(B, T, cu_seqlens, chunk_size)
+    if (dht is None) != (dhbt is None):  # one of the final states unused: its gradient is 0
+        dht = dht if dht is not None else q.new_zeros(N, H, D, D, dtype=torch.float32)
+        dhbt = dhbt if dhbt is not None else q.new_zeros(N, H, 1, D, dtype=torch.float32)
+    dq, dk, dv, deta = (torch.empty_like(x) for x in (q, k, v, eta))
+    f32 = dict(dtype=torch.float32, device=q.device)
+    dw, db = torch.empty(N, H, D, **f32), torch.empty(N, H, D, **f32)
+    dh0 = None if h0 is None else torch.empty(N, H, D, D, **f32)
+    dhb0 = None if h0 is None else torch.empty(N, H, 1, D, **f32)
+    fused_chunk_ttt_linear_bwd_kernel[(N * H,)](
+        q, k, v, w, b, eta, do.contiguous().to(v.dtype), hs, hbs,
+        None if dht is None else dht.contiguous().float(),
+        None if dhbt is None else dhbt.contiguous().float(), dq, dk, dv, deta, dw, db, dh0, dhb0,
+        cu_seqlens, chunk_offsets, scale, float(eps), T, H=H, D=D,
+        BD=max(MIN_TILE, triton.next_power_of_2(D)), BC=chunk_size,
+        PRECISION=dot_precision(q.dtype), num_warps=4 if D <= 64 else 8, num_stages=BWD_STAGES)
+    return dq, dk, dv, dw.sum(0).to(w.dtype), db.sum(0).to(b.dtype), deta, dh0, dhb0
+
+
+class FusedChunkTTTFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, w, b, eta, scale, eps, chunk_size, h0, hb0, output_final_state,
+                cu_seqlens):
+        o, ht, hbt, hs, hbs = _forward(q, k, v, w, b, eta, scale, eps, chunk_size, h0, hb0,
+                                       output_final_state, cu_seqlens, keep_states=True)
+        ctx.save_for_backward(q, k, v, w, b, eta, hs, hbs, h0, hb0, cu_seqlens)
+        ctx.scale, ctx.eps, ctx.chunk_size = scale, eps, chunk_size
+        return o, ht, hbt
+
+    @staticmethod
+    def backward(ctx, do, dht, dhbt):
+        q, k, v, w, b, eta, hs, hbs, h0, hb0, cu_seqlens = ctx.saved_tensors
+        dq, dk, dv, dw, db, deta, dh0, dhb0 = _backward(
+            q, k, v, w, b, eta, hs, hbs, h0, do, dht, dhbt, ctx.scale, ctx.eps, ctx.chunk_size,
+            cu_seqlens)
+        return (dq, dk, dv, dw, db, deta, None, None, None,
+                None if dh0 is None else dh0.to(h0.dtype),
+                None if dhb0 is None else dhb0.to(hb0.dtype), None, None)
+
+
+def fused_chunk_ttt_linear(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor,
+    eta: torch.Tensor,
+    scale: float | None = None,
+    eps: float = 1e-6,
+    chunk_size: int = 16,
+    initial_state: torch.Tensor | None = None,
+    initial_state_bias: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """TTT-Linear in one program per sequence and head (Triton). q, k, v [B,T,H,D];
+    w, b [H,D]; eta [B,T,H,1]; initial_state [N,H,D,D], initial_state_bias [N,H,1,D]. Returns
+    o [B,T,H,D] in v's dtype and the final weights [N,H,D,D] and bias [N,H,1,D] in float32
+    (None, None unless output_final_state). D <= 128, chunk_size 16, 32 or 64. Forward and
+    backward: gradients for q, k, v, w, b, eta and both initial states."""
+    name = "fused_chunk_ttt_linear"
+    dims = TTT.validate(dict(
+        q=q, k=k, v=v, w=w, b=b, eta=eta, scale=scale, eps=eps, chunk_size=chunk_size,
+        initial_state=initial_state, initial_state_bias=initial_state_bias,
+        output_final_state=output_final_state, cu_seqlens=cu_seqlens))
+    check_launchable(name, q)
+    if dims["D"] > MAX_D:
+        raise ValueError(f"{name}: D must be <= {MAX_D}, got D={dims['D']}")
+    if chunk_size not in CHUNK_SIZES:
+        raise ValueError(f"{name}: chunk_size must be one of {CHUNK_SIZES}, got {chunk_size}")
+    B, T, H, D = q.shape
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    q, k, v, w, b, eta = (x.contiguous() for x in (q, k, v, w, b, eta))
+    h0 = None if initial_state is None else initial_state.contiguous()
+    hb0 = None if initial_state_bias is None else initial_state_bias.contiguous()
+    if (h0 is None) != (hb0 is None):  # one without the other: the missing one is zeros
+        h0 = h0 if h0 is not None else q.new_zeros(N, H, D, D, dtype=torch.float32)
+        hb0 = hb0 if hb0 is not None else q.new_zeros(N, H, 1, D, dtype=torch.float32)
+    scale = TTT.resolve_scale(scale, dims)
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (
+            q, k, v, w, b, eta, h0, hb0)):
+        return FusedChunkTTTFunction.apply(q, k, v, w, b, eta, scale, eps, chunk_size, h0, hb0,
+                                           output_final_state, cu_seqlens)
+    o, ht, hbt, _, _ = _forward(q, k, v, w, b, eta, scale, eps, chunk_size, h0, hb0,
+                                output_final_state, cu_seqlens, keep_states=False)
+    return o, ht, hbt

@@ -1,0 +1,123 @@
+"""fused_chunk_ttt_linear (Triton, through the interpreter) against the token-by-token float64
+reference (references.ttt.naive_ttt_linear): the forward, and every gradient against autograd
+through the reference.
+
+float32 bound 1e-5: every product multiplies float32 operands exactly ("ieee") over at most 64
+tokens and D <= 40 here, and the LayerNorms are float32 sums over D; measured 1e-7 to 2e-7
+(gradients 1e-7 to 5e-7). A padded row reaching the LayerNorm statistics or the weight update,
+a wrong learning rate for a partial mini-batch, a state not carried or a missed term of the
+LayerNorm backward's own backward is >= 1e-3.
+"""
+
+import pytest
+import torch
+
+from harness.check.engine import rel_error
+from kernels.ttt import fused_chunk_ttt_linear
+from references.ttt import naive_ttt_linear
+
+
+def inputs(B, T, H, D, h0=True, bias=True, cu=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    N = B if cu is None else len(cu) - 1
+    x = {n: torch.randn(B, T, H, D, generator=g) for n in "qkv"}
+    x["w"] = 1 + 0.1 * torch.randn(H, D, generator=g)
+    x["b"] = 0.1 * torch.randn(H, D, generator=g)
+    x["eta"] = 0.05 * torch.rand(B, T, H, 1, generator=g)
+    st = {"initial_state": 0.1 * torch.randn(N, H, D, D, generator=g) if h0 else None,
+          "initial_state_bias": 0.1 * torch.randn(N, H, 1, D, generator=g) if bias else None}
+    return x, st, None if cu is None else torch.tensor(cu)
+
+
+def both(B, T, H, D, chunk_size=16, dtype=torch.float32, **kw):
+    x, st, cu = inputs(B, T, H, D, **kw)
+    args = dict(chunk_size=chunk_size, output_final_state=True, cu_seqlens=cu)
+    with torch.no_grad():
+        got = fused_chunk_ttt_linear(*(x[n].to(dtype) for n in ("q", "k", "v")), x["w"], x["b"],
+                                     x["eta"], **st, **args)
+    ref = naive_ttt_linear(*(x[n].to(dtype).double() for n in ("q", "k", "v")),
+                           *(x[n].double() for n in ("w", "b", "eta")),
+                           **{n: None if s is None else s.double() for n, s in st.items()},
+                           **args)
+    return got, ref
+
+
+# T = 70: a last mini-batch of 6; D = 20: not a power of two; chunk sizes 32 and 64 with partial
+# last mini-batches; T = 1; no initial state, or weights without a bias
+@pytest.mark.parametrize("B,T,H,D,chunk_size,kw", [
+    (2, 70, 2, 16, 16, {}),
+    (1, 37, 1, 20, 16, {}),
+    (1, 100, 1, 16, 32, {}),
+    (1, 70, 2, 32, 64, {}),
+    (2, 1, 1, 16, 16, {}),
+    (1, 40, 2, 16, 16, {"h0": False, "bias": False}),
+    (1, 40, 1, 16, 16, {"bias": False}),
+])
+def test_forward_and_final_states(B, T, H, D, chunk_size, kw):
+    got, ref = both(B, T, H, D, chunk_size, **kw)
+    for name, a, r in zip(("o", "final state", "final bias"), got, ref):
+        assert rel_error(a, r) < 1e-5, (name, rel_error(a, r))
+
+
+def test_varlen_with_empty_and_one_token_sequences():
+    """Sequences of 21, 0, 1 and 35 tokens: each ends in its own partial mini-batch, the empty
+    one's final state is its initial one."""
+    got, ref = both(1, 57, 2, 16, cu=[0, 21, 21, 22, 57])
+    for name, a, r in zip(("o", "final state", "final bias"), got, ref):
+        assert rel_error(a, r) < 1e-5, (name, rel_error(a, r))
+
+
+def test_float16_within_its_rounding():
+    """float16 q, k, v (w, b, eta float32): o within 1e-3 of float64 on the same rounded inputs
+    (measured 2e-4; float16's unit roundoff is 4.9e-4, o is stored in float16); the final
+    weights stay float32 (1e-5)."""
+    got, ref = both(1, 70, 2, 16, dtype=torch.float16)
+    assert got[0].dtype == torch.float16
+    assert rel_error(got[0], ref[0]) < 1e-3
+    assert rel_error(got[1], ref[1]) < 1e-5 and rel_error(got[2], ref[2]) < 1e-5
+
+
+def grads(fn, x, st, cu, chunk_size, dtype, seed=1):
+    """Every gradient of <o, dO> + <final W, dW> + <final hb, dhb> (fixed random dO, dW, dhb)."""
+    g = torch.Generator().manual_seed(seed)
+    N = x["q"].shape[0] if cu is None else len(cu) - 1
+    H, D = x["w"].shape
+    do = torch.randn(x["q"].shape, generator=g, dtype=torch.float64)
+    dht = torch.randn(N, H, D, D, generator=g, dtype=torch.float64)
+    dhbt = torch.randn(N, H, 1, D, generator=g, dtype=torch.float64)
+    leaves = {n: t.detach().clone().to(dtype).requires_grad_() for n, t in x.items()}
+    leaves.update({n: t.detach().clone().to(dtype).requires_grad_() for n, t in st.items()
+                   if t is not None})
+    o, ht, hbt = fn(*(leaves[n] for n in ("q", "k", "v", "w", "b", "eta")),
+                    **{n: leaves.get(n) for n in st}, chunk_size=chunk_size,
+                    output_final_state=True, cu_seqlens=cu)
+    ((o.double() * do).sum() + (ht.double() * dht).sum() + (hbt.double() * dhbt).sum()).backward()
+    return {n: t.grad for n, t in leaves.items()}
+
+
+# a partial last mini-batch; D = 20; chunk 32 without an initial bias; no initial state; varlen
+# with empty and one-token sequences
+@pytest.mark.parametrize("B,T,H,D,chunk_size,kw", [
+    (1, 40, 2, 16, 16, {}),
+    (2, 37, 1, 20, 16, {}),
+    (1, 70, 1, 32, 32, {"bias": False}),
+    (1, 40, 1, 16, 16, {"h0": False, "bias": False}),
+    (1, 57, 2, 16, 16, {"cu": [0, 21, 21, 22, 57]}),
+])
+def test_gradients(B, T, H, D, chunk_size, kw):
+    x, st, cu = inputs(B, T, H, D, **kw)
+    got = grads(fused_chunk_ttt_linear, x, st, cu, chunk_size, torch.float32)
+    ref = grads(naive_ttt_linear, x, st, cu, chunk_size, torch.float64)
+    assert set(got) == set(ref)
+    for name in ref:
+        assert rel_error(got[name], ref[name]) < 1e-5, (name, rel_error(got[name], ref[name]))
+
+
+def test_bad_arguments_raise_before_any_launch():
+    x, st, _ = inputs(1, 16, 1, 16)
+    args = [x[n] for n in ("q", "k", "v", "w", "b", "eta")]
+    with pytest.raises(ValueError, match="chunk_size must be one of"):
+        fused_chunk_ttt_linear(*args, chunk_size=8)
+    big = inputs(1, 16, 1, 136)[0]
+    with pytest.raises(ValueError, match="D must be <= 128"):
+        fused_chunk_ttt_linear(*(big[n] for n in ("q", "k", "v", "w", "b", "eta")))
