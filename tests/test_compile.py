@@ -48,7 +48,8 @@ COVER = {
          "fused_chunk_gla_fwd_kernel"}),
     # TTT's: D = 64 with a partial last mini-batch (T = 1024 has none: basic), D = 128
     "ttt": (["partial-64+6", "partial-200"],
-            {"fused_chunk_ttt_linear_fwd_kernel", "fused_chunk_ttt_linear_bwd_kernel"}),
+            {"fused_chunk_ttt_linear_fwd_kernel", "fused_chunk_ttt_linear_bwd_kernel",
+             "chunk_ttt_linear_fwd_o_kernel"}),
 }
 
 

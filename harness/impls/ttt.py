@@ -1,5 +1,5 @@
-"""TTT-Linear's implementations: the two references, our fused_chunk (Triton, forward and
-backward), fla-core 0.6.0's two kernels and the softmax baseline.
+"""TTT-Linear's implementations: the two references, our chunk and fused_chunk (Triton, forward
+and backward), fla-core 0.6.0's two kernels and the softmax baseline.
 
 fla's ``chunk_ttt_linear`` and ``fused_chunk_ttt_linear`` take our arguments unchanged and
 compute docs/operators.md's TTT-Linear (fla's ``naive.py`` is the same dual form: the learning
@@ -33,14 +33,19 @@ def _ours_supports(case) -> str | None:
 
     chunk = case.options.get("chunk_size", 16)
     if case.dims["D"] > MAX_D:
-        return f"D > {MAX_D} in fused_chunk_ttt_linear"
+        return f"D > {MAX_D} in our TTT kernels"
     if chunk not in CHUNK_SIZES:
-        return f"chunk_size={chunk}: fused_chunk_ttt_linear takes {CHUNK_SIZES}"
+        return f"chunk_size={chunk}: our TTT kernels take {CHUNK_SIZES}"
     return None
 
 
 IMPLEMENTATIONS = [
     *references(TTT),
+    Implementation(
+        op="ttt", name="chunk", kind="triton", target="kernels.ttt:chunk_ttt_linear",
+        dtypes=KERNEL_DTYPES,
+        description="states per mini-batch walked, outputs in parallel (Triton)",
+        available=triton_available, supports=_ours_supports),
     Implementation(
         op="ttt", name="fused_chunk", kind="triton",
         target="kernels.ttt:fused_chunk_ttt_linear", dtypes=KERNEL_DTYPES,

@@ -64,14 +64,14 @@ def _program(w, b, cu_seqlens, chunk_offsets, T, H: tl.constexpr, D: tl.constexp
 
 
 @triton.jit
-def _load_state(p_W, p_hb, i, o_s, m_s, o_d, m_d, D: tl.constexpr):
+def load_state(p_W, p_hb, i, o_s, m_s, o_d, m_d, D: tl.constexpr):
     """State i of a [.., D, D] weight and [.., D] bias pair, in float32."""
     return (tl.load(p_W + i.to(tl.int64) * D * D + o_s, mask=m_s, other=0.).to(tl.float32),
             tl.load(p_hb + i.to(tl.int64) * D + o_d, mask=m_d, other=0.).to(tl.float32))
 
 
 @triton.jit
-def _mini_batch_rows(q, k, v, eta, row0, o_c, m_t, o_d, scale, D: tl.constexpr, H: tl.constexpr):
+def mini_batch_rows(q, k, v, eta, row0, o_c, m_t, o_d, scale, D: tl.constexpr, H: tl.constexpr):
     """The mini-batch's rows in float32, zeros past the sequence: Q~ = scale Q, K, V, eta."""
     b_q = load_rows(q + row0 * D, o_c, m_t, o_d, D, H).to(tl.float32) * scale
     b_k = load_rows(k + row0 * D, o_c, m_t, o_d, D, H).to(tl.float32)
@@ -79,10 +79,33 @@ def _mini_batch_rows(q, k, v, eta, row0, o_c, m_t, o_d, scale, D: tl.constexpr, 
     return b_q, b_k, b_v, tl.load(eta + row0 + o_c * H, mask=m_t, other=0.).to(tl.float32)
 
 
+@triton.jit
+def recon_grads(b_k, b_v, b_W, b_hb, b_w, b_b, m_t, m_d, D: tl.constexpr, eps,
+                 PRECISION: tl.constexpr):
+    """(G, Z) [C, BD]: Z = K W + 1 hb and the reconstruction gradients G at the weights the
+    mini-batch starts with, G 0 on the rows past the sequence."""
+    b_z = tl.dot(b_k, b_W, input_precision=PRECISION) + b_hb[None, :]
+    b_g = ln_recon_grad_rows(b_z, b_v - b_k, b_w, b_b, m_d, D, eps)
+    return tl.where(m_t[:, None], b_g, 0.), b_z
+
+
+@triton.jit
+def mini_batch_outputs(b_q, b_k, b_e, b_g, b_W, b_hb, b_w, b_b, o_c, m_d, D: tl.constexpr,
+                       eps, PRECISION: tl.constexpr):
+    """O [C, BD] = U + w * LN(U) + b, U = Q~ W + 1 hb - eta * ((tril(Q~ K^T) + tril(1)) G)."""
+    b_A = tl.where(o_c[:, None] >= o_c[None, :],
+                   tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) + 1., 0.)
+    b_u = (tl.dot(b_q, b_W, input_precision=PRECISION) + b_hb[None, :]
+           - b_e[:, None] * tl.dot(b_A, b_g, input_precision=PRECISION))
+    b_x, _ = layer_norm_rows(b_u, m_d, D, eps)
+    return b_u + b_w[None, :] * b_x + b_b[None, :]
+
+
 @triton.heuristics({
     'USE_INITIAL_STATE': lambda a: a['h0'] is not None,
     'STORE_FINAL_STATE': lambda a: a['ht'] is not None,
     'STORE_STATES': lambda a: a['hs'] is not None,
+    'WITH_OUTPUT': lambda a: a['o'] is not None,
     'IS_VARLEN': lambda a: a['cu_seqlens'] is not None,
 })
 @triton.jit(do_not_specialize=['T'])
@@ -90,18 +113,18 @@ def fused_chunk_ttt_linear_fwd_kernel(
     q, k, v, w, b, eta, o, h0, hb0, ht, hbt, hs, hbs, cu_seqlens, chunk_offsets, scale, eps, T,
     H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
     PRECISION: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
-    STORE_STATES: tl.constexpr, IS_VARLEN: tl.constexpr,
+    STORE_STATES: tl.constexpr, WITH_OUTPUT: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """One sequence and head: the mini-batches in order (module docstring), W and hb on chip;
-    with STORE_STATES the W and hb each mini-batch starts from, for the backward."""
+    with STORE_STATES the W and hb each mini-batch starts from (for the backward, and for
+    chunk_ttt_linear's outputs: it walks without WITH_OUTPUT)."""
     i_nh, i_h, bos, L, NT, c0, o_d, m_d, o_s, m_s, b_w, b_b = _program(
         w, b, cu_seqlens, chunk_offsets, T, H, D, BD, BC, IS_VARLEN)
     o_c = tl.arange(0, BC)
     b_W = tl.zeros([BD, BD], dtype=tl.float32)
     b_hb = tl.zeros([BD], dtype=tl.float32)
     if USE_INITIAL_STATE:
-        b_W, b_hb = _load_state(h0, hb0, i_nh, o_s, m_s, o_d, m_d, D)
-    causal = o_c[:, None] >= o_c[None, :]
+        b_W, b_hb = load_state(h0, hb0, i_nh, o_s, m_s, o_d, m_d, D)
     for i_t in range(NT):
         if STORE_STATES:
             i_s = (c0 + i_t) * H + i_h
@@ -110,17 +133,12 @@ def fused_chunk_ttt_linear_fwd_kernel(
         row0 = (bos + i_t * BC) * H + i_h
         m_t = i_t * BC + o_c < L
         n_t = tl.minimum(BC, L - i_t * BC)
-        b_q, b_k, b_v, b_e = _mini_batch_rows(q, k, v, eta, row0, o_c, m_t, o_d, scale, D, H)
-        # G: the reconstruction gradients at the mini-batch's starting weights; 0 past the end
-        b_z = tl.dot(b_k, b_W, input_precision=PRECISION) + b_hb[None, :]
-        b_g = ln_recon_grad_rows(b_z, b_v - b_k, b_w, b_b, m_d, D, eps)
-        b_g = tl.where(m_t[:, None], b_g, 0.)
-        # U = Q~ W + 1 hb - eta * ((tril(Q~ K^T) + tril(1)) G);  O = U + w * LN(U) + b
-        b_A = tl.where(causal, tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) + 1., 0.)
-        b_u = (tl.dot(b_q, b_W, input_precision=PRECISION) + b_hb[None, :]
-               - b_e[:, None] * tl.dot(b_A, b_g, input_precision=PRECISION))
-        b_x, _ = layer_norm_rows(b_u, m_d, D, eps)
-        store_rows(o + row0 * D, b_u + b_w[None, :] * b_x + b_b[None, :], o_c, m_t, o_d, D, H)
+        b_q, b_k, b_v, b_e = mini_batch_rows(q, k, v, eta, row0, o_c, m_t, o_d, scale, D, H)
+        b_g, _ = recon_grads(b_k, b_v, b_W, b_hb, b_w, b_b, m_t, m_d, D, eps, PRECISION)
+        if WITH_OUTPUT:
+            b_o = mini_batch_outputs(b_q, b_k, b_e, b_g, b_W, b_hb, b_w, b_b, o_c, m_d, D, eps,
+                                     PRECISION)
+            store_rows(o + row0 * D, b_o, o_c, m_t, o_d, D, H)
         # W <- W - eta_last K^T G, hb <- hb - eta_last 1^T G (eta_last: the last real token's)
         e_last = tl.sum(tl.where(o_c == n_t - 1, b_e, 0.), 0)
         b_W -= e_last * tl.dot(tl.trans(b_k), b_g, input_precision=PRECISION)
@@ -137,9 +155,7 @@ def _mini_batch_bwd(b_q, b_k, b_v, b_e, b_do, b_W, b_hb, b_w, b_b, b_dW, b_dhb, 
     given dO and the gradients dW, dhb of the weights it hands on, (dQ~, dK, dV, deta, the
     gradients of the weights it starts from, dw, db)."""
     causal = o_c[:, None] >= o_c[None, :]
-    b_z = tl.dot(b_k, b_W, input_precision=PRECISION) + b_hb[None, :]
-    b_t = b_v - b_k
-    b_g = tl.where(m_t[:, None], ln_recon_grad_rows(b_z, b_t, b_w, b_b, m_d, D, eps), 0.)
+    b_g, b_z = recon_grads(b_k, b_v, b_W, b_hb, b_w, b_b, m_t, m_d, D, eps, PRECISION)
     b_A = tl.where(causal, tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) + 1., 0.)
     b_ag = tl.dot(b_A, b_g, input_precision=PRECISION)
     b_u = tl.dot(b_q, b_W, input_precision=PRECISION) + b_hb[None, :] - b_e[:, None] * b_ag
@@ -166,8 +182,8 @@ def _mini_batch_bwd(b_q, b_k, b_v, b_e, b_do, b_W, b_hb, b_w, b_b, b_dW, b_dhb, 
     b_dq += tl.dot(b_dA, b_k, input_precision=PRECISION)
     b_dk += tl.dot(tl.trans(b_dA), b_q, input_precision=PRECISION)
     # G = ln_recon_grad(Z, V - K),  Z = K W + 1 hb
-    b_dz, b_dt, b_dw2, b_db2 = ln_recon_grad_bwd_rows(tl.where(m_t[:, None], b_dg, 0.), b_z, b_t,
-                                                      b_w, b_b, m_d, D, eps)
+    b_dz, b_dt, b_dw2, b_db2 = ln_recon_grad_bwd_rows(tl.where(m_t[:, None], b_dg, 0.), b_z,
+                                                      b_v - b_k, b_w, b_b, m_d, D, eps)
     b_dk += tl.dot(b_dz, tl.trans(b_W), input_precision=PRECISION) - b_dt
     b_dW += tl.dot(tl.trans(b_k), b_dz, input_precision=PRECISION)
     b_dhb += tl.sum(b_dz, 0)
@@ -195,7 +211,7 @@ def fused_chunk_ttt_linear_bwd_kernel(
     b_dW = tl.zeros([BD, BD], dtype=tl.float32)
     b_dhb = tl.zeros([BD], dtype=tl.float32)
     if USE_FINAL_STATE_GRADIENT:
-        b_dW, b_dhb = _load_state(dht, dhbt, i_nh, o_s, m_s, o_d, m_d, D)
+        b_dW, b_dhb = load_state(dht, dhbt, i_nh, o_s, m_s, o_d, m_d, D)
     b_dwa = tl.zeros([BD], dtype=tl.float32)
     b_dba = tl.zeros([BD], dtype=tl.float32)
     for i_r in range(NT):
@@ -203,8 +219,8 @@ def fused_chunk_ttt_linear_bwd_kernel(
         row0 = (bos + i_t * BC) * H + i_h
         m_t = i_t * BC + o_c < L
         n_t = tl.minimum(BC, L - i_t * BC)
-        b_W, b_hb = _load_state(hs, hbs, (c0 + i_t) * H + i_h, o_s, m_s, o_d, m_d, D)
-        b_q, b_k, b_v, b_e = _mini_batch_rows(q, k, v, eta, row0, o_c, m_t, o_d, scale, D, H)
+        b_W, b_hb = load_state(hs, hbs, (c0 + i_t) * H + i_h, o_s, m_s, o_d, m_d, D)
+        b_q, b_k, b_v, b_e = mini_batch_rows(q, k, v, eta, row0, o_c, m_t, o_d, scale, D, H)
         b_do = load_rows(do + row0 * D, o_c, m_t, o_d, D, H).to(tl.float32)
         b_dq, b_dk, b_dv, b_de, b_dW, b_dhb, b_dw, b_db = _mini_batch_bwd(
             b_q, b_k, b_v, b_e, b_do, b_W, b_hb, b_w, b_b, b_dW, b_dhb, m_t, n_t, o_c, m_d, D,
@@ -222,14 +238,14 @@ def fused_chunk_ttt_linear_bwd_kernel(
     tl.store(db + i_nh * D + o_d, b_dba, mask=m_d)
 
 
-def _forward(q, k, v, w, b, eta, scale, eps, chunk_size, h0, hb0, output_final_state,
-             cu_seqlens, keep_states: bool):
-    """(o, final W, final hb, W and hb at each mini-batch's start or None, None); inputs checked
-    and contiguous, h0 and hb0 both given or both None."""
+def run_forward(q, k, v, w, b, eta, scale, eps, chunk_size, h0, hb0, output_final_state,
+             cu_seqlens, keep_states: bool, with_output: bool = True):
+    """(o or None, final W, final hb, W and hb at each mini-batch's start or None, None);
+    inputs checked and contiguous, h0 and hb0 both given or both None."""
     B, T, H, D = q.shape
     N, NT, _, chunk_offsets = chunk_layout(B, T, cu_seqlens, chunk_size)
     chunks = NT * (B if cu_seqlens is None else 1)
-    o = torch.empty_like(v)
+    o = torch.empty_like(v) if with_output else None
     f32 = dict(dtype=torch.float32, device=q.device)
     ht = torch.empty(N, H, D, D, **f32) if output_final_state else None
     hbt = torch.empty(N, H, 1, D, **f32) if output_final_state else None
@@ -242,7 +258,7 @@ def _forward(q, k, v, w, b, eta, scale, eps, chunk_size, h0, hb0, output_final_s
     return o, ht, hbt, hs, hbs
 
 
-def _backward(q, k, v, w, b, eta, hs, hbs, h0, do, dht, dhbt, scale, eps, chunk_size,
+def run_backward(q, k, v, w, b, eta, hs, hbs, h0, do, dht, dhbt, scale, eps, chunk_size,
               cu_seqlens):
     """(dq, dk, dv, dw, db, deta, d initial W or None, d initial hb or None)."""
     B, T, H, D = q.shape
@@ -269,7 +285,7 @@ class FusedChunkTTTFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, w, b, eta, scale, eps, chunk_size, h0, hb0, output_final_state,
                 cu_seqlens):
-        o, ht, hbt, hs, hbs = _forward(q, k, v, w, b, eta, scale, eps, chunk_size, h0, hb0,
+        o, ht, hbt, hs, hbs = run_forward(q, k, v, w, b, eta, scale, eps, chunk_size, h0, hb0,
                                        output_final_state, cu_seqlens, keep_states=True)
         ctx.save_for_backward(q, k, v, w, b, eta, hs, hbs, h0, hb0, cu_seqlens)
         ctx.scale, ctx.eps, ctx.chunk_size = scale, eps, chunk_size
@@ -278,12 +294,39 @@ class FusedChunkTTTFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dht, dhbt):
         q, k, v, w, b, eta, hs, hbs, h0, hb0, cu_seqlens = ctx.saved_tensors
-        dq, dk, dv, dw, db, deta, dh0, dhb0 = _backward(
+        dq, dk, dv, dw, db, deta, dh0, dhb0 = run_backward(
             q, k, v, w, b, eta, hs, hbs, h0, do, dht, dhbt, ctx.scale, ctx.eps, ctx.chunk_size,
             cu_seqlens)
         return (dq, dk, dv, dw, db, deta, None, None, None,
                 None if dh0 is None else dh0.to(h0.dtype),
                 None if dhb0 is None else dhb0.to(hb0.dtype), None, None)
+
+
+def checked_inputs(name: str, q, k, v, w, b, eta, scale, eps, chunk_size, initial_state,
+                   initial_state_bias, output_final_state, cu_seqlens):
+    """(q, k, v, w, b, eta, scale, h0, hb0, needs a backward): the arguments checked (a clear
+    error naming ``name`` before any launch), made contiguous, the scale resolved; of the two
+    initial states, one given alone gets zeros for the other."""
+    dims = TTT.validate(dict(
+        q=q, k=k, v=v, w=w, b=b, eta=eta, scale=scale, eps=eps, chunk_size=chunk_size,
+        initial_state=initial_state, initial_state_bias=initial_state_bias,
+        output_final_state=output_final_state, cu_seqlens=cu_seqlens))
+    check_launchable(name, q)
+    if dims["D"] > MAX_D:
+        raise ValueError(f"{name}: D must be <= {MAX_D}, got D={dims['D']}")
+    if chunk_size not in CHUNK_SIZES:
+        raise ValueError(f"{name}: chunk_size must be one of {CHUNK_SIZES}, got {chunk_size}")
+    B, T, H, D = q.shape
+    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
+    q, k, v, w, b, eta = (x.contiguous() for x in (q, k, v, w, b, eta))
+    h0 = None if initial_state is None else initial_state.contiguous()
+    hb0 = None if initial_state_bias is None else initial_state_bias.contiguous()
+    if (h0 is None) != (hb0 is None):
+        h0 = h0 if h0 is not None else q.new_zeros(N, H, D, D, dtype=torch.float32)
+        hb0 = hb0 if hb0 is not None else q.new_zeros(N, H, 1, D, dtype=torch.float32)
+    grad = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (
+        q, k, v, w, b, eta, h0, hb0))
+    return q, k, v, w, b, eta, TTT.resolve_scale(scale, dims), h0, hb0, grad
 
 
 def fused_chunk_ttt_linear(
@@ -306,29 +349,12 @@ def fused_chunk_ttt_linear(
     o [B,T,H,D] in v's dtype and the final weights [N,H,D,D] and bias [N,H,1,D] in float32
     (None, None unless output_final_state). D <= 128, chunk_size 16, 32 or 64. Forward and
     backward: gradients for q, k, v, w, b, eta and both initial states."""
-    name = "fused_chunk_ttt_linear"
-    dims = TTT.validate(dict(
-        q=q, k=k, v=v, w=w, b=b, eta=eta, scale=scale, eps=eps, chunk_size=chunk_size,
-        initial_state=initial_state, initial_state_bias=initial_state_bias,
-        output_final_state=output_final_state, cu_seqlens=cu_seqlens))
-    check_launchable(name, q)
-    if dims["D"] > MAX_D:
-        raise ValueError(f"{name}: D must be <= {MAX_D}, got D={dims['D']}")
-    if chunk_size not in CHUNK_SIZES:
-        raise ValueError(f"{name}: chunk_size must be one of {CHUNK_SIZES}, got {chunk_size}")
-    B, T, H, D = q.shape
-    N = B if cu_seqlens is None else cu_seqlens.numel() - 1
-    q, k, v, w, b, eta = (x.contiguous() for x in (q, k, v, w, b, eta))
-    h0 = None if initial_state is None else initial_state.contiguous()
-    hb0 = None if initial_state_bias is None else initial_state_bias.contiguous()
-    if (h0 is None) != (hb0 is None):  # one without the other: the missing one is zeros
-        h0 = h0 if h0 is not None else q.new_zeros(N, H, D, D, dtype=torch.float32)
-        hb0 = hb0 if hb0 is not None else q.new_zeros(N, H, 1, D, dtype=torch.float32)
-    scale = TTT.resolve_scale(scale, dims)
-    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (
-            q, k, v, w, b, eta, h0, hb0)):
+    q, k, v, w, b, eta, scale, h0, hb0, grad = checked_inputs(
+        "fused_chunk_ttt_linear", q, k, v, w, b, eta, scale, eps, chunk_size, initial_state,
+        initial_state_bias, output_final_state, cu_seqlens)
+    if grad:
         return FusedChunkTTTFunction.apply(q, k, v, w, b, eta, scale, eps, chunk_size, h0, hb0,
                                            output_final_state, cu_seqlens)
-    o, ht, hbt, _, _ = _forward(q, k, v, w, b, eta, scale, eps, chunk_size, h0, hb0,
+    o, ht, hbt, _, _ = run_forward(q, k, v, w, b, eta, scale, eps, chunk_size, h0, hb0,
                                 output_final_state, cu_seqlens, keep_states=False)
     return o, ht, hbt

@@ -1,6 +1,7 @@
-"""fused_chunk_ttt_linear (Triton, through the interpreter) against the token-by-token float64
-reference (references.ttt.naive_ttt_linear): the forward, and every gradient against autograd
-through the reference.
+"""fused_chunk_ttt_linear and chunk_ttt_linear (Triton, through the interpreter) against the
+token-by-token float64 reference (references.ttt.naive_ttt_linear): the forward, and every
+gradient against autograd through the reference (chunk_ttt_linear's backward is
+fused_chunk_ttt_linear's, from its own stored states).
 
 float32 bound 1e-5: every product multiplies float32 operands exactly ("ieee") over at most 64
 tokens and D <= 40 here, and the LayerNorms are float32 sums over D; measured 1e-7 to 2e-7
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 from harness.check.engine import rel_error
-from kernels.ttt import fused_chunk_ttt_linear
+from kernels.ttt import chunk_ttt_linear, fused_chunk_ttt_linear
 from references.ttt import naive_ttt_linear
 
 
@@ -29,11 +30,15 @@ def inputs(B, T, H, D, h0=True, bias=True, cu=None, seed=0):
     return x, st, None if cu is None else torch.tensor(cu)
 
 
-def both(B, T, H, D, chunk_size=16, dtype=torch.float32, **kw):
+KERNELS = pytest.mark.parametrize("fn", [fused_chunk_ttt_linear, chunk_ttt_linear],
+                                  ids=["fused_chunk", "chunk"])
+
+
+def both(fn, B, T, H, D, chunk_size=16, dtype=torch.float32, **kw):
     x, st, cu = inputs(B, T, H, D, **kw)
     args = dict(chunk_size=chunk_size, output_final_state=True, cu_seqlens=cu)
     with torch.no_grad():
-        got = fused_chunk_ttt_linear(*(x[n].to(dtype) for n in ("q", "k", "v")), x["w"], x["b"],
+        got = fn(*(x[n].to(dtype) for n in ("q", "k", "v")), x["w"], x["b"],
                                      x["eta"], **st, **args)
     ref = naive_ttt_linear(*(x[n].to(dtype).double() for n in ("q", "k", "v")),
                            *(x[n].double() for n in ("w", "b", "eta")),
@@ -53,25 +58,28 @@ def both(B, T, H, D, chunk_size=16, dtype=torch.float32, **kw):
     (1, 40, 2, 16, 16, {"h0": False, "bias": False}),
     (1, 40, 1, 16, 16, {"bias": False}),
 ])
-def test_forward_and_final_states(B, T, H, D, chunk_size, kw):
-    got, ref = both(B, T, H, D, chunk_size, **kw)
+@KERNELS
+def test_forward_and_final_states(fn, B, T, H, D, chunk_size, kw):
+    got, ref = both(fn, B, T, H, D, chunk_size, **kw)
     for name, a, r in zip(("o", "final state", "final bias"), got, ref):
         assert rel_error(a, r) < 1e-5, (name, rel_error(a, r))
 
 
-def test_varlen_with_empty_and_one_token_sequences():
+@KERNELS
+def test_varlen_with_empty_and_one_token_sequences(fn):
     """Sequences of 21, 0, 1 and 35 tokens: each ends in its own partial mini-batch, the empty
     one's final state is its initial one."""
-    got, ref = both(1, 57, 2, 16, cu=[0, 21, 21, 22, 57])
+    got, ref = both(fn, 1, 57, 2, 16, cu=[0, 21, 21, 22, 57])
     for name, a, r in zip(("o", "final state", "final bias"), got, ref):
         assert rel_error(a, r) < 1e-5, (name, rel_error(a, r))
 
 
-def test_float16_within_its_rounding():
+@KERNELS
+def test_float16_within_its_rounding(fn):
     """float16 q, k, v (w, b, eta float32): o within 1e-3 of float64 on the same rounded inputs
     (measured 2e-4; float16's unit roundoff is 4.9e-4, o is stored in float16); the final
     weights stay float32 (1e-5)."""
-    got, ref = both(1, 70, 2, 16, dtype=torch.float16)
+    got, ref = both(fn, 1, 70, 2, 16, dtype=torch.float16)
     assert got[0].dtype == torch.float16
     assert rel_error(got[0], ref[0]) < 1e-3
     assert rel_error(got[1], ref[1]) < 1e-5 and rel_error(got[2], ref[2]) < 1e-5
@@ -104,20 +112,22 @@ def grads(fn, x, st, cu, chunk_size, dtype, seed=1):
     (1, 40, 1, 16, 16, {"h0": False, "bias": False}),
     (1, 57, 2, 16, 16, {"cu": [0, 21, 21, 22, 57]}),
 ])
-def test_gradients(B, T, H, D, chunk_size, kw):
+@KERNELS
+def test_gradients(fn, B, T, H, D, chunk_size, kw):
     x, st, cu = inputs(B, T, H, D, **kw)
-    got = grads(fused_chunk_ttt_linear, x, st, cu, chunk_size, torch.float32)
+    got = grads(fn, x, st, cu, chunk_size, torch.float32)
     ref = grads(naive_ttt_linear, x, st, cu, chunk_size, torch.float64)
     assert set(got) == set(ref)
     for name in ref:
         assert rel_error(got[name], ref[name]) < 1e-5, (name, rel_error(got[name], ref[name]))
 
 
-def test_bad_arguments_raise_before_any_launch():
+@KERNELS
+def test_bad_arguments_raise_before_any_launch(fn):
     x, st, _ = inputs(1, 16, 1, 16)
     args = [x[n] for n in ("q", "k", "v", "w", "b", "eta")]
     with pytest.raises(ValueError, match="chunk_size must be one of"):
-        fused_chunk_ttt_linear(*args, chunk_size=8)
+        fn(*args, chunk_size=8)
     big = inputs(1, 16, 1, 136)[0]
     with pytest.raises(ValueError, match="D must be <= 128"):
-        fused_chunk_ttt_linear(*(big[n] for n in ("q", "k", "v", "w", "b", "eta")))
+        fn(*(big[n] for n in ("q", "k", "v", "w", "b", "eta")))

@@ -1,0 +1,121 @@
+"""TTT-Linear, chunked form (docs/operators.md section 3): the states per mini-batch materialised,
+the outputs of every mini-batch in parallel; the backward is fused_chunk_ttt_linear's.
+
+The mini-batch recurrence needs, per mini-batch, only Z = K W + 1 hb, the reconstruction
+gradients G and the update W <- W - eta_last K^T G, hb <- hb - eta_last 1^T G. One program per
+(sequence, head) walks that (kernels.ttt.fused_chunk's forward kernel without the output),
+storing the W, hb each mini-batch starts from; then one program per (mini-batch, head) forms
+its output from them, all in parallel:
+
+    G = ln_recon_grad(K W + 1 hb, V - K)
+    U = Q~ W + 1 hb - eta * ((tril(Q~ K^T) + tril(1)) G),   O = U + w * LN(U) + b
+
+so the walk's dependent chain holds two products a mini-batch instead of five. The backward
+walks the mini-batches from last to first from the same stored states
+(kernels.ttt.fused_chunk's backward kernel): the gradient of each mini-batch's starting
+weights depends on the next one's.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.common.utils import (MIN_TILE, chunk_index, chunk_layout, chunk_rows, dot_precision,
+                                  store_rows)
+from kernels.ttt.fused_chunk import (checked_inputs, load_state, mini_batch_outputs,
+                                     mini_batch_rows, recon_grads, run_backward, run_forward)
+
+__all__ = ["chunk_ttt_linear"]
+
+
+@triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
+@triton.jit(do_not_specialize=['T'])
+def chunk_ttt_linear_fwd_o_kernel(
+    q, k, v, w, b, eta, o, hs, hbs, cu_seqlens, chunk_indices, scale, eps, T,
+    H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
+    PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """One mini-batch and head: its output from the W, hb it starts with (module docstring)."""
+    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_h = i_bh % H
+    i_t, m_t, row0 = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BC, IS_VARLEN)
+    i_s = chunk_index(i_c, i_bh, i_t, T, H, BC, IS_VARLEN) * H + i_h
+    o_c = tl.arange(0, BC)
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    b_w = tl.load(w + i_h * D + o_d, mask=m_d, other=0.).to(tl.float32)
+    b_b = tl.load(b + i_h * D + o_d, mask=m_d, other=0.).to(tl.float32)
+    b_W, b_hb = load_state(hs, hbs, i_s, o_d[:, None] * D + o_d[None, :],
+                            m_d[:, None] & m_d[None, :], o_d, m_d, D)
+    b_q, b_k, b_v, b_e = mini_batch_rows(q, k, v, eta, row0, o_c, m_t, o_d, scale, D, H)
+    b_g, _ = recon_grads(b_k, b_v, b_W, b_hb, b_w, b_b, m_t, m_d, D, eps, PRECISION)
+    b_o = mini_batch_outputs(b_q, b_k, b_e, b_g, b_W, b_hb, b_w, b_b, o_c, m_d, D, eps, PRECISION)
+    store_rows(o + row0 * D, b_o, o_c, m_t, o_d, D, H)
+
+
+def _chunk_forward(q, k, v, w, b, eta, scale, eps, chunk_size, h0, hb0, output_final_state,
+                   cu_seqlens):
+    """(o, final W, final hb, the states each mini-batch starts from (W, hb)); inputs checked."""
+    B, T, H, D = q.shape
+    _, ht, hbt, hs, hbs = run_forward(q, k, v, w, b, eta, scale, eps, chunk_size, h0, hb0,
+                                   output_final_state, cu_seqlens, keep_states=True,
+                                   with_output=False)
+    _, NT, chunk_indices, _ = chunk_layout(B, T, cu_seqlens, chunk_size)
+    o = torch.empty_like(v)
+    if NT:
+        chunk_ttt_linear_fwd_o_kernel[(NT, B * H)](
+            q, k, v, w, b, eta, o, hs, hbs, cu_seqlens, chunk_indices, scale, float(eps), T,
+            H=H, D=D, BD=max(MIN_TILE, triton.next_power_of_2(D)), BC=chunk_size,
+            PRECISION=dot_precision(q.dtype), num_warps=4 if D <= 64 else 8)
+    return o, ht, hbt, hs, hbs
+
+
+class ChunkTTTFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, w, b, eta, scale, eps, chunk_size, h0, hb0, output_final_state,
+                cu_seqlens):
+        o, ht, hbt, hs, hbs = _chunk_forward(q, k, v, w, b, eta, scale, eps, chunk_size, h0, hb0,
+                                             output_final_state, cu_seqlens)
+        ctx.save_for_backward(q, k, v, w, b, eta, hs, hbs, h0, hb0, cu_seqlens)
+        ctx.scale, ctx.eps, ctx.chunk_size = scale, eps, chunk_size
+        return o, ht, hbt
+
+    @staticmethod
+    def backward(ctx, do, dht, dhbt):
+        q, k, v, w, b, eta, hs, hbs, h0, hb0, cu_seqlens = ctx.saved_tensors
+        dq, dk, dv, dw, db, deta, dh0, dhb0 = run_backward(
+            q, k, v, w, b, eta, hs, hbs, h0, do, dht, dhbt, ctx.scale, ctx.eps, ctx.chunk_size,
+            cu_seqlens)
+        return (dq, dk, dv, dw, db, deta, None, None, None,
+                None if dh0 is None else dh0.to(h0.dtype),
+                None if dhb0 is None else dhb0.to(hb0.dtype), None, None)
+
+
+def chunk_ttt_linear(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor,
+    eta: torch.Tensor,
+    scale: float | None = None,
+    eps: float = 1e-6,
+    chunk_size: int = 16,
+    initial_state: torch.Tensor | None = None,
+    initial_state_bias: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """TTT-Linear with the states per mini-batch materialised and the outputs in parallel
+    (Triton); fused_chunk_ttt_linear's arguments, results and limits."""
+    q, k, v, w, b, eta, scale, h0, hb0, grad = checked_inputs(
+        "chunk_ttt_linear", q, k, v, w, b, eta, scale, eps, chunk_size, initial_state,
+        initial_state_bias, output_final_state, cu_seqlens)
+    if grad:
+        return ChunkTTTFunction.apply(q, k, v, w, b, eta, scale, eps, chunk_size, h0, hb0,
+                                      output_final_state, cu_seqlens)
+    o, ht, hbt, _, _ = _chunk_forward(q, k, v, w, b, eta, scale, eps, chunk_size, h0, hb0,
+                                      output_final_state, cu_seqlens)
+    return o, ht, hbt
