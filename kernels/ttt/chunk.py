@@ -24,8 +24,9 @@ import triton.language as tl
 
 from kernels.common.utils import (MIN_TILE, chunk_index, chunk_layout, chunk_rows, dot_precision,
                                   store_rows)
-from kernels.ttt.fused_chunk import (checked_inputs, load_state, mini_batch_outputs,
-                                     mini_batch_rows, recon_grads, run_backward, run_forward)
+from kernels.ttt.fused_chunk import (FusedChunkTTTFunction, checked_inputs, load_state,
+                                     mini_batch_outputs, mini_batch_rows, recon_grads,
+                                     run_forward)
 
 __all__ = ["chunk_ttt_linear"]
 
@@ -72,7 +73,10 @@ def _chunk_forward(q, k, v, w, b, eta, scale, eps, chunk_size, h0, hb0, output_f
     return o, ht, hbt, hs, hbs
 
 
-class ChunkTTTFunction(torch.autograd.Function):
+class ChunkTTTFunction(FusedChunkTTTFunction):
+    """fused_chunk_ttt_linear's autograd Function with this module's forward: the backward,
+    from the stored states, is the same."""
+
     @staticmethod
     def forward(ctx, q, k, v, w, b, eta, scale, eps, chunk_size, h0, hb0, output_final_state,
                 cu_seqlens):
@@ -81,16 +85,6 @@ class ChunkTTTFunction(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, w, b, eta, hs, hbs, h0, hb0, cu_seqlens)
         ctx.scale, ctx.eps, ctx.chunk_size = scale, eps, chunk_size
         return o, ht, hbt
-
-    @staticmethod
-    def backward(ctx, do, dht, dhbt):
-        q, k, v, w, b, eta, hs, hbs, h0, hb0, cu_seqlens = ctx.saved_tensors
-        dq, dk, dv, dw, db, deta, dh0, dhb0 = run_backward(
-            q, k, v, w, b, eta, hs, hbs, h0, do, dht, dhbt, ctx.scale, ctx.eps, ctx.chunk_size,
-            cu_seqlens)
-        return (dq, dk, dv, dw, db, deta, None, None, None,
-                None if dh0 is None else dh0.to(h0.dtype),
-                None if dhb0 is None else dhb0.to(hb0.dtype), None, None)
 
 
 def chunk_ttt_linear(
