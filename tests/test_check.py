@@ -456,6 +456,26 @@ def test_check_takes_a_plugin_file(tmp_path):
     assert missing.exit_code == 2 and "--plugin" in missing.output
 
 
+def test_peers_join_the_named_implementations(tmp_path):
+    """`--peers` adds the registered peers available here beside `--impl`'s names, as it does
+    to the defaults (a stand-in peer on the CPU: fla's run on CUDA only; GLA, whose registry
+    the other tests plant no peers in)."""
+    plugin = tmp_path / "peer.py"
+    plugin.write_text(
+        "from harness.registry import Implementation, register\n"
+        "def register_all():\n"
+        "    register(Implementation(op='gla', name='stand_in_peer', kind='peer',\n"
+        "                            target='references.gla:chunk_gla_ref'))\n")
+    args = ["check", "gla", "--impl", "chunk_ref", "--plugin", str(plugin), "--examples",
+            "1", "--family", "random", "--dtype", "float64", "--device", "cpu", "--out",
+            str(tmp_path)]
+    alone = runner.invoke(app, args)
+    assert alone.exit_code == 0 and "stand_in_peer" not in alone.output, alone.output
+    both = runner.invoke(app, args + ["--peers"])
+    assert both.exit_code == 0 and "stand_in_peer" in both.output, both.output
+    assert "chunk_ref" in both.output
+
+
 def test_a_case_without_varlen_keeps_its_planted_token():
     """Coverage takes varlen away from a planted case for an implementation without it: the
     planted value stays on the same token, now of the one sequence."""

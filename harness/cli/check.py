@@ -56,12 +56,15 @@ def _case_progress(out: Path, op: str):
 
 def _chosen(op: str, names: list[str], peers: bool, device: str) -> list:
     """The implementations named (each checkable and available here), or by default the
-    project's own available here (and the peers with ``peers``)."""
+    project's own available here; with ``peers``, also the registered peers available here
+    (beside the named ones too)."""
     from harness.registry import get, implementations
 
+    added = [i for i in implementations(op) if i.checkable
+             and (i.kind == "peer" and peers or not names and i.kind in OURS)
+             and i.why_unavailable(device) is None]
     if not names:
-        return [i for i in implementations(op) if i.checkable and (peers or i.kind in OURS)
-                and i.why_unavailable(device) is None]
+        return added
     try:
         chosen = [get(op, n) for n in names]
     except KeyError as exc:
@@ -73,7 +76,7 @@ def _chosen(op: str, names: list[str], peers: bool, device: str) -> list:
         why = i.why_unavailable(device)
         if why:
             fail(f"{i.key} is not available on {device}: {why}")
-    return chosen
+    return chosen + [i for i in added if i.key not in {c.key for c in chosen}]
 
 
 def _lengths(text: str) -> tuple[int, ...] | None:
@@ -89,7 +92,7 @@ def _lengths(text: str) -> tuple[int, ...] | None:
 def check(
     op: str = typer.Argument(..., help="operator, e.g. delta_rule (see `harness list`)"),
     impl: list[str] = typer.Option([], "--impl", help="implementation(s); default: the project's own available here, but the truth 'naive'"),
-    peers: bool = typer.Option(False, "--peers", help="add the registered peers (other libraries) to the default implementations"),
+    peers: bool = typer.Option(False, "--peers", help="add the registered peers (other libraries) available here, to the defaults or to --impl's"),
     dtype: list[str] = typer.Option([], "--dtype", help="float64,float32,float16,bfloat16; default: float64,float32 on cpu, float32,bfloat16 on cuda"),
     examples: int = typer.Option(40, help="random cases hypothesis draws"),
     seed: int = typer.Option(0, help="hypothesis seed: the same seed draws the same cases"),
