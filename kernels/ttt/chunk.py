@@ -24,9 +24,9 @@ import triton.language as tl
 
 from kernels.common.utils import (MIN_TILE, chunk_index, chunk_layout, chunk_rows, dot_precision,
                                   store_rows)
-from kernels.ttt.fused_chunk import (FusedChunkTTTFunction, checked_inputs, load_state,
-                                     mini_batch_outputs, mini_batch_rows, recon_grads,
-                                     run_forward)
+from kernels.ttt.fused_chunk import (FusedChunkTTTFunction, checked_inputs, head_tiles,
+                                     load_state, mini_batch_outputs, mini_batch_rows,
+                                     recon_grads, run_forward)
 
 __all__ = ["chunk_ttt_linear"]
 
@@ -44,12 +44,8 @@ def chunk_ttt_linear_fwd_o_kernel(
     i_t, m_t, row0 = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BC, IS_VARLEN)
     i_s = chunk_index(i_c, i_bh, i_t, T, H, BC, IS_VARLEN) * H + i_h
     o_c = tl.arange(0, BC)
-    o_d = tl.arange(0, BD)
-    m_d = o_d < D
-    b_w = tl.load(w + i_h * D + o_d, mask=m_d, other=0.).to(tl.float32)
-    b_b = tl.load(b + i_h * D + o_d, mask=m_d, other=0.).to(tl.float32)
-    b_W, b_hb = load_state(hs, hbs, i_s, o_d[:, None] * D + o_d[None, :],
-                            m_d[:, None] & m_d[None, :], o_d, m_d, D)
+    o_d, m_d, o_s, m_s, b_w, b_b = head_tiles(w, b, i_h, D, BD)
+    b_W, b_hb = load_state(hs, hbs, i_s, o_s, m_s, o_d, m_d, D)
     b_q, b_k, b_v, b_e = mini_batch_rows(q, k, v, eta, row0, o_c, m_t, o_d, scale, D, H)
     b_g, _ = recon_grads(b_k, b_v, b_W, b_hb, b_w, b_b, m_t, m_d, D, eps, PRECISION)
     b_o = mini_batch_outputs(b_q, b_k, b_e, b_g, b_W, b_hb, b_w, b_b, o_c, m_d, D, eps, PRECISION)

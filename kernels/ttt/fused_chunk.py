@@ -47,20 +47,26 @@ CHUNK_SIZES = (16, 32, 64)  # tl.dot needs 16 rows at least
 
 
 @triton.jit
-def _program(w, b, cu_seqlens, chunk_offsets, T, H: tl.constexpr, D: tl.constexpr,
-             BD: tl.constexpr, BC: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """What a (sequence, head) program walks: (i_nh, i_h, bos, L, NT, c0) (its tokens, its
-    mini-batches and the first one's index among all), the head's columns o_d, m_d, a [D, D]
-    state's offsets and mask, and the head's LayerNorm weight and bias in float32 (0 past D)."""
-    i_nh = tl.program_id(0)
-    i_h = i_nh % H
-    bos, eos, NT, c0 = walk_bounds(cu_seqlens, chunk_offsets, i_nh // H, T, BC, IS_VARLEN)
+def head_tiles(w, b, i_h, D: tl.constexpr, BD: tl.constexpr):
+    """(o_d, m_d, o_s, m_s, w, b) of head i_h: its columns, a [D, D] state's offsets and mask,
+    and its LayerNorm weight and bias in float32 (0 past D)."""
     o_d = tl.arange(0, BD)
     m_d = o_d < D
     b_w = tl.load(w + i_h * D + o_d, mask=m_d, other=0.).to(tl.float32)
     b_b = tl.load(b + i_h * D + o_d, mask=m_d, other=0.).to(tl.float32)
-    return (i_nh, i_h, bos, eos - bos, NT, c0, o_d, m_d, o_d[:, None] * D + o_d[None, :],
-            m_d[:, None] & m_d[None, :], b_w, b_b)
+    return o_d, m_d, o_d[:, None] * D + o_d[None, :], m_d[:, None] & m_d[None, :], b_w, b_b
+
+
+@triton.jit
+def _program(w, b, cu_seqlens, chunk_offsets, T, H: tl.constexpr, D: tl.constexpr,
+             BD: tl.constexpr, BC: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """What a (sequence, head) program walks: (i_nh, i_h, bos, L, NT, c0) (its tokens, its
+    mini-batches and the first one's index among all), then head_tiles."""
+    i_nh = tl.program_id(0)
+    i_h = i_nh % H
+    bos, eos, NT, c0 = walk_bounds(cu_seqlens, chunk_offsets, i_nh // H, T, BC, IS_VARLEN)
+    o_d, m_d, o_s, m_s, b_w, b_b = head_tiles(w, b, i_h, D, BD)
+    return i_nh, i_h, bos, eos - bos, NT, c0, o_d, m_d, o_s, m_s, b_w, b_b
 
 
 @triton.jit
