@@ -408,3 +408,15 @@ def test_op_update_replaces_that_operator_and_keeps_the_others(tmp_path, planted
                  if e["impl"] == "planted" and e["quantity"] == "o"}
     assert planted_o and all(err > 0.5 for err in planted_o.values())  # re-recorded at 2x
     assert invoke(tmp_path, suite).exit_code == 0  # the merged section gates the whole suite
+
+
+def test_an_entry_without_a_finite_error_shows_why():
+    from harness.gate.report import show_entry
+
+    base = {"op": "ttt", "impl": "chunk", "dtype": "float32", "case": "c", "quantity": "o"}
+    nan = {**base, "error": None, "passed": False, "note": "non-finite error"}
+    assert show_entry(nan) == "non-finite (fails tol)"
+    crash = {**nan, "note": "OutOfResources: out of resource: shared memory"}
+    assert show_entry(crash) == ("no finite error: OutOfResources: out of resource: shared memory"
+                                 " (fails tol)")
+    assert show_entry({**base, "error": 0.00123, "passed": True}) == "0.00123"

@@ -31,7 +31,11 @@ def show_entry(e: dict[str, Any] | None) -> str:
         return "-"
     if e["quantity"] == SKIP:
         return e.get("note", "skipped")
-    err = "non-finite" if e["error"] is None else f"{e['error']:.3g}"
+    if e["error"] is None:  # no finite error: the note says why (a NaN, or the run's exception)
+        note = e.get("note") or ""
+        err = "non-finite" if note in ("", "non-finite error") else f"no finite error: {note[:100]}"
+    else:
+        err = f"{e['error']:.3g}"
     return err + ("" if e["passed"] else " (fails tol)")
 
 
