@@ -46,8 +46,9 @@ COVER = {
          "chunk_fwd_o_kernel", "chunk_bwd_dh_kernel", "chunk_gla_bwd_dv_kernel",
          "chunk_gla_bwd_dA_kernel", "chunk_gla_bwd_intra_kernel", "chunk_gla_bwd_dqk_kernel",
          "fused_chunk_gla_fwd_kernel"}),
-    # TTT's: D = 64 with a partial last mini-batch (T = 1024 has none: basic), D = 128
-    "ttt": (["partial-64+6", "partial-200"],
+    # TTT's: D = 64 with a partial last mini-batch (T = 1024 has none: basic), D = 128, and the
+    # largest mini-batch tiles, 32 x 128 and 64 x 64 (the most shared memory)
+    "ttt": (["partial-64+6", "partial-200", "cs32-d128", "cs64-d64"],
             {"fused_chunk_ttt_linear_fwd_kernel", "fused_chunk_ttt_linear_bwd_kernel",
              "chunk_ttt_linear_fwd_o_kernel"}),
 }

@@ -131,3 +131,6 @@ def test_bad_arguments_raise_before_any_launch(fn):
     big = inputs(1, 16, 1, 136)[0]
     with pytest.raises(ValueError, match="D must be <= 128"):
         fn(*(big[n] for n in ("q", "k", "v", "w", "b", "eta")))
+    wide = inputs(1, 16, 1, 100)[0]  # padded to 128: with 64-token mini-batches, too much smem
+    with pytest.raises(ValueError, match="chunk_size=64 takes D <= 64"):
+        fn(*(wide[n] for n in ("q", "k", "v", "w", "b", "eta")), chunk_size=64)

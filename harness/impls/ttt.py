@@ -29,14 +29,10 @@ def _fla_ttt_supports(case) -> str | None:
 
 
 def _ours_supports(case) -> str | None:
-    from kernels.ttt.fused_chunk import CHUNK_SIZES, MAX_D
+    from kernels.ttt.fused_chunk import unsupported
 
-    chunk = case.options.get("chunk_size", 16)
-    if case.dims["D"] > MAX_D:
-        return f"D > {MAX_D} in our TTT kernels"
-    if chunk not in CHUNK_SIZES:
-        return f"chunk_size={chunk}: our TTT kernels take {CHUNK_SIZES}"
-    return None
+    why = unsupported(case.dims["D"], case.options.get("chunk_size", 16))
+    return None if why is None else f"our TTT kernels: {why}"
 
 
 IMPLEMENTATIONS = [

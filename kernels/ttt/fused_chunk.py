@@ -44,6 +44,23 @@ MAX_D = 128  # W [D, D] float32 on chip: at D = 128, 16384 values, 64 a thread a
 # fused_chunk --case partial-200). Both spill (6.6 KB a thread at 1 stage): not yet timed.
 BWD_STAGES = 1
 CHUNK_SIZES = (16, 32, 64)  # tl.dot needs 16 rows at least
+# A mini-batch's [C, D] tiles (D padded to a power of two) at most 64 * 64 = 32 * 128 values: at
+# C = 64, D = 128 ptxas put the kernels' shared memory at 262,144 (chunk's output kernel) to
+# 327,680 bytes (the backward, unpipelined), over sm_90's 232,448 (bfloat16, python
+# tools/kernel_registers.py ttt --impl fused_chunk,chunk --case cs64-d128).
+MAX_TILE = 64 * 64
+
+
+def unsupported(D: int, chunk_size: int) -> str | None:
+    """Why the kernels cannot take head size D with mini-batches of chunk_size (None: they can)."""
+    if D > MAX_D:
+        return f"D must be <= {MAX_D}, got D={D}"
+    if chunk_size not in CHUNK_SIZES:
+        return f"chunk_size must be one of {CHUNK_SIZES}, got {chunk_size}"
+    if chunk_size * max(MIN_TILE, triton.next_power_of_2(D)) > MAX_TILE:
+        return (f"chunk_size={chunk_size} takes D <= {MAX_TILE // chunk_size} (a mini-batch's "
+                f"tiles would not fit in shared memory), got D={D}")
+    return None
 
 
 @triton.jit
@@ -318,10 +335,9 @@ def checked_inputs(name: str, q, k, v, w, b, eta, scale, eps, chunk_size, initia
         initial_state=initial_state, initial_state_bias=initial_state_bias,
         output_final_state=output_final_state, cu_seqlens=cu_seqlens))
     check_launchable(name, q)
-    if dims["D"] > MAX_D:
-        raise ValueError(f"{name}: D must be <= {MAX_D}, got D={dims['D']}")
-    if chunk_size not in CHUNK_SIZES:
-        raise ValueError(f"{name}: chunk_size must be one of {CHUNK_SIZES}, got {chunk_size}")
+    why = unsupported(dims["D"], chunk_size)
+    if why:
+        raise ValueError(f"{name}: {why}")
     B, T, H, D = q.shape
     N = B if cu_seqlens is None else cu_seqlens.numel() - 1
     q, k, v, w, b, eta = (x.contiguous() for x in (q, k, v, w, b, eta))
