@@ -50,7 +50,8 @@ COVER = {
     # largest mini-batch tiles, 32 x 128 and 64 x 64 (the most shared memory)
     "ttt": (["partial-64+6", "partial-200", "cs32-d128", "cs64-d64"],
             {"fused_chunk_ttt_linear_fwd_kernel", "fused_chunk_ttt_linear_bwd_kernel",
-             "chunk_ttt_linear_fwd_o_kernel"}),
+             "chunk_ttt_linear_fwd_o_kernel", "chunk_ttt_linear_bwd_local_kernel",
+             "chunk_ttt_linear_bwd_walk_kernel", "chunk_ttt_linear_bwd_dk_kernel"}),
 }
 
 

@@ -51,7 +51,8 @@ def layer_norm_bwd_rows(b_dx, b_x, b_sigma, m_d, D: tl.constexpr):
 @triton.jit
 def ln_recon_grad_bwd_rows(b_dg, b_z, b_t, b_w, b_b, m_d, D: tl.constexpr, eps):
     """The backward of ln_recon_grad_rows: given dg [C, BD] (rows that do not count: 0),
-    (dz [C, BD], dt [C, BD], dw [BD], db [BD]), dw and db summed over the rows. With
+    (dz [C, BD], dt [C, BD], dw [BD], db [BD], g [C, BD]), dw and db summed over the rows, g
+    the forward's value (every row: mask it where rows do not count). With
     g = P(gx) / sigma, P(y) = y - mean(y) - x mean(x y) (symmetric), gx = w r,
     r = w x + b - t, x = LN(z):
 
@@ -72,4 +73,4 @@ def ln_recon_grad_bwd_rows(b_dg, b_z, b_t, b_w, b_b, m_d, D: tl.constexpr, eps):
             + b_dr * b_w[None, :])
     b_dsigma = -tl.sum(tl.where(m_d[None, :], b_dg * b_g, 0.), 1) / b_sigma
     b_dz = layer_norm_bwd_rows(b_dx, b_x, b_sigma, m_d, D) + (b_dsigma / D)[:, None] * b_x
-    return b_dz, -b_dr, tl.sum(b_dgx * b_r + b_dr * b_x, 0), tl.sum(b_dr, 0)
+    return b_dz, -b_dr, tl.sum(b_dgx * b_r + b_dr * b_x, 0), tl.sum(b_dr, 0), b_g

@@ -1,5 +1,6 @@
 """TTT-Linear, chunked form (docs/operators.md section 3): the states per mini-batch materialised,
-the outputs of every mini-batch in parallel; the backward is fused_chunk_ttt_linear's.
+the outputs of every mini-batch in parallel, and a backward whose sequential walk holds only
+what depends on the later mini-batches (kernels.ttt.chunk_bwd).
 
 The mini-batch recurrence needs, per mini-batch, only Z = K W + 1 hb, the reconstruction
 gradients G and the update W <- W - eta_last K^T G, hb <- hb - eta_last 1^T G. One program per
@@ -11,9 +12,9 @@ its output from them, all in parallel:
     U = Q~ W + 1 hb - eta * ((tril(Q~ K^T) + tril(1)) G),   O = U + w * LN(U) + b
 
 so the walk's dependent chain holds two products a mini-batch instead of five. The backward
-walks the mini-batches from last to first from the same stored states
-(kernels.ttt.fused_chunk's backward kernel): the gradient of each mini-batch's starting
-weights depends on the next one's.
+does the same from the same stored states: the gradient of each mini-batch's starting weights
+depends on the next one's through K dW', G's LayerNorm backward and K^T dZ alone, and
+everything else is formed in parallel before and after that walk.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ import triton.language as tl
 
 from kernels.common.utils import (MIN_TILE, chunk_index, chunk_layout, chunk_rows, dot_precision,
                                   store_rows)
+from kernels.ttt.chunk_bwd import chunk_backward
 from kernels.ttt.fused_chunk import (FusedChunkTTTFunction, checked_inputs, head_tiles,
                                      load_state, mini_batch_outputs, mini_batch_rows,
-                                     recon_grads, run_forward)
+                                     recon_grads, run_forward, save_for_backward)
 
 __all__ = ["chunk_ttt_linear"]
 
@@ -70,17 +72,15 @@ def _chunk_forward(q, k, v, w, b, eta, scale, eps, chunk_size, h0, hb0, output_f
 
 
 class ChunkTTTFunction(FusedChunkTTTFunction):
-    """fused_chunk_ttt_linear's autograd Function with this module's forward: the backward,
-    from the stored states, is the same."""
+    """fused_chunk_ttt_linear's autograd Function with this module's forward and backward."""
 
     @staticmethod
     def forward(ctx, q, k, v, w, b, eta, scale, eps, chunk_size, h0, hb0, output_final_state,
                 cu_seqlens):
-        o, ht, hbt, hs, hbs = _chunk_forward(q, k, v, w, b, eta, scale, eps, chunk_size, h0, hb0,
-                                             output_final_state, cu_seqlens)
-        ctx.save_for_backward(q, k, v, w, b, eta, hs, hbs, h0, hb0, cu_seqlens)
-        ctx.scale, ctx.eps, ctx.chunk_size = scale, eps, chunk_size
-        return o, ht, hbt
+        results = _chunk_forward(q, k, v, w, b, eta, scale, eps, chunk_size, h0, hb0,
+                                 output_final_state, cu_seqlens)
+        return save_for_backward(ctx, chunk_backward, results, q, k, v, w, b, eta, scale, eps,
+                                 chunk_size, h0, hb0, cu_seqlens)
 
 
 def chunk_ttt_linear(

@@ -205,8 +205,8 @@ def _mini_batch_bwd(b_q, b_k, b_v, b_e, b_do, b_W, b_hb, b_w, b_b, b_dW, b_dhb, 
     b_dq += tl.dot(b_dA, b_k, input_precision=PRECISION)
     b_dk += tl.dot(tl.trans(b_dA), b_q, input_precision=PRECISION)
     # G = ln_recon_grad(Z, V - K),  Z = K W + 1 hb
-    b_dz, b_dt, b_dw2, b_db2 = ln_recon_grad_bwd_rows(tl.where(m_t[:, None], b_dg, 0.), b_z,
-                                                      b_v - b_k, b_w, b_b, m_d, D, eps)
+    b_dz, b_dt, b_dw2, b_db2, _ = ln_recon_grad_bwd_rows(
+        tl.where(m_t[:, None], b_dg, 0.), b_z, b_v - b_k, b_w, b_b, m_d, D, eps)
     b_dk += tl.dot(b_dz, tl.trans(b_W), input_precision=PRECISION) - b_dt
     b_dW += tl.dot(tl.trans(b_k), b_dz, input_precision=PRECISION)
     b_dhb += tl.sum(b_dz, 0)
@@ -305,24 +305,36 @@ def run_backward(q, k, v, w, b, eta, hs, hbs, h0, do, dht, dhbt, scale, eps, chu
 
 
 class FusedChunkTTTFunction(torch.autograd.Function):
+    """Forward by ``run_forward`` keeping the states, backward by ``ctx.run_backward``: this
+    module's run_backward, or chunk_ttt_linear's (which subclasses this)."""
+
     @staticmethod
     def forward(ctx, q, k, v, w, b, eta, scale, eps, chunk_size, h0, hb0, output_final_state,
                 cu_seqlens):
         o, ht, hbt, hs, hbs = run_forward(q, k, v, w, b, eta, scale, eps, chunk_size, h0, hb0,
                                        output_final_state, cu_seqlens, keep_states=True)
-        ctx.save_for_backward(q, k, v, w, b, eta, hs, hbs, h0, hb0, cu_seqlens)
-        ctx.scale, ctx.eps, ctx.chunk_size = scale, eps, chunk_size
-        return o, ht, hbt
+        return save_for_backward(ctx, run_backward, (o, ht, hbt, hs, hbs), q, k, v, w, b, eta,
+                                 scale, eps, chunk_size, h0, hb0, cu_seqlens)
 
     @staticmethod
     def backward(ctx, do, dht, dhbt):
         q, k, v, w, b, eta, hs, hbs, h0, hb0, cu_seqlens = ctx.saved_tensors
-        dq, dk, dv, dw, db, deta, dh0, dhb0 = run_backward(
+        dq, dk, dv, dw, db, deta, dh0, dhb0 = ctx.run_backward(
             q, k, v, w, b, eta, hs, hbs, h0, do, dht, dhbt, ctx.scale, ctx.eps, ctx.chunk_size,
             cu_seqlens)
         return (dq, dk, dv, dw, db, deta, None, None, None,
                 None if dh0 is None else dh0.to(h0.dtype),
                 None if dhb0 is None else dhb0.to(hb0.dtype), None, None)
+
+
+def save_for_backward(ctx, backward, results, q, k, v, w, b, eta, scale, eps, chunk_size, h0,
+                      hb0, cu_seqlens):
+    """Keep what FusedChunkTTTFunction.backward needs; returns (o, final W, final hb) of the
+    forward's ``results`` (o, ht, hbt, hs, hbs)."""
+    o, ht, hbt, hs, hbs = results
+    ctx.save_for_backward(q, k, v, w, b, eta, hs, hbs, h0, hb0, cu_seqlens)
+    ctx.scale, ctx.eps, ctx.chunk_size, ctx.run_backward = scale, eps, chunk_size, backward
+    return o, ht, hbt
 
 
 def checked_inputs(name: str, q, k, v, w, b, eta, scale, eps, chunk_size, initial_state,
