@@ -1,7 +1,7 @@
 """fused_chunk_ttt_linear and chunk_ttt_linear (Triton, through the interpreter) against the
 token-by-token float64 reference (references.ttt.naive_ttt_linear): the forward, and every
-gradient against autograd through the reference (chunk_ttt_linear's backward is
-fused_chunk_ttt_linear's, from its own stored states).
+gradient against autograd through the reference (chunk_ttt_linear's backward is its own,
+split around a shorter walk: kernels/ttt/chunk_bwd.py, both settings of its switch).
 
 float32 bound 1e-5: every product multiplies float32 operands exactly ("ieee") over at most 64
 tokens and D <= 40 here, and the LayerNorms are float32 sums over D; measured 1e-7 to 2e-7
@@ -86,16 +86,17 @@ def test_float16_within_its_rounding(fn):
 
 
 def grads(fn, x, st, cu, chunk_size, dtype, seed=1):
-    """Every gradient of <o, dO> + <final W, dW> + <final hb, dhb> (fixed random dO, dW, dhb)."""
+    """Every gradient of <o, dO> + <final W, dW> + <final hb, dhb> (fixed random dO, dW, dhb),
+    the inputs in ``dtype`` (None: as given)."""
     g = torch.Generator().manual_seed(seed)
     N = x["q"].shape[0] if cu is None else len(cu) - 1
     H, D = x["w"].shape
     do = torch.randn(x["q"].shape, generator=g, dtype=torch.float64)
     dht = torch.randn(N, H, D, D, generator=g, dtype=torch.float64)
     dhbt = torch.randn(N, H, 1, D, generator=g, dtype=torch.float64)
-    leaves = {n: t.detach().clone().to(dtype).requires_grad_() for n, t in x.items()}
-    leaves.update({n: t.detach().clone().to(dtype).requires_grad_() for n, t in st.items()
-                   if t is not None})
+    leaves = {n: t.detach().clone().to(dtype or t.dtype).requires_grad_() for n, t in x.items()}
+    leaves.update({n: t.detach().clone().to(dtype or t.dtype).requires_grad_()
+                   for n, t in st.items() if t is not None})
     o, ht, hbt = fn(*(leaves[n] for n in ("q", "k", "v", "w", "b", "eta")),
                     **{n: leaves.get(n) for n in st}, chunk_size=chunk_size,
                     output_final_state=True, cu_seqlens=cu)
@@ -120,6 +121,46 @@ def test_gradients(fn, B, T, H, D, chunk_size, kw):
     assert set(got) == set(ref)
     for name in ref:
         assert rel_error(got[name], ref[name]) < 1e-5, (name, rel_error(got[name], ref[name]))
+
+
+@pytest.mark.parametrize("B,T,H,D,chunk_size,kw", [
+    (2, 37, 1, 20, 16, {}),
+    (1, 57, 2, 16, 16, {"cu": [0, 21, 21, 22, 57]}),
+])
+def test_chunk_gradients_with_dk_in_the_walk(monkeypatch, B, T, H, D, chunk_size, kw):
+    """chunk_bwd.DK_IN_WALK: dK's dW'-side term taken in the walk, nothing stored per
+    mini-batch; the same 1e-5 bound."""
+    from kernels.ttt import chunk_bwd
+
+    monkeypatch.setattr(chunk_bwd, "DK_IN_WALK", True)
+    x, st, cu = inputs(B, T, H, D, **kw)
+    got = grads(chunk_ttt_linear, x, st, cu, chunk_size, torch.float32)
+    ref = grads(naive_ttt_linear, x, st, cu, chunk_size, torch.float64)
+    for name in ref:
+        assert rel_error(got[name], ref[name]) < 1e-5, (name, rel_error(got[name], ref[name]))
+
+
+@pytest.mark.parametrize("mode", ["split", "tf32", "round"])
+@KERNELS
+def test_walk_mixed_modes_in_float16(monkeypatch, fn, mode):
+    """fused_chunk.WALK_MIXED: the walks' products of float16 rows and the float32 state in
+    each utils.dot_mixed mode. Every gradient within 1e-3 of float64 on the same rounded
+    inputs (the gradients are stored in float16, unit roundoff 4.9e-4; measured 1.4e-4 to
+    3.1e-4, "round" up to 3.8e-4), and "split" and "round" are not the default's results (the
+    interpreter takes TF32 products exactly, so "tf32" may be)."""
+    from kernels.ttt import fused_chunk
+
+    x, st, cu = inputs(1, 70, 2, 32)
+    rounded = {n: t.half().float() if n in "qkv" else t for n, t in x.items()}
+    ref = grads(naive_ttt_linear, rounded, st, cu, 16, torch.float64)
+    half = {n: t.half() if n in "qkv" else t for n, t in x.items()}
+    default = grads(fn, half, st, cu, 16, None)
+    monkeypatch.setattr(fused_chunk, "WALK_MIXED", mode)
+    got = grads(fn, half, st, cu, 16, None)
+    for name in ref:
+        assert rel_error(got[name].double(), ref[name]) < 1e-3, (name, mode)
+    if mode != "tf32":
+        assert not torch.equal(got["k"], default["k"])
 
 
 @KERNELS

@@ -108,3 +108,20 @@ def test_cli_unknown_names_exit_2(args, words):
     assert result.exit_code == 2, result.output
     for w in words:
         assert w in result.output
+
+
+def test_every_registered_switch_names_an_existing_module_constant():
+    """A switch is a module constant the kernels read at launch: a misspelt path would fail
+    only when the switch is measured (unittest.mock.patch refuses a missing attribute), on
+    the GPU; here it fails on the CPU."""
+    import importlib
+
+    seen = 0
+    for op in OPERATORS:
+        for impl in implementations(op):
+            for switch in impl.switches:
+                for path in switch["set"]:
+                    module, _, name = path.rpartition(".")
+                    assert hasattr(importlib.import_module(module), name), (impl.name, path)
+                    seen += 1
+    assert seen > 0

@@ -28,7 +28,7 @@ from kernels.common.utils import (MIN_TILE, chunk_index, chunk_layout, chunk_row
 from kernels.ttt.chunk_bwd import chunk_backward
 from kernels.ttt.fused_chunk import (FusedChunkTTTFunction, checked_inputs, head_tiles,
                                      load_state, mini_batch_outputs, mini_batch_rows,
-                                     recon_grads, run_forward, save_for_backward)
+                                     recon_grads, run_forward, save_for_backward, walk_mixed)
 
 __all__ = ["chunk_ttt_linear"]
 
@@ -38,7 +38,7 @@ __all__ = ["chunk_ttt_linear"]
 def chunk_ttt_linear_fwd_o_kernel(
     q, k, v, w, b, eta, o, hs, hbs, cu_seqlens, chunk_indices, scale, eps, T,
     H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
-    PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr,
+    PRECISION: tl.constexpr, MIXED: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """One mini-batch and head: its output from the W, hb it starts with (module docstring)."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
@@ -49,7 +49,8 @@ def chunk_ttt_linear_fwd_o_kernel(
     o_d, m_d, o_s, m_s, b_w, b_b = head_tiles(w, b, i_h, D, BD)
     b_W, b_hb = load_state(hs, hbs, i_s, o_s, m_s, o_d, m_d, D)
     b_q, b_k, b_v, b_e = mini_batch_rows(q, k, v, eta, row0, o_c, m_t, o_d, scale, D, H)
-    b_g, _ = recon_grads(b_k, b_v, b_W, b_hb, b_w, b_b, m_t, m_d, D, eps, PRECISION)
+    b_g, _ = recon_grads(b_k, b_v, b_W, b_hb, b_w, b_b, m_t, m_d, D, eps, k.dtype.element_ty,
+                         PRECISION, MIXED)
     b_o = mini_batch_outputs(b_q, b_k, b_e, b_g, b_W, b_hb, b_w, b_b, o_c, m_d, D, eps, PRECISION)
     store_rows(o + row0 * D, b_o, o_c, m_t, o_d, D, H)
 
@@ -67,7 +68,7 @@ def _chunk_forward(q, k, v, w, b, eta, scale, eps, chunk_size, h0, hb0, output_f
         chunk_ttt_linear_fwd_o_kernel[(NT, B * H)](
             q, k, v, w, b, eta, o, hs, hbs, cu_seqlens, chunk_indices, scale, float(eps), T,
             H=H, D=D, BD=max(MIN_TILE, triton.next_power_of_2(D)), BC=chunk_size,
-            PRECISION=dot_precision(q.dtype), num_warps=4 if D <= 64 else 8)
+            PRECISION=dot_precision(q.dtype), MIXED=walk_mixed(), num_warps=4 if D <= 64 else 8)
     return o, ht, hbt, hs, hbs
 
 

@@ -40,7 +40,8 @@ import triton.language as tl
 from kernels.common.layernorm import layer_norm_bwd_rows, layer_norm_rows, ln_recon_grad_bwd_rows
 from kernels.common.utils import (MIN_TILE, chunk_index, chunk_layout, chunk_rows, dot_precision,
                                   load_rows, store_rows, walk_bounds)
-from kernels.ttt.fused_chunk import head_tiles, load_state, mini_batch_rows, recon_grads
+from kernels.ttt.fused_chunk import (dot_state, head_tiles, load_state, mini_batch_rows,
+                                     recon_grads, walk_mixed)
 
 __all__ = ["chunk_backward"]
 
@@ -49,6 +50,11 @@ __all__ = ["chunk_backward"]
 # bfloat16, 278,784 in float32); at 2, 196,608 and 180,352 (python tools/kernel_registers.py
 # ttt --impl chunk --case cs32-d128,cs64-d64).
 WALK_STAGES = 2
+# dK's dW'-side term -eta_last G dW'^T: in the last parallel kernel, from dW' stored per
+# mini-batch (D^2 float32 values each: 1 GB at B = 2, H = 16, D = 64, T = 32768), or in the
+# walk (one more product a mini-batch there, off its dependent chain; nothing stored). Not yet
+# timed on a GPU: the walk's time against the memory is the measurement to make.
+DK_IN_WALK = False
 
 
 @triton.jit
@@ -71,7 +77,7 @@ def _chunk_program(w, b, cu_seqlens, chunk_indices, T, H: tl.constexpr, D: tl.co
 def chunk_ttt_linear_bwd_local_kernel(
     q, k, v, w, b, eta, do, hs, hbs, dq, z, du, dgu, dka, deu, dw, db, cu_seqlens,
     chunk_indices, scale, eps, T, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-    BC: tl.constexpr, PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr,
+    BC: tl.constexpr, PRECISION: tl.constexpr, MIXED: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """One mini-batch and head: the gradients that do not depend on the later mini-batches
     (step 1 of the module docstring)."""
@@ -80,7 +86,8 @@ def chunk_ttt_linear_bwd_local_kernel(
     b_W, b_hb = load_state(hs, hbs, i_s, o_s, m_s, o_d, m_d, D)
     b_q, b_k, b_v, b_e = mini_batch_rows(q, k, v, eta, row0, o_c, m_t, o_d, scale, D, H)
     b_do = load_rows(do + row0 * D, o_c, m_t, o_d, D, H).to(tl.float32)
-    b_g, b_z = recon_grads(b_k, b_v, b_W, b_hb, b_w, b_b, m_t, m_d, D, eps, PRECISION)
+    b_g, b_z = recon_grads(b_k, b_v, b_W, b_hb, b_w, b_b, m_t, m_d, D, eps, k.dtype.element_ty,
+                           PRECISION, MIXED)
     causal = o_c[:, None] >= o_c[None, :]
     b_A = tl.where(causal, tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) + 1., 0.)
     b_ag = tl.dot(b_A, b_g, input_precision=PRECISION)
@@ -114,12 +121,13 @@ def chunk_ttt_linear_bwd_local_kernel(
 def chunk_ttt_linear_bwd_walk_kernel(
     q, k, v, w, b, eta, z, du, dgu, dka, dv, dhs, delast, dht, dhbt, dh0, dhb0, dw, db,
     cu_seqlens, chunk_offsets, scale, eps, T, H: tl.constexpr, D: tl.constexpr,
-    BD: tl.constexpr, BC: tl.constexpr, PRECISION: tl.constexpr,
+    BD: tl.constexpr, BC: tl.constexpr, PRECISION: tl.constexpr, MIXED: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, USE_FINAL_STATE_GRADIENT: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
+    DK_IN_WALK: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """One sequence and head: dW', dhb' carried from the last mini-batch to the first (step 2
-    of the module docstring); dw, db of G's LayerNorm per (sequence, head)."""
+    of the module docstring); dw, db of G's LayerNorm per (sequence, head). With DK_IN_WALK,
+    dK's dW'-side term is added here instead of dW' and G being stored."""
     i_nh = tl.program_id(0)
     i_h = i_nh % H
     bos, eos, NT, c0 = walk_bounds(cu_seqlens, chunk_offsets, i_nh // H, T, BC, IS_VARLEN)
@@ -135,7 +143,8 @@ def chunk_ttt_linear_bwd_walk_kernel(
     for i_r in range(NT):
         i_t = NT - 1 - i_r
         i_s = (c0 + i_t) * H + i_h
-        tl.store(dhs + i_s * D * D + o_s, b_dW, mask=m_s)
+        if not DK_IN_WALK:
+            tl.store(dhs + i_s * D * D + o_s, b_dW, mask=m_s)
         row0 = (bos + i_t * BC) * H + i_h
         m_t = i_t * BC + o_c < L
         b_q, b_k, b_v, b_e = mini_batch_rows(q, k, v, eta, row0, o_c, m_t, o_d, scale, D, H)
@@ -143,7 +152,7 @@ def chunk_ttt_linear_bwd_walk_kernel(
         b_du = load_rows(du + row0 * D, o_c, m_t, o_d, D, H)
         e_last = tl.sum(tl.where(o_c == tl.minimum(BC, L - i_t * BC) - 1, b_e, 0.), 0)
         # W' = W - e_L K^T G, hb' = hb - e_L 1^T G
-        b_kdw = tl.dot(b_k, b_dW, input_precision=PRECISION)
+        b_kdw = dot_state(b_k, b_dW, k.dtype.element_ty, PRECISION, MIXED)
         b_dg = load_rows(dgu + row0 * D, o_c, m_t, o_d, D, H) - e_last * (b_kdw + b_dhb[None, :])
         # G = ln_recon_grad(Z, V - K)
         b_dz, b_dt, b_dw, b_db, b_g = ln_recon_grad_bwd_rows(
@@ -151,17 +160,21 @@ def chunk_ttt_linear_bwd_walk_kernel(
         b_g = tl.where(m_t[:, None], b_g, 0.)
         tl.store(delast + i_s, -(tl.sum(tl.sum(b_kdw * b_g, 1), 0)
                                  + tl.sum(b_dhb * tl.sum(b_g, 0), 0)))
+        b_dka = load_rows(dka + row0 * D, o_c, m_t, o_d, D, H) - b_dt
+        if DK_IN_WALK:
+            b_dka -= e_last * tl.dot(b_g, tl.trans(b_dW), input_precision=PRECISION)
+        else:
+            store_rows(du + row0 * D, b_g, o_c, m_t, o_d, D, H)
         # Z = K W + 1 hb, U = Q~ W + 1 hb - ...
-        b_dW += (tl.dot(tl.trans(b_q), b_du, input_precision=PRECISION)
-                 + tl.dot(tl.trans(b_k), b_dz, input_precision=PRECISION))
+        b_qr = load_rows(q + row0 * D, o_c, m_t, o_d, D, H).to(tl.float32)  # Q, unscaled
+        b_dW += (scale * dot_state(tl.trans(b_qr), b_du, k.dtype.element_ty, PRECISION, MIXED)
+                 + dot_state(tl.trans(b_k), b_dz, k.dtype.element_ty, PRECISION, MIXED))
         b_dhb += tl.sum(b_du, 0) + tl.sum(b_dz, 0)
         b_dwa += b_dw
         b_dba += b_db
-        store_rows(du + row0 * D, b_g, o_c, m_t, o_d, D, H)
         store_rows(dgu + row0 * D, b_dz, o_c, m_t, o_d, D, H)
         store_rows(dv + row0 * D, b_dt, o_c, m_t, o_d, D, H)
-        store_rows(dka + row0 * D, load_rows(dka + row0 * D, o_c, m_t, o_d, D, H) - b_dt,
-                   o_c, m_t, o_d, D, H)
+        store_rows(dka + row0 * D, b_dka, o_c, m_t, o_d, D, H)
     if USE_INITIAL_STATE:
         tl.store(dh0 + i_nh.to(tl.int64) * D * D + o_s, b_dW, mask=m_s)
         tl.store(dhb0 + i_nh.to(tl.int64) * D + o_d, b_dhb, mask=m_d)
@@ -174,22 +187,23 @@ def chunk_ttt_linear_bwd_walk_kernel(
 def chunk_ttt_linear_bwd_dk_kernel(
     w, b, eta, hs, dhs, du, dgu, dka, deu, delast, dk, deta, cu_seqlens, chunk_indices, T,
     H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
-    PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr,
+    PRECISION: tl.constexpr, DK_IN_WALK: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    """One mini-batch and head: dK and deta (step 3 of the module docstring); du holds G and
-    dgu dZ by now."""
+    """One mini-batch and head: dK and deta (step 3 of the module docstring); dgu holds dZ by
+    now, and du G unless the walk took dK's dW'-side term (DK_IN_WALK)."""
     i_s, row0, o_c, m_t, n_t, o_d, m_d, o_s, m_s, _, _ = _chunk_program(
         w, b, cu_seqlens, chunk_indices, T, H, D, BD, BC, IS_VARLEN)
     b_W = tl.load(hs + i_s * D * D + o_s, mask=m_s, other=0.)
-    b_dW = tl.load(dhs + i_s * D * D + o_s, mask=m_s, other=0.)
-    b_e = tl.load(eta + row0 + o_c * H, mask=m_t, other=0.).to(tl.float32)
-    last = o_c == n_t - 1
-    e_last = tl.sum(tl.where(last, b_e, 0.), 0)
-    b_g = load_rows(du + row0 * D, o_c, m_t, o_d, D, H)
     b_dz = load_rows(dgu + row0 * D, o_c, m_t, o_d, D, H)
     b_dk = (load_rows(dka + row0 * D, o_c, m_t, o_d, D, H)
-            - e_last * tl.dot(b_g, tl.trans(b_dW), input_precision=PRECISION)
             + tl.dot(b_dz, tl.trans(b_W), input_precision=PRECISION))
+    last = o_c == n_t - 1
+    if not DK_IN_WALK:
+        b_e = tl.load(eta + row0 + o_c * H, mask=m_t, other=0.).to(tl.float32)
+        b_dW = tl.load(dhs + i_s * D * D + o_s, mask=m_s, other=0.)
+        b_g = load_rows(du + row0 * D, o_c, m_t, o_d, D, H)
+        b_dk -= tl.sum(tl.where(last, b_e, 0.), 0) * tl.dot(b_g, tl.trans(b_dW),
+                                                            input_precision=PRECISION)
     store_rows(dk + row0 * D, b_dk, o_c, m_t, o_d, D, H)
     b_de = tl.load(deu + row0 + o_c * H, mask=m_t, other=0.)
     b_de += tl.where(last, tl.load(delast + i_s), 0.)
@@ -210,7 +224,7 @@ def chunk_backward(q, k, v, w, b, eta, hs, hbs, h0, do, dht, dhbt, scale, eps, c
     dq, dk, dv, deta = (torch.empty_like(x) for x in (q, k, v, eta))
     z, du, dgu, dka = (torch.empty(B, T, H, D, **f32) for _ in range(4))
     deu = torch.empty(B, T, H, **f32)
-    dhs = torch.empty(chunks, H, D, D, **f32)
+    dhs = None if DK_IN_WALK else torch.empty(chunks, H, D, D, **f32)
     delast = torch.empty(chunks, H, **f32)
     dw1, db1 = torch.empty(chunks, H, D, **f32), torch.empty(chunks, H, D, **f32)
     dw2, db2 = torch.empty(N, H, D, **f32), torch.empty(N, H, D, **f32)
@@ -218,20 +232,21 @@ def chunk_backward(q, k, v, w, b, eta, hs, hbs, h0, do, dht, dhbt, scale, eps, c
     dhb0 = None if h0 is None else torch.empty(N, H, 1, D, **f32)
     meta = {"H": H, "D": D, "BD": max(MIN_TILE, triton.next_power_of_2(D)), "BC": chunk_size,
             "PRECISION": dot_precision(q.dtype), "num_warps": 4 if D <= 64 else 8}
+    walk = {"MIXED": walk_mixed(), "DK_IN_WALK": DK_IN_WALK}
     do = do.contiguous().to(v.dtype)
     if NT:
         chunk_ttt_linear_bwd_local_kernel[(NT, B * H)](
             q, k, v, w, b, eta, do, hs, hbs, dq, z, du, dgu, dka, deu, dw1, db1, cu_seqlens,
-            chunk_indices, scale, float(eps), T, **meta)
+            chunk_indices, scale, float(eps), T, MIXED=walk["MIXED"], **meta)
     chunk_ttt_linear_bwd_walk_kernel[(N * H,)](
         q, k, v, w, b, eta, z, du, dgu, dka, dv, dhs, delast,
         None if dht is None else dht.contiguous().float(),
         None if dhbt is None else dhbt.contiguous().float(), dh0, dhb0, dw2, db2,
-        cu_seqlens, chunk_offsets, scale, float(eps), T, **meta, num_stages=WALK_STAGES)
+        cu_seqlens, chunk_offsets, scale, float(eps), T, **walk, **meta, num_stages=WALK_STAGES)
     if NT:
         chunk_ttt_linear_bwd_dk_kernel[(NT, B * H)](
             w, b, eta, hs, dhs, du, dgu, dka, deu, delast, dk, deta, cu_seqlens, chunk_indices,
-            T, **meta)
+            T, DK_IN_WALK=walk["DK_IN_WALK"], **meta)
     dw = dw1.sum(0) + dw2.sum(0)
     db = db1.sum(0) + db2.sum(0)
     return dq, dk, dv, dw.to(w.dtype), db.to(b.dtype), deta, dh0, dhb0

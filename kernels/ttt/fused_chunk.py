@@ -31,8 +31,8 @@ import triton.language as tl
 
 from kernels.common.layernorm import (layer_norm_bwd_rows, layer_norm_rows,
                                      ln_recon_grad_bwd_rows, ln_recon_grad_rows)
-from kernels.common.utils import (MIN_TILE, check_launchable, chunk_layout, dot_precision,
-                                  load_rows, store_rows, walk_bounds)
+from kernels.common.utils import (MIN_TILE, check_launchable, chunk_layout, dot_mixed,
+                                  dot_precision, load_rows, store_rows, walk_bounds)
 from references.operators import TTT
 
 __all__ = ["fused_chunk_ttt_linear"]
@@ -44,6 +44,13 @@ MAX_D = 128  # W [D, D] float32 on chip: at D = 128, 16384 values, 64 a thread a
 # fused_chunk --case partial-200). Both spill (6.6 KB a thread at 1 stage): not yet timed.
 BWD_STAGES = 1
 CHUNK_SIZES = (16, 32, 64)  # tl.dot needs 16 rows at least
+# How the walks' products of input rows and a float32 state are taken for half-precision
+# inputs: Z = K W and the update's K^T G (here, and wherever Z is recomputed), and in
+# chunk_ttt_linear's backward walk K dW', Q^T dU and K^T dZ. None: both operands float32 at
+# dot_precision (three TF32 passes); or a utils.dot_mixed mode with the rows in their own dtype
+# (exact): "split" (the state as two halves, two products), "tf32" (one TF32 product) or
+# "round" (the state rounded to the inputs' dtype). Not yet timed on a GPU: None until then.
+WALK_MIXED = None
 # A mini-batch's [C, D] tiles (D padded to a power of two) at most 64 * 64 = 32 * 128 values: at
 # C = 64, D = 128 ptxas put the kernels' shared memory at 262,144 (chunk's output kernel) to
 # 327,680 bytes (the backward, unpipelined), over sm_90's 232,448 (bfloat16, python
@@ -103,11 +110,26 @@ def mini_batch_rows(q, k, v, eta, row0, o_c, m_t, o_d, scale, D: tl.constexpr, H
 
 
 @triton.jit
+def dot_state(b_x, b_S, HALF: tl.constexpr, PRECISION: tl.constexpr, MIXED: tl.constexpr):
+    """b_x @ b_S for rows b_x (float32, exact copies of values in the inputs' dtype HALF) and a
+    float32 state b_S: at PRECISION, or with MIXED ("split", "tf32", "round") as
+    utils.dot_mixed of b_x in HALF (WALK_MIXED)."""
+    if MIXED == "":
+        return tl.dot(b_x, b_S, input_precision=PRECISION)
+    return dot_mixed(b_x.to(HALF), b_S, PRECISION, MIXED)
+
+
+def walk_mixed() -> str:
+    """WALK_MIXED as the kernels' MIXED argument ("" for None)."""
+    return WALK_MIXED or ""
+
+
+@triton.jit
 def recon_grads(b_k, b_v, b_W, b_hb, b_w, b_b, m_t, m_d, D: tl.constexpr, eps,
-                 PRECISION: tl.constexpr):
+                 HALF: tl.constexpr, PRECISION: tl.constexpr, MIXED: tl.constexpr):
     """(G, Z) [C, BD]: Z = K W + 1 hb and the reconstruction gradients G at the weights the
     mini-batch starts with, G 0 on the rows past the sequence."""
-    b_z = tl.dot(b_k, b_W, input_precision=PRECISION) + b_hb[None, :]
+    b_z = dot_state(b_k, b_W, HALF, PRECISION, MIXED) + b_hb[None, :]
     b_g = ln_recon_grad_rows(b_z, b_v - b_k, b_w, b_b, m_d, D, eps)
     return tl.where(m_t[:, None], b_g, 0.), b_z
 
@@ -135,7 +157,8 @@ def mini_batch_outputs(b_q, b_k, b_e, b_g, b_W, b_hb, b_w, b_b, o_c, m_d, D: tl.
 def fused_chunk_ttt_linear_fwd_kernel(
     q, k, v, w, b, eta, o, h0, hb0, ht, hbt, hs, hbs, cu_seqlens, chunk_offsets, scale, eps, T,
     H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
-    PRECISION: tl.constexpr, USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
+    PRECISION: tl.constexpr, MIXED: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
+    STORE_FINAL_STATE: tl.constexpr,
     STORE_STATES: tl.constexpr, WITH_OUTPUT: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """One sequence and head: the mini-batches in order (module docstring), W and hb on chip;
@@ -157,14 +180,15 @@ def fused_chunk_ttt_linear_fwd_kernel(
         m_t = i_t * BC + o_c < L
         n_t = tl.minimum(BC, L - i_t * BC)
         b_q, b_k, b_v, b_e = mini_batch_rows(q, k, v, eta, row0, o_c, m_t, o_d, scale, D, H)
-        b_g, _ = recon_grads(b_k, b_v, b_W, b_hb, b_w, b_b, m_t, m_d, D, eps, PRECISION)
+        b_g, _ = recon_grads(b_k, b_v, b_W, b_hb, b_w, b_b, m_t, m_d, D, eps,
+                             k.dtype.element_ty, PRECISION, MIXED)
         if WITH_OUTPUT:
             b_o = mini_batch_outputs(b_q, b_k, b_e, b_g, b_W, b_hb, b_w, b_b, o_c, m_d, D, eps,
                                      PRECISION)
             store_rows(o + row0 * D, b_o, o_c, m_t, o_d, D, H)
         # W <- W - eta_last K^T G, hb <- hb - eta_last 1^T G (eta_last: the last real token's)
         e_last = tl.sum(tl.where(o_c == n_t - 1, b_e, 0.), 0)
-        b_W -= e_last * tl.dot(tl.trans(b_k), b_g, input_precision=PRECISION)
+        b_W -= e_last * dot_state(tl.trans(b_k), b_g, k.dtype.element_ty, PRECISION, MIXED)
         b_hb -= e_last * tl.sum(b_g, 0)
     if STORE_FINAL_STATE:
         tl.store(ht + i_nh.to(tl.int64) * D * D + o_s, b_W, mask=m_s)
@@ -173,12 +197,14 @@ def fused_chunk_ttt_linear_fwd_kernel(
 
 @triton.jit
 def _mini_batch_bwd(b_q, b_k, b_v, b_e, b_do, b_W, b_hb, b_w, b_b, b_dW, b_dhb, m_t, n_t, o_c,
-                    m_d, D: tl.constexpr, eps, PRECISION: tl.constexpr):
+                    m_d, D: tl.constexpr, eps, HALF: tl.constexpr, PRECISION: tl.constexpr,
+                    MIXED: tl.constexpr):
     """One mini-batch backward (the forward recomputed from its starting W, hb; b_q scaled):
     given dO and the gradients dW, dhb of the weights it hands on, (dQ~, dK, dV, deta, the
     gradients of the weights it starts from, dw, db)."""
     causal = o_c[:, None] >= o_c[None, :]
-    b_g, b_z = recon_grads(b_k, b_v, b_W, b_hb, b_w, b_b, m_t, m_d, D, eps, PRECISION)
+    b_g, b_z = recon_grads(b_k, b_v, b_W, b_hb, b_w, b_b, m_t, m_d, D, eps, HALF, PRECISION,
+                           MIXED)
     b_A = tl.where(causal, tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) + 1., 0.)
     b_ag = tl.dot(b_A, b_g, input_precision=PRECISION)
     b_u = tl.dot(b_q, b_W, input_precision=PRECISION) + b_hb[None, :] - b_e[:, None] * b_ag
@@ -223,7 +249,7 @@ def fused_chunk_ttt_linear_bwd_kernel(
     q, k, v, w, b, eta, do, hs, hbs, dht, dhbt, dq, dk, dv, deta, dw, db, dh0, dhb0,
     cu_seqlens, chunk_offsets, scale, eps, T,
     H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
-    PRECISION: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
+    PRECISION: tl.constexpr, MIXED: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
     USE_FINAL_STATE_GRADIENT: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """One sequence and head: the mini-batches from last to first, each from the W, hb the
@@ -247,7 +273,7 @@ def fused_chunk_ttt_linear_bwd_kernel(
         b_do = load_rows(do + row0 * D, o_c, m_t, o_d, D, H).to(tl.float32)
         b_dq, b_dk, b_dv, b_de, b_dW, b_dhb, b_dw, b_db = _mini_batch_bwd(
             b_q, b_k, b_v, b_e, b_do, b_W, b_hb, b_w, b_b, b_dW, b_dhb, m_t, n_t, o_c, m_d, D,
-            eps, PRECISION)
+            eps, k.dtype.element_ty, PRECISION, MIXED)
         b_dwa += b_dw
         b_dba += b_db
         store_rows(dq + row0 * D, b_dq * scale, o_c, m_t, o_d, D, H)
@@ -277,7 +303,7 @@ def run_forward(q, k, v, w, b, eta, scale, eps, chunk_size, h0, hb0, output_fina
     fused_chunk_ttt_linear_fwd_kernel[(N * H,)](
         q, k, v, w, b, eta, o, h0, hb0, ht, hbt, hs, hbs, cu_seqlens, chunk_offsets, scale,
         float(eps), T, H=H, D=D, BD=max(MIN_TILE, triton.next_power_of_2(D)), BC=chunk_size,
-        PRECISION=dot_precision(q.dtype), num_warps=4 if D <= 64 else 8)
+        PRECISION=dot_precision(q.dtype), MIXED=walk_mixed(), num_warps=4 if D <= 64 else 8)
     return o, ht, hbt, hs, hbs
 
 
@@ -300,7 +326,8 @@ def run_backward(q, k, v, w, b, eta, hs, hbs, h0, do, dht, dhbt, scale, eps, chu
         None if dhbt is None else dhbt.contiguous().float(), dq, dk, dv, deta, dw, db, dh0, dhb0,
         cu_seqlens, chunk_offsets, scale, float(eps), T, H=H, D=D,
         BD=max(MIN_TILE, triton.next_power_of_2(D)), BC=chunk_size,
-        PRECISION=dot_precision(q.dtype), num_warps=4 if D <= 64 else 8, num_stages=BWD_STAGES)
+        PRECISION=dot_precision(q.dtype), MIXED=walk_mixed(), num_warps=4 if D <= 64 else 8,
+        num_stages=BWD_STAGES)
     return dq, dk, dv, dw.sum(0).to(w.dtype), db.sum(0).to(b.dtype), deta, dh0, dhb0
 
 
