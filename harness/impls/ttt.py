@@ -35,11 +35,11 @@ def _ours_supports(case) -> str | None:
     return None if why is None else f"our TTT kernels: {why}"
 
 
-# The walks' products with the float32 state as two half-precision halves
-# (kernels/ttt/fused_chunk.py, WALK_MIXED; "tf32" and "round" by `--set`), and chunk's dK term
-# in its backward walk. Registered switches are compiled by the compile tests too: with all
-# three WALK_MIXED modes TTT's compile test took 7.3 minutes on 2 cores, with "split" alone 4.0
-# (a cold cache).
+# chunk's switches: the walks' products with the float32 state as two half-precision halves
+# (kernels/ttt/fused_chunk.py, WALK_MIXED; "tf32" and "round", and fused_chunk under any of
+# them, by `--set`), and dK's term in its backward walk. Registered switches are compiled by
+# the compile tests too: with all three WALK_MIXED modes on both kernels TTT's compile test
+# took 7.3 minutes on 2 cores, with "split" on both 4.0 (a cold cache).
 _WALK_SWITCHES = ({"what": "the walks' state products as two halves ('split')",
                    "set": {"kernels.ttt.fused_chunk.WALK_MIXED": "split"}},)
 
@@ -57,7 +57,7 @@ IMPLEMENTATIONS = [
         op="ttt", name="fused_chunk", kind="triton",
         target="kernels.ttt:fused_chunk_ttt_linear", dtypes=KERNEL_DTYPES,
         description="mini-batches walked in one program, state on chip (Triton)",
-        available=triton_available, supports=_ours_supports, switches=_WALK_SWITCHES),
+        available=triton_available, supports=_ours_supports),
     fla("ttt", "fla_chunk", "fla.ops.ttt:chunk_ttt_linear", KERNEL_DTYPES,
         supports=_fla_ttt_supports),
     fla("ttt", "fla_fused_chunk", "fla.ops.ttt:fused_chunk_ttt_linear", KERNEL_DTYPES,
