@@ -23,11 +23,10 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common.utils import (MIN_TILE, chunk_index, chunk_layout, chunk_rows, dot_precision,
-                                  store_rows)
+from kernels.common.utils import MIN_TILE, chunk_layout, dot_precision, store_rows
 from kernels.ttt.chunk_bwd import chunk_backward
-from kernels.ttt.fused_chunk import (FusedChunkTTTFunction, checked_inputs, head_tiles,
-                                     load_state, mini_batch_outputs, mini_batch_rows,
+from kernels.ttt.fused_chunk import (FusedChunkTTTFunction, checked_inputs, load_state,
+                                     mini_batch_outputs, mini_batch_program, mini_batch_rows,
                                      recon_grads, run_forward, save_for_backward, walk_mixed)
 
 __all__ = ["chunk_ttt_linear"]
@@ -41,12 +40,8 @@ def chunk_ttt_linear_fwd_o_kernel(
     PRECISION: tl.constexpr, MIXED: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """One mini-batch and head: its output from the W, hb it starts with (module docstring)."""
-    i_c, i_bh = tl.program_id(0), tl.program_id(1)
-    i_h = i_bh % H
-    i_t, m_t, row0 = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BC, IS_VARLEN)
-    i_s = chunk_index(i_c, i_bh, i_t, T, H, BC, IS_VARLEN) * H + i_h
-    o_c = tl.arange(0, BC)
-    o_d, m_d, o_s, m_s, b_w, b_b = head_tiles(w, b, i_h, D, BD)
+    i_s, row0, o_c, m_t, _, o_d, m_d, o_s, m_s, b_w, b_b = mini_batch_program(
+        w, b, cu_seqlens, chunk_indices, T, H, D, BD, BC, IS_VARLEN)
     b_W, b_hb = load_state(hs, hbs, i_s, o_s, m_s, o_d, m_d, D)
     b_q, b_k, b_v, b_e = mini_batch_rows(q, k, v, eta, row0, o_c, m_t, o_d, scale, D, H)
     b_g, _ = recon_grads(b_k, b_v, b_W, b_hb, b_w, b_b, m_t, m_d, D, eps, k.dtype.element_ty,

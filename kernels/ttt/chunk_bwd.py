@@ -38,10 +38,10 @@ import triton
 import triton.language as tl
 
 from kernels.common.layernorm import layer_norm_bwd_rows, layer_norm_rows, ln_recon_grad_bwd_rows
-from kernels.common.utils import (MIN_TILE, chunk_index, chunk_layout, chunk_rows, dot_precision,
-                                  load_rows, store_rows, walk_bounds)
-from kernels.ttt.fused_chunk import (dot_state, head_tiles, load_state, mini_batch_rows,
-                                     recon_grads, walk_mixed)
+from kernels.common.utils import MIN_TILE, chunk_layout, dot_precision, load_rows, store_rows
+from kernels.ttt.fused_chunk import (dot_state, load_state, mini_batch_program,
+                                     mini_batch_rows, recon_grads, start_state, walk_mixed,
+                                     walk_program)
 
 __all__ = ["chunk_backward"]
 
@@ -57,21 +57,6 @@ WALK_STAGES = 2
 DK_IN_WALK = False
 
 
-@triton.jit
-def _chunk_program(w, b, cu_seqlens, chunk_indices, T, H: tl.constexpr, D: tl.constexpr,
-                   BD: tl.constexpr, BC: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """What a (mini-batch, head) program handles: (i_s, row0, o_c, m_t, n_t) (its index among
-    all mini-batches times H plus its head, its first row, its rows and which hold tokens, how
-    many do), then head_tiles."""
-    i_c, i_bh = tl.program_id(0), tl.program_id(1)
-    i_h = i_bh % H
-    i_t, m_t, row0 = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BC, IS_VARLEN)
-    i_s = chunk_index(i_c, i_bh, i_t, T, H, BC, IS_VARLEN) * H + i_h
-    o_d, m_d, o_s, m_s, b_w, b_b = head_tiles(w, b, i_h, D, BD)
-    n_t = tl.sum(m_t.to(tl.int32), 0)
-    return i_s, row0, tl.arange(0, BC), m_t, n_t, o_d, m_d, o_s, m_s, b_w, b_b
-
-
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
 @triton.jit(do_not_specialize=['T'])
 def chunk_ttt_linear_bwd_local_kernel(
@@ -81,7 +66,7 @@ def chunk_ttt_linear_bwd_local_kernel(
 ):
     """One mini-batch and head: the gradients that do not depend on the later mini-batches
     (step 1 of the module docstring)."""
-    i_s, row0, o_c, m_t, n_t, o_d, m_d, o_s, m_s, b_w, b_b = _chunk_program(
+    i_s, row0, o_c, m_t, n_t, o_d, m_d, o_s, m_s, b_w, b_b = mini_batch_program(
         w, b, cu_seqlens, chunk_indices, T, H, D, BD, BC, IS_VARLEN)
     b_W, b_hb = load_state(hs, hbs, i_s, o_s, m_s, o_d, m_d, D)
     b_q, b_k, b_v, b_e = mini_batch_rows(q, k, v, eta, row0, o_c, m_t, o_d, scale, D, H)
@@ -128,16 +113,11 @@ def chunk_ttt_linear_bwd_walk_kernel(
     """One sequence and head: dW', dhb' carried from the last mini-batch to the first (step 2
     of the module docstring); dw, db of G's LayerNorm per (sequence, head). With DK_IN_WALK,
     dK's dW'-side term is added here instead of dW' and G being stored."""
-    i_nh = tl.program_id(0)
-    i_h = i_nh % H
-    bos, eos, NT, c0 = walk_bounds(cu_seqlens, chunk_offsets, i_nh // H, T, BC, IS_VARLEN)
-    L = eos - bos
+    i_nh, i_h, bos, L, NT, c0, o_d, m_d, o_s, m_s, b_w, b_b = walk_program(
+        w, b, cu_seqlens, chunk_offsets, T, H, D, BD, BC, IS_VARLEN)
     o_c = tl.arange(0, BC)
-    o_d, m_d, o_s, m_s, b_w, b_b = head_tiles(w, b, i_h, D, BD)
-    b_dW = tl.zeros([BD, BD], dtype=tl.float32)
-    b_dhb = tl.zeros([BD], dtype=tl.float32)
-    if USE_FINAL_STATE_GRADIENT:
-        b_dW, b_dhb = load_state(dht, dhbt, i_nh, o_s, m_s, o_d, m_d, D)
+    b_dW, b_dhb = start_state(dht, dhbt, i_nh, o_s, m_s, o_d, m_d, D, BD,
+                              USE_FINAL_STATE_GRADIENT)
     b_dwa = tl.zeros([BD], dtype=tl.float32)
     b_dba = tl.zeros([BD], dtype=tl.float32)
     for i_r in range(NT):
@@ -191,7 +171,7 @@ def chunk_ttt_linear_bwd_dk_kernel(
 ):
     """One mini-batch and head: dK and deta (step 3 of the module docstring); dgu holds dZ by
     now, and du G unless the walk took dK's dW'-side term (DK_IN_WALK)."""
-    i_s, row0, o_c, m_t, n_t, o_d, m_d, o_s, m_s, _, _ = _chunk_program(
+    i_s, row0, o_c, m_t, n_t, o_d, m_d, o_s, m_s, _, _ = mini_batch_program(
         w, b, cu_seqlens, chunk_indices, T, H, D, BD, BC, IS_VARLEN)
     b_W = tl.load(hs + i_s * D * D + o_s, mask=m_s, other=0.)
     b_dz = load_rows(dgu + row0 * D, o_c, m_t, o_d, D, H)

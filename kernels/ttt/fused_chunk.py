@@ -31,8 +31,9 @@ import triton.language as tl
 
 from kernels.common.layernorm import (layer_norm_bwd_rows, layer_norm_rows,
                                      ln_recon_grad_bwd_rows, ln_recon_grad_rows)
-from kernels.common.utils import (MIN_TILE, check_launchable, chunk_layout, dot_mixed,
-                                  dot_precision, load_rows, store_rows, walk_bounds)
+from kernels.common.utils import (MIN_TILE, check_launchable, chunk_index, chunk_layout,
+                                  chunk_rows, dot_mixed, dot_precision, load_rows, store_rows,
+                                  walk_bounds)
 from references.operators import TTT
 
 __all__ = ["fused_chunk_ttt_linear"]
@@ -82,7 +83,7 @@ def head_tiles(w, b, i_h, D: tl.constexpr, BD: tl.constexpr):
 
 
 @triton.jit
-def _program(w, b, cu_seqlens, chunk_offsets, T, H: tl.constexpr, D: tl.constexpr,
+def walk_program(w, b, cu_seqlens, chunk_offsets, T, H: tl.constexpr, D: tl.constexpr,
              BD: tl.constexpr, BC: tl.constexpr, IS_VARLEN: tl.constexpr):
     """What a (sequence, head) program walks: (i_nh, i_h, bos, L, NT, c0) (its tokens, its
     mini-batches and the first one's index among all), then head_tiles."""
@@ -98,6 +99,32 @@ def load_state(p_W, p_hb, i, o_s, m_s, o_d, m_d, D: tl.constexpr):
     """State i of a [.., D, D] weight and [.., D] bias pair, in float32."""
     return (tl.load(p_W + i.to(tl.int64) * D * D + o_s, mask=m_s, other=0.).to(tl.float32),
             tl.load(p_hb + i.to(tl.int64) * D + o_d, mask=m_d, other=0.).to(tl.float32))
+
+
+@triton.jit
+def mini_batch_program(w, b, cu_seqlens, chunk_indices, T, H: tl.constexpr, D: tl.constexpr,
+                       BD: tl.constexpr, BC: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """What a (mini-batch, head) program handles: (i_s, row0, o_c, m_t, n_t) (its index among
+    all mini-batches times H plus its head, its first row, its rows and which hold tokens, how
+    many do), then head_tiles."""
+    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_h = i_bh % H
+    i_t, m_t, row0 = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BC, IS_VARLEN)
+    i_s = chunk_index(i_c, i_bh, i_t, T, H, BC, IS_VARLEN) * H + i_h
+    o_d, m_d, o_s, m_s, b_w, b_b = head_tiles(w, b, i_h, D, BD)
+    n_t = tl.sum(m_t.to(tl.int32), 0)
+    return i_s, row0, tl.arange(0, BC), m_t, n_t, o_d, m_d, o_s, m_s, b_w, b_b
+
+
+@triton.jit
+def start_state(p_W, p_hb, i, o_s, m_s, o_d, m_d, D: tl.constexpr, BD: tl.constexpr,
+                GIVEN: tl.constexpr):
+    """The W, hb [BD, BD], [BD] a walk starts from: state i of p_W, p_hb when GIVEN, else 0."""
+    b_W = tl.zeros([BD, BD], dtype=tl.float32)
+    b_hb = tl.zeros([BD], dtype=tl.float32)
+    if GIVEN:
+        b_W, b_hb = load_state(p_W, p_hb, i, o_s, m_s, o_d, m_d, D)
+    return b_W, b_hb
 
 
 @triton.jit
@@ -164,13 +191,10 @@ def fused_chunk_ttt_linear_fwd_kernel(
     """One sequence and head: the mini-batches in order (module docstring), W and hb on chip;
     with STORE_STATES the W and hb each mini-batch starts from (for the backward, and for
     chunk_ttt_linear's outputs: it walks without WITH_OUTPUT)."""
-    i_nh, i_h, bos, L, NT, c0, o_d, m_d, o_s, m_s, b_w, b_b = _program(
+    i_nh, i_h, bos, L, NT, c0, o_d, m_d, o_s, m_s, b_w, b_b = walk_program(
         w, b, cu_seqlens, chunk_offsets, T, H, D, BD, BC, IS_VARLEN)
     o_c = tl.arange(0, BC)
-    b_W = tl.zeros([BD, BD], dtype=tl.float32)
-    b_hb = tl.zeros([BD], dtype=tl.float32)
-    if USE_INITIAL_STATE:
-        b_W, b_hb = load_state(h0, hb0, i_nh, o_s, m_s, o_d, m_d, D)
+    b_W, b_hb = start_state(h0, hb0, i_nh, o_s, m_s, o_d, m_d, D, BD, USE_INITIAL_STATE)
     for i_t in range(NT):
         if STORE_STATES:
             i_s = (c0 + i_t) * H + i_h
@@ -254,13 +278,11 @@ def fused_chunk_ttt_linear_bwd_kernel(
 ):
     """One sequence and head: the mini-batches from last to first, each from the W, hb the
     forward stored for it, dW and dhb carried on chip; dw, db per (sequence, head)."""
-    i_nh, i_h, bos, L, NT, c0, o_d, m_d, o_s, m_s, b_w, b_b = _program(
+    i_nh, i_h, bos, L, NT, c0, o_d, m_d, o_s, m_s, b_w, b_b = walk_program(
         w, b, cu_seqlens, chunk_offsets, T, H, D, BD, BC, IS_VARLEN)
     o_c = tl.arange(0, BC)
-    b_dW = tl.zeros([BD, BD], dtype=tl.float32)
-    b_dhb = tl.zeros([BD], dtype=tl.float32)
-    if USE_FINAL_STATE_GRADIENT:
-        b_dW, b_dhb = load_state(dht, dhbt, i_nh, o_s, m_s, o_d, m_d, D)
+    b_dW, b_dhb = start_state(dht, dhbt, i_nh, o_s, m_s, o_d, m_d, D, BD,
+                              USE_FINAL_STATE_GRADIENT)
     b_dwa = tl.zeros([BD], dtype=tl.float32)
     b_dba = tl.zeros([BD], dtype=tl.float32)
     for i_r in range(NT):
