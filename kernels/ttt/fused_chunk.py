@@ -13,7 +13,8 @@ Q, K, V [C, D] and learning rates eta [C] (the dual form, references/ttt.py):
 A last mini-batch shorter than C holds only its real tokens: the rows past the sequence load as
 zeros, their G is set to 0 (so they reach no sum and no update) and eta_last is the learning
 rate of the last real token. Every product multiplies float32 operands: exact ("ieee") for
-float32 inputs, three TF32 passes for half precision (utils.dot_precision).
+float32 inputs, three TF32 passes for half precision (utils.dot_precision); WALK_MIXED, when
+set, takes the products of input rows and the state otherwise.
 
 The backward walks the mini-batches from last to first in one program per (sequence, head),
 from the W and hb each started with (the forward stores them when gradients are needed: D^2 + D
