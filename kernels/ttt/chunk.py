@@ -23,11 +23,12 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common.utils import MIN_TILE, chunk_layout, dot_precision, store_rows
+from kernels.common.utils import chunk_layout, store_rows
 from kernels.ttt.chunk_bwd import chunk_backward
-from kernels.ttt.fused_chunk import (FusedChunkTTTFunction, checked_inputs, load_state,
-                                     mini_batch_outputs, mini_batch_program, mini_batch_rows,
-                                     recon_grads, run_forward, save_for_backward, walk_mixed)
+from kernels.ttt.fused_chunk import (FusedChunkTTTFunction, checked_inputs, launch_meta,
+                                     load_state, mini_batch_outputs, mini_batch_program,
+                                     mini_batch_rows, recon_grads, run_forward,
+                                     save_for_backward, walk_mixed)
 
 __all__ = ["chunk_ttt_linear"]
 
@@ -62,8 +63,7 @@ def _chunk_forward(q, k, v, w, b, eta, scale, eps, chunk_size, h0, hb0, output_f
     if NT:
         chunk_ttt_linear_fwd_o_kernel[(NT, B * H)](
             q, k, v, w, b, eta, o, hs, hbs, cu_seqlens, chunk_indices, scale, float(eps), T,
-            H=H, D=D, BD=max(MIN_TILE, triton.next_power_of_2(D)), BC=chunk_size,
-            PRECISION=dot_precision(q.dtype), MIXED=walk_mixed(), num_warps=4 if D <= 64 else 8)
+            MIXED=walk_mixed(), **launch_meta(q, chunk_size))
     return o, ht, hbt, hs, hbs
 
 

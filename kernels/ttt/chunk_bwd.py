@@ -38,10 +38,10 @@ import triton
 import triton.language as tl
 
 from kernels.common.layernorm import layer_norm_bwd_rows, layer_norm_rows, ln_recon_grad_bwd_rows
-from kernels.common.utils import MIN_TILE, chunk_layout, dot_precision, load_rows, store_rows
-from kernels.ttt.fused_chunk import (dot_state, load_state, mini_batch_program,
-                                     mini_batch_rows, recon_grads, start_state, walk_mixed,
-                                     walk_program)
+from kernels.common.utils import chunk_layout, load_rows, store_rows
+from kernels.ttt.fused_chunk import (dot_state, final_state_grads, launch_meta, load_state,
+                                     mini_batch_program, mini_batch_rows, recon_grads,
+                                     start_state, walk_mixed, walk_program)
 
 __all__ = ["chunk_backward"]
 
@@ -197,9 +197,7 @@ def chunk_backward(q, k, v, w, b, eta, hs, hbs, h0, do, dht, dhbt, scale, eps, c
     B, T, H, D = q.shape
     N, NT, chunk_indices, chunk_offsets = chunk_layout(B, T, cu_seqlens, chunk_size)
     chunks = NT * (B if cu_seqlens is None else 1)
-    if (dht is None) != (dhbt is None):  # one of the final states unused: its gradient is 0
-        dht = dht if dht is not None else q.new_zeros(N, H, D, D, dtype=torch.float32)
-        dhbt = dhbt if dhbt is not None else q.new_zeros(N, H, 1, D, dtype=torch.float32)
+    dht, dhbt = final_state_grads(q, dht, dhbt, N)
     f32 = {"dtype": torch.float32, "device": q.device}
     dq, dk, dv, deta = (torch.empty_like(x) for x in (q, k, v, eta))
     z, du, dgu, dka = (torch.empty(B, T, H, D, **f32) for _ in range(4))
@@ -210,8 +208,7 @@ def chunk_backward(q, k, v, w, b, eta, hs, hbs, h0, do, dht, dhbt, scale, eps, c
     dw2, db2 = torch.empty(N, H, D, **f32), torch.empty(N, H, D, **f32)
     dh0 = None if h0 is None else torch.empty(N, H, D, D, **f32)
     dhb0 = None if h0 is None else torch.empty(N, H, 1, D, **f32)
-    meta = {"H": H, "D": D, "BD": max(MIN_TILE, triton.next_power_of_2(D)), "BC": chunk_size,
-            "PRECISION": dot_precision(q.dtype), "num_warps": 4 if D <= 64 else 8}
+    meta = launch_meta(q, chunk_size)
     walk = {"MIXED": walk_mixed(), "DK_IN_WALK": DK_IN_WALK}
     do = do.contiguous().to(v.dtype)
     if NT:
@@ -219,9 +216,7 @@ def chunk_backward(q, k, v, w, b, eta, hs, hbs, h0, do, dht, dhbt, scale, eps, c
             q, k, v, w, b, eta, do, hs, hbs, dq, z, du, dgu, dka, deu, dw1, db1, cu_seqlens,
             chunk_indices, scale, float(eps), T, MIXED=walk["MIXED"], **meta)
     chunk_ttt_linear_bwd_walk_kernel[(N * H,)](
-        q, k, v, w, b, eta, z, du, dgu, dka, dv, dhs, delast,
-        None if dht is None else dht.contiguous().float(),
-        None if dhbt is None else dhbt.contiguous().float(), dh0, dhb0, dw2, db2,
+        q, k, v, w, b, eta, z, du, dgu, dka, dv, dhs, delast, dht, dhbt, dh0, dhb0, dw2, db2,
         cu_seqlens, chunk_offsets, scale, float(eps), T, **walk, **meta, num_stages=WALK_STAGES)
     if NT:
         chunk_ttt_linear_bwd_dk_kernel[(NT, B * H)](

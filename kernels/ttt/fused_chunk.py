@@ -60,13 +60,36 @@ WALK_MIXED = None
 MAX_TILE = 64 * 64
 
 
+def head_tile(D: int) -> int:
+    """BD: the tile of a head dimension, D padded to a power of two (MIN_TILE at least)."""
+    return max(MIN_TILE, triton.next_power_of_2(D))
+
+
+def launch_meta(q: torch.Tensor, chunk_size: int) -> dict:
+    """The constexprs and warps every TTT kernel launches with (WALK_MIXED's MIXED apart)."""
+    D = q.shape[-1]
+    return {"H": q.shape[2], "D": D, "BD": head_tile(D), "BC": chunk_size,
+            "PRECISION": dot_precision(q.dtype), "num_warps": 4 if D <= 64 else 8}
+
+
+def final_state_grads(q: torch.Tensor, dht, dhbt, N: int):
+    """The gradients of the final W and hb as the backward kernels take them: float32 and
+    contiguous, or both None; with one of the final states unused, zeros for its gradient."""
+    H, D = q.shape[2], q.shape[3]
+    if (dht is None) != (dhbt is None):
+        dht = dht if dht is not None else q.new_zeros(N, H, D, D, dtype=torch.float32)
+        dhbt = dhbt if dhbt is not None else q.new_zeros(N, H, 1, D, dtype=torch.float32)
+    return (None if dht is None else dht.contiguous().float(),
+            None if dhbt is None else dhbt.contiguous().float())
+
+
 def unsupported(D: int, chunk_size: int) -> str | None:
     """Why the kernels cannot take head size D with mini-batches of chunk_size (None: they can)."""
     if D > MAX_D:
         return f"D must be <= {MAX_D}, got D={D}"
     if chunk_size not in CHUNK_SIZES:
         return f"chunk_size must be one of {CHUNK_SIZES}, got {chunk_size}"
-    if chunk_size * max(MIN_TILE, triton.next_power_of_2(D)) > MAX_TILE:
+    if chunk_size * head_tile(D) > MAX_TILE:
         return (f"chunk_size={chunk_size} takes D <= {MAX_TILE // chunk_size} (a mini-batch's "
                 f"tiles would not fit in shared memory), got D={D}")
     return None
@@ -325,8 +348,7 @@ def run_forward(q, k, v, w, b, eta, scale, eps, chunk_size, h0, hb0, output_fina
     hbs = torch.empty(chunks, H, D, **f32) if keep_states else None
     fused_chunk_ttt_linear_fwd_kernel[(N * H,)](
         q, k, v, w, b, eta, o, h0, hb0, ht, hbt, hs, hbs, cu_seqlens, chunk_offsets, scale,
-        float(eps), T, H=H, D=D, BD=max(MIN_TILE, triton.next_power_of_2(D)), BC=chunk_size,
-        PRECISION=dot_precision(q.dtype), MIXED=walk_mixed(), num_warps=4 if D <= 64 else 8)
+        float(eps), T, MIXED=walk_mixed(), **launch_meta(q, chunk_size))
     return o, ht, hbt, hs, hbs
 
 
@@ -335,22 +357,16 @@ def run_backward(q, k, v, w, b, eta, hs, hbs, h0, do, dht, dhbt, scale, eps, chu
     """(dq, dk, dv, dw, db, deta, d initial W or None, d initial hb or None)."""
     B, T, H, D = q.shape
     N, _, _, chunk_offsets = chunk_layout(B, T, cu_seqlens, chunk_size)
-    if (dht is None) != (dhbt is None):  # one of the final states unused: its gradient is 0
-        dht = dht if dht is not None else q.new_zeros(N, H, D, D, dtype=torch.float32)
-        dhbt = dhbt if dhbt is not None else q.new_zeros(N, H, 1, D, dtype=torch.float32)
+    dht, dhbt = final_state_grads(q, dht, dhbt, N)
     dq, dk, dv, deta = (torch.empty_like(x) for x in (q, k, v, eta))
     f32 = dict(dtype=torch.float32, device=q.device)
     dw, db = torch.empty(N, H, D, **f32), torch.empty(N, H, D, **f32)
     dh0 = None if h0 is None else torch.empty(N, H, D, D, **f32)
     dhb0 = None if h0 is None else torch.empty(N, H, 1, D, **f32)
     fused_chunk_ttt_linear_bwd_kernel[(N * H,)](
-        q, k, v, w, b, eta, do.contiguous().to(v.dtype), hs, hbs,
-        None if dht is None else dht.contiguous().float(),
-        None if dhbt is None else dhbt.contiguous().float(), dq, dk, dv, deta, dw, db, dh0, dhb0,
-        cu_seqlens, chunk_offsets, scale, float(eps), T, H=H, D=D,
-        BD=max(MIN_TILE, triton.next_power_of_2(D)), BC=chunk_size,
-        PRECISION=dot_precision(q.dtype), MIXED=walk_mixed(), num_warps=4 if D <= 64 else 8,
-        num_stages=BWD_STAGES)
+        q, k, v, w, b, eta, do.contiguous().to(v.dtype), hs, hbs, dht, dhbt, dq, dk, dv, deta,
+        dw, db, dh0, dhb0, cu_seqlens, chunk_offsets, scale, float(eps), T, MIXED=walk_mixed(),
+        num_stages=BWD_STAGES, **launch_meta(q, chunk_size))
     return dq, dk, dv, dw.sum(0).to(w.dtype), db.sum(0).to(b.dtype), deta, dh0, dhb0
 
 
@@ -431,7 +447,8 @@ def fused_chunk_ttt_linear(
     """TTT-Linear in one program per sequence and head (Triton). q, k, v [B,T,H,D];
     w, b [H,D]; eta [B,T,H,1]; initial_state [N,H,D,D], initial_state_bias [N,H,1,D]. Returns
     o [B,T,H,D] in v's dtype and the final weights [N,H,D,D] and bias [N,H,1,D] in float32
-    (None, None unless output_final_state). D <= 128, chunk_size 16, 32 or 64. Forward and
+    (None, None unless output_final_state). D <= 128, chunk_size 16, 32 or 64 (64: D <= 64;
+    ``unsupported``). Forward and
     backward: gradients for q, k, v, w, b, eta and both initial states."""
     q, k, v, w, b, eta, scale, h0, hb0, grad = checked_inputs(
         "fused_chunk_ttt_linear", q, k, v, w, b, eta, scale, eps, chunk_size, initial_state,
