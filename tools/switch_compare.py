@@ -2,7 +2,7 @@
 accuracy of every quantity on one case against the float64 truth, and the median time per T.
 
     python tools/switch_compare.py OP IMPL [--peer NAME ...] [--set 'LABEL:module.NAME=VALUE,...' ...]
-        [--acc B,T,H,D | --case JSON] [--dtype bfloat16] [--seq-len 2048,8192,32768] [--mode fwd,fwdbwd]
+        [--acc B,T,H,D | --case JSON] [--dtype bfloat16 | ''] [--seq-len 2048,8192,32768] [--mode fwd,fwdbwd]
         [--batch 2 --heads 16 --head-dim 128] [--out out/switches]
 
 The variants are IMPL under its defaults, under each switch its registration lists
@@ -40,7 +40,8 @@ def main(
     acc: str = typer.Option("2,1000,4,64", help="B,T,H,D of the accuracy case (K = V = D)"),
     case_json: str = typer.Option("", "--case", help="the accuracy case as JSON (as a check "
                                   "failure prints it), instead of --acc"),
-    dtype: str = typer.Option("bfloat16", help="dtype(s) of the accuracy case, comma-separated"),
+    dtype: str = typer.Option("bfloat16", help="dtype(s) of the accuracy case, comma-separated; "
+                              "empty: no accuracy rows (times only)"),
     seq_len: str = typer.Option("2048,8192,32768", help="T of the timed rows; empty: no timing"),
     mode: str = typer.Option("fwd,fwdbwd", help="timed modes"),
     batch: int = typer.Option(2), heads: int = typer.Option(16), head_dim: int = typer.Option(128),
@@ -49,7 +50,6 @@ def main(
 ) -> None:
     import torch
 
-    from harness.bench.measure import bench_case, make_call, measure
     from harness.cases import Case, case_dims
     from harness.check.engine import evaluate
     from harness.registry import get
@@ -73,7 +73,7 @@ def main(
         case = Case(op=op, dims=case_dims(op, B, T, H, D), initial_state=has_state,
                     output_final_state=has_state, seed=0)
     results = {"op": op, "acc_case": json.loads(case.to_json()), "accuracy": [], "time": []}
-    for dname in dtype.split(","):
+    for dname in [d for d in dtype.split(",") if d.strip()]:
         table = Table(title=f"{op} {dname}, {case.label()}: relative error against float64",
                       title_justify="left")
         rows = {}
@@ -91,27 +91,42 @@ def main(
 
     lengths = [int(t) for t in seq_len.split(",") if t.strip()]
     if device == "cuda" and lengths:
-        modes = mode.split(",")
-        table = Table(title=f"{op} {time_dtype} B={batch} H={heads} D={head_dim}: median ms",
-                      title_justify="left")
-        for col in ["variant"] + [f"{m} T={t}" for m in modes for t in lengths]:
-            table.add_column(col, justify="left" if col == "variant" else "right")
-        for label, implementation, switch in variants:
-            cells = []
-            for m in modes:
-                for t in lengths:
-                    with switched(switch):
-                        step = make_call(implementation, bench_case(op, batch, t, heads, head_dim),
-                                         time_dtype, m)
-                        ms = measure(step)
-                    del step
-                    results["time"].append({"variant": label, "mode": m, "T": t, **ms})
-                    cells.append(f"{ms['ms']:.3f}")
-            table.add_row(label, *cells)
-        console.print(table)
+        _time_variants(op, variants, lengths, mode.split(","), (batch, heads, head_dim),
+                       time_dtype, results, out)
+    _write(out, results)
+    console.print(f"[dim]wrote {out / 'results.json'}[/]")
+
+
+def _time_variants(op, variants, lengths, modes, shape, time_dtype, results, out) -> None:
+    """Each variant's median ms per (mode, T) on bench's inputs, into results["time"] and a
+    table; results.json rewritten after each variant."""
+    from harness.bench.measure import bench_case, make_call, measure
+
+    batch, heads, head_dim = shape
+    table = Table(title=f"{op} {time_dtype} B={batch} H={heads} D={head_dim}: median ms",
+                  title_justify="left")
+    for col in ["variant"] + [f"{m} T={t}" for m in modes for t in lengths]:
+        table.add_column(col, justify="left" if col == "variant" else "right")
+    for label, implementation, switch in variants:
+        cells = []
+        for m in modes:
+            for t in lengths:
+                with switched(switch):
+                    step = make_call(implementation, bench_case(op, batch, t, heads, head_dim),
+                                     time_dtype, m)
+                    ms = measure(step)
+                del step
+                results["time"].append({"variant": label, "mode": m, "T": t, **ms})
+                cells.append(f"{ms['ms']:.3f}")
+        table.add_row(label, *cells)
+        console.print(f"[dim]{label}: {' '.join(cells)}[/]")
+        _write(out, results)  # what has been timed survives a run stopped part way
+    console.print(table)
+
+
+def _write(out: Path, results: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
-    console.print(f"[dim]wrote {out / 'results.json'}[/]")
 
 
 if __name__ == "__main__":

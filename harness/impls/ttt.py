@@ -36,10 +36,11 @@ def _ours_supports(case) -> str | None:
 
 
 # chunk's switches: the walks' products with the float32 state as two half-precision halves
-# (kernels/ttt/fused_chunk.py, WALK_MIXED; "tf32" and "round", and fused_chunk under any of
-# them, by `--set`), and dK's term in its backward walk. Registered switches are compiled by
-# the compile tests too: with all three WALK_MIXED modes on both kernels TTT's compile test
-# took 7.3 minutes on 2 cores, with "split" on both 4.0 (a cold cache).
+# instead of the state rounded (kernels/ttt/fused_chunk.py, WALK_MIXED; "tf32" and None, and
+# fused_chunk under any of them, by `--set`), and dK's term in its backward walk. Registered
+# switches are compiled by the compile tests too: with all three WALK_MIXED modes on both
+# kernels TTT's compile test took 7.3 minutes on 2 cores, with "split" on both 4.0 (a cold
+# cache).
 _WALK_SWITCHES = ({"what": "the walks' state products as two halves ('split')",
                    "set": {"kernels.ttt.fused_chunk.WALK_MIXED": "split"}},)
 

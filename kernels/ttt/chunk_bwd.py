@@ -41,20 +41,28 @@ from kernels.common.layernorm import layer_norm_bwd_rows, layer_norm_rows, ln_re
 from kernels.common.utils import chunk_layout, load_rows, store_rows
 from kernels.ttt.fused_chunk import (dot_state, final_state_grads, launch_meta, load_state,
                                      mini_batch_program, mini_batch_rows, recon_grads,
-                                     start_state, walk_mixed, walk_program)
+                                     start_state, walk_meta, walk_mixed, walk_program)
 
 __all__ = ["chunk_backward"]
 
 # The walk's software pipelining (its loop's loads staged ahead): at 3 stages ptxas put its
 # shared memory over sm_90's 232,448 bytes (D = 128 with 32-token mini-batches: 262,144 in
 # bfloat16, 278,784 in float32); at 2, 196,608 and 180,352 (python tools/kernel_registers.py
-# ttt --impl chunk --case cs32-d128,cs64-d64).
+# ttt --impl chunk --case cs32-d128,cs64-d64). With PREFETCH the loads are ahead already: 1
+# stage took 2896 µs against 2947 at 2 (H200, float16, D=64, T=8192, "split"), not yet timed
+# at D = 128.
 WALK_STAGES = 2
 # dK's dW'-side term -eta_last G dW'^T: in the last parallel kernel, from dW' stored per
 # mini-batch (D^2 float32 values each: 1 GB at B = 2, H = 16, D = 64, T = 32768), or in the
-# walk (one more product a mini-batch there, off its dependent chain; nothing stored). Not yet
-# timed on a GPU: the walk's time against the memory is the measurement to make.
+# walk (one more product a mini-batch there, off its dependent chain; nothing stored). On an
+# H200 (float16, B=2, H=16, D=64, T=8192, "split" with prefetch) the walk took 727 µs more and
+# the last kernel 130 less: +12% on the whole fwd+bwd, so False.
 DK_IN_WALK = False
+# The walk's loads: the next mini-batch's eight row tiles loaded before this one's products
+# (True), or each mini-batch's when it starts (False), as fused_chunk.WALK_PREFETCH for the
+# forward walk. On an H200 (float16, B=2, H=16, D=64, T=8192) 3269 -> 2947 µs under
+# WALK_MIXED "split"; under None (three TF32 passes) it cost 6% (4276 -> 4532).
+PREFETCH = True
 
 
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
@@ -97,6 +105,23 @@ def chunk_ttt_linear_bwd_local_kernel(
     tl.store(deu + row0 + o_c * H, -tl.sum(b_du * b_ag, 1), mask=m_t)
 
 
+@triton.jit
+def walk_rows(q, k, v, eta, z, du, dgu, dka, i_t, bos, L, i_h, o_c, o_d, D: tl.constexpr,
+              H: tl.constexpr, BC: tl.constexpr):
+    """Mini-batch i_t's rows as the walk takes them, float32, zeros past the sequence and for
+    i_t < 0: (Q unscaled, K, V, eta, Z, dU, dG_U, dK_A)."""
+    row0 = (bos + i_t * BC) * H + i_h
+    m_t = (i_t * BC + o_c < L) & (i_t >= 0)
+    return (load_rows(q + row0 * D, o_c, m_t, o_d, D, H).to(tl.float32),
+            load_rows(k + row0 * D, o_c, m_t, o_d, D, H).to(tl.float32),
+            load_rows(v + row0 * D, o_c, m_t, o_d, D, H).to(tl.float32),
+            tl.load(eta + row0 + o_c * H, mask=m_t, other=0.).to(tl.float32),
+            load_rows(z + row0 * D, o_c, m_t, o_d, D, H),
+            load_rows(du + row0 * D, o_c, m_t, o_d, D, H),
+            load_rows(dgu + row0 * D, o_c, m_t, o_d, D, H),
+            load_rows(dka + row0 * D, o_c, m_t, o_d, D, H))
+
+
 @triton.heuristics({
     'USE_INITIAL_STATE': lambda a: a['dh0'] is not None,
     'USE_FINAL_STATE_GRADIENT': lambda a: a['dht'] is not None,
@@ -108,11 +133,12 @@ def chunk_ttt_linear_bwd_walk_kernel(
     cu_seqlens, chunk_offsets, scale, eps, T, H: tl.constexpr, D: tl.constexpr,
     BD: tl.constexpr, BC: tl.constexpr, PRECISION: tl.constexpr, MIXED: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, USE_FINAL_STATE_GRADIENT: tl.constexpr,
-    DK_IN_WALK: tl.constexpr, IS_VARLEN: tl.constexpr,
+    DK_IN_WALK: tl.constexpr, PREFETCH: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """One sequence and head: dW', dhb' carried from the last mini-batch to the first (step 2
     of the module docstring); dw, db of G's LayerNorm per (sequence, head). With DK_IN_WALK,
-    dK's dW'-side term is added here instead of dW' and G being stored."""
+    dK's dW'-side term is added here instead of dW' and G being stored; with PREFETCH the
+    next mini-batch's rows are loaded ahead."""
     i_nh, i_h, bos, L, NT, c0, o_d, m_d, o_s, m_s, b_w, b_b = walk_program(
         w, b, cu_seqlens, chunk_offsets, T, H, D, BD, BC, IS_VARLEN)
     o_c = tl.arange(0, BC)
@@ -120,6 +146,9 @@ def chunk_ttt_linear_bwd_walk_kernel(
                               USE_FINAL_STATE_GRADIENT)
     b_dwa = tl.zeros([BD], dtype=tl.float32)
     b_dba = tl.zeros([BD], dtype=tl.float32)
+    if PREFETCH:
+        b_qr, b_k, b_v, b_e, b_z, b_du, b_dgu, b_dka = walk_rows(
+            q, k, v, eta, z, du, dgu, dka, NT - 1, bos, L, i_h, o_c, o_d, D, H, BC)
     for i_r in range(NT):
         i_t = NT - 1 - i_r
         i_s = (c0 + i_t) * H + i_h
@@ -127,26 +156,28 @@ def chunk_ttt_linear_bwd_walk_kernel(
             tl.store(dhs + i_s * D * D + o_s, b_dW, mask=m_s)
         row0 = (bos + i_t * BC) * H + i_h
         m_t = i_t * BC + o_c < L
-        b_q, b_k, b_v, b_e = mini_batch_rows(q, k, v, eta, row0, o_c, m_t, o_d, scale, D, H)
-        b_z = load_rows(z + row0 * D, o_c, m_t, o_d, D, H)
-        b_du = load_rows(du + row0 * D, o_c, m_t, o_d, D, H)
+        if PREFETCH:  # mini-batch i_t - 1's
+            n_qr, n_k, n_v, n_e, n_z, n_du, n_dgu, n_dka = walk_rows(
+                q, k, v, eta, z, du, dgu, dka, i_t - 1, bos, L, i_h, o_c, o_d, D, H, BC)
+        else:
+            b_qr, b_k, b_v, b_e, b_z, b_du, b_dgu, b_dka = walk_rows(
+                q, k, v, eta, z, du, dgu, dka, i_t, bos, L, i_h, o_c, o_d, D, H, BC)
         e_last = tl.sum(tl.where(o_c == tl.minimum(BC, L - i_t * BC) - 1, b_e, 0.), 0)
         # W' = W - e_L K^T G, hb' = hb - e_L 1^T G
         b_kdw = dot_state(b_k, b_dW, k.dtype.element_ty, PRECISION, MIXED)
-        b_dg = load_rows(dgu + row0 * D, o_c, m_t, o_d, D, H) - e_last * (b_kdw + b_dhb[None, :])
+        b_dg = b_dgu - e_last * (b_kdw + b_dhb[None, :])
         # G = ln_recon_grad(Z, V - K)
         b_dz, b_dt, b_dw, b_db, b_g = ln_recon_grad_bwd_rows(
             tl.where(m_t[:, None], b_dg, 0.), b_z, b_v - b_k, b_w, b_b, m_d, D, eps)
         b_g = tl.where(m_t[:, None], b_g, 0.)
         tl.store(delast + i_s, -(tl.sum(tl.sum(b_kdw * b_g, 1), 0)
                                  + tl.sum(b_dhb * tl.sum(b_g, 0), 0)))
-        b_dka = load_rows(dka + row0 * D, o_c, m_t, o_d, D, H) - b_dt
+        b_dka -= b_dt
         if DK_IN_WALK:
             b_dka -= e_last * tl.dot(b_g, tl.trans(b_dW), input_precision=PRECISION)
         else:
             store_rows(du + row0 * D, b_g, o_c, m_t, o_d, D, H)
         # Z = K W + 1 hb, U = Q~ W + 1 hb - ...
-        b_qr = load_rows(q + row0 * D, o_c, m_t, o_d, D, H).to(tl.float32)  # Q, unscaled
         b_dW += (scale * dot_state(tl.trans(b_qr), b_du, k.dtype.element_ty, PRECISION, MIXED)
                  + dot_state(tl.trans(b_k), b_dz, k.dtype.element_ty, PRECISION, MIXED))
         b_dhb += tl.sum(b_du, 0) + tl.sum(b_dz, 0)
@@ -155,6 +186,9 @@ def chunk_ttt_linear_bwd_walk_kernel(
         store_rows(dgu + row0 * D, b_dz, o_c, m_t, o_d, D, H)
         store_rows(dv + row0 * D, b_dt, o_c, m_t, o_d, D, H)
         store_rows(dka + row0 * D, b_dka, o_c, m_t, o_d, D, H)
+        if PREFETCH:
+            b_qr, b_k, b_v, b_e, b_z, b_du, b_dgu, b_dka = (n_qr, n_k, n_v, n_e, n_z, n_du, n_dgu,
+                                                            n_dka)
     if USE_INITIAL_STATE:
         tl.store(dh0 + i_nh.to(tl.int64) * D * D + o_s, b_dW, mask=m_s)
         tl.store(dhb0 + i_nh.to(tl.int64) * D + o_d, b_dhb, mask=m_d)
@@ -209,19 +243,20 @@ def chunk_backward(q, k, v, w, b, eta, hs, hbs, h0, do, dht, dhbt, scale, eps, c
     dh0 = None if h0 is None else torch.empty(N, H, D, D, **f32)
     dhb0 = None if h0 is None else torch.empty(N, H, 1, D, **f32)
     meta = launch_meta(q, chunk_size)
-    walk = {"MIXED": walk_mixed(), "DK_IN_WALK": DK_IN_WALK}
+    mixed = walk_mixed()
     do = do.contiguous().to(v.dtype)
     if NT:
         chunk_ttt_linear_bwd_local_kernel[(NT, B * H)](
             q, k, v, w, b, eta, do, hs, hbs, dq, z, du, dgu, dka, deu, dw1, db1, cu_seqlens,
-            chunk_indices, scale, float(eps), T, MIXED=walk["MIXED"], **meta)
+            chunk_indices, scale, float(eps), T, MIXED=mixed, **meta)
     chunk_ttt_linear_bwd_walk_kernel[(N * H,)](
         q, k, v, w, b, eta, z, du, dgu, dka, dv, dhs, delast, dht, dhbt, dh0, dhb0, dw2, db2,
-        cu_seqlens, chunk_offsets, scale, float(eps), T, **walk, **meta, num_stages=WALK_STAGES)
+        cu_seqlens, chunk_offsets, scale, float(eps), T, DK_IN_WALK=DK_IN_WALK,
+        PREFETCH=PREFETCH, num_stages=WALK_STAGES, **walk_meta(q, chunk_size))
     if NT:
         chunk_ttt_linear_bwd_dk_kernel[(NT, B * H)](
             w, b, eta, hs, dhs, du, dgu, dka, deu, delast, dk, deta, cu_seqlens, chunk_indices,
-            T, DK_IN_WALK=walk["DK_IN_WALK"], **meta)
+            T, DK_IN_WALK=DK_IN_WALK, **meta)
     dw = dw1.sum(0) + dw2.sum(0)
     db = db1.sum(0) + db2.sum(0)
     return dq, dk, dv, dw.to(w.dtype), db.to(b.dtype), deta, dh0, dhb0

@@ -12,9 +12,10 @@ Q, K, V [C, D] and learning rates eta [C] (the dual form, references/ttt.py):
 
 A last mini-batch shorter than C holds only its real tokens: the rows past the sequence load as
 zeros, their G is set to 0 (so they reach no sum and no update) and eta_last is the learning
-rate of the last real token. Every product multiplies float32 operands: exact ("ieee") for
-float32 inputs, three TF32 passes for half precision (utils.dot_precision); WALK_MIXED, when
-set, takes the products of input rows and the state otherwise.
+rate of the last real token. Products of float32 inputs are exact ("ieee"). For half precision
+the products of input rows and the state round the state to the inputs' dtype (WALK_MIXED,
+"round" by default), the others take float32 operands in three TF32 passes
+(utils.dot_precision). WALK_PREFETCH loads the next mini-batch's rows ahead of its turn.
 
 The backward walks the mini-batches from last to first in one program per (sequence, head),
 from the W and hb each started with (the forward stores them when gradients are needed: D^2 + D
@@ -48,11 +49,19 @@ BWD_STAGES = 1
 CHUNK_SIZES = (16, 32, 64)  # tl.dot needs 16 rows at least
 # How the walks' products of input rows and a float32 state are taken for half-precision
 # inputs: Z = K W and the update's K^T G (here, and wherever Z is recomputed), and in
-# chunk_ttt_linear's backward walk K dW', Q^T dU and K^T dZ. None: both operands float32 at
-# dot_precision (three TF32 passes); or a utils.dot_mixed mode with the rows in their own dtype
-# (exact): "split" (the state as two halves, two products), "tf32" (one TF32 product) or
-# "round" (the state rounded to the inputs' dtype). Not yet timed on a GPU: None until then.
-WALK_MIXED = None
+# chunk_ttt_linear's backward walk K dW', Q^T dU and K^T dZ. A utils.dot_mixed mode with the
+# rows in their own dtype: "round" (the state rounded to the inputs' dtype, one product),
+# "split" (the state as two halves, two products), "tf32" (one TF32 product); or None (both
+# operands float32, three TF32 passes). On an H200 (float16, B=2, H=16, D=64, T=8192, with
+# WALK_PREFETCH; reports/ttt.md) chunk's forward walk took 821 µs a step under "round", 949
+# under "split", 1464 under None, its backward walk 2599, 2947 and 4532; the errors under
+# "round" rise (bfloat16 final state 1.6e-7 -> 8.3e-4, gradients by up to 1.7x) and stay
+# under fla-core 0.6.0's on every quantity (which rounds the state the same way).
+WALK_MIXED = "round"
+# The forward walk's loads: the next mini-batch's rows loaded before this one's products, so
+# that their latency leaves the walk's dependent chain (True), or each mini-batch's rows when
+# it starts (False). 1255 -> 949 µs (chunk's forward walk under "split", same shape as above).
+WALK_PREFETCH = True
 # A mini-batch's [C, D] tiles (D padded to a power of two) at most 64 * 64 = 32 * 128 values: at
 # C = 64, D = 128 ptxas put the kernels' shared memory at 262,144 (chunk's output kernel) to
 # 327,680 bytes (the backward, unpipelined), over sm_90's 232,448 (bfloat16, python
@@ -70,6 +79,11 @@ def launch_meta(q: torch.Tensor, chunk_size: int) -> dict:
     D = q.shape[-1]
     return {"H": q.shape[2], "D": D, "BD": head_tile(D), "BC": chunk_size,
             "PRECISION": dot_precision(q.dtype), "num_warps": 4 if D <= 64 else 8}
+
+
+def walk_meta(q: torch.Tensor, chunk_size: int) -> dict:
+    """launch_meta with WALK_MIXED as the kernels' MIXED argument ("" for None)."""
+    return {**launch_meta(q, chunk_size), "MIXED": walk_mixed()}
 
 
 def final_state_grads(q: torch.Tensor, dht, dhbt, N: int):
@@ -161,6 +175,22 @@ def mini_batch_rows(q, k, v, eta, row0, o_c, m_t, o_d, scale, D: tl.constexpr, H
 
 
 @triton.jit
+def walk_rows(q, k, v, eta, i_t, bos, L, i_h, o_c, o_d, scale, D: tl.constexpr,
+              H: tl.constexpr, BC: tl.constexpr, WITH_Q: tl.constexpr):
+    """Mini-batch i_t's rows as a walk takes them: (Q~ or K when not WITH_Q, K, V, eta), as
+    mini_batch_rows."""
+    row0 = (bos + i_t * BC) * H + i_h
+    m_t = i_t * BC + o_c < L
+    b_k = load_rows(k + row0 * D, o_c, m_t, o_d, D, H).to(tl.float32)
+    b_v = load_rows(v + row0 * D, o_c, m_t, o_d, D, H).to(tl.float32)
+    b_e = tl.load(eta + row0 + o_c * H, mask=m_t, other=0.).to(tl.float32)
+    b_q = b_k
+    if WITH_Q:
+        b_q = load_rows(q + row0 * D, o_c, m_t, o_d, D, H).to(tl.float32) * scale
+    return b_q, b_k, b_v, b_e
+
+
+@triton.jit
 def dot_state(b_x, b_S, HALF: tl.constexpr, PRECISION: tl.constexpr, MIXED: tl.constexpr):
     """b_x @ b_S for rows b_x (float32, exact copies of values in the inputs' dtype HALF) and a
     float32 state b_S: at PRECISION, or with MIXED ("split", "tf32", "round") as
@@ -210,15 +240,20 @@ def fused_chunk_ttt_linear_fwd_kernel(
     H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
     PRECISION: tl.constexpr, MIXED: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
     STORE_FINAL_STATE: tl.constexpr,
-    STORE_STATES: tl.constexpr, WITH_OUTPUT: tl.constexpr, IS_VARLEN: tl.constexpr,
+    STORE_STATES: tl.constexpr, WITH_OUTPUT: tl.constexpr, PREFETCH: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):
     """One sequence and head: the mini-batches in order (module docstring), W and hb on chip;
     with STORE_STATES the W and hb each mini-batch starts from (for the backward, and for
-    chunk_ttt_linear's outputs: it walks without WITH_OUTPUT)."""
+    chunk_ttt_linear's outputs: it walks without WITH_OUTPUT); with PREFETCH the next
+    mini-batch's rows loaded ahead (WALK_PREFETCH)."""
     i_nh, i_h, bos, L, NT, c0, o_d, m_d, o_s, m_s, b_w, b_b = walk_program(
         w, b, cu_seqlens, chunk_offsets, T, H, D, BD, BC, IS_VARLEN)
     o_c = tl.arange(0, BC)
     b_W, b_hb = start_state(h0, hb0, i_nh, o_s, m_s, o_d, m_d, D, BD, USE_INITIAL_STATE)
+    if PREFETCH:
+        b_q, b_k, b_v, b_e = walk_rows(q, k, v, eta, 0, bos, L, i_h, o_c, o_d, scale, D, H, BC,
+                                       WITH_OUTPUT)
     for i_t in range(NT):
         if STORE_STATES:
             i_s = (c0 + i_t) * H + i_h
@@ -227,7 +262,12 @@ def fused_chunk_ttt_linear_fwd_kernel(
         row0 = (bos + i_t * BC) * H + i_h
         m_t = i_t * BC + o_c < L
         n_t = tl.minimum(BC, L - i_t * BC)
-        b_q, b_k, b_v, b_e = mini_batch_rows(q, k, v, eta, row0, o_c, m_t, o_d, scale, D, H)
+        if PREFETCH:
+            n_q, n_k, n_v, n_e = walk_rows(q, k, v, eta, i_t + 1, bos, L, i_h, o_c, o_d, scale,
+                                           D, H, BC, WITH_OUTPUT)
+        else:
+            b_q, b_k, b_v, b_e = walk_rows(q, k, v, eta, i_t, bos, L, i_h, o_c, o_d, scale, D,
+                                           H, BC, WITH_OUTPUT)
         b_g, _ = recon_grads(b_k, b_v, b_W, b_hb, b_w, b_b, m_t, m_d, D, eps,
                              k.dtype.element_ty, PRECISION, MIXED)
         if WITH_OUTPUT:
@@ -238,6 +278,8 @@ def fused_chunk_ttt_linear_fwd_kernel(
         e_last = tl.sum(tl.where(o_c == n_t - 1, b_e, 0.), 0)
         b_W -= e_last * dot_state(tl.trans(b_k), b_g, k.dtype.element_ty, PRECISION, MIXED)
         b_hb -= e_last * tl.sum(b_g, 0)
+        if PREFETCH:
+            b_q, b_k, b_v, b_e = n_q, n_k, n_v, n_e
     if STORE_FINAL_STATE:
         tl.store(ht + i_nh.to(tl.int64) * D * D + o_s, b_W, mask=m_s)
         tl.store(hbt + i_nh.to(tl.int64) * D + o_d, b_hb, mask=m_d)
@@ -348,7 +390,7 @@ def run_forward(q, k, v, w, b, eta, scale, eps, chunk_size, h0, hb0, output_fina
     hbs = torch.empty(chunks, H, D, **f32) if keep_states else None
     fused_chunk_ttt_linear_fwd_kernel[(N * H,)](
         q, k, v, w, b, eta, o, h0, hb0, ht, hbt, hs, hbs, cu_seqlens, chunk_offsets, scale,
-        float(eps), T, MIXED=walk_mixed(), **launch_meta(q, chunk_size))
+        float(eps), T, PREFETCH=WALK_PREFETCH, **walk_meta(q, chunk_size))
     return o, ht, hbt, hs, hbs
 
 
