@@ -172,6 +172,36 @@ def test_walk_mixed_modes_in_float16(monkeypatch, fn, mode):
 
 
 @KERNELS
+def test_half_states(monkeypatch, fn):
+    """fused_chunk.HALF_STATES: the W per mini-batch (and chunk's backward's dW' per
+    mini-batch) stored in float16 for float16 inputs. o and every gradient within 1e-3 of
+    float64 on the same rounded inputs (float16's unit roundoff 4.9e-4 on W where a product
+    reads it; measured o 2.7e-4, gradients 1.4e-4 to 4.0e-4, against 2.4e-4 and up to 3.8e-4
+    with float32 states), and not the float32 states' results; float32 inputs keep float32
+    states (the same values bit for bit)."""
+    from kernels.ttt import fused_chunk
+
+    x, st, cu = inputs(1, 70, 2, 32)
+    rounded = {n: t.half().float() if n in "qkv" else t for n, t in x.items()}
+    ref = grads(naive_ttt_linear, rounded, st, cu, 16, torch.float64)
+    half = {n: t.half() if n in "qkv" else t for n, t in x.items()}
+    full = grads(fn, half, st, cu, 16, None)
+    exact32 = grads(fn, x, st, cu, 16, torch.float32)
+    monkeypatch.setattr(fused_chunk, "HALF_STATES", True)
+    args = [half[n] for n in ("q", "k", "v", "w", "b", "eta")]
+    *_, hs, _ = fused_chunk.run_forward(*args, 0.25, 1e-6, 16, None, None, False, None,
+                                        keep_states=True)
+    assert hs.dtype == torch.float16
+    got = grads(fn, half, st, cu, 16, None)
+    for name in ref:
+        assert rel_error(got[name].double(), ref[name]) < 1e-3, name
+    assert not torch.equal(got["q"], full["q"])
+    got32 = grads(fn, x, st, cu, 16, torch.float32)
+    for name in exact32:
+        assert torch.equal(got32[name], exact32[name]), name
+
+
+@KERNELS
 def test_walk_prefetch_changes_no_value(monkeypatch, fn):
     """fused_chunk.WALK_PREFETCH and chunk_bwd.PREFETCH: the next mini-batch's rows loaded
     ahead in the forward and backward walks give the same values bit for bit (the same products

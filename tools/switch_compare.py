@@ -98,8 +98,8 @@ def main(
 
 
 def _time_variants(op, variants, lengths, modes, shape, time_dtype, results, out) -> None:
-    """Each variant's median ms per (mode, T) on bench's inputs, into results["time"] and a
-    table; results.json rewritten after each variant."""
+    """Each variant's median ms and extra peak memory per (mode, T) on bench's inputs, into
+    results["time"] and a table; results.json rewritten after each variant."""
     from harness.bench.measure import bench_case, make_call, measure
 
     batch, heads, head_dim = shape
@@ -108,7 +108,7 @@ def _time_variants(op, variants, lengths, modes, shape, time_dtype, results, out
     for col in ["variant"] + [f"{m} T={t}" for m in modes for t in lengths]:
         table.add_column(col, justify="left" if col == "variant" else "right")
     for label, implementation, switch in variants:
-        cells = []
+        cells, peaks = [], []
         for m in modes:
             for t in lengths:
                 with switched(switch):
@@ -118,8 +118,9 @@ def _time_variants(op, variants, lengths, modes, shape, time_dtype, results, out
                 del step
                 results["time"].append({"variant": label, "mode": m, "T": t, **ms})
                 cells.append(f"{ms['ms']:.3f}")
+                peaks.append(f"{ms['peak_mb']:.0f}")
         table.add_row(label, *cells)
-        console.print(f"[dim]{label}: {' '.join(cells)}[/]")
+        console.print(f"[dim]{label}: {' '.join(cells)} ms; peak {' '.join(peaks)} MB[/]")
         _write(out, results)  # what has been timed survives a run stopped part way
     console.print(table)
 

@@ -37,7 +37,8 @@ def _ours_supports(case) -> str | None:
 
 # chunk's switches: the walks' products with the float32 state as two half-precision halves
 # instead of the state rounded (kernels/ttt/fused_chunk.py, WALK_MIXED; "tf32" and None, and
-# fused_chunk under any of them, by `--set`), and dK's term in its backward walk. Registered
+# fused_chunk under any of them, by `--set`), dK's term in its backward walk, and the states
+# per mini-batch stored in the inputs' dtype (fused_chunk.HALF_STATES). Registered
 # switches are compiled by the compile tests too: with all three WALK_MIXED modes on both
 # kernels TTT's compile test took 7.3 minutes on 2 cores, with "split" on both 4.0 (a cold
 # cache).
@@ -53,7 +54,9 @@ IMPLEMENTATIONS = [
         available=triton_available, supports=_ours_supports,
         switches=(*_WALK_SWITCHES,
                   {"what": "dK's dW' term in the backward walk (no dW' stored)",
-                   "set": {"kernels.ttt.chunk_bwd.DK_IN_WALK": True}})),
+                   "set": {"kernels.ttt.chunk_bwd.DK_IN_WALK": True}},
+                  {"what": "the states and dW' per mini-batch in the inputs' dtype",
+                   "set": {"kernels.ttt.fused_chunk.HALF_STATES": True}})),
     Implementation(
         op="ttt", name="fused_chunk", kind="triton",
         target="kernels.ttt:fused_chunk_ttt_linear", dtypes=KERNEL_DTYPES,

@@ -41,7 +41,8 @@ from kernels.common.layernorm import layer_norm_bwd_rows, layer_norm_rows, ln_re
 from kernels.common.utils import chunk_layout, load_rows, store_rows
 from kernels.ttt.fused_chunk import (dot_state, final_state_grads, launch_meta, load_state,
                                      mini_batch_program, mini_batch_rows, recon_grads,
-                                     start_state, walk_meta, walk_mixed, walk_program)
+                                     start_state, states_dtype, walk_meta, walk_mixed,
+                                     walk_program)
 
 __all__ = ["chunk_backward"]
 
@@ -207,14 +208,14 @@ def chunk_ttt_linear_bwd_dk_kernel(
     now, and du G unless the walk took dK's dW'-side term (DK_IN_WALK)."""
     i_s, row0, o_c, m_t, n_t, o_d, m_d, o_s, m_s, _, _ = mini_batch_program(
         w, b, cu_seqlens, chunk_indices, T, H, D, BD, BC, IS_VARLEN)
-    b_W = tl.load(hs + i_s * D * D + o_s, mask=m_s, other=0.)
+    b_W = tl.load(hs + i_s * D * D + o_s, mask=m_s, other=0.).to(tl.float32)
     b_dz = load_rows(dgu + row0 * D, o_c, m_t, o_d, D, H)
     b_dk = (load_rows(dka + row0 * D, o_c, m_t, o_d, D, H)
             + tl.dot(b_dz, tl.trans(b_W), input_precision=PRECISION))
     last = o_c == n_t - 1
     if not DK_IN_WALK:
         b_e = tl.load(eta + row0 + o_c * H, mask=m_t, other=0.).to(tl.float32)
-        b_dW = tl.load(dhs + i_s * D * D + o_s, mask=m_s, other=0.)
+        b_dW = tl.load(dhs + i_s * D * D + o_s, mask=m_s, other=0.).to(tl.float32)
         b_g = load_rows(du + row0 * D, o_c, m_t, o_d, D, H)
         b_dk -= tl.sum(tl.where(last, b_e, 0.), 0) * tl.dot(b_g, tl.trans(b_dW),
                                                             input_precision=PRECISION)
@@ -236,7 +237,8 @@ def chunk_backward(q, k, v, w, b, eta, hs, hbs, h0, do, dht, dhbt, scale, eps, c
     dq, dk, dv, deta = (torch.empty_like(x) for x in (q, k, v, eta))
     z, du, dgu, dka = (torch.empty(B, T, H, D, **f32) for _ in range(4))
     deu = torch.empty(B, T, H, **f32)
-    dhs = None if DK_IN_WALK else torch.empty(chunks, H, D, D, **f32)
+    dhs = None if DK_IN_WALK else torch.empty(chunks, H, D, D, dtype=states_dtype(q),
+                                              device=q.device)
     delast = torch.empty(chunks, H, **f32)
     dw1, db1 = torch.empty(chunks, H, D, **f32), torch.empty(chunks, H, D, **f32)
     dw2, db2 = torch.empty(N, H, D, **f32), torch.empty(N, H, D, **f32)

@@ -62,11 +62,22 @@ WALK_MIXED = "round"
 # that their latency leaves the walk's dependent chain (True), or each mini-batch's rows when
 # it starts (False). 1255 -> 949 µs (chunk's forward walk under "split", same shape as above).
 WALK_PREFETCH = True
+# The W each mini-batch starts from, stored by the forward for the backward and for chunk's
+# outputs (and chunk's backward's dW' per mini-batch): float32 (False), or in the inputs' dtype
+# when they are half precision (True: half the bytes, 537 MB less each at B = 2, H = 16,
+# D = 64, T = 32768; the products that read them take W rounded, as the walks' products do
+# under WALK_MIXED "round"). Not yet timed on a GPU.
+HALF_STATES = False
 # A mini-batch's [C, D] tiles (D padded to a power of two) at most 64 * 64 = 32 * 128 values: at
 # C = 64, D = 128 ptxas put the kernels' shared memory at 262,144 (chunk's output kernel) to
 # 327,680 bytes (the backward, unpipelined), over sm_90's 232,448 (bfloat16, python
 # tools/kernel_registers.py ttt --impl fused_chunk,chunk --case cs64-d128).
 MAX_TILE = 64 * 64
+
+
+def states_dtype(q: torch.Tensor) -> torch.dtype:
+    """The dtype the states per mini-batch are stored in (HALF_STATES)."""
+    return q.dtype if HALF_STATES and q.dtype != torch.float32 else torch.float32
 
 
 def head_tile(D: int) -> int:
@@ -386,7 +397,8 @@ def run_forward(q, k, v, w, b, eta, scale, eps, chunk_size, h0, hb0, output_fina
     f32 = dict(dtype=torch.float32, device=q.device)
     ht = torch.empty(N, H, D, D, **f32) if output_final_state else None
     hbt = torch.empty(N, H, 1, D, **f32) if output_final_state else None
-    hs = torch.empty(chunks, H, D, D, **f32) if keep_states else None
+    hs = (torch.empty(chunks, H, D, D, dtype=states_dtype(q), device=q.device) if keep_states
+          else None)
     hbs = torch.empty(chunks, H, D, **f32) if keep_states else None
     fused_chunk_ttt_linear_fwd_kernel[(N * H,)](
         q, k, v, w, b, eta, o, h0, hb0, ht, hbt, hs, hbs, cu_seqlens, chunk_offsets, scale,
