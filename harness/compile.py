@@ -101,7 +101,7 @@ def _recording(launches: dict[str, Launch], execute: bool = False):
     original = InterpretedFunction.run
 
     def run(self, *args, grid, warmup, **kwargs):
-        options = {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
+        options = {k: kwargs[k] for k in ("num_warps", "num_stages", "maxnreg") if k in kwargs}
         named = dict(zip(self.arg_names, args))
         named.update({k: v for k, v in kwargs.items() if k in self.arg_names})
         launch = Launch(self.fn.__module__, self.fn.__qualname__,

@@ -68,6 +68,11 @@ WALK_PREFETCH = True
 # D = 64, T = 32768; the products that read them take W rounded, as the walks' products do
 # under WALK_MIXED "round"). Not yet timed on a GPU.
 HALF_STATES = False
+# ptxas's register limit for the kernels' float32 forms: None leaves the choice to ptxas,
+# which gives them 32 registers and kilobytes of spills (the float32 products are FMA loops;
+# the forward walk at D = 64: 5.5 KB a thread, ptxas -v on its PTX); a .maxnreg of 255 takes
+# it to 255 registers and 1.4 KB. The compiler's numbers only: not yet timed on a GPU.
+FLOAT32_MAXNREG = None
 # A mini-batch's [C, D] tiles (D padded to a power of two) at most 64 * 64 = 32 * 128 values: at
 # C = 64, D = 128 ptxas put the kernels' shared memory at 262,144 (chunk's output kernel) to
 # 327,680 bytes (the backward, unpipelined), over sm_90's 232,448 (bfloat16, python
@@ -88,8 +93,11 @@ def head_tile(D: int) -> int:
 def launch_meta(q: torch.Tensor, chunk_size: int) -> dict:
     """The constexprs and warps every TTT kernel launches with (WALK_MIXED's MIXED apart)."""
     D = q.shape[-1]
-    return {"H": q.shape[2], "D": D, "BD": head_tile(D), "BC": chunk_size,
+    meta = {"H": q.shape[2], "D": D, "BD": head_tile(D), "BC": chunk_size,
             "PRECISION": dot_precision(q.dtype), "num_warps": 4 if D <= 64 else 8}
+    if FLOAT32_MAXNREG is not None and q.dtype == torch.float32:
+        meta["maxnreg"] = FLOAT32_MAXNREG
+    return meta
 
 
 def walk_meta(q: torch.Tensor, chunk_size: int) -> dict:
