@@ -23,12 +23,12 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.common.minibatch import mini_batch_program
 from kernels.common.utils import chunk_layout, store_rows
 from kernels.ttt.chunk_bwd import chunk_backward
 from kernels.ttt.fused_chunk import (FusedChunkTTTFunction, checked_inputs, launch_meta,
-                                     load_state, mini_batch_outputs, mini_batch_program,
-                                     mini_batch_rows, recon_grads, run_forward,
-                                     save_for_backward, walk_mixed)
+                                     load_state, mini_batch_outputs, mini_batch_rows,
+                                     recon_grads, run_forward, save_for_backward, walk_mixed)
 
 __all__ = ["chunk_ttt_linear"]
 

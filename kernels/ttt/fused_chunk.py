@@ -33,9 +33,9 @@ import triton.language as tl
 
 from kernels.common.layernorm import (layer_norm_bwd_rows, layer_norm_rows,
                                      ln_recon_grad_bwd_rows, ln_recon_grad_rows)
-from kernels.common.utils import (MIN_TILE, check_launchable, chunk_index, chunk_layout,
-                                  chunk_rows, dot_mixed, dot_precision, load_rows, store_rows,
-                                  walk_bounds)
+from kernels.common.minibatch import head_tile, load_square, walk_program
+from kernels.common.utils import (check_launchable, chunk_layout, dot_mixed, dot_precision,
+                                  load_rows, store_rows)
 from references.operators import TTT
 
 __all__ = ["fused_chunk_ttt_linear"]
@@ -85,11 +85,6 @@ def states_dtype(q: torch.Tensor) -> torch.dtype:
     return q.dtype if HALF_STATES and q.dtype != torch.float32 else torch.float32
 
 
-def head_tile(D: int) -> int:
-    """BD: the tile of a head dimension, D padded to a power of two (MIN_TILE at least)."""
-    return max(MIN_TILE, triton.next_power_of_2(D))
-
-
 def launch_meta(q: torch.Tensor, chunk_size: int) -> dict:
     """The constexprs and warps every TTT kernel launches with (WALK_MIXED's MIXED apart)."""
     D = q.shape[-1]
@@ -129,48 +124,10 @@ def unsupported(D: int, chunk_size: int) -> str | None:
 
 
 @triton.jit
-def head_tiles(w, b, i_h, D: tl.constexpr, BD: tl.constexpr):
-    """(o_d, m_d, o_s, m_s, w, b) of head i_h: its columns, a [D, D] state's offsets and mask,
-    and its LayerNorm weight and bias in float32 (0 past D)."""
-    o_d = tl.arange(0, BD)
-    m_d = o_d < D
-    b_w = tl.load(w + i_h * D + o_d, mask=m_d, other=0.).to(tl.float32)
-    b_b = tl.load(b + i_h * D + o_d, mask=m_d, other=0.).to(tl.float32)
-    return o_d, m_d, o_d[:, None] * D + o_d[None, :], m_d[:, None] & m_d[None, :], b_w, b_b
-
-
-@triton.jit
-def walk_program(w, b, cu_seqlens, chunk_offsets, T, H: tl.constexpr, D: tl.constexpr,
-             BD: tl.constexpr, BC: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """What a (sequence, head) program walks: (i_nh, i_h, bos, L, NT, c0) (its tokens, its
-    mini-batches and the first one's index among all), then head_tiles."""
-    i_nh = tl.program_id(0)
-    i_h = i_nh % H
-    bos, eos, NT, c0 = walk_bounds(cu_seqlens, chunk_offsets, i_nh // H, T, BC, IS_VARLEN)
-    o_d, m_d, o_s, m_s, b_w, b_b = head_tiles(w, b, i_h, D, BD)
-    return i_nh, i_h, bos, eos - bos, NT, c0, o_d, m_d, o_s, m_s, b_w, b_b
-
-
-@triton.jit
 def load_state(p_W, p_hb, i, o_s, m_s, o_d, m_d, D: tl.constexpr):
     """State i of a [.., D, D] weight and [.., D] bias pair, in float32."""
-    return (tl.load(p_W + i.to(tl.int64) * D * D + o_s, mask=m_s, other=0.).to(tl.float32),
+    return (load_square(p_W, i, o_s, m_s, D),
             tl.load(p_hb + i.to(tl.int64) * D + o_d, mask=m_d, other=0.).to(tl.float32))
-
-
-@triton.jit
-def mini_batch_program(w, b, cu_seqlens, chunk_indices, T, H: tl.constexpr, D: tl.constexpr,
-                       BD: tl.constexpr, BC: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """What a (mini-batch, head) program handles: (i_s, row0, o_c, m_t, n_t) (its index among
-    all mini-batches times H plus its head, its first row, its rows and which hold tokens, how
-    many do), then head_tiles."""
-    i_c, i_bh = tl.program_id(0), tl.program_id(1)
-    i_h = i_bh % H
-    i_t, m_t, row0 = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BC, IS_VARLEN)
-    i_s = chunk_index(i_c, i_bh, i_t, T, H, BC, IS_VARLEN) * H + i_h
-    o_d, m_d, o_s, m_s, b_w, b_b = head_tiles(w, b, i_h, D, BD)
-    n_t = tl.sum(m_t.to(tl.int32), 0)
-    return i_s, row0, tl.arange(0, BC), m_t, n_t, o_d, m_d, o_s, m_s, b_w, b_b
 
 
 @triton.jit

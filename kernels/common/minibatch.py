@@ -1,0 +1,67 @@
+"""Stages shared by the kernels that walk mini-batches with a [D, D] state on chip (TTT-Linear,
+Titans; docs/operators.md sections 3 and 4): what a program handles, its head's tiles and
+LayerNorm weights, and a stored square state's load.
+
+Two kinds of program: a walk, one per (sequence, head), takes the sequence's mini-batches in
+order (walk_program); a mini-batch program, one per (mini-batch, head), handles one mini-batch
+from the state it starts with (mini_batch_program). Per-mini-batch tensors are numbered by the
+mini-batch's index among all (utils.chunk_index) times H plus the head.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from kernels.common.utils import MIN_TILE, chunk_index, chunk_rows, walk_bounds
+
+__all__ = ["head_tile", "head_tiles", "load_square", "mini_batch_program", "walk_program"]
+
+
+def head_tile(D: int) -> int:
+    """BD: the tile of a head dimension, D padded to a power of two (MIN_TILE at least)."""
+    return max(MIN_TILE, triton.next_power_of_2(D))
+
+
+@triton.jit
+def head_tiles(w, b, i_h, D: tl.constexpr, BD: tl.constexpr):
+    """(o_d, m_d, o_s, m_s, w, b) of head i_h: its columns, a [D, D] state's offsets and mask,
+    and its LayerNorm weight and bias in float32 (0 past D)."""
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    b_w = tl.load(w + i_h * D + o_d, mask=m_d, other=0.).to(tl.float32)
+    b_b = tl.load(b + i_h * D + o_d, mask=m_d, other=0.).to(tl.float32)
+    return o_d, m_d, o_d[:, None] * D + o_d[None, :], m_d[:, None] & m_d[None, :], b_w, b_b
+
+
+@triton.jit
+def walk_program(w, b, cu_seqlens, chunk_offsets, T, H: tl.constexpr, D: tl.constexpr,
+                 BD: tl.constexpr, BC: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """What a (sequence, head) program walks: (i_nh, i_h, bos, L, NT, c0) (its tokens, its
+    mini-batches and the first one's index among all), then head_tiles."""
+    i_nh = tl.program_id(0)
+    i_h = i_nh % H
+    bos, eos, NT, c0 = walk_bounds(cu_seqlens, chunk_offsets, i_nh // H, T, BC, IS_VARLEN)
+    o_d, m_d, o_s, m_s, b_w, b_b = head_tiles(w, b, i_h, D, BD)
+    return i_nh, i_h, bos, eos - bos, NT, c0, o_d, m_d, o_s, m_s, b_w, b_b
+
+
+@triton.jit
+def mini_batch_program(w, b, cu_seqlens, chunk_indices, T, H: tl.constexpr, D: tl.constexpr,
+                       BD: tl.constexpr, BC: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """What a (mini-batch, head) program handles: (i_s, row0, o_c, m_t, n_t) (its index among
+    all mini-batches times H plus its head, its first row, its rows and which hold tokens, how
+    many do), then head_tiles."""
+    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_h = i_bh % H
+    i_t, m_t, row0 = chunk_rows(cu_seqlens, chunk_indices, i_c, i_bh, T, H, BC, IS_VARLEN)
+    i_s = chunk_index(i_c, i_bh, i_t, T, H, BC, IS_VARLEN) * H + i_h
+    o_d, m_d, o_s, m_s, b_w, b_b = head_tiles(w, b, i_h, D, BD)
+    n_t = tl.sum(m_t.to(tl.int32), 0)
+    return i_s, row0, tl.arange(0, BC), m_t, n_t, o_d, m_d, o_s, m_s, b_w, b_b
+
+
+@triton.jit
+def load_square(p, i, o_s, m_s, D: tl.constexpr):
+    """State i of a [.., D, D] tensor, in float32 (0 past D)."""
+    return tl.load(p + i.to(tl.int64) * D * D + o_s, mask=m_s, other=0.).to(tl.float32)
