@@ -1,5 +1,5 @@
-"""Titans' implementations: the two references and the softmax baseline. (Our Triton kernel
-is yet to come.)
+"""Titans' implementations: the two references, our chunk kernel (Triton, forward only: its
+backward is not written yet) and the softmax baseline.
 
 fla-core 0.6.0's ``fla.ops.titans.chunk_titans_linear`` is **not registered**: it is a
 pure-PyTorch loop on ``[B, H, T, D]`` tensors with positional arguments, no ``scale`` (q is not
@@ -12,7 +12,25 @@ would only report that.
 
 from __future__ import annotations
 
-from harness.impls.common import references, sdpa
+from harness.impls.common import KERNEL_DTYPES, references, sdpa, triton_available
+from harness.implementation import Implementation
 from references.operators import TITANS
 
-IMPLEMENTATIONS = [*references(TITANS), sdpa("titans")]
+
+def _ours_supports(case) -> str | None:
+    from kernels.titans.chunk import unsupported
+
+    why = unsupported(case.dims["D"], case.options.get("chunk_size", 16))
+    return None if why is None else f"our Titans kernel: {why}"
+
+
+IMPLEMENTATIONS = [
+    *references(TITANS),
+    Implementation(
+        op="titans", name="chunk", kind="triton", target="kernels.titans:chunk_titans_linear",
+        dtypes=KERNEL_DTYPES, backward=False,
+        description="memory and momentum walked per mini-batch, outputs in parallel (Triton; "
+                    "forward only)",
+        available=triton_available, supports=_ours_supports),
+    sdpa("titans"),
+]

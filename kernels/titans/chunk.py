@@ -1,0 +1,250 @@
+"""Titans with a linear memory, chunked form (docs/operators.md section 4): the forward.
+
+A mini-batch of C = chunk_size tokens has rows Q, K, V [C, D], inner learning rates theta [C],
+forgetting rates alpha [C] and momentum factors eta [C]. From the memory M0 and momentum S0 it
+starts with (references/titans.py unrolls the two recurrences into this):
+
+    Z = K M0,   G = 2 ln_recon_grad(Z, V - K)          (kernels.common.layernorm: every grad_j
+                                                         is k_j^T G_j, all taken at M0)
+    F[i, j] = prod_{j < r <= i} (1 - alpha_r),   f0[i] = prod_{r <= i} (1 - alpha_r)
+    E[i, j] = prod_{j < r <= i} eta_r,           e0[i] = prod_{r <= i} eta_r     (0 for j > i)
+    P = F E,   p0 = F e0
+    U = f0 * (Q~ M0) + p0 * (Q~ S0) - ((P * theta^T) o (Q~ K^T)) G,   Q~ = scale Q
+    O = U + w * LN(U) + b
+    M <- f0[n] M0 + p0[n] S0 - K^T ((P[n] * theta) o G),   S <- e0[n] S0 - K^T ((E[n] * theta) o G)
+
+with o the elementwise product, rows scaled by the vectors beside them, and n the mini-batch's
+last real token: a last mini-batch shorter than C holds only its real tokens (the rows past
+the sequence have G = 0, factors 1 and theta 0, and the carried state is row n's).
+
+The segment products are taken in log space, differences of cumulative sums of the factors'
+logs (float64 sums, so that a difference is as exact as the float32 it is rounded to), with
+the zero factors counted apart: a product over a segment that holds alpha = 1 or eta = 0 is an
+exact 0, and one that underflows is 0, never 0/0.
+
+Two kernels, as chunk_ttt_linear's forward: one program per (sequence, head) walks the
+mini-batches with M and S in float32 on chip (Z, G and the two updates), storing the M0, S0
+each mini-batch starts from; then one program per (mini-batch, head) forms its outputs from
+them, all in parallel. Products take float32 operands: exact ("ieee") for float32 inputs, three
+TF32 passes for half precision (utils.dot_precision).
+
+The backward is not written yet: chunk_titans_linear raises a clear error when a gradient
+would be needed.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.common.layernorm import layer_norm_rows, ln_recon_grad_rows
+from kernels.common.minibatch import (head_tile, load_square, mini_batch_program,
+                                      walk_program)
+from kernels.common.utils import (check_launchable, chunk_layout, dot_precision, load_rows,
+                                  store_rows)
+from references.operators import TITANS
+
+__all__ = ["chunk_titans_linear"]
+
+MAX_D = 128  # M and S [D, D] float32 on chip in the walk
+CHUNK_SIZES = (16, 32, 64)  # tl.dot needs 16 rows at least
+# A mini-batch's [C, D] tiles (D padded to a power of two) at most 64 * 64 = 32 * 128 values,
+# as TTT's (kernels/ttt/fused_chunk.py, MAX_TILE: at C = 64, D = 128 those kernels needed more
+# shared memory than sm_90 has). Not yet measured for these kernels.
+MAX_TILE = 64 * 64
+
+
+def unsupported(D: int, chunk_size: int) -> str | None:
+    """Why the kernels cannot take head size D with mini-batches of chunk_size (None: they can)."""
+    if D > MAX_D:
+        return f"D must be <= {MAX_D}, got D={D}"
+    if chunk_size not in CHUNK_SIZES:
+        return f"chunk_size must be one of {CHUNK_SIZES}, got {chunk_size}"
+    if chunk_size * head_tile(D) > MAX_TILE:
+        return (f"chunk_size={chunk_size} takes D <= {MAX_TILE // chunk_size} (a mini-batch's "
+                f"tiles would not fit in shared memory), got D={D}")
+    return None
+
+
+@triton.jit
+def segment_products(b_f, o_c):
+    """(F [C, C], f0 [C]) of factors b_f [C] in [0, 1]: F[i, j] = prod_{j < r <= i} f_r (0 for
+    j > i), f0[i] = prod_{r <= i} f_r; logs summed in float64, zero factors counted apart."""
+    b_l = tl.cumsum(tl.log(tl.where(b_f > 0, b_f, 1.)).to(tl.float64), 0)
+    b_z = tl.cumsum((b_f == 0).to(tl.int32), 0)
+    live = (o_c[:, None] >= o_c[None, :]) & (b_z[:, None] == b_z[None, :])
+    b_F = tl.where(live, tl.exp(tl.where(live, b_l[:, None] - b_l[None, :], 0.).to(tl.float32)),
+                   0.)
+    return b_F, tl.where(b_z == 0, tl.exp(b_l.to(tl.float32)), 0.)
+
+
+@triton.jit
+def mini_batch_rows(q, k, v, theta, alpha, eta, row0, o_c, m_t, o_d, scale, D: tl.constexpr,
+                    H: tl.constexpr):
+    """The mini-batch's rows in float32: Q~ = scale Q, K, V (zeros past the sequence), theta
+    (0 past it), 1 - alpha and eta (1 past it)."""
+    b_q = load_rows(q + row0 * D, o_c, m_t, o_d, D, H).to(tl.float32) * scale
+    b_k = load_rows(k + row0 * D, o_c, m_t, o_d, D, H).to(tl.float32)
+    b_v = load_rows(v + row0 * D, o_c, m_t, o_d, D, H).to(tl.float32)
+    p = row0 + o_c * H
+    b_th = tl.load(theta + p, mask=m_t, other=0.).to(tl.float32)
+    b_a = 1. - tl.load(alpha + p, mask=m_t, other=0.).to(tl.float32)
+    b_e = tl.load(eta + p, mask=m_t, other=1.).to(tl.float32)
+    return b_q, b_k, b_v, b_th, b_a, b_e
+
+
+@triton.jit
+def recon_grads(b_k, b_v, b_M, b_w, b_b, m_t, m_d, D: tl.constexpr, eps,
+                PRECISION: tl.constexpr):
+    """G [C, BD] = 2 ln_recon_grad(K M0, V - K), 0 on the rows past the sequence."""
+    b_z = tl.dot(b_k, b_M, input_precision=PRECISION)
+    b_g = 2. * ln_recon_grad_rows(b_z, b_v - b_k, b_w, b_b, m_d, D, eps)
+    return tl.where(m_t[:, None], b_g, 0.)
+
+
+@triton.heuristics({
+    'USE_INITIAL_STATE': lambda a: a['h0'] is not None,
+    'USE_INITIAL_MOMENTUM': lambda a: a['s0'] is not None,
+    'STORE_FINAL_STATE': lambda a: a['ht'] is not None,
+    'IS_VARLEN': lambda a: a['cu_seqlens'] is not None,
+})
+@triton.jit(do_not_specialize=['T'])
+def chunk_titans_linear_fwd_walk_kernel(
+    k, v, w, b, theta, alpha, eta, h0, s0, ht, st, hs, ss, cu_seqlens, chunk_offsets, eps, T,
+    H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
+    PRECISION: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
+    USE_INITIAL_MOMENTUM: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """One sequence and head: M and S carried over the mini-batches (the module docstring's
+    last line), storing the M0, S0 each mini-batch starts from."""
+    i_nh, i_h, bos, L, NT, c0, o_d, m_d, o_s, m_s, b_w, b_b = walk_program(
+        w, b, cu_seqlens, chunk_offsets, T, H, D, BD, BC, IS_VARLEN)
+    o_c = tl.arange(0, BC)
+    b_M = tl.zeros([BD, BD], dtype=tl.float32)
+    b_S = tl.zeros([BD, BD], dtype=tl.float32)
+    if USE_INITIAL_STATE:
+        b_M = load_square(h0, i_nh, o_s, m_s, D)
+    if USE_INITIAL_MOMENTUM:
+        b_S = load_square(s0, i_nh, o_s, m_s, D)
+    for i_t in range(NT):
+        i_s = ((c0 + i_t) * H + i_h).to(tl.int64)
+        tl.store(hs + i_s * D * D + o_s, b_M, mask=m_s)
+        tl.store(ss + i_s * D * D + o_s, b_S, mask=m_s)
+        row0 = (bos + i_t * BC) * H + i_h
+        m_t = i_t * BC + o_c < L
+        _, b_k, b_v, b_th, b_a, b_e = mini_batch_rows(k, k, v, theta, alpha, eta, row0, o_c,
+                                                      m_t, o_d, 1., D, H)
+        b_g = recon_grads(b_k, b_v, b_M, b_w, b_b, m_t, m_d, D, eps, PRECISION)
+        # row n of F, E and P (n: the last real token), and f0[n], e0[n], p0[n]
+        b_F, b_f0 = segment_products(b_a, o_c)
+        b_E, b_e0 = segment_products(b_e, o_c)
+        last = o_c == tl.minimum(BC, L - i_t * BC) - 1
+        b_fn = tl.sum(tl.where(last[:, None], b_F, 0.), 0)
+        b_en = tl.sum(tl.where(last[:, None], b_E, 0.), 0)
+        b_pn = tl.sum(b_fn[:, None] * b_E, 0)
+        f0n = tl.sum(tl.where(last, b_f0, 0.), 0)
+        e0n = tl.sum(tl.where(last, b_e0, 0.), 0)
+        p0n = tl.sum(b_fn * b_e0, 0)
+        b_kt = tl.trans(b_k)
+        b_dM = tl.dot(b_kt, (b_pn * b_th)[:, None] * b_g, input_precision=PRECISION)
+        b_dS = tl.dot(b_kt, (b_en * b_th)[:, None] * b_g, input_precision=PRECISION)
+        b_M, b_S = f0n * b_M + p0n * b_S - b_dM, e0n * b_S - b_dS
+    if STORE_FINAL_STATE:
+        tl.store(ht + i_nh.to(tl.int64) * D * D + o_s, b_M, mask=m_s)
+        tl.store(st + i_nh.to(tl.int64) * D * D + o_s, b_S, mask=m_s)
+
+
+@triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
+@triton.jit(do_not_specialize=['T'])
+def chunk_titans_linear_fwd_o_kernel(
+    q, k, v, w, b, theta, alpha, eta, o, hs, ss, cu_seqlens, chunk_indices, scale, eps, T,
+    H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
+    PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """One mini-batch and head: O from the M0, S0 it starts with (module docstring)."""
+    i_s, row0, o_c, m_t, _, o_d, m_d, o_s, m_s, b_w, b_b = mini_batch_program(
+        w, b, cu_seqlens, chunk_indices, T, H, D, BD, BC, IS_VARLEN)
+    b_M = load_square(hs, i_s, o_s, m_s, D)
+    b_S = load_square(ss, i_s, o_s, m_s, D)
+    b_q, b_k, b_v, b_th, b_a, b_e = mini_batch_rows(q, k, v, theta, alpha, eta, row0, o_c, m_t,
+                                                    o_d, scale, D, H)
+    b_g = recon_grads(b_k, b_v, b_M, b_w, b_b, m_t, m_d, D, eps, PRECISION)
+    b_F, b_f0 = segment_products(b_a, o_c)
+    b_E, b_e0 = segment_products(b_e, o_c)
+    b_P = tl.dot(b_F, b_E, input_precision=PRECISION)
+    b_p0 = tl.sum(b_F * b_e0[None, :], 1)
+    b_A = b_P * b_th[None, :] * tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)
+    b_u = (b_f0[:, None] * tl.dot(b_q, b_M, input_precision=PRECISION)
+           + b_p0[:, None] * tl.dot(b_q, b_S, input_precision=PRECISION)
+           - tl.dot(b_A, b_g, input_precision=PRECISION))
+    b_x, _ = layer_norm_rows(b_u, m_d, D, eps)
+    store_rows(o + row0 * D, b_u + b_w[None, :] * b_x + b_b[None, :], o_c, m_t, o_d, D, H)
+
+
+def _forward(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0, s0,
+             output_final_state, cu_seqlens):
+    """(o, final M or None, final S or None); inputs checked and contiguous."""
+    B, T, H, D = q.shape
+    N, NT, chunk_indices, chunk_offsets = chunk_layout(B, T, cu_seqlens, chunk_size)
+    chunks = NT * (B if cu_seqlens is None else 1)
+    f32 = {"dtype": torch.float32, "device": q.device}
+    ht = torch.empty(N, H, D, D, **f32) if output_final_state else None
+    st = torch.empty(N, H, D, D, **f32) if output_final_state else None
+    hs, ss = (torch.empty(chunks, H, D, D, **f32) for _ in range(2))
+    meta = {"H": H, "D": D, "BD": head_tile(D), "BC": chunk_size,
+            "PRECISION": dot_precision(q.dtype), "num_warps": 4 if D <= 64 else 8}
+    chunk_titans_linear_fwd_walk_kernel[(N * H,)](
+        k, v, w, b, theta, alpha, eta, h0, s0, ht, st, hs, ss, cu_seqlens, chunk_offsets,
+        float(eps), T, **meta)
+    o = torch.empty_like(v)
+    if NT:
+        chunk_titans_linear_fwd_o_kernel[(NT, B * H)](
+            q, k, v, w, b, theta, alpha, eta, o, hs, ss, cu_seqlens, chunk_indices, scale,
+            float(eps), T, **meta)
+    return o, ht, st
+
+
+def chunk_titans_linear(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor,
+    theta: torch.Tensor,
+    alpha: torch.Tensor,
+    eta: torch.Tensor,
+    scale: float | None = None,
+    eps: float = 1e-6,
+    chunk_size: int = 16,
+    initial_state: torch.Tensor | None = None,
+    initial_momentum: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Titans with a linear memory (Triton), forward. q, k, v [B,T,H,D]; w, b [H,D]; theta,
+    alpha, eta [B,T,H]; initial_state (M) and initial_momentum (S) [N,H,D,D], either or both.
+    Returns o [B,T,H,D] in v's dtype and the final memory and momentum [N,H,D,D] in float32
+    (None, None unless output_final_state). D <= 128, chunk_size 16, 32 or 64 (64: D <= 64;
+    ``unsupported``). No backward yet: a ValueError when an input requires a gradient."""
+    name = "chunk_titans_linear"
+    args = dict(q=q, k=k, v=v, w=w, b=b, theta=theta, alpha=alpha, eta=eta, scale=scale,
+                eps=eps, chunk_size=chunk_size, initial_state=initial_state,
+                initial_momentum=initial_momentum, output_final_state=output_final_state,
+                cu_seqlens=cu_seqlens)
+    dims = TITANS.validate(args)
+    check_launchable(name, q)
+    why = unsupported(dims["D"], chunk_size)
+    if why:
+        raise ValueError(f"{name}: {why}")
+    if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad
+                                       for x in args.values()):
+        raise ValueError(f"{name}: the backward is not written yet; call it under "
+                         "torch.no_grad() (an input requires a gradient)")
+    q, k, v, w, b, theta, alpha, eta = (x.contiguous() for x in (q, k, v, w, b, theta, alpha,
+                                                                  eta))
+    h0 = None if initial_state is None else initial_state.contiguous()
+    s0 = None if initial_momentum is None else initial_momentum.contiguous()
+    return _forward(q, k, v, w, b, theta, alpha, eta, TITANS.resolve_scale(scale, dims), eps,
+                    chunk_size, h0, s0, output_final_state, cu_seqlens)
