@@ -1,5 +1,5 @@
-"""Titans' implementations: the two references, our chunk kernel (Triton, forward only: its
-backward is not written yet) and the softmax baseline.
+"""Titans' implementations: the two references, our chunk kernel (Triton, forward and
+backward) and the softmax baseline.
 
 fla-core 0.6.0's ``fla.ops.titans.chunk_titans_linear`` is **not registered**: it is a
 pure-PyTorch loop on ``[B, H, T, D]`` tensors with positional arguments, no ``scale`` (q is not
@@ -28,9 +28,8 @@ IMPLEMENTATIONS = [
     *references(TITANS),
     Implementation(
         op="titans", name="chunk", kind="triton", target="kernels.titans:chunk_titans_linear",
-        dtypes=KERNEL_DTYPES, backward=False,
-        description="memory and momentum walked per mini-batch, outputs in parallel (Triton; "
-                    "forward only)",
+        dtypes=KERNEL_DTYPES,
+        description="memory and momentum walked per mini-batch, outputs in parallel (Triton)",
         available=triton_available, supports=_ours_supports),
     sdpa("titans"),
 ]

@@ -28,8 +28,7 @@ each mini-batch starts from; then one program per (mini-batch, head) forms its o
 them, all in parallel. Products take float32 operands: exact ("ieee") for float32 inputs, three
 TF32 passes for half precision (utils.dot_precision).
 
-The backward is not written yet: chunk_titans_linear raises a clear error when a gradient
-would be needed.
+The backward is kernels/titans/chunk_bwd.py.
 """
 
 from __future__ import annotations
@@ -38,21 +37,24 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common.layernorm import layer_norm_rows, ln_recon_grad_rows
+from kernels.common.layernorm import layer_norm_rows
 from kernels.common.minibatch import (head_tile, load_square, mini_batch_program,
                                       walk_program)
-from kernels.common.utils import (check_launchable, chunk_layout, dot_precision, load_rows,
-                                  store_rows)
+from kernels.common.utils import check_launchable, chunk_layout, dot_precision, store_rows
+from kernels.titans.chunk_bwd import chunk_backward
+from kernels.titans.stages import mini_batch_rows, recon_grads, segment_products
 from references.operators import TITANS
 
 __all__ = ["chunk_titans_linear"]
 
 MAX_D = 128  # M and S [D, D] float32 on chip in the walk
 CHUNK_SIZES = (16, 32, 64)  # tl.dot needs 16 rows at least
-# A mini-batch's [C, D] tiles (D padded to a power of two) at most 64 * 64 = 32 * 128 values,
-# as TTT's (kernels/ttt/fused_chunk.py, MAX_TILE: at C = 64, D = 128 those kernels needed more
-# shared memory than sm_90 has). Not yet measured for these kernels.
+# A mini-batch's [C, D] tiles (D padded to a power of two) at most 64 * 64 = 4096 values, and at
+# D > 64 only 16-token mini-batches: the backward's kernel needed 262,144 bytes of shared memory
+# at C = 32, D = 128 (bfloat16, 1 stage; 237,568 in float32), over sm_90's 232,448 (python
+# tools/kernel_registers.py titans --impl chunk --case cs32-d128, before that case was removed).
 MAX_TILE = 64 * 64
+WIDE_CHUNK = 16  # the largest mini-batch at D > 64
 
 
 def unsupported(D: int, chunk_size: int) -> str | None:
@@ -61,46 +63,10 @@ def unsupported(D: int, chunk_size: int) -> str | None:
         return f"D must be <= {MAX_D}, got D={D}"
     if chunk_size not in CHUNK_SIZES:
         return f"chunk_size must be one of {CHUNK_SIZES}, got {chunk_size}"
-    if chunk_size * head_tile(D) > MAX_TILE:
-        return (f"chunk_size={chunk_size} takes D <= {MAX_TILE // chunk_size} (a mini-batch's "
-                f"tiles would not fit in shared memory), got D={D}")
+    if chunk_size * head_tile(D) > MAX_TILE or (head_tile(D) > 64 and chunk_size > WIDE_CHUNK):
+        return (f"chunk_size={chunk_size} takes D <= 64 (a mini-batch's tiles would not fit in "
+                f"shared memory), got D={D}")
     return None
-
-
-@triton.jit
-def segment_products(b_f, o_c):
-    """(F [C, C], f0 [C]) of factors b_f [C] in [0, 1]: F[i, j] = prod_{j < r <= i} f_r (0 for
-    j > i), f0[i] = prod_{r <= i} f_r; logs summed in float64, zero factors counted apart."""
-    b_l = tl.cumsum(tl.log(tl.where(b_f > 0, b_f, 1.)).to(tl.float64), 0)
-    b_z = tl.cumsum((b_f == 0).to(tl.int32), 0)
-    live = (o_c[:, None] >= o_c[None, :]) & (b_z[:, None] == b_z[None, :])
-    b_F = tl.where(live, tl.exp(tl.where(live, b_l[:, None] - b_l[None, :], 0.).to(tl.float32)),
-                   0.)
-    return b_F, tl.where(b_z == 0, tl.exp(b_l.to(tl.float32)), 0.)
-
-
-@triton.jit
-def mini_batch_rows(q, k, v, theta, alpha, eta, row0, o_c, m_t, o_d, scale, D: tl.constexpr,
-                    H: tl.constexpr):
-    """The mini-batch's rows in float32: Q~ = scale Q, K, V (zeros past the sequence), theta
-    (0 past it), 1 - alpha and eta (1 past it)."""
-    b_q = load_rows(q + row0 * D, o_c, m_t, o_d, D, H).to(tl.float32) * scale
-    b_k = load_rows(k + row0 * D, o_c, m_t, o_d, D, H).to(tl.float32)
-    b_v = load_rows(v + row0 * D, o_c, m_t, o_d, D, H).to(tl.float32)
-    p = row0 + o_c * H
-    b_th = tl.load(theta + p, mask=m_t, other=0.).to(tl.float32)
-    b_a = 1. - tl.load(alpha + p, mask=m_t, other=0.).to(tl.float32)
-    b_e = tl.load(eta + p, mask=m_t, other=1.).to(tl.float32)
-    return b_q, b_k, b_v, b_th, b_a, b_e
-
-
-@triton.jit
-def recon_grads(b_k, b_v, b_M, b_w, b_b, m_t, m_d, D: tl.constexpr, eps,
-                PRECISION: tl.constexpr):
-    """G [C, BD] = 2 ln_recon_grad(K M0, V - K), 0 on the rows past the sequence."""
-    b_z = tl.dot(b_k, b_M, input_precision=PRECISION)
-    b_g = 2. * ln_recon_grad_rows(b_z, b_v - b_k, b_w, b_b, m_d, D, eps)
-    return tl.where(m_t[:, None], b_g, 0.)
 
 
 @triton.heuristics({
@@ -138,8 +104,8 @@ def chunk_titans_linear_fwd_walk_kernel(
                                                       m_t, o_d, 1., D, H)
         b_g = recon_grads(b_k, b_v, b_M, b_w, b_b, m_t, m_d, D, eps, PRECISION)
         # row n of F, E and P (n: the last real token), and f0[n], e0[n], p0[n]
-        b_F, b_f0 = segment_products(b_a, o_c)
-        b_E, b_e0 = segment_products(b_e, o_c)
+        b_F, b_f0, _, _ = segment_products(b_a, o_c)
+        b_E, b_e0, _, _ = segment_products(b_e, o_c)
         last = o_c == tl.minimum(BC, L - i_t * BC) - 1
         b_fn = tl.sum(tl.where(last[:, None], b_F, 0.), 0)
         b_en = tl.sum(tl.where(last[:, None], b_E, 0.), 0)
@@ -171,8 +137,8 @@ def chunk_titans_linear_fwd_o_kernel(
     b_q, b_k, b_v, b_th, b_a, b_e = mini_batch_rows(q, k, v, theta, alpha, eta, row0, o_c, m_t,
                                                     o_d, scale, D, H)
     b_g = recon_grads(b_k, b_v, b_M, b_w, b_b, m_t, m_d, D, eps, PRECISION)
-    b_F, b_f0 = segment_products(b_a, o_c)
-    b_E, b_e0 = segment_products(b_e, o_c)
+    b_F, b_f0, _, _ = segment_products(b_a, o_c)
+    b_E, b_e0, _, _ = segment_products(b_e, o_c)
     b_P = tl.dot(b_F, b_E, input_precision=PRECISION)
     b_p0 = tl.sum(b_F * b_e0[None, :], 1)
     b_A = b_P * b_th[None, :] * tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)
@@ -183,9 +149,17 @@ def chunk_titans_linear_fwd_o_kernel(
     store_rows(o + row0 * D, b_u + b_w[None, :] * b_x + b_b[None, :], o_c, m_t, o_d, D, H)
 
 
+def launch_meta(q: torch.Tensor, chunk_size: int) -> dict:
+    """The constexprs and warps every Titans kernel launches with."""
+    D = q.shape[-1]
+    return {"H": q.shape[2], "D": D, "BD": head_tile(D), "BC": chunk_size,
+            "PRECISION": dot_precision(q.dtype), "num_warps": 4 if D <= 64 else 8}
+
+
 def _forward(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0, s0,
              output_final_state, cu_seqlens):
-    """(o, final M or None, final S or None); inputs checked and contiguous."""
+    """(o, final M or None, final S or None, the M0 and S0 of every mini-batch); inputs checked
+    and contiguous."""
     B, T, H, D = q.shape
     N, NT, chunk_indices, chunk_offsets = chunk_layout(B, T, cu_seqlens, chunk_size)
     chunks = NT * (B if cu_seqlens is None else 1)
@@ -193,8 +167,7 @@ def _forward(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0, s0,
     ht = torch.empty(N, H, D, D, **f32) if output_final_state else None
     st = torch.empty(N, H, D, D, **f32) if output_final_state else None
     hs, ss = (torch.empty(chunks, H, D, D, **f32) for _ in range(2))
-    meta = {"H": H, "D": D, "BD": head_tile(D), "BC": chunk_size,
-            "PRECISION": dot_precision(q.dtype), "num_warps": 4 if D <= 64 else 8}
+    meta = launch_meta(q, chunk_size)
     chunk_titans_linear_fwd_walk_kernel[(N * H,)](
         k, v, w, b, theta, alpha, eta, h0, s0, ht, st, hs, ss, cu_seqlens, chunk_offsets,
         float(eps), T, **meta)
@@ -203,7 +176,31 @@ def _forward(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0, s0,
         chunk_titans_linear_fwd_o_kernel[(NT, B * H)](
             q, k, v, w, b, theta, alpha, eta, o, hs, ss, cu_seqlens, chunk_indices, scale,
             float(eps), T, **meta)
-    return o, ht, st
+    return o, ht, st, hs, ss
+
+
+class ChunkTitansFunction(torch.autograd.Function):
+    """Forward by _forward keeping the states per mini-batch, backward by
+    kernels/titans/chunk_bwd.py."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0, s0,
+                output_final_state, cu_seqlens):
+        o, ht, st, hs, ss = _forward(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size,
+                                     h0, s0, output_final_state, cu_seqlens)
+        ctx.save_for_backward(q, k, v, w, b, theta, alpha, eta, hs, ss, h0, s0, cu_seqlens)
+        ctx.scale, ctx.eps, ctx.chunk_size = scale, eps, chunk_size
+        return o, ht, st
+
+    @staticmethod
+    def backward(ctx, do, dht, dst):
+        q, k, v, w, b, theta, alpha, eta, hs, ss, h0, s0, cu_seqlens = ctx.saved_tensors
+        dq, dk, dv, dw, db, dtheta, dalpha, deta, dh0, ds0 = chunk_backward(
+            q, k, v, w, b, theta, alpha, eta, hs, ss, h0 is not None or s0 is not None, do, dht,
+            dst, ctx.scale, ctx.eps, ctx.chunk_size, cu_seqlens, launch_meta(q, ctx.chunk_size))
+        return (dq, dk, dv, dw, db, dtheta, dalpha, deta, None, None, None,
+                None if h0 is None else dh0.to(h0.dtype),
+                None if s0 is None else ds0.to(s0.dtype), None, None)
 
 
 def chunk_titans_linear(
@@ -223,11 +220,12 @@ def chunk_titans_linear(
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Titans with a linear memory (Triton), forward. q, k, v [B,T,H,D]; w, b [H,D]; theta,
-    alpha, eta [B,T,H]; initial_state (M) and initial_momentum (S) [N,H,D,D], either or both.
-    Returns o [B,T,H,D] in v's dtype and the final memory and momentum [N,H,D,D] in float32
-    (None, None unless output_final_state). D <= 128, chunk_size 16, 32 or 64 (64: D <= 64;
-    ``unsupported``). No backward yet: a ValueError when an input requires a gradient."""
+    """Titans with a linear memory (Triton), forward and backward. q, k, v [B,T,H,D]; w, b
+    [H,D]; theta, alpha, eta [B,T,H]; initial_state (M) and initial_momentum (S) [N,H,D,D],
+    either or both. Returns o [B,T,H,D] in v's dtype and the final memory and momentum
+    [N,H,D,D] in float32 (None, None unless output_final_state). D <= 128, chunk_size 16, 32 or
+    64 (32 and 64: D <= 64; ``unsupported``). Gradients for q, k, v, w, b, theta, alpha, eta and
+    both initial states."""
     name = "chunk_titans_linear"
     args = dict(q=q, k=k, v=v, w=w, b=b, theta=theta, alpha=alpha, eta=eta, scale=scale,
                 eps=eps, chunk_size=chunk_size, initial_state=initial_state,
@@ -238,13 +236,16 @@ def chunk_titans_linear(
     why = unsupported(dims["D"], chunk_size)
     if why:
         raise ValueError(f"{name}: {why}")
-    if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad
-                                       for x in args.values()):
-        raise ValueError(f"{name}: the backward is not written yet; call it under "
-                         "torch.no_grad() (an input requires a gradient)")
+    grad = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad
+                                           for x in args.values())
     q, k, v, w, b, theta, alpha, eta = (x.contiguous() for x in (q, k, v, w, b, theta, alpha,
                                                                   eta))
     h0 = None if initial_state is None else initial_state.contiguous()
     s0 = None if initial_momentum is None else initial_momentum.contiguous()
-    return _forward(q, k, v, w, b, theta, alpha, eta, TITANS.resolve_scale(scale, dims), eps,
-                    chunk_size, h0, s0, output_final_state, cu_seqlens)
+    scale = TITANS.resolve_scale(scale, dims)
+    if grad:
+        return ChunkTitansFunction.apply(q, k, v, w, b, theta, alpha, eta, scale, eps,
+                                         chunk_size, h0, s0, output_final_state, cu_seqlens)
+    o, ht, st, _, _ = _forward(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0,
+                               s0, output_final_state, cu_seqlens)
+    return o, ht, st
