@@ -16,6 +16,8 @@ from harness.check.engine import rel_error
 from kernels.titans import chunk_titans_linear
 from references.titans import naive_titans_linear
 
+import walk_grads  # tests/walk_grads.py
+
 
 def inputs(B, T, H, D, h0=True, s0=True, cu=None, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -117,19 +119,7 @@ def test_bad_arguments_raise_before_any_launch():
 def grads(fn, x, st, cu, chunk_size, dtype, seed=1):
     """Every gradient of <o, dO> + <final M, dM> + <final S, dS> (fixed random dO, dM, dS), the
     inputs in ``dtype`` (None: as given)."""
-    g = torch.Generator().manual_seed(seed)
-    N = x["q"].shape[0] if cu is None else len(cu) - 1
-    H, D = x["w"].shape
-    do = torch.randn(x["q"].shape, generator=g, dtype=torch.float64)
-    dm = torch.randn(N, H, D, D, generator=g, dtype=torch.float64)
-    ds = torch.randn(N, H, D, D, generator=g, dtype=torch.float64)
-    leaves = {n: t.detach().clone().to(dtype or t.dtype).requires_grad_() for n, t in x.items()}
-    leaves.update({n: t.detach().clone().to(dtype or t.dtype).requires_grad_()
-                   for n, t in st.items() if t is not None})
-    o, ht, st_ = fn(*(leaves[n] for n in NAMES), **{n: leaves.get(n) for n in st},
-                    chunk_size=chunk_size, output_final_state=True, cu_seqlens=cu)
-    ((o.double() * do).sum() + (ht.double() * dm).sum() + (st_.double() * ds).sum()).backward()
-    return {n: t.grad for n, t in leaves.items()}
+    return walk_grads.grads(fn, NAMES, x, st, cu, chunk_size, dtype, seed)
 
 
 # a partial last mini-batch; D = 20; chunk 32 with the memory alone; no initial state; varlen

@@ -17,6 +17,8 @@ from harness.check.engine import rel_error
 from kernels.ttt import chunk_ttt_linear, fused_chunk_ttt_linear
 from references.ttt import naive_ttt_linear
 
+import walk_grads  # tests/walk_grads.py
+
 
 def inputs(B, T, H, D, h0=True, bias=True, cu=None, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -95,20 +97,8 @@ def test_float16_within_its_rounding(monkeypatch, fn, mode, state_bound):
 def grads(fn, x, st, cu, chunk_size, dtype, seed=1):
     """Every gradient of <o, dO> + <final W, dW> + <final hb, dhb> (fixed random dO, dW, dhb),
     the inputs in ``dtype`` (None: as given)."""
-    g = torch.Generator().manual_seed(seed)
-    N = x["q"].shape[0] if cu is None else len(cu) - 1
-    H, D = x["w"].shape
-    do = torch.randn(x["q"].shape, generator=g, dtype=torch.float64)
-    dht = torch.randn(N, H, D, D, generator=g, dtype=torch.float64)
-    dhbt = torch.randn(N, H, 1, D, generator=g, dtype=torch.float64)
-    leaves = {n: t.detach().clone().to(dtype or t.dtype).requires_grad_() for n, t in x.items()}
-    leaves.update({n: t.detach().clone().to(dtype or t.dtype).requires_grad_()
-                   for n, t in st.items() if t is not None})
-    o, ht, hbt = fn(*(leaves[n] for n in ("q", "k", "v", "w", "b", "eta")),
-                    **{n: leaves.get(n) for n in st}, chunk_size=chunk_size,
-                    output_final_state=True, cu_seqlens=cu)
-    ((o.double() * do).sum() + (ht.double() * dht).sum() + (hbt.double() * dhbt).sum()).backward()
-    return {n: t.grad for n, t in leaves.items()}
+    return walk_grads.grads(fn, ("q", "k", "v", "w", "b", "eta"), x, st, cu, chunk_size, dtype,
+                            seed)
 
 
 # a partial last mini-batch; D = 20; chunk 32 without an initial bias; no initial state; varlen

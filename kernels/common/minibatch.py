@@ -15,7 +15,8 @@ import triton.language as tl
 
 from kernels.common.utils import MIN_TILE, chunk_index, chunk_rows, walk_bounds
 
-__all__ = ["head_tile", "head_tiles", "load_square", "mini_batch_program", "walk_program"]
+__all__ = ["head_tile", "head_tiles", "load_square", "mini_batch_program", "start_square",
+           "walk_program"]
 
 
 def head_tile(D: int) -> int:
@@ -65,3 +66,12 @@ def mini_batch_program(w, b, cu_seqlens, chunk_indices, T, H: tl.constexpr, D: t
 def load_square(p, i, o_s, m_s, D: tl.constexpr):
     """State i of a [.., D, D] tensor, in float32 (0 past D)."""
     return tl.load(p + i.to(tl.int64) * D * D + o_s, mask=m_s, other=0.).to(tl.float32)
+
+
+@triton.jit
+def start_square(p, i, o_s, m_s, D: tl.constexpr, BD: tl.constexpr, GIVEN: tl.constexpr):
+    """The [BD, BD] float32 state a walk starts from: state i of p when GIVEN, else 0."""
+    b_x = tl.zeros([BD, BD], dtype=tl.float32)
+    if GIVEN:
+        b_x = load_square(p, i, o_s, m_s, D)
+    return b_x

@@ -39,7 +39,7 @@ import triton.language as tl
 
 from kernels.common.layernorm import layer_norm_rows
 from kernels.common.minibatch import (head_tile, load_square, mini_batch_program,
-                                      walk_program)
+                                      start_square, walk_program)
 from kernels.common.utils import check_launchable, chunk_layout, dot_precision, store_rows
 from kernels.titans.chunk_bwd import chunk_backward
 from kernels.titans.stages import mini_batch_rows, recon_grads, segment_products
@@ -88,12 +88,8 @@ def chunk_titans_linear_fwd_walk_kernel(
     i_nh, i_h, bos, L, NT, c0, o_d, m_d, o_s, m_s, b_w, b_b = walk_program(
         w, b, cu_seqlens, chunk_offsets, T, H, D, BD, BC, IS_VARLEN)
     o_c = tl.arange(0, BC)
-    b_M = tl.zeros([BD, BD], dtype=tl.float32)
-    b_S = tl.zeros([BD, BD], dtype=tl.float32)
-    if USE_INITIAL_STATE:
-        b_M = load_square(h0, i_nh, o_s, m_s, D)
-    if USE_INITIAL_MOMENTUM:
-        b_S = load_square(s0, i_nh, o_s, m_s, D)
+    b_M = start_square(h0, i_nh, o_s, m_s, D, BD, USE_INITIAL_STATE)
+    b_S = start_square(s0, i_nh, o_s, m_s, D, BD, USE_INITIAL_MOMENTUM)
     for i_t in range(NT):
         i_s = ((c0 + i_t) * H + i_h).to(tl.int64)
         tl.store(hs + i_s * D * D + o_s, b_M, mask=m_s)

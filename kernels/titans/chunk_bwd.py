@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from kernels.common.layernorm import layer_norm_bwd_rows, layer_norm_rows, ln_recon_grad_bwd_rows
-from kernels.common.minibatch import load_square, walk_program
+from kernels.common.minibatch import load_square, start_square, walk_program
 from kernels.common.utils import chunk_layout, load_rows, store_rows
 from kernels.titans.stages import (mini_batch_rows, recon_grads, segment_products,
                                    segment_products_bwd)
@@ -135,11 +135,8 @@ def chunk_titans_linear_bwd_kernel(
     i_nh, i_h, bos, L, NT, c0, o_d, m_d, o_s, m_s, b_w, b_b = walk_program(
         w, b, cu_seqlens, chunk_offsets, T, H, D, BD, BC, IS_VARLEN)
     o_c = tl.arange(0, BC)
-    b_dM = tl.zeros([BD, BD], dtype=tl.float32)
-    b_dS = tl.zeros([BD, BD], dtype=tl.float32)
-    if USE_FINAL_STATE_GRADIENT:
-        b_dM = load_square(dht, i_nh, o_s, m_s, D)
-        b_dS = load_square(dst, i_nh, o_s, m_s, D)
+    b_dM = start_square(dht, i_nh, o_s, m_s, D, BD, USE_FINAL_STATE_GRADIENT)
+    b_dS = start_square(dst, i_nh, o_s, m_s, D, BD, USE_FINAL_STATE_GRADIENT)
     b_dwa = tl.zeros([BD], dtype=tl.float32)
     b_dba = tl.zeros([BD], dtype=tl.float32)
     for i_r in range(NT):
