@@ -96,6 +96,7 @@ def chunk_titans_linear_fwd_walk_kernel(
         tl.store(ss + i_s * D * D + o_s, b_S, mask=m_s)
         row0 = (bos + i_t * BC) * H + i_h
         m_t = i_t * BC + o_c < L
+        # the walk needs no Q: K stands in for it and that load goes unused
         _, b_k, b_v, b_th, b_a, b_e = mini_batch_rows(k, k, v, theta, alpha, eta, row0, o_c,
                                                       m_t, o_d, 1., D, H)
         b_g = recon_grads(b_k, b_v, b_M, b_w, b_b, m_t, m_d, D, eps, PRECISION)
