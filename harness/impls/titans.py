@@ -7,14 +7,45 @@ scaled), no initial momentum and no final momentum, and its LayerNorm backward d
 contract (docs/operators.md, Titans): it computes ``D * gx - sum(gx) / (D * sigma) - x *
 sum(gx * x) / (D * sigma)`` (operator precedence) where the contract has ``(D * gx - sum(gx) -
 x * sum(gx * x)) / (D * sigma)``. Its math is not ours, so checking it against our reference
-would only report that.
+would only report that. It is registered as ``fla_torch``, a *baseline*: timed (the Titans
+issue asks ours to be 1000x faster at T = 2048), never checked.
 """
 
 from __future__ import annotations
 
-from harness.impls.common import KERNEL_DTYPES, references, sdpa, triton_available
+import functools
+
+from harness.impls.common import KERNEL_DTYPES, fla_imports, references, sdpa, triton_available
 from harness.implementation import Implementation
 from references.operators import TITANS
+
+
+def _fla_torch(q, k, v, w, b, theta, alpha, eta, scale=None, eps=1e-6, chunk_size=16,
+               initial_state=None, initial_momentum=None, output_final_state=False,
+               cu_seqlens=None):
+    """fla's PyTorch form on our layout, for timing: [B, T, H, ...] moved to its [B, H, T, ...]
+    and q scaled here (it takes no scale); its own math (module docstring)."""
+    from fla.ops.titans import chunk_titans_linear
+
+    def heads_first(x):
+        return x.transpose(1, 2).contiguous()
+
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    o, _ = chunk_titans_linear(heads_first(q) * scale, heads_first(k), heads_first(v), w, b,
+                               heads_first(theta), heads_first(alpha), heads_first(eta), eps,
+                               chunk_size, initial_state, output_final_state)
+    return o.transpose(1, 2), None, None
+
+
+def _fla_torch_supports(case) -> str | None:
+    chunk = case.options.get("chunk_size", 16)
+    if case.seqlens is not None:
+        return "fla's PyTorch Titans has no cu_seqlens"
+    if case.dims["T"] % chunk:
+        return f"fla's PyTorch Titans needs T a multiple of chunk_size={chunk}"
+    if case.initial_state:
+        return "fla's PyTorch Titans has no initial momentum"
+    return None
 
 
 def _ours_supports(case) -> str | None:
@@ -31,5 +62,10 @@ IMPLEMENTATIONS = [
         dtypes=KERNEL_DTYPES,
         description="memory and momentum walked per mini-batch, outputs in parallel (Triton)",
         available=triton_available, supports=_ours_supports),
+    Implementation(
+        op="titans", name="fla_torch", kind="baseline", target=_fla_torch, devices=("cuda",),
+        dtypes=KERNEL_DTYPES, description="fla-core chunk_titans_linear: PyTorch, its own math "
+        "(timed, not checked)", available=functools.partial(fla_imports, "fla.ops.titans"),
+        supports=_fla_torch_supports),
     sdpa("titans"),
 ]
