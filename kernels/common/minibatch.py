@@ -13,15 +13,23 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.common.utils import MIN_TILE, chunk_index, chunk_rows, walk_bounds
+from kernels.common.utils import MIN_TILE, chunk_index, chunk_rows, dot_precision, walk_bounds
 
-__all__ = ["head_tile", "head_tiles", "load_square", "mini_batch_program", "start_square",
-           "walk_program"]
+__all__ = ["head_tile", "head_tiles", "load_square", "mini_batch_meta", "mini_batch_program",
+           "start_square", "walk_program"]
 
 
 def head_tile(D: int) -> int:
     """BD: the tile of a head dimension, D padded to a power of two (MIN_TILE at least)."""
     return max(MIN_TILE, triton.next_power_of_2(D))
+
+
+def mini_batch_meta(q, chunk_size: int) -> dict:
+    """The constexprs and warps the mini-batch kernels launch with, for inputs like q
+    [B, T, H, D] and mini-batches of chunk_size: 4 warps at D <= 64, else 8."""
+    D = q.shape[-1]
+    return {"H": q.shape[2], "D": D, "BD": head_tile(D), "BC": chunk_size,
+            "PRECISION": dot_precision(q.dtype), "num_warps": 4 if D <= 64 else 8}
 
 
 @triton.jit

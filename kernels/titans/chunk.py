@@ -38,9 +38,9 @@ import triton
 import triton.language as tl
 
 from kernels.common.layernorm import layer_norm_rows
-from kernels.common.minibatch import (head_tile, load_square, mini_batch_program,
-                                      start_square, walk_program)
-from kernels.common.utils import check_launchable, chunk_layout, dot_precision, store_rows
+from kernels.common.minibatch import (head_tile, load_square, mini_batch_meta,
+                                      mini_batch_program, start_square, walk_program)
+from kernels.common.utils import check_launchable, chunk_layout, store_rows
 from kernels.titans.chunk_bwd import chunk_backward
 from kernels.titans.stages import mini_batch_rows, recon_grads, segment_products
 from references.operators import TITANS
@@ -146,13 +146,6 @@ def chunk_titans_linear_fwd_o_kernel(
     store_rows(o + row0 * D, b_u + b_w[None, :] * b_x + b_b[None, :], o_c, m_t, o_d, D, H)
 
 
-def launch_meta(q: torch.Tensor, chunk_size: int) -> dict:
-    """The constexprs and warps every Titans kernel launches with."""
-    D = q.shape[-1]
-    return {"H": q.shape[2], "D": D, "BD": head_tile(D), "BC": chunk_size,
-            "PRECISION": dot_precision(q.dtype), "num_warps": 4 if D <= 64 else 8}
-
-
 def _forward(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0, s0,
              output_final_state, cu_seqlens):
     """(o, final M or None, final S or None, the M0 and S0 of every mini-batch); inputs checked
@@ -164,7 +157,7 @@ def _forward(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0, s0,
     ht = torch.empty(N, H, D, D, **f32) if output_final_state else None
     st = torch.empty(N, H, D, D, **f32) if output_final_state else None
     hs, ss = (torch.empty(chunks, H, D, D, **f32) for _ in range(2))
-    meta = launch_meta(q, chunk_size)
+    meta = mini_batch_meta(q, chunk_size)
     chunk_titans_linear_fwd_walk_kernel[(N * H,)](
         k, v, w, b, theta, alpha, eta, h0, s0, ht, st, hs, ss, cu_seqlens, chunk_offsets,
         float(eps), T, **meta)
@@ -194,7 +187,7 @@ class ChunkTitansFunction(torch.autograd.Function):
         q, k, v, w, b, theta, alpha, eta, hs, ss, h0, s0, cu_seqlens = ctx.saved_tensors
         dq, dk, dv, dw, db, dtheta, dalpha, deta, dh0, ds0 = chunk_backward(
             q, k, v, w, b, theta, alpha, eta, hs, ss, h0 is not None or s0 is not None, do, dht,
-            dst, ctx.scale, ctx.eps, ctx.chunk_size, cu_seqlens, launch_meta(q, ctx.chunk_size))
+            dst, ctx.scale, ctx.eps, ctx.chunk_size, cu_seqlens, mini_batch_meta(q, ctx.chunk_size))
         return (dq, dk, dv, dw, db, dtheta, dalpha, deta, None, None, None,
                 None if h0 is None else dh0.to(h0.dtype),
                 None if s0 is None else ds0.to(s0.dtype), None, None)

@@ -33,8 +33,8 @@ import triton.language as tl
 
 from kernels.common.layernorm import (layer_norm_bwd_rows, layer_norm_rows,
                                      ln_recon_grad_bwd_rows, ln_recon_grad_rows)
-from kernels.common.minibatch import head_tile, load_square, walk_program
-from kernels.common.utils import (check_launchable, chunk_layout, dot_mixed, dot_precision,
+from kernels.common.minibatch import head_tile, load_square, mini_batch_meta, walk_program
+from kernels.common.utils import (check_launchable, chunk_layout, dot_mixed,
                                   load_rows, store_rows)
 from references.operators import TTT
 
@@ -87,9 +87,7 @@ def states_dtype(q: torch.Tensor) -> torch.dtype:
 
 def launch_meta(q: torch.Tensor, chunk_size: int) -> dict:
     """The constexprs and warps every TTT kernel launches with (WALK_MIXED's MIXED apart)."""
-    D = q.shape[-1]
-    meta = {"H": q.shape[2], "D": D, "BD": head_tile(D), "BC": chunk_size,
-            "PRECISION": dot_precision(q.dtype), "num_warps": 4 if D <= 64 else 8}
+    meta = mini_batch_meta(q, chunk_size)
     if FLOAT32_MAXNREG is not None and q.dtype == torch.float32:
         meta["maxnreg"] = FLOAT32_MAXNREG
     return meta
