@@ -13,10 +13,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.common.utils import MIN_TILE, chunk_index, chunk_rows, dot_precision, walk_bounds
+from kernels.common.utils import (MIN_TILE, chunk_index, chunk_rows, dot_mixed, dot_precision,
+                                  walk_bounds)
 
-__all__ = ["head_tile", "head_tiles", "load_square", "mini_batch_meta", "mini_batch_program",
-           "start_square", "walk_program"]
+__all__ = ["dot_state", "head_tile", "head_tiles", "load_square", "mini_batch_meta",
+           "mini_batch_program", "start_square", "walk_program"]
 
 
 def head_tile(D: int) -> int:
@@ -83,3 +84,14 @@ def start_square(p, i, o_s, m_s, D: tl.constexpr, BD: tl.constexpr, GIVEN: tl.co
     if GIVEN:
         b_x = load_square(p, i, o_s, m_s, D)
     return b_x
+
+
+@triton.jit
+def dot_state(b_x, b_S, HALF: tl.constexpr, PRECISION: tl.constexpr, MIXED: tl.constexpr):
+    """b_x @ b_S for rows b_x (float32, exact copies of values in the inputs' dtype HALF) and a
+    float32 state b_S (either side may be transposed): at PRECISION when MIXED is "", else as
+    utils.dot_mixed of b_x in HALF with MIXED ("split", "tf32", "round"): the walks' products
+    of input rows and a state."""
+    if MIXED == "":
+        return tl.dot(b_x, b_S, input_precision=PRECISION)
+    return dot_mixed(b_x.to(HALF), b_S, PRECISION, MIXED)

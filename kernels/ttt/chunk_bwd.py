@@ -38,9 +38,9 @@ import triton
 import triton.language as tl
 
 from kernels.common.layernorm import layer_norm_bwd_rows, layer_norm_rows, ln_recon_grad_bwd_rows
-from kernels.common.minibatch import mini_batch_program, walk_program
+from kernels.common.minibatch import dot_state, mini_batch_program, walk_program
 from kernels.common.utils import chunk_layout, load_rows, store_rows
-from kernels.ttt.fused_chunk import (dot_state, final_state_grads, launch_meta, load_state,
+from kernels.ttt.fused_chunk import (final_state_grads, launch_meta, load_state,
                                      mini_batch_rows, recon_grads, start_state, states_dtype,
                                      walk_meta, walk_mixed)
 

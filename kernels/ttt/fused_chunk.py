@@ -33,9 +33,9 @@ import triton.language as tl
 
 from kernels.common.layernorm import (layer_norm_bwd_rows, layer_norm_rows,
                                      ln_recon_grad_bwd_rows, ln_recon_grad_rows)
-from kernels.common.minibatch import head_tile, load_square, mini_batch_meta, walk_program
-from kernels.common.utils import (check_launchable, chunk_layout, dot_mixed,
-                                  load_rows, store_rows)
+from kernels.common.minibatch import (dot_state, head_tile, load_square, mini_batch_meta,
+                                      walk_program)
+from kernels.common.utils import check_launchable, chunk_layout, load_rows, store_rows
 from references.operators import TTT
 
 __all__ = ["fused_chunk_ttt_linear"]
@@ -162,16 +162,6 @@ def walk_rows(q, k, v, eta, i_t, bos, L, i_h, o_c, o_d, scale, D: tl.constexpr,
     if WITH_Q:
         b_q = load_rows(q + row0 * D, o_c, m_t, o_d, D, H).to(tl.float32) * scale
     return b_q, b_k, b_v, b_e
-
-
-@triton.jit
-def dot_state(b_x, b_S, HALF: tl.constexpr, PRECISION: tl.constexpr, MIXED: tl.constexpr):
-    """b_x @ b_S for rows b_x (float32, exact copies of values in the inputs' dtype HALF) and a
-    float32 state b_S: at PRECISION, or with MIXED ("split", "tf32", "round") as
-    utils.dot_mixed of b_x in HALF (WALK_MIXED)."""
-    if MIXED == "":
-        return tl.dot(b_x, b_S, input_precision=PRECISION)
-    return dot_mixed(b_x.to(HALF), b_S, PRECISION, MIXED)
 
 
 def walk_mixed() -> str:
