@@ -55,7 +55,8 @@ COVER = {
     # Titans': a partial last mini-batch at D = 64 and 128, varlen, and the largest tiles (64 x 64)
     "titans": (["partial-64+6", "partial-200", "varlen-empty", "cs64-d64"],
                {"chunk_titans_linear_fwd_walk_kernel", "chunk_titans_linear_fwd_o_kernel",
-                "chunk_titans_linear_bwd_kernel"}),
+                "chunk_titans_linear_bwd_kernel", "chunk_titans_linear_bwd_local_kernel", "chunk_titans_linear_bwd_walk_kernel",
+                "chunk_titans_linear_bwd_gates_kernel"}),
 }
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from harness.check.engine import rel_error
-from kernels.titans import chunk_titans_linear
+from kernels.titans import chunk, chunk_titans_linear
 from references.titans import naive_titans_linear
 
 import walk_grads  # tests/walk_grads.py
@@ -92,15 +92,19 @@ def test_zero_factors_and_underflow():
     check(*both(x, st, cu), 1e-5)
 
 
-def test_float16_within_its_rounding():
+@pytest.mark.parametrize("mode,state_bound", [(None, 1e-5), ("round", 1e-3)])
+def test_float16_within_its_rounding(monkeypatch, mode, state_bound):
     """float16 q, k, v (the rest float32): o within 1e-3 of float64 on the same rounded inputs
-    (float16's unit roundoff is 4.9e-4, o is stored in float16; measured 2e-4); the final
-    states stay float32 (1e-5)."""
+    (float16's unit roundoff is 4.9e-4, o is stored in float16; measured 2e-4). The final states
+    are float32: within 1e-5 when the walk's products take the state in float32
+    (chunk.WALK_MIXED None), within 1e-3 when they round it to float16 ("round": one rounding
+    of 4.9e-4 a product, measured 2.2e-4)."""
+    monkeypatch.setattr(chunk, "WALK_MIXED", mode)
     x, st, cu = inputs(1, 70, 2, 16)
     got, ref = both(x, st, cu, dtype=torch.float16)
     assert got[0].dtype == torch.float16
     assert rel_error(got[0], ref[0]) < 1e-3
-    assert rel_error(got[1], ref[1]) < 1e-5 and rel_error(got[2], ref[2]) < 1e-5
+    assert rel_error(got[1], ref[1]) < state_bound and rel_error(got[2], ref[2]) < state_bound
 
 
 def test_bad_arguments_raise_before_any_launch():
@@ -114,6 +118,14 @@ def test_bad_arguments_raise_before_any_launch():
     x, _, _ = inputs(1, 16, 1, 128)
     with pytest.raises(ValueError, match="chunk_size=32 takes D <= 64"):
         chunk_titans_linear(*(x[n] for n in NAMES), chunk_size=32)
+
+
+@pytest.fixture(params=[False, True], ids=["fused_bwd", "split_bwd"])
+def backward(request, monkeypatch):
+    """Both backwards: one walk with every product (fused_bwd.py), or three kernels with only
+    the dM', dS' chain in the walk (chunk_bwd.py): chunk.SPLIT_BACKWARD."""
+    monkeypatch.setattr(chunk, "SPLIT_BACKWARD", request.param)
+    return request.param
 
 
 def grads(fn, x, st, cu, chunk_size, dtype, seed=1):
@@ -131,7 +143,7 @@ def grads(fn, x, st, cu, chunk_size, dtype, seed=1):
     (1, 40, 1, 16, 16, {"h0": False, "s0": False}),
     (1, 57, 2, 16, 16, {"cu": [0, 21, 21, 22, 57]}),
 ])
-def test_gradients(B, T, H, D, chunk_size, kw):
+def test_gradients(backward, B, T, H, D, chunk_size, kw):
     """Every gradient within 1e-5 of autograd through the float64 reference (float32, the same
     products and sums as the forward's; measured 1.2e-7 to 3.6e-7)."""
     x, st, cu = inputs(B, T, H, D, **kw)
@@ -142,7 +154,7 @@ def test_gradients(B, T, H, D, chunk_size, kw):
         assert rel_error(got[name], ref[name]) < 1e-5, (name, rel_error(got[name], ref[name]))
 
 
-def test_gradients_at_zero_factors():
+def test_gradients_at_zero_factors(backward):
     """alpha = 1 and eta = 0 inside mini-batches: the gradients of those factors are the
     products of the others (the reference's segment products take them so), finite, within
     1e-5."""
@@ -156,3 +168,51 @@ def test_gradients_at_zero_factors():
     for name in ref:
         assert torch.isfinite(got[name]).all(), name
         assert rel_error(got[name], ref[name]) < 1e-5, (name, rel_error(got[name], ref[name]))
+
+
+@pytest.mark.parametrize("switch", ["prefetch", "gates_ahead"])
+def test_walk_switches_change_no_value(monkeypatch, switch):
+    """chunk.WALK_PREFETCH and chunk_bwd.PREFETCH (the next mini-batch's rows loaded ahead in
+    the forward and the split backward's walks), and chunk.WALK_GATES_AHEAD (the forward walk's
+    gate factors formed by a parallel kernel first): the same values bit for bit (the same
+    arithmetic on the same rows), over sequences of 21, 0, 1 and 35 tokens (the load past a
+    sequence's last mini-batch reads nothing)."""
+    from kernels.titans import chunk_bwd
+
+    def prefetch(on):
+        if switch == "prefetch":
+            monkeypatch.setattr(chunk, "WALK_PREFETCH", on)
+            monkeypatch.setattr(chunk_bwd, "PREFETCH", on)
+        else:
+            monkeypatch.setattr(chunk, "WALK_GATES_AHEAD", on)
+
+    monkeypatch.setattr(chunk, "SPLIT_BACKWARD", True)
+
+    x, st, cu = inputs(1, 57, 2, 16, cu=[0, 21, 21, 22, 57])
+    prefetch(False)
+    default = grads(chunk_titans_linear, x, st, cu, 16, torch.float32)
+    with torch.no_grad():
+        out = both(x, st, cu)[0]
+        prefetch(True)
+        ahead = both(x, st, cu)[0]
+    for a, r in zip(ahead, out):
+        assert torch.equal(a, r)
+    got = grads(chunk_titans_linear, x, st, cu, 16, torch.float32)
+    for name in default:
+        assert torch.equal(got[name], default[name]), name
+
+
+@pytest.mark.parametrize("mode", [None, "round"])
+def test_gradients_in_float16(monkeypatch, backward, mode):
+    """float16 q, k, v: every gradient within 1e-3 of autograd through the float64 reference on
+    the same rounded inputs (the kernel's float32 gradients of the float16 inputs are rounded
+    to float16, 4.9e-4; "round" also rounds the state in the walks' products, once a product);
+    the gradients' errors measured 1.6e-4 to 4.8e-4 under both modes."""
+    monkeypatch.setattr(chunk, "WALK_MIXED", mode)
+    x, st, cu = inputs(1, 40, 2, 16)
+    half = {n: (t.half() if n in "qkv" else t) for n, t in x.items()}
+    got = grads(chunk_titans_linear, half, st, cu, 16, None)
+    ref = grads(naive_titans_linear, {n: t.double() for n, t in half.items()},
+                {n: None if s is None else s.double() for n, s in st.items()}, cu, 16, None)
+    for name in ref:
+        assert rel_error(got[name], ref[name]) < 1e-3, (name, rel_error(got[name], ref[name]))

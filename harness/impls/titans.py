@@ -8,7 +8,10 @@ contract (docs/operators.md, Titans): it computes ``D * gx - sum(gx) / (D * sigm
 sum(gx * x) / (D * sigma)`` (operator precedence) where the contract has ``(D * gx - sum(gx) -
 x * sum(gx * x)) / (D * sigma)``. Its math is not ours, so checking it against our reference
 would only report that. It is registered as ``fla_torch``, a *baseline*: timed (the Titans
-issue asks ours to be 1000x faster at T = 2048), never checked.
+issue asks ours to be 1000x faster at T = 2048), never checked. It runs in float32 only: with
+bfloat16 inputs it stops at its first product of a float32 state and a bfloat16 row
+("expected scalar type BFloat16 but found Float", H200, 2026-12-04), so half-precision inputs
+are taken to float32 for it and its output back.
 """
 
 from __future__ import annotations
@@ -23,18 +26,19 @@ from references.operators import TITANS
 def _fla_torch(q, k, v, w, b, theta, alpha, eta, scale=None, eps=1e-6, chunk_size=16,
                initial_state=None, initial_momentum=None, output_final_state=False,
                cu_seqlens=None):
-    """fla's PyTorch form on our layout, for timing: [B, T, H, ...] moved to its [B, H, T, ...]
-    and q scaled here (it takes no scale); its own math (module docstring)."""
+    """fla's PyTorch form on our layout, for timing: [B, T, H, ...] moved to its [B, H, T, ...],
+    in float32, and q scaled here (it takes no scale); its own math (module docstring)."""
     from fla.ops.titans import chunk_titans_linear
 
     def heads_first(x):
-        return x.transpose(1, 2).contiguous()
+        return x.transpose(1, 2).float().contiguous()
 
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    o, _ = chunk_titans_linear(heads_first(q) * scale, heads_first(k), heads_first(v), w, b,
-                               heads_first(theta), heads_first(alpha), heads_first(eta), eps,
-                               chunk_size, initial_state, output_final_state)
-    return o.transpose(1, 2), None, None
+    o, _ = chunk_titans_linear(heads_first(q) * scale, heads_first(k), heads_first(v), w.float(),
+                               b.float(), heads_first(theta), heads_first(alpha),
+                               heads_first(eta), eps, chunk_size, initial_state,
+                               output_final_state)
+    return o.transpose(1, 2).to(v.dtype), None, None
 
 
 def _fla_torch_supports(case) -> str | None:
@@ -55,13 +59,24 @@ def _ours_supports(case) -> str | None:
     return None if why is None else f"our Titans kernel: {why}"
 
 
+# chunk's switch: the split backward with the walks' state products rounded to the inputs'
+# dtype, their next rows loaded ahead and the forward walk's gate factors formed by a parallel
+# kernel first (kernels/titans/chunk.py: faster, but it met an
+# illegal memory access in bfloat16 on an H200, so it is not the default; reports/titans.md).
+# Registered switches are compiled by the compile tests and compared by tools/switch_compare.py.
+_FAST = {"what": "split backward, rounded state products, prefetching walks",
+         "set": {"kernels.titans.chunk.SPLIT_BACKWARD": True,
+                 "kernels.titans.chunk.WALK_MIXED": "round",
+                 "kernels.titans.chunk.WALK_PREFETCH": True,
+                 "kernels.titans.chunk.WALK_GATES_AHEAD": True}}
+
 IMPLEMENTATIONS = [
     *references(TITANS),
     Implementation(
         op="titans", name="chunk", kind="triton", target="kernels.titans:chunk_titans_linear",
         dtypes=KERNEL_DTYPES,
         description="memory and momentum walked per mini-batch, outputs in parallel (Triton)",
-        available=triton_available, supports=_ours_supports),
+        available=triton_available, supports=_ours_supports, switches=(_FAST,)),
     Implementation(
         op="titans", name="fla_torch", kind="baseline", target=_fla_torch, devices=("cuda",),
         dtypes=KERNEL_DTYPES, description="fla-core chunk_titans_linear: PyTorch, its own math "

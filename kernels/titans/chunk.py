@@ -25,8 +25,10 @@ exact 0, and one that underflows is 0, never 0/0.
 Two kernels, as chunk_ttt_linear's forward: one program per (sequence, head) walks the
 mini-batches with M and S in float32 on chip (Z, G and the two updates), storing the M0, S0
 each mini-batch starts from; then one program per (mini-batch, head) forms its outputs from
-them, all in parallel. Products take float32 operands: exact ("ieee") for float32 inputs, three
-TF32 passes for half precision (utils.dot_precision).
+them, all in parallel. Products of float32 inputs are exact ("ieee"). For half precision the
+walks' products of input rows and the float32 state round the state to the inputs' dtype
+(WALK_MIXED), the others take float32 operands in three TF32 passes (utils.dot_precision).
+WALK_PREFETCH loads the next mini-batch's rows ahead of its turn.
 
 The backward is kernels/titans/chunk_bwd.py.
 """
@@ -38,11 +40,13 @@ import triton
 import triton.language as tl
 
 from kernels.common.layernorm import layer_norm_rows
-from kernels.common.minibatch import (head_tile, load_square, mini_batch_meta,
+from kernels.common.minibatch import (dot_state, head_tile, load_square, mini_batch_meta,
                                       mini_batch_program, start_square, walk_program)
-from kernels.common.utils import check_launchable, chunk_layout, store_rows
+from kernels.common.utils import check_launchable, chunk_layout, load_rows, store_rows
 from kernels.titans.chunk_bwd import chunk_backward
-from kernels.titans.stages import mini_batch_rows, recon_grads, segment_products
+from kernels.titans.fused_bwd import fused_backward
+from kernels.titans.stages import (gate_rows, mini_batch_rows, recon_grads, segment_products,
+                                   update_gates)
 from references.operators import TITANS
 
 __all__ = ["chunk_titans_linear"]
@@ -55,6 +59,39 @@ CHUNK_SIZES = (16, 32, 64)  # tl.dot needs 16 rows at least
 # tools/kernel_registers.py titans --impl chunk --case cs32-d128, before that case was removed).
 MAX_TILE = 64 * 64
 WIDE_CHUNK = 16  # the largest mini-batch at D > 64
+# The three switches below are off by default: with all three on, `harness check titans
+# --family tiling` and `harness gate --suite gpu --op titans` met an illegal memory access on an
+# H200 in bfloat16 (B=1, T=200, H=2, D=16, initial states, chunk_size 16; float16 and float32
+# ran, and so did bfloat16 at D=32 and at T=8192 without initial states), not yet localized
+# to one switch or kernel; with all three off every tiling class passed in bfloat16, float16
+# and float32 (2026-12-04, reports/titans.md). Per kernel at B=2, H=16, D=64, T=8192, bfloat16
+# (`python tools/kernel_profile.py titans chunk --seq-len 8192 --head-dim 64 --mode fwdbwd`),
+# with SPLIT_BACKWARD on: the forward walk 1472 µs with WALK_MIXED "round" and WALK_PREFETCH,
+# 2218 with None, 1753 without the prefetch; the backward walk 3799, 7021 and 4366.
+#
+# How the walks take their products of input rows and a float32 state for half-precision
+# inputs (Z = K M0 wherever it is formed, the updates K^T (c o G), and in the split backward's
+# walk K dM', K dS', Q^T dU, K^T dZ): a utils.dot_mixed mode as kernels/ttt/fused_chunk.py's
+# WALK_MIXED ("round": the state rounded to the inputs' dtype, one product), or None (both
+# operands float32, three TF32 passes).
+WALK_MIXED = None
+# The forward walk's loads: the next mini-batch's rows loaded before this one's products
+# (True), or each mini-batch's when it starts (False), as TTT's WALK_PREFETCH (the split
+# backward's walk: chunk_bwd.PREFETCH).
+WALK_PREFETCH = False
+# What the forward walk's updates take from the gates (P[n] theta, E[n] theta, f0[n], e0[n],
+# p0[n]: segment products, logs and exps): formed by a parallel kernel first and loaded by the
+# walk (True), or formed in the walk (False), beside its chain of products either way.
+WALK_GATES_AHEAD = False
+# The backward: split in three kernels with only the dM', dS' chain in the walk
+# (kernels/titans/chunk_bwd.py, True), or one walk holding every product
+# (kernels/titans/fused_bwd.py, False).
+SPLIT_BACKWARD = False
+
+
+def walk_meta(q: torch.Tensor, chunk_size: int) -> dict:
+    """The constexprs and warps of every Titans kernel, WALK_MIXED as MIXED ("" for None)."""
+    return {**mini_batch_meta(q, chunk_size), "MIXED": WALK_MIXED or ""}
 
 
 def unsupported(D: int, chunk_size: int) -> str | None:
@@ -69,6 +106,48 @@ def unsupported(D: int, chunk_size: int) -> str | None:
     return None
 
 
+@triton.jit
+def walk_rows(k, v, theta, alpha, eta, i_t, bos, L, i_h, o_c, o_d, D: tl.constexpr,
+              H: tl.constexpr, BC: tl.constexpr):
+    """Mini-batch i_t's rows as the forward walk takes them: (K, V, theta, 1 - alpha, eta) as
+    stages.mini_batch_rows (nothing past the sequence)."""
+    row0 = (bos + i_t * BC) * H + i_h
+    m_t = i_t * BC + o_c < L
+    b_k = load_rows(k + row0 * D, o_c, m_t, o_d, D, H).to(tl.float32)
+    b_v = load_rows(v + row0 * D, o_c, m_t, o_d, D, H).to(tl.float32)
+    b_th, b_a, b_e = gate_rows(theta, alpha, eta, row0, o_c, m_t, H)
+    return b_k, b_v, b_th, b_a, b_e
+
+
+@triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
+@triton.jit(do_not_specialize=['T'])
+def chunk_titans_linear_fwd_gates_kernel(
+    w, b, theta, alpha, eta, gc, gn, cu_seqlens, chunk_indices, T, H: tl.constexpr,
+    D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """One mini-batch and head: stages.update_gates, stored for the walk (WALK_GATES_AHEAD):
+    cM, cS per row into gc [B, T, H, 2], f0[n], e0[n], p0[n] into gn [mini-batches, H, 4]."""
+    i_s, row0, o_c, m_t, n_t, _, _, _, _, _, _ = mini_batch_program(
+        w, b, cu_seqlens, chunk_indices, T, H, D, BD, BC, IS_VARLEN)
+    b_th, b_a, b_e = gate_rows(theta, alpha, eta, row0, o_c, m_t, H)
+    b_cm, b_cs, f0n, e0n, p0n = update_gates(b_th, b_a, b_e, o_c, o_c == n_t - 1)
+    p = (row0 + o_c * H) * 2
+    tl.store(gc + p, b_cm, mask=m_t)
+    tl.store(gc + p + 1, b_cs, mask=m_t)
+    tl.store(gn + i_s * 4, f0n)
+    tl.store(gn + i_s * 4 + 1, e0n)
+    tl.store(gn + i_s * 4 + 2, p0n)
+
+
+@triton.jit
+def ahead_gates(gc, gn, i_s, i_t, bos, L, i_h, o_c, H: tl.constexpr, BC: tl.constexpr):
+    """Mini-batch i_t's update_gates as chunk_titans_linear_fwd_gates_kernel stored them."""
+    m_t = i_t * BC + o_c < L
+    p = ((bos + i_t * BC) * H + i_h + o_c * H) * 2
+    return (tl.load(gc + p, mask=m_t, other=0.), tl.load(gc + p + 1, mask=m_t, other=0.),
+            tl.load(gn + i_s * 4), tl.load(gn + i_s * 4 + 1), tl.load(gn + i_s * 4 + 2))
+
+
 @triton.heuristics({
     'USE_INITIAL_STATE': lambda a: a['h0'] is not None,
     'USE_INITIAL_MOMENTUM': lambda a: a['s0'] is not None,
@@ -77,43 +156,49 @@ def unsupported(D: int, chunk_size: int) -> str | None:
 })
 @triton.jit(do_not_specialize=['T'])
 def chunk_titans_linear_fwd_walk_kernel(
-    k, v, w, b, theta, alpha, eta, h0, s0, ht, st, hs, ss, cu_seqlens, chunk_offsets, eps, T,
-    H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
-    PRECISION: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
+    k, v, w, b, theta, alpha, eta, gc, gn, h0, s0, ht, st, hs, ss, cu_seqlens, chunk_offsets,
+    eps, T, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
+    PRECISION: tl.constexpr, MIXED: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
     USE_INITIAL_MOMENTUM: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
+    PREFETCH: tl.constexpr, GATES_AHEAD: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """One sequence and head: M and S carried over the mini-batches (the module docstring's
-    last line), storing the M0, S0 each mini-batch starts from."""
+    last line), storing the M0, S0 each mini-batch starts from; with PREFETCH the next
+    mini-batch's rows loaded ahead (WALK_PREFETCH), with GATES_AHEAD the gates' part of the
+    updates loaded from gc, gn (WALK_GATES_AHEAD)."""
     i_nh, i_h, bos, L, NT, c0, o_d, m_d, o_s, m_s, b_w, b_b = walk_program(
         w, b, cu_seqlens, chunk_offsets, T, H, D, BD, BC, IS_VARLEN)
     o_c = tl.arange(0, BC)
     b_M = start_square(h0, i_nh, o_s, m_s, D, BD, USE_INITIAL_STATE)
     b_S = start_square(s0, i_nh, o_s, m_s, D, BD, USE_INITIAL_MOMENTUM)
+    if PREFETCH:
+        b_k, b_v, b_th, b_a, b_e = walk_rows(k, v, theta, alpha, eta, 0, bos, L, i_h, o_c, o_d,
+                                             D, H, BC)
     for i_t in range(NT):
         i_s = ((c0 + i_t) * H + i_h).to(tl.int64)
         tl.store(hs + i_s * D * D + o_s, b_M, mask=m_s)
         tl.store(ss + i_s * D * D + o_s, b_S, mask=m_s)
-        row0 = (bos + i_t * BC) * H + i_h
+        if PREFETCH:
+            n_k, n_v, n_th, n_a, n_e = walk_rows(k, v, theta, alpha, eta, i_t + 1, bos, L, i_h,
+                                                 o_c, o_d, D, H, BC)
+        else:
+            b_k, b_v, b_th, b_a, b_e = walk_rows(k, v, theta, alpha, eta, i_t, bos, L, i_h, o_c,
+                                                 o_d, D, H, BC)
         m_t = i_t * BC + o_c < L
-        # the walk needs no Q: K stands in for it and that load goes unused
-        _, b_k, b_v, b_th, b_a, b_e = mini_batch_rows(k, k, v, theta, alpha, eta, row0, o_c,
-                                                      m_t, o_d, 1., D, H)
-        b_g = recon_grads(b_k, b_v, b_M, b_w, b_b, m_t, m_d, D, eps, PRECISION)
-        # row n of F, E and P (n: the last real token), and f0[n], e0[n], p0[n]
-        b_F, b_f0, _, _ = segment_products(b_a, o_c)
-        b_E, b_e0, _, _ = segment_products(b_e, o_c)
-        last = o_c == tl.minimum(BC, L - i_t * BC) - 1
-        b_fn = tl.sum(tl.where(last[:, None], b_F, 0.), 0)
-        b_en = tl.sum(tl.where(last[:, None], b_E, 0.), 0)
-        b_pn = tl.sum(b_fn[:, None] * b_E, 0)
-        f0n = tl.sum(tl.where(last, b_f0, 0.), 0)
-        e0n = tl.sum(tl.where(last, b_e0, 0.), 0)
-        p0n = tl.sum(b_fn * b_e0, 0)
+        b_g, _ = recon_grads(b_k, b_v, b_M, b_w, b_b, m_t, m_d, D, eps, k.dtype.element_ty,
+                             PRECISION, MIXED)
+        # P[n] theta, E[n] theta, f0[n], e0[n], p0[n] (n: the last real token)
+        if GATES_AHEAD:
+            b_cm, b_cs, f0n, e0n, p0n = ahead_gates(gc, gn, i_s, i_t, bos, L, i_h, o_c, H, BC)
+        else:
+            b_cm, b_cs, f0n, e0n, p0n = update_gates(
+                b_th, b_a, b_e, o_c, o_c == tl.minimum(BC, L - i_t * BC) - 1)
         b_kt = tl.trans(b_k)
-        b_dM = tl.dot(b_kt, (b_pn * b_th)[:, None] * b_g, input_precision=PRECISION)
-        b_dS = tl.dot(b_kt, (b_en * b_th)[:, None] * b_g, input_precision=PRECISION)
+        b_dM = dot_state(b_kt, b_cm[:, None] * b_g, k.dtype.element_ty, PRECISION, MIXED)
+        b_dS = dot_state(b_kt, b_cs[:, None] * b_g, k.dtype.element_ty, PRECISION, MIXED)
         b_M, b_S = f0n * b_M + p0n * b_S - b_dM, e0n * b_S - b_dS
+        if PREFETCH:
+            b_k, b_v, b_th, b_a, b_e = n_k, n_v, n_th, n_a, n_e
     if STORE_FINAL_STATE:
         tl.store(ht + i_nh.to(tl.int64) * D * D + o_s, b_M, mask=m_s)
         tl.store(st + i_nh.to(tl.int64) * D * D + o_s, b_S, mask=m_s)
@@ -124,7 +209,7 @@ def chunk_titans_linear_fwd_walk_kernel(
 def chunk_titans_linear_fwd_o_kernel(
     q, k, v, w, b, theta, alpha, eta, o, hs, ss, cu_seqlens, chunk_indices, scale, eps, T,
     H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
-    PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr,
+    PRECISION: tl.constexpr, MIXED: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """One mini-batch and head: O from the M0, S0 it starts with (module docstring)."""
     i_s, row0, o_c, m_t, _, o_d, m_d, o_s, m_s, b_w, b_b = mini_batch_program(
@@ -133,7 +218,8 @@ def chunk_titans_linear_fwd_o_kernel(
     b_S = load_square(ss, i_s, o_s, m_s, D)
     b_q, b_k, b_v, b_th, b_a, b_e = mini_batch_rows(q, k, v, theta, alpha, eta, row0, o_c, m_t,
                                                     o_d, scale, D, H)
-    b_g = recon_grads(b_k, b_v, b_M, b_w, b_b, m_t, m_d, D, eps, PRECISION)
+    b_g, _ = recon_grads(b_k, b_v, b_M, b_w, b_b, m_t, m_d, D, eps, k.dtype.element_ty,
+                         PRECISION, MIXED)
     b_F, b_f0, _, _ = segment_products(b_a, o_c)
     b_E, b_e0, _, _ = segment_products(b_e, o_c)
     b_P = tl.dot(b_F, b_E, input_precision=PRECISION)
@@ -157,10 +243,17 @@ def _forward(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0, s0,
     ht = torch.empty(N, H, D, D, **f32) if output_final_state else None
     st = torch.empty(N, H, D, D, **f32) if output_final_state else None
     hs, ss = (torch.empty(chunks, H, D, D, **f32) for _ in range(2))
-    meta = mini_batch_meta(q, chunk_size)
+    meta = walk_meta(q, chunk_size)
+    ahead = WALK_GATES_AHEAD and NT > 0
+    gc = torch.empty(B, T, H, 2, **f32) if ahead else None
+    gn = torch.empty(chunks, H, 4, **f32) if ahead else None
+    if ahead:
+        chunk_titans_linear_fwd_gates_kernel[(NT, B * H)](
+            w, b, theta, alpha, eta, gc, gn, cu_seqlens, chunk_indices, T, H=H, D=D,
+            BD=meta["BD"], BC=chunk_size, num_warps=4)
     chunk_titans_linear_fwd_walk_kernel[(N * H,)](
-        k, v, w, b, theta, alpha, eta, h0, s0, ht, st, hs, ss, cu_seqlens, chunk_offsets,
-        float(eps), T, **meta)
+        k, v, w, b, theta, alpha, eta, gc, gn, h0, s0, ht, st, hs, ss, cu_seqlens,
+        chunk_offsets, float(eps), T, PREFETCH=WALK_PREFETCH, GATES_AHEAD=ahead, **meta)
     o = torch.empty_like(v)
     if NT:
         chunk_titans_linear_fwd_o_kernel[(NT, B * H)](
@@ -180,14 +273,17 @@ class ChunkTitansFunction(torch.autograd.Function):
                                      h0, s0, output_final_state, cu_seqlens)
         ctx.save_for_backward(q, k, v, w, b, theta, alpha, eta, hs, ss, h0, s0, cu_seqlens)
         ctx.scale, ctx.eps, ctx.chunk_size = scale, eps, chunk_size
+        # the switches as the forward ran: the backward recomputes G with its products
+        ctx.meta = walk_meta(q, chunk_size)
+        ctx.backward = chunk_backward if SPLIT_BACKWARD else fused_backward
         return o, ht, st
 
     @staticmethod
     def backward(ctx, do, dht, dst):
         q, k, v, w, b, theta, alpha, eta, hs, ss, h0, s0, cu_seqlens = ctx.saved_tensors
-        dq, dk, dv, dw, db, dtheta, dalpha, deta, dh0, ds0 = chunk_backward(
+        dq, dk, dv, dw, db, dtheta, dalpha, deta, dh0, ds0 = ctx.backward(
             q, k, v, w, b, theta, alpha, eta, hs, ss, h0 is not None or s0 is not None, do, dht,
-            dst, ctx.scale, ctx.eps, ctx.chunk_size, cu_seqlens, mini_batch_meta(q, ctx.chunk_size))
+            dst, ctx.scale, ctx.eps, ctx.chunk_size, cu_seqlens, ctx.meta)
         return (dq, dk, dv, dw, db, dtheta, dalpha, deta, None, None, None,
                 None if h0 is None else dh0.to(h0.dtype),
                 None if s0 is None else ds0.to(s0.dtype), None, None)

@@ -1,19 +1,37 @@
-"""chunk_titans_linear's backward (docs/operators.md section 4): one program per (sequence,
-head) walks the mini-batches from last to first, carrying the gradients dM, dS of the memory
-and momentum a mini-batch hands on, and goes back through the forward of kernels/titans/chunk.py
-(its module docstring has the equations) from the M0, S0 the forward stored for it:
+"""chunk_titans_linear's backward (docs/operators.md section 4), in three kernels, as
+chunk_ttt_linear's: only what depends on the gradients dM', dS' of the memory and momentum a
+mini-batch hands on is in the sequential walk; the rest comes from parallel kernels before and
+after it. The forward (kernels/titans/chunk.py, its module docstring) is recomputed from the
+M0, S0 it stored for each mini-batch.
 
-    O = U + w LN(U) + b           dU = dO + LN's backward of w dO
-    U = f0 (Q~ M0) + p0 (Q~ S0) - W G,   W = (P theta^T) o (Q~ K^T)
-        dW = -tril(dU G^T): dP = dW o theta^T o B, dB = dW o P o theta^T, dtheta += colsum(dW o P o B)
-    M' = f0[n] M0 + p0[n] S0 - K^T (cM o G),   S' = e0[n] S0 - K^T (cS o G),
-        cM = P[n] theta, cS = E[n] theta:  dG -= cM o (K dM') + cS o (K dS'),  dK -= (cM o G) dM'^T + ...
-    G = 2 ln_recon_grad(Z, V - K),  Z = K M0     (the LayerNorm gradient's own backward)
-    P = F E, p0 = F e0, F and E the segment products of 1 - alpha and eta:
-        their gradients collected into dF, df0, dE, de0, then to the factors
-        (stages.segment_products_bwd: no factor divided by, zero factors included).
+1. ``chunk_titans_linear_bwd_local_kernel``, one program per (mini-batch, head): Z, G, P, U
+   recomputed, then back through O and U:
 
-dw and db are summed per (sequence, head), then over sequences on the host. Rows past a
+       dU = dO + LN's backward of w dO,          W = (P theta^T) o (Q~ K^T),
+       dW = -tril(dU G^T),                       dG_U = -W^T dU,
+       dQ~ = f0 dU M0^T + p0 dU S0^T + (dW o P theta^T) K  (final),   dK_W = (dW o P theta^T)^T Q~,
+       dP = dW o theta^T o (Q~ K^T),  dp0 = rowsum(dU o (Q~ S0)),  df0 = rowsum(dU o (Q~ M0)),
+       dtheta_U = colsum(dW o P o (Q~ K^T)),  dw, db of the output's LayerNorm
+
+   storing Z, dU, dG_U, dK_W [C, D], dP [C, C] and per row cM = P[n] theta, cS = E[n] theta,
+   f0, p0, e0, dp0, df0, dtheta_U (the columns of ``gr``, ROW_* below).
+2. ``chunk_titans_linear_bwd_walk_kernel``, one program per (sequence, head), mini-batches from
+   last to first, dM' and dS' on chip and stored per mini-batch (as the forward stores M0, S0):
+
+       dG = dG_U - cM o (K dM') - cS o (K dS'),   dcM = -rowsum(G o K dM'), dcS likewise
+       dZ, dV, dw, db = the backward of G = 2 ln_recon_grad(Z, V - K)
+       dM = f0[n] dM' + Q~^T (f0 o dU) + K^T dZ,  dS = p0[n] dM' + e0[n] dS' + Q~^T (p0 o dU)
+
+   writing G over dU, dZ over dG_U, dK_W - dV over dK_W, and dcM, dcS into ``gr``.
+3. ``chunk_titans_linear_bwd_gates_kernel``, one program per (mini-batch, head):
+
+       dK = dK_W - dV + dZ M0^T - (cM o G) dM'^T - (cS o G) dS'^T
+       dtheta = dtheta_U + dcM o P[n] + dcS o E[n]
+       df0[n] = <dM', M0>, dp0[n] = <dM', S0>, de0[n] = <dS', S0>, dP[n] = dcM o theta,
+       dE[n] = dcS o theta: with dP, dp0, df0 into the segment products' backward
+       (stages.segment_products_bwd: no factor divided by, zero factors included).
+
+dw and db are summed per mini-batch and per (sequence, head), then on the host. Rows past a
 sequence load as zeros (G 0, factors 1, theta 0) and store nothing.
 """
 
@@ -23,99 +41,107 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common.layernorm import layer_norm_bwd_rows, layer_norm_rows, ln_recon_grad_bwd_rows
-from kernels.common.minibatch import load_square, start_square, walk_program
+from kernels.common.layernorm import ln_recon_grad_bwd_rows
+from kernels.common.minibatch import (dot_state, load_square, mini_batch_program, start_square,
+                                      walk_program)
 from kernels.common.utils import chunk_layout, load_rows, store_rows
-from kernels.titans.stages import (mini_batch_rows, recon_grads, segment_products,
-                                   segment_products_bwd)
+from kernels.titans.stages import (dot_at, gate_rows, gates_bwd, hand_on_gates,
+                                   mini_batch_rows, outputs_bwd, recon_grads, segment_products)
 
 __all__ = ["chunk_backward"]
 
-# The walk's software pipelining: at Triton's default 3 stages ptxas put its shared memory at
-# 311,296 bytes for 64-token mini-batches at D = 64 (bfloat16), over sm_90's 232,448
-# (tests/test_compile.py); 1 stage stages no load ahead.
-BWD_STAGES = 1
+# The walk's loads: the next mini-batch's rows loaded before this one's products (True), or
+# each mini-batch's when it starts (False); chunk.WALK_PREFETCH for the forward walk.
+PREFETCH = True
+# The last kernel's products (dZ M0^T, (cM o G) dM'^T, (cS o G) dS'^T, and the gates' [C, C]
+# ones) take float32 operands exactly ("ieee", FMA loops) for every input dtype, at 8 warps.
+# Under three TF32 passes at 4 warps ptxas gave its bfloat16 form 32 registers and 17,880 bytes
+# of spill stores a thread (sm_90, D = 64; python tools/kernel_registers.py titans --impl
+# chunk --kernel gates), and it took 21.2 ms of a 28.1 ms fwd+bwd step (H200, bfloat16, B=2,
+# H=16, D=64, T=8192); with a .maxnreg of 255 it still spilled 4,512 bytes, at 8 warps 3,880;
+# exact products at 8 warps: 128 registers and no spill. At D = 128 ptxas gave the exact form
+# 32 registers and 15,128 bytes of spill stores on its own, 5,508 with a .maxnreg of 255
+# (GATES_MAXNREG; None leaves the choice to ptxas; at D = 64: 182 registers, no spill). Its
+# four [D, D] states alone fill 256 registers a thread at D = 128. None of this timed yet.
+GATES_WARPS = 8
+GATES_MAXNREG = 255
+# The columns of the per-row float32 tensor ``gr`` [B, T, H, NG] the three kernels hand on.
+(ROW_CM, ROW_CS, ROW_F0, ROW_P0, ROW_E0, ROW_DP0, ROW_DF0, ROW_DTH, ROW_DCM,
+ ROW_DCS) = (tl.constexpr(j) for j in range(10))
+NG = tl.constexpr(10)
 
 
 @triton.jit
-def _dot(a, b, PRECISION: tl.constexpr):
-    return tl.dot(a, b, input_precision=PRECISION)
+def _col(gr, row0, o_c, m_t, H: tl.constexpr, j: tl.constexpr):
+    """Column j of ``gr`` over the mini-batch's rows (0 past the sequence)."""
+    return tl.load(gr + (row0 + o_c * H) * NG + j, mask=m_t, other=0.)
 
 
 @triton.jit
-def _row(b_x, last):
-    """Row n (``last`` marks it) of a [C, C] matrix, as a [C] vector."""
-    return tl.sum(tl.where(last[:, None], b_x, 0.), 0)
+def _store_col(gr, row0, o_c, m_t, H: tl.constexpr, j: tl.constexpr, b_x):
+    tl.store(gr + (row0 + o_c * H) * NG + j, b_x, mask=m_t)
+
+
+@triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
+@triton.jit(do_not_specialize=['T'])
+def chunk_titans_linear_bwd_local_kernel(
+    q, k, v, w, b, theta, alpha, eta, do, hs, ss, dq, z, du, dgu, dka, dP, gr, dw, db,
+    cu_seqlens, chunk_indices, scale, eps, T, H: tl.constexpr, D: tl.constexpr,
+    BD: tl.constexpr, BC: tl.constexpr, PRECISION: tl.constexpr, MIXED: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """One mini-batch and head: the gradients that do not depend on the later mini-batches
+    (step 1 of the module docstring)."""
+    i_s, row0, o_c, m_t, n_t, o_d, m_d, o_s, m_s, b_w, b_b = mini_batch_program(
+        w, b, cu_seqlens, chunk_indices, T, H, D, BD, BC, IS_VARLEN)
+    b_M = load_square(hs, i_s, o_s, m_s, D)
+    b_S = load_square(ss, i_s, o_s, m_s, D)
+    b_q, b_k, b_v, b_th, b_a, b_e = mini_batch_rows(q, k, v, theta, alpha, eta, row0, o_c, m_t,
+                                                    o_d, scale, D, H)
+    b_do = load_rows(do + row0 * D, o_c, m_t, o_d, D, H).to(tl.float32)
+    b_g, b_z = recon_grads(b_k, b_v, b_M, b_w, b_b, m_t, m_d, D, eps, k.dtype.element_ty,
+                           PRECISION, MIXED)
+    b_F, b_f0, _, _ = segment_products(b_a, o_c)
+    b_E, b_e0, _, _ = segment_products(b_e, o_c)
+    (b_du, b_dq, b_dk, b_dg, b_dP, b_p0, b_dp0, b_df0, b_dth, b_dw,
+     b_db) = outputs_bwd(b_q, b_k, b_g, b_do, b_M, b_S, b_th, b_F, b_f0, b_E, b_e0, b_w, b_b,
+                          o_c, m_d, D, eps, PRECISION)
+    b_pn, b_en, _, _, _ = hand_on_gates(b_F, b_f0, b_E, b_e0, o_c == n_t - 1)
+    tl.store(dw + i_s * D + o_d, b_dw, mask=m_d)
+    tl.store(db + i_s * D + o_d, b_db, mask=m_d)
+    store_rows(dq + row0 * D, b_dq * scale, o_c, m_t, o_d, D, H)
+    store_rows(z + row0 * D, b_z, o_c, m_t, o_d, D, H)
+    store_rows(du + row0 * D, b_du, o_c, m_t, o_d, D, H)
+    store_rows(dgu + row0 * D, b_dg, o_c, m_t, o_d, D, H)
+    store_rows(dka + row0 * D, b_dk, o_c, m_t, o_d, D, H)
+    tl.store(dP + i_s.to(tl.int64) * BC * BC + o_c[:, None] * BC + o_c[None, :], b_dP)
+    _store_col(gr, row0, o_c, m_t, H, ROW_CM, b_pn * b_th)
+    _store_col(gr, row0, o_c, m_t, H, ROW_CS, b_en * b_th)
+    _store_col(gr, row0, o_c, m_t, H, ROW_F0, b_f0)
+    _store_col(gr, row0, o_c, m_t, H, ROW_P0, b_p0)
+    _store_col(gr, row0, o_c, m_t, H, ROW_E0, b_e0)
+    _store_col(gr, row0, o_c, m_t, H, ROW_DP0, b_dp0)
+    _store_col(gr, row0, o_c, m_t, H, ROW_DF0, b_df0)
+    _store_col(gr, row0, o_c, m_t, H, ROW_DTH, b_dth)
 
 
 @triton.jit
-def _outputs_bwd(b_q, b_k, b_g, b_do, b_M, b_S, b_th, b_F, b_f0, b_E, b_e0, b_w, b_b, o_c, m_d,
-                 D: tl.constexpr, eps, PRECISION: tl.constexpr):
-    """Back through U and O: (dU, dQ~, dK's B part, dG's U part, dP, dp0, df0, dtheta's U
-    part, dw, db); U recomputed."""
-    b_P = _dot(b_F, b_E, PRECISION)
-    b_p0 = tl.sum(b_F * b_e0[None, :], 1)
-    b_B = _dot(b_q, tl.trans(b_k), PRECISION)
-    b_W = b_P * b_th[None, :] * b_B
-    b_qm = _dot(b_q, b_M, PRECISION)
-    b_qs = _dot(b_q, b_S, PRECISION)
-    b_u = b_f0[:, None] * b_qm + b_p0[:, None] * b_qs - _dot(b_W, b_g, PRECISION)
-    b_xu, b_su = layer_norm_rows(b_u, m_d, D, eps)
-    b_dw = tl.sum(b_do * b_xu, 0)
-    b_db = tl.sum(b_do, 0)
-    b_du = b_do + layer_norm_bwd_rows(b_w[None, :] * b_do, b_xu, b_su, m_d, D)
-    causal = o_c[:, None] >= o_c[None, :]
-    b_dW = tl.where(causal, -_dot(b_du, tl.trans(b_g), PRECISION), 0.)
-    b_dB = b_dW * b_P * b_th[None, :]
-    b_dq = (_dot(b_f0[:, None] * b_du, tl.trans(b_M), PRECISION)
-            + _dot(b_p0[:, None] * b_du, tl.trans(b_S), PRECISION) + _dot(b_dB, b_k, PRECISION))
-    return (b_du, b_dq, _dot(tl.trans(b_dB), b_q, PRECISION),
-            -_dot(tl.trans(b_W), b_du, PRECISION), b_dW * b_th[None, :] * b_B, b_p0,
-            tl.sum(b_du * b_qs, 1), tl.sum(b_du * b_qm, 1), tl.sum(b_dW * b_P * b_B, 0), b_dw,
-            b_db)
-
-
-@triton.jit
-def _gates_bwd(b_dP, b_dp0, b_df0, b_dpn, b_dp0n, b_den, b_df0n, b_de0n, b_F, b_E, b_e0, b_Fx,
-               b_f0x, b_Ex, b_e0x, last, o_c, PRECISION: tl.constexpr):
-    """(d(1 - alpha), d eta) [C] from the gradients of P = F E, p0 = F e0 and of row n's
-    P[n] = F[n] E, p0[n] = F[n] . e0, E[n], f0[n], e0[n]."""
-    causal = o_c[:, None] >= o_c[None, :]
-    b_fn = _row(b_F, last)
-    b_dfn = tl.sum(b_E * b_dpn[None, :], 1) + b_dp0n * b_e0
-    b_dF = (_dot(b_dP, tl.trans(b_E), PRECISION) + b_dp0[:, None] * b_e0[None, :]
-            + tl.where(last[:, None], b_dfn[None, :], 0.))
-    b_dE = (_dot(tl.trans(b_F), b_dP, PRECISION) + b_fn[:, None] * b_dpn[None, :]
-            + tl.where(last[:, None], b_den[None, :], 0.))
-    b_df0 += tl.where(last, b_df0n, 0.)
-    b_de0 = tl.sum(b_F * b_dp0[:, None], 0) + b_dp0n * b_fn + tl.where(last, b_de0n, 0.)
-    b_da = segment_products_bwd(tl.where(causal, b_dF, 0.), b_df0, b_F, b_Fx, b_f0x, PRECISION)
-    b_de = segment_products_bwd(tl.where(causal, b_dE, 0.), b_de0, b_E, b_Ex, b_e0x, PRECISION)
-    return b_da, b_de
-
-
-@triton.jit
-def _updates_bwd(b_k, b_g, b_M, b_S, b_dM, b_dS, b_th, b_F, b_E, b_e0, b_f0, last,
-                 PRECISION: tl.constexpr):
-    """Back through M' and S' (the module docstring): (dG's part, dK's part, dtheta's part,
-    dM0's part, dS0's part, dP[n], dp0[n], dE[n], df0[n], de0[n])."""
-    b_fn = _row(b_F, last)
-    b_en = _row(b_E, last)
-    b_pn = tl.sum(b_fn[:, None] * b_E, 0)
-    f0n = tl.sum(tl.where(last, b_f0, 0.), 0)
-    e0n = tl.sum(tl.where(last, b_e0, 0.), 0)
-    p0n = tl.sum(b_fn * b_e0, 0)
-    b_rm = _dot(b_k, b_dM, PRECISION)
-    b_rs = _dot(b_k, b_dS, PRECISION)
-    b_cm, b_cs = b_pn * b_th, b_en * b_th
-    b_dg = -(b_cm[:, None] * b_rm + b_cs[:, None] * b_rs)
-    b_dcm = -tl.sum(b_g * b_rm, 1)
-    b_dcs = -tl.sum(b_g * b_rs, 1)
-    b_dk = -(_dot(b_cm[:, None] * b_g, tl.trans(b_dM), PRECISION)
-             + _dot(b_cs[:, None] * b_g, tl.trans(b_dS), PRECISION))
-    return (b_dg, b_dk, b_dcm * b_pn + b_dcs * b_en, f0n * b_dM, p0n * b_dM + e0n * b_dS,
-            b_dcm * b_th, tl.sum(tl.sum(b_dM * b_S, 1), 0), b_dcs * b_th,
-            tl.sum(tl.sum(b_dM * b_M, 1), 0), tl.sum(tl.sum(b_dS * b_S, 1), 0))
+def walk_rows(q, k, v, z, du, dgu, dka, gr, i_t, bos, L, i_h, o_c, o_d, D: tl.constexpr,
+              H: tl.constexpr, BC: tl.constexpr):
+    """Mini-batch i_t's rows as the walk takes them, float32, zeros past the sequence and for
+    i_t < 0: (Q unscaled, K, V, Z, dU, dG_U, dK_W, cM, cS, f0, p0, e0)."""
+    row0 = (bos + i_t * BC) * H + i_h
+    m_t = (i_t * BC + o_c < L) & (i_t >= 0)
+    return (load_rows(q + row0 * D, o_c, m_t, o_d, D, H).to(tl.float32),
+            load_rows(k + row0 * D, o_c, m_t, o_d, D, H).to(tl.float32),
+            load_rows(v + row0 * D, o_c, m_t, o_d, D, H).to(tl.float32),
+            load_rows(z + row0 * D, o_c, m_t, o_d, D, H),
+            load_rows(du + row0 * D, o_c, m_t, o_d, D, H),
+            load_rows(dgu + row0 * D, o_c, m_t, o_d, D, H),
+            load_rows(dka + row0 * D, o_c, m_t, o_d, D, H),
+            _col(gr, row0, o_c, m_t, H, ROW_CM), _col(gr, row0, o_c, m_t, H, ROW_CS),
+            _col(gr, row0, o_c, m_t, H, ROW_F0), _col(gr, row0, o_c, m_t, H, ROW_P0),
+            _col(gr, row0, o_c, m_t, H, ROW_E0))
 
 
 @triton.heuristics({
@@ -124,14 +150,15 @@ def _updates_bwd(b_k, b_g, b_M, b_S, b_dM, b_dS, b_th, b_F, b_E, b_e0, b_f0, las
     'IS_VARLEN': lambda a: a['cu_seqlens'] is not None,
 })
 @triton.jit(do_not_specialize=['T'])
-def chunk_titans_linear_bwd_kernel(
-    q, k, v, w, b, theta, alpha, eta, do, hs, ss, dht, dst, dq, dk, dv, dtheta, dalpha, deta,
-    dw, db, dh0, ds0, cu_seqlens, chunk_offsets, scale, eps, T, H: tl.constexpr,
-    D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr, PRECISION: tl.constexpr,
+def chunk_titans_linear_bwd_walk_kernel(
+    q, k, v, w, b, z, du, dgu, dka, dv, gr, dms, dss, dht, dst, dh0, ds0, dw, db, cu_seqlens,
+    chunk_offsets, scale, eps, T, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+    BC: tl.constexpr, PRECISION: tl.constexpr, MIXED: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, USE_FINAL_STATE_GRADIENT: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
+    PREFETCH: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    """One sequence and head: the mini-batches from last to first (module docstring)."""
+    """One sequence and head: dM', dS' carried from the last mini-batch to the first (step 2 of
+    the module docstring); dw, db of G's LayerNorm per (sequence, head)."""
     i_nh, i_h, bos, L, NT, c0, o_d, m_d, o_s, m_s, b_w, b_b = walk_program(
         w, b, cu_seqlens, chunk_offsets, T, H, D, BD, BC, IS_VARLEN)
     o_c = tl.arange(0, BC)
@@ -139,48 +166,53 @@ def chunk_titans_linear_bwd_kernel(
     b_dS = start_square(dst, i_nh, o_s, m_s, D, BD, USE_FINAL_STATE_GRADIENT)
     b_dwa = tl.zeros([BD], dtype=tl.float32)
     b_dba = tl.zeros([BD], dtype=tl.float32)
+    if PREFETCH:
+        (b_qr, b_k, b_v, b_z, b_du, b_dgu, b_dka, b_cm, b_cs, b_f0, b_p0, b_e0) = walk_rows(
+            q, k, v, z, du, dgu, dka, gr, NT - 1, bos, L, i_h, o_c, o_d, D, H, BC)
     for i_r in range(NT):
         i_t = NT - 1 - i_r
-        i_s = (c0 + i_t) * H + i_h
+        i_s = ((c0 + i_t) * H + i_h).to(tl.int64)
+        tl.store(dms + i_s * D * D + o_s, b_dM, mask=m_s)
+        tl.store(dss + i_s * D * D + o_s, b_dS, mask=m_s)
         row0 = (bos + i_t * BC) * H + i_h
         m_t = i_t * BC + o_c < L
+        if PREFETCH:  # mini-batch i_t - 1's
+            (n_qr, n_k, n_v, n_z, n_du, n_dgu, n_dka, n_cm, n_cs, n_f0, n_p0, n_e0) = walk_rows(
+                q, k, v, z, du, dgu, dka, gr, i_t - 1, bos, L, i_h, o_c, o_d, D, H, BC)
+        else:
+            (b_qr, b_k, b_v, b_z, b_du, b_dgu, b_dka, b_cm, b_cs, b_f0, b_p0, b_e0) = walk_rows(
+                q, k, v, z, du, dgu, dka, gr, i_t, bos, L, i_h, o_c, o_d, D, H, BC)
         last = o_c == tl.minimum(BC, L - i_t * BC) - 1
-        b_M = load_square(hs, i_s, o_s, m_s, D)
-        b_S = load_square(ss, i_s, o_s, m_s, D)
-        b_q, b_k, b_v, b_th, b_a, b_e = mini_batch_rows(q, k, v, theta, alpha, eta, row0, o_c,
-                                                        m_t, o_d, scale, D, H)
-        b_do = load_rows(do + row0 * D, o_c, m_t, o_d, D, H).to(tl.float32)
-        b_g = recon_grads(b_k, b_v, b_M, b_w, b_b, m_t, m_d, D, eps, PRECISION)
-        b_F, b_f0, b_Fx, b_f0x = segment_products(b_a, o_c)
-        b_E, b_e0, b_Ex, b_e0x = segment_products(b_e, o_c)
-        (b_du, b_dq, b_dk, b_dg, b_dP, b_p0, b_dp0, b_df0, b_dth, b_dw,
-         b_db) = _outputs_bwd(b_q, b_k, b_g, b_do, b_M, b_S, b_th, b_F, b_f0, b_E, b_e0, b_w,
-                              b_b, o_c, m_d, D, eps, PRECISION)
+        # M' = f0[n] M0 + p0[n] S0 - K^T (cM o G),  S' = e0[n] S0 - K^T (cS o G)
+        b_rm = dot_state(b_k, b_dM, k.dtype.element_ty, PRECISION, MIXED)
+        b_rs = dot_state(b_k, b_dS, k.dtype.element_ty, PRECISION, MIXED)
+        b_dg = b_dgu - b_cm[:, None] * b_rm - b_cs[:, None] * b_rs
+        # G = 2 ln_recon_grad(Z, V - K)
+        b_dz, b_dt, b_dw, b_db, b_g = ln_recon_grad_bwd_rows(
+            tl.where(m_t[:, None], 2. * b_dg, 0.), b_z, b_v - b_k, b_w, b_b, m_d, D, eps)
+        b_g = tl.where(m_t[:, None], 2. * b_g, 0.)
+        _store_col(gr, row0, o_c, m_t, H, ROW_DCM, -tl.sum(b_g * b_rm, 1))
+        _store_col(gr, row0, o_c, m_t, H, ROW_DCS, -tl.sum(b_g * b_rs, 1))
+        f0n = tl.sum(tl.where(last, b_f0, 0.), 0)
+        p0n = tl.sum(tl.where(last, b_p0, 0.), 0)
+        e0n = tl.sum(tl.where(last, b_e0, 0.), 0)
+        # Z = K M0,  U = f0 (Q~ M0) + p0 (Q~ S0) - ...
+        b_qt = tl.trans(b_qr)
+        half = k.dtype.element_ty
+        b_dM, b_dS = (f0n * b_dM
+                      + scale * dot_state(b_qt, b_f0[:, None] * b_du, half, PRECISION, MIXED)
+                      + dot_state(tl.trans(b_k), b_dz, half, PRECISION, MIXED),
+                      p0n * b_dM + e0n * b_dS
+                      + scale * dot_state(b_qt, b_p0[:, None] * b_du, half, PRECISION, MIXED))
         b_dwa += b_dw
         b_dba += b_db
-        (b_dg2, b_dk2, b_dth2, b_dM0, b_dS0, b_dpn, b_dp0n, b_den, b_df0n,
-         b_de0n) = _updates_bwd(b_k, b_g, b_M, b_S, b_dM, b_dS, b_th, b_F, b_E, b_e0, b_f0, last,
-                                PRECISION)
-        # G = 2 ln_recon_grad(Z, V - K), Z = K M0
-        b_z = _dot(b_k, b_M, PRECISION)
-        b_dz, b_dt, b_dw, b_db, _ = ln_recon_grad_bwd_rows(
-            tl.where(m_t[:, None], 2. * (b_dg + b_dg2), 0.), b_z, b_v - b_k, b_w, b_b, m_d, D,
-            eps)
-        b_dwa += b_dw
-        b_dba += b_db
-        b_dM = b_dM0 + _dot(tl.trans(b_q), b_f0[:, None] * b_du, PRECISION) + _dot(
-            tl.trans(b_k), b_dz, PRECISION)
-        b_dS = b_dS0 + _dot(tl.trans(b_q), b_p0[:, None] * b_du, PRECISION)
-        b_da, b_de = _gates_bwd(b_dP, b_dp0, b_df0, b_dpn, b_dp0n, b_den, b_df0n, b_de0n, b_F,
-                                b_E, b_e0, b_Fx, b_f0x, b_Ex, b_e0x, last, o_c, PRECISION)
-        store_rows(dq + row0 * D, b_dq * scale, o_c, m_t, o_d, D, H)
-        store_rows(dk + row0 * D, b_dk + b_dk2 + _dot(b_dz, tl.trans(b_M), PRECISION) - b_dt,
-                   o_c, m_t, o_d, D, H)
+        store_rows(du + row0 * D, b_g, o_c, m_t, o_d, D, H)
+        store_rows(dgu + row0 * D, b_dz, o_c, m_t, o_d, D, H)
+        store_rows(dka + row0 * D, b_dka - b_dt, o_c, m_t, o_d, D, H)
         store_rows(dv + row0 * D, b_dt, o_c, m_t, o_d, D, H)
-        p = row0 + o_c * H
-        tl.store(dtheta + p, (b_dth + b_dth2).to(dtheta.dtype.element_ty), mask=m_t)
-        tl.store(dalpha + p, (-b_da).to(dalpha.dtype.element_ty), mask=m_t)
-        tl.store(deta + p, b_de.to(deta.dtype.element_ty), mask=m_t)
+        if PREFETCH:
+            (b_qr, b_k, b_v, b_z, b_du, b_dgu, b_dka, b_cm, b_cs, b_f0, b_p0, b_e0) = (
+                n_qr, n_k, n_v, n_z, n_du, n_dgu, n_dka, n_cm, n_cs, n_f0, n_p0, n_e0)
     if USE_INITIAL_STATE:
         tl.store(dh0 + i_nh.to(tl.int64) * D * D + o_s, b_dM, mask=m_s)
         tl.store(ds0 + i_nh.to(tl.int64) * D * D + o_s, b_dS, mask=m_s)
@@ -188,26 +220,92 @@ def chunk_titans_linear_bwd_kernel(
     tl.store(db + i_nh * D + o_d, b_dba, mask=m_d)
 
 
+@triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
+@triton.jit(do_not_specialize=['T'])
+def chunk_titans_linear_bwd_gates_kernel(
+    w, b, theta, alpha, eta, hs, ss, dms, dss, g, dz, dka, dP, gr, dk, dtheta, dalpha, deta,
+    cu_seqlens, chunk_indices, T, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+    BC: tl.constexpr, PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """One mini-batch and head: dK, dtheta, dalpha, deta (step 3 of the module docstring)."""
+    i_s, row0, o_c, m_t, n_t, o_d, m_d, o_s, m_s, _, _ = mini_batch_program(
+        w, b, cu_seqlens, chunk_indices, T, H, D, BD, BC, IS_VARLEN)
+    last = o_c == n_t - 1
+    b_M = load_square(hs, i_s, o_s, m_s, D)
+    b_dM = load_square(dms, i_s, o_s, m_s, D)
+    b_dS = load_square(dss, i_s, o_s, m_s, D)
+    b_th, b_a, b_e = gate_rows(theta, alpha, eta, row0, o_c, m_t, H)
+    b_F, b_f0, b_Fx, b_f0x = segment_products(b_a, o_c)
+    b_E, b_e0, b_Ex, b_e0x = segment_products(b_e, o_c)
+    b_pn, b_en, _, _, _ = hand_on_gates(b_F, b_f0, b_E, b_e0, last)
+    b_g = load_rows(g + row0 * D, o_c, m_t, o_d, D, H)
+    b_dk = (load_rows(dka + row0 * D, o_c, m_t, o_d, D, H)
+            + dot_at(load_rows(dz + row0 * D, o_c, m_t, o_d, D, H), tl.trans(b_M), PRECISION)
+            - dot_at((b_pn * b_th)[:, None] * b_g, tl.trans(b_dM), PRECISION)
+            - dot_at((b_en * b_th)[:, None] * b_g, tl.trans(b_dS), PRECISION))
+    store_rows(dk + row0 * D, b_dk, o_c, m_t, o_d, D, H)
+    b_dcm = _col(gr, row0, o_c, m_t, H, ROW_DCM)
+    b_dcs = _col(gr, row0, o_c, m_t, H, ROW_DCS)
+    p = row0 + o_c * H
+    tl.store(dtheta + p, (_col(gr, row0, o_c, m_t, H, ROW_DTH) + b_dcm * b_pn
+                          + b_dcs * b_en).to(dtheta.dtype.element_ty), mask=m_t)
+    b_S = load_square(ss, i_s, o_s, m_s, D)
+    b_da, b_de = gates_bwd(
+        tl.load(dP + i_s.to(tl.int64) * BC * BC + o_c[:, None] * BC + o_c[None, :]),
+        _col(gr, row0, o_c, m_t, H, ROW_DP0), _col(gr, row0, o_c, m_t, H, ROW_DF0),
+        b_dcm * b_th, tl.sum(tl.sum(b_dM * b_S, 1), 0), b_dcs * b_th,
+        tl.sum(tl.sum(b_dM * b_M, 1), 0), tl.sum(tl.sum(b_dS * b_S, 1), 0), b_F, b_E, b_e0, b_Fx,
+        b_f0x, b_Ex, b_e0x, last, o_c, PRECISION)
+    tl.store(dalpha + p, (-b_da).to(dalpha.dtype.element_ty), mask=m_t)
+    tl.store(deta + p, b_de.to(deta.dtype.element_ty), mask=m_t)
+
+
+def final_state_grads(dht, dst, N: int, H: int, D: int, device):
+    """The gradients of the final memory and momentum as the backward walks take them: float32
+    and contiguous, or both None; with one of the final states unused, zeros for its
+    gradient."""
+    if (dht is None) != (dst is None):
+        zeros = torch.zeros(N, H, D, D, dtype=torch.float32, device=device)
+        dht, dst = (zeros if dht is None else dht), (zeros if dst is None else dst)
+    return tuple(None if x is None else x.contiguous().float() for x in (dht, dst))
+
+
 def chunk_backward(q, k, v, w, b, theta, alpha, eta, hs, ss, initial, do, dht, dst, scale, eps,
                    chunk_size, cu_seqlens, meta):
     """(dq, dk, dv, dw, db, dtheta, dalpha, deta, d initial M or None, d initial S or None),
     from the states each mini-batch started with (hs, ss); ``initial``: whether the call had an
-    initial memory or momentum."""
+    initial memory or momentum; ``meta``: the kernels' constexprs and warps
+    (chunk.walk_meta)."""
     B, T, H, D = q.shape
-    N, _, _, chunk_offsets = chunk_layout(B, T, cu_seqlens, chunk_size)
+    N, NT, chunk_indices, chunk_offsets = chunk_layout(B, T, cu_seqlens, chunk_size)
+    chunks = NT * (B if cu_seqlens is None else 1)
     f32 = {"dtype": torch.float32, "device": q.device}
-    if (dht is None) != (dst is None):
-        dht = dht if dht is not None else torch.zeros(N, H, D, D, **f32)
-        dst = dst if dst is not None else torch.zeros(N, H, D, D, **f32)
-    dht, dst = (None if x is None else x.contiguous().float() for x in (dht, dst))
+    dht, dst = final_state_grads(dht, dst, N, H, D, q.device)
     dq, dk, dv, dtheta, dalpha, deta = (torch.empty_like(x)
                                         for x in (q, k, v, theta, alpha, eta))
-    dw, db = torch.empty(N, H, D, **f32), torch.empty(N, H, D, **f32)
+    z, du, dgu, dka = (torch.empty(B, T, H, D, **f32) for _ in range(4))
+    gr = torch.empty(B, T, H, NG.value, **f32)
+    dP = torch.empty(chunks, H, chunk_size, chunk_size, **f32)
+    dms, dss = (torch.empty(chunks, H, D, D, **f32) for _ in range(2))
+    dw1, db1 = torch.empty(chunks, H, D, **f32), torch.empty(chunks, H, D, **f32)
+    dw2, db2 = torch.empty(N, H, D, **f32), torch.empty(N, H, D, **f32)
     dh0, ds0 = ((torch.empty(N, H, D, D, **f32), torch.empty(N, H, D, D, **f32)) if initial
                 else (None, None))
-    chunk_titans_linear_bwd_kernel[(N * H,)](
-        q, k, v, w, b, theta, alpha, eta, do.contiguous().to(v.dtype), hs, ss, dht, dst, dq,
-        dk, dv, dtheta, dalpha, deta, dw, db, dh0, ds0, cu_seqlens, chunk_offsets, scale,
-        float(eps), T, num_stages=BWD_STAGES, **meta)
-    return (dq, dk, dv, dw.sum(0).to(w.dtype), db.sum(0).to(b.dtype), dtheta, dalpha, deta, dh0,
-            ds0)
+    do = do.contiguous().to(v.dtype)
+    if NT:
+        chunk_titans_linear_bwd_local_kernel[(NT, B * H)](
+            q, k, v, w, b, theta, alpha, eta, do, hs, ss, dq, z, du, dgu, dka, dP, gr, dw1, db1,
+            cu_seqlens, chunk_indices, scale, float(eps), T, **meta)
+    chunk_titans_linear_bwd_walk_kernel[(N * H,)](
+        q, k, v, w, b, z, du, dgu, dka, dv, gr, dms, dss, dht, dst, dh0, ds0, dw2, db2,
+        cu_seqlens, chunk_offsets, scale, float(eps), T, PREFETCH=PREFETCH, **meta)
+    if NT:
+        meta = {**{key: x for key, x in meta.items() if key != "MIXED"},
+                "PRECISION": "ieee", "num_warps": GATES_WARPS}
+        if GATES_MAXNREG is not None:
+            meta["maxnreg"] = GATES_MAXNREG
+        chunk_titans_linear_bwd_gates_kernel[(NT, B * H)](
+            w, b, theta, alpha, eta, hs, ss, dms, dss, du, dgu, dka, dP, gr, dk, dtheta, dalpha,
+            deta, cu_seqlens, chunk_indices, T, **meta)
+    return (dq, dk, dv, (dw1.sum(0) + dw2.sum(0)).to(w.dtype),
+            (db1.sum(0) + db2.sum(0)).to(b.dtype), dtheta, dalpha, deta, dh0, ds0)

@@ -1,6 +1,7 @@
 """Titans' kernel stages shared by the forward (kernels/titans/chunk.py) and the backward
 (kernels/titans/chunk_bwd.py): a mini-batch's rows, its reconstruction gradients, and the
-segment products of its gate factors with their backward.
+segment products of its gate factors with their backward and the row the states are handed on
+by.
 """
 
 from __future__ import annotations
@@ -8,10 +9,13 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.common.layernorm import ln_recon_grad_rows
+from kernels.common.layernorm import layer_norm_bwd_rows, layer_norm_rows, ln_recon_grad_rows
+from kernels.common.minibatch import dot_state
 from kernels.common.utils import load_rows
 
-__all__ = ["mini_batch_rows", "recon_grads", "segment_products", "segment_products_bwd"]
+__all__ = ["dot_at", "gate_rows", "gates_bwd", "hand_on_gates", "mini_batch_rows",
+           "outputs_bwd", "recon_grads", "row_of", "segment_products", "segment_products_bwd",
+           "update_gates"]
 
 
 @triton.jit
@@ -52,24 +56,111 @@ def segment_products_bwd(b_dF, b_df0, b_F, b_Fx, b_f0x, PRECISION: tl.constexpr)
 
 
 @triton.jit
-def mini_batch_rows(q, k, v, theta, alpha, eta, row0, o_c, m_t, o_d, scale, D: tl.constexpr,
-                    H: tl.constexpr):
-    """The mini-batch's rows in float32: Q~ = scale Q, K, V (zeros past the sequence), theta
-    (0 past it), 1 - alpha and eta (1 past it)."""
-    b_q = load_rows(q + row0 * D, o_c, m_t, o_d, D, H).to(tl.float32) * scale
-    b_k = load_rows(k + row0 * D, o_c, m_t, o_d, D, H).to(tl.float32)
-    b_v = load_rows(v + row0 * D, o_c, m_t, o_d, D, H).to(tl.float32)
+def row_of(b_x, last):
+    """Row n (``last`` marks it) of a [C, C] matrix, as a [C] vector."""
+    return tl.sum(tl.where(last[:, None], b_x, 0.), 0)
+
+
+@triton.jit
+def hand_on_gates(b_F, b_f0, b_E, b_e0, last):
+    """What the states handed on take from the gates, at row n (``last`` marks it): (P[n] [C],
+    E[n] [C], f0[n], e0[n], p0[n]), P = F E, p0 = F e0."""
+    b_fn = row_of(b_F, last)
+    b_en = row_of(b_E, last)
+    return (tl.sum(b_fn[:, None] * b_E, 0), b_en, tl.sum(tl.where(last, b_f0, 0.), 0),
+            tl.sum(tl.where(last, b_e0, 0.), 0), tl.sum(b_fn * b_e0, 0))
+
+
+@triton.jit
+def update_gates(b_th, b_a, b_e, o_c, last):
+    """What the states' updates take from a mini-batch's gates (theta, 1 - alpha, eta [C];
+    ``last`` marks row n): (cM = P[n] theta, cS = E[n] theta [C], f0[n], e0[n], p0[n])."""
+    b_F, b_f0, _, _ = segment_products(b_a, o_c)
+    b_E, b_e0, _, _ = segment_products(b_e, o_c)
+    b_pn, b_en, f0n, e0n, p0n = hand_on_gates(b_F, b_f0, b_E, b_e0, last)
+    return b_pn * b_th, b_en * b_th, f0n, e0n, p0n
+
+
+@triton.jit
+def gate_rows(theta, alpha, eta, row0, o_c, m_t, H: tl.constexpr):
+    """The mini-batch's theta (0 past the sequence), 1 - alpha and eta (1 past it), float32."""
     p = row0 + o_c * H
     b_th = tl.load(theta + p, mask=m_t, other=0.).to(tl.float32)
     b_a = 1. - tl.load(alpha + p, mask=m_t, other=0.).to(tl.float32)
     b_e = tl.load(eta + p, mask=m_t, other=1.).to(tl.float32)
+    return b_th, b_a, b_e
+
+
+@triton.jit
+def mini_batch_rows(q, k, v, theta, alpha, eta, row0, o_c, m_t, o_d, scale, D: tl.constexpr,
+                    H: tl.constexpr):
+    """The mini-batch's rows in float32: Q~ = scale Q, K, V (zeros past the sequence), then
+    gate_rows."""
+    b_q = load_rows(q + row0 * D, o_c, m_t, o_d, D, H).to(tl.float32) * scale
+    b_k = load_rows(k + row0 * D, o_c, m_t, o_d, D, H).to(tl.float32)
+    b_v = load_rows(v + row0 * D, o_c, m_t, o_d, D, H).to(tl.float32)
+    b_th, b_a, b_e = gate_rows(theta, alpha, eta, row0, o_c, m_t, H)
     return b_q, b_k, b_v, b_th, b_a, b_e
 
 
 @triton.jit
-def recon_grads(b_k, b_v, b_M, b_w, b_b, m_t, m_d, D: tl.constexpr, eps,
-                PRECISION: tl.constexpr):
-    """G [C, BD] = 2 ln_recon_grad(K M0, V - K), 0 on the rows past the sequence."""
-    b_z = tl.dot(b_k, b_M, input_precision=PRECISION)
+def recon_grads(b_k, b_v, b_M, b_w, b_b, m_t, m_d, D: tl.constexpr, eps, HALF: tl.constexpr,
+                PRECISION: tl.constexpr, MIXED: tl.constexpr):
+    """(G, Z) [C, BD]: Z = K M0 (minibatch.dot_state, MIXED as the walks take it) and
+    G = 2 ln_recon_grad(Z, V - K), 0 on the rows past the sequence."""
+    b_z = dot_state(b_k, b_M, HALF, PRECISION, MIXED)
     b_g = 2. * ln_recon_grad_rows(b_z, b_v - b_k, b_w, b_b, m_d, D, eps)
-    return tl.where(m_t[:, None], b_g, 0.)
+    return tl.where(m_t[:, None], b_g, 0.), b_z
+
+
+@triton.jit
+def dot_at(a, b, PRECISION: tl.constexpr):
+    """a @ b at PRECISION (float32 operands)."""
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def outputs_bwd(b_q, b_k, b_g, b_do, b_M, b_S, b_th, b_F, b_f0, b_E, b_e0, b_w, b_b, o_c, m_d,
+                D: tl.constexpr, eps, PRECISION: tl.constexpr):
+    """Back through U and O: (dU, dQ~, dK's B part, dG's U part, dP, dp0, df0, dtheta's U
+    part, dw, db); U recomputed."""
+    b_P = dot_at(b_F, b_E, PRECISION)
+    b_p0 = tl.sum(b_F * b_e0[None, :], 1)
+    b_B = dot_at(b_q, tl.trans(b_k), PRECISION)
+    b_W = b_P * b_th[None, :] * b_B
+    b_qm = dot_at(b_q, b_M, PRECISION)
+    b_qs = dot_at(b_q, b_S, PRECISION)
+    b_u = b_f0[:, None] * b_qm + b_p0[:, None] * b_qs - dot_at(b_W, b_g, PRECISION)
+    b_xu, b_su = layer_norm_rows(b_u, m_d, D, eps)
+    b_dw = tl.sum(b_do * b_xu, 0)
+    b_db = tl.sum(b_do, 0)
+    b_du = b_do + layer_norm_bwd_rows(b_w[None, :] * b_do, b_xu, b_su, m_d, D)
+    causal = o_c[:, None] >= o_c[None, :]
+    b_dW = tl.where(causal, -dot_at(b_du, tl.trans(b_g), PRECISION), 0.)
+    b_dB = b_dW * b_P * b_th[None, :]
+    b_dq = (dot_at(b_f0[:, None] * b_du, tl.trans(b_M), PRECISION)
+            + dot_at(b_p0[:, None] * b_du, tl.trans(b_S), PRECISION)
+            + dot_at(b_dB, b_k, PRECISION))
+    return (b_du, b_dq, dot_at(tl.trans(b_dB), b_q, PRECISION),
+            -dot_at(tl.trans(b_W), b_du, PRECISION), b_dW * b_th[None, :] * b_B, b_p0,
+            tl.sum(b_du * b_qs, 1), tl.sum(b_du * b_qm, 1), tl.sum(b_dW * b_P * b_B, 0), b_dw,
+            b_db)
+
+
+@triton.jit
+def gates_bwd(b_dP, b_dp0, b_df0, b_dpn, b_dp0n, b_den, b_df0n, b_de0n, b_F, b_E, b_e0, b_Fx,
+              b_f0x, b_Ex, b_e0x, last, o_c, PRECISION: tl.constexpr):
+    """(d(1 - alpha), d eta) [C] from the gradients of P = F E, p0 = F e0 and of row n's
+    P[n] = F[n] E, p0[n] = F[n] . e0, E[n], f0[n], e0[n]."""
+    causal = o_c[:, None] >= o_c[None, :]
+    b_fn = row_of(b_F, last)
+    b_dfn = tl.sum(b_E * b_dpn[None, :], 1) + b_dp0n * b_e0
+    b_dF = (dot_at(b_dP, tl.trans(b_E), PRECISION) + b_dp0[:, None] * b_e0[None, :]
+            + tl.where(last[:, None], b_dfn[None, :], 0.))
+    b_dE = (dot_at(tl.trans(b_F), b_dP, PRECISION) + b_fn[:, None] * b_dpn[None, :]
+            + tl.where(last[:, None], b_den[None, :], 0.))
+    b_df0 += tl.where(last, b_df0n, 0.)
+    b_de0 = tl.sum(b_F * b_dp0[:, None], 0) + b_dp0n * b_fn + tl.where(last, b_de0n, 0.)
+    b_da = segment_products_bwd(tl.where(causal, b_dF, 0.), b_df0, b_F, b_Fx, b_f0x, PRECISION)
+    b_de = segment_products_bwd(tl.where(causal, b_dE, 0.), b_de0, b_E, b_Ex, b_e0x, PRECISION)
+    return b_da, b_de
