@@ -295,6 +295,41 @@ def test_device_fault_costs_that_implementation_its_remaining_cases():
     assert all(r["passed"] for r in ours)
 
 
+SEEN32: list[int] = []
+
+
+def faulting_gla_in_float32(q, k, v, gk=None, gv=None, **kw):
+    """A planted kernel that faults in float32 alone once T >= 40 (every later float32 call
+    fails as well), and is right in float64."""
+    if q.dtype == torch.float32:
+        SEEN32.append(q.shape[1])
+        if any(t >= 40 for t in SEEN32):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+    return chunk_gla_ref(q, k, v, gk, gv, **kw)
+
+
+def test_a_fault_in_one_dtype_leaves_the_others_running():
+    # A kernel that faults in one dtype is often right in the others (on an H200 a Titans
+    # variant faulted in bfloat16 and ran in float16 and float32): the implementation stops in
+    # the dtype it faulted in only.
+    SEEN32.clear()
+    impl = register(Implementation(op="gla", name="faulting32", kind="reference",
+                                   target=faulting_gla_in_float32), replace=True)
+    try:
+        result = check_family("random", "gla", [impl], ["float64", "float32"], "cpu",
+                              examples=20, seed=0)
+    finally:
+        unregister("gla", "faulting32")
+    first = next(i for i, t in enumerate(SEEN32) if t >= 40)
+    assert len(SEEN32) == first + 1  # nothing more in float32 after the fault
+    rows64 = [r for r in result.rows if r["dtype"] == "float64"]
+    assert len({r["case_json"] for r in rows64}) == result.examples  # every case in float64
+    assert all(r["passed"] for r in rows64)
+    faults = [r for r in result.rows if r["status"] == "fault"]
+    assert faults and all(r["dtype"] == "float32" for r in faults)
+    assert all("not run: faulting32 faulted on float32" in r["note"] for r in faults[1:])
+
+
 def test_long_family_runs_the_chunked_reference_alone_unless_the_step_loop_is_checked():
     # At 64K tokens the step loop took minutes per dtype on the host; the chunked reference
     # alone can only make the tolerance tighter (the worse of fewer references).

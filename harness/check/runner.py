@@ -83,7 +83,8 @@ class InProcess:
 
     def __init__(self, setup: Setup):
         self.device = setup.device
-        self.faulted: dict[str, str] = {}  # implementation -> where it faulted
+        # (implementation, dtype) -> where it faulted
+        self.faulted: dict[tuple[str, str], str] = {}
 
     def submit(self, spec: dict[str, Any], truth: Any) -> Future:
         fut: Future = Future()
@@ -111,7 +112,8 @@ class Isolated:
         from harness.worker import NO_AUTOTUNE_CACHE, Worker, cores
 
         self.setup = setup
-        self.faulted: dict[str, str] = {}  # implementation -> where it faulted
+        # (implementation, dtype) -> where it faulted
+        self.faulted: dict[tuple[str, str], str] = {}
         self.queue: queue.Queue = queue.Queue()
         threads = max(1, cores() // max(1, setup.jobs + setup.truth_jobs))
         config = {"device": setup.device, "device_index": 0, "plugins": list(setup.plugins),
@@ -134,8 +136,9 @@ class Isolated:
                 worker.close()
                 return
             fut, spec = item
-            if spec["impl"] in self.faulted:  # it faulted while this unit waited its turn
-                fut.set_result({"not_run": self.faulted[spec["impl"]]})
+            key = (spec["impl"], spec["dtype"])
+            if key in self.faulted:  # it faulted in this dtype while this unit waited its turn
+                fut.set_result({"not_run": self.faulted[key]})
                 continue
             try:
                 reply = worker.request({"target": UNIT, "spec": spec}, self.setup.timeout)
@@ -278,9 +281,9 @@ class _Run:
             st.rows.append(note_row(st.case, impl, dname, self.family, "skipped",
                                     f"skipped: {reason}"))
             return
-        if impl.name in self.units.faulted:
+        if (impl.name, dname) in self.units.faulted:
             st.rows.append(note_row(st.case, impl, dname, self.family, "fault",
-                                    f"not run: {self.units.faulted[impl.name]}"))
+                                    f"not run: {self.units.faulted[impl.name, dname]}"))
             return
         st.pending += 1
         spec = dict(case=st.case.to_json(), impl=impl.name, impl_obj=impl, dtype=dname,
@@ -301,7 +304,7 @@ class _Run:
             st.rows.append(note_row(st.case, impl, dname, self.family, "fault",
                                     f"fault: {reply['fault']}; replay: {command}"))
             self.units.faulted.setdefault(
-                impl.name, f"{impl.name} faulted on {dname} {st.case.label()}")
+                (impl.name, dname), f"{impl.name} faulted on {dname} {st.case.label()}")
         else:
             st.rows += reply["rows"]
 
