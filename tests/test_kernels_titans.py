@@ -92,13 +92,15 @@ def test_zero_factors_and_underflow():
     check(*both(x, st, cu), 1e-5)
 
 
-@pytest.mark.parametrize("mode,state_bound", [(None, 1e-5), ("round", 1e-3)])
+@pytest.mark.parametrize("mode,state_bound", [(None, 1e-5), ("round", 1e-3), ("split", 1e-5),
+                                              ({"float16": "split"}, 1e-5)])
 def test_float16_within_its_rounding(monkeypatch, mode, state_bound):
     """float16 q, k, v (the rest float32): o within 1e-3 of float64 on the same rounded inputs
     (float16's unit roundoff is 4.9e-4, o is stored in float16; measured 2e-4). The final states
     are float32: within 1e-5 when the walk's products take the state in float32
-    (chunk.WALK_MIXED None), within 1e-3 when they round it to float16 ("round": one rounding
-    of 4.9e-4 a product, measured 2.2e-4)."""
+    (chunk.WALK_MIXED None, measured 1.7e-7) or split it in two float16 halves ("split", ~22
+    bits kept, also given per dtype: 5e-7 to 9e-7), within 1e-3 when they round it to float16 ("round": one rounding of
+    4.9e-4 a product, measured 2.2e-4)."""
     monkeypatch.setattr(chunk, "WALK_MIXED", mode)
     x, st, cu = inputs(1, 70, 2, 16)
     got, ref = both(x, st, cu, dtype=torch.float16)
@@ -202,7 +204,7 @@ def test_walk_switches_change_no_value(monkeypatch, switch):
         assert torch.equal(got[name], default[name]), name
 
 
-@pytest.mark.parametrize("mode", [None, "round"])
+@pytest.mark.parametrize("mode", [None, "round", "split"])
 def test_gradients_in_float16(monkeypatch, backward, mode):
     """float16 q, k, v: every gradient within 1e-3 of autograd through the float64 reference on
     the same rounded inputs (the kernel's float32 gradients of the float16 inputs are rounded

@@ -59,14 +59,14 @@ def _ours_supports(case) -> str | None:
     return None if why is None else f"our Titans kernel: {why}"
 
 
-# chunk's switch: the split backward with the walks' state products rounded to the inputs'
-# dtype, their next rows loaded ahead and the forward walk's gate factors formed by a parallel
-# kernel first (kernels/titans/chunk.py: faster, but it met an
-# illegal memory access in bfloat16 on an H200, so it is not the default; reports/titans.md).
+# chunk's switch: the split backward, the walks' state products rounded to bfloat16 or split
+# in two float16 halves (WALK_MIXED), their next rows loaded ahead, and the forward walk's gate
+# factors formed by a parallel kernel first (kernels/titans/chunk.py). Faster, but it met an
+# illegal memory access in bfloat16 on an H200, so it is not the default (reports/titans.md).
 # Registered switches are compiled by the compile tests and compared by tools/switch_compare.py.
-_FAST = {"what": "split backward, rounded state products, prefetching walks",
+_FAST = {"what": "split backward, state products rounded or split, prefetching walks",
          "set": {"kernels.titans.chunk.SPLIT_BACKWARD": True,
-                 "kernels.titans.chunk.WALK_MIXED": "round",
+                 "kernels.titans.chunk.WALK_MIXED": {"float16": "split", "bfloat16": "round"},
                  "kernels.titans.chunk.WALK_PREFETCH": True,
                  "kernels.titans.chunk.WALK_GATES_AHEAD": True}}
 

@@ -72,8 +72,14 @@ WIDE_CHUNK = 16  # the largest mini-batch at D > 64
 # How the walks take their products of input rows and a float32 state for half-precision
 # inputs (Z = K M0 wherever it is formed, the updates K^T (c o G), and in the split backward's
 # walk K dM', K dS', Q^T dU, K^T dZ): a utils.dot_mixed mode as kernels/ttt/fused_chunk.py's
-# WALK_MIXED ("round": the state rounded to the inputs' dtype, one product), or None (both
-# operands float32, three TF32 passes).
+# WALK_MIXED ("round": the state rounded to the inputs' dtype, one product; "split": the
+# state as two halves, two products), None (both operands float32, three TF32 passes), or a
+# dict from the inputs' dtype name ("float16", "bfloat16") to one of those. Through the
+# interpreter (float16, B=1, T=200, H=2, D=16, initial states, split backward) "round" put the
+# final memory 1.05e-3 from float64 and the gradients up to 1.9e-3, over float16's tolerances
+# (4.9e-4 for the states); "split" 3.4e-6 and 3.3e-4 (None: 1.6e-7 and 3.3e-4). On an H200
+# bfloat16 under "round" passed the tiling check (worst: the final memory, 71% of its
+# tolerance). Hence the registered switch's {"float16": "split", "bfloat16": "round"}.
 WALK_MIXED = None
 # The forward walk's loads: the next mini-batch's rows loaded before this one's products
 # (True), or each mini-batch's when it starts (False), as TTT's WALK_PREFETCH (the split
@@ -89,9 +95,17 @@ WALK_GATES_AHEAD = False
 SPLIT_BACKWARD = False
 
 
+def walk_mixed(dtype: torch.dtype) -> str:
+    """WALK_MIXED for inputs of ``dtype``, as the kernels' MIXED ("" for None)."""
+    mode = WALK_MIXED
+    if isinstance(mode, dict):
+        mode = mode.get(str(dtype).removeprefix("torch."))
+    return mode or ""
+
+
 def walk_meta(q: torch.Tensor, chunk_size: int) -> dict:
-    """The constexprs and warps of every Titans kernel, WALK_MIXED as MIXED ("" for None)."""
-    return {**mini_batch_meta(q, chunk_size), "MIXED": WALK_MIXED or ""}
+    """The constexprs and warps of every Titans kernel, walk_mixed as MIXED."""
+    return {**mini_batch_meta(q, chunk_size), "MIXED": walk_mixed(q.dtype)}
 
 
 def unsupported(D: int, chunk_size: int) -> str | None:
