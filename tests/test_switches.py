@@ -47,3 +47,28 @@ def test_compile_records_launches_under_an_extra_form_too():
     form = parse_set("A3D16:kernels.gla.chunk.A_DIAG_3D=True,kernels.gla.chunk.A_DIAG_BK=16")
     assert dbks((form,)) == {64, 16}
     assert InterpretedFunction.run is before
+
+
+def test_switch_compare_runs_the_kernels_through_the_interpreter_on_its_own(tmp_path):
+    """On a machine without a GPU, tools/switch_compare.py sets TRITON_INTERPRET=1 itself before
+    triton is imported (as `harness check` does): started without it, it measures the kernel's
+    errors (it used to record every quantity as inf, the kernel refusing CPU inputs)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU the tool runs the kernels there")
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(root)
+    subprocess.run([sys.executable, str(root / "tools" / "switch_compare.py"), "ttt", "chunk",
+                    "--no-registered", "--acc", "1,20,1,16", "--dtype", "float32", "--seq-len",
+                    "", "--out", str(tmp_path)], env=env, cwd=root, check=True,
+                   capture_output=True, timeout=600)
+    rows = json.loads((tmp_path / "results.json").read_text())["accuracy"]
+    assert rows and all(r["error"] < 1e-5 for r in rows), [r["note"] for r in rows][:2]

@@ -48,14 +48,15 @@ def main(
     time_dtype: str = typer.Option("bfloat16", help="dtype of the timed rows"),
     out: Path = typer.Option(Path("out/switches"), help="where results.json goes"),
 ) -> None:
-    import torch
+    from harness.cli.common import select_device
+
+    device = select_device("auto")  # on the CPU: TRITON_INTERPRET=1 before triton is imported
 
     from harness.cases import Case, case_dims
     from harness.check.engine import evaluate
     from harness.registry import get
     from references.operators import OPERATORS
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         console.print("[yellow]no GPU: accuracy only, through the interpreter (float32, float16)[/]")
     target = get(op, impl)
