@@ -99,8 +99,8 @@ def test_float16_within_its_rounding(monkeypatch, mode, state_bound):
     (float16's unit roundoff is 4.9e-4, o is stored in float16; measured 2e-4). The final states
     are float32: within 1e-5 when the walk's products take the state in float32
     (chunk.WALK_MIXED None, measured 1.7e-7) or split it in two float16 halves ("split", ~22
-    bits kept, also given per dtype: 5e-7 to 9e-7), within 1e-3 when they round it to float16 ("round": one rounding of
-    4.9e-4 a product, measured 2.2e-4)."""
+    bits kept, also given per dtype: 5e-7 to 9e-7), within 1e-3 when they round it to float16
+    ("round": one rounding of 4.9e-4 a product, measured 2.2e-4)."""
     monkeypatch.setattr(chunk, "WALK_MIXED", mode)
     x, st, cu = inputs(1, 70, 2, 16)
     got, ref = both(x, st, cu, dtype=torch.float16)

@@ -25,12 +25,14 @@ exact 0, and one that underflows is 0, never 0/0.
 Two kernels, as chunk_ttt_linear's forward: one program per (sequence, head) walks the
 mini-batches with M and S in float32 on chip (Z, G and the two updates), storing the M0, S0
 each mini-batch starts from; then one program per (mini-batch, head) forms its outputs from
-them, all in parallel. Products of float32 inputs are exact ("ieee"). For half precision the
-walks' products of input rows and the float32 state round the state to the inputs' dtype
-(WALK_MIXED), the others take float32 operands in three TF32 passes (utils.dot_precision).
-WALK_PREFETCH loads the next mini-batch's rows ahead of its turn.
+them, all in parallel. Products of float32 inputs are exact ("ieee"); for half precision they
+take float32 operands in three TF32 passes (utils.dot_precision), or, under WALK_MIXED, the
+walks' products of input rows and the float32 state round or split the state. WALK_PREFETCH
+loads the next mini-batch's rows ahead of their turn, WALK_GATES_AHEAD forms the walk's gate
+factors in a parallel kernel first.
 
-The backward is kernels/titans/chunk_bwd.py.
+The backward is kernels/titans/fused_bwd.py (one walk), or kernels/titans/chunk_bwd.py (split
+in three kernels) under SPLIT_BACKWARD.
 """
 
 from __future__ import annotations
@@ -59,11 +61,11 @@ CHUNK_SIZES = (16, 32, 64)  # tl.dot needs 16 rows at least
 # tools/kernel_registers.py titans --impl chunk --case cs32-d128, before that case was removed).
 MAX_TILE = 64 * 64
 WIDE_CHUNK = 16  # the largest mini-batch at D > 64
-# The three switches below are off by default: with all three on, `harness check titans
+# The switches below are off by default: with the first three on, `harness check titans
 # --family tiling` and `harness gate --suite gpu --op titans` met an illegal memory access on an
 # H200 in bfloat16 (B=1, T=200, H=2, D=16, initial states, chunk_size 16; float16 and float32
 # ran, and so did bfloat16 at D=32 and at T=8192 without initial states), not yet localized
-# to one switch or kernel; with all three off every tiling class passed in bfloat16, float16
+# to one switch or kernel; with them off every tiling class passed in bfloat16, float16
 # and float32 (2026-12-04, reports/titans.md). Per kernel at B=2, H=16, D=64, T=8192, bfloat16
 # (`python tools/kernel_profile.py titans chunk --seq-len 8192 --head-dim 64 --mode fwdbwd`),
 # with SPLIT_BACKWARD on: the forward walk 1472 µs with WALK_MIXED "round" and WALK_PREFETCH,
