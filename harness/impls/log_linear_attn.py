@@ -1,5 +1,6 @@
-"""Log-linear attention's implementations: the two references, fla-core 0.6.0's kernel and the
-softmax baseline. (Our Triton kernel is yet to come.)
+"""Log-linear attention's implementations: the two references, our chunk kernel (Triton, forward
+only so far: registered without a backward, its gradients not checked), fla-core 0.6.0's
+kernel and the softmax baseline.
 
 fla's ``chunk_log_linear_attn`` takes our arguments unchanged (grouped q/k, ``scale=1.0``
 default, the same Fenwick levels as docs/operators.md); its kernel needs K % 64 == 0, V a power
@@ -8,7 +9,8 @@ of two, and sequences under 2^17 tokens.
 
 from __future__ import annotations
 
-from harness.impls.common import KERNEL_DTYPES, fla, references, sdpa
+from harness.impls.common import KERNEL_DTYPES, fla, references, sdpa, triton_available
+from harness.implementation import Implementation
 from references.operators import LOG_LINEAR
 
 FLA_BLOCK_K = 64
@@ -27,8 +29,22 @@ def _fla_supports(case) -> str | None:
     return None
 
 
+def _ours_supports(case) -> str | None:
+    from kernels.log_linear_attn.chunk import MAX_DIM
+
+    K, V = case.dims["K"], case.dims["V"]
+    if max(K, V) > MAX_DIM:
+        return f"our log-linear kernel takes K, V <= {MAX_DIM}, got K={K}, V={V}"
+    return None
+
+
 IMPLEMENTATIONS = [
     *references(LOG_LINEAR),
+    Implementation(
+        op="log_linear_attn", name="chunk", kind="triton",
+        target="kernels.log_linear_attn:chunk_log_linear_attn", dtypes=KERNEL_DTYPES,
+        description="chunk's own pairs in parallel, Fenwick level states walked (Triton; "
+        "forward only)", backward=False, available=triton_available, supports=_ours_supports),
     fla("log_linear_attn", "fla_chunk", "fla.ops.log_linear_attn:chunk_log_linear_attn",
         KERNEL_DTYPES, supports=_fla_supports),
     sdpa("log_linear_attn"),

@@ -1,0 +1,226 @@
+"""Log-linear attention, chunked (docs/operators.md section 5): the forward.
+
+    o_t = sum_{s <= t} level_scales[t, lvl(t, s)] exp(G_t - G_s) scale <q_t, k_s> v_s,
+    lvl(t, t) = 0,  lvl(t, s) = bit_length(t XOR s)   (positions within the sequence)
+
+With chunks of C = BT = 2^c positions (references/log_linear_attn.py derives this), a pair in
+one chunk has its level from the positions within the chunk, and a pair across chunks n > m
+has level c + bit_length(n XOR m): chunk n reads, for every bit l - 1 set in n, one state
+
+    S_l(n) = sum over the chunks m of its Fenwick bucket, of their s, of
+             exp(G_{nC - 1} - G_s) k_s v_s^T                    (decayed to chunk n's start)
+
+and adds level_scales[t, c + l] exp(G_t - G_{nC - 1}) scale S_l(n)^T q_t. Two kernels:
+
+1. ``chunk_log_linear_attn_fwd_local_kernel``, one program per (value tile, chunk, head): the
+   chunk's own part, A = scale (Q K^T) o exp(b_i - b_j) o level_scales[i, lvl(i, j)] (lower
+   triangle; b the chunk's cumulative log gates, summed in float64), o = A V into a float32
+   buffer, and the chunk's own state H_n = sum_s exp(b_last - b_s) k_s v_s^T.
+2. ``chunk_log_linear_attn_fwd_levels_kernel``, one program per (value tile, sequence, head),
+   walks the chunks in order with the level states in a float32 scratch of its own, each
+   scaled by a decay factor kept on chip (so that the decay of every state over a chunk is
+   one multiplication of a vector): chunk n adds its active levels' part to the buffer and
+   writes o; then, with p the trailing zeros of n + 1, the states of levels 1 .. p and H_n
+   merge into level p + 1 (the reference's step).
+
+The backward is not written yet: chunk_log_linear_attn is forward only for now (not
+registered).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.common.utils import (MIN_TILE, check_launchable, chunk_bounds, chunk_index,
+                                  chunk_layout, dot_precision, walk_bounds)
+from references.operators import LOG_LINEAR, levels_needed
+
+__all__ = ["chunk_log_linear_attn"]
+
+BT = 64  # C, the chunk: levels 0 .. 6 inside it
+MAX_DIM = 256  # K and V
+BV = 64  # the value tile (utils.MIN_TILE: narrower tiles met Triton 3.6 miscompiles)
+
+
+@triton.jit
+def _levels(o_c, C_BITS: tl.constexpr):
+    """lvl(i, j) = bit_length(i XOR j) over a chunk's positions o_c, [C, C] int32."""
+    x = o_c[:, None] ^ o_c[None, :]
+    lvl = tl.zeros_like(x)
+    for b in tl.static_range(C_BITS):
+        lvl += ((x >> b) > 0).to(tl.int32)
+    return lvl
+
+
+@triton.jit
+def _chunk_gates(g, tok0, i_h, o_c, m_t, H: tl.constexpr):
+    """The chunk's cumulative log gates b [C] (b_i = sum of g over its tokens 0 .. i), float64,
+    0 past the sequence's end (the gates there read as 0)."""
+    b_g = tl.load(g + (tok0 + o_c) * H + i_h, mask=m_t, other=0.).to(tl.float64)
+    return tl.cumsum(b_g, 0)
+
+
+@triton.jit
+def _rows(x, row0, o_c, m_t, o_d, D: tl.constexpr, STEP: tl.constexpr):
+    """[C, BD] tile of the [.., D] rows of x: row row0 + STEP * i for i in o_c (tokens STEP
+    rows apart: G for q and k, H for v); zeros past D and past the sequence."""
+    return tl.load(x + (row0 + o_c[:, None] * STEP) * D + o_d[None, :],
+                   mask=m_t[:, None] & (o_d < D)[None, :], other=0.)
+
+
+@triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
+@triton.jit(do_not_specialize=['T'])
+def chunk_log_linear_attn_fwd_local_kernel(
+    q, k, v, g, ls, o_acc, hc, cu_seqlens, chunk_indices, scale, T, G: tl.constexpr,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, BT: tl.constexpr, C_BITS: tl.constexpr, PRECISION: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """One value tile, chunk and head: the chunk's own output and state (step 1 of the module
+    docstring)."""
+    i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_h = i_bh % H
+    i_g = i_h // (H // G)
+    bos, eos, i_t = chunk_bounds(cu_seqlens, chunk_indices, i_c, i_bh // H, T, BT, IS_VARLEN)
+    tok0 = bos + i_t * BT
+    o_c = tl.arange(0, BT)
+    m_t = i_t * BT + o_c < eos - bos
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    b_q = _rows(q, tok0 * G + i_g, o_c, m_t, o_k, K, G)
+    b_k = _rows(k, tok0 * G + i_g, o_c, m_t, o_k, K, G)
+    b_vv = tl.load(v + ((tok0 + o_c) * H + i_h)[:, None] * V + o_v[None, :],
+                   mask=m_t[:, None] & (o_v < V)[None, :], other=0.)
+    b_b = _chunk_gates(g, tok0, i_h, o_c, m_t, H)
+    lvl = _levels(o_c, C_BITS)
+    b_w = tl.zeros([BT, BT], dtype=tl.float32)
+    for j in tl.static_range(C_BITS + 1):  # level_scales[i, lvl(i, j)], levels 0 .. c
+        if j < L:  # a shorter sequence has fewer levels, and no pair at the missing ones
+            b_l = tl.load(ls + ((tok0 + o_c) * H + i_h) * L + j, mask=m_t, other=0.)
+            b_w += tl.where(lvl == j, b_l.to(tl.float32)[:, None], 0.)
+    causal = (o_c[:, None] >= o_c[None, :]) & m_t[None, :]
+    b_decay = tl.exp(tl.where(causal, b_b[:, None] - b_b[None, :], 0.).to(tl.float32))
+    b_A = tl.where(causal, tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION), 0.)
+    b_A = b_A * b_decay * b_w * scale
+    b_o = tl.dot(b_A.to(b_vv.dtype), b_vv, input_precision=PRECISION)
+    tl.store(o_acc + ((tok0 + o_c) * H + i_h)[:, None] * V + o_v[None, :], b_o,
+             mask=m_t[:, None] & (o_v < V)[None, :])
+    # H_n = sum_s exp(b_last - b_s) k_s v_s^T (b_last: the last real token's)
+    b_last = tl.sum(tl.where(o_c == tl.minimum(BT, eos - bos - i_t * BT) - 1, b_b, 0.), 0)
+    b_ks = b_k * tl.where(m_t, tl.exp((b_last - b_b).to(tl.float32)), 0.)[:, None]
+    b_h = tl.dot(tl.trans(b_ks.to(b_vv.dtype)), b_vv, input_precision=PRECISION)
+    i_s = chunk_index(i_c, i_bh, i_t, T, H, BT, IS_VARLEN) * H + i_h
+    tl.store(hc + (i_s * K + o_k[:, None]) * V + o_v[None, :], b_h,
+             mask=(o_k < K)[:, None] & (o_v < V)[None, :])
+
+
+@triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
+@triton.jit(do_not_specialize=['T'])
+def chunk_log_linear_attn_fwd_levels_kernel(
+    q, g, ls, o_acc, o, hc, sc, cu_seqlens, chunk_offsets, scale, T, G: tl.constexpr,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, BT: tl.constexpr, C_BITS: tl.constexpr, NL: tl.constexpr,
+    BL: tl.constexpr, PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """One value tile, sequence and head: the chunks in order, the level states in the scratch
+    sc [programs, NL, BK, BV] (step 2 of the module docstring)."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_h = i_nh % H
+    i_g = i_h // (H // G)
+    bos, eos, NT, c0 = walk_bounds(cu_seqlens, chunk_offsets, i_nh // H, T, BT, IS_VARLEN)
+    o_c = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    o_l = tl.arange(0, BL)
+    m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
+    o_s = o_k[:, None] * BV + tl.arange(0, BV)[None, :]
+    p_sc = sc + (i_nh * tl.num_programs(0) + i_v).to(tl.int64) * NL * BK * BV
+    b_dec = tl.zeros([BL], dtype=tl.float32)  # each level state's decay since it was written
+    for n in range(NT):
+        tok0 = bos + n * BT
+        m_t = n * BT + o_c < eos - bos
+        p_o = ((tok0 + o_c) * H + i_h)[:, None] * V + o_v[None, :]
+        m_o = m_t[:, None] & (o_v < V)[None, :]
+        b_q = _rows(q, tok0 * G + i_g, o_c, m_t, o_k, K, G)
+        b_b = _chunk_gates(g, tok0, i_h, o_c, m_t, H)
+        b_e = tl.exp(b_b.to(tl.float32)) * scale  # exp(G_t - G_{nC - 1}) scale
+        b_o = tl.load(o_acc + p_o, mask=m_o, other=0.)
+        for l in range(1, NL + 1):  # the levels c + l whose bit l - 1 is set in n
+            if ((n >> (l - 1)) & 1) == 1:
+                b_S = tl.load(p_sc + (l - 1) * BK * BV + o_s)
+                d_l = tl.sum(tl.where(o_l == l - 1, b_dec, 0.), 0)
+                b_l = tl.load(ls + ((tok0 + o_c) * H + i_h) * L + C_BITS + l,
+                              mask=m_t & (C_BITS + l < L), other=0.).to(tl.float32)
+                b_qs = tl.dot(b_q, (b_S * d_l).to(b_q.dtype), input_precision=PRECISION)
+                b_o += (b_l * b_e)[:, None] * b_qs
+        tl.store(o + p_o, b_o.to(o.dtype.element_ty), mask=m_o)
+        # to chunk n + 1: every state decays by the chunk's gates; levels 1 .. p and H_n merge
+        # into level p + 1 (p: trailing zeros of n + 1)
+        decay = tl.exp(tl.sum(tl.where(o_c == tl.minimum(BT, eos - bos - n * BT) - 1, b_b, 0.),
+                              0).to(tl.float32))
+        b_dec *= decay
+        b_H = tl.load(hc + ((c0 + n) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
+                      mask=m_kv, other=0.)
+        p = 0  # trailing zeros of n + 1, at most NL
+        for b in tl.static_range(NL):
+            p += tl.where(((n + 1) & ((2 << b) - 1)) == 0, 1, 0)
+        for l in range(1, p + 1):
+            d_l = tl.sum(tl.where(o_l == l - 1, b_dec, 0.), 0)
+            b_H += d_l * tl.load(p_sc + (l - 1) * BK * BV + o_s)
+        if p < NL:
+            tl.store(p_sc + p * BK * BV + o_s, b_H)
+            b_dec = tl.where(o_l == p, 1., b_dec)
+
+
+def chunk_log_linear_attn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    level_scales: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    scale: float | None = 1.0,
+) -> tuple[torch.Tensor, None]:
+    """Log-linear attention, forward only (Triton). q, k [B,T,G,K]; v [B,T,H,V]; g [B,T,H] (log
+    forget gates); level_scales [B,T,H,L]. Returns (o [B,T,H,V] in v's dtype, None). K, V <=
+    256; no gradients yet."""
+    name = "chunk_log_linear_attn"
+    args = dict(q=q, k=k, v=v, g=g, level_scales=level_scales, initial_state=initial_state,
+                output_final_state=output_final_state, cu_seqlens=cu_seqlens, scale=scale)
+    dims = LOG_LINEAR.validate(args)
+    check_launchable(name, q)
+    B, T, G, K = q.shape
+    H, V, L = v.shape[2], v.shape[3], level_scales.shape[-1]
+    for what, size in (("K", K), ("V", V)):
+        if size > MAX_DIM:
+            raise ValueError(f"{name}: {what} must be <= {MAX_DIM}, got {what}={size}")
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, g, level_scales)):
+        raise ValueError(f"{name}: the backward is not written yet; call it under "
+                         "torch.no_grad() or with inputs that do not require gradients")
+    scale = LOG_LINEAR.resolve_scale(scale, dims)
+    q, k, v, g, level_scales = (x.contiguous() for x in (q, k, v, g, level_scales))
+    N, NT, chunk_indices, chunk_offsets = chunk_layout(B, T, cu_seqlens, BT)
+    chunks = NT * (B if cu_seqlens is None else 1)
+    longest = T if cu_seqlens is None else int(torch.diff(cu_seqlens).max()) if N else 0
+    NL = max(1, levels_needed(triton.cdiv(longest, BT)) - 1)  # levels above the chunk
+    BK = max(MIN_TILE, triton.next_power_of_2(K))
+    NV = triton.cdiv(V, BV)
+    f32 = {"dtype": torch.float32, "device": q.device}
+    o_acc = torch.empty(B, T, H, V, **f32)
+    hc = torch.empty(chunks, H, K, V, **f32)
+    o = torch.empty_like(v)
+    meta = dict(G=G, H=H, K=K, V=V, L=L, BK=BK, BV=BV, BT=BT, C_BITS=BT.bit_length() - 1,
+                PRECISION=dot_precision(q.dtype), num_warps=4)
+    if NT:
+        chunk_log_linear_attn_fwd_local_kernel[(NV, NT, B * H)](
+            q, k, v, g, level_scales, o_acc, hc, cu_seqlens, chunk_indices, float(scale), T,
+            **meta)
+        sc = torch.empty(N * H * NV, NL, BK, BV, **f32)
+        chunk_log_linear_attn_fwd_levels_kernel[(NV, N * H)](
+            q, g, level_scales, o_acc, o, hc, sc, cu_seqlens, chunk_offsets, float(scale), T,
+            NL=NL, BL=triton.next_power_of_2(NL), **meta)
+    return o, None
