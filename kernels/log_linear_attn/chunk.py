@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 from kernels.common.utils import (MIN_TILE, check_launchable, chunk_bounds, chunk_index,
-                                  chunk_layout, dot_precision, walk_bounds)
+                                  chunk_layout, dot_precision, load_rows, walk_bounds)
 from references.operators import LOG_LINEAR, levels_needed
 
 __all__ = ["chunk_log_linear_attn"]
@@ -63,11 +63,9 @@ def _chunk_gates(g, tok0, i_h, o_c, m_t, H: tl.constexpr):
 
 
 @triton.jit
-def _rows(x, row0, o_c, m_t, o_d, D: tl.constexpr, STEP: tl.constexpr):
-    """[C, BD] tile of the [.., D] rows of x: row row0 + STEP * i for i in o_c (tokens STEP
-    rows apart: G for q and k, H for v); zeros past D and past the sequence."""
-    return tl.load(x + (row0 + o_c[:, None] * STEP) * D + o_d[None, :],
-                   mask=m_t[:, None] & (o_d < D)[None, :], other=0.)
+def _level_weights(ls, tok0, i_h, o_c, m_t, lvl, H: tl.constexpr, L: tl.constexpr):
+    """level_scales[t, lvl] over the chunk's tokens (0 past the sequence's end)."""
+    return tl.load(ls + ((tok0 + o_c) * H + i_h) * L + lvl, mask=m_t, other=0.).to(tl.float32)
 
 
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
@@ -89,8 +87,9 @@ def chunk_log_linear_attn_fwd_local_kernel(
     m_t = i_t * BT + o_c < eos - bos
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
-    b_q = _rows(q, tok0 * G + i_g, o_c, m_t, o_k, K, G)
-    b_k = _rows(k, tok0 * G + i_g, o_c, m_t, o_k, K, G)
+    # q and k rows of group i_g: tokens G rows apart (utils.load_rows's row step)
+    b_q = load_rows(q + (tok0 * G + i_g) * K, o_c, m_t, o_k, K, G)
+    b_k = load_rows(k + (tok0 * G + i_g) * K, o_c, m_t, o_k, K, G)
     b_vv = tl.load(v + ((tok0 + o_c) * H + i_h)[:, None] * V + o_v[None, :],
                    mask=m_t[:, None] & (o_v < V)[None, :], other=0.)
     b_b = _chunk_gates(g, tok0, i_h, o_c, m_t, H)
@@ -98,8 +97,8 @@ def chunk_log_linear_attn_fwd_local_kernel(
     b_w = tl.zeros([BT, BT], dtype=tl.float32)
     for j in tl.static_range(C_BITS + 1):  # level_scales[i, lvl(i, j)], levels 0 .. c
         if j < L:  # a shorter sequence has fewer levels, and no pair at the missing ones
-            b_l = tl.load(ls + ((tok0 + o_c) * H + i_h) * L + j, mask=m_t, other=0.)
-            b_w += tl.where(lvl == j, b_l.to(tl.float32)[:, None], 0.)
+            b_l = _level_weights(ls, tok0, i_h, o_c, m_t, j, H, L)
+            b_w += tl.where(lvl == j, b_l[:, None], 0.)
     causal = (o_c[:, None] >= o_c[None, :]) & m_t[None, :]
     b_decay = tl.exp(tl.where(causal, b_b[:, None] - b_b[None, :], 0.).to(tl.float32))
     b_A = tl.where(causal, tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION), 0.)
@@ -143,7 +142,7 @@ def chunk_log_linear_attn_fwd_levels_kernel(
         m_t = n * BT + o_c < eos - bos
         p_o = ((tok0 + o_c) * H + i_h)[:, None] * V + o_v[None, :]
         m_o = m_t[:, None] & (o_v < V)[None, :]
-        b_q = _rows(q, tok0 * G + i_g, o_c, m_t, o_k, K, G)
+        b_q = load_rows(q + (tok0 * G + i_g) * K, o_c, m_t, o_k, K, G)
         b_b = _chunk_gates(g, tok0, i_h, o_c, m_t, H)
         b_e = tl.exp(b_b.to(tl.float32)) * scale  # exp(G_t - G_{nC - 1}) scale
         b_o = tl.load(o_acc + p_o, mask=m_o, other=0.)
@@ -151,8 +150,8 @@ def chunk_log_linear_attn_fwd_levels_kernel(
             if ((n >> (l - 1)) & 1) == 1:
                 b_S = tl.load(p_sc + (l - 1) * BK * BV + o_s)
                 d_l = tl.sum(tl.where(o_l == l - 1, b_dec, 0.), 0)
-                b_l = tl.load(ls + ((tok0 + o_c) * H + i_h) * L + C_BITS + l,
-                              mask=m_t & (C_BITS + l < L), other=0.).to(tl.float32)
+                b_l = _level_weights(ls, tok0, i_h, o_c, m_t & (C_BITS + l < L), C_BITS + l,
+                                     H, L)
                 b_qs = tl.dot(b_q, (b_S * d_l).to(b_q.dtype), input_precision=PRECISION)
                 b_o += (b_l * b_e)[:, None] * b_qs
         tl.store(o + p_o, b_o.to(o.dtype.element_ty), mask=m_o)
