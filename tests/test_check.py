@@ -5,6 +5,7 @@ abort or a hang costs the implementation that caused it alone; nothing checked i
 Implementations registered here at run time (the planted ones) run with --no-isolate: a worker
 process only knows the built-ins and plugins (the isolation tests load theirs with --plugin)."""
 
+import functools
 import shlex
 import time
 from pathlib import Path
@@ -263,12 +264,14 @@ def test_check_writes_each_case_as_it_ends(tmp_path, monkeypatch):
 SEEN: list[int] = []
 
 
-def faulting_gla(q, k, v, gk=None, gv=None, **kw):
-    """A planted kernel that faults like an out-of-bounds CUDA access once T >= 40: after such
-    an error every later call in the process fails as well (the context is unusable)."""
-    SEEN.append(q.shape[1])
-    if q.shape[1] >= 40 or len([t for t in SEEN if t >= 40]):
-        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+def faulting_gla(q, k, v, gk=None, gv=None, seen=SEEN, only=None, **kw):
+    """A planted kernel that faults like an out-of-bounds CUDA access once T >= 40 (in dtype
+    ``only``, or in any): after such an error every later call fails as well (the context is
+    unusable). ``seen`` records the T of every call it counts."""
+    if only is None or q.dtype == only:
+        seen.append(q.shape[1])
+        if any(t >= 40 for t in seen):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
     return chunk_gla_ref(q, k, v, gk, gv, **kw)
 
 
@@ -298,23 +301,14 @@ def test_device_fault_costs_that_implementation_its_remaining_cases():
 SEEN32: list[int] = []
 
 
-def faulting_gla_in_float32(q, k, v, gk=None, gv=None, **kw):
-    """A planted kernel that faults in float32 alone once T >= 40 (every later float32 call
-    fails as well), and is right in float64."""
-    if q.dtype == torch.float32:
-        SEEN32.append(q.shape[1])
-        if any(t >= 40 for t in SEEN32):
-            raise RuntimeError("CUDA error: an illegal memory access was encountered")
-    return chunk_gla_ref(q, k, v, gk, gv, **kw)
-
-
 def test_a_fault_in_one_dtype_leaves_the_others_running():
     # A kernel that faults in one dtype is often right in the others (on an H200 a Titans
     # variant faulted in bfloat16 and ran in float16 and float32): the implementation stops in
     # the dtype it faulted in only.
     SEEN32.clear()
     impl = register(Implementation(op="gla", name="faulting32", kind="reference",
-                                   target=faulting_gla_in_float32), replace=True)
+                                   target=functools.partial(faulting_gla, seen=SEEN32,
+                                                            only=torch.float32)), replace=True)
     try:
         result = check_family("random", "gla", [impl], ["float64", "float32"], "cpu",
                               examples=20, seed=0)
