@@ -53,10 +53,14 @@ COVER = {
              "chunk_ttt_linear_fwd_o_kernel", "chunk_ttt_linear_bwd_local_kernel",
              "chunk_ttt_linear_bwd_walk_kernel", "chunk_ttt_linear_bwd_dk_kernel"}),
     # log-linear attention's: tail chunks at K = V = 64 and 128, varlen with empty sequences,
-    # K and V not powers of two
-    "log_linear_attn": (["tail-64+6", "tail-200", "varlen-empty", "kv-100x48"],
+    # K and V not powers of two, the largest head (256: the most shared memory)
+    "log_linear_attn": (["tail-64+6", "tail-200", "varlen-empty", "kv-100x48", "kv-256"],
                         {"chunk_log_linear_attn_fwd_local_kernel",
-                         "chunk_log_linear_attn_fwd_levels_kernel"}),
+                         "chunk_log_linear_attn_fwd_levels_kernel",
+                         "chunk_log_linear_attn_bwd_local_kernel",
+                         "chunk_log_linear_attn_bwd_dq_kernel",
+                         "chunk_log_linear_attn_bwd_dkv_kernel",
+                         "chunk_log_linear_attn_bwd_gates_kernel"}),
     # Titans': a partial last mini-batch at D = 64 and 128, varlen, and the largest tiles (64 x 64)
     "titans": (["partial-64+6", "partial-200", "varlen-empty", "cs64-d64"],
                {"chunk_titans_linear_fwd_walk_kernel", "chunk_titans_linear_fwd_o_kernel",

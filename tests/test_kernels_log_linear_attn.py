@@ -1,11 +1,13 @@
-"""chunk_log_linear_attn's forward (Triton, through the interpreter, bounds-checked) against
-the definition (references.log_linear_attn.naive_log_linear_attn) in float64.
+"""chunk_log_linear_attn, forward and backward (Triton, through the interpreter,
+bounds-checked), against the definition (references.log_linear_attn.naive_log_linear_attn) in
+float64, autograd's gradients of it for the backward.
 
 float32 bound 1e-5: the products are exact ("ieee") over 64-token chunks and head dims <= 70,
 the decays are exp of float64 differences of cumulative log gates rounded to float32, and the
-level states are float32 sums over at most T tokens; measured 9e-8 to 2e-7. A level read from
-the wrong Fenwick bucket, a state merged at the wrong trailing-zero count, a weight from the
-wrong level or a decay off by one token moves o by 1e-2 or more.
+level states and accumulators are float32 sums over at most T tokens; measured 7e-8 to 9e-7
+(dg at T = 1100 the largest: its chunk-to-chunk carry sums 18 chunks). A level read from the
+wrong Fenwick bucket, a state merged at the wrong trailing-zero count, a weight from the wrong
+level or a decay off by one token moves a quantity by 1e-2 or more.
 """
 
 import pytest
@@ -25,6 +27,24 @@ def inputs(B, T, G, H, K, V, seed=0, gate=None):
               else -torch.nn.functional.softplus(torch.randn(B, T, H, generator=gen) - 2))
     x["level_scales"] = torch.rand(B, T, H, levels_needed(T) + 1, generator=gen)
     return x
+
+
+def grads(x, cu=None, dtype=torch.float32, seed=1):
+    """(ours, the definition's) o and gradients of <o, dO> for q, k, v, g, level_scales: q, k,
+    v rounded to dtype first, the definition in float64 on the rounded values."""
+    cu = None if cu is None else torch.tensor(cu)
+    do = torch.randn(x["v"].shape, generator=torch.Generator().manual_seed(seed))
+    out = []
+    for fn, wide in ((chunk_log_linear_attn, torch.float32),
+                     (naive_log_linear_attn, torch.float64)):
+        a = {n: (t.to(dtype) if n in "qkv" else t) for n, t in x.items()}
+        if fn is naive_log_linear_attn:
+            a = {n: t.double() for n, t in a.items()}
+        a = {n: t.detach().requires_grad_() for n, t in a.items()}
+        o, _ = fn(**a, cu_seqlens=cu)
+        (o.to(wide) * do.to(wide)).sum().backward()
+        out.append({"o": o.detach(), **{"d" + n: t.grad for n, t in a.items()}})
+    return out
 
 
 def both(x, cu=None, dtype=torch.float32, scale=None):
@@ -50,6 +70,61 @@ def test_forward(B, T, G, H, K, V):
     got, ref = both(inputs(B, T, G, H, K, V))
     assert torch.isfinite(got).all()
     assert rel_error(got, ref) < 1e-5, rel_error(got, ref)
+
+
+# the forward's shapes and K = 100 (two key tiles in the local kernel); T = 1100 also walks the
+# reverse accumulators through blocks of every size to 8 chunks and a partial top block
+@pytest.mark.parametrize("B,T,G,H,K,V", [
+    (1, 70, 1, 1, 16, 16),
+    (1, 200, 1, 2, 20, 48),
+    (2, 130, 2, 4, 32, 70),
+    (1, 90, 1, 2, 100, 48),
+    (1, 1100, 1, 1, 16, 16),
+    (2, 1, 1, 1, 16, 16),
+])
+def test_gradients(B, T, G, H, K, V):
+    got, ref = grads(inputs(B, T, G, H, K, V))
+    for name in ref:
+        assert torch.isfinite(got[name]).all(), name
+        assert rel_error(got[name], ref[name]) < 1e-5, (name, rel_error(got[name], ref[name]))
+
+
+def test_far_pairs_with_weak_gates():
+    """Log gates of -1e-3 a step: pairs 1000 tokens apart keep weight 0.37, so a state or
+    accumulator holding a chunk it should not (or missing one) moves o or a gradient by
+    1e-2 or more; with the gates above such pairs weigh exp(-130) and hide it."""
+    got, ref = grads(inputs(1, 1100, 1, 1, 16, 16, gate=-1e-3))
+    for name in ref:
+        assert rel_error(got[name], ref[name]) < 1e-5, (name, rel_error(got[name], ref[name]))
+
+
+def test_varlen_gradients():
+    """Sequences of 70, 0, 1 and 330 tokens: the walks and the gate's carry restart at each."""
+    got, ref = grads(inputs(1, 401, 1, 2, 16, 16), cu=[0, 70, 70, 71, 401])
+    for name in ref:
+        assert rel_error(got[name], ref[name]) < 1e-5, (name, rel_error(got[name], ref[name]))
+
+
+def test_saturating_gates_keep_the_gate_gradient_exact():
+    """Log gates of -60 a step: every pair that straddles a token underflows, so dg is tiny
+    (about 1e-26) while the diagonal pairs are of order 1. dg summed as row sums minus column
+    sums would be rounding noise of the diagonal (relative error about 1e19); summed over the
+    straddling pairs it stays within float32's rounding: measured 1.5e-7."""
+    got, ref = grads(inputs(1, 300, 1, 1, 16, 16, gate=-60.))
+    for name in ref:
+        assert torch.isfinite(got[name]).all(), name
+        assert rel_error(got[name], ref[name]) < 1e-5, (name, rel_error(got[name], ref[name]))
+
+
+def test_float16_gradients_within_their_rounding():
+    """float16 q, k, v: every gradient within 2e-3 (the scores' and states' products in float16
+    with float32 sums, gradients stored in float16: a few units of 4.9e-4; measured 2.2e-4 to
+    3.7e-4)."""
+    got, ref = grads(inputs(1, 200, 1, 2, 32, 32), dtype=torch.float16)
+    for name in ("dq", "dk", "dv"):
+        assert got[name].dtype == torch.float16
+    for name in ref:
+        assert rel_error(got[name], ref[name]) < 2e-3, (name, rel_error(got[name], ref[name]))
 
 
 def test_varlen_levels_restart_at_each_sequence():
@@ -83,5 +158,3 @@ def test_bad_arguments_raise_before_any_launch():
     big = inputs(1, 16, 1, 1, 272, 16)
     with pytest.raises(ValueError, match="K must be <= 256"):
         chunk_log_linear_attn(**big)
-    with pytest.raises(ValueError, match="backward is not written yet"):
-        chunk_log_linear_attn(**{n: t.requires_grad_() for n, t in x.items()})

@@ -1,6 +1,5 @@
 """Log-linear attention's implementations: the two references, our chunk kernel (Triton, forward
-only so far: registered without a backward, its gradients not checked), fla-core 0.6.0's
-kernel and the softmax baseline.
+and backward), fla-core 0.6.0's kernel and the softmax baseline.
 
 fla's ``chunk_log_linear_attn`` takes our arguments unchanged (grouped q/k, ``scale=1.0``
 default, the same Fenwick levels as docs/operators.md); its kernel needs K % 64 == 0, V a power
@@ -43,8 +42,8 @@ IMPLEMENTATIONS = [
     Implementation(
         op="log_linear_attn", name="chunk", kind="triton",
         target="kernels.log_linear_attn:chunk_log_linear_attn", dtypes=KERNEL_DTYPES,
-        description="chunk's own pairs in parallel, Fenwick level states walked (Triton; "
-        "forward only)", backward=False, available=triton_available, supports=_ours_supports),
+        description="chunk's own pairs in parallel, Fenwick level states walked forward and "
+        "in reverse (Triton)", available=triton_available, supports=_ours_supports),
     fla("log_linear_attn", "fla_chunk", "fla.ops.log_linear_attn:chunk_log_linear_attn",
         KERNEL_DTYPES, supports=_fla_supports),
     sdpa("log_linear_attn"),

@@ -1,4 +1,4 @@
-"""Log-linear attention, chunked (docs/operators.md section 5): the forward.
+"""Log-linear attention, chunked (docs/operators.md section 5): the forward and its function.
 
     o_t = sum_{s <= t} level_scales[t, lvl(t, s)] exp(G_t - G_s) scale <q_t, k_s> v_s,
     lvl(t, t) = 0,  lvl(t, s) = bit_length(t XOR s)   (positions within the sequence)
@@ -23,8 +23,7 @@ and adds level_scales[t, c + l] exp(G_t - G_{nC - 1}) scale S_l(n)^T q_t. Two ke
    writes o; then, with p the trailing zeros of n + 1, the states of levels 1 .. p and H_n
    merge into level p + 1 (the reference's step).
 
-The backward is not written yet: chunk_log_linear_attn is forward only for now (not
-registered).
+The backward is kernels/log_linear_attn/chunk_bwd.py; the forward keeps only its inputs.
 """
 
 from __future__ import annotations
@@ -35,6 +34,10 @@ import triton.language as tl
 
 from kernels.common.utils import (MIN_TILE, check_launchable, chunk_bounds, chunk_index,
                                   chunk_layout, dot_precision, load_rows, walk_bounds)
+from kernels.log_linear_attn.chunk_bwd import chunk_backward
+from kernels.log_linear_attn.stages import (chunk_gates, chunk_levels, chunk_total,
+                                            intra_weights, level_state, level_weights,
+                                            merge_levels)
 from references.operators import LOG_LINEAR, levels_needed
 
 __all__ = ["chunk_log_linear_attn"]
@@ -42,30 +45,6 @@ __all__ = ["chunk_log_linear_attn"]
 BT = 64  # C, the chunk: levels 0 .. 6 inside it
 MAX_DIM = 256  # K and V
 BV = 64  # the value tile (utils.MIN_TILE: narrower tiles met Triton 3.6 miscompiles)
-
-
-@triton.jit
-def _levels(o_c, C_BITS: tl.constexpr):
-    """lvl(i, j) = bit_length(i XOR j) over a chunk's positions o_c, [C, C] int32."""
-    x = o_c[:, None] ^ o_c[None, :]
-    lvl = tl.zeros_like(x)
-    for b in tl.static_range(C_BITS):
-        lvl += ((x >> b) > 0).to(tl.int32)
-    return lvl
-
-
-@triton.jit
-def _chunk_gates(g, tok0, i_h, o_c, m_t, H: tl.constexpr):
-    """The chunk's cumulative log gates b [C] (b_i = sum of g over its tokens 0 .. i), float64,
-    0 past the sequence's end (the gates there read as 0)."""
-    b_g = tl.load(g + (tok0 + o_c) * H + i_h, mask=m_t, other=0.).to(tl.float64)
-    return tl.cumsum(b_g, 0)
-
-
-@triton.jit
-def _level_weights(ls, tok0, i_h, o_c, m_t, lvl, H: tl.constexpr, L: tl.constexpr):
-    """level_scales[t, lvl] over the chunk's tokens (0 past the sequence's end)."""
-    return tl.load(ls + ((tok0 + o_c) * H + i_h) * L + lvl, mask=m_t, other=0.).to(tl.float32)
 
 
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
@@ -92,13 +71,8 @@ def chunk_log_linear_attn_fwd_local_kernel(
     b_k = load_rows(k + (tok0 * G + i_g) * K, o_c, m_t, o_k, K, G)
     b_vv = tl.load(v + ((tok0 + o_c) * H + i_h)[:, None] * V + o_v[None, :],
                    mask=m_t[:, None] & (o_v < V)[None, :], other=0.)
-    b_b = _chunk_gates(g, tok0, i_h, o_c, m_t, H)
-    lvl = _levels(o_c, C_BITS)
-    b_w = tl.zeros([BT, BT], dtype=tl.float32)
-    for j in tl.static_range(C_BITS + 1):  # level_scales[i, lvl(i, j)], levels 0 .. c
-        if j < L:  # a shorter sequence has fewer levels, and no pair at the missing ones
-            b_l = _level_weights(ls, tok0, i_h, o_c, m_t, j, H, L)
-            b_w += tl.where(lvl == j, b_l[:, None], 0.)
+    b_b = chunk_gates(g, tok0, i_h, o_c, m_t, H)
+    b_w = intra_weights(ls, tok0, i_h, o_c, m_t, chunk_levels(o_c, C_BITS), H, L, C_BITS, BT)
     causal = (o_c[:, None] >= o_c[None, :]) & m_t[None, :]
     b_decay = tl.exp(tl.where(causal, b_b[:, None] - b_b[None, :], 0.).to(tl.float32))
     b_A = tl.where(causal, tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION), 0.)
@@ -107,7 +81,7 @@ def chunk_log_linear_attn_fwd_local_kernel(
     tl.store(o_acc + ((tok0 + o_c) * H + i_h)[:, None] * V + o_v[None, :], b_o,
              mask=m_t[:, None] & (o_v < V)[None, :])
     # H_n = sum_s exp(b_last - b_s) k_s v_s^T (b_last: the last real token's)
-    b_last = tl.sum(tl.where(o_c == tl.minimum(BT, eos - bos - i_t * BT) - 1, b_b, 0.), 0)
+    b_last = chunk_total(b_b, o_c, eos - bos - i_t * BT, BT)
     b_ks = b_k * tl.where(m_t, tl.exp((b_last - b_b).to(tl.float32)), 0.)[:, None]
     b_h = tl.dot(tl.trans(b_ks.to(b_vv.dtype)), b_vv, input_precision=PRECISION)
     i_s = chunk_index(i_c, i_bh, i_t, T, H, BT, IS_VARLEN) * H + i_h
@@ -143,69 +117,38 @@ def chunk_log_linear_attn_fwd_levels_kernel(
         p_o = ((tok0 + o_c) * H + i_h)[:, None] * V + o_v[None, :]
         m_o = m_t[:, None] & (o_v < V)[None, :]
         b_q = load_rows(q + (tok0 * G + i_g) * K, o_c, m_t, o_k, K, G)
-        b_b = _chunk_gates(g, tok0, i_h, o_c, m_t, H)
+        b_b = chunk_gates(g, tok0, i_h, o_c, m_t, H)
         b_e = tl.exp(b_b.to(tl.float32)) * scale  # exp(G_t - G_{nC - 1}) scale
         b_o = tl.load(o_acc + p_o, mask=m_o, other=0.)
         for l in range(1, NL + 1):  # the levels c + l whose bit l - 1 is set in n
             if ((n >> (l - 1)) & 1) == 1:
-                b_S = tl.load(p_sc + (l - 1) * BK * BV + o_s)
-                d_l = tl.sum(tl.where(o_l == l - 1, b_dec, 0.), 0)
-                b_l = _level_weights(ls, tok0, i_h, o_c, m_t & (C_BITS + l < L), C_BITS + l,
-                                     H, L)
-                b_qs = tl.dot(b_q, (b_S * d_l).to(b_q.dtype), input_precision=PRECISION)
+                b_S = level_state(p_sc, l, b_dec, o_l, o_s, BK, BV)
+                b_l = level_weights(ls, tok0, i_h, o_c, m_t & (C_BITS + l < L), C_BITS + l, H,
+                                    L)
+                b_qs = tl.dot(b_q, b_S.to(b_q.dtype), input_precision=PRECISION)
                 b_o += (b_l * b_e)[:, None] * b_qs
         tl.store(o + p_o, b_o.to(o.dtype.element_ty), mask=m_o)
         # to chunk n + 1: every state decays by the chunk's gates; levels 1 .. p and H_n merge
         # into level p + 1 (p: trailing zeros of n + 1)
-        decay = tl.exp(tl.sum(tl.where(o_c == tl.minimum(BT, eos - bos - n * BT) - 1, b_b, 0.),
-                              0).to(tl.float32))
-        b_dec *= decay
+        b_dec *= tl.exp(chunk_total(b_b, o_c, eos - bos - n * BT, BT).to(tl.float32))
         b_H = tl.load(hc + ((c0 + n) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
                       mask=m_kv, other=0.)
-        p = 0  # trailing zeros of n + 1, at most NL
-        for b in tl.static_range(NL):
-            p += tl.where(((n + 1) & ((2 << b) - 1)) == 0, 1, 0)
-        for l in range(1, p + 1):
-            d_l = tl.sum(tl.where(o_l == l - 1, b_dec, 0.), 0)
-            b_H += d_l * tl.load(p_sc + (l - 1) * BK * BV + o_s)
-        if p < NL:
-            tl.store(p_sc + p * BK * BV + o_s, b_H)
-            b_dec = tl.where(o_l == p, 1., b_dec)
+        b_dec = merge_levels(p_sc, b_H, b_dec, n, o_l, o_s, BK, BV, NL)
 
 
-def chunk_log_linear_attn(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    g: torch.Tensor,
-    level_scales: torch.Tensor,
-    initial_state: torch.Tensor | None = None,
-    output_final_state: bool = False,
-    cu_seqlens: torch.Tensor | None = None,
-    scale: float | None = 1.0,
-) -> tuple[torch.Tensor, None]:
-    """Log-linear attention, forward only (Triton). q, k [B,T,G,K]; v [B,T,H,V]; g [B,T,H] (log
-    forget gates); level_scales [B,T,H,L]. Returns (o [B,T,H,V] in v's dtype, None). K, V <=
-    256; no gradients yet."""
-    name = "chunk_log_linear_attn"
-    args = dict(q=q, k=k, v=v, g=g, level_scales=level_scales, initial_state=initial_state,
-                output_final_state=output_final_state, cu_seqlens=cu_seqlens, scale=scale)
-    dims = LOG_LINEAR.validate(args)
-    check_launchable(name, q)
+def _levels_above(B: int, T: int, cu_seqlens: torch.Tensor | None) -> int:
+    """NL, the levels above the chunk's that the longest sequence uses (at least 1)."""
+    N = B if cu_seqlens is None else len(cu_seqlens) - 1
+    longest = T if cu_seqlens is None else int(torch.diff(cu_seqlens).max()) if N else 0
+    return max(1, levels_needed(triton.cdiv(longest, BT)) - 1)
+
+
+def _forward(q, k, v, g, level_scales, scale, cu_seqlens, NL):
+    """o of the module docstring's two kernels (contiguous inputs, checked)."""
     B, T, G, K = q.shape
     H, V, L = v.shape[2], v.shape[3], level_scales.shape[-1]
-    for what, size in (("K", K), ("V", V)):
-        if size > MAX_DIM:
-            raise ValueError(f"{name}: {what} must be <= {MAX_DIM}, got {what}={size}")
-    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v, g, level_scales)):
-        raise ValueError(f"{name}: the backward is not written yet; call it under "
-                         "torch.no_grad() or with inputs that do not require gradients")
-    scale = LOG_LINEAR.resolve_scale(scale, dims)
-    q, k, v, g, level_scales = (x.contiguous() for x in (q, k, v, g, level_scales))
     N, NT, chunk_indices, chunk_offsets = chunk_layout(B, T, cu_seqlens, BT)
     chunks = NT * (B if cu_seqlens is None else 1)
-    longest = T if cu_seqlens is None else int(torch.diff(cu_seqlens).max()) if N else 0
-    NL = max(1, levels_needed(triton.cdiv(longest, BT)) - 1)  # levels above the chunk
     BK = max(MIN_TILE, triton.next_power_of_2(K))
     NV = triton.cdiv(V, BV)
     f32 = {"dtype": torch.float32, "device": q.device}
@@ -222,4 +165,52 @@ def chunk_log_linear_attn(
         chunk_log_linear_attn_fwd_levels_kernel[(NV, N * H)](
             q, g, level_scales, o_acc, o, hc, sc, cu_seqlens, chunk_offsets, float(scale), T,
             NL=NL, BL=triton.next_power_of_2(NL), **meta)
+    return o
+
+
+class ChunkLogLinearAttnFunction(torch.autograd.Function):
+    """Forward by _forward, keeping only the inputs; backward by
+    kernels/log_linear_attn/chunk_bwd.py (which rebuilds the chunks' states)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, level_scales, scale, cu_seqlens, NL):
+        o = _forward(q, k, v, g, level_scales, scale, cu_seqlens, NL)
+        ctx.save_for_backward(q, k, v, g, level_scales, cu_seqlens)
+        ctx.scale, ctx.NL = scale, NL
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, g, level_scales, cu_seqlens = ctx.saved_tensors
+        grads = chunk_backward(q, k, v, g, level_scales, do, ctx.scale, cu_seqlens, BT, BV,
+                               ctx.NL)
+        return (*grads, None, None, None)
+
+
+def chunk_log_linear_attn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    level_scales: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    scale: float | None = 1.0,
+) -> tuple[torch.Tensor, None]:
+    """Log-linear attention (Triton), differentiable in q, k, v, g and level_scales. q, k
+    [B,T,G,K]; v [B,T,H,V]; g [B,T,H] (log forget gates); level_scales [B,T,H,L]. Returns
+    (o [B,T,H,V] in v's dtype, None). K, V <= 256; no initial or final state (OPERATORS.md)."""
+    name = "chunk_log_linear_attn"
+    args = dict(q=q, k=k, v=v, g=g, level_scales=level_scales, initial_state=initial_state,
+                output_final_state=output_final_state, cu_seqlens=cu_seqlens, scale=scale)
+    dims = LOG_LINEAR.validate(args)
+    check_launchable(name, q)
+    for what in ("K", "V"):
+        if dims[what] > MAX_DIM:
+            raise ValueError(f"{name}: {what} must be <= {MAX_DIM}, got {what}={dims[what]}")
+    scale = LOG_LINEAR.resolve_scale(scale, dims)
+    q, k, v, g, level_scales = (x.contiguous() for x in (q, k, v, g, level_scales))
+    NL = _levels_above(dims["B"], dims["T"], cu_seqlens)
+    o = ChunkLogLinearAttnFunction.apply(q, k, v, g, level_scales, scale, cu_seqlens, NL)
     return o, None

@@ -1,0 +1,329 @@
+"""Log-linear attention, chunked (docs/operators.md section 5): the backward.
+
+With P_ts = level_scales[t, lvl(t, s)] exp(G_t - G_s) scale <q_t, k_s> <do_t, v_s>, the part
+of the loss's change that pair (t, s) carries,
+
+    dq_t = sum_s P_ts / <q_t, k_s> k_s,   dk_s = sum_t P_ts / <q_t, k_s> q_t,
+    dv_s = sum_t level_scales[t, lvl] exp(G_t - G_s) scale <q_t, k_s> do_t,
+    d level_scales[t, l] = sum over s with lvl(t, s) = l of P_ts / level_scales[t, l],
+    dg_r = sum over the pairs that straddle r (s < r <= t) of P_ts,
+
+the last because g_r enters exp(G_t - G_s) exactly when s < r <= t. Four kernels:
+
+1. ``chunk_log_linear_attn_bwd_local_kernel``, one program per (chunk, head), the chunk's own
+   pairs: dP = dO V^T over every value tile, then dq, dk, dv and the level weights' gradients
+   of levels 0 .. c, the chunk's straddling sums for dg (an exclusive prefix sum over s by a
+   product with a strictly triangular matrix: no row sum minus its diagonal, which would
+   cancel to rounding noise when the gates are strong) and the chunk's state H_n.
+2. ``chunk_log_linear_attn_bwd_dq_kernel``, one program per (value tile, sequence, head): the
+   forward's walk again, the level states rebuilt from H_n; chunk n adds to dq_t, for every
+   level c + l it reads, level_scales[t, c + l] exp(G_t - G_{nC - 1}) scale S_l do_t, and
+   writes d level_scales[t, c + l] = exp(G_t - G_{nC - 1}) scale <S_l^T q_t, do_t> and
+   X_t = sum_l level_scales[t, c + l] d level_scales[t, c + l] (the pairs t has with earlier
+   chunks).
+3. ``chunk_log_linear_attn_bwd_dkv_kernel``, one program per (value tile, sequence, head):
+   the walk in reverse. Chunk m sees a later chunk n at level c + l (l = bit_length(n XOR
+   m)) when bit l - 1 of m is 0 and n lies in the next 2^(l-1) chunks above m's block of
+   2^(l-1): one accumulator per level holds, for the chunks of that sibling block, sum_t
+   level_scales[t, c + l] exp(G_t - G_{end of m}) scale q_t do_t^T. Chunk m sums the levels
+   whose bit is 0 into D and takes dk_s += exp(G_{end of m} - G_s) D v_s, dv_s +=
+   exp(G_{end of m} - G_s) D^T k_s and Y_s = <v_s, that dv_s> (the pairs s has with later
+   chunks); then its own queries join the accumulators of the levels whose bit is 1 (the
+   accumulator starts afresh at the top chunk of a sibling block).
+4. ``chunk_log_linear_attn_bwd_gates_kernel``, one program per (sequence, head): dg_r for r in
+   chunk n = the chunk's own straddling sum + sum of X over t >= r in chunk n + sum of Y over
+   s < r in chunk n + Z_n, the pairs from before chunk n to after it, Z_n = Z_{n-1} + sum of
+   Y over chunk n - 1 - sum of X over chunk n (float64).
+
+The walks give dq, dk and the level weights' gradients per value tile (they sum over V): one
+float32 slot per tile, summed after, the local kernel's part in slot 0; dv and H_n are
+per tile. q and k's gradients are per head, summed over the heads of a group after.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.common.utils import (MIN_TILE, chunk_bounds, chunk_index, chunk_layout, dot_precision,
+                                  load_rows, walk_bounds)
+from kernels.log_linear_attn.stages import (chunk_gates, chunk_levels, chunk_total,
+                                            intra_weights, level_state, level_weights,
+                                            merge_levels)
+
+__all__ = ["chunk_backward"]
+
+# the local kernel and the reverse walk hold the most tiles at once: at 4 warps their bfloat16
+# forms took 255 registers and spilled 864 and 812 bytes a thread at K = V = 128 (ptxas, sm_90)
+WIDE_WARPS = 8
+
+
+@triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
+@triton.jit(do_not_specialize=['T'])
+def chunk_log_linear_attn_bwd_local_kernel(
+    q, k, v, do, g, ls, hc, dq, dk, dv, dls, dgi, cu_seqlens, chunk_indices, scale, T,
+    G: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, C_BITS: tl.constexpr,
+    PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """One chunk and head: its own pairs' gradients and its state (step 1 of the module
+    docstring); K in tiles of BK."""
+    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_h = i_bh % H
+    i_g = i_h // (H // G)
+    bos, eos, i_t = chunk_bounds(cu_seqlens, chunk_indices, i_c, i_bh // H, T, BT, IS_VARLEN)
+    tok0 = bos + i_t * BT
+    o_c = tl.arange(0, BT)
+    m_t = i_t * BT + o_c < eos - bos
+    p_r = (tok0 + o_c) * H + i_h  # the chunk's rows of a [B, T, H, ..] tensor
+    p_q, p_k = q + (tok0 * G + i_g) * K, k + (tok0 * G + i_g) * K  # group i_g's rows
+    b_b = chunk_gates(g, tok0, i_h, o_c, m_t, H)
+    lvl = chunk_levels(o_c, C_BITS)
+    b_w = intra_weights(ls, tok0, i_h, o_c, m_t, lvl, H, L, C_BITS, BT)
+    causal = (o_c[:, None] >= o_c[None, :]) & m_t[None, :]
+    b_ed = tl.where(causal, tl.exp(tl.where(causal, b_b[:, None] - b_b[None, :], 0.)
+                                   .to(tl.float32)) * scale, 0.)  # scale exp(b_i - b_j)
+    b_A0 = tl.zeros([BT, BT], dtype=tl.float32)
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        b_A0 += tl.dot(load_rows(p_q, o_c, m_t, o_k, K, G),
+                       tl.trans(load_rows(p_k, o_c, m_t, o_k, K, G)), input_precision=PRECISION)
+    b_A0 *= b_ed
+    b_A = b_A0 * b_w  # the forward's scores
+    b_last = chunk_total(b_b, o_c, eos - bos - i_t * BT, BT)
+    b_f = tl.where(m_t, tl.exp((b_last - b_b).to(tl.float32)), 0.)  # exp(b_last - b_s)
+    i_s = chunk_index(i_c, i_bh, i_t, T, H, BT, IS_VARLEN) * H + i_h
+    b_dP = tl.zeros([BT, BT], dtype=tl.float32)  # <do_i, v_j>
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        p_o = p_r[:, None] * V + o_v[None, :]
+        m_o = m_t[:, None] & (o_v < V)[None, :]
+        b_vv = tl.load(v + p_o, mask=m_o, other=0.)
+        b_do = tl.load(do + p_o, mask=m_o, other=0.)
+        b_dP += tl.dot(b_do, tl.trans(b_vv), input_precision=PRECISION)
+        b_dv = tl.dot(tl.trans(b_A).to(b_do.dtype), b_do, input_precision=PRECISION)
+        tl.store(dv + p_o, b_dv, mask=m_o)
+        for i_k in range(tl.cdiv(K, BK)):  # H_n = sum_s exp(b_last - b_s) k_s v_s^T
+            o_k = i_k * BK + tl.arange(0, BK)
+            b_ks = load_rows(p_k, o_c, m_t, o_k, K, G) * b_f[:, None]
+            b_h = tl.dot(tl.trans(b_ks.to(b_vv.dtype)), b_vv, input_precision=PRECISION)
+            tl.store(hc + (i_s * K + o_k[:, None]) * V + o_v[None, :], b_h,
+                     mask=(o_k < K)[:, None] & (o_v < V)[None, :])
+    b_Z = b_dP * b_A0  # P / level_scales
+    b_dS = (b_dP * b_ed * b_w).to(q.dtype.element_ty)  # P / <q_i, k_j>
+    for i_k in range(tl.cdiv(K, BK)):
+        o_k = i_k * BK + tl.arange(0, BK)
+        p_qk = p_r[:, None] * K + o_k[None, :]
+        m_qk = m_t[:, None] & (o_k < K)[None, :]
+        tl.store(dq + p_qk, tl.dot(b_dS, load_rows(p_k, o_c, m_t, o_k, K, G),
+                                   input_precision=PRECISION), mask=m_qk)
+        tl.store(dk + p_qk, tl.dot(tl.trans(b_dS), load_rows(p_q, o_c, m_t, o_k, K, G),
+                                   input_precision=PRECISION), mask=m_qk)
+    for j in tl.static_range(C_BITS + 1):
+        if j < L:
+            tl.store(dls + p_r * L + j, tl.sum(tl.where(lvl == j, b_Z, 0.), 1), mask=m_t)
+    # sum over t >= r of sum over s < r of P_ts: U[s, r] = 1 where s < r, products exact
+    b_U = (o_c[:, None] < o_c[None, :]).to(tl.float32)
+    b_Pc = tl.dot(b_Z * b_w, b_U, input_precision="ieee")
+    tl.store(dgi + p_r, tl.sum(tl.where(o_c[:, None] >= o_c[None, :], b_Pc, 0.), 0), mask=m_t)
+
+
+@triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
+@triton.jit(do_not_specialize=['T', 'R'])
+def chunk_log_linear_attn_bwd_dq_kernel(
+    q, do, g, ls, hc, sc, dq, dls, xs, cu_seqlens, chunk_offsets, scale, T, R,
+    G: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, C_BITS: tl.constexpr,
+    NL: tl.constexpr, BL: tl.constexpr, PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """One value tile, sequence and head: the chunks in order, each one's pairs with earlier
+    chunks for dq and the level weights (step 2 of the module docstring); R = B * T * H rows
+    a slot."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_h = i_nh % H
+    i_g = i_h // (H // G)
+    bos, eos, NT, c0 = walk_bounds(cu_seqlens, chunk_offsets, i_nh // H, T, BT, IS_VARLEN)
+    o_c = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    o_l = tl.arange(0, BL)
+    m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
+    o_s = o_k[:, None] * BV + tl.arange(0, BV)[None, :]
+    p_sc = sc + (i_nh * tl.num_programs(0) + i_v).to(tl.int64) * NL * BK * BV
+    slot = i_v.to(tl.int64) * R  # this value tile's rows of dq, dls, xs
+    b_dec = tl.zeros([BL], dtype=tl.float32)
+    for n in range(NT):
+        tok0 = bos + n * BT
+        m_t = n * BT + o_c < eos - bos
+        p_r = (tok0 + o_c) * H + i_h
+        b_q = load_rows(q + (tok0 * G + i_g) * K, o_c, m_t, o_k, K, G)
+        b_do = tl.load(do + p_r[:, None] * V + o_v[None, :],
+                       mask=m_t[:, None] & (o_v < V)[None, :], other=0.)
+        b_b = chunk_gates(g, tok0, i_h, o_c, m_t, H)
+        b_e = tl.exp(b_b.to(tl.float32)) * scale  # exp(G_t - G_{nC - 1}) scale
+        b_dq = tl.zeros([BT, BK], dtype=tl.float32)
+        b_x = tl.zeros([BT], dtype=tl.float32)
+        for l in range(1, NL + 1):  # the levels c + l whose bit l - 1 is set in n
+            if ((n >> (l - 1)) & 1) == 1:
+                b_S = level_state(p_sc, l, b_dec, o_l, o_s, BK, BV)
+                m_l = m_t & (C_BITS + l < L)
+                b_l = level_weights(ls, tok0, i_h, o_c, m_l, C_BITS + l, H, L)
+                b_qs = tl.dot(b_q, b_S.to(b_q.dtype), input_precision=PRECISION)
+                b_r = tl.sum(b_qs * b_do, 1) * b_e  # d level_scales[t, c + l]
+                tl.store(dls + (slot + p_r) * L + C_BITS + l, b_r, mask=m_l)
+                b_x += b_l * b_r
+                b_dq += (b_l * b_e)[:, None] * tl.dot(b_do, tl.trans(b_S).to(b_do.dtype),
+                                                      input_precision=PRECISION)
+        p_dq = dq + (slot + p_r)[:, None] * K + o_k[None, :]
+        m_dq = m_t[:, None] & (o_k < K)[None, :]
+        if i_v == 0:  # slot 0 holds the chunk's own part
+            b_dq += tl.load(p_dq, mask=m_dq, other=0.)
+        tl.store(p_dq, b_dq, mask=m_dq)
+        tl.store(xs + slot + p_r, b_x, mask=m_t)
+        b_dec *= tl.exp(chunk_total(b_b, o_c, eos - bos - n * BT, BT).to(tl.float32))
+        b_H = tl.load(hc + ((c0 + n) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
+                      mask=m_kv, other=0.)
+        b_dec = merge_levels(p_sc, b_H, b_dec, n, o_l, o_s, BK, BV, NL)
+
+
+@triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
+@triton.jit(do_not_specialize=['T', 'R'])
+def chunk_log_linear_attn_bwd_dkv_kernel(
+    q, k, v, do, g, ls, sc, dk, dv, ys, cu_seqlens, chunk_offsets, scale, T, R,
+    G: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, C_BITS: tl.constexpr,
+    NL: tl.constexpr, BL: tl.constexpr, PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """One value tile, sequence and head: the chunks in reverse, each one's pairs with later
+    chunks for dk and dv (step 3 of the module docstring); the scratch sc starts at zero."""
+    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_h = i_nh % H
+    i_g = i_h // (H // G)
+    bos, eos, NT, c0 = walk_bounds(cu_seqlens, chunk_offsets, i_nh // H, T, BT, IS_VARLEN)
+    o_c = tl.arange(0, BT)
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    o_l = tl.arange(0, BL)
+    o_s = o_k[:, None] * BV + tl.arange(0, BV)[None, :]
+    p_sc = sc + (i_nh * tl.num_programs(0) + i_v).to(tl.int64) * NL * BK * BV
+    slot = i_v.to(tl.int64) * R  # this value tile's rows of dk, ys
+    b_dec = tl.zeros([BL], dtype=tl.float32)
+    for i in range(NT):
+        m = NT - 1 - i
+        tok0 = bos + m * BT
+        m_t = m * BT + o_c < eos - bos
+        p_r = (tok0 + o_c) * H + i_h
+        p_o = p_r[:, None] * V + o_v[None, :]
+        m_o = m_t[:, None] & (o_v < V)[None, :]
+        b_k = load_rows(k + (tok0 * G + i_g) * K, o_c, m_t, o_k, K, G)
+        b_vv = tl.load(v + p_o, mask=m_o, other=0.)
+        b_b = chunk_gates(g, tok0, i_h, o_c, m_t, H)
+        b_last = chunk_total(b_b, o_c, eos - bos - m * BT, BT)
+        b_f = tl.where(m_t, tl.exp((b_last - b_b).to(tl.float32)), 0.)  # exp(G_end - G_s)
+        b_D = tl.zeros([BK, BV], dtype=tl.float32)
+        for l in range(1, NL + 1):  # the levels whose bit l - 1 is 0 in m
+            if ((m >> (l - 1)) & 1) == 0:
+                b_D += level_state(p_sc, l, b_dec, o_l, o_s, BK, BV)
+        b_dk = tl.dot(b_vv, tl.trans(b_D).to(b_vv.dtype), input_precision=PRECISION)
+        b_dv = tl.dot(b_k, b_D.to(b_k.dtype), input_precision=PRECISION) * b_f[:, None]
+        p_dk = dk + (slot + p_r)[:, None] * K + o_k[None, :]
+        m_dk = m_t[:, None] & (o_k < K)[None, :]
+        b_dk *= b_f[:, None]
+        if i_v == 0:  # slot 0 holds the chunk's own part
+            b_dk += tl.load(p_dk, mask=m_dk, other=0.)
+        tl.store(p_dk, b_dk, mask=m_dk)
+        tl.store(ys + slot + p_r, tl.sum(b_dv * b_vv.to(tl.float32), 1), mask=m_t)
+        tl.store(dv + p_o, b_dv + tl.load(dv + p_o, mask=m_o, other=0.), mask=m_o)
+        # to chunk m - 1: every accumulator decays over chunk m, then m's queries join the
+        # levels whose bit is set in m
+        b_dec *= tl.exp(b_last.to(tl.float32))
+        b_q = load_rows(q + (tok0 * G + i_g) * K, o_c, m_t, o_k, K, G)
+        b_do = tl.load(do + p_o, mask=m_o, other=0.)
+        b_e = tl.exp(b_b.to(tl.float32)) * scale  # exp(G_t - G_{mC - 1}) scale
+        for l in range(1, NL + 1):
+            if ((m >> (l - 1)) & 1) == 1:
+                b_l = level_weights(ls, tok0, i_h, o_c, m_t & (C_BITS + l < L), C_BITS + l,
+                                    H, L)
+                b_E = tl.dot(tl.trans(b_q), (b_do * (b_l * b_e)[:, None]).to(b_do.dtype),
+                             input_precision=PRECISION)
+                # a sibling block starts afresh at its top chunk (bits 0 .. l - 1 of m set);
+                # at a partial block's top, NT - 1, the accumulator is still the scratch's 0
+                top = (2 << (l - 1)) - 1
+                if (m & top) != top:
+                    b_E += level_state(p_sc, l, b_dec, o_l, o_s, BK, BV)
+                tl.store(p_sc + (l - 1) * BK * BV + o_s, b_E)
+                b_dec = tl.where(o_l == l - 1, 1., b_dec)
+
+
+@triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
+@triton.jit(do_not_specialize=['T', 'R'])
+def chunk_log_linear_attn_bwd_gates_kernel(
+    dgi, xs, ys, dg, cu_seqlens, chunk_offsets, T, R, H: tl.constexpr, NV: tl.constexpr,
+    BT: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """One sequence and head: dg from the chunks' own straddling sums and the walks' X and Y
+    (step 4 of the module docstring)."""
+    i_nh = tl.program_id(0)
+    i_h = i_nh % H
+    bos, eos, NT, c0 = walk_bounds(cu_seqlens, chunk_offsets, i_nh // H, T, BT, IS_VARLEN)
+    o_c = tl.arange(0, BT)
+    b_z = tl.sum(tl.zeros([BT], dtype=tl.float64), 0)  # Z_n, then + the chunk's sum of Y
+    for n in range(NT):
+        m_t = n * BT + o_c < eos - bos
+        p_r = (bos + n * BT + o_c) * H + i_h
+        b_x = tl.zeros([BT], dtype=tl.float64)
+        b_y = tl.zeros([BT], dtype=tl.float64)
+        for i_v in range(NV):
+            b_x += tl.load(xs + i_v * R + p_r, mask=m_t, other=0.).to(tl.float64)
+            b_y += tl.load(ys + i_v * R + p_r, mask=m_t, other=0.).to(tl.float64)
+        b_z -= tl.sum(b_x, 0)
+        b_dg = (tl.load(dgi + p_r, mask=m_t, other=0.).to(tl.float64)
+                + tl.cumsum(b_x, 0, reverse=True) + tl.cumsum(b_y, 0) - b_y + b_z)
+        tl.store(dg + p_r, b_dg.to(tl.float32), mask=m_t)
+        b_z += tl.sum(b_y, 0)
+
+
+def chunk_backward(q, k, v, g, level_scales, do, scale, cu_seqlens, BT, BV, NL):
+    """dq, dk, dv, dg, d level_scales of chunk_log_linear_attn (in the inputs' dtypes), from
+    the saved inputs and dO; BT, BV, NL as the forward's."""
+    B, T, G, K = q.shape
+    H, V, L = v.shape[2], v.shape[3], level_scales.shape[-1]
+    do = do.contiguous()
+    N, NT, chunk_indices, chunk_offsets = chunk_layout(B, T, cu_seqlens, BT)
+    chunks = NT * (B if cu_seqlens is None else 1)
+    BK = max(MIN_TILE, triton.next_power_of_2(K))
+    NV = triton.cdiv(V, BV)
+    R = B * T * H
+    f32 = {"dtype": torch.float32, "device": q.device}
+    dq = torch.empty(NV, B, T, H, K, **f32)
+    dk = torch.empty(NV, B, T, H, K, **f32)
+    dv = torch.empty(B, T, H, V, **f32)
+    dls = torch.zeros(NV, B, T, H, L, **f32)
+    xs, ys = torch.empty(NV, B, T, H, **f32), torch.empty(NV, B, T, H, **f32)
+    dgi, dg = torch.empty(B, T, H, **f32), torch.empty(B, T, H, **f32)
+    meta = dict(G=G, H=H, K=K, V=V, L=L, BK=BK, BV=BV, BT=BT, C_BITS=BT.bit_length() - 1,
+                PRECISION=dot_precision(q.dtype), num_warps=4)
+    walk = dict(NL=NL, BL=triton.next_power_of_2(NL), **meta)
+    if NT:
+        hc = torch.empty(chunks, H, K, V, **f32)
+        chunk_log_linear_attn_bwd_local_kernel[(NT, B * H)](
+            q, k, v, do, g, level_scales, hc, dq, dk, dv, dls, dgi, cu_seqlens, chunk_indices,
+            float(scale), T, **{**meta, "BK": MIN_TILE, "num_warps": WIDE_WARPS})
+        sc = torch.empty(N * H * NV, NL, BK, BV, **f32)
+        chunk_log_linear_attn_bwd_dq_kernel[(NV, N * H)](
+            q, do, g, level_scales, hc, sc, dq, dls, xs, cu_seqlens, chunk_offsets,
+            float(scale), T, R, **walk)
+        del hc
+        sc.zero_()  # the reverse walk's accumulators start empty
+        chunk_log_linear_attn_bwd_dkv_kernel[(NV, N * H)](
+            q, k, v, do, g, level_scales, sc, dk, dv, ys, cu_seqlens, chunk_offsets,
+            float(scale), T, R, **{**walk, "num_warps": WIDE_WARPS})
+        chunk_log_linear_attn_bwd_gates_kernel[(N * H,)](
+            dgi, xs, ys, dg, cu_seqlens, chunk_offsets, T, R, H=H, NV=NV, BT=BT)
+    else:
+        for x in (dq, dk, dv, dg):
+            x.zero_()
+    dq, dk = (x.sum(0).view(B, T, G, H // G, K).sum(3) for x in (dq, dk))
+    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype),
+            dls.sum(0).to(level_scales.dtype))

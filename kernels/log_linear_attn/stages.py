@@ -1,0 +1,80 @@
+"""Stages shared by log-linear attention's forward and backward kernels (chunk.py, chunk_bwd.py):
+a chunk's levels, gates and level weights, and the Fenwick level states of a walk.
+
+A walk keeps the states of levels 1 .. NL (above the chunk's own levels) in a float32 scratch
+``p_sc`` of [NL, BK, BV] and one decay factor per level on chip in ``b_dec`` [BL]: the true
+state of level l is b_dec[l - 1] * p_sc[l - 1], so decaying every state over a chunk is one
+multiplication of a vector.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def chunk_levels(o_c, C_BITS: tl.constexpr):
+    """lvl(i, j) = bit_length(i XOR j) over a chunk's positions o_c, [C, C] int32."""
+    x = o_c[:, None] ^ o_c[None, :]
+    lvl = tl.zeros_like(x)
+    for b in tl.static_range(C_BITS):
+        lvl += ((x >> b) > 0).to(tl.int32)
+    return lvl
+
+
+@triton.jit
+def chunk_gates(g, tok0, i_h, o_c, m_t, H: tl.constexpr):
+    """The chunk's cumulative log gates b [C] (b_i = sum of g over its tokens 0 .. i), float64,
+    0 past the sequence's end (the gates there read as 0)."""
+    b_g = tl.load(g + (tok0 + o_c) * H + i_h, mask=m_t, other=0.).to(tl.float64)
+    return tl.cumsum(b_g, 0)
+
+
+@triton.jit
+def chunk_total(b_b, o_c, n_real, BT: tl.constexpr):
+    """The chunk's total log gate: b at its last real token (n_real tokens, at most BT)."""
+    return tl.sum(tl.where(o_c == tl.minimum(BT, n_real) - 1, b_b, 0.), 0)
+
+
+@triton.jit
+def level_weights(ls, tok0, i_h, o_c, m_t, lvl, H: tl.constexpr, L: tl.constexpr):
+    """level_scales[t, lvl] over the chunk's tokens (0 past the sequence's end)."""
+    return tl.load(ls + ((tok0 + o_c) * H + i_h) * L + lvl, mask=m_t, other=0.).to(tl.float32)
+
+
+@triton.jit
+def intra_weights(ls, tok0, i_h, o_c, m_t, lvl, H: tl.constexpr, L: tl.constexpr,
+                  C_BITS: tl.constexpr, BT: tl.constexpr):
+    """level_scales[i, lvl(i, j)] over a chunk's pairs, [C, C] float32 (levels 0 .. c; a
+    shorter sequence has fewer levels, and no pair at the missing ones)."""
+    b_w = tl.zeros([BT, BT], dtype=tl.float32)
+    for j in tl.static_range(C_BITS + 1):
+        if j < L:
+            b_l = level_weights(ls, tok0, i_h, o_c, m_t, j, H, L)
+            b_w += tl.where(lvl == j, b_l[:, None], 0.)
+    return b_w
+
+
+@triton.jit
+def level_state(p_sc, l, b_dec, o_l, o_s, BK: tl.constexpr, BV: tl.constexpr):
+    """The state of level l (>= 1) with its decay applied, [BK, BV] float32."""
+    d_l = tl.sum(tl.where(o_l == l - 1, b_dec, 0.), 0)
+    return d_l * tl.load(p_sc + (l - 1) * BK * BV + o_s)
+
+
+@triton.jit
+def merge_levels(p_sc, b_H, b_dec, n, o_l, o_s, BK: tl.constexpr, BV: tl.constexpr,
+                 NL: tl.constexpr):
+    """The forward walk's step after chunk n (b_dec already decayed over it, b_H the chunk's
+    own state): levels 1 .. p and b_H merge into level p + 1, p the trailing zeros of n + 1
+    (references/log_linear_attn.py). Returns the decays."""
+    p = 0  # trailing zeros of n + 1, at most NL
+    for b in tl.static_range(NL):
+        p += tl.where(((n + 1) & ((2 << b) - 1)) == 0, 1, 0)
+    for l in range(1, p + 1):
+        b_H += level_state(p_sc, l, b_dec, o_l, o_s, BK, BV)
+    if p < NL:
+        tl.store(p_sc + p * BK * BV + o_s, b_H)
+        b_dec = tl.where(o_l == p, 1., b_dec)
+    return b_dec
