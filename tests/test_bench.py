@@ -209,6 +209,26 @@ def test_torchrun_shards_rows_and_rank0_gathers_them_once(tmp_path):
     assert meta["commands"][0].startswith("torchrun --nproc-per-node=2 -m harness bench")
 
 
+# ---------------------------------------------------------------- q/k groups
+def test_groups_set_the_grouped_operators_G_and_nothing_else(tmp_path):
+    """--groups 1 with H = 2: log-linear attention's rows carry G = 1 and read half the q/k
+    bytes of G = H; the delta rule, which has no groups, is unchanged."""
+    common = ["--seq-len", "16", "--no-isolate", "--batch", "1", "--heads", "2", "--head-dim",
+              "8", "--mode", "fwd", "--warmup", "0", "--rep", "5", "--device", "cpu"]
+    frames = {}
+    for name, extra in (("grouped", ["--groups", "1"]), ("plain", [])):
+        res = runner.invoke(app, ["bench", "log_linear_attn", "delta_rule", "--impl",
+                                  "chunk_ref", "--out", str(tmp_path / name), *common, *extra])
+        assert res.exit_code == 0, res.output
+        frames[name] = pd.read_csv(tmp_path / name / "bench.csv").set_index("op")
+    grouped, plain = frames["grouped"], frames["plain"]
+    assert grouped.loc["log_linear_attn", "G"] == 1 and grouped["G"].isna()["delta_rule"]
+    assert grouped.loc["log_linear_attn", "bytes"] < plain.loc["log_linear_attn", "bytes"]
+    assert grouped.loc["delta_rule", "bytes"] == plain.loc["delta_rule", "bytes"]
+    bad = runner.invoke(app, ["bench", "log_linear_attn", "--groups", "3", *common])
+    assert bad.exit_code != 0 and "--groups: expected a divisor of H = 2, got 3" in bad.output
+
+
 # ---------------------------------------------------------------- a real CPU run, then report
 def test_cpu_run_of_a_triton_kernel_against_the_sdpa_baseline(tmp_path):
     out = tmp_path / "out"

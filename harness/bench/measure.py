@@ -26,13 +26,14 @@ from harness.cases import Case, case_dims, cast_args, sample
 from harness.implementation import DTYPES, Implementation
 from references.operators import OPERATORS
 
-# The identity of a row of a sweep: --resume skips a row whose key is done.
+# The identity of a row of a sweep: --resume skips a row whose key is done. A row of an
+# operator with q/k groups also has G (--groups; rows without it have G = H).
 KEY = ("op", "impl", "dtype", "mode", "B", "T", "H", "D")
 CPU_MIN_REPS, CPU_MAX_REPS = 3, 100
 
 
 def row_key(row: dict[str, Any]) -> tuple:
-    return tuple(row[k] for k in KEY)
+    return (*(row[k] for k in KEY), row.get("G"))
 
 
 # The timed inputs' log gates: logsigmoid(x) / 16, x standard normal (GLA layers divide their
@@ -42,12 +43,22 @@ def row_key(row: dict[str, Any]) -> tuple:
 BENCH_GATE = 1 / 16
 
 
-def bench_case(op_name: str, B: int, T: int, H: int, head_dim: int, seed: int = 0) -> Case:
-    """The case a benchmark times: one shape (K = V = D, G = H), default options, no states,
-    log gates of strength BENCH_GATE."""
+def bench_case(op_name: str, B: int, T: int, H: int, head_dim: int, seed: int = 0,
+               G: int | None = None) -> Case:
+    """The case a benchmark times: one shape (K = V = D; G q/k groups where the operator has
+    them, default H), default options, no states, log gates of strength BENCH_GATE."""
     options = {name: values[0] for name, values in OPERATORS[op_name].options.items()}
-    return Case(op=op_name, dims=case_dims(op_name, B, T, H, head_dim), initial_state=False,
-                output_final_state=False, options=options, seed=seed, gate=BENCH_GATE)
+    return Case(op=op_name, dims=case_dims(op_name, B, T, H, head_dim, G=G),
+                initial_state=False, output_final_state=False, options=options, seed=seed,
+                gate=BENCH_GATE)
+
+
+def row_case(row: dict[str, Any], seed: int = 0) -> Case:
+    """bench_case of a row (or a worker's spec): its op, B, T, H, D and G where it has one."""
+    G = row.get("G")
+    G = None if G is None or G != G else int(G)  # absent, or NaN in a table of mixed rows
+    return bench_case(row["op"], int(row["B"]), int(row["T"]), int(row["H"]), int(row["D"]),
+                      seed, G)
 
 
 _INPUTS: dict[tuple, dict[str, Any]] = {}  # the last case's inputs, in its dtype, on its device
@@ -135,7 +146,7 @@ def run_spec(spec: dict[str, Any], device: str | None = None) -> dict[str, Any]:
 
     device = spec["device"]
     impl = get(spec["op"], spec["impl"])
-    case = bench_case(spec["op"], spec["B"], spec["T"], spec["H"], spec["D"], spec.get("seed", 0))
+    case = row_case(spec, spec.get("seed", 0))
     try:
         step = make_call(impl, case, spec["dtype"], spec["mode"], device)
         if device == "cuda":

@@ -38,7 +38,7 @@ def jobs(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             continue
         key = tuple(row[k] for k in JOB_KEY)
         if key not in chosen or row["T"] < chosen[key]["T"]:
-            chosen[key] = {k: row[k] for k in (*JOB_KEY, "B", "T", "H", "D")}
+            chosen[key] = {k: row[k] for k in (*JOB_KEY, "B", "T", "H", "D", "G") if k in row}
     return list(chosen.values())
 
 
@@ -90,10 +90,10 @@ def main(spec: dict[str, Any]) -> None:
     from harness.worker import prepare
 
     device = prepare(spec)
-    from harness.bench.measure import bench_case, make_call
+    from harness.bench.measure import make_call, row_case
     from harness.registry import get
 
-    case = bench_case(spec["op"], spec["B"], spec["T"], spec["H"], spec["D"])
+    case = row_case(spec)
     make_call(get(spec["op"], spec["impl"]), case, spec["dtype"], spec["mode"], device)()
     if device == "cuda":
         import torch

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from harness.bench.costs import cost
-from harness.bench.measure import KEY, bench_case
+from harness.bench.measure import KEY, row_case
 
 COLUMNS = list(KEY) + [
     "kind", "status", "reason", "ms", "ms_p20", "ms_p80", "peak_mb", "tokens_per_s", "flops",
@@ -51,7 +51,7 @@ def frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def _cost(row: pd.Series) -> tuple[float, float]:
-    case = bench_case(row["op"], int(row["B"]), int(row["T"]), int(row["H"]), int(row["D"]))
+    case = row_case(row)
     model = "softmax_attention" if row["kind"] == "baseline" else row["op"]
     c = cost(model, case.dims, row["dtype"], row["mode"], case.options)
     return c.flops, c.bytes
@@ -95,7 +95,9 @@ def pivot(df: pd.DataFrame, value: str = "ms", fmt: str = "{:.3f}") -> pd.DataFr
     implementation, cells formatted; failed rows read ``failed``/``timeout``, skipped ``-``."""
     if df.empty:
         return pd.DataFrame()
-    index = ["op"] + _varying(df, ["dtype"]) + ["mode"] + _varying(df, ["B", "H", "D"]) + ["T"]
+    grouped = "G" in df and bool(df["G"].notna().all())  # G where every row has one
+    shape = ["B", "G", "H", "D"] if grouped else ["B", "H", "D"]
+    index = ["op"] + _varying(df, ["dtype"]) + ["mode"] + _varying(df, shape) + ["T"]
     impls = list(dict.fromkeys(df["impl"]))
 
     def cell(r: pd.Series) -> str:

@@ -1,6 +1,7 @@
 """The sweep of ``harness bench``: which rows, measured in which process, kept where.
 
-A row is one (op, impl, dtype, mode, B, T, H, D) (``harness.bench.KEY``). The sweep
+A row is one (op, impl, dtype, mode, B, T, H, D) (``harness.bench.KEY``), with G for an
+operator with q/k groups under --groups. The sweep
 
 * plans every row in a fixed order (operator, T, dtype, mode, implementation); rows an
   implementation cannot run (dtype, no backward, a declined case, too long for the Triton
@@ -37,6 +38,7 @@ from typing import Any, Callable
 
 from harness.bench.measure import KEY, bench_case, row_key
 from harness.implementation import Implementation
+from references.operators import OPERATORS
 
 DONE = ("ok", "skipped")
 DIST_TIMEOUT = timedelta(hours=24)  # ranks wait for the slowest one at the final gather
@@ -65,6 +67,7 @@ class Sweep:
     plugins: list[str] = field(default_factory=list)
     max_time: float | None = None  # s: start no row after this (a device's time limit)
     prewarm: int = 0  # processes compiling the rows' kernels before timing (harness.bench.prewarm)
+    groups: int | None = None  # G, for the operators with q/k groups (None: G = H)
 
 
 def skip_reason(impl: Implementation, case: Any, dtype: str, mode: str, device: str) -> str | None:
@@ -82,12 +85,15 @@ def plan(sweep: Sweep) -> list[dict[str, Any]]:
     rows = []
     for op, impls in sweep.impls.items():
         for T in sweep.seq_lens:
-            case = bench_case(op, sweep.batch, T, sweep.heads, sweep.head_dim)
+            grouped = sweep.groups is not None and "G" in OPERATORS[op].dims
+            G = sweep.groups if grouped else None
+            case = bench_case(op, sweep.batch, T, sweep.heads, sweep.head_dim, G=G)
             for dtype in sweep.dtypes:
                 for mode in sweep.modes:
                     for impl in impls:
                         row = dict(op=op, impl=impl.name, dtype=dtype, mode=mode, B=sweep.batch,
-                                   T=T, H=sweep.heads, D=sweep.head_dim, kind=impl.kind)
+                                   T=T, H=sweep.heads, D=sweep.head_dim, kind=impl.kind,
+                                   **({"G": G} if grouped else {}))
                         reason = skip_reason(impl, case, dtype, mode, sweep.device)
                         if reason:
                             row.update(status="skipped", reason=reason)

@@ -125,7 +125,8 @@ def bench(
     impl: list[str] = typer.Option([], "--impl", help="implementation(s), comma-separated or repeated; default: every available one (on a GPU: kernels, peers and baselines, no references)"),
     seq_len: Optional[str] = typer.Option(None, help="comma-separated T values (default: 2048,8192 on cuda, 64,128 on cpu)"),
     batch: Optional[int] = typer.Option(None, help="B (default: 2 on cuda, 1 on cpu)"),
-    heads: Optional[int] = typer.Option(None, help="H, and G = H for log-linear (default: 16 on cuda, 2 on cpu)"),
+    heads: Optional[int] = typer.Option(None, help="H (default: 16 on cuda, 2 on cpu)"),
+    groups: Optional[int] = typer.Option(None, help="G, the q/k groups of the operators that have them (log-linear attention); H must be a multiple (default: G = H)"),
     head_dim: Optional[int] = typer.Option(None, help="K = V, D for TTT/Titans (default: 128 on cuda, 16 on cpu)"),
     dtype: Optional[str] = typer.Option(None, help="input dtype(s), comma-separated (default: bfloat16 on cuda, float32 on cpu)"),
     mode: str = typer.Option("fwd,fwdbwd", help="fwd, bwd and/or fwdbwd, comma-separated"),
@@ -168,6 +169,8 @@ def bench(
     B = _positive(batch, "--batch", d["batch"])
     H = _positive(heads, "--heads", d["heads"])
     D = _positive(head_dim, "--head-dim", d["head_dim"])
+    if groups is not None and (groups < 1 or H % groups):
+        fail(f"--groups: expected a divisor of H = {H}, got {groups}")
     dtypes = split([dtype]) if dtype is not None else d["dtype"]
     for name in dtypes:
         if name not in DTYPES:
@@ -193,6 +196,7 @@ def bench(
     args = ["bench", *ops] + (["--impl", ",".join(split(impl))] if impl else [])
     args += ["--seq-len", ",".join(map(str, seq_lens)), "--batch", str(B), "--heads", str(H),
              "--head-dim", str(D), "--dtype", ",".join(dtypes), "--mode", ",".join(modes)]
+    args += ["--groups", str(groups)] if groups is not None else []
     args += (["--baseline", baseline] if baseline else []) + ["--warmup", f"{warmup:g}",
              "--rep", f"{rep:g}", "--timeout", f"{timeout:g}", "--device", device, "--out", str(out)]
     args += ["--max-time", f"{max_time:g}"] if max_time is not None else []
@@ -203,7 +207,7 @@ def bench(
     sweep = sw.Sweep(impls=chosen, seq_lens=seq_lens, batch=B, heads=H, head_dim=D,
                      dtypes=dtypes, modes=modes, device=device, out=out, warmup=warmup, rep=rep,
                      timeout=timeout, isolate=isolate, resume=resume, plugins=list(plugin),
-                     max_time=max_time, prewarm=prewarm)
+                     max_time=max_time, prewarm=prewarm, groups=groups)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if device == "cpu" and rank == 0:
         console.print(f"[yellow bold]{CPU_CAVEAT}[/]")
