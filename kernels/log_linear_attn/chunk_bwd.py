@@ -274,9 +274,11 @@ def chunk_log_linear_attn_bwd_gates_kernel(
         p_r = (bos + n * BT + o_c) * H + i_h
         b_x = tl.zeros([BT], dtype=tl.float64)
         b_y = tl.zeros([BT], dtype=tl.float64)
+        p_s = p_r  # int64: the rows in value tile i_v's slot
         for i_v in range(NV):
-            b_x += tl.load(xs + i_v * R + p_r, mask=m_t, other=0.).to(tl.float64)
-            b_y += tl.load(ys + i_v * R + p_r, mask=m_t, other=0.).to(tl.float64)
+            b_x += tl.load(xs + p_s, mask=m_t, other=0.).to(tl.float64)
+            b_y += tl.load(ys + p_s, mask=m_t, other=0.).to(tl.float64)
+            p_s += R
         b_z -= tl.sum(b_x, 0)
         b_dg = (tl.load(dgi + p_r, mask=m_t, other=0.).to(tl.float64)
                 + tl.cumsum(b_x, 0, reverse=True) + tl.cumsum(b_y, 0) - b_y + b_z)
