@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from harness.check.engine import rel_error
-from kernels.log_linear_attn import chunk_log_linear_attn
+from kernels.log_linear_attn import chunk, chunk_log_linear_attn
 from references.log_linear_attn import naive_log_linear_attn
 from references.operators import levels_needed
 
@@ -94,6 +94,21 @@ def test_far_pairs_with_weak_gates():
     accumulator holding a chunk it should not (or missing one) moves o or a gradient by
     1e-2 or more; with the gates above such pairs weigh exp(-130) and hide it."""
     got, ref = grads(inputs(1, 1100, 1, 1, 16, 16, gate=-1e-3))
+    for name in ref:
+        assert rel_error(got[name], ref[name]) < 1e-5, (name, rel_error(got[name], ref[name]))
+
+
+@pytest.mark.parametrize("B,T,G,H,K,V,cu,gate", [
+    (1, 1100, 1, 1, 16, 16, None, -1e-3),
+    (2, 130, 2, 4, 100, 70, None, None),
+    (1, 401, 1, 2, 16, 16, [0, 70, 70, 71, 401], None),
+])
+def test_states_formed_in_the_walks(monkeypatch, B, T, G, H, K, V, cu, gate):
+    """chunk.WALK_STATES: the walks form each chunk's own state instead of reading the local
+    kernels' buffer (left empty: a read of it is out of bounds). Same bound, same reasons;
+    measured as the default (the same products, in another kernel)."""
+    monkeypatch.setattr(chunk, "WALK_STATES", True)
+    got, ref = grads(inputs(B, T, G, H, K, V, gate=gate), cu=cu)
     for name in ref:
         assert rel_error(got[name], ref[name]) < 1e-5, (name, rel_error(got[name], ref[name]))
 

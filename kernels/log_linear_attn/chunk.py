@@ -36,8 +36,8 @@ from kernels.common.utils import (MIN_TILE, check_launchable, chunk_bounds, chun
                                   chunk_layout, dot_precision, load_rows, walk_bounds)
 from kernels.log_linear_attn.chunk_bwd import chunk_backward
 from kernels.log_linear_attn.stages import (chunk_gates, chunk_levels, chunk_total,
-                                            intra_weights, level_state, level_weights,
-                                            merge_levels)
+                                            decay_to_end, intra_weights, level_state,
+                                            level_weights, merge_levels, own_state, walk_state)
 from references.operators import LOG_LINEAR, levels_needed
 
 __all__ = ["chunk_log_linear_attn"]
@@ -46,6 +46,12 @@ BT = 64  # C, the chunk: levels 0 .. 6 inside it
 MAX_DIM = 256  # K and V
 BV = 64  # the value tile (utils.MIN_TILE: narrower tiles met Triton 3.6 miscompiles)
 
+# Switch, off: the walks (the forward's and the backward's dq walk) form each chunk's own state
+# H_n from k and v themselves, one [K, 64] x [64, 64] product a chunk more in the walk, instead
+# of reading it from a float32 [chunks, H, K, V] buffer the local kernel wrote (1.07 GB at
+# B = 2, T = 32K, H = 16, K = V = 128, in the forward and again in the backward). Not yet timed.
+WALK_STATES = False
+
 
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
 @triton.jit(do_not_specialize=['T'])
@@ -53,10 +59,10 @@ def chunk_log_linear_attn_fwd_local_kernel(
     q, k, v, g, ls, o_acc, hc, cu_seqlens, chunk_indices, scale, T, G: tl.constexpr,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, BT: tl.constexpr, C_BITS: tl.constexpr, PRECISION: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
+    STATES_IN_WALK: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    """One value tile, chunk and head: the chunk's own output and state (step 1 of the module
-    docstring)."""
+    """One value tile, chunk and head: the chunk's own output, and its state unless the walk
+    forms it (step 1 of the module docstring)."""
     i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_h = i_bh % H
     i_g = i_h // (H // G)
@@ -80,25 +86,27 @@ def chunk_log_linear_attn_fwd_local_kernel(
     b_o = tl.dot(b_A.to(b_vv.dtype), b_vv, input_precision=PRECISION)
     tl.store(o_acc + ((tok0 + o_c) * H + i_h)[:, None] * V + o_v[None, :], b_o,
              mask=m_t[:, None] & (o_v < V)[None, :])
-    # H_n = sum_s exp(b_last - b_s) k_s v_s^T (b_last: the last real token's)
-    b_last = chunk_total(b_b, o_c, eos - bos - i_t * BT, BT)
-    b_ks = b_k * tl.where(m_t, tl.exp((b_last - b_b).to(tl.float32)), 0.)[:, None]
-    b_h = tl.dot(tl.trans(b_ks.to(b_vv.dtype)), b_vv, input_precision=PRECISION)
-    i_s = chunk_index(i_c, i_bh, i_t, T, H, BT, IS_VARLEN) * H + i_h
-    tl.store(hc + (i_s * K + o_k[:, None]) * V + o_v[None, :], b_h,
-             mask=(o_k < K)[:, None] & (o_v < V)[None, :])
+    if not STATES_IN_WALK:  # H_n (b_last: the last real token's)
+        b_f = decay_to_end(b_b, chunk_total(b_b, o_c, eos - bos - i_t * BT, BT), m_t)
+        b_h = own_state(k + (tok0 * G + i_g) * K, v + (tok0 * H + i_h) * V, o_c, m_t, o_k, o_v,
+                        b_f, K, V, G, H, PRECISION)
+        i_s = chunk_index(i_c, i_bh, i_t, T, H, BT, IS_VARLEN) * H + i_h
+        tl.store(hc + (i_s * K + o_k[:, None]) * V + o_v[None, :], b_h,
+                 mask=(o_k < K)[:, None] & (o_v < V)[None, :])
 
 
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
 @triton.jit(do_not_specialize=['T'])
 def chunk_log_linear_attn_fwd_levels_kernel(
-    q, g, ls, o_acc, o, hc, sc, cu_seqlens, chunk_offsets, scale, T, G: tl.constexpr,
+    q, k, v, g, ls, o_acc, o, hc, sc, cu_seqlens, chunk_offsets, scale, T, G: tl.constexpr,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, BT: tl.constexpr, C_BITS: tl.constexpr, NL: tl.constexpr,
-    BL: tl.constexpr, PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr,
+    BL: tl.constexpr, PRECISION: tl.constexpr, STATES_IN_WALK: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):
     """One value tile, sequence and head: the chunks in order, the level states in the scratch
-    sc [programs, NL, BK, BV] (step 2 of the module docstring)."""
+    sc [programs, NL, BK, BV] (step 2 of the module docstring); each chunk's own state read
+    from hc, or formed here (STATES_IN_WALK)."""
     i_v, i_nh = tl.program_id(0), tl.program_id(1)
     i_h = i_nh % H
     i_g = i_h // (H // G)
@@ -107,7 +115,6 @@ def chunk_log_linear_attn_fwd_levels_kernel(
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     o_l = tl.arange(0, BL)
-    m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
     o_s = o_k[:, None] * BV + tl.arange(0, BV)[None, :]
     p_sc = sc + (i_nh * tl.num_programs(0) + i_v).to(tl.int64) * NL * BK * BV
     b_dec = tl.zeros([BL], dtype=tl.float32)  # each level state's decay since it was written
@@ -130,9 +137,9 @@ def chunk_log_linear_attn_fwd_levels_kernel(
         tl.store(o + p_o, b_o.to(o.dtype.element_ty), mask=m_o)
         # to chunk n + 1: every state decays by the chunk's gates; levels 1 .. p and H_n merge
         # into level p + 1 (p: trailing zeros of n + 1)
+        b_H = walk_state(k, v, hc, b_b, tok0, c0 + n, i_g, i_h, o_c, m_t, o_k, o_v,
+                         eos - bos - n * BT, K, V, G, H, BT, PRECISION, STATES_IN_WALK)
         b_dec *= tl.exp(chunk_total(b_b, o_c, eos - bos - n * BT, BT).to(tl.float32))
-        b_H = tl.load(hc + ((c0 + n) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
-                      mask=m_kv, other=0.)
         b_dec = merge_levels(p_sc, b_H, b_dec, n, o_l, o_s, BK, BV, NL)
 
 
@@ -143,7 +150,7 @@ def _levels_above(B: int, T: int, cu_seqlens: torch.Tensor | None) -> int:
     return max(1, levels_needed(triton.cdiv(longest, BT)) - 1)
 
 
-def _forward(q, k, v, g, level_scales, scale, cu_seqlens, NL):
+def _forward(q, k, v, g, level_scales, scale, cu_seqlens, NL, states_in_walk):
     """o of the module docstring's two kernels (contiguous inputs, checked)."""
     B, T, G, K = q.shape
     H, V, L = v.shape[2], v.shape[3], level_scales.shape[-1]
@@ -153,18 +160,18 @@ def _forward(q, k, v, g, level_scales, scale, cu_seqlens, NL):
     NV = triton.cdiv(V, BV)
     f32 = {"dtype": torch.float32, "device": q.device}
     o_acc = torch.empty(B, T, H, V, **f32)
-    hc = torch.empty(chunks, H, K, V, **f32)
+    hc = torch.empty(0 if states_in_walk else chunks, H, K, V, **f32)
     o = torch.empty_like(v)
     meta = dict(G=G, H=H, K=K, V=V, L=L, BK=BK, BV=BV, BT=BT, C_BITS=BT.bit_length() - 1,
-                PRECISION=dot_precision(q.dtype), num_warps=4)
+                PRECISION=dot_precision(q.dtype), STATES_IN_WALK=states_in_walk, num_warps=4)
     if NT:
         chunk_log_linear_attn_fwd_local_kernel[(NV, NT, B * H)](
             q, k, v, g, level_scales, o_acc, hc, cu_seqlens, chunk_indices, float(scale), T,
             **meta)
         sc = torch.empty(N * H * NV, NL, BK, BV, **f32)
         chunk_log_linear_attn_fwd_levels_kernel[(NV, N * H)](
-            q, g, level_scales, o_acc, o, hc, sc, cu_seqlens, chunk_offsets, float(scale), T,
-            NL=NL, BL=triton.next_power_of_2(NL), **meta)
+            q, k, v, g, level_scales, o_acc, o, hc, sc, cu_seqlens, chunk_offsets,
+            float(scale), T, NL=NL, BL=triton.next_power_of_2(NL), **meta)
     return o
 
 
@@ -174,16 +181,17 @@ class ChunkLogLinearAttnFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, level_scales, scale, cu_seqlens, NL):
-        o = _forward(q, k, v, g, level_scales, scale, cu_seqlens, NL)
+        o = _forward(q, k, v, g, level_scales, scale, cu_seqlens, NL, WALK_STATES)
         ctx.save_for_backward(q, k, v, g, level_scales, cu_seqlens)
         ctx.scale, ctx.NL = scale, NL
+        ctx.states_in_walk = WALK_STATES  # the switch as the forward ran
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, g, level_scales, cu_seqlens = ctx.saved_tensors
         grads = chunk_backward(q, k, v, g, level_scales, do, ctx.scale, cu_seqlens, BT, BV,
-                               ctx.NL)
+                               ctx.NL, ctx.states_in_walk)
         return (*grads, None, None, None)
 
 

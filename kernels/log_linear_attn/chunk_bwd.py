@@ -49,8 +49,8 @@ import triton.language as tl
 from kernels.common.utils import (MIN_TILE, chunk_bounds, chunk_index, chunk_layout, dot_precision,
                                   load_rows, walk_bounds)
 from kernels.log_linear_attn.stages import (chunk_gates, chunk_levels, chunk_total,
-                                            intra_weights, level_state, level_weights,
-                                            merge_levels)
+                                            decay_to_end, intra_weights, level_state,
+                                            level_weights, merge_levels, own_state, walk_state)
 
 __all__ = ["chunk_backward"]
 
@@ -65,10 +65,10 @@ def chunk_log_linear_attn_bwd_local_kernel(
     q, k, v, do, g, ls, hc, dq, dk, dv, dls, dgi, cu_seqlens, chunk_indices, scale, T,
     G: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, C_BITS: tl.constexpr,
-    PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr,
+    PRECISION: tl.constexpr, STATES_IN_WALK: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    """One chunk and head: its own pairs' gradients and its state (step 1 of the module
-    docstring); K in tiles of BK."""
+    """One chunk and head: its own pairs' gradients, and its state unless the dq walk forms it
+    (step 1 of the module docstring); K in tiles of BK."""
     i_c, i_bh = tl.program_id(0), tl.program_id(1)
     i_h = i_bh % H
     i_g = i_h // (H // G)
@@ -91,8 +91,7 @@ def chunk_log_linear_attn_bwd_local_kernel(
                        tl.trans(load_rows(p_k, o_c, m_t, o_k, K, G)), input_precision=PRECISION)
     b_A0 *= b_ed
     b_A = b_A0 * b_w  # the forward's scores
-    b_last = chunk_total(b_b, o_c, eos - bos - i_t * BT, BT)
-    b_f = tl.where(m_t, tl.exp((b_last - b_b).to(tl.float32)), 0.)  # exp(b_last - b_s)
+    b_f = decay_to_end(b_b, chunk_total(b_b, o_c, eos - bos - i_t * BT, BT), m_t)
     i_s = chunk_index(i_c, i_bh, i_t, T, H, BT, IS_VARLEN) * H + i_h
     b_dP = tl.zeros([BT, BT], dtype=tl.float32)  # <do_i, v_j>
     for i_v in range(tl.cdiv(V, BV)):
@@ -104,10 +103,10 @@ def chunk_log_linear_attn_bwd_local_kernel(
         b_dP += tl.dot(b_do, tl.trans(b_vv), input_precision=PRECISION)
         b_dv = tl.dot(tl.trans(b_A).to(b_do.dtype), b_do, input_precision=PRECISION)
         tl.store(dv + p_o, b_dv, mask=m_o)
-        for i_k in range(tl.cdiv(K, BK)):  # H_n = sum_s exp(b_last - b_s) k_s v_s^T
+        for i_k in range(0 if STATES_IN_WALK else tl.cdiv(K, BK)):  # H_n
             o_k = i_k * BK + tl.arange(0, BK)
-            b_ks = load_rows(p_k, o_c, m_t, o_k, K, G) * b_f[:, None]
-            b_h = tl.dot(tl.trans(b_ks.to(b_vv.dtype)), b_vv, input_precision=PRECISION)
+            b_h = own_state(p_k, v + (tok0 * H + i_h) * V, o_c, m_t, o_k, o_v, b_f, K, V, G, H,
+                            PRECISION)
             tl.store(hc + (i_s * K + o_k[:, None]) * V + o_v[None, :], b_h,
                      mask=(o_k < K)[:, None] & (o_v < V)[None, :])
     b_Z = b_dP * b_A0  # P / level_scales
@@ -132,10 +131,11 @@ def chunk_log_linear_attn_bwd_local_kernel(
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
 @triton.jit(do_not_specialize=['T', 'R'])
 def chunk_log_linear_attn_bwd_dq_kernel(
-    q, do, g, ls, hc, sc, dq, dls, xs, cu_seqlens, chunk_offsets, scale, T, R,
+    q, k, v, do, g, ls, hc, sc, dq, dls, xs, cu_seqlens, chunk_offsets, scale, T, R,
     G: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, C_BITS: tl.constexpr,
-    NL: tl.constexpr, BL: tl.constexpr, PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr,
+    NL: tl.constexpr, BL: tl.constexpr, PRECISION: tl.constexpr, STATES_IN_WALK: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):
     """One value tile, sequence and head: the chunks in order, each one's pairs with earlier
     chunks for dq and the level weights (step 2 of the module docstring); R = B * T * H rows
@@ -148,7 +148,6 @@ def chunk_log_linear_attn_bwd_dq_kernel(
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     o_l = tl.arange(0, BL)
-    m_kv = (o_k < K)[:, None] & (o_v < V)[None, :]
     o_s = o_k[:, None] * BV + tl.arange(0, BV)[None, :]
     p_sc = sc + (i_nh * tl.num_programs(0) + i_v).to(tl.int64) * NL * BK * BV
     slot = i_v.to(tl.int64) * R  # this value tile's rows of dq, dls, xs
@@ -181,9 +180,9 @@ def chunk_log_linear_attn_bwd_dq_kernel(
             b_dq += tl.load(p_dq, mask=m_dq, other=0.)
         tl.store(p_dq, b_dq, mask=m_dq)
         tl.store(xs + slot + p_r, b_x, mask=m_t)
+        b_H = walk_state(k, v, hc, b_b, tok0, c0 + n, i_g, i_h, o_c, m_t, o_k, o_v,
+                         eos - bos - n * BT, K, V, G, H, BT, PRECISION, STATES_IN_WALK)
         b_dec *= tl.exp(chunk_total(b_b, o_c, eos - bos - n * BT, BT).to(tl.float32))
-        b_H = tl.load(hc + ((c0 + n) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
-                      mask=m_kv, other=0.)
         b_dec = merge_levels(p_sc, b_H, b_dec, n, o_l, o_s, BK, BV, NL)
 
 
@@ -220,7 +219,7 @@ def chunk_log_linear_attn_bwd_dkv_kernel(
         b_vv = tl.load(v + p_o, mask=m_o, other=0.)
         b_b = chunk_gates(g, tok0, i_h, o_c, m_t, H)
         b_last = chunk_total(b_b, o_c, eos - bos - m * BT, BT)
-        b_f = tl.where(m_t, tl.exp((b_last - b_b).to(tl.float32)), 0.)  # exp(G_end - G_s)
+        b_f = decay_to_end(b_b, b_last, m_t)  # exp(G_end - G_s)
         b_D = tl.zeros([BK, BV], dtype=tl.float32)
         for l in range(1, NL + 1):  # the levels whose bit l - 1 is 0 in m
             if ((m >> (l - 1)) & 1) == 0:
@@ -286,9 +285,11 @@ def chunk_log_linear_attn_bwd_gates_kernel(
         b_z += tl.sum(b_y, 0)
 
 
-def chunk_backward(q, k, v, g, level_scales, do, scale, cu_seqlens, BT, BV, NL):
+def chunk_backward(q, k, v, g, level_scales, do, scale, cu_seqlens, BT, BV, NL,
+                   states_in_walk):
     """dq, dk, dv, dg, d level_scales of chunk_log_linear_attn (in the inputs' dtypes), from
-    the saved inputs and dO; BT, BV, NL as the forward's."""
+    the saved inputs and dO; BT, BV, NL and the chunks' states' place (chunk.WALK_STATES) as
+    the forward's."""
     B, T, G, K = q.shape
     H, V, L = v.shape[2], v.shape[3], level_scales.shape[-1]
     do = do.contiguous()
@@ -308,14 +309,15 @@ def chunk_backward(q, k, v, g, level_scales, do, scale, cu_seqlens, BT, BV, NL):
                 PRECISION=dot_precision(q.dtype), num_warps=4)
     walk = dict(NL=NL, BL=triton.next_power_of_2(NL), **meta)
     if NT:
-        hc = torch.empty(chunks, H, K, V, **f32)
+        hc = torch.empty(0 if states_in_walk else chunks, H, K, V, **f32)
         chunk_log_linear_attn_bwd_local_kernel[(NT, B * H)](
             q, k, v, do, g, level_scales, hc, dq, dk, dv, dls, dgi, cu_seqlens, chunk_indices,
-            float(scale), T, **{**meta, "BK": MIN_TILE, "num_warps": WIDE_WARPS})
+            float(scale), T, STATES_IN_WALK=states_in_walk,
+            **{**meta, "BK": MIN_TILE, "num_warps": WIDE_WARPS})
         sc = torch.empty(N * H * NV, NL, BK, BV, **f32)
         chunk_log_linear_attn_bwd_dq_kernel[(NV, N * H)](
-            q, do, g, level_scales, hc, sc, dq, dls, xs, cu_seqlens, chunk_offsets,
-            float(scale), T, R, **walk)
+            q, k, v, do, g, level_scales, hc, sc, dq, dls, xs, cu_seqlens, chunk_offsets,
+            float(scale), T, R, STATES_IN_WALK=states_in_walk, **walk)
         del hc
         sc.zero_()  # the reverse walk's accumulators start empty
         chunk_log_linear_attn_bwd_dkv_kernel[(NV, N * H)](

@@ -12,6 +12,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kernels.common.utils import load_rows
+
 
 @triton.jit
 def chunk_levels(o_c, C_BITS: tl.constexpr):
@@ -54,6 +56,39 @@ def intra_weights(ls, tok0, i_h, o_c, m_t, lvl, H: tl.constexpr, L: tl.constexpr
             b_l = level_weights(ls, tok0, i_h, o_c, m_t, j, H, L)
             b_w += tl.where(lvl == j, b_l[:, None], 0.)
     return b_w
+
+
+@triton.jit
+def decay_to_end(b_b, b_last, m_t):
+    """exp(b_last - b_s) over the chunk's tokens s (0 past the sequence's end), float32."""
+    return tl.where(m_t, tl.exp((b_last - b_b).to(tl.float32)), 0.)
+
+
+@triton.jit
+def own_state(p_k, p_v, o_c, m_t, o_k, o_v, b_f, K: tl.constexpr, V: tl.constexpr,
+              G: tl.constexpr, H: tl.constexpr, PRECISION: tl.constexpr):
+    """The chunk's own state H_n = sum_s exp(b_last - b_s) k_s v_s^T on rows o_k, columns o_v,
+    float32; p_k at the chunk's first key row of its group, p_v at its first value row of its
+    head, b_f = decay_to_end."""
+    b_k = load_rows(p_k, o_c, m_t, o_k, K, G) * b_f[:, None]
+    b_v = load_rows(p_v, o_c, m_t, o_v, V, H)
+    return tl.dot(tl.trans(b_k.to(b_v.dtype)), b_v, input_precision=PRECISION)
+
+
+@triton.jit
+def walk_state(k, v, hc, b_b, tok0, i_s, i_g, i_h, o_c, m_t, o_k, o_v, n_real,
+               K: tl.constexpr, V: tl.constexpr, G: tl.constexpr, H: tl.constexpr,
+               BT: tl.constexpr, PRECISION: tl.constexpr, STATES_IN_WALK: tl.constexpr):
+    """A walk's tile of chunk i_s's own state (n_real tokens from tok0): formed from k and v
+    (STATES_IN_WALK), or read from hc [chunks, H, K, V] where the local kernel stored it."""
+    if STATES_IN_WALK:
+        b_f = decay_to_end(b_b, chunk_total(b_b, o_c, n_real, BT), m_t)
+        b_H = own_state(k + (tok0 * G + i_g) * K, v + (tok0 * H + i_h) * V, o_c, m_t, o_k, o_v,
+                        b_f, K, V, G, H, PRECISION)
+    else:
+        b_H = tl.load(hc + (i_s * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
+                      mask=(o_k < K)[:, None] & (o_v < V)[None, :], other=0.)
+    return b_H
 
 
 @triton.jit
