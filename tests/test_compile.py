@@ -60,6 +60,7 @@ COVER = {
                          "chunk_log_linear_attn_bwd_local_kernel",
                          "chunk_log_linear_attn_bwd_dq_kernel",
                          "chunk_log_linear_attn_bwd_dkv_kernel",
+                         "chunk_log_linear_attn_bwd_walks_kernel",
                          "chunk_log_linear_attn_bwd_gates_kernel"}),
     # Titans': a partial last mini-batch at D = 64 and 128, varlen, and the largest tiles (64 x 64)
     "titans": (["partial-64+6", "partial-200", "varlen-empty", "cs64-d64"],

@@ -52,6 +52,11 @@ BV = 64  # the value tile (utils.MIN_TILE: narrower tiles met Triton 3.6 miscomp
 # B = 2, T = 32K, H = 16, K = V = 128, in the forward and again in the backward). Not yet timed.
 WALK_STATES = False
 
+# Switch, off: the backward's two walks (dq forward, dk and dv in reverse), independent of each
+# other, in one launch side by side instead of one after the other: twice the programs at once
+# (64 each at B = 2, H = 16, V = 128 on an H200's 132 SMs), both at 8 warps. Not yet timed.
+WALKS_TOGETHER = False
+
 
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
 @triton.jit(do_not_specialize=['T'])
@@ -184,14 +189,14 @@ class ChunkLogLinearAttnFunction(torch.autograd.Function):
         o = _forward(q, k, v, g, level_scales, scale, cu_seqlens, NL, WALK_STATES)
         ctx.save_for_backward(q, k, v, g, level_scales, cu_seqlens)
         ctx.scale, ctx.NL = scale, NL
-        ctx.states_in_walk = WALK_STATES  # the switch as the forward ran
+        ctx.switches = (WALK_STATES, WALKS_TOGETHER)  # the switches as the forward ran
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, g, level_scales, cu_seqlens = ctx.saved_tensors
         grads = chunk_backward(q, k, v, g, level_scales, do, ctx.scale, cu_seqlens, BT, BV,
-                               ctx.NL, ctx.states_in_walk)
+                               ctx.NL, *ctx.switches)
         return (*grads, None, None, None)
 
 

@@ -35,6 +35,8 @@ the last because g_r enters exp(G_t - G_s) exactly when s < r <= t. Four kernels
    s < r in chunk n + Z_n, the pairs from before chunk n to after it, Z_n = Z_{n-1} + sum of
    Y over chunk n - 1 - sum of X over chunk n (float64).
 
+The two walks are independent: under the switch chunk.WALKS_TOGETHER one launch runs them side
+by side (``chunk_log_linear_attn_bwd_walks_kernel``, a third grid axis for the direction).
 The walks give dq, dk and the level weights' gradients per value tile (they sum over V): one
 float32 slot per tile, summed after, the local kernel's part in slot 0; dv and H_n are
 per tile. q and k's gradients are per head, summed over the heads of a group after.
@@ -128,10 +130,9 @@ def chunk_log_linear_attn_bwd_local_kernel(
     tl.store(dgi + p_r, tl.sum(tl.where(o_c[:, None] >= o_c[None, :], b_Pc, 0.), 0), mask=m_t)
 
 
-@triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
-@triton.jit(do_not_specialize=['T', 'R'])
-def chunk_log_linear_attn_bwd_dq_kernel(
-    q, k, v, do, g, ls, hc, sc, dq, dls, xs, cu_seqlens, chunk_offsets, scale, T, R,
+@triton.jit
+def dq_walk(
+    i_v, i_nh, q, k, v, do, g, ls, hc, sc, dq, dls, xs, cu_seqlens, chunk_offsets, scale, T, R,
     G: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, C_BITS: tl.constexpr,
     NL: tl.constexpr, BL: tl.constexpr, PRECISION: tl.constexpr, STATES_IN_WALK: tl.constexpr,
@@ -139,8 +140,7 @@ def chunk_log_linear_attn_bwd_dq_kernel(
 ):
     """One value tile, sequence and head: the chunks in order, each one's pairs with earlier
     chunks for dq and the level weights (step 2 of the module docstring); R = B * T * H rows
-    a slot."""
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    a slot; program (i_v, i_nh)."""
     i_h = i_nh % H
     i_g = i_h // (H // G)
     bos, eos, NT, c0 = walk_bounds(cu_seqlens, chunk_offsets, i_nh // H, T, BT, IS_VARLEN)
@@ -186,17 +186,16 @@ def chunk_log_linear_attn_bwd_dq_kernel(
         b_dec = merge_levels(p_sc, b_H, b_dec, n, o_l, o_s, BK, BV, NL)
 
 
-@triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
-@triton.jit(do_not_specialize=['T', 'R'])
-def chunk_log_linear_attn_bwd_dkv_kernel(
-    q, k, v, do, g, ls, sc, dk, dv, ys, cu_seqlens, chunk_offsets, scale, T, R,
+@triton.jit
+def dkv_walk(
+    i_v, i_nh, q, k, v, do, g, ls, sc, dk, dv, ys, cu_seqlens, chunk_offsets, scale, T, R,
     G: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, C_BITS: tl.constexpr,
     NL: tl.constexpr, BL: tl.constexpr, PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """One value tile, sequence and head: the chunks in reverse, each one's pairs with later
-    chunks for dk and dv (step 3 of the module docstring); the scratch sc starts at zero."""
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    chunks for dk and dv (step 3 of the module docstring); the scratch sc starts at zero;
+    program (i_v, i_nh)."""
     i_h = i_nh % H
     i_g = i_h // (H // G)
     bos, eos, NT, c0 = walk_bounds(cu_seqlens, chunk_offsets, i_nh // H, T, BT, IS_VARLEN)
@@ -257,6 +256,56 @@ def chunk_log_linear_attn_bwd_dkv_kernel(
 
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
 @triton.jit(do_not_specialize=['T', 'R'])
+def chunk_log_linear_attn_bwd_dq_kernel(
+    q, k, v, do, g, ls, hc, sc, dq, dls, xs, cu_seqlens, chunk_offsets, scale, T, R,
+    G: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, C_BITS: tl.constexpr,
+    NL: tl.constexpr, BL: tl.constexpr, PRECISION: tl.constexpr, STATES_IN_WALK: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """The dq walk, one program per (value tile, sequence, head)."""
+    dq_walk(tl.program_id(0), tl.program_id(1), q, k, v, do, g, ls, hc, sc, dq, dls, xs,
+            cu_seqlens, chunk_offsets, scale, T, R, G, H, K, V, L, BK, BV, BT, C_BITS, NL, BL, PRECISION, STATES_IN_WALK,
+            IS_VARLEN)
+
+
+@triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
+@triton.jit(do_not_specialize=['T', 'R'])
+def chunk_log_linear_attn_bwd_dkv_kernel(
+    q, k, v, do, g, ls, sc, dk, dv, ys, cu_seqlens, chunk_offsets, scale, T, R,
+    G: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, C_BITS: tl.constexpr,
+    NL: tl.constexpr, BL: tl.constexpr, PRECISION: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """The reverse walk, one program per (value tile, sequence, head)."""
+    dkv_walk(tl.program_id(0), tl.program_id(1), q, k, v, do, g, ls, sc, dk, dv, ys,
+             cu_seqlens, chunk_offsets, scale, T, R, G, H, K, V, L, BK, BV, BT, C_BITS, NL, BL, PRECISION, IS_VARLEN)
+
+
+@triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
+@triton.jit(do_not_specialize=['T', 'R'])
+def chunk_log_linear_attn_bwd_walks_kernel(
+    q, k, v, do, g, ls, hc, sc, sc_r, dq, dk, dv, dls, xs, ys, cu_seqlens, chunk_offsets, scale,
+    T, R,
+    G: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, C_BITS: tl.constexpr,
+    NL: tl.constexpr, BL: tl.constexpr, PRECISION: tl.constexpr, STATES_IN_WALK: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """Both walks in one launch (WALKS_TOGETHER): program (i_v, i_nh, 0) walks for dq, (i_v,
+    i_nh, 1) in reverse for dk and dv, with its own zeroed scratch sc_r."""
+    if tl.program_id(2) == 0:
+        dq_walk(tl.program_id(0), tl.program_id(1), q, k, v, do, g, ls, hc, sc, dq, dls, xs,
+                cu_seqlens, chunk_offsets, scale, T, R, G, H, K, V, L, BK, BV, BT, C_BITS, NL, BL, PRECISION, STATES_IN_WALK,
+                IS_VARLEN)
+    else:
+        dkv_walk(tl.program_id(0), tl.program_id(1), q, k, v, do, g, ls, sc_r, dk, dv, ys,
+                 cu_seqlens, chunk_offsets, scale, T, R, G, H, K, V, L, BK, BV, BT, C_BITS, NL, BL, PRECISION, IS_VARLEN)
+
+
+@triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
+@triton.jit(do_not_specialize=['T', 'R'])
 def chunk_log_linear_attn_bwd_gates_kernel(
     dgi, xs, ys, dg, cu_seqlens, chunk_offsets, T, R, H: tl.constexpr, NV: tl.constexpr,
     BT: tl.constexpr, IS_VARLEN: tl.constexpr,
@@ -286,10 +335,10 @@ def chunk_log_linear_attn_bwd_gates_kernel(
 
 
 def chunk_backward(q, k, v, g, level_scales, do, scale, cu_seqlens, BT, BV, NL,
-                   states_in_walk):
+                   states_in_walk, walks_together):
     """dq, dk, dv, dg, d level_scales of chunk_log_linear_attn (in the inputs' dtypes), from
-    the saved inputs and dO; BT, BV, NL and the chunks' states' place (chunk.WALK_STATES) as
-    the forward's."""
+    the saved inputs and dO; BT, BV, NL and the switches (chunk.WALK_STATES,
+    chunk.WALKS_TOGETHER) as the forward's."""
     B, T, G, K = q.shape
     H, V, L = v.shape[2], v.shape[3], level_scales.shape[-1]
     do = do.contiguous()
@@ -315,14 +364,21 @@ def chunk_backward(q, k, v, g, level_scales, do, scale, cu_seqlens, BT, BV, NL,
             float(scale), T, STATES_IN_WALK=states_in_walk,
             **{**meta, "BK": MIN_TILE, "num_warps": WIDE_WARPS})
         sc = torch.empty(N * H * NV, NL, BK, BV, **f32)
-        chunk_log_linear_attn_bwd_dq_kernel[(NV, N * H)](
-            q, k, v, do, g, level_scales, hc, sc, dq, dls, xs, cu_seqlens, chunk_offsets,
-            float(scale), T, R, STATES_IN_WALK=states_in_walk, **walk)
-        del hc
-        sc.zero_()  # the reverse walk's accumulators start empty
-        chunk_log_linear_attn_bwd_dkv_kernel[(NV, N * H)](
-            q, k, v, do, g, level_scales, sc, dk, dv, ys, cu_seqlens, chunk_offsets,
-            float(scale), T, R, **{**walk, "num_warps": WIDE_WARPS})
+        if walks_together:  # the reverse walk's accumulators start empty, in a scratch of their
+            # own (the walks run at once on a GPU; the interpreter runs them one after the other)
+            chunk_log_linear_attn_bwd_walks_kernel[(NV, N * H, 2)](
+                q, k, v, do, g, level_scales, hc, sc, torch.zeros_like(sc), dq, dk, dv, dls, xs,
+                ys, cu_seqlens, chunk_offsets, float(scale), T, R, STATES_IN_WALK=states_in_walk,
+                **{**walk, "num_warps": WIDE_WARPS})
+        else:
+            chunk_log_linear_attn_bwd_dq_kernel[(NV, N * H)](
+                q, k, v, do, g, level_scales, hc, sc, dq, dls, xs, cu_seqlens, chunk_offsets,
+                float(scale), T, R, STATES_IN_WALK=states_in_walk, **walk)
+            del hc
+            sc.zero_()
+            chunk_log_linear_attn_bwd_dkv_kernel[(NV, N * H)](
+                q, k, v, do, g, level_scales, sc, dk, dv, ys, cu_seqlens, chunk_offsets,
+                float(scale), T, R, **{**walk, "num_warps": WIDE_WARPS})
         chunk_log_linear_attn_bwd_gates_kernel[(N * H,)](
             dgi, xs, ys, dg, cu_seqlens, chunk_offsets, T, R, H=H, NV=NV, BT=BT)
     else:
