@@ -14,9 +14,10 @@ the last because g_r enters exp(G_t - G_s) exactly when s < r <= t. Four kernels
    pairs: dP = dO V^T over every value tile, then dq, dk, dv and the level weights' gradients
    of levels 0 .. c, the chunk's straddling sums for dg (an exclusive prefix sum over s by a
    product with a strictly triangular matrix: no row sum minus its diagonal, which would
-   cancel to rounding noise when the gates are strong) and the chunk's state H_n.
+   cancel to rounding noise when the gates are strong) and the chunk's state H_n (unless the
+   dq walk forms it: chunk.WALK_STATES).
 2. ``chunk_log_linear_attn_bwd_dq_kernel``, one program per (value tile, sequence, head): the
-   forward's walk again, the level states rebuilt from H_n; chunk n adds to dq_t, for every
+   forward's walk again, the level states rebuilt from the H_n; chunk n adds to dq_t, for every
    level c + l it reads, level_scales[t, c + l] exp(G_t - G_{nC - 1}) scale S_l do_t, and
    writes d level_scales[t, c + l] = exp(G_t - G_{nC - 1}) scale <S_l^T q_t, do_t> and
    X_t = sum_l level_scales[t, c + l] d level_scales[t, c + l] (the pairs t has with earlier
@@ -48,8 +49,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common.utils import (MIN_TILE, chunk_bounds, chunk_index, chunk_layout, dot_precision,
-                                  load_rows, walk_bounds)
+from kernels.common.utils import (MIN_TILE, chunk_bounds, chunk_index, chunk_layout,
+                                  dot_precision, load_rows, walk_bounds)
 from kernels.log_linear_attn.stages import (chunk_gates, chunk_levels, chunk_total,
                                             decay_to_end, intra_weights, level_state,
                                             level_weights, merge_levels, own_state, walk_state)
@@ -265,8 +266,8 @@ def chunk_log_linear_attn_bwd_dq_kernel(
 ):
     """The dq walk, one program per (value tile, sequence, head)."""
     dq_walk(tl.program_id(0), tl.program_id(1), q, k, v, do, g, ls, hc, sc, dq, dls, xs,
-            cu_seqlens, chunk_offsets, scale, T, R, G, H, K, V, L, BK, BV, BT, C_BITS, NL, BL, PRECISION, STATES_IN_WALK,
-            IS_VARLEN)
+            cu_seqlens, chunk_offsets, scale, T, R, G, H, K, V, L, BK, BV, BT, C_BITS, NL, BL,
+            PRECISION, STATES_IN_WALK, IS_VARLEN)
 
 
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
@@ -275,20 +276,19 @@ def chunk_log_linear_attn_bwd_dkv_kernel(
     q, k, v, do, g, ls, sc, dk, dv, ys, cu_seqlens, chunk_offsets, scale, T, R,
     G: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, C_BITS: tl.constexpr,
-    NL: tl.constexpr, BL: tl.constexpr, PRECISION: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
+    NL: tl.constexpr, BL: tl.constexpr, PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """The reverse walk, one program per (value tile, sequence, head)."""
     dkv_walk(tl.program_id(0), tl.program_id(1), q, k, v, do, g, ls, sc, dk, dv, ys,
-             cu_seqlens, chunk_offsets, scale, T, R, G, H, K, V, L, BK, BV, BT, C_BITS, NL, BL, PRECISION, IS_VARLEN)
+             cu_seqlens, chunk_offsets, scale, T, R, G, H, K, V, L, BK, BV, BT, C_BITS, NL, BL,
+             PRECISION, IS_VARLEN)
 
 
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
 @triton.jit(do_not_specialize=['T', 'R'])
 def chunk_log_linear_attn_bwd_walks_kernel(
     q, k, v, do, g, ls, hc, sc, sc_r, dq, dk, dv, dls, xs, ys, cu_seqlens, chunk_offsets, scale,
-    T, R,
-    G: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
+    T, R, G: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, C_BITS: tl.constexpr,
     NL: tl.constexpr, BL: tl.constexpr, PRECISION: tl.constexpr, STATES_IN_WALK: tl.constexpr,
     IS_VARLEN: tl.constexpr,
@@ -297,11 +297,12 @@ def chunk_log_linear_attn_bwd_walks_kernel(
     i_nh, 1) in reverse for dk and dv, with its own zeroed scratch sc_r."""
     if tl.program_id(2) == 0:
         dq_walk(tl.program_id(0), tl.program_id(1), q, k, v, do, g, ls, hc, sc, dq, dls, xs,
-                cu_seqlens, chunk_offsets, scale, T, R, G, H, K, V, L, BK, BV, BT, C_BITS, NL, BL, PRECISION, STATES_IN_WALK,
-                IS_VARLEN)
+                cu_seqlens, chunk_offsets, scale, T, R, G, H, K, V, L, BK, BV, BT, C_BITS, NL,
+                BL, PRECISION, STATES_IN_WALK, IS_VARLEN)
     else:
         dkv_walk(tl.program_id(0), tl.program_id(1), q, k, v, do, g, ls, sc_r, dk, dv, ys,
-                 cu_seqlens, chunk_offsets, scale, T, R, G, H, K, V, L, BK, BV, BT, C_BITS, NL, BL, PRECISION, IS_VARLEN)
+                 cu_seqlens, chunk_offsets, scale, T, R, G, H, K, V, L, BK, BV, BT, C_BITS, NL,
+                 BL, PRECISION, IS_VARLEN)
 
 
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
