@@ -33,7 +33,8 @@ import triton
 import triton.language as tl
 
 from kernels.common.utils import (MIN_TILE, check_launchable, chunk_bounds, chunk_index,
-                                  chunk_layout, dot_precision, load_rows, walk_bounds)
+                                  chunk_layout, dot_mixed, dot_precision, finite_part,
+                                  first_bad_row, load_rows, poison_rows, walk_bounds)
 from kernels.log_linear_attn.chunk_bwd import chunk_backward
 from kernels.log_linear_attn.stages import (chunk_gates, chunk_levels, chunk_total,
                                             decay_to_end, intra_weights, level_state,
@@ -57,6 +58,17 @@ WALK_STATES = False
 # (64 each at B = 2, H = 16, V = 128 on an H200's 132 SMs), both at 8 warps. Not yet timed.
 WALKS_TOGETHER = False
 
+# How the walks and the chunks' own states multiply a float32 state, accumulator or decayed key
+# with the inputs' half-precision rows (utils.dot_mixed): "split" keeps ~16 bits of the float32
+# side in two products; "round" rounds it to the inputs' dtype in one. dg's carry across chunks
+# adds each pair of chunks once from the reverse walk and takes it out again from the forward
+# one; rounded, the two differ by a rounding of the pair and the differences add up over the
+# chunks. float16, log gates uniform in [-0.1, 0] (CPU): dg 1.34e-3 rounded against 2.17e-4
+# split at T = 4096, 6.37e-3 against 2.15e-4 at T = 16384 (dq, dk, dv 3.5e-4 to 3.7e-4
+# either way); bfloat16 rounds 8x coarser. Float32 inputs: exact products either way. Split's
+# cost is not yet timed.
+WALK_MIXED = "split"
+
 
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
 @triton.jit(do_not_specialize=['T'])
@@ -64,11 +76,12 @@ def chunk_log_linear_attn_fwd_local_kernel(
     q, k, v, g, ls, o_acc, hc, cu_seqlens, chunk_indices, scale, T, G: tl.constexpr,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, BT: tl.constexpr, C_BITS: tl.constexpr, PRECISION: tl.constexpr,
-    STATES_IN_WALK: tl.constexpr, IS_VARLEN: tl.constexpr,
+    MIXED: tl.constexpr, STATES_IN_WALK: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """One value tile, chunk and head: the chunk's own output, and its state unless the walk
-    forms it (step 1 of the module docstring)."""
-    i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    forms it (step 1 of the module docstring). A non-finite v_s reaches rows t >= s only
+    (utils.finite_part: masks select)."""
+    i_c, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_h = i_bh % H
     i_g = i_h // (H // G)
     bos, eos, i_t = chunk_bounds(cu_seqlens, chunk_indices, i_c, i_bh // H, T, BT, IS_VARLEN)
@@ -80,8 +93,8 @@ def chunk_log_linear_attn_fwd_local_kernel(
     # q and k rows of group i_g: tokens G rows apart (utils.load_rows's row step)
     b_q = load_rows(q + (tok0 * G + i_g) * K, o_c, m_t, o_k, K, G)
     b_k = load_rows(k + (tok0 * G + i_g) * K, o_c, m_t, o_k, K, G)
-    b_vv = tl.load(v + ((tok0 + o_c) * H + i_h)[:, None] * V + o_v[None, :],
-                   mask=m_t[:, None] & (o_v < V)[None, :], other=0.)
+    b_vv, b_bad = finite_part(tl.load(v + ((tok0 + o_c) * H + i_h)[:, None] * V + o_v[None, :],
+                                      mask=m_t[:, None] & (o_v < V)[None, :], other=0.), True)
     b_b = chunk_gates(g, tok0, i_h, o_c, m_t, H)
     b_w = intra_weights(ls, tok0, i_h, o_c, m_t, chunk_levels(o_c, C_BITS), H, L, C_BITS, BT)
     causal = (o_c[:, None] >= o_c[None, :]) & m_t[None, :]
@@ -89,12 +102,13 @@ def chunk_log_linear_attn_fwd_local_kernel(
     b_A = tl.where(causal, tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION), 0.)
     b_A = b_A * b_decay * b_w * scale
     b_o = tl.dot(b_A.to(b_vv.dtype), b_vv, input_precision=PRECISION)
+    b_o = poison_rows(b_o, o_c, first_bad_row(b_bad, o_c, BT), True)
     tl.store(o_acc + ((tok0 + o_c) * H + i_h)[:, None] * V + o_v[None, :], b_o,
              mask=m_t[:, None] & (o_v < V)[None, :])
     if not STATES_IN_WALK:  # H_n (b_last: the last real token's)
         b_f = decay_to_end(b_b, chunk_total(b_b, o_c, eos - bos - i_t * BT, BT), m_t)
         b_h = own_state(k + (tok0 * G + i_g) * K, v + (tok0 * H + i_h) * V, o_c, m_t, o_k, o_v,
-                        b_f, K, V, G, H, PRECISION)
+                        b_f, K, V, G, H, PRECISION, MIXED)
         i_s = chunk_index(i_c, i_bh, i_t, T, H, BT, IS_VARLEN) * H + i_h
         tl.store(hc + (i_s * K + o_k[:, None]) * V + o_v[None, :], b_h,
                  mask=(o_k < K)[:, None] & (o_v < V)[None, :])
@@ -106,13 +120,13 @@ def chunk_log_linear_attn_fwd_levels_kernel(
     q, k, v, g, ls, o_acc, o, hc, sc, cu_seqlens, chunk_offsets, scale, T, G: tl.constexpr,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, BT: tl.constexpr, C_BITS: tl.constexpr, NL: tl.constexpr,
-    BL: tl.constexpr, PRECISION: tl.constexpr, STATES_IN_WALK: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
+    BL: tl.constexpr, PRECISION: tl.constexpr, MIXED: tl.constexpr,
+    STATES_IN_WALK: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """One value tile, sequence and head: the chunks in order, the level states in the scratch
     sc [programs, NL, BK, BV] (step 2 of the module docstring); each chunk's own state read
     from hc, or formed here (STATES_IN_WALK)."""
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_nh, i_v = tl.program_id(0), tl.program_id(1)
     i_h = i_nh % H
     i_g = i_h // (H // G)
     bos, eos, NT, c0 = walk_bounds(cu_seqlens, chunk_offsets, i_nh // H, T, BT, IS_VARLEN)
@@ -121,7 +135,7 @@ def chunk_log_linear_attn_fwd_levels_kernel(
     o_v = i_v * BV + tl.arange(0, BV)
     o_l = tl.arange(0, BL)
     o_s = o_k[:, None] * BV + tl.arange(0, BV)[None, :]
-    p_sc = sc + (i_nh * tl.num_programs(0) + i_v).to(tl.int64) * NL * BK * BV
+    p_sc = sc + (i_nh * tl.cdiv(V, BV) + i_v).to(tl.int64) * NL * BK * BV
     b_dec = tl.zeros([BL], dtype=tl.float32)  # each level state's decay since it was written
     for n in range(NT):
         tok0 = bos + n * BT
@@ -137,13 +151,13 @@ def chunk_log_linear_attn_fwd_levels_kernel(
                 b_S = level_state(p_sc, l, b_dec, o_l, o_s, BK, BV)
                 b_l = level_weights(ls, tok0, i_h, o_c, m_t & (C_BITS + l < L), C_BITS + l, H,
                                     L)
-                b_qs = tl.dot(b_q, b_S.to(b_q.dtype), input_precision=PRECISION)
+                b_qs = dot_mixed(b_q, b_S, PRECISION, MIXED)
                 b_o += (b_l * b_e)[:, None] * b_qs
         tl.store(o + p_o, b_o.to(o.dtype.element_ty), mask=m_o)
         # to chunk n + 1: every state decays by the chunk's gates; levels 1 .. p and H_n merge
         # into level p + 1 (p: trailing zeros of n + 1)
         b_H = walk_state(k, v, hc, b_b, tok0, c0 + n, i_g, i_h, o_c, m_t, o_k, o_v,
-                         eos - bos - n * BT, K, V, G, H, BT, PRECISION, STATES_IN_WALK)
+                         eos - bos - n * BT, K, V, G, H, BT, PRECISION, MIXED, STATES_IN_WALK)
         b_dec *= tl.exp(chunk_total(b_b, o_c, eos - bos - n * BT, BT).to(tl.float32))
         b_dec = merge_levels(p_sc, b_H, b_dec, n, o_l, o_s, BK, BV, NL)
 
@@ -155,7 +169,7 @@ def _levels_above(B: int, T: int, cu_seqlens: torch.Tensor | None) -> int:
     return max(1, levels_needed(triton.cdiv(longest, BT)) - 1)
 
 
-def _forward(q, k, v, g, level_scales, scale, cu_seqlens, NL, states_in_walk):
+def _forward(q, k, v, g, level_scales, scale, cu_seqlens, NL, states_in_walk, mixed):
     """o of the module docstring's two kernels (contiguous inputs, checked)."""
     B, T, G, K = q.shape
     H, V, L = v.shape[2], v.shape[3], level_scales.shape[-1]
@@ -168,13 +182,15 @@ def _forward(q, k, v, g, level_scales, scale, cu_seqlens, NL, states_in_walk):
     hc = torch.empty(0 if states_in_walk else chunks, H, K, V, **f32)
     o = torch.empty_like(v)
     meta = dict(G=G, H=H, K=K, V=V, L=L, BK=BK, BV=BV, BT=BT, C_BITS=BT.bit_length() - 1,
-                PRECISION=dot_precision(q.dtype), STATES_IN_WALK=states_in_walk, num_warps=4)
+                PRECISION=dot_precision(q.dtype), MIXED=mixed, STATES_IN_WALK=states_in_walk,
+                num_warps=4)
     if NT:
-        chunk_log_linear_attn_fwd_local_kernel[(NV, NT, B * H)](
+        # grid axes 1 and 2 take at most 65535: chunks and sequences x heads go on axis 0
+        chunk_log_linear_attn_fwd_local_kernel[(NT, NV, B * H)](
             q, k, v, g, level_scales, o_acc, hc, cu_seqlens, chunk_indices, float(scale), T,
             **meta)
         sc = torch.empty(N * H * NV, NL, BK, BV, **f32)
-        chunk_log_linear_attn_fwd_levels_kernel[(NV, N * H)](
+        chunk_log_linear_attn_fwd_levels_kernel[(N * H, NV)](
             q, k, v, g, level_scales, o_acc, o, hc, sc, cu_seqlens, chunk_offsets,
             float(scale), T, NL=NL, BL=triton.next_power_of_2(NL), **meta)
     return o
@@ -186,10 +202,10 @@ class ChunkLogLinearAttnFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, level_scales, scale, cu_seqlens, NL):
-        o = _forward(q, k, v, g, level_scales, scale, cu_seqlens, NL, WALK_STATES)
+        o = _forward(q, k, v, g, level_scales, scale, cu_seqlens, NL, WALK_STATES, WALK_MIXED)
         ctx.save_for_backward(q, k, v, g, level_scales, cu_seqlens)
         ctx.scale, ctx.NL = scale, NL
-        ctx.switches = (WALK_STATES, WALKS_TOGETHER)  # the switches as the forward ran
+        ctx.switches = (WALK_STATES, WALKS_TOGETHER, WALK_MIXED)  # as the forward ran
         return o
 
     @staticmethod

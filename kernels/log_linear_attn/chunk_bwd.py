@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common.utils import (MIN_TILE, chunk_bounds, chunk_index, chunk_layout,
+from kernels.common.utils import (MIN_TILE, chunk_bounds, chunk_index, chunk_layout, dot_mixed,
                                   dot_precision, load_rows, walk_bounds)
 from kernels.log_linear_attn.stages import (chunk_gates, chunk_levels, chunk_total,
                                             decay_to_end, intra_weights, level_state,
@@ -57,8 +57,9 @@ from kernels.log_linear_attn.stages import (chunk_gates, chunk_levels, chunk_tot
 
 __all__ = ["chunk_backward"]
 
-# the local kernel and the reverse walk hold the most tiles at once: at 4 warps their bfloat16
-# forms took 255 registers and spilled 864 and 812 bytes a thread at K = V = 128 (ptxas, sm_90)
+# the local kernel and the walks hold the most tiles at once: at 4 warps the bfloat16 local
+# kernel and reverse walk took 255 registers and spilled 864 and 812 bytes a thread at
+# K = V = 128 (ptxas, sm_90), and the dq walk 88 bytes with its split state products
 WIDE_WARPS = 8
 
 
@@ -68,7 +69,8 @@ def chunk_log_linear_attn_bwd_local_kernel(
     q, k, v, do, g, ls, hc, dq, dk, dv, dls, dgi, cu_seqlens, chunk_indices, scale, T,
     G: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, C_BITS: tl.constexpr,
-    PRECISION: tl.constexpr, STATES_IN_WALK: tl.constexpr, IS_VARLEN: tl.constexpr,
+    PRECISION: tl.constexpr, MIXED: tl.constexpr, STATES_IN_WALK: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):
     """One chunk and head: its own pairs' gradients, and its state unless the dq walk forms it
     (step 1 of the module docstring); K in tiles of BK."""
@@ -109,7 +111,7 @@ def chunk_log_linear_attn_bwd_local_kernel(
         for i_k in range(0 if STATES_IN_WALK else tl.cdiv(K, BK)):  # H_n
             o_k = i_k * BK + tl.arange(0, BK)
             b_h = own_state(p_k, v + (tok0 * H + i_h) * V, o_c, m_t, o_k, o_v, b_f, K, V, G, H,
-                            PRECISION)
+                            PRECISION, MIXED)
             tl.store(hc + (i_s * K + o_k[:, None]) * V + o_v[None, :], b_h,
                      mask=(o_k < K)[:, None] & (o_v < V)[None, :])
     b_Z = b_dP * b_A0  # P / level_scales
@@ -136,8 +138,8 @@ def dq_walk(
     i_v, i_nh, q, k, v, do, g, ls, hc, sc, dq, dls, xs, cu_seqlens, chunk_offsets, scale, T, R,
     G: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, C_BITS: tl.constexpr,
-    NL: tl.constexpr, BL: tl.constexpr, PRECISION: tl.constexpr, STATES_IN_WALK: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
+    NL: tl.constexpr, BL: tl.constexpr, PRECISION: tl.constexpr, MIXED: tl.constexpr,
+    STATES_IN_WALK: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """One value tile, sequence and head: the chunks in order, each one's pairs with earlier
     chunks for dq and the level weights (step 2 of the module docstring); R = B * T * H rows
@@ -150,7 +152,7 @@ def dq_walk(
     o_v = i_v * BV + tl.arange(0, BV)
     o_l = tl.arange(0, BL)
     o_s = o_k[:, None] * BV + tl.arange(0, BV)[None, :]
-    p_sc = sc + (i_nh * tl.num_programs(0) + i_v).to(tl.int64) * NL * BK * BV
+    p_sc = sc + (i_nh * tl.cdiv(V, BV) + i_v).to(tl.int64) * NL * BK * BV
     slot = i_v.to(tl.int64) * R  # this value tile's rows of dq, dls, xs
     b_dec = tl.zeros([BL], dtype=tl.float32)
     for n in range(NT):
@@ -169,12 +171,11 @@ def dq_walk(
                 b_S = level_state(p_sc, l, b_dec, o_l, o_s, BK, BV)
                 m_l = m_t & (C_BITS + l < L)
                 b_l = level_weights(ls, tok0, i_h, o_c, m_l, C_BITS + l, H, L)
-                b_qs = tl.dot(b_q, b_S.to(b_q.dtype), input_precision=PRECISION)
+                b_qs = dot_mixed(b_q, b_S, PRECISION, MIXED)
                 b_r = tl.sum(b_qs * b_do, 1) * b_e  # d level_scales[t, c + l]
                 tl.store(dls + (slot + p_r) * L + C_BITS + l, b_r, mask=m_l)
                 b_x += b_l * b_r
-                b_dq += (b_l * b_e)[:, None] * tl.dot(b_do, tl.trans(b_S).to(b_do.dtype),
-                                                      input_precision=PRECISION)
+                b_dq += (b_l * b_e)[:, None] * dot_mixed(b_do, tl.trans(b_S), PRECISION, MIXED)
         p_dq = dq + (slot + p_r)[:, None] * K + o_k[None, :]
         m_dq = m_t[:, None] & (o_k < K)[None, :]
         if i_v == 0:  # slot 0 holds the chunk's own part
@@ -182,7 +183,7 @@ def dq_walk(
         tl.store(p_dq, b_dq, mask=m_dq)
         tl.store(xs + slot + p_r, b_x, mask=m_t)
         b_H = walk_state(k, v, hc, b_b, tok0, c0 + n, i_g, i_h, o_c, m_t, o_k, o_v,
-                         eos - bos - n * BT, K, V, G, H, BT, PRECISION, STATES_IN_WALK)
+                         eos - bos - n * BT, K, V, G, H, BT, PRECISION, MIXED, STATES_IN_WALK)
         b_dec *= tl.exp(chunk_total(b_b, o_c, eos - bos - n * BT, BT).to(tl.float32))
         b_dec = merge_levels(p_sc, b_H, b_dec, n, o_l, o_s, BK, BV, NL)
 
@@ -192,7 +193,8 @@ def dkv_walk(
     i_v, i_nh, q, k, v, do, g, ls, sc, dk, dv, ys, cu_seqlens, chunk_offsets, scale, T, R,
     G: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, C_BITS: tl.constexpr,
-    NL: tl.constexpr, BL: tl.constexpr, PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr,
+    NL: tl.constexpr, BL: tl.constexpr, PRECISION: tl.constexpr, MIXED: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):
     """One value tile, sequence and head: the chunks in reverse, each one's pairs with later
     chunks for dk and dv (step 3 of the module docstring); the scratch sc starts at zero;
@@ -205,7 +207,7 @@ def dkv_walk(
     o_v = i_v * BV + tl.arange(0, BV)
     o_l = tl.arange(0, BL)
     o_s = o_k[:, None] * BV + tl.arange(0, BV)[None, :]
-    p_sc = sc + (i_nh * tl.num_programs(0) + i_v).to(tl.int64) * NL * BK * BV
+    p_sc = sc + (i_nh * tl.cdiv(V, BV) + i_v).to(tl.int64) * NL * BK * BV
     slot = i_v.to(tl.int64) * R  # this value tile's rows of dk, ys
     b_dec = tl.zeros([BL], dtype=tl.float32)
     for i in range(NT):
@@ -224,8 +226,8 @@ def dkv_walk(
         for l in range(1, NL + 1):  # the levels whose bit l - 1 is 0 in m
             if ((m >> (l - 1)) & 1) == 0:
                 b_D += level_state(p_sc, l, b_dec, o_l, o_s, BK, BV)
-        b_dk = tl.dot(b_vv, tl.trans(b_D).to(b_vv.dtype), input_precision=PRECISION)
-        b_dv = tl.dot(b_k, b_D.to(b_k.dtype), input_precision=PRECISION) * b_f[:, None]
+        b_dk = dot_mixed(b_vv, tl.trans(b_D), PRECISION, MIXED)
+        b_dv = dot_mixed(b_k, b_D, PRECISION, MIXED) * b_f[:, None]
         p_dk = dk + (slot + p_r)[:, None] * K + o_k[None, :]
         m_dk = m_t[:, None] & (o_k < K)[None, :]
         b_dk *= b_f[:, None]
@@ -244,14 +246,15 @@ def dkv_walk(
             if ((m >> (l - 1)) & 1) == 1:
                 b_l = level_weights(ls, tok0, i_h, o_c, m_t & (C_BITS + l < L), C_BITS + l,
                                     H, L)
-                b_E = tl.dot(tl.trans(b_q), (b_do * (b_l * b_e)[:, None]).to(b_do.dtype),
-                             input_precision=PRECISION)
+                b_E = dot_mixed(tl.trans(b_q), b_do.to(tl.float32) * (b_l * b_e)[:, None],
+                                PRECISION, MIXED)
                 # a sibling block starts afresh at its top chunk (bits 0 .. l - 1 of m set);
                 # at a partial block's top, NT - 1, the accumulator is still the scratch's 0
                 top = (2 << (l - 1)) - 1
                 if (m & top) != top:
                     b_E += level_state(p_sc, l, b_dec, o_l, o_s, BK, BV)
                 tl.store(p_sc + (l - 1) * BK * BV + o_s, b_E)
+                tl.debug_barrier()  # other threads of the program read the tile back
                 b_dec = tl.where(o_l == l - 1, 1., b_dec)
 
 
@@ -261,13 +264,13 @@ def chunk_log_linear_attn_bwd_dq_kernel(
     q, k, v, do, g, ls, hc, sc, dq, dls, xs, cu_seqlens, chunk_offsets, scale, T, R,
     G: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, C_BITS: tl.constexpr,
-    NL: tl.constexpr, BL: tl.constexpr, PRECISION: tl.constexpr, STATES_IN_WALK: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
+    NL: tl.constexpr, BL: tl.constexpr, PRECISION: tl.constexpr, MIXED: tl.constexpr,
+    STATES_IN_WALK: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    """The dq walk, one program per (value tile, sequence, head)."""
-    dq_walk(tl.program_id(0), tl.program_id(1), q, k, v, do, g, ls, hc, sc, dq, dls, xs,
+    """The dq walk, one program per (sequence and head, value tile)."""
+    dq_walk(tl.program_id(1), tl.program_id(0), q, k, v, do, g, ls, hc, sc, dq, dls, xs,
             cu_seqlens, chunk_offsets, scale, T, R, G, H, K, V, L, BK, BV, BT, C_BITS, NL, BL,
-            PRECISION, STATES_IN_WALK, IS_VARLEN)
+            PRECISION, MIXED, STATES_IN_WALK, IS_VARLEN)
 
 
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
@@ -276,12 +279,13 @@ def chunk_log_linear_attn_bwd_dkv_kernel(
     q, k, v, do, g, ls, sc, dk, dv, ys, cu_seqlens, chunk_offsets, scale, T, R,
     G: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, C_BITS: tl.constexpr,
-    NL: tl.constexpr, BL: tl.constexpr, PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr,
+    NL: tl.constexpr, BL: tl.constexpr, PRECISION: tl.constexpr, MIXED: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):
-    """The reverse walk, one program per (value tile, sequence, head)."""
-    dkv_walk(tl.program_id(0), tl.program_id(1), q, k, v, do, g, ls, sc, dk, dv, ys,
+    """The reverse walk, one program per (sequence and head, value tile)."""
+    dkv_walk(tl.program_id(1), tl.program_id(0), q, k, v, do, g, ls, sc, dk, dv, ys,
              cu_seqlens, chunk_offsets, scale, T, R, G, H, K, V, L, BK, BV, BT, C_BITS, NL, BL,
-             PRECISION, IS_VARLEN)
+             PRECISION, MIXED, IS_VARLEN)
 
 
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
@@ -290,19 +294,19 @@ def chunk_log_linear_attn_bwd_walks_kernel(
     q, k, v, do, g, ls, hc, sc, sc_r, dq, dk, dv, dls, xs, ys, cu_seqlens, chunk_offsets, scale,
     T, R, G: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
     BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, C_BITS: tl.constexpr,
-    NL: tl.constexpr, BL: tl.constexpr, PRECISION: tl.constexpr, STATES_IN_WALK: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
+    NL: tl.constexpr, BL: tl.constexpr, PRECISION: tl.constexpr, MIXED: tl.constexpr,
+    STATES_IN_WALK: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    """Both walks in one launch (WALKS_TOGETHER): program (i_v, i_nh, 0) walks for dq, (i_v,
-    i_nh, 1) in reverse for dk and dv, with its own zeroed scratch sc_r."""
+    """Both walks in one launch (WALKS_TOGETHER): program (i_nh, i_v, 0) walks for dq, (i_nh,
+    i_v, 1) in reverse for dk and dv, with its own zeroed scratch sc_r."""
     if tl.program_id(2) == 0:
-        dq_walk(tl.program_id(0), tl.program_id(1), q, k, v, do, g, ls, hc, sc, dq, dls, xs,
+        dq_walk(tl.program_id(1), tl.program_id(0), q, k, v, do, g, ls, hc, sc, dq, dls, xs,
                 cu_seqlens, chunk_offsets, scale, T, R, G, H, K, V, L, BK, BV, BT, C_BITS, NL,
-                BL, PRECISION, STATES_IN_WALK, IS_VARLEN)
+                BL, PRECISION, MIXED, STATES_IN_WALK, IS_VARLEN)
     else:
-        dkv_walk(tl.program_id(0), tl.program_id(1), q, k, v, do, g, ls, sc_r, dk, dv, ys,
+        dkv_walk(tl.program_id(1), tl.program_id(0), q, k, v, do, g, ls, sc_r, dk, dv, ys,
                  cu_seqlens, chunk_offsets, scale, T, R, G, H, K, V, L, BK, BV, BT, C_BITS, NL,
-                 BL, PRECISION, IS_VARLEN)
+                 BL, PRECISION, MIXED, IS_VARLEN)
 
 
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
@@ -336,10 +340,10 @@ def chunk_log_linear_attn_bwd_gates_kernel(
 
 
 def chunk_backward(q, k, v, g, level_scales, do, scale, cu_seqlens, BT, BV, NL,
-                   states_in_walk, walks_together):
+                   states_in_walk, walks_together, mixed):
     """dq, dk, dv, dg, d level_scales of chunk_log_linear_attn (in the inputs' dtypes), from
     the saved inputs and dO; BT, BV, NL and the switches (chunk.WALK_STATES,
-    chunk.WALKS_TOGETHER) as the forward's."""
+    chunk.WALKS_TOGETHER, chunk.WALK_MIXED) as the forward's."""
     B, T, G, K = q.shape
     H, V, L = v.shape[2], v.shape[3], level_scales.shape[-1]
     do = do.contiguous()
@@ -356,8 +360,8 @@ def chunk_backward(q, k, v, g, level_scales, do, scale, cu_seqlens, BT, BV, NL,
     xs, ys = torch.empty(NV, B, T, H, **f32), torch.empty(NV, B, T, H, **f32)
     dgi, dg = torch.empty(B, T, H, **f32), torch.empty(B, T, H, **f32)
     meta = dict(G=G, H=H, K=K, V=V, L=L, BK=BK, BV=BV, BT=BT, C_BITS=BT.bit_length() - 1,
-                PRECISION=dot_precision(q.dtype), num_warps=4)
-    walk = dict(NL=NL, BL=triton.next_power_of_2(NL), **meta)
+                PRECISION=dot_precision(q.dtype), MIXED=mixed, num_warps=4)
+    walk = dict(NL=NL, BL=triton.next_power_of_2(NL), **{**meta, "num_warps": WIDE_WARPS})
     if NT:
         hc = torch.empty(0 if states_in_walk else chunks, H, K, V, **f32)
         chunk_log_linear_attn_bwd_local_kernel[(NT, B * H)](
@@ -367,19 +371,19 @@ def chunk_backward(q, k, v, g, level_scales, do, scale, cu_seqlens, BT, BV, NL,
         sc = torch.empty(N * H * NV, NL, BK, BV, **f32)
         if walks_together:  # the reverse walk's accumulators start empty, in a scratch of their
             # own (the walks run at once on a GPU; the interpreter runs them one after the other)
-            chunk_log_linear_attn_bwd_walks_kernel[(NV, N * H, 2)](
+            chunk_log_linear_attn_bwd_walks_kernel[(N * H, NV, 2)](
                 q, k, v, do, g, level_scales, hc, sc, torch.zeros_like(sc), dq, dk, dv, dls, xs,
                 ys, cu_seqlens, chunk_offsets, float(scale), T, R, STATES_IN_WALK=states_in_walk,
-                **{**walk, "num_warps": WIDE_WARPS})
+                **walk)
         else:
-            chunk_log_linear_attn_bwd_dq_kernel[(NV, N * H)](
+            chunk_log_linear_attn_bwd_dq_kernel[(N * H, NV)](
                 q, k, v, do, g, level_scales, hc, sc, dq, dls, xs, cu_seqlens, chunk_offsets,
                 float(scale), T, R, STATES_IN_WALK=states_in_walk, **walk)
             del hc
             sc.zero_()
-            chunk_log_linear_attn_bwd_dkv_kernel[(NV, N * H)](
+            chunk_log_linear_attn_bwd_dkv_kernel[(N * H, NV)](
                 q, k, v, do, g, level_scales, sc, dk, dv, ys, cu_seqlens, chunk_offsets,
-                float(scale), T, R, **{**walk, "num_warps": WIDE_WARPS})
+                float(scale), T, R, **walk)
         chunk_log_linear_attn_bwd_gates_kernel[(N * H,)](
             dgi, xs, ys, dg, cu_seqlens, chunk_offsets, T, R, H=H, NV=NV, BT=BT)
     else:

@@ -12,7 +12,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.common.utils import load_rows
+from kernels.common.utils import dot_mixed, load_rows
+
+# A log gate of -inf (a mask) reads as this: its exp is 0 in float32 and float64 alike, and
+# cumulative sums stay finite, so that no decay is exp(-inf - -inf) = NaN. 2^20 tokens of it
+# sum to -1e10, exact enough in float64.
+GATE_FLOOR = tl.constexpr(-1e4)
 
 
 @triton.jit
@@ -28,9 +33,9 @@ def chunk_levels(o_c, C_BITS: tl.constexpr):
 @triton.jit
 def chunk_gates(g, tok0, i_h, o_c, m_t, H: tl.constexpr):
     """The chunk's cumulative log gates b [C] (b_i = sum of g over its tokens 0 .. i), float64,
-    0 past the sequence's end (the gates there read as 0)."""
+    0 past the sequence's end (the gates there read as 0), -inf gates as GATE_FLOOR."""
     b_g = tl.load(g + (tok0 + o_c) * H + i_h, mask=m_t, other=0.).to(tl.float64)
-    return tl.cumsum(b_g, 0)
+    return tl.cumsum(tl.maximum(b_g, GATE_FLOOR), 0)
 
 
 @triton.jit
@@ -66,25 +71,26 @@ def decay_to_end(b_b, b_last, m_t):
 
 @triton.jit
 def own_state(p_k, p_v, o_c, m_t, o_k, o_v, b_f, K: tl.constexpr, V: tl.constexpr,
-              G: tl.constexpr, H: tl.constexpr, PRECISION: tl.constexpr):
+              G: tl.constexpr, H: tl.constexpr, PRECISION: tl.constexpr, MIXED: tl.constexpr):
     """The chunk's own state H_n = sum_s exp(b_last - b_s) k_s v_s^T on rows o_k, columns o_v,
-    float32; p_k at the chunk's first key row of its group, p_v at its first value row of its
-    head, b_f = decay_to_end."""
-    b_k = load_rows(p_k, o_c, m_t, o_k, K, G) * b_f[:, None]
+    float32 (the decayed keys kept in float32, multiplied as MIXED says); p_k at the chunk's
+    first key row of its group, p_v at its first value row of its head, b_f = decay_to_end."""
+    b_k = load_rows(p_k, o_c, m_t, o_k, K, G).to(tl.float32) * b_f[:, None]
     b_v = load_rows(p_v, o_c, m_t, o_v, V, H)
-    return tl.dot(tl.trans(b_k.to(b_v.dtype)), b_v, input_precision=PRECISION)
+    return dot_mixed(tl.trans(b_k), b_v, PRECISION, MIXED)
 
 
 @triton.jit
 def walk_state(k, v, hc, b_b, tok0, i_s, i_g, i_h, o_c, m_t, o_k, o_v, n_real,
                K: tl.constexpr, V: tl.constexpr, G: tl.constexpr, H: tl.constexpr,
-               BT: tl.constexpr, PRECISION: tl.constexpr, STATES_IN_WALK: tl.constexpr):
+               BT: tl.constexpr, PRECISION: tl.constexpr, MIXED: tl.constexpr,
+               STATES_IN_WALK: tl.constexpr):
     """A walk's tile of chunk i_s's own state (n_real tokens from tok0): formed from k and v
     (STATES_IN_WALK), or read from hc [chunks, H, K, V] where the local kernel stored it."""
     if STATES_IN_WALK:
         b_f = decay_to_end(b_b, chunk_total(b_b, o_c, n_real, BT), m_t)
         b_H = own_state(k + (tok0 * G + i_g) * K, v + (tok0 * H + i_h) * V, o_c, m_t, o_k, o_v,
-                        b_f, K, V, G, H, PRECISION)
+                        b_f, K, V, G, H, PRECISION, MIXED)
     else:
         b_H = tl.load(hc + (i_s * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
                       mask=(o_k < K)[:, None] & (o_v < V)[None, :], other=0.)
@@ -111,5 +117,6 @@ def merge_levels(p_sc, b_H, b_dec, n, o_l, o_s, BK: tl.constexpr, BV: tl.constex
         b_H += level_state(p_sc, l, b_dec, o_l, o_s, BK, BV)
     if p < NL:
         tl.store(p_sc + p * BK * BV + o_s, b_H)
+        tl.debug_barrier()  # other threads of the program read the tile back
         b_dec = tl.where(o_l == p, 1., b_dec)
     return b_dec
