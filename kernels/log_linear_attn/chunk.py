@@ -38,7 +38,8 @@ from kernels.common.utils import (MIN_TILE, check_launchable, chunk_bounds, chun
 from kernels.log_linear_attn.chunk_bwd import chunk_backward
 from kernels.log_linear_attn.stages import (chunk_gates, chunk_levels, chunk_total,
                                             decay_to_end, intra_weights, level_state,
-                                            level_weights, merge_levels, own_state, walk_state)
+                                            level_weights, merge_levels, own_state, walk_state,
+                                            walk_tiles)
 from references.operators import LOG_LINEAR, levels_needed
 
 __all__ = ["chunk_log_linear_attn"]
@@ -131,11 +132,7 @@ def chunk_log_linear_attn_fwd_levels_kernel(
     i_g = i_h // (H // G)
     bos, eos, NT, c0 = walk_bounds(cu_seqlens, chunk_offsets, i_nh // H, T, BT, IS_VARLEN)
     o_c = tl.arange(0, BT)
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    o_l = tl.arange(0, BL)
-    o_s = o_k[:, None] * BV + tl.arange(0, BV)[None, :]
-    p_sc = sc + (i_nh * tl.cdiv(V, BV) + i_v).to(tl.int64) * NL * BK * BV
+    o_k, o_v, o_l, o_s, p_sc = walk_tiles(sc, i_nh, i_v, V, BK, BV, BL, NL)
     b_dec = tl.zeros([BL], dtype=tl.float32)  # each level state's decay since it was written
     for n in range(NT):
         tok0 = bos + n * BT

@@ -53,7 +53,8 @@ from kernels.common.utils import (MIN_TILE, chunk_bounds, chunk_index, chunk_lay
                                   dot_precision, load_rows, walk_bounds)
 from kernels.log_linear_attn.stages import (chunk_gates, chunk_levels, chunk_total,
                                             decay_to_end, intra_weights, level_state,
-                                            level_weights, merge_levels, own_state, walk_state)
+                                            level_weights, merge_levels, own_state, walk_state,
+                                            walk_tiles)
 
 __all__ = ["chunk_backward"]
 
@@ -148,11 +149,7 @@ def dq_walk(
     i_g = i_h // (H // G)
     bos, eos, NT, c0 = walk_bounds(cu_seqlens, chunk_offsets, i_nh // H, T, BT, IS_VARLEN)
     o_c = tl.arange(0, BT)
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    o_l = tl.arange(0, BL)
-    o_s = o_k[:, None] * BV + tl.arange(0, BV)[None, :]
-    p_sc = sc + (i_nh * tl.cdiv(V, BV) + i_v).to(tl.int64) * NL * BK * BV
+    o_k, o_v, o_l, o_s, p_sc = walk_tiles(sc, i_nh, i_v, V, BK, BV, BL, NL)
     slot = i_v.to(tl.int64) * R  # this value tile's rows of dq, dls, xs
     b_dec = tl.zeros([BL], dtype=tl.float32)
     for n in range(NT):
@@ -203,11 +200,7 @@ def dkv_walk(
     i_g = i_h // (H // G)
     bos, eos, NT, c0 = walk_bounds(cu_seqlens, chunk_offsets, i_nh // H, T, BT, IS_VARLEN)
     o_c = tl.arange(0, BT)
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    o_l = tl.arange(0, BL)
-    o_s = o_k[:, None] * BV + tl.arange(0, BV)[None, :]
-    p_sc = sc + (i_nh * tl.cdiv(V, BV) + i_v).to(tl.int64) * NL * BK * BV
+    o_k, o_v, o_l, o_s, p_sc = walk_tiles(sc, i_nh, i_v, V, BK, BV, BL, NL)
     slot = i_v.to(tl.int64) * R  # this value tile's rows of dk, ys
     b_dec = tl.zeros([BL], dtype=tl.float32)
     for i in range(NT):

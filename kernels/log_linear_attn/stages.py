@@ -98,6 +98,20 @@ def walk_state(k, v, hc, b_b, tok0, i_s, i_g, i_h, o_c, m_t, o_k, o_v, n_real,
 
 
 @triton.jit
+def walk_tiles(sc, i_nh, i_v, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+               BL: tl.constexpr, NL: tl.constexpr):
+    """A walk program's (o_k, o_v, o_l, o_s, p_sc): its key rows, value columns (tile i_v),
+    level lanes, the offsets of a [BK, BV] tile in its scratch, and where its scratch of NL
+    tiles starts in sc (one per sequence x head i_nh and value tile)."""
+    o_k = tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    o_l = tl.arange(0, BL)
+    o_s = o_k[:, None] * BV + tl.arange(0, BV)[None, :]
+    p_sc = sc + (i_nh * tl.cdiv(V, BV) + i_v).to(tl.int64) * NL * BK * BV
+    return o_k, o_v, o_l, o_s, p_sc
+
+
+@triton.jit
 def level_state(p_sc, l, b_dec, o_l, o_s, BK: tl.constexpr, BV: tl.constexpr):
     """The state of level l (>= 1) with its decay applied, [BK, BV] float32."""
     d_l = tl.sum(tl.where(o_l == l - 1, b_dec, 0.), 0)
