@@ -75,6 +75,17 @@ def chunk_index(i_c, i_bh, i_t, T, H: tl.constexpr, BT: tl.constexpr, IS_VARLEN:
 
 
 @triton.jit
+def add_row(p, b_x, m, NV: tl.constexpr):
+    """p[m] += b_x for a float32 sum over NV tiles of another dimension (the sweeps' value
+    tiles): a store when there is one tile (the sum is then deterministic), else a relaxed
+    atomic add into a zeroed buffer (NV terms in the order the tiles arrive: a few ulps)."""
+    if NV == 1:
+        tl.store(p, b_x, mask=m)
+    else:
+        tl.atomic_add(p, b_x, mask=m, sem="relaxed")
+
+
+@triton.jit
 def load_rows(x, o_c, m_t, o_d, D: tl.constexpr, H: tl.constexpr):
     """[BT, BD] tile of a [.., H, D] tensor: x points at the chunk's first row (row t at
     x + t * H * D), rows o_c where m_t, columns o_d < D; zeros elsewhere."""
@@ -192,6 +203,16 @@ def tuning(configs: list) -> list:
     pinned = interpreted() or os.environ.get("LINATTN_AUTOTUNE", "1") == "0"
     return configs[:1] if pinned else configs
 
+
+
+def zero_before_run(*names: str):
+    """An autotune pre_hook that zeroes the named buffers (those given: None is skipped) before
+    each run: kernels that add into a buffer would otherwise sum every config's run."""
+    def hook(nargs, reset_only=False):
+        for name in names:
+            if nargs[name] is not None:
+                nargs[name].zero_()
+    return hook
 
 # Warps of the per-chunk kernels (one program per chunk and tile). With 4 warps the ones holding
 # three [64, 64] float32 accumulators spill to local memory (ptxas: 768-992 bytes of stack for

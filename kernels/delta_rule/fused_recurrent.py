@@ -54,7 +54,7 @@ import triton.language as tl
 
 from references.operators import DELTA_RULE
 from kernels.common.l2norm import MAX_D, l2norm_bwd, l2norm_fwd, l2norm_vec
-from kernels.common.utils import check_launchable, seq_bounds, tuning
+from kernels.common.utils import add_row, check_launchable, seq_bounds, tuning
 
 __all__ = ["fused_recurrent_delta_rule", "fused_recurrent_delta_rule_fwd",
            "fused_recurrent_delta_rule_bwd"]
@@ -74,16 +74,6 @@ def _beta(beta, i_tok, o_v, m_v, ok, V: tl.constexpr, BETA_PER_CHANNEL: tl.const
         return tl.load(beta + i_tok * V + o_v, mask=m_v & ok, other=0.)
     else:
         return tl.load(beta + i_tok, mask=ok, other=0.)
-
-
-@triton.jit
-def _add_row(p, b_x, m, NV: tl.constexpr):
-    """p[m] += b_x for a float32 sum over the NV value tiles: a store when there is one tile
-    (so the sum is deterministic), else a relaxed atomic add into a zeroed buffer."""
-    if NV == 1:
-        tl.store(p, b_x, mask=m)
-    else:
-        tl.atomic_add(p, b_x, mask=m, sem="relaxed")
 
 
 # Each sweep walks T steps, each a chain of two reductions over K and a rank-1 update (0.47 us
@@ -210,7 +200,7 @@ def fused_recurrent_delta_rule_bwd_dh_kernel(
         b_dv = b_betaf * b_dvn
         tl.store(dv + i_tok * V + o_v, b_dv.to(dv.dtype.element_ty), mask=m_v)
         tl.store(dp + i_tok * V + o_v, -b_dv, mask=m_v)
-        _add_row(dk + i_tok * K + o_k, b_dk, m_k, NV)
+        add_row(dk + i_tok * K + o_k, b_dk, m_k, NV)
         # dS_{t-1} = dS_t + k_t dp_t^T
         b_dh -= b_kf[:, None] * b_dv[None, :]
         b_q, b_k, b_r, b_do, b_beta, i_tok = n_q, n_k, n_r, n_do, n_beta, i_nxt
@@ -264,7 +254,7 @@ def fused_recurrent_delta_rule_bwd_dqk_kernel(
         # S_t = S_{t-1} + k_t (beta_t r_t)^T;  dq_t = scale S_t do_t
         b_h += b_k.to(tl.float32)[:, None] * (b_beta.to(tl.float32) * b_r)[None, :]
         b_dq = tl.sum(b_h * b_do.to(tl.float32)[None, :], 1) * scale
-        _add_row(dq + i_tok * K + o_k, b_dq, m_k, NV)
+        add_row(dq + i_tok * K + o_k, b_dq, m_k, NV)
         b_k, b_r, b_do, b_dp, b_beta, i_tok = n_k, n_r, n_do, n_dp, n_beta, i_nxt
 
 

@@ -33,9 +33,17 @@ growing as sqrt(T) (float32, log gates 20 logsigmoid(x): d gk 1.2e-6 at T = 256,
 2048, where the float32 step loop keeps 1e-7). So the sums restart every BT = 64 tokens (in
 walking order) from an anchor, the exact per-step d gk at the next chunk's first token: the dq
 sweep stores the state entering each chunk (float32, [chunks, H, K, V]: K V / 64 values per
-token and head, for the backward only), the dh sweep meets it there with dS, and
-common.cumsum.chunk_suffix_sum adds the chunk's terms to its anchor. The last chunk's anchor is
-the final state's share, rowsum(S~_T * d(final state)) without the last token's own k v^T.
+token and head, for the backward only), the dh sweep meets it there with dS, and a third
+kernel (one program per chunk and key tile) adds the chunk's terms to its anchor and the s = t
+terms to dq' and dk'. The last chunk's anchor is the final state's share,
+rowsum(S~_T * d(final state)) without the last token's own k v^T.
+
+Memory. Each sweep's program holds one value tile of S, so dq'_t and dk'_t (sums over V) are
+sums over the tiles: one float32 [B, T, H, K] buffer each, which the tiles add into (relaxed
+atomics: a few ulps of summation order between runs when there are several tiles). dv, a sum
+over K, is whole in each program and is written in v's dtype. With the anchors' states that is
+what the backward holds beyond its outputs: at B = 2, T = 32768, H = 16, K = V = 128, 512 MB
+for each of dq' and dk' and 1 GB of states.
 """
 
 from __future__ import annotations
@@ -45,28 +53,30 @@ import triton
 import triton.language as tl
 
 from kernels.common.cumsum import chunk_suffix_sum
-from kernels.common.utils import check_launchable, chunk_layout, seq_bounds, tuning
+from kernels.common.utils import (add_row, check_launchable, chunk_bounds, chunk_index,
+                                  chunk_layout, seq_bounds, tuning, zero_before_run)
 from references.operators import GLA
 
 __all__ = ["fused_recurrent_gla", "fused_recurrent_gla_bwd", "fused_recurrent_gla_fwd"]
 
 MAX_D = 256  # S [K, BV] and a [K] row of q, k, gk are held whole
 
-# Value tile and warps per (K, V). Narrow tiles give more programs when N * H is small; every
-# config has the same arithmetic per element (sums over K in registers), so the first pins.
+# Value tile and warps per (K, V, N * H bucket). A step is a chain (decay, rank-1 update, a
+# reduction) whose latency sets the time: what fills the device is programs in flight, so
+# narrow tiles win when N * H is small. Every config has the same arithmetic per element (sums
+# over K in registers) but for the order of the value tiles' float32 sums; the first pins.
 SWEEP_CONFIGS = tuning([triton.Config({'BV': BV}, num_warps=w)
                         for BV in (32, 16, 64) for w in (4, 2, 1)])
-MIN_BV = 16  # the backward's dq and dk get one slot per tile of the narrowest tiling
 BT = 64  # the gates' gradient restarts from an exact anchor every BT tokens (see above)
 
 
 @triton.jit
-def _token(bos, L, i_t, i_h, H: tl.constexpr, REVERSE: tl.constexpr):
-    """Row (token * H + head, int64) of walking step i_t of a sequence of L tokens at bos."""
+def _token(bos, L, i_w, i_h, H: tl.constexpr, REVERSE: tl.constexpr):
+    """Row (token * H + head, int64) of walking index i_w of a sequence of L tokens at bos."""
     if REVERSE:
-        return (bos + L - 1 - i_t) * H + i_h
+        return (bos + L - 1 - i_w) * H + i_h
     else:
-        return (bos + i_t) * H + i_h
+        return (bos + i_w) * H + i_h
 
 
 @triton.jit
@@ -85,19 +95,24 @@ def _program(cu_seqlens, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
 
 
 @triton.jit
-def _decay(b_h, gk, gv, i_tok, o_k, m_k, o_v, m_v, K: tl.constexpr, V: tl.constexpr,
-           USE_GK: tl.constexpr, USE_GV: tl.constexpr):
-    """diag(exp(gk_t)) b_h diag(exp(gv_t))."""
-    if USE_GK:
-        b_h *= tl.exp(tl.load(gk + i_tok * K + o_k, mask=m_k, other=0.).to(tl.float32))[:, None]
-    if USE_GV:
-        b_h *= tl.exp(tl.load(gv + i_tok * V + o_v, mask=m_v, other=0.).to(tl.float32))[None, :]
-    return b_h
+def _row(x, i_tok, o_d, m_d, D: tl.constexpr, BD: tl.constexpr, USE: tl.constexpr = True):
+    """Row i_tok (token * H + head) of a [.., H, D] tensor at columns o_d where m_d, float32
+    (0 elsewhere; zeros when not USE, x then unread). The sweeps load a token's rows a step
+    ahead: they go out before the previous token's arithmetic and wait behind it."""
+    if USE:
+        return tl.load(x + i_tok * D + o_d, mask=m_d, other=0.).to(tl.float32)
+    else:
+        return tl.zeros([BD], dtype=tl.float32)
 
 
 @triton.jit
-def _row(x, i_tok, o_d, m_d, D: tl.constexpr):
-    return tl.load(x + i_tok * D + o_d, mask=m_d, other=0.).to(tl.float32)
+def _decay(b_h, b_gk, b_gv, USE_GK: tl.constexpr, USE_GV: tl.constexpr):
+    """diag(exp(gk_t)) b_h diag(exp(gv_t)), given the token's log gate rows."""
+    if USE_GK:
+        b_h *= tl.exp(b_gk)[:, None]
+    if USE_GV:
+        b_h *= tl.exp(b_gv)[None, :]
+    return b_h
 
 
 @triton.heuristics({
@@ -107,10 +122,10 @@ def _row(x, i_tok, o_d, m_d, D: tl.constexpr):
     'STORE_FINAL_STATE': lambda a: a['ht'] is not None,
     'IS_VARLEN': lambda a: a['cu_seqlens'] is not None,
 })
-@triton.autotune(configs=SWEEP_CONFIGS, key=['K', 'V', 'USE_GK', 'USE_GV'])
+@triton.autotune(configs=SWEEP_CONFIGS, key=['K', 'V', 'NH_BUCKET', 'USE_GK', 'USE_GV'])
 @triton.jit(do_not_specialize=['T'])
 def fused_recurrent_gla_fwd_kernel(
-    q, k, v, gk, gv, o, h0, ht, cu_seqlens, scale, T,
+    q, k, v, gk, gv, o, h0, ht, cu_seqlens, scale, T, NH_BUCKET,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     REVERSE: tl.constexpr, USE_GK: tl.constexpr, USE_GV: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr, IS_VARLEN: tl.constexpr,
@@ -124,12 +139,22 @@ def fused_recurrent_gla_fwd_kernel(
     if USE_INITIAL_STATE:
         b_h += tl.load(h0 + o_h, mask=m_h, other=0.)
     L = eos - bos
+    i_tok = _token(bos, L, 0, i_h, H, REVERSE)
+    mk, mv = m_k & (L > 0), m_v & (L > 0)
+    b_q, b_k, b_v = _row(q, i_tok, o_k, mk, K, BK), _row(k, i_tok, o_k, mk, K, BK), \
+        _row(v, i_tok, o_v, mv, V, BV)
+    b_gk, b_gv = _row(gk, i_tok, o_k, mk, K, BK, USE_GK), _row(gv, i_tok, o_v, mv, V, BV, USE_GV)
     for i_t in range(L):
-        i_tok = _token(bos, L, i_t, i_h, H, REVERSE)
-        b_h = _decay(b_h, gk, gv, i_tok, o_k, m_k, o_v, m_v, K, V, USE_GK, USE_GV)
-        b_h += _row(k, i_tok, o_k, m_k, K)[:, None] * _row(v, i_tok, o_v, m_v, V)[None, :]
-        b_o = tl.sum(b_h * (_row(q, i_tok, o_k, m_k, K) * scale)[:, None], 0)
+        i_nxt = _token(bos, L, tl.minimum(i_t + 1, L - 1), i_h, H, REVERSE)
+        n_q, n_k, n_v = _row(q, i_nxt, o_k, m_k, K, BK), _row(k, i_nxt, o_k, m_k, K, BK), \
+            _row(v, i_nxt, o_v, m_v, V, BV)
+        n_gk = _row(gk, i_nxt, o_k, m_k, K, BK, USE_GK)
+        n_gv = _row(gv, i_nxt, o_v, m_v, V, BV, USE_GV)
+        b_h = _decay(b_h, b_gk, b_gv, USE_GK, USE_GV)
+        b_h += b_k[:, None] * b_v[None, :]
+        b_o = tl.sum(b_h * (b_q * scale)[:, None], 0)
         tl.store(o + i_tok * V + o_v, b_o.to(o.dtype.element_ty), mask=m_v)
+        b_q, b_k, b_v, b_gk, b_gv, i_tok = n_q, n_k, n_v, n_gk, n_gv, i_nxt
     if STORE_FINAL_STATE:
         tl.store(ht + o_h, b_h, mask=m_h)
 
@@ -150,49 +175,62 @@ def _chunk_id(chunk_offsets, i_n, i_c, T, BT: tl.constexpr, IS_VARLEN: tl.conste
     'USE_FINAL_STATE_GRADIENT': lambda a: a['dht'] is not None,
     'IS_VARLEN': lambda a: a['cu_seqlens'] is not None,
 })
-@triton.autotune(configs=SWEEP_CONFIGS, key=['K', 'V', 'USE_GK', 'USE_GV'])
-@triton.jit(do_not_specialize=['T', 'slot', 'aslot'])
+# autotuning runs every config on the same buffers: the sums over value tiles start at zero
+@triton.autotune(configs=SWEEP_CONFIGS, key=['K', 'V', 'NH_BUCKET', 'USE_GK', 'USE_GV'],
+                 pre_hook=zero_before_run('dq', 'akt'))
+@triton.jit(do_not_specialize=['T'])
 def fused_recurrent_gla_bwd_dq_kernel(
-    q, k, v, gk, gv, do, h0, dht, dq, odo, ckpt, ak, av, cu_seqlens, chunk_offsets, scale, T,
-    slot, aslot,
+    q, k, v, gk, gv, do, h0, dht, dq, odo, ckpt, akt, av, cu_seqlens, chunk_offsets, scale, T,
+    NH_BUCKET,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BT: tl.constexpr, REVERSE: tl.constexpr, USE_GK: tl.constexpr, USE_GV: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, USE_FINAL_STATE_GRADIENT: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
-    """The forward walk rebuilding S: dq'_t = scale S~_t do_t (this tile's slot), with gv also
-    o'_t * do_t. With gates, the state entering each chunk after the first (ckpt) and the last
-    chunk's anchors: rowsum(S~_T * d(final state)) (this tile's slot of ak) and colsum (av)."""
+    """The forward walk rebuilding S: dq'_t = scale S~_t do_t (summed over the value tiles
+    into dq), with gv also o'_t * do_t. With gates, the state entering each chunk after the
+    first (ckpt) and the last chunk's anchors: rowsum(S~_T * d(final state)) (summed into akt)
+    and colsum (av)."""
     i_v, i_nh, bos, eos, o_k, o_v, m_k, m_v, o_s, m_h = _program(cu_seqlens, T, H, K, V, BK, BV,
                                                                  IS_VARLEN)
+    NV: tl.constexpr = (V + BV - 1) // BV
     i_n, i_h = i_nh // H, i_nh % H
-    p_dq = dq + i_v.to(tl.int64) * slot
     b_h = tl.zeros([BK, BV], dtype=tl.float32)
     if USE_INITIAL_STATE:
         b_h += tl.load(h0 + i_nh.to(tl.int64) * K * V + o_s, mask=m_h, other=0.)
     L = eos - bos
+    i_tok = _token(bos, L, 0, i_h, H, REVERSE)
+    mk, mv = m_k & (L > 0), m_v & (L > 0)
+    b_k, b_v, b_do = _row(k, i_tok, o_k, mk, K, BK), _row(v, i_tok, o_v, mv, V, BV), \
+        _row(do, i_tok, o_v, mv, V, BV)
+    b_q = _row(q, i_tok, o_k, mk, K, BK, USE_GV)
+    b_gk, b_gv = _row(gk, i_tok, o_k, mk, K, BK, USE_GK), _row(gv, i_tok, o_v, mv, V, BV, USE_GV)
     for i_t in range(L):
-        i_tok = _token(bos, L, i_t, i_h, H, REVERSE)
-        b_h = _decay(b_h, gk, gv, i_tok, o_k, m_k, o_v, m_v, K, V, USE_GK, USE_GV)  # S~_t
-        b_do = _row(do, i_tok, o_v, m_v, V)
-        tl.store(p_dq + i_tok * K + o_k, tl.sum(b_h * b_do[None, :], 1) * scale, mask=m_k)
+        i_nxt = _token(bos, L, tl.minimum(i_t + 1, L - 1), i_h, H, REVERSE)
+        n_k, n_v, n_do = _row(k, i_nxt, o_k, m_k, K, BK), _row(v, i_nxt, o_v, m_v, V, BV), \
+            _row(do, i_nxt, o_v, m_v, V, BV)
+        n_q = _row(q, i_nxt, o_k, m_k, K, BK, USE_GV)
+        n_gk = _row(gk, i_nxt, o_k, m_k, K, BK, USE_GK)
+        n_gv = _row(gv, i_nxt, o_v, m_v, V, BV, USE_GV)
+        b_h = _decay(b_h, b_gk, b_gv, USE_GK, USE_GV)  # S~_t
+        add_row(dq + i_tok * K + o_k, tl.sum(b_h * b_do[None, :], 1) * scale, m_k, NV)
         if USE_GV:
-            b_o = tl.sum(b_h * (_row(q, i_tok, o_k, m_k, K) * scale)[:, None], 0)
+            b_o = tl.sum(b_h * (b_q * scale)[:, None], 0)
             tl.store(odo + i_tok * V + o_v, b_o * b_do, mask=m_v)
         if USE_FINAL_STATE_GRADIENT and (USE_GK or USE_GV):
             if i_t == L - 1:  # the last chunk's anchor: S~_T against d(final state)
-                i_g = _chunk_id(chunk_offsets, i_n, i_t // BT, T, BT, IS_VARLEN)
                 b_f = b_h * tl.load(dht + i_nh.to(tl.int64) * K * V + o_s, mask=m_h, other=0.)
                 if USE_GK:
-                    tl.store(ak + i_v.to(tl.int64) * aslot + (i_g * H + i_h) * K + o_k,
-                             tl.sum(b_f, 1), mask=m_k)
+                    add_row(akt + i_nh.to(tl.int64) * K + o_k, tl.sum(b_f, 1), m_k, NV)
                 if USE_GV:
+                    i_g = _chunk_id(chunk_offsets, i_n, i_t // BT, T, BT, IS_VARLEN)
                     tl.store(av + (i_g * H + i_h) * V + o_v, tl.sum(b_f, 0), mask=m_v)
-        b_h += _row(k, i_tok, o_k, m_k, K)[:, None] * _row(v, i_tok, o_v, m_v, V)[None, :]
+        b_h += b_k[:, None] * b_v[None, :]
         if USE_GK or USE_GV:
             if (i_t + 1) % BT == 0 and i_t + 1 < L:  # the state entering the next chunk
                 i_g = _chunk_id(chunk_offsets, i_n, i_t // BT, T, BT, IS_VARLEN)
                 tl.store(ckpt + (i_g * H + i_h) * K * V + o_s, b_h, mask=m_h)
+        b_q, b_k, b_v, b_do, b_gk, b_gv, i_tok = n_q, n_k, n_v, n_do, n_gk, n_gv, i_nxt
 
 
 @triton.heuristics({
@@ -202,63 +240,137 @@ def fused_recurrent_gla_bwd_dq_kernel(
     'STORE_INITIAL_STATE_GRADIENT': lambda a: a['dh0'] is not None,
     'IS_VARLEN': lambda a: a['cu_seqlens'] is not None,
 })
-@triton.autotune(configs=SWEEP_CONFIGS, key=['K', 'V', 'USE_GK', 'USE_GV'])
-@triton.jit(do_not_specialize=['T', 'slot', 'aslot'])
+@triton.autotune(configs=SWEEP_CONFIGS, key=['K', 'V', 'NH_BUCKET', 'USE_GK', 'USE_GV'],
+                 pre_hook=zero_before_run('dk', 'dkt', 'ak'))
+@triton.jit(do_not_specialize=['T'])
 def fused_recurrent_gla_bwd_dh_kernel(
-    q, k, v, gk, gv, do, dht, dh0, dk, dv, dkt, dvt, ckpt, ak, av, cu_seqlens, chunk_offsets,
-    scale, T, slot, aslot,
+    q, k, v, gk, gv, do, dht, dh0, dk, dv, dvs, dkt, ckpt, ak, av, cu_seqlens, chunk_offsets,
+    scale, T, NH_BUCKET,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BT: tl.constexpr, REVERSE: tl.constexpr, USE_GK: tl.constexpr, USE_GV: tl.constexpr,
     USE_FINAL_STATE_GRADIENT: tl.constexpr, STORE_INITIAL_STATE_GRADIENT: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
-    """The backward walk: dS from d(final state) to d(initial state); dk'_t = dS'_t v_t (this
-    tile's slot) and dv'_t = dS'_t^T k_t, dS'_t the gradient from the tokens after t. The final
-    state's own k v^T term is one of the s = t terms: its share of the last token's gradients,
-    d(final state) v_T and d(final state)^T k_T, goes to dkt (this tile's slot) and dvt. At each
-    chunk's first token (but the sequence's), the anchors of the chunk before: rowsum(dS_t * S~_t)
-    (this tile's slot of ak) and colsum (av), S~_t from the state the dq walk left in ckpt."""
+    """The backward walk: dS from d(final state) to d(initial state). dk'_t = dS'_t v_t
+    (summed over the value tiles into dk), dS'_t the gradient from the tokens after t, and
+    dv_t = dS_t^T k_t (v's dtype; with gv also dv'_t = dS'_t^T k_t into dvs). The final
+    state's own k v^T is one of the s = t terms: its share of the last token's dk, d(final
+    state) v_T, is summed into dkt. At each chunk's first token (but the sequence's), the
+    anchors of the chunk before: rowsum(dS_t * S~_t) (summed into ak) and colsum (av), S~_t
+    from the state the dq walk left in ckpt."""
     i_v, i_nh, bos, eos, o_k, o_v, m_k, m_v, o_s, m_h = _program(cu_seqlens, T, H, K, V, BK, BV,
                                                                  IS_VARLEN)
+    NV: tl.constexpr = (V + BV - 1) // BV
     i_n, i_h = i_nh // H, i_nh % H
     o_h = i_nh.to(tl.int64) * K * V + o_s
-    p_dk = dk + i_v.to(tl.int64) * slot  # this value tile's slot of dk
     b_dh = tl.zeros([BK, BV], dtype=tl.float32)
     L = eos - bos
     if USE_FINAL_STATE_GRADIENT:
         if L == 0:  # an empty sequence: its final state is its initial state
             b_dh += tl.load(dht + o_h, mask=m_h, other=0.)
+    i_tok = _token(bos, L, L - 1, i_h, H, REVERSE)
+    mk, mv = m_k & (L > 0), m_v & (L > 0)
+    b_q, b_k = _row(q, i_tok, o_k, mk, K, BK), _row(k, i_tok, o_k, mk, K, BK)
+    b_v, b_do = _row(v, i_tok, o_v, mv, V, BV), _row(do, i_tok, o_v, mv, V, BV)
+    b_gk, b_gv = _row(gk, i_tok, o_k, mk, K, BK, USE_GK), _row(gv, i_tok, o_v, mv, V, BV, USE_GV)
     for i_s in range(L):
         i_w = L - 1 - i_s  # the walking index
-        i_tok = _token(bos, L, i_w, i_h, H, REVERSE)
-        b_v, b_k = _row(v, i_tok, o_v, m_v, V), _row(k, i_tok, o_k, m_k, K)
-        tl.store(p_dk + i_tok * K + o_k, tl.sum(b_dh * b_v[None, :], 1), mask=m_k)
-        tl.store(dv + i_tok * V + o_v, tl.sum(b_dh * b_k[:, None], 0), mask=m_v)
-        b_dh += (_row(q, i_tok, o_k, m_k, K) * scale)[:, None] * _row(do, i_tok, o_v, m_v, V)[None, :]
+        i_nxt = _token(bos, L, tl.maximum(i_w - 1, 0), i_h, H, REVERSE)
+        n_q, n_k = _row(q, i_nxt, o_k, m_k, K, BK), _row(k, i_nxt, o_k, m_k, K, BK)
+        n_v, n_do = _row(v, i_nxt, o_v, m_v, V, BV), _row(do, i_nxt, o_v, m_v, V, BV)
+        n_gk = _row(gk, i_nxt, o_k, m_k, K, BK, USE_GK)
+        n_gv = _row(gv, i_nxt, o_v, m_v, V, BV, USE_GV)
+        add_row(dk + i_tok * K + o_k, tl.sum(b_dh * b_v[None, :], 1), m_k, NV)
+        if USE_GV:
+            tl.store(dvs + i_tok * V + o_v, tl.sum(b_dh * b_k[:, None], 0), mask=m_v)
+        b_dh += (b_q * scale)[:, None] * b_do[None, :]
         if USE_FINAL_STATE_GRADIENT:
             if i_s == 0:  # the last token: d(final state) joins here
                 b_dht = tl.load(dht + o_h, mask=m_h, other=0.)
-                tl.store(dkt + i_v.to(tl.int64) * (tl.num_programs(1) * K) + i_nh * K + o_k,
-                         tl.sum(b_dht * b_v[None, :], 1), mask=m_k)
-                tl.store(dvt + i_nh.to(tl.int64) * V + o_v, tl.sum(b_dht * b_k[:, None], 0),
-                         mask=m_v)
+                add_row(dkt + i_nh.to(tl.int64) * K + o_k, tl.sum(b_dht * b_v[None, :], 1), m_k,
+                        NV)
                 b_dh += b_dht
+        tl.store(dv + i_tok * V + o_v, tl.sum(b_dh * b_k[:, None], 0).to(dv.dtype.element_ty),
+                 mask=m_v)
         if USE_GK or USE_GV:
             if i_w % BT == 0 and i_w > 0:  # dS_t and S~_t meet: the exact d g_t
                 i_g = _chunk_id(chunk_offsets, i_n, i_w // BT - 1, T, BT, IS_VARLEN)
                 b_s = tl.load(ckpt + (i_g * H + i_h) * K * V + o_s, mask=m_h, other=0.)
-                b_p = b_dh * _decay(b_s, gk, gv, i_tok, o_k, m_k, o_v, m_v, K, V, USE_GK, USE_GV)
+                b_p = b_dh * _decay(b_s, b_gk, b_gv, USE_GK, USE_GV)
                 if USE_GK:
-                    tl.store(ak + i_v.to(tl.int64) * aslot + (i_g * H + i_h) * K + o_k,
-                             tl.sum(b_p, 1), mask=m_k)
+                    add_row(ak + (i_g * H + i_h) * K + o_k, tl.sum(b_p, 1), m_k, NV)
                 if USE_GV:
                     tl.store(av + (i_g * H + i_h) * V + o_v, tl.sum(b_p, 0), mask=m_v)
-        b_dh = _decay(b_dh, gk, gv, i_tok, o_k, m_k, o_v, m_v, K, V, USE_GK, USE_GV)
+        b_dh = _decay(b_dh, b_gk, b_gv, USE_GK, USE_GV)
+        b_q, b_k, b_v, b_do, b_gk, b_gv, i_tok = n_q, n_k, n_v, n_do, n_gk, n_gv, i_nxt
     if STORE_INITIAL_STATE_GRADIENT:
         tl.store(dh0 + o_h, b_dh, mask=m_h)
 
+
+@triton.heuristics({
+    'USE_GK': lambda a: a['dgk'] is not None,
+    'USE_FINAL_STATE_GRADIENT': lambda a: a['dkt'] is not None,
+    'IS_VARLEN': lambda a: a['cu_seqlens'] is not None,
+})
+@triton.jit(do_not_specialize=['T'])
+def fused_recurrent_gla_bwd_qk_kernel(
+    q, k, v, do, dq, dk, ak, akt, dkt, dqo, dko, dgk, cu_seqlens, chunk_indices, scale, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr,
+    BV: tl.constexpr, REVERSE: tl.constexpr, USE_GK: tl.constexpr,
+    USE_FINAL_STATE_GRADIENT: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """Per chunk of BT tokens in walking order and key tile, from the sweeps' strict parts dq',
+    dk': dq_t = dq'_t + scale k_t (v_t . do_t), dk_t = dk'_t + scale q_t (v_t . do_t) (+ the
+    final state's share at the last walked token), and d gk_i = anchor + sum over walking
+    indices j >= i of the chunk of q_j dq'_j - k_j dk'_j (the anchor from ak, or for the
+    sequence's last chunk from akt)."""
+    i_d, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_h = i_bh % H
+    bos, eos, i_t = chunk_bounds(cu_seqlens, chunk_indices, i_c, i_bh // H, T, BT, IS_VARLEN)
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + i_c * 2).to(tl.int64)
+    else:
+        i_n = (i_bh // H).to(tl.int64)
+    L = eos - bos
+    o_w = i_t * BT + tl.arange(0, BT)  # walking indices
+    m_t = o_w < L
+    o_r = (bos + (L - 1 - o_w if REVERSE else o_w)) * H + i_h
+    b_vdo = tl.zeros([BT], dtype=tl.float32)  # v_t . do_t
+    for i_v in range(tl.cdiv(V, BV)):
+        o_v = i_v * BV + tl.arange(0, BV)
+        p, m = o_r[:, None] * V + o_v[None, :], m_t[:, None] & (o_v < V)[None, :]
+        b_vdo += tl.sum(tl.load(v + p, mask=m, other=0.).to(tl.float32) *
+                        tl.load(do + p, mask=m, other=0.).to(tl.float32), 1)
+    o_d = i_d * BK + tl.arange(0, BK)
+    m_d = o_d < K
+    p, m = o_r[:, None] * K + o_d[None, :], m_t[:, None] & m_d[None, :]
+    b_q = tl.load(q + p, mask=m, other=0.).to(tl.float32)
+    b_k = tl.load(k + p, mask=m, other=0.).to(tl.float32)
+    b_dq, b_dk = tl.load(dq + p, mask=m, other=0.), tl.load(dk + p, mask=m, other=0.)
+    last = i_t == (L - 1) // BT  # the chunk holding the sequence's last walked token
+    if USE_GK:
+        i_g = chunk_index(i_c, i_bh, i_t, T, H, BT, IS_VARLEN)
+        b_a = tl.load(ak + (i_g * H + i_h) * K + o_d, mask=m_d, other=0.)
+        if USE_FINAL_STATE_GRADIENT:
+            b_a += tl.load(akt + (i_n * H + i_h) * K + o_d, mask=m_d & last, other=0.)
+        b_g = tl.cumsum(b_q * b_dq - b_k * b_dk, 0, reverse=True) + b_a[None, :]
+        tl.store(dgk + p, b_g.to(dgk.dtype.element_ty), mask=m)
+    b_dq += scale * b_k * b_vdo[:, None]
+    b_dk += scale * b_q * b_vdo[:, None]
+    if USE_FINAL_STATE_GRADIENT:
+        b_t = tl.load(dkt + (i_n * H + i_h) * K + o_d, mask=m_d & last, other=0.)
+        b_dk += tl.where((o_w == L - 1)[:, None], b_t[None, :], 0.)
+    tl.store(dqo + p, b_dq.to(dqo.dtype.element_ty), mask=m)
+    tl.store(dko + p, b_dk.to(dko.dtype.element_ty), mask=m)
+
+
 def _num_sequences(B: int, cu_seqlens: torch.Tensor | None) -> int:
     return B if cu_seqlens is None else cu_seqlens.numel() - 1
+
+
+def _bucket(N: int, H: int) -> int:
+    """The autotuners' key for the number of (sequence, head) programs per value tile."""
+    return min(triton.next_power_of_2(N * H), 1024)
 
 
 def fused_recurrent_gla_fwd(q, k, v, gk, gv, scale: float, initial_state, output_final_state: bool,
@@ -272,19 +384,9 @@ def fused_recurrent_gla_fwd(q, k, v, gk, gv, scale: float, initial_state, output
     ht = torch.empty(N, H, K, V, dtype=torch.float32, device=v.device) if output_final_state else None
     grid = lambda meta: (triton.cdiv(V, meta['BV']), N * H)  # noqa: E731
     fused_recurrent_gla_fwd_kernel[grid](q, k, v, gk, gv, o, initial_state, ht, cu_seqlens, scale,
-                                         T, H=H, K=K, V=V, BK=triton.next_power_of_2(K),
-                                         REVERSE=reverse)
+                                         T, _bucket(N, H), H=H, K=K, V=V,
+                                         BK=triton.next_power_of_2(K), REVERSE=reverse)
     return o, ht
-
-
-def _last_tokens(B: int, T: int, reverse: bool, cu_seqlens, device):
-    """(index [N] of each sequence's last walked token among the B * T > 0, and 1. or 0.
-    [N, 1, 1]: whether the sequence has one), without a host sync."""
-    if cu_seqlens is None:
-        return torch.arange(B, device=device) * T + (0 if reverse else T - 1), 1.0
-    first, end = cu_seqlens[:-1], cu_seqlens[1:]
-    last = first if reverse else end - 1
-    return last.clamp(0, B * T - 1), (end > first).float()[:, None, None]
 
 
 def fused_recurrent_gla_bwd(q, k, v, gk, gv, scale: float, initial_state, do, dht, reverse: bool,
@@ -295,47 +397,41 @@ def fused_recurrent_gla_bwd(q, k, v, gk, gv, scale: float, initial_state, do, dh
     V = v.shape[-1]
     N, NT, chunk_indices, chunk_offsets = chunk_layout(B, T, cu_seqlens, BT)
     chunks = NT * (B if cu_seqlens is None else 1)
-    slots, slot = triton.cdiv(V, MIN_BV), B * T * H * K
     f32 = dict(dtype=torch.float32, device=q.device)
-    # one float32 slot per value tile (zeros where a wider tiling leaves slots unused)
-    dq, dk = torch.zeros(slots, B, T, H, K, **f32), torch.zeros(slots, B, T, H, K, **f32)
-    dv = torch.empty(B, T, H, V, **f32)  # dv', float32
+    # the strict parts dq', dk': float32 sums over the sweeps' value tiles
+    dq, dk = torch.zeros(B, T, H, K, **f32), torch.zeros(B, T, H, K, **f32)
+    dv = torch.empty_like(v)
+    dvs = torch.empty(B, T, H, V, **f32) if gv is not None else None  # dv', for d gv
     dh0 = torch.empty_like(initial_state, dtype=torch.float32) if initial_state is not None else None
     odo = torch.empty(B, T, H, V, **f32) if gv is not None else None
-    gates, final = gk is not None or gv is not None, dht is not None
-    ckpt = torch.empty(chunks, H, K, V, **f32) if gates else None
-    ak = torch.zeros(slots, chunks, H, K, **f32) if gk is not None else None
+    final = dht is not None
+    ckpt = torch.empty(chunks, H, K, V, **f32) if gk is not None or gv is not None else None
+    ak = torch.zeros(chunks, H, K, **f32) if gk is not None else None
+    akt = torch.zeros(N, H, K, **f32) if gk is not None and final else None
     av = torch.zeros(chunks, H, V, **f32) if gv is not None else None
-    # the final state's share of the last tokens' dk, dv (zeros for empty sequences)
-    dkt = torch.zeros(slots, N, H, K, **f32) if final else None
-    dvt = torch.zeros(N, H, V, **f32) if final else None
+    dkt = torch.zeros(N, H, K, **f32) if final else None  # d(final state) v_T, per sequence
     grid = lambda meta: (triton.cdiv(V, meta['BV']), N * H)  # noqa: E731
-    BK, aslot = triton.next_power_of_2(K), chunks * H * K
+    dims = dict(H=H, K=K, V=V, BK=triton.next_power_of_2(K), BT=BT, REVERSE=reverse)
     fused_recurrent_gla_bwd_dq_kernel[grid](q, k, v, gk, gv, do, initial_state, dht, dq, odo, ckpt,
-                                            ak, av, cu_seqlens, chunk_offsets, scale, T, slot,
-                                            aslot, H=H, K=K, V=V, BK=BK, BT=BT, REVERSE=reverse)
-    fused_recurrent_gla_bwd_dh_kernel[grid](q, k, v, gk, gv, do, dht, dh0, dk, dv, dkt, dvt, ckpt,
-                                            ak, av, cu_seqlens, chunk_offsets, scale, T, slot,
-                                            aslot, H=H, K=K, V=V, BK=BK, BT=BT, REVERSE=reverse)
+                                            akt, av, cu_seqlens, chunk_offsets, scale, T,
+                                            _bucket(N, H), **dims)
+    fused_recurrent_gla_bwd_dh_kernel[grid](q, k, v, gk, gv, do, dht, dh0, dk, dv, dvs, dkt, ckpt,
+                                            ak, av, cu_seqlens, chunk_offsets, scale, T,
+                                            _bucket(N, H), **dims)
     del ckpt
-    dq, dk = dq.sum(0), dk.sum(0)  # the strict parts dq', dk'
-    qf, kf, vf, dof = q.float(), k.float(), v.float(), do.float()
-    dgk = dgv = None
-    if gk is not None:
-        dgk = chunk_suffix_sum(qf * dq - kf * dk, ak.sum(0), reverse, cu_seqlens, chunk_indices,
-                               NT, BT, out_dtype=gk.dtype)
+    dqo, dko = torch.empty_like(q), torch.empty_like(k)
+    dgk = torch.empty_like(gk) if gk is not None else None
+    if NT:
+        BD = min(64, triton.next_power_of_2(K))
+        fused_recurrent_gla_bwd_qk_kernel[(triton.cdiv(K, BD), NT, B * H)](
+            q, k, v, do, dq, dk, ak, akt, dkt, dqo, dko, dgk, cu_seqlens, chunk_indices, scale,
+            T, H=H, K=K, V=V, BT=BT, BK=BD, BV=min(64, triton.next_power_of_2(V)),
+            REVERSE=reverse)
+    dgv = None
     if gv is not None:
-        dgv = chunk_suffix_sum(odo - vf * dv, av, reverse, cu_seqlens, chunk_indices, NT, BT,
-                               out_dtype=gv.dtype)
-    # the s = t terms
-    vdo = (vf * dof).sum(-1, keepdim=True) * scale
-    dq, dk = dq + kf * vdo, dk + qf * vdo
-    dv = dv + (qf * kf).sum(-1, keepdim=True) * scale * dof
-    if final and T:
-        last, has = _last_tokens(B, T, reverse, cu_seqlens, q.device)
-        dk.view(B * T, H, K).index_add_(0, last, dkt.sum(0) * has)
-        dv.view(B * T, H, V).index_add_(0, last, dvt * has)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dgk, dgv, dh0
+        dgv = chunk_suffix_sum(odo - v.float() * dvs, av, reverse, cu_seqlens, chunk_indices, NT,
+                               BT, out_dtype=gv.dtype)
+    return dqo, dko, dv, dgk, dgv, dh0
 
 class FusedRecurrentGLAFunction(torch.autograd.Function):
 
