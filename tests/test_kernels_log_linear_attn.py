@@ -98,20 +98,22 @@ def test_far_pairs_with_weak_gates():
         assert rel_error(got[name], ref[name]) < 1e-5, (name, rel_error(got[name], ref[name]))
 
 
-@pytest.mark.parametrize("switches", [("WALK_STATES",), ("WALKS_TOGETHER",),
-                                      ("WALK_STATES", "WALKS_TOGETHER")])
+@pytest.mark.parametrize("switches", [{"WALK_STATES": True}, {"BWD_WALK_STATES": False},
+                                      {"WALKS_TOGETHER": True},
+                                      {"WALKS_TOGETHER": True, "BWD_WALK_STATES": False}])
 @pytest.mark.parametrize("B,T,G,H,K,V,cu,gate", [
     (1, 1100, 1, 1, 16, 16, None, -1e-3),
     (2, 130, 2, 4, 100, 70, None, None),
     (1, 401, 1, 2, 16, 16, [0, 70, 70, 71, 401], None),
 ])
 def test_switches(monkeypatch, switches, B, T, G, H, K, V, cu, gate):
-    """chunk.WALK_STATES: the walks form each chunk's own state instead of reading the local
-    kernels' buffer (left empty: a read of it is out of bounds); chunk.WALKS_TOGETHER: the
+    """chunk.WALK_STATES (the forward's walk) and chunk.BWD_WALK_STATES (the dq walk): the
+    walk forms each chunk's own state instead of reading the local kernel's buffer (left empty
+    when the walk forms them: a read of it is out of bounds); chunk.WALKS_TOGETHER: the
     backward's two walks in one launch, each with its own scratch. Same bound, same reasons;
     measured as the default (the same products, in other kernels)."""
-    for name in switches:
-        monkeypatch.setattr(chunk, name, True)
+    for name, value in switches.items():
+        monkeypatch.setattr(chunk, name, value)
     got, ref = grads(inputs(B, T, G, H, K, V, gate=gate), cu=cu)
     for name in ref:
         assert rel_error(got[name], ref[name]) < 1e-5, (name, rel_error(got[name], ref[name]))

@@ -86,6 +86,15 @@ def add_row(p, b_x, m, NV: tl.constexpr):
 
 
 @triton.jit
+def add_to(p, b_x, m, NV: tl.constexpr):
+    """p[m] += b_x onto what p holds, for a float32 sum over NV tiles of another dimension: a
+    load, add and store when there is one tile, else a relaxed atomic add from every tile."""
+    if NV == 1:
+        tl.store(p, b_x + tl.load(p, mask=m, other=0.), mask=m)
+    else:
+        tl.atomic_add(p, b_x, mask=m, sem="relaxed")
+
+@triton.jit
 def load_rows(x, o_c, m_t, o_d, D: tl.constexpr, H: tl.constexpr):
     """[BT, BD] tile of a [.., H, D] tensor: x points at the chunk's first row (row t at
     x + t * H * D), rows o_c where m_t, columns o_d < D; zeros elsewhere."""

@@ -48,15 +48,24 @@ BT = 64  # C, the chunk: levels 0 .. 6 inside it
 MAX_DIM = 256  # K and V
 BV = 64  # the value tile (utils.MIN_TILE: narrower tiles met Triton 3.6 miscompiles)
 
-# Switch, off: the walks (the forward's and the backward's dq walk) form each chunk's own state
-# H_n from k and v themselves, one [K, 64] x [64, 64] product a chunk more in the walk, instead
-# of reading it from a float32 [chunks, H, K, V] buffer the local kernel wrote (1.07 GB at
-# B = 2, T = 32K, H = 16, K = V = 128, in the forward and again in the backward). Not yet timed.
+# Switch, off: the forward's walk forms each chunk's own state H_n from k and v itself, one
+# [K, 64] x [64, 64] product a chunk more in the walk, instead of reading it from a float32
+# [chunks, H, K, V] buffer the local kernel wrote (1.07 GB at B = 2, T = 32K, H = 16,
+# K = V = 128). H200, bf16, B = 2, G = H = 16, K = V = 128 (reports/log_linear_attn.md): the
+# forward 1.654 / 3.455 ms against 1.512 / 3.211 at 8K / 16K (+9%), its peak 206 / 400 MB
+# against 462 / 912. Off: the forward's time.
 WALK_STATES = False
+
+# Switch, on: the same for the backward's dq walk (the local kernel then writes no H_n): the
+# backward's float32 states are its largest buffer (1 GB at 32K, above). With WALK_STATES on
+# for both, fwd+bwd took 1.2% longer at 8K on the H200 (the forward's 9% included).
+BWD_WALK_STATES = True
 
 # Switch, off: the backward's two walks (dq forward, dk and dv in reverse), independent of each
 # other, in one launch side by side instead of one after the other: twice the programs at once
-# (64 each at B = 2, H = 16, V = 128 on an H200's 132 SMs), both at 8 warps. Not yet timed.
+# (64 each at B = 2, H = 16, V = 128 on an H200's 132 SMs), both at 8 warps. H200, as above:
+# fwd+bwd 6.303 / 13.273 ms against 7.959 / 16.856 (-21%); off until its peak is measured with
+# the backward's states and slots gone (it also holds a second scratch).
 WALKS_TOGETHER = False
 
 # How the walks and the chunks' own states multiply a float32 state, accumulator or decayed key
@@ -202,7 +211,7 @@ class ChunkLogLinearAttnFunction(torch.autograd.Function):
         o = _forward(q, k, v, g, level_scales, scale, cu_seqlens, NL, WALK_STATES, WALK_MIXED)
         ctx.save_for_backward(q, k, v, g, level_scales, cu_seqlens)
         ctx.scale, ctx.NL = scale, NL
-        ctx.switches = (WALK_STATES, WALKS_TOGETHER, WALK_MIXED)  # as the forward ran
+        ctx.switches = (BWD_WALK_STATES, WALKS_TOGETHER, WALK_MIXED)  # as the call ran
         return o
 
     @staticmethod

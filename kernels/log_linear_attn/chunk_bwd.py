@@ -38,9 +38,11 @@ the last because g_r enters exp(G_t - G_s) exactly when s < r <= t. Four kernels
 
 The two walks are independent: under the switch chunk.WALKS_TOGETHER one launch runs them side
 by side (``chunk_log_linear_attn_bwd_walks_kernel``, a third grid axis for the direction).
-The walks give dq, dk and the level weights' gradients per value tile (they sum over V): one
-float32 slot per tile, summed after, the local kernel's part in slot 0; dv and H_n are
-per tile. q and k's gradients are per head, summed over the heads of a group after.
+The walks give dq, dk and the level weights' gradients per value tile (they sum over V): the
+tiles add them into one float32 buffer each, onto the local kernel's part (relaxed atomic adds
+when there are several tiles: a few ulps of summation order between runs); X and Y keep one
+float32 slot per tile (small), summed in float64 by the gates kernel; dv and H_n are per tile.
+q and k's gradients are per head, summed over the heads of a group after.
 """
 
 from __future__ import annotations
@@ -49,8 +51,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common.utils import (MIN_TILE, chunk_bounds, chunk_index, chunk_layout, dot_mixed,
-                                  dot_precision, load_rows, walk_bounds)
+from kernels.common.utils import (MIN_TILE, add_row, add_to, chunk_bounds, chunk_index,
+                                  chunk_layout, dot_mixed, dot_precision, load_rows, walk_bounds)
 from kernels.log_linear_attn.stages import (chunk_gates, chunk_levels, chunk_total,
                                             decay_to_end, intra_weights, level_state,
                                             level_weights, merge_levels, own_state, walk_state,
@@ -150,7 +152,8 @@ def dq_walk(
     bos, eos, NT, c0 = walk_bounds(cu_seqlens, chunk_offsets, i_nh // H, T, BT, IS_VARLEN)
     o_c = tl.arange(0, BT)
     o_k, o_v, o_l, o_s, p_sc = walk_tiles(sc, i_nh, i_v, V, BK, BV, BL, NL)
-    slot = i_v.to(tl.int64) * R  # this value tile's rows of dq, dls, xs
+    slot = i_v.to(tl.int64) * R  # this value tile's rows of xs
+    NV: tl.constexpr = (V + BV - 1) // BV
     b_dec = tl.zeros([BL], dtype=tl.float32)
     for n in range(NT):
         tok0 = bos + n * BT
@@ -170,14 +173,11 @@ def dq_walk(
                 b_l = level_weights(ls, tok0, i_h, o_c, m_l, C_BITS + l, H, L)
                 b_qs = dot_mixed(b_q, b_S, PRECISION, MIXED)
                 b_r = tl.sum(b_qs * b_do, 1) * b_e  # d level_scales[t, c + l]
-                tl.store(dls + (slot + p_r) * L + C_BITS + l, b_r, mask=m_l)
+                add_row(dls + p_r * L + C_BITS + l, b_r, m_l, NV)
                 b_x += b_l * b_r
                 b_dq += (b_l * b_e)[:, None] * dot_mixed(b_do, tl.trans(b_S), PRECISION, MIXED)
-        p_dq = dq + (slot + p_r)[:, None] * K + o_k[None, :]
-        m_dq = m_t[:, None] & (o_k < K)[None, :]
-        if i_v == 0:  # slot 0 holds the chunk's own part
-            b_dq += tl.load(p_dq, mask=m_dq, other=0.)
-        tl.store(p_dq, b_dq, mask=m_dq)
+        add_to(dq + p_r[:, None] * K + o_k[None, :], b_dq, m_t[:, None] & (o_k < K)[None, :],
+               NV)  # onto the chunk's own part
         tl.store(xs + slot + p_r, b_x, mask=m_t)
         b_H = walk_state(k, v, hc, b_b, tok0, c0 + n, i_g, i_h, o_c, m_t, o_k, o_v,
                          eos - bos - n * BT, K, V, G, H, BT, PRECISION, MIXED, STATES_IN_WALK)
@@ -201,7 +201,8 @@ def dkv_walk(
     bos, eos, NT, c0 = walk_bounds(cu_seqlens, chunk_offsets, i_nh // H, T, BT, IS_VARLEN)
     o_c = tl.arange(0, BT)
     o_k, o_v, o_l, o_s, p_sc = walk_tiles(sc, i_nh, i_v, V, BK, BV, BL, NL)
-    slot = i_v.to(tl.int64) * R  # this value tile's rows of dk, ys
+    slot = i_v.to(tl.int64) * R  # this value tile's rows of ys
+    NV: tl.constexpr = (V + BV - 1) // BV
     b_dec = tl.zeros([BL], dtype=tl.float32)
     for i in range(NT):
         m = NT - 1 - i
@@ -221,12 +222,8 @@ def dkv_walk(
                 b_D += level_state(p_sc, l, b_dec, o_l, o_s, BK, BV)
         b_dk = dot_mixed(b_vv, tl.trans(b_D), PRECISION, MIXED)
         b_dv = dot_mixed(b_k, b_D, PRECISION, MIXED) * b_f[:, None]
-        p_dk = dk + (slot + p_r)[:, None] * K + o_k[None, :]
-        m_dk = m_t[:, None] & (o_k < K)[None, :]
-        b_dk *= b_f[:, None]
-        if i_v == 0:  # slot 0 holds the chunk's own part
-            b_dk += tl.load(p_dk, mask=m_dk, other=0.)
-        tl.store(p_dk, b_dk, mask=m_dk)
+        add_to(dk + p_r[:, None] * K + o_k[None, :], b_dk * b_f[:, None],
+               m_t[:, None] & (o_k < K)[None, :], NV)  # onto the chunk's own part
         tl.store(ys + slot + p_r, tl.sum(b_dv * b_vv.to(tl.float32), 1), mask=m_t)
         tl.store(dv + p_o, b_dv + tl.load(dv + p_o, mask=m_o, other=0.), mask=m_o)
         # to chunk m - 1: every accumulator decays over chunk m, then m's queries join the
@@ -346,10 +343,10 @@ def chunk_backward(q, k, v, g, level_scales, do, scale, cu_seqlens, BT, BV, NL,
     NV = triton.cdiv(V, BV)
     R = B * T * H
     f32 = {"dtype": torch.float32, "device": q.device}
-    dq = torch.empty(NV, B, T, H, K, **f32)
-    dk = torch.empty(NV, B, T, H, K, **f32)
+    dq = torch.empty(B, T, H, K, **f32)  # the local kernel writes every row, the walks add
+    dk = torch.empty(B, T, H, K, **f32)
     dv = torch.empty(B, T, H, V, **f32)
-    dls = torch.zeros(NV, B, T, H, L, **f32)
+    dls = torch.zeros(B, T, H, L, **f32)
     xs, ys = torch.empty(NV, B, T, H, **f32), torch.empty(NV, B, T, H, **f32)
     dgi, dg = torch.empty(B, T, H, **f32), torch.empty(B, T, H, **f32)
     meta = dict(G=G, H=H, K=K, V=V, L=L, BK=BK, BV=BV, BT=BT, C_BITS=BT.bit_length() - 1,
@@ -368,6 +365,7 @@ def chunk_backward(q, k, v, g, level_scales, do, scale, cu_seqlens, BT, BV, NL,
                 q, k, v, do, g, level_scales, hc, sc, torch.zeros_like(sc), dq, dk, dv, dls, xs,
                 ys, cu_seqlens, chunk_offsets, float(scale), T, R, STATES_IN_WALK=states_in_walk,
                 **walk)
+            del hc
         else:
             chunk_log_linear_attn_bwd_dq_kernel[(N * H, NV)](
                 q, k, v, do, g, level_scales, hc, sc, dq, dls, xs, cu_seqlens, chunk_offsets,
@@ -382,6 +380,15 @@ def chunk_backward(q, k, v, g, level_scales, do, scale, cu_seqlens, BT, BV, NL,
     else:
         for x in (dq, dk, dv, dg):
             x.zero_()
-    dq, dk = (x.sum(0).view(B, T, G, H // G, K).sum(3) for x in (dq, dk))
-    return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg.to(g.dtype),
-            dls.sum(0).to(level_scales.dtype))
+    del xs, ys, dgi
+    # to the inputs' dtypes one at a time, each float32 buffer freed before the next is cast
+    dv = dv.to(v.dtype)
+    dq = _group_sum(dq, G).to(q.dtype)
+    dk = _group_sum(dk, G).to(k.dtype)
+    return dq, dk, dv, dg.to(g.dtype), dls.to(level_scales.dtype)
+
+
+def _group_sum(x: torch.Tensor, G: int) -> torch.Tensor:
+    """[B, T, H, K] per head -> [B, T, G, K] per q/k group (the heads sharing it summed)."""
+    B, T, H, K = x.shape
+    return x if G == H else x.view(B, T, G, H // G, K).sum(3)
