@@ -99,8 +99,8 @@ def test_far_pairs_with_weak_gates():
 
 
 @pytest.mark.parametrize("switches", [{"WALK_STATES": True}, {"BWD_WALK_STATES": False},
-                                      {"WALKS_TOGETHER": True},
-                                      {"WALKS_TOGETHER": True, "BWD_WALK_STATES": False}])
+                                      {"WALKS_TOGETHER": False},
+                                      {"WALKS_TOGETHER": False, "BWD_WALK_STATES": False}])
 @pytest.mark.parametrize("B,T,G,H,K,V,cu,gate", [
     (1, 1100, 1, 1, 16, 16, None, -1e-3),
     (2, 130, 2, 4, 100, 70, None, None),
@@ -109,8 +109,8 @@ def test_far_pairs_with_weak_gates():
 def test_switches(monkeypatch, switches, B, T, G, H, K, V, cu, gate):
     """chunk.WALK_STATES (the forward's walk) and chunk.BWD_WALK_STATES (the dq walk): the
     walk forms each chunk's own state instead of reading the local kernel's buffer (left empty
-    when the walk forms them: a read of it is out of bounds); chunk.WALKS_TOGETHER: the
-    backward's two walks in one launch, each with its own scratch. Same bound, same reasons;
+    when the walk forms them: a read of it is out of bounds); chunk.WALKS_TOGETHER off: the
+    backward's two walks in two launches, one scratch between them. Same bound, same reasons;
     measured as the default (the same products, in other kernels)."""
     for name, value in switches.items():
         monkeypatch.setattr(chunk, name, value)

@@ -61,12 +61,12 @@ WALK_STATES = False
 # for both, fwd+bwd took 1.2% longer at 8K on the H200 (the forward's 9% included).
 BWD_WALK_STATES = True
 
-# Switch, off: the backward's two walks (dq forward, dk and dv in reverse), independent of each
+# Switch, on: the backward's two walks (dq forward, dk and dv in reverse), independent of each
 # other, in one launch side by side instead of one after the other: twice the programs at once
 # (64 each at B = 2, H = 16, V = 128 on an H200's 132 SMs), both at 8 warps. H200, as above:
-# fwd+bwd 6.303 / 13.273 ms against 7.959 / 16.856 (-21%); off until its peak is measured with
-# the backward's states and slots gone (it also holds a second scratch).
-WALKS_TOGETHER = False
+# fwd+bwd 6.303 / 13.273 ms against 7.959 / 16.856 (-21%). It holds a second scratch for the
+# reverse walk's accumulators ([N H, levels, 128, 64] float32: 18 MB at B = 2, H = 16, 32K).
+WALKS_TOGETHER = True
 
 # How the walks and the chunks' own states multiply a float32 state, accumulator or decayed key
 # with the inputs' half-precision rows (utils.dot_mixed): "split" keeps ~16 bits of the float32
