@@ -54,7 +54,7 @@ import triton.language as tl
 
 from references.operators import DELTA_RULE
 from kernels.common.l2norm import MAX_D, l2norm_bwd, l2norm_fwd, l2norm_vec
-from kernels.common.utils import add_row, check_launchable, seq_bounds, tuning
+from kernels.common.utils import add_row, check_launchable, nh_bucket, seq_bounds, tuning
 
 __all__ = ["fused_recurrent_delta_rule", "fused_recurrent_delta_rule_fwd",
            "fused_recurrent_delta_rule_bwd"]
@@ -278,7 +278,7 @@ def fused_recurrent_delta_rule_fwd(
     grid = lambda meta: (triton.cdiv(V, meta['BV']), N * H)  # noqa: E731
     fused_recurrent_delta_rule_fwd_kernel[grid](
         q, k, v, beta, o, r, initial_state, ht, cu_seqlens, scale, T,
-        min(triton.next_power_of_2(N * H), 1024), H=H, K=K, V=V, BK=BK,
+        nh_bucket(N, H), H=H, K=K, V=V, BK=BK,
         BETA_PER_CHANNEL=beta.dim() == 4, USE_QK_L2NORM=use_qk_l2norm,
     )
     return o, r, ht
@@ -306,7 +306,7 @@ def fused_recurrent_delta_rule_bwd(
         torch.zeros(B, T, H, slots, dtype=torch.float32, device=q.device)
     dh0 = torch.empty_like(initial_state, dtype=torch.float32) if initial_state is not None else None
     grid = lambda meta: (triton.cdiv(V, meta['BV']), N * H)  # noqa: E731
-    bucket = min(triton.next_power_of_2(N * H), 1024)
+    bucket = nh_bucket(N, H)
     fused_recurrent_delta_rule_bwd_dh_kernel[grid](
         q, k, r, beta, do, dht, dh0, dp, dk, dv, dbeta, cu_seqlens, scale, T, bucket,
         H=H, K=K, V=V, BK=BK, NV_SLOTS=slots, BETA_PER_CHANNEL=per_channel,

@@ -54,7 +54,8 @@ import triton.language as tl
 
 from kernels.common.cumsum import chunk_suffix_sum
 from kernels.common.utils import (add_row, check_launchable, chunk_bounds, chunk_index,
-                                  chunk_layout, seq_bounds, tuning, zero_before_run)
+                                  chunk_layout, nh_bucket, seq_bounds, tuning,
+                                  zero_before_run)
 from references.operators import GLA
 
 __all__ = ["fused_recurrent_gla", "fused_recurrent_gla_bwd", "fused_recurrent_gla_fwd"]
@@ -368,11 +369,6 @@ def _num_sequences(B: int, cu_seqlens: torch.Tensor | None) -> int:
     return B if cu_seqlens is None else cu_seqlens.numel() - 1
 
 
-def _bucket(N: int, H: int) -> int:
-    """The autotuners' key for the number of (sequence, head) programs per value tile."""
-    return min(triton.next_power_of_2(N * H), 1024)
-
-
 def fused_recurrent_gla_fwd(q, k, v, gk, gv, scale: float, initial_state, output_final_state: bool,
                             reverse: bool, cu_seqlens):
     """o [B,T,H,V] (v's dtype) and the final state [N,H,K,V] float32 or None; inputs
@@ -384,7 +380,7 @@ def fused_recurrent_gla_fwd(q, k, v, gk, gv, scale: float, initial_state, output
     ht = torch.empty(N, H, K, V, dtype=torch.float32, device=v.device) if output_final_state else None
     grid = lambda meta: (triton.cdiv(V, meta['BV']), N * H)  # noqa: E731
     fused_recurrent_gla_fwd_kernel[grid](q, k, v, gk, gv, o, initial_state, ht, cu_seqlens, scale,
-                                         T, _bucket(N, H), H=H, K=K, V=V,
+                                         T, nh_bucket(N, H), H=H, K=K, V=V,
                                          BK=triton.next_power_of_2(K), REVERSE=reverse)
     return o, ht
 
@@ -414,10 +410,10 @@ def fused_recurrent_gla_bwd(q, k, v, gk, gv, scale: float, initial_state, do, dh
     dims = dict(H=H, K=K, V=V, BK=triton.next_power_of_2(K), BT=BT, REVERSE=reverse)
     fused_recurrent_gla_bwd_dq_kernel[grid](q, k, v, gk, gv, do, initial_state, dht, dq, odo, ckpt,
                                             akt, av, cu_seqlens, chunk_offsets, scale, T,
-                                            _bucket(N, H), **dims)
+                                            nh_bucket(N, H), **dims)
     fused_recurrent_gla_bwd_dh_kernel[grid](q, k, v, gk, gv, do, dht, dh0, dk, dv, dvs, dkt, ckpt,
                                             ak, av, cu_seqlens, chunk_offsets, scale, T,
-                                            _bucket(N, H), **dims)
+                                            nh_bucket(N, H), **dims)
     del ckpt
     dqo, dko = torch.empty_like(q), torch.empty_like(k)
     dgk = torch.empty_like(gk) if gk is not None else None
