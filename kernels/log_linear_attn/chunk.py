@@ -70,13 +70,13 @@ WALKS_TOGETHER = True
 
 # How the walks and the chunks' own states multiply a float32 state, accumulator or decayed key
 # with the inputs' half-precision rows (utils.dot_mixed): "split" keeps ~16 bits of the float32
-# side in two products; "round" rounds it to the inputs' dtype in one. dg's carry across chunks
-# adds each pair of chunks once from the reverse walk and takes it out again from the forward
-# one; rounded, the two differ by a rounding of the pair and the differences add up over the
-# chunks. float16, log gates uniform in [-0.1, 0] (CPU): dg 1.34e-3 rounded against 2.17e-4
-# split at T = 4096, 6.37e-3 against 2.15e-4 at T = 16384 (dq, dk, dv 3.5e-4 to 3.7e-4
-# either way); bfloat16 rounds 8x coarser. Float32 inputs: exact products either way. Split's
-# cost is not yet timed.
+# side in two products; "round" rounds it to the inputs' dtype in one. Rounded, dg drifted while
+# its carry across chunks took the pairs of neighbouring chunks from both walks (float16, log
+# gates uniform in [-0.1, 0], CPU: dg 1.34e-3 rounded against 2.17e-4 split at T = 4096). The
+# carry now leaves those pairs out (chunk_bwd.py): 2.67e-4 against 2.24e-4 (dq, dk, dv 3.5e-4
+# to 3.7e-4 either way). On the H200, "round" took 20-26% off fwd+bwd at 8K / 16K (bf16,
+# reports/log_linear_attn.md), before that change; bfloat16's errors under it are not yet
+# measured since. Float32 inputs: exact products either way.
 WALK_MIXED = "split"
 
 

@@ -2,9 +2,14 @@
 a chunk's levels, gates and level weights, and the Fenwick level states of a walk.
 
 A walk keeps the states of levels 1 .. NL (above the chunk's own levels) in a float32 scratch
-``p_sc`` of [NL, BK, BV] and one decay factor per level on chip in ``b_dec`` [BL]: the true
+``p_sc`` of [NS, BK, BV] and one decay factor per level on chip in ``b_dec`` [BL]: the true
 state of level l is b_dec[l - 1] * p_sc[l - 1], so decaying every state over a chunk is one
 multiplication of a vector.
+
+The backward's walks keep one slot more (NS = NL + 1): the neighbouring chunk's part of its
+level, apart from the rest of the level until the chunk next to it has read both. dg's carry
+across chunks (chunk_bwd.py) takes the pairs of neighbouring chunks out of both walks' sums, so
+that what it adds up chunk after chunk is only the pairs further apart (``adjacent_level``).
 """
 
 from __future__ import annotations
@@ -99,15 +104,15 @@ def walk_state(k, v, hc, b_b, tok0, i_s, i_g, i_h, o_c, m_t, o_k, o_v, n_real,
 
 @triton.jit
 def walk_tiles(sc, i_nh, i_v, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-               BL: tl.constexpr, NL: tl.constexpr):
+               BL: tl.constexpr, NS: tl.constexpr):
     """A walk program's (o_k, o_v, o_l, o_s, p_sc): its key rows, value columns (tile i_v),
-    level lanes, the offsets of a [BK, BV] tile in its scratch, and where its scratch of NL
+    level lanes, the offsets of a [BK, BV] tile in its scratch, and where its scratch of NS
     tiles starts in sc (one per sequence x head i_nh and value tile)."""
     o_k = tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     o_l = tl.arange(0, BL)
     o_s = o_k[:, None] * BV + tl.arange(0, BV)[None, :]
-    p_sc = sc + (i_nh * tl.cdiv(V, BV) + i_v).to(tl.int64) * NL * BK * BV
+    p_sc = sc + (i_nh * tl.cdiv(V, BV) + i_v).to(tl.int64) * NS * BK * BV
     return o_k, o_v, o_l, o_s, p_sc
 
 
@@ -119,18 +124,48 @@ def level_state(p_sc, l, b_dec, o_l, o_s, BK: tl.constexpr, BV: tl.constexpr):
 
 
 @triton.jit
+def adjacent_level(n, NL: tl.constexpr):
+    """The level above the chunk's at which chunk n >= 1 meets chunk n - 1: 1 + the trailing
+    zeros of n (bit_length(n XOR (n - 1))); NL + 1 for n = 0."""
+    p = 1
+    for b in tl.static_range(NL):
+        p += tl.where((n & ((2 << b) - 1)) == 0, 1, 0)
+    return p
+
+
+@triton.jit
+def adjacent_state(p_sc, l, b_dec, o_l, o_s, BK: tl.constexpr, BV: tl.constexpr,
+                   NL: tl.constexpr):
+    """The neighbouring chunk's part of level l, kept apart in slot NL, with level l's decay,
+    [BK, BV] float32; the slot is folded into level l's as it is read (no later chunk needs
+    it apart)."""
+    d_l = tl.sum(tl.where(o_l == l - 1, b_dec, 0.), 0)
+    p_l = p_sc + (l - 1) * BK * BV + o_s
+    b_a = tl.load(p_sc + NL * BK * BV + o_s)
+    b_rest = tl.load(p_l)
+    tl.debug_barrier()  # every thread has read level l's tile before it changes
+    tl.store(p_l, b_rest + b_a)
+    tl.debug_barrier()
+    return d_l * b_a
+
+
+@triton.jit
 def merge_levels(p_sc, b_H, b_dec, n, o_l, o_s, BK: tl.constexpr, BV: tl.constexpr,
-                 NL: tl.constexpr):
+                 NL: tl.constexpr, APART: tl.constexpr = False):
     """The forward walk's step after chunk n (b_dec already decayed over it, b_H the chunk's
     own state): levels 1 .. p and b_H merge into level p + 1, p the trailing zeros of n + 1
-    (references/log_linear_attn.py). Returns the decays."""
+    (references/log_linear_attn.py); APART keeps b_H in slot NL instead (adjacent_state).
+    Returns the decays."""
     p = 0  # trailing zeros of n + 1, at most NL
     for b in tl.static_range(NL):
         p += tl.where(((n + 1) & ((2 << b) - 1)) == 0, 1, 0)
+    if APART:
+        tl.store(p_sc + NL * BK * BV + o_s, b_H)
+        b_H = tl.zeros([BK, BV], dtype=tl.float32)
     for l in range(1, p + 1):
         b_H += level_state(p_sc, l, b_dec, o_l, o_s, BK, BV)
     if p < NL:
         tl.store(p_sc + p * BK * BV + o_s, b_H)
-        tl.debug_barrier()  # other threads of the program read the tile back
         b_dec = tl.where(o_l == p, 1., b_dec)
+    tl.debug_barrier()  # other threads of the program read the tiles back
     return b_dec
