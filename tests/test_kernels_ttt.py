@@ -161,6 +161,30 @@ def test_walk_mixed_modes_in_float16(monkeypatch, fn, mode):
         assert not torch.equal(got["k"], exact["k"])
 
 
+@pytest.mark.parametrize("mode", ["round", "split"])
+@KERNELS
+def test_output_mixed_in_float16(monkeypatch, fn, mode):
+    """fused_chunk.OUTPUT_MIXED: the outputs' Q~ K^T and Q~ W from Q~ rounded to float16 (and W
+    rounded, "round", or split in two halves, "split"). o within 1e-3 of float64 on the same
+    rounded inputs (float16's unit roundoff 4.9e-4 on Q~ and W where the products read them;
+    measured 3.0e-4 "round", 2.8e-4 "split", 2.4e-4 with float32 products) and not the float32
+    products' o; the final states are the walk's, bit for bit; float32 inputs are unchanged."""
+    from kernels.ttt import fused_chunk
+
+    runs = {}
+    for name, value, dtype in (("exact", None, torch.float16), ("exact32", None, torch.float32),
+                               ("got", mode, torch.float16), ("got32", mode, torch.float32)):
+        monkeypatch.setattr(fused_chunk, "OUTPUT_MIXED", value)
+        runs[name] = both(fn, 1, 70, 2, 20, dtype=dtype)
+    got, ref = runs["got"]
+    assert rel_error(got[0].double(), ref[0]) < 1e-3, rel_error(got[0].double(), ref[0])
+    assert not torch.equal(got[0], runs["exact"][0][0])
+    for i in (1, 2):
+        assert torch.equal(got[i], runs["exact"][0][i])
+    for i in range(3):
+        assert torch.equal(runs["got32"][0][i], runs["exact32"][0][i])
+
+
 @KERNELS
 def test_half_states(monkeypatch, fn):
     """fused_chunk.HALF_STATES: the W per mini-batch (and chunk's backward's dW' per

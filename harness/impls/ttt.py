@@ -44,6 +44,10 @@ def _ours_supports(case) -> str | None:
 # cache).
 _WALK_SWITCHES = ({"what": "the walks' state products as two halves ('split')",
                    "set": {"kernels.ttt.fused_chunk.WALK_MIXED": "split"}},)
+# Both kernels' switch: the forward's output products Q~ K^T and Q~ W from Q~ in the inputs'
+# dtype, W rounded (fused_chunk.OUTPUT_MIXED; not yet timed).
+_OUTPUT_ROUNDED = {"what": "the outputs' Q~ K^T and Q~ W in the inputs' dtype",
+                   "set": {"kernels.ttt.fused_chunk.OUTPUT_MIXED": "round"}}
 
 IMPLEMENTATIONS = [
     *references(TTT),
@@ -56,12 +60,13 @@ IMPLEMENTATIONS = [
                   {"what": "dK's dW' term in the backward walk (no dW' stored)",
                    "set": {"kernels.ttt.chunk_bwd.DK_IN_WALK": True}},
                   {"what": "the states and dW' per mini-batch in the inputs' dtype",
-                   "set": {"kernels.ttt.fused_chunk.HALF_STATES": True}})),
+                   "set": {"kernels.ttt.fused_chunk.HALF_STATES": True}},
+                  _OUTPUT_ROUNDED)),
     Implementation(
         op="ttt", name="fused_chunk", kind="triton",
         target="kernels.ttt:fused_chunk_ttt_linear", dtypes=KERNEL_DTYPES,
         description="mini-batches walked in one program, state on chip (Triton)",
-        available=triton_available, supports=_ours_supports),
+        available=triton_available, supports=_ours_supports, switches=(_OUTPUT_ROUNDED,)),
     fla("ttt", "fla_chunk", "fla.ops.ttt:chunk_ttt_linear", KERNEL_DTYPES,
         supports=_fla_ttt_supports),
     fla("ttt", "fla_fused_chunk", "fla.ops.ttt:fused_chunk_ttt_linear", KERNEL_DTYPES,

@@ -28,7 +28,8 @@ from kernels.common.utils import chunk_layout, store_rows
 from kernels.ttt.chunk_bwd import chunk_backward
 from kernels.ttt.fused_chunk import (FusedChunkTTTFunction, checked_inputs, launch_meta,
                                      load_state, mini_batch_outputs, mini_batch_rows,
-                                     recon_grads, run_forward, save_for_backward, walk_mixed)
+                                     output_mixed, recon_grads, run_forward,
+                                     save_for_backward, walk_mixed)
 
 __all__ = ["chunk_ttt_linear"]
 
@@ -38,7 +39,8 @@ __all__ = ["chunk_ttt_linear"]
 def chunk_ttt_linear_fwd_o_kernel(
     q, k, v, w, b, eta, o, hs, hbs, cu_seqlens, chunk_indices, scale, eps, T,
     H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
-    PRECISION: tl.constexpr, MIXED: tl.constexpr, IS_VARLEN: tl.constexpr,
+    PRECISION: tl.constexpr, MIXED: tl.constexpr, OMIXED: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):
     """One mini-batch and head: its output from the W, hb it starts with (module docstring)."""
     i_s, row0, o_c, m_t, _, o_d, m_d, o_s, m_s, b_w, b_b = mini_batch_program(
@@ -47,7 +49,8 @@ def chunk_ttt_linear_fwd_o_kernel(
     b_q, b_k, b_v, b_e = mini_batch_rows(q, k, v, eta, row0, o_c, m_t, o_d, scale, D, H)
     b_g, _ = recon_grads(b_k, b_v, b_W, b_hb, b_w, b_b, m_t, m_d, D, eps, k.dtype.element_ty,
                          PRECISION, MIXED)
-    b_o = mini_batch_outputs(b_q, b_k, b_e, b_g, b_W, b_hb, b_w, b_b, o_c, m_d, D, eps, PRECISION)
+    b_o = mini_batch_outputs(b_q, b_k, b_e, b_g, b_W, b_hb, b_w, b_b, o_c, m_d, D, eps,
+                             k.dtype.element_ty, PRECISION, OMIXED)
     store_rows(o + row0 * D, b_o, o_c, m_t, o_d, D, H)
 
 
@@ -63,7 +66,7 @@ def _chunk_forward(q, k, v, w, b, eta, scale, eps, chunk_size, h0, hb0, output_f
     if NT:
         chunk_ttt_linear_fwd_o_kernel[(NT, B * H)](
             q, k, v, w, b, eta, o, hs, hbs, cu_seqlens, chunk_indices, scale, float(eps), T,
-            MIXED=walk_mixed(), **launch_meta(q, chunk_size))
+            MIXED=walk_mixed(), OMIXED=output_mixed(), **launch_meta(q, chunk_size))
     return o, ht, hbt, hs, hbs
 
 

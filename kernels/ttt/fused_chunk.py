@@ -15,7 +15,8 @@ zeros, their G is set to 0 (so they reach no sum and no update) and eta_last is 
 rate of the last real token. Products of float32 inputs are exact ("ieee"). For half precision
 the products of input rows and the state round the state to the inputs' dtype (WALK_MIXED,
 "round" by default), the others take float32 operands in three TF32 passes
-(utils.dot_precision). WALK_PREFETCH loads the next mini-batch's rows ahead of its turn.
+(utils.dot_precision), but for the outputs' Q~ K^T and Q~ W under OUTPUT_MIXED. WALK_PREFETCH
+loads the next mini-batch's rows ahead of its turn.
 
 The backward walks the mini-batches from last to first in one program per (sequence, head),
 from the W and hb each started with (the forward stores them when gradients are needed: D^2 + D
@@ -35,7 +36,8 @@ from kernels.common.layernorm import (layer_norm_bwd_rows, layer_norm_rows,
                                      ln_recon_grad_bwd_rows, ln_recon_grad_rows)
 from kernels.common.minibatch import (dot_state, head_tile, load_square, mini_batch_meta,
                                       walk_program)
-from kernels.common.utils import check_launchable, chunk_layout, load_rows, store_rows
+from kernels.common.utils import (check_launchable, chunk_layout, dot_mixed, load_rows,
+                                  store_rows)
 from references.operators import TTT
 
 __all__ = ["fused_chunk_ttt_linear"]
@@ -68,6 +70,13 @@ WALK_PREFETCH = True
 # D = 64, T = 32768; the products that read them take W rounded, as the walks' products do
 # under WALK_MIXED "round"). Not yet timed on a GPU.
 HALF_STATES = False
+# How the forward's output products Q~ K^T and Q~ W are taken for half-precision inputs: None,
+# float32 operands in three TF32 passes each (Q~ = scale Q and W as float32); or Q~ rounded to
+# the inputs' dtype, Q~ K^T one product of half-precision rows and Q~ W as utils.dot_mixed's
+# mode ("round": W rounded as the walk's Z = K W is under WALK_MIXED "round"; "split"). Two
+# passes instead of six a mini-batch on fused_chunk's walk, where the outputs sit in the
+# walk's sequential chain; A G keeps its three passes. Not yet timed on a GPU.
+OUTPUT_MIXED = None
 # ptxas's register limit for the kernels' float32 forms: None leaves the choice to ptxas,
 # which gives them 32 registers and kilobytes of spills (the float32 products are FMA loops;
 # the forward walk at D = 64: 5.5 KB a thread, ptxas -v on its PTX); a .maxnreg of 255 takes
@@ -169,6 +178,12 @@ def walk_mixed() -> str:
     return WALK_MIXED or ""
 
 
+def output_mixed() -> str:
+    """OUTPUT_MIXED as the kernels' OMIXED argument ("" for None; float32 inputs take float32
+    products under any mode)."""
+    return OUTPUT_MIXED or ""
+
+
 @triton.jit
 def recon_grads(b_k, b_v, b_W, b_hb, b_w, b_b, m_t, m_d, D: tl.constexpr, eps,
                  HALF: tl.constexpr, PRECISION: tl.constexpr, MIXED: tl.constexpr):
@@ -181,12 +196,19 @@ def recon_grads(b_k, b_v, b_W, b_hb, b_w, b_b, m_t, m_d, D: tl.constexpr, eps,
 
 @triton.jit
 def mini_batch_outputs(b_q, b_k, b_e, b_g, b_W, b_hb, b_w, b_b, o_c, m_d, D: tl.constexpr,
-                       eps, PRECISION: tl.constexpr):
-    """O [C, BD] = U + w * LN(U) + b, U = Q~ W + 1 hb - eta * ((tril(Q~ K^T) + tril(1)) G)."""
-    b_A = tl.where(o_c[:, None] >= o_c[None, :],
-                   tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION) + 1., 0.)
-    b_u = (tl.dot(b_q, b_W, input_precision=PRECISION) + b_hb[None, :]
-           - b_e[:, None] * tl.dot(b_A, b_g, input_precision=PRECISION))
+                       eps, HALF: tl.constexpr, PRECISION: tl.constexpr, OMIXED: tl.constexpr):
+    """O [C, BD] = U + w * LN(U) + b, U = Q~ W + 1 hb - eta * ((tril(Q~ K^T) + tril(1)) G);
+    Q~ K^T and Q~ W at PRECISION, or from Q~ rounded to the inputs' dtype HALF (OMIXED, a
+    utils.dot_mixed mode for Q~ W: OUTPUT_MIXED)."""
+    if OMIXED == "" or HALF == tl.float32:
+        b_qk = tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)
+        b_qw = tl.dot(b_q, b_W, input_precision=PRECISION)
+    else:
+        b_qh = b_q.to(HALF)
+        b_qk = tl.dot(b_qh, tl.trans(b_k.to(HALF)))
+        b_qw = dot_mixed(b_qh, b_W, PRECISION, OMIXED)
+    b_A = tl.where(o_c[:, None] >= o_c[None, :], b_qk + 1., 0.)
+    b_u = (b_qw + b_hb[None, :] - b_e[:, None] * tl.dot(b_A, b_g, input_precision=PRECISION))
     b_x, _ = layer_norm_rows(b_u, m_d, D, eps)
     return b_u + b_w[None, :] * b_x + b_b[None, :]
 
@@ -202,8 +224,8 @@ def mini_batch_outputs(b_q, b_k, b_e, b_g, b_W, b_hb, b_w, b_b, o_c, m_d, D: tl.
 def fused_chunk_ttt_linear_fwd_kernel(
     q, k, v, w, b, eta, o, h0, hb0, ht, hbt, hs, hbs, cu_seqlens, chunk_offsets, scale, eps, T,
     H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
-    PRECISION: tl.constexpr, MIXED: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
-    STORE_FINAL_STATE: tl.constexpr,
+    PRECISION: tl.constexpr, MIXED: tl.constexpr, OMIXED: tl.constexpr,
+    USE_INITIAL_STATE: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
     STORE_STATES: tl.constexpr, WITH_OUTPUT: tl.constexpr, PREFETCH: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
@@ -236,7 +258,7 @@ def fused_chunk_ttt_linear_fwd_kernel(
                              k.dtype.element_ty, PRECISION, MIXED)
         if WITH_OUTPUT:
             b_o = mini_batch_outputs(b_q, b_k, b_e, b_g, b_W, b_hb, b_w, b_b, o_c, m_d, D, eps,
-                                     PRECISION)
+                                     k.dtype.element_ty, PRECISION, OMIXED)
             store_rows(o + row0 * D, b_o, o_c, m_t, o_d, D, H)
         # W <- W - eta_last K^T G, hb <- hb - eta_last 1^T G (eta_last: the last real token's)
         e_last = tl.sum(tl.where(o_c == n_t - 1, b_e, 0.), 0)
@@ -355,7 +377,8 @@ def run_forward(q, k, v, w, b, eta, scale, eps, chunk_size, h0, hb0, output_fina
     hbs = torch.empty(chunks, H, D, **f32) if keep_states else None
     fused_chunk_ttt_linear_fwd_kernel[(N * H,)](
         q, k, v, w, b, eta, o, h0, hb0, ht, hbt, hs, hbs, cu_seqlens, chunk_offsets, scale,
-        float(eps), T, PREFETCH=WALK_PREFETCH, **walk_meta(q, chunk_size))
+        float(eps), T, PREFETCH=WALK_PREFETCH, OMIXED=output_mixed() if with_output else "",
+        **walk_meta(q, chunk_size))
     return o, ht, hbt, hs, hbs
 
 
