@@ -57,6 +57,9 @@ class Implementation:
     # ({"what": ..., "set": {"module.NAME": value}}, ...). `harness compile` records the
     # kernel's launches under each as well as under the defaults.
     switches: tuple[dict[str, Any], ...] = ()
+    # The switch form it runs under, forward and backward: another implementation with module
+    # constants set (harness.switches.variant; `harness check --set`), or None.
+    switch: dict[str, Any] | None = None
     _fn: Callable[..., Any] | None = field(default=None, repr=False)
 
     @property

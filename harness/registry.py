@@ -11,11 +11,13 @@ point names a callable (called with no arguments) or a module (imported), which 
 
 Without installing anything, :func:`load_plugin` imports one such module by name or file path
 (``harness check --plugin``, ``harness bench --plugin``, which also hands it to every worker
-process).
+process); a spec ``switch:OP/NAME:LABEL:module.NAME=VALUE,...`` registers implementation
+NAME under that switch form as ``NAME[LABEL]`` (``harness check --set``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.metadata
 import importlib.util
@@ -23,6 +25,7 @@ import sys
 from pathlib import Path
 
 from harness.implementation import DEVICES, DTYPES, KINDS, Implementation
+from harness.switches import VARIANT, parse_set
 from references.operators import OPERATORS
 
 __all__ = ["Implementation", "register", "unregister", "load_plugins", "load_plugin",
@@ -87,6 +90,14 @@ def load_plugin(spec: str) -> None:
     second time. Raises ValueError naming the spec when it cannot be imported or called.
     """
     load_plugins()
+    if spec.startswith(VARIANT):  # an implementation under a switch form (harness.switches)
+        if spec not in _LOADED_SPECS:
+            try:
+                _register_variant(spec[len(VARIANT):])
+            except (KeyError, ValueError) as exc:
+                raise ValueError(f"plugin {spec!r} failed to load: {exc}") from exc
+            _LOADED_SPECS[spec] = spec
+        return
     if ":" in spec and not spec.endswith(".py"):
         target, attr = spec.rsplit(":", 1)
     else:
@@ -115,6 +126,18 @@ def load_plugin(spec: str) -> None:
     except Exception as exc:
         raise ValueError(f"plugin {spec!r} failed to load: {exc!r}") from exc
     _LOADED_SPECS[target] = spec
+
+
+def _register_variant(text: str) -> Implementation:
+    """'OP/NAME:LABEL:module.NAME=VALUE,...': implementation NAME's entry as NAME[LABEL] with
+    ``switch`` set (it runs under the form), no switches of its own; replaces an earlier one."""
+    key, _, form_text = text.partition(":")
+    op, _, name = key.partition("/")
+    base, form = get(op, name), parse_set(form_text)
+    what = ", ".join(f"{path}={value!r}" for path, value in form["set"].items())
+    return register(dataclasses.replace(base, name=f"{base.name}[{form['what']}]", switch=form,
+                                        switches=(), description=f"{base.description}; {what}"),
+                    replace=True)
 
 
 def plugin_errors() -> dict[str, str]:

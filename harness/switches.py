@@ -1,6 +1,8 @@
 """Kernel switches: module constants the kernels read when they launch (an implementation's
 registered ``switches``, or a ``LABEL:module.NAME=VALUE,...`` given on a command line), set for
-the length of a ``with`` block."""
+the length of a ``with`` block; and the plugin spec of an implementation's variant under such
+a form (harness.registry.load_plugin registers it as ``name[LABEL]``, here and in every
+worker)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,11 @@ import contextlib
 from typing import Any, Iterator
 from unittest.mock import patch
 
-__all__ = ["parse_set", "parse_set_option", "switched"]
+__all__ = ["parse_set", "parse_set_option", "switched", "variant_spec", "VARIANT"]
+
+# A plugin spec (harness.registry.load_plugin) of this prefix registers a variant:
+# "switch:OP/NAME:LABEL:module.NAME=VALUE,...".
+VARIANT = "switch:"
 
 
 def parse_set(text: str) -> dict[str, Any]:
@@ -44,3 +50,11 @@ def switched(switch: dict[str, Any]) -> Iterator[None]:
         for path, value in switch.get("set", {}).items():
             stack.enter_context(patch(path, value))
         yield
+
+
+def variant_spec(key: str, text: str) -> str:
+    """The plugin spec that registers implementation ``key`` ("op/name") under the form
+    ``text`` ('LABEL:module.NAME=VALUE,...') as "name[LABEL]"; a bad form raises ValueError."""
+    parse_set(text)
+    return f"{VARIANT}{key}:{text}"
+

@@ -10,6 +10,7 @@ import shlex
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -550,3 +551,54 @@ def test_an_interrupt_stops_a_run_whose_worker_hangs(tmp_path):
         pytest.fail("the interrupted run did not exit within 30 s")
     assert proc.returncode == 130, out
     assert "interrupted" in out
+
+
+SWITCHABLE = '''
+import torch
+from harness.registry import Implementation, register
+from references.gla import chunk_gla_ref
+
+SHIFTED = False  # a switch: the planted gate bug of this file's gla_gate_off_by_one
+
+
+def gla(q, k, v, gk=None, gv=None, **kw):
+    if SHIFTED and gk is not None:
+        gk = torch.cat([torch.zeros_like(gk[:, :1]), gk[:, :-1]], dim=1)
+    return chunk_gla_ref(q, k, v, gk, gv, **kw)
+
+
+def register_all():
+    register(Implementation(op="gla", name="switchable", kind="triton", target=gla),
+             replace=True)
+'''
+
+
+def test_set_checks_an_implementation_under_a_switch_form(tmp_path, monkeypatch):
+    """`--set 'LABEL:module.NAME=VALUE'` checks each chosen Triton implementation again as
+    NAME[LABEL] with the constant set for its forward and backward, in the worker processes
+    too; a failure's replay command carries the form."""
+    (tmp_path / "switchable_plugin.py").write_text(SWITCHABLE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    result = runner.invoke(app, [
+        "check", "gla", "--impl", "switchable", "--plugin", "switchable_plugin", "--set",
+        "shifted:switchable_plugin.SHIFTED=True", "--examples", "4", "--family", "random",
+        "--dtype", "float64", "--device", "cpu", "--out", str(tmp_path)], terminal_width=200)
+    assert result.exit_code == 1, result.output
+    rows = pd.read_csv(tmp_path / "gla.csv")
+    assert set(rows["impl"]) == {"switchable", "switchable[shifted]"}
+    assert rows[rows["impl"] == "switchable"]["passed"].all()
+    assert not rows[rows["impl"] == "switchable[shifted]"]["passed"].all()
+    replay = next(line for line in result.output.splitlines() if line.startswith("harness check"))
+    argv = shlex.split(replay)
+    assert argv[argv.index("--impl") + 1] == "switchable"
+    assert argv[argv.index("--set") + 1] == "shifted:switchable_plugin.SHIFTED=True"
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--impl", "chunk_ref", "--set", "x:kernels.gla.chunk.NOPE=1"], "Triton"),
+    (["--impl", "chunk", "--set", "no-assignment"], "--set"),
+])
+def test_set_refuses_a_bad_form_or_no_triton_implementation(args, words):
+    result = runner.invoke(app, ["check", "gla", "--device", "cpu"] + args)
+    assert result.exit_code == 2 and words in result.output, result.output

@@ -39,6 +39,7 @@ from harness.check.poison import poison_allocations
 from harness.check.tolerances import tolerance
 from harness.implementation import DTYPES, Implementation
 from harness.registry import get
+from harness.switches import switched
 
 
 # The implementation each family treats as exact (in float64): the step-by-step reference,
@@ -253,11 +254,13 @@ def note_row(case: Case, impl: Implementation, dname: str, family: str, status: 
 
 def run_impl(case: Case, impl: Implementation, dname: str, t: Truth, device: str) -> Run:
     """``impl`` on the case's inputs rounded to ``dname``, on ``device``, fresh allocations
-    poisoned with NaN, backpropagating the truth's upstream gradients."""
+    poisoned with NaN, backpropagating the truth's upstream gradients (under its switch form,
+    forward and backward, if it has one)."""
     try:
-        return run(impl.load(), sample(case, device), case, DTYPES[dname],
-                   {n: d.to(device) for n, d in t.douts.items()}, backward=impl.backward,
-                   poison=True)
+        with switched(impl.switch or {}):
+            return run(impl.load(), sample(case, device), case, DTYPES[dname],
+                       {n: d.to(device) for n, d in t.douts.items()}, backward=impl.backward,
+                       poison=True)
     except DeviceFault as fault:
         fault.impl, fault.dtype = impl.name, dname
         raise
@@ -320,9 +323,14 @@ def evaluate(case: Case, impls: list[Implementation], dtypes: list[str], device:
     return rows
 
 
-def replay_command(op: str, impls: list[str], dtypes: list[str], device: str, case: Case) -> str:
-    """The shell command that checks exactly ``case`` again (quoted for a POSIX shell)."""
-    argv = ["harness", "check", op] + [a for i in impls for a in ("--impl", i)]
+def replay_command(op: str, impls: list[str], dtypes: list[str], device: str, case: Case,
+                   sets: tuple[str, ...] = ()) -> str:
+    """The shell command that checks exactly ``case`` again (quoted for a POSIX shell); a
+    variant "name[LABEL]" is asked for as its implementation and the switch forms ``sets``."""
+    names = dict.fromkeys(i.split("[", 1)[0] for i in impls)
+    argv = ["harness", "check", op] + [a for i in names for a in ("--impl", i)]
+    if any("[" in i for i in impls):
+        argv += [a for text in sets for a in ("--set", text)]
     argv += [a for d in dtypes for a in ("--dtype", d)]
     argv += ["--device", device, "--case", case.to_json()]
     return shlex.join(argv)

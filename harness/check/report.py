@@ -9,6 +9,7 @@ from typing import Any
 
 import pandas as pd
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from harness.implementation import DTYPES
@@ -65,13 +66,13 @@ def print_summary(console: Console, df: pd.DataFrame, op: Operator | None, title
         table.add_column(col, justify="right" if col in ("cases", "max rel err", "of tol") else "left")
     for r in s.itertuples(index=False):
         ok = r.failed == 0
-        table.add_row(r.who, r.impl, r.dtype, r.family, r.quantity, str(r.cases), _fmt(r.max_error),
+        table.add_row(r.who, escape(r.impl), r.dtype, r.family, r.quantity, str(r.cases), _fmt(r.max_error),
                       f"{100 * r.max_tolerance_used:.0f}%" if math.isfinite(r.max_tolerance_used) else "inf",
                       "[green]pass[/]" if ok else f"[red]FAIL ({r.failed})[/]")
     console.print(table)
     skipped = df[df["status"] == "skipped"]
     for (impl, note), n in skipped.groupby(["impl", "note"]).size().items():
-        console.print(f"[dim]{impl}: {n} case(s) {note}[/]", highlight=False)
+        console.print(f"[dim]{escape(impl)}: {n} case(s) {escape(note)}[/]", highlight=False)
 
 
 def uncovered(df: pd.DataFrame, asked: list, dtypes: list[str]) -> dict[str, str]:

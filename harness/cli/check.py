@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 
 from harness.cli.common import (AUTOTUNE_HELP, DEVICE_HELP, REF_DEVICE_HELP, console, fail,
                                 known_op, pin_configs, select_device, set_ref_device, split)
@@ -38,7 +39,7 @@ def _case_progress(out: Path, op: str):
         faults = sum(r.get("status") == "fault" for r in rows)
         if shares:
             share, r = max(shares, key=lambda x: x[0])
-            worst = f"worst {share:.0%} of tolerance ({r['impl']} {r['dtype']} {r['quantity']})"
+            worst = f"worst {share:.0%} of tolerance ({escape(r['impl'])} {r['dtype']} {r['quantity']})"
         elif exact:  # the causality family: counts that must be 0
             worst = f"{len(exact)} exact comparison(s)"
         else:
@@ -108,6 +109,7 @@ def check(
     autotune: bool = typer.Option(False, "--autotune/--pinned", help=AUTOTUNE_HELP),
     ref_device: str = typer.Option("auto", "--ref-device", help=REF_DEVICE_HELP),
     plugin: list[str] = typer.Option([], "--plugin", help="module or .py file registering extra implementations (here and in every worker)"),
+    sets: list[str] = typer.Option([], "--set", help="also check each chosen Triton implementation NAME under a switch form 'LABEL:module.NAME=VALUE,...', as NAME[LABEL] (repeatable)"),
 ) -> None:
     """Compare implementations of OP with the float64 reference: outputs, final states, gradients."""
     device = select_device(device)
@@ -126,7 +128,7 @@ def check(
             fail(f"--plugin: {exc}")
     known_op(op)
     names = split(impl)
-    chosen = _chosen(op, names, peers, device)
+    chosen, variants = _variants(_chosen(op, names, peers, device), sets)
     dtypes = split(dtype) or (["float64", "float32"] if device == "cpu" else ["float32", "bfloat16"])
     for d in dtypes:
         if d not in DTYPES:
@@ -159,14 +161,34 @@ def check(
     setup = Setup(device=device, dtypes=dtypes, isolate=isolate,
                   jobs=jobs or (min(8, max(1, cores() // 2)) if cuda else 1),
                   truth_jobs=max(1, cores() // 4) if cuda and isolate else 0, timeout=timeout,
-                  plugins=list(plugin),
+                  plugins=list(plugin) + variants,
                   deadline=None if max_time is None else time.perf_counter() + max_time,
                   on_case=_case_progress(out, op), log_dir=out / "logs")
-    _run(op, chosen, names, families, replay, setup, examples, seed, lengths, out, max_time)
+    _run(op, chosen, names, families, replay, setup, examples, seed, lengths, out, max_time,
+         tuple(sets))
+
+
+def _variants(chosen: list, sets: list[str]) -> tuple[list, list[str]]:
+    """The chosen implementations and, after each Triton one, its variant under each switch
+    form of ``--set`` (registered here; the plugin specs register them in every worker)."""
+    from harness.registry import get, load_plugin
+    from harness.switches import parse_set_option, variant_spec
+
+    forms = parse_set_option(sets)
+    if sets and not any(i.kind == "triton" for i in chosen):
+        fail("--set: switch forms apply to Triton implementations, and none is chosen")
+    out, specs = [], []
+    for i in chosen:
+        out.append(i)
+        for text, form in zip(sets, forms) if i.kind == "triton" else ():
+            specs.append(variant_spec(i.key, text))
+            load_plugin(specs[-1])
+            out.append(get(i.op, f"{i.name}[{form['what']}]"))
+    return out, specs
 
 
 def _run(op, chosen, names, families, replay, setup, examples, seed, lengths, out,
-         max_time) -> None:
+         max_time, sets=()) -> None:
     """The families (or the replayed case) in order, sharing the workers; then the summary
     from the rows written as each case ended, and the verdict."""
     from harness.check import engine
@@ -177,7 +199,7 @@ def _run(op, chosen, names, families, replay, setup, examples, seed, lengths, ou
     units, maker = executor(setup), TruthMaker(setup)
     results, asked = [], {}  # asked: the implementations some family was to check
     start, interrupted = time.perf_counter(), False
-    console.print(f"checking {op} on {setup.device}: {', '.join(i.name for i in chosen)} "
+    console.print(f"checking {op} on {setup.device}: {escape(', '.join(i.name for i in chosen))} "
                   f"({'in ' + str(setup.jobs) + ' worker process(es)' if setup.isolate else 'in this process'})")
     try:
         todo = [(f, None) for f in families]
@@ -198,10 +220,11 @@ def _run(op, chosen, names, families, replay, setup, examples, seed, lengths, ou
         units.close(abort=interrupted)
         maker.close(abort=interrupted)
     _summary(op, list(asked.values()), setup, results, out, max_time,
-             time.perf_counter() - start, interrupted)
+             time.perf_counter() - start, interrupted, sets)
 
 
-def _summary(op, asked, setup, results, out, max_time, seconds, interrupted=False) -> None:
+def _summary(op, asked, setup, results, out, max_time, seconds, interrupted=False,
+             sets=()) -> None:
     """The table of every finished case (read back from what was written as each ended), the
     failures, the faults, what compared nothing; exit 1 on any of them, 130 if interrupted
     (not every case asked for ran: no verdict either way)."""
@@ -224,14 +247,14 @@ def _summary(op, asked, setup, results, out, max_time, seconds, interrupted=Fals
     problems = []
     for failure in (f for r in results for f in r.failures):
         problems.append("failure")
-        _print_failure(op, setup.device, failure)
+        _print_failure(op, setup.device, failure, sets)
     for r in df[df["status"] == "fault"].itertuples(index=False):
         problems.append("fault")
-        console.print(f"[red bold]FAULT[/] {r.impl} {r.dtype} on {r.case}: {r.note}",
+        console.print(f"[red bold]FAULT[/] {escape(r.impl)} {r.dtype} on {r.case}: {escape(r.note)}",
                       highlight=False, soft_wrap=True)
     for name, why in uncovered(df, asked, setup.dtypes).items():
         problems.append("uncovered")
-        console.print(f"[red]{name}: nothing compared: {why}[/]", highlight=False)
+        console.print(f"[red]{escape(name)}: nothing compared: {escape(why)}[/]", highlight=False)
     compared = int(df["status"].isin(["pass", "fail"]).sum()) if len(df) else 0
     if compared == 0:
         problems.append("nothing")
@@ -244,16 +267,16 @@ def _summary(op, asked, setup, results, out, max_time, seconds, interrupted=Fals
     console.print(f"[green]{op}: all checks passed[/]" + (" (on the cases that ran)" if stopped else ""))
 
 
-def _print_failure(op: str, device: str, failure) -> None:
+def _print_failure(op: str, device: str, failure, sets=()) -> None:
     """The failing case, its worst quantities, and the command that replays it."""
     from harness.check.engine import replay_command
 
     bad = [r for r in failure.rows if r.get("status") == "fail"]
     console.print(f"\n[red bold]FAILED[/] on case {failure.case.label()}", highlight=False)
     for r in sorted(bad, key=lambda r: -r["error"] if r["error"] == r["error"] else 0)[:12]:
-        console.print(f"  {r['impl']} {r['dtype']} {r['quantity']}: error {r['error']:.3e}"
+        console.print(f"  {escape(r['impl'])} {r['dtype']} {r['quantity']}: error {r['error']:.3e}"
                       f" > tolerance {r['tolerance']:.3e} {r['note']}", highlight=False)
     command = replay_command(op, sorted({r["impl"] for r in bad}), sorted({r["dtype"] for r in bad}),
-                             device, failure.case)
+                             device, failure.case, sets)
     console.print("reproduce with:", style="bold")
     console.print(command, soft_wrap=True, highlight=False, markup=False)
