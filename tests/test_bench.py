@@ -469,3 +469,41 @@ def test_fla_peers_decline_what_fla_cannot_do(op, name, case_changes, reason):
 def test_fla_titans_is_not_registered():
     with pytest.raises(KeyError, match="unknown implementation 'fla_chunk' of titans"):
         get("titans", "fla_chunk")
+
+
+SLOW_PLUGIN = '''
+import time
+from harness.registry import Implementation, register
+from references.gla import chunk_gla_ref
+
+SLOW = False  # a switch: 20 ms more a call
+
+
+def gla(**kw):
+    if SLOW:
+        time.sleep(0.02)
+    return chunk_gla_ref(**kw)
+
+
+def register_all():
+    register(Implementation(op="gla", name="switchable", kind="triton", target=gla),
+             replace=True)
+'''
+
+
+def test_set_times_a_kernel_under_a_switch_form_in_its_workers(tmp_path, monkeypatch):
+    """`bench --set 'LABEL:module.NAME=VALUE'` times NAME[LABEL] beside NAME, the constant set
+    through its timed steps in its worker process (here: 20 ms of sleep a call)."""
+    (tmp_path / "slow_plugin.py").write_text(SLOW_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["bench", "gla", "--impl", "switchable", "--plugin", "slow_plugin",
+                              "--set", "slow:slow_plugin.SLOW=True", "--seq-len", "64",
+                              "--mode", "fwd", "--out", str(out), *TINY])
+    assert res.exit_code == 0, res.output
+    df = pd.read_csv(out / "bench.csv").set_index("impl")
+    assert (df["status"] == "ok").all()
+    assert df.loc["switchable[slow]", "ms"] > df.loc["switchable", "ms"] + 15
+    meta = json.loads((out / "meta.json").read_text())
+    assert "--set slow:slow_plugin.SLOW=True" in meta["commands"][-1]

@@ -19,7 +19,8 @@ from typing import Any, Optional
 import typer
 from rich.markup import escape
 
-from harness.cli.common import DEVICE_HELP, console, fail, select_device, split
+from harness.cli.common import (DEVICE_HELP, SET_HELP, console, fail, select_device, split,
+                                with_variants)
 
 # Sizes when none are given: a GPU sweep, and a CPU run the Triton interpreter finishes.
 DEFAULTS = {
@@ -112,7 +113,7 @@ def _command(args: list[str], world: int) -> str:
 
 
 def _row_line(row: dict[str, Any]) -> str:
-    what = f"{row['op']} {row['impl']} {row['dtype']} {row['mode']} T={row['T']}"
+    what = escape(f"{row['op']} {row['impl']} {row['dtype']} {row['mode']} T={row['T']}")
     if row["status"] == "ok":
         return f"[dim]{what}: {row['ms']:.3f} ms[/]"
     if row["status"] == "skipped":
@@ -140,6 +141,7 @@ def bench(
     isolate: bool = typer.Option(True, "--isolate/--no-isolate", help="measure each row in a worker process (crash-proof); --no-isolate for debugging"),
     prewarm: int = typer.Option(0, help="first compile every implementation's kernels in this many processes at once (one process a job; a cold Triton cache otherwise costs each first row its compiles, one after another)"),
     plugin: list[str] = typer.Option([], "--plugin", help="module or .py file registering extra implementations, imported here and in every worker"),
+    sets: list[str] = typer.Option([], "--set", help=SET_HELP),
     device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """Time implementations over a sweep of T: median ms and spread, tokens/s, TFLOP/s, GB/s, % of the device's ceilings, extra peak memory; table, CSV, JSON and plots under OUT."""
@@ -189,7 +191,12 @@ def bench(
         fail(f"--max-time: expected positive seconds, got {max_time}")
     if prewarm < 0:
         fail(f"--prewarm: expected a number of processes >= 0, got {prewarm}")
-    chosen = _choose(ops, split(impl), baseline, device)
+    chosen, variants = _choose(ops, split(impl), baseline, device), []
+    for op in chosen:
+        chosen[op], specs = with_variants(chosen[op], sets)
+        variants += specs
+    if sets and not variants:
+        fail("--set: switch forms apply to Triton implementations, and none is chosen")
     if not chosen:
         fail(f"no implementation of {', '.join(ops)} is available on {device}")
 
@@ -203,10 +210,11 @@ def bench(
     args += ["--prewarm", str(prewarm)] if prewarm else []
     args += (["--resume"] if resume else []) + ([] if isolate else ["--no-isolate"])
     args += [a for p in plugin for a in ("--plugin", p)]
+    args += [a for text in sets for a in ("--set", text)]
 
     sweep = sw.Sweep(impls=chosen, seq_lens=seq_lens, batch=B, heads=H, head_dim=D,
                      dtypes=dtypes, modes=modes, device=device, out=out, warmup=warmup, rep=rep,
-                     timeout=timeout, isolate=isolate, resume=resume, plugins=list(plugin),
+                     timeout=timeout, isolate=isolate, resume=resume, plugins=list(plugin) + variants,
                      max_time=max_time, prewarm=prewarm, groups=groups)
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     if device == "cpu" and rank == 0:
@@ -234,7 +242,7 @@ def bench(
         def on_prewarm(job: dict[str, Any]) -> None:
             if rank == 0:
                 progress.console.print(
-                    f"prewarm {job['op']} {job['impl']} {job['dtype']} {job['mode']} T={job['T']}: "
+                    f"prewarm {job['op']} {escape(job['impl'])} {job['dtype']} {job['mode']} T={job['T']}: "
                     f"{job['status']} in {job['seconds']:g} s"
                     + (f": {job['message']}" if job["status"] != "ok" and job["message"] else ""),
                     highlight=False, soft_wrap=True)

@@ -11,8 +11,9 @@ from typing import Optional
 import typer
 from rich.markup import escape
 
-from harness.cli.common import (AUTOTUNE_HELP, DEVICE_HELP, REF_DEVICE_HELP, console, fail,
-                                known_op, pin_configs, select_device, set_ref_device, split)
+from harness.cli.common import (AUTOTUNE_HELP, DEVICE_HELP, REF_DEVICE_HELP, SET_HELP, console,
+                                fail, known_op, pin_configs, select_device, set_ref_device, split,
+                                with_variants)
 
 OURS = ("reference", "triton")  # the project's own kinds; peers come with --peers or --impl
 
@@ -109,7 +110,7 @@ def check(
     autotune: bool = typer.Option(False, "--autotune/--pinned", help=AUTOTUNE_HELP),
     ref_device: str = typer.Option("auto", "--ref-device", help=REF_DEVICE_HELP),
     plugin: list[str] = typer.Option([], "--plugin", help="module or .py file registering extra implementations (here and in every worker)"),
-    sets: list[str] = typer.Option([], "--set", help="also check each chosen Triton implementation NAME under a switch form 'LABEL:module.NAME=VALUE,...', as NAME[LABEL] (repeatable)"),
+    sets: list[str] = typer.Option([], "--set", help=SET_HELP),
 ) -> None:
     """Compare implementations of OP with the float64 reference: outputs, final states, gradients."""
     device = select_device(device)
@@ -128,7 +129,9 @@ def check(
             fail(f"--plugin: {exc}")
     known_op(op)
     names = split(impl)
-    chosen, variants = _variants(_chosen(op, names, peers, device), sets)
+    chosen, variants = with_variants(_chosen(op, names, peers, device), sets)
+    if sets and not variants:
+        fail("--set: switch forms apply to Triton implementations, and none is chosen")
     dtypes = split(dtype) or (["float64", "float32"] if device == "cpu" else ["float32", "bfloat16"])
     for d in dtypes:
         if d not in DTYPES:
@@ -166,25 +169,6 @@ def check(
                   on_case=_case_progress(out, op), log_dir=out / "logs")
     _run(op, chosen, names, families, replay, setup, examples, seed, lengths, out, max_time,
          tuple(sets))
-
-
-def _variants(chosen: list, sets: list[str]) -> tuple[list, list[str]]:
-    """The chosen implementations and, after each Triton one, its variant under each switch
-    form of ``--set`` (registered here; the plugin specs register them in every worker)."""
-    from harness.registry import get, load_plugin
-    from harness.switches import parse_set_option, variant_spec
-
-    forms = parse_set_option(sets)
-    if sets and not any(i.kind == "triton" for i in chosen):
-        fail("--set: switch forms apply to Triton implementations, and none is chosen")
-    out, specs = [], []
-    for i in chosen:
-        out.append(i)
-        for text, form in zip(sets, forms) if i.kind == "triton" else ():
-            specs.append(variant_spec(i.key, text))
-            load_plugin(specs[-1])
-            out.append(get(i.op, f"{i.name}[{form['what']}]"))
-    return out, specs
 
 
 def _run(op, chosen, names, families, replay, setup, examples, seed, lengths, out,

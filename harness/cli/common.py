@@ -79,3 +79,25 @@ def known_op(op: str) -> str:
     if op not in OPERATORS:
         fail(f"unknown operator {op!r}; known: {', '.join(OPERATORS)}")
     return op
+
+
+SET_HELP = ("also run each chosen Triton implementation NAME under a switch form "
+            "'LABEL:module.NAME=VALUE,...', as NAME[LABEL] (repeatable)")
+
+
+def with_variants(chosen: list, sets: list[str]) -> tuple[list, list[str]]:
+    """The chosen implementations and, after each Triton one, its variant under each switch
+    form of ``--set``, registered here; and the plugin specs that register them in every
+    worker (harness.registry.load_plugin)."""
+    from harness.registry import get, load_plugin
+    from harness.switches import parse_set_option, variant_spec
+
+    forms = parse_set_option(sets)
+    out, specs = [], []
+    for i in chosen:
+        out.append(i)
+        for text, form in zip(sets, forms) if i.kind == "triton" else ():
+            specs.append(variant_spec(i.key, text))
+            load_plugin(specs[-1])
+            out.append(get(i.op, f"{i.name}[{form['what']}]"))
+    return out, specs
