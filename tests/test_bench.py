@@ -498,9 +498,13 @@ def test_set_times_a_kernel_under_a_switch_form_in_its_workers(tmp_path, monkeyp
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     out = tmp_path / "out"
-    res = runner.invoke(app, ["bench", "gla", "--impl", "switchable", "--plugin", "slow_plugin",
-                              "--set", "slow:slow_plugin.SLOW=True", "--seq-len", "64",
-                              "--mode", "fwd", "--out", str(out), *TINY])
+    try:
+        res = runner.invoke(app, ["bench", "gla", "--impl", "switchable", "--plugin",
+                                  "slow_plugin", "--set", "slow:slow_plugin.SLOW=True",
+                                  "--seq-len", "64", "--mode", "fwd", "--out", str(out), *TINY])
+    finally:  # later tests choose every registered implementation; the workers know neither
+        for name in ("switchable", "switchable[slow]"):
+            unregister("gla", name)
     assert res.exit_code == 0, res.output
     df = pd.read_csv(out / "bench.csv").set_index("impl")
     assert (df["status"] == "ok").all()

@@ -580,10 +580,14 @@ def test_set_checks_an_implementation_under_a_switch_form(tmp_path, monkeypatch)
     (tmp_path / "switchable_plugin.py").write_text(SWITCHABLE)
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
-    result = runner.invoke(app, [
-        "check", "gla", "--impl", "switchable", "--plugin", "switchable_plugin", "--set",
-        "shifted:switchable_plugin.SHIFTED=True", "--examples", "4", "--family", "random",
-        "--dtype", "float64", "--device", "cpu", "--out", str(tmp_path)], terminal_width=200)
+    try:
+        result = runner.invoke(app, [
+            "check", "gla", "--impl", "switchable", "--plugin", "switchable_plugin", "--set",
+            "shifted:switchable_plugin.SHIFTED=True", "--examples", "4", "--family", "random",
+            "--dtype", "float64", "--device", "cpu", "--out", str(tmp_path)], terminal_width=200)
+    finally:  # later tests choose every registered implementation; the workers know neither
+        for name in ("switchable", "switchable[shifted]"):
+            unregister("gla", name)
     assert result.exit_code == 1, result.output
     rows = pd.read_csv(tmp_path / "gla.csv")
     assert set(rows["impl"]) == {"switchable", "switchable[shifted]"}
