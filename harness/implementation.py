@@ -20,6 +20,8 @@ from typing import Any, Callable
 
 import torch
 
+from harness.switches import switched
+
 KINDS = ("reference", "triton", "peer", "baseline")
 # Every dtype the harness runs, by name.
 DTYPES: dict[str, torch.dtype] = {
@@ -109,6 +111,11 @@ class Implementation:
         if self.kind == "triton" and device == "cpu" and case.dims["T"] > INTERPRETER_MAX_T:
             return f"T > {INTERPRETER_MAX_T} under the Triton interpreter"
         return None
+
+    def switched(self):
+        """A ``with`` block under this implementation's switch form (none: nothing set); the
+        callers hold it through a call's forward and backward."""
+        return switched(self.switch or {})
 
     def __call__(self, **kwargs: Any) -> Any:
         return self.load()(**kwargs)

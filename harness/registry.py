@@ -12,7 +12,8 @@ point names a callable (called with no arguments) or a module (imported), which 
 Without installing anything, :func:`load_plugin` imports one such module by name or file path
 (``harness check --plugin``, ``harness bench --plugin``, which also hands it to every worker
 process); a spec ``switch:OP/NAME:LABEL:module.NAME=VALUE,...`` registers implementation
-NAME under that switch form as ``NAME[LABEL]`` (``harness check --set``).
+NAME under that switch form as ``NAME[LABEL]`` (``harness check --set``, ``harness bench
+--set``).
 """
 
 from __future__ import annotations

@@ -57,4 +57,3 @@ def variant_spec(key: str, text: str) -> str:
     ``text`` ('LABEL:module.NAME=VALUE,...') as "name[LABEL]"; a bad form raises ValueError."""
     parse_set(text)
     return f"{VARIANT}{key}:{text}"
-

@@ -24,7 +24,6 @@ import torch
 from harness.bench.costs import MODES
 from harness.cases import Case, case_dims, cast_args, sample
 from harness.implementation import DTYPES, Implementation
-from harness.switches import switched
 from references.operators import OPERATORS
 
 # The identity of a row of a sweep: --resume skips a row whose key is done. A row of an
@@ -149,7 +148,7 @@ def run_spec(spec: dict[str, Any], device: str | None = None) -> dict[str, Any]:
     impl = get(spec["op"], spec["impl"])
     case = row_case(spec, spec.get("seed", 0))
     try:
-        with switched(impl.switch or {}):  # a variant's form, through every timed step
+        with impl.switched():  # a variant's form, through every timed step
             step = make_call(impl, case, spec["dtype"], spec["mode"], device)
             if device == "cuda":
                 result = measure(step, spec["warmup"], spec["rep"])

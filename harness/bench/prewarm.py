@@ -92,11 +92,10 @@ def main(spec: dict[str, Any]) -> None:
     device = prepare(spec)
     from harness.bench.measure import make_call, row_case
     from harness.registry import get
-    from harness.switches import switched
 
     case = row_case(spec)
     impl = get(spec["op"], spec["impl"])
-    with switched(impl.switch or {}):
+    with impl.switched():
         make_call(impl, case, spec["dtype"], spec["mode"], device)()
     if device == "cuda":
         import torch

@@ -39,7 +39,6 @@ from harness.check.poison import poison_allocations
 from harness.check.tolerances import tolerance
 from harness.implementation import DTYPES, Implementation
 from harness.registry import get
-from harness.switches import switched
 
 
 # The implementation each family treats as exact (in float64): the step-by-step reference,
@@ -257,7 +256,7 @@ def run_impl(case: Case, impl: Implementation, dname: str, t: Truth, device: str
     poisoned with NaN, backpropagating the truth's upstream gradients (under its switch form,
     forward and backward, if it has one)."""
     try:
-        with switched(impl.switch or {}):
+        with impl.switched():
             return run(impl.load(), sample(case, device), case, DTYPES[dname],
                        {n: d.to(device) for n, d in t.douts.items()}, backward=impl.backward,
                        poison=True)

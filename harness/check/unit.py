@@ -23,7 +23,6 @@ from harness.check.engine import (REFERENCES, DeviceFault, Run, Truth, impl_rows
                                   reference_device, reference_rows, run, run_impl, truths)
 from harness.implementation import DTYPES
 from harness.registry import get
-from harness.switches import switched
 from references.spec import sequences
 
 VALUES = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf}
@@ -114,7 +113,7 @@ def causality_rows(case: Case, impl, dname: str, device: str) -> list[dict[str, 
     way round. Both must be 0."""
     dtype, op = DTYPES[dname], case.operator
     args = sample(case, device)
-    with switched(impl.switch or {}):
+    with impl.switched():
         clean = _outputs(impl.load(), args, case, dtype)
         dirty = _outputs(impl.load(), planted(args, case), case, dtype)
     rdev = reference_device(device)

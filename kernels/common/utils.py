@@ -213,12 +213,11 @@ def tuning(configs: list) -> list:
     return configs[:1] if pinned else configs
 
 
-
-
 def nh_bucket(N: int, H: int) -> int:
     """The sweeps' autotune key for N * H (sequences x heads): programs per value tile, which
     decide the best tile width, in powers of two up to 1024."""
     return min(triton.next_power_of_2(N * H), 1024)
+
 
 def zero_before_run(*names: str):
     """An autotune pre_hook that zeroes the named buffers (those given: None is skipped) before
