@@ -1,6 +1,7 @@
 """Stages shared by the kernels that walk mini-batches with a [D, D] state on chip (TTT-Linear,
 Titans; docs/operators.md sections 3 and 4): what a program handles, its head's tiles and
-LayerNorm weights, and a stored square state's load.
+LayerNorm weights, a stored square state's load, and the loads again that keep the widest
+tiles within shared memory.
 
 Two kinds of program: a walk, one per (sequence, head), takes the sequence's mini-batches in
 order (walk_program); a mini-batch program, one per (mini-batch, head), handles one mini-batch
@@ -17,7 +18,7 @@ from kernels.common.utils import (MIN_TILE, chunk_index, chunk_rows, dot_mixed, 
                                   walk_bounds)
 
 __all__ = ["dot_state", "head_tile", "head_tiles", "load_square", "mini_batch_meta",
-           "mini_batch_program", "start_square", "walk_program"]
+           "mini_batch_program", "reload_rows", "reload_square", "start_square", "walk_program"]
 
 
 def head_tile(D: int) -> int:
@@ -75,6 +76,39 @@ def mini_batch_program(w, b, cu_seqlens, chunk_indices, T, H: tl.constexpr, D: t
 def load_square(p, i, o_s, m_s, D: tl.constexpr):
     """State i of a [.., D, D] tensor, in float32 (0 past D)."""
     return tl.load(p + i.to(tl.int64) * D * D + o_s, mask=m_s, other=0.).to(tl.float32)
+
+
+# The compiler keeps one shared-memory copy of a product's operand per loaded value (two under
+# three TF32 passes), alive from the value's first product to its last. A kernel whose copies
+# together would exceed sm_90's 232,448 bytes at its widest tiles loads a row tile or a state
+# again for its last products (reload_rows, reload_square), past a size it names (TTT's and
+# Titans' RELOAD_TILE), so that the first copy ends early.
+
+
+@triton.jit
+def reload_square(b_S, b_rows, p, i, o_s, m_s, D: tl.constexpr, LIMIT: tl.constexpr):
+    """b_S, state i of p as load_square gave it, for a later product: loaded again when the
+    mini-batch's row tile b_rows holds more than LIMIT values (with another eviction hint, so
+    that the compiler does not merge the two loads), else b_S itself."""
+    b_x = b_S
+    if b_rows.shape[0] * b_rows.shape[1] > LIMIT:
+        b_x = tl.load(p + i.to(tl.int64) * D * D + o_s, mask=m_s, other=0.,
+                      eviction_policy="evict_last").to(tl.float32)
+    return b_x
+
+
+@triton.jit
+def reload_rows(b_x, x, o_c, m_t, o_d, scale, D: tl.constexpr, H: tl.constexpr,
+                LIMIT: tl.constexpr):
+    """b_x, the rows utils.load_rows(x, o_c, m_t, o_d, D, H) gave in float32 times scale, for
+    a later product: loaded again when the tile holds more than LIMIT values (as
+    reload_square), else b_x itself."""
+    b_y = b_x
+    if b_x.shape[0] * b_x.shape[1] > LIMIT:
+        b_y = tl.load(x + o_c[:, None] * (H * D) + o_d[None, :],
+                      mask=m_t[:, None] & (o_d < D)[None, :], other=0.,
+                      eviction_policy="evict_last").to(tl.float32) * scale
+    return b_y
 
 
 @triton.jit

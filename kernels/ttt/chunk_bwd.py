@@ -38,9 +38,9 @@ import triton
 import triton.language as tl
 
 from kernels.common.layernorm import layer_norm_bwd_rows, layer_norm_rows, ln_recon_grad_bwd_rows
-from kernels.common.minibatch import dot_state, mini_batch_program, walk_program
+from kernels.common.minibatch import dot_state, mini_batch_program, reload_rows, walk_program
 from kernels.common.utils import chunk_layout, load_rows, store_rows
-from kernels.ttt.fused_chunk import (final_state_grads, launch_meta, load_state,
+from kernels.ttt.fused_chunk import (RELOAD_TILE, final_state_grads, launch_meta, load_state,
                                      mini_batch_rows, recon_grads, start_state, states_dtype,
                                      walk_meta, walk_mixed)
 
@@ -97,6 +97,7 @@ def chunk_ttt_linear_bwd_local_kernel(
     b_dq = (tl.dot(b_du, tl.trans(b_W), input_precision=PRECISION)
             + tl.dot(b_dA, b_k, input_precision=PRECISION))
     store_rows(dq + row0 * D, b_dq * scale, o_c, m_t, o_d, D, H)
+    b_q = reload_rows(b_q, q + row0 * D, o_c, m_t, o_d, scale, D, H, RELOAD_TILE)
     store_rows(dka + row0 * D, tl.dot(tl.trans(b_dA), b_q, input_precision=PRECISION),
                o_c, m_t, o_d, D, H)
     store_rows(dgu + row0 * D, tl.dot(tl.trans(b_A), b_dag, input_precision=PRECISION),

@@ -34,8 +34,8 @@ import triton.language as tl
 
 from kernels.common.layernorm import (layer_norm_bwd_rows, layer_norm_rows,
                                      ln_recon_grad_bwd_rows, ln_recon_grad_rows)
-from kernels.common.minibatch import (dot_state, head_tile, load_square, mini_batch_meta,
-                                      walk_program)
+from kernels.common.minibatch import (dot_state, load_square, mini_batch_meta, reload_rows,
+                                      reload_square, walk_program)
 from kernels.common.utils import (check_launchable, chunk_layout, dot_mixed, load_rows,
                                   store_rows)
 from references.operators import TTT
@@ -77,16 +77,17 @@ HALF_STATES = False
 # passes instead of six a mini-batch on fused_chunk's walk, where the outputs sit in the
 # walk's sequential chain; A G keeps its three passes. Not yet timed on a GPU.
 OUTPUT_MIXED = None
+# The backward loads Q~ and W again for its last products when a mini-batch's [C, D] tile holds
+# more than this many values (64-token mini-batches at D > 64; kernels/common/minibatch.py,
+# reload_square): at C = 64, D = 128 ptxas put the one-walk backward's shared memory at 327,680
+# bytes without the loads again and 200,704 with them, chunk_ttt_linear's first backward kernel
+# at 262,144 and 196,608 (bfloat16; sm_90 allows 232,448; reports/ttt.md).
+RELOAD_TILE = tl.constexpr(64 * 64)
 # ptxas's register limit for the kernels' float32 forms: None leaves the choice to ptxas,
 # which gives them 32 registers and kilobytes of spills (the float32 products are FMA loops;
 # the forward walk at D = 64: 5.5 KB a thread, ptxas -v on its PTX); a .maxnreg of 255 takes
 # it to 255 registers and 1.4 KB. The compiler's numbers only: not yet timed on a GPU.
 FLOAT32_MAXNREG = None
-# A mini-batch's [C, D] tiles (D padded to a power of two) at most 64 * 64 = 32 * 128 values: at
-# C = 64, D = 128 ptxas put the kernels' shared memory at 262,144 (chunk's output kernel) to
-# 327,680 bytes (the backward, unpipelined), over sm_90's 232,448 (bfloat16, python
-# tools/kernel_registers.py ttt --impl fused_chunk,chunk --case cs64-d128).
-MAX_TILE = 64 * 64
 
 
 def states_dtype(q: torch.Tensor) -> torch.dtype:
@@ -124,9 +125,6 @@ def unsupported(D: int, chunk_size: int) -> str | None:
         return f"D must be <= {MAX_D}, got D={D}"
     if chunk_size not in CHUNK_SIZES:
         return f"chunk_size must be one of {CHUNK_SIZES}, got {chunk_size}"
-    if chunk_size * head_tile(D) > MAX_TILE:
-        return (f"chunk_size={chunk_size} takes D <= {MAX_TILE // chunk_size} (a mini-batch's "
-                f"tiles would not fit in shared memory), got D={D}")
     return None
 
 
@@ -274,10 +272,13 @@ def fused_chunk_ttt_linear_fwd_kernel(
 @triton.jit
 def _mini_batch_bwd(b_q, b_k, b_v, b_e, b_do, b_W, b_hb, b_w, b_b, b_dW, b_dhb, m_t, n_t, o_c,
                     m_d, D: tl.constexpr, eps, HALF: tl.constexpr, PRECISION: tl.constexpr,
-                    MIXED: tl.constexpr):
+                    MIXED: tl.constexpr, q_rows, hs, i_s, o_d, o_s, m_s, scale,
+                    H: tl.constexpr):
     """One mini-batch backward (the forward recomputed from its starting W, hb; b_q scaled):
     given dO and the gradients dW, dhb of the weights it hands on, (dQ~, dK, dV, deta, the
-    gradients of the weights it starts from, dw, db)."""
+    gradients of the weights it starts from, dw, db). q_rows and state i_s of hs are where
+    b_q and b_W came from (loaded again for the last products of the widest tiles:
+    minibatch.reload_rows)."""
     causal = o_c[:, None] >= o_c[None, :]
     b_g, b_z = recon_grads(b_k, b_v, b_W, b_hb, b_w, b_b, m_t, m_d, D, eps, HALF, PRECISION,
                            MIXED)
@@ -292,24 +293,27 @@ def _mini_batch_bwd(b_q, b_k, b_v, b_e, b_do, b_W, b_hb, b_w, b_b, b_dW, b_dhb, 
     # W' = W - e_L K^T G, hb' = hb - e_L 1^T G
     last = o_c == n_t - 1
     e_last = tl.sum(tl.where(last, b_e, 0.), 0)
-    b_dg = -e_last * (tl.dot(b_k, b_dW, input_precision=PRECISION) + b_dhb[None, :])
-    de_last = -(tl.sum(tl.sum(b_dW * tl.dot(tl.trans(b_k), b_g, input_precision=PRECISION), 1), 0)
-                + tl.sum(b_dhb * tl.sum(b_g, 0), 0))
+    # (<dW, K^T G> + dhb . 1^T G = sum(G o (K dW + 1 dhb)): no [D, D] product)
+    b_kdw = tl.dot(b_k, b_dW, input_precision=PRECISION) + b_dhb[None, :]
+    b_dg = -e_last * b_kdw
+    de_last = -tl.sum(tl.sum(b_g * b_kdw, 1), 0)
     b_dk = -e_last * tl.dot(b_g, tl.trans(b_dW), input_precision=PRECISION)
     # U = Q~ W + 1 hb - e (A G),  A = tril(Q~ K^T + 1)
-    b_dq = tl.dot(b_du, tl.trans(b_W), input_precision=PRECISION)
     b_dW += tl.dot(tl.trans(b_q), b_du, input_precision=PRECISION)
     b_dhb += tl.sum(b_du, 0)
     b_dag = -b_e[:, None] * b_du
     b_de = -tl.sum(b_du * b_ag, 1) + tl.where(last, de_last, 0.)
     b_dg += tl.dot(tl.trans(b_A), b_dag, input_precision=PRECISION)
     b_dA = tl.where(causal, tl.dot(b_dag, tl.trans(b_g), input_precision=PRECISION), 0.)
-    b_dq += tl.dot(b_dA, b_k, input_precision=PRECISION)
+    b_dq = tl.dot(b_dA, b_k, input_precision=PRECISION)
+    b_q = reload_rows(b_q, q_rows, o_c, m_t, o_d, scale, D, H, RELOAD_TILE)
     b_dk += tl.dot(tl.trans(b_dA), b_q, input_precision=PRECISION)
     # G = ln_recon_grad(Z, V - K),  Z = K W + 1 hb
     b_dz, b_dt, b_dw2, b_db2, _ = ln_recon_grad_bwd_rows(
         tl.where(m_t[:, None], b_dg, 0.), b_z, b_v - b_k, b_w, b_b, m_d, D, eps)
+    b_W = reload_square(b_W, b_q, hs, i_s, o_s, m_s, D, RELOAD_TILE)
     b_dk += tl.dot(b_dz, tl.trans(b_W), input_precision=PRECISION) - b_dt
+    b_dq += tl.dot(b_du, tl.trans(b_W), input_precision=PRECISION)
     b_dW += tl.dot(tl.trans(b_k), b_dz, input_precision=PRECISION)
     b_dhb += tl.sum(b_dz, 0)
     return b_dq, b_dk, b_dt, b_de, b_dW, b_dhb, b_dw + b_dw2, b_db + b_db2
@@ -342,12 +346,14 @@ def fused_chunk_ttt_linear_bwd_kernel(
         row0 = (bos + i_t * BC) * H + i_h
         m_t = i_t * BC + o_c < L
         n_t = tl.minimum(BC, L - i_t * BC)
-        b_W, b_hb = load_state(hs, hbs, (c0 + i_t) * H + i_h, o_s, m_s, o_d, m_d, D)
+        i_s = (c0 + i_t) * H + i_h
+        b_W, b_hb = load_state(hs, hbs, i_s, o_s, m_s, o_d, m_d, D)
         b_q, b_k, b_v, b_e = mini_batch_rows(q, k, v, eta, row0, o_c, m_t, o_d, scale, D, H)
         b_do = load_rows(do + row0 * D, o_c, m_t, o_d, D, H).to(tl.float32)
         b_dq, b_dk, b_dv, b_de, b_dW, b_dhb, b_dw, b_db = _mini_batch_bwd(
             b_q, b_k, b_v, b_e, b_do, b_W, b_hb, b_w, b_b, b_dW, b_dhb, m_t, n_t, o_c, m_d, D,
-            eps, k.dtype.element_ty, PRECISION, MIXED)
+            eps, k.dtype.element_ty, PRECISION, MIXED, q + row0 * D, hs, i_s, o_d, o_s, m_s,
+            scale, H)
         b_dwa += b_dw
         b_dba += b_db
         store_rows(dq + row0 * D, b_dq * scale, o_c, m_t, o_d, D, H)
@@ -477,8 +483,7 @@ def fused_chunk_ttt_linear(
     """TTT-Linear in one program per sequence and head (Triton). q, k, v [B,T,H,D];
     w, b [H,D]; eta [B,T,H,1]; initial_state [N,H,D,D], initial_state_bias [N,H,1,D]. Returns
     o [B,T,H,D] in v's dtype and the final weights [N,H,D,D] and bias [N,H,1,D] in float32
-    (None, None unless output_final_state). D <= 128, chunk_size 16, 32 or 64 (64: D <= 64;
-    ``unsupported``). Forward and
+    (None, None unless output_final_state). D <= 128, chunk_size 16, 32 or 64. Forward and
     backward: gradients for q, k, v, w, b, eta and both initial states."""
     q, k, v, w, b, eta, scale, h0, hb0, grad = checked_inputs(
         "fused_chunk_ttt_linear", q, k, v, w, b, eta, scale, eps, chunk_size, initial_state,
