@@ -47,8 +47,8 @@ COVER = {
          "chunk_gla_bwd_dA_kernel", "chunk_gla_bwd_intra_kernel", "chunk_gla_bwd_dqk_kernel",
          "fused_chunk_gla_fwd_kernel"}),
     # TTT's: D = 64 with a partial last mini-batch (T = 1024 has none: basic), D = 128, and the
-    # largest mini-batch tiles, 32 x 128 and 64 x 64 (the most shared memory)
-    "ttt": (["partial-64+6", "partial-200", "cs32-d128", "cs64-d64"],
+    # largest mini-batch tiles, 64 x 128 (the most shared memory) and 64 x 64
+    "ttt": (["partial-64+6", "partial-200", "cs64-d128", "cs64-d64"],
             {"fused_chunk_ttt_linear_fwd_kernel", "fused_chunk_ttt_linear_bwd_kernel",
              "chunk_ttt_linear_fwd_o_kernel", "chunk_ttt_linear_bwd_local_kernel",
              "chunk_ttt_linear_bwd_walk_kernel", "chunk_ttt_linear_bwd_dk_kernel"}),
@@ -62,11 +62,12 @@ COVER = {
                          "chunk_log_linear_attn_bwd_dkv_kernel",
                          "chunk_log_linear_attn_bwd_walks_kernel",
                          "chunk_log_linear_attn_bwd_gates_kernel"}),
-    # Titans': a partial last mini-batch at D = 64 and 128, varlen, and the largest tiles (64 x 64)
-    "titans": (["partial-64+6", "partial-200", "varlen-empty", "cs64-d64"],
+    # Titans': a partial last mini-batch at D = 64 and 128, varlen, and the largest tiles (64 x 64
+    # and 32 x 128)
+    "titans": (["partial-64+6", "partial-200", "varlen-empty", "cs64-d64", "cs32-d128"],
                {"chunk_titans_linear_fwd_walk_kernel", "chunk_titans_linear_fwd_o_kernel",
-                "chunk_titans_linear_bwd_kernel", "chunk_titans_linear_bwd_local_kernel", "chunk_titans_linear_bwd_walk_kernel",
-                "chunk_titans_linear_bwd_gates_kernel"}),
+                "chunk_titans_linear_bwd_kernel", "chunk_titans_linear_bwd_local_kernel",
+                "chunk_titans_linear_bwd_walk_kernel", "chunk_titans_linear_bwd_gates_kernel"}),
 }
 
 

@@ -56,11 +56,13 @@ __all__ = ["chunk_titans_linear"]
 MAX_D = 128  # M and S [D, D] float32 on chip in the walk
 CHUNK_SIZES = (16, 32, 64)  # tl.dot needs 16 rows at least
 # A mini-batch's [C, D] tiles (D padded to a power of two) at most 64 * 64 = 4096 values, and at
-# D > 64 only 16-token mini-batches: the backward's kernel needed 262,144 bytes of shared memory
-# at C = 32, D = 128 (bfloat16, 1 stage; 237,568 in float32), over sm_90's 232,448 (python
-# tools/kernel_registers.py titans --impl chunk --case cs32-d128, before that case was removed).
+# D > 64 mini-batches of at most SPLIT_CHUNK tokens under SPLIT_BACKWARD. With
+# 32-token mini-batches at D = 128 ptxas put the one-walk backward at 262,144 bytes of shared
+# memory before it loaded M0, S0, Q~ and K again for its last products (stages.RELOAD_TILE),
+# 196,608 after (bfloat16, 1 stage; sm_90 allows 232,448; python tools/kernel_registers.py
+# titans --impl chunk --case cs32-d128). The split backward's kernels were not compiled there.
 MAX_TILE = 64 * 64
-WIDE_CHUNK = 16  # the largest mini-batch at D > 64
+SPLIT_CHUNK = 16
 # The switches below are off by default: with the first three on, `harness check titans
 # --family tiling` and `harness gate --suite gpu --op titans` met an illegal memory access on an
 # H200 in bfloat16 (B=1, T=200, H=2, D=16, initial states, chunk_size 16; float16 and float32
@@ -116,9 +118,12 @@ def unsupported(D: int, chunk_size: int) -> str | None:
         return f"D must be <= {MAX_D}, got D={D}"
     if chunk_size not in CHUNK_SIZES:
         return f"chunk_size must be one of {CHUNK_SIZES}, got {chunk_size}"
-    if chunk_size * head_tile(D) > MAX_TILE or (head_tile(D) > 64 and chunk_size > WIDE_CHUNK):
-        return (f"chunk_size={chunk_size} takes D <= 64 (a mini-batch's tiles would not fit in "
-                f"shared memory), got D={D}")
+    if chunk_size * head_tile(D) > MAX_TILE:
+        return (f"chunk_size={chunk_size} takes D <= {MAX_TILE // chunk_size} (a mini-batch's "
+                f"tiles would not fit in shared memory), got D={D}")
+    if SPLIT_BACKWARD and head_tile(D) > 64 and chunk_size > SPLIT_CHUNK:
+        return (f"chunk_size={chunk_size} takes D <= 64 under SPLIT_BACKWARD (its kernels are "
+                f"not compiled for wider mini-batches), got D={D}")
     return None
 
 
@@ -236,13 +241,15 @@ def chunk_titans_linear_fwd_o_kernel(
                                                     o_d, scale, D, H)
     b_g, _ = recon_grads(b_k, b_v, b_M, b_w, b_b, m_t, m_d, D, eps, k.dtype.element_ty,
                          PRECISION, MIXED)
+    # M0's products, then S0's: one state's operand copy in shared memory at a time
+    b_qm = tl.dot(b_q, b_M, input_precision=PRECISION)
+    b_qs = tl.dot(b_q, b_S, input_precision=PRECISION)
     b_F, b_f0, _, _ = segment_products(b_a, o_c)
     b_E, b_e0, _, _ = segment_products(b_e, o_c)
     b_P = tl.dot(b_F, b_E, input_precision=PRECISION)
     b_p0 = tl.sum(b_F * b_e0[None, :], 1)
     b_A = b_P * b_th[None, :] * tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)
-    b_u = (b_f0[:, None] * tl.dot(b_q, b_M, input_precision=PRECISION)
-           + b_p0[:, None] * tl.dot(b_q, b_S, input_precision=PRECISION)
+    b_u = (b_f0[:, None] * b_qm + b_p0[:, None] * b_qs
            - tl.dot(b_A, b_g, input_precision=PRECISION))
     b_x, _ = layer_norm_rows(b_u, m_d, D, eps)
     store_rows(o + row0 * D, b_u + b_w[None, :] * b_x + b_b[None, :], o_c, m_t, o_d, D, H)
@@ -326,7 +333,7 @@ def chunk_titans_linear(
     [H,D]; theta, alpha, eta [B,T,H]; initial_state (M) and initial_momentum (S) [N,H,D,D],
     either or both. Returns o [B,T,H,D] in v's dtype and the final memory and momentum
     [N,H,D,D] in float32 (None, None unless output_final_state). D <= 128, chunk_size 16, 32 or
-    64 (32 and 64: D <= 64; ``unsupported``). Gradients for q, k, v, w, b, theta, alpha, eta and
+    64 (64: D <= 64; ``unsupported``). Gradients for q, k, v, w, b, theta, alpha, eta and
     both initial states."""
     name = "chunk_titans_linear"
     args = dict(q=q, k=k, v=v, w=w, b=b, theta=theta, alpha=alpha, eta=eta, scale=scale,

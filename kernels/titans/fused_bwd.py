@@ -26,11 +26,12 @@ import triton
 import triton.language as tl
 
 from kernels.common.layernorm import ln_recon_grad_bwd_rows
-from kernels.common.minibatch import load_square, start_square, walk_program
+from kernels.common.minibatch import (load_square, reload_rows, reload_square, start_square,
+                                      walk_program)
 from kernels.common.utils import chunk_layout, load_rows, store_rows
 from kernels.titans.chunk_bwd import final_state_grads
-from kernels.titans.stages import (dot_at, gates_bwd, mini_batch_rows, outputs_bwd,
-                                   recon_grads, row_of, segment_products)
+from kernels.titans.stages import (RELOAD_TILE, dot_at, gates_bwd, mini_batch_rows,
+                                   outputs_bwd, recon_grads, row_of, segment_products)
 
 __all__ = ["fused_backward"]
 
@@ -51,14 +52,15 @@ def updates_bwd(b_k, b_g, b_M, b_S, b_dM, b_dS, b_th, b_F, b_E, b_e0, b_f0, last
     f0n = tl.sum(tl.where(last, b_f0, 0.), 0)
     e0n = tl.sum(tl.where(last, b_e0, 0.), 0)
     p0n = tl.sum(b_fn * b_e0, 0)
-    b_rm = dot_at(b_k, b_dM, PRECISION)
-    b_rs = dot_at(b_k, b_dS, PRECISION)
     b_cm, b_cs = b_pn * b_th, b_en * b_th
+    # dM's products, then dS's: one state's operand copy in shared memory at a time
+    b_rm = dot_at(b_k, b_dM, PRECISION)
+    b_dk = -dot_at(b_cm[:, None] * b_g, tl.trans(b_dM), PRECISION)
+    b_rs = dot_at(b_k, b_dS, PRECISION)
+    b_dk -= dot_at(b_cs[:, None] * b_g, tl.trans(b_dS), PRECISION)
     b_dg = -(b_cm[:, None] * b_rm + b_cs[:, None] * b_rs)
     b_dcm = -tl.sum(b_g * b_rm, 1)
     b_dcs = -tl.sum(b_g * b_rs, 1)
-    b_dk = -(dot_at(b_cm[:, None] * b_g, tl.trans(b_dM), PRECISION)
-             + dot_at(b_cs[:, None] * b_g, tl.trans(b_dS), PRECISION))
     return (b_dg, b_dk, b_dcm * b_pn + b_dcs * b_en, f0n * b_dM, p0n * b_dM + e0n * b_dS,
             b_dcm * b_th, tl.sum(tl.sum(b_dM * b_S, 1), 0), b_dcs * b_th,
             tl.sum(tl.sum(b_dM * b_M, 1), 0), tl.sum(tl.sum(b_dS * b_S, 1), 0))
@@ -114,14 +116,22 @@ def chunk_titans_linear_bwd_kernel(
             eps)
         b_dwa += b_dw
         b_dba += b_db
+        # the products with Q~, K, M0 and S0 from here on take them loaded again for the
+        # widest tiles (RELOAD_TILE), M0's and S0's one after the other
+        b_q = reload_rows(b_q, q + row0 * D, o_c, m_t, o_d, scale, D, H, RELOAD_TILE)
+        b_k = reload_rows(b_k, k + row0 * D, o_c, m_t, o_d, 1., D, H, RELOAD_TILE)
         b_dM = b_dM0 + dot_at(tl.trans(b_q), b_f0[:, None] * b_du, PRECISION) + dot_at(
             tl.trans(b_k), b_dz, PRECISION)
         b_dS = b_dS0 + dot_at(tl.trans(b_q), b_p0[:, None] * b_du, PRECISION)
         b_da, b_de = gates_bwd(b_dP, b_dp0, b_df0, b_dpn, b_dp0n, b_den, b_df0n, b_de0n, b_F,
                                b_E, b_e0, b_Fx, b_f0x, b_Ex, b_e0x, last, o_c, PRECISION)
+        b_M = reload_square(b_M, b_q, hs, i_s, o_s, m_s, D, RELOAD_TILE)
+        b_dq += dot_at(b_f0[:, None] * b_du, tl.trans(b_M), PRECISION)
+        b_dk += b_dk2 + dot_at(b_dz, tl.trans(b_M), PRECISION) - b_dt
+        b_S = reload_square(b_S, b_q, ss, i_s, o_s, m_s, D, RELOAD_TILE)
+        b_dq += dot_at(b_p0[:, None] * b_du, tl.trans(b_S), PRECISION)
         store_rows(dq + row0 * D, b_dq * scale, o_c, m_t, o_d, D, H)
-        store_rows(dk + row0 * D, b_dk + b_dk2 + dot_at(b_dz, tl.trans(b_M), PRECISION) - b_dt,
-                   o_c, m_t, o_d, D, H)
+        store_rows(dk + row0 * D, b_dk, o_c, m_t, o_d, D, H)
         store_rows(dv + row0 * D, b_dt, o_c, m_t, o_d, D, H)
         p = row0 + o_c * H
         tl.store(dtheta + p, (b_dth + b_dth2).to(dtheta.dtype.element_ty), mask=m_t)

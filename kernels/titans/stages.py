@@ -13,9 +13,14 @@ from kernels.common.layernorm import layer_norm_bwd_rows, layer_norm_rows, ln_re
 from kernels.common.minibatch import dot_state
 from kernels.common.utils import load_rows
 
-__all__ = ["dot_at", "gate_rows", "gates_bwd", "hand_on_gates", "mini_batch_rows",
-           "outputs_bwd", "recon_grads", "row_of", "segment_products", "segment_products_bwd",
-           "update_gates"]
+# The one-walk backward loads M0, S0, Q~ and K again for its last products when a mini-batch's
+# [C, D] tile holds more than this many values (32- and 64-token mini-batches at D > 64, and
+# 64-token ones at D = 64; kernels/common/minibatch.py, reload_square).
+RELOAD_TILE = tl.constexpr(16 * 128)
+
+__all__ = ["RELOAD_TILE", "dot_at", "dq_states", "gate_rows", "gates_bwd", "hand_on_gates",
+           "mini_batch_rows", "outputs_bwd", "recon_grads", "row_of", "segment_products",
+           "segment_products_bwd", "update_gates"]
 
 
 @triton.jit
@@ -122,8 +127,8 @@ def dot_at(a, b, PRECISION: tl.constexpr):
 @triton.jit
 def outputs_bwd(b_q, b_k, b_g, b_do, b_M, b_S, b_th, b_F, b_f0, b_E, b_e0, b_w, b_b, o_c, m_d,
                 D: tl.constexpr, eps, PRECISION: tl.constexpr):
-    """Back through U and O: (dU, dQ~, dK's B part, dG's U part, dP, dp0, df0, dtheta's U
-    part, dw, db); U recomputed."""
+    """Back through U and O: (dU, dQ~'s B part, dK's B part, dG's U part, dP, dp0, df0,
+    dtheta's U part, dw, db); U recomputed. dQ~'s terms through the states are dq_states'."""
     b_P = dot_at(b_F, b_E, PRECISION)
     b_p0 = tl.sum(b_F * b_e0[None, :], 1)
     b_B = dot_at(b_q, tl.trans(b_k), PRECISION)
@@ -138,13 +143,19 @@ def outputs_bwd(b_q, b_k, b_g, b_do, b_M, b_S, b_th, b_F, b_f0, b_E, b_e0, b_w, 
     causal = o_c[:, None] >= o_c[None, :]
     b_dW = tl.where(causal, -dot_at(b_du, tl.trans(b_g), PRECISION), 0.)
     b_dB = b_dW * b_P * b_th[None, :]
-    b_dq = (dot_at(b_f0[:, None] * b_du, tl.trans(b_M), PRECISION)
-            + dot_at(b_p0[:, None] * b_du, tl.trans(b_S), PRECISION)
-            + dot_at(b_dB, b_k, PRECISION))
+    b_dq = dot_at(b_dB, b_k, PRECISION)
     return (b_du, b_dq, dot_at(tl.trans(b_dB), b_q, PRECISION),
             -dot_at(tl.trans(b_W), b_du, PRECISION), b_dW * b_th[None, :] * b_B, b_p0,
             tl.sum(b_du * b_qs, 1), tl.sum(b_du * b_qm, 1), tl.sum(b_dW * b_P * b_B, 0), b_dw,
             b_db)
+
+
+@triton.jit
+def dq_states(b_du, b_f0, b_p0, b_M, b_S, PRECISION: tl.constexpr):
+    """dQ~'s terms through the states, of U = f0 (Q~ M0) + p0 (Q~ S0) - ...:
+    (f0 o dU) M0^T + (p0 o dU) S0^T."""
+    return (dot_at(b_f0[:, None] * b_du, tl.trans(b_M), PRECISION)
+            + dot_at(b_p0[:, None] * b_du, tl.trans(b_S), PRECISION))
 
 
 @triton.jit
