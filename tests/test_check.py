@@ -537,7 +537,10 @@ def test_an_interrupt_stops_a_run_whose_worker_hangs(tmp_path):
          "--plugin", str(plugin), "--examples", "2", "--family", "random", "--dtype", "float64",
          "--device", "cpu", "--timeout", "600", "-j", "1", "--out", str(tmp_path / "out")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+        # a background job of a shell ignores SIGINT, and so would the run started from it
+        # (Python then installs no KeyboardInterrupt): give it SIGINT's default back
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     logs = tmp_path / "out" / "logs" / "worker0.log"
     deadline = time.monotonic() + 120
     while not logs.exists() and time.monotonic() < deadline:
