@@ -131,7 +131,7 @@ def test_split_backward_declines_wide_mini_batches(monkeypatch):
 
 @pytest.mark.parametrize("D,chunk_size", [(100, 32), (32, 64)])
 def test_widest_tiles(D, chunk_size):
-    """Mini-batches whose [C, D] tiles hold more than stages.RELOAD_TILE values (32 x 128 and
+    """Mini-batches whose [C, D] tiles hold more than fused_bwd.RELOAD_TILE values (32 x 128 and
     64 x 64: the one-walk backward loads M0, S0, Q~ and K again for its last products), T = 70
     with a partial last mini-batch: o, both final states and every gradient within float32's
     1e-5 (measured 1.5e-7 to 4.0e-7)."""

@@ -58,7 +58,7 @@ CHUNK_SIZES = (16, 32, 64)  # tl.dot needs 16 rows at least
 # A mini-batch's [C, D] tiles (D padded to a power of two) at most 64 * 64 = 4096 values, and at
 # D > 64 mini-batches of at most SPLIT_CHUNK tokens under SPLIT_BACKWARD. With
 # 32-token mini-batches at D = 128 ptxas put the one-walk backward at 262,144 bytes of shared
-# memory before it loaded M0, S0, Q~ and K again for its last products (stages.RELOAD_TILE),
+# memory before it loaded M0, S0, Q~ and K again for its last products (fused_bwd.RELOAD_TILE),
 # 196,608 after (bfloat16, 1 stage; sm_90 allows 232,448; python tools/kernel_registers.py
 # titans --impl chunk --case cs32-d128). The split backward's kernels were not compiled there.
 MAX_TILE = 64 * 64

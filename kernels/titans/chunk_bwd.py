@@ -45,7 +45,7 @@ from kernels.common.layernorm import ln_recon_grad_bwd_rows
 from kernels.common.minibatch import (dot_state, load_square, mini_batch_program, start_square,
                                       walk_program)
 from kernels.common.utils import chunk_layout, load_rows, store_rows
-from kernels.titans.stages import (dot_at, dq_states, gate_rows, gates_bwd, hand_on_gates,
+from kernels.titans.stages import (dot_at, dq_state, gate_rows, gates_bwd, hand_on_gates,
                                    mini_batch_rows, outputs_bwd, recon_grads, segment_products)
 
 __all__ = ["chunk_backward"]
@@ -106,7 +106,7 @@ def chunk_titans_linear_bwd_local_kernel(
     (b_du, b_dq, b_dk, b_dg, b_dP, b_p0, b_dp0, b_df0, b_dth, b_dw,
      b_db) = outputs_bwd(b_q, b_k, b_g, b_do, b_M, b_S, b_th, b_F, b_f0, b_E, b_e0, b_w, b_b,
                           o_c, m_d, D, eps, PRECISION)
-    b_dq += dq_states(b_du, b_f0, b_p0, b_M, b_S, PRECISION)
+    b_dq += dq_state(b_du, b_f0, b_M, PRECISION) + dq_state(b_du, b_p0, b_S, PRECISION)
     b_pn, b_en, _, _, _ = hand_on_gates(b_F, b_f0, b_E, b_e0, o_c == n_t - 1)
     tl.store(dw + i_s * D + o_d, b_dw, mask=m_d)
     tl.store(db + i_s * D + o_d, b_db, mask=m_d)

@@ -30,7 +30,7 @@ from kernels.common.minibatch import (load_square, reload_rows, reload_square, s
                                       walk_program)
 from kernels.common.utils import chunk_layout, load_rows, store_rows
 from kernels.titans.chunk_bwd import final_state_grads
-from kernels.titans.stages import (RELOAD_TILE, dot_at, gates_bwd, mini_batch_rows,
+from kernels.titans.stages import (dot_at, dq_state, gates_bwd, mini_batch_rows,
                                    outputs_bwd, recon_grads, row_of, segment_products)
 
 __all__ = ["fused_backward"]
@@ -39,6 +39,11 @@ __all__ = ["fused_backward"]
 # 311,296 bytes for 64-token mini-batches at D = 64 (bfloat16), over sm_90's 232,448
 # (tests/test_compile.py); 1 stage stages no load ahead.
 BWD_STAGES = 1
+
+# The walk loads M0, S0, Q~ and K again for its last products when a mini-batch's [C, D] tile
+# holds more than this many values (32- and 64-token mini-batches at D > 64, and 64-token ones
+# at D = 64; kernels/common/minibatch.py, reload_square).
+RELOAD_TILE = tl.constexpr(16 * 128)
 
 
 @triton.jit
@@ -126,10 +131,10 @@ def chunk_titans_linear_bwd_kernel(
         b_da, b_de = gates_bwd(b_dP, b_dp0, b_df0, b_dpn, b_dp0n, b_den, b_df0n, b_de0n, b_F,
                                b_E, b_e0, b_Fx, b_f0x, b_Ex, b_e0x, last, o_c, PRECISION)
         b_M = reload_square(b_M, b_q, hs, i_s, o_s, m_s, D, RELOAD_TILE)
-        b_dq += dot_at(b_f0[:, None] * b_du, tl.trans(b_M), PRECISION)
+        b_dq += dq_state(b_du, b_f0, b_M, PRECISION)
         b_dk += b_dk2 + dot_at(b_dz, tl.trans(b_M), PRECISION) - b_dt
         b_S = reload_square(b_S, b_q, ss, i_s, o_s, m_s, D, RELOAD_TILE)
-        b_dq += dot_at(b_p0[:, None] * b_du, tl.trans(b_S), PRECISION)
+        b_dq += dq_state(b_du, b_p0, b_S, PRECISION)
         store_rows(dq + row0 * D, b_dq * scale, o_c, m_t, o_d, D, H)
         store_rows(dk + row0 * D, b_dk, o_c, m_t, o_d, D, H)
         store_rows(dv + row0 * D, b_dt, o_c, m_t, o_d, D, H)

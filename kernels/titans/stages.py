@@ -13,12 +13,7 @@ from kernels.common.layernorm import layer_norm_bwd_rows, layer_norm_rows, ln_re
 from kernels.common.minibatch import dot_state
 from kernels.common.utils import load_rows
 
-# The one-walk backward loads M0, S0, Q~ and K again for its last products when a mini-batch's
-# [C, D] tile holds more than this many values (32- and 64-token mini-batches at D > 64, and
-# 64-token ones at D = 64; kernels/common/minibatch.py, reload_square).
-RELOAD_TILE = tl.constexpr(16 * 128)
-
-__all__ = ["RELOAD_TILE", "dot_at", "dq_states", "gate_rows", "gates_bwd", "hand_on_gates",
+__all__ = ["dot_at", "dq_state", "gate_rows", "gates_bwd", "hand_on_gates",
            "mini_batch_rows", "outputs_bwd", "recon_grads", "row_of", "segment_products",
            "segment_products_bwd", "update_gates"]
 
@@ -128,7 +123,7 @@ def dot_at(a, b, PRECISION: tl.constexpr):
 def outputs_bwd(b_q, b_k, b_g, b_do, b_M, b_S, b_th, b_F, b_f0, b_E, b_e0, b_w, b_b, o_c, m_d,
                 D: tl.constexpr, eps, PRECISION: tl.constexpr):
     """Back through U and O: (dU, dQ~'s B part, dK's B part, dG's U part, dP, dp0, df0,
-    dtheta's U part, dw, db); U recomputed. dQ~'s terms through the states are dq_states'."""
+    dtheta's U part, dw, db); U recomputed. dQ~'s terms through the states are dq_state's."""
     b_P = dot_at(b_F, b_E, PRECISION)
     b_p0 = tl.sum(b_F * b_e0[None, :], 1)
     b_B = dot_at(b_q, tl.trans(b_k), PRECISION)
@@ -151,11 +146,10 @@ def outputs_bwd(b_q, b_k, b_g, b_do, b_M, b_S, b_th, b_F, b_f0, b_E, b_e0, b_w, 
 
 
 @triton.jit
-def dq_states(b_du, b_f0, b_p0, b_M, b_S, PRECISION: tl.constexpr):
-    """dQ~'s terms through the states, of U = f0 (Q~ M0) + p0 (Q~ S0) - ...:
-    (f0 o dU) M0^T + (p0 o dU) S0^T."""
-    return (dot_at(b_f0[:, None] * b_du, tl.trans(b_M), PRECISION)
-            + dot_at(b_p0[:, None] * b_du, tl.trans(b_S), PRECISION))
+def dq_state(b_du, b_c, b_X, PRECISION: tl.constexpr):
+    """dQ~'s term through one state X0 of U = c (Q~ X0) + ... (X0 = M0 with c = f0, S0 with
+    c = p0): (c o dU) X0^T."""
+    return dot_at(b_c[:, None] * b_du, tl.trans(b_X), PRECISION)
 
 
 @triton.jit
