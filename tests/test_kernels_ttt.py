@@ -199,6 +199,7 @@ def test_half_states(monkeypatch, fn):
     rounded = {n: t.half().float() if n in "qkv" else t for n, t in x.items()}
     ref = grads(naive_ttt_linear, rounded, st, cu, 16, torch.float64)
     half = {n: t.half() if n in "qkv" else t for n, t in x.items()}
+    monkeypatch.setattr(fused_chunk, "HALF_STATES", False)
     full = grads(fn, half, st, cu, 16, None)
     exact32 = grads(fn, x, st, cu, 16, torch.float32)
     monkeypatch.setattr(fused_chunk, "HALF_STATES", True)

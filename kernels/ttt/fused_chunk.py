@@ -66,17 +66,23 @@ WALK_MIXED = "round"
 WALK_PREFETCH = True
 # The W each mini-batch starts from, stored by the forward for the backward and for chunk's
 # outputs (and chunk's backward's dW' per mini-batch): float32 (False), or in the inputs' dtype
-# when they are half precision (True: half the bytes, 537 MB less each at B = 2, H = 16,
-# D = 64, T = 32768; the products that read them take W rounded, as the walks' products do
-# under WALK_MIXED "round"). Not yet timed on a GPU.
-HALF_STATES = False
+# when they are half precision (True: half the bytes; the products that read them take W
+# rounded, as the walks' products do under WALK_MIXED "round"). H100, float16, B = 2, H = 16,
+# D = 64 (reports/ttt.md): chunk's fwd+bwd peak 2646 MB at 32K against 3670 (fla_chunk 2838),
+# fused_chunk's 1042 against 1554 (fla_fused_chunk 1542); chunk's fwd+bwd 17.33 ms against
+# 18.32 (with OUTPUT_MIXED None both).
+HALF_STATES = True
 # How the forward's output products Q~ K^T and Q~ W are taken for half-precision inputs: None,
 # float32 operands in three TF32 passes each (Q~ = scale Q and W as float32); or Q~ rounded to
 # the inputs' dtype, Q~ K^T one product of half-precision rows and Q~ W as utils.dot_mixed's
 # mode ("round": W rounded as the walk's Z = K W is under WALK_MIXED "round"; "split"). Two
-# passes instead of six a mini-batch on fused_chunk's walk, where the outputs sit in the
-# walk's sequential chain; A G keeps its three passes. Not yet timed on a GPU.
-OUTPUT_MIXED = None
+# passes instead of six a mini-batch; A G keeps its three passes. H100, as above, forward at
+# 8K / 32K: fused_chunk 1.050 / 4.114 ms against 1.519 / 5.773 with None (fla_fused_chunk
+# 1.361 / 5.497), chunk 0.822 / 3.176 against 0.998 / 3.943 (fla_chunk 1.122 / 4.502). It
+# and HALF_STATES together took the tiling family's worst o from 2.07e-3 to 2.79e-3 in
+# bfloat16 (2.57e-4 to 3.49e-4 in float16) and dq by 1.15x, the final states unchanged, the
+# other gradients within 10% (chunk's deta 0.6x), every error at most 50% of its tolerance.
+OUTPUT_MIXED = "round"
 # The backward loads Q~ and W again for its last products when a mini-batch's [C, D] tile holds
 # more than this many values (64-token mini-batches at D > 64; kernels/common/minibatch.py,
 # reload_square): at C = 64, D = 128 ptxas put the one-walk backward's shared memory at 327,680
