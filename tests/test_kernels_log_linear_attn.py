@@ -98,7 +98,8 @@ def test_far_pairs_with_weak_gates():
         assert rel_error(got[name], ref[name]) < 1e-5, (name, rel_error(got[name], ref[name]))
 
 
-@pytest.mark.parametrize("switches", [{"WALK_STATES": True}, {"BWD_WALK_STATES": False},
+@pytest.mark.parametrize("switches", [{"WALK_STATES": True}, {"WALK_LOCAL": True},
+                                      {"BWD_WALK_STATES": False},
                                       {"WALKS_TOGETHER": False},
                                       {"WALKS_TOGETHER": False, "BWD_WALK_STATES": False}])
 @pytest.mark.parametrize("B,T,G,H,K,V,cu,gate", [
@@ -109,7 +110,8 @@ def test_far_pairs_with_weak_gates():
 def test_switches(monkeypatch, switches, B, T, G, H, K, V, cu, gate):
     """chunk.WALK_STATES (the forward's walk) and chunk.BWD_WALK_STATES (the dq walk): the
     walk forms each chunk's own state instead of reading the local kernel's buffer (left empty
-    when the walk forms them: a read of it is out of bounds); chunk.WALKS_TOGETHER off: the
+    when the walk forms them: a read of it is out of bounds); chunk.WALK_LOCAL: the forward's
+    walk forms each chunk's own output too (no buffer, no local kernel); chunk.WALKS_TOGETHER off: the
     backward's two walks in two launches, one scratch between them. Same bound, same reasons;
     measured as the default (the same products, in other kernels)."""
     for name, value in switches.items():
@@ -180,6 +182,27 @@ def test_a_non_finite_token_reaches_only_its_future(name, t, value):
         ref, _ = naive_log_linear_attn(**{n: a.double() for n, a in dirty.items()}, cu_seqlens=cu)
     assert torch.equal(got[:, :2 + t], clean[:, :2 + t])
     assert torch.equal(got[:, 2 + t:].isfinite(), ref[:, 2 + t:].isfinite())
+
+
+@pytest.mark.parametrize("B,T,G,H,K,V,cu,plant", [
+    (1, 72, 1, 2, 16, 16, [0, 2, 72], ("v", 42)),
+    (2, 130, 2, 4, 100, 70, None, None),
+])
+def test_walk_local_gives_the_two_kernels_values(monkeypatch, B, T, G, H, K, V, cu, plant):
+    """chunk.WALK_LOCAL: the walk forms each chunk's own output with the local kernel's
+    products, summed with the levels' parts in the same order, so o is the two-kernel
+    forward's bit for bit: with groups, K and V not powers of two, varlen, and a NaN planted in
+    v (which reaches the same rows)."""
+    x = inputs(B, T, G, H, K, V)
+    if plant is not None:
+        x[plant[0]][0, plant[1]] = float("nan")
+    cu = None if cu is None else torch.tensor(cu)
+    with torch.no_grad():
+        two, _ = chunk_log_linear_attn(**x, cu_seqlens=cu)
+        monkeypatch.setattr(chunk, "WALK_LOCAL", True)
+        one, _ = chunk_log_linear_attn(**x, cu_seqlens=cu)
+    assert torch.equal(one.isnan(), two.isnan()) and one.isnan().any() == (plant is not None)
+    assert torch.equal(one.nan_to_num(), two.nan_to_num())
 
 
 def test_minus_inf_gates_mask_exactly():

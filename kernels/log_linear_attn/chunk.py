@@ -23,6 +23,9 @@ and adds level_scales[t, c + l] exp(G_t - G_{nC - 1}) scale S_l(n)^T q_t. Two ke
    writes o; then, with p the trailing zeros of n + 1, the states of levels 1 .. p and H_n
    merge into level p + 1 (the reference's step).
 
+Under WALK_LOCAL the walk also forms each chunk's own output (step 1's A V) and step 1's
+kernel is not launched: the forward in one kernel, with no float32 buffer.
+
 The backward is kernels/log_linear_attn/chunk_bwd.py; the forward keeps only its inputs.
 """
 
@@ -56,6 +59,15 @@ BV = 64  # the value tile (utils.MIN_TILE: narrower tiles met Triton 3.6 miscomp
 # against 462 / 912. Off: the forward's time.
 WALK_STATES = False
 
+# Switch, off: the forward in one kernel: the walk also forms each chunk's own output
+# (own_output, as the local kernel would), and the local kernel is not launched. Neither the
+# float32 buffer of the chunks' own outputs ([B, T, H, V]: 1.07 GB at B = 2, T = 32K,
+# H = 16, V = 128) nor the chunks' states' is allocated, so the forward's extra peak is o and
+# the walk's scratch; the products of the chunk's own pairs join the walk's programs (64 at
+# B = 2, H = 16, V = 128) instead of a grid of their own. The same values as the defaults,
+# bit for bit (the same products, summed in the same order). Not yet timed.
+WALK_LOCAL = False
+
 # Switch, on: the same for the backward's dq walk (the local kernel then writes no H_n): the
 # backward's float32 states are its largest buffer (1 GB at 32K, above). With WALK_STATES on
 # for both, fwd+bwd took 1.2% longer at 8K on the H200 (the forward's 9% included).
@@ -80,6 +92,26 @@ WALKS_TOGETHER = True
 WALK_MIXED = "split"
 
 
+@triton.jit
+def own_output(b_q, k, v, ls, b_b, tok0, i_g, i_h, o_c, m_t, o_k, o_v, scale, G: tl.constexpr,
+               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr,
+               BT: tl.constexpr, C_BITS: tl.constexpr, PRECISION: tl.constexpr):
+    """The chunk's own part of o, a [BT, BV] tile in float32 (step 1 of the module docstring):
+    A V, A = scale (Q K^T) o exp(b_i - b_j) o level_scales[i, lvl(i, j)] on the lower
+    triangle, from the chunk's q rows b_q and cumulative log gates b_b. A non-finite v_s
+    reaches rows t >= s only (utils.finite_part: masks select)."""
+    b_k = load_rows(k + (tok0 * G + i_g) * K, o_c, m_t, o_k, K, G)
+    b_vv, b_bad = finite_part(tl.load(v + ((tok0 + o_c) * H + i_h)[:, None] * V + o_v[None, :],
+                                      mask=m_t[:, None] & (o_v < V)[None, :], other=0.), True)
+    b_w = intra_weights(ls, tok0, i_h, o_c, m_t, chunk_levels(o_c, C_BITS), H, L, C_BITS, BT)
+    causal = (o_c[:, None] >= o_c[None, :]) & m_t[None, :]
+    b_decay = tl.exp(tl.where(causal, b_b[:, None] - b_b[None, :], 0.).to(tl.float32))
+    b_A = tl.where(causal, tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION), 0.)
+    b_A = b_A * b_decay * b_w * scale
+    b_o = tl.dot(b_A.to(b_vv.dtype), b_vv, input_precision=PRECISION)
+    return poison_rows(b_o, o_c, first_bad_row(b_bad, o_c, BT), True)
+
+
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
 @triton.jit(do_not_specialize=['T'])
 def chunk_log_linear_attn_fwd_local_kernel(
@@ -88,9 +120,8 @@ def chunk_log_linear_attn_fwd_local_kernel(
     BV: tl.constexpr, BT: tl.constexpr, C_BITS: tl.constexpr, PRECISION: tl.constexpr,
     MIXED: tl.constexpr, STATES_IN_WALK: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    """One value tile, chunk and head: the chunk's own output, and its state unless the walk
-    forms it (step 1 of the module docstring). A non-finite v_s reaches rows t >= s only
-    (utils.finite_part: masks select)."""
+    """One value tile, chunk and head: the chunk's own output (own_output) into o_acc, and its
+    state unless the walk forms it (step 1 of the module docstring)."""
     i_c, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_h = i_bh % H
     i_g = i_h // (H // G)
@@ -102,17 +133,9 @@ def chunk_log_linear_attn_fwd_local_kernel(
     o_v = i_v * BV + tl.arange(0, BV)
     # q and k rows of group i_g: tokens G rows apart (utils.load_rows's row step)
     b_q = load_rows(q + (tok0 * G + i_g) * K, o_c, m_t, o_k, K, G)
-    b_k = load_rows(k + (tok0 * G + i_g) * K, o_c, m_t, o_k, K, G)
-    b_vv, b_bad = finite_part(tl.load(v + ((tok0 + o_c) * H + i_h)[:, None] * V + o_v[None, :],
-                                      mask=m_t[:, None] & (o_v < V)[None, :], other=0.), True)
     b_b = chunk_gates(g, tok0, i_h, o_c, m_t, H)
-    b_w = intra_weights(ls, tok0, i_h, o_c, m_t, chunk_levels(o_c, C_BITS), H, L, C_BITS, BT)
-    causal = (o_c[:, None] >= o_c[None, :]) & m_t[None, :]
-    b_decay = tl.exp(tl.where(causal, b_b[:, None] - b_b[None, :], 0.).to(tl.float32))
-    b_A = tl.where(causal, tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION), 0.)
-    b_A = b_A * b_decay * b_w * scale
-    b_o = tl.dot(b_A.to(b_vv.dtype), b_vv, input_precision=PRECISION)
-    b_o = poison_rows(b_o, o_c, first_bad_row(b_bad, o_c, BT), True)
+    b_o = own_output(b_q, k, v, ls, b_b, tok0, i_g, i_h, o_c, m_t, o_k, o_v, scale, G, H, K, V,
+                     L, BT, C_BITS, PRECISION)
     tl.store(o_acc + ((tok0 + o_c) * H + i_h)[:, None] * V + o_v[None, :], b_o,
              mask=m_t[:, None] & (o_v < V)[None, :])
     if not STATES_IN_WALK:  # H_n (b_last: the last real token's)
@@ -131,11 +154,12 @@ def chunk_log_linear_attn_fwd_levels_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, L: tl.constexpr, BK: tl.constexpr,
     BV: tl.constexpr, BT: tl.constexpr, C_BITS: tl.constexpr, NL: tl.constexpr,
     BL: tl.constexpr, PRECISION: tl.constexpr, MIXED: tl.constexpr,
-    STATES_IN_WALK: tl.constexpr, IS_VARLEN: tl.constexpr,
+    STATES_IN_WALK: tl.constexpr, LOCAL_IN_WALK: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """One value tile, sequence and head: the chunks in order, the level states in the scratch
     sc [programs, NL, BK, BV] (step 2 of the module docstring); each chunk's own state read
-    from hc, or formed here (STATES_IN_WALK)."""
+    from hc, or formed here (STATES_IN_WALK); its own output read from o_acc, or formed here
+    (LOCAL_IN_WALK)."""
     i_nh, i_v = tl.program_id(0), tl.program_id(1)
     i_h = i_nh % H
     i_g = i_h // (H // G)
@@ -151,7 +175,11 @@ def chunk_log_linear_attn_fwd_levels_kernel(
         b_q = load_rows(q + (tok0 * G + i_g) * K, o_c, m_t, o_k, K, G)
         b_b = chunk_gates(g, tok0, i_h, o_c, m_t, H)
         b_e = tl.exp(b_b.to(tl.float32)) * scale  # exp(G_t - G_{nC - 1}) scale
-        b_o = tl.load(o_acc + p_o, mask=m_o, other=0.)
+        if LOCAL_IN_WALK:
+            b_o = own_output(b_q, k, v, ls, b_b, tok0, i_g, i_h, o_c, m_t, o_k, o_v, scale, G,
+                             H, K, V, L, BT, C_BITS, PRECISION)
+        else:
+            b_o = tl.load(o_acc + p_o, mask=m_o, other=0.)
         for l in range(1, NL + 1):  # the levels c + l whose bit l - 1 is set in n
             if ((n >> (l - 1)) & 1) == 1:
                 b_S = level_state(p_sc, l, b_dec, o_l, o_s, BK, BV)
@@ -175,8 +203,11 @@ def _levels_above(B: int, T: int, cu_seqlens: torch.Tensor | None) -> int:
     return max(1, levels_needed(triton.cdiv(longest, BT)) - 1)
 
 
-def _forward(q, k, v, g, level_scales, scale, cu_seqlens, NL, states_in_walk, mixed):
-    """o of the module docstring's two kernels (contiguous inputs, checked)."""
+def _forward(q, k, v, g, level_scales, scale, cu_seqlens, NL, states_in_walk, local_in_walk,
+             mixed):
+    """o of the module docstring's two kernels, or of the walk alone under local_in_walk
+    (contiguous inputs, checked)."""
+    states_in_walk = states_in_walk or local_in_walk
     B, T, G, K = q.shape
     H, V, L = v.shape[2], v.shape[3], level_scales.shape[-1]
     N, NT, chunk_indices, chunk_offsets = chunk_layout(B, T, cu_seqlens, BT)
@@ -184,7 +215,7 @@ def _forward(q, k, v, g, level_scales, scale, cu_seqlens, NL, states_in_walk, mi
     BK = max(MIN_TILE, triton.next_power_of_2(K))
     NV = triton.cdiv(V, BV)
     f32 = {"dtype": torch.float32, "device": q.device}
-    o_acc = torch.empty(B, T, H, V, **f32)
+    o_acc = torch.empty(0 if local_in_walk else B, T, H, V, **f32)
     hc = torch.empty(0 if states_in_walk else chunks, H, K, V, **f32)
     o = torch.empty_like(v)
     meta = dict(G=G, H=H, K=K, V=V, L=L, BK=BK, BV=BV, BT=BT, C_BITS=BT.bit_length() - 1,
@@ -192,13 +223,15 @@ def _forward(q, k, v, g, level_scales, scale, cu_seqlens, NL, states_in_walk, mi
                 num_warps=4)
     if NT:
         # grid axes 1 and 2 take at most 65535: chunks and sequences x heads go on axis 0
-        chunk_log_linear_attn_fwd_local_kernel[(NT, NV, B * H)](
-            q, k, v, g, level_scales, o_acc, hc, cu_seqlens, chunk_indices, float(scale), T,
-            **meta)
+        if not local_in_walk:
+            chunk_log_linear_attn_fwd_local_kernel[(NT, NV, B * H)](
+                q, k, v, g, level_scales, o_acc, hc, cu_seqlens, chunk_indices, float(scale),
+                T, **meta)
         sc = torch.empty(N * H * NV, NL, BK, BV, **f32)
         chunk_log_linear_attn_fwd_levels_kernel[(N * H, NV)](
             q, k, v, g, level_scales, o_acc, o, hc, sc, cu_seqlens, chunk_offsets,
-            float(scale), T, NL=NL, BL=triton.next_power_of_2(NL), **meta)
+            float(scale), T, NL=NL, BL=triton.next_power_of_2(NL), LOCAL_IN_WALK=local_in_walk,
+            **meta)
     return o
 
 
@@ -208,7 +241,8 @@ class ChunkLogLinearAttnFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, level_scales, scale, cu_seqlens, NL):
-        o = _forward(q, k, v, g, level_scales, scale, cu_seqlens, NL, WALK_STATES, WALK_MIXED)
+        o = _forward(q, k, v, g, level_scales, scale, cu_seqlens, NL, WALK_STATES, WALK_LOCAL,
+                     WALK_MIXED)
         ctx.save_for_backward(q, k, v, g, level_scales, cu_seqlens)
         ctx.scale, ctx.NL = scale, NL
         ctx.switches = (BWD_WALK_STATES, WALKS_TOGETHER, WALK_MIXED)  # as the call ran
