@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from kernels.common.utils import (MIN_TILE, chunk_index, chunk_rows, dot_mixed, dot_precision,
-                                  walk_bounds)
+                                  load_rows_as, walk_bounds)
 
 __all__ = ["dot_state", "head_tile", "head_tiles", "load_square", "mini_batch_meta",
            "mini_batch_program", "reload_rows", "reload_square", "start_square", "walk_program"]
@@ -75,7 +75,14 @@ def mini_batch_program(w, b, cu_seqlens, chunk_indices, T, H: tl.constexpr, D: t
 @triton.jit
 def load_square(p, i, o_s, m_s, D: tl.constexpr):
     """State i of a [.., D, D] tensor, in float32 (0 past D)."""
-    return tl.load(p + i.to(tl.int64) * D * D + o_s, mask=m_s, other=0.).to(tl.float32)
+    return load_square_as(p, i, o_s, m_s, D, "")
+
+
+@triton.jit
+def load_square_as(p, i, o_s, m_s, D: tl.constexpr, EVICT: tl.constexpr):
+    """load_square with tl.load's eviction_policy EVICT (as utils.load_rows_as)."""
+    return tl.load(p + i.to(tl.int64) * D * D + o_s, mask=m_s, other=0.,
+                   eviction_policy=EVICT).to(tl.float32)
 
 
 # The compiler keeps one shared-memory copy of a product's operand per loaded value (two under
@@ -92,8 +99,7 @@ def reload_square(b_S, b_rows, p, i, o_s, m_s, D: tl.constexpr, LIMIT: tl.conste
     that the compiler does not merge the two loads), else b_S itself."""
     b_x = b_S
     if b_rows.shape[0] * b_rows.shape[1] > LIMIT:
-        b_x = tl.load(p + i.to(tl.int64) * D * D + o_s, mask=m_s, other=0.,
-                      eviction_policy="evict_last").to(tl.float32)
+        b_x = load_square_as(p, i, o_s, m_s, D, "evict_last")
     return b_x
 
 
@@ -105,9 +111,7 @@ def reload_rows(b_x, x, o_c, m_t, o_d, scale, D: tl.constexpr, H: tl.constexpr,
     reload_square), else b_x itself."""
     b_y = b_x
     if b_x.shape[0] * b_x.shape[1] > LIMIT:
-        b_y = tl.load(x + o_c[:, None] * (H * D) + o_d[None, :],
-                      mask=m_t[:, None] & (o_d < D)[None, :], other=0.,
-                      eviction_policy="evict_last").to(tl.float32) * scale
+        b_y = load_rows_as(x, o_c, m_t, o_d, D, H, "evict_last").to(tl.float32) * scale
     return b_y
 
 
