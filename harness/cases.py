@@ -210,11 +210,18 @@ TILING_HEADS = {
     "cuda": ((16, 32, 64, 128, 256), ((48, 32), (100, 32), (48, 100))),
 }
 TILING_T = {"cpu": 70, "cuda": 200}  # a full chunk of 64 and a tail (three tails on a GPU)
+# The mini-batch is a tile too (TTT's and Titans' C x D tiles): on a GPU the family also takes
+# each of these chunk sizes the operator offers at every power-of-two head size (T = 200: three
+# full 64-token mini-batches and a tail of 8). The interpreter checks the same indexing at 16.
+TILING_CHUNKS = {"cpu": (), "cuda": (32, 64)}
 
 
 def tiling_cases(op_name: str, profile: str = "cpu") -> list[Case]:
     """The tiling family: (K, V) over every pair of TILING_HEADS, or D over each head size for
-    the operators with one head dim; B = 1, H = 2."""
+    the operators with one head dim, each at the operator's first options, then D over the
+    powers of two at each larger chunk_size of TILING_CHUNKS; B = 1, H = 2."""
+    from dataclasses import replace
+
     op = OPERATORS[op_name]
     powers, others = TILING_HEADS[profile]
     if "D" in op.dims:
@@ -222,8 +229,14 @@ def tiling_cases(op_name: str, profile: str = "cpu") -> list[Case]:
     else:
         pairs = [(k, v) for k in powers for v in powers] + list(others)
     T = TILING_T[profile]
-    return [_fixed(op_name, case_dims(op_name, 1, T, 2, K, V, G=1), 2000 + i)
-            for i, (K, V) in enumerate(dict.fromkeys(pairs))]
+    cases = [_fixed(op_name, case_dims(op_name, 1, T, 2, K, V, G=1), 2000 + i)
+             for i, (K, V) in enumerate(dict.fromkeys(pairs))]
+    sizes = [c for c in TILING_CHUNKS[profile] if c in op.options.get("chunk_size", ())]
+    for c in sizes:
+        for d in powers:
+            case = _fixed(op_name, case_dims(op_name, 1, T, 2, d, d, G=1), 2000 + len(cases))
+            cases.append(replace(case, options=dict(case.options, chunk_size=c)))
+    return cases
 
 
 # The causality family: a non-finite value planted at one token of one input must reach no
