@@ -198,11 +198,44 @@ def test_walk_local_gives_the_two_kernels_values(monkeypatch, B, T, G, H, K, V, 
         x[plant[0]][0, plant[1]] = float("nan")
     cu = None if cu is None else torch.tensor(cu)
     with torch.no_grad():
+        monkeypatch.setattr(chunk, "WALK_LOCAL", False)
         two, _ = chunk_log_linear_attn(**x, cu_seqlens=cu)
         monkeypatch.setattr(chunk, "WALK_LOCAL", True)
         one, _ = chunk_log_linear_attn(**x, cu_seqlens=cu)
     assert torch.equal(one.isnan(), two.isnan()) and one.isnan().any() == (plant is not None)
     assert torch.equal(one.nan_to_num(), two.nan_to_num())
+
+
+@pytest.mark.parametrize("setting,grad,no_grad_mode,launched", [
+    (None, False, False, False),  # the default, inference: one kernel
+    (None, True, True, False),  # inputs that require grad, under torch.no_grad: inference
+    (None, True, False, True),  # the default, training: two kernels
+    (True, True, False, False),
+    (False, False, False, True),
+])
+def test_walk_local_by_default_without_gradients(monkeypatch, setting, grad, no_grad_mode,
+                                                 launched):
+    """chunk.WALK_LOCAL None (the default): the forward runs as the walk alone when no input
+    needs a gradient (no float32 buffers), as two kernels when one does (faster; the buffers
+    are freed before the backward); True and False force either. Counted by the local kernel's
+    launches."""
+    launches = []
+
+    class Counted:  # the local kernel, counting its launches
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            launches.append(grid)
+            return self.kernel[grid]
+
+    monkeypatch.setattr(chunk, "WALK_LOCAL", setting)
+    monkeypatch.setattr(chunk, "chunk_log_linear_attn_fwd_local_kernel",
+                        Counted(chunk.chunk_log_linear_attn_fwd_local_kernel))
+    x = {n: t.requires_grad_(grad) for n, t in inputs(1, 70, 1, 2, 16, 16).items()}
+    with torch.set_grad_enabled(not no_grad_mode):
+        o, _ = chunk_log_linear_attn(**x)
+    assert bool(launches) == launched and o.requires_grad == (grad and not no_grad_mode)
 
 
 def test_minus_inf_gates_mask_exactly():

@@ -40,15 +40,19 @@ def _ours_supports(case) -> str | None:
 # chunk's switches (kernels/log_linear_attn/chunk.py; their timings there): the forward's walk
 # forming each chunk's own state instead of reading a float32 buffer of every chunk's
 # (WALK_STATES: less memory, a product a chunk more); the forward in one kernel, the walk
-# forming each chunk's own output too (WALK_LOCAL: no float32 buffer); the backward's dq walk
+# forming each chunk's own output too, also when a gradient is needed (WALK_LOCAL True; by
+# default only without one: no float32 buffer), or in two kernels also without one
+# (WALK_LOCAL False: faster, the float32 buffers); the backward's dq walk
 # reading that buffer instead (BWD_WALK_STATES off); the backward's two walks one after the
 # other (WALKS_TOGETHER off).
 # Registered switches are compiled by the compile tests and compared by
 # tools/switch_compare.py.
 _STATES_IN_WALK = {"what": "forward's chunk states formed in its walk",
                    "set": {"kernels.log_linear_attn.chunk.WALK_STATES": True}}
-_LOCAL_IN_WALK = {"what": "forward in one kernel, chunks' own outputs in its walk",
+_LOCAL_IN_WALK = {"what": "forward in one kernel with gradients too",
                   "set": {"kernels.log_linear_attn.chunk.WALK_LOCAL": True}}
+_LOCAL_APART = {"what": "forward in two kernels without gradients too",
+                "set": {"kernels.log_linear_attn.chunk.WALK_LOCAL": False}}
 _BWD_STATES_BUFFER = {"what": "backward's chunk states from a float32 buffer",
                       "set": {"kernels.log_linear_attn.chunk.BWD_WALK_STATES": False}}
 _WALKS_APART = {"what": "backward's walks in two launches",
@@ -61,7 +65,8 @@ IMPLEMENTATIONS = [
         target="kernels.log_linear_attn:chunk_log_linear_attn", dtypes=KERNEL_DTYPES,
         description="chunk's own pairs in parallel, Fenwick level states walked forward and "
         "in reverse (Triton)", available=triton_available, supports=_ours_supports,
-        switches=(_STATES_IN_WALK, _LOCAL_IN_WALK, _BWD_STATES_BUFFER, _WALKS_APART)),
+        switches=(_STATES_IN_WALK, _LOCAL_IN_WALK, _LOCAL_APART, _BWD_STATES_BUFFER,
+                  _WALKS_APART)),
     fla("log_linear_attn", "fla_chunk", "fla.ops.log_linear_attn:chunk_log_linear_attn",
         KERNEL_DTYPES, supports=_fla_supports),
     sdpa("log_linear_attn"),

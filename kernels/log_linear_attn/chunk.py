@@ -23,8 +23,9 @@ and adds level_scales[t, c + l] exp(G_t - G_{nC - 1}) scale S_l(n)^T q_t. Two ke
    writes o; then, with p the trailing zeros of n + 1, the states of levels 1 .. p and H_n
    merge into level p + 1 (the reference's step).
 
-Under WALK_LOCAL the walk also forms each chunk's own output (step 1's A V) and step 1's
-kernel is not launched: the forward in one kernel, with no float32 buffer.
+Under WALK_LOCAL (by default when no input needs a gradient) the walk also forms each chunk's
+own output (step 1's A V) and step 1's kernel is not launched: the forward in one kernel,
+with no float32 buffer.
 
 The backward is kernels/log_linear_attn/chunk_bwd.py; the forward keeps only its inputs.
 """
@@ -59,14 +60,21 @@ BV = 64  # the value tile (utils.MIN_TILE: narrower tiles met Triton 3.6 miscomp
 # against 462 / 912. Off: the forward's time.
 WALK_STATES = False
 
-# Switch, off: the forward in one kernel: the walk also forms each chunk's own output
+# Switch: the forward in one kernel: the walk also forms each chunk's own output
 # (own_output, as the local kernel would), and the local kernel is not launched. Neither the
 # float32 buffer of the chunks' own outputs ([B, T, H, V]: 1.07 GB at B = 2, T = 32K,
 # H = 16, V = 128) nor the chunks' states' is allocated, so the forward's extra peak is o and
 # the walk's scratch; the products of the chunk's own pairs join the walk's programs (64 at
-# B = 2, H = 16, V = 128) instead of a grid of their own. The same values as the defaults,
-# bit for bit (the same products, summed in the same order). Not yet timed.
-WALK_LOCAL = False
+# B = 2, H = 16, V = 128) instead of a grid of their own. The same values, bit for bit (the
+# same products, summed in the same order). H100, bf16, B = 2, G = 1, H = 16, K = V = 128,
+# 2K / 8K / 16K / 32K (reports/log_linear_attn.md): the forward's extra peak 26 / 78 / 144 /
+# 274 MB against 122 / 462 / 912 / 1810 (fla 48 / 193 / 386 / 772), its time 0.419 / 1.849 /
+# 3.787 / 8.187 ms against 0.345 / 1.555 / 3.340 / 7.329 (+12-21%); fwd+bwd +5%, its peak
+# the backward's either way. None (the default): the one kernel when no input needs a
+# gradient (torch.no_grad, or none with requires_grad: inference), the two kernels when one
+# does (their buffers are freed before the backward, which sets the peak); True or False:
+# always or never.
+WALK_LOCAL = None
 
 # Switch, on: the same for the backward's dq walk (the local kernel then writes no H_n): the
 # backward's float32 states are its largest buffer (1 GB at 32K, above). With WALK_STATES on
@@ -240,9 +248,9 @@ class ChunkLogLinearAttnFunction(torch.autograd.Function):
     kernels/log_linear_attn/chunk_bwd.py (which rebuilds the chunks' states)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, level_scales, scale, cu_seqlens, NL):
-        o = _forward(q, k, v, g, level_scales, scale, cu_seqlens, NL, WALK_STATES, WALK_LOCAL,
-                     WALK_MIXED)
+    def forward(ctx, q, k, v, g, level_scales, scale, cu_seqlens, NL, local_in_walk):
+        o = _forward(q, k, v, g, level_scales, scale, cu_seqlens, NL, WALK_STATES,
+                     local_in_walk, WALK_MIXED)
         ctx.save_for_backward(q, k, v, g, level_scales, cu_seqlens)
         ctx.scale, ctx.NL = scale, NL
         ctx.switches = (BWD_WALK_STATES, WALKS_TOGETHER, WALK_MIXED)  # as the call ran
@@ -253,7 +261,7 @@ class ChunkLogLinearAttnFunction(torch.autograd.Function):
         q, k, v, g, level_scales, cu_seqlens = ctx.saved_tensors
         grads = chunk_backward(q, k, v, g, level_scales, do, ctx.scale, cu_seqlens, BT, BV,
                                ctx.NL, *ctx.switches)
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)
 
 
 def chunk_log_linear_attn(
@@ -281,5 +289,10 @@ def chunk_log_linear_attn(
     scale = LOG_LINEAR.resolve_scale(scale, dims)
     q, k, v, g, level_scales = (x.contiguous() for x in (q, k, v, g, level_scales))
     NL = _levels_above(dims["B"], dims["T"], cu_seqlens)
-    o = ChunkLogLinearAttnFunction.apply(q, k, v, g, level_scales, scale, cu_seqlens, NL)
+    local_in_walk = WALK_LOCAL
+    if local_in_walk is None:  # one kernel for inference, two (faster) when training
+        local_in_walk = not (torch.is_grad_enabled()
+                             and any(x.requires_grad for x in (q, k, v, g, level_scales)))
+    o = ChunkLogLinearAttnFunction.apply(q, k, v, g, level_scales, scale, cu_seqlens, NL,
+                                         local_in_walk)
     return o, None
