@@ -155,7 +155,7 @@ TITANS = Operator(
     chunk_reference="references.titans:chunk_titans_linear_ref",
     dims=("B", "T", "H", "D"),
     gated=True,
-    options={"chunk_size": (16, 4, 8)},
+    options={"chunk_size": (16, 4, 8, 32, 64)},
     kwargs=("chunk_size",),
     extra_check=lambda dims, args: _check_minibatch("titans", args),
 )

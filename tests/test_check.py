@@ -212,18 +212,19 @@ def test_random_family_records_every_case():
     assert max(r["error"] for r in res.rows) < 1e-12
 
 
-def test_tiling_family_on_a_gpu_takes_the_larger_mini_batches():
-    """The mini-batch is a tile of TTT's kernels: on a GPU the tiling family holds every
-    power-of-two D at chunk sizes 16, 32 and 64 (T = 200: a tail at each), and the other head
-    sizes at the first; operators without a chunk_size keep their (K, V) classes alone."""
+@pytest.mark.parametrize("op", ["ttt", "titans"])
+def test_tiling_family_on_a_gpu_takes_the_larger_mini_batches(op):
+    """The mini-batch is a tile of TTT's and Titans' kernels: on a GPU the tiling family holds
+    every power-of-two D at chunk sizes 16, 32 and 64 (T = 200: a tail at each), and the other
+    head sizes at the first; operators without a chunk_size keep their (K, V) classes alone."""
     from harness.cases import TILING_HEADS, tiling_cases
 
     powers, others = TILING_HEADS["cuda"]
-    got = [(c.dims["D"], c.options["chunk_size"], c.dims["T"]) for c in tiling_cases("ttt", "cuda")]
+    got = [(c.dims["D"], c.options["chunk_size"], c.dims["T"]) for c in tiling_cases(op, "cuda")]
     heads = dict.fromkeys([*powers, *(k for k, _ in others)])  # 48 once
     want = [(d, 16, 200) for d in heads] + [(d, c, 200) for c in (32, 64) for d in powers]
     assert got == want
-    assert all(c.options["chunk_size"] == 16 for c in tiling_cases("ttt", "cpu"))
+    assert all(c.options["chunk_size"] == 16 for c in tiling_cases(op, "cpu"))
     assert len(tiling_cases("delta_rule", "cuda")) == len(powers) ** 2 + len(others)
 
 
