@@ -53,6 +53,9 @@ class Implementation:
     dtypes: tuple[str, ...] = tuple(DTYPES)
     description: str = ""
     backward: bool = True  # gradients are checked too
+    # Its forward takes another path when no input needs a gradient (inference): the check runs
+    # that forward too, and each output's error is the worse of the two forwards'.
+    inference_path: bool = False
     available: Callable[[], str | None] | None = None
     supports: Callable[[Any], str | None] | None = None
     # Module switches whose other values take other kernel paths (constexprs the host picks):

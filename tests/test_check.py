@@ -104,6 +104,30 @@ def test_final_state_returned_when_not_asked_fails():
         "final state returned with output_final_state=False"]
 
 
+def wrong_without_gradients(q, k, v, beta, **kw):
+    """The delta rule, its output off by 1% when no input needs a gradient (a second forward
+    path, as a kernel that picks one for inference has)."""
+    from references.delta_rule import naive_recurrent_delta_rule
+
+    o, s = naive_recurrent_delta_rule(q, k, v, beta, **kw)
+    return (o if torch.is_grad_enabled() and q.requires_grad else o * 1.01), s
+
+
+@pytest.mark.parametrize("declared", [True, False])
+def test_the_forward_without_gradients_is_checked_when_declared(declared):
+    impl = Implementation(op="delta_rule", name="two_paths", kind="reference",
+                          target=wrong_without_gradients, inference_path=declared)
+    case = Case(op="delta_rule", dims=dict(B=1, T=5, H=1, K=4, V=4), seed=3)
+    rows = {r["quantity"]: r for r in evaluate(case, [impl], ["float32"], "cpu")}
+    o = rows["o"]
+    # The 1% error is 1e-2 relative, float32's tolerance here about 1e-5: caught, and the
+    # note says which forward; undeclared, the forward with gradients alone is compared.
+    assert o["passed"] is not declared, o
+    assert ("without gradients" in o["note"]) is declared
+    assert (o["error"] > 9e-3) is declared
+    assert all(r["passed"] for q, r in rows.items() if q != "o")
+
+
 def test_exception_becomes_a_failed_row():
     def boom(**kw):
         raise RuntimeError("kernel exploded")
@@ -153,10 +177,10 @@ def test_references_on_another_device_give_the_same_rows(monkeypatch, planted):
         drawn.setdefault(str(device), set()).add(args["q"].untyped_storage().data_ptr())
         return args
 
-    def spy_run(fn, args, case_, dtype, douts, backward=True, poison=False):
+    def spy_run(fn, args, case_, dtype, douts, **kw):
         if args["q"].dtype == torch.float64:  # the float64 pass; poison: an implementation
-            fed.append((poison, args["q"].untyped_storage().data_ptr()))
-        return real_run(fn, args, case_, dtype, douts, backward=backward, poison=poison)
+            fed.append((kw.get("poison", False), args["q"].untyped_storage().data_ptr()))
+        return real_run(fn, args, case_, dtype, douts, **kw)
 
     monkeypatch.setattr(check, "sample", spy_sample)
     monkeypatch.setattr(check, "run", spy_run)

@@ -97,6 +97,8 @@ class Run:
     outputs: dict[str, torch.Tensor | None] = field(default_factory=dict)
     grads: dict[str, torch.Tensor | None] = field(default_factory=dict)
     error: str | None = None
+    # The outputs of the same call without any input needing a gradient (``run(inference=True)``)
+    inference: dict[str, torch.Tensor | None] = field(default_factory=dict)
 
 
 # Messages of errors that leave the CUDA context unusable: every later call in the process fails
@@ -129,8 +131,10 @@ class DeviceFault(BaseException):
 
 def run(fn: Callable[..., Any], args: dict[str, Any], case: Case, dtype: torch.dtype,
         douts: dict[str, torch.Tensor] | None, backward: bool = True,
-        poison: bool = False) -> Run:
-    """Call ``fn`` on the case's arguments in ``dtype``; backpropagate ``douts`` if given."""
+        poison: bool = False, inference: bool = False) -> Run:
+    """Call ``fn`` on the case's arguments in ``dtype``; backpropagate ``douts`` if given;
+    with ``inference``, call it again under ``torch.no_grad`` on inputs that need no gradient
+    (``Run.inference``)."""
     op = case.operator
     result = Run()
     want_grad = backward and douts is not None
@@ -152,6 +156,10 @@ def run(fn: Callable[..., Any], args: dict[str, Any], case: Case, dtype: torch.d
                     x = call_args.get(inp.name)
                     if x is not None and inp.differentiable:
                         result.grads[inp.name] = x.grad
+        if inference and want_grad:  # without gradients the call above was the inference one
+            with poison_allocations(poison), torch.no_grad():
+                out = fn(**cast_args(args, case, dtype, False))
+            result.inference = dict(zip(op.outputs, out))
     except Exception as exc:
         lines = traceback.format_exception_only(type(exc), exc)
         if is_device_fault(exc):
@@ -259,7 +267,7 @@ def run_impl(case: Case, impl: Implementation, dname: str, t: Truth, device: str
         with impl.switched():
             return run(impl.load(), sample(case, device), case, DTYPES[dname],
                        {n: d.to(device) for n, d in t.douts.items()}, backward=impl.backward,
-                       poison=True)
+                       poison=True, inference=impl.inference_path)
     except DeviceFault as fault:
         fault.impl, fault.dtype = impl.name, dname
         raise
@@ -275,6 +283,10 @@ def impl_rows(case: Case, impl: Implementation, dname: str, t: Truth, family: st
         ref_err = t.ref_errors.get(name, 0.0)
         err, tol = errors[name], tolerance(dname, ref_err)
         note = res.error or ""
+        if name in res.inference:  # an output: the worse of the forwards with and without grad
+            err_inf = rel_error(res.inference[name], t.truth.outputs[name])
+            if not err_inf <= err:
+                err, note = err_inf, note or "the worse of the two forwards: the one without gradients"
         if not res.error and name in op.outputs and res.outputs.get(name) is None:
             note = f"{name} missing (returned None)"
         rows.append({**base, "quantity": name, "error": err, "ref_error": ref_err,

@@ -45,6 +45,8 @@ def _ours_supports(case) -> str | None:
 # (WALK_LOCAL False: faster, the float32 buffers); the backward's dq walk
 # reading that buffer instead (BWD_WALK_STATES off); the backward's two walks one after the
 # other (WALKS_TOGETHER off).
+# Its forward without gradients is another kernel path (WALK_LOCAL's default): inference_path
+# has the check run it too.
 # Registered switches are compiled by the compile tests and compared by
 # tools/switch_compare.py.
 _STATES_IN_WALK = {"what": "forward's chunk states formed in its walk",
@@ -65,7 +67,7 @@ IMPLEMENTATIONS = [
         target="kernels.log_linear_attn:chunk_log_linear_attn", dtypes=KERNEL_DTYPES,
         description="chunk's own pairs in parallel, Fenwick level states walked forward and "
         "in reverse (Triton)", available=triton_available, supports=_ours_supports,
-        switches=(_STATES_IN_WALK, _LOCAL_IN_WALK, _LOCAL_APART, _BWD_STATES_BUFFER,
+        inference_path=True, switches=(_STATES_IN_WALK, _LOCAL_IN_WALK, _LOCAL_APART, _BWD_STATES_BUFFER,
                   _WALKS_APART)),
     fla("log_linear_attn", "fla_chunk", "fla.ops.log_linear_attn:chunk_log_linear_attn",
         KERNEL_DTYPES, supports=_fla_supports),
