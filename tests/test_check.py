@@ -302,6 +302,34 @@ def test_check_writes_each_case_as_it_ends(tmp_path, monkeypatch):
     assert set(pd.read_csv(tmp_path / "gla.csv")["T"]) == {64}  # the table: what finished
 
 
+def test_a_case_every_implementation_declines_computes_no_truth(tmp_path, monkeypatch):
+    """TTT's kernels take chunk sizes 16, 32 and 64: a case with 4-token mini-batches is
+    declined by both, so its float64 truth (70 s on a GPU host at T = 717) is not computed and
+    its rows say why; the references, checked too, still need it."""
+    import harness.check.unit as unit_mod
+
+    calls = []
+    real = unit_mod.truths
+    monkeypatch.setattr(unit_mod, "truths", lambda case, *a: calls.append(case) or real(case, *a))
+    case = Case(op="ttt", dims=dict(B=1, T=20, H=1, D=8), options={"chunk_size": 4}, seed=1)
+    argv = ["check", "ttt", "--impl", "chunk,fused_chunk", "--dtype", "float32", "--device",
+            "cpu", "--case", case.to_json(), "--no-isolate", "--out", str(tmp_path)]
+    result = runner.invoke(app, argv)
+    assert result.exit_code != 0 and "nothing compared" in result.output, result.output
+    assert calls == []
+    rows = pd.read_csv(tmp_path / "ttt.csv")
+    assert set(rows["status"]) == {"skipped"} and len(rows) == 2
+    assert rows["note"].str.contains("chunk_size must be one of").all()
+    calls.clear()
+    runner.invoke(app, argv[:3] + ["chunk,naive"] + argv[4:])
+    rows = pd.read_csv(tmp_path / "ttt.csv")
+    assert len(calls) == 1 and rows[rows["impl"] == "naive"]["passed"].all()
+    import harness.check.engine as engine  # the gate's path: evaluate
+    monkeypatch.setattr(engine, "truths", lambda *a: pytest.fail("a truth for nothing"))
+    rows = evaluate(case, [get("ttt", "chunk")], ["float32"], "cpu")
+    assert [r["status"] for r in rows] == ["skipped"]
+
+
 SEEN: list[int] = []
 
 
