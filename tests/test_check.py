@@ -330,6 +330,24 @@ def test_a_case_every_implementation_declines_computes_no_truth(tmp_path, monkey
     assert [r["status"] for r in rows] == ["skipped"]
 
 
+def test_a_declined_case_is_followed_by_its_reduced_form():
+    """Our TTT kernels decline 4-token mini-batches: each such case is followed at once by
+    the case with the option at its first value, for them alone, up to a quarter of the family's cases."""
+    from harness.check.families import with_coverage
+
+    cases = [Case(op="ttt", dims=dict(B=1, T=20 + i, H=1, D=8),
+                  options={"chunk_size": 4 if i % 2 else 16}, seed=i) for i in range(8)]
+    chunk, naive = get("ttt", "chunk"), get("ttt", "naive")
+    plan = with_coverage(cases, [chunk, naive])
+    assert [c for c, impls in plan if len(impls) == 2] == cases
+    added = [(i, c) for i, (c, impls) in enumerate(plan) if impls == [chunk]]
+    assert len(added) == 2  # a quarter of 8
+    for i, c in added:
+        before = plan[i - 1][0]
+        assert before.options == {"chunk_size": 4} and c.options == {"chunk_size": 16}
+        assert c.dims == before.dims and c.seed == before.seed
+
+
 SEEN: list[int] = []
 
 

@@ -7,8 +7,9 @@
 * ``long``, ``tiling``, ``causality``: fixed cases (``harness.cases``), no shrinking.
 
 Coverage: an implementation that declines a case (no states, no varlen, an option it lacks)
-gets the case without those features instead (``harness.cases.reduced``), so that it is
-checked by every family it can run; at most a quarter of the family's cases are added so.
+gets the case without those features instead (``harness.cases.reduced``), right after it, so
+that it is checked by every family it can run; at most a quarter of the family's cases are
+added so.
 """
 
 from __future__ import annotations
@@ -48,9 +49,10 @@ def draw(op: str, examples: int, seed: int, profile: str) -> list[Case]:
 
 def with_coverage(cases: list[Case], impls: list[Implementation]) -> Plan:
     """Every case for every implementation, and for each implementation that declines cases,
-    the reduced forms of as many of them as a quarter of the family (at least one)."""
-    plan: Plan = [(c, list(impls)) for c in cases]
+    the reduced forms of as many of them as a quarter of the family (at least one), each right
+    after the case it reduces (so that a run its time limit ends early has them too)."""
     extra: dict[str, tuple[Case, list[Implementation]]] = {}
+    after: dict[str, list[str]] = {}  # a case's json -> the reduced forms' that follow it
     budget = max(1, len(cases) // 4)
     for impl in impls:
         if impl.supports is None:
@@ -65,10 +67,15 @@ def with_coverage(cases: list[Case], impls: list[Implementation]) -> Plan:
             key = smaller.to_json()
             if key not in extra:
                 extra[key] = (smaller, [])
+                after.setdefault(c.to_json(), []).append(key)
             if impl not in extra[key][1]:
                 extra[key][1].append(impl)
                 added += 1
-    return plan + list(extra.values())
+    plan: Plan = []
+    for c in cases:
+        plan.append((c, list(impls)))
+        plan += [extra[key] for key in after.get(c.to_json(), [])]
+    return plan
 
 
 def run_family(family: str, op: str, impls: list[Implementation], setup: Setup, profile: str,
