@@ -122,19 +122,12 @@ def test_bad_arguments_raise_before_any_launch():
         chunk_titans_linear(*(x[n] for n in NAMES), chunk_size=64)
 
 
-def test_split_backward_declines_wide_mini_batches(monkeypatch):
-    monkeypatch.setattr(chunk, "SPLIT_BACKWARD", True)
-    x, _, _ = inputs(1, 16, 1, 100)
-    with pytest.raises(ValueError, match="chunk_size=32 takes D <= 64 under SPLIT_BACKWARD"):
-        chunk_titans_linear(*(x[n] for n in NAMES), chunk_size=32)
-
-
 @pytest.mark.parametrize("D,chunk_size", [(100, 32), (32, 64)])
-def test_widest_tiles(D, chunk_size):
+def test_widest_tiles(backward, D, chunk_size):
     """Mini-batches whose [C, D] tiles hold more than fused_bwd.RELOAD_TILE values (32 x 128 and
     64 x 64: the one-walk backward loads M0, S0, Q~ and K again for its last products), T = 70
-    with a partial last mini-batch: o, both final states and every gradient within float32's
-    1e-5 (measured 1.5e-7 to 4.0e-7)."""
+    with a partial last mini-batch, both backwards: o, both final states and every gradient
+    within float32's 1e-5 (measured 1.5e-7 to 4.0e-7)."""
     x, st, cu = inputs(1, 70, 1, D)
     check(*both(x, st, cu, chunk_size), 1e-5)
     got = grads(chunk_titans_linear, x, st, cu, chunk_size, torch.float32)

@@ -55,14 +55,14 @@ __all__ = ["chunk_titans_linear"]
 
 MAX_D = 128  # M and S [D, D] float32 on chip in the walk
 CHUNK_SIZES = (16, 32, 64)  # tl.dot needs 16 rows at least
-# A mini-batch's [C, D] tiles (D padded to a power of two) at most 64 * 64 = 4096 values, and at
-# D > 64 mini-batches of at most SPLIT_CHUNK tokens under SPLIT_BACKWARD. With
+# A mini-batch's [C, D] tiles (D padded to a power of two) at most 64 * 64 = 4096 values. With
 # 32-token mini-batches at D = 128 ptxas put the one-walk backward at 262,144 bytes of shared
 # memory before it loaded M0, S0, Q~ and K again for its last products (fused_bwd.RELOAD_TILE),
 # 196,608 after (bfloat16, 1 stage; sm_90 allows 232,448; python tools/kernel_registers.py
-# titans --impl chunk --case cs32-d128). The split backward's kernels were not compiled there.
+# titans --impl chunk --case cs32-d128); the split backward's kernels 73,728 to 229,376 (its
+# last kernel, float32 products). 64-token ones at D = 128 fit in neither: the one walk 327,680
+# (bfloat16), the split backward's first kernel 262,144 and its last 294,912.
 MAX_TILE = 64 * 64
-SPLIT_CHUNK = 16
 # The switches below are off by default: with the first three on, `harness check titans
 # --family tiling` and `harness gate --suite gpu --op titans` met an illegal memory access on an
 # H200 in bfloat16 (B=1, T=200, H=2, D=16, initial states, chunk_size 16; float16 and float32
@@ -121,9 +121,6 @@ def unsupported(D: int, chunk_size: int) -> str | None:
     if chunk_size * head_tile(D) > MAX_TILE:
         return (f"chunk_size={chunk_size} takes D <= {MAX_TILE // chunk_size} (a mini-batch's "
                 f"tiles would not fit in shared memory), got D={D}")
-    if SPLIT_BACKWARD and head_tile(D) > 64 and chunk_size > SPLIT_CHUNK:
-        return (f"chunk_size={chunk_size} takes D <= 64 under SPLIT_BACKWARD (its kernels are "
-                f"not compiled for wider mini-batches), got D={D}")
     return None
 
 
