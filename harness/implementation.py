@@ -54,7 +54,9 @@ class Implementation:
     description: str = ""
     backward: bool = True  # gradients are checked too
     # Its forward takes another path when no input needs a gradient (inference): the check runs
-    # that forward too, and each output's error is the worse of the two forwards'.
+    # that forward too, and each output's error is the worse of the two forwards' (with
+    # backward False the check's one forward is already that one); the causality family runs
+    # both forwards.
     inference_path: bool = False
     available: Callable[[], str | None] | None = None
     supports: Callable[[Any], str | None] | None = None

@@ -112,6 +112,24 @@ def wrong_without_gradients(q, k, v, beta, **kw):
     return (o if torch.is_grad_enabled() and q.requires_grad else o * 1.01), s
 
 
+def raises_without_gradients(q, k, v, beta, **kw):
+    from references.delta_rule import naive_recurrent_delta_rule
+
+    if not q.requires_grad:
+        raise RuntimeError("inference kernel exploded")
+    return naive_recurrent_delta_rule(q, k, v, beta, **kw)
+
+
+def test_a_forward_without_gradients_that_raises_fails_the_outputs():
+    impl = Implementation(op="delta_rule", name="two_paths", kind="reference",
+                          target=raises_without_gradients, inference_path=True)
+    case = Case(op="delta_rule", dims=dict(B=1, T=5, H=1, K=4, V=4), seed=3)
+    rows = {r["quantity"]: r for r in evaluate(case, [impl], ["float32"], "cpu")}
+    for name in ("o", "final_state"):  # the gradients come from the forward that ran
+        assert not rows[name]["passed"] and "inference kernel exploded" in rows[name]["note"]
+    assert rows["dq"]["passed"]
+
+
 @pytest.mark.parametrize("declared", [True, False])
 def test_the_forward_without_gradients_is_checked_when_declared(declared):
     impl = Implementation(op="delta_rule", name="two_paths", kind="reference",
@@ -322,7 +340,9 @@ def test_a_case_every_implementation_declines_computes_no_truth(tmp_path, monkey
     calls.clear()
     runner.invoke(app, argv[:3] + ["chunk,naive"] + argv[4:])
     rows = pd.read_csv(tmp_path / "ttt.csv")
-    assert len(calls) == 1 and rows[rows["impl"] == "naive"]["passed"].all()
+    naive = rows[rows["impl"] == "naive"]
+    assert len(calls) == 1 and len(naive) > 1 and naive["passed"].all()
+    assert list(rows[rows["impl"] == "chunk"]["status"]) == ["skipped"]
     import harness.check.engine as engine  # the gate's path: evaluate
     monkeypatch.setattr(engine, "truths", lambda *a: pytest.fail("a truth for nothing"))
     rows = evaluate(case, [get("ttt", "chunk")], ["float32"], "cpu")
@@ -435,6 +455,24 @@ def test_causality_family_catches_a_future_leak():
     for name in ("fused_recurrent", "chunk"):  # chunk: since its chunks mask with where
         assert all(by_impl[(name, "leak")]) and all(by_impl[(name, "non-finite")])
         assert len(by_impl[(name, "leak")]) == 6
+
+
+def leaks_with_gradients(q, k, v, beta, **kw):
+    """leaks_the_future on its forward with gradients alone (a training path of its own)."""
+    from references.delta_rule import naive_recurrent_delta_rule
+
+    if q.requires_grad:
+        return leaks_the_future(q, k, v, beta, **kw)
+    return naive_recurrent_delta_rule(q, k, v, beta, **kw)
+
+
+@pytest.mark.parametrize("declared", [True, False])
+def test_causality_runs_both_forwards_of_an_inference_path(declared):
+    leaky = Implementation(op="delta_rule", name="leaky_training", kind="peer",
+                           target=leaks_with_gradients, inference_path=declared)
+    result = check_family("causality", "delta_rule", [leaky], ["float32"], "cpu")
+    leaks = [r["passed"] for r in result.rows if r["quantity"] == "leak"]
+    assert leaks and all(leaks) is not declared
 
 
 def test_check_takes_a_plugin_file(tmp_path):

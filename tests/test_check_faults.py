@@ -2,8 +2,8 @@
 cases in that dtype are not run, every other implementation and dtype goes on, and an interrupt
 stops a run whose worker hangs at once (docs/check.md).
 
-Implementations registered here at run time (the planted ones) run with --no-isolate: a worker
-process only knows the built-ins and plugins (the isolation tests load theirs with --plugin)."""
+The planted implementations run in this process (check_family) or come in through --plugin: a
+worker process only knows the built-ins and plugins."""
 
 import functools
 import time
@@ -117,7 +117,6 @@ def test_an_abort_and_a_hang_cost_only_themselves(tmp_path):
     never returns (--timeout) are recorded as faults with their replay commands; the others'
     rows are in the table and the files; exit 1 naming the planted ones. A peer that declines
     every case with states or varlen still gets the cases without them."""
-    import pandas as pd
 
     plugin = tmp_path / "planted.py"
     plugin.write_text(PLANTED)

@@ -129,24 +129,28 @@ class DeviceFault(BaseException):
                          f"CUDA_LAUNCH_BLOCKING=1): {self.message}")
 
 
+def named_outputs(names: tuple[str, ...], out: Any) -> dict[str, Any]:
+    """An implementation's return value by output name; a TypeError unless it is a tuple of
+    one value per output."""
+    if not isinstance(out, tuple) or len(out) != len(names):
+        raise TypeError(f"returned {type(out).__name__} of length "
+                        f"{len(out) if isinstance(out, tuple) else '-'}, expected a tuple {names}")
+    return dict(zip(names, out))
+
+
 def run(fn: Callable[..., Any], args: dict[str, Any], case: Case, dtype: torch.dtype,
         douts: dict[str, torch.Tensor] | None, backward: bool = True,
         poison: bool = False, inference: bool = False) -> Run:
     """Call ``fn`` on the case's arguments in ``dtype``; backpropagate ``douts`` if given;
-    with ``inference``, call it again under ``torch.no_grad`` on inputs that need no gradient
-    (``Run.inference``)."""
+    with ``inference`` and ``douts``, call it again under ``torch.no_grad`` on inputs that
+    need no gradient (``Run.inference``; without ``douts`` the one call is that one already)."""
     op = case.operator
     result = Run()
     want_grad = backward and douts is not None
     try:
         call_args = cast_args(args, case, dtype, want_grad)
         with poison_allocations(poison), torch.enable_grad():
-            out = fn(**call_args)
-            if not isinstance(out, tuple) or len(out) != len(op.outputs):
-                raise TypeError(f"returned {type(out).__name__} of length "
-                                f"{len(out) if isinstance(out, tuple) else '-'}, expected a "
-                                f"tuple {op.outputs}")
-            result.outputs = dict(zip(op.outputs, out))
+            result.outputs = named_outputs(op.outputs, fn(**call_args))
             if want_grad:
                 loss = sum((result.outputs[n].double() * d).sum()
                            for n, d in douts.items() if result.outputs.get(n) is not None)
@@ -157,9 +161,10 @@ def run(fn: Callable[..., Any], args: dict[str, Any], case: Case, dtype: torch.d
                     if x is not None and inp.differentiable:
                         result.grads[inp.name] = x.grad
         if inference and want_grad:  # without gradients the call above was the inference one
+            result.inference = dict.fromkeys(op.outputs)  # what fails if the call raises
             with poison_allocations(poison), torch.no_grad():
-                out = fn(**cast_args(args, case, dtype, False))
-            result.inference = dict(zip(op.outputs, out))
+                result.inference = named_outputs(op.outputs, fn(**cast_args(args, case, dtype,
+                                                                            False)))
     except Exception as exc:
         lines = traceback.format_exception_only(type(exc), exc)
         if is_device_fault(exc):
@@ -302,7 +307,8 @@ def impl_rows(case: Case, impl: Implementation, dname: str, t: Truth, family: st
                      "tolerance": tol, "passed": bool(err <= tol),
                      "status": "pass" if err <= tol else "fail", "note": note})
     if not res.error and not case.output_final_state:
-        extra = [n for n in op.outputs[1:] if res.outputs.get(n) is not None]
+        extra = [n for n in op.outputs[1:] if res.outputs.get(n) is not None
+                 or res.inference.get(n) is not None]
         if extra:
             rows.append({**base, "quantity": ",".join(extra), "error": math.inf,
                          "ref_error": 0.0, "tolerance": 0.0, "passed": False, "status": "fail",

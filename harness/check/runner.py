@@ -194,12 +194,14 @@ class TruthMaker:
         self.count = 0
 
     def submit(self, case: Case, impls: list[Implementation], family: str) -> Future:
-        """A future of (truth: a Truth per dtype or a file, reference rows)."""
+        """A future of (truth: a Truth per dtype, a file, or None where none is needed, and
+        reference rows)."""
         dtypes = claimed(impls, self.setup.dtypes)
         checked = [i.name for i in impls]
         fut: Future = Future()
         if family == "causality" or declined_by_all(case, impls, dtypes, self.setup.device):
-            # causality: compared with the implementation itself and a forward pass
+            # causality: compared with the implementation itself and a forward pass; a case
+            # every implementation declines: only rows that say why
             fut.set_result((None, []))
             return fut
         self.count += 1

@@ -99,9 +99,35 @@ def planted(args: dict[str, Any], case: Case) -> dict[str, Any]:
     return out
 
 
-def _outputs(fn, args: dict[str, Any], case: Case, dtype: torch.dtype) -> Run:
+def _outputs(fn, args: dict[str, Any], case: Case, dtype: torch.dtype, grad: bool = False) -> Run:
+    """The forward's outputs: under torch.no_grad, or with ``grad`` on inputs that need
+    gradients (no backward: the upstream gradients are none)."""
+    if grad:
+        return run(fn, args, case, dtype, {}, backward=True)
     with torch.no_grad():
         return run(fn, args, case, dtype, None, backward=False)
+
+
+def _count(case: Case, args: dict[str, Any], clean: Run, dirty: Run, ref: Run) -> tuple[int, int]:
+    """(leak, wrong) of one forward: see causality_rows."""
+    p, leak, wrong = case.poison, 0, 0
+    for n, (row, lo, hi) in enumerate(sequences(case.dims["T"], case.dims["B"],
+                                                args["cu_seqlens"])):
+        o_c, o_d, o_r = (r.outputs["o"][row, lo:hi].detach() for r in (clean, dirty, ref))
+        cut = p["t"] if n == p["seq"] else hi - lo  # everything of another sequence
+        before_c, before_d = o_c[:cut].cpu(), o_d[:cut].cpu()
+        leak += int((~(before_d == before_c) | ~torch.isfinite(before_d)).sum())
+        wrong += int((torch.isfinite(o_d[cut:].cpu()) != torch.isfinite(o_r[cut:].cpu())).sum())
+        for name in case.operator.outputs[1:]:
+            s_c, s_d, s_r = (r.outputs.get(name) for r in (clean, dirty, ref))
+            if s_d is None or s_r is None:
+                continue
+            s_c, s_d = s_c.detach(), s_d.detach()
+            if n != p["seq"]:  # states are [N, ...]: one row per sequence
+                leak += int((~(s_d[n] == s_c[n]) | ~torch.isfinite(s_d[n])).sum())
+            else:
+                wrong += int((torch.isfinite(s_d[n].cpu()) != torch.isfinite(s_r[n].cpu())).sum())
+    return leak, wrong
 
 
 def causality_rows(case: Case, impl, dname: str, device: str) -> list[dict[str, Any]]:
@@ -110,38 +136,27 @@ def causality_rows(case: Case, impl, dname: str, device: str) -> list[dict[str, 
     on the clean inputs (exactly). ``non-finite``: after it, the elements whose finiteness
     differs from the step-by-step reference's (float64, on the same planted inputs): a
     non-finite input must not give a finite output the math makes non-finite, nor the other
-    way round. Both must be 0."""
-    dtype, op = DTYPES[dname], case.operator
+    way round. Both must be 0. An implementation with an inference path (``inference_path``)
+    is counted under both its forwards, without and with gradients."""
+    dtype = DTYPES[dname]
     args = sample(case, device)
-    with impl.switched():
-        clean = _outputs(impl.load(), args, case, dtype)
-        dirty = _outputs(impl.load(), planted(args, case), case, dtype)
     rdev = reference_device(device)
     ref = _outputs(get(case.op, "naive").load(),
                    planted(cast_args(sample(case, rdev), case, dtype, grad=False), case),
                    case, torch.float64)
     base = {**note_row(case, impl, dname, "causality", "pass", ""), "ref_error": 0.0,
             "tolerance": 0.0}
-    error = clean.error or dirty.error or ref.error
-    if error:
-        return [{**base, "quantity": "leak", "error": math.inf, "passed": False, "status": "fail",
-                 "note": error}]
     p, leak, wrong = case.poison, 0, 0
-    for n, (row, lo, hi) in enumerate(sequences(case.dims["T"], case.dims["B"],
-                                                args["cu_seqlens"])):
-        o_c, o_d, o_r = (r.outputs["o"][row, lo:hi] for r in (clean, dirty, ref))
-        cut = p["t"] if n == p["seq"] else hi - lo  # everything of another sequence
-        before_c, before_d = o_c[:cut].cpu(), o_d[:cut].cpu()
-        leak += int((~(before_d == before_c) | ~torch.isfinite(before_d)).sum())
-        wrong += int((torch.isfinite(o_d[cut:].cpu()) != torch.isfinite(o_r[cut:].cpu())).sum())
-        for name in op.outputs[1:]:
-            s_c, s_d, s_r = (r.outputs.get(name) for r in (clean, dirty, ref))
-            if s_d is None or s_r is None:
-                continue
-            if n != p["seq"]:  # states are [N, ...]: one row per sequence
-                leak += int((~(s_d[n] == s_c[n]) | ~torch.isfinite(s_d[n])).sum())
-            else:
-                wrong += int((torch.isfinite(s_d[n].cpu()) != torch.isfinite(s_r[n].cpu())).sum())
+    for grad in (False, True) if impl.inference_path else (False,):
+        with impl.switched():
+            clean = _outputs(impl.load(), args, case, dtype, grad)
+            dirty = _outputs(impl.load(), planted(args, case), case, dtype, grad)
+        error = clean.error or dirty.error or ref.error
+        if error:
+            return [{**base, "quantity": "leak", "error": math.inf, "passed": False,
+                     "status": "fail", "note": error}]
+        counts = _count(case, args, clean, dirty, ref)
+        leak, wrong = leak + counts[0], wrong + counts[1]
     note = f"{p['value']} in {p['input']} at token {p['t']} of sequence {p['seq']}"
     return [{**base, "quantity": "leak", "error": float(leak), "passed": leak == 0,
              "status": "pass" if leak == 0 else "fail",

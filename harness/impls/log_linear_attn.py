@@ -67,7 +67,8 @@ IMPLEMENTATIONS = [
         target="kernels.log_linear_attn:chunk_log_linear_attn", dtypes=KERNEL_DTYPES,
         description="chunk's own pairs in parallel, Fenwick level states walked forward and "
         "in reverse (Triton)", available=triton_available, supports=_ours_supports,
-        inference_path=True, switches=(_STATES_IN_WALK, _LOCAL_IN_WALK, _LOCAL_APART, _BWD_STATES_BUFFER,
+        inference_path=True,
+        switches=(_STATES_IN_WALK, _LOCAL_IN_WALK, _LOCAL_APART, _BWD_STATES_BUFFER,
                   _WALKS_APART)),
     fla("log_linear_attn", "fla_chunk", "fla.ops.log_linear_attn:chunk_log_linear_attn",
         KERNEL_DTYPES, supports=_fla_supports),
