@@ -220,8 +220,6 @@ def tiling_cases(op_name: str, profile: str = "cpu") -> list[Case]:
     """The tiling family: (K, V) over every pair of TILING_HEADS, or D over each head size for
     the operators with one head dim, each at the operator's first options, then D over the
     powers of two at each larger chunk_size of TILING_CHUNKS; B = 1, H = 2."""
-    from dataclasses import replace
-
     op = OPERATORS[op_name]
     powers, others = TILING_HEADS[profile]
     if "D" in op.dims:
