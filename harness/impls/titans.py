@@ -59,16 +59,17 @@ def _ours_supports(case) -> str | None:
     return None if why is None else f"our Titans kernel: {why}"
 
 
-# chunk's switch: the split backward, the walks' state products rounded to bfloat16 or split
-# in two float16 halves (WALK_MIXED), their next rows loaded ahead, and the forward walk's gate
-# factors formed by a parallel kernel first (kernels/titans/chunk.py). Faster, but it met an
-# illegal memory access in bfloat16 on an H200, so it is not the default (reports/titans.md).
+# chunk's switches (kernels/titans/chunk.py). The one-walk backward (fused_bwd.py): under half
+# the split backward's extra peak memory for 1.8x its fwd+bwd time (H100, reports/titans.md).
+# The walks' state products rounded to bfloat16 or split in two float16 halves (WALK_MIXED)
+# and the forward walk's gate factors formed by a parallel kernel first: faster walks, but
+# "round" put bfloat16's final memory and dK at 95% and 98% of their tolerances on an H100.
 # Registered switches are compiled by the compile tests and compared by tools/switch_compare.py.
-_FAST = {"what": "split backward, state products rounded or split, prefetching walks",
-         "set": {"kernels.titans.chunk.SPLIT_BACKWARD": True,
-                 "kernels.titans.chunk.WALK_MIXED": {"float16": "split", "bfloat16": "round"},
-                 "kernels.titans.chunk.WALK_PREFETCH": True,
-                 "kernels.titans.chunk.WALK_GATES_AHEAD": True}}
+_ONE_WALK = {"what": "one-walk backward (less memory)",
+             "set": {"kernels.titans.chunk.SPLIT_BACKWARD": False}}
+_MIXED = {"what": "state products rounded or split, gate factors ahead",
+          "set": {"kernels.titans.chunk.WALK_MIXED": {"float16": "split", "bfloat16": "round"},
+                  "kernels.titans.chunk.WALK_GATES_AHEAD": True}}
 
 IMPLEMENTATIONS = [
     *references(TITANS),
@@ -76,7 +77,7 @@ IMPLEMENTATIONS = [
         op="titans", name="chunk", kind="triton", target="kernels.titans:chunk_titans_linear",
         dtypes=KERNEL_DTYPES,
         description="memory and momentum walked per mini-batch, outputs in parallel (Triton)",
-        available=triton_available, supports=_ours_supports, switches=(_FAST,)),
+        available=triton_available, supports=_ours_supports, switches=(_ONE_WALK, _MIXED)),
     Implementation(
         op="titans", name="fla_torch", kind="baseline", target=_fla_torch, devices=("cuda",),
         dtypes=KERNEL_DTYPES, description="fla-core chunk_titans_linear: PyTorch, its own math "

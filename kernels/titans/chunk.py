@@ -31,8 +31,8 @@ walks' products of input rows and the float32 state round or split the state. WA
 loads the next mini-batch's rows ahead of their turn, WALK_GATES_AHEAD forms the walk's gate
 factors in a parallel kernel first.
 
-The backward is kernels/titans/fused_bwd.py (one walk), or kernels/titans/chunk_bwd.py (split
-in three kernels) under SPLIT_BACKWARD.
+The backward is kernels/titans/chunk_bwd.py (split in three kernels, SPLIT_BACKWARD, the
+default), or kernels/titans/fused_bwd.py (one walk, less memory).
 """
 
 from __future__ import annotations
@@ -63,15 +63,18 @@ CHUNK_SIZES = (16, 32, 64)  # tl.dot needs 16 rows at least
 # last kernel, float32 products). 64-token ones at D = 128 fit in neither: the one walk 327,680
 # (bfloat16), the split backward's first kernel 262,144 and its last 294,912.
 MAX_TILE = 64 * 64
-# The switches below are off by default: with the first three on, `harness check titans
-# --family tiling` and `harness gate --suite gpu --op titans` met an illegal memory access on an
-# H200 in bfloat16 (B=1, T=200, H=2, D=16, initial states, chunk_size 16; float16 and float32
-# ran, and so did bfloat16 at D=32 and at T=8192 without initial states), not yet localized
-# to one switch or kernel; with them off every tiling class passed in bfloat16, float16
-# and float32 (2026-12-04, reports/titans.md). Per kernel at B=2, H=16, D=64, T=8192, bfloat16
-# (`python tools/kernel_profile.py titans chunk --seq-len 8192 --head-dim 64 --mode fwdbwd`),
-# with SPLIT_BACKWARD on: the forward walk 1472 µs with WALK_MIXED "round" and WALK_PREFETCH,
-# 2218 with None, 1753 without the prefetch; the backward walk 3799, 7021 and 4366.
+# The backward's split form and the forward walk's prefetch are the defaults: on an H100 in
+# bfloat16 (B=2, H=16, D=64, 2026-12-05, reports/titans.md) the split backward took fwd+bwd
+# from 6.13 / 24.03 / 95.94 ms to 3.40 / 13.33 / 53.62 at T = 2K / 8K / 32K, the prefetch
+# took the forward from 0.764 / 2.922 / 11.607 to 0.683 / 2.655 / 10.349, and every tiling
+# class and random case gave the one-walk backward's errors in all three dtypes. The split
+# backward stores dM', dS' per mini-batch: 5806 MB of extra peak at 32K against 2566. (With
+# WALK_MIXED "round" too, an H200 met an illegal memory access in bfloat16 on 2026-12-04; on
+# the H100 no form of these switches faulted, compute-sanitizer included.) Per kernel at
+# B=2, H=16, D=64, T=8192, bfloat16, H200 (`python tools/kernel_profile.py titans chunk
+# --seq-len 8192 --head-dim 64 --mode fwdbwd`): the forward walk 1472 µs with WALK_MIXED
+# "round" and WALK_PREFETCH, 2218 with None, 1753 without the prefetch; the backward walk
+# 3799, 7021 and 4366.
 #
 # How the walks take their products of input rows and a float32 state for half-precision
 # inputs (Z = K M0 wherever it is formed, the updates K^T (c o G), and in the split backward's
@@ -88,7 +91,7 @@ WALK_MIXED = None
 # The forward walk's loads: the next mini-batch's rows loaded before this one's products
 # (True), or each mini-batch's when it starts (False), as TTT's WALK_PREFETCH (the split
 # backward's walk: chunk_bwd.PREFETCH).
-WALK_PREFETCH = False
+WALK_PREFETCH = True
 # What the forward walk's updates take from the gates (P[n] theta, E[n] theta, f0[n], e0[n],
 # p0[n]: segment products, logs and exps): formed by a parallel kernel first and loaded by the
 # walk (True), or formed in the walk (False), beside its chain of products either way.
@@ -96,7 +99,7 @@ WALK_GATES_AHEAD = False
 # The backward: split in three kernels with only the dM', dS' chain in the walk
 # (kernels/titans/chunk_bwd.py, True), or one walk holding every product
 # (kernels/titans/fused_bwd.py, False).
-SPLIT_BACKWARD = False
+SPLIT_BACKWARD = True
 
 
 def walk_mixed(dtype: torch.dtype) -> str:
