@@ -117,8 +117,12 @@ def test_bad_arguments_raise_before_any_launch():
     x, _, _ = inputs(1, 16, 1, 256)
     with pytest.raises(ValueError, match="D must be <= 128"):
         chunk_titans_linear(*(x[n] for n in NAMES))
+
+def test_the_one_walk_backward_refuses_64_token_mini_batches_at_d_128(monkeypatch):
+    """They would not fit its shared memory (kernels/titans/chunk.py, MAX_TILE)."""
+    monkeypatch.setattr(chunk, "SPLIT_BACKWARD", False)
     x, _, _ = inputs(1, 16, 1, 128)
-    with pytest.raises(ValueError, match="chunk_size=64 takes D <= 64"):
+    with pytest.raises(ValueError, match="chunk_size=64 takes D <= 64 with the one-walk"):
         chunk_titans_linear(*(x[n] for n in NAMES), chunk_size=64)
 
 
@@ -132,6 +136,19 @@ def test_widest_tiles(backward, D, chunk_size):
     check(*both(x, st, cu, chunk_size), 1e-5)
     got = grads(chunk_titans_linear, x, st, cu, chunk_size, torch.float32)
     ref = grads(naive_titans_linear, x, st, cu, chunk_size, torch.float64)
+    for name in ref:
+        assert rel_error(got[name], ref[name]) < 1e-5, (name, rel_error(got[name], ref[name]))
+
+
+def test_64_token_mini_batches_at_d_128():
+    """The split backward's widest tiles, 64 x 128 (D = 100 pads to 128): its first kernel loads
+    Q~, K, M0 and S0 again for its later products, its last takes the states 32 rows at a time
+    (chunk_bwd.RELOAD_TILE, GATES_ROWS). T = 70 with a partial last mini-batch: o, both final
+    states and every gradient within float32's 1e-5."""
+    x, st, cu = inputs(1, 70, 1, 100)
+    check(*both(x, st, cu, 64), 1e-5)
+    got = grads(chunk_titans_linear, x, st, cu, 64, torch.float32)
+    ref = grads(naive_titans_linear, x, st, cu, 64, torch.float64)
     for name in ref:
         assert rel_error(got[name], ref[name]) < 1e-5, (name, rel_error(got[name], ref[name]))
 

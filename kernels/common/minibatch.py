@@ -17,7 +17,8 @@ import triton.language as tl
 from kernels.common.utils import (MIN_TILE, chunk_index, chunk_rows, dot_mixed, dot_precision,
                                   load_rows_as, walk_bounds)
 
-__all__ = ["dot_state", "head_tile", "head_tiles", "load_square", "mini_batch_meta",
+__all__ = ["dot_state", "head_tile", "head_tiles", "load_square", "load_square_rows",
+           "mini_batch_meta",
            "mini_batch_program", "reload_rows", "reload_square", "start_square", "walk_program"]
 
 
@@ -76,6 +77,14 @@ def mini_batch_program(w, b, cu_seqlens, chunk_indices, T, H: tl.constexpr, D: t
 def load_square(p, i, o_s, m_s, D: tl.constexpr):
     """State i of a [.., D, D] tensor, in float32 (0 past D)."""
     return load_square_as(p, i, o_s, m_s, D, "")
+
+
+@triton.jit
+def load_square_rows(p, i, o_j, o_d, m_d, D: tl.constexpr):
+    """Rows o_j of state i of a [.., D, D] tensor, in float32 (0 past D): a block of the state
+    for a kernel that takes it a block at a time."""
+    return tl.load(p + i.to(tl.int64) * D * D + o_j[:, None] * D + o_d[None, :],
+                   mask=(o_j < D)[:, None] & m_d[None, :], other=0.).to(tl.float32)
 
 
 @triton.jit

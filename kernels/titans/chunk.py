@@ -55,13 +55,13 @@ __all__ = ["chunk_titans_linear"]
 
 MAX_D = 128  # M and S [D, D] float32 on chip in the walk
 CHUNK_SIZES = (16, 32, 64)  # tl.dot needs 16 rows at least
-# A mini-batch's [C, D] tiles (D padded to a power of two) at most 64 * 64 = 4096 values. With
-# 32-token mini-batches at D = 128 ptxas put the one-walk backward at 262,144 bytes of shared
-# memory before it loaded M0, S0, Q~ and K again for its last products (fused_bwd.RELOAD_TILE),
-# 196,608 after (bfloat16, 1 stage; sm_90 allows 232,448; python tools/kernel_registers.py
-# titans --impl chunk --case cs32-d128); the split backward's kernels 73,728 to 229,376 (its
-# last kernel, float32 products). 64-token ones at D = 128 fit in neither: the one walk 327,680
-# (bfloat16), the split backward's first kernel 262,144 and its last 294,912.
+# The one-walk backward takes a mini-batch's [C, D] tiles (D padded to a power of two) up to
+# 64 * 64 = 4096 values. With 32-token mini-batches at D = 128 ptxas put it at 262,144 bytes of
+# shared memory before it loaded M0, S0, Q~ and K again for its last products
+# (fused_bwd.RELOAD_TILE), 196,608 after (bfloat16, 1 stage; sm_90 allows 232,448; python
+# tools/kernel_registers.py titans --impl chunk --case cs32-d128). 64-token ones at D = 128 do
+# not fit it (327,680 bytes in bfloat16); the split backward takes them (chunk_bwd.RELOAD_TILE,
+# GATES_ROWS: --case cs64-d128).
 MAX_TILE = 64 * 64
 # The backward's split form and the forward walk's prefetch are the defaults: on an H100 in
 # bfloat16 (B=2, H=16, D=64, 2026-12-05, reports/titans.md) the split backward took fwd+bwd
@@ -121,9 +121,10 @@ def unsupported(D: int, chunk_size: int) -> str | None:
         return f"D must be <= {MAX_D}, got D={D}"
     if chunk_size not in CHUNK_SIZES:
         return f"chunk_size must be one of {CHUNK_SIZES}, got {chunk_size}"
-    if chunk_size * head_tile(D) > MAX_TILE:
-        return (f"chunk_size={chunk_size} takes D <= {MAX_TILE // chunk_size} (a mini-batch's "
-                f"tiles would not fit in shared memory), got D={D}")
+    if not SPLIT_BACKWARD and chunk_size * head_tile(D) > MAX_TILE:
+        return (f"chunk_size={chunk_size} takes D <= {MAX_TILE // chunk_size} with the "
+                f"one-walk backward (SPLIT_BACKWARD=False: a mini-batch's tiles would not fit "
+                f"in shared memory), got D={D}")
     return None
 
 
@@ -333,8 +334,8 @@ def chunk_titans_linear(
     [H,D]; theta, alpha, eta [B,T,H]; initial_state (M) and initial_momentum (S) [N,H,D,D],
     either or both. Returns o [B,T,H,D] in v's dtype and the final memory and momentum
     [N,H,D,D] in float32 (None, None unless output_final_state). D <= 128, chunk_size 16, 32 or
-    64 (64: D <= 64; ``unsupported``). Gradients for q, k, v, w, b, theta, alpha, eta and
-    both initial states."""
+    64 (with the one-walk backward 64 takes D <= 64; ``unsupported``). Gradients for q, k, v, w,
+    b, theta, alpha, eta and both initial states."""
     name = "chunk_titans_linear"
     args = dict(q=q, k=k, v=v, w=w, b=b, theta=theta, alpha=alpha, eta=eta, scale=scale,
                 eps=eps, chunk_size=chunk_size, initial_state=initial_state,

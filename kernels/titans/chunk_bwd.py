@@ -42,11 +42,13 @@ import triton
 import triton.language as tl
 
 from kernels.common.layernorm import ln_recon_grad_bwd_rows
-from kernels.common.minibatch import (dot_state, load_square, mini_batch_program, start_square,
+from kernels.common.minibatch import (dot_state, load_square, load_square_rows,
+                                      mini_batch_program, reload_rows, start_square,
                                       walk_program)
 from kernels.common.utils import chunk_layout, load_rows, store_rows
 from kernels.titans.stages import (dot_at, dq_state, gate_rows, gates_bwd, hand_on_gates,
-                                   mini_batch_rows, outputs_bwd, recon_grads, segment_products)
+                                   mini_batch_rows, outputs_bwd_from, recon_grads,
+                                   segment_products)
 
 __all__ = ["chunk_backward"]
 
@@ -65,6 +67,17 @@ PREFETCH = True
 # four [D, D] states alone fill 256 registers a thread at D = 128. None of this timed yet.
 GATES_WARPS = 8
 GATES_MAXNREG = 255
+# The last kernel takes the states [D, D] whole, or GATES_ROWS rows at a time where a
+# mini-batch's [C, D] tiles hold more than RELOAD_TILE values: whole, its four states and rows
+# needed 294,912 bytes of shared memory with 64-token mini-batches at D = 128.
+GATES_ROWS = 32
+# Where a mini-batch's [C, D] tiles hold more than RELOAD_TILE values (64-token mini-batches at
+# D = 128 only) the first kernel takes Q~ and K loaded again after its products with M0 and S0
+# (minibatch.reload_rows), and dQ~'s terms through the states STATE_COLS columns at a time from
+# dU as it stored it; it needed 327,680 bytes of shared memory in bfloat16 without, 262,144 with
+# the states loaded again whole for those terms.
+RELOAD_TILE = tl.constexpr(64 * 64)
+STATE_COLS = tl.constexpr(32)
 # The columns of the per-row float32 tensor ``gr`` [B, T, H, NG] the three kernels hand on.
 (ROW_CM, ROW_CS, ROW_F0, ROW_P0, ROW_E0, ROW_DP0, ROW_DF0, ROW_DTH, ROW_DCM,
  ROW_DCS) = (tl.constexpr(j) for j in range(10))
@@ -80,6 +93,26 @@ def _col(gr, row0, o_c, m_t, H: tl.constexpr, j: tl.constexpr):
 @triton.jit
 def _store_col(gr, row0, o_c, m_t, H: tl.constexpr, j: tl.constexpr, b_x):
     tl.store(gr + (row0 + o_c * H) * NG + j, b_x, mask=m_t)
+
+
+@triton.jit
+def _dq_states_by_blocks(p_du, hs, ss, i_s, b_f0, b_p0, o_c, m_t, o_d, m_d, D: tl.constexpr,
+                         H: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr):
+    """dQ~'s terms through the states, (f0 o dU) M0^T + (p0 o dU) S0^T, summed over blocks of
+    STATE_COLS of dU's columns (read back from p_du, which the program has just written) and
+    of the states' columns: no [D, D] state and no whole row tile as an operand."""
+    tl.debug_barrier()  # every thread's dU rows are written before any thread reads them back
+    b_dq = tl.zeros([o_c.shape[0], BD], dtype=tl.float32)
+    for k0 in tl.static_range(0, BD, STATE_COLS):
+        o_k = k0 + tl.arange(0, STATE_COLS)
+        b_du = load_rows(p_du, o_c, m_t, o_k, D, H)
+        off = i_s.to(tl.int64) * D * D + o_d[:, None] * D + o_k[None, :]
+        m_dk = m_d[:, None] & (o_k < D)[None, :]
+        b_M = tl.load(hs + off, mask=m_dk, other=0.)
+        b_S = tl.load(ss + off, mask=m_dk, other=0.)
+        b_dq += dot_at(b_f0[:, None] * b_du, tl.trans(b_M), PRECISION)
+        b_dq += dot_at(b_p0[:, None] * b_du, tl.trans(b_S), PRECISION)
+    return b_dq
 
 
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
@@ -99,20 +132,33 @@ def chunk_titans_linear_bwd_local_kernel(
     b_q, b_k, b_v, b_th, b_a, b_e = mini_batch_rows(q, k, v, theta, alpha, eta, row0, o_c, m_t,
                                                     o_d, scale, D, H)
     b_do = load_rows(do + row0 * D, o_c, m_t, o_d, D, H).to(tl.float32)
+    # the products with M0 and S0 first, one state at a time (Q~ M0, Z = K M0, then Q~ S0);
+    # past RELOAD_TILE the later products take Q~ and K loaded again: the compiler places a
+    # loaded tile's shared-memory copies at its load, so those of the first loads would live
+    # beside the states' copies
+    b_qm = dot_at(b_q, b_M, PRECISION)
     b_g, b_z = recon_grads(b_k, b_v, b_M, b_w, b_b, m_t, m_d, D, eps, k.dtype.element_ty,
                            PRECISION, MIXED)
+    b_qs = dot_at(b_q, b_S, PRECISION)
+    b_q = reload_rows(b_q, q + row0 * D, o_c, m_t, o_d, scale, D, H, RELOAD_TILE)
+    b_k = reload_rows(b_k, k + row0 * D, o_c, m_t, o_d, 1., D, H, RELOAD_TILE)
     b_F, b_f0, _, _ = segment_products(b_a, o_c)
     b_E, b_e0, _, _ = segment_products(b_e, o_c)
     (b_du, b_dq, b_dk, b_dg, b_dP, b_p0, b_dp0, b_df0, b_dth, b_dw,
-     b_db) = outputs_bwd(b_q, b_k, b_g, b_do, b_M, b_S, b_th, b_F, b_f0, b_E, b_e0, b_w, b_b,
-                          o_c, m_d, D, eps, PRECISION)
-    b_dq += dq_state(b_du, b_f0, b_M, PRECISION) + dq_state(b_du, b_p0, b_S, PRECISION)
+     b_db) = outputs_bwd_from(b_q, b_k, b_g, b_do, b_qm, b_qs, dot_at(b_F, b_E, PRECISION),
+                              dot_at(b_q, tl.trans(b_k), PRECISION), b_th, b_F, b_f0, b_e0, b_w,
+                              b_b, o_c, m_d, D, eps, PRECISION)
+    store_rows(du + row0 * D, b_du, o_c, m_t, o_d, D, H)
+    if BC * BD > RELOAD_TILE:
+        b_dq += _dq_states_by_blocks(du + row0 * D, hs, ss, i_s, b_f0, b_p0, o_c, m_t, o_d, m_d,
+                                     D, H, BD, PRECISION)
+    else:
+        b_dq += dq_state(b_du, b_f0, b_M, PRECISION) + dq_state(b_du, b_p0, b_S, PRECISION)
     b_pn, b_en, _, _, _ = hand_on_gates(b_F, b_f0, b_E, b_e0, o_c == n_t - 1)
     tl.store(dw + i_s * D + o_d, b_dw, mask=m_d)
     tl.store(db + i_s * D + o_d, b_db, mask=m_d)
     store_rows(dq + row0 * D, b_dq * scale, o_c, m_t, o_d, D, H)
     store_rows(z + row0 * D, b_z, o_c, m_t, o_d, D, H)
-    store_rows(du + row0 * D, b_du, o_c, m_t, o_d, D, H)
     store_rows(dgu + row0 * D, b_dg, o_c, m_t, o_d, D, H)
     store_rows(dka + row0 * D, b_dk, o_c, m_t, o_d, D, H)
     tl.store(dP + i_s.to(tl.int64) * BC * BC + o_c[:, None] * BC + o_c[None, :], b_dP)
@@ -226,37 +272,48 @@ def chunk_titans_linear_bwd_walk_kernel(
 def chunk_titans_linear_bwd_gates_kernel(
     w, b, theta, alpha, eta, hs, ss, dms, dss, g, dz, dka, dP, gr, dk, dtheta, dalpha, deta,
     cu_seqlens, chunk_indices, T, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-    BC: tl.constexpr, PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr,
+    BC: tl.constexpr, BJ: tl.constexpr, PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
-    """One mini-batch and head: dK, dtheta, dalpha, deta (step 3 of the module docstring)."""
+    """One mini-batch and head: dK, dtheta, dalpha, deta (step 3 of the module docstring),
+    the states BJ rows at a time."""
     i_s, row0, o_c, m_t, n_t, o_d, m_d, o_s, m_s, _, _ = mini_batch_program(
         w, b, cu_seqlens, chunk_indices, T, H, D, BD, BC, IS_VARLEN)
     last = o_c == n_t - 1
-    b_M = load_square(hs, i_s, o_s, m_s, D)
-    b_dM = load_square(dms, i_s, o_s, m_s, D)
-    b_dS = load_square(dss, i_s, o_s, m_s, D)
     b_th, b_a, b_e = gate_rows(theta, alpha, eta, row0, o_c, m_t, H)
     b_F, b_f0, b_Fx, b_f0x = segment_products(b_a, o_c)
     b_E, b_e0, b_Ex, b_e0x = segment_products(b_e, o_c)
     b_pn, b_en, _, _, _ = hand_on_gates(b_F, b_f0, b_E, b_e0, last)
     b_g = load_rows(g + row0 * D, o_c, m_t, o_d, D, H)
-    b_dk = (load_rows(dka + row0 * D, o_c, m_t, o_d, D, H)
-            + dot_at(load_rows(dz + row0 * D, o_c, m_t, o_d, D, H), tl.trans(b_M), PRECISION)
-            - dot_at((b_pn * b_th)[:, None] * b_g, tl.trans(b_dM), PRECISION)
-            - dot_at((b_en * b_th)[:, None] * b_g, tl.trans(b_dS), PRECISION))
-    store_rows(dk + row0 * D, b_dk, o_c, m_t, o_d, D, H)
+    b_dz = load_rows(dz + row0 * D, o_c, m_t, o_d, D, H)
+    b_gm = (b_pn * b_th)[:, None] * b_g
+    b_gs = (b_en * b_th)[:, None] * b_g
+    # the four states a block of BJ rows at a time: dK's columns o_j and <dM', M0>, <dM', S0>,
+    # <dS', S0> summed over the blocks
+    b_mm, b_ms, b_ss = 0., 0., 0.
+    for j0 in tl.static_range(0, BD, BJ):
+        o_j = j0 + tl.arange(0, BJ)
+        b_M = load_square_rows(hs, i_s, o_j, o_d, m_d, D)
+        b_dM = load_square_rows(dms, i_s, o_j, o_d, m_d, D)
+        b_dS = load_square_rows(dss, i_s, o_j, o_d, m_d, D)
+        b_dk = (load_rows(dka + row0 * D, o_c, m_t, o_j, D, H)
+                + dot_at(b_dz, tl.trans(b_M), PRECISION)
+                - dot_at(b_gm, tl.trans(b_dM), PRECISION)
+                - dot_at(b_gs, tl.trans(b_dS), PRECISION))
+        store_rows(dk + row0 * D, b_dk, o_c, m_t, o_j, D, H)
+        b_S = load_square_rows(ss, i_s, o_j, o_d, m_d, D)
+        b_mm += tl.sum(tl.sum(b_dM * b_M, 1), 0)
+        b_ms += tl.sum(tl.sum(b_dM * b_S, 1), 0)
+        b_ss += tl.sum(tl.sum(b_dS * b_S, 1), 0)
     b_dcm = _col(gr, row0, o_c, m_t, H, ROW_DCM)
     b_dcs = _col(gr, row0, o_c, m_t, H, ROW_DCS)
     p = row0 + o_c * H
     tl.store(dtheta + p, (_col(gr, row0, o_c, m_t, H, ROW_DTH) + b_dcm * b_pn
                           + b_dcs * b_en).to(dtheta.dtype.element_ty), mask=m_t)
-    b_S = load_square(ss, i_s, o_s, m_s, D)
     b_da, b_de = gates_bwd(
         tl.load(dP + i_s.to(tl.int64) * BC * BC + o_c[:, None] * BC + o_c[None, :]),
         _col(gr, row0, o_c, m_t, H, ROW_DP0), _col(gr, row0, o_c, m_t, H, ROW_DF0),
-        b_dcm * b_th, tl.sum(tl.sum(b_dM * b_S, 1), 0), b_dcs * b_th,
-        tl.sum(tl.sum(b_dM * b_M, 1), 0), tl.sum(tl.sum(b_dS * b_S, 1), 0), b_F, b_E, b_e0, b_Fx,
-        b_f0x, b_Ex, b_e0x, last, o_c, PRECISION)
+        b_dcm * b_th, b_ms, b_dcs * b_th, b_mm, b_ss, b_F, b_E, b_e0, b_Fx, b_f0x, b_Ex, b_e0x,
+        last, o_c, PRECISION)
     tl.store(dalpha + p, (-b_da).to(dalpha.dtype.element_ty), mask=m_t)
     tl.store(deta + p, b_de.to(deta.dtype.element_ty), mask=m_t)
 
@@ -302,7 +359,8 @@ def chunk_backward(q, k, v, w, b, theta, alpha, eta, hs, ss, initial, do, dht, d
         cu_seqlens, chunk_offsets, scale, float(eps), T, PREFETCH=PREFETCH, **meta)
     if NT:
         meta = {**{key: x for key, x in meta.items() if key != "MIXED"},
-                "PRECISION": "ieee", "num_warps": GATES_WARPS}
+                "PRECISION": "ieee", "num_warps": GATES_WARPS,
+                "BJ": meta["BD"] if chunk_size * meta["BD"] <= RELOAD_TILE else GATES_ROWS}
         if GATES_MAXNREG is not None:
             meta["maxnreg"] = GATES_MAXNREG
         chunk_titans_linear_bwd_gates_kernel[(NT, B * H)](

@@ -125,11 +125,20 @@ def outputs_bwd(b_q, b_k, b_g, b_do, b_M, b_S, b_th, b_F, b_f0, b_E, b_e0, b_w, 
     """Back through U and O: (dU, dQ~'s B part, dK's B part, dG's U part, dP, dp0, df0,
     dtheta's U part, dw, db); U recomputed. dQ~'s terms through the states are dq_state's."""
     b_P = dot_at(b_F, b_E, PRECISION)
-    b_p0 = tl.sum(b_F * b_e0[None, :], 1)
     b_B = dot_at(b_q, tl.trans(b_k), PRECISION)
-    b_W = b_P * b_th[None, :] * b_B
     b_qm = dot_at(b_q, b_M, PRECISION)
     b_qs = dot_at(b_q, b_S, PRECISION)
+    return outputs_bwd_from(b_q, b_k, b_g, b_do, b_qm, b_qs, b_P, b_B, b_th, b_F, b_f0, b_e0,
+                            b_w, b_b, o_c, m_d, D, eps, PRECISION)
+
+
+@triton.jit
+def outputs_bwd_from(b_q, b_k, b_g, b_do, b_qm, b_qs, b_P, b_B, b_th, b_F, b_f0, b_e0, b_w,
+                     b_b, o_c, m_d, D: tl.constexpr, eps, PRECISION: tl.constexpr):
+    """outputs_bwd from its products Q~ M0, Q~ S0, P = F E and B = Q~ K^T, taken by the caller
+    in the order its shared memory needs."""
+    b_p0 = tl.sum(b_F * b_e0[None, :], 1)
+    b_W = b_P * b_th[None, :] * b_B
     b_u = b_f0[:, None] * b_qm + b_p0[:, None] * b_qs - dot_at(b_W, b_g, PRECISION)
     b_xu, b_su = layer_norm_rows(b_u, m_d, D, eps)
     b_dw = tl.sum(b_do * b_xu, 0)
