@@ -251,8 +251,9 @@ def truths(case: Case, checked: list[str], dtypes: list[str], device: str,
         ref_runs: dict[str, Run] = {}
         ref_errors: dict[str, float] = {}
         if dtype != torch.float64:
-            refs = [get(op.name, name).load() for name in dtype_references(family, checked)]
-            for name, fn in zip(dtype_references(family, checked), refs):
+            names = dtype_references(family, checked)
+            refs = [get(op.name, name).load() for name in names]
+            for name, fn in zip(names, refs):
                 ref_runs[name] = run(fn, rounded, case, dtype, douts)
                 for q, e in compare(ref_runs[name], truth).items():
                     ref_errors[q] = max(ref_errors.get(q, 0.0), e)

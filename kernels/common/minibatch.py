@@ -17,9 +17,9 @@ import triton.language as tl
 from kernels.common.utils import (MIN_TILE, chunk_index, chunk_rows, dot_mixed, dot_precision,
                                   load_rows_as, walk_bounds)
 
-__all__ = ["dot_state", "head_tile", "head_tiles", "load_square", "load_square_rows",
-           "mini_batch_meta",
-           "mini_batch_program", "reload_rows", "reload_square", "start_square", "walk_program"]
+__all__ = ["dot_state", "head_tile", "head_tiles", "load_square", "load_square_cols",
+           "load_square_rows", "mini_batch_meta", "mini_batch_program", "reload_rows",
+           "reload_square", "start_square", "walk_program"]
 
 
 def head_tile(D: int) -> int:
@@ -85,6 +85,14 @@ def load_square_rows(p, i, o_j, o_d, m_d, D: tl.constexpr):
     for a kernel that takes it a block at a time."""
     return tl.load(p + i.to(tl.int64) * D * D + o_j[:, None] * D + o_d[None, :],
                    mask=(o_j < D)[:, None] & m_d[None, :], other=0.).to(tl.float32)
+
+
+@triton.jit
+def load_square_cols(p, i, o_d, m_d, o_k, D: tl.constexpr):
+    """Columns o_k of state i of a [.., D, D] tensor, in float32 (0 past D): as
+    load_square_rows, a block of the state."""
+    return tl.load(p + i.to(tl.int64) * D * D + o_d[:, None] * D + o_k[None, :],
+                   mask=m_d[:, None] & (o_k < D)[None, :], other=0.).to(tl.float32)
 
 
 @triton.jit

@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from kernels.common.layernorm import ln_recon_grad_bwd_rows
-from kernels.common.minibatch import (dot_state, load_square, load_square_rows,
+from kernels.common.minibatch import (dot_state, load_square, load_square_cols, load_square_rows,
                                       mini_batch_program, reload_rows, start_square,
                                       walk_program)
 from kernels.common.utils import chunk_layout, load_rows, store_rows
@@ -106,10 +106,8 @@ def _dq_states_by_blocks(p_du, hs, ss, i_s, b_f0, b_p0, o_c, m_t, o_d, m_d, D: t
     for k0 in tl.static_range(0, BD, STATE_COLS):
         o_k = k0 + tl.arange(0, STATE_COLS)
         b_du = load_rows(p_du, o_c, m_t, o_k, D, H)
-        off = i_s.to(tl.int64) * D * D + o_d[:, None] * D + o_k[None, :]
-        m_dk = m_d[:, None] & (o_k < D)[None, :]
-        b_M = tl.load(hs + off, mask=m_dk, other=0.)
-        b_S = tl.load(ss + off, mask=m_dk, other=0.)
+        b_M = load_square_cols(hs, i_s, o_d, m_d, o_k, D)
+        b_S = load_square_cols(ss, i_s, o_d, m_d, o_k, D)
         b_dq += dot_at(b_f0[:, None] * b_du, tl.trans(b_M), PRECISION)
         b_dq += dot_at(b_p0[:, None] * b_du, tl.trans(b_S), PRECISION)
     return b_dq
