@@ -64,7 +64,9 @@ COVER = {
                          "chunk_log_linear_attn_bwd_gates_kernel"}),
     # Titans': a partial last mini-batch at D = 64 and 128, varlen, and the largest tiles: 64 x 64
     # (the one-walk backward's loads again, under its switch) and 64 x 128 (the split backward's
-    # by blocks of the states)
+    # by blocks of the states). The last backward kernel's two forms (states whole or by rows,
+    # its ROWS flag) are two code paths, each compiled at its largest launch: 16 x 128 whole
+    # (partial-200, the most shared memory of the whole form) and 64 x 128 by rows.
     "titans": (["partial-64+6", "partial-200", "varlen-empty", "cs64-d64", "cs64-d128"],
                {"chunk_titans_linear_fwd_walk_kernel", "chunk_titans_linear_fwd_o_kernel",
                 "chunk_titans_linear_bwd_kernel", "chunk_titans_linear_bwd_local_kernel",

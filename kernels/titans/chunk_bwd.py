@@ -67,10 +67,14 @@ PREFETCH = True
 # four [D, D] states alone fill 256 registers a thread at D = 128. None of this timed yet.
 GATES_WARPS = 8
 GATES_MAXNREG = 255
-# The last kernel takes the states [D, D] whole, or GATES_ROWS rows at a time where a
-# mini-batch's [C, D] tiles hold more than RELOAD_TILE values: whole, its four states and rows
-# needed 294,912 bytes of shared memory with 64-token mini-batches at D = 128.
+# The last kernel takes the states [D, D] whole where chunk_size * D * D is at most GATES_WHOLE,
+# else GATES_ROWS rows at a time. Whole, its four states and rows needed 163,840 bytes of shared
+# memory in bfloat16 with 64-token mini-batches at D = 64 and 225,280 with 16-token ones at
+# D = 128, but 262,144 with 32-token ones and 294,912 with 64-token ones at D = 128 (sm_90
+# allows 232,448; python tools/kernel_registers.py titans --case cs32-d128 --kernel bwd_gates);
+# by rows, 114,688 with 32-token ones.
 GATES_ROWS = 32
+GATES_WHOLE = 16 * 128 * 128
 # Where a mini-batch's [C, D] tiles hold more than RELOAD_TILE values (64-token mini-batches at
 # D = 128 only) the first kernel takes Q~ and K loaded again after its products with M0 and S0
 # (minibatch.reload_rows), and dQ~'s terms through the states STATE_COLS columns at a time from
@@ -270,10 +274,12 @@ def chunk_titans_linear_bwd_walk_kernel(
 def chunk_titans_linear_bwd_gates_kernel(
     w, b, theta, alpha, eta, hs, ss, dms, dss, g, dz, dka, dP, gr, dk, dtheta, dalpha, deta,
     cu_seqlens, chunk_indices, T, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-    BC: tl.constexpr, BJ: tl.constexpr, PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr,
+    BC: tl.constexpr, BJ: tl.constexpr, ROWS: tl.constexpr, PRECISION: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):
     """One mini-batch and head: dK, dtheta, dalpha, deta (step 3 of the module docstring),
-    the states BJ rows at a time."""
+    the states BJ rows at a time (ROWS: BJ < BD, a flag so that harness.compile tells the two
+    forms apart as code paths, each with its own largest launch)."""
     i_s, row0, o_c, m_t, n_t, o_d, m_d, o_s, m_s, _, _ = mini_batch_program(
         w, b, cu_seqlens, chunk_indices, T, H, D, BD, BC, IS_VARLEN)
     last = o_c == n_t - 1
@@ -358,7 +364,8 @@ def chunk_backward(q, k, v, w, b, theta, alpha, eta, hs, ss, initial, do, dht, d
     if NT:
         meta = {**{key: x for key, x in meta.items() if key != "MIXED"},
                 "PRECISION": "ieee", "num_warps": GATES_WARPS,
-                "BJ": meta["BD"] if chunk_size * meta["BD"] <= RELOAD_TILE else GATES_ROWS}
+                "ROWS": chunk_size * meta["BD"] ** 2 > GATES_WHOLE}
+        meta["BJ"] = GATES_ROWS if meta["ROWS"] else meta["BD"]
         if GATES_MAXNREG is not None:
             meta["maxnreg"] = GATES_MAXNREG
         chunk_titans_linear_bwd_gates_kernel[(NT, B * H)](
