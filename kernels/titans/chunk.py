@@ -61,7 +61,7 @@ CHUNK_SIZES = (16, 32, 64)  # tl.dot needs 16 rows at least
 # (fused_bwd.RELOAD_TILE), 196,608 after (bfloat16, 1 stage; sm_90 allows 232,448; python
 # tools/kernel_registers.py titans --impl chunk --case cs32-d128). 64-token ones at D = 128 do
 # not fit it (327,680 bytes in bfloat16); the split backward takes them (chunk_bwd.RELOAD_TILE,
-# GATES_ROWS: --case cs64-d128).
+# GATES_WHOLE: --case cs64-d128).
 MAX_TILE = 64 * 64
 # The backward's split form and the forward walk's prefetch are the defaults: on an H100 in
 # bfloat16 (B=2, H=16, D=64, 2026-12-05, reports/titans.md) the split backward took fwd+bwd
