@@ -305,6 +305,19 @@ def test_pivot_marks_failed_timeout_and_skipped_rows():
     assert table[table["mode"] == "bwd"]["chunk"].item() == "-"
 
 
+def test_printed_table_names_a_switch_form():
+    """A variant's column "chunk[LABEL]" (bench --set) is printed as named, not taken for rich
+    markup (which drops "[LABEL]" and leaves two columns both called "chunk")."""
+    from rich.console import Console
+
+    from harness.bench.report import print_pivot
+
+    console = Console(record=True, width=120)
+    rows = [{**r, "impl": "chunk[w2]"} for r in ROWS if r["impl"] == "chunk"]
+    print_pivot(console, pivot(derive(frame(ROWS + rows), CEILINGS, "sdpa")), "ms")
+    assert "chunk[w2]" in console.export_text()
+
+
 def test_writers_and_report(tmp_path):
     df = derive(frame(ROWS), CEILINGS, "sdpa")
     csv, js = write_tables(df, tmp_path, {"baseline": "sdpa"}, CEILINGS)

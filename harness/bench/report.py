@@ -18,6 +18,7 @@ from typing import Any
 
 import pandas as pd
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from harness.bench.costs import cost
@@ -122,7 +123,9 @@ def print_pivot(console: Console, table: pd.DataFrame, title: str) -> None:
         return
     t = Table(title=title, title_justify="left")
     for col in table.columns:
-        t.add_column(str(col), justify="left" if col in ("op", "dtype", "mode") else "right")
+        # escaped: a variant's name "chunk[LABEL]" would otherwise read as rich markup
+        t.add_column(escape(str(col)),
+                     justify="left" if col in ("op", "dtype", "mode") else "right")
     for row in table.itertuples(index=False):
         cells = []
         for v in row:
