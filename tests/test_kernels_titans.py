@@ -109,6 +109,7 @@ def test_products_of_small_factors_to_float32_rounding():
 
 
 @pytest.mark.parametrize("mode,state_bound", [(None, 1e-5), ("round", 1e-3), ("split", 1e-5),
+                                              ("tf32", 1e-5), ("tf32x2", 1e-5),
                                               ({"float16": "split"}, 1e-5)])
 def test_float16_within_its_rounding(monkeypatch, mode, state_bound):
     """float16 q, k, v (the rest float32): o within 1e-3 of float64 on the same rounded inputs
@@ -116,8 +117,13 @@ def test_float16_within_its_rounding(monkeypatch, mode, state_bound):
     are float32: within 1e-5 when the walk's products take the state in float32
     (chunk.WALK_MIXED None, measured 1.7e-7) or split it in two float16 halves ("split", ~22
     bits kept, also given per dtype: 5e-7 to 9e-7), within 1e-3 when they round it to float16
-    ("round": one rounding of 4.9e-4 a product, measured 2.2e-4)."""
+    ("round": one rounding of 4.9e-4 a product, measured 2.2e-4). The interpreter takes TF32
+    products exactly, so "tf32" and "tf32x2" are checked for their arithmetic here and for
+    their rounding on a GPU (harness check). The outputs' products of Q's float16 rows
+    (OUTPUT_MIXED "tf32x2", the scale applied after) with every mode: o within the same 1e-3
+    (measured 2e-4; 1.26 with Q M0 left unscaled)."""
     monkeypatch.setattr(chunk, "WALK_MIXED", mode)
+    monkeypatch.setattr(chunk, "OUTPUT_MIXED", "tf32x2")
     x, st, cu = inputs(1, 70, 2, 16)
     got, ref = both(x, st, cu, dtype=torch.float16)
     assert got[0].dtype == torch.float16

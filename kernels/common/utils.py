@@ -304,13 +304,40 @@ def dot_split(b_a, b_b, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def tf32_head(x):
+    """x's leading 11 significant bits (TF32's), truncated: exact in TF32, and x minus it exact
+    in float32 (13 bits)."""
+    return (x.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def dot_tf32x2(b_a, b_b):
+    """b_a @ b_b where one operand is float32 and the other half precision: the half one
+    widened (exact in TF32: 8 or 11 significant bits, exponents in range), the float32 one as
+    tf32_head plus the rest, two TF32 products keeping ~22 bits. As close as three TF32 passes
+    ("tf32x3", whose third product is of the half operand's rounding error: 0)."""
+    if b_a.dtype == tl.float32:
+        b_x = b_b.to(tl.float32)
+        b_hi = tf32_head(b_a)
+        return (tl.dot(b_hi, b_x, input_precision="tf32")
+                + tl.dot(b_a - b_hi, b_x, input_precision="tf32"))
+    b_x = b_a.to(tl.float32)
+    b_hi = tf32_head(b_b)
+    return (tl.dot(b_x, b_hi, input_precision="tf32")
+            + tl.dot(b_x, b_b - b_hi, input_precision="tf32"))
+
+
+@triton.jit
 def dot_mixed(b_a, b_b, PRECISION: tl.constexpr, MIXED: tl.constexpr):
     """b_a @ b_b where one operand is float32 and the other half precision, as MIXED says:
-    "split" (dot_split: ~16 bits kept, two products), "tf32" (one product in TF32: 11 bits
-    kept, the half operand widened exactly) or "round" (the float32 operand rounded to the
-    other's dtype: 8 bits for bf16). Both float32: one product at PRECISION."""
+    "tf32x2" (dot_tf32x2: ~22 bits kept, two TF32 products), "split" (dot_split: ~16 bits
+    kept, two products), "tf32" (one product in TF32: 11 bits kept, the half operand widened
+    exactly) or "round" (the float32 operand rounded to the other's dtype: 8 bits for bf16).
+    Both float32: one product at PRECISION."""
     if b_a.dtype == tl.float32 and b_b.dtype == tl.float32:
         return tl.dot(b_a, b_b, input_precision=PRECISION)
+    if MIXED == "tf32x2":
+        return dot_tf32x2(b_a, b_b)
     if MIXED == "split":
         return dot_split(b_a, b_b, PRECISION)
     if MIXED == "tf32":

@@ -25,11 +25,12 @@ exact 0, and one that underflows is 0, never 0/0.
 Two kernels, as chunk_ttt_linear's forward: one program per (sequence, head) walks the
 mini-batches with M and S in float32 on chip (Z, G and the two updates), storing the M0, S0
 each mini-batch starts from; then one program per (mini-batch, head) forms its outputs from
-them, all in parallel. Products of float32 inputs are exact ("ieee"); for half precision they
-take float32 operands in three TF32 passes (utils.dot_precision), or, under WALK_MIXED, the
-walks' products of input rows and the float32 state round or split the state. WALK_PREFETCH
-loads the next mini-batch's rows ahead of their turn, WALK_GATES_AHEAD forms the walk's gate
-factors in a parallel kernel first.
+them, all in parallel; with WALK_GATES_AHEAD (the default) a third kernel forms the walk's
+gate factors first, in parallel. Products of float32 inputs are exact ("ieee"); for half
+precision they take float32 operands in three TF32 passes (utils.dot_precision), but the
+products of input rows with a float32 state: in the walks as WALK_MIXED says (for bfloat16
+one TF32 product), in the outputs kernel as OUTPUT_MIXED says (for bfloat16 two).
+WALK_PREFETCH loads the next mini-batch's rows ahead of their turn.
 
 The backward is kernels/titans/chunk_bwd.py (split in three kernels, SPLIT_BACKWARD, the
 default), or kernels/titans/fused_bwd.py (one walk, less memory).
@@ -44,7 +45,8 @@ import triton.language as tl
 from kernels.common.layernorm import layer_norm_rows
 from kernels.common.minibatch import (dot_state, head_tile, load_square, mini_batch_meta,
                                       mini_batch_program, start_square, walk_program)
-from kernels.common.utils import check_launchable, chunk_layout, load_rows, store_rows
+from kernels.common.utils import (check_launchable, chunk_layout, dot_mixed, load_rows,
+                                  store_rows)
 from kernels.titans.chunk_bwd import chunk_backward
 from kernels.titans.fused_bwd import fused_backward
 from kernels.titans.stages import (gate_rows, mini_batch_rows, recon_grads, segment_products,
@@ -78,41 +80,70 @@ MAX_TILE = 64 * 64
 #
 # How the walks take their products of input rows and a float32 state for half-precision
 # inputs (Z = K M0 wherever it is formed, the updates K^T (c o G), and in the split backward's
-# walk K dM', K dS', Q^T dU, K^T dZ): a utils.dot_mixed mode as kernels/ttt/fused_chunk.py's
-# WALK_MIXED ("round": the state rounded to the inputs' dtype, one product; "split": the
-# state as two halves, two products), None (both operands float32, three TF32 passes), or a
-# dict from the inputs' dtype name ("float16", "bfloat16") to one of those. Through the
-# interpreter (float16, B=1, T=200, H=2, D=16, initial states, split backward) "round" put the
-# final memory 1.05e-3 from float64 and the gradients up to 1.9e-3, over float16's tolerances
-# (4.9e-4 for the states); "split" 3.4e-6 and 3.3e-4 (None: 1.6e-7 and 3.3e-4). On an H200
-# bfloat16 under "round" passed the tiling check (worst: the final memory, 71% of its
-# tolerance). Hence the registered switch's {"float16": "split", "bfloat16": "round"}.
-WALK_MIXED = None
+# walk K dM', K dS', Q^T dU, K^T dZ): a minibatch.dot_state mode ("tf32": one TF32 product,
+# the state kept to 11 bits; "tf32x2": two, ~22 bits; "round": the state rounded to the
+# inputs' dtype, one product; "split": the state as two halves, two products), None (both
+# operands float32, three TF32 passes), or a dict from the inputs' dtype name ("float16",
+# "bfloat16") to one of those. On an H100 (bfloat16, B=2, H=16, D=64, 2026-12-06,
+# reports/titans.md) fwd / fwd+bwd at T = 8K took 3.041 / 13.695 ms under None, 2.665 /
+# 11.496 under "tf32x2", 2.455 / 10.165 under "tf32"; with OUTPUT_MIXED "tf32x2" and
+# WALK_GATES_AHEAD too, "tf32" 1.884 / 9.604. The bfloat16 tiling family (harness check
+# --family tiling) passed under both TF32 modes: the final states at 14% of their tolerances
+# under "tf32" (0% under "tf32x2"), the gradients at 26% at most (23%), o 19% (19%).
+# "round" had put the final memory and dK at 95% and 98% of theirs (H100, 2026-12-05), and
+# float16's "round" its final memory at 1.05e-3 through the interpreter, over float16's
+# tolerance (4.9e-4; "split" 3.4e-6, None 1.6e-7). float16 keeps None: its TF32 modes are not
+# yet checked on a GPU.
+WALK_MIXED = {"bfloat16": "tf32"}
+# Mini-batches whose [C, D] tile holds more than this many values (64 tokens at D = 128) take
+# "tf32x2" where WALK_MIXED says "tf32": under "tf32" the backward's first kernel needed
+# 262,144 bytes of shared memory there, 196,608 under None (sm_90 allows 232,448; bfloat16;
+# python tools/kernel_registers.py titans --case cs64-d128 --kernel bwd_local, with --set for
+# the mode), and an H100 refused to launch it; "tf32x2" passed the tiling check there.
+TF32_TILE = 32 * 128
 # The forward walk's loads: the next mini-batch's rows loaded before this one's products
 # (True), or each mini-batch's when it starts (False), as TTT's WALK_PREFETCH (the split
 # backward's walk: chunk_bwd.PREFETCH).
 WALK_PREFETCH = True
+# How the outputs kernel takes Q~ M0, Q~ S0 and Q~ K^T for half-precision inputs: None (float32
+# operands, three TF32 passes each), or Q's rows in their own dtype with the scale applied
+# after, Q K^T one product of input rows and Q M0, Q S0 as a utils.dot_mixed mode ("tf32x2":
+# two TF32 passes, as close as three where one operand is exact in TF32); a dict per dtype as
+# WALK_MIXED. The forward at T = 8K under the walks' "tf32x2": 2.665 ms, 2.603 with this
+# (H100, as above); the bfloat16 tiling family's o at 19% of its tolerance either way.
+OUTPUT_MIXED = {"bfloat16": "tf32x2"}
 # What the forward walk's updates take from the gates (P[n] theta, E[n] theta, f0[n], e0[n],
-# p0[n]: segment products, logs and exps): formed by a parallel kernel first and loaded by the
-# walk (True), or formed in the walk (False), beside its chain of products either way.
-WALK_GATES_AHEAD = False
+# p0[n]: segment products, float64 logs and exps): formed by a parallel kernel first and
+# loaded by the walk (True), or formed in the walk (False), beside its chain of products
+# either way. The same values bit for bit; with it the forward at T = 8K went from 2.455 to
+# 1.884 ms (under the walks' "tf32" and OUTPUT_MIXED "tf32x2"; H100, as above).
+WALK_GATES_AHEAD = True
 # The backward: split in three kernels with only the dM', dS' chain in the walk
 # (kernels/titans/chunk_bwd.py, True), or one walk holding every product
 # (kernels/titans/fused_bwd.py, False).
 SPLIT_BACKWARD = True
 
 
+def _mode(setting, dtype: torch.dtype) -> str:
+    """A product mode (WALK_MIXED, OUTPUT_MIXED) for inputs of ``dtype`` ("" for None)."""
+    if isinstance(setting, dict):
+        setting = setting.get(str(dtype).removeprefix("torch."))
+    return setting or ""
+
+
 def walk_mixed(dtype: torch.dtype) -> str:
     """WALK_MIXED for inputs of ``dtype``, as the kernels' MIXED ("" for None)."""
-    mode = WALK_MIXED
-    if isinstance(mode, dict):
-        mode = mode.get(str(dtype).removeprefix("torch."))
-    return mode or ""
+    return _mode(WALK_MIXED, dtype)
 
 
 def walk_meta(q: torch.Tensor, chunk_size: int) -> dict:
-    """The constexprs and warps of every Titans kernel, walk_mixed as MIXED."""
-    return {**mini_batch_meta(q, chunk_size), "MIXED": walk_mixed(q.dtype)}
+    """The constexprs and warps of every Titans kernel, walk_mixed as MIXED ("tf32x2" for
+    "tf32" where a mini-batch's tile holds more than TF32_TILE values)."""
+    meta = mini_batch_meta(q, chunk_size)
+    mixed = walk_mixed(q.dtype)
+    if mixed == "tf32" and chunk_size * meta["BD"] > TF32_TILE:
+        mixed = "tf32x2"
+    return {**meta, "MIXED": mixed}
 
 
 def unsupported(D: int, chunk_size: int) -> str | None:
@@ -226,12 +257,31 @@ def chunk_titans_linear_fwd_walk_kernel(
         tl.store(st + i_nh.to(tl.int64) * D * D + o_s, b_S, mask=m_s)
 
 
+@triton.jit
+def output_products(q, row0, o_c, m_t, o_d, b_q, b_k, b_M, b_S, scale, D: tl.constexpr,
+                    H: tl.constexpr, PRECISION: tl.constexpr, OMIXED: tl.constexpr):
+    """(Q~ M0, Q~ S0, Q~ K^T) [C, BD], [C, BD], [C, C]: of float32 operands at PRECISION (b_q is
+    Q~), or under OMIXED (OUTPUT_MIXED, half-precision inputs) of Q's rows in their own dtype,
+    scaled after: Q K^T one product of input rows (exact products, float32 sums), Q M0 and
+    Q S0 as utils.dot_mixed's OMIXED mode. M0's products, then S0's: one state's operand copy
+    in shared memory at a time."""
+    if OMIXED == "" or q.dtype.element_ty == tl.float32:
+        return (tl.dot(b_q, b_M, input_precision=PRECISION),
+                tl.dot(b_q, b_S, input_precision=PRECISION),
+                tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION))
+    b_qh = load_rows(q + row0 * D, o_c, m_t, o_d, D, H)
+    return (dot_mixed(b_qh, b_M, PRECISION, OMIXED) * scale,
+            dot_mixed(b_qh, b_S, PRECISION, OMIXED) * scale,
+            tl.dot(b_qh, tl.trans(b_k.to(b_qh.dtype))) * scale)
+
+
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
 @triton.jit(do_not_specialize=['T'])
 def chunk_titans_linear_fwd_o_kernel(
     q, k, v, w, b, theta, alpha, eta, o, hs, ss, cu_seqlens, chunk_indices, scale, eps, T,
     H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
-    PRECISION: tl.constexpr, MIXED: tl.constexpr, IS_VARLEN: tl.constexpr,
+    PRECISION: tl.constexpr, MIXED: tl.constexpr, OMIXED: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):
     """One mini-batch and head: O from the M0, S0 it starts with (module docstring)."""
     i_s, row0, o_c, m_t, _, o_d, m_d, o_s, m_s, b_w, b_b = mini_batch_program(
@@ -242,14 +292,13 @@ def chunk_titans_linear_fwd_o_kernel(
                                                     o_d, scale, D, H)
     b_g, _ = recon_grads(b_k, b_v, b_M, b_w, b_b, m_t, m_d, D, eps, k.dtype.element_ty,
                          PRECISION, MIXED)
-    # M0's products, then S0's: one state's operand copy in shared memory at a time
-    b_qm = tl.dot(b_q, b_M, input_precision=PRECISION)
-    b_qs = tl.dot(b_q, b_S, input_precision=PRECISION)
+    b_qm, b_qs, b_qk = output_products(q, row0, o_c, m_t, o_d, b_q, b_k, b_M, b_S, scale, D, H,
+                                       PRECISION, OMIXED)
     b_F, b_f0, _, _ = segment_products(b_a, o_c)
     b_E, b_e0, _, _ = segment_products(b_e, o_c)
     b_P = tl.dot(b_F, b_E, input_precision=PRECISION)
     b_p0 = tl.sum(b_F * b_e0[None, :], 1)
-    b_A = b_P * b_th[None, :] * tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION)
+    b_A = b_P * b_th[None, :] * b_qk
     b_u = (b_f0[:, None] * b_qm + b_p0[:, None] * b_qs
            - tl.dot(b_A, b_g, input_precision=PRECISION))
     b_x, _ = layer_norm_rows(b_u, m_d, D, eps)
@@ -282,7 +331,7 @@ def _forward(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0, s0,
     if NT:
         chunk_titans_linear_fwd_o_kernel[(NT, B * H)](
             q, k, v, w, b, theta, alpha, eta, o, hs, ss, cu_seqlens, chunk_indices, scale,
-            float(eps), T, **meta)
+            float(eps), T, OMIXED=_mode(OUTPUT_MIXED, q.dtype), **meta)
     return o, ht, st, hs, ss
 
 
