@@ -69,8 +69,9 @@ COVER = {
     # (partial-200, the most shared memory of the whole form) and 64 x 128 by rows.
     "titans": (["partial-64+6", "partial-200", "varlen-empty", "cs64-d64", "cs64-d128"],
                {"chunk_titans_linear_fwd_gates_kernel", "chunk_titans_linear_fwd_walk_kernel",
-                "chunk_titans_linear_fwd_o_kernel", "chunk_titans_linear_bwd_kernel", "chunk_titans_linear_bwd_local_kernel",
-                "chunk_titans_linear_bwd_walk_kernel", "chunk_titans_linear_bwd_gates_kernel"}),
+                "chunk_titans_linear_fwd_o_kernel", "chunk_titans_linear_bwd_kernel",
+                "chunk_titans_linear_bwd_local_kernel", "chunk_titans_linear_bwd_walk_kernel",
+                "chunk_titans_linear_bwd_gates_kernel"}),
 }
 
 

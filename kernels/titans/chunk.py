@@ -111,7 +111,9 @@ WALK_PREFETCH = True
 # after, Q K^T one product of input rows and Q M0, Q S0 as a utils.dot_mixed mode ("tf32x2":
 # two TF32 passes, as close as three where one operand is exact in TF32); a dict per dtype as
 # WALK_MIXED. The forward at T = 8K under the walks' "tf32x2": 2.665 ms, 2.603 with this
-# (H100, as above); the bfloat16 tiling family's o at 19% of its tolerance either way.
+# (H100, as above); the bfloat16 tiling family's o at 19% of its tolerance either way. The
+# backward's first kernel recomputes U from float32 operands in three passes: the same U to
+# ~22 bits, not bit for bit.
 OUTPUT_MIXED = {"bfloat16": "tf32x2"}
 # What the forward walk's updates take from the gates (P[n] theta, E[n] theta, f0[n], e0[n],
 # p0[n]: segment products, float64 logs and exps): formed by a parallel kernel first and
