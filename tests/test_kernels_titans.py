@@ -225,19 +225,23 @@ def test_gradients_at_zero_factors(backward):
         assert rel_error(got[name], ref[name]) < 1e-5, (name, rel_error(got[name], ref[name]))
 
 
-@pytest.mark.parametrize("switch", ["prefetch", "gates_ahead"])
+@pytest.mark.parametrize("switch", ["prefetch", "gates_ahead", "q_ahead"])
 def test_walk_switches_change_no_value(monkeypatch, switch):
     """chunk.WALK_PREFETCH and chunk_bwd.PREFETCH (the next mini-batch's rows loaded ahead in
-    the forward and the split backward's walks), and chunk.WALK_GATES_AHEAD (the forward walk's
-    gate factors formed by a parallel kernel first): the same values bit for bit (the same
+    the forward and the split backward's walks), chunk.WALK_GATES_AHEAD (the forward walk's
+    gate factors formed by a parallel kernel first) and chunk_bwd.Q_AHEAD (the backward walk's
+    terms through dU taken by its first kernel): the same values bit for bit (the same
     arithmetic on the same rows), over sequences of 21, 0, 1 and 35 tokens (the load past a
-    sequence's last mini-batch reads nothing)."""
+    sequence's last mini-batch reads nothing). Q_AHEAD's walk adding its loaded
+    scale Q^T (f0 o dU) to dS instead of dM fails."""
     from kernels.titans import chunk_bwd
 
     def prefetch(on):
         if switch == "prefetch":
             monkeypatch.setattr(chunk, "WALK_PREFETCH", on)
             monkeypatch.setattr(chunk_bwd, "PREFETCH", on)
+        elif switch == "q_ahead":
+            monkeypatch.setattr(chunk_bwd, "Q_AHEAD", on)
         else:
             monkeypatch.setattr(chunk, "WALK_GATES_AHEAD", on)
 
@@ -257,13 +261,23 @@ def test_walk_switches_change_no_value(monkeypatch, switch):
         assert torch.equal(got[name], default[name]), name
 
 
-@pytest.mark.parametrize("mode", [None, "round", "split"])
+@pytest.mark.parametrize("mode", [None, "round", "split", "tf32"])
 def test_gradients_in_float16(monkeypatch, backward, mode):
     """float16 q, k, v: every gradient within 1e-3 of autograd through the float64 reference on
     the same rounded inputs (the kernel's float32 gradients of the float16 inputs are rounded
     to float16, 4.9e-4; "round" also rounds the state in the walks' products, once a product);
-    the gradients' errors measured 1.6e-4 to 4.8e-4 under both modes."""
+    the gradients' errors measured 1.6e-4 to 4.8e-4 under the three modes. "tf32" also takes
+    the outputs' products of Q's float16 rows (OUTPUT_MIXED "tf32x2") in the forward and, as
+    the forward does, in the split backward's first kernel (chunk_bwd.LOCAL_AS_OUTPUTS), and
+    the last kernel's dK products in TF32 (chunk_bwd.DK_PRECISION): exact through the
+    interpreter, so their arithmetic is checked here (the scale left off Q K^T in the first
+    kernel: dq 0.28, fails) and their rounding on a GPU."""
     monkeypatch.setattr(chunk, "WALK_MIXED", mode)
+    if mode == "tf32":
+        from kernels.titans import chunk_bwd
+        monkeypatch.setattr(chunk, "OUTPUT_MIXED", "tf32x2")
+        monkeypatch.setattr(chunk_bwd, "LOCAL_AS_OUTPUTS", True)
+        monkeypatch.setattr(chunk_bwd, "DK_PRECISION", "tf32")
     x, st, cu = inputs(1, 40, 2, 16)
     half = {n: (t.half() if n in "qkv" else t) for n, t in x.items()}
     got = grads(chunk_titans_linear, half, st, cu, 16, None)

@@ -38,6 +38,8 @@ default), or kernels/titans/fused_bwd.py (one walk, less memory).
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import triton
 import triton.language as tl
@@ -45,12 +47,11 @@ import triton.language as tl
 from kernels.common.layernorm import layer_norm_rows
 from kernels.common.minibatch import (dot_state, head_tile, load_square, mini_batch_meta,
                                       mini_batch_program, start_square, walk_program)
-from kernels.common.utils import (check_launchable, chunk_layout, dot_mixed, load_rows,
-                                  store_rows)
+from kernels.common.utils import check_launchable, chunk_layout, load_rows, store_rows
 from kernels.titans.chunk_bwd import chunk_backward
 from kernels.titans.fused_bwd import fused_backward
-from kernels.titans.stages import (gate_rows, mini_batch_rows, recon_grads, segment_products,
-                                   update_gates)
+from kernels.titans.stages import (dot_q, gate_rows, mini_batch_rows, recon_grads,
+                                   segment_products, update_gates)
 from references.operators import TITANS
 
 __all__ = ["chunk_titans_linear"]
@@ -106,6 +107,9 @@ TF32_TILE = 32 * 128
 # (True), or each mini-batch's when it starts (False), as TTT's WALK_PREFETCH (the split
 # backward's walk: chunk_bwd.PREFETCH).
 WALK_PREFETCH = True
+# The forward walk's warps: None for mini_batch_meta's (4 at D <= 64, else 8), or a number
+# (chunk_bwd.WALK_WARPS for the backward's walk).
+WALK_WARPS = None
 # How the outputs kernel takes Q~ M0, Q~ S0 and Q~ K^T for half-precision inputs: None (float32
 # operands, three TF32 passes each), or Q's rows in their own dtype with the scale applied
 # after, Q K^T one product of input rows and Q M0, Q S0 as a utils.dot_mixed mode ("tf32x2":
@@ -147,6 +151,11 @@ def walk_meta(q: torch.Tensor, chunk_size: int) -> dict:
     if mixed == "tf32" and chunk_size * meta["BD"] > TF32_TILE:
         mixed = "tf32x2"
     return {**meta, "MIXED": mixed}
+
+
+def with_warps(meta: dict, warps: int | None) -> dict:
+    """meta with num_warps set to ``warps`` (None: as it is)."""
+    return meta if warps is None else {**meta, "num_warps": warps}
 
 
 def unsupported(D: int, chunk_size: int) -> str | None:
@@ -263,19 +272,13 @@ def chunk_titans_linear_fwd_walk_kernel(
 @triton.jit
 def output_products(q, row0, o_c, m_t, o_d, b_q, b_k, b_M, b_S, scale, D: tl.constexpr,
                     H: tl.constexpr, PRECISION: tl.constexpr, OMIXED: tl.constexpr):
-    """(Q~ M0, Q~ S0, Q~ K^T) [C, BD], [C, BD], [C, C]: of float32 operands at PRECISION (b_q is
-    Q~), or under OMIXED (OUTPUT_MIXED, half-precision inputs) of Q's rows in their own dtype,
-    scaled after: Q K^T one product of input rows (exact products, float32 sums), Q M0 and
-    Q S0 as utils.dot_mixed's OMIXED mode. M0's products, then S0's: one state's operand copy
-    in shared memory at a time."""
-    if OMIXED == "" or q.dtype.element_ty == tl.float32:
-        return (tl.dot(b_q, b_M, input_precision=PRECISION),
-                tl.dot(b_q, b_S, input_precision=PRECISION),
-                tl.dot(b_q, tl.trans(b_k), input_precision=PRECISION))
+    """(Q~ M0, Q~ S0, Q~ K^T) [C, BD], [C, BD], [C, C] as stages.dot_q takes them (under OMIXED
+    from Q's rows loaded again in their own dtype). M0's products, then S0's: one state's
+    operand copy in shared memory at a time."""
     b_qh = load_rows(q + row0 * D, o_c, m_t, o_d, D, H)
-    return (dot_mixed(b_qh, b_M, PRECISION, OMIXED) * scale,
-            dot_mixed(b_qh, b_S, PRECISION, OMIXED) * scale,
-            tl.dot(b_qh, tl.trans(b_k.to(b_qh.dtype))) * scale)
+    return (dot_q(b_q, b_qh, b_M, scale, PRECISION, OMIXED),
+            dot_q(b_q, b_qh, b_S, scale, PRECISION, OMIXED),
+            dot_q(b_q, b_qh, tl.trans(b_k.to(b_qh.dtype)), scale, PRECISION, OMIXED))
 
 
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
@@ -329,7 +332,8 @@ def _forward(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0, s0,
             BD=meta["BD"], BC=chunk_size, num_warps=4)
     chunk_titans_linear_fwd_walk_kernel[(N * H,)](
         k, v, w, b, theta, alpha, eta, gc, gn, h0, s0, ht, st, hs, ss, cu_seqlens,
-        chunk_offsets, float(eps), T, PREFETCH=WALK_PREFETCH, GATES_AHEAD=ahead, **meta)
+        chunk_offsets, float(eps), T, PREFETCH=WALK_PREFETCH, GATES_AHEAD=ahead,
+        **with_warps(meta, WALK_WARPS))
     o = torch.empty_like(v)
     if NT:
         chunk_titans_linear_fwd_o_kernel[(NT, B * H)](
@@ -351,7 +355,8 @@ class ChunkTitansFunction(torch.autograd.Function):
         ctx.scale, ctx.eps, ctx.chunk_size = scale, eps, chunk_size
         # the switches as the forward ran: the backward recomputes G with its products
         ctx.meta = walk_meta(q, chunk_size)
-        ctx.backward = chunk_backward if SPLIT_BACKWARD else fused_backward
+        ctx.backward = (partial(chunk_backward, omixed=_mode(OUTPUT_MIXED, q.dtype))
+                        if SPLIT_BACKWARD else fused_backward)
         return o, ht, st
 
     @staticmethod

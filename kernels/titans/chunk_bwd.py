@@ -46,7 +46,7 @@ from kernels.common.minibatch import (dot_state, load_square, load_square_cols, 
                                       mini_batch_program, reload_rows, start_square,
                                       walk_program)
 from kernels.common.utils import chunk_layout, load_rows, store_rows
-from kernels.titans.stages import (dot_at, dq_state, gate_rows, gates_bwd, hand_on_gates,
+from kernels.titans.stages import (dot_at, dot_q, dq_state, gate_rows, gates_bwd, hand_on_gates,
                                    mini_batch_rows, outputs_bwd_from, recon_grads,
                                    segment_products)
 
@@ -55,6 +55,8 @@ __all__ = ["chunk_backward"]
 # The walk's loads: the next mini-batch's rows loaded before this one's products (True), or
 # each mini-batch's when it starts (False); chunk.WALK_PREFETCH for the forward walk.
 PREFETCH = True
+# The walk's warps: None for mini_batch_meta's (4 at D <= 64, else 8), or a number.
+WALK_WARPS = None
 # The last kernel's products (dZ M0^T, (cM o G) dM'^T, (cS o G) dS'^T, and the gates' [C, C]
 # ones) take float32 operands exactly ("ieee", FMA loops) for every input dtype, at 8 warps.
 # Under three TF32 passes at 4 warps ptxas gave its bfloat16 form 32 registers and 17,880 bytes
@@ -67,6 +69,12 @@ PREFETCH = True
 # four [D, D] states alone fill 256 registers a thread at D = 128. None of this timed yet.
 GATES_WARPS = 8
 GATES_MAXNREG = 255
+# The input_precision of the last kernel's dK products (dZ M0^T, (cM o G) dM'^T,
+# (cS o G) dS'^T, all float32 operands) for half-precision inputs: None ("ieee", as above), or
+# a Triton input_precision ("tf32": one TF32 product, both operands kept to 11 bits; "tf32x3":
+# three passes), or a dict per dtype as chunk.WALK_MIXED. float32 inputs stay "ieee"; the
+# gates' [C, C] products stay "ieee" in every form.
+DK_PRECISION = None
 # The last kernel takes the states [D, D] whole where chunk_size * D * D is at most GATES_WHOLE,
 # else GATES_ROWS rows at a time. Whole, its four states and rows needed 163,840 bytes of shared
 # memory in bfloat16 with 64-token mini-batches at D = 64 and 225,280 with 16-token ones at
@@ -82,6 +90,17 @@ GATES_WHOLE = 16 * 128 * 128
 # the states loaded again whole for those terms.
 RELOAD_TILE = tl.constexpr(64 * 64)
 STATE_COLS = tl.constexpr(32)
+# How the first kernel takes Q~ M0, Q~ S0 and Q~ K^T for half-precision inputs: as the forward's
+# outputs kernel does under chunk.OUTPUT_MIXED (stages.dot_q: Q's own rows, the same U bit for
+# bit; True), or of float32 operands at PRECISION (False). Tiles past RELOAD_TILE take PRECISION
+# either way (their loads are placed for shared memory).
+LOCAL_AS_OUTPUTS = False
+# Where dM's and dS's terms through dU, scale Q^T (f0 o dU) and scale Q^T (p0 o dU), are taken:
+# by the first kernel, stored per mini-batch [D, D] and loaded by the walk (True: two of the
+# walk's five products out of its chain, for two more [D, D] float32 tensors per mini-batch),
+# or in the walk (False). The same products at the walk's MIXED either way. Tiles past
+# RELOAD_TILE take them in the walk.
+Q_AHEAD = False
 # The columns of the per-row float32 tensor ``gr`` [B, T, H, NG] the three kernels hand on.
 (ROW_CM, ROW_CS, ROW_F0, ROW_P0, ROW_E0, ROW_DP0, ROW_DF0, ROW_DTH, ROW_DCM,
  ROW_DCS) = (tl.constexpr(j) for j in range(10))
@@ -120,13 +139,13 @@ def _dq_states_by_blocks(p_du, hs, ss, i_s, b_f0, b_p0, o_c, m_t, o_d, m_d, D: t
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
 @triton.jit(do_not_specialize=['T'])
 def chunk_titans_linear_bwd_local_kernel(
-    q, k, v, w, b, theta, alpha, eta, do, hs, ss, dq, z, du, dgu, dka, dP, gr, dw, db,
+    q, k, v, w, b, theta, alpha, eta, do, hs, ss, dq, z, du, dgu, dka, dP, gr, dw, db, qa, qb,
     cu_seqlens, chunk_indices, scale, eps, T, H: tl.constexpr, D: tl.constexpr,
     BD: tl.constexpr, BC: tl.constexpr, PRECISION: tl.constexpr, MIXED: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
+    OMIXED: tl.constexpr, Q_AHEAD: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """One mini-batch and head: the gradients that do not depend on the later mini-batches
-    (step 1 of the module docstring)."""
+    (step 1 of the module docstring); Q~'s products as stages.dot_q under OMIXED."""
     i_s, row0, o_c, m_t, n_t, o_d, m_d, o_s, m_s, b_w, b_b = mini_batch_program(
         w, b, cu_seqlens, chunk_indices, T, H, D, BD, BC, IS_VARLEN)
     b_M = load_square(hs, i_s, o_s, m_s, D)
@@ -138,19 +157,30 @@ def chunk_titans_linear_bwd_local_kernel(
     # past RELOAD_TILE the later products take Q~ and K loaded again: the compiler places a
     # loaded tile's shared-memory copies at its load, so those of the first loads would live
     # beside the states' copies
-    b_qm = dot_at(b_q, b_M, PRECISION)
+    b_qh = load_rows(q + row0 * D, o_c, m_t, o_d, D, H)
+    b_qm = dot_q(b_q, b_qh, b_M, scale, PRECISION, OMIXED)
     b_g, b_z = recon_grads(b_k, b_v, b_M, b_w, b_b, m_t, m_d, D, eps, k.dtype.element_ty,
                            PRECISION, MIXED)
-    b_qs = dot_at(b_q, b_S, PRECISION)
+    b_qs = dot_q(b_q, b_qh, b_S, scale, PRECISION, OMIXED)
     b_q = reload_rows(b_q, q + row0 * D, o_c, m_t, o_d, scale, D, H, RELOAD_TILE)
     b_k = reload_rows(b_k, k + row0 * D, o_c, m_t, o_d, 1., D, H, RELOAD_TILE)
     b_F, b_f0, _, _ = segment_products(b_a, o_c)
     b_E, b_e0, _, _ = segment_products(b_e, o_c)
     (b_du, b_dq, b_dk, b_dg, b_dP, b_p0, b_dp0, b_df0, b_dth, b_dw,
      b_db) = outputs_bwd_from(b_q, b_k, b_g, b_do, b_qm, b_qs, dot_at(b_F, b_E, PRECISION),
-                              dot_at(b_q, tl.trans(b_k), PRECISION), b_th, b_F, b_f0, b_e0, b_w,
-                              b_b, o_c, m_d, D, eps, PRECISION)
+                              dot_q(b_q, b_qh, tl.trans(b_k.to(b_qh.dtype)), scale, PRECISION,
+                                    OMIXED),
+                              b_th, b_F, b_f0, b_e0, b_w, b_b, o_c, m_d, D, eps, PRECISION)
     store_rows(du + row0 * D, b_du, o_c, m_t, o_d, D, H)
+    if Q_AHEAD:  # the walk's scale Q^T (f0 o dU), scale Q^T (p0 o dU)
+        b_qt = tl.trans(b_qh.to(tl.float32))
+        b_dum = tl.where(m_t[:, None], b_du, 0.)
+        tl.store(qa + i_s.to(tl.int64) * D * D + o_s,
+                 scale * dot_state(b_qt, b_f0[:, None] * b_dum, q.dtype.element_ty, PRECISION,
+                                   MIXED), mask=m_s)
+        tl.store(qb + i_s.to(tl.int64) * D * D + o_s,
+                 scale * dot_state(b_qt, b_p0[:, None] * b_dum, q.dtype.element_ty, PRECISION,
+                                   MIXED), mask=m_s)
     if BC * BD > RELOAD_TILE:
         b_dq += _dq_states_by_blocks(du + row0 * D, hs, ss, i_s, b_f0, b_p0, o_c, m_t, o_d, m_d,
                                      D, H, BD, PRECISION)
@@ -193,6 +223,16 @@ def walk_rows(q, k, v, z, du, dgu, dka, gr, i_t, bos, L, i_h, o_c, o_d, D: tl.co
             _col(gr, row0, o_c, m_t, H, ROW_E0))
 
 
+@triton.jit
+def _ahead_terms(qa, qb, c0, i_t, i_h, o_s, m_s, H: tl.constexpr, D: tl.constexpr):
+    """Mini-batch i_t's scale Q^T (f0 o dU), scale Q^T (p0 o dU) as the first kernel stored
+    them (Q_AHEAD; zeros for i_t < 0)."""
+    i_s = ((c0 + i_t) * H + i_h).to(tl.int64)
+    m_a = m_s & (i_t >= 0)
+    return (tl.load(qa + i_s * D * D + o_s, mask=m_a, other=0.),
+            tl.load(qb + i_s * D * D + o_s, mask=m_a, other=0.))
+
+
 @triton.heuristics({
     'USE_INITIAL_STATE': lambda a: a['dh0'] is not None,
     'USE_FINAL_STATE_GRADIENT': lambda a: a['dht'] is not None,
@@ -200,11 +240,11 @@ def walk_rows(q, k, v, z, du, dgu, dka, gr, i_t, bos, L, i_h, o_c, o_d, D: tl.co
 })
 @triton.jit(do_not_specialize=['T'])
 def chunk_titans_linear_bwd_walk_kernel(
-    q, k, v, w, b, z, du, dgu, dka, dv, gr, dms, dss, dht, dst, dh0, ds0, dw, db, cu_seqlens,
-    chunk_offsets, scale, eps, T, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-    BC: tl.constexpr, PRECISION: tl.constexpr, MIXED: tl.constexpr,
+    q, k, v, w, b, z, du, dgu, dka, dv, gr, dms, dss, qa, qb, dht, dst, dh0, ds0, dw, db,
+    cu_seqlens, chunk_offsets, scale, eps, T, H: tl.constexpr, D: tl.constexpr,
+    BD: tl.constexpr, BC: tl.constexpr, PRECISION: tl.constexpr, MIXED: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, USE_FINAL_STATE_GRADIENT: tl.constexpr,
-    PREFETCH: tl.constexpr, IS_VARLEN: tl.constexpr,
+    PREFETCH: tl.constexpr, Q_AHEAD: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """One sequence and head: dM', dS' carried from the last mini-batch to the first (step 2 of
     the module docstring); dw, db of G's LayerNorm per (sequence, head)."""
@@ -218,6 +258,8 @@ def chunk_titans_linear_bwd_walk_kernel(
     if PREFETCH:
         (b_qr, b_k, b_v, b_z, b_du, b_dgu, b_dka, b_cm, b_cs, b_f0, b_p0, b_e0) = walk_rows(
             q, k, v, z, du, dgu, dka, gr, NT - 1, bos, L, i_h, o_c, o_d, D, H, BC)
+        if Q_AHEAD:
+            b_qa, b_qb = _ahead_terms(qa, qb, c0, NT - 1, i_h, o_s, m_s, H, D)
     for i_r in range(NT):
         i_t = NT - 1 - i_r
         i_s = ((c0 + i_t) * H + i_h).to(tl.int64)
@@ -228,9 +270,13 @@ def chunk_titans_linear_bwd_walk_kernel(
         if PREFETCH:  # mini-batch i_t - 1's
             (n_qr, n_k, n_v, n_z, n_du, n_dgu, n_dka, n_cm, n_cs, n_f0, n_p0, n_e0) = walk_rows(
                 q, k, v, z, du, dgu, dka, gr, i_t - 1, bos, L, i_h, o_c, o_d, D, H, BC)
+            if Q_AHEAD:
+                n_qa, n_qb = _ahead_terms(qa, qb, c0, i_t - 1, i_h, o_s, m_s, H, D)
         else:
             (b_qr, b_k, b_v, b_z, b_du, b_dgu, b_dka, b_cm, b_cs, b_f0, b_p0, b_e0) = walk_rows(
                 q, k, v, z, du, dgu, dka, gr, i_t, bos, L, i_h, o_c, o_d, D, H, BC)
+            if Q_AHEAD:
+                b_qa, b_qb = _ahead_terms(qa, qb, c0, i_t, i_h, o_s, m_s, H, D)
         last = o_c == tl.minimum(BC, L - i_t * BC) - 1
         # M' = f0[n] M0 + p0[n] S0 - K^T (cM o G),  S' = e0[n] S0 - K^T (cS o G)
         b_rm = dot_state(b_k, b_dM, k.dtype.element_ty, PRECISION, MIXED)
@@ -246,13 +292,13 @@ def chunk_titans_linear_bwd_walk_kernel(
         p0n = tl.sum(tl.where(last, b_p0, 0.), 0)
         e0n = tl.sum(tl.where(last, b_e0, 0.), 0)
         # Z = K M0,  U = f0 (Q~ M0) + p0 (Q~ S0) - ...
-        b_qt = tl.trans(b_qr)
         half = k.dtype.element_ty
-        b_dM, b_dS = (f0n * b_dM
-                      + scale * dot_state(b_qt, b_f0[:, None] * b_du, half, PRECISION, MIXED)
-                      + dot_state(tl.trans(b_k), b_dz, half, PRECISION, MIXED),
-                      p0n * b_dM + e0n * b_dS
-                      + scale * dot_state(b_qt, b_p0[:, None] * b_du, half, PRECISION, MIXED))
+        if not Q_AHEAD:
+            b_qt = tl.trans(b_qr)
+            b_qa = scale * dot_state(b_qt, b_f0[:, None] * b_du, half, PRECISION, MIXED)
+            b_qb = scale * dot_state(b_qt, b_p0[:, None] * b_du, half, PRECISION, MIXED)
+        b_dM, b_dS = (f0n * b_dM + b_qa + dot_state(tl.trans(b_k), b_dz, half, PRECISION, MIXED),
+                      p0n * b_dM + e0n * b_dS + b_qb)
         b_dwa += b_dw
         b_dba += b_db
         store_rows(du + row0 * D, b_g, o_c, m_t, o_d, D, H)
@@ -262,6 +308,8 @@ def chunk_titans_linear_bwd_walk_kernel(
         if PREFETCH:
             (b_qr, b_k, b_v, b_z, b_du, b_dgu, b_dka, b_cm, b_cs, b_f0, b_p0, b_e0) = (
                 n_qr, n_k, n_v, n_z, n_du, n_dgu, n_dka, n_cm, n_cs, n_f0, n_p0, n_e0)
+            if Q_AHEAD:
+                b_qa, b_qb = n_qa, n_qb
     if USE_INITIAL_STATE:
         tl.store(dh0 + i_nh.to(tl.int64) * D * D + o_s, b_dM, mask=m_s)
         tl.store(ds0 + i_nh.to(tl.int64) * D * D + o_s, b_dS, mask=m_s)
@@ -275,7 +323,7 @@ def chunk_titans_linear_bwd_gates_kernel(
     w, b, theta, alpha, eta, hs, ss, dms, dss, g, dz, dka, dP, gr, dk, dtheta, dalpha, deta,
     cu_seqlens, chunk_indices, T, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     BC: tl.constexpr, BJ: tl.constexpr, ROWS: tl.constexpr, PRECISION: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
+    DK_PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """One mini-batch and head: dK, dtheta, dalpha, deta (step 3 of the module docstring),
     the states BJ rows at a time (ROWS: BJ < BD, a flag so that harness.compile tells the two
@@ -300,9 +348,9 @@ def chunk_titans_linear_bwd_gates_kernel(
         b_dM = load_square_rows(dms, i_s, o_j, o_d, m_d, D)
         b_dS = load_square_rows(dss, i_s, o_j, o_d, m_d, D)
         b_dk = (load_rows(dka + row0 * D, o_c, m_t, o_j, D, H)
-                + dot_at(b_dz, tl.trans(b_M), PRECISION)
-                - dot_at(b_gm, tl.trans(b_dM), PRECISION)
-                - dot_at(b_gs, tl.trans(b_dS), PRECISION))
+                + dot_at(b_dz, tl.trans(b_M), DK_PRECISION)
+                - dot_at(b_gm, tl.trans(b_dM), DK_PRECISION)
+                - dot_at(b_gs, tl.trans(b_dS), DK_PRECISION))
         store_rows(dk + row0 * D, b_dk, o_c, m_t, o_j, D, H)
         b_S = load_square_rows(ss, i_s, o_j, o_d, m_d, D)
         b_mm += tl.sum(tl.sum(b_dM * b_M, 1), 0)
@@ -322,6 +370,14 @@ def chunk_titans_linear_bwd_gates_kernel(
     tl.store(deta + p, b_de.to(deta.dtype.element_ty), mask=m_t)
 
 
+def dk_precision(dtype: torch.dtype) -> str:
+    """DK_PRECISION for inputs of ``dtype``: "ieee" for float32 and where it says None."""
+    setting = DK_PRECISION
+    if isinstance(setting, dict):
+        setting = setting.get(str(dtype).removeprefix("torch."))
+    return "ieee" if dtype == torch.float32 or not setting else setting
+
+
 def final_state_grads(dht, dst, N: int, H: int, D: int, device):
     """The gradients of the final memory and momentum as the backward walks take them: float32
     and contiguous, or both None; with one of the final states unused, zeros for its
@@ -333,11 +389,12 @@ def final_state_grads(dht, dst, N: int, H: int, D: int, device):
 
 
 def chunk_backward(q, k, v, w, b, theta, alpha, eta, hs, ss, initial, do, dht, dst, scale, eps,
-                   chunk_size, cu_seqlens, meta):
+                   chunk_size, cu_seqlens, meta, omixed=""):
     """(dq, dk, dv, dw, db, dtheta, dalpha, deta, d initial M or None, d initial S or None),
     from the states each mini-batch started with (hs, ss); ``initial``: whether the call had an
     initial memory or momentum; ``meta``: the kernels' constexprs and warps
-    (chunk.walk_meta)."""
+    (chunk.walk_meta); ``omixed``: the outputs kernel's mode (chunk.OUTPUT_MIXED, as the
+    forward ran) for LOCAL_AS_OUTPUTS."""
     B, T, H, D = q.shape
     N, NT, chunk_indices, chunk_offsets = chunk_layout(B, T, cu_seqlens, chunk_size)
     chunks = NT * (B if cu_seqlens is None else 1)
@@ -349,6 +406,10 @@ def chunk_backward(q, k, v, w, b, theta, alpha, eta, hs, ss, initial, do, dht, d
     gr = torch.empty(B, T, H, NG.value, **f32)
     dP = torch.empty(chunks, H, chunk_size, chunk_size, **f32)
     dms, dss = (torch.empty(chunks, H, D, D, **f32) for _ in range(2))
+    small = chunk_size * meta["BD"] <= RELOAD_TILE
+    ahead = Q_AHEAD and small and NT > 0
+    qa, qb = ((torch.empty(chunks, H, D, D, **f32) for _ in range(2)) if ahead
+              else (dms, dss))
     dw1, db1 = torch.empty(chunks, H, D, **f32), torch.empty(chunks, H, D, **f32)
     dw2, db2 = torch.empty(N, H, D, **f32), torch.empty(N, H, D, **f32)
     dh0, ds0 = ((torch.empty(N, H, D, D, **f32), torch.empty(N, H, D, D, **f32)) if initial
@@ -357,13 +418,16 @@ def chunk_backward(q, k, v, w, b, theta, alpha, eta, hs, ss, initial, do, dht, d
     if NT:
         chunk_titans_linear_bwd_local_kernel[(NT, B * H)](
             q, k, v, w, b, theta, alpha, eta, do, hs, ss, dq, z, du, dgu, dka, dP, gr, dw1, db1,
-            cu_seqlens, chunk_indices, scale, float(eps), T, **meta)
+            qa, qb, cu_seqlens, chunk_indices, scale, float(eps), T,
+            OMIXED=omixed if LOCAL_AS_OUTPUTS and small else "", Q_AHEAD=ahead, **meta)
     chunk_titans_linear_bwd_walk_kernel[(N * H,)](
-        q, k, v, w, b, z, du, dgu, dka, dv, gr, dms, dss, dht, dst, dh0, ds0, dw2, db2,
-        cu_seqlens, chunk_offsets, scale, float(eps), T, PREFETCH=PREFETCH, **meta)
+        q, k, v, w, b, z, du, dgu, dka, dv, gr, dms, dss, qa, qb, dht, dst, dh0, ds0, dw2, db2,
+        cu_seqlens, chunk_offsets, scale, float(eps), T, PREFETCH=PREFETCH, Q_AHEAD=ahead,
+        **(meta if WALK_WARPS is None else {**meta, "num_warps": WALK_WARPS}))
     if NT:
         meta = {**{key: x for key, x in meta.items() if key != "MIXED"},
                 "PRECISION": "ieee", "num_warps": GATES_WARPS,
+                "DK_PRECISION": dk_precision(q.dtype),
                 "ROWS": chunk_size * meta["BD"] ** 2 > GATES_WHOLE}
         meta["BJ"] = GATES_ROWS if meta["ROWS"] else meta["BD"]
         if GATES_MAXNREG is not None:

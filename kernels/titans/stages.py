@@ -11,9 +11,9 @@ import triton.language as tl
 
 from kernels.common.layernorm import layer_norm_bwd_rows, layer_norm_rows, ln_recon_grad_rows
 from kernels.common.minibatch import dot_state
-from kernels.common.utils import load_rows
+from kernels.common.utils import dot_mixed, load_rows
 
-__all__ = ["dot_at", "dq_state", "gate_rows", "gates_bwd", "hand_on_gates",
+__all__ = ["dot_at", "dot_q", "dq_state", "gate_rows", "gates_bwd", "hand_on_gates",
            "mini_batch_rows", "outputs_bwd", "recon_grads", "row_of", "segment_products",
            "segment_products_bwd", "update_gates"]
 
@@ -121,6 +121,22 @@ def recon_grads(b_k, b_v, b_M, b_w, b_b, m_t, m_d, D: tl.constexpr, eps, HALF: t
 def dot_at(a, b, PRECISION: tl.constexpr):
     """a @ b at PRECISION (float32 operands)."""
     return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
+def dot_q(b_q, b_qh, b_x, scale, PRECISION: tl.constexpr, OMIXED: tl.constexpr):
+    """Q~ @ b_x: of float32 Q~ (b_q) at PRECISION, or under OMIXED (chunk.OUTPUT_MIXED, for
+    half-precision inputs) of Q's rows in their own dtype (b_qh), scaled after: with a float32
+    b_x (a state) as utils.dot_mixed's OMIXED mode, with b_x in b_qh's dtype (K^T) one product
+    of input rows (exact products, float32 sums)."""
+    # one return: the compiler builds what follows a return inside a constexpr if
+    if OMIXED == "" or b_qh.dtype == tl.float32:
+        b_y = tl.dot(b_q, b_x.to(tl.float32), input_precision=PRECISION)
+    elif b_x.dtype == tl.float32:
+        b_y = dot_mixed(b_qh, b_x, PRECISION, OMIXED) * scale
+    else:
+        b_y = tl.dot(b_qh, b_x) * scale
+    return b_y
 
 
 @triton.jit
