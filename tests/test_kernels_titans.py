@@ -225,23 +225,19 @@ def test_gradients_at_zero_factors(backward):
         assert rel_error(got[name], ref[name]) < 1e-5, (name, rel_error(got[name], ref[name]))
 
 
-@pytest.mark.parametrize("switch", ["prefetch", "gates_ahead", "q_ahead"])
+@pytest.mark.parametrize("switch", ["prefetch", "gates_ahead"])
 def test_walk_switches_change_no_value(monkeypatch, switch):
     """chunk.WALK_PREFETCH and chunk_bwd.PREFETCH (the next mini-batch's rows loaded ahead in
-    the forward and the split backward's walks), chunk.WALK_GATES_AHEAD (the forward walk's
-    gate factors formed by a parallel kernel first) and chunk_bwd.Q_AHEAD (the backward walk's
-    terms through dU taken by its first kernel): the same values bit for bit (the same
+    the forward and the split backward's walks), and chunk.WALK_GATES_AHEAD (the forward walk's
+    gate factors formed by a parallel kernel first): the same values bit for bit (the same
     arithmetic on the same rows), over sequences of 21, 0, 1 and 35 tokens (the load past a
-    sequence's last mini-batch reads nothing). Q_AHEAD's walk adding its loaded
-    scale Q^T (f0 o dU) to dS instead of dM fails."""
+    sequence's last mini-batch reads nothing)."""
     from kernels.titans import chunk_bwd
 
     def prefetch(on):
         if switch == "prefetch":
             monkeypatch.setattr(chunk, "WALK_PREFETCH", on)
             monkeypatch.setattr(chunk_bwd, "PREFETCH", on)
-        elif switch == "q_ahead":
-            monkeypatch.setattr(chunk_bwd, "Q_AHEAD", on)
         else:
             monkeypatch.setattr(chunk, "WALK_GATES_AHEAD", on)
 

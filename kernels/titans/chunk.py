@@ -108,7 +108,7 @@ TF32_TILE = 32 * 128
 # backward's walk: chunk_bwd.PREFETCH).
 WALK_PREFETCH = True
 # The forward walk's warps: None for mini_batch_meta's (4 at D <= 64, else 8), or a number
-# (chunk_bwd.WALK_WARPS for the backward's walk).
+# (chunk_bwd.WALK_WARPS for the backward's walk; neither timed yet).
 WALK_WARPS = None
 # How the outputs kernel takes Q~ M0, Q~ S0 and Q~ K^T for half-precision inputs: None (float32
 # operands, three TF32 passes each), or Q's rows in their own dtype with the scale applied

@@ -55,10 +55,11 @@ __all__ = ["chunk_backward"]
 # The walk's loads: the next mini-batch's rows loaded before this one's products (True), or
 # each mini-batch's when it starts (False); chunk.WALK_PREFETCH for the forward walk.
 PREFETCH = True
-# The walk's warps: None for mini_batch_meta's (4 at D <= 64, else 8), or a number.
+# The walk's warps: None for mini_batch_meta's (4 at D <= 64, else 8), or a number (untimed).
 WALK_WARPS = None
 # The last kernel's products (dZ M0^T, (cM o G) dM'^T, (cS o G) dS'^T, and the gates' [C, C]
-# ones) take float32 operands exactly ("ieee", FMA loops) for every input dtype, at 8 warps.
+# ones) take float32 operands exactly ("ieee", FMA loops), at 8 warps; DK_PRECISION below
+# for the dK products of half-precision inputs.
 # Under three TF32 passes at 4 warps ptxas gave its bfloat16 form 32 registers and 17,880 bytes
 # of spill stores a thread (sm_90, D = 64; python tools/kernel_registers.py titans --impl
 # chunk --kernel gates), and it took 21.2 ms of a 28.1 ms fwd+bwd step (H200, bfloat16, B=2,
@@ -66,15 +67,21 @@ WALK_WARPS = None
 # exact products at 8 warps: 128 registers and no spill. At D = 128 ptxas gave the exact form
 # 32 registers and 15,128 bytes of spill stores on its own, 5,508 with a .maxnreg of 255
 # (GATES_MAXNREG; None leaves the choice to ptxas; at D = 64: 182 registers, no spill). Its
-# four [D, D] states alone fill 256 registers a thread at D = 128. None of this timed yet.
+# four [D, D] states alone fill 256 registers a thread at D = 128. For bfloat16 its dK
+# products take one TF32 product since (DK_PRECISION).
 GATES_WARPS = 8
 GATES_MAXNREG = 255
 # The input_precision of the last kernel's dK products (dZ M0^T, (cM o G) dM'^T,
-# (cS o G) dS'^T, all float32 operands) for half-precision inputs: None ("ieee", as above), or
-# a Triton input_precision ("tf32": one TF32 product, both operands kept to 11 bits; "tf32x3":
+# (cS o G) dS'^T, all float32 operands) for half-precision inputs: None ("ieee", as above), a
+# Triton input_precision ("tf32": one TF32 product, both operands kept to 11 bits; "tf32x3":
 # three passes), or a dict per dtype as chunk.WALK_MIXED. float32 inputs stay "ieee"; the
-# gates' [C, C] products stay "ieee" in every form.
-DK_PRECISION = None
+# gates' [C, C] products stay "ieee" in every form. On an H100 (bfloat16, B=2, H=16, D=64,
+# T=8192, 2026-12-06; python tools/kernel_profile.py titans chunk --seq-len 8192 --head-dim 64
+# --mode fwdbwd) "tf32" took the kernel from 2,629 to 1,287 µs and the fwd+bwd step from 9,750
+# to 8,401; in the bfloat16 tiling family (13 classes) dK's error moved 0.87x to 1.08x, its
+# worst 23.8% of the tolerance (24.2% before), and no other quantity moved. float16 keeps
+# "ieee": its TF32 forms are not yet checked on a GPU.
+DK_PRECISION = {"bfloat16": "tf32"}
 # The last kernel takes the states [D, D] whole where chunk_size * D * D is at most GATES_WHOLE,
 # else GATES_ROWS rows at a time. Whole, its four states and rows needed 163,840 bytes of shared
 # memory in bfloat16 with 64-token mini-batches at D = 64 and 225,280 with 16-token ones at
@@ -93,14 +100,8 @@ STATE_COLS = tl.constexpr(32)
 # How the first kernel takes Q~ M0, Q~ S0 and Q~ K^T for half-precision inputs: as the forward's
 # outputs kernel does under chunk.OUTPUT_MIXED (stages.dot_q: Q's own rows, the same U bit for
 # bit; True), or of float32 operands at PRECISION (False). Tiles past RELOAD_TILE take PRECISION
-# either way (their loads are placed for shared memory).
+# either way (their loads are placed for shared memory). Not yet timed on its own.
 LOCAL_AS_OUTPUTS = False
-# Where dM's and dS's terms through dU, scale Q^T (f0 o dU) and scale Q^T (p0 o dU), are taken:
-# by the first kernel, stored per mini-batch [D, D] and loaded by the walk (True: two of the
-# walk's five products out of its chain, for two more [D, D] float32 tensors per mini-batch),
-# or in the walk (False). The same products at the walk's MIXED either way. Tiles past
-# RELOAD_TILE take them in the walk.
-Q_AHEAD = False
 # The columns of the per-row float32 tensor ``gr`` [B, T, H, NG] the three kernels hand on.
 (ROW_CM, ROW_CS, ROW_F0, ROW_P0, ROW_E0, ROW_DP0, ROW_DF0, ROW_DTH, ROW_DCM,
  ROW_DCS) = (tl.constexpr(j) for j in range(10))
@@ -139,10 +140,10 @@ def _dq_states_by_blocks(p_du, hs, ss, i_s, b_f0, b_p0, o_c, m_t, o_d, m_d, D: t
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
 @triton.jit(do_not_specialize=['T'])
 def chunk_titans_linear_bwd_local_kernel(
-    q, k, v, w, b, theta, alpha, eta, do, hs, ss, dq, z, du, dgu, dka, dP, gr, dw, db, qa, qb,
+    q, k, v, w, b, theta, alpha, eta, do, hs, ss, dq, z, du, dgu, dka, dP, gr, dw, db,
     cu_seqlens, chunk_indices, scale, eps, T, H: tl.constexpr, D: tl.constexpr,
     BD: tl.constexpr, BC: tl.constexpr, PRECISION: tl.constexpr, MIXED: tl.constexpr,
-    OMIXED: tl.constexpr, Q_AHEAD: tl.constexpr, IS_VARLEN: tl.constexpr,
+    OMIXED: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """One mini-batch and head: the gradients that do not depend on the later mini-batches
     (step 1 of the module docstring); Q~'s products as stages.dot_q under OMIXED."""
@@ -172,15 +173,6 @@ def chunk_titans_linear_bwd_local_kernel(
                                     OMIXED),
                               b_th, b_F, b_f0, b_e0, b_w, b_b, o_c, m_d, D, eps, PRECISION)
     store_rows(du + row0 * D, b_du, o_c, m_t, o_d, D, H)
-    if Q_AHEAD:  # the walk's scale Q^T (f0 o dU), scale Q^T (p0 o dU)
-        b_qt = tl.trans(b_qh.to(tl.float32))
-        b_dum = tl.where(m_t[:, None], b_du, 0.)
-        tl.store(qa + i_s.to(tl.int64) * D * D + o_s,
-                 scale * dot_state(b_qt, b_f0[:, None] * b_dum, q.dtype.element_ty, PRECISION,
-                                   MIXED), mask=m_s)
-        tl.store(qb + i_s.to(tl.int64) * D * D + o_s,
-                 scale * dot_state(b_qt, b_p0[:, None] * b_dum, q.dtype.element_ty, PRECISION,
-                                   MIXED), mask=m_s)
     if BC * BD > RELOAD_TILE:
         b_dq += _dq_states_by_blocks(du + row0 * D, hs, ss, i_s, b_f0, b_p0, o_c, m_t, o_d, m_d,
                                      D, H, BD, PRECISION)
@@ -223,16 +215,6 @@ def walk_rows(q, k, v, z, du, dgu, dka, gr, i_t, bos, L, i_h, o_c, o_d, D: tl.co
             _col(gr, row0, o_c, m_t, H, ROW_E0))
 
 
-@triton.jit
-def _ahead_terms(qa, qb, c0, i_t, i_h, o_s, m_s, H: tl.constexpr, D: tl.constexpr):
-    """Mini-batch i_t's scale Q^T (f0 o dU), scale Q^T (p0 o dU) as the first kernel stored
-    them (Q_AHEAD; zeros for i_t < 0)."""
-    i_s = ((c0 + i_t) * H + i_h).to(tl.int64)
-    m_a = m_s & (i_t >= 0)
-    return (tl.load(qa + i_s * D * D + o_s, mask=m_a, other=0.),
-            tl.load(qb + i_s * D * D + o_s, mask=m_a, other=0.))
-
-
 @triton.heuristics({
     'USE_INITIAL_STATE': lambda a: a['dh0'] is not None,
     'USE_FINAL_STATE_GRADIENT': lambda a: a['dht'] is not None,
@@ -240,11 +222,11 @@ def _ahead_terms(qa, qb, c0, i_t, i_h, o_s, m_s, H: tl.constexpr, D: tl.constexp
 })
 @triton.jit(do_not_specialize=['T'])
 def chunk_titans_linear_bwd_walk_kernel(
-    q, k, v, w, b, z, du, dgu, dka, dv, gr, dms, dss, qa, qb, dht, dst, dh0, ds0, dw, db,
-    cu_seqlens, chunk_offsets, scale, eps, T, H: tl.constexpr, D: tl.constexpr,
-    BD: tl.constexpr, BC: tl.constexpr, PRECISION: tl.constexpr, MIXED: tl.constexpr,
+    q, k, v, w, b, z, du, dgu, dka, dv, gr, dms, dss, dht, dst, dh0, ds0, dw, db, cu_seqlens,
+    chunk_offsets, scale, eps, T, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+    BC: tl.constexpr, PRECISION: tl.constexpr, MIXED: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, USE_FINAL_STATE_GRADIENT: tl.constexpr,
-    PREFETCH: tl.constexpr, Q_AHEAD: tl.constexpr, IS_VARLEN: tl.constexpr,
+    PREFETCH: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """One sequence and head: dM', dS' carried from the last mini-batch to the first (step 2 of
     the module docstring); dw, db of G's LayerNorm per (sequence, head)."""
@@ -258,8 +240,6 @@ def chunk_titans_linear_bwd_walk_kernel(
     if PREFETCH:
         (b_qr, b_k, b_v, b_z, b_du, b_dgu, b_dka, b_cm, b_cs, b_f0, b_p0, b_e0) = walk_rows(
             q, k, v, z, du, dgu, dka, gr, NT - 1, bos, L, i_h, o_c, o_d, D, H, BC)
-        if Q_AHEAD:
-            b_qa, b_qb = _ahead_terms(qa, qb, c0, NT - 1, i_h, o_s, m_s, H, D)
     for i_r in range(NT):
         i_t = NT - 1 - i_r
         i_s = ((c0 + i_t) * H + i_h).to(tl.int64)
@@ -270,13 +250,9 @@ def chunk_titans_linear_bwd_walk_kernel(
         if PREFETCH:  # mini-batch i_t - 1's
             (n_qr, n_k, n_v, n_z, n_du, n_dgu, n_dka, n_cm, n_cs, n_f0, n_p0, n_e0) = walk_rows(
                 q, k, v, z, du, dgu, dka, gr, i_t - 1, bos, L, i_h, o_c, o_d, D, H, BC)
-            if Q_AHEAD:
-                n_qa, n_qb = _ahead_terms(qa, qb, c0, i_t - 1, i_h, o_s, m_s, H, D)
         else:
             (b_qr, b_k, b_v, b_z, b_du, b_dgu, b_dka, b_cm, b_cs, b_f0, b_p0, b_e0) = walk_rows(
                 q, k, v, z, du, dgu, dka, gr, i_t, bos, L, i_h, o_c, o_d, D, H, BC)
-            if Q_AHEAD:
-                b_qa, b_qb = _ahead_terms(qa, qb, c0, i_t, i_h, o_s, m_s, H, D)
         last = o_c == tl.minimum(BC, L - i_t * BC) - 1
         # M' = f0[n] M0 + p0[n] S0 - K^T (cM o G),  S' = e0[n] S0 - K^T (cS o G)
         b_rm = dot_state(b_k, b_dM, k.dtype.element_ty, PRECISION, MIXED)
@@ -292,13 +268,13 @@ def chunk_titans_linear_bwd_walk_kernel(
         p0n = tl.sum(tl.where(last, b_p0, 0.), 0)
         e0n = tl.sum(tl.where(last, b_e0, 0.), 0)
         # Z = K M0,  U = f0 (Q~ M0) + p0 (Q~ S0) - ...
+        b_qt = tl.trans(b_qr)
         half = k.dtype.element_ty
-        if not Q_AHEAD:
-            b_qt = tl.trans(b_qr)
-            b_qa = scale * dot_state(b_qt, b_f0[:, None] * b_du, half, PRECISION, MIXED)
-            b_qb = scale * dot_state(b_qt, b_p0[:, None] * b_du, half, PRECISION, MIXED)
-        b_dM, b_dS = (f0n * b_dM + b_qa + dot_state(tl.trans(b_k), b_dz, half, PRECISION, MIXED),
-                      p0n * b_dM + e0n * b_dS + b_qb)
+        b_dM, b_dS = (f0n * b_dM
+                      + scale * dot_state(b_qt, b_f0[:, None] * b_du, half, PRECISION, MIXED)
+                      + dot_state(tl.trans(b_k), b_dz, half, PRECISION, MIXED),
+                      p0n * b_dM + e0n * b_dS
+                      + scale * dot_state(b_qt, b_p0[:, None] * b_du, half, PRECISION, MIXED))
         b_dwa += b_dw
         b_dba += b_db
         store_rows(du + row0 * D, b_g, o_c, m_t, o_d, D, H)
@@ -308,8 +284,6 @@ def chunk_titans_linear_bwd_walk_kernel(
         if PREFETCH:
             (b_qr, b_k, b_v, b_z, b_du, b_dgu, b_dka, b_cm, b_cs, b_f0, b_p0, b_e0) = (
                 n_qr, n_k, n_v, n_z, n_du, n_dgu, n_dka, n_cm, n_cs, n_f0, n_p0, n_e0)
-            if Q_AHEAD:
-                b_qa, b_qb = n_qa, n_qb
     if USE_INITIAL_STATE:
         tl.store(dh0 + i_nh.to(tl.int64) * D * D + o_s, b_dM, mask=m_s)
         tl.store(ds0 + i_nh.to(tl.int64) * D * D + o_s, b_dS, mask=m_s)
@@ -406,10 +380,6 @@ def chunk_backward(q, k, v, w, b, theta, alpha, eta, hs, ss, initial, do, dht, d
     gr = torch.empty(B, T, H, NG.value, **f32)
     dP = torch.empty(chunks, H, chunk_size, chunk_size, **f32)
     dms, dss = (torch.empty(chunks, H, D, D, **f32) for _ in range(2))
-    small = chunk_size * meta["BD"] <= RELOAD_TILE
-    ahead = Q_AHEAD and small and NT > 0
-    qa, qb = ((torch.empty(chunks, H, D, D, **f32) for _ in range(2)) if ahead
-              else (dms, dss))
     dw1, db1 = torch.empty(chunks, H, D, **f32), torch.empty(chunks, H, D, **f32)
     dw2, db2 = torch.empty(N, H, D, **f32), torch.empty(N, H, D, **f32)
     dh0, ds0 = ((torch.empty(N, H, D, D, **f32), torch.empty(N, H, D, D, **f32)) if initial
@@ -418,11 +388,12 @@ def chunk_backward(q, k, v, w, b, theta, alpha, eta, hs, ss, initial, do, dht, d
     if NT:
         chunk_titans_linear_bwd_local_kernel[(NT, B * H)](
             q, k, v, w, b, theta, alpha, eta, do, hs, ss, dq, z, du, dgu, dka, dP, gr, dw1, db1,
-            qa, qb, cu_seqlens, chunk_indices, scale, float(eps), T,
-            OMIXED=omixed if LOCAL_AS_OUTPUTS and small else "", Q_AHEAD=ahead, **meta)
+            cu_seqlens, chunk_indices, scale, float(eps), T,
+            OMIXED=omixed if LOCAL_AS_OUTPUTS and chunk_size * meta["BD"] <= RELOAD_TILE else "",
+            **meta)
     chunk_titans_linear_bwd_walk_kernel[(N * H,)](
-        q, k, v, w, b, z, du, dgu, dka, dv, gr, dms, dss, qa, qb, dht, dst, dh0, ds0, dw2, db2,
-        cu_seqlens, chunk_offsets, scale, float(eps), T, PREFETCH=PREFETCH, Q_AHEAD=ahead,
+        q, k, v, w, b, z, du, dgu, dka, dv, gr, dms, dss, dht, dst, dh0, ds0, dw2, db2,
+        cu_seqlens, chunk_offsets, scale, float(eps), T, PREFETCH=PREFETCH,
         **(meta if WALK_WARPS is None else {**meta, "num_warps": WALK_WARPS}))
     if NT:
         meta = {**{key: x for key, x in meta.items() if key != "MIXED"},
