@@ -35,6 +35,11 @@ def mini_batch_meta(q, chunk_size: int) -> dict:
             "PRECISION": dot_precision(q.dtype), "num_warps": 4 if D <= 64 else 8}
 
 
+def with_warps(meta: dict, warps: int | None) -> dict:
+    """meta with num_warps set to ``warps`` (None: as it is)."""
+    return meta if warps is None else {**meta, "num_warps": warps}
+
+
 @triton.jit
 def head_tiles(w, b, i_h, D: tl.constexpr, BD: tl.constexpr):
     """(o_d, m_d, o_s, m_s, w, b) of head i_h: its columns, a [D, D] state's offsets and mask,

@@ -176,6 +176,14 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32x3"
 
 
+def mode_for(setting, dtype: torch.dtype) -> str:
+    """A kernel's product mode for inputs of ``dtype`` from a module setting: a mode, None, or a
+    dict from dtype names ("float16", "bfloat16") to modes; "" where none is given."""
+    if isinstance(setting, dict):
+        setting = setting.get(str(dtype).removeprefix("torch."))
+    return setting or ""
+
+
 def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 

@@ -46,8 +46,10 @@ import triton.language as tl
 
 from kernels.common.layernorm import layer_norm_rows
 from kernels.common.minibatch import (dot_state, head_tile, load_square, mini_batch_meta,
-                                      mini_batch_program, start_square, walk_program)
-from kernels.common.utils import check_launchable, chunk_layout, load_rows, store_rows
+                                      mini_batch_program, start_square, walk_program,
+                                      with_warps)
+from kernels.common.utils import (check_launchable, chunk_layout, load_rows, mode_for,
+                                  store_rows)
 from kernels.titans.chunk_bwd import chunk_backward
 from kernels.titans.fused_bwd import fused_backward
 from kernels.titans.stages import (dot_q, gate_rows, mini_batch_rows, recon_grads,
@@ -131,16 +133,9 @@ WALK_GATES_AHEAD = True
 SPLIT_BACKWARD = True
 
 
-def _mode(setting, dtype: torch.dtype) -> str:
-    """A product mode (WALK_MIXED, OUTPUT_MIXED) for inputs of ``dtype`` ("" for None)."""
-    if isinstance(setting, dict):
-        setting = setting.get(str(dtype).removeprefix("torch."))
-    return setting or ""
-
-
 def walk_mixed(dtype: torch.dtype) -> str:
     """WALK_MIXED for inputs of ``dtype``, as the kernels' MIXED ("" for None)."""
-    return _mode(WALK_MIXED, dtype)
+    return mode_for(WALK_MIXED, dtype)
 
 
 def walk_meta(q: torch.Tensor, chunk_size: int) -> dict:
@@ -151,11 +146,6 @@ def walk_meta(q: torch.Tensor, chunk_size: int) -> dict:
     if mixed == "tf32" and chunk_size * meta["BD"] > TF32_TILE:
         mixed = "tf32x2"
     return {**meta, "MIXED": mixed}
-
-
-def with_warps(meta: dict, warps: int | None) -> dict:
-    """meta with num_warps set to ``warps`` (None: as it is)."""
-    return meta if warps is None else {**meta, "num_warps": warps}
 
 
 def unsupported(D: int, chunk_size: int) -> str | None:
@@ -338,7 +328,7 @@ def _forward(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0, s0,
     if NT:
         chunk_titans_linear_fwd_o_kernel[(NT, B * H)](
             q, k, v, w, b, theta, alpha, eta, o, hs, ss, cu_seqlens, chunk_indices, scale,
-            float(eps), T, OMIXED=_mode(OUTPUT_MIXED, q.dtype), **meta)
+            float(eps), T, OMIXED=mode_for(OUTPUT_MIXED, q.dtype), **meta)
     return o, ht, st, hs, ss
 
 
@@ -355,7 +345,7 @@ class ChunkTitansFunction(torch.autograd.Function):
         ctx.scale, ctx.eps, ctx.chunk_size = scale, eps, chunk_size
         # the switches as the forward ran: the backward recomputes G with its products
         ctx.meta = walk_meta(q, chunk_size)
-        ctx.backward = (partial(chunk_backward, omixed=_mode(OUTPUT_MIXED, q.dtype))
+        ctx.backward = (partial(chunk_backward, omixed=mode_for(OUTPUT_MIXED, q.dtype))
                         if SPLIT_BACKWARD else fused_backward)
         return o, ht, st
 

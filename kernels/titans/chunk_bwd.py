@@ -44,8 +44,8 @@ import triton.language as tl
 from kernels.common.layernorm import ln_recon_grad_bwd_rows
 from kernels.common.minibatch import (dot_state, load_square, load_square_cols, load_square_rows,
                                       mini_batch_program, reload_rows, start_square,
-                                      walk_program)
-from kernels.common.utils import chunk_layout, load_rows, store_rows
+                                      walk_program, with_warps)
+from kernels.common.utils import chunk_layout, load_rows, mode_for, store_rows
 from kernels.titans.stages import (dot_at, dot_q, dq_state, gate_rows, gates_bwd, hand_on_gates,
                                    mini_batch_rows, outputs_bwd_from, recon_grads,
                                    segment_products)
@@ -346,10 +346,7 @@ def chunk_titans_linear_bwd_gates_kernel(
 
 def dk_precision(dtype: torch.dtype) -> str:
     """DK_PRECISION for inputs of ``dtype``: "ieee" for float32 and where it says None."""
-    setting = DK_PRECISION
-    if isinstance(setting, dict):
-        setting = setting.get(str(dtype).removeprefix("torch."))
-    return "ieee" if dtype == torch.float32 or not setting else setting
+    return ("" if dtype == torch.float32 else mode_for(DK_PRECISION, dtype)) or "ieee"
 
 
 def final_state_grads(dht, dst, N: int, H: int, D: int, device):
@@ -394,7 +391,7 @@ def chunk_backward(q, k, v, w, b, theta, alpha, eta, hs, ss, initial, do, dht, d
     chunk_titans_linear_bwd_walk_kernel[(N * H,)](
         q, k, v, w, b, z, du, dgu, dka, dv, gr, dms, dss, dht, dst, dh0, ds0, dw2, db2,
         cu_seqlens, chunk_offsets, scale, float(eps), T, PREFETCH=PREFETCH,
-        **(meta if WALK_WARPS is None else {**meta, "num_warps": WALK_WARPS}))
+        **with_warps(meta, WALK_WARPS))
     if NT:
         meta = {**{key: x for key, x in meta.items() if key != "MIXED"},
                 "PRECISION": "ieee", "num_warps": GATES_WARPS,
