@@ -72,6 +72,7 @@ _TF32X3 = {"what": "three TF32 passes, gates in the walk",
            "set": {"kernels.titans.chunk.WALK_MIXED": None,
                    "kernels.titans.chunk.OUTPUT_MIXED": None,
                    "kernels.titans.chunk_bwd.DK_PRECISION": None,
+                   "kernels.titans.chunk.HALF_STATES": None,
                    "kernels.titans.chunk.WALK_GATES_AHEAD": False}}
 
 IMPLEMENTATIONS = [

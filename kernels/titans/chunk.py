@@ -46,8 +46,8 @@ import triton.language as tl
 
 from kernels.common.layernorm import layer_norm_rows
 from kernels.common.minibatch import (dot_state, head_tile, load_square, mini_batch_meta,
-                                      mini_batch_program, start_square, walk_program,
-                                      with_warps)
+                                      mini_batch_program, start_square, stored_meta,
+                                      walk_program, with_warps)
 from kernels.common.utils import (check_launchable, chunk_layout, load_rows, mode_for,
                                   store_rows)
 from kernels.titans.chunk_bwd import chunk_backward
@@ -110,7 +110,7 @@ TF32_TILE = 32 * 128
 # backward's walk: chunk_bwd.PREFETCH).
 WALK_PREFETCH = True
 # The forward walk's warps: None for mini_batch_meta's (4 at D <= 64, else 8), or a number
-# (chunk_bwd.WALK_WARPS for the backward's walk; neither timed yet).
+# (chunk_bwd.WALK_WARPS for the backward's walk: 8; this walk at 8 warps measured slower there).
 WALK_WARPS = None
 # How the outputs kernel takes Q~ M0, Q~ S0 and Q~ K^T for half-precision inputs: None (float32
 # operands, three TF32 passes each), or Q's rows in their own dtype with the scale applied
@@ -131,6 +131,28 @@ WALK_GATES_AHEAD = True
 # (kernels/titans/chunk_bwd.py, True), or one walk holding every product
 # (kernels/titans/fused_bwd.py, False).
 SPLIT_BACKWARD = True
+# The dtype of the M0, S0 stored per mini-batch in a call without a backward (under
+# torch.no_grad, or no input that needs a gradient): the inputs' dtype (True; a store rounds
+# the walk's float32 states, which carry on in float32 to the final states) or float32 (None);
+# a dict per dtype as WALK_MIXED. Half the bytes the walk writes and the outputs kernel reads,
+# as chunk_ttt_linear's HALF_STATES, and the outputs kernel's products with them (Z = K M0,
+# Q M0, Q S0) one product each of input-dtype operands, exact (utils.dot_mixed "round" of a
+# state already in that dtype). On an H100 (bfloat16, B=2, H=16, D=64, 2026-12-06,
+# reports/titans.md) the forward at T = 8K went from 1.919 to 1.351 ms (the walk 1,369 to
+# 1,076 µs, the outputs 538 to 243); in the bfloat16 tiling family o's worst error was 27.7%
+# of its tolerance (19.2% with float32 states), the final states unchanged bit for bit. A
+# call with a backward keeps float32 states: with the backward from bfloat16 states too, the
+# gradients' errors grew 1.7x (median) to 6.7x and dalpha, deta (D = 32) and the initial
+# memory's (D = 128) exceeded their tolerances, and the first backward kernel needed 245,760
+# bytes of shared memory with 64-token mini-batches at D = 128.
+HALF_STATES = {"bfloat16": True}
+
+
+def state_dtype(dtype: torch.dtype, backward: bool) -> torch.dtype:
+    """The dtype of the states stored per mini-batch for inputs of ``dtype``, in a call with a
+    backward or without (HALF_STATES)."""
+    half = not backward and dtype != torch.float32 and mode_for(HALF_STATES, dtype)
+    return dtype if half else torch.float32
 
 
 def walk_mixed(dtype: torch.dtype) -> str:
@@ -146,6 +168,13 @@ def walk_meta(q: torch.Tensor, chunk_size: int) -> dict:
     if mixed == "tf32" and chunk_size * meta["BD"] > TF32_TILE:
         mixed = "tf32x2"
     return {**meta, "MIXED": mixed}
+
+
+def output_mixed(dtype: torch.dtype, states: torch.dtype = torch.float32) -> str:
+    """How the outputs kernel takes Q~'s products with the stored states (of dtype
+    ``states``): OUTPUT_MIXED, or "round" where they are stored in the inputs' dtype
+    (HALF_STATES: the rounding then exact)."""
+    return "round" if states != torch.float32 else mode_for(OUTPUT_MIXED, dtype)
 
 
 def unsupported(D: int, chunk_size: int) -> str | None:
@@ -302,16 +331,17 @@ def chunk_titans_linear_fwd_o_kernel(
 
 
 def _forward(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0, s0,
-             output_final_state, cu_seqlens):
+             output_final_state, cu_seqlens, backward):
     """(o, final M or None, final S or None, the M0 and S0 of every mini-batch); inputs checked
-    and contiguous."""
+    and contiguous; ``backward``: whether a backward will take the states (HALF_STATES)."""
     B, T, H, D = q.shape
     N, NT, chunk_indices, chunk_offsets = chunk_layout(B, T, cu_seqlens, chunk_size)
     chunks = NT * (B if cu_seqlens is None else 1)
     f32 = {"dtype": torch.float32, "device": q.device}
     ht = torch.empty(N, H, D, D, **f32) if output_final_state else None
     st = torch.empty(N, H, D, D, **f32) if output_final_state else None
-    hs, ss = (torch.empty(chunks, H, D, D, **f32) for _ in range(2))
+    sdt = state_dtype(q.dtype, backward)
+    hs, ss = (torch.empty(chunks, H, D, D, dtype=sdt, device=q.device) for _ in range(2))
     meta = walk_meta(q, chunk_size)
     ahead = WALK_GATES_AHEAD and NT > 0
     gc = torch.empty(B, T, H, 2, **f32) if ahead else None
@@ -328,7 +358,7 @@ def _forward(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0, s0,
     if NT:
         chunk_titans_linear_fwd_o_kernel[(NT, B * H)](
             q, k, v, w, b, theta, alpha, eta, o, hs, ss, cu_seqlens, chunk_indices, scale,
-            float(eps), T, OMIXED=mode_for(OUTPUT_MIXED, q.dtype), **meta)
+            float(eps), T, OMIXED=output_mixed(q.dtype, sdt), **stored_meta(meta, hs))
     return o, ht, st, hs, ss
 
 
@@ -340,12 +370,12 @@ class ChunkTitansFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0, s0,
                 output_final_state, cu_seqlens):
         o, ht, st, hs, ss = _forward(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size,
-                                     h0, s0, output_final_state, cu_seqlens)
+                                     h0, s0, output_final_state, cu_seqlens, True)
         ctx.save_for_backward(q, k, v, w, b, theta, alpha, eta, hs, ss, h0, s0, cu_seqlens)
         ctx.scale, ctx.eps, ctx.chunk_size = scale, eps, chunk_size
         # the switches as the forward ran: the backward recomputes G with its products
         ctx.meta = walk_meta(q, chunk_size)
-        ctx.backward = (partial(chunk_backward, omixed=mode_for(OUTPUT_MIXED, q.dtype))
+        ctx.backward = (partial(chunk_backward, omixed=output_mixed(q.dtype))
                         if SPLIT_BACKWARD else fused_backward)
         return o, ht, st
 
@@ -404,5 +434,5 @@ def chunk_titans_linear(
         return ChunkTitansFunction.apply(q, k, v, w, b, theta, alpha, eta, scale, eps,
                                          chunk_size, h0, s0, output_final_state, cu_seqlens)
     o, ht, st, _, _ = _forward(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0,
-                               s0, output_final_state, cu_seqlens)
+                               s0, output_final_state, cu_seqlens, False)
     return o, ht, st

@@ -55,8 +55,12 @@ __all__ = ["chunk_backward"]
 # The walk's loads: the next mini-batch's rows loaded before this one's products (True), or
 # each mini-batch's when it starts (False); chunk.WALK_PREFETCH for the forward walk.
 PREFETCH = True
-# The walk's warps: None for mini_batch_meta's (4 at D <= 64, else 8), or a number (untimed).
-WALK_WARPS = None
+# The walk's warps: None for mini_batch_meta's (4 at D <= 64, else 8), or a number. At 4 warps
+# and D = 64 ptxas spilled 1,236 bytes a thread; on an H100 (bfloat16, B=2, H=16, T=8192,
+# 2026-12-06, python tools/kernel_profile.py titans chunk --mode fwdbwd) 8 warps took the walk
+# from 4,196 to 2,798 µs at D = 64, and 16 from 9,869 to 15,416 at D = 128 (the forward walk at
+# 8 warps: 1,369 to 1,466 µs at D = 64, chunk.WALK_WARPS stays None).
+WALK_WARPS = 8
 # The last kernel's products (dZ M0^T, (cM o G) dM'^T, (cS o G) dS'^T, and the gates' [C, C]
 # ones) take float32 operands exactly ("ieee", FMA loops), at 8 warps; DK_PRECISION below
 # for the dK products of half-precision inputs.
@@ -100,8 +104,9 @@ STATE_COLS = tl.constexpr(32)
 # How the first kernel takes Q~ M0, Q~ S0 and Q~ K^T for half-precision inputs: as the forward's
 # outputs kernel does under chunk.OUTPUT_MIXED (stages.dot_q: Q's own rows, the same U bit for
 # bit; True), or of float32 operands at PRECISION (False). Tiles past RELOAD_TILE take PRECISION
-# either way (their loads are placed for shared memory). Not yet timed on its own.
-LOCAL_AS_OUTPUTS = False
+# either way (their loads are placed for shared memory). On an H100 (as WALK_WARPS) it took the
+# kernel from 1,174 to 1,056 µs at D = 64 and from 9,738 to 5,603 at D = 128.
+LOCAL_AS_OUTPUTS = True
 # The columns of the per-row float32 tensor ``gr`` [B, T, H, NG] the three kernels hand on.
 (ROW_CM, ROW_CS, ROW_F0, ROW_P0, ROW_E0, ROW_DP0, ROW_DF0, ROW_DTH, ROW_DCM,
  ROW_DCS) = (tl.constexpr(j) for j in range(10))
