@@ -62,9 +62,9 @@ def _ours_supports(case) -> str | None:
 # chunk's switches (kernels/titans/chunk.py). The one-walk backward (fused_bwd.py): under half
 # the split backward's extra peak memory for 1.8x its fwd+bwd time (H100, reports/titans.md).
 # Every product of half-precision inputs in three TF32 passes (the last backward kernel's
-# exactly) and the gate factors formed in the walk (the defaults before 2026-12-06): bfloat16's
-# final states closest to float64 (0% of their tolerances against 14%) for 1.43x the fwd+bwd
-# time at T = 8K (H100, before dK's TF32 product took another 14% off today's).
+# exactly) and the gate factors formed in the walk: the defaults before 2026-12-06, bfloat16's
+# closest to float64 and its slowest (fwd+bwd 13.7 ms at T = 8K, D = 64 on an H100, against
+# 10.2 with the walks in one TF32 product; reports/titans.md).
 # Registered switches are compiled by the compile tests and compared by tools/switch_compare.py.
 _ONE_WALK = {"what": "one-walk backward (less memory)",
              "set": {"kernels.titans.chunk.SPLIT_BACKWARD": False}}

@@ -72,8 +72,13 @@ WALK_WARPS = 8
 # 32 registers and 15,128 bytes of spill stores on its own, 5,508 with a .maxnreg of 255
 # (GATES_MAXNREG; None leaves the choice to ptxas; at D = 64: 182 registers, no spill). Its
 # four [D, D] states alone fill 256 registers a thread at D = 128. For bfloat16 its dK
-# products take one TF32 product since (DK_PRECISION).
+# products take one TF32 product since (DK_PRECISION), and there 4 warps (GATES_WARPS_TF32) at
+# D <= 64 took the kernel from 1,294 to 773 µs (H100, bfloat16, B=2, H=16, D=64, T=8192,
+# 2026-12-06, kernel_profile; the tiling family's 13 classes up to 128 x 32 passed in bfloat16
+# and float16 at 4 warps, worst 26% of a tolerance). Untimed at D = 128 and for exact products:
+# 8 warps there.
 GATES_WARPS = 8
+GATES_WARPS_TF32 = 4
 GATES_MAXNREG = 255
 # The input_precision of the last kernel's dK products (dZ M0^T, (cM o G) dM'^T,
 # (cS o G) dS'^T, all float32 operands) for half-precision inputs: None ("ieee", as above), a
@@ -354,6 +359,12 @@ def dk_precision(dtype: torch.dtype) -> str:
     return ("" if dtype == torch.float32 else mode_for(DK_PRECISION, dtype)) or "ieee"
 
 
+def gates_warps(dtype: torch.dtype, BD: int) -> int:
+    """The last kernel's warps: GATES_WARPS_TF32 where its dK products take one TF32 product at
+    D <= 64, else GATES_WARPS."""
+    return GATES_WARPS_TF32 if dk_precision(dtype) == "tf32" and BD <= 64 else GATES_WARPS
+
+
 def final_state_grads(dht, dst, N: int, H: int, D: int, device):
     """The gradients of the final memory and momentum as the backward walks take them: float32
     and contiguous, or both None; with one of the final states unused, zeros for its
@@ -399,7 +410,7 @@ def chunk_backward(q, k, v, w, b, theta, alpha, eta, hs, ss, initial, do, dht, d
         **with_warps(meta, WALK_WARPS))
     if NT:
         meta = {**{key: x for key, x in meta.items() if key != "MIXED"},
-                "PRECISION": "ieee", "num_warps": GATES_WARPS,
+                "PRECISION": "ieee", "num_warps": gates_warps(q.dtype, meta["BD"]),
                 "DK_PRECISION": dk_precision(q.dtype),
                 "ROWS": chunk_size * meta["BD"] ** 2 > GATES_WHOLE}
         meta["BJ"] = GATES_ROWS if meta["ROWS"] else meta["BD"]
