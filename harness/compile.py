@@ -3,17 +3,18 @@
 Triton's interpreter runs a kernel's Python statement by statement; it does not type the
 program the way the compiler does. A kernel can pass every interpreted test and fail to compile
 on the GPU: the compiler also builds the statements after a ``return`` inside a constexpr
-``if`` (where ``tl.dot`` of float32 and bfloat16 then fails to type), and the interpreter has
-no bfloat16 at all. This closes that gap on the CPU:
+``if`` (where ``tl.dot`` of float32 and bfloat16 then fails to type), and the interpreter
+cannot run bfloat16 at all. This closes that gap on the CPU:
 
 1. *record* (a process with ``TRITON_INTERPRET=1``): run every Triton implementation of the
    operator forward and backward on small cases with the head sizes and options of the GPU
-   suite, in float32 and float16, under its defaults and under each of its registered
-   ``switches`` (module settings that take other kernel paths), and record each kernel
-   launch: the kernel, its argument types, its constexprs and its launch options;
-2. *build* (a process without the interpreter): compile each distinct launch for a CUDA
-   target (sm_90 by default; Triton's bundled ptxas), in every tiling config its autotuner
-   holds, and the float16 launches in bfloat16 too.
+   suite, in float32, bfloat16 and float16 (the recorder runs no kernel, so bfloat16's own
+   host code runs and picks bfloat16's modes), under its defaults and under each of its
+   registered ``switches`` (module settings that take other kernel paths), and record each
+   kernel launch: the kernel, its argument types, its constexprs and its launch options;
+2. *build* (a process without the interpreter): compile each distinct launch as recorded for
+   a CUDA target (sm_90 by default; Triton's bundled ptxas), in every tiling config its
+   autotuner holds.
 
 Nothing runs on a GPU, so a compiled kernel's *results* are not checked here (that is
 ``harness check`` on a GPU); what this catches is a kernel that would not compile there.
@@ -39,7 +40,7 @@ from harness.switches import parse_set, switched
 # sizes, options, states and varlen layouts decide the constexprs (H too, but not the code
 # path); T and B are runtime values.
 RECORD_T = 70  # one full chunk of 64 and a tail
-RECORD_DTYPES = ("float32", "float16")
+RECORD_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -164,12 +165,12 @@ def _run_once(impl, args, case, dtype) -> str | None:
 
 
 def record(op_name: str, impl_names: list[str] | None = None, case_ids: list[str] | None = None,
-           on_event: Callable[[dict], None] | None = None, extra: tuple[dict, ...] = ()
-           ) -> tuple[list[Launch], list[str]]:
-    """Run the operator's Triton implementations under the interpreter; (launches, errors).
-    Each runs under its defaults, its registered switches and the ``extra`` forms
-    (harness.switches.parse_set's). ``on_event`` hears of each implementation and switch
-    recorded (launches so far, seconds)."""
+           on_event: Callable[[dict], None] | None = None, extra: tuple[dict, ...] = (),
+           dtypes: tuple[str, ...] = RECORD_DTYPES) -> tuple[list[Launch], list[str]]:
+    """Run the operator's Triton implementations under the interpreter with inputs of each of
+    ``dtypes``; (launches, errors). Each runs under its defaults, its registered switches and
+    the ``extra`` forms (harness.switches.parse_set's). ``on_event`` hears of each
+    implementation and switch recorded (launches so far, seconds)."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("record needs TRITON_INTERPRET=1 set before triton is imported")
     import torch
@@ -196,7 +197,7 @@ def record(op_name: str, impl_names: list[str] | None = None, case_ids: list[str
                         if impl.supports is not None and impl.supports(case) is not None:
                             continue
                         args = sample(case, "cpu")
-                        for dtype in RECORD_DTYPES:
+                        for dtype in dtypes:
                             error = _run_once(impl, args, case, getattr(torch, dtype))
                             if error:
                                 errors.append(f"{impl.name} {dtype} {switches.get('what', '')} "
@@ -227,28 +228,26 @@ def _kernel(launch: Launch):
     return obj, tuner
 
 
-def variants(launch: Launch, half_as: tuple[str, ...] = ("bfloat16",), all_configs: bool = False
-             ) -> list[tuple[str, Launch]]:
+def variants(launch: Launch, all_configs: bool = False) -> list[tuple[str, Launch]]:
     """The launches to compile for one recorded launch, as (label, launch) pairs: its
     autotuner's first tiling config (the one the interpreter ran), or every config with
-    ``all_configs``; float16 pointers as each of ``half_as`` (bfloat16: the dtype the
-    interpreter cannot run; float16 ran interpreted already)."""
+    ``all_configs``. Each label names the launch's input dtype (its half-precision pointers',
+    else float32)."""
     _, tuner = _kernel(launch)
     configs = [None] if tuner is None else tuner.configs[:None if all_configs else 1]
-    has_half = any(a[:2] == ["ptr", "float16"] for a in launch.args.values())
+    halves = {a[1] for a in launch.args.values() if a[:2] in (["ptr", "float16"],
+                                                               ["ptr", "bfloat16"])}
+    dtype = ",".join(sorted(halves)) or "float32"
     out = []
-    for half in (half_as if has_half else ("",)):
-        args = {k: (["ptr", half, a[2]] if a[:2] == ["ptr", "float16"] else a)
-                for k, a in launch.args.items()}
-        for n, cfg in enumerate(configs):
-            options = dict(launch.options)
-            cargs = dict(args)
-            if cfg is not None:
-                cargs.update({k: ["const", v] for k, v in cfg.kwargs.items()})
-                options.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-            consts = ", ".join(f"{k}={a[1]}" for k, a in cargs.items() if a[0] == "const")
-            label = f"{launch.name}[{half or 'float32'}, config {n}, {options}] ({consts})"
-            out.append((label, Launch(launch.module, launch.name, cargs, options)))
+    for n, cfg in enumerate(configs):
+        options = dict(launch.options)
+        cargs = dict(launch.args)
+        if cfg is not None:
+            cargs.update({k: ["const", v] for k, v in cfg.kwargs.items()})
+            options.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        consts = ", ".join(f"{k}={a[1]}" for k, a in cargs.items() if a[0] == "const")
+        label = f"{launch.name}[{dtype}, config {n}, {options}] ({consts})"
+        out.append((label, Launch(launch.module, launch.name, cargs, options)))
     return out
 
 
@@ -343,13 +342,13 @@ def _build_one(item: tuple[str, dict, int]) -> tuple[str, str | None, float]:
     return label, compile_launch(Launch(**fields), arch), time.perf_counter() - start
 
 
-def build_items(launches: list[Launch], arch: int = 90, all_configs: bool = False,
-                half_as: tuple[str, ...] = ("bfloat16",)) -> list[tuple[str, dict, int]]:
+def build_items(launches: list[Launch], arch: int = 90, all_configs: bool = False
+                ) -> list[tuple[str, dict, int]]:
     """(label, launch fields, arch) of every variant of every launch to compile."""
     from dataclasses import asdict
 
     return [(label, asdict(v), arch) for launch in launches
-            for label, v in variants(launch, half_as, all_configs)]
+            for label, v in variants(launch, all_configs)]
 
 
 def build(items: list[tuple[str, dict, int]], jobs: int = 1):
@@ -367,7 +366,7 @@ def build(items: list[tuple[str, dict, int]], jobs: int = 1):
 # ------------------------------------------------------------------------- both, in processes
 def compile_op(op_name: str, impls: list[str] | None = None, arch: int = 90, jobs: int = 1,
                all_configs: bool = False, cases: list[str] | None = None,
-               workdir: Path | None = None, half_as: tuple[str, ...] = ("bfloat16",),
+               workdir: Path | None = None, dtypes: tuple[str, ...] = RECORD_DTYPES,
                on_event: Callable[[dict], None] | None = None,
                each_path: bool = False) -> dict[str, Any]:
     """Record (interpreter) and build (compiler) in two child processes, whatever this
@@ -375,7 +374,8 @@ def compile_op(op_name: str, impls: list[str] | None = None, arch: int = 90, job
     ``on_event`` hears each step as it happens (the children write one JSON line per event):
     {"phase": "record", ...} per implementation and switch, {"phase": "build-start", "total",
     "jobs"}, then {"phase": "build", "label", "error", "seconds"} per compile. ``each_path``
-    compiles one launch per code path (``per_path``) instead of every recorded launch."""
+    compiles one launch per code path (``per_path``) instead of every recorded launch;
+    ``dtypes``: the inputs' dtypes the implementations are recorded with."""
     import tempfile
 
     workdir = Path(workdir or tempfile.mkdtemp(prefix="linattn-compile-"))
@@ -384,7 +384,7 @@ def compile_op(op_name: str, impls: list[str] | None = None, arch: int = 90, job
     base = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     common = ["--op", op_name, "--arch", str(arch), "--jobs", str(jobs),
               "--impls", ",".join(impls or []), "--cases", ",".join(cases or [])]
-    common += ["--half", ",".join(half_as)] + (["--all-configs"] if all_configs else [])
+    common += ["--dtypes", ",".join(dtypes)] + (["--all-configs"] if all_configs else [])
     common += ["--each-path"] if each_path else []
     for phase, env, out in (("record", dict(base, TRITON_INTERPRET="1"), recorded),
                             ("build", base, built)):
@@ -415,7 +415,7 @@ def _main(argv: list[str]) -> None:
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--all-configs", action="store_true")
-    ap.add_argument("--half", default="bfloat16")
+    ap.add_argument("--dtypes", default=",".join(RECORD_DTYPES))
     ap.add_argument("--each-path", action="store_true")
     ap.add_argument("--set", action="append", default=[], dest="sets",
                     help="record under this form too: 'LABEL:module.NAME=VALUE,...'")
@@ -429,14 +429,15 @@ def _main(argv: list[str]) -> None:
     names = [n for n in a.impls.split(",") if n]
     if a.phase == "record":
         launches, errors = record(a.op, names, [c for c in a.cases.split(",") if c], emit,
-                                  tuple(parse_set(text) for text in a.sets))
+                                  tuple(parse_set(text) for text in a.sets),
+                                  tuple(d for d in a.dtypes.split(",") if d))
         (a.workdir / "launches.json").write_text(json.dumps(
             {"launches": [vars(x) for x in launches], "errors": errors}))
         return
     data = json.loads((a.workdir / "launches.json").read_text())
     launches = [Launch(**x) for x in data["launches"]]
     chosen = per_path(launches) if a.each_path else launches
-    items = build_items(chosen, a.arch, a.all_configs, tuple(a.half.split(",")))
+    items = build_items(chosen, a.arch, a.all_configs)
     emit({"phase": "build-start", "total": len(items), "jobs": a.jobs, "launches": len(launches),
           "chosen": len(chosen)})
     results = []

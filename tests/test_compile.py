@@ -7,7 +7,9 @@ is only ever compiled on the GPU otherwise.
 Compiling takes minutes on 2 cores, so these tests are marked ``compile`` and left out of the
 plain ``pytest`` run: CI runs them as a step of their own (``pytest -m compile``; docs/testing.md
 has the budget). Each compiles one launch per code path (``harness.compile.per_path``) in
-bfloat16, the first tiling config."""
+float32 and bfloat16 (bfloat16's own launches, with its modes: the recorder runs no kernel, so
+the interpreter's lack of bfloat16 does not matter; float16's are compiled by `harness
+compile`), the first tiling config."""
 
 import importlib.util
 
@@ -85,7 +87,8 @@ def test_every_operator_with_kernels_lists_its_covering_cases():
 @pytest.mark.parametrize("op", sorted(COVER))
 def test_kernels_compile_for_sm90(op, tmp_path):
     cases, kernels = COVER[op]
-    data = compile_op(op, arch=90, jobs=2, cases=cases, workdir=tmp_path, each_path=True)
+    data = compile_op(op, arch=90, jobs=2, cases=cases, workdir=tmp_path, each_path=True,
+                      dtypes=("float32", "bfloat16"))
     assert data["errors"] == []
     names = {Launch(**x).name for x in data["launches"]}
     # every kernel of the operator's implementations was launched, so was compiled

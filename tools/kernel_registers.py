@@ -36,10 +36,12 @@ REGS = re.compile(r"Used (\d+) registers")
 SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
-def _record(op: str, case: str, impl: str, workdir: Path, sets: list[str]) -> list[dict]:
+def _record(op: str, case: str, impl: str, half: str, workdir: Path, sets: list[str]
+            ) -> list[dict]:
     env = dict(os.environ, TRITON_INTERPRET="1")
     subprocess.run([sys.executable, "-m", "harness.compile", "record", str(workdir), "--op", op,
-                    "--impls", impl, "--cases", case, *(f"--set={text}" for text in sets)],
+                    "--impls", impl, "--cases", case, f"--dtypes=float32,{half}",
+                    *(f"--set={text}" for text in sets)],
                    env=env, check=True, stdout=subprocess.DEVNULL)
     return json.loads((workdir / "launches.json").read_text())["launches"]
 
@@ -87,7 +89,7 @@ def main(op: str = typer.Argument(..., help="operator (see `harness list`)"),
     parse_set_option(sets)  # a bad --set is a usage error before the record subprocess runs
 
     workdir = Path(tempfile.mkdtemp(prefix="linattn-registers-"))
-    launches = [Launch(**x) for x in _record(op, case, impl, workdir, sets)]
+    launches = [Launch(**x) for x in _record(op, case, impl, half, workdir, sets)]
     table = Table(title=f"{op} {case}: sm_{arch}, {half}")
     for col in ("kernel (code path)", "warps", "stages", "registers", "spill stores",
                 "spill loads", "shared"):
@@ -98,7 +100,7 @@ def main(op: str = typer.Argument(..., help="operator (see `harness list`)"),
     for launch in per_path(launches):
         if kernel not in launch.name:
             continue
-        for _, variant in variants(launch, (half,)):
+        for _, variant in variants(launch):
             compiled = compile_kernel(variant, arch)
             row += 1
             if ptx is not None:

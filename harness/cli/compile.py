@@ -47,19 +47,20 @@ def compile_cmd(
     arch: int = typer.Option(90, help="CUDA compute capability to compile for, e.g. 80, 90"),
     jobs: int = typer.Option(2, "--jobs", "-j", min=1, help="compiles at once"),
     all_configs: bool = typer.Option(False, "--all-configs", help="every autotune config, not the first alone"),
-    half: list[str] = typer.Option([], "--half", help="dtypes the float16 launches are compiled in; default: bfloat16,float16"),
+    dtype: list[str] = typer.Option([], "--dtype", help="input dtypes the launches are recorded with and compiled in; default: float32,bfloat16,float16"),
     each_path: bool = typer.Option(False, "--each-path", help="one launch per code path (kernel, dtypes, flags; its largest head and tile sizes) instead of every head-dim specialisation"),
 ) -> None:
     """Compile OP's Triton kernels for a GPU on a machine without one: every launch that OP's
-    kernels make on the gpu suite's cases (recorded under the interpreter), in bfloat16 too.
-    Catches what the interpreter cannot: a kernel that would not compile on the GPU."""
-    from harness.compile import compile_op
+    kernels make on the gpu suite's cases in float32, bfloat16 and float16 (recorded under the
+    interpreter, which runs no kernel to record them). Catches what the interpreter cannot: a
+    kernel that would not compile on the GPU."""
+    from harness.compile import RECORD_DTYPES, compile_op
 
     known_op(op)
     start = time.perf_counter()
     try:
         data = compile_op(op, split(impl), arch, jobs, all_configs, split(case),
-                          half_as=tuple(split(half) or ["bfloat16", "float16"]),
+                          dtypes=tuple(split(dtype) or RECORD_DTYPES),
                           on_event=_printer(op, arch), each_path=each_path)
     except (RuntimeError, ValueError) as exc:
         fail(str(exc))

@@ -59,7 +59,8 @@ PREFETCH = True
 # and D = 64 ptxas spilled 1,236 bytes a thread; on an H100 (bfloat16, B=2, H=16, T=8192,
 # 2026-12-06, python tools/kernel_profile.py titans chunk --mode fwdbwd) 8 warps took the walk
 # from 4,196 to 2,798 µs at D = 64, and 16 from 9,869 to 15,416 at D = 128 (the forward walk at
-# 8 warps: 1,369 to 1,466 µs at D = 64, chunk.WALK_WARPS stays None).
+# 8 warps: 1,369 to 1,466 µs at D = 64, chunk.WALK_WARPS stays None), the walks' products
+# then in one TF32 product (chunk.WALK_MIXED "tf32"; under today's "tf32x2" 3,569 at 8 warps).
 WALK_WARPS = 8
 # The last kernel's products (dZ M0^T, (cM o G) dM'^T, (cS o G) dS'^T, and the gates' [C, C]
 # ones) take float32 operands exactly ("ieee", FMA loops), at 8 warps; DK_PRECISION below
@@ -73,7 +74,7 @@ WALK_WARPS = 8
 # (GATES_MAXNREG; None leaves the choice to ptxas; at D = 64: 182 registers, no spill). Its
 # four [D, D] states alone fill 256 registers a thread at D = 128. For bfloat16 its dK
 # products take one TF32 product since (DK_PRECISION), and there 4 warps (GATES_WARPS_TF32) at
-# D <= 64 took the kernel from 1,294 to 773 µs (H100, bfloat16, B=2, H=16, D=64, T=8192,
+# D <= 64 took the kernel from 1,299 to 769 µs (H100, bfloat16, B=2, H=16, D=64, T=8192,
 # 2026-12-06, kernel_profile; the tiling family's 13 classes up to 128 x 32 passed in bfloat16
 # and float16 at 4 warps, worst 26% of a tolerance). Untimed at D = 128 and for exact products:
 # 8 warps there.
