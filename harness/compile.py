@@ -166,11 +166,13 @@ def _run_once(impl, args, case, dtype) -> str | None:
 
 def record(op_name: str, impl_names: list[str] | None = None, case_ids: list[str] | None = None,
            on_event: Callable[[dict], None] | None = None, extra: tuple[dict, ...] = (),
-           dtypes: tuple[str, ...] = RECORD_DTYPES) -> tuple[list[Launch], list[str]]:
+           dtypes: tuple[str, ...] = RECORD_DTYPES,
+           switch_dtypes: tuple[str, ...] | None = None) -> tuple[list[Launch], list[str]]:
     """Run the operator's Triton implementations under the interpreter with inputs of each of
-    ``dtypes``; (launches, errors). Each runs under its defaults, its registered switches and
-    the ``extra`` forms (harness.switches.parse_set's). ``on_event`` hears of each
-    implementation and switch recorded (launches so far, seconds)."""
+    ``dtypes``; (launches, errors). Each runs under its defaults, and under its registered
+    switches and the ``extra`` forms (harness.switches.parse_set's) with inputs of each of
+    ``switch_dtypes`` (None: ``dtypes``). ``on_event`` hears of each implementation and switch
+    recorded (launches so far, seconds)."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         raise RuntimeError("record needs TRITON_INTERPRET=1 set before triton is imported")
     import torch
@@ -197,7 +199,8 @@ def record(op_name: str, impl_names: list[str] | None = None, case_ids: list[str
                         if impl.supports is not None and impl.supports(case) is not None:
                             continue
                         args = sample(case, "cpu")
-                        for dtype in dtypes:
+                        for dtype in (dtypes if not switches or switch_dtypes is None
+                                      else switch_dtypes):
                             error = _run_once(impl, args, case, getattr(torch, dtype))
                             if error:
                                 errors.append(f"{impl.name} {dtype} {switches.get('what', '')} "
@@ -368,14 +371,16 @@ def compile_op(op_name: str, impls: list[str] | None = None, arch: int = 90, job
                all_configs: bool = False, cases: list[str] | None = None,
                workdir: Path | None = None, dtypes: tuple[str, ...] = RECORD_DTYPES,
                on_event: Callable[[dict], None] | None = None,
-               each_path: bool = False) -> dict[str, Any]:
+               each_path: bool = False,
+               switch_dtypes: tuple[str, ...] | None = None) -> dict[str, Any]:
     """Record (interpreter) and build (compiler) in two child processes, whatever this
     process's TRITON_INTERPRET; returns {"launches", "compiled": [(label, error, s)], "errors"}.
     ``on_event`` hears each step as it happens (the children write one JSON line per event):
     {"phase": "record", ...} per implementation and switch, {"phase": "build-start", "total",
     "jobs"}, then {"phase": "build", "label", "error", "seconds"} per compile. ``each_path``
     compiles one launch per code path (``per_path``) instead of every recorded launch;
-    ``dtypes``: the inputs' dtypes the implementations are recorded with."""
+    ``dtypes``: the inputs' dtypes the implementations are recorded with, ``switch_dtypes``
+    those of their registered switches (None: ``dtypes``)."""
     import tempfile
 
     workdir = Path(workdir or tempfile.mkdtemp(prefix="linattn-compile-"))
@@ -385,6 +390,7 @@ def compile_op(op_name: str, impls: list[str] | None = None, arch: int = 90, job
     common = ["--op", op_name, "--arch", str(arch), "--jobs", str(jobs),
               "--impls", ",".join(impls or []), "--cases", ",".join(cases or [])]
     common += ["--dtypes", ",".join(dtypes)] + (["--all-configs"] if all_configs else [])
+    common += ["--switch-dtypes", ",".join(switch_dtypes)] if switch_dtypes else []
     common += ["--each-path"] if each_path else []
     for phase, env, out in (("record", dict(base, TRITON_INTERPRET="1"), recorded),
                             ("build", base, built)):
@@ -416,6 +422,7 @@ def _main(argv: list[str]) -> None:
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--all-configs", action="store_true")
     ap.add_argument("--dtypes", default=",".join(RECORD_DTYPES))
+    ap.add_argument("--switch-dtypes", default="")
     ap.add_argument("--each-path", action="store_true")
     ap.add_argument("--set", action="append", default=[], dest="sets",
                     help="record under this form too: 'LABEL:module.NAME=VALUE,...'")
@@ -430,7 +437,8 @@ def _main(argv: list[str]) -> None:
     if a.phase == "record":
         launches, errors = record(a.op, names, [c for c in a.cases.split(",") if c], emit,
                                   tuple(parse_set(text) for text in a.sets),
-                                  tuple(d for d in a.dtypes.split(",") if d))
+                                  tuple(d for d in a.dtypes.split(",") if d),
+                                  tuple(d for d in a.switch_dtypes.split(",") if d) or None)
         (a.workdir / "launches.json").write_text(json.dumps(
             {"launches": [vars(x) for x in launches], "errors": errors}))
         return
