@@ -132,6 +132,26 @@ def naive_titans_linear(
                 initial_state, initial_momentum, output_final_state, cu_seqlens)
 
 
+def mini_batch(Q, Kc, Vc, th, al, et, M, S, scale, w_, b_, eps):
+    """One mini-batch of the matrix form: (its outputs [H, C, D], the memory and momentum after
+    it), from rows Q, Kc, Vc [H, C, D], gates th, al, et [H, C] and the M, S [H, D, D] it
+    starts from; w_, b_ [H, 1, D]."""
+    Kt = Kc.transpose(1, 2)
+    G = 2 * ln_recon_grad(Kc @ M, Vc - Kc, w_, b_, eps)  # grad_j = k_j^T G_j, at M_0
+    # position 0: the carried state
+    pad = torch.ones(Q.shape[0], 1, dtype=Q.dtype, device=Q.device)
+    A = segprod(torch.cat([pad, 1 - al], -1))  # [H, C+1, C+1]
+    E = segprod(torch.cat([pad, et], -1))
+    P = A[:, 1:, 1:] @ E[:, 1:, :]  # [H, C, C+1]
+    Qs = scale * Q
+    U = (A[:, 1:, :1] * (Qs @ M) + P[:, :, :1] * (Qs @ S)
+         - ((P[:, :, 1:] * th[:, None, :]) * (Qs @ Kt)) @ G)
+    return (ln_residual(U, w_, b_, eps),
+            A[:, -1, 0, None, None] * M + P[:, -1, 0, None, None] * S
+            - Kt @ ((P[:, -1, 1:] * th)[..., None] * G),
+            E[:, -1, 0, None, None] * S - Kt @ ((E[:, -1, 1:] * th)[..., None] * G))
+
+
 def chunk_titans_linear_ref(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -162,20 +182,9 @@ def chunk_titans_linear_ref(
         x = per_chunk(x, chunk_size)
         for c in range(len(x["v"])):
             # Q, Kc, Vc: [H, C, D]; th, al, et: [H, C]
-            Q, Kc, Vc, th, al, et = (x[n][c].to(acc).transpose(0, 1) for n in _TOKENS)
-            Kt = Kc.transpose(1, 2)
-            G = 2 * ln_recon_grad(Kc @ M, Vc - Kc, w_, b_, eps)  # grad_j = k_j^T G_j, at M_0
-            pad = torch.ones(H, 1, dtype=acc, device=v.device)  # position 0: the carried state
-            A = segprod(torch.cat([pad, 1 - al], -1))  # [H, C+1, C+1]
-            E = segprod(torch.cat([pad, et], -1))
-            P = A[:, 1:, 1:] @ E[:, 1:, :]  # [H, C, C+1]
-            Qs = scale * Q
-            U = (A[:, 1:, :1] * (Qs @ M) + P[:, :, :1] * (Qs @ S)
-                 - ((P[:, :, 1:] * th[:, None, :]) * (Qs @ Kt)) @ G)
-            outs.append(ln_residual(U, w_, b_, eps))
-            M, S = (A[:, -1, 0, None, None] * M + P[:, -1, 0, None, None] * S
-                    - Kt @ ((P[:, -1, 1:] * th)[..., None] * G),
-                    E[:, -1, 0, None, None] * S - Kt @ ((E[:, -1, 1:] * th)[..., None] * G))
+            rows = tuple(x[n][c].to(acc).transpose(0, 1) for n in _TOKENS)
+            o, M, S = mini_batch(*rows, M, S, scale, w_, b_, eps)
+            outs.append(o)
         o = torch.cat(outs, 1).transpose(0, 1) if outs else v.new_zeros(0, H, D, dtype=acc)
         return o, {"M": M, "S": S}
 

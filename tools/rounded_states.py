@@ -25,37 +25,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from harness.cases import sample  # noqa: E402
 from harness.check.engine import rel_error  # noqa: E402
 from harness.gate.suites import load_suite  # noqa: E402
-from references._common import per_chunk, segprod  # noqa: E402
-from references._layernorm import ln_recon_grad, ln_residual  # noqa: E402
+from references._common import per_chunk  # noqa: E402
+from references.titans import mini_batch  # noqa: E402
 
 NAMES = ("q", "k", "v", "w", "b", "theta", "alpha", "eta")
+TOKENS = ("q", "k", "v", "theta", "alpha", "eta")
 
 
 def outputs(x: dict, M: torch.Tensor, S: torch.Tensor, scale: float, eps: float, C: int,
             rounded: torch.dtype | None) -> torch.Tensor:
-    """o [T, H, D] of one sequence (x's tensors [T, H, ...], float64) from states M, S [H, D, D];
-    each mini-batch's U and G from its M0, S0 rounded to ``rounded`` (None: exact)."""
+    """o [T, H, D] of one sequence (x's tensors [T, H, ...], float64) from states M, S [H, D, D]:
+    each mini-batch's outputs from its M0, S0 rounded to ``rounded`` (None: exact), the states
+    carried on exactly (references.titans.mini_batch for both)."""
     w_, b_ = x["w"][:, None], x["b"][:, None]
-    chunks = per_chunk({n: x[n] for n in ("q", "k", "v", "theta", "alpha", "eta")}, C)
+    chunks = per_chunk({n: x[n] for n in TOKENS}, C)
     outs = []
     for c in range(len(chunks["v"])):
-        Q, K, V, th, al, et = (chunks[n][c].transpose(0, 1)
-                               for n in ("q", "k", "v", "theta", "alpha", "eta"))
-        Kt = K.transpose(1, 2)
-        G = 2 * ln_recon_grad(K @ M, V - K, w_, b_, eps)
-        Mr, Sr = ((M, S) if rounded is None else (M.to(rounded).double(), S.to(rounded).double()))
-        Gr = 2 * ln_recon_grad(K @ Mr, V - K, w_, b_, eps)
-        pad = torch.ones(Q.shape[0], 1, dtype=torch.float64)
-        A = segprod(torch.cat([pad, 1 - al], -1))
-        E = segprod(torch.cat([pad, et], -1))
-        P = A[:, 1:, 1:] @ E[:, 1:, :]
-        Qs = scale * Q
-        U = (A[:, 1:, :1] * (Qs @ Mr) + P[:, :, :1] * (Qs @ Sr)
-             - ((P[:, :, 1:] * th[:, None, :]) * (Qs @ Kt)) @ Gr)
-        outs.append(ln_residual(U, w_, b_, eps))
-        M, S = (A[:, -1, 0, None, None] * M + P[:, -1, 0, None, None] * S
-                - Kt @ ((P[:, -1, 1:] * th)[..., None] * G),
-                E[:, -1, 0, None, None] * S - Kt @ ((E[:, -1, 1:] * th)[..., None] * G))
+        rows = tuple(chunks[n][c].transpose(0, 1) for n in TOKENS)
+        o, M_next, S_next = mini_batch(*rows, M, S, scale, w_, b_, eps)
+        if rounded is not None:
+            o, _, _ = mini_batch(*rows, M.to(rounded).double(), S.to(rounded).double(), scale,
+                                 w_, b_, eps)
+        outs.append(o)
+        M, S = M_next, S_next
     return torch.cat(outs, 1).transpose(0, 1)
 
 
