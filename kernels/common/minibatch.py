@@ -40,13 +40,6 @@ def with_warps(meta: dict, warps: int | None) -> dict:
     return meta if warps is None else {**meta, "num_warps": warps}
 
 
-def stored_meta(meta: dict, hs) -> dict:
-    """meta for a kernel whose products with a state are with the states stored per mini-batch
-    (hs): MIXED "round" where they are stored in half precision (the rounding exact, one
-    product of input-dtype operands), else as it is."""
-    return {**meta, "MIXED": "round"} if hs.element_size() < 4 else meta
-
-
 @triton.jit
 def head_tiles(w, b, i_h, D: tl.constexpr, BD: tl.constexpr):
     """(o_d, m_d, o_s, m_s, w, b) of head i_h: its columns, a [D, D] state's offsets and mask,

@@ -46,8 +46,8 @@ import triton.language as tl
 
 from kernels.common.layernorm import layer_norm_rows
 from kernels.common.minibatch import (dot_state, head_tile, load_square, mini_batch_meta,
-                                      mini_batch_program, start_square, stored_meta,
-                                      walk_program, with_warps)
+                                      mini_batch_program, start_square, walk_program,
+                                      with_warps)
 from kernels.common.utils import (check_launchable, chunk_layout, load_rows, mode_for,
                                   store_rows)
 from kernels.titans.chunk_bwd import chunk_backward
@@ -177,11 +177,14 @@ def walk_meta(q: torch.Tensor, chunk_size: int) -> dict:
     return {**meta, "MIXED": mixed}
 
 
-def output_mixed(dtype: torch.dtype, states: torch.dtype = torch.float32) -> str:
-    """How the outputs kernel takes Q~'s products with the stored states (of dtype
-    ``states``): OUTPUT_MIXED, or "round" where they are stored in the inputs' dtype
-    (HALF_STATES: the rounding then exact)."""
-    return "round" if states != torch.float32 else mode_for(OUTPUT_MIXED, dtype)
+def output_modes(dtype: torch.dtype, states: torch.dtype) -> dict:
+    """The outputs kernel's products with the stored states (of dtype ``states``), as its MIXED
+    (Z = K M0) and OMIXED (Q~ M0, Q~ S0): one product of input-dtype operands ("round", exact)
+    where HALF_STATES stored them in the inputs' dtype, else OMIXED as OUTPUT_MIXED says and
+    MIXED as the walk's (walk_meta)."""
+    if states != torch.float32:
+        return {"MIXED": "round", "OMIXED": "round"}
+    return {"OMIXED": mode_for(OUTPUT_MIXED, dtype)}
 
 
 def unsupported(D: int, chunk_size: int) -> str | None:
@@ -365,7 +368,7 @@ def _forward(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0, s0,
     if NT:
         chunk_titans_linear_fwd_o_kernel[(NT, B * H)](
             q, k, v, w, b, theta, alpha, eta, o, hs, ss, cu_seqlens, chunk_indices, scale,
-            float(eps), T, OMIXED=output_mixed(q.dtype, sdt), **stored_meta(meta, hs))
+            float(eps), T, **{**meta, **output_modes(q.dtype, sdt)})
     return o, ht, st, hs, ss
 
 
@@ -382,7 +385,7 @@ class ChunkTitansFunction(torch.autograd.Function):
         ctx.scale, ctx.eps, ctx.chunk_size = scale, eps, chunk_size
         # the switches as the forward ran: the backward recomputes G with its products
         ctx.meta = walk_meta(q, chunk_size)
-        ctx.backward = (partial(chunk_backward, omixed=output_mixed(q.dtype))
+        ctx.backward = (partial(chunk_backward, omixed=mode_for(OUTPUT_MIXED, q.dtype))
                         if SPLIT_BACKWARD else fused_backward)
         return o, ht, st
 
