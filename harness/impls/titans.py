@@ -70,6 +70,7 @@ _ONE_WALK = {"what": "one-walk backward (less memory)",
              "set": {"kernels.titans.chunk.SPLIT_BACKWARD": False}}
 _TF32X3 = {"what": "three TF32 passes, gates in the walk",
            "set": {"kernels.titans.chunk.WALK_MIXED": None,
+                   "kernels.titans.chunk.UPDATE_MIXED": None,
                    "kernels.titans.chunk.OUTPUT_MIXED": None,
                    "kernels.titans.chunk_bwd.DK_PRECISION": None,
                    "kernels.titans.chunk.HALF_STATES": None,

@@ -28,8 +28,9 @@ each mini-batch starts from; then one program per (mini-batch, head) forms its o
 them, all in parallel; with WALK_GATES_AHEAD (the default) a third kernel forms the walk's
 gate factors first, in parallel. Products of float32 inputs are exact ("ieee"); for half
 precision they take float32 operands in three TF32 passes (utils.dot_precision), but the
-products of input rows with a float32 state: in the walks as WALK_MIXED says (for bfloat16
-one TF32 product), in the outputs kernel as OUTPUT_MIXED says (for bfloat16 two).
+products of input rows with a float32 state: in the walks as WALK_MIXED and UPDATE_MIXED say
+(for bfloat16 Z = K M0 with M0 as two bfloat16 halves, the updates one TF32 product), in the
+outputs kernel as OUTPUT_MIXED says (for bfloat16 the state as two bfloat16 halves).
 WALK_PREFETCH loads the next mini-batch's rows ahead of their turn.
 
 The backward is kernels/titans/chunk_bwd.py (split in three kernels, SPLIT_BACKWARD, the
@@ -52,8 +53,8 @@ from kernels.common.utils import (check_launchable, chunk_layout, load_rows, mod
                                   store_rows)
 from kernels.titans.chunk_bwd import chunk_backward
 from kernels.titans.fused_bwd import fused_backward
-from kernels.titans.stages import (dot_q, gate_rows, mini_batch_rows, recon_grads,
-                                   segment_products, update_gates)
+from kernels.titans.stages import (dot_q, gate_rows, local_meta, mini_batch_rows,
+                                   recon_grads, segment_products, update_gates)
 from references.operators import TITANS
 
 __all__ = ["chunk_titans_linear"]
@@ -82,34 +83,42 @@ MAX_TILE = 64 * 64
 # 3799, 7021 and 4366.
 #
 # How the walks take their products of input rows and a float32 state for half-precision
-# inputs (Z = K M0 wherever it is formed, the updates K^T (c o G), and in the split backward's
-# walk K dM', K dS', Q^T dU, K^T dZ): a minibatch.dot_state mode ("tf32": one TF32 product,
-# the state kept to 11 bits; "tf32x2": two, ~22 bits; "round": the state rounded to the
-# inputs' dtype, one product; "split": the state as two halves, two products), None (both
-# operands float32, three TF32 passes), or a dict from the inputs' dtype name ("float16",
-# "bfloat16") to one of those. On an H100 (bfloat16, B=2, H=16, D=64, 2026-12-06,
-# reports/titans.md) fwd / fwd+bwd at T = 8K took 3.041 / 13.695 ms under None, 2.665 /
-# 11.496 under "tf32x2", 2.455 / 10.165 under "tf32"; with OUTPUT_MIXED "tf32x2" and
-# WALK_GATES_AHEAD too, "tf32" 1.884 / 9.604. The bfloat16 tiling family (harness check
-# --family tiling) passed under both TF32 modes (under "tf32" but for its 64 x 128 class:
-# TF32_TILE below): the final states at 14% of their tolerances under "tf32" (0% under
-# "tf32x2"), the gradients at 26% at most (23%), o 19% (19%).
-# "tf32" fails where the gates saturate: on the gpu suite's gate-saturated case (T = 2048,
-# D = 64, gate 20, bfloat16; H100, 2026-12-06) dK's error was 0.32 (25x its tolerance), dalpha,
-# deta, dq, dw, dtheta and the initial memory's 1.2x-2.9x theirs, the final states 1.5e-3;
-# under "tf32x2" dK 3.05e-3, the rest at 25% or less, the final states 1.9e-6 (None: 1.5e-6).
-# At T = 8K, D = 64 "tf32x2" costs the forward walk 1,079 -> 1,279 µs and the backward walk
-# 2,768 -> 3,569 (kernel_profile, same H100).
-# "round" had put the final memory and dK at 95% and 98% of theirs (H100, 2026-12-05), and
-# float16's "round" its final memory at 1.05e-3 through the interpreter, over float16's
-# tolerance (4.9e-4; "split" 3.4e-6, None 1.6e-7). float16 keeps None: its TF32 modes are not
-# yet checked on a GPU.
-WALK_MIXED = {"bfloat16": "tf32x2"}
+# inputs (Z = K M0 wherever it is formed, and the split backward walk's K dM', K dS'; the
+# updates as UPDATE_MIXED says): a minibatch.dot_state mode ("tf32": one TF32 product, the
+# state kept to 11 bits; "tf32x2": two, ~22 bits; "split": the state as two halves in the
+# inputs' dtype, two products, ~16 bits; "round": the state rounded to the inputs' dtype, one
+# product), None (both operands float32, three TF32 passes), or a dict from the inputs' dtype
+# name ("float16", "bfloat16") to one of those.
+# Z is the product the gates' saturation tests: there M0 is nearly one token's update and
+# LayerNorm rescales rows of Z that nearly cancel, so Z's rounding reaches dK. On the gpu
+# suite's gate-saturated case (T = 2048, D = 64, gate 20, bfloat16; H100, 2026-12-06, `harness
+# check titans --case`) Z in one TF32 product put dK at 18x its tolerance (25x with the updates
+# in one too), 24% in "tf32x2"; the updates in one TF32 product left every gradient where
+# "tf32x2" had it (dK 25%, the rest <= 25%), the final states at 12% (0%); with Z in "split"
+# too (today's) dK is at 43%, the rest at 25% or less, the final states 13%. On long-T4096
+# (gate 20, T = 4096) Z in "tf32" failed dK (4.9x) and the final states (2.9x); today's
+# forms stay at 22% or less.
+# Per step at T = 8K (H100, bfloat16, B=2, H=16, one run, 2026-12-06; python
+# tools/kernel_profile.py titans chunk --seq-len 8192 --head-dim D --mode fwd,fwdbwd), fwd /
+# fwd+bwd in ms, every product "tf32x2" / the updates "tf32" / that and Z "split" (today's):
+# D = 64: 2.154 / 7.577, 2.004 / 6.862, 1.984 / 6.581; D = 128: 8.721 / 31.899, 6.689 /
+# 28.626, 5.403 / 26.763. The bfloat16 tiling family (harness check --family tiling) passed
+# all three, worst 23.3% / 24.9% / 24.8% of a tolerance, the final states 0% / 15% / 19%.
+# Three bfloat16 parts of the state (24 bits, three products) took the forward walk from
+# 1,552 to 1,965 µs at D = 64. float16 keeps None: its modes are not yet checked on a GPU
+# ("round" put its final memory at 1.05e-3 through the interpreter, over float16's tolerance
+# of 4.9e-4; "split" 3.4e-6, None 1.6e-7).
+WALK_MIXED = {"bfloat16": "split"}
+# The walks' update products (the forward's K^T (cM o G), K^T (cS o G); the backward's
+# Q~^T (f0 o dU), K^T dZ, Q~^T (p0 o dU)) for half-precision inputs: None for WALK_MIXED's
+# mode, else a dot_state mode or a dict per dtype as WALK_MIXED (measurements above).
+UPDATE_MIXED = {"bfloat16": "tf32"}
 # Mini-batches whose [C, D] tile holds more than this many values (64 tokens at D = 128) take
-# "tf32x2" where WALK_MIXED says "tf32": under "tf32" the backward's first kernel needed
-# 262,144 bytes of shared memory there, 196,608 under None (sm_90 allows 232,448; bfloat16;
-# python tools/kernel_registers.py titans --case cs64-d128 --kernel bwd_local, with --set for
-# the mode), and an H100 refused to launch it; "tf32x2" passed the tiling check there.
+# "tf32x2" where WALK_MIXED or UPDATE_MIXED says "tf32": under WALK_MIXED's "tf32" the
+# backward's first kernel needed 262,144 bytes of shared memory there, 196,608 under None
+# (sm_90 allows 232,448; bfloat16; python tools/kernel_registers.py titans --case cs64-d128
+# --kernel bwd_local, with --set for the mode), and an H100 refused to launch it; "tf32x2"
+# passed the tiling check there.
 TF32_TILE = 32 * 128
 # The forward walk's loads: the next mini-batch's rows loaded before this one's products
 # (True), or each mini-batch's when it starts (False), as TTT's WALK_PREFETCH (the split
@@ -120,13 +129,14 @@ WALK_PREFETCH = True
 WALK_WARPS = None
 # How the outputs kernel takes Q~ M0, Q~ S0 and Q~ K^T for half-precision inputs: None (float32
 # operands, three TF32 passes each), or Q's rows in their own dtype with the scale applied
-# after, Q K^T one product of input rows and Q M0, Q S0 as a utils.dot_mixed mode ("tf32x2":
-# two TF32 passes, as close as three where one operand is exact in TF32); a dict per dtype as
-# WALK_MIXED. The forward at T = 8K under the walks' "tf32x2": 2.665 ms, 2.603 with this
-# (H100, as above); the bfloat16 tiling family's o at 19% of its tolerance either way. The
-# backward's first kernel recomputes U from float32 operands in three passes: the same U to
-# ~22 bits, not bit for bit.
-OUTPUT_MIXED = {"bfloat16": "tf32x2"}
+# after, Q K^T one product of input rows and Q M0, Q S0 as a utils.dot_mixed mode; a dict per
+# dtype as WALK_MIXED. At T = 8K (H100, bfloat16, B=2, H=16, one run, 2026-12-06,
+# kernel_profile as above) fwd / fwd+bwd went from 2.001 / 6.571 ms under "tf32x2" to 1.875 /
+# 6.446 under "split" (the state as two bfloat16 halves) at D = 64, from 5.412 / 26.715 to
+# 5.170 / 25.384 at D = 128 (the backward's first kernel takes the same products:
+# chunk_bwd.LOCAL_AS_OUTPUTS); o's error did not move on gate-saturated, long-T4096 or the
+# bfloat16 tiling family (19% of its tolerance).
+OUTPUT_MIXED = {"bfloat16": "split"}
 # What the forward walk's updates take from the gates (P[n] theta, E[n] theta, f0[n], e0[n],
 # p0[n]: segment products, float64 logs and exps): formed by a parallel kernel first and
 # loaded by the walk (True), or formed in the walk (False), beside its chain of products
@@ -168,13 +178,15 @@ def walk_mixed(dtype: torch.dtype) -> str:
 
 
 def walk_meta(q: torch.Tensor, chunk_size: int) -> dict:
-    """The constexprs and warps of every Titans kernel, walk_mixed as MIXED ("tf32x2" for
-    "tf32" where a mini-batch's tile holds more than TF32_TILE values)."""
+    """The constexprs and warps of every Titans kernel, walk_mixed as MIXED and the walks'
+    update mode (UPDATE_MIXED) as UMIXED ("tf32x2" for "tf32" where a mini-batch's tile holds
+    more than TF32_TILE values); ``local`` takes UMIXED out for the other kernels."""
     meta = mini_batch_meta(q, chunk_size)
+    big = chunk_size * meta["BD"] > TF32_TILE
     mixed = walk_mixed(q.dtype)
-    if mixed == "tf32" and chunk_size * meta["BD"] > TF32_TILE:
-        mixed = "tf32x2"
-    return {**meta, "MIXED": mixed}
+    umixed = mode_for(UPDATE_MIXED, q.dtype) if UPDATE_MIXED is not None else mixed
+    mixed, umixed = ("tf32x2" if big and x == "tf32" else x for x in (mixed, umixed))
+    return {**meta, "MIXED": mixed, "UMIXED": umixed}
 
 
 def output_modes(dtype: torch.dtype, states: torch.dtype) -> dict:
@@ -252,9 +264,10 @@ def ahead_gates(gc, gn, i_s, i_t, bos, L, i_h, o_c, H: tl.constexpr, BC: tl.cons
 def chunk_titans_linear_fwd_walk_kernel(
     k, v, w, b, theta, alpha, eta, gc, gn, h0, s0, ht, st, hs, ss, cu_seqlens, chunk_offsets,
     eps, T, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
-    PRECISION: tl.constexpr, MIXED: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
-    USE_INITIAL_MOMENTUM: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
-    PREFETCH: tl.constexpr, GATES_AHEAD: tl.constexpr, IS_VARLEN: tl.constexpr,
+    PRECISION: tl.constexpr, MIXED: tl.constexpr, UMIXED: tl.constexpr,
+    USE_INITIAL_STATE: tl.constexpr, USE_INITIAL_MOMENTUM: tl.constexpr,
+    STORE_FINAL_STATE: tl.constexpr, PREFETCH: tl.constexpr, GATES_AHEAD: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):
     """One sequence and head: M and S carried over the mini-batches (the module docstring's
     last line), storing the M0, S0 each mini-batch starts from; with PREFETCH the next
@@ -288,8 +301,8 @@ def chunk_titans_linear_fwd_walk_kernel(
             b_cm, b_cs, f0n, e0n, p0n = update_gates(
                 b_th, b_a, b_e, o_c, o_c == tl.minimum(BC, L - i_t * BC) - 1)
         b_kt = tl.trans(b_k)
-        b_dM = dot_state(b_kt, b_cm[:, None] * b_g, k.dtype.element_ty, PRECISION, MIXED)
-        b_dS = dot_state(b_kt, b_cs[:, None] * b_g, k.dtype.element_ty, PRECISION, MIXED)
+        b_dM = dot_state(b_kt, b_cm[:, None] * b_g, k.dtype.element_ty, PRECISION, UMIXED)
+        b_dS = dot_state(b_kt, b_cs[:, None] * b_g, k.dtype.element_ty, PRECISION, UMIXED)
         b_M, b_S = f0n * b_M + p0n * b_S - b_dM, e0n * b_S - b_dS
         if PREFETCH:
             b_k, b_v, b_th, b_a, b_e = n_k, n_v, n_th, n_a, n_e
@@ -368,7 +381,7 @@ def _forward(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0, s0,
     if NT:
         chunk_titans_linear_fwd_o_kernel[(NT, B * H)](
             q, k, v, w, b, theta, alpha, eta, o, hs, ss, cu_seqlens, chunk_indices, scale,
-            float(eps), T, **{**meta, **output_modes(q.dtype, sdt)})
+            float(eps), T, **{**local_meta(meta), **output_modes(q.dtype, sdt)})
     return o, ht, st, hs, ss
 
 

@@ -47,8 +47,8 @@ from kernels.common.minibatch import (dot_state, load_square, load_square_cols, 
                                       walk_program, with_warps)
 from kernels.common.utils import chunk_layout, load_rows, mode_for, store_rows
 from kernels.titans.stages import (dot_at, dot_q, dq_state, gate_rows, gates_bwd, hand_on_gates,
-                                   mini_batch_rows, outputs_bwd_from, recon_grads,
-                                   segment_products)
+                                   local_meta, mini_batch_rows, outputs_bwd_from,
+                                   recon_grads, segment_products)
 
 __all__ = ["chunk_backward"]
 
@@ -60,7 +60,7 @@ PREFETCH = True
 # 2026-12-06, python tools/kernel_profile.py titans chunk --mode fwdbwd) 8 warps took the walk
 # from 4,196 to 2,798 µs at D = 64, and 16 from 9,869 to 15,416 at D = 128 (the forward walk at
 # 8 warps: 1,369 to 1,466 µs at D = 64, chunk.WALK_WARPS stays None), the walks' products
-# then in one TF32 product (chunk.WALK_MIXED "tf32"; under today's "tf32x2" 3,569 at 8 warps).
+# then in one TF32 product (chunk.WALK_MIXED "tf32"; 2,710 at 8 warps under today's modes).
 WALK_WARPS = 8
 # The last kernel's products (dZ M0^T, (cM o G) dM'^T, (cS o G) dS'^T, and the gates' [C, C]
 # ones) take float32 operands exactly ("ieee", FMA loops), at 8 warps; DK_PRECISION below
@@ -235,7 +235,7 @@ def walk_rows(q, k, v, z, du, dgu, dka, gr, i_t, bos, L, i_h, o_c, o_d, D: tl.co
 def chunk_titans_linear_bwd_walk_kernel(
     q, k, v, w, b, z, du, dgu, dka, dv, gr, dms, dss, dht, dst, dh0, ds0, dw, db, cu_seqlens,
     chunk_offsets, scale, eps, T, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-    BC: tl.constexpr, PRECISION: tl.constexpr, MIXED: tl.constexpr,
+    BC: tl.constexpr, PRECISION: tl.constexpr, MIXED: tl.constexpr, UMIXED: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, USE_FINAL_STATE_GRADIENT: tl.constexpr,
     PREFETCH: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
@@ -282,10 +282,10 @@ def chunk_titans_linear_bwd_walk_kernel(
         b_qt = tl.trans(b_qr)
         half = k.dtype.element_ty
         b_dM, b_dS = (f0n * b_dM
-                      + scale * dot_state(b_qt, b_f0[:, None] * b_du, half, PRECISION, MIXED)
-                      + dot_state(tl.trans(b_k), b_dz, half, PRECISION, MIXED),
+                      + scale * dot_state(b_qt, b_f0[:, None] * b_du, half, PRECISION, UMIXED)
+                      + dot_state(tl.trans(b_k), b_dz, half, PRECISION, UMIXED),
                       p0n * b_dM + e0n * b_dS
-                      + scale * dot_state(b_qt, b_p0[:, None] * b_du, half, PRECISION, MIXED))
+                      + scale * dot_state(b_qt, b_p0[:, None] * b_du, half, PRECISION, UMIXED))
         b_dwa += b_dw
         b_dba += b_db
         store_rows(du + row0 * D, b_g, o_c, m_t, o_d, D, H)
@@ -404,13 +404,13 @@ def chunk_backward(q, k, v, w, b, theta, alpha, eta, hs, ss, initial, do, dht, d
             q, k, v, w, b, theta, alpha, eta, do, hs, ss, dq, z, du, dgu, dka, dP, gr, dw1, db1,
             cu_seqlens, chunk_indices, scale, float(eps), T,
             OMIXED=omixed if LOCAL_AS_OUTPUTS and chunk_size * meta["BD"] <= RELOAD_TILE else "",
-            **meta)
+            **local_meta(meta))
     chunk_titans_linear_bwd_walk_kernel[(N * H,)](
         q, k, v, w, b, z, du, dgu, dka, dv, gr, dms, dss, dht, dst, dh0, ds0, dw2, db2,
         cu_seqlens, chunk_offsets, scale, float(eps), T, PREFETCH=PREFETCH,
         **with_warps(meta, WALK_WARPS))
     if NT:
-        meta = {**{key: x for key, x in meta.items() if key != "MIXED"},
+        meta = {**{key: x for key, x in local_meta(meta).items() if key != "MIXED"},
                 "PRECISION": "ieee", "num_warps": gates_warps(q.dtype, meta["BD"]),
                 "DK_PRECISION": dk_precision(q.dtype),
                 "ROWS": chunk_size * meta["BD"] ** 2 > GATES_WHOLE}

@@ -30,7 +30,7 @@ from kernels.common.minibatch import (load_square, reload_rows, reload_square, s
                                       walk_program)
 from kernels.common.utils import chunk_layout, load_rows, store_rows
 from kernels.titans.chunk_bwd import final_state_grads
-from kernels.titans.stages import (dot_at, dq_state, gates_bwd, mini_batch_rows,
+from kernels.titans.stages import (dot_at, dq_state, gates_bwd, local_meta, mini_batch_rows,
                                    outputs_bwd, recon_grads, row_of, segment_products)
 
 __all__ = ["fused_backward"]
@@ -164,6 +164,6 @@ def fused_backward(q, k, v, w, b, theta, alpha, eta, hs, ss, initial, do, dht, d
     chunk_titans_linear_bwd_kernel[(N * H,)](
         q, k, v, w, b, theta, alpha, eta, do.contiguous().to(v.dtype), hs, ss, dht, dst, dq,
         dk, dv, dtheta, dalpha, deta, dw, db, dh0, ds0, cu_seqlens, chunk_offsets, scale,
-        float(eps), T, num_stages=BWD_STAGES, **meta)
+        float(eps), T, num_stages=BWD_STAGES, **local_meta(meta))
     return (dq, dk, dv, dw.sum(0).to(w.dtype), db.sum(0).to(b.dtype), dtheta, dalpha, deta, dh0,
             ds0)

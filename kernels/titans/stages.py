@@ -14,8 +14,13 @@ from kernels.common.minibatch import dot_state
 from kernels.common.utils import dot_mixed, load_rows
 
 __all__ = ["dot_at", "dot_q", "dq_state", "gate_rows", "gates_bwd", "hand_on_gates",
-           "mini_batch_rows", "outputs_bwd", "recon_grads", "row_of", "segment_products",
-           "segment_products_bwd", "update_gates"]
+           "local_meta", "mini_batch_rows", "outputs_bwd", "recon_grads", "row_of",
+           "segment_products", "segment_products_bwd", "update_gates"]
+
+
+def local_meta(meta: dict) -> dict:
+    """chunk.walk_meta's constexprs for a kernel other than the walks (UMIXED taken out)."""
+    return {key: x for key, x in meta.items() if key != "UMIXED"}
 
 
 @triton.jit
