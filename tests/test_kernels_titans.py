@@ -123,12 +123,53 @@ def test_float16_within_its_rounding(monkeypatch, mode, state_bound):
     (OUTPUT_MIXED "tf32x2", the scale applied after) with every mode: o within the same 1e-3
     (measured 2e-4; 1.26 with Q M0 left unscaled)."""
     monkeypatch.setattr(chunk, "WALK_MIXED", mode)
+    monkeypatch.setattr(chunk, "UPDATE_MIXED", None)  # the updates as WALK_MIXED's
     monkeypatch.setattr(chunk, "OUTPUT_MIXED", "tf32x2")
     x, st, cu = inputs(1, 70, 2, 16)
     got, ref = both(x, st, cu, dtype=torch.float16)
     assert got[0].dtype == torch.float16
     assert rel_error(got[0], ref[0]) < 1e-3
     assert rel_error(got[1], ref[1]) < state_bound and rel_error(got[2], ref[2]) < state_bound
+
+
+def state_grads(fn, x, st):
+    """Every gradient of <final M, dM> + <final S, dS> alone (fixed random dM, dS): no dO, whose
+    rounding to the inputs' dtype would hide the walks' own."""
+    x = {n: t.clone().requires_grad_() for n, t in x.items()}
+    st = {n: t.clone().requires_grad_() for n, t in st.items()}
+    _, M, S = fn(*(x[n] for n in NAMES), **st, chunk_size=16, output_final_state=True)
+    g = torch.Generator().manual_seed(5)
+    dM, dS = (torch.randn(y.shape, generator=g, dtype=torch.float64).to(y.dtype) for y in (M, S))
+    ((M * dM).sum() + (S * dS).sum()).backward()
+    return {n: t.grad for n, t in {**x, **st}.items() if t.grad is not None}
+
+
+def test_update_products_apart_from_z(monkeypatch):
+    """chunk.UPDATE_MIXED takes the walks' update products (the forward's K^T (c o G), the split
+    backward walk's Q~^T (f0 o dU), K^T dZ, Q~^T (p0 o dU)) apart from Z = K M0 and K dM', K dS'
+    (WALK_MIXED, None here: float32 operands). float16 q, k, v through the interpreter, the
+    updates under "round" (their float32 operand rounded to float16, 4.9e-4, once a product):
+    the final states within 1e-3 of float64 but not within 1e-5 (measured 1.4e-4 and 1.9e-4;
+    2e-7 with float32 updates), so the forward walk rounds them; the gradient of the initial
+    memory through the final states alone within 1e-3 but not within 5e-5 (measured 2.0e-4;
+    3.3e-7 with float32 updates, 1.6e-5 with the backward walk's left float32), so the
+    backward walk rounds its own; every other such gradient within 1e-3."""
+    monkeypatch.setattr(chunk, "SPLIT_BACKWARD", True)
+    monkeypatch.setattr(chunk, "WALK_MIXED", None)
+    monkeypatch.setattr(chunk, "UPDATE_MIXED", {"float16": "round"})
+    x, st, cu = inputs(1, 40, 2, 16)
+    with torch.no_grad():
+        got, ref = both(x, st, cu, dtype=torch.float16)
+    for a, r in zip(got[1:], ref[1:]):
+        assert 1e-5 < rel_error(a, r) < 1e-3, rel_error(a, r)
+    half = {n: (t.half() if n in "qkv" else t) for n, t in x.items()}
+    got = state_grads(chunk_titans_linear, half, st)
+    ref = state_grads(naive_titans_linear, {n: t.double() for n, t in half.items()},
+                      {n: s.double() for n, s in st.items()})
+    assert set(ref) <= set(got)  # q's is the kernel's zero: the states do not take Q
+    for name in ref:
+        assert rel_error(got[name], ref[name]) < 1e-3, (name, rel_error(got[name], ref[name]))
+    assert rel_error(got["initial_state"], ref["initial_state"]) > 5e-5
 
 
 def test_half_states_in_calls_without_a_backward(monkeypatch):
@@ -292,6 +333,7 @@ def test_gradients_in_float16(monkeypatch, backward, mode):
     interpreter, so their arithmetic is checked here (the scale left off Q K^T in the first
     kernel: dq 0.28, fails) and their rounding on a GPU."""
     monkeypatch.setattr(chunk, "WALK_MIXED", mode)
+    monkeypatch.setattr(chunk, "UPDATE_MIXED", None)  # the updates as WALK_MIXED's
     if mode == "tf32":
         from kernels.titans import chunk_bwd
         monkeypatch.setattr(chunk, "OUTPUT_MIXED", "tf32x2")
