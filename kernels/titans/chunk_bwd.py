@@ -97,7 +97,9 @@ DK_PRECISION = {"bfloat16": "tf32"}
 # memory in bfloat16 with 64-token mini-batches at D = 64 and 225,280 with 16-token ones at
 # D = 128, but 262,144 with 32-token ones and 294,912 with 64-token ones at D = 128 (sm_90
 # allows 232,448; python tools/kernel_registers.py titans --case cs32-d128 --kernel bwd_gates);
-# by rows, 114,688 with 32-token ones.
+# by rows, 114,688 with 32-token ones. Where both fit, whole is faster: with 16-token ones at
+# D = 128 the kernel took 4,068 µs whole, 5,469 by 32 rows and 4,719 by 64 (H100, bfloat16,
+# B=2, H=16, T=8192, 2026-12-06; kernel_profile with --set GATES_WHOLE=131072).
 GATES_ROWS = 32
 GATES_WHOLE = 16 * 128 * 128
 # Where a mini-batch's [C, D] tiles hold more than RELOAD_TILE values (64-token mini-batches at
