@@ -111,7 +111,8 @@ MAX_TILE = 64 * 64
 WALK_MIXED = {"bfloat16": "split"}
 # The walks' update products (the forward's K^T (cM o G), K^T (cS o G); the backward's
 # Q~^T (f0 o dU), K^T dZ, Q~^T (p0 o dU)) for half-precision inputs: None for WALK_MIXED's
-# mode, else a dot_state mode or a dict per dtype as WALK_MIXED (measurements above).
+# mode, else a dot_state mode or a dict per dtype as WALK_MIXED (measurements above). The
+# one-walk backward (SPLIT_BACKWARD False) takes its products but Z at PRECISION.
 UPDATE_MIXED = {"bfloat16": "tf32"}
 # Mini-batches whose [C, D] tile holds more than this many values (64 tokens at D = 128) take
 # "tf32x2" where WALK_MIXED or UPDATE_MIXED says "tf32": under WALK_MIXED's "tf32" the
@@ -180,7 +181,7 @@ def walk_mixed(dtype: torch.dtype) -> str:
 def walk_meta(q: torch.Tensor, chunk_size: int) -> dict:
     """The constexprs and warps of every Titans kernel, walk_mixed as MIXED and the walks'
     update mode (UPDATE_MIXED) as UMIXED ("tf32x2" for "tf32" where a mini-batch's tile holds
-    more than TF32_TILE values); ``local`` takes UMIXED out for the other kernels."""
+    more than TF32_TILE values); stages.local_meta takes UMIXED out for the other kernels."""
     meta = mini_batch_meta(q, chunk_size)
     big = chunk_size * meta["BD"] > TF32_TILE
     mixed = walk_mixed(q.dtype)
