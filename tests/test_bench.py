@@ -345,6 +345,26 @@ def test_writers_and_report(tmp_path):
     assert {p.name for p in written} >= {"report.md", "report.html", "bench.csv"}
 
 
+def test_beside_plot_folds_operators_into_one_figure(tmp_path):
+    """tools/beside_plot.py: two operators' rows drawn on one figure per quantity, each line
+    labelled with its operator; rows of two head sizes refused."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "tools" / "beside_plot.py"
+    spec = importlib.util.spec_from_file_location("beside_plot", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    df = derive(frame(ROWS), CEILINGS, None)
+    both = pd.concat([df, df.assign(op="ttt")], ignore_index=True)
+    folded = tool.fold(both, "gla-ttt")
+    assert set(folded["op"]) == {"gla-ttt"}
+    assert set(folded["impl"]) == {f"{op} {impl}" for op in ("gla", "ttt")
+                                   for impl in set(df["impl"])}
+    assert [p.name for p in plot(folded, tmp_path)] == ["gla-ttt_time.png", "gla-ttt_memory.png"]
+    with pytest.raises(ValueError, match="one B, H, D"):
+        tool.fold(pd.concat([df, df.assign(D=df["D"] * 2)]), "x")
+
+
 # ---------------------------------------------------------------- options
 @pytest.mark.parametrize("args, words", [
     (["mamba"], ["unknown operator 'mamba'", "or all"]),
