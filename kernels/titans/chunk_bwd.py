@@ -412,7 +412,7 @@ def chunk_backward(q, k, v, w, b, theta, alpha, eta, hs, ss, initial, do, dht, d
         cu_seqlens, chunk_offsets, scale, float(eps), T, PREFETCH=PREFETCH,
         **with_warps(meta, WALK_WARPS))
     if NT:
-        meta = {**{key: x for key, x in local_meta(meta).items() if key != "MIXED"},
+        meta = {**{key: x for key, x in meta.items() if key not in ("MIXED", "UMIXED")},
                 "PRECISION": "ieee", "num_warps": gates_warps(q.dtype, meta["BD"]),
                 "DK_PRECISION": dk_precision(q.dtype),
                 "ROWS": chunk_size * meta["BD"] ** 2 > GATES_WHOLE}
