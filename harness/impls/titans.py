@@ -82,7 +82,8 @@ IMPLEMENTATIONS = [
         op="titans", name="chunk", kind="triton", target="kernels.titans:chunk_titans_linear",
         dtypes=KERNEL_DTYPES,
         description="memory and momentum walked per mini-batch, outputs in parallel (Triton)",
-        available=triton_available, supports=_ours_supports, switches=(_ONE_WALK, _TF32X3)),
+        available=triton_available, supports=_ours_supports, inference_path=True,
+        switches=(_ONE_WALK, _TF32X3)),
     Implementation(
         op="titans", name="fla_torch", kind="baseline", target=_fla_torch, devices=("cuda",),
         dtypes=KERNEL_DTYPES, description="fla-core chunk_titans_linear: PyTorch, its own math "

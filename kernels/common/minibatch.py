@@ -18,8 +18,9 @@ from kernels.common.utils import (MIN_TILE, chunk_index, chunk_rows, dot_mixed, 
                                   load_rows_as, walk_bounds)
 
 __all__ = ["dot_state", "head_tile", "head_tiles", "load_square", "load_square_cols",
-           "load_square_rows", "mini_batch_meta", "mini_batch_program", "reload_rows",
-           "reload_square", "start_square", "walk_program"]
+           "load_square_rows", "load_square_scaled", "mini_batch_meta", "mini_batch_program",
+           "reload_rows", "reload_square", "start_square", "store_square_scaled",
+           "walk_program"]
 
 
 def head_tile(D: int) -> int:
@@ -82,6 +83,32 @@ def mini_batch_program(w, b, cu_seqlens, chunk_indices, T, H: tl.constexpr, D: t
 def load_square(p, i, o_s, m_s, D: tl.constexpr):
     """State i of a [.., D, D] tensor, in float32 (0 past D)."""
     return load_square_as(p, i, o_s, m_s, D, "")
+
+
+@triton.jit
+def store_square_scaled(p, p_r, i, b_x, o_d, m_d, o_s, m_s, D: tl.constexpr):
+    """Store float32 state b_x as state i of a float16 [.., D, D] tensor p, each row scaled by
+    the power of two that puts its largest magnitude in [2^14, 2^15): float16's range holds
+    every row whatever the state's size, and each value keeps float16's 11 bits (values under
+    2^-24 of their row's largest fewer). The rows' inverse scales go to p_r [.., D] (float32);
+    load_square_scaled undoes the scales exactly."""
+    b_m = tl.max(tl.abs(b_x), 1)
+    # the row maximum's exponent, within +-60: both scales far from float32's limits
+    b_e = ((b_m.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
+    b_e = tl.minimum(tl.maximum(b_e, -60), 60)
+    b_s = ((141 - b_e) << 23).to(tl.float32, bitcast=True)  # 2^(14 - e)
+    tl.store(p + i.to(tl.int64) * D * D + o_s,
+             (b_x * b_s[:, None]).to(p.dtype.element_ty), mask=m_s)
+    tl.store(p_r + i.to(tl.int64) * D + o_d, ((113 + b_e) << 23).to(tl.float32, bitcast=True),
+             mask=m_d)  # 2^(e - 14)
+
+
+@triton.jit
+def load_square_scaled(p, p_r, i, o_d, m_d, o_s, m_s, D: tl.constexpr):
+    """State i as store_square_scaled stored it, in float32: the float16 rows times their
+    inverse scales, exactly."""
+    b_r = tl.load(p_r + i.to(tl.int64) * D + o_d, mask=m_d, other=0.)
+    return load_square(p, i, o_s, m_s, D) * b_r[:, None]
 
 
 @triton.jit

@@ -22,12 +22,13 @@ logs (float64 sums, so that a difference is as exact as the float32 it is rounde
 the zero factors counted apart: a product over a segment that holds alpha = 1 or eta = 0 is an
 exact 0, and one that underflows is 0, never 0/0.
 
-Two kernels, as chunk_ttt_linear's forward: one program per (sequence, head) walks the
-mini-batches with M and S in float32 on chip (Z, G and the two updates), storing the M0, S0
-each mini-batch starts from; then one program per (mini-batch, head) forms its outputs from
-them, all in parallel; with WALK_GATES_AHEAD (the default) a third kernel forms the walk's
-gate factors first, in parallel. Products of float32 inputs are exact ("ieee"); for half
-precision they take float32 operands in three TF32 passes (utils.dot_precision), but the
+Two kernels, as chunk_ttt_linear's forward: one program per (sequence, head) walks the mini-
+batches with M and S in float32 on chip (Z, G and the two updates), storing the M0, S0 each
+mini-batch starts from (float32 for a backward; without one, for bfloat16 inputs, float16 with
+rows scaled by powers of two: HALF_STATES); then one program per (mini-batch, head) forms its
+outputs from them, all in parallel; with WALK_GATES_AHEAD (the default) a third kernel forms
+the walk's gate factors first, in parallel. Products of float32 inputs are exact ("ieee"); for
+half precision they take float32 operands in three TF32 passes (utils.dot_precision), but the
 products of input rows with a float32 state: in the walks as WALK_MIXED and UPDATE_MIXED say
 (for bfloat16 Z = K M0 with M0 as two bfloat16 halves, the updates one TF32 product), in the
 outputs kernel as OUTPUT_MIXED says (for bfloat16 the state as two bfloat16 halves).
@@ -46,9 +47,9 @@ import triton
 import triton.language as tl
 
 from kernels.common.layernorm import layer_norm_rows
-from kernels.common.minibatch import (dot_state, head_tile, load_square, mini_batch_meta,
-                                      mini_batch_program, start_square, walk_program,
-                                      with_warps)
+from kernels.common.minibatch import (dot_state, head_tile, load_square, load_square_scaled,
+                                      mini_batch_meta, mini_batch_program, start_square,
+                                      store_square_scaled, walk_program, with_warps)
 from kernels.common.utils import (check_launchable, chunk_layout, load_rows, mode_for,
                                   store_rows)
 from kernels.titans.chunk_bwd import chunk_backward
@@ -149,28 +150,39 @@ WALK_GATES_AHEAD = True
 # (kernels/titans/fused_bwd.py, False).
 SPLIT_BACKWARD = True
 # The dtype of the M0, S0 stored per mini-batch in a call without a backward (under
-# torch.no_grad, or no input that needs a gradient): the inputs' dtype (True; a store rounds
-# the walk's float32 states, which carry on in float32 to the final states) or float32 (None);
-# a dict per dtype as WALK_MIXED. Half the bytes the walk writes and the outputs kernel reads,
-# as chunk_ttt_linear's HALF_STATES, and the outputs kernel's products with them (Z = K M0,
-# Q M0, Q S0) one product each of input-dtype operands, exact (utils.dot_mixed "round" of a
-# state already in that dtype). On an H200 in one run (bfloat16, B=2, H=16, T=8192,
-# 2026-12-06, reports/titans.md) it took the forward from 1.915 to 1.358 ms at D = 64 and from
-# 5.226 to 3.545 at D = 128, and in the bfloat16 tiling family o's worst error was 27.7% of its
-# tolerance (19.2% with float32 states). Off: where the gates saturate (the gpu suite's
-# gate-saturated case) the outputs from bfloat16 states are 0.020 off float64 in a float64
-# emulation of this rounding (python tools/rounded_states.py), against 0.0017 for rounding o
-# alone and a tolerance of 0.0089 (from float16 states: 0.0038).
+# torch.no_grad, or no input that needs a gradient), per inputs' dtype as WALK_MIXED: "float16"
+# (each state's rows scaled by powers of two into float16's range, the scales stored beside
+# them: minibatch.store_square_scaled), "bfloat16", or None (float32). A store rounds the
+# walk's float32 states, which carry on in float32 to the final states; half the bytes the
+# walk writes and the outputs kernel reads, as chunk_ttt_linear's HALF_STATES. The outputs
+# kernel takes its products with them (Z = K M0, Q M0, Q S0) exactly (output_modes).
+# On an H100 (bfloat16, B=2, H=16, T=8192, 2026-12-06, reports/titans.md; python
+# tools/kernel_profile.py titans chunk --seq-len 8192 --head-dim D --mode fwd --set ...) float16
+# states took the forward from 1,865 to 1,658 µs at D = 64 (walk 1,364 -> 1,235, outputs 452 ->
+# 373) and from 5,187 to 4,739 at D = 128; bfloat16 states to 1,419 and 4,421. One scale per
+# state instead of per row: the walk 1,350 (a maximum across warps), the forward 1,736. The
+# rows' scales put on Q's and K's columns instead of the state, the state as two bfloat16
+# halves: outputs 529 µs.
+# Why float16: where the gates saturate (the gpu suite's gate-saturated case) o is 0.0058 off
+# float64 from float16 states (0.0017 from float32 ones; tolerance 0.0089, the gpu gate); a
+# float64 emulation of the rounding (python tools/rounded_states.py) puts it at 0.0038 from
+# float16 states and 0.0200 from bfloat16 ones, on long-T4096 0.0020 and 0.0111. Every other
+# gpu-gate entry of o moved by 1% at most; the bfloat16 tiling family's o stays at 19% of its
+# tolerance. float16 inputs keep float32 states: HALF_STATES "float16" for them is checked
+# through the interpreter only (tests/test_kernels_titans.py), not on a GPU, and not timed.
 # (With the backward from bfloat16 states too the gradients' errors grew 1.7x median, up to
 # 6.7x, past the tolerances of dalpha, deta and the initial memory's in the tiling family.)
-HALF_STATES = None
+HALF_STATES = {"bfloat16": "float16"}
 
 
 def state_dtype(dtype: torch.dtype, backward: bool) -> torch.dtype:
     """The dtype of the states stored per mini-batch for inputs of ``dtype``, in a call with a
     backward or without (HALF_STATES)."""
-    half = not backward and dtype != torch.float32 and mode_for(HALF_STATES, dtype)
-    return dtype if half else torch.float32
+    half = "" if backward or dtype == torch.float32 else mode_for(HALF_STATES, dtype)
+    if half not in ("", "float16", "bfloat16"):
+        raise ValueError(f"HALF_STATES must name 'float16', 'bfloat16' or None per dtype, got "
+                         f"{half!r} for {dtype}")
+    return getattr(torch, half) if half else torch.float32
 
 
 def walk_mixed(dtype: torch.dtype) -> str:
@@ -190,14 +202,20 @@ def walk_meta(q: torch.Tensor, chunk_size: int) -> dict:
     return {**meta, "MIXED": mixed, "UMIXED": umixed}
 
 
-def output_modes(dtype: torch.dtype, states: torch.dtype) -> dict:
+def output_modes(dtype: torch.dtype, states: torch.dtype, meta: dict) -> dict:
     """The outputs kernel's products with the stored states (of dtype ``states``), as its MIXED
-    (Z = K M0) and OMIXED (Q~ M0, Q~ S0): one product of input-dtype operands ("round", exact)
-    where HALF_STATES stored them in the inputs' dtype, else OMIXED as OUTPUT_MIXED says and
-    MIXED as the walk's (walk_meta)."""
-    if states != torch.float32:
-        return {"MIXED": "round", "OMIXED": "round"}
-    return {"OMIXED": mode_for(OUTPUT_MIXED, dtype)}
+    (Z = K M0) and OMIXED (Q~ M0, Q~ S0). Where HALF_STATES stored them in half precision, one
+    product that keeps both operands exactly: of input-dtype operands ("round") for bfloat16
+    states of bfloat16 inputs, else in TF32 (a float16 value's 11 bits, times a power of two,
+    are TF32's; "tf32x2" past TF32_TILE, as walk_meta). With float32 states OMIXED as
+    OUTPUT_MIXED says and MIXED as the walk's (``meta``)."""
+    if states == torch.float32:
+        return {"OMIXED": mode_for(OUTPUT_MIXED, dtype)}
+    if states == dtype == torch.bfloat16:
+        mode = "round"
+    else:
+        mode = "tf32x2" if meta["BC"] * meta["BD"] > TF32_TILE else "tf32"
+    return {"MIXED": mode, "OMIXED": mode}
 
 
 def unsupported(D: int, chunk_size: int) -> str | None:
@@ -259,19 +277,21 @@ def ahead_gates(gc, gn, i_s, i_t, bos, L, i_h, o_c, H: tl.constexpr, BC: tl.cons
     'USE_INITIAL_STATE': lambda a: a['h0'] is not None,
     'USE_INITIAL_MOMENTUM': lambda a: a['s0'] is not None,
     'STORE_FINAL_STATE': lambda a: a['ht'] is not None,
+    'SCALED': lambda a: a['hr'] is not None,
     'IS_VARLEN': lambda a: a['cu_seqlens'] is not None,
 })
 @triton.jit(do_not_specialize=['T'])
 def chunk_titans_linear_fwd_walk_kernel(
-    k, v, w, b, theta, alpha, eta, gc, gn, h0, s0, ht, st, hs, ss, cu_seqlens, chunk_offsets,
-    eps, T, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
-    PRECISION: tl.constexpr, MIXED: tl.constexpr, UMIXED: tl.constexpr,
+    k, v, w, b, theta, alpha, eta, gc, gn, h0, s0, ht, st, hs, ss, hr, sr, cu_seqlens,
+    chunk_offsets, eps, T, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+    BC: tl.constexpr, PRECISION: tl.constexpr, MIXED: tl.constexpr, UMIXED: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, USE_INITIAL_MOMENTUM: tl.constexpr,
-    STORE_FINAL_STATE: tl.constexpr, PREFETCH: tl.constexpr, GATES_AHEAD: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
+    STORE_FINAL_STATE: tl.constexpr, SCALED: tl.constexpr, PREFETCH: tl.constexpr,
+    GATES_AHEAD: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """One sequence and head: M and S carried over the mini-batches (the module docstring's
-    last line), storing the M0, S0 each mini-batch starts from; with PREFETCH the next
+    last line), storing the M0, S0 each mini-batch starts from (SCALED: in float16, rows
+    scaled, the rows' inverse scales into hr, sr; HALF_STATES); with PREFETCH the next
     mini-batch's rows loaded ahead (WALK_PREFETCH), with GATES_AHEAD the gates' part of the
     updates loaded from gc, gn (WALK_GATES_AHEAD)."""
     i_nh, i_h, bos, L, NT, c0, o_d, m_d, o_s, m_s, b_w, b_b = walk_program(
@@ -284,8 +304,12 @@ def chunk_titans_linear_fwd_walk_kernel(
                                              D, H, BC)
     for i_t in range(NT):
         i_s = ((c0 + i_t) * H + i_h).to(tl.int64)
-        tl.store(hs + i_s * D * D + o_s, b_M, mask=m_s)
-        tl.store(ss + i_s * D * D + o_s, b_S, mask=m_s)
+        if SCALED:
+            store_square_scaled(hs, hr, i_s, b_M, o_d, m_d, o_s, m_s, D)
+            store_square_scaled(ss, sr, i_s, b_S, o_d, m_d, o_s, m_s, D)
+        else:
+            tl.store(hs + i_s * D * D + o_s, b_M, mask=m_s)
+            tl.store(ss + i_s * D * D + o_s, b_S, mask=m_s)
         if PREFETCH:
             n_k, n_v, n_th, n_a, n_e = walk_rows(k, v, theta, alpha, eta, i_t + 1, bos, L, i_h,
                                                  o_c, o_d, D, H, BC)
@@ -324,19 +348,27 @@ def output_products(q, row0, o_c, m_t, o_d, b_q, b_k, b_M, b_S, scale, D: tl.con
             dot_q(b_q, b_qh, tl.trans(b_k.to(b_qh.dtype)), scale, PRECISION, OMIXED))
 
 
-@triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
+@triton.heuristics({
+    'SCALED': lambda a: a['hr'] is not None,
+    'IS_VARLEN': lambda a: a['cu_seqlens'] is not None,
+})
 @triton.jit(do_not_specialize=['T'])
 def chunk_titans_linear_fwd_o_kernel(
-    q, k, v, w, b, theta, alpha, eta, o, hs, ss, cu_seqlens, chunk_indices, scale, eps, T,
-    H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
-    PRECISION: tl.constexpr, MIXED: tl.constexpr, OMIXED: tl.constexpr,
+    q, k, v, w, b, theta, alpha, eta, o, hs, ss, hr, sr, cu_seqlens, chunk_indices, scale, eps,
+    T, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
+    PRECISION: tl.constexpr, MIXED: tl.constexpr, OMIXED: tl.constexpr, SCALED: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
-    """One mini-batch and head: O from the M0, S0 it starts with (module docstring)."""
+    """One mini-batch and head: O from the M0, S0 it starts with (module docstring; SCALED:
+    as the walk stored them under HALF_STATES "float16")."""
     i_s, row0, o_c, m_t, _, o_d, m_d, o_s, m_s, b_w, b_b = mini_batch_program(
         w, b, cu_seqlens, chunk_indices, T, H, D, BD, BC, IS_VARLEN)
-    b_M = load_square(hs, i_s, o_s, m_s, D)
-    b_S = load_square(ss, i_s, o_s, m_s, D)
+    if SCALED:
+        b_M = load_square_scaled(hs, hr, i_s, o_d, m_d, o_s, m_s, D)
+        b_S = load_square_scaled(ss, sr, i_s, o_d, m_d, o_s, m_s, D)
+    else:
+        b_M = load_square(hs, i_s, o_s, m_s, D)
+        b_S = load_square(ss, i_s, o_s, m_s, D)
     b_q, b_k, b_v, b_th, b_a, b_e = mini_batch_rows(q, k, v, theta, alpha, eta, row0, o_c, m_t,
                                                     o_d, scale, D, H)
     b_g, _ = recon_grads(b_k, b_v, b_M, b_w, b_b, m_t, m_d, D, eps, k.dtype.element_ty,
@@ -366,6 +398,8 @@ def _forward(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0, s0,
     st = torch.empty(N, H, D, D, **f32) if output_final_state else None
     sdt = state_dtype(q.dtype, backward)
     hs, ss = (torch.empty(chunks, H, D, D, dtype=sdt, device=q.device) for _ in range(2))
+    hr, sr = (torch.empty(chunks, H, D, **f32) if sdt == torch.float16 else None
+              for _ in range(2))
     meta = walk_meta(q, chunk_size)
     ahead = WALK_GATES_AHEAD and NT > 0
     gc = torch.empty(B, T, H, 2, **f32) if ahead else None
@@ -375,14 +409,14 @@ def _forward(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0, s0,
             w, b, theta, alpha, eta, gc, gn, cu_seqlens, chunk_indices, T, H=H, D=D,
             BD=meta["BD"], BC=chunk_size, num_warps=4)
     chunk_titans_linear_fwd_walk_kernel[(N * H,)](
-        k, v, w, b, theta, alpha, eta, gc, gn, h0, s0, ht, st, hs, ss, cu_seqlens,
+        k, v, w, b, theta, alpha, eta, gc, gn, h0, s0, ht, st, hs, ss, hr, sr, cu_seqlens,
         chunk_offsets, float(eps), T, PREFETCH=WALK_PREFETCH, GATES_AHEAD=ahead,
         **with_warps(meta, WALK_WARPS))
     o = torch.empty_like(v)
     if NT:
         chunk_titans_linear_fwd_o_kernel[(NT, B * H)](
-            q, k, v, w, b, theta, alpha, eta, o, hs, ss, cu_seqlens, chunk_indices, scale,
-            float(eps), T, **{**local_meta(meta), **output_modes(q.dtype, sdt)})
+            q, k, v, w, b, theta, alpha, eta, o, hs, ss, hr, sr, cu_seqlens, chunk_indices,
+            scale, float(eps), T, **{**local_meta(meta), **output_modes(q.dtype, sdt, meta)})
     return o, ht, st, hs, ss
 
 
