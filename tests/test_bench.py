@@ -355,6 +355,7 @@ def test_beside_plot_folds_operators_into_one_figure(tmp_path):
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     df = derive(frame(ROWS), CEILINGS, None)
+    df = df.assign(finished=range(len(df)))  # bench.csv's time each row finished
     both = pd.concat([df, df.assign(op="ttt")], ignore_index=True)
     folded = tool.fold(both, "gla-ttt")
     assert set(folded["op"]) == {"gla-ttt"}
@@ -363,6 +364,12 @@ def test_beside_plot_folds_operators_into_one_figure(tmp_path):
     assert [p.name for p in plot(folded, tmp_path)] == ["gla-ttt_time.png", "gla-ttt_memory.png"]
     with pytest.raises(ValueError, match="one B, H, D"):
         tool.fold(pd.concat([df, df.assign(D=df["D"] * 2)]), "x")
+    # a row timed again in a later run replaces the earlier one; rows timed once stay
+    again = df.iloc[:1].assign(ms=df["ms"].iloc[0] + 100, finished=df["finished"].max() + 1)
+    folded = tool.fold(pd.concat([again, df], ignore_index=True), "x")
+    assert len(folded) == len(df)
+    assert folded["ms"].tolist().count(again["ms"].iloc[0]) == 1
+    assert set(folded["ms"].dropna()) - set(df["ms"].dropna()) == {again["ms"].iloc[0]}
 
 
 # ---------------------------------------------------------------- options

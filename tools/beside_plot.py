@@ -2,7 +2,8 @@
 measured beside (Titans' chunk against TTT's, say), from the bench.csv files `harness bench
 --out` wrote. `harness bench` plots each operator on its own figure; this folds each row's
 operator into its implementation's label ("titans chunk", "ttt chunk") and draws them with
-harness.bench.report.plot, so the figures look like the bench's own:
+harness.bench.report.plot, so the figures look like the bench's own. Given several files,
+a row timed in more than one keeps its latest measurement:
 
     python tools/beside_plot.py reports/titans/raw/2026-12-06-h100/bench-defaults-d64.csv \
         --name titans-ttt --out reports/titans
@@ -21,9 +22,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from harness.bench.report import plot  # noqa: E402
 
 
+# what makes two rows the same measurement
+ROW = ["op", "impl", "dtype", "mode", "B", "T", "H", "D"]
+
+
 def fold(df: pd.DataFrame, name: str) -> pd.DataFrame:
     """The rows as one operator ``name``, each implementation labelled with its own operator;
-    a ValueError unless they share one B, H and D."""
+    a row measured again in a later run (its ``finished`` time) replaces the earlier one, so
+    that a mode timed anew can join the rows it was not timed again with. A ValueError unless
+    they share one B, H and D."""
+    df = df.sort_values("finished", kind="stable").drop_duplicates(ROW, keep="last")
     shapes = df[["B", "H", "D"]].drop_duplicates()
     if len(shapes) != 1:
         raise ValueError(f"expected rows of one B, H, D; got {len(shapes)}: "
