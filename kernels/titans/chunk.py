@@ -22,17 +22,17 @@ logs (float64 sums, so that a difference is as exact as the float32 it is rounde
 the zero factors counted apart: a product over a segment that holds alpha = 1 or eta = 0 is an
 exact 0, and one that underflows is 0, never 0/0.
 
-Two kernels, as chunk_ttt_linear's forward: one program per (sequence, head) walks the mini-
-batches with M and S in float32 on chip (Z, G and the two updates), storing the M0, S0 each
-mini-batch starts from (float32 for a backward; without one, for bfloat16 inputs, float16 with
-rows scaled by powers of two: HALF_STATES); then one program per (mini-batch, head) forms its
-outputs from them, all in parallel; with WALK_GATES_AHEAD (the default) a third kernel forms
-the walk's gate factors first, in parallel. Products of float32 inputs are exact ("ieee"); for
-half precision they take float32 operands in three TF32 passes (utils.dot_precision), but the
-products of input rows with a float32 state: in the walks as WALK_MIXED and UPDATE_MIXED say
-(for bfloat16 Z = K M0 with M0 as two bfloat16 halves, the updates one TF32 product), in the
-outputs kernel as OUTPUT_MIXED says (for bfloat16 the state as two bfloat16 halves).
-WALK_PREFETCH loads the next mini-batch's rows ahead of their turn.
+Two kernels, as chunk_ttt_linear's forward: one program per (sequence, head) walks the
+mini-batches with M and S in float32 on chip (Z, G and the two updates), storing the M0, S0
+each mini-batch starts from (float32 for a backward; without one, for bfloat16 inputs, float16
+with rows scaled by powers of two: HALF_STATES); then one program per (mini-batch, head) forms
+its outputs from them, all in parallel; with WALK_GATES_AHEAD (the default) a third kernel
+forms the walk's gate factors first, in parallel. Products of float32 inputs are exact
+("ieee"); for half precision they take float32 operands in three TF32 passes
+(utils.dot_precision), but the products of input rows with a float32 state: in the walks as
+WALK_MIXED and UPDATE_MIXED say (for bfloat16 Z = K M0 with M0 as two bfloat16 halves, the
+updates one TF32 product), in the outputs kernel as OUTPUT_MIXED says (for bfloat16 the state
+as two bfloat16 halves). WALK_PREFETCH loads the next mini-batch's rows ahead of their turn.
 
 The backward is kernels/titans/chunk_bwd.py (split in three kernels, SPLIT_BACKWARD, the
 default), or kernels/titans/fused_bwd.py (one walk, less memory).
