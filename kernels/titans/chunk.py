@@ -190,16 +190,20 @@ def walk_mixed(dtype: torch.dtype) -> str:
     return mode_for(WALK_MIXED, dtype)
 
 
+def tile_mode(mode: str, meta: dict) -> str:
+    """A product mode for a kernel of ``meta``: "tf32x2" for "tf32" where a mini-batch's tile
+    holds more than TF32_TILE values, else ``mode``."""
+    return "tf32x2" if mode == "tf32" and meta["BC"] * meta["BD"] > TF32_TILE else mode
+
+
 def walk_meta(q: torch.Tensor, chunk_size: int) -> dict:
     """The constexprs and warps of every Titans kernel, walk_mixed as MIXED and the walks'
     update mode (UPDATE_MIXED) as UMIXED ("tf32x2" for "tf32" where a mini-batch's tile holds
     more than TF32_TILE values); stages.local_meta takes UMIXED out for the other kernels."""
     meta = mini_batch_meta(q, chunk_size)
-    big = chunk_size * meta["BD"] > TF32_TILE
     mixed = walk_mixed(q.dtype)
     umixed = mode_for(UPDATE_MIXED, q.dtype) if UPDATE_MIXED is not None else mixed
-    mixed, umixed = ("tf32x2" if big and x == "tf32" else x for x in (mixed, umixed))
-    return {**meta, "MIXED": mixed, "UMIXED": umixed}
+    return {**meta, "MIXED": tile_mode(mixed, meta), "UMIXED": tile_mode(umixed, meta)}
 
 
 def output_modes(dtype: torch.dtype, states: torch.dtype, meta: dict) -> dict:
@@ -207,14 +211,14 @@ def output_modes(dtype: torch.dtype, states: torch.dtype, meta: dict) -> dict:
     (Z = K M0) and OMIXED (Q~ M0, Q~ S0). Where HALF_STATES stored them in half precision, one
     product that keeps both operands exactly: of input-dtype operands ("round") for bfloat16
     states of bfloat16 inputs, else in TF32 (a float16 value's 11 bits, times a power of two,
-    are TF32's; "tf32x2" past TF32_TILE, as walk_meta). With float32 states OMIXED as
-    OUTPUT_MIXED says and MIXED as the walk's (``meta``)."""
+    are TF32's; tile_mode). With float32 states OMIXED as OUTPUT_MIXED says and MIXED as the
+    walk's (``meta``)."""
     if states == torch.float32:
         return {"OMIXED": mode_for(OUTPUT_MIXED, dtype)}
     if states == dtype == torch.bfloat16:
         mode = "round"
     else:
-        mode = "tf32x2" if meta["BC"] * meta["BD"] > TF32_TILE else "tf32"
+        mode = tile_mode("tf32", meta)
     return {"MIXED": mode, "OMIXED": mode}
 
 
