@@ -185,6 +185,7 @@ def test_half_states_in_calls_without_a_backward(monkeypatch, stored, bound):
     A call with a backward stores float32 states: its o the HALF_STATES=None forward's bit for
     bit (the backward is checked against float64 with them in test_gradients_in_float16)."""
     x, st, cu = inputs(1, 70, 2, 16)
+    monkeypatch.setattr(chunk, "WALK_PRODUCTS", None)  # the outputs kernel takes the states
     monkeypatch.setattr(chunk, "HALF_STATES", None)
     with torch.no_grad():
         full, _ = both(x, st, cu, dtype=torch.float16)
@@ -207,10 +208,32 @@ def test_float16_states_hold_any_magnitude(monkeypatch):
     x, st, cu = inputs(1, 40, 1, 16)
     x["q"] = 1e-2 * x["q"]
     st = {n: 1e6 * s for n, s in st.items()}
+    monkeypatch.setattr(chunk, "WALK_PRODUCTS", None)
     monkeypatch.setattr(chunk, "HALF_STATES", {"float16": "float16"})
     with torch.no_grad():
         got, ref = both(x, st, cu, dtype=torch.float16)
     assert rel_error(got[0], ref[0]) < 1e-3, rel_error(got[0], ref[0])
+
+
+@pytest.mark.parametrize("form", [None, "always"])
+def test_walk_products(monkeypatch, form):
+    """chunk.WALK_PRODUCTS: the forward walk stores G, Q~ M0 and Q~ S0 of each mini-batch and
+    the outputs kernel takes them ("inference", the default, in calls without a backward;
+    "always"), or the walk stores the states and that kernel forms the three from them (None).
+    Over sequences of 21, 0, 1 and 35 tokens, with and without a backward: o within 1e-5 of
+    float64 every way, and the same final states bit for bit (the walk carries the same M and
+    S whatever it stores). Storing Q~ M0 in place of Q~ S0 puts o 1.25 off."""
+    x, st, cu = inputs(1, 57, 2, 16, cu=[0, 21, 21, 22, 57])
+    with torch.no_grad():
+        products, ref = both(x, st, cu)
+    monkeypatch.setattr(chunk, "WALK_PRODUCTS", form)
+    with torch.no_grad():
+        other, _ = both(x, st, cu)
+    q = x["q"].clone().requires_grad_()
+    trained, _ = both({**x, "q": q}, st, cu)
+    for got in (products, other, trained):
+        assert rel_error(got[0], ref[0]) < 1e-5, rel_error(got[0], ref[0])
+        assert torch.equal(got[1], products[1]) and torch.equal(got[2], products[2])
 
 
 def test_bad_arguments_raise_before_any_launch():

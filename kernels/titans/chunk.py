@@ -26,8 +26,10 @@ Two kernels, as chunk_ttt_linear's forward: one program per (sequence, head) wal
 mini-batches with M and S in float32 on chip (Z, G and the two updates), storing the M0, S0
 each mini-batch starts from (float32 for a backward; without one, for bfloat16 inputs, float16
 with rows scaled by powers of two: HALF_STATES); then one program per (mini-batch, head) forms
-its outputs from them, all in parallel; with WALK_GATES_AHEAD (the default) a third kernel
-forms the walk's gate factors first, in parallel. Products of float32 inputs are exact
+its outputs from them, all in parallel. In a call without a backward at D <= 64 the walk
+stores G, Q~ M0 and Q~ S0 instead, and the outputs kernel takes them (WALK_PRODUCTS). With
+WALK_GATES_AHEAD (the default) a third kernel forms the walk's gate factors first, in
+parallel. Products of float32 inputs are exact
 ("ieee"); for half precision they take float32 operands in three TF32 passes
 (utils.dot_precision), but the products of input rows with a float32 state: in the walks as
 WALK_MIXED and UPDATE_MIXED say (for bfloat16 Z = K M0 with M0 as two bfloat16 halves, the
@@ -150,7 +152,8 @@ WALK_GATES_AHEAD = True
 # (kernels/titans/fused_bwd.py, False).
 SPLIT_BACKWARD = True
 # The dtype of the M0, S0 stored per mini-batch in a call without a backward (under
-# torch.no_grad, or no input that needs a gradient), per inputs' dtype as WALK_MIXED: "float16"
+# torch.no_grad, or no input that needs a gradient) where the walk stores states there (D >
+# PRODUCTS_MAX_D, or WALK_PRODUCTS None), per inputs' dtype as WALK_MIXED: "float16"
 # (each state's rows scaled by powers of two into float16's range, the scales stored beside
 # them: minibatch.store_square_scaled), "bfloat16", or None (float32). A store rounds the
 # walk's float32 states, which carry on in float32 to the final states; half the bytes the
@@ -173,6 +176,21 @@ SPLIT_BACKWARD = True
 # (With the backward from bfloat16 states too the gradients' errors grew 1.7x median, up to
 # 6.7x, past the tolerances of dalpha, deta and the initial memory's in the tiling family.)
 HALF_STATES = {"bfloat16": "float16"}
+# What the forward walk stores for the outputs kernel: the states M0, S0 each mini-batch starts
+# from, from which that kernel forms Z = K M0, G, Q~ M0 and Q~ S0 (None), or G, Q~ M0 and
+# Q~ S0 themselves (Q~ M0 and Q~ S0 as OUTPUT_MIXED says), [C, D] float32 rows per mini-batch
+# instead of two [D, D] states, so that the outputs kernel takes no state: in calls without a
+# backward ("inference"), or in every call ("always": the walk stores the states for the
+# backward too), at D <= PRODUCTS_MAX_D. On an H100 (bfloat16, B=2, H=16, T=8192, 2026-12-06,
+# reports/titans.md; python tools/kernel_profile.py titans chunk --seq-len 8192 --head-dim D
+# --mode fwd --set "states:kernels.titans.chunk.WALK_PRODUCTS=None") the forward at D = 64 went
+# from 1,625 to 1,472 µs (walk 1,217 -> 1,275, outputs 359 -> 147), fwd+bwd under "always"
+# from 6,304 to 6,339; at D = 128 from 4,594 to 5,470 (walk 3,334 -> 5,142: ptxas spills 764
+# bytes a thread in it, 128 without), 5,662 with Q~ M0 and Q~ S0 in one TF32 product each,
+# 6,737 at 16 warps. o's error fell where float16 states had raised it: gate-saturated 65% of
+# its tolerance -> 19%, long-T4096 24% -> 19%, the tiling family <= 19% in both dtypes.
+WALK_PRODUCTS = "inference"
+PRODUCTS_MAX_D = 64
 
 
 def state_dtype(dtype: torch.dtype, backward: bool) -> torch.dtype:
@@ -236,16 +254,20 @@ def unsupported(D: int, chunk_size: int) -> str | None:
 
 
 @triton.jit
-def walk_rows(k, v, theta, alpha, eta, i_t, bos, L, i_h, o_c, o_d, D: tl.constexpr,
-              H: tl.constexpr, BC: tl.constexpr):
-    """Mini-batch i_t's rows as the forward walk takes them: (K, V, theta, 1 - alpha, eta) as
-    stages.mini_batch_rows (nothing past the sequence)."""
+def walk_rows(q, k, v, theta, alpha, eta, i_t, bos, L, i_h, o_c, o_d, D: tl.constexpr,
+              H: tl.constexpr, BC: tl.constexpr, WITH_Q: tl.constexpr):
+    """Mini-batch i_t's rows as the forward walk takes them: (Q in its own dtype (WITH_Q; else
+    K's rows), K, V, theta, 1 - alpha, eta) as stages.mini_batch_rows (nothing past the
+    sequence)."""
     row0 = (bos + i_t * BC) * H + i_h
     m_t = i_t * BC + o_c < L
-    b_k = load_rows(k + row0 * D, o_c, m_t, o_d, D, H).to(tl.float32)
+    b_kh = load_rows(k + row0 * D, o_c, m_t, o_d, D, H)
+    b_qh = b_kh
+    if WITH_Q:
+        b_qh = load_rows(q + row0 * D, o_c, m_t, o_d, D, H)
     b_v = load_rows(v + row0 * D, o_c, m_t, o_d, D, H).to(tl.float32)
     b_th, b_a, b_e = gate_rows(theta, alpha, eta, row0, o_c, m_t, H)
-    return b_k, b_v, b_th, b_a, b_e
+    return b_qh, b_kh.to(tl.float32), b_v, b_th, b_a, b_e
 
 
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
@@ -277,52 +299,81 @@ def ahead_gates(gc, gn, i_s, i_t, bos, L, i_h, o_c, H: tl.constexpr, BC: tl.cons
             tl.load(gn + i_s * 4), tl.load(gn + i_s * 4 + 1), tl.load(gn + i_s * 4 + 2))
 
 
+@triton.jit
+def store_states(hs, ss, hr, sr, i_s, b_M, b_S, o_d, m_d, o_s, m_s, D: tl.constexpr,
+                 SCALED: tl.constexpr):
+    """Store the M0, S0 a mini-batch starts from as state i_s of hs, ss (SCALED: in float16,
+    rows scaled, the inverse scales into hr, sr; HALF_STATES)."""
+    if SCALED:
+        store_square_scaled(hs, hr, i_s, b_M, o_d, m_d, o_s, m_s, D)
+        store_square_scaled(ss, sr, i_s, b_S, o_d, m_d, o_s, m_s, D)
+    else:
+        tl.store(hs + i_s * D * D + o_s, b_M.to(hs.dtype.element_ty), mask=m_s)
+        tl.store(ss + i_s * D * D + o_s, b_S.to(ss.dtype.element_ty), mask=m_s)
+
+
+@triton.jit
+def store_products(qm, qs, gs, row0, o_c, m_t, o_d, b_qh, b_M, b_S, b_g, scale,
+                   D: tl.constexpr, H: tl.constexpr, PRECISION: tl.constexpr,
+                   OMIXED: tl.constexpr):
+    """Store Q~ M0, Q~ S0 (stages.dot_q, OMIXED as the outputs kernel takes them from float32
+    states) and G of a mini-batch as rows of qm, qs, gs [B, T, H, D] (WALK_PRODUCTS)."""
+    b_q = b_qh.to(tl.float32) * scale
+    store_rows(qm + row0 * D, dot_q(b_q, b_qh, b_M, scale, PRECISION, OMIXED), o_c, m_t, o_d,
+               D, H)
+    store_rows(qs + row0 * D, dot_q(b_q, b_qh, b_S, scale, PRECISION, OMIXED), o_c, m_t, o_d,
+               D, H)
+    store_rows(gs + row0 * D, b_g, o_c, m_t, o_d, D, H)
+
+
 @triton.heuristics({
     'USE_INITIAL_STATE': lambda a: a['h0'] is not None,
     'USE_INITIAL_MOMENTUM': lambda a: a['s0'] is not None,
     'STORE_FINAL_STATE': lambda a: a['ht'] is not None,
+    'STORE_STATES': lambda a: a['hs'] is not None,
     'SCALED': lambda a: a['hr'] is not None,
+    'PRODUCTS': lambda a: a['qm'] is not None,
     'IS_VARLEN': lambda a: a['cu_seqlens'] is not None,
 })
 @triton.jit(do_not_specialize=['T'])
 def chunk_titans_linear_fwd_walk_kernel(
-    k, v, w, b, theta, alpha, eta, gc, gn, h0, s0, ht, st, hs, ss, hr, sr, cu_seqlens,
-    chunk_offsets, eps, T, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-    BC: tl.constexpr, PRECISION: tl.constexpr, MIXED: tl.constexpr, UMIXED: tl.constexpr,
-    USE_INITIAL_STATE: tl.constexpr, USE_INITIAL_MOMENTUM: tl.constexpr,
-    STORE_FINAL_STATE: tl.constexpr, SCALED: tl.constexpr, PREFETCH: tl.constexpr,
-    GATES_AHEAD: tl.constexpr, IS_VARLEN: tl.constexpr,
+    q, k, v, w, b, theta, alpha, eta, gc, gn, h0, s0, ht, st, hs, ss, hr, sr, qm, qs, gs,
+    cu_seqlens, chunk_offsets, scale, eps, T, H: tl.constexpr, D: tl.constexpr,
+    BD: tl.constexpr, BC: tl.constexpr, PRECISION: tl.constexpr, MIXED: tl.constexpr,
+    UMIXED: tl.constexpr, OMIXED: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
+    USE_INITIAL_MOMENTUM: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
+    STORE_STATES: tl.constexpr, SCALED: tl.constexpr, PRODUCTS: tl.constexpr,
+    PREFETCH: tl.constexpr, GATES_AHEAD: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """One sequence and head: M and S carried over the mini-batches (the module docstring's
-    last line), storing the M0, S0 each mini-batch starts from (SCALED: in float16, rows
-    scaled, the rows' inverse scales into hr, sr; HALF_STATES); with PREFETCH the next
-    mini-batch's rows loaded ahead (WALK_PREFETCH), with GATES_AHEAD the gates' part of the
-    updates loaded from gc, gn (WALK_GATES_AHEAD)."""
+    last line), storing with STORE_STATES the M0, S0 each mini-batch starts from
+    (store_states), with PRODUCTS what its outputs take from them (store_products); with
+    PREFETCH the next mini-batch's rows loaded ahead (WALK_PREFETCH), with GATES_AHEAD the
+    gates' part of the updates loaded from gc, gn (WALK_GATES_AHEAD)."""
     i_nh, i_h, bos, L, NT, c0, o_d, m_d, o_s, m_s, b_w, b_b = walk_program(
         w, b, cu_seqlens, chunk_offsets, T, H, D, BD, BC, IS_VARLEN)
     o_c = tl.arange(0, BC)
     b_M = start_square(h0, i_nh, o_s, m_s, D, BD, USE_INITIAL_STATE)
     b_S = start_square(s0, i_nh, o_s, m_s, D, BD, USE_INITIAL_MOMENTUM)
     if PREFETCH:
-        b_k, b_v, b_th, b_a, b_e = walk_rows(k, v, theta, alpha, eta, 0, bos, L, i_h, o_c, o_d,
-                                             D, H, BC)
+        b_qh, b_k, b_v, b_th, b_a, b_e = walk_rows(q, k, v, theta, alpha, eta, 0, bos, L, i_h,
+                                                   o_c, o_d, D, H, BC, PRODUCTS)
     for i_t in range(NT):
         i_s = ((c0 + i_t) * H + i_h).to(tl.int64)
-        if SCALED:
-            store_square_scaled(hs, hr, i_s, b_M, o_d, m_d, o_s, m_s, D)
-            store_square_scaled(ss, sr, i_s, b_S, o_d, m_d, o_s, m_s, D)
-        else:
-            tl.store(hs + i_s * D * D + o_s, b_M, mask=m_s)
-            tl.store(ss + i_s * D * D + o_s, b_S, mask=m_s)
+        if STORE_STATES:
+            store_states(hs, ss, hr, sr, i_s, b_M, b_S, o_d, m_d, o_s, m_s, D, SCALED)
         if PREFETCH:
-            n_k, n_v, n_th, n_a, n_e = walk_rows(k, v, theta, alpha, eta, i_t + 1, bos, L, i_h,
-                                                 o_c, o_d, D, H, BC)
+            n_qh, n_k, n_v, n_th, n_a, n_e = walk_rows(q, k, v, theta, alpha, eta, i_t + 1, bos,
+                                                       L, i_h, o_c, o_d, D, H, BC, PRODUCTS)
         else:
-            b_k, b_v, b_th, b_a, b_e = walk_rows(k, v, theta, alpha, eta, i_t, bos, L, i_h, o_c,
-                                                 o_d, D, H, BC)
+            b_qh, b_k, b_v, b_th, b_a, b_e = walk_rows(q, k, v, theta, alpha, eta, i_t, bos, L,
+                                                       i_h, o_c, o_d, D, H, BC, PRODUCTS)
         m_t = i_t * BC + o_c < L
         b_g, _ = recon_grads(b_k, b_v, b_M, b_w, b_b, m_t, m_d, D, eps, k.dtype.element_ty,
                              PRECISION, MIXED)
+        if PRODUCTS:
+            store_products(qm, qs, gs, (bos + i_t * BC) * H + i_h, o_c, m_t, o_d, b_qh, b_M,
+                           b_S, b_g, scale, D, H, PRECISION, OMIXED)
         # P[n] theta, E[n] theta, f0[n], e0[n], p0[n] (n: the last real token)
         if GATES_AHEAD:
             b_cm, b_cs, f0n, e0n, p0n = ahead_gates(gc, gn, i_s, i_t, bos, L, i_h, o_c, H, BC)
@@ -334,7 +385,7 @@ def chunk_titans_linear_fwd_walk_kernel(
         b_dS = dot_state(b_kt, b_cs[:, None] * b_g, k.dtype.element_ty, PRECISION, UMIXED)
         b_M, b_S = f0n * b_M + p0n * b_S - b_dM, e0n * b_S - b_dS
         if PREFETCH:
-            b_k, b_v, b_th, b_a, b_e = n_k, n_v, n_th, n_a, n_e
+            b_qh, b_k, b_v, b_th, b_a, b_e = n_qh, n_k, n_v, n_th, n_a, n_e
     if STORE_FINAL_STATE:
         tl.store(ht + i_nh.to(tl.int64) * D * D + o_s, b_M, mask=m_s)
         tl.store(st + i_nh.to(tl.int64) * D * D + o_s, b_S, mask=m_s)
@@ -352,21 +403,13 @@ def output_products(q, row0, o_c, m_t, o_d, b_q, b_k, b_M, b_S, scale, D: tl.con
             dot_q(b_q, b_qh, tl.trans(b_k.to(b_qh.dtype)), scale, PRECISION, OMIXED))
 
 
-@triton.heuristics({
-    'SCALED': lambda a: a['hr'] is not None,
-    'IS_VARLEN': lambda a: a['cu_seqlens'] is not None,
-})
-@triton.jit(do_not_specialize=['T'])
-def chunk_titans_linear_fwd_o_kernel(
-    q, k, v, w, b, theta, alpha, eta, o, hs, ss, hr, sr, cu_seqlens, chunk_indices, scale, eps,
-    T, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
-    PRECISION: tl.constexpr, MIXED: tl.constexpr, OMIXED: tl.constexpr, SCALED: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
-):
-    """One mini-batch and head: O from the M0, S0 it starts with (module docstring; SCALED:
-    as the walk stored them under HALF_STATES "float16")."""
-    i_s, row0, o_c, m_t, _, o_d, m_d, o_s, m_s, b_w, b_b = mini_batch_program(
-        w, b, cu_seqlens, chunk_indices, T, H, D, BD, BC, IS_VARLEN)
+@triton.jit
+def from_states(q, k, v, theta, alpha, eta, hs, ss, hr, sr, i_s, row0, o_c, m_t, o_d, m_d, o_s,
+                m_s, b_w, b_b, scale, eps, D: tl.constexpr, H: tl.constexpr,
+                PRECISION: tl.constexpr, MIXED: tl.constexpr, OMIXED: tl.constexpr,
+                SCALED: tl.constexpr):
+    """(G, Q~ M0, Q~ S0, Q~ K^T, theta, 1 - alpha, eta) of a mini-batch from the M0, S0 it
+    starts with (SCALED: as the walk stored them under HALF_STATES "float16")."""
     if SCALED:
         b_M = load_square_scaled(hs, hr, i_s, o_d, m_d, o_s, m_s, D)
         b_S = load_square_scaled(ss, sr, i_s, o_d, m_d, o_s, m_s, D)
@@ -379,6 +422,49 @@ def chunk_titans_linear_fwd_o_kernel(
                          PRECISION, MIXED)
     b_qm, b_qs, b_qk = output_products(q, row0, o_c, m_t, o_d, b_q, b_k, b_M, b_S, scale, D, H,
                                        PRECISION, OMIXED)
+    return b_g, b_qm, b_qs, b_qk, b_th, b_a, b_e
+
+
+@triton.jit
+def from_products(q, k, theta, alpha, eta, qm, qs, gs, row0, o_c, m_t, o_d, scale,
+                  D: tl.constexpr, H: tl.constexpr, PRECISION: tl.constexpr,
+                  OMIXED: tl.constexpr):
+    """from_states' values as the walk stored them under WALK_PRODUCTS (G, Q~ M0, Q~ S0),
+    Q~ K^T formed here."""
+    b_qh = load_rows(q + row0 * D, o_c, m_t, o_d, D, H)
+    b_k = load_rows(k + row0 * D, o_c, m_t, o_d, D, H)
+    b_qk = dot_q(b_qh.to(tl.float32) * scale, b_qh, tl.trans(b_k.to(b_qh.dtype)), scale,
+                 PRECISION, OMIXED)
+    b_th, b_a, b_e = gate_rows(theta, alpha, eta, row0, o_c, m_t, H)
+    return (load_rows(gs + row0 * D, o_c, m_t, o_d, D, H),
+            load_rows(qm + row0 * D, o_c, m_t, o_d, D, H),
+            load_rows(qs + row0 * D, o_c, m_t, o_d, D, H), b_qk, b_th, b_a, b_e)
+
+
+@triton.heuristics({
+    'SCALED': lambda a: a['hr'] is not None,
+    'PRODUCTS': lambda a: a['qm'] is not None,
+    'IS_VARLEN': lambda a: a['cu_seqlens'] is not None,
+})
+@triton.jit(do_not_specialize=['T'])
+def chunk_titans_linear_fwd_o_kernel(
+    q, k, v, w, b, theta, alpha, eta, o, hs, ss, hr, sr, qm, qs, gs, cu_seqlens, chunk_indices,
+    scale, eps, T, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
+    PRECISION: tl.constexpr, MIXED: tl.constexpr, OMIXED: tl.constexpr, SCALED: tl.constexpr,
+    PRODUCTS: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """One mini-batch and head: O (module docstring) from the M0, S0 it starts with, or with
+    PRODUCTS from G, Q~ M0 and Q~ S0 as the walk stored them."""
+    i_s, row0, o_c, m_t, _, o_d, m_d, o_s, m_s, b_w, b_b = mini_batch_program(
+        w, b, cu_seqlens, chunk_indices, T, H, D, BD, BC, IS_VARLEN)
+    if PRODUCTS:
+        b_g, b_qm, b_qs, b_qk, b_th, b_a, b_e = from_products(
+            q, k, theta, alpha, eta, qm, qs, gs, row0, o_c, m_t, o_d, scale, D, H, PRECISION,
+            OMIXED)
+    else:
+        b_g, b_qm, b_qs, b_qk, b_th, b_a, b_e = from_states(
+            q, k, v, theta, alpha, eta, hs, ss, hr, sr, i_s, row0, o_c, m_t, o_d, m_d, o_s, m_s,
+            b_w, b_b, scale, eps, D, H, PRECISION, MIXED, OMIXED, SCALED)
     b_F, b_f0, _, _ = segment_products(b_a, o_c)
     b_E, b_e0, _, _ = segment_products(b_e, o_c)
     b_P = tl.dot(b_F, b_E, input_precision=PRECISION)
@@ -400,11 +486,16 @@ def _forward(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0, s0,
     f32 = {"dtype": torch.float32, "device": q.device}
     ht = torch.empty(N, H, D, D, **f32) if output_final_state else None
     st = torch.empty(N, H, D, D, **f32) if output_final_state else None
+    forms = ("always",) if backward else ("always", "inference")
+    products = WALK_PRODUCTS in forms and head_tile(D) <= PRODUCTS_MAX_D
     sdt = state_dtype(q.dtype, backward)
-    hs, ss = (torch.empty(chunks, H, D, D, dtype=sdt, device=q.device) for _ in range(2))
-    hr, sr = (torch.empty(chunks, H, D, **f32) if sdt == torch.float16 else None
-              for _ in range(2))
+    hs, ss = (torch.empty(chunks, H, D, D, dtype=sdt, device=q.device)
+              if backward or not products else None for _ in range(2))
+    hr, sr = (torch.empty(chunks, H, D, **f32) if hs is not None and sdt == torch.float16
+              else None for _ in range(2))
+    qm, qs, gs = (torch.empty(B, T, H, D, **f32) if products else None for _ in range(3))
     meta = walk_meta(q, chunk_size)
+    omixed = {"OMIXED": mode_for(OUTPUT_MIXED, q.dtype)}
     ahead = WALK_GATES_AHEAD and NT > 0
     gc = torch.empty(B, T, H, 2, **f32) if ahead else None
     gn = torch.empty(chunks, H, 4, **f32) if ahead else None
@@ -413,14 +504,15 @@ def _forward(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0, s0,
             w, b, theta, alpha, eta, gc, gn, cu_seqlens, chunk_indices, T, H=H, D=D,
             BD=meta["BD"], BC=chunk_size, num_warps=4)
     chunk_titans_linear_fwd_walk_kernel[(N * H,)](
-        k, v, w, b, theta, alpha, eta, gc, gn, h0, s0, ht, st, hs, ss, hr, sr, cu_seqlens,
-        chunk_offsets, float(eps), T, PREFETCH=WALK_PREFETCH, GATES_AHEAD=ahead,
-        **with_warps(meta, WALK_WARPS))
+        q, k, v, w, b, theta, alpha, eta, gc, gn, h0, s0, ht, st, hs, ss, hr, sr, qm, qs, gs,
+        cu_seqlens, chunk_offsets, scale, float(eps), T, PREFETCH=WALK_PREFETCH,
+        GATES_AHEAD=ahead, **with_warps({**meta, **omixed}, WALK_WARPS))
     o = torch.empty_like(v)
     if NT:
+        modes = omixed if products else output_modes(q.dtype, sdt, meta)
         chunk_titans_linear_fwd_o_kernel[(NT, B * H)](
-            q, k, v, w, b, theta, alpha, eta, o, hs, ss, hr, sr, cu_seqlens, chunk_indices,
-            scale, float(eps), T, **{**local_meta(meta), **output_modes(q.dtype, sdt, meta)})
+            q, k, v, w, b, theta, alpha, eta, o, hs, ss, hr, sr, qm, qs, gs, cu_seqlens,
+            chunk_indices, scale, float(eps), T, **{**local_meta(meta), **modes})
     return o, ht, st, hs, ss
 
 
