@@ -74,6 +74,7 @@ _TF32X3 = {"what": "three TF32 passes, gates in the walk",
                    "kernels.titans.chunk.OUTPUT_MIXED": None,
                    "kernels.titans.chunk_bwd.DK_PRECISION": None,
                    "kernels.titans.chunk.HALF_STATES": None,
+                   "kernels.titans.chunk.WALK_PRODUCTS": None,
                    "kernels.titans.chunk.WALK_GATES_AHEAD": False}}
 
 IMPLEMENTATIONS = [
