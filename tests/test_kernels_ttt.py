@@ -120,6 +120,22 @@ def test_gradients(fn, B, T, H, D, chunk_size, kw):
         assert rel_error(got[name], ref[name]) < 1e-5, (name, rel_error(got[name], ref[name]))
 
 
+@KERNELS
+def test_paired_row_sums(monkeypatch, fn):
+    """The GPU's form of kernels.common.layernorm.row_sums, both sums in one reduction (the
+    interpreter takes them apart: ROW_SUMS_APART), through the interpreter here: o, the final
+    states and every gradient within 1e-5 of float64 (the LayerNorm gradient and its backward
+    take all three pairs). Pairing sum(gx) with itself puts the gradients 0.59 off."""
+    from kernels.common import layernorm
+
+    monkeypatch.setattr(layernorm, "ROW_SUMS_APART", False)
+    x, st, cu = inputs(1, 20, 1, 16)
+    got = grads(fn, x, st, cu, 16, torch.float32)
+    ref = grads(naive_ttt_linear, x, st, cu, 16, torch.float64)
+    for name in ref:
+        assert rel_error(got[name], ref[name]) < 1e-5, (name, rel_error(got[name], ref[name]))
+
+
 @pytest.mark.parametrize("B,T,H,D,chunk_size,kw", [
     (2, 37, 1, 20, 16, {}),
     (1, 57, 2, 16, 16, {"cu": [0, 21, 21, 22, 57]}),

@@ -14,8 +14,17 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kernels.common.utils import INTERPRETED
+
 __all__ = ["layer_norm_bwd_rows", "layer_norm_rows", "ln_recon_grad_bwd_rows", "ln_recon_grad_rows",
            "row_sums"]
+
+
+# Triton's interpreter takes a reduction of two tiles element by element in Python, hundreds
+# of times slower than a tl.sum: through it (the CPU tests) row_sums takes the two sums apart.
+# With the pairs through the interpreter README's tests took 17 min 26 s on CI's 2 cores
+# (11 min 50 s apart); tests/test_kernels_ttt.py checks the paired form there too.
+ROW_SUMS_APART = tl.constexpr(INTERPRETED)
 
 
 @triton.jit
@@ -29,8 +38,13 @@ def row_sums(b_a, b_b):
     over several warps, one exchange between them instead of two. On an H100 (bfloat16, B=2,
     H=16, D=64, T=8192, 2026-12-06; python tools/kernel_profile.py ttt chunk --seq-len 8192
     --head-dim 64) TTT's forward went from 833 to 766 µs and fwd+bwd from 4,407 to 4,081 with
-    its sums paired (Titans' 1,663 -> 1,610 and 6,480 -> 6,345)."""
-    return tl.reduce((b_a, b_b), 1, _add_pairs)
+    its sums paired (Titans' 1,663 -> 1,610 and 6,480 -> 6,345). Two tl.sum under
+    ROW_SUMS_APART."""
+    if ROW_SUMS_APART:
+        b_sa, b_sb = tl.sum(b_a, 1), tl.sum(b_b, 1)
+    else:
+        b_sa, b_sb = tl.reduce((b_a, b_b), 1, _add_pairs)
+    return b_sa, b_sb
 
 
 @triton.jit
