@@ -123,9 +123,9 @@ def test_gradients(fn, B, T, H, D, chunk_size, kw):
 @KERNELS
 def test_paired_row_sums(monkeypatch, fn):
     """The GPU's form of kernels.common.layernorm.row_sums, both sums in one reduction (the
-    interpreter takes them apart: ROW_SUMS_APART), through the interpreter here: o, the final
-    states and every gradient within 1e-5 of float64 (the LayerNorm gradient and its backward
-    take all three pairs). Pairing sum(gx) with itself puts the gradients 0.59 off."""
+    interpreter takes them apart: ROW_SUMS_APART), through the interpreter here: every
+    gradient of o and the final states within 1e-5 of float64 (the forward's LayerNorm gradient
+    and its backward take all three pairs). Pairing sum(gx) with itself puts them 0.59 off."""
     from kernels.common import layernorm
 
     monkeypatch.setattr(layernorm, "ROW_SUMS_APART", False)

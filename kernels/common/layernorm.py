@@ -22,8 +22,9 @@ __all__ = ["layer_norm_bwd_rows", "layer_norm_rows", "ln_recon_grad_bwd_rows", "
 
 # Triton's interpreter takes a reduction of two tiles element by element in Python, hundreds
 # of times slower than a tl.sum: through it (the CPU tests) row_sums takes the two sums apart.
-# With the pairs through the interpreter README's tests took 17 min 26 s on CI's 2 cores
-# (11 min 50 s apart); tests/test_kernels_ttt.py checks the paired form there too.
+# With the pairs through the interpreter README's tests took 17 min 26 s on a 2-core machine
+# (11 min 50 s apart; docs/testing.md); tests/test_kernels_ttt.py checks the paired form there
+# too.
 ROW_SUMS_APART = tl.constexpr(INTERPRETED)
 
 
