@@ -353,6 +353,26 @@ def test_parallel_jobs_give_the_same_entries_as_one_process(tmp_path):
     assert set(two.seconds) == {"delta_rule"}
 
 
+def test_cases_out_of_memory_beside_others_run_again_alone():
+    # Results as _run_case gives them: (entries, failure, seconds). Only those that ran out of
+    # a device's memory (in an entry's note, or the truth's failure) are evaluated again, each by
+    # itself; the others keep their entries.
+    oom = "RuntimeError: Triton Error [CUDA]: out of memory"
+    results = [([{"error": 1e-7, "passed": True}], None, 1.0),
+               ([{"error": None, "passed": False, "note": oom}, {"error": 2e-7}], None, 2.0),
+               ([], "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB", 3.0),
+               ([{"error": None, "passed": False, "note": "non-finite error"}], None, 4.0)]
+    calls = []
+
+    def alone(n):
+        calls.append(n)
+        return [{"error": 3e-7, "passed": True}], None, 5.0
+
+    again, ran = run.again_alone([7, 3, 9, 4], results, alone)
+    assert calls == ran == [3, 9]
+    assert again == [results[0], alone(3), alone(9), results[3]]
+
+
 def test_workers_take_the_largest_case_first():
     # On the H100 a delta-rule T = 65536 case, taken in suite order (last), held up a run that
     # was otherwise done: the largest case must be the first one handed to a worker.

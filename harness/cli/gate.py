@@ -106,6 +106,9 @@ def gate_cmd(
     console.print(f"gate {s.name} on {device} ({dc}): {n_cases} cases, {measured} entries in "
                   f"{wall:.1f} s wall, {m.total_seconds:.1f} s of case time ("
                   + ", ".join(f"{op} {t:.0f} s" for op, t in m.seconds.items()) + ")")
+    if m.alone:
+        console.print(f"ran out of memory beside the other workers, so evaluated again alone: "
+                      f"{', '.join(m.alone)}", highlight=False)
     for case, why in sorted(m.failures.items()):
         console.print(f"[red]{case} could not run:[/] {why}")
 
