@@ -11,7 +11,8 @@ spills moves its tiles through local memory in its hot loop: the first thing to 
 stage is slower than its arithmetic and traffic say. The numbers are the compiler's, not a
 timing; a change they motivate is still timed on the GPU (reports/<op>.md). ``--ptx DIR``
 keeps each kernel's PTX without its debug information: two runs' folders diff to nothing when a change leaves an operator's
-compiled code as it was (a shared stage gaining a switch another operator uses, say).
+compiled code as it was (a shared stage gaining a switch another operator uses, say);
+``--ptx-lines`` keeps the source lines, for ``python tools/sass_loop.py --lines``.
 ``--set`` also records the launches under a form no registration lists (a switch's value not yet
 timed), as tools/switch_compare.py and tools/kernel_profile.py take it.
 """
@@ -78,6 +79,8 @@ def main(op: str = typer.Argument(..., help="operator (see `harness list`)"),
          arch: int = typer.Option(90, help="CUDA compute capability x 10"),
          ptx: Path = typer.Option(None, help="also write each compiled kernel's PTX here, one "
                                              "file per row (to diff a change's compiled code)"),
+         ptx_lines: bool = typer.Option(False, help="keep the source lines in the PTX written "
+                                                    "(for tools/sass_loop.py --lines)"),
          sets: list[str] = typer.Option([], "--set", help="also under 'LABEL:module.NAME=VALUE,...'")
          ) -> None:
     """Registers, spills and shared memory per kernel and code path."""
@@ -104,7 +107,9 @@ def main(op: str = typer.Argument(..., help="operator (see `harness list`)"),
             compiled = compile_kernel(variant, arch)
             row += 1
             if ptx is not None:
-                (ptx / f"{row:02d}-{launch.name}.ptx").write_text(code_only(compiled.asm["ptx"]))
+                code = compiled.asm["ptx"]
+                (ptx / f"{row:02d}-{launch.name}.ptx").write_text(code if ptx_lines
+                                                                  else code_only(code))
             regs, st, ld = _ptxas(compiled.asm["ptx"], arch, workdir)
             meta = compiled.metadata
             consts = ", ".join(f"{k}={a[1]}" for k, a in variant.args.items()
