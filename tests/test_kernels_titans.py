@@ -172,6 +172,25 @@ def test_update_products_apart_from_z(monkeypatch):
     assert rel_error(got["initial_state"], ref["initial_state"]) > 5e-5
 
 
+@pytest.mark.parametrize("mode", ["tf32", "tf32x2"])
+def test_accumulated_updates_in_the_tf32_modes(monkeypatch, mode):
+    """chunk.WALK_ACCUMULATE under the update modes bfloat16 and the widest tiles take
+    (minibatch.dot_state_into's "tf32" and "tf32x2" forms), float16 q, k, v through the
+    interpreter: o and both final states as the updates formed apart give them, within 1e-6
+    (the same values in "tf32"; "tf32x2" adds its two products to the rest one at a time,
+    measured <= 1.3e-7 apart), the final states within 1e-5 of float64 (measured 2.2e-7) and o
+    within float16's rounding (1e-3; measured 2.1e-4)."""
+    monkeypatch.setattr(chunk, "UPDATE_MIXED", {"float16": mode})
+    x, st, cu = inputs(1, 40, 2, 16)
+    with torch.no_grad():
+        apart, ref = both(x, st, cu, dtype=torch.float16)
+        monkeypatch.setattr(chunk, "WALK_ACCUMULATE", True)
+        got, _ = both(x, st, cu, dtype=torch.float16)
+    for a, b, r, bound in zip(got, apart, ref, (1e-3, 1e-5, 1e-5)):
+        assert rel_error(a, b) < 1e-6, rel_error(a, b)
+        assert rel_error(a, r) < bound, rel_error(a, r)
+
+
 # bound: 1e-3 from float16 states (11 bits, as the kernel's float16 rows), 4e-3 from bfloat16
 # ones (8 bits: each stored value within 2^-9 = 2e-3 relative)
 @pytest.mark.parametrize("stored,bound", [("float16", 1e-3), ("bfloat16", 4e-3)])
@@ -330,12 +349,14 @@ def test_gradients_at_zero_factors(backward):
         assert rel_error(got[name], ref[name]) < 1e-5, (name, rel_error(got[name], ref[name]))
 
 
-@pytest.mark.parametrize("switch", ["prefetch", "gates_ahead"])
+@pytest.mark.parametrize("switch", ["prefetch", "gates_ahead", "accumulate"])
 def test_walk_switches_change_no_value(monkeypatch, switch):
     """chunk.WALK_PREFETCH and chunk_bwd.PREFETCH (the next mini-batch's rows loaded ahead in
-    the forward and the split backward's walks), and chunk.WALK_GATES_AHEAD (the forward walk's
-    gate factors formed by a parallel kernel first): the same values bit for bit (the same
-    arithmetic on the same rows), over sequences of 21, 0, 1 and 35 tokens (the load past a
+    the forward and the split backward's walks), chunk.WALK_GATES_AHEAD (the forward walk's
+    gate factors formed by a parallel kernel first) and chunk.WALK_ACCUMULATE (its updates
+    accumulated into the states' sums): the same values bit for bit (the same arithmetic on
+    the same rows; through the interpreter a + (-b) is a - b, and an accumulating product the
+    product added), over sequences of 21, 0, 1 and 35 tokens (the load past a
     sequence's last mini-batch reads nothing)."""
     from kernels.titans import chunk_bwd
 
@@ -343,6 +364,8 @@ def test_walk_switches_change_no_value(monkeypatch, switch):
         if switch == "prefetch":
             monkeypatch.setattr(chunk, "WALK_PREFETCH", on)
             monkeypatch.setattr(chunk_bwd, "PREFETCH", on)
+        elif switch == "accumulate":
+            monkeypatch.setattr(chunk, "WALK_ACCUMULATE", on)
         else:
             monkeypatch.setattr(chunk, "WALK_GATES_AHEAD", on)
 

@@ -15,9 +15,9 @@ import triton
 import triton.language as tl
 
 from kernels.common.utils import (MIN_TILE, chunk_index, chunk_rows, dot_mixed, dot_precision,
-                                  load_rows_as, walk_bounds)
+                                  load_rows_as, tf32_head, walk_bounds)
 
-__all__ = ["dot_state", "head_tile", "head_tiles", "load_square", "load_square_cols",
+__all__ = ["dot_state", "dot_state_into", "head_tile", "head_tiles", "load_square", "load_square_cols",
            "load_square_rows", "load_square_scaled", "mini_batch_meta", "mini_batch_program",
            "reload_rows", "reload_square", "start_square", "store_square_scaled",
            "walk_program"]
@@ -182,3 +182,24 @@ def dot_state(b_x, b_S, HALF: tl.constexpr, PRECISION: tl.constexpr, MIXED: tl.c
     if MIXED == "":
         return tl.dot(b_x, b_S, input_precision=PRECISION)
     return dot_mixed(b_x.to(HALF), b_S, PRECISION, MIXED)
+
+
+@triton.jit
+def dot_state_into(b_x, b_S, b_acc, HALF: tl.constexpr, PRECISION: tl.constexpr,
+                   MIXED: tl.constexpr):
+    """b_acc + dot_state(b_x, b_S, HALF, PRECISION, MIXED) with the product accumulated into
+    b_acc (tl.dot's acc): no [R, N] float32 result beside it. MIXED "" (at PRECISION), "tf32"
+    or "tf32x2" (b_S's leading 11 bits and the rest, utils.tf32_head), the walks' update
+    modes."""
+    tl.static_assert(MIXED == "" or MIXED == "tf32" or MIXED == "tf32x2",
+                     "dot_state_into takes MIXED '', 'tf32' or 'tf32x2'")
+    if MIXED == "":
+        b_y = tl.dot(b_x, b_S, b_acc, input_precision=PRECISION)
+    elif MIXED == "tf32":
+        b_y = tl.dot(b_x.to(HALF).to(tl.float32), b_S, b_acc, input_precision="tf32")
+    else:
+        b_h = b_x.to(HALF).to(tl.float32)
+        b_hi = tf32_head(b_S)
+        b_y = tl.dot(b_h, b_S - b_hi, tl.dot(b_h, b_hi, b_acc, input_precision="tf32"),
+                     input_precision="tf32")
+    return b_y

@@ -49,14 +49,14 @@ import triton
 import triton.language as tl
 
 from kernels.common.layernorm import layer_norm_rows
-from kernels.common.minibatch import (dot_state, head_tile, load_square, load_square_scaled,
+from kernels.common.minibatch import (head_tile, load_square, load_square_scaled,
                                       mini_batch_meta, mini_batch_program, start_square,
                                       store_square_scaled, walk_program, with_warps)
 from kernels.common.utils import (check_launchable, chunk_layout, load_rows, mode_for,
                                   store_rows)
 from kernels.titans.chunk_bwd import chunk_backward
 from kernels.titans.fused_bwd import fused_backward
-from kernels.titans.stages import (dot_q, gate_rows, local_meta, mini_batch_rows,
+from kernels.titans.stages import (dot_q, gate_rows, hand_on, local_meta, mini_batch_rows,
                                    recon_grads, segment_products, update_gates)
 from references.operators import TITANS
 
@@ -131,6 +131,15 @@ WALK_PREFETCH = True
 # The forward walk's warps: None for mini_batch_meta's (4 at D <= 64, else 8), or a number
 # (chunk_bwd.WALK_WARPS for the backward's walk: 8; this walk at 8 warps measured slower there).
 WALK_WARPS = None
+# How the forward walk hands its states on: each update product accumulated into the rest of
+# its state's sum (tl.dot's acc: f0[n] M0 + p0[n] S0 the accumulator of K^T (-cM o G), e0[n] S0
+# that of K^T (-cS o G); True), or formed apart and then added (False). In bfloat16 at D = 64
+# the walk's loop issues 1,037 instructions a mini-batch accumulated against 1,103 apart where
+# it stores the products, 851 against 921 where it stores the states, and ptxas gives it 230
+# and 206 registers against 250 and 244 (python tools/kernel_registers.py titans --case basic
+# --kernel fwd_walk --ptx DIR --set "acc:kernels.titans.chunk.WALK_ACCUMULATE=True", then
+# python tools/sass_loop.py DIR/*.ptx). Not yet timed or checked on a GPU.
+WALK_ACCUMULATE = False
 # How the outputs kernel takes Q~ M0, Q~ S0 and Q~ K^T for half-precision inputs: None (float32
 # operands, three TF32 passes each), or Q's rows in their own dtype with the scale applied
 # after, Q K^T one product of input rows and Q M0, Q S0 as a utils.dot_mixed mode; a dict per
@@ -343,7 +352,8 @@ def chunk_titans_linear_fwd_walk_kernel(
     UMIXED: tl.constexpr, OMIXED: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
     USE_INITIAL_MOMENTUM: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
     STORE_STATES: tl.constexpr, SCALED: tl.constexpr, PRODUCTS: tl.constexpr,
-    PREFETCH: tl.constexpr, GATES_AHEAD: tl.constexpr, IS_VARLEN: tl.constexpr,
+    PREFETCH: tl.constexpr, GATES_AHEAD: tl.constexpr, ACCUMULATE: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):
     """One sequence and head: M and S carried over the mini-batches (the module docstring's
     last line), storing with STORE_STATES the M0, S0 each mini-batch starts from
@@ -380,10 +390,8 @@ def chunk_titans_linear_fwd_walk_kernel(
         else:
             b_cm, b_cs, f0n, e0n, p0n = update_gates(
                 b_th, b_a, b_e, o_c, o_c == tl.minimum(BC, L - i_t * BC) - 1)
-        b_kt = tl.trans(b_k)
-        b_dM = dot_state(b_kt, b_cm[:, None] * b_g, k.dtype.element_ty, PRECISION, UMIXED)
-        b_dS = dot_state(b_kt, b_cs[:, None] * b_g, k.dtype.element_ty, PRECISION, UMIXED)
-        b_M, b_S = f0n * b_M + p0n * b_S - b_dM, e0n * b_S - b_dS
+        b_M, b_S = hand_on(b_M, b_S, b_k, b_g, b_cm, b_cs, f0n, e0n, p0n, k.dtype.element_ty,
+                           PRECISION, UMIXED, ACCUMULATE)
         if PREFETCH:
             b_qh, b_k, b_v, b_th, b_a, b_e = n_qh, n_k, n_v, n_th, n_a, n_e
     if STORE_FINAL_STATE:
@@ -506,7 +514,7 @@ def _forward(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0, s0,
     chunk_titans_linear_fwd_walk_kernel[(N * H,)](
         q, k, v, w, b, theta, alpha, eta, gc, gn, h0, s0, ht, st, hs, ss, hr, sr, qm, qs, gs,
         cu_seqlens, chunk_offsets, scale, float(eps), T, PREFETCH=WALK_PREFETCH,
-        GATES_AHEAD=ahead, **with_warps({**meta, **omixed}, WALK_WARPS))
+        GATES_AHEAD=ahead, ACCUMULATE=WALK_ACCUMULATE, **with_warps({**meta, **omixed}, WALK_WARPS))
     o = torch.empty_like(v)
     if NT:
         modes = omixed if products else output_modes(q.dtype, sdt, meta)

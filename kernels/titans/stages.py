@@ -10,10 +10,10 @@ import triton
 import triton.language as tl
 
 from kernels.common.layernorm import layer_norm_bwd_rows, layer_norm_rows, ln_recon_grad_rows
-from kernels.common.minibatch import dot_state
+from kernels.common.minibatch import dot_state, dot_state_into
 from kernels.common.utils import dot_mixed, load_rows
 
-__all__ = ["dot_at", "dot_q", "dq_state", "gate_rows", "gates_bwd", "hand_on_gates",
+__all__ = ["dot_at", "dot_q", "dq_state", "gate_rows", "gates_bwd", "hand_on", "hand_on_gates",
            "local_meta", "mini_batch_rows", "outputs_bwd", "recon_grads", "row_of",
            "segment_products", "segment_products_bwd", "update_gates"]
 
@@ -78,6 +78,24 @@ def hand_on_gates(b_F, b_f0, b_E, b_e0, last):
     b_en = row_of(b_E, last)
     return (tl.sum(b_fn[:, None] * b_E, 0), b_en, tl.sum(tl.where(last, b_f0, 0.), 0),
             tl.sum(tl.where(last, b_e0, 0.), 0), tl.sum(b_fn * b_e0, 0))
+
+
+@triton.jit
+def hand_on(b_M, b_S, b_k, b_g, b_cm, b_cs, f0n, e0n, p0n, HALF: tl.constexpr,
+            PRECISION: tl.constexpr, UMIXED: tl.constexpr, ACCUMULATE: tl.constexpr):
+    """(M, S) handed on: f0[n] M0 + p0[n] S0 - K^T (cM o G), e0[n] S0 - K^T (cS o G); under
+    ACCUMULATE (chunk.WALK_ACCUMULATE) each product accumulated into the rest of its sum."""
+    b_kt = tl.trans(b_k)
+    if ACCUMULATE:
+        b_M, b_S = (dot_state_into(b_kt, -b_cm[:, None] * b_g, f0n * b_M + p0n * b_S, HALF,
+                                   PRECISION, UMIXED),
+                    dot_state_into(b_kt, -b_cs[:, None] * b_g, e0n * b_S, HALF, PRECISION,
+                                   UMIXED))
+    else:
+        b_dM = dot_state(b_kt, b_cm[:, None] * b_g, HALF, PRECISION, UMIXED)
+        b_dS = dot_state(b_kt, b_cs[:, None] * b_g, HALF, PRECISION, UMIXED)
+        b_M, b_S = f0n * b_M + p0n * b_S - b_dM, e0n * b_S - b_dS
+    return b_M, b_S
 
 
 @triton.jit
