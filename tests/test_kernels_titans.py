@@ -353,10 +353,11 @@ def test_gradients_at_zero_factors(backward):
 def test_walk_switches_change_no_value(monkeypatch, switch):
     """chunk.WALK_PREFETCH and chunk_bwd.PREFETCH (the next mini-batch's rows loaded ahead in
     the forward and the split backward's walks), chunk.WALK_GATES_AHEAD (the forward walk's
-    gate factors formed by a parallel kernel first) and chunk.WALK_ACCUMULATE (its updates
-    accumulated into the states' sums): the same values bit for bit (the same arithmetic on
-    the same rows; through the interpreter a + (-b) is a - b, and an accumulating product the
-    product added), over sequences of 21, 0, 1 and 35 tokens (the load past a
+    gate factors formed by a parallel kernel first), chunk.WALK_ACCUMULATE and
+    chunk_bwd.WALK_ACCUMULATE (the walks' updates accumulated into the states' sums): the same
+    values bit for bit (the same arithmetic on the same rows; through the interpreter a + (-b)
+    is a - b, an accumulating product the product added, and the scale 1/4 at D = 16 exact on
+    dU's rows as on the product), over sequences of 21, 0, 1 and 35 tokens (the load past a
     sequence's last mini-batch reads nothing)."""
     from kernels.titans import chunk_bwd
 
@@ -366,6 +367,7 @@ def test_walk_switches_change_no_value(monkeypatch, switch):
             monkeypatch.setattr(chunk_bwd, "PREFETCH", on)
         elif switch == "accumulate":
             monkeypatch.setattr(chunk, "WALK_ACCUMULATE", on)
+            monkeypatch.setattr(chunk_bwd, "WALK_ACCUMULATE", on)
         else:
             monkeypatch.setattr(chunk, "WALK_GATES_AHEAD", on)
 

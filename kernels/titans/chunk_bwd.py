@@ -42,9 +42,9 @@ import triton
 import triton.language as tl
 
 from kernels.common.layernorm import ln_recon_grad_bwd_rows
-from kernels.common.minibatch import (dot_state, load_square, load_square_cols, load_square_rows,
-                                      mini_batch_program, reload_rows, start_square,
-                                      walk_program, with_warps)
+from kernels.common.minibatch import (dot_state, dot_state_into, load_square,
+                                      load_square_cols, load_square_rows, mini_batch_program,
+                                      reload_rows, start_square, walk_program, with_warps)
 from kernels.common.utils import chunk_layout, load_rows, mode_for, store_rows
 from kernels.titans.stages import (dot_at, dot_q, dq_state, gate_rows, gates_bwd, hand_on_gates,
                                    local_meta, mini_batch_rows, outputs_bwd_from,
@@ -62,6 +62,14 @@ PREFETCH = True
 # 8 warps: 1,369 to 1,466 µs at D = 64, chunk.WALK_WARPS stays None), the walks' products
 # then in one TF32 product (chunk.WALK_MIXED "tf32"; 2,710 at 8 warps under today's modes).
 WALK_WARPS = 8
+# How the walk hands dM', dS' back: each product accumulated into the rest of its sum (tl.dot's
+# acc, the scale on dU's rows; True), or formed apart and then added (False); as
+# chunk.WALK_ACCUMULATE. In bfloat16 the loop issues 1,262 instructions a mini-batch against
+# 1,271 at D = 64, 2,971 against 3,164 at D = 128, where ptxas spills 1,236 bytes a thread
+# against 1,428 (tools/kernel_registers.py titans --case basic | partial-200 --kernel bwd_walk
+# --ptx DIR --set "acc:kernels.titans.chunk_bwd.WALK_ACCUMULATE=True", tools/sass_loop.py).
+# Not yet timed or checked on a GPU.
+WALK_ACCUMULATE = False
 # The last kernel's products (dZ M0^T, (cM o G) dM'^T, (cS o G) dS'^T, and the gates' [C, C]
 # ones) take float32 operands exactly ("ieee", FMA loops), at 8 warps; DK_PRECISION below
 # for the dK products of half-precision inputs.
@@ -239,7 +247,7 @@ def chunk_titans_linear_bwd_walk_kernel(
     chunk_offsets, scale, eps, T, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     BC: tl.constexpr, PRECISION: tl.constexpr, MIXED: tl.constexpr, UMIXED: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, USE_FINAL_STATE_GRADIENT: tl.constexpr,
-    PREFETCH: tl.constexpr, IS_VARLEN: tl.constexpr,
+    PREFETCH: tl.constexpr, ACCUMULATE: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """One sequence and head: dM', dS' carried from the last mini-batch to the first (step 2 of
     the module docstring); dw, db of G's LayerNorm per (sequence, head)."""
@@ -281,13 +289,8 @@ def chunk_titans_linear_bwd_walk_kernel(
         p0n = tl.sum(tl.where(last, b_p0, 0.), 0)
         e0n = tl.sum(tl.where(last, b_e0, 0.), 0)
         # Z = K M0,  U = f0 (Q~ M0) + p0 (Q~ S0) - ...
-        b_qt = tl.trans(b_qr)
-        half = k.dtype.element_ty
-        b_dM, b_dS = (f0n * b_dM
-                      + scale * dot_state(b_qt, b_f0[:, None] * b_du, half, PRECISION, UMIXED)
-                      + dot_state(tl.trans(b_k), b_dz, half, PRECISION, UMIXED),
-                      p0n * b_dM + e0n * b_dS
-                      + scale * dot_state(b_qt, b_p0[:, None] * b_du, half, PRECISION, UMIXED))
+        b_dM, b_dS = hand_back(b_dM, b_dS, b_qr, b_k, b_du, b_dz, b_f0, b_p0, f0n, p0n, e0n,
+                               scale, k.dtype.element_ty, PRECISION, UMIXED, ACCUMULATE)
         b_dwa += b_dw
         b_dba += b_db
         store_rows(du + row0 * D, b_g, o_c, m_t, o_d, D, H)
@@ -302,6 +305,30 @@ def chunk_titans_linear_bwd_walk_kernel(
         tl.store(ds0 + i_nh.to(tl.int64) * D * D + o_s, b_dS, mask=m_s)
     tl.store(dw + i_nh * D + o_d, b_dwa, mask=m_d)
     tl.store(db + i_nh * D + o_d, b_dba, mask=m_d)
+
+
+@triton.jit
+def hand_back(b_dM, b_dS, b_qr, b_k, b_du, b_dz, b_f0, b_p0, f0n, p0n, e0n, scale,
+              HALF: tl.constexpr, PRECISION: tl.constexpr, UMIXED: tl.constexpr,
+              ACCUMULATE: tl.constexpr):
+    """(dM', dS') of the mini-batch before: f0[n] dM' + Q~^T (f0 o dU) + K^T dZ,
+    p0[n] dM' + e0[n] dS' + Q~^T (p0 o dU) (Q~ = scale Q, b_qr Q's rows); under ACCUMULATE
+    (WALK_ACCUMULATE) each product accumulated into the rest of its sum."""
+    b_qt = tl.trans(b_qr)
+    if ACCUMULATE:
+        b_dM, b_dS = (
+            dot_state_into(tl.trans(b_k), b_dz, dot_state_into(
+                b_qt, (scale * b_f0)[:, None] * b_du, f0n * b_dM, HALF, PRECISION, UMIXED),
+                HALF, PRECISION, UMIXED),
+            dot_state_into(b_qt, (scale * b_p0)[:, None] * b_du, p0n * b_dM + e0n * b_dS, HALF,
+                           PRECISION, UMIXED))
+    else:
+        b_dM, b_dS = (f0n * b_dM
+                      + scale * dot_state(b_qt, b_f0[:, None] * b_du, HALF, PRECISION, UMIXED)
+                      + dot_state(tl.trans(b_k), b_dz, HALF, PRECISION, UMIXED),
+                      p0n * b_dM + e0n * b_dS
+                      + scale * dot_state(b_qt, b_p0[:, None] * b_du, HALF, PRECISION, UMIXED))
+    return b_dM, b_dS
 
 
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
@@ -409,7 +436,7 @@ def chunk_backward(q, k, v, w, b, theta, alpha, eta, hs, ss, initial, do, dht, d
             **local_meta(meta))
     chunk_titans_linear_bwd_walk_kernel[(N * H,)](
         q, k, v, w, b, z, du, dgu, dka, dv, gr, dms, dss, dht, dst, dh0, ds0, dw2, db2,
-        cu_seqlens, chunk_offsets, scale, float(eps), T, PREFETCH=PREFETCH,
+        cu_seqlens, chunk_offsets, scale, float(eps), T, PREFETCH=PREFETCH, ACCUMULATE=WALK_ACCUMULATE,
         **with_warps(meta, WALK_WARPS))
     if NT:
         meta = {**{key: x for key, x in meta.items() if key not in ("MIXED", "UMIXED")},
