@@ -246,7 +246,8 @@ def _alone(suite: Suite, n: int, device: str):
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=ctx) as pool:
         return pool.submit(_worker, str(suite.path), n, device, 1).result()[1]
 
 

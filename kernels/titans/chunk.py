@@ -131,14 +131,13 @@ WALK_PREFETCH = True
 # The forward walk's warps: None for mini_batch_meta's (4 at D <= 64, else 8), or a number
 # (chunk_bwd.WALK_WARPS for the backward's walk: 8; this walk at 8 warps measured slower there).
 WALK_WARPS = None
-# How the forward walk hands its states on: each update product accumulated into the rest of
-# its state's sum (tl.dot's acc: f0[n] M0 + p0[n] S0 the accumulator of K^T (-cM o G), e0[n] S0
-# that of K^T (-cS o G); True), or formed apart and then added (False). In bfloat16 at D = 64
-# the walk's loop issues 1,037 instructions a mini-batch accumulated against 1,103 apart where
-# it stores the products, 851 against 921 where it stores the states, and ptxas gives it 230
-# and 206 registers against 250 and 244 (python tools/kernel_registers.py titans --case basic
-# --kernel fwd_walk --ptx DIR --set "acc:kernels.titans.chunk.WALK_ACCUMULATE=True", then
-# python tools/sass_loop.py DIR/*.ptx). Not yet timed or checked on a GPU.
+# The forward walk's states handed on with each update product accumulated into the rest of its
+# sum (tl.dot's acc: f0[n] M0 + p0[n] S0 that of K^T (-cM o G), e0[n] S0 that of K^T (-cS o G);
+# True), or formed apart and added (False). bfloat16, D = 64: the loop issues 1,037 instructions
+# a mini-batch against 1,103 (the products stored), 851 against 921 (the states), with 230 and
+# 206 registers against 250 and 244 (tools/kernel_registers.py titans --case basic --kernel
+# fwd_walk --ptx DIR --set "acc:kernels.titans.chunk.WALK_ACCUMULATE=True", tools/sass_loop.py
+# DIR/*.ptx). Not yet timed or checked on a GPU.
 WALK_ACCUMULATE = False
 # How the outputs kernel takes Q~ M0, Q~ S0 and Q~ K^T for half-precision inputs: None (float32
 # operands, three TF32 passes each), or Q's rows in their own dtype with the scale applied
@@ -514,7 +513,8 @@ def _forward(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0, s0,
     chunk_titans_linear_fwd_walk_kernel[(N * H,)](
         q, k, v, w, b, theta, alpha, eta, gc, gn, h0, s0, ht, st, hs, ss, hr, sr, qm, qs, gs,
         cu_seqlens, chunk_offsets, scale, float(eps), T, PREFETCH=WALK_PREFETCH,
-        GATES_AHEAD=ahead, ACCUMULATE=WALK_ACCUMULATE, **with_warps({**meta, **omixed}, WALK_WARPS))
+        GATES_AHEAD=ahead, ACCUMULATE=WALK_ACCUMULATE,
+        **with_warps({**meta, **omixed}, WALK_WARPS))
     o = torch.empty_like(v)
     if NT:
         modes = omixed if products else output_modes(q.dtype, sdt, meta)

@@ -436,8 +436,8 @@ def chunk_backward(q, k, v, w, b, theta, alpha, eta, hs, ss, initial, do, dht, d
             **local_meta(meta))
     chunk_titans_linear_bwd_walk_kernel[(N * H,)](
         q, k, v, w, b, z, du, dgu, dka, dv, gr, dms, dss, dht, dst, dh0, ds0, dw2, db2,
-        cu_seqlens, chunk_offsets, scale, float(eps), T, PREFETCH=PREFETCH, ACCUMULATE=WALK_ACCUMULATE,
-        **with_warps(meta, WALK_WARPS))
+        cu_seqlens, chunk_offsets, scale, float(eps), T, PREFETCH=PREFETCH,
+        ACCUMULATE=WALK_ACCUMULATE, **with_warps(meta, WALK_WARPS))
     if NT:
         meta = {**{key: x for key, x in meta.items() if key not in ("MIXED", "UMIXED")},
                 "PRECISION": "ieee", "num_warps": gates_warps(q.dtype, meta["BD"]),
