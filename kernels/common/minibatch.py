@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from kernels.common.utils import (MIN_TILE, chunk_index, chunk_rows, dot_mixed, dot_precision,
-                                  load_rows_as, tf32_head, walk_bounds)
+                                  load_rows_as, split_halves, tf32_head, walk_bounds)
 
 __all__ = ["dot_state", "dot_state_into", "head_tile", "head_tiles", "load_square",
            "load_square_cols", "load_square_rows", "load_square_scaled", "mini_batch_meta",
@@ -188,18 +188,21 @@ def dot_state(b_x, b_S, HALF: tl.constexpr, PRECISION: tl.constexpr, MIXED: tl.c
 def dot_state_into(b_x, b_S, b_acc, HALF: tl.constexpr, PRECISION: tl.constexpr,
                    MIXED: tl.constexpr):
     """b_acc + dot_state(b_x, b_S, HALF, PRECISION, MIXED) with the product accumulated into
-    b_acc (tl.dot's acc): no [R, N] float32 result beside it. MIXED "" (at PRECISION), "tf32"
-    or "tf32x2" (b_S's leading 11 bits and the rest, utils.tf32_head), the walks' update
-    modes."""
-    tl.static_assert(MIXED == "" or MIXED == "tf32" or MIXED == "tf32x2",
-                     "dot_state_into takes MIXED '', 'tf32' or 'tf32x2'")
+    b_acc (tl.dot's acc): no [R, N] float32 result beside it. "tf32x2" as b_S's leading 11 bits
+    and the rest (utils.tf32_head), "split" and "split_trunc" as its two halves
+    (utils.split_halves), each product accumulated in turn."""
     if MIXED == "":
         b_y = tl.dot(b_x, b_S, b_acc, input_precision=PRECISION)
     elif MIXED == "tf32":
         b_y = tl.dot(b_x.to(HALF).to(tl.float32), b_S, b_acc, input_precision="tf32")
-    else:
+    elif MIXED == "tf32x2":
         b_h = b_x.to(HALF).to(tl.float32)
         b_hi = tf32_head(b_S)
         b_y = tl.dot(b_h, b_S - b_hi, tl.dot(b_h, b_hi, b_acc, input_precision="tf32"),
                      input_precision="tf32")
+    elif MIXED == "round":
+        b_y = tl.dot(b_x.to(HALF), b_S.to(HALF), b_acc)
+    else:
+        b_hi, b_lo = split_halves(b_S, HALF, MIXED == "split_trunc")
+        b_y = tl.dot(b_x.to(HALF), b_lo, tl.dot(b_x.to(HALF), b_hi, b_acc))
     return b_y

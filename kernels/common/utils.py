@@ -295,20 +295,43 @@ def poison_rows(x, o_r, first, SAFE: tl.constexpr):
 
 
 @triton.jit
-def dot_split(b_a, b_b, PRECISION: tl.constexpr):
+def dot_split(b_a, b_b, PRECISION: tl.constexpr, TRUNC: tl.constexpr = False):
     """b_a @ b_b where one operand is float32 and the other in the inputs' dtype, with the
     float32 one kept to ~16 mantissa bits when that dtype is half precision: x = hi + lo, both
-    in the other operand's dtype, and two products. (An inverse, a state or a v' rounded to
-    bf16 alone costs ~2e-3 of every output it feeds.) Both float32: one exact product."""
+    in the other operand's dtype, and two products (split_halves; with TRUNC the second
+    accumulating into the first). (An inverse, a state or a v' rounded to bf16 alone costs
+    ~2e-3 of every output it feeds.) Both float32: one exact product."""
     if b_a.dtype == tl.float32 and b_b.dtype == tl.float32:
         return tl.dot(b_a, b_b, input_precision=PRECISION)
     if b_a.dtype == tl.float32:
-        b_hi = b_a.to(b_b.dtype)
-        b_lo = (b_a - b_hi.to(tl.float32)).to(b_b.dtype)
+        b_hi, b_lo = split_halves(b_a, b_b.dtype, TRUNC)
+        if TRUNC:
+            return tl.dot(b_lo, b_b, tl.dot(b_hi, b_b))
         return tl.dot(b_hi, b_b) + tl.dot(b_lo, b_b)
-    b_hi = b_b.to(b_a.dtype)
-    b_lo = (b_b - b_hi.to(tl.float32)).to(b_a.dtype)
+    b_hi, b_lo = split_halves(b_b, b_a.dtype, TRUNC)
+    if TRUNC:
+        return tl.dot(b_a, b_lo, tl.dot(b_a, b_hi))
     return tl.dot(b_a, b_hi) + tl.dot(b_a, b_lo)
+
+
+@triton.jit
+def split_halves(x, HALF: tl.constexpr, TRUNC: tl.constexpr):
+    """float32 x as (hi, lo) in the half dtype HALF, x = hi + lo to ~16 bits: hi x rounded, or
+    with TRUNC for bfloat16 split_bf16's."""
+    if TRUNC and HALF == tl.bfloat16:
+        return split_bf16(x)
+    b_hi = x.to(HALF)
+    return b_hi, (x - b_hi.to(tl.float32)).to(HALF)
+
+
+@triton.jit
+def split_bf16(x):
+    """float32 x as bfloat16 (hi, lo): hi its leading 8 significant bits, truncated (the upper
+    16 bits of its pattern, no rounding instruction), lo = x - hi rounded: ~15 bits kept, one
+    less than rounding hi."""
+    b_u = x.to(tl.uint32, bitcast=True)
+    b_hi = (b_u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return b_hi, (x - (b_u & 0xFFFF0000).to(tl.float32, bitcast=True)).to(tl.bfloat16)
 
 
 @triton.jit
@@ -339,15 +362,17 @@ def dot_tf32x2(b_a, b_b):
 def dot_mixed(b_a, b_b, PRECISION: tl.constexpr, MIXED: tl.constexpr):
     """b_a @ b_b where one operand is float32 and the other half precision, as MIXED says:
     "tf32x2" (dot_tf32x2: ~22 bits kept, two TF32 products), "split" (dot_split: ~16 bits
-    kept, two products), "tf32" (one product in TF32: 11 bits kept, the half operand widened
-    exactly) or "round" (the float32 operand rounded to the other's dtype: 8 bits for bf16).
+    kept, two products), "split_trunc" (dot_split's TRUNC: for bfloat16 ~15 bits, fewer
+    instructions; float16 as "split"), "tf32" (one product in TF32: 11 bits kept, the half
+    operand widened exactly) or "round" (the float32 operand rounded to the other's dtype: 8
+    bits for bf16).
     Both float32: one product at PRECISION."""
     if b_a.dtype == tl.float32 and b_b.dtype == tl.float32:
         return tl.dot(b_a, b_b, input_precision=PRECISION)
     if MIXED == "tf32x2":
         return dot_tf32x2(b_a, b_b)
-    if MIXED == "split":
-        return dot_split(b_a, b_b, PRECISION)
+    if MIXED == "split" or MIXED == "split_trunc":
+        return dot_split(b_a, b_b, PRECISION, MIXED == "split_trunc")
     if MIXED == "tf32":
         return tl.dot(b_a.to(tl.float32), b_b.to(tl.float32), input_precision="tf32")
     if b_a.dtype == tl.float32:
