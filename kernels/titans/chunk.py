@@ -79,17 +79,15 @@ MAX_TILE = 64 * 64
 # class and random case gave the one-walk backward's errors in all three dtypes. The split
 # backward stores dM', dS' per mini-batch: 5806 MB of extra peak at 32K against 2566. (With
 # WALK_MIXED "round" too, an H200 met an illegal memory access in bfloat16 on 2026-12-04; on
-# the H100 no form of these switches faulted, compute-sanitizer included.) Per kernel at
-# B=2, H=16, D=64, T=8192, bfloat16, H200 (`python tools/kernel_profile.py titans chunk
-# --seq-len 8192 --head-dim 64 --mode fwdbwd`): the forward walk 1472 µs with WALK_MIXED
-# "round" and WALK_PREFETCH, 2218 with None, 1753 without the prefetch; the backward walk
-# 3799, 7021 and 4366.
+# the H100 no form of these switches faulted, compute-sanitizer included.) Per kernel: `python
+# tools/kernel_profile.py titans chunk --seq-len 8192 --head-dim 64 --mode fwdbwd`.
 #
 # How the walks take their products of input rows and a float32 state for half-precision
 # inputs (Z = K M0 wherever it is formed, and the split backward walk's K dM', K dS'; the
 # updates as UPDATE_MIXED says): a minibatch.dot_state mode ("tf32": one TF32 product, the
 # state kept to 11 bits; "tf32x2": two, ~22 bits; "split": the state as two halves in the
-# inputs' dtype, two products, ~16 bits; "round": the state rounded to the inputs' dtype, one
+# inputs' dtype, two products, ~16 bits; "split_trunc": so, for bfloat16 the high half the
+# state's upper 16 bits, ~15 bits; "round": the state rounded to the inputs' dtype, one
 # product), None (both operands float32, three TF32 passes), or a dict from the inputs' dtype
 # name ("float16", "bfloat16") to one of those.
 # Z is the product the gates' saturation tests: there M0 is nearly one token's update and
@@ -98,20 +96,21 @@ MAX_TILE = 64 * 64
 # check titans --case`) Z in one TF32 product put dK at 18x its tolerance (25x with the updates
 # in one too), 24% in "tf32x2"; the updates in one TF32 product left every gradient where
 # "tf32x2" had it (dK 25%, the rest <= 25%), the final states at 12% (0%); with Z in "split"
-# too (today's) dK is at 43%, the rest at 25% or less, the final states 13%. On long-T4096
-# (gate 20, T = 4096) Z in "tf32" failed dK (4.9x) and the final states (2.9x); today's
-# forms stay at 22% or less.
-# Per step at T = 8K (H100, bfloat16, B=2, H=16, one run, 2026-12-06; python
-# tools/kernel_profile.py titans chunk --seq-len 8192 --head-dim D --mode fwd,fwdbwd), fwd /
-# fwd+bwd in ms, every product "tf32x2" / the updates "tf32" / that and Z "split" (today's):
-# D = 64: 2.154 / 7.577, 2.004 / 6.862, 1.984 / 6.581; D = 128: 8.721 / 31.899, 6.689 /
-# 28.626, 5.403 / 26.763. The bfloat16 tiling family (harness check --family tiling) passed
-# all three, worst 23.3% / 24.9% / 24.8% of a tolerance, the final states 0% / 15% / 19%.
-# Three bfloat16 parts of the state (24 bits, three products) took the forward walk from
-# 1,552 to 1,965 µs at D = 64. float16 keeps None: its modes are not yet checked on a GPU
-# ("round" put its final memory at 1.05e-3 through the interpreter, over float16's tolerance
-# of 4.9e-4; "split" 3.4e-6, None 1.6e-7).
-WALK_MIXED = {"bfloat16": "split"}
+# too dK is at 43%, the rest at 25% or less, the final states 13%. On long-T4096 (gate 20,
+# T = 4096) Z in "tf32" failed dK (4.9x) and the final states (2.9x); "split" stays at 22%.
+# Every product "tf32x2", the updates "tf32", then Z "split" too: fwd+bwd at T = 8K 7.577,
+# 6.862, 6.581 ms at D = 64, 31.899, 28.626, 26.763 at D = 128 (H100, 2026-12-06,
+# kernel_profile as above; reports/titans.md). float16 keeps None, its modes not yet checked
+# on a GPU ("round" put its final memory at 1.05e-3 through the interpreter, over float16's
+# tolerance of 4.9e-4; "split" 3.4e-6, None 1.6e-7).
+# "split_trunc" with OUTPUT_MIXED the same and WALK_ACCUMULATE (today's) against "split"
+# without them, fwd / fwd+bwd ms, each form twice in one run (H100, T = 8K, 2026-12-06; python
+# tools/switch_compare.py titans chunk --no-registered --seq-len 8192 --head-dim D --set ...):
+# D = 64 1.454, 1.432 / 6.051, 6.028 against 1.462, 1.407 / 6.249, 6.103; D = 128 3.883, 3.804
+# / 23.344, 23.252 against 4.584, 4.481 / 24.769, 24.822. Errors: gate-saturated dK 43% -> 53%
+# of its tolerance, the rest within 1%; long-T4096 dK 21% -> 26%, the final states 7% -> 12%;
+# the tiling family (bfloat16, float16) passed, worst 24.9%, the final states 15%.
+WALK_MIXED = {"bfloat16": "split_trunc"}
 # The walks' update products (the forward's K^T (cM o G), K^T (cS o G); the backward's
 # Q~^T (f0 o dU), K^T dZ, Q~^T (p0 o dU)) for half-precision inputs: None for WALK_MIXED's
 # mode, else a dot_state mode or a dict per dtype as WALK_MIXED (measurements above). The
@@ -137,8 +136,9 @@ WALK_WARPS = None
 # a mini-batch against 1,103 (the products stored), 851 against 921 (the states), with 230 and
 # 206 registers against 250 and 244 (tools/kernel_registers.py titans --case basic --kernel
 # fwd_walk --ptx DIR --set "acc:kernels.titans.chunk.WALK_ACCUMULATE=True", tools/sass_loop.py
-# DIR/*.ptx). Not yet timed or checked on a GPU.
-WALK_ACCUMULATE = False
+# DIR/*.ptx). Timed with WALK_MIXED's "split_trunc" (above). Alone, one H100 run (kernel_profile
+# as above): the forward at T = 8K 4,607 -> 4,302 µs at D = 128, 1,467 -> 1,572 at D = 64.
+WALK_ACCUMULATE = True
 # How the outputs kernel takes Q~ M0, Q~ S0 and Q~ K^T for half-precision inputs: None (float32
 # operands, three TF32 passes each), or Q's rows in their own dtype with the scale applied
 # after, Q K^T one product of input rows and Q M0, Q S0 as a utils.dot_mixed mode; a dict per
@@ -147,8 +147,8 @@ WALK_ACCUMULATE = False
 # 6.446 under "split" (the state as two bfloat16 halves) at D = 64, from 5.412 / 26.715 to
 # 5.170 / 25.384 at D = 128 (the backward's first kernel takes the same products:
 # chunk_bwd.LOCAL_AS_OUTPUTS); o's error did not move on gate-saturated, long-T4096 or the
-# bfloat16 tiling family (19% of its tolerance).
-OUTPUT_MIXED = {"bfloat16": "split"}
+# bfloat16 tiling family (19% of its tolerance). "split_trunc": WALK_MIXED's measurements.
+OUTPUT_MIXED = {"bfloat16": "split_trunc"}
 # What the forward walk's updates take from the gates (P[n] theta, E[n] theta, f0[n], e0[n],
 # p0[n]: segment products, float64 logs and exps): formed by a parallel kernel first and
 # loaded by the walk (True), or formed in the walk (False), beside its chain of products

@@ -68,7 +68,9 @@ WALK_WARPS = 8
 # 1,271 at D = 64, 2,971 against 3,164 at D = 128, where ptxas spills 1,236 bytes a thread
 # against 1,428 (tools/kernel_registers.py titans --case basic | partial-200 --kernel bwd_walk
 # --ptx DIR --set "acc:kernels.titans.chunk_bwd.WALK_ACCUMULATE=True", tools/sass_loop.py).
-# Not yet timed or checked on a GPU.
+# Slower on an H100 (bfloat16, B=2, H=16, T = 8K, chunk.WALK_MIXED "split_trunc", one run,
+# 2026-12-06, tools/kernel_profile.py titans chunk --mode fwdbwd --set ...): the walk 2,719 µs
+# against 2,581 at D = 64, 11,365 against 10,084 at D = 128.
 WALK_ACCUMULATE = False
 # The last kernel's products (dZ M0^T, (cM o G) dM'^T, (cS o G) dS'^T, and the gates' [C, C]
 # ones) take float32 operands exactly ("ieee", FMA loops), at 8 warps; DK_PRECISION below
