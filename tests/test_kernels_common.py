@@ -29,4 +29,3 @@ def test_split_bf16_keeps_fifteen_bits():
     _halves[(1,)](x, hi, lo, 256)
     assert torch.equal(hi.view(torch.int32), x.view(torch.int32) & -65536)
     assert ((x.double() - hi.double() - lo.double()).abs() <= 2.0 ** -15 * x.double().abs()).all()
-

@@ -12,9 +12,10 @@ spec.loader.exec_module(ncu_stalls)
 
 # ncu -i R --page source --csv --print-source sass: the kernel's name, then one row per
 # instruction (a predicated one, a thousands separator)
-PAGE = '''"Kernel Name","walk_kernel",
-"Address","Source","Warp Stall Sampling (All Samples)","Instructions Executed","stall_wait","stall_barrier","stall_barrier (Not Issued)"
-"0x10","HMMA.16816.F32.BF16 R8, R12, R16, R8","1,000","64","900","100","7"
+PAGE = ('"Kernel Name","walk_kernel",\n'
+        '"Address","Source","Warp Stall Sampling (All Samples)","Instructions Executed",'
+        '"stall_wait","stall_barrier","stall_barrier (Not Issued)"\n')
+PAGE += '''"0x10","HMMA.16816.F32.BF16 R8, R12, R16, R8","1,000","64","900","100","7"
 "0x20","@!P1 BAR.SYNC.DEFER_BLOCKING 0x0","600","64","0","600","7"
 "0x30","FADD R1, R2, R3","400","128","400","0","0"
 '''

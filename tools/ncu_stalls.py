@@ -1,18 +1,20 @@
-"""What a kernel's warps wait on, from an Nsight Compute source page, per stall reason and per SASS
-instruction.
+"""What a kernel's warps wait on, from an Nsight Compute source page: per stall reason, per
+opcode and per SASS instruction.
 
     ncu --import-source yes --section SourceCounters --section WarpStateStats \
         -k regex:KERNEL --launch-skip 2 --launch-count 1 -o REPORT python3 STEP.py
     ncu -i REPORT.ncu-rep --page source --csv --print-source sass > SASS.csv
     python tools/ncu_stalls.py SASS.csv [--top 25]
 
-The CSV holds one row per SASS instruction with its warp-state samples ("Warp Stall Sampling
-(All Samples)", and one ``stall_*`` column per reason). This prints the samples' share by
-reason (``wait``: a fixed-latency dependency; ``short_sb``: shared memory, conversions and
-other variable-latency results; ``barrier``: bar.sync; ``selected``: issuing), by opcode, and
-the instructions with the most samples, each with its two largest reasons. The samples are
-the profiler's; a kernel's time is its instructions times the cycles between them ("Warp
-Cycles Per Issued Instruction", ``ncu -i REPORT.ncu-rep --page details``).
+STEP.py is any script that calls the kernel three times or more (reports/titans.md: bench's
+step, ``harness.bench.measure.make_call``). The CSV holds one row per SASS instruction with its
+warp-state samples ("Warp Stall Sampling (All Samples)", and one ``stall_*`` column per reason).
+This prints the samples' share by reason (``wait``: a fixed-latency dependency; ``short_sb``:
+shared memory, conversions and other variable-latency results; ``barrier``: bar.sync;
+``selected``: issuing), by opcode, and the instructions with the most samples, each with its two
+largest reasons. The samples are the profiler's; a kernel's time is its instructions times the
+cycles between them ("Warp Cycles Per Issued Instruction", ``ncu -i REPORT.ncu-rep --page
+details``).
 """
 
 from __future__ import annotations
@@ -54,7 +56,8 @@ def shares(df) -> tuple:
     return by_reason, by_opcode
 
 
-def main(sass_csv: Path = typer.Argument(..., help="ncu -i R --page source --csv --print-source sass"),
+def main(sass_csv: Path = typer.Argument(..., help="ncu -i R --page source --csv "
+                                         "--print-source sass"),
          top: int = typer.Option(25, help="instructions listed")) -> None:
     text = sass_csv.read_text()
     df = read_source_page(text)

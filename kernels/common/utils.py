@@ -365,8 +365,7 @@ def dot_mixed(b_a, b_b, PRECISION: tl.constexpr, MIXED: tl.constexpr):
     kept, two products), "split_trunc" (dot_split's TRUNC: for bfloat16 ~15 bits, fewer
     instructions; float16 as "split"), "tf32" (one product in TF32: 11 bits kept, the half
     operand widened exactly) or "round" (the float32 operand rounded to the other's dtype: 8
-    bits for bf16).
-    Both float32: one product at PRECISION."""
+    bits for bf16). Both float32: one product at PRECISION."""
     if b_a.dtype == tl.float32 and b_b.dtype == tl.float32:
         return tl.dot(b_a, b_b, input_precision=PRECISION)
     if MIXED == "tf32x2":
