@@ -190,7 +190,7 @@ def dot_state_into(b_x, b_S, b_acc, HALF: tl.constexpr, PRECISION: tl.constexpr,
     """b_acc + dot_state(b_x, b_S, HALF, PRECISION, MIXED) with the product accumulated into
     b_acc (tl.dot's acc): no [R, N] float32 result beside it. "tf32x2" as b_S's leading 11 bits
     and the rest (utils.tf32_head), "split" and "split_trunc" as its two halves
-    (utils.split_halves), each product accumulated in turn."""
+    (utils.split_halves), each product accumulated in turn; "round" b_S rounded to HALF."""
     if MIXED == "":
         b_y = tl.dot(b_x, b_S, b_acc, input_precision=PRECISION)
     elif MIXED == "tf32":
@@ -203,6 +203,7 @@ def dot_state_into(b_x, b_S, b_acc, HALF: tl.constexpr, PRECISION: tl.constexpr,
     elif MIXED == "round":
         b_y = tl.dot(b_x.to(HALF), b_S.to(HALF), b_acc)
     else:
+        b_h = b_x.to(HALF)
         b_hi, b_lo = split_halves(b_S, HALF, MIXED == "split_trunc")
-        b_y = tl.dot(b_x.to(HALF), b_lo, tl.dot(b_x.to(HALF), b_hi, b_acc))
+        b_y = tl.dot(b_h, b_lo, tl.dot(b_h, b_hi, b_acc))
     return b_y
