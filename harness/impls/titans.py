@@ -75,6 +75,7 @@ _TF32X3 = {"what": "three TF32 passes, gates in the walk",
                    "kernels.titans.chunk_bwd.DK_PRECISION": None,
                    "kernels.titans.chunk.HALF_STATES": None,
                    "kernels.titans.chunk.WALK_PRODUCTS": None,
+                   "kernels.titans.chunk.REPLAY": None,
                    "kernels.titans.chunk.WALK_ACCUMULATE": False,
                    "kernels.titans.chunk.WALK_GATES_AHEAD": False}}
 

@@ -23,18 +23,22 @@ the zero factors counted apart: a product over a segment that holds alpha = 1 or
 exact 0, and one that underflows is 0, never 0/0.
 
 Two kernels, as chunk_ttt_linear's forward: one program per (sequence, head) walks the
-mini-batches with M and S in float32 on chip (Z, G and the two updates), storing the M0, S0
-each mini-batch starts from (float32 for a backward; without one, for bfloat16 inputs, float16
-with rows scaled by powers of two: HALF_STATES); then one program per (mini-batch, head) forms
-its outputs from them, all in parallel. In a call without a backward at D <= 64 the walk
-stores G, Q~ M0 and Q~ S0 instead, and the outputs kernel takes them (WALK_PRODUCTS). With
-WALK_GATES_AHEAD (the default) a third kernel forms the walk's gate factors first, in
-parallel. Products of float32 inputs are exact
-("ieee"); for half precision they take float32 operands in three TF32 passes
-(utils.dot_precision), but the products of input rows with a float32 state: in the walks as
-WALK_MIXED and UPDATE_MIXED say (for bfloat16 Z = K M0 with M0 as two bfloat16 halves, the
-updates one TF32 product), in the outputs kernel as OUTPUT_MIXED says (for bfloat16 the state
-as two bfloat16 halves). WALK_PREFETCH loads the next mini-batch's rows ahead of their turn.
+mini-batches with M and S in float32 on chip (Z, G and the two updates; kernels/titans/walk.py),
+storing the M0, S0 each mini-batch starts from (float32 for a backward; without one, for
+bfloat16 inputs, float16 with rows scaled by powers of two: HALF_STATES); then one program per
+(mini-batch, head) forms its outputs from them, all in parallel (kernels/titans/outputs.py).
+In a call without a backward at D <= 64 the walk stores G, Q~ M0 and Q~ S0 instead, and the
+outputs kernel takes them (WALK_PRODUCTS); or, under REPLAY (off), each mini-batch's G and the
+states only every REPLAY mini-batches, and one program per (segment of REPLAY mini-batches,
+head) carries the states over its segment from that one with the stored G and forms the
+outputs on the way, all segments in parallel. With WALK_GATES_AHEAD (the default) a third
+kernel forms the walk's gate factors first, in parallel (for the replay the outputs' too).
+Products of float32 inputs are exact ("ieee"); for half precision they take float32 operands
+in three TF32 passes (utils.dot_precision), but the products of input rows with a float32
+state: in the walks as WALK_MIXED and UPDATE_MIXED say (for bfloat16 Z = K M0 with M0 as two
+bfloat16 halves, the updates one TF32 product), in the outputs kernel as OUTPUT_MIXED says
+(for bfloat16 the state as two bfloat16 halves).
+WALK_PREFETCH loads the next mini-batch's rows ahead of their turn.
 
 The backward is kernels/titans/chunk_bwd.py (split in three kernels, SPLIT_BACKWARD, the
 default), or kernels/titans/fused_bwd.py (one walk, less memory).
@@ -45,19 +49,16 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-import triton
-import triton.language as tl
 
-from kernels.common.layernorm import layer_norm_rows
-from kernels.common.minibatch import (head_tile, load_square, load_square_scaled,
-                                      mini_batch_meta, mini_batch_program, start_square,
-                                      store_square_scaled, walk_program, with_warps)
-from kernels.common.utils import (check_launchable, chunk_layout, load_rows, mode_for,
-                                  store_rows)
+from kernels.common.minibatch import head_tile, mini_batch_meta, with_warps
+from kernels.common.utils import check_launchable, chunk_layout, mode_for
 from kernels.titans.chunk_bwd import chunk_backward
 from kernels.titans.fused_bwd import fused_backward
-from kernels.titans.stages import (dot_q, gate_rows, hand_on, local_meta, mini_batch_rows,
-                                   recon_grads, segment_products, update_gates)
+from kernels.titans.outputs import (chunk_titans_linear_fwd_o_kernel,
+                                    chunk_titans_linear_fwd_replay_kernel)
+from kernels.titans.stages import local_meta
+from kernels.titans.walk import (chunk_titans_linear_fwd_gates_kernel,
+                                 chunk_titans_linear_fwd_walk_kernel)
 from references.operators import TITANS
 
 __all__ = ["chunk_titans_linear"]
@@ -199,6 +200,31 @@ HALF_STATES = {"bfloat16": "float16"}
 # its tolerance -> 19%, long-T4096 24% -> 19%, the tiling family <= 19% in both dtypes.
 WALK_PRODUCTS = "inference"
 PRODUCTS_MAX_D = 64
+# Calls without a backward, at D <= REPLAY_MAX_D: the walk stores each mini-batch's G and,
+# every REPLAY mini-batches, the M0, S0 that mini-batch starts from (float32); then one program
+# per (segment of REPLAY mini-batches, head) carries the states over its segment from that one
+# with the stored G and forms each mini-batch's O (kernels/titans/outputs.py). A number, or a
+# dict per dtype as WALK_MIXED; None: WALK_PRODUCTS and HALF_STATES say what the walk stores.
+# On an H100 (bfloat16, B=2, H=16, D=64, T=8192, 2026-12-06, reports/titans.md; python
+# tools/switch_compare.py titans chunk --no-registered --mode fwd --set "off:...REPLAY=None"
+# ..., each form twice) the forward took 1.487, 1.465 ms with REPLAY 8 against 1.473, 1.434
+# without: the walk went from 1,271 to 967 µs, but the replay kernel took 459 µs where the
+# outputs kernel took 146 (python tools/kernel_profile.py titans chunk --mode fwd): one program
+# an SM at 229 registers, 675 instructions a mini-batch in a chain. Peak memory 180 MB against
+# 228. Hence None: the replay's outputs are to be formed without a chain (reports/titans.md,
+# "Next"). float32 inputs: ptxas gives the replay kernel's exact products 32 registers and
+# ~10 KB of spills a thread; D = 128: 1.6 KB at 8 warps, 1.1 KB at 16.
+REPLAY = None
+REPLAY_MAX_D = 64
+# The walk that stores for the replay carries each state as a scale times a tile
+# (stages.hand_on_scaled: f0[n] and e0[n] go into the scales, not into every element): its
+# loop issues 811 instructions a mini-batch against 767 (tools/sass_loop.py's count, the rare
+# branches that put a scale into its tile included), the forward 1.487 ms against 1.547
+# without (H100, as above).
+WALK_SCALES = True
+# The replay kernel's warps: None for mini_batch_meta's (4 at D <= 64, else 8), or a number: at
+# 4 warps and D = 64 ptxas spills 148 bytes a thread, at 8 none (229 registers).
+REPLAY_WARPS = 8
 
 
 def state_dtype(dtype: torch.dtype, backward: bool) -> torch.dtype:
@@ -261,228 +287,6 @@ def unsupported(D: int, chunk_size: int) -> str | None:
     return None
 
 
-@triton.jit
-def walk_rows(q, k, v, theta, alpha, eta, i_t, bos, L, i_h, o_c, o_d, D: tl.constexpr,
-              H: tl.constexpr, BC: tl.constexpr, WITH_Q: tl.constexpr):
-    """Mini-batch i_t's rows as the forward walk takes them: (Q in its own dtype (WITH_Q; else
-    K's rows), K, V, theta, 1 - alpha, eta) as stages.mini_batch_rows (nothing past the
-    sequence)."""
-    row0 = (bos + i_t * BC) * H + i_h
-    m_t = i_t * BC + o_c < L
-    b_kh = load_rows(k + row0 * D, o_c, m_t, o_d, D, H)
-    b_qh = b_kh
-    if WITH_Q:
-        b_qh = load_rows(q + row0 * D, o_c, m_t, o_d, D, H)
-    b_v = load_rows(v + row0 * D, o_c, m_t, o_d, D, H).to(tl.float32)
-    b_th, b_a, b_e = gate_rows(theta, alpha, eta, row0, o_c, m_t, H)
-    return b_qh, b_kh.to(tl.float32), b_v, b_th, b_a, b_e
-
-
-@triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
-@triton.jit(do_not_specialize=['T'])
-def chunk_titans_linear_fwd_gates_kernel(
-    w, b, theta, alpha, eta, gc, gn, cu_seqlens, chunk_indices, T, H: tl.constexpr,
-    D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr, IS_VARLEN: tl.constexpr,
-):
-    """One mini-batch and head: stages.update_gates, stored for the walk (WALK_GATES_AHEAD):
-    cM, cS per row into gc [B, T, H, 2], f0[n], e0[n], p0[n] into gn [mini-batches, H, 4]."""
-    i_s, row0, o_c, m_t, n_t, _, _, _, _, _, _ = mini_batch_program(
-        w, b, cu_seqlens, chunk_indices, T, H, D, BD, BC, IS_VARLEN)
-    b_th, b_a, b_e = gate_rows(theta, alpha, eta, row0, o_c, m_t, H)
-    b_cm, b_cs, f0n, e0n, p0n = update_gates(b_th, b_a, b_e, o_c, o_c == n_t - 1)
-    p = (row0 + o_c * H) * 2
-    tl.store(gc + p, b_cm, mask=m_t)
-    tl.store(gc + p + 1, b_cs, mask=m_t)
-    tl.store(gn + i_s * 4, f0n)
-    tl.store(gn + i_s * 4 + 1, e0n)
-    tl.store(gn + i_s * 4 + 2, p0n)
-
-
-@triton.jit
-def ahead_gates(gc, gn, i_s, i_t, bos, L, i_h, o_c, H: tl.constexpr, BC: tl.constexpr):
-    """Mini-batch i_t's update_gates as chunk_titans_linear_fwd_gates_kernel stored them."""
-    m_t = i_t * BC + o_c < L
-    p = ((bos + i_t * BC) * H + i_h + o_c * H) * 2
-    return (tl.load(gc + p, mask=m_t, other=0.), tl.load(gc + p + 1, mask=m_t, other=0.),
-            tl.load(gn + i_s * 4), tl.load(gn + i_s * 4 + 1), tl.load(gn + i_s * 4 + 2))
-
-
-@triton.jit
-def store_states(hs, ss, hr, sr, i_s, b_M, b_S, o_d, m_d, o_s, m_s, D: tl.constexpr,
-                 SCALED: tl.constexpr):
-    """Store the M0, S0 a mini-batch starts from as state i_s of hs, ss (SCALED: in float16,
-    rows scaled, the inverse scales into hr, sr; HALF_STATES)."""
-    if SCALED:
-        store_square_scaled(hs, hr, i_s, b_M, o_d, m_d, o_s, m_s, D)
-        store_square_scaled(ss, sr, i_s, b_S, o_d, m_d, o_s, m_s, D)
-    else:
-        tl.store(hs + i_s * D * D + o_s, b_M.to(hs.dtype.element_ty), mask=m_s)
-        tl.store(ss + i_s * D * D + o_s, b_S.to(ss.dtype.element_ty), mask=m_s)
-
-
-@triton.jit
-def store_products(qm, qs, gs, row0, o_c, m_t, o_d, b_qh, b_M, b_S, b_g, scale,
-                   D: tl.constexpr, H: tl.constexpr, PRECISION: tl.constexpr,
-                   OMIXED: tl.constexpr):
-    """Store Q~ M0, Q~ S0 (stages.dot_q, OMIXED as the outputs kernel takes them from float32
-    states) and G of a mini-batch as rows of qm, qs, gs [B, T, H, D] (WALK_PRODUCTS)."""
-    b_q = b_qh.to(tl.float32) * scale
-    store_rows(qm + row0 * D, dot_q(b_q, b_qh, b_M, scale, PRECISION, OMIXED), o_c, m_t, o_d,
-               D, H)
-    store_rows(qs + row0 * D, dot_q(b_q, b_qh, b_S, scale, PRECISION, OMIXED), o_c, m_t, o_d,
-               D, H)
-    store_rows(gs + row0 * D, b_g, o_c, m_t, o_d, D, H)
-
-
-@triton.heuristics({
-    'USE_INITIAL_STATE': lambda a: a['h0'] is not None,
-    'USE_INITIAL_MOMENTUM': lambda a: a['s0'] is not None,
-    'STORE_FINAL_STATE': lambda a: a['ht'] is not None,
-    'STORE_STATES': lambda a: a['hs'] is not None,
-    'SCALED': lambda a: a['hr'] is not None,
-    'PRODUCTS': lambda a: a['qm'] is not None,
-    'IS_VARLEN': lambda a: a['cu_seqlens'] is not None,
-})
-@triton.jit(do_not_specialize=['T'])
-def chunk_titans_linear_fwd_walk_kernel(
-    q, k, v, w, b, theta, alpha, eta, gc, gn, h0, s0, ht, st, hs, ss, hr, sr, qm, qs, gs,
-    cu_seqlens, chunk_offsets, scale, eps, T, H: tl.constexpr, D: tl.constexpr,
-    BD: tl.constexpr, BC: tl.constexpr, PRECISION: tl.constexpr, MIXED: tl.constexpr,
-    UMIXED: tl.constexpr, OMIXED: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
-    USE_INITIAL_MOMENTUM: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
-    STORE_STATES: tl.constexpr, SCALED: tl.constexpr, PRODUCTS: tl.constexpr,
-    PREFETCH: tl.constexpr, GATES_AHEAD: tl.constexpr, ACCUMULATE: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
-):
-    """One sequence and head: M and S carried over the mini-batches (the module docstring's
-    last line), storing with STORE_STATES the M0, S0 each mini-batch starts from
-    (store_states), with PRODUCTS what its outputs take from them (store_products); with
-    PREFETCH the next mini-batch's rows loaded ahead (WALK_PREFETCH), with GATES_AHEAD the
-    gates' part of the updates loaded from gc, gn (WALK_GATES_AHEAD)."""
-    i_nh, i_h, bos, L, NT, c0, o_d, m_d, o_s, m_s, b_w, b_b = walk_program(
-        w, b, cu_seqlens, chunk_offsets, T, H, D, BD, BC, IS_VARLEN)
-    o_c = tl.arange(0, BC)
-    b_M = start_square(h0, i_nh, o_s, m_s, D, BD, USE_INITIAL_STATE)
-    b_S = start_square(s0, i_nh, o_s, m_s, D, BD, USE_INITIAL_MOMENTUM)
-    if PREFETCH:
-        b_qh, b_k, b_v, b_th, b_a, b_e = walk_rows(q, k, v, theta, alpha, eta, 0, bos, L, i_h,
-                                                   o_c, o_d, D, H, BC, PRODUCTS)
-    for i_t in range(NT):
-        i_s = ((c0 + i_t) * H + i_h).to(tl.int64)
-        if STORE_STATES:
-            store_states(hs, ss, hr, sr, i_s, b_M, b_S, o_d, m_d, o_s, m_s, D, SCALED)
-        if PREFETCH:
-            n_qh, n_k, n_v, n_th, n_a, n_e = walk_rows(q, k, v, theta, alpha, eta, i_t + 1, bos,
-                                                       L, i_h, o_c, o_d, D, H, BC, PRODUCTS)
-        else:
-            b_qh, b_k, b_v, b_th, b_a, b_e = walk_rows(q, k, v, theta, alpha, eta, i_t, bos, L,
-                                                       i_h, o_c, o_d, D, H, BC, PRODUCTS)
-        m_t = i_t * BC + o_c < L
-        b_g, _ = recon_grads(b_k, b_v, b_M, b_w, b_b, m_t, m_d, D, eps, k.dtype.element_ty,
-                             PRECISION, MIXED)
-        if PRODUCTS:
-            store_products(qm, qs, gs, (bos + i_t * BC) * H + i_h, o_c, m_t, o_d, b_qh, b_M,
-                           b_S, b_g, scale, D, H, PRECISION, OMIXED)
-        # P[n] theta, E[n] theta, f0[n], e0[n], p0[n] (n: the last real token)
-        if GATES_AHEAD:
-            b_cm, b_cs, f0n, e0n, p0n = ahead_gates(gc, gn, i_s, i_t, bos, L, i_h, o_c, H, BC)
-        else:
-            b_cm, b_cs, f0n, e0n, p0n = update_gates(
-                b_th, b_a, b_e, o_c, o_c == tl.minimum(BC, L - i_t * BC) - 1)
-        b_M, b_S = hand_on(b_M, b_S, b_k, b_g, b_cm, b_cs, f0n, e0n, p0n, k.dtype.element_ty,
-                           PRECISION, UMIXED, ACCUMULATE)
-        if PREFETCH:
-            b_qh, b_k, b_v, b_th, b_a, b_e = n_qh, n_k, n_v, n_th, n_a, n_e
-    if STORE_FINAL_STATE:
-        tl.store(ht + i_nh.to(tl.int64) * D * D + o_s, b_M, mask=m_s)
-        tl.store(st + i_nh.to(tl.int64) * D * D + o_s, b_S, mask=m_s)
-
-
-@triton.jit
-def output_products(q, row0, o_c, m_t, o_d, b_q, b_k, b_M, b_S, scale, D: tl.constexpr,
-                    H: tl.constexpr, PRECISION: tl.constexpr, OMIXED: tl.constexpr):
-    """(Q~ M0, Q~ S0, Q~ K^T) [C, BD], [C, BD], [C, C] as stages.dot_q takes them (under OMIXED
-    from Q's rows loaded again in their own dtype). M0's products, then S0's: one state's
-    operand copy in shared memory at a time."""
-    b_qh = load_rows(q + row0 * D, o_c, m_t, o_d, D, H)
-    return (dot_q(b_q, b_qh, b_M, scale, PRECISION, OMIXED),
-            dot_q(b_q, b_qh, b_S, scale, PRECISION, OMIXED),
-            dot_q(b_q, b_qh, tl.trans(b_k.to(b_qh.dtype)), scale, PRECISION, OMIXED))
-
-
-@triton.jit
-def from_states(q, k, v, theta, alpha, eta, hs, ss, hr, sr, i_s, row0, o_c, m_t, o_d, m_d, o_s,
-                m_s, b_w, b_b, scale, eps, D: tl.constexpr, H: tl.constexpr,
-                PRECISION: tl.constexpr, MIXED: tl.constexpr, OMIXED: tl.constexpr,
-                SCALED: tl.constexpr):
-    """(G, Q~ M0, Q~ S0, Q~ K^T, theta, 1 - alpha, eta) of a mini-batch from the M0, S0 it
-    starts with (SCALED: as the walk stored them under HALF_STATES "float16")."""
-    if SCALED:
-        b_M = load_square_scaled(hs, hr, i_s, o_d, m_d, o_s, m_s, D)
-        b_S = load_square_scaled(ss, sr, i_s, o_d, m_d, o_s, m_s, D)
-    else:
-        b_M = load_square(hs, i_s, o_s, m_s, D)
-        b_S = load_square(ss, i_s, o_s, m_s, D)
-    b_q, b_k, b_v, b_th, b_a, b_e = mini_batch_rows(q, k, v, theta, alpha, eta, row0, o_c, m_t,
-                                                    o_d, scale, D, H)
-    b_g, _ = recon_grads(b_k, b_v, b_M, b_w, b_b, m_t, m_d, D, eps, k.dtype.element_ty,
-                         PRECISION, MIXED)
-    b_qm, b_qs, b_qk = output_products(q, row0, o_c, m_t, o_d, b_q, b_k, b_M, b_S, scale, D, H,
-                                       PRECISION, OMIXED)
-    return b_g, b_qm, b_qs, b_qk, b_th, b_a, b_e
-
-
-@triton.jit
-def from_products(q, k, theta, alpha, eta, qm, qs, gs, row0, o_c, m_t, o_d, scale,
-                  D: tl.constexpr, H: tl.constexpr, PRECISION: tl.constexpr,
-                  OMIXED: tl.constexpr):
-    """from_states' values as the walk stored them under WALK_PRODUCTS (G, Q~ M0, Q~ S0),
-    Q~ K^T formed here."""
-    b_qh = load_rows(q + row0 * D, o_c, m_t, o_d, D, H)
-    b_k = load_rows(k + row0 * D, o_c, m_t, o_d, D, H)
-    b_qk = dot_q(b_qh.to(tl.float32) * scale, b_qh, tl.trans(b_k.to(b_qh.dtype)), scale,
-                 PRECISION, OMIXED)
-    b_th, b_a, b_e = gate_rows(theta, alpha, eta, row0, o_c, m_t, H)
-    return (load_rows(gs + row0 * D, o_c, m_t, o_d, D, H),
-            load_rows(qm + row0 * D, o_c, m_t, o_d, D, H),
-            load_rows(qs + row0 * D, o_c, m_t, o_d, D, H), b_qk, b_th, b_a, b_e)
-
-
-@triton.heuristics({
-    'SCALED': lambda a: a['hr'] is not None,
-    'PRODUCTS': lambda a: a['qm'] is not None,
-    'IS_VARLEN': lambda a: a['cu_seqlens'] is not None,
-})
-@triton.jit(do_not_specialize=['T'])
-def chunk_titans_linear_fwd_o_kernel(
-    q, k, v, w, b, theta, alpha, eta, o, hs, ss, hr, sr, qm, qs, gs, cu_seqlens, chunk_indices,
-    scale, eps, T, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
-    PRECISION: tl.constexpr, MIXED: tl.constexpr, OMIXED: tl.constexpr, SCALED: tl.constexpr,
-    PRODUCTS: tl.constexpr, IS_VARLEN: tl.constexpr,
-):
-    """One mini-batch and head: O (module docstring) from the M0, S0 it starts with, or with
-    PRODUCTS from G, Q~ M0 and Q~ S0 as the walk stored them."""
-    i_s, row0, o_c, m_t, _, o_d, m_d, o_s, m_s, b_w, b_b = mini_batch_program(
-        w, b, cu_seqlens, chunk_indices, T, H, D, BD, BC, IS_VARLEN)
-    if PRODUCTS:
-        b_g, b_qm, b_qs, b_qk, b_th, b_a, b_e = from_products(
-            q, k, theta, alpha, eta, qm, qs, gs, row0, o_c, m_t, o_d, scale, D, H, PRECISION,
-            OMIXED)
-    else:
-        b_g, b_qm, b_qs, b_qk, b_th, b_a, b_e = from_states(
-            q, k, v, theta, alpha, eta, hs, ss, hr, sr, i_s, row0, o_c, m_t, o_d, m_d, o_s, m_s,
-            b_w, b_b, scale, eps, D, H, PRECISION, MIXED, OMIXED, SCALED)
-    b_F, b_f0, _, _ = segment_products(b_a, o_c)
-    b_E, b_e0, _, _ = segment_products(b_e, o_c)
-    b_P = tl.dot(b_F, b_E, input_precision=PRECISION)
-    b_p0 = tl.sum(b_F * b_e0[None, :], 1)
-    b_A = b_P * b_th[None, :] * b_qk
-    b_u = (b_f0[:, None] * b_qm + b_p0[:, None] * b_qs
-           - tl.dot(b_A, b_g, input_precision=PRECISION))
-    b_x, _ = layer_norm_rows(b_u, m_d, D, eps)
-    store_rows(o + row0 * D, b_u + b_w[None, :] * b_x + b_b[None, :], o_c, m_t, o_d, D, H)
-
-
 def _forward(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0, s0,
              output_final_state, cu_seqlens, backward):
     """(o, final M or None, final S or None, the M0 and S0 of every mini-batch); inputs checked
@@ -493,30 +297,47 @@ def _forward(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0, s0,
     f32 = {"dtype": torch.float32, "device": q.device}
     ht = torch.empty(N, H, D, D, **f32) if output_final_state else None
     st = torch.empty(N, H, D, D, **f32) if output_final_state else None
+    replay = ((mode_for(REPLAY, q.dtype) or 1)
+              if not backward and NT and head_tile(D) <= REPLAY_MAX_D else 1)
+    if replay > 1:
+        _, NS, segment_indices, segment_offsets = chunk_layout(B, T, cu_seqlens,
+                                                               chunk_size * replay)
     forms = ("always",) if backward else ("always", "inference")
-    products = WALK_PRODUCTS in forms and head_tile(D) <= PRODUCTS_MAX_D
-    sdt = state_dtype(q.dtype, backward)
-    hs, ss = (torch.empty(chunks, H, D, D, dtype=sdt, device=q.device)
+    products = WALK_PRODUCTS in forms and head_tile(D) <= PRODUCTS_MAX_D and replay == 1
+    sdt = state_dtype(q.dtype, backward) if replay == 1 else torch.float32
+    slots = chunks if replay == 1 else NS * (B if cu_seqlens is None else 1)
+    hs, ss = (torch.empty(slots, H, D, D, dtype=sdt, device=q.device)
               if backward or not products else None for _ in range(2))
     hr, sr = (torch.empty(chunks, H, D, **f32) if hs is not None and sdt == torch.float16
               else None for _ in range(2))
-    qm, qs, gs = (torch.empty(B, T, H, D, **f32) if products else None for _ in range(3))
+    qm, qs = (torch.empty(B, T, H, D, **f32) if products else None for _ in range(2))
+    gs = torch.empty(B, T, H, D, **f32) if products or replay > 1 else None
     meta = walk_meta(q, chunk_size)
     omixed = {"OMIXED": mode_for(OUTPUT_MIXED, q.dtype)}
     ahead = WALK_GATES_AHEAD and NT > 0
-    gc = torch.empty(B, T, H, 2, **f32) if ahead else None
-    gn = torch.empty(chunks, H, 4, **f32) if ahead else None
-    if ahead:
+    gates = ahead or replay > 1  # replay > 1 only where NT > 0
+    gc, gf = (torch.empty(B, T, H, 2, **f32) if gates else None for _ in range(2))
+    gn = torch.empty(chunks, H, 4, **f32) if gates else None
+    ga = torch.empty(chunks, H, chunk_size, chunk_size, **f32) if replay > 1 else None
+    if gates:
         chunk_titans_linear_fwd_gates_kernel[(NT, B * H)](
-            w, b, theta, alpha, eta, gc, gn, cu_seqlens, chunk_indices, T, H=H, D=D,
-            BD=meta["BD"], BC=chunk_size, num_warps=4)
+            w, b, theta, alpha, eta, gc, gn, ga, gf, cu_seqlens, chunk_indices, T, H=H, D=D,
+            BD=meta["BD"], BC=chunk_size, PRECISION=meta["PRECISION"], OUTPUTS=replay > 1,
+            num_warps=4)
     chunk_titans_linear_fwd_walk_kernel[(N * H,)](
         q, k, v, w, b, theta, alpha, eta, gc, gn, h0, s0, ht, st, hs, ss, hr, sr, qm, qs, gs,
-        cu_seqlens, chunk_offsets, scale, float(eps), T, PREFETCH=WALK_PREFETCH,
-        GATES_AHEAD=ahead, ACCUMULATE=WALK_ACCUMULATE,
+        cu_seqlens, chunk_offsets, segment_offsets if replay > 1 else None, scale, float(eps),
+        T, EVERY=replay, PREFETCH=WALK_PREFETCH, GATES_AHEAD=ahead, ACCUMULATE=WALK_ACCUMULATE,
+        SCALES=WALK_SCALES and replay > 1,
         **with_warps({**meta, **omixed}, WALK_WARPS))
     o = torch.empty_like(v)
-    if NT:
+    if replay > 1:
+        chunk_titans_linear_fwd_replay_kernel[(NS, B * H)](
+            q, k, w, b, o, hs, ss, gs, gc, gn, ga, gf, cu_seqlens, chunk_offsets,
+            segment_indices, scale, float(eps), T, EVERY=replay, ACCUMULATE=WALK_ACCUMULATE,
+            **with_warps({key: x for key, x in {**meta, **omixed}.items() if key != "MIXED"},
+                         REPLAY_WARPS))
+    elif NT:
         modes = omixed if products else output_modes(q.dtype, sdt, meta)
         chunk_titans_linear_fwd_o_kernel[(NT, B * H)](
             q, k, v, w, b, theta, alpha, eta, o, hs, ss, hr, sr, qm, qs, gs, cu_seqlens,

@@ -1,4 +1,4 @@
-"""Titans' kernel stages shared by the forward (kernels/titans/chunk.py) and the backward
+"""Titans' kernel stages shared by the forward (kernels/titans/walk.py, outputs.py) and the backward
 (kernels/titans/chunk_bwd.py): a mini-batch's rows, its reconstruction gradients, and the
 segment products of its gate factors with their backward and the row the states are handed on
 by.
@@ -13,9 +13,9 @@ from kernels.common.layernorm import layer_norm_bwd_rows, layer_norm_rows, ln_re
 from kernels.common.minibatch import dot_state, dot_state_into
 from kernels.common.utils import dot_mixed, load_rows
 
-__all__ = ["dot_at", "dot_q", "dq_state", "gate_rows", "gates_bwd", "hand_on", "hand_on_gates",
-           "local_meta", "mini_batch_rows", "outputs_bwd", "recon_grads", "row_of",
-           "segment_products", "segment_products_bwd", "update_gates"]
+__all__ = ["ahead_gates", "dot_at", "dot_q", "dq_state", "gate_rows", "gates_bwd", "hand_on",
+           "hand_on_gates", "hand_on_scaled", "local_meta", "mini_batch_rows", "outputs_bwd",
+           "recon_grads", "row_of", "segment_products", "segment_products_bwd", "update_gates"]
 
 
 def local_meta(meta: dict) -> dict:
@@ -98,6 +98,35 @@ def hand_on(b_M, b_S, b_k, b_g, b_cm, b_cs, f0n, e0n, p0n, HALF: tl.constexpr,
     return b_M, b_S
 
 
+# hand_on_scaled: a scale under this is put into its tile (f0[n] or e0[n] 0, or a long run of
+# small factors), so that a tile stays within 2^40 of the state it stands for
+SCALE_FLOOR = tl.constexpr(2.0 ** -40)
+
+
+@triton.jit
+def hand_on_scaled(b_M, b_S, m, s, b_k, b_g, b_cm, b_cs, f0n, e0n, p0n, HALF: tl.constexpr,
+                   PRECISION: tl.constexpr, UMIXED: tl.constexpr):
+    """hand_on for states kept as a scale times a tile, M = m M^, S = s S^ (chunk.WALK_SCALES):
+    (M^, S^, m, s) handed on, the scales taking f0[n] and e0[n], so that the tiles take only
+    p0[n] S0 element by element: M^ <- M^ + (p0[n] s / m') S^ - K^T ((cM / m') o G) with
+    m' = f0[n] m, S^ <- S^ - K^T ((cS / s') o G) with s' = e0[n] s, each update accumulated
+    into the rest of its sum. A new scale under SCALE_FLOOR goes into its tile first (the
+    tile times it, the scale 1): a zero factor gives a zero tile, as hand_on's product does."""
+    b_kt = tl.trans(b_k)
+    mf = m * f0n
+    if mf < SCALE_FLOOR:
+        b_M = b_M * mf
+        mf = 1.
+    b_M = dot_state_into(b_kt, (-b_cm / mf)[:, None] * b_g, b_M + (p0n * s / mf) * b_S, HALF,
+                         PRECISION, UMIXED)
+    se = s * e0n
+    if se < SCALE_FLOOR:
+        b_S = b_S * se
+        se = 1.
+    b_S = dot_state_into(b_kt, (-b_cs / se)[:, None] * b_g, b_S, HALF, PRECISION, UMIXED)
+    return b_M, b_S, mf, se
+
+
 @triton.jit
 def update_gates(b_th, b_a, b_e, o_c, last):
     """What the states' updates take from a mini-batch's gates (theta, 1 - alpha, eta [C];
@@ -106,6 +135,16 @@ def update_gates(b_th, b_a, b_e, o_c, last):
     b_E, b_e0, _, _ = segment_products(b_e, o_c)
     b_pn, b_en, f0n, e0n, p0n = hand_on_gates(b_F, b_f0, b_E, b_e0, last)
     return b_pn * b_th, b_en * b_th, f0n, e0n, p0n
+
+
+@triton.jit
+def ahead_gates(gc, gn, i_s, i_t, bos, L, i_h, o_c, H: tl.constexpr, BC: tl.constexpr):
+    """Mini-batch i_t's update_gates as chunk.py's gates kernel stored them (i_s: its index
+    among all mini-batches times H plus its head)."""
+    m_t = i_t * BC + o_c < L
+    p = ((bos + i_t * BC) * H + i_h + o_c * H) * 2
+    return (tl.load(gc + p, mask=m_t, other=0.), tl.load(gc + p + 1, mask=m_t, other=0.),
+            tl.load(gn + i_s * 4), tl.load(gn + i_s * 4 + 1), tl.load(gn + i_s * 4 + 2))
 
 
 @triton.jit

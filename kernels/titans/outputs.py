@@ -1,0 +1,176 @@
+"""chunk_titans_linear's outputs (kernels/titans/chunk.py has the math, walk.py the walk): one
+program per (mini-batch, head) forms O from what the walk stored for it, or one program per
+(segment of mini-batches, head) replays the walk over its segment from a stored state.
+
+``chunk_titans_linear_fwd_o_kernel`` takes a mini-batch's M0, S0 (chunk.WALK_PRODUCTS None, and
+every call with a backward) or its G, Q~ M0 and Q~ S0 as the walk stored them (WALK_PRODUCTS).
+``chunk_titans_linear_fwd_replay_kernel`` (chunk.REPLAY, off, in calls without a backward) takes
+the M0, S0 the walk stored at the start of each segment of REPLAY mini-batches and the G it
+stored for every mini-batch, and carries the two states over the segment as the walk did
+(stages.hand_on, with G given, so no Z and no LayerNorm gradient), each mini-batch's O formed
+on the way: the walk then issues neither Q~ M0 nor Q~ S0, and the replay runs in parallel over
+the segments.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from kernels.common.layernorm import layer_norm_rows
+from kernels.common.minibatch import (head_tiles, load_square, load_square_scaled,
+                                      mini_batch_program)
+from kernels.common.utils import chunk_bounds, chunk_index, load_rows, store_rows, walk_bounds
+from kernels.titans.stages import (ahead_gates, dot_q, gate_rows, hand_on, mini_batch_rows,
+                                   recon_grads, segment_products)
+
+__all__ = ["chunk_titans_linear_fwd_o_kernel", "chunk_titans_linear_fwd_replay_kernel"]
+
+
+@triton.jit
+def output_products(q, row0, o_c, m_t, o_d, b_q, b_k, b_M, b_S, scale, D: tl.constexpr,
+                    H: tl.constexpr, PRECISION: tl.constexpr, OMIXED: tl.constexpr):
+    """(Q~ M0, Q~ S0, Q~ K^T) [C, BD], [C, BD], [C, C] as stages.dot_q takes them (under OMIXED
+    from Q's rows loaded again in their own dtype). M0's products, then S0's: one state's
+    operand copy in shared memory at a time."""
+    b_qh = load_rows(q + row0 * D, o_c, m_t, o_d, D, H)
+    return (dot_q(b_q, b_qh, b_M, scale, PRECISION, OMIXED),
+            dot_q(b_q, b_qh, b_S, scale, PRECISION, OMIXED),
+            dot_q(b_q, b_qh, tl.trans(b_k.to(b_qh.dtype)), scale, PRECISION, OMIXED))
+
+
+@triton.jit
+def from_states(q, k, v, theta, alpha, eta, hs, ss, hr, sr, i_s, row0, o_c, m_t, o_d, m_d, o_s,
+                m_s, b_w, b_b, scale, eps, D: tl.constexpr, H: tl.constexpr,
+                PRECISION: tl.constexpr, MIXED: tl.constexpr, OMIXED: tl.constexpr,
+                SCALED: tl.constexpr):
+    """(G, Q~ M0, Q~ S0, Q~ K^T, theta, 1 - alpha, eta) of a mini-batch from the M0, S0 it
+    starts with (SCALED: as the walk stored them under HALF_STATES "float16")."""
+    if SCALED:
+        b_M = load_square_scaled(hs, hr, i_s, o_d, m_d, o_s, m_s, D)
+        b_S = load_square_scaled(ss, sr, i_s, o_d, m_d, o_s, m_s, D)
+    else:
+        b_M = load_square(hs, i_s, o_s, m_s, D)
+        b_S = load_square(ss, i_s, o_s, m_s, D)
+    b_q, b_k, b_v, b_th, b_a, b_e = mini_batch_rows(q, k, v, theta, alpha, eta, row0, o_c, m_t,
+                                                    o_d, scale, D, H)
+    b_g, _ = recon_grads(b_k, b_v, b_M, b_w, b_b, m_t, m_d, D, eps, k.dtype.element_ty,
+                         PRECISION, MIXED)
+    b_qm, b_qs, b_qk = output_products(q, row0, o_c, m_t, o_d, b_q, b_k, b_M, b_S, scale, D, H,
+                                       PRECISION, OMIXED)
+    return b_g, b_qm, b_qs, b_qk, b_th, b_a, b_e
+
+
+@triton.jit
+def from_products(q, k, theta, alpha, eta, qm, qs, gs, row0, o_c, m_t, o_d, scale,
+                  D: tl.constexpr, H: tl.constexpr, PRECISION: tl.constexpr,
+                  OMIXED: tl.constexpr):
+    """from_states' values as the walk stored them under WALK_PRODUCTS (G, Q~ M0, Q~ S0),
+    Q~ K^T formed here."""
+    b_qh = load_rows(q + row0 * D, o_c, m_t, o_d, D, H)
+    b_k = load_rows(k + row0 * D, o_c, m_t, o_d, D, H)
+    b_qk = dot_q(b_qh.to(tl.float32) * scale, b_qh, tl.trans(b_k.to(b_qh.dtype)), scale,
+                 PRECISION, OMIXED)
+    b_th, b_a, b_e = gate_rows(theta, alpha, eta, row0, o_c, m_t, H)
+    return (load_rows(gs + row0 * D, o_c, m_t, o_d, D, H),
+            load_rows(qm + row0 * D, o_c, m_t, o_d, D, H),
+            load_rows(qs + row0 * D, o_c, m_t, o_d, D, H), b_qk, b_th, b_a, b_e)
+
+
+@triton.heuristics({
+    'SCALED': lambda a: a['hr'] is not None,
+    'PRODUCTS': lambda a: a['qm'] is not None,
+    'IS_VARLEN': lambda a: a['cu_seqlens'] is not None,
+})
+@triton.jit(do_not_specialize=['T'])
+def chunk_titans_linear_fwd_o_kernel(
+    q, k, v, w, b, theta, alpha, eta, o, hs, ss, hr, sr, qm, qs, gs, cu_seqlens, chunk_indices,
+    scale, eps, T, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
+    PRECISION: tl.constexpr, MIXED: tl.constexpr, OMIXED: tl.constexpr, SCALED: tl.constexpr,
+    PRODUCTS: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """One mini-batch and head: O (module docstring) from the M0, S0 it starts with, or with
+    PRODUCTS from G, Q~ M0 and Q~ S0 as the walk stored them."""
+    i_s, row0, o_c, m_t, _, o_d, m_d, o_s, m_s, b_w, b_b = mini_batch_program(
+        w, b, cu_seqlens, chunk_indices, T, H, D, BD, BC, IS_VARLEN)
+    if PRODUCTS:
+        b_g, b_qm, b_qs, b_qk, b_th, b_a, b_e = from_products(
+            q, k, theta, alpha, eta, qm, qs, gs, row0, o_c, m_t, o_d, scale, D, H, PRECISION,
+            OMIXED)
+    else:
+        b_g, b_qm, b_qs, b_qk, b_th, b_a, b_e = from_states(
+            q, k, v, theta, alpha, eta, hs, ss, hr, sr, i_s, row0, o_c, m_t, o_d, m_d, o_s, m_s,
+            b_w, b_b, scale, eps, D, H, PRECISION, MIXED, OMIXED, SCALED)
+    b_F, b_f0, _, _ = segment_products(b_a, o_c)
+    b_E, b_e0, _, _ = segment_products(b_e, o_c)
+    b_P = tl.dot(b_F, b_E, input_precision=PRECISION)
+    b_p0 = tl.sum(b_F * b_e0[None, :], 1)
+    b_A = b_P * b_th[None, :] * b_qk
+    b_u = (b_f0[:, None] * b_qm + b_p0[:, None] * b_qs
+           - tl.dot(b_A, b_g, input_precision=PRECISION))
+    b_x, _ = layer_norm_rows(b_u, m_d, D, eps)
+    store_rows(o + row0 * D, b_u + b_w[None, :] * b_x + b_b[None, :], o_c, m_t, o_d, D, H)
+
+
+@triton.jit
+def replay_outputs(o, ga, gf, i_s, row0, o_c, m_t, o_d, m_d, b_g, b_qm, b_qs, b_qk, b_w, b_b,
+                   eps, D: tl.constexpr, H: tl.constexpr, BC: tl.constexpr,
+                   PRECISION: tl.constexpr):
+    """Store a mini-batch's O as the outputs kernel forms it (U = f0 (Q~ M0) + p0 (Q~ S0) -
+    ((P theta^T) o (Q~ K^T)) G, O = U + w LN(U) + b), the gates' part as the gates kernel
+    stored it (P theta^T in ga, f0 and p0 per row in gf): no segment products formed."""
+    b_A = tl.load(ga + i_s * BC * BC + o_c[:, None] * BC + o_c[None, :]) * b_qk
+    p = (row0 + o_c * H) * 2
+    b_f0 = tl.load(gf + p, mask=m_t, other=0.)
+    b_p0 = tl.load(gf + p + 1, mask=m_t, other=0.)
+    b_u = (b_f0[:, None] * b_qm + b_p0[:, None] * b_qs
+           - tl.dot(b_A, b_g, input_precision=PRECISION))
+    b_x, _ = layer_norm_rows(b_u, m_d, D, eps)
+    store_rows(o + row0 * D, b_u + b_w[None, :] * b_x + b_b[None, :], o_c, m_t, o_d, D, H)
+
+
+@triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
+@triton.jit(do_not_specialize=['T'])
+def chunk_titans_linear_fwd_replay_kernel(
+    q, k, w, b, o, hs, ss, gs, gc, gn, ga, gf, cu_seqlens, chunk_offsets, segment_indices,
+    scale, eps, T, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
+    EVERY: tl.constexpr, PRECISION: tl.constexpr, UMIXED: tl.constexpr,
+    OMIXED: tl.constexpr, ACCUMULATE: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """One segment of EVERY mini-batches and head: M, S from the state the walk stored at the
+    segment's start (hs, ss), handed on over its mini-batches with the G the walk stored (gs)
+    as the walk hands them on (stages.hand_on, UMIXED, ACCUMULATE; the gates from gc, gn), and
+    each mini-batch's O (replay_outputs; Q~ M0, Q~ S0 and Q~ K^T as from_products takes them,
+    under OMIXED)."""
+    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_bh // H, i_bh % H
+    bos, eos, i_g = chunk_bounds(cu_seqlens, segment_indices, i_c, i_n, T, BC * EVERY,
+                                 IS_VARLEN)
+    i_k = chunk_index(i_c, i_bh, i_g, T, H, BC * EVERY, IS_VARLEN) * H + i_h
+    if IS_VARLEN:
+        i_n = tl.load(segment_indices + i_c * 2).to(tl.int64)
+    c0 = walk_bounds(cu_seqlens, chunk_offsets, i_n, T, BC, IS_VARLEN)[3]
+    o_d, m_d, o_s, m_s, b_w, b_b = head_tiles(w, b, i_h, D, BD)
+    o_c = tl.arange(0, BC)
+    b_M = load_square(hs, i_k, o_s, m_s, D)
+    b_S = load_square(ss, i_k, o_s, m_s, D)
+    L = eos - bos
+    n_j = tl.minimum(EVERY, tl.cdiv(L, BC) - i_g * EVERY)
+    for j in range(n_j):
+        i_t = i_g * EVERY + j
+        i_s = ((c0 + i_t) * H + i_h).to(tl.int64)
+        row0 = (bos + i_t * BC) * H + i_h
+        m_t = i_t * BC + o_c < L
+        b_qh = load_rows(q + row0 * D, o_c, m_t, o_d, D, H)
+        b_kh = load_rows(k + row0 * D, o_c, m_t, o_d, D, H)
+        b_g = load_rows(gs + row0 * D, o_c, m_t, o_d, D, H)
+        b_q = b_qh.to(tl.float32) * scale
+        replay_outputs(o, ga, gf, i_s, row0, o_c, m_t, o_d, m_d, b_g,
+                       dot_q(b_q, b_qh, b_M, scale, PRECISION, OMIXED),
+                       dot_q(b_q, b_qh, b_S, scale, PRECISION, OMIXED),
+                       dot_q(b_q, b_qh, tl.trans(b_kh), scale, PRECISION, OMIXED), b_w, b_b, eps,
+                       D, H, BC, PRECISION)
+        if j < n_j - 1:
+            b_cm, b_cs, f0n, e0n, p0n = ahead_gates(gc, gn, i_s, i_t, bos, L, i_h, o_c, H, BC)
+            b_M, b_S = hand_on(b_M, b_S, b_kh.to(tl.float32), b_g, b_cm, b_cs, f0n, e0n, p0n,
+                               k.dtype.element_ty, PRECISION, UMIXED, ACCUMULATE)
