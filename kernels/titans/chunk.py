@@ -55,7 +55,8 @@ from kernels.common.utils import check_launchable, chunk_layout, mode_for
 from kernels.titans.chunk_bwd import chunk_backward
 from kernels.titans.fused_bwd import fused_backward
 from kernels.titans.outputs import (chunk_titans_linear_fwd_o_kernel,
-                                    chunk_titans_linear_fwd_replay_kernel)
+                                    chunk_titans_linear_fwd_replay_kernel,
+                                    chunk_titans_linear_fwd_segment_kernel)
 from kernels.titans.stages import local_meta
 from kernels.titans.walk import (chunk_titans_linear_fwd_gates_kernel,
                                  chunk_titans_linear_fwd_walk_kernel)
@@ -211,9 +212,10 @@ PRODUCTS_MAX_D = 64
 # without: the walk went from 1,271 to 967 µs, but the replay kernel took 459 µs where the
 # outputs kernel took 146 (python tools/kernel_profile.py titans chunk --mode fwd): one program
 # an SM at 229 registers, 675 instructions a mini-batch in a chain. Peak memory 180 MB against
-# 228. Hence None: the replay's outputs are to be formed without a chain (reports/titans.md,
-# "Next"). float32 inputs: ptxas gives the replay kernel's exact products 32 registers and
-# ~10 KB of spills a thread; D = 128: 1.6 KB at 8 warps, 1.1 KB at 16.
+# 228. Those were the chain's (REPLAY_CHAIN True); the segment kernel, the outputs without a
+# chain, is untimed: REPLAY stays None until it is. float32 inputs: ptxas gives the replay
+# kernel's exact products 32 registers and ~10 KB of spills a thread; D = 128: 1.6 KB at 8
+# warps, 1.1 KB at 16.
 REPLAY = None
 REPLAY_MAX_D = 64
 # The walk that stores for the replay carries each state as a scale times a tile
@@ -222,8 +224,14 @@ REPLAY_MAX_D = 64
 # branches that put a scale into its tile included), the forward 1.487 ms against 1.547
 # without (H100, as above).
 WALK_SCALES = True
-# The replay kernel's warps: None for mini_batch_meta's (4 at D <= 64, else 8), or a number: at
-# 4 warps and D = 64 ptxas spills 148 bytes a thread, at 8 none (229 registers).
+# The replay's outputs: one program per segment carrying the states over its mini-batches in
+# a chain (True, the replay kernel), or all the segment's rows at once from its stored states
+# and the updates unrolled over it (False, the segment kernel; segments of at most
+# 128 // chunk_size mini-batches).
+REPLAY_CHAIN = False
+# The replay's and the segment kernel's warps: None for mini_batch_meta's (4 at D <= 64, else
+# 8), or a number: at 4 warps and D = 64 ptxas spills 148 bytes a thread in the replay kernel,
+# at 8 none (229 registers; the segment kernel 150 at chunk_size 16, 255 at 64).
 REPLAY_WARPS = 8
 
 
@@ -299,6 +307,10 @@ def _forward(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0, s0,
     st = torch.empty(N, H, D, D, **f32) if output_final_state else None
     replay = ((mode_for(REPLAY, q.dtype) or 1)
               if not backward and NT and head_tile(D) <= REPLAY_MAX_D else 1)
+    if replay & (replay - 1):
+        raise ValueError(f"REPLAY must be a power of two, got {replay}")
+    if not REPLAY_CHAIN:
+        replay = min(replay, max(1, 128 // chunk_size))
     if replay > 1:
         _, NS, segment_indices, segment_offsets = chunk_layout(B, T, cu_seqlens,
                                                                chunk_size * replay)
@@ -331,7 +343,13 @@ def _forward(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0, s0,
         SCALES=WALK_SCALES and replay > 1,
         **with_warps({**meta, **omixed}, WALK_WARPS))
     o = torch.empty_like(v)
-    if replay > 1:
+    if replay > 1 and not REPLAY_CHAIN:
+        chunk_titans_linear_fwd_segment_kernel[(NS, B * H)](
+            q, k, w, b, o, hs, ss, gs, gc, gn, ga, gf, cu_seqlens, chunk_offsets,
+            segment_indices, scale, float(eps), T, EVERY=replay,
+            **with_warps({key: x for key, x in {**meta, **omixed}.items()
+                          if key not in ("MIXED", "UMIXED")}, REPLAY_WARPS))
+    elif replay > 1:
         chunk_titans_linear_fwd_replay_kernel[(NS, B * H)](
             q, k, w, b, o, hs, ss, gs, gc, gn, ga, gf, cu_seqlens, chunk_offsets,
             segment_indices, scale, float(eps), T, EVERY=replay, ACCUMULATE=WALK_ACCUMULATE,

@@ -174,3 +174,90 @@ def chunk_titans_linear_fwd_replay_kernel(
             b_cm, b_cs, f0n, e0n, p0n = ahead_gates(gc, gn, i_s, i_t, bos, L, i_h, o_c, H, BC)
             b_M, b_S = hand_on(b_M, b_S, b_kh.to(tl.float32), b_g, b_cm, b_cs, f0n, e0n, p0n,
                                k.dtype.element_ty, PRECISION, UMIXED, ACCUMULATE)
+
+
+@triton.jit
+def checkpoint_rows(gn, c0, i_g, i_h, n_r, m, n_j, H: tl.constexpr, EVERY: tl.constexpr):
+    """(alpha, beta, epsilon) per row t of a segment: the coefficients that mini-batch m's
+    updates (m = -1: the segment's stored states) reach the states of row t's mini-batch n(t)
+    with, from its mini-batches' f0[n], e0[n], p0[n] (gn):
+
+        M_n = alpha M_{m+1} + beta S_{m+1} + ...,   S_n = epsilon S_{m+1} + ...
+
+    alpha_{m+1} = 1, beta_{m+1} = 0, epsilon_{m+1} = 1, then alpha <- f0[n] alpha, beta <- f0[n]
+    beta + p0[n] epsilon, epsilon <- e0[n] epsilon over n = m + 1 .. n(t) - 1 (0 for n(t) <=
+    m)."""
+    b_al = tl.zeros(n_r.shape, dtype=tl.float32)
+    b_be = tl.zeros(n_r.shape, dtype=tl.float32)
+    b_ep = tl.zeros(n_r.shape, dtype=tl.float32)
+    al, be, ep = 1., 0., 1.
+    for n in range(m + 1, n_j):
+        at = n_r == n
+        b_al, b_be, b_ep = tl.where(at, al, b_al), tl.where(at, be, b_be), tl.where(at, ep, b_ep)
+        i_s = ((c0 + i_g * EVERY + n) * H + i_h).to(tl.int64)
+        f0n, e0n, p0n = tl.load(gn + i_s * 4), tl.load(gn + i_s * 4 + 1), tl.load(gn + i_s * 4 + 2)
+        al, be, ep = f0n * al, f0n * be + p0n * ep, e0n * ep
+    return b_al, b_be, b_ep
+
+
+@triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
+@triton.jit(do_not_specialize=['T'])
+def chunk_titans_linear_fwd_segment_kernel(
+    q, k, w, b, o, hs, ss, gs, gc, gn, ga, gf, cu_seqlens, chunk_offsets, segment_indices,
+    scale, eps, T, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
+    EVERY: tl.constexpr, PRECISION: tl.constexpr, OMIXED: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """One segment of EVERY mini-batches and head, all its EVERY C rows at once (the replay
+    without a chain, chunk.REPLAY_CHAIN off): with M_c, S_c the states the walk stored at the
+    segment's start, n(t) row t's mini-batch and checkpoint_rows' coefficients,
+
+        U = f0 o (alpha Q~ M_c + beta Q~ S_c) + p0 o epsilon (Q~ S_c)
+            - sum_m ((Q~ K_m^T) o W_m) G_m,
+        W_m[t, j] = f0_t alpha_t cM_j + (f0_t beta_t + p0_t epsilon_t) cS_j  where n(t) > m,
+                    (P theta^T)[t, j]                                      where n(t) = m,
+
+    then O = U + w LN(U) + b: each state the walk hands on, unrolled over the segment."""
+    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_bh // H, i_bh % H
+    bos, eos, i_g = chunk_bounds(cu_seqlens, segment_indices, i_c, i_n, T, BC * EVERY,
+                                 IS_VARLEN)
+    i_k = chunk_index(i_c, i_bh, i_g, T, H, BC * EVERY, IS_VARLEN) * H + i_h
+    if IS_VARLEN:
+        i_n = tl.load(segment_indices + i_c * 2).to(tl.int64)
+    c0 = walk_bounds(cu_seqlens, chunk_offsets, i_n, T, BC, IS_VARLEN)[3]
+    o_d, m_d, o_s, m_s, b_w, b_b = head_tiles(w, b, i_h, D, BD)
+    L = eos - bos
+    n_j = tl.minimum(EVERY, tl.cdiv(L, BC) - i_g * EVERY)
+    o_r = tl.arange(0, EVERY * BC)
+    n_r = o_r // BC
+    m_r = i_g * EVERY * BC + o_r < L
+    row0 = (bos + i_g * EVERY * BC) * H + i_h
+    b_qh = load_rows(q + row0 * D, o_r, m_r, o_d, D, H)
+    b_q = b_qh.to(tl.float32) * scale
+    p = (row0 + o_r * H) * 2
+    b_f0 = tl.load(gf + p, mask=m_r, other=0.)
+    b_p0 = tl.load(gf + p + 1, mask=m_r, other=0.)
+    b_al, b_be, b_ep = checkpoint_rows(gn, c0, i_g, i_h, n_r, -1, n_j, H, EVERY)
+    b_u = (b_f0 * b_al)[:, None] * dot_q(b_q, b_qh, load_square(hs, i_k, o_s, m_s, D), scale,
+                                         PRECISION, OMIXED)
+    b_u += (b_f0 * b_be + b_p0 * b_ep)[:, None] * dot_q(
+        b_q, b_qh, load_square(ss, i_k, o_s, m_s, D), scale, PRECISION, OMIXED)
+    o_c = tl.arange(0, BC)
+    for m in range(n_j):
+        i_s = ((c0 + i_g * EVERY + m) * H + i_h).to(tl.int64)
+        rowm = row0 + m * BC * H
+        m_c = (i_g * EVERY + m) * BC + o_c < L
+        b_kh = load_rows(k + rowm * D, o_c, m_c, o_d, D, H)
+        b_g = load_rows(gs + rowm * D, o_c, m_c, o_d, D, H)
+        b_cm = tl.load(gc + (rowm + o_c * H) * 2, mask=m_c, other=0.)
+        b_cs = tl.load(gc + (rowm + o_c * H) * 2 + 1, mask=m_c, other=0.)
+        b_al, b_be, b_ep = checkpoint_rows(gn, c0, i_g, i_h, n_r, m, n_j, H, EVERY)
+        b_W = ((b_f0 * b_al)[:, None] * b_cm[None, :]
+               + (b_f0 * b_be + b_p0 * b_ep)[:, None] * b_cs[None, :])
+        b_W += tl.load(ga + i_s * BC * BC + (o_r % BC)[:, None] * BC + o_c[None, :],
+                       mask=(n_r == m)[:, None], other=0.)
+        b_W *= dot_q(b_q, b_qh, tl.trans(b_kh), scale, PRECISION, OMIXED)
+        b_u -= tl.dot(b_W, b_g, input_precision=PRECISION)
+    b_x, _ = layer_norm_rows(b_u, m_d, D, eps)
+    store_rows(o + row0 * D, b_u + b_w[None, :] * b_x + b_b[None, :], o_r, m_r, o_d, D, H)
