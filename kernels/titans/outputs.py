@@ -129,6 +129,28 @@ def replay_outputs(o, ga, gf, i_s, row0, o_c, m_t, o_d, m_d, b_g, b_qm, b_qs, b_
     store_rows(o + row0 * D, b_u + b_w[None, :] * b_x + b_b[None, :], o_c, m_t, o_d, D, H)
 
 
+@triton.jit
+def segment_program(w, b, cu_seqlens, chunk_offsets, segment_indices, T, H: tl.constexpr,
+                    D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr, EVERY: tl.constexpr,
+                    IS_VARLEN: tl.constexpr):
+    """What a (segment, head) program handles: (i_h, i_k, c0, i_g, bos, L, n_j) (its head, its
+    stored state's index, its sequence's first mini-batch among all, the segment's index in
+    the sequence, the sequence's first token and length, the segment's mini-batches), then
+    head_tiles."""
+    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_n, i_h = i_bh // H, i_bh % H
+    bos, eos, i_g = chunk_bounds(cu_seqlens, segment_indices, i_c, i_n, T, BC * EVERY,
+                                 IS_VARLEN)
+    i_k = chunk_index(i_c, i_bh, i_g, T, H, BC * EVERY, IS_VARLEN) * H + i_h
+    if IS_VARLEN:
+        i_n = tl.load(segment_indices + i_c * 2).to(tl.int64)
+    c0 = walk_bounds(cu_seqlens, chunk_offsets, i_n, T, BC, IS_VARLEN)[3]
+    o_d, m_d, o_s, m_s, b_w, b_b = head_tiles(w, b, i_h, D, BD)
+    L = eos - bos
+    n_j = tl.minimum(EVERY, tl.cdiv(L, BC) - i_g * EVERY)
+    return i_h, i_k, c0, i_g, bos, L, n_j, o_d, m_d, o_s, m_s, b_w, b_b
+
+
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
 @triton.jit(do_not_specialize=['T'])
 def chunk_titans_linear_fwd_replay_kernel(
@@ -142,20 +164,11 @@ def chunk_titans_linear_fwd_replay_kernel(
     as the walk hands them on (stages.hand_on, UMIXED, ACCUMULATE; the gates from gc, gn), and
     each mini-batch's O (replay_outputs; Q~ M0, Q~ S0 and Q~ K^T as from_products takes them,
     under OMIXED)."""
-    i_c, i_bh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_bh // H, i_bh % H
-    bos, eos, i_g = chunk_bounds(cu_seqlens, segment_indices, i_c, i_n, T, BC * EVERY,
-                                 IS_VARLEN)
-    i_k = chunk_index(i_c, i_bh, i_g, T, H, BC * EVERY, IS_VARLEN) * H + i_h
-    if IS_VARLEN:
-        i_n = tl.load(segment_indices + i_c * 2).to(tl.int64)
-    c0 = walk_bounds(cu_seqlens, chunk_offsets, i_n, T, BC, IS_VARLEN)[3]
-    o_d, m_d, o_s, m_s, b_w, b_b = head_tiles(w, b, i_h, D, BD)
+    i_h, i_k, c0, i_g, bos, L, n_j, o_d, m_d, o_s, m_s, b_w, b_b = segment_program(
+        w, b, cu_seqlens, chunk_offsets, segment_indices, T, H, D, BD, BC, EVERY, IS_VARLEN)
     o_c = tl.arange(0, BC)
     b_M = load_square(hs, i_k, o_s, m_s, D)
     b_S = load_square(ss, i_k, o_s, m_s, D)
-    L = eos - bos
-    n_j = tl.minimum(EVERY, tl.cdiv(L, BC) - i_g * EVERY)
     for j in range(n_j):
         i_t = i_g * EVERY + j
         i_s = ((c0 + i_t) * H + i_h).to(tl.int64)
@@ -218,17 +231,8 @@ def chunk_titans_linear_fwd_segment_kernel(
                     (P theta^T)[t, j]                                      where n(t) = m,
 
     then O = U + w LN(U) + b: each state the walk hands on, unrolled over the segment."""
-    i_c, i_bh = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_bh // H, i_bh % H
-    bos, eos, i_g = chunk_bounds(cu_seqlens, segment_indices, i_c, i_n, T, BC * EVERY,
-                                 IS_VARLEN)
-    i_k = chunk_index(i_c, i_bh, i_g, T, H, BC * EVERY, IS_VARLEN) * H + i_h
-    if IS_VARLEN:
-        i_n = tl.load(segment_indices + i_c * 2).to(tl.int64)
-    c0 = walk_bounds(cu_seqlens, chunk_offsets, i_n, T, BC, IS_VARLEN)[3]
-    o_d, m_d, o_s, m_s, b_w, b_b = head_tiles(w, b, i_h, D, BD)
-    L = eos - bos
-    n_j = tl.minimum(EVERY, tl.cdiv(L, BC) - i_g * EVERY)
+    i_h, i_k, c0, i_g, bos, L, n_j, o_d, m_d, o_s, m_s, b_w, b_b = segment_program(
+        w, b, cu_seqlens, chunk_offsets, segment_indices, T, H, D, BD, BC, EVERY, IS_VARLEN)
     o_r = tl.arange(0, EVERY * BC)
     n_r = o_r // BC
     m_r = i_g * EVERY * BC + o_r < L
