@@ -287,7 +287,8 @@ def test_replay(monkeypatch, B, T, cu, gates, every, chain):
     A chain that does not hand the states on puts o 0.66 off; a floor that drops the scale
     without putting it into the tile, 0.48 (zero factors) and 3.6e4 (fast); the unrolled form
     without its own mini-batch's term (P theta^T), 0.6 to 1.06; without the earlier
-    mini-batches', 0.25 to 0.70."""
+    mini-batches' coefficients, 0.25 to 0.74; with beta not taking p0 alpha, 8e-3 to 0.04
+    (where p0 is not negligible)."""
     x, st, cu = inputs(B, T, 2, 16, cu=cu)
     if gates:
         x = zero_and_fast_gates(x, gates == "fast")

@@ -231,7 +231,7 @@ WALK_SCALES = True
 REPLAY_CHAIN = False
 # The replay's and the segment kernel's warps: None for mini_batch_meta's (4 at D <= 64, else
 # 8), or a number: at 4 warps and D = 64 ptxas spills 148 bytes a thread in the replay kernel,
-# at 8 none (229 registers; the segment kernel 150 at chunk_size 16, 255 at 64).
+# at 8 none (229 registers; the segment kernel 198 at chunk_size 16, 255 at 64).
 REPLAY_WARPS = 8
 
 

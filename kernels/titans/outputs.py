@@ -190,27 +190,16 @@ def chunk_titans_linear_fwd_replay_kernel(
 
 
 @triton.jit
-def checkpoint_rows(gn, c0, i_g, i_h, n_r, m, n_j, H: tl.constexpr, EVERY: tl.constexpr):
-    """(alpha, beta, epsilon) per row t of a segment: the coefficients that mini-batch m's
-    updates (m = -1: the segment's stored states) reach the states of row t's mini-batch n(t)
-    with, from its mini-batches' f0[n], e0[n], p0[n] (gn):
-
-        M_n = alpha M_{m+1} + beta S_{m+1} + ...,   S_n = epsilon S_{m+1} + ...
-
-    alpha_{m+1} = 1, beta_{m+1} = 0, epsilon_{m+1} = 1, then alpha <- f0[n] alpha, beta <- f0[n]
-    beta + p0[n] epsilon, epsilon <- e0[n] epsilon over n = m + 1 .. n(t) - 1 (0 for n(t) <=
-    m)."""
-    b_al = tl.zeros(n_r.shape, dtype=tl.float32)
-    b_be = tl.zeros(n_r.shape, dtype=tl.float32)
-    b_ep = tl.zeros(n_r.shape, dtype=tl.float32)
-    al, be, ep = 1., 0., 1.
-    for n in range(m + 1, n_j):
-        at = n_r == n
-        b_al, b_be, b_ep = tl.where(at, al, b_al), tl.where(at, be, b_be), tl.where(at, ep, b_ep)
-        i_s = ((c0 + i_g * EVERY + n) * H + i_h).to(tl.int64)
-        f0n, e0n, p0n = tl.load(gn + i_s * 4), tl.load(gn + i_s * 4 + 1), tl.load(gn + i_s * 4 + 2)
-        al, be, ep = f0n * al, f0n * be + p0n * ep, e0n * ep
-    return b_al, b_be, b_ep
+def coefficients_back(b_al, b_be, b_ep, gn, i_s, n_r, m):
+    """The coefficients with which a unit of M and of S at mini-batch m + 1's start reach the
+    M and S of row t's mini-batch n(t) (M_n = alpha M_{m+1} + beta S_{m+1} + ..., S_n =
+    epsilon S_{m+1} + ...), from those of mini-batch m + 2's start (b_al, b_be, b_ep) and
+    mini-batch m + 1's f0, e0, p0 (gn[i_s]): alpha <- f0 alpha, beta <- p0 alpha + e0 beta,
+    epsilon <- e0 epsilon; rows of mini-batch m + 1 start at (1, 0, 1), earlier ones stay 0."""
+    f0n, e0n, p0n = tl.load(gn + i_s * 4), tl.load(gn + i_s * 4 + 1), tl.load(gn + i_s * 4 + 2)
+    b_al, b_be, b_ep = f0n * b_al, p0n * b_al + e0n * b_be, e0n * b_ep
+    at = n_r == m + 1
+    return tl.where(at, 1., b_al), tl.where(at, 0., b_be), tl.where(at, 1., b_ep)
 
 
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
@@ -223,7 +212,9 @@ def chunk_titans_linear_fwd_segment_kernel(
 ):
     """One segment of EVERY mini-batches and head, all its EVERY C rows at once (the replay
     without a chain, chunk.REPLAY_CHAIN off): with M_c, S_c the states the walk stored at the
-    segment's start, n(t) row t's mini-batch and checkpoint_rows' coefficients,
+    segment's start, n(t) row t's mini-batch and alpha, beta, epsilon the coefficients with
+    which mini-batch m's updates (m = -1: M_c, S_c) reach M and S of mini-batch n(t)
+    (coefficients_back, over m from the last mini-batch to the first),
 
         U = f0 o (alpha Q~ M_c + beta Q~ S_c) + p0 o epsilon (Q~ S_c)
             - sum_m ((Q~ K_m^T) o W_m) G_m,
@@ -242,26 +233,34 @@ def chunk_titans_linear_fwd_segment_kernel(
     p = (row0 + o_r * H) * 2
     b_f0 = tl.load(gf + p, mask=m_r, other=0.)
     b_p0 = tl.load(gf + p + 1, mask=m_r, other=0.)
-    b_al, b_be, b_ep = checkpoint_rows(gn, c0, i_g, i_h, n_r, -1, n_j, H, EVERY)
-    b_u = (b_f0 * b_al)[:, None] * dot_q(b_q, b_qh, load_square(hs, i_k, o_s, m_s, D), scale,
-                                         PRECISION, OMIXED)
-    b_u += (b_f0 * b_be + b_p0 * b_ep)[:, None] * dot_q(
-        b_q, b_qh, load_square(ss, i_k, o_s, m_s, D), scale, PRECISION, OMIXED)
     o_c = tl.arange(0, BC)
-    for m in range(n_j):
+    b_al = tl.zeros([EVERY * BC], dtype=tl.float32)
+    b_be = tl.zeros([EVERY * BC], dtype=tl.float32)
+    b_ep = tl.zeros([EVERY * BC], dtype=tl.float32)
+    b_u = tl.zeros([EVERY * BC, BD], dtype=tl.float32)
+    for i in range(n_j):
+        m = n_j - 1 - i
         i_s = ((c0 + i_g * EVERY + m) * H + i_h).to(tl.int64)
+        if i > 0:  # mini-batch m + 1's factors
+            b_al, b_be, b_ep = coefficients_back(b_al, b_be, b_ep, gn, i_s + H, n_r, m)
         rowm = row0 + m * BC * H
         m_c = (i_g * EVERY + m) * BC + o_c < L
         b_kh = load_rows(k + rowm * D, o_c, m_c, o_d, D, H)
-        b_g = load_rows(gs + rowm * D, o_c, m_c, o_d, D, H)
         b_cm = tl.load(gc + (rowm + o_c * H) * 2, mask=m_c, other=0.)
         b_cs = tl.load(gc + (rowm + o_c * H) * 2 + 1, mask=m_c, other=0.)
-        b_al, b_be, b_ep = checkpoint_rows(gn, c0, i_g, i_h, n_r, m, n_j, H, EVERY)
         b_W = ((b_f0 * b_al)[:, None] * b_cm[None, :]
                + (b_f0 * b_be + b_p0 * b_ep)[:, None] * b_cs[None, :])
         b_W += tl.load(ga + i_s * BC * BC + (o_r % BC)[:, None] * BC + o_c[None, :],
                        mask=(n_r == m)[:, None], other=0.)
         b_W *= dot_q(b_q, b_qh, tl.trans(b_kh), scale, PRECISION, OMIXED)
-        b_u -= tl.dot(b_W, b_g, input_precision=PRECISION)
+        b_u -= tl.dot(b_W, load_rows(gs + rowm * D, o_c, m_c, o_d, D, H),
+                      input_precision=PRECISION)
+    # the stored states: mini-batch 0's factors, rows of mini-batch 0 at (1, 0, 1)
+    b_al, b_be, b_ep = coefficients_back(b_al, b_be, b_ep, gn, ((c0 + i_g * EVERY) * H + i_h
+                                                               ).to(tl.int64), n_r, -1)
+    b_u += (b_f0 * b_al)[:, None] * dot_q(b_q, b_qh, load_square(hs, i_k, o_s, m_s, D), scale,
+                                          PRECISION, OMIXED)
+    b_u += (b_f0 * b_be + b_p0 * b_ep)[:, None] * dot_q(
+        b_q, b_qh, load_square(ss, i_k, o_s, m_s, D), scale, PRECISION, OMIXED)
     b_x, _ = layer_norm_rows(b_u, m_d, D, eps)
     store_rows(o + row0 * D, b_u + b_w[None, :] * b_x + b_b[None, :], o_r, m_r, o_d, D, H)
