@@ -203,8 +203,8 @@ WALK_PRODUCTS = "inference"
 PRODUCTS_MAX_D = 64
 # Calls without a backward, at D <= REPLAY_MAX_D: the walk stores each mini-batch's G and,
 # every REPLAY mini-batches, the M0, S0 that mini-batch starts from (float32); then one program
-# per (segment of REPLAY mini-batches, head) carries the states over its segment from that one
-# with the stored G and forms each mini-batch's O (kernels/titans/outputs.py). A number, or a
+# per (segment of REPLAY mini-batches, head) forms its outputs from that state and the stored
+# G (kernels/titans/outputs.py; REPLAY_CHAIN below says how). A number, or a
 # dict per dtype as WALK_MIXED; None: WALK_PRODUCTS and HALF_STATES say what the walk stores.
 # On an H100 (bfloat16, B=2, H=16, D=64, T=8192, 2026-12-06, reports/titans.md; python
 # tools/switch_compare.py titans chunk --no-registered --mode fwd --set "off:...REPLAY=None"

@@ -8,8 +8,10 @@ every call with a backward) or its G, Q~ M0 and Q~ S0 as the walk stored them (W
 the M0, S0 the walk stored at the start of each segment of REPLAY mini-batches and the G it
 stored for every mini-batch, and carries the two states over the segment as the walk did
 (stages.hand_on, with G given, so no Z and no LayerNorm gradient), each mini-batch's O formed
-on the way: the walk then issues neither Q~ M0 nor Q~ S0, and the replay runs in parallel over
-the segments.
+on the way (chunk.REPLAY_CHAIN); ``chunk_titans_linear_fwd_segment_kernel`` forms the same
+outputs with the updates unrolled over the segment, all its rows at once (the replay's
+default). Either way the walk issues neither Q~ M0 nor Q~ S0, and the replay runs in parallel
+over the segments.
 """
 
 from __future__ import annotations
