@@ -267,17 +267,27 @@ def code_path(launch: Launch) -> str:
     return json.dumps([launch.module, launch.name, args, launch.options], sort_keys=True)
 
 
-def per_path(launches: list[Launch]) -> list[Launch]:
-    """One launch per code path: the one with the largest sizes (the most shared memory, the
-    limit a launch can break), in the order the paths first appear."""
-    best: dict[str, tuple[int, Launch]] = {}
+def path_ends(launches: list[Launch]) -> list[tuple[Launch, Launch]]:
+    """(smallest, largest) launch of each code path, by the product of its sizes, in the order
+    the paths first appear: the largest uses the most shared memory (the limit a launch can
+    break), the smallest compiles fastest through the code generator and ptxas."""
+    ends: dict[str, list] = {}
     for launch in launches:
         size = math.prod(a[1] for a in launch.args.values()
                          if a[0] == "const" and _size(a[1]) and a[1] > 0)
         key = code_path(launch)
-        if key not in best or size > best[key][0]:
-            best[key] = (size, launch)
-    return [launch for _, launch in best.values()]
+        if key not in ends:
+            ends[key] = [(size, launch), (size, launch)]
+        elif size < ends[key][0][0]:
+            ends[key][0] = (size, launch)
+        elif size > ends[key][1][0]:
+            ends[key][1] = (size, launch)
+    return [(small, large) for (_, small), (_, large) in ends.values()]
+
+
+def per_path(launches: list[Launch]) -> list[Launch]:
+    """One launch per code path: the one with the largest sizes (``path_ends``)."""
+    return [large for _, large in path_ends(launches)]
 
 
 # Shared memory a block may use (bytes): the opt-in maximum per compute capability.
@@ -324,37 +334,90 @@ def compile_kernel(launch: Launch, arch: int):
                           options=options.__dict__)
 
 
-def compile_launch(launch: Launch, arch: int) -> str | None:
-    """Compile one launch (``compile_kernel``); None, or what went wrong: the compiler's error
-    (its last lines) or more shared memory than a block may have."""
+class _StoppedAfterLLIR(Exception):
+    """A compile stopped after its LLVM IR, with the shared memory the launch needs."""
+
+    def __init__(self, shared: int):
+        super().__init__(shared)
+        self.shared = shared
+
+
+@contextlib.contextmanager
+def _through_llir():
+    """Within the block, compiles stop after the LLVM IR (``_StoppedAfterLLIR``): past the
+    front end's typing and the shared-memory allocation, before LLVM's code generator and
+    ptxas, most of a large launch's time (fused TTT backward, float32, 64 x 128: 42 of 211 s).
+    A compile found in Triton's cache returns whole, as usual."""
+    from triton import knobs
+
+    def hook(backend, stages, options, language, capability):
+        make_llir = stages["llir"]
+
+        def llir(src, metadata):
+            make_llir(src, metadata)
+            raise _StoppedAfterLLIR(metadata["shared"])
+
+        stages["llir"] = llir
+
+    previous = knobs.runtime.add_stages_inspection_hook
+    knobs.runtime.add_stages_inspection_hook = hook
     try:
-        kernel = compile_kernel(launch, arch)
+        yield
+    finally:
+        knobs.runtime.add_stages_inspection_hook = previous
+
+
+def compile_launch(launch: Launch, arch: int, whole: bool = True) -> str | None:
+    """Compile one launch (``compile_kernel``), to the end or, unless ``whole``, through its
+    LLVM IR (``_through_llir``); None, or what went wrong: the compiler's error (its last
+    lines) or more shared memory than a block may have."""
+    try:
+        with contextlib.nullcontext() if whole else _through_llir():
+            shared = compile_kernel(launch, arch).metadata.shared
+    except _StoppedAfterLLIR as stop:
+        shared = stop.shared
     except Exception as exc:  # the compiler's message ends with the offending source line
         text = "\n".join(str(exc).strip().splitlines()[-12:])
         return text or repr(exc)
     limit = SHARED_LIMIT.get(arch)
-    if limit is not None and kernel.metadata.shared > limit:
-        return (f"needs {kernel.metadata.shared} bytes of shared memory; sm_{arch} allows {limit} "
+    if limit is not None and shared > limit:
+        return (f"needs {shared} bytes of shared memory; sm_{arch} allows {limit} "
                 f"(the launch would fail with OutOfResources)")
     return None
 
 
-def _build_one(item: tuple[str, dict, int]) -> tuple[str, str | None, float]:
-    label, fields, arch = item
+def _build_one(item: tuple[str, dict, int, bool]) -> tuple[str, str | None, float]:
+    label, fields, arch, whole = item
     start = time.perf_counter()
-    return label, compile_launch(Launch(**fields), arch), time.perf_counter() - start
+    return label, compile_launch(Launch(**fields), arch, whole), time.perf_counter() - start
 
 
-def build_items(launches: list[Launch], arch: int = 90, all_configs: bool = False
-                ) -> list[tuple[str, dict, int]]:
-    """(label, launch fields, arch) of every variant of every launch to compile."""
+THROUGH_LLIR = " through LLVM IR"  # the label's end of a compile that stops there
+
+
+def build_items(launches: list[Launch], arch: int = 90, all_configs: bool = False,
+                whole: bool = True) -> list[tuple[str, dict, int, bool]]:
+    """(label, launch fields, arch, whole) of every variant of every launch to compile, each
+    to the end or (not ``whole``) through its LLVM IR."""
     from dataclasses import asdict
 
-    return [(label, asdict(v), arch) for launch in launches
-            for label, v in variants(launch, all_configs)]
+    return [(label + ("" if whole else THROUGH_LLIR), asdict(v), arch, whole)
+            for launch in launches for label, v in variants(launch, all_configs)]
 
 
-def build(items: list[tuple[str, dict, int]], jobs: int = 1):
+def path_items(launches: list[Launch], arch: int = 90, all_configs: bool = False
+               ) -> tuple[list[tuple[str, dict, int, bool]], int]:
+    """The compiles of each code path (``path_ends``): its smallest launch whole and its
+    largest, if another, through its LLVM IR (for the shared memory it needs); and how many
+    launches that is. On 2 cores, 2026-12-07, TTT's compile test took 109 s so against 338 s
+    with each path's largest launch compiled whole (docs/testing.md)."""
+    ends = path_ends(launches)
+    larger = [large for small, large in ends if large.key() != small.key()]
+    return (build_items([small for small, _ in ends], arch, all_configs)
+            + build_items(larger, arch, all_configs, whole=False), len(ends) + len(larger))
+
+
+def build(items: list[tuple[str, dict, int, bool]], jobs: int = 1):
     """Compile ``build_items``; yields (label, error or None, seconds) as each finishes."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("build needs a process without TRITON_INTERPRET=1")
@@ -378,7 +441,7 @@ def compile_op(op_name: str, impls: list[str] | None = None, arch: int = 90, job
     ``on_event`` hears each step as it happens (the children write one JSON line per event):
     {"phase": "record", ...} per implementation and switch, {"phase": "build-start", "total",
     "jobs"}, then {"phase": "build", "label", "error", "seconds"} per compile. ``each_path``
-    compiles one launch per code path (``per_path``) instead of every recorded launch;
+    compiles two launches per code path (``path_items``) instead of every recorded launch;
     ``dtypes``: the inputs' dtypes the implementations are recorded with, ``switch_dtypes``
     those of their registered switches (None: ``dtypes``)."""
     import tempfile
@@ -444,10 +507,12 @@ def _main(argv: list[str]) -> None:
         return
     data = json.loads((a.workdir / "launches.json").read_text())
     launches = [Launch(**x) for x in data["launches"]]
-    chosen = per_path(launches) if a.each_path else launches
-    items = build_items(chosen, a.arch, a.all_configs)
+    if a.each_path:
+        items, chosen = path_items(launches, a.arch, a.all_configs)
+    else:
+        items, chosen = build_items(launches, a.arch, a.all_configs), len(launches)
     emit({"phase": "build-start", "total": len(items), "jobs": a.jobs, "launches": len(launches),
-          "chosen": len(chosen)})
+          "chosen": chosen})
     results = []
     for label, error, seconds in build(items, a.jobs):
         results.append((label, error, seconds))

@@ -6,7 +6,8 @@ is only ever compiled on the GPU otherwise.
 
 Compiling takes minutes on 2 cores, so these tests are marked ``compile`` and left out of the
 plain ``pytest`` run: CI runs them as a step of their own (``pytest -m compile``; docs/testing.md
-has the budget). Each compiles one launch per code path (``harness.compile.per_path``) in
+has the budget). Each compiles per code path (``harness.compile.path_items``: its smallest
+launch whole, its largest through LLVM IR, for the shared memory it needs) in
 float32 and bfloat16 (bfloat16's own launches, with its modes: the recorder runs no kernel, so
 the interpreter's lack of bfloat16 does not matter), the first tiling config; the registered
 switches in bfloat16 alone (they are speed and memory forms, timed and checked in bfloat16 on

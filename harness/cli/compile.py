@@ -25,7 +25,8 @@ def _printer(op: str, arch: int):
                           highlight=False)
         elif event["phase"] == "build-start":
             state.update(total=event["total"], jobs=event["jobs"], built=time.perf_counter())
-            chosen = (f"{event['chosen']} of the {event['launches']} launches (one per code path)"
+            chosen = (f"{event['chosen']} of the {event['launches']} launches (each code path's "
+                      "smallest whole, its largest through LLVM IR)"
                       if event["chosen"] < event["launches"] else f"{event['launches']} launches")
             console.print(f"compiling {event['total']} kernel variants of {chosen} for "
                           f"sm_{arch} in {event['jobs']} process(es)", highlight=False)
@@ -48,7 +49,7 @@ def compile_cmd(
     jobs: int = typer.Option(2, "--jobs", "-j", min=1, help="compiles at once"),
     all_configs: bool = typer.Option(False, "--all-configs", help="every autotune config, not the first alone"),
     dtype: list[str] = typer.Option([], "--dtype", help="input dtypes the launches are recorded with and compiled in; default: float32,bfloat16,float16"),
-    each_path: bool = typer.Option(False, "--each-path", help="one launch per code path (kernel, dtypes, flags; its largest head and tile sizes) instead of every head-dim specialisation"),
+    each_path: bool = typer.Option(False, "--each-path", help="per code path (kernel, dtypes, flags), its smallest launch compiled whole and its largest through LLVM IR (the shared memory it needs), instead of every head-dim specialisation"),
 ) -> None:
     """Compile OP's Triton kernels for a GPU on a machine without one: every launch that OP's
     kernels make on the gpu suite's cases in float32, bfloat16 and float16 (recorded under the
