@@ -28,10 +28,11 @@ storing the M0, S0 each mini-batch starts from (float32 for a backward; without 
 bfloat16 inputs, float16 with rows scaled by powers of two: HALF_STATES); then one program per
 (mini-batch, head) forms its outputs from them, all in parallel (kernels/titans/outputs.py).
 In a call without a backward at D <= 64 the walk stores G, Q~ M0 and Q~ S0 instead, and the
-outputs kernel takes them (WALK_PRODUCTS); or, under REPLAY (off), each mini-batch's G and the
-states only every REPLAY mini-batches, and one program per (segment of REPLAY mini-batches,
-head) carries the states over its segment from that one with the stored G and forms the
-outputs on the way, all segments in parallel. With WALK_GATES_AHEAD (the default) a third
+outputs kernel takes them (WALK_PRODUCTS); or, under REPLAY (for bfloat16 at chunk_size 16),
+each mini-batch's G and the states only every REPLAY mini-batches, and one program per
+(segment of REPLAY mini-batches, head) forms the segment's outputs from that state and the
+stored G, the updates unrolled over the segment (or carried in a chain: REPLAY_CHAIN), all
+segments in parallel. With WALK_GATES_AHEAD (the default) a third
 kernel forms the walk's gate factors first, in parallel (for the replay the outputs' too).
 Products of float32 inputs are exact ("ieee"); for half precision they take float32 operands
 in three TF32 passes (utils.dot_precision), but the products of input rows with a float32
@@ -201,28 +202,30 @@ HALF_STATES = {"bfloat16": "float16"}
 # its tolerance -> 19%, long-T4096 24% -> 19%, the tiling family <= 19% in both dtypes.
 WALK_PRODUCTS = "inference"
 PRODUCTS_MAX_D = 64
-# Calls without a backward, at D <= REPLAY_MAX_D: the walk stores each mini-batch's G and,
-# every REPLAY mini-batches, the M0, S0 that mini-batch starts from (float32); then one program
-# per (segment of REPLAY mini-batches, head) forms its outputs from that state and the stored
-# G (kernels/titans/outputs.py; REPLAY_CHAIN below says how). A number, or a
-# dict per dtype as WALK_MIXED; None: WALK_PRODUCTS and HALF_STATES say what the walk stores.
-# On an H100 (bfloat16, B=2, H=16, D=64, T=8192, 2026-12-06, reports/titans.md; python
-# tools/switch_compare.py titans chunk --no-registered --mode fwd --set "off:...REPLAY=None"
-# ..., each form twice) the forward took 1.487, 1.465 ms with REPLAY 8 against 1.473, 1.434
-# without: the walk went from 1,271 to 967 µs, but the replay kernel took 459 µs where the
-# outputs kernel took 146 (python tools/kernel_profile.py titans chunk --mode fwd): one program
-# an SM at 229 registers, 675 instructions a mini-batch in a chain. Peak memory 180 MB against
-# 228. Those were the chain's (REPLAY_CHAIN True); the segment kernel, the outputs without a
-# chain, is untimed: REPLAY stays None until it is. float32 inputs: ptxas gives the replay
-# kernel's exact products 32 registers and ~10 KB of spills a thread; D = 128: 1.6 KB at 8
-# warps, 1.1 KB at 16.
-REPLAY = None
+# Calls without a backward, at D <= REPLAY_MAX_D and chunk_size <= REPLAY_MAX_CHUNK: the walk
+# stores each mini-batch's G and, every REPLAY mini-batches, the M0, S0 that mini-batch starts
+# from (float32); then one program per (segment of REPLAY mini-batches, head) forms its
+# outputs from that state and the stored G (kernels/titans/outputs.py; REPLAY_CHAIN below
+# says how). A number, or a dict per dtype as WALK_MIXED; None: WALK_PRODUCTS and HALF_STATES
+# say what the walk stores. On an H100 (bfloat16, B=2, H=16, D=64, chunk_size 16, 2026-12-07,
+# reports/titans.md; python tools/switch_compare.py titans chunk --no-registered --mode fwd
+# --dtype '' --head-dim 64 --set "off:...REPLAY=None" --set "seg:...REPLAY=8" ..., each form
+# twice) the forward took 0.353 / 1.341 / 5.245 ms at T = 2K / 8K / 32K with REPLAY 8
+# against 0.376 / 1.449 / 5.709 without (walk 1,266 -> 948 µs, the segment kernel 325 where
+# the outputs kernel took 146, gates 50 -> 78: tools/kernel_profile.py); peak memory 180 MB
+# against 228 at 8K; REPLAY 4: 1.495 ms, the chain (REPLAY_CHAIN) 1.465 (2026-12-06). The
+# tiling family passed in bfloat16 and float16 with it. float16 is untimed; float32 inputs:
+# ptxas gives the replay kernel's exact products 32 registers and ~10 KB of spills a thread
+# (the segment kernel 8.5 KB); D = 128: 1.6 KB at 8 warps, 1.1 KB at 16. At chunk_size 32 and
+# 64 a segment holds at most 4 and 2 mini-batches (128 rows), untimed.
+REPLAY = {"bfloat16": 8}
 REPLAY_MAX_D = 64
+REPLAY_MAX_CHUNK = 16
 # The walk that stores for the replay carries each state as a scale times a tile
 # (stages.hand_on_scaled: f0[n] and e0[n] go into the scales, not into every element): its
 # loop issues 811 instructions a mini-batch against 767 (tools/sass_loop.py's count, the rare
 # branches that put a scale into its tile included), the forward 1.487 ms against 1.547
-# without (H100, as above).
+# without (H100, 2026-12-06, with the chain).
 WALK_SCALES = True
 # The replay's outputs: one program per segment carrying the states over its mini-batches in
 # a chain (True, the replay kernel), or all the segment's rows at once from its stored states
@@ -305,8 +308,8 @@ def _forward(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0, s0,
     f32 = {"dtype": torch.float32, "device": q.device}
     ht = torch.empty(N, H, D, D, **f32) if output_final_state else None
     st = torch.empty(N, H, D, D, **f32) if output_final_state else None
-    replay = ((mode_for(REPLAY, q.dtype) or 1)
-              if not backward and NT and head_tile(D) <= REPLAY_MAX_D else 1)
+    replay = ((mode_for(REPLAY, q.dtype) or 1) if not backward and NT and head_tile(D) <=
+              REPLAY_MAX_D and chunk_size <= REPLAY_MAX_CHUNK else 1)
     if replay & (replay - 1):
         raise ValueError(f"REPLAY must be a power of two, got {replay}")
     if not REPLAY_CHAIN:

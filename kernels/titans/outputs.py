@@ -4,7 +4,7 @@ program per (mini-batch, head) forms O from what the walk stored for it, or one 
 
 ``chunk_titans_linear_fwd_o_kernel`` takes a mini-batch's M0, S0 (chunk.WALK_PRODUCTS None, and
 every call with a backward) or its G, Q~ M0 and Q~ S0 as the walk stored them (WALK_PRODUCTS).
-``chunk_titans_linear_fwd_replay_kernel`` (chunk.REPLAY, off, in calls without a backward) takes
+``chunk_titans_linear_fwd_replay_kernel`` (chunk.REPLAY, in calls without a backward) takes
 the M0, S0 the walk stored at the start of each segment of REPLAY mini-batches and the G it
 stored for every mini-batch, and carries the two states over the segment as the walk did
 (stages.hand_on, with G given, so no Z and no LayerNorm gradient), each mini-batch's O formed
