@@ -271,24 +271,26 @@ def zero_and_fast_gates(x, fast):
     return x
 
 
-@pytest.mark.parametrize("chain", [True, False])
+@pytest.mark.parametrize("chain,rows", [(True, None), (False, None), (False, 16)])
 @pytest.mark.parametrize("B,T,cu,gates,every", [
     (2, 70, None, None, 2), (1, 57, [0, 21, 21, 22, 57], None, 2), (1, 70, None, "zero", 2),
     (1, 70, None, "fast", 2), (1, 140, None, "fast", 8)])
-def test_replay(monkeypatch, B, T, cu, gates, every, chain):
+def test_replay(monkeypatch, B, T, cu, gates, every, chain, rows):
     """chunk.REPLAY: without a backward the walk stores G and one state per segment of REPLAY
     mini-batches, carrying its states as scales times tiles (WALK_SCALES), and the replay
     carries the states over each segment from the one stored, in a chain (REPLAY_CHAIN) or
-    unrolled over all the segment's rows at once. Segments of 2 (T = 70: 5 mini-batches, 3
-    segments, the last partial; sequences of 21, 0, 1 and 35 tokens; zero factors; factors
-    that take a scale under its floor) and of 8 (T = 140: a segment of 8 and one of 1): o and
-    both final states within 1e-5 of float64 (measured <= 2.1e-7) and within 1e-6 of the
-    walk's own products' (WALK_PRODUCTS "inference", the states in full; measured <= 2.9e-7).
-    A chain that does not hand the states on puts o 0.66 off; a floor that drops the scale
-    without putting it into the tile, 0.48 (zero factors) and 3.6e4 (fast); the unrolled form
-    without its own mini-batch's term (P theta^T), 0.6 to 1.06; without the earlier
-    mini-batches' coefficients, 0.25 to 0.74; with beta not taking p0 alpha, 8e-3 to 0.04
-    (where p0 is not negligible)."""
+    unrolled over the segment's rows, all at once or (REPLAY_ROWS 16) one mini-batch's a
+    program, each taking the updates of the mini-batches up to its own. Segments of 2 (T = 70: 5
+    mini-batches, 3 segments, the last partial; sequences of 21, 0, 1 and 35 tokens; zero
+    factors; factors that take a scale under its floor) and of 8 (T = 140: a segment of 8 and
+    one of 1): o and both final states within 1e-5 of float64 (measured <= 2.1e-7) and within
+    1e-6 of the walk's own products' (WALK_PRODUCTS "inference", the states in full; measured <=
+    2.9e-7). A chain that does not hand the states on puts o 0.66 off; a floor that drops the
+    scale without putting it into the tile, 0.48 (zero factors) and 3.6e4 (fast); the unrolled
+    form without its own mini-batch's term (P theta^T), 0.6 to 1.06; without the earlier
+    mini-batches' coefficients, 0.25 to 0.74; with beta not taking p0 alpha, 8e-3 to 0.04 (where
+    p0 is not negligible); by rows, a program without its own mini-batch's updates, 0.9 to 1.05;
+    every program on the segment's first rows, 0.24 to 3e28."""
     x, st, cu = inputs(B, T, 2, 16, cu=cu)
     if gates:
         x = zero_and_fast_gates(x, gates == "fast")
@@ -297,6 +299,7 @@ def test_replay(monkeypatch, B, T, cu, gates, every, chain):
         products, _ = both(x, st, cu)
     monkeypatch.setattr(chunk, "REPLAY", every)
     monkeypatch.setattr(chunk, "REPLAY_CHAIN", chain)
+    monkeypatch.setattr(chunk, "REPLAY_ROWS", rows)
     with torch.no_grad():
         got, ref = both(x, st, cu)
     check(got, ref, 1e-5)
@@ -304,10 +307,14 @@ def test_replay(monkeypatch, B, T, cu, gates, every, chain):
         assert rel_error(a, p) < 1e-6, rel_error(a, p)
 
 
-def test_replay_takes_segments_of_a_power_of_two(monkeypatch):
+@pytest.mark.parametrize("every,rows,says", [(3, None, "REPLAY must be a power of two"),
+                                              (8, 24, "REPLAY_ROWS must be a power of two"),
+                                              (8, 8, r"at least chunk_size \(16\), got 8")])
+def test_replay_takes_segments_of_a_power_of_two(monkeypatch, every, rows, says):
     x, st, _ = inputs(1, 40, 1, 16)
-    monkeypatch.setattr(chunk, "REPLAY", 3)
-    with torch.no_grad(), pytest.raises(ValueError, match="REPLAY must be a power of two"):
+    monkeypatch.setattr(chunk, "REPLAY", every)
+    monkeypatch.setattr(chunk, "REPLAY_ROWS", rows)
+    with torch.no_grad(), pytest.raises(ValueError, match=says):
         chunk_titans_linear(*(x[n] for n in NAMES), **st)
 
 

@@ -232,6 +232,12 @@ WALK_SCALES = True
 # and the updates unrolled over it (False, the segment kernel; segments of at most
 # 128 // chunk_size mini-batches).
 REPLAY_CHAIN = False
+# The segment kernel's rows a program: None for all of a segment's (REPLAY * chunk_size), or a
+# power of two from chunk_size up: each of a segment's programs then takes the updates of the
+# mini-batches up to its own rows' only, so the rows of a segment's first mini-batches take
+# fewer products (chunk_size 16, segments of 8: at 16 rows a program, 36 [16, 16] x [16, D]
+# products with a G a segment against 64 at 128). Untimed.
+REPLAY_ROWS = None
 # The replay's and the segment kernel's warps: None for mini_batch_meta's (4 at D <= 64, else
 # 8), or a number: at 4 warps and D = 64 ptxas spills 148 bytes a thread in the replay kernel,
 # at 8 none (229 registers; the segment kernel 198 at chunk_size 16, 255 at 64).
@@ -312,6 +318,9 @@ def _forward(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0, s0,
               REPLAY_MAX_D and chunk_size <= REPLAY_MAX_CHUNK else 1)
     if replay & (replay - 1):
         raise ValueError(f"REPLAY must be a power of two, got {replay}")
+    if REPLAY_ROWS is not None and (REPLAY_ROWS < chunk_size or REPLAY_ROWS & (REPLAY_ROWS - 1)):
+        raise ValueError(f"REPLAY_ROWS must be a power of two of at least chunk_size "
+                         f"({chunk_size}), got {REPLAY_ROWS}")
     if not REPLAY_CHAIN:
         replay = min(replay, max(1, 128 // chunk_size))
     if replay > 1:
@@ -347,9 +356,10 @@ def _forward(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0, s0,
         **with_warps({**meta, **omixed}, WALK_WARPS))
     o = torch.empty_like(v)
     if replay > 1 and not REPLAY_CHAIN:
-        chunk_titans_linear_fwd_segment_kernel[(NS, B * H)](
+        rows = min(REPLAY_ROWS or replay * chunk_size, replay * chunk_size)
+        chunk_titans_linear_fwd_segment_kernel[(NS * replay * chunk_size // rows, B * H)](
             q, k, w, b, o, hs, ss, gs, gc, gn, ga, gf, cu_seqlens, chunk_offsets,
-            segment_indices, scale, float(eps), T, EVERY=replay,
+            segment_indices, scale, float(eps), T, EVERY=replay, ROWS=rows,
             **with_warps({key: x for key, x in {**meta, **omixed}.items()
                           if key not in ("MIXED", "UMIXED")}, REPLAY_WARPS))
     elif replay > 1:

@@ -134,12 +134,12 @@ def replay_outputs(o, ga, gf, i_s, row0, o_c, m_t, o_d, m_d, b_g, b_qm, b_qs, b_
 @triton.jit
 def segment_program(w, b, cu_seqlens, chunk_offsets, segment_indices, T, H: tl.constexpr,
                     D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr, EVERY: tl.constexpr,
-                    IS_VARLEN: tl.constexpr):
-    """What a (segment, head) program handles: (i_h, i_k, c0, i_g, bos, L, n_j) (its head, its
-    stored state's index, its sequence's first mini-batch among all, the segment's index in
-    the sequence, the sequence's first token and length, the segment's mini-batches), then
-    head_tiles."""
-    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+                    BLOCKS: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """What a (segment, head) program handles, BLOCKS programs a segment: (i_h, i_k, c0, i_g,
+    bos, L, n_j) (its head, its stored state's index, its sequence's first mini-batch among
+    all, the segment's index in the sequence, the sequence's first token and length, the
+    segment's mini-batches), then head_tiles."""
+    i_c, i_bh = tl.program_id(0) // BLOCKS, tl.program_id(1)
     i_n, i_h = i_bh // H, i_bh % H
     bos, eos, i_g = chunk_bounds(cu_seqlens, segment_indices, i_c, i_n, T, BC * EVERY,
                                  IS_VARLEN)
@@ -167,7 +167,7 @@ def chunk_titans_linear_fwd_replay_kernel(
     each mini-batch's O (replay_outputs; Q~ M0, Q~ S0 and Q~ K^T as from_products takes them,
     under OMIXED)."""
     i_h, i_k, c0, i_g, bos, L, n_j, o_d, m_d, o_s, m_s, b_w, b_b = segment_program(
-        w, b, cu_seqlens, chunk_offsets, segment_indices, T, H, D, BD, BC, EVERY, IS_VARLEN)
+        w, b, cu_seqlens, chunk_offsets, segment_indices, T, H, D, BD, BC, EVERY, 1, IS_VARLEN)
     o_c = tl.arange(0, BC)
     b_M = load_square(hs, i_k, o_s, m_s, D)
     b_S = load_square(ss, i_k, o_s, m_s, D)
@@ -209,11 +209,13 @@ def coefficients_back(b_al, b_be, b_ep, gn, i_s, n_r, m):
 def chunk_titans_linear_fwd_segment_kernel(
     q, k, w, b, o, hs, ss, gs, gc, gn, ga, gf, cu_seqlens, chunk_offsets, segment_indices,
     scale, eps, T, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
-    EVERY: tl.constexpr, PRECISION: tl.constexpr, OMIXED: tl.constexpr,
+    EVERY: tl.constexpr, ROWS: tl.constexpr, PRECISION: tl.constexpr, OMIXED: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
-    """One segment of EVERY mini-batches and head, all its EVERY C rows at once (the replay
-    without a chain, chunk.REPLAY_CHAIN off): with M_c, S_c the states the walk stored at the
+    """One segment of EVERY mini-batches and head, ROWS of its EVERY C rows at once (the
+    replay without a chain, chunk.REPLAY_CHAIN off; EVERY C // ROWS programs a segment, each
+    taking the updates of the mini-batches up to its last row's): with M_c, S_c the states
+    the walk stored at the
     segment's start, n(t) row t's mini-batch and alpha, beta, epsilon the coefficients with
     which mini-batch m's updates (m = -1: M_c, S_c) reach M and S of mini-batch n(t)
     (coefficients_back, over m from the last mini-batch to the first),
@@ -225,10 +227,14 @@ def chunk_titans_linear_fwd_segment_kernel(
 
     then O = U + w LN(U) + b: each state the walk hands on, unrolled over the segment."""
     i_h, i_k, c0, i_g, bos, L, n_j, o_d, m_d, o_s, m_s, b_w, b_b = segment_program(
-        w, b, cu_seqlens, chunk_offsets, segment_indices, T, H, D, BD, BC, EVERY, IS_VARLEN)
-    o_r = tl.arange(0, EVERY * BC)
+        w, b, cu_seqlens, chunk_offsets, segment_indices, T, H, D, BD, BC, EVERY,
+        EVERY * BC // ROWS, IS_VARLEN)
+    i_r = tl.program_id(0) % (EVERY * BC // ROWS)
+    o_r = i_r * ROWS + tl.arange(0, ROWS)  # within the segment
     n_r = o_r // BC
     m_r = i_g * EVERY * BC + o_r < L
+    # the mini-batches whose updates reach them (none past the sequence's end)
+    n_m = tl.where(i_r * (ROWS // BC) < n_j, tl.minimum(n_j, (i_r + 1) * (ROWS // BC)), 0)
     row0 = (bos + i_g * EVERY * BC) * H + i_h
     b_qh = load_rows(q + row0 * D, o_r, m_r, o_d, D, H)
     b_q = b_qh.to(tl.float32) * scale
@@ -236,12 +242,12 @@ def chunk_titans_linear_fwd_segment_kernel(
     b_f0 = tl.load(gf + p, mask=m_r, other=0.)
     b_p0 = tl.load(gf + p + 1, mask=m_r, other=0.)
     o_c = tl.arange(0, BC)
-    b_al = tl.zeros([EVERY * BC], dtype=tl.float32)
-    b_be = tl.zeros([EVERY * BC], dtype=tl.float32)
-    b_ep = tl.zeros([EVERY * BC], dtype=tl.float32)
-    b_u = tl.zeros([EVERY * BC, BD], dtype=tl.float32)
-    for i in range(n_j):
-        m = n_j - 1 - i
+    b_al = tl.zeros([ROWS], dtype=tl.float32)
+    b_be = tl.zeros([ROWS], dtype=tl.float32)
+    b_ep = tl.zeros([ROWS], dtype=tl.float32)
+    b_u = tl.zeros([ROWS, BD], dtype=tl.float32)
+    for i in range(n_m):
+        m = n_m - 1 - i
         i_s = ((c0 + i_g * EVERY + m) * H + i_h).to(tl.int64)
         if i > 0:  # mini-batch m + 1's factors
             b_al, b_be, b_ep = coefficients_back(b_al, b_be, b_ep, gn, i_s + H, n_r, m)
