@@ -409,8 +409,8 @@ def path_items(launches: list[Launch], arch: int = 90, all_configs: bool = False
                ) -> tuple[list[tuple[str, dict, int, bool]], int]:
     """The compiles of each code path (``path_ends``): its smallest launch whole and its
     largest, if another, through its LLVM IR (for the shared memory it needs); and how many
-    launches that is. On 2 cores, 2026-12-07, TTT's compile test took 109 s so against 338 s
-    with each path's largest launch compiled whole (docs/testing.md)."""
+    launches that is. On 2 cores, 2026-12-07, the compile test's TTT compiles took 109 s this
+    way and 338 s with each path's largest launch compiled whole (docs/testing.md)."""
     ends = path_ends(launches)
     larger = [large for small, large in ends if large.key() != small.key()]
     return (build_items([small for small, _ in ends], arch, all_configs)
