@@ -318,6 +318,21 @@ def test_replay_takes_segments_of_a_power_of_two(monkeypatch, every, rows, says)
         chunk_titans_linear(*(x[n] for n in NAMES), **st)
 
 
+def test_replay_rows_are_checked_only_where_the_segment_kernel_runs(monkeypatch):
+    """REPLAY_ROWS below chunk_size is refused by calls that replay (above), not by a call with a
+    backward, which never does: its o is the o of the defaults bit for bit."""
+    x, st, _ = inputs(1, 40, 1, 16)
+    monkeypatch.setattr(chunk, "REPLAY", 8)
+
+    def trained():
+        q = x["q"].clone().requires_grad_()
+        return chunk_titans_linear(*(q if n == "q" else x[n] for n in NAMES), **st)[0].detach()
+
+    plain = trained()
+    monkeypatch.setattr(chunk, "REPLAY_ROWS", 8)
+    assert torch.equal(trained(), plain)
+
+
 def test_bad_arguments_raise_before_any_launch():
     x, st, _ = inputs(1, 16, 1, 16)
     args = [x[n] for n in NAMES]

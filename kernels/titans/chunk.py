@@ -216,8 +216,9 @@ PRODUCTS_MAX_D = 64
 # against 228 at 8K; REPLAY 4: 1.495 ms, the chain (REPLAY_CHAIN) 1.465 (2026-12-06). The
 # tiling family passed in bfloat16 and float16 with it. float16 is untimed; float32 inputs:
 # ptxas gives the replay kernel's exact products 32 registers and ~10 KB of spills a thread
-# (the segment kernel 8.5 KB); D = 128: 1.6 KB at 8 warps, 1.1 KB at 16. At chunk_size 32 and
-# 64 a segment holds at most 4 and 2 mini-batches (128 rows), untimed.
+# (the segment kernel 8.5 KB); D = 128: 1.6 KB at 8 warps, 1.1 KB at 16. REPLAY_MAX_CHUNK
+# keeps chunk_size 32 and 64 on the walk's products: their segments would hold at most 4 and
+# 2 mini-batches (128 rows), untimed.
 REPLAY = {"bfloat16": 8}
 REPLAY_MAX_D = 64
 REPLAY_MAX_CHUNK = 16
@@ -318,11 +319,12 @@ def _forward(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0, s0,
               REPLAY_MAX_D and chunk_size <= REPLAY_MAX_CHUNK else 1)
     if replay & (replay - 1):
         raise ValueError(f"REPLAY must be a power of two, got {replay}")
-    if REPLAY_ROWS is not None and (REPLAY_ROWS < chunk_size or REPLAY_ROWS & (REPLAY_ROWS - 1)):
-        raise ValueError(f"REPLAY_ROWS must be a power of two of at least chunk_size "
-                         f"({chunk_size}), got {REPLAY_ROWS}")
     if not REPLAY_CHAIN:
         replay = min(replay, max(1, 128 // chunk_size))
+    rows = REPLAY_ROWS if replay > 1 and not REPLAY_CHAIN else None  # the segment kernel's
+    if rows is not None and (rows < chunk_size or rows & (rows - 1)):
+        raise ValueError(f"REPLAY_ROWS must be a power of two of at least chunk_size "
+                         f"({chunk_size}), got {rows}")
     if replay > 1:
         _, NS, segment_indices, segment_offsets = chunk_layout(B, T, cu_seqlens,
                                                                chunk_size * replay)
@@ -356,7 +358,7 @@ def _forward(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0, s0,
         **with_warps({**meta, **omixed}, WALK_WARPS))
     o = torch.empty_like(v)
     if replay > 1 and not REPLAY_CHAIN:
-        rows = min(REPLAY_ROWS or replay * chunk_size, replay * chunk_size)
+        rows = min(rows or replay * chunk_size, replay * chunk_size)
         chunk_titans_linear_fwd_segment_kernel[(NS * replay * chunk_size // rows, B * H)](
             q, k, w, b, o, hs, ss, gs, gc, gn, ga, gf, cu_seqlens, chunk_offsets,
             segment_indices, scale, float(eps), T, EVERY=replay, ROWS=rows,
