@@ -307,13 +307,16 @@ def test_replay(monkeypatch, B, T, cu, gates, every, chain, rows):
         assert rel_error(a, p) < 1e-6, rel_error(a, p)
 
 
-@pytest.mark.parametrize("every,rows,says", [(3, None, "REPLAY must be a power of two"),
-                                              (8, 24, "REPLAY_ROWS must be a power of two"),
-                                              (8, 8, r"at least chunk_size \(16\), got 8")])
-def test_replay_takes_segments_of_a_power_of_two(monkeypatch, every, rows, says):
+@pytest.mark.parametrize("every,rows,gprecision,says", [
+    (3, None, None, "REPLAY must be a power of two"),
+    (8, 24, None, "REPLAY_ROWS must be a power of two"),
+    (8, 8, None, r"at least chunk_size \(16\), got 8"),
+    (8, None, "bf16", r"REPLAY_G_PRECISION must be .* got 'bf16' for torch.float32")])
+def test_replay_takes_segments_of_a_power_of_two(monkeypatch, every, rows, gprecision, says):
     x, st, _ = inputs(1, 40, 1, 16)
     monkeypatch.setattr(chunk, "REPLAY", every)
     monkeypatch.setattr(chunk, "REPLAY_ROWS", rows)
+    monkeypatch.setattr(chunk, "REPLAY_G_PRECISION", gprecision)
     with torch.no_grad(), pytest.raises(ValueError, match=says):
         chunk_titans_linear(*(x[n] for n in NAMES), **st)
 

@@ -243,6 +243,11 @@ REPLAY_ROWS = None
 # 8), or a number: at 4 warps and D = 64 ptxas spills 148 bytes a thread in the replay kernel,
 # at 8 none (229 registers; the segment kernel 198 at chunk_size 16, 255 at 64).
 REPLAY_WARPS = 8
+# The segment kernel's products (Q~ K_m^T o W_m) G_m, float32 on both sides: Triton's
+# input_precision per dtype as WALK_MIXED ("tf32": one TF32 pass, "tf32x3", "ieee"); None
+# for the kernels' PRECISION (utils.dot_precision: three TF32 passes for half-precision
+# inputs). Untimed.
+REPLAY_G_PRECISION = None
 
 
 def state_dtype(dtype: torch.dtype, backward: bool) -> torch.dtype:
@@ -325,6 +330,10 @@ def _forward(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0, s0,
     if rows is not None and (rows < chunk_size or rows & (rows - 1)):
         raise ValueError(f"REPLAY_ROWS must be a power of two of at least chunk_size "
                          f"({chunk_size}), got {rows}")
+    gprecision = mode_for(REPLAY_G_PRECISION, q.dtype) if replay > 1 and not REPLAY_CHAIN else ""
+    if gprecision not in ("", "tf32", "tf32x3", "ieee"):
+        raise ValueError(f"REPLAY_G_PRECISION must be 'tf32', 'tf32x3', 'ieee' or None per "
+                         f"dtype, got {gprecision!r} for {q.dtype}")
     if replay > 1:
         _, NS, segment_indices, segment_offsets = chunk_layout(B, T, cu_seqlens,
                                                                chunk_size * replay)
@@ -362,6 +371,7 @@ def _forward(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0, s0,
         chunk_titans_linear_fwd_segment_kernel[(NS * replay * chunk_size // rows, B * H)](
             q, k, w, b, o, hs, ss, gs, gc, gn, ga, gf, cu_seqlens, chunk_offsets,
             segment_indices, scale, float(eps), T, EVERY=replay, ROWS=rows,
+            GPRECISION=gprecision or meta["PRECISION"],
             **with_warps({key: x for key, x in {**meta, **omixed}.items()
                           if key not in ("MIXED", "UMIXED")}, REPLAY_WARPS))
     elif replay > 1:

@@ -210,7 +210,7 @@ def chunk_titans_linear_fwd_segment_kernel(
     q, k, w, b, o, hs, ss, gs, gc, gn, ga, gf, cu_seqlens, chunk_offsets, segment_indices,
     scale, eps, T, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
     EVERY: tl.constexpr, ROWS: tl.constexpr, PRECISION: tl.constexpr, OMIXED: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
+    GPRECISION: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """One segment of EVERY mini-batches and head, ROWS of its EVERY C rows at once (the
     replay without a chain, chunk.REPLAY_CHAIN off; EVERY C // ROWS programs a segment, each
@@ -225,7 +225,8 @@ def chunk_titans_linear_fwd_segment_kernel(
         W_m[t, j] = f0_t alpha_t cM_j + (f0_t beta_t + p0_t epsilon_t) cS_j  where n(t) > m,
                     (P theta^T)[t, j]                                      where n(t) = m,
 
-    then O = U + w LN(U) + b: each state the walk hands on, unrolled over the segment."""
+    then O = U + w LN(U) + b: each state the walk hands on, unrolled over the segment; the
+    products with G_m in GPRECISION (chunk.REPLAY_G_PRECISION)."""
     i_h, i_k, c0, i_g, bos, L, n_j, o_d, m_d, o_s, m_s, b_w, b_b = segment_program(
         w, b, cu_seqlens, chunk_offsets, segment_indices, T, H, D, BD, BC, EVERY,
         EVERY * BC // ROWS, IS_VARLEN)
@@ -262,7 +263,7 @@ def chunk_titans_linear_fwd_segment_kernel(
                        mask=(n_r == m)[:, None], other=0.)
         b_W *= dot_q(b_q, b_qh, tl.trans(b_kh), scale, PRECISION, OMIXED)
         b_u -= tl.dot(b_W, load_rows(gs + rowm * D, o_c, m_c, o_d, D, H),
-                      input_precision=PRECISION)
+                      input_precision=GPRECISION)
     # the stored states: mini-batch 0's factors, rows of mini-batch 0 at (1, 0, 1)
     b_al, b_be, b_ep = coefficients_back(b_al, b_be, b_ep, gn, ((c0 + i_g * EVERY) * H + i_h
                                                                ).to(tl.int64), n_r, -1)
