@@ -120,6 +120,13 @@ def load_square_rows(p, i, o_j, o_d, m_d, D: tl.constexpr):
 
 
 @triton.jit
+def load_square_rows_scaled(p, p_r, i, o_j, o_d, m_d, D: tl.constexpr):
+    """Rows o_j of state i as store_square_scaled stored it, in float32 (0 past D)."""
+    b_r = tl.load(p_r + i.to(tl.int64) * D + o_j, mask=o_j < D, other=0.)
+    return load_square_rows(p, i, o_j, o_d, m_d, D) * b_r[:, None]
+
+
+@triton.jit
 def load_square_cols(p, i, o_d, m_d, o_k, D: tl.constexpr):
     """Columns o_k of state i of a [.., D, D] tensor, in float32 (0 past D): as
     load_square_rows, a block of the state."""

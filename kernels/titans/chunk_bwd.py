@@ -43,8 +43,10 @@ import triton.language as tl
 
 from kernels.common.layernorm import ln_recon_grad_bwd_rows
 from kernels.common.minibatch import (dot_state, dot_state_into, load_square,
-                                      load_square_cols, load_square_rows, mini_batch_program,
-                                      reload_rows, start_square, walk_program, with_warps)
+                                      load_square_cols, load_square_rows,
+                                      load_square_rows_scaled, mini_batch_program,
+                                      reload_rows, start_square, store_square_scaled,
+                                      walk_program, with_warps)
 from kernels.common.utils import chunk_layout, load_rows, mode_for, store_rows
 from kernels.titans.stages import (dot_at, dot_q, dq_state, gate_rows, gates_bwd, hand_on_gates,
                                    local_meta, mini_batch_rows, outputs_bwd_from,
@@ -125,6 +127,12 @@ STATE_COLS = tl.constexpr(32)
 # either way (their loads are placed for shared memory). On an H100 (as WALK_WARPS) it took the
 # kernel from 1,174 to 1,056 µs at D = 64 and from 9,738 to 5,603 at D = 128.
 LOCAL_AS_OUTPUTS = True
+# The dtype in which the walk stores dM', dS' per mini-batch for the last kernel: None for
+# float32, or "float16" (per dtype as chunk.WALK_MIXED), each row scaled by a power of two as
+# chunk.HALF_STATES stores the forward's states (minibatch.store_square_scaled: every value
+# keeps float16's 11 bits, as many as the last kernel's one-TF32 dK products take of them).
+# Untimed.
+HALF_GRADS = None
 # The columns of the per-row float32 tensor ``gr`` [B, T, H, NG] the three kernels hand on.
 (ROW_CM, ROW_CS, ROW_F0, ROW_P0, ROW_E0, ROW_DP0, ROW_DF0, ROW_DTH, ROW_DCM,
  ROW_DCS) = (tl.constexpr(j) for j in range(10))
@@ -241,18 +249,21 @@ def walk_rows(q, k, v, z, du, dgu, dka, gr, i_t, bos, L, i_h, o_c, o_d, D: tl.co
 @triton.heuristics({
     'USE_INITIAL_STATE': lambda a: a['dh0'] is not None,
     'USE_FINAL_STATE_GRADIENT': lambda a: a['dht'] is not None,
+    'SCALED': lambda a: a['dmr'] is not None,
     'IS_VARLEN': lambda a: a['cu_seqlens'] is not None,
 })
 @triton.jit(do_not_specialize=['T'])
 def chunk_titans_linear_bwd_walk_kernel(
-    q, k, v, w, b, z, du, dgu, dka, dv, gr, dms, dss, dht, dst, dh0, ds0, dw, db, cu_seqlens,
-    chunk_offsets, scale, eps, T, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-    BC: tl.constexpr, PRECISION: tl.constexpr, MIXED: tl.constexpr, UMIXED: tl.constexpr,
-    USE_INITIAL_STATE: tl.constexpr, USE_FINAL_STATE_GRADIENT: tl.constexpr,
-    PREFETCH: tl.constexpr, ACCUMULATE: tl.constexpr, IS_VARLEN: tl.constexpr,
+    q, k, v, w, b, z, du, dgu, dka, dv, gr, dms, dss, dmr, dsr, dht, dst, dh0, ds0, dw, db,
+    cu_seqlens, chunk_offsets, scale, eps, T, H: tl.constexpr, D: tl.constexpr,
+    BD: tl.constexpr, BC: tl.constexpr, PRECISION: tl.constexpr, MIXED: tl.constexpr,
+    UMIXED: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
+    USE_FINAL_STATE_GRADIENT: tl.constexpr, PREFETCH: tl.constexpr, ACCUMULATE: tl.constexpr,
+    SCALED: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """One sequence and head: dM', dS' carried from the last mini-batch to the first (step 2 of
-    the module docstring); dw, db of G's LayerNorm per (sequence, head)."""
+    the module docstring), stored per mini-batch (SCALED: in float16, rows scaled, their
+    inverse scales in dmr, dsr); dw, db of G's LayerNorm per (sequence, head)."""
     i_nh, i_h, bos, L, NT, c0, o_d, m_d, o_s, m_s, b_w, b_b = walk_program(
         w, b, cu_seqlens, chunk_offsets, T, H, D, BD, BC, IS_VARLEN)
     o_c = tl.arange(0, BC)
@@ -266,8 +277,12 @@ def chunk_titans_linear_bwd_walk_kernel(
     for i_r in range(NT):
         i_t = NT - 1 - i_r
         i_s = ((c0 + i_t) * H + i_h).to(tl.int64)
-        tl.store(dms + i_s * D * D + o_s, b_dM, mask=m_s)
-        tl.store(dss + i_s * D * D + o_s, b_dS, mask=m_s)
+        if SCALED:
+            store_square_scaled(dms, dmr, i_s, b_dM, o_d, m_d, o_s, m_s, D)
+            store_square_scaled(dss, dsr, i_s, b_dS, o_d, m_d, o_s, m_s, D)
+        else:
+            tl.store(dms + i_s * D * D + o_s, b_dM, mask=m_s)
+            tl.store(dss + i_s * D * D + o_s, b_dS, mask=m_s)
         row0 = (bos + i_t * BC) * H + i_h
         m_t = i_t * BC + o_c < L
         if PREFETCH:  # mini-batch i_t - 1's
@@ -333,17 +348,29 @@ def hand_back(b_dM, b_dS, b_qr, b_k, b_du, b_dz, b_f0, b_p0, f0n, p0n, e0n, scal
     return b_dM, b_dS
 
 
-@triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
+@triton.jit
+def _grad_rows(p, p_r, i_s, o_j, o_d, m_d, D: tl.constexpr, SCALED: tl.constexpr):
+    """Rows o_j of the dM' or dS' the walk stored for mini-batch i_s, in float32."""
+    if SCALED:
+        return load_square_rows_scaled(p, p_r, i_s, o_j, o_d, m_d, D)
+    return load_square_rows(p, i_s, o_j, o_d, m_d, D)
+
+
+@triton.heuristics({
+    'SCALED': lambda a: a['dmr'] is not None,
+    'IS_VARLEN': lambda a: a['cu_seqlens'] is not None,
+})
 @triton.jit(do_not_specialize=['T'])
 def chunk_titans_linear_bwd_gates_kernel(
-    w, b, theta, alpha, eta, hs, ss, dms, dss, g, dz, dka, dP, gr, dk, dtheta, dalpha, deta,
-    cu_seqlens, chunk_indices, T, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+    w, b, theta, alpha, eta, hs, ss, dms, dss, dmr, dsr, g, dz, dka, dP, gr, dk, dtheta, dalpha,
+    deta, cu_seqlens, chunk_indices, T, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
     BC: tl.constexpr, BJ: tl.constexpr, ROWS: tl.constexpr, PRECISION: tl.constexpr,
-    DK_PRECISION: tl.constexpr, IS_VARLEN: tl.constexpr,
+    DK_PRECISION: tl.constexpr, SCALED: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """One mini-batch and head: dK, dtheta, dalpha, deta (step 3 of the module docstring),
     the states BJ rows at a time (ROWS: BJ < BD, a flag so that harness.compile tells the two
-    forms apart as code paths, each with its own largest launch)."""
+    forms apart as code paths, each with its own largest launch); dM', dS' as the walk stored
+    them (SCALED: float16 rows times dmr's, dsr's inverse scales)."""
     i_s, row0, o_c, m_t, n_t, o_d, m_d, o_s, m_s, _, _ = mini_batch_program(
         w, b, cu_seqlens, chunk_indices, T, H, D, BD, BC, IS_VARLEN)
     last = o_c == n_t - 1
@@ -361,8 +388,8 @@ def chunk_titans_linear_bwd_gates_kernel(
     for j0 in tl.static_range(0, BD, BJ):
         o_j = j0 + tl.arange(0, BJ)
         b_M = load_square_rows(hs, i_s, o_j, o_d, m_d, D)
-        b_dM = load_square_rows(dms, i_s, o_j, o_d, m_d, D)
-        b_dS = load_square_rows(dss, i_s, o_j, o_d, m_d, D)
+        b_dM = _grad_rows(dms, dmr, i_s, o_j, o_d, m_d, D, SCALED)
+        b_dS = _grad_rows(dss, dsr, i_s, o_j, o_d, m_d, D, SCALED)
         b_dk = (load_rows(dka + row0 * D, o_c, m_t, o_j, D, H)
                 + dot_at(b_dz, tl.trans(b_M), DK_PRECISION)
                 - dot_at(b_gm, tl.trans(b_dM), DK_PRECISION)
@@ -424,7 +451,13 @@ def chunk_backward(q, k, v, w, b, theta, alpha, eta, hs, ss, initial, do, dht, d
     z, du, dgu, dka = (torch.empty(B, T, H, D, **f32) for _ in range(4))
     gr = torch.empty(B, T, H, NG.value, **f32)
     dP = torch.empty(chunks, H, chunk_size, chunk_size, **f32)
-    dms, dss = (torch.empty(chunks, H, D, D, **f32) for _ in range(2))
+    half = mode_for(HALF_GRADS, q.dtype)
+    if half not in ("", "float16"):
+        raise ValueError(f"HALF_GRADS must name 'float16' or None per dtype, got {half!r} for "
+                         f"{q.dtype}")
+    dms, dss = (torch.empty(chunks, H, D, D, dtype=getattr(torch, half or "float32"),
+                            device=q.device) for _ in range(2))
+    dmr, dsr = (torch.empty(chunks, H, D, **f32) if half else None for _ in range(2))
     dw1, db1 = torch.empty(chunks, H, D, **f32), torch.empty(chunks, H, D, **f32)
     dw2, db2 = torch.empty(N, H, D, **f32), torch.empty(N, H, D, **f32)
     dh0, ds0 = ((torch.empty(N, H, D, D, **f32), torch.empty(N, H, D, D, **f32)) if initial
@@ -437,7 +470,7 @@ def chunk_backward(q, k, v, w, b, theta, alpha, eta, hs, ss, initial, do, dht, d
             OMIXED=omixed if LOCAL_AS_OUTPUTS and chunk_size * meta["BD"] <= RELOAD_TILE else "",
             **local_meta(meta))
     chunk_titans_linear_bwd_walk_kernel[(N * H,)](
-        q, k, v, w, b, z, du, dgu, dka, dv, gr, dms, dss, dht, dst, dh0, ds0, dw2, db2,
+        q, k, v, w, b, z, du, dgu, dka, dv, gr, dms, dss, dmr, dsr, dht, dst, dh0, ds0, dw2, db2,
         cu_seqlens, chunk_offsets, scale, float(eps), T, PREFETCH=PREFETCH,
         ACCUMULATE=WALK_ACCUMULATE, **with_warps(meta, WALK_WARPS))
     if NT:
@@ -449,7 +482,7 @@ def chunk_backward(q, k, v, w, b, theta, alpha, eta, hs, ss, initial, do, dht, d
         if GATES_MAXNREG is not None:
             meta["maxnreg"] = GATES_MAXNREG
         chunk_titans_linear_bwd_gates_kernel[(NT, B * H)](
-            w, b, theta, alpha, eta, hs, ss, dms, dss, du, dgu, dka, dP, gr, dk, dtheta, dalpha,
-            deta, cu_seqlens, chunk_indices, T, **meta)
+            w, b, theta, alpha, eta, hs, ss, dms, dss, dmr, dsr, du, dgu, dka, dP, gr, dk,
+            dtheta, dalpha, deta, cu_seqlens, chunk_indices, T, **meta)
     return (dq, dk, dv, (dw1.sum(0) + dw2.sum(0)).to(w.dtype),
             (db1.sum(0) + db2.sum(0)).to(b.dtype), dtheta, dalpha, deta, dh0, ds0)
