@@ -529,3 +529,17 @@ def test_half_grads(monkeypatch, big):
         assert rel_error(got[name], ref[name]) < 1e-3, (name, rel_error(got[name], ref[name]))
         moved = name in ("k", "alpha", "eta")  # of <dM', M0>, <dM', S0>, <dS', S0> and dK's
         assert torch.equal(got[name], full[name]) != moved, name
+
+
+def test_half_grads_takes_float16_only(monkeypatch):
+    """HALF_GRADS names float16 or nothing: bfloat16 (8 bits, fewer than the dK products take)
+    is refused by the backward before its kernels run."""
+    from kernels.titans import chunk_bwd
+    monkeypatch.setattr(chunk, "SPLIT_BACKWARD", True)
+    monkeypatch.setattr(chunk_bwd, "HALF_GRADS", "bfloat16")
+    x, st, _ = inputs(1, 20, 1, 16)
+    q = x["q"].clone().requires_grad_()
+    o = chunk_titans_linear(*(q if n == "q" else x[n] for n in NAMES), **st)[0]
+    with pytest.raises(ValueError, match="HALF_GRADS must name 'float16' or None per dtype, "
+                                         "got 'bfloat16' for torch.float32"):
+        o.sum().backward()
