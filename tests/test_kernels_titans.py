@@ -312,7 +312,7 @@ def test_replay(monkeypatch, B, T, cu, gates, every, chain, rows):
     (8, 24, None, "REPLAY_ROWS must be a power of two"),
     (8, 8, None, r"at least chunk_size \(16\), got 8"),
     (8, None, "bf16", r"REPLAY_G_PRECISION must be .* got 'bf16' for torch.float32")])
-def test_replay_takes_segments_of_a_power_of_two(monkeypatch, every, rows, gprecision, says):
+def test_replay_switches_are_checked(monkeypatch, every, rows, gprecision, says):
     x, st, _ = inputs(1, 40, 1, 16)
     monkeypatch.setattr(chunk, "REPLAY", every)
     monkeypatch.setattr(chunk, "REPLAY_ROWS", rows)
@@ -512,14 +512,11 @@ def test_half_grads(monkeypatch, big):
     dtype = torch.float32 if big else torch.float16
     x = {n: (t.to(dtype) if n in "qkv" else t) for n, t in x.items()}
 
-    def fn(*args, **kw):
-        o, m, s = chunk_titans_linear(*args, **kw)
-        return (o, 1e6 * m, 1e6 * s) if big else (o, m, s)
+    def states_times(f, c):  # the final states (and so their gradients) times c
+        return lambda *args, **kw: (lambda o, m, s: (o, c * m, c * s))(*f(*args, **kw))
 
-    def ref_fn(*args, **kw):
-        o, m, s = naive_titans_linear(*args, **kw)
-        return (o, 1e6 * m, 1e6 * s) if big else (o, m, s)
-
+    fn, ref_fn = (states_times(f, 1e6 if big else 1.) for f in (chunk_titans_linear,
+                                                                  naive_titans_linear))
     full = grads(fn, x, st, cu, 16, None)
     monkeypatch.setattr(chunk_bwd, "HALF_GRADS", "float16")
     got = grads(fn, x, st, cu, 16, None)
