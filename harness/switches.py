@@ -7,6 +7,7 @@ worker)."""
 from __future__ import annotations
 
 import ast
+import re
 import contextlib
 from typing import Any, Iterator
 from unittest.mock import patch
@@ -24,7 +25,9 @@ def parse_set(text: str) -> dict[str, Any]:
     if not assignments:
         raise ValueError(f"expected 'LABEL:module.NAME=VALUE,...', got {text!r}")
     values = {}
-    for item in assignments.split(","):
+    # A comma starts the next assignment only where "module.NAME=" follows it, so that a value
+    # may be a dict or tuple: "REPLAY={'bfloat16': 8, 'float16': 8}".
+    for item in re.split(r",(?=\s*[\w.]+\s*=)", assignments):
         path, _, value = item.partition("=")
         try:
             values[path.strip()] = ast.literal_eval(value.strip())

@@ -13,6 +13,12 @@ def test_parse_set_reads_labels_and_literals():
                    "set": {"kernels.gla.chunk_bwd.STATE_DOTS_SPLIT": False, "a.B": 64}}
 
 
+def test_parse_set_takes_dicts_and_tuples_with_commas():
+    # the per-dtype switches (kernels.titans.chunk.REPLAY) are dicts
+    got = parse_set("f16:a.REPLAY={'bfloat16': 8, 'float16': 8},a.T=(1, 2), b.C=None")
+    assert got["set"] == {"a.REPLAY": {"bfloat16": 8, "float16": 8}, "a.T": (1, 2), "b.C": None}
+
+
 @pytest.mark.parametrize("text, says", [("no assignments", "LABEL:module.NAME=VALUE"),
                                         ("x:a.B=notaliteral", "'notaliteral'")])
 def test_parse_set_names_what_is_wrong(text, says):
