@@ -337,6 +337,11 @@ def _forward(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0, s0,
     if replay > 1:
         _, NS, segment_indices, segment_offsets = chunk_layout(B, T, cu_seqlens,
                                                                chunk_size * replay)
+    # A scaled walk's tiles and updates reach 1 / SCALE_FLOOR (2^40) times the state's size:
+    # float16's range cannot hold them rounded to it (o inf through the interpreter).
+    halved = {mode_for(m, q.dtype) for m in (WALK_MIXED, UPDATE_MIXED)} & {"round", "split",
+                                                                           "split_trunc"}
+    scales = WALK_SCALES and replay > 1 and not (q.dtype == torch.float16 and halved)
     forms = ("always",) if backward else ("always", "inference")
     products = WALK_PRODUCTS in forms and head_tile(D) <= PRODUCTS_MAX_D and replay == 1
     sdt = state_dtype(q.dtype, backward) if replay == 1 else torch.float32
@@ -363,7 +368,7 @@ def _forward(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0, s0,
         q, k, v, w, b, theta, alpha, eta, gc, gn, h0, s0, ht, st, hs, ss, hr, sr, qm, qs, gs,
         cu_seqlens, chunk_offsets, segment_offsets if replay > 1 else None, scale, float(eps),
         T, EVERY=replay, PREFETCH=WALK_PREFETCH, GATES_AHEAD=ahead, ACCUMULATE=WALK_ACCUMULATE,
-        SCALES=WALK_SCALES and replay > 1,
+        SCALES=scales,
         **with_warps({**meta, **omixed}, WALK_WARPS))
     o = torch.empty_like(v)
     if replay > 1 and not REPLAY_CHAIN:
