@@ -313,6 +313,7 @@ def test_replay(monkeypatch, B, T, cu, gates, every, chain, rows):
 @pytest.mark.parametrize("every,rows,gprecision,says", [
     (3, None, None, "REPLAY must be a power of two"),
     (8, 24, None, "REPLAY_ROWS must be a power of two"),
+    (8, {64: 24}, None, "REPLAY_ROWS must be a power of two"),  # per head tile: D = 16's is 64
     (8, 8, None, r"at least chunk_size \(16\), got 8"),
     (8, None, "bf16", r"REPLAY_G_PRECISION must be .* got 'bf16' for torch.float32")])
 def test_replay_switches_are_checked(monkeypatch, every, rows, gprecision, says):
@@ -326,7 +327,8 @@ def test_replay_switches_are_checked(monkeypatch, every, rows, gprecision, says)
 
 def test_replay_rows_are_checked_only_where_the_segment_kernel_runs(monkeypatch):
     """REPLAY_ROWS below chunk_size is refused by calls that replay (above), not by a call with a
-    backward, which never does: its o is the o of the defaults bit for bit."""
+    backward, which never does: its o is the o of the defaults bit for bit; nor by a call at a
+    head tile the dict does not name."""
     x, st, _ = inputs(1, 40, 1, 16)
     monkeypatch.setattr(chunk, "REPLAY", 8)
 
@@ -337,6 +339,10 @@ def test_replay_rows_are_checked_only_where_the_segment_kernel_runs(monkeypatch)
     plain = trained()
     monkeypatch.setattr(chunk, "REPLAY_ROWS", 8)
     assert torch.equal(trained(), plain)
+    # per head tile: a tile other than D = 16's (64) gives its calls all of a segment's rows
+    monkeypatch.setattr(chunk, "REPLAY_ROWS", {128: 8})
+    with torch.no_grad():
+        chunk_titans_linear(*(x[n] for n in NAMES), **st)
 
 
 def test_bad_arguments_raise_before_any_launch():

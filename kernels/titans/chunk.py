@@ -103,9 +103,14 @@ MAX_TILE = 64 * 64
 # T = 4096) Z in "tf32" failed dK (4.9x) and the final states (2.9x); "split" stays at 22%.
 # Every product "tf32x2", the updates "tf32", then Z "split" too: fwd+bwd at T = 8K 7.577,
 # 6.862, 6.581 ms at D = 64, 31.899, 28.626, 26.763 at D = 128 (H100, 2026-12-06,
-# kernel_profile as above; reports/titans.md). float16 keeps None, its modes not yet checked
-# on a GPU ("round" put its final memory at 1.05e-3 through the interpreter, over float16's
-# tolerance of 4.9e-4; "split" 3.4e-6, None 1.6e-7).
+# kernel_profile as above; reports/titans.md). float16 keeps None ("round" put its final
+# memory at 1.05e-3 through the interpreter, over float16's tolerance of 4.9e-4). bfloat16's
+# modes given to float16 too, with DK_PRECISION "tf32" (H100, D = 64, T = 8K, 2026-12-07):
+# fwd / fwd+bwd 1.497 / 6.170 ms with "split" here and in OUTPUT_MIXED, 1.549 / 6.751 with
+# "tf32x2", against 2.186 / 10.786 (TTT 0.752 / 4.041), but the float16 tiling family's final
+# states failed (133% and 147% of their tolerance under "split", 110% under "tf32x2": the
+# updates' one TF32 pass), and under "split" dV, dW, db and the initial states' gradients of
+# gate-saturated were inf (the backward's float16 halves).
 # "split_trunc" with OUTPUT_MIXED the same and WALK_ACCUMULATE (today's) against "split"
 # without them, fwd / fwd+bwd ms, each form twice in one run (H100, T = 8K, 2026-12-06; python
 # tools/switch_compare.py titans chunk --no-registered --seq-len 8192 --head-dim D --set ...):
@@ -213,14 +218,20 @@ PRODUCTS_MAX_D = 64
 # twice) the forward took 0.353 / 1.341 / 5.245 ms at T = 2K / 8K / 32K with REPLAY 8
 # against 0.376 / 1.449 / 5.709 without (walk 1,266 -> 948 µs, the segment kernel 325 where
 # the outputs kernel took 146, gates 50 -> 78: tools/kernel_profile.py); peak memory 180 MB
-# against 228 at 8K; REPLAY 4: 1.495 ms, the chain (REPLAY_CHAIN) 1.465 (2026-12-06). The
-# tiling family passed in bfloat16 and float16 with it. float16 is untimed; float32 inputs:
+# against 228 at 8K; REPLAY 4: 1.495 ms, the chain (REPLAY_CHAIN) 1.465 (2026-12-06). On
+# 2026-12-07 (same command, --time-dtype float16 --seq-len 2048,32768): float16 0.563 / 8.465
+# ms with REPLAY 8 against 0.667 / 10.236 without; D = 128 (bfloat16, --head-dim 128,
+# REPLAY_MAX_D 128 with REPLAY_ROWS 32) 0.723 / 2.816 / 11.082 ms at 2K / 8K / 32K against
+# 0.990 / 3.812 / 15.131 on the outputs kernel. The tiling family passed in bfloat16 and
+# float16 with each; o's error did not move (gate-saturated in float16: 2.07e-4 either way;
+# --acc 2,1000,4,128 in bfloat16: 1.67e-3 against 1.68e-3, the final states' 3.2e-4 / 4.1e-4
+# against 2.9e-4 / 2.7e-4, the walk's scaled states). float32 inputs:
 # ptxas gives the replay kernel's exact products 32 registers and ~10 KB of spills a thread
 # (the segment kernel 8.5 KB); D = 128: 1.6 KB at 8 warps, 1.1 KB at 16. REPLAY_MAX_CHUNK
 # keeps chunk_size 32 and 64 on the walk's products: their segments would hold at most 4 and
 # 2 mini-batches (128 rows), untimed.
-REPLAY = {"bfloat16": 8}
-REPLAY_MAX_D = 64
+REPLAY = {"bfloat16": 8, "float16": 8}
+REPLAY_MAX_D = 128
 REPLAY_MAX_CHUNK = 16
 # The walk that stores for the replay carries each state as a scale times a tile
 # (stages.hand_on_scaled: f0[n] and e0[n] go into the scales, not into every element): its
@@ -237,8 +248,13 @@ REPLAY_CHAIN = False
 # power of two from chunk_size up: each of a segment's programs then takes the updates of the
 # mini-batches up to its own rows' only, so the rows of a segment's first mini-batches take
 # fewer products (chunk_size 16, segments of 8: at 16 rows a program, 36 [16, 16] x [16, D]
-# products with a G a segment against 64 at 128). Untimed.
-REPLAY_ROWS = None
+# products with a G a segment against 64 at 128). A number, or a dict from head tiles
+# (head_tile(D)) to numbers, None where the dict names no tile. H100, bfloat16, chunk_size
+# 16, B=2, H=16, forward, 2026-12-07 (tools/switch_compare.py as for REPLAY): at D = 64 all
+# rows 1.353 / 5.302 ms at 8K / 32K, 16 rows 1.556 / 6.183, 32 rows 1.645 / 6.602; at D = 128
+# and 8K, 16 rows 3.137 ms, 32 rows 2.855 (2.816 in a second run, 64 rows 2.867 there); all
+# rows untimed (ptxas: 255 registers and 60 bytes of spills a thread).
+REPLAY_ROWS = {128: 32}
 # The replay's and the segment kernel's warps: None for mini_batch_meta's (4 at D <= 64, else
 # 8), or a number: at 4 warps and D = 64 ptxas spills 148 bytes a thread in the replay kernel,
 # at 8 none (229 registers; the segment kernel 198 at chunk_size 16, 255 at 64).
@@ -246,7 +262,9 @@ REPLAY_WARPS = 8
 # The segment kernel's products (Q~ K_m^T o W_m) G_m, float32 on both sides: Triton's
 # input_precision per dtype as WALK_MIXED ("tf32": one TF32 pass, "tf32x3", "ieee"); None
 # for the kernels' PRECISION (utils.dot_precision: three TF32 passes for half-precision
-# inputs). Untimed.
+# inputs). "tf32" on the H100 (2026-12-07, D = 64, 8K / 32K): 1.290 / 5.030 ms against
+# 1.353 / 5.302, and gate-saturated o 1.84e-3 against 1.66e-3 in bfloat16, 8.0e-4 against
+# 2.1e-4 in float16: 5% of the time is not worth 11% and 4x of o's error.
 REPLAY_G_PRECISION = None
 
 
@@ -326,7 +344,8 @@ def _forward(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0, s0,
         raise ValueError(f"REPLAY must be a power of two, got {replay}")
     if not REPLAY_CHAIN:
         replay = min(replay, max(1, 128 // chunk_size))
-    rows = REPLAY_ROWS if replay > 1 and not REPLAY_CHAIN else None  # the segment kernel's
+    rows = (REPLAY_ROWS.get(head_tile(D)) if isinstance(REPLAY_ROWS, dict) else REPLAY_ROWS
+            ) if replay > 1 and not REPLAY_CHAIN else None  # the segment kernel's
     if rows is not None and (rows < chunk_size or rows & (rows - 1)):
         raise ValueError(f"REPLAY_ROWS must be a power of two of at least chunk_size "
                          f"({chunk_size}), got {rows}")

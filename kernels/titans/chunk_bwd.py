@@ -102,7 +102,7 @@ GATES_MAXNREG = 255
 # --mode fwdbwd) "tf32" took the kernel from 2,629 to 1,287 µs and the fwd+bwd step from 9,750
 # to 8,401; in the bfloat16 tiling family (13 classes) dK's error moved 0.87x to 1.08x, its
 # worst 23.8% of the tolerance (24.2% before), and no other quantity moved. float16 keeps
-# "ieee": its TF32 forms are not yet checked on a GPU.
+# "ieee": with its products as bfloat16's it failed its tiling family (chunk.WALK_MIXED).
 DK_PRECISION = {"bfloat16": "tf32"}
 # The last kernel takes the states [D, D] whole where chunk_size * D * D is at most GATES_WHOLE,
 # else GATES_ROWS rows at a time. Whole, its four states and rows needed 163,840 bytes of shared
@@ -131,7 +131,11 @@ LOCAL_AS_OUTPUTS = True
 # float32, or "float16" (per dtype as chunk.WALK_MIXED), each row scaled by a power of two as
 # chunk.HALF_STATES stores the forward's states (minibatch.store_square_scaled: every value
 # keeps float16's 11 bits, as many as the last kernel's one-TF32 dK products take of them).
-# Untimed.
+# H100, bfloat16, B=2, H=16, T=8K, fwd+bwd, 2026-12-07 (tools/switch_compare.py titans chunk
+# --no-registered --mode fwdbwd --set "hg:...HALF_GRADS='float16'" ..., reports/titans.md):
+# D = 64 6.177 / 6.097 ms against 6.007 / 6.008, D = 128 23.13 against 23.37; peak memory
+# 1,204 MB against 1,452 at D = 64; gate-saturated dK 6.78e-3 against 6.69e-3. The walk's
+# scaling costs what the halved traffic saves, so it stays off.
 HALF_GRADS = None
 # The columns of the per-row float32 tensor ``gr`` [B, T, H, NG] the three kernels hand on.
 (ROW_CM, ROW_CS, ROW_F0, ROW_P0, ROW_E0, ROW_DP0, ROW_DF0, ROW_DTH, ROW_DCM,
