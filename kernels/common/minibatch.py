@@ -18,7 +18,7 @@ from kernels.common.utils import (MIN_TILE, chunk_index, chunk_rows, dot_mixed, 
                                   load_rows_as, split_halves, tf32_head, walk_bounds)
 
 __all__ = ["dot_state", "dot_state_into", "head_tile", "head_tiles", "load_square",
-           "load_square_cols", "load_square_rows", "load_square_scaled", "mini_batch_meta",
+           "load_square_cols", "load_square_cols_scaled", "load_square_rows", "load_square_scaled", "mini_batch_meta",
            "mini_batch_program", "reload_rows", "reload_square", "start_square",
            "store_square_scaled", "walk_program"]
 
@@ -132,6 +132,13 @@ def load_square_cols(p, i, o_d, m_d, o_k, D: tl.constexpr):
     load_square_rows, a block of the state."""
     return tl.load(p + i.to(tl.int64) * D * D + o_d[:, None] * D + o_k[None, :],
                    mask=m_d[:, None] & (o_k < D)[None, :], other=0.).to(tl.float32)
+
+
+@triton.jit
+def load_square_cols_scaled(p, p_r, i, o_d, m_d, o_k, D: tl.constexpr):
+    """Columns o_k of state i as store_square_scaled stored it, in float32 (0 past D)."""
+    b_r = tl.load(p_r + i.to(tl.int64) * D + o_d, mask=m_d, other=0.)
+    return load_square_cols(p, i, o_d, m_d, o_k, D) * b_r[:, None]
 
 
 @triton.jit

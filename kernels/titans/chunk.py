@@ -192,6 +192,24 @@ SPLIT_BACKWARD = True
 # (With the backward from bfloat16 states too the gradients' errors grew 1.7x median, up to
 # 6.7x, past the tolerances of dalpha, deta and the initial memory's in the tiling family.)
 HALF_STATES = {"bfloat16": "float16"}
+# The states stored per mini-batch for the split backward (SPLIT_BACKWARD): float32 (None), or
+# "float16" (per dtype as WALK_MIXED), rows scaled by powers of two as HALF_STATES stores
+# them; the walk then stores each mini-batch's Z = K M0 (float32 rows) too, from which the
+# outputs kernel and the backward's first kernel form G instead of from the rounded M0, and
+# which the backward's walk takes as it is. Through the interpreter (float32 inputs, B=1,
+# T=256, H=2, D=32, the gpu suite's draw at gate 20 and at gate 1, the stored states rounded
+# to float16 between forward and backward), with Z formed again from the rounded M0 the
+# gradients came up to 6.9e-3 off float64 (dK; 1.2e-3 at gate 1; float32 states <= 1.3e-5),
+# with Z as the walk formed it <= 5.4e-5 at gate 20 and <= 1.2e-4 at gate 1 (bfloat16 on a
+# GPU: 2e-3 to 7e-3 at gate 20); tests/test_kernels_titans_states.py checks the switch in
+# float16. Halves what the walk writes
+# and three kernels read of the states (at D = 64, T = 8K, B=2, H=16: 268 MB each way
+# instead of 537, Z's 67 MB written and read once more). ptxas (sm_90, bfloat16, chunk_size
+# 16; python tools/kernel_registers.py titans --case basic | partial-200 --impl chunk --set
+# "hsb:kernels.titans.chunk.HALF_STATES_BACKWARD={'bfloat16': 'float16'}"): the backward's
+# first kernel spills 8 bytes a thread at D = 64 (108 with float32 states; shared memory 16
+# KB against 32) and 344 at D = 128 (1,508), its last 588 at D = 128 (816). Untimed.
+HALF_STATES_BACKWARD = None
 # What the forward walk stores for the outputs kernel: the states M0, S0 each mini-batch starts
 # from, from which that kernel forms Z = K M0, G, Q~ M0 and Q~ S0 (None), or G, Q~ M0 and
 # Q~ S0 themselves (Q~ M0 and Q~ S0 as OUTPUT_MIXED says), [C, D] float32 rows per mini-batch
@@ -270,11 +288,16 @@ REPLAY_G_PRECISION = None
 
 def state_dtype(dtype: torch.dtype, backward: bool) -> torch.dtype:
     """The dtype of the states stored per mini-batch for inputs of ``dtype``, in a call with a
-    backward or without (HALF_STATES)."""
-    half = "" if backward or dtype == torch.float32 else mode_for(HALF_STATES, dtype)
-    if half not in ("", "float16", "bfloat16"):
-        raise ValueError(f"HALF_STATES must name 'float16', 'bfloat16' or None per dtype, got "
-                         f"{half!r} for {dtype}")
+    backward (HALF_STATES_BACKWARD, the split backward only) or without (HALF_STATES)."""
+    if dtype == torch.float32 or (backward and not SPLIT_BACKWARD):
+        return torch.float32
+    name, setting, allowed = (("HALF_STATES_BACKWARD", HALF_STATES_BACKWARD, ("", "float16"))
+                              if backward else
+                              ("HALF_STATES", HALF_STATES, ("", "float16", "bfloat16")))
+    half = mode_for(setting, dtype)
+    if half not in allowed:
+        raise ValueError(f"{name} must name {' or '.join(repr(a) for a in allowed[1:])} or None "
+                         f"per dtype, got {half!r} for {dtype}")
     return getattr(torch, half) if half else torch.float32
 
 
@@ -330,8 +353,10 @@ def unsupported(D: int, chunk_size: int) -> str | None:
 
 def _forward(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0, s0,
              output_final_state, cu_seqlens, backward):
-    """(o, final M or None, final S or None, the M0 and S0 of every mini-batch); inputs checked
-    and contiguous; ``backward``: whether a backward will take the states (HALF_STATES)."""
+    """(o, final M or None, final S or None, what the backward takes: the M0 and S0 of every
+    mini-batch, their rows' inverse scales or None, each mini-batch's Z or None); inputs checked
+    and contiguous; ``backward``: whether a backward will take the states (HALF_STATES,
+    HALF_STATES_BACKWARD)."""
     B, T, H, D = q.shape
     N, NT, chunk_indices, chunk_offsets = chunk_layout(B, T, cu_seqlens, chunk_size)
     chunks = NT * (B if cu_seqlens is None else 1)
@@ -371,6 +396,7 @@ def _forward(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0, s0,
               else None for _ in range(2))
     qm, qs = (torch.empty(B, T, H, D, **f32) if products else None for _ in range(2))
     gs = torch.empty(B, T, H, D, **f32) if products or replay > 1 else None
+    zs = torch.empty(B, T, H, D, **f32) if backward and sdt == torch.float16 else None
     meta = walk_meta(q, chunk_size)
     omixed = {"OMIXED": mode_for(OUTPUT_MIXED, q.dtype)}
     ahead = WALK_GATES_AHEAD and NT > 0
@@ -384,7 +410,7 @@ def _forward(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0, s0,
             BD=meta["BD"], BC=chunk_size, PRECISION=meta["PRECISION"], OUTPUTS=replay > 1,
             num_warps=4)
     chunk_titans_linear_fwd_walk_kernel[(N * H,)](
-        q, k, v, w, b, theta, alpha, eta, gc, gn, h0, s0, ht, st, hs, ss, hr, sr, qm, qs, gs,
+        q, k, v, w, b, theta, alpha, eta, gc, gn, h0, s0, ht, st, hs, ss, hr, sr, qm, qs, gs, zs,
         cu_seqlens, chunk_offsets, segment_offsets if replay > 1 else None, scale, float(eps),
         T, EVERY=replay, PREFETCH=WALK_PREFETCH, GATES_AHEAD=ahead, ACCUMULATE=WALK_ACCUMULATE,
         SCALES=scales,
@@ -407,9 +433,9 @@ def _forward(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0, s0,
     elif NT:
         modes = omixed if products else output_modes(q.dtype, sdt, meta)
         chunk_titans_linear_fwd_o_kernel[(NT, B * H)](
-            q, k, v, w, b, theta, alpha, eta, o, hs, ss, hr, sr, qm, qs, gs, cu_seqlens,
+            q, k, v, w, b, theta, alpha, eta, o, hs, ss, hr, sr, zs, qm, qs, gs, cu_seqlens,
             chunk_indices, scale, float(eps), T, **{**local_meta(meta), **modes})
-    return o, ht, st, hs, ss
+    return o, ht, st, (hs, ss, hr, sr, zs)
 
 
 class ChunkTitansFunction(torch.autograd.Function):
@@ -419,22 +445,26 @@ class ChunkTitansFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0, s0,
                 output_final_state, cu_seqlens):
-        o, ht, st, hs, ss = _forward(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size,
-                                     h0, s0, output_final_state, cu_seqlens, True)
-        ctx.save_for_backward(q, k, v, w, b, theta, alpha, eta, hs, ss, h0, s0, cu_seqlens)
+        o, ht, st, (hs, ss, hr, sr, zs) = _forward(q, k, v, w, b, theta, alpha, eta, scale, eps,
+                                                   chunk_size, h0, s0, output_final_state,
+                                                   cu_seqlens, True)
+        ctx.save_for_backward(q, k, v, w, b, theta, alpha, eta, hs, ss, h0, s0, cu_seqlens, hr,
+                              sr, zs)
         ctx.scale, ctx.eps, ctx.chunk_size = scale, eps, chunk_size
         # the switches as the forward ran: the backward recomputes G with its products
         ctx.meta = walk_meta(q, chunk_size)
         ctx.backward = (partial(chunk_backward, omixed=mode_for(OUTPUT_MIXED, q.dtype))
-                        if SPLIT_BACKWARD else fused_backward)
+                        if SPLIT_BACKWARD else fused_backward)  # hr, sr, zs: None if fused
         return o, ht, st
 
     @staticmethod
     def backward(ctx, do, dht, dst):
-        q, k, v, w, b, theta, alpha, eta, hs, ss, h0, s0, cu_seqlens = ctx.saved_tensors
+        q, k, v, w, b, theta, alpha, eta, hs, ss, h0, s0, cu_seqlens, hr, sr, zs = (
+            ctx.saved_tensors)
+        stored = {"hr": hr, "sr": sr, "zs": zs} if zs is not None else {}
         dq, dk, dv, dw, db, dtheta, dalpha, deta, dh0, ds0 = ctx.backward(
             q, k, v, w, b, theta, alpha, eta, hs, ss, h0 is not None or s0 is not None, do, dht,
-            dst, ctx.scale, ctx.eps, ctx.chunk_size, cu_seqlens, ctx.meta)
+            dst, ctx.scale, ctx.eps, ctx.chunk_size, cu_seqlens, ctx.meta, **stored)
         return (dq, dk, dv, dw, db, dtheta, dalpha, deta, None, None, None,
                 None if h0 is None else dh0.to(h0.dtype),
                 None if s0 is None else ds0.to(s0.dtype), None, None)
@@ -483,6 +513,6 @@ def chunk_titans_linear(
     if grad:
         return ChunkTitansFunction.apply(q, k, v, w, b, theta, alpha, eta, scale, eps,
                                          chunk_size, h0, s0, output_final_state, cu_seqlens)
-    o, ht, st, _, _ = _forward(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0,
+    o, ht, st, _ = _forward(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0,
                                s0, output_final_state, cu_seqlens, False)
     return o, ht, st

@@ -43,13 +43,14 @@ import triton.language as tl
 
 from kernels.common.layernorm import ln_recon_grad_bwd_rows
 from kernels.common.minibatch import (dot_state, dot_state_into, load_square,
-                                      load_square_cols, load_square_rows,
-                                      load_square_rows_scaled, mini_batch_program,
+                                      load_square_cols, load_square_cols_scaled,
+                                      load_square_rows, load_square_rows_scaled,
+                                      load_square_scaled, mini_batch_program,
                                       reload_rows, start_square, store_square_scaled,
                                       walk_program, with_warps)
 from kernels.common.utils import chunk_layout, load_rows, mode_for, store_rows
-from kernels.titans.stages import (dot_at, dot_q, dq_state, gate_rows, gates_bwd, hand_on_gates,
-                                   local_meta, mini_batch_rows, outputs_bwd_from,
+from kernels.titans.stages import (dot_at, dot_q, dq_state, gate_rows, gates_bwd, grads_from_z,
+                                   hand_on_gates, local_meta, mini_batch_rows, outputs_bwd_from,
                                    recon_grads, segment_products)
 
 __all__ = ["chunk_backward"]
@@ -155,8 +156,18 @@ def _store_col(gr, row0, o_c, m_t, H: tl.constexpr, j: tl.constexpr, b_x):
 
 
 @triton.jit
-def _dq_states_by_blocks(p_du, hs, ss, i_s, b_f0, b_p0, o_c, m_t, o_d, m_d, D: tl.constexpr,
-                         H: tl.constexpr, BD: tl.constexpr, PRECISION: tl.constexpr):
+def _state_cols(p, p_r, i_s, o_d, m_d, o_k, D: tl.constexpr, SCALED: tl.constexpr):
+    """Columns o_k of state i_s as the forward stored it (SCALED: float16 rows times p_r's
+    inverse scales), in float32."""
+    if SCALED:
+        return load_square_cols_scaled(p, p_r, i_s, o_d, m_d, o_k, D)
+    return load_square_cols(p, i_s, o_d, m_d, o_k, D)
+
+
+@triton.jit
+def _dq_states_by_blocks(p_du, hs, ss, hr, sr, i_s, b_f0, b_p0, o_c, m_t, o_d, m_d,
+                         D: tl.constexpr, H: tl.constexpr, BD: tl.constexpr,
+                         PRECISION: tl.constexpr, SCALED: tl.constexpr):
     """dQ~'s terms through the states, (f0 o dU) M0^T + (p0 o dU) S0^T, summed over blocks of
     STATE_COLS of dU's columns (read back from p_du, which the program has just written) and
     of the states' columns: no [D, D] state and no whole row tile as an operand."""
@@ -165,27 +176,38 @@ def _dq_states_by_blocks(p_du, hs, ss, i_s, b_f0, b_p0, o_c, m_t, o_d, m_d, D: t
     for k0 in tl.static_range(0, BD, STATE_COLS):
         o_k = k0 + tl.arange(0, STATE_COLS)
         b_du = load_rows(p_du, o_c, m_t, o_k, D, H)
-        b_M = load_square_cols(hs, i_s, o_d, m_d, o_k, D)
-        b_S = load_square_cols(ss, i_s, o_d, m_d, o_k, D)
+        b_M = _state_cols(hs, hr, i_s, o_d, m_d, o_k, D, SCALED)
+        b_S = _state_cols(ss, sr, i_s, o_d, m_d, o_k, D, SCALED)
         b_dq += dot_at(b_f0[:, None] * b_du, tl.trans(b_M), PRECISION)
         b_dq += dot_at(b_p0[:, None] * b_du, tl.trans(b_S), PRECISION)
     return b_dq
 
 
-@triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
+@triton.heuristics({
+    'SCALED': lambda a: a['hr'] is not None,
+    'IS_VARLEN': lambda a: a['cu_seqlens'] is not None,
+})
 @triton.jit(do_not_specialize=['T'])
 def chunk_titans_linear_bwd_local_kernel(
-    q, k, v, w, b, theta, alpha, eta, do, hs, ss, dq, z, du, dgu, dka, dP, gr, dw, db,
+    q, k, v, w, b, theta, alpha, eta, do, hs, ss, hr, sr, dq, z, du, dgu, dka, dP, gr, dw, db,
     cu_seqlens, chunk_indices, scale, eps, T, H: tl.constexpr, D: tl.constexpr,
     BD: tl.constexpr, BC: tl.constexpr, PRECISION: tl.constexpr, MIXED: tl.constexpr,
-    OMIXED: tl.constexpr, IS_VARLEN: tl.constexpr,
+    OMIXED: tl.constexpr, Z_STORED: tl.constexpr, SCALED: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):
     """One mini-batch and head: the gradients that do not depend on the later mini-batches
-    (step 1 of the module docstring); Q~'s products as stages.dot_q under OMIXED."""
+    (step 1 of the module docstring); Q~'s products as stages.dot_q under OMIXED. SCALED: the
+    states as the forward stored them under chunk.HALF_STATES_BACKWARD (float16 rows times
+    hr's, sr's inverse scales), with Z_STORED: Z = K M0 taken from z, where the forward's walk
+    stored it, instead of formed here and stored there."""
     i_s, row0, o_c, m_t, n_t, o_d, m_d, o_s, m_s, b_w, b_b = mini_batch_program(
         w, b, cu_seqlens, chunk_indices, T, H, D, BD, BC, IS_VARLEN)
-    b_M = load_square(hs, i_s, o_s, m_s, D)
-    b_S = load_square(ss, i_s, o_s, m_s, D)
+    if SCALED:
+        b_M = load_square_scaled(hs, hr, i_s, o_d, m_d, o_s, m_s, D)
+        b_S = load_square_scaled(ss, sr, i_s, o_d, m_d, o_s, m_s, D)
+    else:
+        b_M = load_square(hs, i_s, o_s, m_s, D)
+        b_S = load_square(ss, i_s, o_s, m_s, D)
     b_q, b_k, b_v, b_th, b_a, b_e = mini_batch_rows(q, k, v, theta, alpha, eta, row0, o_c, m_t,
                                                     o_d, scale, D, H)
     b_do = load_rows(do + row0 * D, o_c, m_t, o_d, D, H).to(tl.float32)
@@ -195,8 +217,12 @@ def chunk_titans_linear_bwd_local_kernel(
     # beside the states' copies
     b_qh = load_rows(q + row0 * D, o_c, m_t, o_d, D, H)
     b_qm = dot_q(b_q, b_qh, b_M, scale, PRECISION, OMIXED)
-    b_g, b_z = recon_grads(b_k, b_v, b_M, b_w, b_b, m_t, m_d, D, eps, k.dtype.element_ty,
-                           PRECISION, MIXED)
+    if Z_STORED:
+        b_g = grads_from_z(load_rows(z + row0 * D, o_c, m_t, o_d, D, H), b_k, b_v, b_w, b_b,
+                           m_t, m_d, D, eps)
+    else:
+        b_g, b_z = recon_grads(b_k, b_v, b_M, b_w, b_b, m_t, m_d, D, eps, k.dtype.element_ty,
+                               PRECISION, MIXED)
     b_qs = dot_q(b_q, b_qh, b_S, scale, PRECISION, OMIXED)
     b_q = reload_rows(b_q, q + row0 * D, o_c, m_t, o_d, scale, D, H, RELOAD_TILE)
     b_k = reload_rows(b_k, k + row0 * D, o_c, m_t, o_d, 1., D, H, RELOAD_TILE)
@@ -209,15 +235,16 @@ def chunk_titans_linear_bwd_local_kernel(
                               b_th, b_F, b_f0, b_e0, b_w, b_b, o_c, m_d, D, eps, PRECISION)
     store_rows(du + row0 * D, b_du, o_c, m_t, o_d, D, H)
     if BC * BD > RELOAD_TILE:
-        b_dq += _dq_states_by_blocks(du + row0 * D, hs, ss, i_s, b_f0, b_p0, o_c, m_t, o_d, m_d,
-                                     D, H, BD, PRECISION)
+        b_dq += _dq_states_by_blocks(du + row0 * D, hs, ss, hr, sr, i_s, b_f0, b_p0, o_c, m_t,
+                                     o_d, m_d, D, H, BD, PRECISION, SCALED)
     else:
         b_dq += dq_state(b_du, b_f0, b_M, PRECISION) + dq_state(b_du, b_p0, b_S, PRECISION)
     b_pn, b_en, _, _, _ = hand_on_gates(b_F, b_f0, b_E, b_e0, o_c == n_t - 1)
     tl.store(dw + i_s * D + o_d, b_dw, mask=m_d)
     tl.store(db + i_s * D + o_d, b_db, mask=m_d)
     store_rows(dq + row0 * D, b_dq * scale, o_c, m_t, o_d, D, H)
-    store_rows(z + row0 * D, b_z, o_c, m_t, o_d, D, H)
+    if not Z_STORED:
+        store_rows(z + row0 * D, b_z, o_c, m_t, o_d, D, H)
     store_rows(dgu + row0 * D, b_dg, o_c, m_t, o_d, D, H)
     store_rows(dka + row0 * D, b_dk, o_c, m_t, o_d, D, H)
     tl.store(dP + i_s.to(tl.int64) * BC * BC + o_c[:, None] * BC + o_c[None, :], b_dP)
@@ -353,8 +380,9 @@ def hand_back(b_dM, b_dS, b_qr, b_k, b_du, b_dz, b_f0, b_p0, f0n, p0n, e0n, scal
 
 
 @triton.jit
-def _grad_rows(p, p_r, i_s, o_j, o_d, m_d, D: tl.constexpr, SCALED: tl.constexpr):
-    """Rows o_j of the dM' or dS' the walk stored for mini-batch i_s, in float32."""
+def _square_rows(p, p_r, i_s, o_j, o_d, m_d, D: tl.constexpr, SCALED: tl.constexpr):
+    """Rows o_j of the state (M0, S0) or gradient (dM', dS') stored for mini-batch i_s, in
+    float32 (SCALED: float16 rows times p_r's inverse scales)."""
     if SCALED:
         return load_square_rows_scaled(p, p_r, i_s, o_j, o_d, m_d, D)
     return load_square_rows(p, i_s, o_j, o_d, m_d, D)
@@ -362,19 +390,22 @@ def _grad_rows(p, p_r, i_s, o_j, o_d, m_d, D: tl.constexpr, SCALED: tl.constexpr
 
 @triton.heuristics({
     'SCALED': lambda a: a['dmr'] is not None,
+    'STATES_SCALED': lambda a: a['hr'] is not None,
     'IS_VARLEN': lambda a: a['cu_seqlens'] is not None,
 })
 @triton.jit(do_not_specialize=['T'])
 def chunk_titans_linear_bwd_gates_kernel(
-    w, b, theta, alpha, eta, hs, ss, dms, dss, dmr, dsr, g, dz, dka, dP, gr, dk, dtheta, dalpha,
-    deta, cu_seqlens, chunk_indices, T, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
-    BC: tl.constexpr, BJ: tl.constexpr, ROWS: tl.constexpr, PRECISION: tl.constexpr,
-    DK_PRECISION: tl.constexpr, SCALED: tl.constexpr, IS_VARLEN: tl.constexpr,
+    w, b, theta, alpha, eta, hs, ss, hr, sr, dms, dss, dmr, dsr, g, dz, dka, dP, gr, dk, dtheta,
+    dalpha, deta, cu_seqlens, chunk_indices, T, H: tl.constexpr, D: tl.constexpr,
+    BD: tl.constexpr, BC: tl.constexpr, BJ: tl.constexpr, ROWS: tl.constexpr,
+    PRECISION: tl.constexpr, DK_PRECISION: tl.constexpr, SCALED: tl.constexpr,
+    STATES_SCALED: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """One mini-batch and head: dK, dtheta, dalpha, deta (step 3 of the module docstring),
     the states BJ rows at a time (ROWS: BJ < BD, a flag so that harness.compile tells the two
     forms apart as code paths, each with its own largest launch); dM', dS' as the walk stored
-    them (SCALED: float16 rows times dmr's, dsr's inverse scales)."""
+    them (SCALED: float16 rows times dmr's, dsr's inverse scales), M0, S0 as the forward did
+    (STATES_SCALED: hr's, sr's; chunk.HALF_STATES_BACKWARD)."""
     i_s, row0, o_c, m_t, n_t, o_d, m_d, o_s, m_s, _, _ = mini_batch_program(
         w, b, cu_seqlens, chunk_indices, T, H, D, BD, BC, IS_VARLEN)
     last = o_c == n_t - 1
@@ -391,15 +422,15 @@ def chunk_titans_linear_bwd_gates_kernel(
     b_mm, b_ms, b_ss = 0., 0., 0.
     for j0 in tl.static_range(0, BD, BJ):
         o_j = j0 + tl.arange(0, BJ)
-        b_M = load_square_rows(hs, i_s, o_j, o_d, m_d, D)
-        b_dM = _grad_rows(dms, dmr, i_s, o_j, o_d, m_d, D, SCALED)
-        b_dS = _grad_rows(dss, dsr, i_s, o_j, o_d, m_d, D, SCALED)
+        b_M = _square_rows(hs, hr, i_s, o_j, o_d, m_d, D, STATES_SCALED)
+        b_dM = _square_rows(dms, dmr, i_s, o_j, o_d, m_d, D, SCALED)
+        b_dS = _square_rows(dss, dsr, i_s, o_j, o_d, m_d, D, SCALED)
         b_dk = (load_rows(dka + row0 * D, o_c, m_t, o_j, D, H)
                 + dot_at(b_dz, tl.trans(b_M), DK_PRECISION)
                 - dot_at(b_gm, tl.trans(b_dM), DK_PRECISION)
                 - dot_at(b_gs, tl.trans(b_dS), DK_PRECISION))
         store_rows(dk + row0 * D, b_dk, o_c, m_t, o_j, D, H)
-        b_S = load_square_rows(ss, i_s, o_j, o_d, m_d, D)
+        b_S = _square_rows(ss, sr, i_s, o_j, o_d, m_d, D, STATES_SCALED)
         b_mm += tl.sum(tl.sum(b_dM * b_M, 1), 0)
         b_ms += tl.sum(tl.sum(b_dM * b_S, 1), 0)
         b_ss += tl.sum(tl.sum(b_dS * b_S, 1), 0)
@@ -439,12 +470,13 @@ def final_state_grads(dht, dst, N: int, H: int, D: int, device):
 
 
 def chunk_backward(q, k, v, w, b, theta, alpha, eta, hs, ss, initial, do, dht, dst, scale, eps,
-                   chunk_size, cu_seqlens, meta, omixed=""):
+                   chunk_size, cu_seqlens, meta, omixed="", hr=None, sr=None, zs=None):
     """(dq, dk, dv, dw, db, dtheta, dalpha, deta, d initial M or None, d initial S or None),
-    from the states each mini-batch started with (hs, ss); ``initial``: whether the call had an
-    initial memory or momentum; ``meta``: the kernels' constexprs and warps
-    (chunk.walk_meta); ``omixed``: the outputs kernel's mode (chunk.OUTPUT_MIXED, as the
-    forward ran) for LOCAL_AS_OUTPUTS."""
+    from the states each mini-batch started with (hs, ss; float16 rows times hr's, sr's
+    inverse scales where given); ``initial``: whether the call had an initial memory or
+    momentum; ``meta``: the kernels' constexprs and warps (chunk.walk_meta); ``omixed``: the
+    outputs kernel's mode (chunk.OUTPUT_MIXED, as the forward ran) for LOCAL_AS_OUTPUTS;
+    ``zs``: each mini-batch's Z = K M0 as the forward's walk formed it, or None."""
     B, T, H, D = q.shape
     N, NT, chunk_indices, chunk_offsets = chunk_layout(B, T, cu_seqlens, chunk_size)
     chunks = NT * (B if cu_seqlens is None else 1)
@@ -452,7 +484,8 @@ def chunk_backward(q, k, v, w, b, theta, alpha, eta, hs, ss, initial, do, dht, d
     dht, dst = final_state_grads(dht, dst, N, H, D, q.device)
     dq, dk, dv, dtheta, dalpha, deta = (torch.empty_like(x)
                                         for x in (q, k, v, theta, alpha, eta))
-    z, du, dgu, dka = (torch.empty(B, T, H, D, **f32) for _ in range(4))
+    du, dgu, dka = (torch.empty(B, T, H, D, **f32) for _ in range(3))
+    z = zs if zs is not None else torch.empty(B, T, H, D, **f32)
     gr = torch.empty(B, T, H, NG.value, **f32)
     dP = torch.empty(chunks, H, chunk_size, chunk_size, **f32)
     half = mode_for(HALF_GRADS, q.dtype)
@@ -469,8 +502,8 @@ def chunk_backward(q, k, v, w, b, theta, alpha, eta, hs, ss, initial, do, dht, d
     do = do.contiguous().to(v.dtype)
     if NT:
         chunk_titans_linear_bwd_local_kernel[(NT, B * H)](
-            q, k, v, w, b, theta, alpha, eta, do, hs, ss, dq, z, du, dgu, dka, dP, gr, dw1, db1,
-            cu_seqlens, chunk_indices, scale, float(eps), T,
+            q, k, v, w, b, theta, alpha, eta, do, hs, ss, hr, sr, dq, z, du, dgu, dka, dP, gr,
+            dw1, db1, cu_seqlens, chunk_indices, scale, float(eps), T, Z_STORED=zs is not None,
             OMIXED=omixed if LOCAL_AS_OUTPUTS and chunk_size * meta["BD"] <= RELOAD_TILE else "",
             **local_meta(meta))
     chunk_titans_linear_bwd_walk_kernel[(N * H,)](
@@ -486,7 +519,7 @@ def chunk_backward(q, k, v, w, b, theta, alpha, eta, hs, ss, initial, do, dht, d
         if GATES_MAXNREG is not None:
             meta["maxnreg"] = GATES_MAXNREG
         chunk_titans_linear_bwd_gates_kernel[(NT, B * H)](
-            w, b, theta, alpha, eta, hs, ss, dms, dss, dmr, dsr, du, dgu, dka, dP, gr, dk,
+            w, b, theta, alpha, eta, hs, ss, hr, sr, dms, dss, dmr, dsr, du, dgu, dka, dP, gr, dk,
             dtheta, dalpha, deta, cu_seqlens, chunk_indices, T, **meta)
     return (dq, dk, dv, (dw1.sum(0) + dw2.sum(0)).to(w.dtype),
             (db1.sum(0) + db2.sum(0)).to(b.dtype), dtheta, dalpha, deta, dh0, ds0)

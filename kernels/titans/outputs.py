@@ -23,8 +23,8 @@ from kernels.common.layernorm import layer_norm_rows
 from kernels.common.minibatch import (head_tiles, load_square, load_square_scaled,
                                       mini_batch_program)
 from kernels.common.utils import chunk_bounds, chunk_index, load_rows, store_rows, walk_bounds
-from kernels.titans.stages import (ahead_gates, dot_q, gate_rows, hand_on, mini_batch_rows,
-                                   recon_grads, segment_products)
+from kernels.titans.stages import (ahead_gates, dot_q, gate_rows, grads_from_z, hand_on,
+                                   mini_batch_rows, recon_grads, segment_products)
 
 __all__ = ["chunk_titans_linear_fwd_o_kernel", "chunk_titans_linear_fwd_replay_kernel"]
 
@@ -42,12 +42,13 @@ def output_products(q, row0, o_c, m_t, o_d, b_q, b_k, b_M, b_S, scale, D: tl.con
 
 
 @triton.jit
-def from_states(q, k, v, theta, alpha, eta, hs, ss, hr, sr, i_s, row0, o_c, m_t, o_d, m_d, o_s,
-                m_s, b_w, b_b, scale, eps, D: tl.constexpr, H: tl.constexpr,
+def from_states(q, k, v, theta, alpha, eta, hs, ss, hr, sr, zs, i_s, row0, o_c, m_t, o_d, m_d,
+                o_s, m_s, b_w, b_b, scale, eps, D: tl.constexpr, H: tl.constexpr,
                 PRECISION: tl.constexpr, MIXED: tl.constexpr, OMIXED: tl.constexpr,
-                SCALED: tl.constexpr):
+                SCALED: tl.constexpr, ZS: tl.constexpr):
     """(G, Q~ M0, Q~ S0, Q~ K^T, theta, 1 - alpha, eta) of a mini-batch from the M0, S0 it
-    starts with (SCALED: as the walk stored them under HALF_STATES "float16")."""
+    starts with (SCALED: as the walk stored them under HALF_STATES "float16"); with ZS, G from
+    the Z = K M0 the walk stored (HALF_STATES_BACKWARD), not from the rounded M0."""
     if SCALED:
         b_M = load_square_scaled(hs, hr, i_s, o_d, m_d, o_s, m_s, D)
         b_S = load_square_scaled(ss, sr, i_s, o_d, m_d, o_s, m_s, D)
@@ -56,8 +57,12 @@ def from_states(q, k, v, theta, alpha, eta, hs, ss, hr, sr, i_s, row0, o_c, m_t,
         b_S = load_square(ss, i_s, o_s, m_s, D)
     b_q, b_k, b_v, b_th, b_a, b_e = mini_batch_rows(q, k, v, theta, alpha, eta, row0, o_c, m_t,
                                                     o_d, scale, D, H)
-    b_g, _ = recon_grads(b_k, b_v, b_M, b_w, b_b, m_t, m_d, D, eps, k.dtype.element_ty,
-                         PRECISION, MIXED)
+    if ZS:
+        b_g = grads_from_z(load_rows(zs + row0 * D, o_c, m_t, o_d, D, H), b_k, b_v, b_w, b_b,
+                           m_t, m_d, D, eps)
+    else:
+        b_g, _ = recon_grads(b_k, b_v, b_M, b_w, b_b, m_t, m_d, D, eps, k.dtype.element_ty,
+                             PRECISION, MIXED)
     b_qm, b_qs, b_qk = output_products(q, row0, o_c, m_t, o_d, b_q, b_k, b_M, b_S, scale, D, H,
                                        PRECISION, OMIXED)
     return b_g, b_qm, b_qs, b_qk, b_th, b_a, b_e
@@ -81,15 +86,16 @@ def from_products(q, k, theta, alpha, eta, qm, qs, gs, row0, o_c, m_t, o_d, scal
 
 @triton.heuristics({
     'SCALED': lambda a: a['hr'] is not None,
+    'ZS': lambda a: a['zs'] is not None,
     'PRODUCTS': lambda a: a['qm'] is not None,
     'IS_VARLEN': lambda a: a['cu_seqlens'] is not None,
 })
 @triton.jit(do_not_specialize=['T'])
 def chunk_titans_linear_fwd_o_kernel(
-    q, k, v, w, b, theta, alpha, eta, o, hs, ss, hr, sr, qm, qs, gs, cu_seqlens, chunk_indices,
-    scale, eps, T, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
-    PRECISION: tl.constexpr, MIXED: tl.constexpr, OMIXED: tl.constexpr, SCALED: tl.constexpr,
-    PRODUCTS: tl.constexpr, IS_VARLEN: tl.constexpr,
+    q, k, v, w, b, theta, alpha, eta, o, hs, ss, hr, sr, zs, qm, qs, gs, cu_seqlens,
+    chunk_indices, scale, eps, T, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr,
+    BC: tl.constexpr, PRECISION: tl.constexpr, MIXED: tl.constexpr, OMIXED: tl.constexpr,
+    SCALED: tl.constexpr, ZS: tl.constexpr, PRODUCTS: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """One mini-batch and head: O (module docstring) from the M0, S0 it starts with, or with
     PRODUCTS from G, Q~ M0 and Q~ S0 as the walk stored them."""
@@ -101,8 +107,8 @@ def chunk_titans_linear_fwd_o_kernel(
             OMIXED)
     else:
         b_g, b_qm, b_qs, b_qk, b_th, b_a, b_e = from_states(
-            q, k, v, theta, alpha, eta, hs, ss, hr, sr, i_s, row0, o_c, m_t, o_d, m_d, o_s, m_s,
-            b_w, b_b, scale, eps, D, H, PRECISION, MIXED, OMIXED, SCALED)
+            q, k, v, theta, alpha, eta, hs, ss, hr, sr, zs, i_s, row0, o_c, m_t, o_d, m_d, o_s,
+            m_s, b_w, b_b, scale, eps, D, H, PRECISION, MIXED, OMIXED, SCALED, ZS)
     b_F, b_f0, _, _ = segment_products(b_a, o_c)
     b_E, b_e0, _, _ = segment_products(b_e, o_c)
     b_P = tl.dot(b_F, b_E, input_precision=PRECISION)

@@ -13,7 +13,8 @@ from kernels.common.layernorm import layer_norm_bwd_rows, layer_norm_rows, ln_re
 from kernels.common.minibatch import dot_state, dot_state_into
 from kernels.common.utils import dot_mixed, load_rows
 
-__all__ = ["ahead_gates", "dot_at", "dot_q", "dq_state", "gate_rows", "gates_bwd", "hand_on",
+__all__ = ["ahead_gates", "dot_at", "dot_q", "dq_state", "gate_rows", "gates_bwd", "grads_from_z",
+           "hand_on",
            "hand_on_gates", "hand_on_scaled", "local_meta", "mini_batch_rows", "outputs_bwd",
            "recon_grads", "row_of", "segment_products", "segment_products_bwd", "update_gates"]
 
@@ -175,8 +176,14 @@ def recon_grads(b_k, b_v, b_M, b_w, b_b, m_t, m_d, D: tl.constexpr, eps, HALF: t
     """(G, Z) [C, BD]: Z = K M0 (minibatch.dot_state, MIXED as the walks take it) and
     G = 2 ln_recon_grad(Z, V - K), 0 on the rows past the sequence."""
     b_z = dot_state(b_k, b_M, HALF, PRECISION, MIXED)
+    return grads_from_z(b_z, b_k, b_v, b_w, b_b, m_t, m_d, D, eps), b_z
+
+
+@triton.jit
+def grads_from_z(b_z, b_k, b_v, b_w, b_b, m_t, m_d, D: tl.constexpr, eps):
+    """G = 2 ln_recon_grad(Z, V - K) [C, BD] from a given Z, 0 on the rows past the sequence."""
     b_g = 2. * ln_recon_grad_rows(b_z, b_v - b_k, b_w, b_b, m_d, D, eps)
-    return tl.where(m_t[:, None], b_g, 0.), b_z
+    return tl.where(m_t[:, None], b_g, 0.)
 
 
 @triton.jit

@@ -9,12 +9,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.common.layernorm import ln_recon_grad_rows
 from kernels.common.minibatch import (dot_state, mini_batch_program, start_square,
                                       store_square_scaled, walk_program)
 from kernels.common.utils import load_rows, store_rows, walk_bounds
-from kernels.titans.stages import (ahead_gates, dot_q, gate_rows, hand_on, hand_on_gates,
-                                   hand_on_scaled, recon_grads, segment_products, update_gates)
+from kernels.titans.stages import (ahead_gates, dot_q, gate_rows, grads_from_z, hand_on,
+                                   hand_on_gates, hand_on_scaled, recon_grads, segment_products,
+                                   update_gates)
 
 __all__ = ["chunk_titans_linear_fwd_gates_kernel", "chunk_titans_linear_fwd_walk_kernel"]
 
@@ -96,16 +96,19 @@ def store_products(qm, qs, row0, o_c, m_t, o_d, b_qh, b_M, b_S, scale, D: tl.con
 
 
 @triton.jit
-def walk_step(q, k, v, theta, alpha, eta, gc, gn, qm, qs, gs, i_t, c0, bos, L, i_h, o_c, o_d, m_d,
+def walk_step(q, k, v, theta, alpha, eta, gc, gn, qm, qs, gs, zs, i_t, c0, bos, L, i_h, o_c, o_d,
+              m_d,
               b_M, b_S, m, s, b_qh, b_k, b_v, b_th, b_a, b_e, b_w, b_b, scale, eps,
               D: tl.constexpr, H: tl.constexpr, BC: tl.constexpr, PRECISION: tl.constexpr,
               MIXED: tl.constexpr, UMIXED: tl.constexpr, OMIXED: tl.constexpr,
-              PRODUCTS: tl.constexpr, STORE_G: tl.constexpr, PREFETCH: tl.constexpr,
-              GATES_AHEAD: tl.constexpr, ACCUMULATE: tl.constexpr, SCALES: tl.constexpr):
+              PRODUCTS: tl.constexpr, STORE_G: tl.constexpr, STORE_Z: tl.constexpr,
+              PREFETCH: tl.constexpr, GATES_AHEAD: tl.constexpr, ACCUMULATE: tl.constexpr,
+              SCALES: tl.constexpr):
     """Mini-batch i_t of the walk: (M, S handed on, their scales, the rows the next step
     takes). With PREFETCH b_qh .. b_e are this mini-batch's rows and the next one's are loaded
     here; without, this one's are. With SCALES the states are m M^, s S^ (b_M, b_S the tiles;
-    stages.hand_on_scaled), else b_M, b_S themselves (m, s as given)."""
+    stages.hand_on_scaled), else b_M, b_S themselves (m, s as given). With STORE_Z (not with
+    SCALES) Z = K M0 goes to zs [B, T, H, D] for the backward (chunk.HALF_STATES_BACKWARD)."""
     if PREFETCH:
         n_qh, n_k, n_v, n_th, n_a, n_e = walk_rows(q, k, v, theta, alpha, eta, i_t + 1, bos, L,
                                                    i_h, o_c, o_d, D, H, BC, PRODUCTS)
@@ -117,11 +120,12 @@ def walk_step(q, k, v, theta, alpha, eta, gc, gn, qm, qs, gs, i_t, c0, bos, L, i
     row0 = (bos + i_t * BC) * H + i_h
     if SCALES:  # Z = m (K M^)
         b_z = dot_state(b_k, b_M, k.dtype.element_ty, PRECISION, MIXED) * m
-        b_g = tl.where(m_t[:, None],
-                       2. * ln_recon_grad_rows(b_z, b_v - b_k, b_w, b_b, m_d, D, eps), 0.)
+        b_g = grads_from_z(b_z, b_k, b_v, b_w, b_b, m_t, m_d, D, eps)
     else:
-        b_g, _ = recon_grads(b_k, b_v, b_M, b_w, b_b, m_t, m_d, D, eps, k.dtype.element_ty,
-                             PRECISION, MIXED)
+        b_g, b_z = recon_grads(b_k, b_v, b_M, b_w, b_b, m_t, m_d, D, eps, k.dtype.element_ty,
+                               PRECISION, MIXED)
+    if STORE_Z:
+        store_rows(zs + row0 * D, b_z, o_c, m_t, o_d, D, H)
     if PRODUCTS:
         store_products(qm, qs, row0, o_c, m_t, o_d, b_qh, b_M, b_S, scale, D, H, PRECISION,
                        OMIXED)
@@ -151,24 +155,26 @@ def walk_step(q, k, v, theta, alpha, eta, gc, gn, qm, qs, gs, i_t, c0, bos, L, i
     'SCALED': lambda a: a['hr'] is not None,
     'PRODUCTS': lambda a: a['qm'] is not None,
     'STORE_G': lambda a: a['gs'] is not None,
+    'STORE_Z': lambda a: a['zs'] is not None,
     'IS_VARLEN': lambda a: a['cu_seqlens'] is not None,
 })
 @triton.jit(do_not_specialize=['T'])
 def chunk_titans_linear_fwd_walk_kernel(
-    q, k, v, w, b, theta, alpha, eta, gc, gn, h0, s0, ht, st, hs, ss, hr, sr, qm, qs, gs,
+    q, k, v, w, b, theta, alpha, eta, gc, gn, h0, s0, ht, st, hs, ss, hr, sr, qm, qs, gs, zs,
     cu_seqlens, chunk_offsets, segment_offsets, scale, eps, T, H: tl.constexpr,
     D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr, EVERY: tl.constexpr,
     PRECISION: tl.constexpr, MIXED: tl.constexpr, UMIXED: tl.constexpr, OMIXED: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, USE_INITIAL_MOMENTUM: tl.constexpr,
     STORE_FINAL_STATE: tl.constexpr, STORE_STATES: tl.constexpr, SCALED: tl.constexpr,
-    PRODUCTS: tl.constexpr, STORE_G: tl.constexpr, PREFETCH: tl.constexpr,
-    GATES_AHEAD: tl.constexpr, ACCUMULATE: tl.constexpr, SCALES: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
+    PRODUCTS: tl.constexpr, STORE_G: tl.constexpr, STORE_Z: tl.constexpr,
+    PREFETCH: tl.constexpr, GATES_AHEAD: tl.constexpr, ACCUMULATE: tl.constexpr,
+    SCALES: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """One sequence and head: M and S carried over the mini-batches (the module docstring's
     last line), storing with STORE_STATES the M0, S0 every EVERY-th mini-batch starts from
     (store_states; EVERY > 1: one state per segment of EVERY mini-batches, for the replay),
-    with PRODUCTS Q~ M0, Q~ S0 (store_products), with STORE_G each mini-batch's G; with
+    with PRODUCTS Q~ M0, Q~ S0 (store_products), with STORE_G each mini-batch's G, with
+    STORE_Z its Z; with
     PREFETCH the next mini-batch's rows loaded ahead (WALK_PREFETCH), with GATES_AHEAD the
     gates' part of the updates loaded from gc, gn (WALK_GATES_AHEAD)."""
     i_nh, i_h, bos, L, NT, c0, o_d, m_d, o_s, m_s, b_w, b_b = walk_program(
@@ -186,10 +192,10 @@ def chunk_titans_linear_fwd_walk_kernel(
                 store_states(hs, ss, hr, sr, ((c0 + i_t) * H + i_h).to(tl.int64), b_M, b_S, o_d,
                              m_d, o_s, m_s, D, SCALED)
             b_M, b_S, m, s, b_qh, b_k, b_v, b_th, b_a, b_e = walk_step(
-                q, k, v, theta, alpha, eta, gc, gn, qm, qs, gs, i_t, c0, bos, L, i_h, o_c, o_d,
-                m_d, b_M, b_S, m, s, b_qh, b_k, b_v, b_th, b_a, b_e, b_w, b_b, scale, eps, D, H,
-                BC, PRECISION, MIXED, UMIXED, OMIXED, PRODUCTS, STORE_G, PREFETCH, GATES_AHEAD,
-                ACCUMULATE, False)
+                q, k, v, theta, alpha, eta, gc, gn, qm, qs, gs, zs, i_t, c0, bos, L, i_h, o_c,
+                o_d, m_d, b_M, b_S, m, s, b_qh, b_k, b_v, b_th, b_a, b_e, b_w, b_b, scale, eps,
+                D, H, BC, PRECISION, MIXED, UMIXED, OMIXED, PRODUCTS, STORE_G, STORE_Z,
+                PREFETCH, GATES_AHEAD, ACCUMULATE, False)
     else:  # one state per segment of EVERY mini-batches
         k0 = walk_bounds(cu_seqlens, segment_offsets, i_nh // H, T, BC * EVERY, IS_VARLEN)[3]
         for i_g in range(tl.cdiv(NT, EVERY)):
@@ -198,10 +204,10 @@ def chunk_titans_linear_fwd_walk_kernel(
                              b_S * s, o_d, m_d, o_s, m_s, D, SCALED)
             for i_t in range(i_g * EVERY, tl.minimum(NT, i_g * EVERY + EVERY)):
                 b_M, b_S, m, s, b_qh, b_k, b_v, b_th, b_a, b_e = walk_step(
-                    q, k, v, theta, alpha, eta, gc, gn, qm, qs, gs, i_t, c0, bos, L, i_h, o_c,
-                    o_d, m_d, b_M, b_S, m, s, b_qh, b_k, b_v, b_th, b_a, b_e, b_w, b_b, scale,
-                    eps, D, H, BC, PRECISION, MIXED, UMIXED, OMIXED, PRODUCTS, STORE_G,
-                    PREFETCH, GATES_AHEAD, ACCUMULATE, SCALES)
+                    q, k, v, theta, alpha, eta, gc, gn, qm, qs, gs, zs, i_t, c0, bos, L, i_h,
+                    o_c, o_d, m_d, b_M, b_S, m, s, b_qh, b_k, b_v, b_th, b_a, b_e, b_w, b_b,
+                    scale, eps, D, H, BC, PRECISION, MIXED, UMIXED, OMIXED, PRODUCTS, STORE_G,
+                    False, PREFETCH, GATES_AHEAD, ACCUMULATE, SCALES)
     if STORE_FINAL_STATE:
         tl.store(ht + i_nh.to(tl.int64) * D * D + o_s, b_M * m, mask=m_s)
         tl.store(st + i_nh.to(tl.int64) * D * D + o_s, b_S * s, mask=m_s)
