@@ -4,7 +4,6 @@ beside them, from which the outputs kernel and the backward form G instead of fr
 M0, against the float64 reference and the float32 states' form."""
 
 import pytest
-import torch
 
 from harness.check.engine import rel_error
 from kernels.titans import chunk, chunk_titans_linear

@@ -42,16 +42,15 @@ import triton
 import triton.language as tl
 
 from kernels.common.layernorm import ln_recon_grad_bwd_rows
-from kernels.common.minibatch import (dot_state, dot_state_into, load_square,
-                                      load_square_cols, load_square_cols_scaled,
-                                      load_square_rows, load_square_rows_scaled,
-                                      load_square_scaled, mini_batch_program,
+from kernels.common.minibatch import (dot_state, dot_state_into, load_square_cols,
+                                      load_square_cols_scaled, load_square_rows,
+                                      load_square_rows_scaled, mini_batch_program,
                                       reload_rows, start_square, store_square_scaled,
                                       walk_program, with_warps)
 from kernels.common.utils import chunk_layout, load_rows, mode_for, store_rows
-from kernels.titans.stages import (dot_at, dot_q, dq_state, gate_rows, gates_bwd, grads_from_z,
-                                   hand_on_gates, local_meta, mini_batch_rows, outputs_bwd_from,
-                                   recon_grads, segment_products)
+from kernels.titans.stages import (dot_at, dot_q, dq_state, gate_rows, gates_bwd, hand_on_gates,
+                                   load_states, local_meta, mini_batch_rows, outputs_bwd_from,
+                                   segment_products, stored_grads)
 
 __all__ = ["chunk_backward"]
 
@@ -202,12 +201,7 @@ def chunk_titans_linear_bwd_local_kernel(
     stored it, instead of formed here and stored there."""
     i_s, row0, o_c, m_t, n_t, o_d, m_d, o_s, m_s, b_w, b_b = mini_batch_program(
         w, b, cu_seqlens, chunk_indices, T, H, D, BD, BC, IS_VARLEN)
-    if SCALED:
-        b_M = load_square_scaled(hs, hr, i_s, o_d, m_d, o_s, m_s, D)
-        b_S = load_square_scaled(ss, sr, i_s, o_d, m_d, o_s, m_s, D)
-    else:
-        b_M = load_square(hs, i_s, o_s, m_s, D)
-        b_S = load_square(ss, i_s, o_s, m_s, D)
+    b_M, b_S = load_states(hs, ss, hr, sr, i_s, o_d, m_d, o_s, m_s, D, SCALED)
     b_q, b_k, b_v, b_th, b_a, b_e = mini_batch_rows(q, k, v, theta, alpha, eta, row0, o_c, m_t,
                                                     o_d, scale, D, H)
     b_do = load_rows(do + row0 * D, o_c, m_t, o_d, D, H).to(tl.float32)
@@ -217,12 +211,8 @@ def chunk_titans_linear_bwd_local_kernel(
     # beside the states' copies
     b_qh = load_rows(q + row0 * D, o_c, m_t, o_d, D, H)
     b_qm = dot_q(b_q, b_qh, b_M, scale, PRECISION, OMIXED)
-    if Z_STORED:
-        b_g = grads_from_z(load_rows(z + row0 * D, o_c, m_t, o_d, D, H), b_k, b_v, b_w, b_b,
-                           m_t, m_d, D, eps)
-    else:
-        b_g, b_z = recon_grads(b_k, b_v, b_M, b_w, b_b, m_t, m_d, D, eps, k.dtype.element_ty,
-                               PRECISION, MIXED)
+    b_g, b_z = stored_grads(b_k, b_v, b_M, z, row0, o_c, m_t, o_d, m_d, b_w, b_b, D, H, eps,
+                            k.dtype.element_ty, PRECISION, MIXED, Z_STORED)
     b_qs = dot_q(b_q, b_qh, b_S, scale, PRECISION, OMIXED)
     b_q = reload_rows(b_q, q + row0 * D, o_c, m_t, o_d, scale, D, H, RELOAD_TILE)
     b_k = reload_rows(b_k, k + row0 * D, o_c, m_t, o_d, 1., D, H, RELOAD_TILE)

@@ -20,11 +20,10 @@ import triton
 import triton.language as tl
 
 from kernels.common.layernorm import layer_norm_rows
-from kernels.common.minibatch import (head_tiles, load_square, load_square_scaled,
-                                      mini_batch_program)
+from kernels.common.minibatch import head_tiles, load_square, mini_batch_program
 from kernels.common.utils import chunk_bounds, chunk_index, load_rows, store_rows, walk_bounds
-from kernels.titans.stages import (ahead_gates, dot_q, gate_rows, grads_from_z, hand_on,
-                                   mini_batch_rows, recon_grads, segment_products)
+from kernels.titans.stages import (ahead_gates, dot_q, gate_rows, hand_on, load_states,
+                                   mini_batch_rows, segment_products, stored_grads)
 
 __all__ = ["chunk_titans_linear_fwd_o_kernel", "chunk_titans_linear_fwd_replay_kernel"]
 
@@ -49,20 +48,11 @@ def from_states(q, k, v, theta, alpha, eta, hs, ss, hr, sr, zs, i_s, row0, o_c, 
     """(G, Q~ M0, Q~ S0, Q~ K^T, theta, 1 - alpha, eta) of a mini-batch from the M0, S0 it
     starts with (SCALED: as the walk stored them under HALF_STATES "float16"); with ZS, G from
     the Z = K M0 the walk stored (HALF_STATES_BACKWARD), not from the rounded M0."""
-    if SCALED:
-        b_M = load_square_scaled(hs, hr, i_s, o_d, m_d, o_s, m_s, D)
-        b_S = load_square_scaled(ss, sr, i_s, o_d, m_d, o_s, m_s, D)
-    else:
-        b_M = load_square(hs, i_s, o_s, m_s, D)
-        b_S = load_square(ss, i_s, o_s, m_s, D)
+    b_M, b_S = load_states(hs, ss, hr, sr, i_s, o_d, m_d, o_s, m_s, D, SCALED)
     b_q, b_k, b_v, b_th, b_a, b_e = mini_batch_rows(q, k, v, theta, alpha, eta, row0, o_c, m_t,
                                                     o_d, scale, D, H)
-    if ZS:
-        b_g = grads_from_z(load_rows(zs + row0 * D, o_c, m_t, o_d, D, H), b_k, b_v, b_w, b_b,
-                           m_t, m_d, D, eps)
-    else:
-        b_g, _ = recon_grads(b_k, b_v, b_M, b_w, b_b, m_t, m_d, D, eps, k.dtype.element_ty,
-                             PRECISION, MIXED)
+    b_g, _ = stored_grads(b_k, b_v, b_M, zs, row0, o_c, m_t, o_d, m_d, b_w, b_b, D, H, eps,
+                          k.dtype.element_ty, PRECISION, MIXED, ZS)
     b_qm, b_qs, b_qk = output_products(q, row0, o_c, m_t, o_d, b_q, b_k, b_M, b_S, scale, D, H,
                                        PRECISION, OMIXED)
     return b_g, b_qm, b_qs, b_qk, b_th, b_a, b_e

@@ -10,11 +10,11 @@ import triton
 import triton.language as tl
 
 from kernels.common.layernorm import layer_norm_bwd_rows, layer_norm_rows, ln_recon_grad_rows
-from kernels.common.minibatch import dot_state, dot_state_into
+from kernels.common.minibatch import dot_state, dot_state_into, load_square, load_square_scaled
 from kernels.common.utils import dot_mixed, load_rows
 
 __all__ = ["ahead_gates", "dot_at", "dot_q", "dq_state", "gate_rows", "gates_bwd", "grads_from_z",
-           "hand_on",
+           "hand_on", "load_states", "stored_grads",
            "hand_on_gates", "hand_on_scaled", "local_meta", "mini_batch_rows", "outputs_bwd",
            "recon_grads", "row_of", "segment_products", "segment_products_bwd", "update_gates"]
 
@@ -177,6 +177,34 @@ def recon_grads(b_k, b_v, b_M, b_w, b_b, m_t, m_d, D: tl.constexpr, eps, HALF: t
     G = 2 ln_recon_grad(Z, V - K), 0 on the rows past the sequence."""
     b_z = dot_state(b_k, b_M, HALF, PRECISION, MIXED)
     return grads_from_z(b_z, b_k, b_v, b_w, b_b, m_t, m_d, D, eps), b_z
+
+
+@triton.jit
+def load_states(hs, ss, hr, sr, i_s, o_d, m_d, o_s, m_s, D: tl.constexpr, SCALED: tl.constexpr):
+    """(M0, S0) of mini-batch i_s as the walk stored them, in float32 (SCALED: float16 rows
+    times hr's, sr's inverse scales; chunk.HALF_STATES, HALF_STATES_BACKWARD)."""
+    if SCALED:
+        b_M = load_square_scaled(hs, hr, i_s, o_d, m_d, o_s, m_s, D)
+        b_S = load_square_scaled(ss, sr, i_s, o_d, m_d, o_s, m_s, D)
+    else:
+        b_M = load_square(hs, i_s, o_s, m_s, D)
+        b_S = load_square(ss, i_s, o_s, m_s, D)
+    return b_M, b_S
+
+
+@triton.jit
+def stored_grads(b_k, b_v, b_M, zs, row0, o_c, m_t, o_d, m_d, b_w, b_b, D: tl.constexpr,
+                 H: tl.constexpr, eps, HALF: tl.constexpr, PRECISION: tl.constexpr,
+                 MIXED: tl.constexpr, ZS: tl.constexpr):
+    """recon_grads' (G, Z), with ZS from the Z the walk stored in zs (HALF_STATES_BACKWARD)
+    instead of K M0."""
+    if ZS:
+        b_z = load_rows(zs + row0 * D, o_c, m_t, o_d, D, H)
+        b_g = grads_from_z(b_z, b_k, b_v, b_w, b_b, m_t, m_d, D, eps)
+    else:
+        b_g, b_z = recon_grads(b_k, b_v, b_M, b_w, b_b, m_t, m_d, D, eps, HALF, PRECISION,
+                               MIXED)
+    return b_g, b_z
 
 
 @triton.jit
