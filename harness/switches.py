@@ -7,8 +7,8 @@ worker)."""
 from __future__ import annotations
 
 import ast
-import re
 import contextlib
+import re
 from typing import Any, Iterator
 from unittest.mock import patch
 

@@ -14,9 +14,9 @@ from kernels.common.minibatch import dot_state, dot_state_into, load_square, loa
 from kernels.common.utils import dot_mixed, load_rows
 
 __all__ = ["ahead_gates", "dot_at", "dot_q", "dq_state", "gate_rows", "gates_bwd", "grads_from_z",
-           "hand_on", "load_states", "stored_grads",
-           "hand_on_gates", "hand_on_scaled", "local_meta", "mini_batch_rows", "outputs_bwd",
-           "recon_grads", "row_of", "segment_products", "segment_products_bwd", "update_gates"]
+           "hand_on", "hand_on_gates", "hand_on_scaled", "load_states", "local_meta",
+           "mini_batch_rows", "outputs_bwd", "recon_grads", "row_of", "segment_products",
+           "segment_products_bwd", "stored_grads", "update_gates"]
 
 
 def local_meta(meta: dict) -> dict:

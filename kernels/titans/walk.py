@@ -97,8 +97,7 @@ def store_products(qm, qs, row0, o_c, m_t, o_d, b_qh, b_M, b_S, scale, D: tl.con
 
 @triton.jit
 def walk_step(q, k, v, theta, alpha, eta, gc, gn, qm, qs, gs, zs, i_t, c0, bos, L, i_h, o_c, o_d,
-              m_d,
-              b_M, b_S, m, s, b_qh, b_k, b_v, b_th, b_a, b_e, b_w, b_b, scale, eps,
+              m_d, b_M, b_S, m, s, b_qh, b_k, b_v, b_th, b_a, b_e, b_w, b_b, scale, eps,
               D: tl.constexpr, H: tl.constexpr, BC: tl.constexpr, PRECISION: tl.constexpr,
               MIXED: tl.constexpr, UMIXED: tl.constexpr, OMIXED: tl.constexpr,
               PRODUCTS: tl.constexpr, STORE_G: tl.constexpr, STORE_Z: tl.constexpr,
@@ -173,10 +172,9 @@ def chunk_titans_linear_fwd_walk_kernel(
     """One sequence and head: M and S carried over the mini-batches (the module docstring's
     last line), storing with STORE_STATES the M0, S0 every EVERY-th mini-batch starts from
     (store_states; EVERY > 1: one state per segment of EVERY mini-batches, for the replay),
-    with PRODUCTS Q~ M0, Q~ S0 (store_products), with STORE_G each mini-batch's G, with
-    STORE_Z its Z; with
-    PREFETCH the next mini-batch's rows loaded ahead (WALK_PREFETCH), with GATES_AHEAD the
-    gates' part of the updates loaded from gc, gn (WALK_GATES_AHEAD)."""
+    with PRODUCTS Q~ M0, Q~ S0 (store_products), with STORE_G each mini-batch's G, with STORE_Z
+    its Z; with PREFETCH the next mini-batch's rows loaded ahead (WALK_PREFETCH), with
+    GATES_AHEAD the gates' part of the updates loaded from gc, gn (WALK_GATES_AHEAD)."""
     i_nh, i_h, bos, L, NT, c0, o_d, m_d, o_s, m_s, b_w, b_b = walk_program(
         w, b, cu_seqlens, chunk_offsets, T, H, D, BD, BC, IS_VARLEN)
     o_c = tl.arange(0, BC)
