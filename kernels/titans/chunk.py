@@ -284,6 +284,20 @@ REPLAY_WARPS = 8
 # 1.353 / 5.302, and gate-saturated o 1.84e-3 against 1.66e-3 in bfloat16, 8.0e-4 against
 # 2.1e-4 in float16: 5% of the time is not worth 11% and 4x of o's error.
 REPLAY_G_PRECISION = None
+# The forward walk's chain: each mini-batch's Z = K M0 from M0 after its update (False), or
+# with the product that takes the state one mini-batch ahead (walk.ahead_step: Z = m (K N -
+# (K K'^T) (cM' o G')), N the handed-on state before the last update), so that the updates
+# and the product with the state lie beside the chain from one G to the next. It loads the
+# next mini-batch's rows ahead and accumulates its updates whatever WALK_PREFETCH and
+# WALK_ACCUMULATE say (tests/test_kernels_titans_ahead.py). Slower and less accurate on an
+# H100 (bfloat16, B=2, H=16, 2026-12-07, python tools/switch_compare.py titans chunk
+# --no-registered --case '<gate-saturated>' --set "ahead:...WALK_AHEAD=True" ..., each form
+# twice; reports/titans.md): the forward at D = 64 0.472 / 1.877 / 7.447 ms at T = 2K / 8K /
+# 32K against 0.374 / 1.339 / 5.308, at D = 128 3.712 / 14.625 at 8K / 32K against 2.829 /
+# 11.045, fwd+bwd at D = 64 and 8K 6.558 against 6.015; gate-saturated dK 0.0156 against
+# 0.0067, dtheta 0.0099 against 0.0025 (the correction's product of float32 G in three TF32
+# passes beside the state's truncated split), the final states 3.3e-4 against 4.9e-4.
+WALK_AHEAD = False
 
 
 def state_dtype(dtype: torch.dtype, backward: bool) -> torch.dtype:
@@ -413,8 +427,7 @@ def _forward(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0, s0,
         q, k, v, w, b, theta, alpha, eta, gc, gn, h0, s0, ht, st, hs, ss, hr, sr, qm, qs, gs, zs,
         cu_seqlens, chunk_offsets, segment_offsets if replay > 1 else None, scale, float(eps),
         T, EVERY=replay, PREFETCH=WALK_PREFETCH, GATES_AHEAD=ahead, ACCUMULATE=WALK_ACCUMULATE,
-        SCALES=scales,
-        **with_warps({**meta, **omixed}, WALK_WARPS))
+        SCALES=scales, AHEAD=WALK_AHEAD, **with_warps({**meta, **omixed}, WALK_WARPS))
     o = torch.empty_like(v)
     if replay > 1 and not REPLAY_CHAIN:
         rows = min(rows or replay * chunk_size, replay * chunk_size)

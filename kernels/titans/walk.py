@@ -9,12 +9,12 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.common.minibatch import (dot_state, mini_batch_program, start_square,
-                                      store_square_scaled, walk_program)
+from kernels.common.minibatch import (dot_state, dot_state_into, mini_batch_program,
+                                      start_square, store_square_scaled, walk_program)
 from kernels.common.utils import load_rows, store_rows, walk_bounds
-from kernels.titans.stages import (ahead_gates, dot_q, gate_rows, grads_from_z, hand_on,
-                                   hand_on_gates, hand_on_scaled, recon_grads, segment_products,
-                                   update_gates)
+from kernels.titans.stages import (SCALE_FLOOR, ahead_gates, dot_q, gate_rows, grads_from_z,
+                                   hand_on, hand_on_gates, hand_on_scaled, recon_grads,
+                                   segment_products, update_gates)
 
 __all__ = ["chunk_titans_linear_fwd_gates_kernel", "chunk_titans_linear_fwd_walk_kernel"]
 
@@ -146,6 +146,162 @@ def walk_step(q, k, v, theta, alpha, eta, gc, gn, qm, qs, gs, zs, i_t, c0, bos, 
     return b_M, b_S, m, s, n_qh, n_k, n_v, n_th, n_a, n_e
 
 
+@triton.jit
+def step_walk(q, k, v, theta, alpha, eta, gc, gn, hs, ss, hr, sr, qm, qs, gs, zs, c0, k0, bos,
+              L, NT, i_h, o_c, o_d, m_d, o_s, m_s, b_M, b_S, b_w, b_b, scale, eps,
+              D: tl.constexpr, H: tl.constexpr, BC: tl.constexpr, EVERY: tl.constexpr,
+              PRECISION: tl.constexpr, MIXED: tl.constexpr, UMIXED: tl.constexpr,
+              OMIXED: tl.constexpr, STORE: tl.constexpr, SCALED: tl.constexpr,
+              PRODUCTS: tl.constexpr, STORE_G: tl.constexpr, STORE_Z: tl.constexpr,
+              PREFETCH: tl.constexpr, GATES_AHEAD: tl.constexpr, ACCUMULATE: tl.constexpr,
+              SCALES: tl.constexpr):
+    """The walk over walk_step from M0 = b_M, S0 = b_S: (M, S) at its end, the states stored
+    at c0 + i_t (EVERY 1) or, once per segment of EVERY mini-batches, at k0 + i_t / EVERY."""
+    m, s = 1., 1.  # the states' scales (SCALES)
+    # mini-batch 0's rows (without PREFETCH walk_step loads each mini-batch's over them)
+    b_qh, b_k, b_v, b_th, b_a, b_e = walk_rows(q, k, v, theta, alpha, eta, 0, bos, L, i_h, o_c,
+                                               o_d, D, H, BC, PRODUCTS)
+    if EVERY == 1:
+        for i_t in range(NT):
+            if STORE:
+                store_states(hs, ss, hr, sr, ((c0 + i_t) * H + i_h).to(tl.int64), b_M, b_S,
+                             o_d, m_d, o_s, m_s, D, SCALED)
+            b_M, b_S, m, s, b_qh, b_k, b_v, b_th, b_a, b_e = walk_step(
+                q, k, v, theta, alpha, eta, gc, gn, qm, qs, gs, zs, i_t, c0, bos, L, i_h, o_c,
+                o_d, m_d, b_M, b_S, m, s, b_qh, b_k, b_v, b_th, b_a, b_e, b_w, b_b, scale, eps,
+                D, H, BC, PRECISION, MIXED, UMIXED, OMIXED, PRODUCTS, STORE_G, STORE_Z,
+                PREFETCH, GATES_AHEAD, ACCUMULATE, False)
+    else:
+        for i_g in range(tl.cdiv(NT, EVERY)):
+            if STORE:
+                store_states(hs, ss, hr, sr, ((k0 + i_g) * H + i_h).to(tl.int64), b_M * m,
+                             b_S * s, o_d, m_d, o_s, m_s, D, SCALED)
+            for i_t in range(i_g * EVERY, tl.minimum(NT, i_g * EVERY + EVERY)):
+                b_M, b_S, m, s, b_qh, b_k, b_v, b_th, b_a, b_e = walk_step(
+                    q, k, v, theta, alpha, eta, gc, gn, qm, qs, gs, zs, i_t, c0, bos, L, i_h,
+                    o_c, o_d, m_d, b_M, b_S, m, s, b_qh, b_k, b_v, b_th, b_a, b_e, b_w, b_b,
+                    scale, eps, D, H, BC, PRECISION, MIXED, UMIXED, OMIXED, PRODUCTS, STORE_G,
+                    False, PREFETCH, GATES_AHEAD, ACCUMULATE, SCALES)
+    return b_M * m, b_S * s
+
+
+@triton.jit
+def dot_rows(b_x, b_y, HALF: tl.constexpr, PRECISION: tl.constexpr):
+    """b_x @ b_y^T of two row tiles holding values of the inputs' dtype HALF: one product of
+    HALF operands (exact products, float32 sums), float32 ones at PRECISION."""
+    if HALF == tl.float32:
+        b_p = tl.dot(b_x, tl.trans(b_y), input_precision=PRECISION)
+    else:
+        b_p = tl.dot(b_x.to(HALF), tl.trans(b_y.to(HALF)))
+    return b_p
+
+
+@triton.jit
+def pending_update(b_N, b_S, b_kp, b_g, b_cm, b_cs, HALF: tl.constexpr,
+                   PRECISION: tl.constexpr, UMIXED: tl.constexpr):
+    """The update ahead_step leaves to the next mini-batch: (N - K'^T (cM' o G'),
+    S' - K'^T (cS' o G')), K', G' the mini-batch before's rows and gradients, cM', cS' its
+    gates over the scales it handed on (zeros before the first mini-batch)."""
+    b_kt = tl.trans(b_kp)
+    return (dot_state_into(b_kt, -b_cm[:, None] * b_g, b_N, HALF, PRECISION, UMIXED),
+            dot_state_into(b_kt, -b_cs[:, None] * b_g, b_S, HALF, PRECISION, UMIXED))
+
+
+@triton.jit
+def ahead_step(q, k, v, theta, alpha, eta, gc, gn, hs, ss, hr, sr, qm, qs, gs, zs, i_t, i_st,
+               c0, bos, L, i_h, o_c, o_d, m_d, o_s, m_s, b_N, b_S, m, s, b_y, b_kp, b_gp,
+               b_cmp, b_csp, b_qh, b_k, b_v, b_th, b_a, b_e, b_w, b_b, scale, eps,
+               D: tl.constexpr, H: tl.constexpr, BC: tl.constexpr, PRECISION: tl.constexpr,
+               MIXED: tl.constexpr, UMIXED: tl.constexpr, OMIXED: tl.constexpr,
+               STORE: tl.constexpr, SCALED: tl.constexpr, PRODUCTS: tl.constexpr,
+               STORE_G: tl.constexpr, STORE_Z: tl.constexpr, GATES_AHEAD: tl.constexpr,
+               SCALES: tl.constexpr):
+    """Mini-batch i_t of the walk with the product that takes the states one mini-batch ahead
+    (chunk.WALK_AHEAD). Given N = f0'[n] M0' + p0'[n] S0' and S' = e0'[n] S0' of the mini-batch
+    before (tiles, scales m, s as hand_on_scaled's under SCALES, else 1), its K', G', cM', cS'
+    (pending_update) and Y = K N:
+
+        M0, S0 = pending_update(..),   Z = K M0 = m (Y - (K K'^T) (cM' o G')),
+        then this mini-batch's N, S', cM, cS and the next one's Y = K_next N,
+
+    so that the chain from one G to the next holds one [C, C] x [C, D] product, the updates and
+    the product with the state beside it. Stores as walk_step (states when i_st >= 0, at i_st);
+    returns the carries and the next mini-batch's rows (loaded here)."""
+    HALF: tl.constexpr = k.dtype.element_ty
+    n_qh, n_k, n_v, n_th, n_a, n_e = walk_rows(q, k, v, theta, alpha, eta, i_t + 1, bos, L,
+                                               i_h, o_c, o_d, D, H, BC, PRODUCTS)
+    b_M, b_S = pending_update(b_N, b_S, b_kp, b_gp, b_cmp, b_csp, HALF, PRECISION, UMIXED)
+    if STORE:
+        if i_st >= 0:
+            store_states(hs, ss, hr, sr, i_st, b_M * m, b_S * s, o_d, m_d, o_s, m_s, D, SCALED)
+    m_t = i_t * BC + o_c < L
+    row0 = (bos + i_t * BC) * H + i_h
+    b_A = dot_rows(b_k, b_kp, HALF, PRECISION)
+    b_z = tl.dot(b_A, -b_cmp[:, None] * b_gp, b_y, input_precision=PRECISION) * m
+    b_g = grads_from_z(b_z, b_k, b_v, b_w, b_b, m_t, m_d, D, eps)
+    if STORE_Z:
+        store_rows(zs + row0 * D, b_z, o_c, m_t, o_d, D, H)
+    if PRODUCTS:
+        store_products(qm, qs, row0, o_c, m_t, o_d, b_qh, b_M * m, b_S * s, scale, D, H,
+                       PRECISION, OMIXED)
+    if STORE_G:
+        store_rows(gs + row0 * D, b_g, o_c, m_t, o_d, D, H)
+    if GATES_AHEAD:
+        b_cm, b_cs, f0n, e0n, p0n = ahead_gates(gc, gn, ((c0 + i_t) * H + i_h).to(tl.int64), i_t,
+                                                bos, L, i_h, o_c, H, BC)
+    else:
+        b_cm, b_cs, f0n, e0n, p0n = update_gates(
+            b_th, b_a, b_e, o_c, o_c == tl.minimum(BC, L - i_t * BC) - 1)
+    if SCALES:  # as hand_on_scaled
+        mf = m * f0n
+        if mf < SCALE_FLOOR:
+            b_M = b_M * mf
+            mf = 1.
+        b_N = b_M + (p0n * s / mf) * b_S
+        se = s * e0n
+        if se < SCALE_FLOOR:
+            b_S = b_S * se
+            se = 1.
+        b_cm, b_cs, m, s = b_cm / mf, b_cs / se, mf, se
+    else:
+        b_N, b_S = f0n * b_M + p0n * b_S, e0n * b_S
+    b_y = dot_state(n_k, b_N, HALF, PRECISION, MIXED)
+    return (b_N, b_S, m, s, b_y, b_k, b_g, b_cm, b_cs, n_qh, n_k, n_v, n_th, n_a, n_e)
+
+
+@triton.jit
+def ahead_walk(q, k, v, theta, alpha, eta, gc, gn, hs, ss, hr, sr, qm, qs, gs, zs, c0, k0,
+               bos, L, NT, i_h, o_c, o_d, m_d, o_s, m_s, b_M, b_S, b_w, b_b, scale, eps,
+               D: tl.constexpr, H: tl.constexpr, BC: tl.constexpr, BD: tl.constexpr,
+               EVERY: tl.constexpr, PRECISION: tl.constexpr, MIXED: tl.constexpr,
+               UMIXED: tl.constexpr, OMIXED: tl.constexpr, STORE: tl.constexpr,
+               SCALED: tl.constexpr, PRODUCTS: tl.constexpr, STORE_G: tl.constexpr,
+               STORE_Z: tl.constexpr, GATES_AHEAD: tl.constexpr, SCALES: tl.constexpr):
+    """The walk over ahead_step from M0 = b_M, S0 = b_S: (M, S) at its end, states stored at
+    c0 + i_t (EVERY 1) or k0 + i_t / EVERY (the first mini-batch of each segment)."""
+    b_qh, b_k, b_v, b_th, b_a, b_e = walk_rows(q, k, v, theta, alpha, eta, 0, bos, L, i_h, o_c,
+                                               o_d, D, H, BC, PRODUCTS)
+    m, s = 1., 1.
+    b_kp = tl.zeros([BC, BD], dtype=tl.float32)
+    b_gp = tl.zeros([BC, BD], dtype=tl.float32)
+    b_cmp = tl.zeros([BC], dtype=tl.float32)
+    b_csp = tl.zeros([BC], dtype=tl.float32)
+    b_y = dot_state(b_k, b_M, k.dtype.element_ty, PRECISION, MIXED)
+    for i_t in range(NT):
+        i_st = (c0 + i_t) * H + i_h
+        if EVERY > 1:
+            i_st = tl.where(i_t % EVERY == 0, (k0 + i_t // EVERY) * H + i_h, -1)
+        b_M, b_S, m, s, b_y, b_kp, b_gp, b_cmp, b_csp, b_qh, b_k, b_v, b_th, b_a, b_e = (
+            ahead_step(q, k, v, theta, alpha, eta, gc, gn, hs, ss, hr, sr, qm, qs, gs, zs, i_t,
+                       i_st.to(tl.int64), c0, bos, L, i_h, o_c, o_d, m_d, o_s, m_s, b_M, b_S,
+                       m, s, b_y, b_kp, b_gp, b_cmp, b_csp, b_qh, b_k, b_v, b_th, b_a, b_e, b_w,
+                       b_b, scale, eps, D, H, BC, PRECISION, MIXED, UMIXED, OMIXED, STORE,
+                       SCALED, PRODUCTS, STORE_G, STORE_Z, GATES_AHEAD, SCALES))
+    b_M, b_S = pending_update(b_M, b_S, b_kp, b_gp, b_cmp, b_csp, k.dtype.element_ty, PRECISION,
+                              UMIXED)
+    return b_M * m, b_S * s
+
+
 @triton.heuristics({
     'USE_INITIAL_STATE': lambda a: a['h0'] is not None,
     'USE_INITIAL_MOMENTUM': lambda a: a['s0'] is not None,
@@ -167,45 +323,35 @@ def chunk_titans_linear_fwd_walk_kernel(
     STORE_FINAL_STATE: tl.constexpr, STORE_STATES: tl.constexpr, SCALED: tl.constexpr,
     PRODUCTS: tl.constexpr, STORE_G: tl.constexpr, STORE_Z: tl.constexpr,
     PREFETCH: tl.constexpr, GATES_AHEAD: tl.constexpr, ACCUMULATE: tl.constexpr,
-    SCALES: tl.constexpr, IS_VARLEN: tl.constexpr,
+    SCALES: tl.constexpr, AHEAD: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):
     """One sequence and head: M and S carried over the mini-batches (the module docstring's
     last line), storing with STORE_STATES the M0, S0 every EVERY-th mini-batch starts from
     (store_states; EVERY > 1: one state per segment of EVERY mini-batches, for the replay),
     with PRODUCTS Q~ M0, Q~ S0 (store_products), with STORE_G each mini-batch's G, with STORE_Z
     its Z; with PREFETCH the next mini-batch's rows loaded ahead (WALK_PREFETCH), with
-    GATES_AHEAD the gates' part of the updates loaded from gc, gn (WALK_GATES_AHEAD)."""
+    GATES_AHEAD the gates' part of the updates loaded from gc, gn (WALK_GATES_AHEAD); with
+    AHEAD by ahead_walk (WALK_AHEAD)."""
     i_nh, i_h, bos, L, NT, c0, o_d, m_d, o_s, m_s, b_w, b_b = walk_program(
         w, b, cu_seqlens, chunk_offsets, T, H, D, BD, BC, IS_VARLEN)
     o_c = tl.arange(0, BC)
     b_M = start_square(h0, i_nh, o_s, m_s, D, BD, USE_INITIAL_STATE)
     b_S = start_square(s0, i_nh, o_s, m_s, D, BD, USE_INITIAL_MOMENTUM)
-    m, s = 1., 1.  # the states' scales (SCALES)
-    # mini-batch 0's rows (without PREFETCH walk_step loads each mini-batch's over them)
-    b_qh, b_k, b_v, b_th, b_a, b_e = walk_rows(q, k, v, theta, alpha, eta, 0, bos, L, i_h, o_c,
-                                               o_d, D, H, BC, PRODUCTS)
-    if EVERY == 1:
-        for i_t in range(NT):
-            if STORE_STATES:
-                store_states(hs, ss, hr, sr, ((c0 + i_t) * H + i_h).to(tl.int64), b_M, b_S, o_d,
-                             m_d, o_s, m_s, D, SCALED)
-            b_M, b_S, m, s, b_qh, b_k, b_v, b_th, b_a, b_e = walk_step(
-                q, k, v, theta, alpha, eta, gc, gn, qm, qs, gs, zs, i_t, c0, bos, L, i_h, o_c,
-                o_d, m_d, b_M, b_S, m, s, b_qh, b_k, b_v, b_th, b_a, b_e, b_w, b_b, scale, eps,
-                D, H, BC, PRECISION, MIXED, UMIXED, OMIXED, PRODUCTS, STORE_G, STORE_Z,
-                PREFETCH, GATES_AHEAD, ACCUMULATE, False)
-    else:  # one state per segment of EVERY mini-batches
+    k0 = c0  # the first segment's index among all (EVERY > 1)
+    if EVERY > 1:
         k0 = walk_bounds(cu_seqlens, segment_offsets, i_nh // H, T, BC * EVERY, IS_VARLEN)[3]
-        for i_g in range(tl.cdiv(NT, EVERY)):
-            if STORE_STATES:
-                store_states(hs, ss, hr, sr, ((k0 + i_g) * H + i_h).to(tl.int64), b_M * m,
-                             b_S * s, o_d, m_d, o_s, m_s, D, SCALED)
-            for i_t in range(i_g * EVERY, tl.minimum(NT, i_g * EVERY + EVERY)):
-                b_M, b_S, m, s, b_qh, b_k, b_v, b_th, b_a, b_e = walk_step(
-                    q, k, v, theta, alpha, eta, gc, gn, qm, qs, gs, zs, i_t, c0, bos, L, i_h,
-                    o_c, o_d, m_d, b_M, b_S, m, s, b_qh, b_k, b_v, b_th, b_a, b_e, b_w, b_b,
-                    scale, eps, D, H, BC, PRECISION, MIXED, UMIXED, OMIXED, PRODUCTS, STORE_G,
-                    False, PREFETCH, GATES_AHEAD, ACCUMULATE, SCALES)
+    if AHEAD:
+        b_M, b_S = ahead_walk(
+            q, k, v, theta, alpha, eta, gc, gn, hs, ss, hr, sr, qm, qs, gs, zs, c0, k0, bos, L, NT,
+            i_h, o_c, o_d, m_d, o_s, m_s, b_M, b_S, b_w, b_b, scale, eps, D, H, BC, BD, EVERY,
+            PRECISION, MIXED, UMIXED, OMIXED, STORE_STATES, SCALED, PRODUCTS, STORE_G, STORE_Z,
+            GATES_AHEAD, SCALES)
+    else:
+        b_M, b_S = step_walk(
+            q, k, v, theta, alpha, eta, gc, gn, hs, ss, hr, sr, qm, qs, gs, zs, c0, k0, bos, L, NT,
+            i_h, o_c, o_d, m_d, o_s, m_s, b_M, b_S, b_w, b_b, scale, eps, D, H, BC, EVERY,
+            PRECISION, MIXED, UMIXED, OMIXED, STORE_STATES, SCALED, PRODUCTS, STORE_G, STORE_Z,
+            PREFETCH, GATES_AHEAD, ACCUMULATE, SCALES)
     if STORE_FINAL_STATE:
-        tl.store(ht + i_nh.to(tl.int64) * D * D + o_s, b_M * m, mask=m_s)
-        tl.store(st + i_nh.to(tl.int64) * D * D + o_s, b_S * s, mask=m_s)
+        tl.store(ht + i_nh.to(tl.int64) * D * D + o_s, b_M, mask=m_s)
+        tl.store(st + i_nh.to(tl.int64) * D * D + o_s, b_S, mask=m_s)
