@@ -175,6 +175,27 @@ def test_update_products_apart_from_z(monkeypatch):
     assert rel_error(got["initial_state"], ref["initial_state"]) > 5e-5
 
 
+def test_backward_walk_products_apart(monkeypatch):
+    """chunk.BACKWARD_WALK_MIXED takes the split backward walk's K dM', K dS' apart from the
+    forward's Z (WALK_MIXED, None here: float32 operands). float16 q, k, v, those two under
+    "round" (dM', dS' rounded to float16 once a product): dq, final in the backward's first
+    kernel, bit for bit that of WALK_MIXED's mode; every other gradient moves (by 3.4e-6 to
+    3.0e-4 here) and stays within 1e-3 of float64 (measured 1.9e-4 to 3.4e-4)."""
+    monkeypatch.setattr(chunk, "SPLIT_BACKWARD", True)
+    monkeypatch.setattr(chunk, "WALK_MIXED", None)
+    monkeypatch.setattr(chunk, "UPDATE_MIXED", None)
+    x, st, cu = inputs(1, 40, 2, 16)
+    half = {n: (t.half() if n in "qkv" else t) for n, t in x.items()}
+    base = grads(chunk_titans_linear, half, st, cu, 16, None)
+    monkeypatch.setattr(chunk, "BACKWARD_WALK_MIXED", {"float16": "round"})
+    got = grads(chunk_titans_linear, half, st, cu, 16, None)
+    ref = grads(naive_titans_linear, {n: t.double() for n, t in half.items()},
+                {n: s.double() for n, s in st.items()}, cu, 16, None)
+    for name in ref:
+        assert rel_error(got[name], ref[name]) < 1e-3, (name, rel_error(got[name], ref[name]))
+        assert torch.equal(got[name], base[name]) == (name == "q"), name
+
+
 @pytest.mark.parametrize("mode", ["tf32", "tf32x2"])
 def test_accumulated_updates_in_the_tf32_modes(monkeypatch, mode):
     """chunk.WALK_ACCUMULATE under the update modes bfloat16 and the widest tiles take

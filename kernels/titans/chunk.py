@@ -119,6 +119,9 @@ MAX_TILE = 64 * 64
 # of its tolerance, the rest within 1%; long-T4096 dK 21% -> 26%, the final states 7% -> 12%;
 # the tiling family (bfloat16, float16) passed, worst 24.9%, the final states 15%.
 WALK_MIXED = {"bfloat16": "split_trunc"}
+# The split backward walk's products K dM', K dS' for half-precision inputs: None for
+# WALK_MIXED's mode, else a dot_state mode or a dict per dtype as WALK_MIXED. Untimed.
+BACKWARD_WALK_MIXED = None
 # The walks' update products (the forward's K^T (cM o G), K^T (cS o G); the backward's
 # Q~^T (f0 o dU), K^T dZ, Q~^T (p0 o dU)) for half-precision inputs: None for WALK_MIXED's
 # mode, else a dot_state mode or a dict per dtype as WALK_MIXED (measurements above). The
@@ -336,6 +339,14 @@ def walk_meta(q: torch.Tensor, chunk_size: int) -> dict:
     return {**meta, "MIXED": tile_mode(mixed, meta), "UMIXED": tile_mode(umixed, meta)}
 
 
+def backward_walk_mixed(dtype: torch.dtype, meta: dict) -> str:
+    """The split backward walk's MIXED for inputs of ``dtype``: BACKWARD_WALK_MIXED's mode
+    (tile_mode), or the forward walk's (``meta``, walk_meta's) where it is None."""
+    if BACKWARD_WALK_MIXED is None:
+        return meta["MIXED"]
+    return tile_mode(mode_for(BACKWARD_WALK_MIXED, dtype), meta)
+
+
 def output_modes(dtype: torch.dtype, states: torch.dtype, meta: dict) -> dict:
     """The outputs kernel's products with the stored states (of dtype ``states``), as its MIXED
     (Z = K M0) and OMIXED (Q~ M0, Q~ S0). Where HALF_STATES stored them in half precision, one
@@ -466,7 +477,8 @@ class ChunkTitansFunction(torch.autograd.Function):
         ctx.scale, ctx.eps, ctx.chunk_size = scale, eps, chunk_size
         # the switches as the forward ran: the backward recomputes G with its products
         ctx.meta = walk_meta(q, chunk_size)
-        ctx.backward = (partial(chunk_backward, omixed=mode_for(OUTPUT_MIXED, q.dtype))
+        ctx.backward = (partial(chunk_backward, omixed=mode_for(OUTPUT_MIXED, q.dtype),
+                                walk_mixed=backward_walk_mixed(q.dtype, ctx.meta))
                         if SPLIT_BACKWARD else fused_backward)  # hr, sr, zs: None if fused
         return o, ht, st
 

@@ -460,12 +460,14 @@ def final_state_grads(dht, dst, N: int, H: int, D: int, device):
 
 
 def chunk_backward(q, k, v, w, b, theta, alpha, eta, hs, ss, initial, do, dht, dst, scale, eps,
-                   chunk_size, cu_seqlens, meta, omixed="", hr=None, sr=None, zs=None):
+                   chunk_size, cu_seqlens, meta, omixed="", walk_mixed=None, hr=None, sr=None,
+                   zs=None):
     """(dq, dk, dv, dw, db, dtheta, dalpha, deta, d initial M or None, d initial S or None),
     from the states each mini-batch started with (hs, ss; float16 rows times hr's, sr's
     inverse scales where given); ``initial``: whether the call had an initial memory or
     momentum; ``meta``: the kernels' constexprs and warps (chunk.walk_meta); ``omixed``: the
     outputs kernel's mode (chunk.OUTPUT_MIXED, as the forward ran) for LOCAL_AS_OUTPUTS;
+    ``walk_mixed``: the walk's MIXED (chunk.backward_walk_mixed; None: ``meta``'s);
     ``zs``: each mini-batch's Z = K M0 as the forward's walk formed it, or None."""
     B, T, H, D = q.shape
     N, NT, chunk_indices, chunk_offsets = chunk_layout(B, T, cu_seqlens, chunk_size)
@@ -499,7 +501,8 @@ def chunk_backward(q, k, v, w, b, theta, alpha, eta, hs, ss, initial, do, dht, d
     chunk_titans_linear_bwd_walk_kernel[(N * H,)](
         q, k, v, w, b, z, du, dgu, dka, dv, gr, dms, dss, dmr, dsr, dht, dst, dh0, ds0, dw2, db2,
         cu_seqlens, chunk_offsets, scale, float(eps), T, PREFETCH=PREFETCH,
-        ACCUMULATE=WALK_ACCUMULATE, **with_warps(meta, WALK_WARPS))
+        ACCUMULATE=WALK_ACCUMULATE,
+        **with_warps(meta if walk_mixed is None else {**meta, "MIXED": walk_mixed}, WALK_WARPS))
     if NT:
         meta = {**{key: x for key, x in meta.items() if key not in ("MIXED", "UMIXED")},
                 "PRECISION": "ieee", "num_warps": gates_warps(q.dtype, meta["BD"]),
