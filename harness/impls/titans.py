@@ -65,9 +65,9 @@ def _ours_supports(case) -> str | None:
 # exactly) and the gate factors formed in the walk: the defaults before 2026-12-06, bfloat16's
 # closest to float64 and its slowest (fwd+bwd 13.7 ms at T = 8K, D = 64 on an H100, against
 # 10.2 with the walks in one TF32 product; reports/titans.md).
-# The states a call with a backward stores in float16, rows scaled, with each mini-batch's Z
-# stored beside them (chunk.HALF_STATES_BACKWARD): half the states' traffic and memory, G and
-# the backward's Z as the walk formed them; untimed (reports/titans.md, "Next").
+# The states a call with a backward stores in float32 (chunk.HALF_STATES_BACKWARD None; the
+# default stores them in float16 for bfloat16 inputs, rows scaled, with each mini-batch's Z
+# beside them): fwd+bwd 6.07 ms at T = 8K, D = 64 on an H100, against 5.68 (reports/titans.md).
 # Registered switches are compiled by the compile tests and compared by tools/switch_compare.py.
 _ONE_WALK = {"what": "one-walk backward (less memory)",
              "set": {"kernels.titans.chunk.SPLIT_BACKWARD": False}}
@@ -77,13 +77,13 @@ _TF32X3 = {"what": "three TF32 passes, gates in the walk",
                    "kernels.titans.chunk.OUTPUT_MIXED": None,
                    "kernels.titans.chunk_bwd.DK_PRECISION": None,
                    "kernels.titans.chunk.HALF_STATES": None,
+                   "kernels.titans.chunk.HALF_STATES_BACKWARD": None,
                    "kernels.titans.chunk.WALK_PRODUCTS": None,
                    "kernels.titans.chunk.REPLAY": None,
                    "kernels.titans.chunk.WALK_ACCUMULATE": False,
                    "kernels.titans.chunk.WALK_GATES_AHEAD": False}}
-_HALF_STATES_BACKWARD = {"what": "float16 states for the backward (less memory)",
-                         "set": {"kernels.titans.chunk.HALF_STATES_BACKWARD":
-                                 {"bfloat16": "float16"}}}
+_FLOAT32_STATES_BACKWARD = {"what": "float32 states for the backward",
+                            "set": {"kernels.titans.chunk.HALF_STATES_BACKWARD": None}}
 
 IMPLEMENTATIONS = [
     *references(TITANS),
@@ -92,7 +92,7 @@ IMPLEMENTATIONS = [
         dtypes=KERNEL_DTYPES,
         description="memory and momentum walked per mini-batch, outputs in parallel (Triton)",
         available=triton_available, supports=_ours_supports, inference_path=True,
-        switches=(_ONE_WALK, _TF32X3, _HALF_STATES_BACKWARD)),
+        switches=(_ONE_WALK, _TF32X3, _FLOAT32_STATES_BACKWARD)),
     Implementation(
         op="titans", name="fla_torch", kind="baseline", target=_fla_torch, devices=("cuda",),
         dtypes=KERNEL_DTYPES, description="fla-core chunk_titans_linear: PyTorch, its own math "

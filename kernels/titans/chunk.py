@@ -211,8 +211,16 @@ HALF_STATES = {"bfloat16": "float16"}
 # 16; python tools/kernel_registers.py titans --case basic | partial-200 --impl chunk --set
 # "hsb:kernels.titans.chunk.HALF_STATES_BACKWARD={'bfloat16': 'float16'}"): the backward's
 # first kernel spills 8 bytes a thread at D = 64 (108 with float32 states; shared memory 16
-# KB against 32) and 344 at D = 128 (1,508), its last 588 at D = 128 (816). Untimed.
-HALF_STATES_BACKWARD = None
+# KB against 32) and 344 at D = 128 (1,508), its last 588 at D = 128 (816).
+# On an H100 (bfloat16, B=2, H=16, chunk_size 16, 2026-12-07, reports/titans.md; `harness bench
+# titans ttt --impl chunk --set "hsb:...HALF_STATES_BACKWARD={'bfloat16':'float16'}" --mode
+# fwdbwd ...`) fwd+bwd at T = 2K / 8K / 32K took 1.487 / 5.678 / 22.431 ms at D = 64 against
+# 1.614 / 6.068 / 23.808 with float32 states (TTT 1.066 / 4.014 / 15.701), and 4.870 / 19.161
+# / 76.369 at D = 128 against 5.930 / 23.439 / 92.971 (TTT 2.878 / 11.200 / 44.904); extra
+# peak memory at 8K 1,204 MB against 1,452 (D = 64), 3,916 against 4,924 (D = 128). Errors:
+# gate-saturated's within 2% of the float32 states' (dK 6.70e-3 against 6.69e-3), the bfloat16
+# tiling family passed (worst 25% of a tolerance), the long family as with float32 states.
+HALF_STATES_BACKWARD = {"bfloat16": "float16"}
 # What the forward walk stores for the outputs kernel: the states M0, S0 each mini-batch starts
 # from, from which that kernel forms Z = K M0, G, Q~ M0 and Q~ S0 (None), or G, Q~ M0 and
 # Q~ S0 themselves (Q~ M0 and Q~ S0 as OUTPUT_MIXED says), [C, D] float32 rows per mini-batch
