@@ -175,25 +175,51 @@ def test_update_products_apart_from_z(monkeypatch):
     assert rel_error(got["initial_state"], ref["initial_state"]) > 5e-5
 
 
-def test_backward_walk_products_apart(monkeypatch):
-    """chunk.BACKWARD_WALK_MIXED takes the split backward walk's K dM', K dS' apart from the
-    forward's Z (WALK_MIXED, None here: float32 operands). float16 q, k, v, those two under
-    "round" (dM', dS' rounded to float16 once a product): dq, final in the backward's first
-    kernel, bit for bit that of WALK_MIXED's mode; every other gradient moves (by 3.4e-6 to
-    3.0e-4 here) and stays within 1e-3 of float64 (measured 1.9e-4 to 3.4e-4)."""
+@pytest.mark.parametrize("switch", ["TRAINING_WALK_MIXED", "BACKWARD_WALK_MIXED"])
+def test_walk_products_of_a_call_with_a_backward(monkeypatch, switch):
+    """chunk.TRAINING_WALK_MIXED takes the forward walk's Z in a call with a backward apart from
+    a call without one (WALK_MIXED, None here: float32 operands), chunk.BACKWARD_WALK_MIXED the
+    split backward walk's K dM', K dS'. float16 q, k, v, the switch's products under "round"
+    (the state rounded to float16 once a product): a call without a backward is bit for bit
+    WALK_MIXED's; with one, BACKWARD_WALK_MIXED leaves o and dq (final in the backward's first
+    kernel) bit for bit and moves every other gradient, TRAINING_WALK_MIXED moves o and every
+    gradient (through its BACKWARD_WALK_MIXED None: the backward walk as the forward); all
+    within 1e-3 of float64 (measured 1.9e-4 to 4.8e-4). Either switch ignored fails it."""
     monkeypatch.setattr(chunk, "SPLIT_BACKWARD", True)
     monkeypatch.setattr(chunk, "WALK_MIXED", None)
     monkeypatch.setattr(chunk, "UPDATE_MIXED", None)
+    monkeypatch.setattr(chunk, "TRAINING_WALK_MIXED", None)
+    monkeypatch.setattr(chunk, "BACKWARD_WALK_MIXED", None)
     x, st, cu = inputs(1, 40, 2, 16)
     half = {n: (t.half() if n in "qkv" else t) for n, t in x.items()}
-    base = grads(chunk_titans_linear, half, st, cu, 16, None)
-    monkeypatch.setattr(chunk, "BACKWARD_WALK_MIXED", {"float16": "round"})
-    got = grads(chunk_titans_linear, half, st, cu, 16, None)
+    with torch.no_grad():
+        plain = both(half, st, cu)[0]
+    base = grads_and_o(half, st, cu)
+    monkeypatch.setattr(chunk, switch, {"float16": "round"})
+    with torch.no_grad():
+        for a, p in zip(both(half, st, cu)[0], plain):
+            assert torch.equal(a, p)
+    got = grads_and_o(half, st, cu)
     ref = grads(naive_titans_linear, {n: t.double() for n, t in half.items()},
                 {n: s.double() for n, s in st.items()}, cu, 16, None)
+    ref["o"] = naive_titans_linear(*(half[n].double() for n in NAMES),
+                                   **{n: s.double() for n, s in st.items()}, chunk_size=16)[0]
     for name in ref:
         assert rel_error(got[name], ref[name]) < 1e-3, (name, rel_error(got[name], ref[name]))
-        assert torch.equal(got[name], base[name]) == (name == "q"), name
+        kept = switch == "BACKWARD_WALK_MIXED" and name in ("o", "q")
+        assert torch.equal(got[name], base[name]) == kept, name
+
+
+def grads_and_o(x, st, cu):
+    """The kernel's gradients (as ``grads``) and its o."""
+    kept = {}
+
+    def keep(*args, **kw):
+        out = chunk_titans_linear(*args, **kw)
+        kept["o"] = out[0].detach()
+        return out
+
+    return {**grads(keep, x, st, cu, 16, None), **kept}
 
 
 @pytest.mark.parametrize("mode", ["tf32", "tf32x2"])

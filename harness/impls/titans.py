@@ -67,13 +67,16 @@ def _ours_supports(case) -> str | None:
 # 10.2 with the walks in one TF32 product; reports/titans.md).
 # The states a call with a backward stores in float32 (chunk.HALF_STATES_BACKWARD None; the
 # default stores them in float16 for bfloat16 inputs, rows scaled, with each mini-batch's Z
-# beside them): fwd+bwd 6.07 ms at T = 8K, D = 64 on an H100, against 5.68 (reports/titans.md).
+# beside them): fwd+bwd 6.07 ms at T = 8K, D = 64 on an H100, against 5.68, with every walk's
+# Z in "split_trunc" (reports/titans.md).
 # Registered switches are compiled by the compile tests and compared by tools/switch_compare.py.
 _ONE_WALK = {"what": "one-walk backward (less memory)",
              "set": {"kernels.titans.chunk.SPLIT_BACKWARD": False}}
 _TF32X3 = {"what": "three TF32 passes, gates in the walk",
            "set": {"kernels.titans.chunk.WALK_MIXED": None,
                    "kernels.titans.chunk.UPDATE_MIXED": None,
+                   "kernels.titans.chunk.TRAINING_WALK_MIXED": None,
+                   "kernels.titans.chunk.BACKWARD_WALK_MIXED": None,
                    "kernels.titans.chunk.OUTPUT_MIXED": None,
                    "kernels.titans.chunk_bwd.DK_PRECISION": None,
                    "kernels.titans.chunk.HALF_STATES": None,

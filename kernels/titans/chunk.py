@@ -86,8 +86,9 @@ MAX_TILE = 64 * 64
 # tools/kernel_profile.py titans chunk --seq-len 8192 --head-dim 64 --mode fwdbwd`.
 #
 # How the walks take their products of input rows and a float32 state for half-precision
-# inputs (Z = K M0 wherever it is formed, and the split backward walk's K dM', K dS'; the
-# updates as UPDATE_MIXED says): a minibatch.dot_state mode ("tf32": one TF32 product, the
+# inputs (Z = K M0 wherever it is formed, and the split backward walk's K dM', K dS'; in a
+# call with a backward as TRAINING_WALK_MIXED and BACKWARD_WALK_MIXED below say; the updates
+# as UPDATE_MIXED says): a minibatch.dot_state mode ("tf32": one TF32 product, the
 # state kept to 11 bits; "tf32x2": two, ~22 bits; "split": the state as two halves in the
 # inputs' dtype, two products, ~16 bits; "split_trunc": so, for bfloat16 the high half the
 # state's upper 16 bits, ~15 bits; "round": the state rounded to the inputs' dtype, one
@@ -119,8 +120,23 @@ MAX_TILE = 64 * 64
 # of its tolerance, the rest within 1%; long-T4096 dK 21% -> 26%, the final states 7% -> 12%;
 # the tiling family (bfloat16, float16) passed, worst 24.9%, the final states 15%.
 WALK_MIXED = {"bfloat16": "split_trunc"}
-# The split backward walk's products K dM', K dS' for half-precision inputs: None for
-# WALK_MIXED's mode, else a dot_state mode or a dict per dtype as WALK_MIXED. Untimed.
+# The forward walk's Z in a call with a backward (TRAINING_WALK_MIXED; the outputs kernel and the
+# backward's first kernel take it where they form Z again) and the split backward walk's
+# K dM', K dS' (BACKWARD_WALK_MIXED) for half-precision inputs: None for WALK_MIXED's mode
+# (TRAINING_WALK_MIXED's for the second), else a dot_state mode or a dict per dtype as
+# WALK_MIXED. For bfloat16 both "tf32x2" (~22 bits) where WALK_MIXED's "split_trunc" (~15)
+# keeps the forward without a backward: on an H100 (2026-12-07, reports/titans.md, `harness
+# check titans --dtype bfloat16 --family long` with --plugin forms) every walk in
+# "split_trunc" failed the long family (gate 20, D = 64, T = 1K to 64K): dalpha and deta 109%
+# of their tolerance at T = 4096, dalpha 321% and dK 174% at 65536; "split" 74% and 238%
+# there; "tf32x2" for every walk passed, worst 47% (dK at 64K), as did float32 operands
+# (WALK_MIXED None, worst 25%). o and the final states stayed within 20% under every mode.
+# "tf32x2" for every walk cost (H100, T = 8K, with HALF_STATES_BACKWARD; tools/switch_compare.py
+# titans chunk --no-registered --dtype '' --seq-len 8192 --mode fwd,fwdbwd --set ...) fwd+bwd
+# 6.251 ms against 5.699 at D = 64, 23.276 against 19.320 at D = 128, and the forward 1.494
+# against 1.339 at D = 64, 5.041 against 2.773 at D = 128 (the replay's walk), which
+# WALK_MIXED keeps. Which of the two walks needs the bits is not measured apart yet.
+TRAINING_WALK_MIXED = {"bfloat16": "tf32x2"}
 BACKWARD_WALK_MIXED = None
 # The walks' update products (the forward's K^T (cM o G), K^T (cS o G); the backward's
 # Q~^T (f0 o dU), K^T dZ, Q~^T (p0 o dU)) for half-precision inputs: None for WALK_MIXED's
@@ -326,9 +342,11 @@ def state_dtype(dtype: torch.dtype, backward: bool) -> torch.dtype:
     return getattr(torch, half) if half else torch.float32
 
 
-def walk_mixed(dtype: torch.dtype) -> str:
-    """WALK_MIXED for inputs of ``dtype``, as the kernels' MIXED ("" for None)."""
-    return mode_for(WALK_MIXED, dtype)
+def walk_mixed(dtype: torch.dtype, backward: bool = False) -> str:
+    """The forward walk's Z mode for inputs of ``dtype``, as the kernels' MIXED ("" for None):
+    TRAINING_WALK_MIXED's in a call with a backward where it is set, else WALK_MIXED's."""
+    setting = TRAINING_WALK_MIXED if backward and TRAINING_WALK_MIXED is not None else WALK_MIXED
+    return mode_for(setting, dtype)
 
 
 def tile_mode(mode: str, meta: dict) -> str:
@@ -337,12 +355,13 @@ def tile_mode(mode: str, meta: dict) -> str:
     return "tf32x2" if mode == "tf32" and meta["BC"] * meta["BD"] > TF32_TILE else mode
 
 
-def walk_meta(q: torch.Tensor, chunk_size: int) -> dict:
-    """The constexprs and warps of every Titans kernel, walk_mixed as MIXED and the walks'
-    update mode (UPDATE_MIXED) as UMIXED ("tf32x2" for "tf32" where a mini-batch's tile holds
-    more than TF32_TILE values); stages.local_meta takes UMIXED out for the other kernels."""
+def walk_meta(q: torch.Tensor, chunk_size: int, backward: bool = False) -> dict:
+    """The constexprs and warps of every Titans kernel of a call with or without a backward,
+    walk_mixed as MIXED and the walks' update mode (UPDATE_MIXED) as UMIXED ("tf32x2" for
+    "tf32" where a mini-batch's tile holds more than TF32_TILE values); stages.local_meta takes
+    UMIXED out for the other kernels."""
     meta = mini_batch_meta(q, chunk_size)
-    mixed = walk_mixed(q.dtype)
+    mixed = walk_mixed(q.dtype, backward)
     umixed = mode_for(UPDATE_MIXED, q.dtype) if UPDATE_MIXED is not None else mixed
     return {**meta, "MIXED": tile_mode(mixed, meta), "UMIXED": tile_mode(umixed, meta)}
 
@@ -430,7 +449,7 @@ def _forward(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0, s0,
     qm, qs = (torch.empty(B, T, H, D, **f32) if products else None for _ in range(2))
     gs = torch.empty(B, T, H, D, **f32) if products or replay > 1 else None
     zs = torch.empty(B, T, H, D, **f32) if backward and sdt == torch.float16 else None
-    meta = walk_meta(q, chunk_size)
+    meta = walk_meta(q, chunk_size, backward)
     omixed = {"OMIXED": mode_for(OUTPUT_MIXED, q.dtype)}
     ahead = WALK_GATES_AHEAD and NT > 0
     gates = ahead or replay > 1  # replay > 1 only where NT > 0
@@ -484,7 +503,7 @@ class ChunkTitansFunction(torch.autograd.Function):
                               sr, zs)
         ctx.scale, ctx.eps, ctx.chunk_size = scale, eps, chunk_size
         # the switches as the forward ran: the backward recomputes G with its products
-        ctx.meta = walk_meta(q, chunk_size)
+        ctx.meta = walk_meta(q, chunk_size, True)
         ctx.backward = (partial(chunk_backward, omixed=mode_for(OUTPUT_MIXED, q.dtype),
                                 walk_mixed=backward_walk_mixed(q.dtype, ctx.meta))
                         if SPLIT_BACKWARD else fused_backward)  # hr, sr, zs: None if fused
