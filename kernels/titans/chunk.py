@@ -135,7 +135,13 @@ WALK_MIXED = {"bfloat16": "split_trunc"}
 # titans chunk --no-registered --dtype '' --seq-len 8192 --mode fwd,fwdbwd --set ...) fwd+bwd
 # 6.251 ms against 5.699 at D = 64, 23.276 against 19.320 at D = 128, and the forward 1.494
 # against 1.339 at D = 64, 5.041 against 2.773 at D = 128 (the replay's walk), which
-# WALK_MIXED keeps. Which of the two walks needs the bits is not measured apart yet.
+# WALK_MIXED keeps. Which of the two walks needs the bits was not measured apart on a GPU; a
+# float64 emulation of the modes on the long family's inputs (python tools/walk_rounding.py
+# --seq-len T --forward F --backward B ..., only those products rounded) puts it all in the
+# forward walk's Z: every walk "split_trunc" dK 360% / 3093% of its tolerance at T = 4096 /
+# 65536, the forward walk alone the same, the backward walk alone 27% (4096); Z "tf32x2" with
+# the backward walk's products "split_trunc" 28% / 44%, with them "tf32" 440% / 1086% (dtheta,
+# dK). BACKWARD_WALK_MIXED "split_trunc" is to be checked and timed on a GPU.
 TRAINING_WALK_MIXED = {"bfloat16": "tf32x2"}
 BACKWARD_WALK_MIXED = None
 # The walks' update products (the forward's K^T (cM o G), K^T (cS o G); the backward's
