@@ -96,6 +96,31 @@ def store_products(qm, qs, row0, o_c, m_t, o_d, b_qh, b_M, b_S, scale, D: tl.con
 
 
 @triton.jit
+def stores_and_gates(gc, gn, qm, qs, gs, zs, i_t, c0, bos, L, i_h, row0, o_c, m_t, o_d, b_qh,
+                     b_M, b_S, b_z, b_g, b_th, b_a, b_e, scale, D: tl.constexpr,
+                     H: tl.constexpr, BC: tl.constexpr, PRECISION: tl.constexpr,
+                     OMIXED: tl.constexpr, PRODUCTS: tl.constexpr, STORE_G: tl.constexpr,
+                     STORE_Z: tl.constexpr, GATES_AHEAD: tl.constexpr):
+    """What a walk stores of mini-batch i_t (its Z with STORE_Z, Q~ M0 and Q~ S0 with PRODUCTS,
+    G with STORE_G), then what its updates take from the gates: (P[n] theta, E[n] theta,
+    f0[n], e0[n], p0[n]), n the last real token, loaded (GATES_AHEAD) or formed."""
+    if STORE_Z:
+        store_rows(zs + row0 * D, b_z, o_c, m_t, o_d, D, H)
+    if PRODUCTS:
+        store_products(qm, qs, row0, o_c, m_t, o_d, b_qh, b_M, b_S, scale, D, H, PRECISION,
+                       OMIXED)
+    if STORE_G:
+        store_rows(gs + row0 * D, b_g, o_c, m_t, o_d, D, H)
+    if GATES_AHEAD:
+        b_cm, b_cs, f0n, e0n, p0n = ahead_gates(gc, gn, ((c0 + i_t) * H + i_h).to(tl.int64), i_t,
+                                                bos, L, i_h, o_c, H, BC)
+    else:
+        b_cm, b_cs, f0n, e0n, p0n = update_gates(
+            b_th, b_a, b_e, o_c, o_c == tl.minimum(BC, L - i_t * BC) - 1)
+    return b_cm, b_cs, f0n, e0n, p0n
+
+
+@triton.jit
 def walk_step(q, k, v, theta, alpha, eta, gc, gn, qm, qs, gs, zs, i_t, c0, bos, L, i_h, o_c, o_d,
               m_d, b_M, b_S, m, s, b_qh, b_k, b_v, b_th, b_a, b_e, b_w, b_b, scale, eps,
               D: tl.constexpr, H: tl.constexpr, BC: tl.constexpr, PRECISION: tl.constexpr,
@@ -123,20 +148,10 @@ def walk_step(q, k, v, theta, alpha, eta, gc, gn, qm, qs, gs, zs, i_t, c0, bos, 
     else:
         b_g, b_z = recon_grads(b_k, b_v, b_M, b_w, b_b, m_t, m_d, D, eps, k.dtype.element_ty,
                                PRECISION, MIXED)
-    if STORE_Z:
-        store_rows(zs + row0 * D, b_z, o_c, m_t, o_d, D, H)
-    if PRODUCTS:
-        store_products(qm, qs, row0, o_c, m_t, o_d, b_qh, b_M, b_S, scale, D, H, PRECISION,
-                       OMIXED)
-    if STORE_G:
-        store_rows(gs + row0 * D, b_g, o_c, m_t, o_d, D, H)
-    # P[n] theta, E[n] theta, f0[n], e0[n], p0[n] (n: the last real token)
-    if GATES_AHEAD:
-        b_cm, b_cs, f0n, e0n, p0n = ahead_gates(gc, gn, ((c0 + i_t) * H + i_h).to(tl.int64), i_t,
-                                                bos, L, i_h, o_c, H, BC)
-    else:
-        b_cm, b_cs, f0n, e0n, p0n = update_gates(
-            b_th, b_a, b_e, o_c, o_c == tl.minimum(BC, L - i_t * BC) - 1)
+    b_cm, b_cs, f0n, e0n, p0n = stores_and_gates(
+        gc, gn, qm, qs, gs, zs, i_t, c0, bos, L, i_h, row0, o_c, m_t, o_d, b_qh, b_M, b_S, b_z,
+        b_g, b_th, b_a, b_e, scale, D, H, BC, PRECISION, OMIXED, PRODUCTS, STORE_G, STORE_Z,
+        GATES_AHEAD)
     if SCALES:
         b_M, b_S, m, s = hand_on_scaled(b_M, b_S, m, s, b_k, b_g, b_cm, b_cs, f0n, e0n, p0n,
                                         k.dtype.element_ty, PRECISION, UMIXED)
@@ -239,19 +254,10 @@ def ahead_step(q, k, v, theta, alpha, eta, gc, gn, hs, ss, hr, sr, qm, qs, gs, z
     b_A = dot_rows(b_k, b_kp, HALF, PRECISION)
     b_z = tl.dot(b_A, -b_cmp[:, None] * b_gp, b_y, input_precision=PRECISION) * m
     b_g = grads_from_z(b_z, b_k, b_v, b_w, b_b, m_t, m_d, D, eps)
-    if STORE_Z:
-        store_rows(zs + row0 * D, b_z, o_c, m_t, o_d, D, H)
-    if PRODUCTS:
-        store_products(qm, qs, row0, o_c, m_t, o_d, b_qh, b_M * m, b_S * s, scale, D, H,
-                       PRECISION, OMIXED)
-    if STORE_G:
-        store_rows(gs + row0 * D, b_g, o_c, m_t, o_d, D, H)
-    if GATES_AHEAD:
-        b_cm, b_cs, f0n, e0n, p0n = ahead_gates(gc, gn, ((c0 + i_t) * H + i_h).to(tl.int64), i_t,
-                                                bos, L, i_h, o_c, H, BC)
-    else:
-        b_cm, b_cs, f0n, e0n, p0n = update_gates(
-            b_th, b_a, b_e, o_c, o_c == tl.minimum(BC, L - i_t * BC) - 1)
+    b_cm, b_cs, f0n, e0n, p0n = stores_and_gates(
+        gc, gn, qm, qs, gs, zs, i_t, c0, bos, L, i_h, row0, o_c, m_t, o_d, b_qh, b_M * m,
+        b_S * s, b_z, b_g, b_th, b_a, b_e, scale, D, H, BC, PRECISION, OMIXED, PRODUCTS, STORE_G,
+        STORE_Z, GATES_AHEAD)
     if SCALES:  # as hand_on_scaled
         mf = m * f0n
         if mf < SCALE_FLOOR:
