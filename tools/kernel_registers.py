@@ -33,6 +33,7 @@ from rich.table import Table
 
 console = Console(width=150)
 SIZES = ("K", "V", "D", "BT", "BC", "BK", "BKA", "BV", "DBK")
+MODES = ("PRECISION", "MIXED", "UMIXED")  # the product modes (Titans' walks), where given
 REGS = re.compile(r"Used (\d+) registers")
 SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
@@ -113,7 +114,7 @@ def main(op: str = typer.Argument(..., help="operator (see `harness list`)"),
             regs, st, ld = _ptxas(compiled.asm["ptx"], arch, workdir)
             meta = compiled.metadata
             consts = ", ".join(f"{k}={a[1]}" for k, a in variant.args.items()
-                               if a[0] == "const" and (k in SIZES or k == "PRECISION"))
+                               if a[0] == "const" and (k in SIZES or k in MODES) and a[1] != "")
             table.add_row(f"{launch.name} ({consts})", str(meta.num_warps), str(meta.num_stages), str(regs), str(st),
                           str(ld), str(meta.shared),
                           style="red" if st or ld else None)
