@@ -14,9 +14,9 @@ from kernels.common.minibatch import dot_state, dot_state_into, load_square, loa
 from kernels.common.utils import dot_mixed, load_rows
 
 __all__ = ["ahead_gates", "dot_at", "dot_q", "dq_state", "gate_rows", "gates_bwd", "grads_from_z",
-           "hand_on", "hand_on_gates", "hand_on_scaled", "load_states", "local_meta",
-           "mini_batch_rows", "outputs_bwd", "recon_grads", "row_of", "segment_products",
-           "segment_products_bwd", "stored_grads", "update_gates"]
+           "hand_on", "hand_on_gates", "hand_on_scaled", "handed_scales", "load_states",
+           "local_meta", "mini_batch_rows", "outputs_bwd", "recon_grads", "row_of",
+           "segment_products", "segment_products_bwd", "stored_grads", "update_gates"]
 
 
 def local_meta(meta: dict) -> dict:
@@ -105,25 +105,33 @@ SCALE_FLOOR = tl.constexpr(2.0 ** -40)
 
 
 @triton.jit
+def handed_scales(b_M, b_S, m, s, f0n, e0n, p0n):
+    """The gates' part of hand_on_scaled: (N^ = M^ + (p0[n] s / m') S^, S^, m', s') with
+    m' = f0[n] m, s' = e0[n] s, a new scale under SCALE_FLOOR put into its tile first (the tile
+    times it, the scale 1: a zero factor gives a zero tile, as hand_on's product does)."""
+    mf = m * f0n
+    if mf < SCALE_FLOOR:
+        b_M = b_M * mf
+        mf = 1.
+    b_N = b_M + (p0n * s / mf) * b_S
+    se = s * e0n
+    if se < SCALE_FLOOR:
+        b_S = b_S * se
+        se = 1.
+    return b_N, b_S, mf, se
+
+
+@triton.jit
 def hand_on_scaled(b_M, b_S, m, s, b_k, b_g, b_cm, b_cs, f0n, e0n, p0n, HALF: tl.constexpr,
                    PRECISION: tl.constexpr, UMIXED: tl.constexpr):
     """hand_on for states kept as a scale times a tile, M = m M^, S = s S^ (chunk.WALK_SCALES):
     (M^, S^, m, s) handed on, the scales taking f0[n] and e0[n], so that the tiles take only
     p0[n] S0 element by element: M^ <- M^ + (p0[n] s / m') S^ - K^T ((cM / m') o G) with
-    m' = f0[n] m, S^ <- S^ - K^T ((cS / s') o G) with s' = e0[n] s, each update accumulated
-    into the rest of its sum. A new scale under SCALE_FLOOR goes into its tile first (the
-    tile times it, the scale 1): a zero factor gives a zero tile, as hand_on's product does."""
+    m' = f0[n] m, S^ <- S^ - K^T ((cS / s') o G) with s' = e0[n] s (handed_scales), each update
+    accumulated into the rest of its sum."""
     b_kt = tl.trans(b_k)
-    mf = m * f0n
-    if mf < SCALE_FLOOR:
-        b_M = b_M * mf
-        mf = 1.
-    b_M = dot_state_into(b_kt, (-b_cm / mf)[:, None] * b_g, b_M + (p0n * s / mf) * b_S, HALF,
-                         PRECISION, UMIXED)
-    se = s * e0n
-    if se < SCALE_FLOOR:
-        b_S = b_S * se
-        se = 1.
+    b_N, b_S, mf, se = handed_scales(b_M, b_S, m, s, f0n, e0n, p0n)
+    b_M = dot_state_into(b_kt, (-b_cm / mf)[:, None] * b_g, b_N, HALF, PRECISION, UMIXED)
     b_S = dot_state_into(b_kt, (-b_cs / se)[:, None] * b_g, b_S, HALF, PRECISION, UMIXED)
     return b_M, b_S, mf, se
 

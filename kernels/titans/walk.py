@@ -12,8 +12,8 @@ import triton.language as tl
 from kernels.common.minibatch import (dot_state, dot_state_into, mini_batch_program,
                                       start_square, store_square_scaled, walk_program)
 from kernels.common.utils import load_rows, store_rows, walk_bounds
-from kernels.titans.stages import (SCALE_FLOOR, ahead_gates, dot_q, gate_rows, grads_from_z,
-                                   hand_on, hand_on_gates, hand_on_scaled, recon_grads,
+from kernels.titans.stages import (ahead_gates, dot_q, gate_rows, grads_from_z, hand_on,
+                                   hand_on_gates, hand_on_scaled, handed_scales, recon_grads,
                                    segment_products, update_gates)
 
 __all__ = ["chunk_titans_linear_fwd_gates_kernel", "chunk_titans_linear_fwd_walk_kernel"]
@@ -258,16 +258,8 @@ def ahead_step(q, k, v, theta, alpha, eta, gc, gn, hs, ss, hr, sr, qm, qs, gs, z
         gc, gn, qm, qs, gs, zs, i_t, c0, bos, L, i_h, row0, o_c, m_t, o_d, b_qh, b_M * m,
         b_S * s, b_z, b_g, b_th, b_a, b_e, scale, D, H, BC, PRECISION, OMIXED, PRODUCTS, STORE_G,
         STORE_Z, GATES_AHEAD)
-    if SCALES:  # as hand_on_scaled
-        mf = m * f0n
-        if mf < SCALE_FLOOR:
-            b_M = b_M * mf
-            mf = 1.
-        b_N = b_M + (p0n * s / mf) * b_S
-        se = s * e0n
-        if se < SCALE_FLOOR:
-            b_S = b_S * se
-            se = 1.
+    if SCALES:
+        b_N, b_S, mf, se = handed_scales(b_M, b_S, m, s, f0n, e0n, p0n)
         b_cm, b_cs, m, s = b_cm / mf, b_cs / se, mf, se
     else:
         b_N, b_S = f0n * b_M + p0n * b_S, e0n * b_S
