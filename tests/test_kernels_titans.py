@@ -212,14 +212,7 @@ def test_walk_products_of_a_call_with_a_backward(monkeypatch, switch):
 
 def grads_and_o(x, st, cu):
     """The kernel's gradients (as ``grads``) and its o."""
-    kept = {}
-
-    def keep(*args, **kw):
-        out = chunk_titans_linear(*args, **kw)
-        kept["o"] = out[0].detach()
-        return out
-
-    return {**grads(keep, x, st, cu, 16, None), **kept}
+    return walk_grads.grads_and_o(chunk_titans_linear, NAMES, x, st, cu, 16)
 
 
 @pytest.mark.parametrize("mode", ["tf32", "tf32x2"])

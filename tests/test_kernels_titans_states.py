@@ -17,14 +17,7 @@ FLOAT32 = ("w", "b", "theta", "alpha", "eta", "initial_state", "initial_momentum
 
 def grads(fn, x, st, cu=None, chunk_size=16):
     """Every gradient of <o, dO> + <final M, dM> + <final S, dS>, and o."""
-    kept = {}
-
-    def keep(*args, **kw):
-        out = fn(*args, **kw)
-        kept["o"] = out[0].detach()
-        return out
-
-    return {**walk_grads.grads(keep, NAMES, x, st, cu, chunk_size, None, 1), **kept}
+    return walk_grads.grads_and_o(fn, NAMES, x, st, cu, chunk_size)
 
 
 @pytest.mark.parametrize("T,D,chunk_size,cu,big", [

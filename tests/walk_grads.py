@@ -17,3 +17,15 @@ def grads(fn, names, x, st, cu, chunk_size, dtype, seed=1):
     sum((y.double() * torch.randn(y.shape, generator=g, dtype=torch.float64)).sum()
         for y in outs).backward()
     return {n: t.grad for n, t in leaves.items()}
+
+
+def grads_and_o(fn, names, x, st, cu, chunk_size, dtype=None, seed=1):
+    """``grads``, and the output o of the call they were taken from (detached, as "o")."""
+    kept = {}
+
+    def keep(*args, **kw):
+        out = fn(*args, **kw)
+        kept["o"] = out[0].detach()
+        return out
+
+    return {**grads(keep, names, x, st, cu, chunk_size, dtype, seed), **kept}
