@@ -210,6 +210,42 @@ def test_walk_products_of_a_call_with_a_backward(monkeypatch, switch):
         assert torch.equal(got[name], base[name]) == kept, name
 
 
+@pytest.mark.parametrize("mode,bound", [("split3", 3e-6), ("split", 3e-6)])
+def test_split3_walks_are_float32s(monkeypatch, mode, bound):
+    """Both walks' products with a state in "split3" (the state as three float16 parts here)
+    against float32 operands (every switch None), float16 q, k, v, a call with a backward:
+    every gradient within 3e-6 (measured <= 1.2e-6, dq's; "split", ~22 bits in float16, puts
+    dq at 9.7e-6 and fails it, "round" every gradient at >= 1.8e-4), o within 5e-5 (o is
+    float16: a rounding flipped by the last bits, measured 1.1e-5)."""
+    monkeypatch.setattr(chunk, "SPLIT_BACKWARD", True)
+    for name in ("WALK_MIXED", "UPDATE_MIXED", "TRAINING_WALK_MIXED", "BACKWARD_WALK_MIXED"):
+        monkeypatch.setattr(chunk, name, None)
+    x, st, cu = inputs(1, 40, 2, 16)
+    half = {n: (t.half() if n in "qkv" else t) for n, t in x.items()}
+    base = grads_and_o(half, st, cu)
+    for name in ("TRAINING_WALK_MIXED", "BACKWARD_WALK_MIXED"):
+        monkeypatch.setattr(chunk, name, {"float16": mode})
+    got = grads_and_o(half, st, cu)
+    errors = {name: rel_error(got[name], base[name]) for name in base}
+    assert errors.pop("o") < 5e-5
+    assert (max(errors.values()) < bound) == (mode == "split3"), errors
+    assert max(errors.values()) > 0  # the switches taken: products summed in another order
+
+
+@pytest.mark.parametrize("switch", ["WALK_MIXED", "UPDATE_MIXED", "TRAINING_WALK_MIXED",
+                                    "BACKWARD_WALK_MIXED", "OUTPUT_MIXED"])
+def test_a_product_mode_not_known_is_an_error(monkeypatch, switch):
+    """A product mode no kernel knows is a ValueError naming the switch and the mode, raised
+    before any launch (the kernels' last branch would take it as another mode); the training
+    switches in a call with a backward, the rest in one without."""
+    monkeypatch.setattr(chunk, switch, {"float16": "split4"})
+    x, st, cu = inputs(1, 20, 1, 16)
+    grad = switch in ("TRAINING_WALK_MIXED", "BACKWARD_WALK_MIXED")
+    half = {n: (t.half() if n in "qkv" else t).requires_grad_(grad) for n, t in x.items()}
+    with pytest.raises(ValueError, match=f"{switch} must name .*'split4'"):
+        chunk_titans_linear(*(half[n] for n in NAMES), chunk_size=16)
+
+
 def grads_and_o(x, st, cu):
     """The kernel's gradients (as ``grads``) and its o."""
     return walk_grads.grads_and_o(chunk_titans_linear, NAMES, x, st, cu, 16)

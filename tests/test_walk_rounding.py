@@ -17,11 +17,13 @@ spec.loader.exec_module(walk_rounding)
 
 # The bits a mode keeps of a float32 state: "split_trunc" a truncated bfloat16 half (under
 # 2^-7 of the value left) and the rest rounded to bfloat16 (half of its 2^-7: 2^-15 in all),
-# "split" both rounded (2^-16), "tf32" 11 bits (2^-11), "tf32x2" 11 + 11 (2^-21); measured on
-# 10,000 normal values: 1.5e-5, 7.4e-6, 4.8e-4, 1.2e-7. A mode that dropped its second part
-# would sit at the first part's 2^-8.
+# "split" both rounded (2^-16), "tf32" 11 bits (2^-11), "tf32x2" 11 + 11 (2^-21), "split3"
+# every bit (two truncated 8-bit parts, 8 bits left: 0); measured on 10,000 normal values:
+# 1.5e-5, 7.4e-6, 4.8e-4, 1.2e-7, 0. A mode that dropped its second part would sit at the
+# first part's 2^-8, "split3" without its third at 2^-16.
 @pytest.mark.parametrize("mode,bound", [("split_trunc", 2 ** -15), ("split", 2 ** -16),
-                                        ("tf32", 2 ** -11), ("tf32x2", 2 ** -21)])
+                                        ("tf32", 2 ** -11), ("tf32x2", 2 ** -21),
+                                        ("split3", 0.0)])
 def test_rounded_keeps_its_bits(mode, bound):
     x = torch.randn(10_000, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     x32 = x.float().double()

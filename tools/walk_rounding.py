@@ -34,7 +34,7 @@ from harness.check.tolerances import tolerance  # noqa: E402
 from references._common import segprod  # noqa: E402
 from references._layernorm import ln_recon_grad, ln_residual  # noqa: E402
 
-MODES = ("", "split_trunc", "split", "tf32", "tf32x2")
+MODES = ("", "split_trunc", "split", "split3", "tf32", "tf32x2")
 
 
 def _bf16_truncated(x32: torch.Tensor) -> torch.Tensor:
@@ -50,14 +50,19 @@ def _tf32(x32: torch.Tensor) -> torch.Tensor:
 def rounded(x: torch.Tensor, mode: str) -> torch.Tensor:
     """The state operand as a product under ``mode`` sees it (float64 in, float64 out): the
     float32 state, then "split_trunc" its truncated bfloat16 high half plus the rest rounded to
-    bfloat16, "split" the same with the high half rounded, "tf32" its TF32 value, "tf32x2" its
-    TF32 head plus the rest's TF32 value; "" the value itself."""
+    bfloat16, "split" the same with the high half rounded, "split3" two truncated bfloat16
+    parts and the rest rounded, "tf32" its TF32 value, "tf32x2" its TF32 head plus the rest's
+    TF32 value; "" the value itself."""
     if not mode:
         return x
     x32 = x.float()
     if mode in ("split_trunc", "split"):
         hi = _bf16_truncated(x32) if mode == "split_trunc" else x32.bfloat16().float()
         return (hi.double() + (x32 - hi).bfloat16().double())
+    if mode == "split3":
+        hi = _bf16_truncated(x32)
+        mid = _bf16_truncated(x32 - hi)
+        return hi.double() + mid.double() + (x32 - hi - mid).bfloat16().double()
     head = _tf32(x32)
     if mode == "tf32":
         return head.double()

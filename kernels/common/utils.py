@@ -184,6 +184,20 @@ def mode_for(setting, dtype: torch.dtype) -> str:
     return setting or ""
 
 
+# The modes of dot_mixed and minibatch.dot_state ("": one product at the kernel's precision).
+MIXED_MODES = ("", "tf32", "tf32x2", "split", "split_trunc", "split3", "round")
+
+
+def mixed_mode(name: str, setting, dtype: torch.dtype) -> str:
+    """mode_for of a product-mode setting named ``name``, which must give one of MIXED_MODES:
+    a clear error before any launch rather than a kernel's fallback form."""
+    mode = mode_for(setting, dtype)
+    if mode not in MIXED_MODES:
+        raise ValueError(f"{name} must name one of {', '.join(map(repr, MIXED_MODES[1:]))} or "
+                         f"None per dtype, got {mode!r} for {dtype}")
+    return mode
+
+
 def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -329,9 +343,43 @@ def split_bf16(x):
     """float32 x as bfloat16 (hi, lo): hi its leading 8 significant bits, truncated (the upper
     16 bits of its pattern, no rounding instruction), lo = x - hi rounded: ~15 bits kept, one
     less than rounding hi."""
+    b_hi, b_r = truncated_bf16(x)
+    return b_hi, b_r.to(tl.bfloat16)
+
+
+@triton.jit
+def truncated_bf16(x):
+    """float32 x as (hi, x - hi): hi its leading 8 significant bits as bfloat16, truncated (the
+    upper 16 bits of its pattern), x - hi exact in float32."""
     b_u = x.to(tl.uint32, bitcast=True)
     b_hi = (b_u >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-    return b_hi, (x - (b_u & 0xFFFF0000).to(tl.float32, bitcast=True)).to(tl.bfloat16)
+    return b_hi, x - (b_u & 0xFFFF0000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def split_thirds(x, HALF: tl.constexpr):
+    """float32 x as (hi, mid, lo) in the half dtype HALF, x = hi + mid + lo: for bfloat16 hi
+    and mid each the leading 8 bits of what the parts before leave (truncated_bf16), lo the
+    rest rounded, ~24 bits kept (float32's); for float16 each part rounded."""
+    if HALF == tl.bfloat16:
+        b_hi, b_r = truncated_bf16(x)
+        b_mid, b_r = truncated_bf16(b_r)
+        return b_hi, b_mid, b_r.to(tl.bfloat16)
+    b_hi = x.to(HALF)
+    b_r = x - b_hi.to(tl.float32)
+    b_mid = b_r.to(HALF)
+    return b_hi, b_mid, (b_r - b_mid.to(tl.float32)).to(HALF)
+
+
+@triton.jit
+def dot_split3(b_a, b_b):
+    """b_a @ b_b where one operand is float32 and the other half precision: the float32 one as
+    split_thirds' three parts in the other's dtype, three products accumulated in turn."""
+    if b_a.dtype == tl.float32:
+        b_hi, b_mid, b_lo = split_thirds(b_a, b_b.dtype)
+        return tl.dot(b_lo, b_b, tl.dot(b_mid, b_b, tl.dot(b_hi, b_b)))
+    b_hi, b_mid, b_lo = split_thirds(b_b, b_a.dtype)
+    return tl.dot(b_a, b_lo, tl.dot(b_a, b_mid, tl.dot(b_a, b_hi)))
 
 
 @triton.jit
@@ -363,7 +411,8 @@ def dot_mixed(b_a, b_b, PRECISION: tl.constexpr, MIXED: tl.constexpr):
     """b_a @ b_b where one operand is float32 and the other half precision, as MIXED says:
     "tf32x2" (dot_tf32x2: ~22 bits kept, two TF32 products), "split" (dot_split: ~16 bits
     kept, two products), "split_trunc" (dot_split's TRUNC: for bfloat16 ~15 bits, fewer
-    instructions; float16 as "split"), "tf32" (one product in TF32: 11 bits kept, the half
+    instructions; float16 as "split"), "split3" (dot_split3: ~24 bits for bfloat16, three
+    products), "tf32" (one product in TF32: 11 bits kept, the half
     operand widened exactly) or "round" (the float32 operand rounded to the other's dtype: 8
     bits for bf16). Both float32: one product at PRECISION."""
     if b_a.dtype == tl.float32 and b_b.dtype == tl.float32:
@@ -372,6 +421,8 @@ def dot_mixed(b_a, b_b, PRECISION: tl.constexpr, MIXED: tl.constexpr):
         return dot_tf32x2(b_a, b_b)
     if MIXED == "split" or MIXED == "split_trunc":
         return dot_split(b_a, b_b, PRECISION, MIXED == "split_trunc")
+    if MIXED == "split3":
+        return dot_split3(b_a, b_b)
     if MIXED == "tf32":
         return tl.dot(b_a.to(tl.float32), b_b.to(tl.float32), input_precision="tf32")
     if b_a.dtype == tl.float32:

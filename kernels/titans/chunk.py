@@ -52,7 +52,7 @@ from functools import partial
 import torch
 
 from kernels.common.minibatch import head_tile, mini_batch_meta, with_warps
-from kernels.common.utils import check_launchable, chunk_layout, mode_for
+from kernels.common.utils import check_launchable, chunk_layout, mixed_mode, mode_for
 from kernels.titans.chunk_bwd import chunk_backward
 from kernels.titans.fused_bwd import fused_backward
 from kernels.titans.outputs import (chunk_titans_linear_fwd_o_kernel,
@@ -91,7 +91,8 @@ MAX_TILE = 64 * 64
 # as UPDATE_MIXED says): a minibatch.dot_state mode ("tf32": one TF32 product, the
 # state kept to 11 bits; "tf32x2": two, ~22 bits; "split": the state as two halves in the
 # inputs' dtype, two products, ~16 bits; "split_trunc": so, for bfloat16 the high half the
-# state's upper 16 bits, ~15 bits; "round": the state rounded to the inputs' dtype, one
+# state's upper 16 bits, ~15 bits; "split3": three parts in the inputs' dtype, three
+# products, for bfloat16 all 24 bits; "round": the state rounded to the inputs' dtype, one
 # product), None (both operands float32, three TF32 passes), or a dict from the inputs' dtype
 # name ("float16", "bfloat16") to one of those.
 # Z is the product the gates' saturation tests: there M0 is nearly one token's update and
@@ -124,26 +125,29 @@ WALK_MIXED = {"bfloat16": "split_trunc"}
 # backward's first kernel take it where they form Z again) and the split backward walk's
 # K dM', K dS' (BACKWARD_WALK_MIXED) for half-precision inputs: None for WALK_MIXED's mode
 # (TRAINING_WALK_MIXED's for the second), else a dot_state mode or a dict per dtype as
-# WALK_MIXED. For bfloat16 both "tf32x2" (~22 bits) where WALK_MIXED's "split_trunc" (~15)
-# keeps the forward without a backward: on an H100 (2026-12-07, reports/titans.md, `harness
-# check titans --dtype bfloat16 --family long` with --plugin forms) every walk in
-# "split_trunc" failed the long family (gate 20, D = 64, T = 1K to 64K): dalpha and deta 109%
-# of their tolerance at T = 4096, dalpha 321% and dK 174% at 65536; "split" 74% and 238%
-# there; "tf32x2" for every walk passed, worst 47% (dK at 64K), as did float32 operands
-# (WALK_MIXED None, worst 25%). o and the final states stayed within 20% under every mode.
-# "tf32x2" for every walk cost (H100, T = 8K, with HALF_STATES_BACKWARD; tools/switch_compare.py
-# titans chunk --no-registered --dtype '' --seq-len 8192 --mode fwd,fwdbwd --set ...) fwd+bwd
-# 6.251 ms against 5.699 at D = 64, 23.276 against 19.320 at D = 128, and the forward 1.494
-# against 1.339 at D = 64, 5.041 against 2.773 at D = 128 (the replay's walk), which
-# WALK_MIXED keeps. Which of the two walks needs the bits was not measured apart on a GPU; a
-# float64 emulation of the modes on the long family's inputs (python tools/walk_rounding.py
-# --seq-len T --forward F --backward B ..., only those products rounded) puts it all in the
-# forward walk's Z: every walk "split_trunc" dK 360% / 3093% of its tolerance at T = 4096 /
-# 65536, the forward walk alone the same, the backward walk alone 27% (4096); Z "tf32x2" with
-# the backward walk's products "split_trunc" 28% / 44%, with them "tf32" 440% / 1086% (dtheta,
-# dK). BACKWARD_WALK_MIXED "split_trunc" is to be checked and timed on a GPU.
-TRAINING_WALK_MIXED = {"bfloat16": "tf32x2"}
-BACKWARD_WALK_MIXED = None
+# WALK_MIXED. For bfloat16 the first "split3" (the state as three bfloat16 parts, three
+# products: all of float32's 24 bits), the second "split_trunc" (~15), as WALK_MIXED for a
+# forward without a backward. On an H100 (2026-12-07, reports/titans.md, `harness check
+# titans --dtype bfloat16 --family long` with --plugin forms) every walk in "split_trunc"
+# failed the long family (gate 20, D = 64, T = 1K to 64K): dalpha and deta 109% of their
+# tolerance at T = 4096, dalpha 321% and dK 174% at 65536; "split" 74% and 238% there; every
+# walk "tf32x2" (~22 bits) passed, worst 47%, as did float32 operands (WALK_MIXED None, worst
+# 25%); Z "tf32x2" or "split3" with the backward walk's products "split_trunc" passed, worst
+# 48% (dK at 64K), as did the bfloat16 tiling family (worst 25% under "split3"). o and the
+# final states stayed within 20% under every mode. A float64 emulation of the modes on the
+# long family's inputs (python tools/walk_rounding.py --seq-len T --forward F --backward B)
+# puts the failure in the forward walk's Z alone: the backward walk's products alone in
+# "split_trunc" 27% of dK's tolerance at T = 4096; Z "split3" 27% / 30% at 4096 / 65536;
+# the backward walk's products "tf32" with Z "tf32x2" 440% / 1086%. fwd+bwd ms at T = 2K /
+# 8K / 32K, H100, bfloat16, one run each (python -m harness bench titans ttt --impl chunk
+# --set ... --mode fwdbwd): Z "split3" 1.535 / 5.769 / 22.777 at D = 64 and 5.040 / 19.786
+# / 77.372 at D = 128, "tf32x2" 1.512 / 5.754 / 22.731 and 5.296 / 20.984 / 83.595 (ptxas
+# spills 548 bytes a thread in the D = 128 walk under "tf32x2", 104 under "split3"); every
+# walk "tf32x2" 1.627 / 6.269 / 24.236 and 5.862 / 23.033 / 91.785 in another run, where Z
+# "tf32x2" took 1.530 / 5.763 / 22.762 and 5.376 / 20.964 / 83.362; every walk
+# "split_trunc" 1.487 / 5.678 / 22.431 and 4.870 / 19.161 / 76.369 in a third.
+TRAINING_WALK_MIXED = {"bfloat16": "split3"}
+BACKWARD_WALK_MIXED = {"bfloat16": "split_trunc"}
 # The walks' update products (the forward's K^T (cM o G), K^T (cS o G); the backward's
 # Q~^T (f0 o dU), K^T dZ, Q~^T (p0 o dU)) for half-precision inputs: None for WALK_MIXED's
 # mode, else a dot_state mode or a dict per dtype as WALK_MIXED (measurements above). The
@@ -351,8 +355,9 @@ def state_dtype(dtype: torch.dtype, backward: bool) -> torch.dtype:
 def walk_mixed(dtype: torch.dtype, backward: bool = False) -> str:
     """The forward walk's Z mode for inputs of ``dtype``, as the kernels' MIXED ("" for None):
     TRAINING_WALK_MIXED's in a call with a backward where it is set, else WALK_MIXED's."""
-    setting = TRAINING_WALK_MIXED if backward and TRAINING_WALK_MIXED is not None else WALK_MIXED
-    return mode_for(setting, dtype)
+    if backward and TRAINING_WALK_MIXED is not None:
+        return mixed_mode("TRAINING_WALK_MIXED", TRAINING_WALK_MIXED, dtype)
+    return mixed_mode("WALK_MIXED", WALK_MIXED, dtype)
 
 
 def tile_mode(mode: str, meta: dict) -> str:
@@ -368,7 +373,8 @@ def walk_meta(q: torch.Tensor, chunk_size: int, backward: bool = False) -> dict:
     UMIXED out for the other kernels."""
     meta = mini_batch_meta(q, chunk_size)
     mixed = walk_mixed(q.dtype, backward)
-    umixed = mode_for(UPDATE_MIXED, q.dtype) if UPDATE_MIXED is not None else mixed
+    umixed = (mixed_mode("UPDATE_MIXED", UPDATE_MIXED, q.dtype) if UPDATE_MIXED is not None
+              else mixed)
     return {**meta, "MIXED": tile_mode(mixed, meta), "UMIXED": tile_mode(umixed, meta)}
 
 
@@ -377,7 +383,7 @@ def backward_walk_mixed(dtype: torch.dtype, meta: dict) -> str:
     (tile_mode), or the forward walk's (``meta``, walk_meta's) where it is None."""
     if BACKWARD_WALK_MIXED is None:
         return meta["MIXED"]
-    return tile_mode(mode_for(BACKWARD_WALK_MIXED, dtype), meta)
+    return tile_mode(mixed_mode("BACKWARD_WALK_MIXED", BACKWARD_WALK_MIXED, dtype), meta)
 
 
 def output_modes(dtype: torch.dtype, states: torch.dtype, meta: dict) -> dict:
@@ -388,7 +394,7 @@ def output_modes(dtype: torch.dtype, states: torch.dtype, meta: dict) -> dict:
     are TF32's; tile_mode). With float32 states OMIXED as OUTPUT_MIXED says and MIXED as the
     walk's (``meta``)."""
     if states == torch.float32:
-        return {"OMIXED": mode_for(OUTPUT_MIXED, dtype)}
+        return {"OMIXED": mixed_mode("OUTPUT_MIXED", OUTPUT_MIXED, dtype)}
     if states == dtype == torch.bfloat16:
         mode = "round"
     else:
@@ -441,8 +447,8 @@ def _forward(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0, s0,
                                                                chunk_size * replay)
     # A scaled walk's tiles and updates reach 1 / SCALE_FLOOR (2^40) times the state's size:
     # float16's range cannot hold them rounded to it (o inf through the interpreter).
-    halved = {mode_for(m, q.dtype) for m in (WALK_MIXED, UPDATE_MIXED)} & {"round", "split",
-                                                                           "split_trunc"}
+    halved = {mode_for(m, q.dtype) for m in (WALK_MIXED, UPDATE_MIXED)} & {
+        "round", "split", "split_trunc", "split3"}
     scales = WALK_SCALES and replay > 1 and not (q.dtype == torch.float16 and halved)
     forms = ("always",) if backward else ("always", "inference")
     products = WALK_PRODUCTS in forms and head_tile(D) <= PRODUCTS_MAX_D and replay == 1
@@ -456,7 +462,7 @@ def _forward(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0, s0,
     gs = torch.empty(B, T, H, D, **f32) if products or replay > 1 else None
     zs = torch.empty(B, T, H, D, **f32) if backward and sdt == torch.float16 else None
     meta = walk_meta(q, chunk_size, backward)
-    omixed = {"OMIXED": mode_for(OUTPUT_MIXED, q.dtype)}
+    omixed = {"OMIXED": mixed_mode("OUTPUT_MIXED", OUTPUT_MIXED, q.dtype)}
     ahead = WALK_GATES_AHEAD and NT > 0
     gates = ahead or replay > 1  # replay > 1 only where NT > 0
     gc, gf = (torch.empty(B, T, H, 2, **f32) if gates else None for _ in range(2))
@@ -502,17 +508,18 @@ class ChunkTitansFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0, s0,
                 output_final_state, cu_seqlens):
+        # the switches as the forward runs (the backward recomputes G with its products), read
+        # before any launch: a bad one raises before the forward's kernels run
+        ctx.meta = walk_meta(q, chunk_size, True)
+        ctx.backward = (partial(chunk_backward, omixed=mode_for(OUTPUT_MIXED, q.dtype),
+                                walk_mixed=backward_walk_mixed(q.dtype, ctx.meta))
+                        if SPLIT_BACKWARD else fused_backward)  # hr, sr, zs: None if fused
         o, ht, st, (hs, ss, hr, sr, zs) = _forward(q, k, v, w, b, theta, alpha, eta, scale, eps,
                                                    chunk_size, h0, s0, output_final_state,
                                                    cu_seqlens, True)
         ctx.save_for_backward(q, k, v, w, b, theta, alpha, eta, hs, ss, h0, s0, cu_seqlens, hr,
                               sr, zs)
         ctx.scale, ctx.eps, ctx.chunk_size = scale, eps, chunk_size
-        # the switches as the forward ran: the backward recomputes G with its products
-        ctx.meta = walk_meta(q, chunk_size, True)
-        ctx.backward = (partial(chunk_backward, omixed=mode_for(OUTPUT_MIXED, q.dtype),
-                                walk_mixed=backward_walk_mixed(q.dtype, ctx.meta))
-                        if SPLIT_BACKWARD else fused_backward)  # hr, sr, zs: None if fused
         return o, ht, st
 
     @staticmethod
