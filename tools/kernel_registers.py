@@ -31,9 +31,10 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-console = Console(width=150)
+console = Console(width=220)
 SIZES = ("K", "V", "D", "BT", "BC", "BK", "BKA", "BV", "DBK")
-MODES = ("PRECISION", "MIXED", "UMIXED")  # the product modes (Titans' walks), where given
+# the product modes (Titans' walks) and the stored states' forms, where given
+MODES = ("PRECISION", "MIXED", "UMIXED", "DK_PRECISION", "SCALED", "STATES_SCALED")
 REGS = re.compile(r"Used (\d+) registers")
 SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
