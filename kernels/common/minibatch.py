@@ -193,8 +193,8 @@ def start_square(p, i, o_s, m_s, D: tl.constexpr, BD: tl.constexpr, GIVEN: tl.co
 def dot_state(b_x, b_S, HALF: tl.constexpr, PRECISION: tl.constexpr, MIXED: tl.constexpr):
     """b_x @ b_S for rows b_x (float32, exact copies of values in the inputs' dtype HALF) and a
     float32 state b_S (either side may be transposed): at PRECISION when MIXED is "", else as
-    utils.dot_mixed of b_x in HALF with MIXED ("tf32x2", "split", "tf32", "round"): the walks'
-    products of input rows and a state."""
+    utils.dot_mixed of b_x in HALF with MIXED ("tf32", "tf32x2", "split", "split_trunc",
+    "split3", "round"): the walks' products of input rows and a state."""
     if MIXED == "":
         return tl.dot(b_x, b_S, input_precision=PRECISION)
     return dot_mixed(b_x.to(HALF), b_S, PRECISION, MIXED)

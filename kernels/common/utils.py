@@ -360,7 +360,9 @@ def truncated_bf16(x):
 def split_thirds(x, HALF: tl.constexpr):
     """float32 x as (hi, mid, lo) in the half dtype HALF, x = hi + mid + lo: for bfloat16 hi
     and mid each the leading 8 bits of what the parts before leave (truncated_bf16), lo the
-    rest rounded, ~24 bits kept (float32's); for float16 each part rounded."""
+    rest rounded, all 24 bits kept (bfloat16 has float32's exponents); for float16 each part
+    rounded, whole only where the parts stay in float16's range (no part under its 2^-24 step:
+    |x| of about 1 and more; over 65504, inf)."""
     if HALF == tl.bfloat16:
         b_hi, b_r = truncated_bf16(x)
         b_mid, b_r = truncated_bf16(b_r)

@@ -137,8 +137,9 @@ WALK_MIXED = {"bfloat16": "split_trunc"}
 # final states stayed within 20% under every mode. A float64 emulation of the modes on the
 # long family's inputs (python tools/walk_rounding.py --seq-len T --forward F --backward B)
 # puts the failure in the forward walk's Z alone: the backward walk's products alone in
-# "split_trunc" 27% of dK's tolerance at T = 4096; Z "split3" 27% / 30% at 4096 / 65536;
-# the backward walk's products "tf32" with Z "tf32x2" 440% / 1086%. fwd+bwd ms at T = 2K /
+# "split_trunc" worst 27% of a tolerance at T = 4096 (d initial memory); with Z "split3"
+# 27% / 30% at 4096 / 65536 (d initial memory, dK); the backward walk's products "tf32" with
+# Z "tf32x2" 440% / 1086% (dtheta, dK). fwd+bwd ms at T = 2K /
 # 8K / 32K, H100, bfloat16, one run each (python -m harness bench titans ttt --impl chunk
 # --set ... --mode fwdbwd): Z "split3" 1.535 / 5.769 / 22.777 at D = 64 and 5.040 / 19.786
 # / 77.372 at D = 128, "tf32x2" 1.512 / 5.754 / 22.731 and 5.296 / 20.984 / 83.595 (ptxas
