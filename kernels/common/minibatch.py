@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from kernels.common.utils import (MIN_TILE, chunk_index, chunk_rows, dot_mixed, dot_precision,
-                                  load_rows_as, split_halves, split_thirds, tf32_head,
+                                  dot_split3, load_rows_as, split_halves, tf32_head,
                                   walk_bounds)
 
 __all__ = ["dot_state", "dot_state_into", "head_tile", "head_tiles", "load_square",
@@ -206,7 +206,7 @@ def dot_state_into(b_x, b_S, b_acc, HALF: tl.constexpr, PRECISION: tl.constexpr,
     """b_acc + dot_state(b_x, b_S, HALF, PRECISION, MIXED) with the product accumulated into
     b_acc (tl.dot's acc): no [R, N] float32 result beside it. "tf32x2" as b_S's leading 11 bits
     and the rest (utils.tf32_head), "split" and "split_trunc" as its two halves
-    (utils.split_halves), "split3" as its three parts (utils.split_thirds), each product
+    (utils.split_halves), "split3" as its three parts (utils.dot_split3), each product
     accumulated in turn; "round" b_S rounded to HALF."""
     if MIXED == "":
         b_y = tl.dot(b_x, b_S, b_acc, input_precision=PRECISION)
@@ -220,9 +220,7 @@ def dot_state_into(b_x, b_S, b_acc, HALF: tl.constexpr, PRECISION: tl.constexpr,
     elif MIXED == "round":
         b_y = tl.dot(b_x.to(HALF), b_S.to(HALF), b_acc)
     elif MIXED == "split3":
-        b_h = b_x.to(HALF)
-        b_hi, b_mid, b_lo = split_thirds(b_S, HALF)
-        b_y = tl.dot(b_h, b_lo, tl.dot(b_h, b_mid, tl.dot(b_h, b_hi, b_acc)))
+        b_y = dot_split3(b_x.to(HALF), b_S, b_acc)
     else:
         b_h = b_x.to(HALF)
         b_hi, b_lo = split_halves(b_S, HALF, MIXED == "split_trunc")

@@ -374,14 +374,15 @@ def split_thirds(x, HALF: tl.constexpr):
 
 
 @triton.jit
-def dot_split3(b_a, b_b):
-    """b_a @ b_b where one operand is float32 and the other half precision: the float32 one as
-    split_thirds' three parts in the other's dtype, three products accumulated in turn."""
+def dot_split3(b_a, b_b, b_acc=None):
+    """b_acc + b_a @ b_b (b_acc None: 0) where one operand is float32 and the other half
+    precision: the float32 one as split_thirds' three parts in the other's dtype, three
+    products accumulated in turn."""
     if b_a.dtype == tl.float32:
         b_hi, b_mid, b_lo = split_thirds(b_a, b_b.dtype)
-        return tl.dot(b_lo, b_b, tl.dot(b_mid, b_b, tl.dot(b_hi, b_b)))
+        return tl.dot(b_lo, b_b, tl.dot(b_mid, b_b, tl.dot(b_hi, b_b, b_acc)))
     b_hi, b_mid, b_lo = split_thirds(b_b, b_a.dtype)
-    return tl.dot(b_a, b_lo, tl.dot(b_a, b_mid, tl.dot(b_a, b_hi)))
+    return tl.dot(b_a, b_lo, tl.dot(b_a, b_mid, tl.dot(b_a, b_hi, b_acc)))
 
 
 @triton.jit
