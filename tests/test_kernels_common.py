@@ -1,11 +1,15 @@
 """kernels/common/utils.py's splits of a float32 operand into bfloat16 parts (split_bf16,
-dot_mixed's "split_trunc"; split_thirds, its "split3"), through the interpreter."""
+dot_mixed's "split_trunc"; split_thirds, its "split3"), and kernels/common/layernorm.py's
+LayerNorm backward by column slices, through the interpreter."""
 
 import pytest
 import torch
 import triton
 import triton.language as tl
 
+from kernels.common.layernorm import (ln_recon_grad_bwd_cols, ln_recon_grad_bwd_rows,
+                                      ln_recon_grad_bwd_sums, ln_recon_grad_cols,
+                                      ln_recon_grad_moments)
 from kernels.common.utils import dot_mixed, split_bf16, split_thirds
 
 
@@ -77,3 +81,79 @@ def test_dot_mixed_split3_takes_the_state_whole(mixed):
     y = torch.empty(16, 64)
     _dot[(1,)](a, s, y, 16, 64, mixed)
     assert torch.equal(y, s[perm]) == (mixed == "split3")
+
+
+@triton.jit
+def _half(z, t, w, b, i, b_mean, b_sigma, b_s1, b_s2, o_c, D: tl.constexpr, BV: tl.constexpr):
+    # half i of the columns: their offsets, mask, w, and ln_recon_grad_cols's x, r, g
+    o_v = i * BV + tl.arange(0, BV)
+    m_v = o_v < D
+    p_v = o_c[:, None] * D + o_v[None, :]
+    b_wv = tl.load(w + o_v, mask=m_v, other=0.)
+    b_x, b_r, b_g = ln_recon_grad_cols(tl.load(z + p_v, mask=m_v[None, :], other=0.),
+                                       tl.load(t + p_v, mask=m_v[None, :], other=0.), b_wv,
+                                       tl.load(b + o_v, mask=m_v, other=0.), m_v, b_mean,
+                                       b_sigma, b_s1, b_s2, D)
+    return o_v, p_v, m_v, b_wv, b_x, b_r, b_g
+
+
+@triton.jit
+def _ln_bwd(z, t, w, b, dg, out, D: tl.constexpr, C: tl.constexpr, BD: tl.constexpr,
+            HALVES: tl.constexpr):
+    # ln_recon_grad_bwd_rows whole (HALVES False), or on the two halves of the columns, half
+    # 0's five sums added to half 1's as a pair of walk programs add them; out [C + 2, BD]
+    # holds dz, then dw and db (dt is -w dgx: checked through dw)
+    o_c, o_d = tl.arange(0, C), tl.arange(0, BD)
+    m_d = o_d < D
+    p = o_c[:, None] * D + o_d[None, :]
+    b_z = tl.load(z + p, mask=m_d[None, :], other=0.)
+    b_t = tl.load(t + p, mask=m_d[None, :], other=0.)
+    b_w = tl.load(w + o_d, mask=m_d, other=0.)
+    b_b = tl.load(b + o_d, mask=m_d, other=0.)
+    if HALVES:
+        b_mean, b_sigma, b_s1, b_s2, b_w1, b_w2 = ln_recon_grad_moments(b_z, b_t, b_w, b_b, m_d,
+                                                                        D, 1e-5)
+        _, p0, m0, b_w0, b_x0, _, b_g0 = _half(z, t, w, b, 0, b_mean, b_sigma, b_s1, b_s2, o_c,
+                                               D, BD // 2)
+        a1, a2, a3, a4, a5 = ln_recon_grad_bwd_sums(
+            tl.load(dg + p0, mask=m0[None, :], other=0.), b_x0, b_g0, b_w0)
+        o_v, p_v, m_v, b_wv, b_x, b_r, b_g = _half(z, t, w, b, 1, b_mean, b_sigma, b_s1, b_s2,
+                                                   o_c, D, BD // 2)
+        b_dg = tl.load(dg + p_v, mask=m_v[None, :], other=0.)
+        h1, h2, h3, h4, h5 = ln_recon_grad_bwd_sums(b_dg, b_x, b_g, b_wv)
+        b_dz, _, b_dw, b_db = ln_recon_grad_bwd_cols(
+            b_dg, b_x, b_r, b_wv, m_v, b_sigma, b_s1, b_s2, b_w1, b_w2, tl.sum(b_w * b_w, 0),
+            a1 + h1, a2 + h2, a3 + h3, a4 + h4, a5 + h5, D)
+    else:
+        o_v = o_d
+        b_dz, _, b_dw, b_db, _ = ln_recon_grad_bwd_rows(tl.load(dg + p, mask=m_d[None, :],
+                                                                other=0.),
+                                                        b_z, b_t, b_w, b_b, m_d, D, 1e-5)
+    tl.store(out + o_c[:, None] * BD + o_v[None, :], b_dz)
+    tl.store(out + C * BD + o_v, b_dw)
+    tl.store(out + (C + 1) * BD + o_v, b_db)
+
+
+@pytest.mark.parametrize("rows", ["random", "small", "near_constant"])
+def test_ln_recon_grad_bwd_by_column_halves(rows):
+    # The LayerNorm backward of a walk whose programs each hold half of every row
+    # (layernorm.ln_recon_grad_bwd_cols, kernels/titans/walk_bwd.py's pairs) against the
+    # whole-row form on the second half's columns, D = 48 in a 64-wide tile (that half partly
+    # past D), the five sums of both halves added: the same math with its sums in another
+    # order, so within float32 rounding of each other: measured <= 2e-7 relative (dz, dw, db)
+    # on every kind of row; half 0's w^2 x dg sum left out moves dz by 1.2e-2 to 0.22.
+    g = torch.Generator().manual_seed(2)
+    C, D = 16, 48
+    z = torch.randn(C, D, generator=g)
+    if rows == "small":
+        z = z * 1e-3
+    elif rows == "near_constant":
+        z = 3. + 1e-2 * z
+    t, dg = torch.randn(C, D, generator=g), torch.randn(C, D, generator=g)
+    w, b = 1 + 0.3 * torch.randn(D, generator=g), 0.3 * torch.randn(D, generator=g)
+    got, want = (torch.zeros(C + 2, 64) for _ in range(2))
+    _ln_bwd[(1,)](z, t, w, b, dg, got, D, C, 64, True)
+    _ln_bwd[(1,)](z, t, w, b, dg, want, D, C, 64, False)
+    for name, at in (("dz", slice(0, C)), ("dw", slice(C, C + 1)), ("db", slice(C + 1, C + 2))):
+        err = ((got[at, 32:D] - want[at, 32:D]).norm() / want[at, 32:D].norm()).item()
+        assert err < 2e-6, (name, err)

@@ -87,6 +87,11 @@ _TF32X3 = {"what": "three TF32 passes, gates in the walk",
                    "kernels.titans.chunk.WALK_GATES_AHEAD": False}}
 _FLOAT32_STATES_BACKWARD = {"what": "float32 states for the backward",
                             "set": {"kernels.titans.chunk.HALF_STATES_BACKWARD": None}}
+# The backward walk by column pairs (D > 64) on CPU tensors too: for harness compile, whose
+# recording runs no kernel; the interpreter cannot run a pair (kernels/titans/chunk_bwd.py,
+# CPU_WALK_SLICES). On a GPU it is the default.
+_PAIRED_WALK_RECORDED = {"what": "backward walk by column pairs, recorded on the CPU",
+                         "set": {"kernels.titans.chunk_bwd.CPU_WALK_SLICES": 2}}
 
 IMPLEMENTATIONS = [
     *references(TITANS),
@@ -95,7 +100,7 @@ IMPLEMENTATIONS = [
         dtypes=KERNEL_DTYPES,
         description="memory and momentum walked per mini-batch, outputs in parallel (Triton)",
         available=triton_available, supports=_ours_supports, inference_path=True,
-        switches=(_ONE_WALK, _TF32X3, _FLOAT32_STATES_BACKWARD)),
+        switches=(_ONE_WALK, _TF32X3, _FLOAT32_STATES_BACKWARD, _PAIRED_WALK_RECORDED)),
     Implementation(
         op="titans", name="fla_torch", kind="baseline", target=_fla_torch, devices=("cuda",),
         dtypes=KERNEL_DTYPES, description="fla-core chunk_titans_linear: PyTorch, its own math "

@@ -16,8 +16,9 @@ import triton.language as tl
 
 from kernels.common.utils import INTERPRETED
 
-__all__ = ["layer_norm_bwd_rows", "layer_norm_rows", "ln_recon_grad_bwd_rows", "ln_recon_grad_rows",
-           "row_sums"]
+__all__ = ["layer_norm_bwd_rows", "layer_norm_moments", "layer_norm_rows", "ln_recon_grad_bwd_cols",
+           "ln_recon_grad_bwd_rows", "ln_recon_grad_bwd_sums", "ln_recon_grad_cols",
+           "ln_recon_grad_moments", "ln_recon_grad_rows", "row_sums"]
 
 
 # Triton's interpreter takes a reduction of two tiles element by element in Python, hundreds
@@ -49,12 +50,19 @@ def row_sums(b_a, b_b):
 
 
 @triton.jit
+def layer_norm_moments(b_z, m_d, D: tl.constexpr, eps):
+    """(mean(z), sigma, z - mean(z)) of each row of b_z over its columns m_d (D of them); the
+    other columns of b_z must be 0, and those of z - mean(z) come out 0."""
+    b_mean = tl.sum(b_z, 1) / D
+    b_zc = tl.where(m_d[None, :], b_z - b_mean[:, None], 0.)
+    return b_mean, tl.sqrt(tl.sum(b_zc * b_zc, 1) / D + eps), b_zc
+
+
+@triton.jit
 def layer_norm_rows(b_z, m_d, D: tl.constexpr, eps):
     """(LN(z) [C, BD], sigma [C]) of each row of b_z over its columns m_d (D of them); the
     other columns of b_z must be 0, and come out 0."""
-    b_mean = tl.sum(b_z, 1) / D
-    b_zc = tl.where(m_d[None, :], b_z - b_mean[:, None], 0.)
-    b_sigma = tl.sqrt(tl.sum(b_zc * b_zc, 1) / D + eps)
+    _, b_sigma, b_zc = layer_norm_moments(b_z, m_d, D, eps)
     return b_zc / b_sigma[:, None], b_sigma
 
 
@@ -105,3 +113,67 @@ def ln_recon_grad_bwd_rows(b_dg, b_z, b_t, b_w, b_b, m_d, D: tl.constexpr, eps):
     b_dsigma = -b_s4 / b_sigma
     b_dz = layer_norm_bwd_rows(b_dx, b_x, b_sigma, m_d, D) + (b_dsigma / D)[:, None] * b_x
     return b_dz, -b_dr, tl.sum(b_dgx * b_r + b_dr * b_x, 0), tl.sum(b_dr, 0), b_g
+
+
+# ln_recon_grad_bwd_rows over a slice of the columns (a program that holds only some of each
+# row): every sum over a row that depends on dg is one of five (sum dg, dg x, dg g, w^2 dg,
+# w^2 x dg), each a sum of the slices' partial sums; the rest are sums of the forward's, which
+# each slice takes from whole rows (ln_recon_grad_moments). With W0 = sum w^2, W1 = sum w^2 x,
+# W2 = sum w^2 x^2 and A1..A5 the five sums, ln_recon_grad_bwd_rows's dx sums to
+#     sum dx   = -(s2 A1 + s1 A2) / (D sigma) + (A4 - (W0 A1 + W1 A2) / D) / sigma
+#     sum dx x = -2 s2 A2 / (D sigma)         + (A5 - (W1 A1 + W2 A2) / D) / sigma
+# and dz = (dx - sum(dx) / D - x sum(dx x) / D - A3 x / D) / sigma: exact in real arithmetic,
+# and in float32 within a few per cent of the whole-row form's error on random, small and
+# nearly constant rows (D = 64 and 128).
+
+
+@triton.jit
+def ln_recon_grad_moments(b_z, b_t, b_w, b_b, m_d, D: tl.constexpr, eps):
+    """What ln_recon_grad_cols and ln_recon_grad_bwd_cols take from whole rows z, t [C, BD]:
+    (mean(z), sigma, s1 = sum(gx), s2 = sum(gx x), W1 = sum(w^2 x), W2 = sum(w^2 x^2)), [C]
+    each; W0 = sum(w^2) is the head's."""
+    b_mean, b_sigma, b_zc = layer_norm_moments(b_z, m_d, D, eps)
+    b_x = b_zc / b_sigma[:, None]
+    b_w2x = b_w[None, :] * b_w[None, :] * b_x
+    b_gx = b_w[None, :] * (b_w[None, :] * b_x + b_b[None, :] - b_t)
+    b_s1, b_s2 = row_sums(b_gx, b_gx * b_x)
+    b_w1, b_w2 = row_sums(b_w2x, b_w2x * b_x)
+    return b_mean, b_sigma, b_s1, b_s2, b_w1, b_w2
+
+
+@triton.jit
+def ln_recon_grad_cols(b_z, b_t, b_w, b_b, m_k, b_mean, b_sigma, b_s1, b_s2, D: tl.constexpr):
+    """(x, r, g) [C, BV] on a slice of the columns (z, t, w, b of columns m_k; the rows'
+    moments from ln_recon_grad_moments): x = LN(z), r = w x + b - t, g as ln_recon_grad_rows
+    (0 past D)."""
+    b_x = tl.where(m_k[None, :], (b_z - b_mean[:, None]) / b_sigma[:, None], 0.)
+    b_r = b_w[None, :] * b_x + b_b[None, :] - b_t
+    b_g = (b_w[None, :] * b_r - (b_s1 / D)[:, None] - b_x * (b_s2 / D)[:, None]) / b_sigma[:, None]
+    return b_x, b_r, tl.where(m_k[None, :], b_g, 0.)
+
+
+@triton.jit
+def ln_recon_grad_bwd_sums(b_dg, b_x, b_g, b_w):
+    """The five sums (A1..A5: dg, dg x, dg g, w^2 dg, w^2 x dg) of a slice of each row [C]."""
+    b_w2dg = (b_w * b_w)[None, :] * b_dg
+    b_a1, b_a2 = row_sums(b_dg, b_dg * b_x)
+    b_a3, b_a4 = row_sums(b_dg * b_g, b_w2dg)
+    return b_a1, b_a2, b_a3, b_a4, tl.sum(b_w2dg * b_x, 1)
+
+
+@triton.jit
+def ln_recon_grad_bwd_cols(b_dg, b_x, b_r, b_w, m_k, b_sigma, b_s1, b_s2, b_w1, b_w2, w0,
+                           b_a1, b_a2, b_a3, b_a4, b_a5, D: tl.constexpr):
+    """ln_recon_grad_bwd_rows on a slice of the columns: (dz, dt [C, BV], dw, db [BV] summed
+    over the rows) from the slice's dg, x, r, w (ln_recon_grad_cols), the rows' moments
+    (ln_recon_grad_moments; w0 = sum w^2) and the whole rows' five sums."""
+    b_sg = b_sigma[:, None]
+    b_dgx = (b_dg - (b_a1 / D)[:, None] - b_x * (b_a2 / D)[:, None]) / b_sg
+    b_dr = b_dgx * b_w[None, :]
+    b_dx = -(b_s2[:, None] * b_dg + (b_w[None, :] * b_r) * b_a2[:, None]) / (D * b_sg) \
+        + b_dr * b_w[None, :]
+    b_sdx = (-(b_s2 * b_a1 + b_s1 * b_a2) / D + b_a4 - (w0 * b_a1 + b_w1 * b_a2) / D) / b_sigma
+    b_sdxx = (-2. * b_s2 * b_a2 / D + b_a5 - (b_w1 * b_a1 + b_w2 * b_a2) / D) / b_sigma
+    b_dz = (b_dx - (b_sdx / D)[:, None] - b_x * ((b_sdxx + b_a3) / D)[:, None]) / b_sg
+    return (tl.where(m_k[None, :], b_dz, 0.), -b_dr, tl.sum(b_dgx * b_r + b_dr * b_x, 0),
+            tl.sum(b_dr, 0))

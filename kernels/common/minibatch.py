@@ -21,7 +21,7 @@ from kernels.common.utils import (MIN_TILE, chunk_index, chunk_rows, dot_mixed, 
 __all__ = ["dot_state", "dot_state_into", "head_tile", "head_tiles", "load_square",
            "load_square_cols", "load_square_cols_scaled", "load_square_rows",
            "load_square_rows_scaled", "load_square_scaled", "mini_batch_meta",
-           "mini_batch_program", "reload_rows", "reload_square", "start_square",
+           "mini_batch_program", "pair_signal", "pair_wait", "reload_rows", "reload_square", "start_square",
            "store_square_scaled", "walk_program"]
 
 
@@ -226,3 +226,29 @@ def dot_state_into(b_x, b_S, b_acc, HALF: tl.constexpr, PRECISION: tl.constexpr,
         b_hi, b_lo = split_halves(b_S, HALF, MIXED == "split_trunc")
         b_y = tl.dot(b_h, b_lo, tl.dot(b_h, b_hi, b_acc))
     return b_y
+
+
+# Two programs of one launch that hand each other values while they run (a walk by column
+# slices, each program one slice): each publishes its values, then pair_signal's flag; the
+# other's pair_wait returns once that flag has passed the step. Both must be on the GPU at
+# once: the launch takes program ids from a counter (tl.atomic_add on a zeroed int32), so
+# that the two of a pair take consecutive tickets and the earlier of them waits only on a
+# program already running or the next to start. Triton's interpreter runs a launch's programs
+# one after another, where the first would wait forever: these stages are for the GPU only.
+
+
+@triton.jit
+def pair_signal(p_flag, step):
+    """Tell the other program of a pair that this one's values for ``step`` are stored: after
+    every thread's stores (a barrier), its flag set to step + 1 with release ordering."""
+    tl.debug_barrier()
+    tl.atomic_xchg(p_flag, step + 1, sem="release")
+
+
+@triton.jit
+def pair_wait(p_flag, step):
+    """Wait until the other program's flag p_flag says its values for ``step`` are stored
+    (acquire ordering; read them then with cache_modifier ".cg", past the SM's L1)."""
+    seen = tl.atomic_add(p_flag, 0, sem="acquire")
+    while seen <= step:
+        seen = tl.atomic_add(p_flag, 0, sem="acquire")

@@ -15,8 +15,10 @@ M0, S0 it stored for each mini-batch.
 
    storing Z, dU, dG_U, dK_W [C, D], dP [C, C] and per row cM = P[n] theta, cS = E[n] theta,
    f0, p0, e0, dp0, df0, dtheta_U (the columns of ``gr``, ROW_* below).
-2. ``chunk_titans_linear_bwd_walk_kernel``, one program per (sequence, head), mini-batches from
-   last to first, dM' and dS' on chip and stored per mini-batch (as the forward stores M0, S0):
+2. ``chunk_titans_linear_bwd_walk_kernel`` (kernels/titans/walk_bwd.py), one program per
+   (sequence, head), mini-batches from last to first, dM' and dS' on chip and stored per
+   mini-batch (as the forward stores M0, S0); or, by WALK_SLICES, two programs per (sequence,
+   head) each holding half of the columns of dM' and dS' (walk_bwd.py's docstring):
 
        dG = dG_U - cM o (K dM') - cS o (K dS'),   dcM = -rowsum(G o K dM'), dcS likewise
        dZ, dV, dw, db = the backward of G = 2 ln_recon_grad(Z, V - K)
@@ -41,16 +43,17 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.common.layernorm import ln_recon_grad_bwd_rows
-from kernels.common.minibatch import (dot_state, dot_state_into, load_square_cols,
-                                      load_square_cols_scaled, load_square_rows,
-                                      load_square_rows_scaled, mini_batch_program,
-                                      reload_rows, start_square, store_square_scaled,
-                                      walk_program, with_warps)
+from kernels.common.minibatch import (load_square_cols, load_square_cols_scaled,
+                                      load_square_rows, load_square_rows_scaled,
+                                      mini_batch_program, reload_rows, with_warps)
 from kernels.common.utils import chunk_layout, load_rows, mode_for, store_rows
-from kernels.titans.stages import (dot_at, dot_q, dq_state, gate_rows, gates_bwd, hand_on_gates,
-                                   load_states, local_meta, mini_batch_rows, outputs_bwd_from,
-                                   segment_products, stored_grads)
+from kernels.titans.stages import (NG, ROW_CM, ROW_CS, ROW_DCM, ROW_DCS, ROW_DF0, ROW_DP0,
+                                   ROW_DTH, ROW_E0, ROW_F0, ROW_P0, dot_at, dot_q, dq_state,
+                                   gate_rows, gates_bwd, gr_col, hand_on_gates, load_states,
+                                   local_meta, mini_batch_rows, outputs_bwd_from,
+                                   segment_products, store_gr_col, stored_grads)
+from kernels.titans.walk_bwd import (chunk_titans_linear_bwd_walk_cols_kernel,
+                                     chunk_titans_linear_bwd_walk_kernel)
 
 __all__ = ["chunk_backward"]
 
@@ -67,6 +70,18 @@ PREFETCH = True
 # 8 warps: 1,369 to 1,466 µs at D = 64, chunk.WALK_WARPS stays None), the walks' products
 # then in one TF32 product (chunk.WALK_MIXED "tf32"; 2,710 at 8 warps under today's modes).
 WALK_WARPS = 8
+# The walk by column slices (walk_bwd.chunk_titans_linear_bwd_walk_cols_kernel): BD -> how
+# many programs take a (sequence, head)'s dM', dS', each [BD, BD / slices] columns of them,
+# swapping seven per-row partial sums once a mini-batch; a BD it does not name takes the
+# one-program walk (walk_bwd.chunk_titans_linear_bwd_walk_kernel). With 1 the walk by columns
+# runs whole, the form the CPU tests check its math by. Empty (every BD the one-program walk)
+# until the pair is checked and timed on a GPU.
+WALK_SLICES = {}
+# The most slices a walk of CPU tensors takes: Triton's interpreter runs a launch's programs
+# one after another, where the first of a pair would wait for the second forever.
+# harness compile, which records launches without running them, sets 2 (a registered switch
+# of harness/impls/titans.py) so that the GPU's form is compiled too.
+CPU_WALK_SLICES = 1
 # How the walk hands dM', dS' back: each product accumulated into the rest of its sum (tl.dot's
 # acc, the scale on dU's rows; True), or formed apart and then added (False); as
 # chunk.WALK_ACCUMULATE. In bfloat16 the loop issues 1,262 instructions a mini-batch against
@@ -140,23 +155,6 @@ LOCAL_AS_OUTPUTS = True
 # 1,204 MB against 1,452 at D = 64; gate-saturated dK 6.78e-3 against 6.69e-3. The walk's
 # scaling costs what the halved traffic saves, so it stays off.
 HALF_GRADS = None
-# The columns of the per-row float32 tensor ``gr`` [B, T, H, NG] the three kernels hand on.
-(ROW_CM, ROW_CS, ROW_F0, ROW_P0, ROW_E0, ROW_DP0, ROW_DF0, ROW_DTH, ROW_DCM,
- ROW_DCS) = (tl.constexpr(j) for j in range(10))
-NG = tl.constexpr(10)
-
-
-@triton.jit
-def _col(gr, row0, o_c, m_t, H: tl.constexpr, j: tl.constexpr):
-    """Column j of ``gr`` over the mini-batch's rows (0 past the sequence)."""
-    return tl.load(gr + (row0 + o_c * H) * NG + j, mask=m_t, other=0.)
-
-
-@triton.jit
-def _store_col(gr, row0, o_c, m_t, H: tl.constexpr, j: tl.constexpr, b_x):
-    tl.store(gr + (row0 + o_c * H) * NG + j, b_x, mask=m_t)
-
-
 @triton.jit
 def _state_cols(p, p_r, i_s, o_d, m_d, o_k, D: tl.constexpr, SCALED: tl.constexpr):
     """Columns o_k of state i_s as the forward stored it (SCALED: float16 rows times p_r's
@@ -241,135 +239,14 @@ def chunk_titans_linear_bwd_local_kernel(
     store_rows(dgu + row0 * D, b_dg, o_c, m_t, o_d, D, H)
     store_rows(dka + row0 * D, b_dk, o_c, m_t, o_d, D, H)
     tl.store(dP + i_s.to(tl.int64) * BC * BC + o_c[:, None] * BC + o_c[None, :], b_dP)
-    _store_col(gr, row0, o_c, m_t, H, ROW_CM, b_pn * b_th)
-    _store_col(gr, row0, o_c, m_t, H, ROW_CS, b_en * b_th)
-    _store_col(gr, row0, o_c, m_t, H, ROW_F0, b_f0)
-    _store_col(gr, row0, o_c, m_t, H, ROW_P0, b_p0)
-    _store_col(gr, row0, o_c, m_t, H, ROW_E0, b_e0)
-    _store_col(gr, row0, o_c, m_t, H, ROW_DP0, b_dp0)
-    _store_col(gr, row0, o_c, m_t, H, ROW_DF0, b_df0)
-    _store_col(gr, row0, o_c, m_t, H, ROW_DTH, b_dth)
-
-
-@triton.jit
-def walk_rows(q, k, v, z, du, dgu, dka, gr, i_t, bos, L, i_h, o_c, o_d, D: tl.constexpr,
-              H: tl.constexpr, BC: tl.constexpr):
-    """Mini-batch i_t's rows as the walk takes them, float32, zeros past the sequence and for
-    i_t < 0: (Q unscaled, K, V, Z, dU, dG_U, dK_W, cM, cS, f0, p0, e0)."""
-    row0 = (bos + i_t * BC) * H + i_h
-    m_t = (i_t * BC + o_c < L) & (i_t >= 0)
-    return (load_rows(q + row0 * D, o_c, m_t, o_d, D, H).to(tl.float32),
-            load_rows(k + row0 * D, o_c, m_t, o_d, D, H).to(tl.float32),
-            load_rows(v + row0 * D, o_c, m_t, o_d, D, H).to(tl.float32),
-            load_rows(z + row0 * D, o_c, m_t, o_d, D, H),
-            load_rows(du + row0 * D, o_c, m_t, o_d, D, H),
-            load_rows(dgu + row0 * D, o_c, m_t, o_d, D, H),
-            load_rows(dka + row0 * D, o_c, m_t, o_d, D, H),
-            _col(gr, row0, o_c, m_t, H, ROW_CM), _col(gr, row0, o_c, m_t, H, ROW_CS),
-            _col(gr, row0, o_c, m_t, H, ROW_F0), _col(gr, row0, o_c, m_t, H, ROW_P0),
-            _col(gr, row0, o_c, m_t, H, ROW_E0))
-
-
-@triton.heuristics({
-    'USE_INITIAL_STATE': lambda a: a['dh0'] is not None,
-    'USE_FINAL_STATE_GRADIENT': lambda a: a['dht'] is not None,
-    'SCALED': lambda a: a['dmr'] is not None,
-    'IS_VARLEN': lambda a: a['cu_seqlens'] is not None,
-})
-@triton.jit(do_not_specialize=['T'])
-def chunk_titans_linear_bwd_walk_kernel(
-    q, k, v, w, b, z, du, dgu, dka, dv, gr, dms, dss, dmr, dsr, dht, dst, dh0, ds0, dw, db,
-    cu_seqlens, chunk_offsets, scale, eps, T, H: tl.constexpr, D: tl.constexpr,
-    BD: tl.constexpr, BC: tl.constexpr, PRECISION: tl.constexpr, MIXED: tl.constexpr,
-    UMIXED: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
-    USE_FINAL_STATE_GRADIENT: tl.constexpr, PREFETCH: tl.constexpr, ACCUMULATE: tl.constexpr,
-    SCALED: tl.constexpr, IS_VARLEN: tl.constexpr,
-):
-    """One sequence and head: dM', dS' carried from the last mini-batch to the first (step 2 of
-    the module docstring), stored per mini-batch (SCALED: in float16, rows scaled, their
-    inverse scales in dmr, dsr); dw, db of G's LayerNorm per (sequence, head)."""
-    i_nh, i_h, bos, L, NT, c0, o_d, m_d, o_s, m_s, b_w, b_b = walk_program(
-        w, b, cu_seqlens, chunk_offsets, T, H, D, BD, BC, IS_VARLEN)
-    o_c = tl.arange(0, BC)
-    b_dM = start_square(dht, i_nh, o_s, m_s, D, BD, USE_FINAL_STATE_GRADIENT)
-    b_dS = start_square(dst, i_nh, o_s, m_s, D, BD, USE_FINAL_STATE_GRADIENT)
-    b_dwa = tl.zeros([BD], dtype=tl.float32)
-    b_dba = tl.zeros([BD], dtype=tl.float32)
-    if PREFETCH:
-        (b_qr, b_k, b_v, b_z, b_du, b_dgu, b_dka, b_cm, b_cs, b_f0, b_p0, b_e0) = walk_rows(
-            q, k, v, z, du, dgu, dka, gr, NT - 1, bos, L, i_h, o_c, o_d, D, H, BC)
-    for i_r in range(NT):
-        i_t = NT - 1 - i_r
-        i_s = ((c0 + i_t) * H + i_h).to(tl.int64)
-        if SCALED:
-            store_square_scaled(dms, dmr, i_s, b_dM, o_d, m_d, o_s, m_s, D)
-            store_square_scaled(dss, dsr, i_s, b_dS, o_d, m_d, o_s, m_s, D)
-        else:
-            tl.store(dms + i_s * D * D + o_s, b_dM, mask=m_s)
-            tl.store(dss + i_s * D * D + o_s, b_dS, mask=m_s)
-        row0 = (bos + i_t * BC) * H + i_h
-        m_t = i_t * BC + o_c < L
-        if PREFETCH:  # mini-batch i_t - 1's
-            (n_qr, n_k, n_v, n_z, n_du, n_dgu, n_dka, n_cm, n_cs, n_f0, n_p0, n_e0) = walk_rows(
-                q, k, v, z, du, dgu, dka, gr, i_t - 1, bos, L, i_h, o_c, o_d, D, H, BC)
-        else:
-            (b_qr, b_k, b_v, b_z, b_du, b_dgu, b_dka, b_cm, b_cs, b_f0, b_p0, b_e0) = walk_rows(
-                q, k, v, z, du, dgu, dka, gr, i_t, bos, L, i_h, o_c, o_d, D, H, BC)
-        last = o_c == tl.minimum(BC, L - i_t * BC) - 1
-        # M' = f0[n] M0 + p0[n] S0 - K^T (cM o G),  S' = e0[n] S0 - K^T (cS o G)
-        b_rm = dot_state(b_k, b_dM, k.dtype.element_ty, PRECISION, MIXED)
-        b_rs = dot_state(b_k, b_dS, k.dtype.element_ty, PRECISION, MIXED)
-        b_dg = b_dgu - b_cm[:, None] * b_rm - b_cs[:, None] * b_rs
-        # G = 2 ln_recon_grad(Z, V - K)
-        b_dz, b_dt, b_dw, b_db, b_g = ln_recon_grad_bwd_rows(
-            tl.where(m_t[:, None], 2. * b_dg, 0.), b_z, b_v - b_k, b_w, b_b, m_d, D, eps)
-        b_g = tl.where(m_t[:, None], 2. * b_g, 0.)
-        _store_col(gr, row0, o_c, m_t, H, ROW_DCM, -tl.sum(b_g * b_rm, 1))
-        _store_col(gr, row0, o_c, m_t, H, ROW_DCS, -tl.sum(b_g * b_rs, 1))
-        f0n = tl.sum(tl.where(last, b_f0, 0.), 0)
-        p0n = tl.sum(tl.where(last, b_p0, 0.), 0)
-        e0n = tl.sum(tl.where(last, b_e0, 0.), 0)
-        # Z = K M0,  U = f0 (Q~ M0) + p0 (Q~ S0) - ...
-        b_dM, b_dS = hand_back(b_dM, b_dS, b_qr, b_k, b_du, b_dz, b_f0, b_p0, f0n, p0n, e0n,
-                               scale, k.dtype.element_ty, PRECISION, UMIXED, ACCUMULATE)
-        b_dwa += b_dw
-        b_dba += b_db
-        store_rows(du + row0 * D, b_g, o_c, m_t, o_d, D, H)
-        store_rows(dgu + row0 * D, b_dz, o_c, m_t, o_d, D, H)
-        store_rows(dka + row0 * D, b_dka - b_dt, o_c, m_t, o_d, D, H)
-        store_rows(dv + row0 * D, b_dt, o_c, m_t, o_d, D, H)
-        if PREFETCH:
-            (b_qr, b_k, b_v, b_z, b_du, b_dgu, b_dka, b_cm, b_cs, b_f0, b_p0, b_e0) = (
-                n_qr, n_k, n_v, n_z, n_du, n_dgu, n_dka, n_cm, n_cs, n_f0, n_p0, n_e0)
-    if USE_INITIAL_STATE:
-        tl.store(dh0 + i_nh.to(tl.int64) * D * D + o_s, b_dM, mask=m_s)
-        tl.store(ds0 + i_nh.to(tl.int64) * D * D + o_s, b_dS, mask=m_s)
-    tl.store(dw + i_nh * D + o_d, b_dwa, mask=m_d)
-    tl.store(db + i_nh * D + o_d, b_dba, mask=m_d)
-
-
-@triton.jit
-def hand_back(b_dM, b_dS, b_qr, b_k, b_du, b_dz, b_f0, b_p0, f0n, p0n, e0n, scale,
-              HALF: tl.constexpr, PRECISION: tl.constexpr, UMIXED: tl.constexpr,
-              ACCUMULATE: tl.constexpr):
-    """(dM', dS') of the mini-batch before: f0[n] dM' + Q~^T (f0 o dU) + K^T dZ,
-    p0[n] dM' + e0[n] dS' + Q~^T (p0 o dU) (Q~ = scale Q, b_qr Q's rows); under ACCUMULATE
-    (WALK_ACCUMULATE) each product accumulated into the rest of its sum."""
-    b_qt = tl.trans(b_qr)
-    if ACCUMULATE:
-        b_dM, b_dS = (
-            dot_state_into(tl.trans(b_k), b_dz, dot_state_into(
-                b_qt, (scale * b_f0)[:, None] * b_du, f0n * b_dM, HALF, PRECISION, UMIXED),
-                HALF, PRECISION, UMIXED),
-            dot_state_into(b_qt, (scale * b_p0)[:, None] * b_du, p0n * b_dM + e0n * b_dS, HALF,
-                           PRECISION, UMIXED))
-    else:
-        b_dM, b_dS = (f0n * b_dM
-                      + scale * dot_state(b_qt, b_f0[:, None] * b_du, HALF, PRECISION, UMIXED)
-                      + dot_state(tl.trans(b_k), b_dz, HALF, PRECISION, UMIXED),
-                      p0n * b_dM + e0n * b_dS
-                      + scale * dot_state(b_qt, b_p0[:, None] * b_du, HALF, PRECISION, UMIXED))
-    return b_dM, b_dS
+    store_gr_col(gr, row0, o_c, m_t, H, ROW_CM, b_pn * b_th)
+    store_gr_col(gr, row0, o_c, m_t, H, ROW_CS, b_en * b_th)
+    store_gr_col(gr, row0, o_c, m_t, H, ROW_F0, b_f0)
+    store_gr_col(gr, row0, o_c, m_t, H, ROW_P0, b_p0)
+    store_gr_col(gr, row0, o_c, m_t, H, ROW_E0, b_e0)
+    store_gr_col(gr, row0, o_c, m_t, H, ROW_DP0, b_dp0)
+    store_gr_col(gr, row0, o_c, m_t, H, ROW_DF0, b_df0)
+    store_gr_col(gr, row0, o_c, m_t, H, ROW_DTH, b_dth)
 
 
 @triton.jit
@@ -427,14 +304,14 @@ def chunk_titans_linear_bwd_gates_kernel(
         b_mm += tl.sum(tl.sum(b_dM * b_M, 1), 0)
         b_ms += tl.sum(tl.sum(b_dM * b_S, 1), 0)
         b_ss += tl.sum(tl.sum(b_dS * b_S, 1), 0)
-    b_dcm = _col(gr, row0, o_c, m_t, H, ROW_DCM)
-    b_dcs = _col(gr, row0, o_c, m_t, H, ROW_DCS)
+    b_dcm = gr_col(gr, row0, o_c, m_t, H, ROW_DCM)
+    b_dcs = gr_col(gr, row0, o_c, m_t, H, ROW_DCS)
     p = row0 + o_c * H
-    tl.store(dtheta + p, (_col(gr, row0, o_c, m_t, H, ROW_DTH) + b_dcm * b_pn
+    tl.store(dtheta + p, (gr_col(gr, row0, o_c, m_t, H, ROW_DTH) + b_dcm * b_pn
                           + b_dcs * b_en).to(dtheta.dtype.element_ty), mask=m_t)
     b_da, b_de = gates_bwd(
         tl.load(dP + i_s.to(tl.int64) * BC * BC + o_c[:, None] * BC + o_c[None, :]),
-        _col(gr, row0, o_c, m_t, H, ROW_DP0), _col(gr, row0, o_c, m_t, H, ROW_DF0),
+        gr_col(gr, row0, o_c, m_t, H, ROW_DP0), gr_col(gr, row0, o_c, m_t, H, ROW_DF0),
         b_dcm * b_th, b_ms, b_dcs * b_th, b_mm, b_ss, b_F, b_E, b_e0, b_Fx, b_f0x, b_Ex, b_e0x,
         last, o_c, PRECISION)
     tl.store(dalpha + p, (-b_da).to(dalpha.dtype.element_ty), mask=m_t)
@@ -450,6 +327,16 @@ def gates_warps(dtype: torch.dtype, BD: int) -> int:
     """The last kernel's warps: GATES_WARPS_TF32 where its dK products take one TF32 product at
     D <= 64, else GATES_WARPS."""
     return GATES_WARPS_TF32 if dk_precision(dtype) == "tf32" and BD <= 64 else GATES_WARPS
+
+
+def walk_slices(BD: int, device: torch.device, half: bool) -> int:
+    """The programs per (sequence, head) of the backward walk by columns (WALK_SLICES), or 0 for
+    the one-program walk: under HALF_GRADS (rows scaled by their largest value: whole rows)
+    and where WALK_SLICES names no BD; at most CPU_WALK_SLICES for CPU tensors."""
+    slices = 0 if half else WALK_SLICES.get(BD, 0)
+    if slices not in (0, 1, 2) or BD % max(slices, 1):
+        raise ValueError(f"WALK_SLICES must map BD = {BD} to 1 or 2 slices, got {slices}")
+    return min(slices, CPU_WALK_SLICES) if device.type == "cpu" else slices
 
 
 def final_state_grads(dht, dst, N: int, H: int, D: int, device):
@@ -487,6 +374,7 @@ def chunk_backward(q, k, v, w, b, theta, alpha, eta, hs, ss, initial, do, dht, d
     if half not in ("", "float16"):
         raise ValueError(f"HALF_GRADS must name 'float16' or None per dtype, got {half!r} for "
                          f"{q.dtype}")
+    slices = walk_slices(meta["BD"], q.device, bool(half))
     dms, dss = (torch.empty(chunks, H, D, D, dtype=getattr(torch, half or "float32"),
                             device=q.device) for _ in range(2))
     dmr, dsr = (torch.empty(chunks, H, D, **f32) if half else None for _ in range(2))
@@ -501,11 +389,20 @@ def chunk_backward(q, k, v, w, b, theta, alpha, eta, hs, ss, initial, do, dht, d
             dw1, db1, cu_seqlens, chunk_indices, scale, float(eps), T, Z_STORED=zs is not None,
             OMIXED=omixed if LOCAL_AS_OUTPUTS and chunk_size * meta["BD"] <= RELOAD_TILE else "",
             **local_meta(meta))
-    chunk_titans_linear_bwd_walk_kernel[(N * H,)](
-        q, k, v, w, b, z, du, dgu, dka, dv, gr, dms, dss, dmr, dsr, dht, dst, dh0, ds0, dw2, db2,
-        cu_seqlens, chunk_offsets, scale, float(eps), T, PREFETCH=PREFETCH,
-        ACCUMULATE=WALK_ACCUMULATE,
-        **with_warps(meta if walk_mixed is None else {**meta, "MIXED": walk_mixed}, WALK_WARPS))
+    walk_meta = with_warps(meta if walk_mixed is None else {**meta, "MIXED": walk_mixed},
+                           WALK_WARPS)
+    if slices:
+        flags = torch.zeros(N * H * slices + 1, dtype=torch.int32, device=q.device)
+        chunk_titans_linear_bwd_walk_cols_kernel[(N * H * slices,)](
+            q, k, v, w, b, z, du, dgu, dka, dv, gr, dms, dss, dht, dst, dh0, ds0, dw2, db2,
+            flags[-1:], flags, torch.empty(N * H * 2 * slices * 7 * chunk_size, **f32),
+            cu_seqlens, chunk_offsets, scale, float(eps), T, BV=meta["BD"] // slices,
+            PAIRED=slices == 2, PREFETCH=PREFETCH, ACCUMULATE=WALK_ACCUMULATE, **walk_meta)
+    else:
+        chunk_titans_linear_bwd_walk_kernel[(N * H,)](
+            q, k, v, w, b, z, du, dgu, dka, dv, gr, dms, dss, dmr, dsr, dht, dst, dh0, ds0, dw2,
+            db2, cu_seqlens, chunk_offsets, scale, float(eps), T, PREFETCH=PREFETCH,
+            ACCUMULATE=WALK_ACCUMULATE, **walk_meta)
     if NT:
         meta = {**{key: x for key, x in meta.items() if key not in ("MIXED", "UMIXED")},
                 "PRECISION": "ieee", "num_warps": gates_warps(q.dtype, meta["BD"]),

@@ -13,15 +13,35 @@ from kernels.common.layernorm import layer_norm_bwd_rows, layer_norm_rows, ln_re
 from kernels.common.minibatch import dot_state, dot_state_into, load_square, load_square_scaled
 from kernels.common.utils import dot_mixed, load_rows
 
-__all__ = ["ahead_gates", "dot_at", "dot_q", "dq_state", "gate_rows", "gates_bwd", "grads_from_z",
-           "hand_on", "hand_on_gates", "hand_on_scaled", "handed_scales", "load_states",
-           "local_meta", "mini_batch_rows", "outputs_bwd", "recon_grads", "row_of",
-           "segment_products", "segment_products_bwd", "stored_grads", "update_gates"]
+__all__ = ["NG", "ROW_CM", "ROW_CS", "ROW_DCM", "ROW_DCS", "ROW_DF0", "ROW_DP0", "ROW_DTH",
+           "ROW_E0", "ROW_F0", "ROW_P0", "ahead_gates", "dot_at", "dot_q", "dq_state",
+           "gate_rows", "gates_bwd", "gr_col", "grads_from_z", "hand_on", "hand_on_gates",
+           "hand_on_scaled", "handed_scales", "load_states", "local_meta", "mini_batch_rows",
+           "outputs_bwd", "recon_grads", "row_of", "segment_products", "segment_products_bwd",
+           "store_gr_col", "stored_grads", "update_gates"]
 
 
 def local_meta(meta: dict) -> dict:
     """chunk.walk_meta's constexprs for a kernel other than the walks (UMIXED taken out)."""
     return {key: x for key, x in meta.items() if key != "UMIXED"}
+
+
+# The columns of the per-row float32 tensor ``gr`` [B, T, H, NG] the backward's three kernels
+# hand on (kernels/titans/chunk_bwd.py).
+(ROW_CM, ROW_CS, ROW_F0, ROW_P0, ROW_E0, ROW_DP0, ROW_DF0, ROW_DTH, ROW_DCM,
+ ROW_DCS) = (tl.constexpr(j) for j in range(10))
+NG = tl.constexpr(10)
+
+
+@triton.jit
+def gr_col(gr, row0, o_c, m_t, H: tl.constexpr, j: tl.constexpr):
+    """Column j of ``gr`` over the mini-batch's rows (0 past the sequence)."""
+    return tl.load(gr + (row0 + o_c * H) * NG + j, mask=m_t, other=0.)
+
+
+@triton.jit
+def store_gr_col(gr, row0, o_c, m_t, H: tl.constexpr, j: tl.constexpr, b_x):
+    tl.store(gr + (row0 + o_c * H) * NG + j, b_x, mask=m_t)
 
 
 @triton.jit
