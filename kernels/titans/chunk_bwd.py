@@ -51,7 +51,8 @@ from kernels.titans.stages import (NG, ROW_CM, ROW_CS, ROW_DCM, ROW_DCS, ROW_DF0
                                    ROW_DTH, ROW_E0, ROW_F0, ROW_P0, dot_at, dot_q, dq_state,
                                    gate_rows, gates_bwd, gr_col, hand_on_gates, load_states,
                                    local_meta, mini_batch_rows, outputs_bwd_from,
-                                   segment_products, store_gr_col, stored_grads)
+                                   segment_products, store_gr_col, store_moments,
+                                   stored_grads)
 from kernels.titans.walk_bwd import (chunk_titans_linear_bwd_walk_cols_kernel,
                                      chunk_titans_linear_bwd_walk_kernel)
 
@@ -192,14 +193,15 @@ def chunk_titans_linear_bwd_local_kernel(
     q, k, v, w, b, theta, alpha, eta, do, hs, ss, hr, sr, dq, z, du, dgu, dka, dP, gr, dw, db,
     cu_seqlens, chunk_indices, scale, eps, T, H: tl.constexpr, D: tl.constexpr,
     BD: tl.constexpr, BC: tl.constexpr, PRECISION: tl.constexpr, MIXED: tl.constexpr,
-    OMIXED: tl.constexpr, Z_STORED: tl.constexpr, SCALED: tl.constexpr,
+    OMIXED: tl.constexpr, Z_STORED: tl.constexpr, MOMENTS: tl.constexpr, SCALED: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):
     """One mini-batch and head: the gradients that do not depend on the later mini-batches
     (step 1 of the module docstring); Q~'s products as stages.dot_q under OMIXED. SCALED: the
     states as the forward stored them under chunk.HALF_STATES_BACKWARD (float16 rows times
     hr's, sr's inverse scales), with Z_STORED: Z = K M0 taken from z, where the forward's walk
-    stored it, instead of formed here and stored there."""
+    stored it, instead of formed here and stored there; MOMENTS: G's LayerNorm moments stored
+    for the walk by columns (stages.store_moments)."""
     i_s, row0, o_c, m_t, n_t, o_d, m_d, o_s, m_s, b_w, b_b = mini_batch_program(
         w, b, cu_seqlens, chunk_indices, T, H, D, BD, BC, IS_VARLEN)
     b_M, b_S = load_states(hs, ss, hr, sr, i_s, o_d, m_d, o_s, m_s, D, SCALED)
@@ -214,6 +216,8 @@ def chunk_titans_linear_bwd_local_kernel(
     b_qm = dot_q(b_q, b_qh, b_M, scale, PRECISION, OMIXED)
     b_g, b_z = stored_grads(b_k, b_v, b_M, z, row0, o_c, m_t, o_d, m_d, b_w, b_b, D, H, eps,
                             k.dtype.element_ty, PRECISION, MIXED, Z_STORED)
+    if MOMENTS:  # for the walk by columns
+        store_moments(gr, row0, o_c, m_t, H, b_z, b_v - b_k, b_w, b_b, m_d, D, eps)
     b_qs = dot_q(b_q, b_qh, b_S, scale, PRECISION, OMIXED)
     b_q = reload_rows(b_q, q + row0 * D, o_c, m_t, o_d, scale, D, H, RELOAD_TILE)
     b_k = reload_rows(b_k, k + row0 * D, o_c, m_t, o_d, 1., D, H, RELOAD_TILE)
@@ -387,6 +391,7 @@ def chunk_backward(q, k, v, w, b, theta, alpha, eta, hs, ss, initial, do, dht, d
         chunk_titans_linear_bwd_local_kernel[(NT, B * H)](
             q, k, v, w, b, theta, alpha, eta, do, hs, ss, hr, sr, dq, z, du, dgu, dka, dP, gr,
             dw1, db1, cu_seqlens, chunk_indices, scale, float(eps), T, Z_STORED=zs is not None,
+            MOMENTS=slices > 0,
             OMIXED=omixed if LOCAL_AS_OUTPUTS and chunk_size * meta["BD"] <= RELOAD_TILE else "",
             **local_meta(meta))
     walk_meta = with_warps(meta if walk_mixed is None else {**meta, "MIXED": walk_mixed},
@@ -396,7 +401,7 @@ def chunk_backward(q, k, v, w, b, theta, alpha, eta, hs, ss, initial, do, dht, d
         chunk_titans_linear_bwd_walk_cols_kernel[(N * H * slices,)](
             q, k, v, w, b, z, du, dgu, dka, dv, gr, dms, dss, dht, dst, dh0, ds0, dw2, db2,
             flags[-1:], flags, torch.empty(N * H * 2 * slices * 7 * chunk_size, **f32),
-            cu_seqlens, chunk_offsets, scale, float(eps), T, BV=meta["BD"] // slices,
+            cu_seqlens, chunk_offsets, scale, T, BV=meta["BD"] // slices,
             PAIRED=slices == 2, PREFETCH=PREFETCH, ACCUMULATE=WALK_ACCUMULATE, **walk_meta)
     else:
         chunk_titans_linear_bwd_walk_kernel[(N * H,)](

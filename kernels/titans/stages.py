@@ -9,16 +9,18 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.common.layernorm import layer_norm_bwd_rows, layer_norm_rows, ln_recon_grad_rows
+from kernels.common.layernorm import (layer_norm_bwd_rows, layer_norm_rows,
+                                      ln_recon_grad_moments, ln_recon_grad_rows)
 from kernels.common.minibatch import dot_state, dot_state_into, load_square, load_square_scaled
 from kernels.common.utils import dot_mixed, load_rows
 
 __all__ = ["NG", "ROW_CM", "ROW_CS", "ROW_DCM", "ROW_DCS", "ROW_DF0", "ROW_DP0", "ROW_DTH",
-           "ROW_E0", "ROW_F0", "ROW_P0", "ahead_gates", "dot_at", "dot_q", "dq_state",
-           "gate_rows", "gates_bwd", "gr_col", "grads_from_z", "hand_on", "hand_on_gates",
-           "hand_on_scaled", "handed_scales", "load_states", "local_meta", "mini_batch_rows",
-           "outputs_bwd", "recon_grads", "row_of", "segment_products", "segment_products_bwd",
-           "store_gr_col", "stored_grads", "update_gates"]
+           "ROW_E0", "ROW_F0", "ROW_MOMENTS", "ROW_P0", "ahead_gates", "dot_at", "dot_q",
+           "dq_state", "gate_rows", "gates_bwd", "gr_col", "grads_from_z", "hand_on",
+           "hand_on_gates", "hand_on_scaled", "handed_scales", "load_states", "local_meta",
+           "mini_batch_rows", "moments", "outputs_bwd", "recon_grads", "row_of",
+           "segment_products", "segment_products_bwd", "store_gr_col", "store_moments",
+           "stored_grads", "update_gates"]
 
 
 def local_meta(meta: dict) -> dict:
@@ -27,10 +29,10 @@ def local_meta(meta: dict) -> dict:
 
 
 # The columns of the per-row float32 tensor ``gr`` [B, T, H, NG] the backward's three kernels
-# hand on (kernels/titans/chunk_bwd.py).
+# hand on (kernels/titans/chunk_bwd.py); ROW_MOMENTS on, the six of store_moments.
 (ROW_CM, ROW_CS, ROW_F0, ROW_P0, ROW_E0, ROW_DP0, ROW_DF0, ROW_DTH, ROW_DCM,
- ROW_DCS) = (tl.constexpr(j) for j in range(10))
-NG = tl.constexpr(10)
+ ROW_DCS, ROW_MOMENTS) = (tl.constexpr(j) for j in range(11))
+NG = tl.constexpr(16)
 
 
 @triton.jit
@@ -42,6 +44,33 @@ def gr_col(gr, row0, o_c, m_t, H: tl.constexpr, j: tl.constexpr):
 @triton.jit
 def store_gr_col(gr, row0, o_c, m_t, H: tl.constexpr, j: tl.constexpr, b_x):
     tl.store(gr + (row0 + o_c * H) * NG + j, b_x, mask=m_t)
+
+
+@triton.jit
+def store_moments(gr, row0, o_c, m_t, H: tl.constexpr, b_z, b_t, b_w, b_b, m_d, D: tl.constexpr,
+                  eps):
+    """The moments of G = 2 ln_recon_grad(Z, T) that a walk by column slices takes from whole
+    rows (layernorm.ln_recon_grad_moments) into gr's columns ROW_MOMENTS + 0..5."""
+    b_mean, b_sigma, b_s1, b_s2, b_w1, b_w2 = ln_recon_grad_moments(b_z, b_t, b_w, b_b, m_d, D,
+                                                                    eps)
+    store_gr_col(gr, row0, o_c, m_t, H, ROW_MOMENTS, b_mean)
+    store_gr_col(gr, row0, o_c, m_t, H, ROW_MOMENTS + 1, b_sigma)
+    store_gr_col(gr, row0, o_c, m_t, H, ROW_MOMENTS + 2, b_s1)
+    store_gr_col(gr, row0, o_c, m_t, H, ROW_MOMENTS + 3, b_s2)
+    store_gr_col(gr, row0, o_c, m_t, H, ROW_MOMENTS + 4, b_w1)
+    store_gr_col(gr, row0, o_c, m_t, H, ROW_MOMENTS + 5, b_w2)
+
+
+@triton.jit
+def moments(gr, row0, o_c, m_t, H: tl.constexpr):
+    """store_moments' six [C] columns: (mean(Z), sigma, s1, s2, W1, W2); sigma 1 past the
+    sequence (where the rows are 0)."""
+    return (gr_col(gr, row0, o_c, m_t, H, ROW_MOMENTS),
+            tl.load(gr + (row0 + o_c * H) * NG + ROW_MOMENTS + 1, mask=m_t, other=1.),
+            gr_col(gr, row0, o_c, m_t, H, ROW_MOMENTS + 2),
+            gr_col(gr, row0, o_c, m_t, H, ROW_MOMENTS + 3),
+            gr_col(gr, row0, o_c, m_t, H, ROW_MOMENTS + 4),
+            gr_col(gr, row0, o_c, m_t, H, ROW_MOMENTS + 5))
 
 
 @triton.jit

@@ -5,15 +5,16 @@ one of two forms.
 - ``chunk_titans_linear_bwd_walk_kernel``: one program per (sequence, head) holds dM', dS'
   [D, D] whole.
 - ``chunk_titans_linear_bwd_walk_cols_kernel``: under PAIRED two programs per (sequence,
-  head), each holding columns o_v of dM', dS' [D, BV] (BV = BD / 2). Every step of the walk but one is column by column:
-  K dM', dG, the backward of G = 2 ln_recon_grad(Z, V - K) given its rows' sums, and the
-  hand-back (dM'[:, o_v] takes dU, dZ of columns o_v and Q~, K whole). The one is the
-  LayerNorm backward's sums over a row: each program sums its columns of the five that depend
-  on dG (layernorm.ln_recon_grad_bwd_sums) and of dcM, dcS, and the pair swap those seven
-  [C] partial sums once a mini-batch through global memory (minibatch.pair_signal,
-  pair_wait). The sums of the forward's (the rows' moments) each program takes from whole rows
-  of Z, V, K. Without PAIRED it is one program per (sequence, head) (BV = BD) going through
-  the same sums, the form Triton's interpreter runs.
+  head), each holding columns o_v of dM', dS' [D, BV] (BV = BD / 2). Every step of the walk
+  but one is column by column: K dM', dG, the backward of G = 2 ln_recon_grad(Z, V - K) given
+  its rows' sums, and the hand-back (dM'[:, o_v] takes dU, dZ of columns o_v and Q~, K
+  whole). The one is the LayerNorm backward's sums over a row: each program sums its columns
+  of the five that depend on dG (layernorm.ln_recon_grad_bwd_sums) and of dcM, dcS, and the
+  pair swap those seven [C] partial sums once a mini-batch through global memory
+  (minibatch.pair_signal, pair_wait). The rows' sums of the forward's (the LayerNorm's
+  moments) come from the backward's first kernel (stages.store_moments). Without PAIRED it is
+  one program per (sequence, head) (BV = BD) going through the same sums, the form Triton's
+  interpreter runs.
 """
 
 from __future__ import annotations
@@ -22,14 +23,13 @@ import triton
 import triton.language as tl
 
 from kernels.common.layernorm import (ln_recon_grad_bwd_cols, ln_recon_grad_bwd_rows,
-                                      ln_recon_grad_bwd_sums, ln_recon_grad_cols,
-                                      ln_recon_grad_moments, row_sums)
+                                      ln_recon_grad_bwd_sums, ln_recon_grad_cols, row_sums)
 from kernels.common.minibatch import (dot_state, dot_state_into, head_tiles, load_square,
                                       pair_signal, pair_wait, start_square, store_square_scaled,
                                       walk_program)
 from kernels.common.utils import load_rows, store_rows, walk_bounds
 from kernels.titans.stages import (ROW_CM, ROW_CS, ROW_DCM, ROW_DCS, ROW_E0, ROW_F0, ROW_P0,
-                                   gr_col, store_gr_col)
+                                   gr_col, moments, store_gr_col)
 
 __all__ = ["chunk_titans_linear_bwd_walk_cols_kernel", "chunk_titans_linear_bwd_walk_kernel"]
 
@@ -157,28 +157,23 @@ def hand_back(b_dM, b_dS, b_qr, b_k, b_du, b_dz, b_f0, b_p0, f0n, p0n, e0n, scal
 
 @triton.jit
 def cols_rows(q, k, v, z, du, dgu, dka, gr, i_t, bos, L, i_h, o_c, o_d, o_v, D: tl.constexpr,
-              H: tl.constexpr, BC: tl.constexpr, PAIRED: tl.constexpr):
+              H: tl.constexpr, BC: tl.constexpr):
     """Mini-batch i_t's rows as the walk by columns takes them, float32, zeros past the
-    sequence and for i_t < 0: (Q unscaled, K, Z, V - K) whole, (Z, V - K, dU, dG_U, dK_W) of
-    columns o_v, (cM, cS, f0, p0, e0)."""
+    sequence and for i_t < 0: (Q unscaled, K) whole, (Z, V - K, dU, dG_U, dK_W) of columns
+    o_v, (cM, cS, f0, p0, e0), and G's LayerNorm moments (stages.moments)."""
     row0 = (bos + i_t * BC) * H + i_h
     m_t = (i_t * BC + o_c < L) & (i_t >= 0)
-    b_k = load_rows(k + row0 * D, o_c, m_t, o_d, D, H).to(tl.float32)
-    b_z = load_rows(z + row0 * D, o_c, m_t, o_d, D, H)
-    b_t = load_rows(v + row0 * D, o_c, m_t, o_d, D, H).to(tl.float32) - b_k
-    if not PAIRED:
-        b_zv, b_tv = b_z, b_t
-    else:
-        b_zv = load_rows(z + row0 * D, o_c, m_t, o_v, D, H)
-        b_tv = (load_rows(v + row0 * D, o_c, m_t, o_v, D, H).to(tl.float32)
-                - load_rows(k + row0 * D, o_c, m_t, o_v, D, H).to(tl.float32))
-    return (load_rows(q + row0 * D, o_c, m_t, o_d, D, H).to(tl.float32), b_k, b_z, b_t, b_zv,
-            b_tv, load_rows(du + row0 * D, o_c, m_t, o_v, D, H),
+    return (load_rows(q + row0 * D, o_c, m_t, o_d, D, H).to(tl.float32),
+            load_rows(k + row0 * D, o_c, m_t, o_d, D, H).to(tl.float32),
+            load_rows(z + row0 * D, o_c, m_t, o_v, D, H),
+            load_rows(v + row0 * D, o_c, m_t, o_v, D, H).to(tl.float32)
+            - load_rows(k + row0 * D, o_c, m_t, o_v, D, H).to(tl.float32),
+            load_rows(du + row0 * D, o_c, m_t, o_v, D, H),
             load_rows(dgu + row0 * D, o_c, m_t, o_v, D, H),
             load_rows(dka + row0 * D, o_c, m_t, o_v, D, H),
             gr_col(gr, row0, o_c, m_t, H, ROW_CM), gr_col(gr, row0, o_c, m_t, H, ROW_CS),
             gr_col(gr, row0, o_c, m_t, H, ROW_F0), gr_col(gr, row0, o_c, m_t, H, ROW_P0),
-            gr_col(gr, row0, o_c, m_t, H, ROW_E0))
+            gr_col(gr, row0, o_c, m_t, H, ROW_E0), moments(gr, row0, o_c, m_t, H))
 
 
 @triton.jit
@@ -209,17 +204,17 @@ def swap_sums(xs, flags, i_nh, i_k, step, o_c, BC: tl.constexpr, b_a1, b_a2, b_a
 
 
 @triton.jit
-def cols_grads(b_dgu, b_cm, b_cs, b_rm, b_rs, b_z, b_t, b_zv, b_tv, b_w, b_b, b_wv, b_bv, w0,
-               m_d, m_v, m_t, gr, row0, xs, flags, i_nh, i_k, step, o_c, eps, H: tl.constexpr,
-               D: tl.constexpr, BC: tl.constexpr, PAIRED: tl.constexpr):
+def cols_grads(b_dgu, b_cm, b_cs, b_rm, b_rs, b_zv, b_tv, b_mo, b_wv, b_bv, w0, m_v, m_t, gr,
+               row0, xs, flags, i_nh, i_k, step, o_c, H: tl.constexpr, D: tl.constexpr,
+               BC: tl.constexpr, PAIRED: tl.constexpr):
     """A mini-batch's dG = dG_U - cM o (K dM') - cS o (K dS') on the program's columns (b_rm,
     b_rs: K dM', K dS' there) and the backward of G = 2 ln_recon_grad(Z, V - K): (dZ, dV, dw,
-    db, G) on its columns (w0 = sum w^2), the rows' sums over both programs' columns under
-    PAIRED (swap_sums); dcM, dcS stored to ``gr`` by the first program."""
+    db, G) on its columns (w0 = sum w^2; b_mo the rows' moments, stages.moments), the rows'
+    sums over both programs' columns under PAIRED (swap_sums); dcM, dcS stored to ``gr`` by
+    the first program."""
     b_dg = tl.where(m_t[:, None], 2. * (b_dgu - b_cm[:, None] * b_rm - b_cs[:, None] * b_rs),
                     0.)
-    b_mean, b_sigma, b_s1, b_s2, b_w1, b_w2 = ln_recon_grad_moments(b_z, b_t, b_w, b_b, m_d, D,
-                                                                    eps)
+    b_mean, b_sigma, b_s1, b_s2, b_w1, b_w2 = b_mo
     b_x, b_r, b_g = ln_recon_grad_cols(b_zv, b_tv, b_wv, b_bv, m_v, b_mean, b_sigma, b_s1, b_s2,
                                        D)
     b_a1, b_a2, b_a3, b_a4, b_a5 = ln_recon_grad_bwd_sums(b_dg, b_x, b_g, b_wv)
@@ -268,7 +263,7 @@ def cols_program(w, b, ticket, cu_seqlens, chunk_offsets, T, H: tl.constexpr, D:
 @triton.jit(do_not_specialize=['T'])
 def chunk_titans_linear_bwd_walk_cols_kernel(
     q, k, v, w, b, z, du, dgu, dka, dv, gr, dms, dss, dht, dst, dh0, ds0, dw, db, ticket, flags,
-    xs, cu_seqlens, chunk_offsets, scale, eps, T, H: tl.constexpr, D: tl.constexpr,
+    xs, cu_seqlens, chunk_offsets, scale, T, H: tl.constexpr, D: tl.constexpr,
     BD: tl.constexpr, BV: tl.constexpr, BC: tl.constexpr, PAIRED: tl.constexpr,
     PRECISION: tl.constexpr, MIXED: tl.constexpr, UMIXED: tl.constexpr,
     USE_INITIAL_STATE: tl.constexpr, USE_FINAL_STATE_GRADIENT: tl.constexpr,
@@ -289,9 +284,9 @@ def chunk_titans_linear_bwd_walk_cols_kernel(
     b_dwa = tl.zeros([BV], dtype=tl.float32)
     b_dba = tl.zeros([BV], dtype=tl.float32)
     if PREFETCH:
-        (b_qr, b_k, b_z, b_t, b_zv, b_tv, b_du, b_dgu, b_dka, b_cm, b_cs, b_f0, b_p0,
-         b_e0) = cols_rows(q, k, v, z, du, dgu, dka, gr, NT - 1, bos, L, i_h, o_c, o_d, o_v, D,
-                           H, BC, PAIRED)
+        (b_qr, b_k, b_zv, b_tv, b_du, b_dgu, b_dka, b_cm, b_cs, b_f0, b_p0, b_e0,
+         b_mo) = cols_rows(q, k, v, z, du, dgu, dka, gr, NT - 1, bos, L, i_h, o_c, o_d, o_v, D,
+                           H, BC)
     for i_r in range(NT):
         i_t = NT - 1 - i_r
         i_s = ((c0 + i_t) * H + i_h).to(tl.int64)
@@ -300,19 +295,19 @@ def chunk_titans_linear_bwd_walk_cols_kernel(
         row0 = (bos + i_t * BC) * H + i_h
         m_t = i_t * BC + o_c < L
         if PREFETCH:  # mini-batch i_t - 1's
-            (n_qr, n_k, n_z, n_t, n_zv, n_tv, n_du, n_dgu, n_dka, n_cm, n_cs, n_f0, n_p0,
-             n_e0) = cols_rows(q, k, v, z, du, dgu, dka, gr, i_t - 1, bos, L, i_h, o_c, o_d, o_v,
-                               D, H, BC, PAIRED)
+            (n_qr, n_k, n_zv, n_tv, n_du, n_dgu, n_dka, n_cm, n_cs, n_f0, n_p0, n_e0,
+             n_mo) = cols_rows(q, k, v, z, du, dgu, dka, gr, i_t - 1, bos, L, i_h, o_c, o_d, o_v,
+                               D, H, BC)
         else:
-            (b_qr, b_k, b_z, b_t, b_zv, b_tv, b_du, b_dgu, b_dka, b_cm, b_cs, b_f0, b_p0,
-             b_e0) = cols_rows(q, k, v, z, du, dgu, dka, gr, i_t, bos, L, i_h, o_c, o_d, o_v, D,
-                               H, BC, PAIRED)
+            (b_qr, b_k, b_zv, b_tv, b_du, b_dgu, b_dka, b_cm, b_cs, b_f0, b_p0, b_e0,
+             b_mo) = cols_rows(q, k, v, z, du, dgu, dka, gr, i_t, bos, L, i_h, o_c, o_d, o_v, D,
+                               H, BC)
         last = o_c == tl.minimum(BC, L - i_t * BC) - 1
         b_rm = dot_state(b_k, b_dM, k.dtype.element_ty, PRECISION, MIXED)
         b_rs = dot_state(b_k, b_dS, k.dtype.element_ty, PRECISION, MIXED)
         b_dz, b_dt, b_dw, b_db, b_g = cols_grads(
-            b_dgu, b_cm, b_cs, b_rm, b_rs, b_z, b_t, b_zv, b_tv, b_w, b_b, b_wv, b_bv, w0, m_d,
-            m_v, m_t, gr, row0, xs, flags, i_nh, i_k, i_r, o_c, eps, H, D, BC, PAIRED)
+            b_dgu, b_cm, b_cs, b_rm, b_rs, b_zv, b_tv, b_mo, b_wv, b_bv, w0, m_v, m_t, gr, row0,
+            xs, flags, i_nh, i_k, i_r, o_c, H, D, BC, PAIRED)
         f0n = tl.sum(tl.where(last, b_f0, 0.), 0)
         p0n = tl.sum(tl.where(last, b_p0, 0.), 0)
         e0n = tl.sum(tl.where(last, b_e0, 0.), 0)
@@ -325,9 +320,9 @@ def chunk_titans_linear_bwd_walk_cols_kernel(
         store_rows(dka + row0 * D, b_dka - b_dt, o_c, m_t, o_v, D, H)
         store_rows(dv + row0 * D, b_dt, o_c, m_t, o_v, D, H)
         if PREFETCH:
-            (b_qr, b_k, b_z, b_t, b_zv, b_tv, b_du, b_dgu, b_dka, b_cm, b_cs, b_f0, b_p0,
-             b_e0) = (n_qr, n_k, n_z, n_t, n_zv, n_tv, n_du, n_dgu, n_dka, n_cm, n_cs, n_f0,
-                      n_p0, n_e0)
+            (b_qr, b_k, b_zv, b_tv, b_du, b_dgu, b_dka, b_cm, b_cs, b_f0, b_p0, b_e0,
+             b_mo) = (n_qr, n_k, n_zv, n_tv, n_du, n_dgu, n_dka, n_cm, n_cs, n_f0, n_p0, n_e0,
+                      n_mo)
     if USE_INITIAL_STATE:
         tl.store(dh0 + i_nh.to(tl.int64) * D * D + o_s, b_dM, mask=m_s)
         tl.store(ds0 + i_nh.to(tl.int64) * D * D + o_s, b_dS, mask=m_s)
