@@ -109,18 +109,12 @@ def chunk_titans_linear_bwd_walk_kernel(
         b_g = tl.where(m_t[:, None], 2. * b_g, 0.)
         store_gr_col(gr, row0, o_c, m_t, H, ROW_DCM, -tl.sum(b_g * b_rm, 1))
         store_gr_col(gr, row0, o_c, m_t, H, ROW_DCS, -tl.sum(b_g * b_rs, 1))
-        f0n = tl.sum(tl.where(last, b_f0, 0.), 0)
-        p0n = tl.sum(tl.where(last, b_p0, 0.), 0)
-        e0n = tl.sum(tl.where(last, b_e0, 0.), 0)
         # Z = K M0,  U = f0 (Q~ M0) + p0 (Q~ S0) - ...
-        b_dM, b_dS = hand_back(b_dM, b_dS, b_qr, b_k, b_du, b_dz, b_f0, b_p0, f0n, p0n, e0n,
-                               scale, k.dtype.element_ty, PRECISION, UMIXED, ACCUMULATE)
+        b_dM, b_dS = hand_back(b_dM, b_dS, b_qr, b_k, b_du, b_dz, b_f0, b_p0, b_e0, last, scale,
+                               k.dtype.element_ty, PRECISION, UMIXED, ACCUMULATE)
         b_dwa += b_dw
         b_dba += b_db
-        store_rows(du + row0 * D, b_g, o_c, m_t, o_d, D, H)
-        store_rows(dgu + row0 * D, b_dz, o_c, m_t, o_d, D, H)
-        store_rows(dka + row0 * D, b_dka - b_dt, o_c, m_t, o_d, D, H)
-        store_rows(dv + row0 * D, b_dt, o_c, m_t, o_d, D, H)
+        store_walk_rows(du, dgu, dka, dv, row0, b_g, b_dz, b_dka, b_dt, o_c, m_t, o_d, D, H)
         if PREFETCH:
             (b_qr, b_k, b_v, b_z, b_du, b_dgu, b_dka, b_cm, b_cs, b_f0, b_p0, b_e0) = (
                 n_qr, n_k, n_v, n_z, n_du, n_dgu, n_dka, n_cm, n_cs, n_f0, n_p0, n_e0)
@@ -132,12 +126,15 @@ def chunk_titans_linear_bwd_walk_kernel(
 
 
 @triton.jit
-def hand_back(b_dM, b_dS, b_qr, b_k, b_du, b_dz, b_f0, b_p0, f0n, p0n, e0n, scale,
+def hand_back(b_dM, b_dS, b_qr, b_k, b_du, b_dz, b_f0, b_p0, b_e0, last, scale,
               HALF: tl.constexpr, PRECISION: tl.constexpr, UMIXED: tl.constexpr,
               ACCUMULATE: tl.constexpr):
     """(dM', dS') of the mini-batch before: f0[n] dM' + Q~^T (f0 o dU) + K^T dZ,
-    p0[n] dM' + e0[n] dS' + Q~^T (p0 o dU) (Q~ = scale Q, b_qr Q's rows); under ACCUMULATE
-    (WALK_ACCUMULATE) each product accumulated into the rest of its sum."""
+    p0[n] dM' + e0[n] dS' + Q~^T (p0 o dU) (Q~ = scale Q, b_qr Q's rows; n the row ``last``);
+    under ACCUMULATE (WALK_ACCUMULATE) each product accumulated into the rest of its sum."""
+    f0n = tl.sum(tl.where(last, b_f0, 0.), 0)
+    p0n = tl.sum(tl.where(last, b_p0, 0.), 0)
+    e0n = tl.sum(tl.where(last, b_e0, 0.), 0)
     b_qt = tl.trans(b_qr)
     if ACCUMULATE:
         b_dM, b_dS = (
@@ -153,6 +150,17 @@ def hand_back(b_dM, b_dS, b_qr, b_k, b_du, b_dz, b_f0, b_p0, f0n, p0n, e0n, scal
                       p0n * b_dM + e0n * b_dS
                       + scale * dot_state(b_qt, b_p0[:, None] * b_du, HALF, PRECISION, UMIXED))
     return b_dM, b_dS
+
+
+@triton.jit
+def store_walk_rows(du, dgu, dka, dv, row0, b_g, b_dz, b_dka, b_dt, o_c, m_t, o_v,
+                    D: tl.constexpr, H: tl.constexpr):
+    """A mini-batch's walk results on columns o_v: G over dU, dZ over dG_U, dK_W - dV over
+    dK_W, and dV."""
+    store_rows(du + row0 * D, b_g, o_c, m_t, o_v, D, H)
+    store_rows(dgu + row0 * D, b_dz, o_c, m_t, o_v, D, H)
+    store_rows(dka + row0 * D, b_dka - b_dt, o_c, m_t, o_v, D, H)
+    store_rows(dv + row0 * D, b_dt, o_c, m_t, o_v, D, H)
 
 
 @triton.jit
@@ -308,17 +316,11 @@ def chunk_titans_linear_bwd_walk_cols_kernel(
         b_dz, b_dt, b_dw, b_db, b_g = cols_grads(
             b_dgu, b_cm, b_cs, b_rm, b_rs, b_zv, b_tv, b_mo, b_wv, b_bv, w0, m_v, m_t, gr, row0,
             xs, flags, i_nh, i_k, i_r, o_c, H, D, BC, PAIRED)
-        f0n = tl.sum(tl.where(last, b_f0, 0.), 0)
-        p0n = tl.sum(tl.where(last, b_p0, 0.), 0)
-        e0n = tl.sum(tl.where(last, b_e0, 0.), 0)
-        b_dM, b_dS = hand_back(b_dM, b_dS, b_qr, b_k, b_du, b_dz, b_f0, b_p0, f0n, p0n, e0n,
-                               scale, k.dtype.element_ty, PRECISION, UMIXED, ACCUMULATE)
+        b_dM, b_dS = hand_back(b_dM, b_dS, b_qr, b_k, b_du, b_dz, b_f0, b_p0, b_e0, last, scale,
+                               k.dtype.element_ty, PRECISION, UMIXED, ACCUMULATE)
         b_dwa += b_dw
         b_dba += b_db
-        store_rows(du + row0 * D, b_g, o_c, m_t, o_v, D, H)
-        store_rows(dgu + row0 * D, b_dz, o_c, m_t, o_v, D, H)
-        store_rows(dka + row0 * D, b_dka - b_dt, o_c, m_t, o_v, D, H)
-        store_rows(dv + row0 * D, b_dt, o_c, m_t, o_v, D, H)
+        store_walk_rows(du, dgu, dka, dv, row0, b_g, b_dz, b_dka, b_dt, o_c, m_t, o_v, D, H)
         if PREFETCH:
             (b_qr, b_k, b_zv, b_tv, b_du, b_dgu, b_dka, b_cm, b_cs, b_f0, b_p0, b_e0,
              b_mo) = (n_qr, n_k, n_zv, n_tv, n_du, n_dgu, n_dka, n_cm, n_cs, n_f0, n_p0, n_e0,
