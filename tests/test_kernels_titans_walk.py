@@ -25,8 +25,9 @@ def grads(fn, x, st, cu=None):
 def test_walk_by_columns(monkeypatch, T, D, cu, kw):
     """float32: every gradient within 1e-6 of float64 (measured 1.7e-7 to 4.9e-7, the
     one-program walk's up to 4.9e-7), and within 5e-7 of the one-program walk's (measured
-    <= 1.6e-7: the LayerNorm backward's sums in another order), over sequences of 21, 0, 1 and 35 tokens and at D = 20 (a 64-wide tile)
-    without initial states, its last mini-batch partial."""
+    <= 1.6e-7: the LayerNorm backward's sums in another order), over sequences of 21, 0, 1
+    and 35 tokens, and at D = 20 (a 64-wide tile) without initial states, its last mini-batch
+    partial."""
     monkeypatch.setattr(chunk, "SPLIT_BACKWARD", True)
     x, st, cu = inputs(1, T, 2, D, cu=cu, **kw)
     ref = grads(naive_titans_linear, x, st, cu)

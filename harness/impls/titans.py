@@ -87,11 +87,12 @@ _TF32X3 = {"what": "three TF32 passes, gates in the walk",
                    "kernels.titans.chunk.WALK_GATES_AHEAD": False}}
 _FLOAT32_STATES_BACKWARD = {"what": "float32 states for the backward",
                             "set": {"kernels.titans.chunk.HALF_STATES_BACKWARD": None}}
-# The backward walk by column pairs (D > 64) on CPU tensors too: for harness compile, whose
+# The backward walk by column pairs at D > 64, on CPU tensors too: for harness compile, whose
 # recording runs no kernel; the interpreter cannot run a pair (kernels/titans/chunk_bwd.py,
-# CPU_WALK_SLICES). On a GPU it is the default.
+# WALK_SLICES, CPU_WALK_SLICES).
 _PAIRED_WALK_RECORDED = {"what": "backward walk by column pairs, recorded on the CPU",
-                         "set": {"kernels.titans.chunk_bwd.CPU_WALK_SLICES": 2}}
+                         "set": {"kernels.titans.chunk_bwd.WALK_SLICES": {128: 2},
+                                 "kernels.titans.chunk_bwd.CPU_WALK_SLICES": 2}}
 
 IMPLEMENTATIONS = [
     *references(TITANS),

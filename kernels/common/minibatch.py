@@ -21,8 +21,8 @@ from kernels.common.utils import (MIN_TILE, chunk_index, chunk_rows, dot_mixed, 
 __all__ = ["dot_state", "dot_state_into", "head_tile", "head_tiles", "load_square",
            "load_square_cols", "load_square_cols_scaled", "load_square_rows",
            "load_square_rows_scaled", "load_square_scaled", "mini_batch_meta",
-           "mini_batch_program", "pair_signal", "pair_wait", "reload_rows", "reload_square", "start_square",
-           "store_square_scaled", "walk_program"]
+           "mini_batch_program", "pair_signal", "pair_wait", "reload_rows", "reload_square",
+           "start_square", "store_square_scaled", "walk_program"]
 
 
 def head_tile(D: int) -> int:
