@@ -27,7 +27,8 @@ def test_walk_by_columns(monkeypatch, T, D, cu, kw):
     one-program walk's up to 4.9e-7), and within 5e-7 of the one-program walk's (measured
     <= 1.6e-7: the LayerNorm backward's sums in another order), over sequences of 21, 0, 1
     and 35 tokens, and at D = 20 (a 64-wide tile) without initial states, its last mini-batch
-    partial."""
+    partial; with its next mini-batch's rows loaded ahead or not (COLS_PREFETCH) the same bits
+    (the same arithmetic on the same rows)."""
     monkeypatch.setattr(chunk, "SPLIT_BACKWARD", True)
     x, st, cu = inputs(1, T, 2, D, cu=cu, **kw)
     ref = grads(naive_titans_linear, x, st, cu)
@@ -35,10 +36,13 @@ def test_walk_by_columns(monkeypatch, T, D, cu, kw):
     whole = grads(chunk_titans_linear, x, st, cu)
     monkeypatch.setattr(chunk_bwd, "WALK_SLICES", {64: 1})
     got = grads(chunk_titans_linear, x, st, cu)
+    monkeypatch.setattr(chunk_bwd, "COLS_PREFETCH", not chunk_bwd.COLS_PREFETCH)
+    other = grads(chunk_titans_linear, x, st, cu)
     assert set(got) == set(ref)
     for name in ref:
         assert rel_error(got[name], ref[name]) < 1e-6, (name, rel_error(got[name], ref[name]))
         assert rel_error(got[name], whole[name]) < 5e-7, (name, rel_error(got[name], whole[name]))
+        assert torch.equal(got[name], other[name]), name
 
 
 def test_walk_slices(monkeypatch):

@@ -75,14 +75,22 @@ WALK_WARPS = 8
 # many programs take a (sequence, head)'s dM', dS', each [BD, BD / slices] columns of them,
 # swapping seven per-row partial sums once a mini-batch; a BD it does not name takes the
 # one-program walk (walk_bwd.chunk_titans_linear_bwd_walk_kernel). With 1 the walk by columns
-# runs whole, the form the CPU tests check its math by. Empty (every BD the one-program walk)
-# until the pair is checked and timed on a GPU.
-WALK_SLICES = {}
+# runs whole, the form the CPU tests check its math by. On an H100 (bfloat16, B=2, H=16,
+# D = 128, T = 8K, fwd+bwd, 2026-12-07; python tools/kernel_profile.py titans chunk --seq-len
+# 8192 --head-dim 128 --mode fwdbwd --set "pair:kernels.titans.chunk_bwd.WALK_SLICES={128:2}")
+# the walk took 10,639 µs whole and 5,286 as a pair (ptxas: 1,188 bytes of spill a thread
+# against 308), the step 20,689 against 15,135; the tiling family passed with it in bfloat16,
+# float16 and float32 (reports/titans.md).
+WALK_SLICES = {128: 2}
 # The most slices a walk of CPU tensors takes: Triton's interpreter runs a launch's programs
 # one after another, where the first of a pair would wait for the second forever.
 # harness compile, which records launches without running them, sets 2 (a registered switch
 # of harness/impls/titans.py) so that the GPU's form is compiled too.
 CPU_WALK_SLICES = 1
+# The walk by columns' loads, as PREFETCH: in the same run as WALK_SLICES's the pair took
+# 5,286 µs with its prefetch and 4,957 without (ptxas: 308 bytes of spill a thread against
+# 72), the step 15,135 against 14,963.
+COLS_PREFETCH = False
 # How the walk hands dM', dS' back: each product accumulated into the rest of its sum (tl.dot's
 # acc, the scale on dU's rows; True), or formed apart and then added (False); as
 # chunk.WALK_ACCUMULATE. In bfloat16 the loop issues 1,262 instructions a mini-batch against
@@ -402,7 +410,7 @@ def chunk_backward(q, k, v, w, b, theta, alpha, eta, hs, ss, initial, do, dht, d
             q, k, v, w, b, z, du, dgu, dka, dv, gr, dms, dss, dht, dst, dh0, ds0, dw2, db2,
             flags[-1:], flags, torch.empty(N * H * 2 * slices * 7 * chunk_size, **f32),
             cu_seqlens, chunk_offsets, scale, T, BV=meta["BD"] // slices,
-            PAIRED=slices == 2, PREFETCH=PREFETCH, ACCUMULATE=WALK_ACCUMULATE, **walk_meta)
+            PAIRED=slices == 2, PREFETCH=COLS_PREFETCH, ACCUMULATE=WALK_ACCUMULATE, **walk_meta)
     else:
         chunk_titans_linear_bwd_walk_kernel[(N * H,)](
             q, k, v, w, b, z, du, dgu, dka, dv, gr, dms, dss, dmr, dsr, dht, dst, dh0, ds0, dw2,
