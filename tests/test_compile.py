@@ -85,6 +85,11 @@ COVER = {
 }
 
 
+# Code paths a kernel takes only under a flag that CPU tensors never set (the compile records
+# them under a registered switch): (kernel, constexpr, value) that must be among the launches.
+FLAGGED = {"titans": [("chunk_titans_linear_bwd_walk_cols_kernel", "PAIRED", True)]}
+
+
 def test_every_operator_with_kernels_lists_its_covering_cases():
     with_kernels = {op for op in OPERATORS if any(i.kind == "triton" for i in implementations(op))}
     assert with_kernels == set(COVER)
@@ -101,6 +106,9 @@ def test_kernels_compile_for_sm90(op, tmp_path):
     names = {Launch(**x).name for x in data["launches"]}
     # every kernel of the operator's implementations was launched, so was compiled
     assert kernels - names == set()
+    for name, flag, value in FLAGGED.get(op, []):
+        assert any(x["name"] == name and x["args"].get(flag) == ["const", value]
+                   for x in data["launches"]), (name, flag, value)
     labels = [label for label, _, _ in data["compiled"]]
     assert any("[bfloat16," in label for label in labels) and any("[float32," in label for label in labels)
     failed = {label: err for label, err, _ in data["compiled"] if err is not None}

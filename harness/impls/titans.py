@@ -89,7 +89,7 @@ _FLOAT32_STATES_BACKWARD = {"what": "float32 states for the backward",
                             "set": {"kernels.titans.chunk.HALF_STATES_BACKWARD": None}}
 # The backward walk by column pairs at D > 64, on CPU tensors too: for harness compile, whose
 # recording runs no kernel; the interpreter cannot run a pair (kernels/titans/chunk_bwd.py,
-# WALK_SLICES, CPU_WALK_SLICES).
+# WALK_SLICES, CPU_WALK_SLICES). On a GPU it is the defaults' form.
 _PAIRED_WALK_RECORDED = {"what": "backward walk by column pairs, recorded on the CPU",
                          "set": {"kernels.titans.chunk_bwd.WALK_SLICES": {128: 2},
                                  "kernels.titans.chunk_bwd.CPU_WALK_SLICES": 2}}

@@ -79,8 +79,10 @@ WALK_WARPS = 8
 # D = 128, T = 8K, fwd+bwd, 2026-12-07; python tools/kernel_profile.py titans chunk --seq-len
 # 8192 --head-dim 128 --mode fwdbwd --set "pair:kernels.titans.chunk_bwd.WALK_SLICES={128:2}")
 # the walk took 10,639 µs whole and 5,286 as a pair (ptxas: 1,188 bytes of spill a thread
-# against 308), the step 20,689 against 15,135; the tiling family passed with it in bfloat16,
-# float16 and float32 (reports/titans.md).
+# against 308), the step 20,689 against 15,135; the tiling family's D = 100 and 128 classes
+# passed with it in bfloat16 and float16 (with its prefetch) and float32 (without; reports/
+# titans.md). Untimed and unchecked: more pairs than the GPU holds at once (2 N H programs
+# past its resident limit), where pairs take the free slots in turn (minibatch.pair_wait).
 WALK_SLICES = {128: 2}
 # The most slices a walk of CPU tensors takes: Triton's interpreter runs a launch's programs
 # one after another, where the first of a pair would wait for the second forever.

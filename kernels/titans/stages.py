@@ -49,8 +49,9 @@ def store_gr_col(gr, row0, o_c, m_t, H: tl.constexpr, j: tl.constexpr, b_x):
 @triton.jit
 def store_moments(gr, row0, o_c, m_t, H: tl.constexpr, b_z, b_t, b_w, b_b, m_d, D: tl.constexpr,
                   eps):
-    """The moments of G = 2 ln_recon_grad(Z, T) that a walk by column slices takes from whole
-    rows (layernorm.ln_recon_grad_moments) into gr's columns ROW_MOMENTS + 0..5."""
+    """The moments of G = 2 ln_recon_grad(Z, V - K) (b_t: V - K) that a walk by column slices
+    takes from whole rows (layernorm.ln_recon_grad_moments) into gr's columns
+    ROW_MOMENTS + 0..5."""
     b_mean, b_sigma, b_s1, b_s2, b_w1, b_w2 = ln_recon_grad_moments(b_z, b_t, b_w, b_b, m_d, D,
                                                                     eps)
     store_gr_col(gr, row0, o_c, m_t, H, ROW_MOMENTS, b_mean)
