@@ -46,15 +46,18 @@ def test_walk_by_columns(monkeypatch, T, D, cu, kw):
 
 
 def test_walk_slices(monkeypatch):
-    """Two slices on the GPU; on CPU tensors at most CPU_WALK_SLICES (the interpreter cannot run
-    a pair); the one-program walk under HALF_GRADS (whole rows' scales) and where WALK_SLICES
-    names no BD; anything but 1 or 2 slices a ValueError naming the switch before any launch."""
+    """Two slices on the GPU; on CPU tensors the one-program walk where WALK_SLICES names more
+    than CPU_WALK_SLICES (the interpreter cannot run a pair), one slice where it names one; the
+    one-program walk under HALF_GRADS (whole rows' scales) and where WALK_SLICES names no BD;
+    anything but 1 or 2 slices a ValueError naming the switch before any launch."""
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     monkeypatch.setattr(chunk_bwd, "WALK_SLICES", {128: 2})
     assert chunk_bwd.walk_slices(128, cuda, False) == 2
-    assert chunk_bwd.walk_slices(128, cpu, False) == 1
+    assert chunk_bwd.walk_slices(128, cpu, False) == 0
     assert chunk_bwd.walk_slices(128, cuda, True) == 0
     assert chunk_bwd.walk_slices(64, cuda, False) == 0
+    monkeypatch.setattr(chunk_bwd, "WALK_SLICES", {64: 1, 128: 2})
+    assert chunk_bwd.walk_slices(64, cpu, False) == 1
     monkeypatch.setattr(chunk_bwd, "WALK_SLICES", {128: 4})
     with pytest.raises(ValueError, match="WALK_SLICES must map BD = 128 to 1 or 2"):
         chunk_bwd.walk_slices(128, cuda, False)

@@ -75,7 +75,8 @@ WALK_WARPS = 8
 # many programs take a (sequence, head)'s dM', dS', each [BD, BD / slices] columns of them,
 # swapping seven per-row partial sums once a mini-batch; a BD it does not name takes the
 # one-program walk (walk_bwd.chunk_titans_linear_bwd_walk_kernel). With 1 the walk by columns
-# runs whole, the form the CPU tests check its math by. On an H100 (bfloat16, B=2, H=16,
+# runs whole, the form the CPU tests check its math by (at D = 128 with 64-token mini-batches
+# it needs more shared memory than sm_90 has: ptxas, 334,336 bytes in bfloat16). On an H100 (bfloat16, B=2, H=16,
 # D = 128, T = 8K, fwd+bwd, 2026-12-07; python tools/kernel_profile.py titans chunk --seq-len
 # 8192 --head-dim 128 --mode fwdbwd --set "pair:kernels.titans.chunk_bwd.WALK_SLICES={128:2}")
 # the walk took 10,639 µs whole and 5,286 as a pair (ptxas: 1,188 bytes of spill a thread
@@ -84,8 +85,9 @@ WALK_WARPS = 8
 # titans.md). Untimed and unchecked: more pairs than the GPU holds at once (2 N H programs
 # past its resident limit), where pairs take the free slots in turn (minibatch.pair_wait).
 WALK_SLICES = {128: 2}
-# The most slices a walk of CPU tensors takes: Triton's interpreter runs a launch's programs
-# one after another, where the first of a pair would wait for the second forever.
+# The most slices a walk of CPU tensors takes (more: the one-program walk): Triton's
+# interpreter runs a launch's programs one after another, where the first of a pair would wait
+# for the second forever.
 # harness compile, which records launches without running them, sets 2 (a registered switch
 # of harness/impls/titans.py) so that the GPU's form is compiled too.
 CPU_WALK_SLICES = 1
@@ -345,12 +347,13 @@ def gates_warps(dtype: torch.dtype, BD: int) -> int:
 
 def walk_slices(BD: int, device: torch.device, half: bool) -> int:
     """The programs per (sequence, head) of the backward walk by columns (WALK_SLICES), or 0 for
-    the one-program walk: under HALF_GRADS (rows scaled by their largest value: whole rows)
-    and where WALK_SLICES names no BD; at most CPU_WALK_SLICES for CPU tensors."""
+    the one-program walk: under HALF_GRADS (rows scaled by their largest value: whole rows),
+    where WALK_SLICES names no BD, and for CPU tensors where it names more than
+    CPU_WALK_SLICES."""
     slices = 0 if half else WALK_SLICES.get(BD, 0)
     if slices not in (0, 1, 2) or BD % max(slices, 1):
         raise ValueError(f"WALK_SLICES must map BD = {BD} to 1 or 2 slices, got {slices}")
-    return min(slices, CPU_WALK_SLICES) if device.type == "cpu" else slices
+    return 0 if device.type == "cpu" and slices > CPU_WALK_SLICES else slices
 
 
 def final_state_grads(dht, dst, N: int, H: int, D: int, device):
