@@ -22,7 +22,7 @@ __all__ = ["dot_state", "dot_state_into", "head_tile", "head_tiles", "load_squar
            "load_square_cols", "load_square_cols_scaled", "load_square_rows",
            "load_square_rows_scaled", "load_square_scaled", "mini_batch_meta",
            "mini_batch_program", "pair_signal", "pair_wait", "reload_rows", "reload_square",
-           "start_square", "store_square_scaled", "walk_program"]
+           "start_slice", "start_square", "store_square_scaled", "walk_program"]
 
 
 def head_tile(D: int) -> int:
@@ -183,7 +183,14 @@ def reload_rows(b_x, x, o_c, m_t, o_d, scale, D: tl.constexpr, H: tl.constexpr,
 @triton.jit
 def start_square(p, i, o_s, m_s, D: tl.constexpr, BD: tl.constexpr, GIVEN: tl.constexpr):
     """The [BD, BD] float32 state a walk starts from: state i of p when GIVEN, else 0."""
-    b_x = tl.zeros([BD, BD], dtype=tl.float32)
+    return start_slice(p, i, o_s, m_s, D, BD, BD, GIVEN)
+
+
+@triton.jit
+def start_slice(p, i, o_s, m_s, D: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr,
+                GIVEN: tl.constexpr):
+    """start_square's [BD, BV] slice of columns (o_s, m_s: its offsets and mask in the state)."""
+    b_x = tl.zeros([BD, BV], dtype=tl.float32)
     if GIVEN:
         b_x = load_square(p, i, o_s, m_s, D)
     return b_x

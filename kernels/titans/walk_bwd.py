@@ -24,8 +24,8 @@ import triton.language as tl
 
 from kernels.common.layernorm import (ln_recon_grad_bwd_cols, ln_recon_grad_bwd_rows,
                                       ln_recon_grad_bwd_sums, ln_recon_grad_cols, row_sums)
-from kernels.common.minibatch import (dot_state, dot_state_into, head_tiles, load_square,
-                                      pair_signal, pair_wait, start_square, store_square_scaled,
+from kernels.common.minibatch import (dot_state, dot_state_into, head_tiles, pair_signal,
+                                      pair_wait, start_slice, start_square, store_square_scaled,
                                       walk_program)
 from kernels.common.utils import load_rows, store_rows, walk_bounds
 from kernels.titans.stages import (ROW_CM, ROW_CS, ROW_DCM, ROW_DCS, ROW_E0, ROW_F0, ROW_P0,
@@ -244,8 +244,8 @@ def cols_program(w, b, ticket, cu_seqlens, chunk_offsets, T, H: tl.constexpr, D:
                  BD: tl.constexpr, BV: tl.constexpr, BC: tl.constexpr, PAIRED: tl.constexpr,
                  IS_VARLEN: tl.constexpr):
     """What a program of the walk by columns walks: (i_nh, i_k, i_h, bos, L, NT, c0) (its
-    (sequence, head), its slice, its tokens and mini-batches), its head's columns o_d, m_d, w,
-    b, its slice's o_v, m_v, w, b, and the offsets and mask of its [BD, BV] slice of a state.
+    (sequence, head), its slice, its tokens and mini-batches), its head's columns o_d, m_d and
+    w, its slice's o_v, m_v, w, b, and the offsets and mask of its [BD, BV] slice of a state.
     Under PAIRED program ids come from the counter ``ticket`` (minibatch.pair_wait)."""
     if PAIRED:
         i_p = tl.atomic_add(ticket, 1)
@@ -254,12 +254,12 @@ def cols_program(w, b, ticket, cu_seqlens, chunk_offsets, T, H: tl.constexpr, D:
         i_nh, i_k = tl.program_id(0), 0
     i_h = i_nh % H
     bos, eos, NT, c0 = walk_bounds(cu_seqlens, chunk_offsets, i_nh // H, T, BC, IS_VARLEN)
-    o_d, m_d, _, _, b_w, b_b = head_tiles(w, b, i_h, D, BD)
+    o_d, m_d, _, _, b_w, _ = head_tiles(w, b, i_h, D, BD)
     o_v = i_k * BV + tl.arange(0, BV)
     m_v = o_v < D
     b_wv = tl.load(w + i_h * D + o_v, mask=m_v, other=0.).to(tl.float32)
     b_bv = tl.load(b + i_h * D + o_v, mask=m_v, other=0.).to(tl.float32)
-    return (i_nh, i_k, i_h, bos, eos - bos, NT, c0, o_d, m_d, b_w, b_b, o_v, m_v, b_wv, b_bv,
+    return (i_nh, i_k, i_h, bos, eos - bos, NT, c0, o_d, m_d, b_w, o_v, m_v, b_wv, b_bv,
             o_d[:, None] * D + o_v[None, :], m_d[:, None] & m_v[None, :])
 
 
@@ -280,15 +280,13 @@ def chunk_titans_linear_bwd_walk_cols_kernel(
     """Columns o_v of one sequence and head's dM', dS' carried from the last mini-batch to the
     first (the module docstring), stored per mini-batch in float32; dw, db of G's LayerNorm
     per (sequence, head) on columns o_v."""
-    (i_nh, i_k, i_h, bos, L, NT, c0, o_d, m_d, b_w, b_b, o_v, m_v, b_wv, b_bv, o_s,
+    (i_nh, i_k, i_h, bos, L, NT, c0, o_d, m_d, b_w, o_v, m_v, b_wv, b_bv, o_s,
      m_s) = cols_program(w, b, ticket, cu_seqlens, chunk_offsets, T, H, D, BD, BV, BC, PAIRED,
                          IS_VARLEN)
     o_c = tl.arange(0, BC)
     w0 = tl.sum(b_w * b_w, 0)
-    b_dM = tl.zeros([BD, BV], dtype=tl.float32)
-    b_dS = tl.zeros([BD, BV], dtype=tl.float32)
-    if USE_FINAL_STATE_GRADIENT:
-        b_dM, b_dS = load_square(dht, i_nh, o_s, m_s, D), load_square(dst, i_nh, o_s, m_s, D)
+    b_dM = start_slice(dht, i_nh, o_s, m_s, D, BD, BV, USE_FINAL_STATE_GRADIENT)
+    b_dS = start_slice(dst, i_nh, o_s, m_s, D, BD, BV, USE_FINAL_STATE_GRADIENT)
     b_dwa = tl.zeros([BV], dtype=tl.float32)
     b_dba = tl.zeros([BV], dtype=tl.float32)
     if PREFETCH:
