@@ -223,6 +223,29 @@ def test_replay(monkeypatch, B, T, cu, gates, every, chain, rows):
         assert rel_error(a, p) < 1e-6, rel_error(a, p)
 
 
+@pytest.mark.parametrize("B,T,cu,every,rows", [
+    (2, 70, None, 2, None), (1, 57, [0, 21, 21, 22, 57], 2, 16), (1, 140, None, 8, 32),
+    (1, 100, [0, 40, 41, 100], 2, None)])
+def test_replay_overlap(monkeypatch, B, T, cu, every, rows):
+    """chunk.REPLAY_OVERLAP: the walk's and the segment kernel's programs in one launch, each
+    taking its part from its ticket (segments in the order of their index in their sequence,
+    for varlen through segment_order), give what the two launches give bit for bit (the same
+    stages). Through the interpreter every walk runs before the first segment program: this
+    checks the tickets' parts and that every wait ends (a walk that never signals hangs it), not
+    a wait on a walk still running (the GPU's check). Cases as test_replay's, two or four
+    programs a segment, sequences of 40, 1 and 59 tokens in segment_order. Broken once: varlen
+    tickets decoded over N H heads, not H, leave rows of o unwritten (both varlen cases fail)."""
+    x, st, cu = inputs(B, T, 2, 16, cu=cu)
+    monkeypatch.setattr(chunk, "REPLAY", every)
+    monkeypatch.setattr(chunk, "REPLAY_ROWS", rows)
+    with torch.no_grad():
+        two, _ = both(x, st, cu)
+        monkeypatch.setattr(chunk, "REPLAY_OVERLAP", True)
+        one, _ = both(x, st, cu)
+    for name, a, b in zip(("o", "final state", "final momentum"), one, two):
+        assert torch.equal(a, b), (name, float((a - b).abs().max()))
+
+
 @pytest.mark.parametrize("every,rows,gprecision,says", [
     (3, None, None, "REPLAY must be a power of two"),
     (8, 24, None, "REPLAY_ROWS must be a power of two"),

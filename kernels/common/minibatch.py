@@ -21,7 +21,7 @@ from kernels.common.utils import (MIN_TILE, chunk_index, chunk_rows, dot_mixed, 
 __all__ = ["dot_state", "dot_state_into", "head_tile", "head_tiles", "load_square",
            "load_square_cols", "load_square_cols_scaled", "load_square_rows",
            "load_square_rows_scaled", "load_square_scaled", "mini_batch_meta",
-           "mini_batch_program", "pair_signal", "pair_wait", "reload_rows", "reload_square",
+           "mini_batch_program", "step_signal", "step_wait", "reload_rows", "reload_square",
            "start_slice", "start_square", "store_square_scaled", "walk_program"]
 
 
@@ -84,7 +84,7 @@ def mini_batch_program(w, b, cu_seqlens, chunk_indices, T, H: tl.constexpr, D: t
 @triton.jit
 def load_square(p, i, o_s, m_s, D: tl.constexpr):
     """State i of a [.., D, D] tensor, in float32 (0 past D)."""
-    return load_square_as(p, i, o_s, m_s, D, "")
+    return load_square_as(p, i, o_s, m_s, D, "", "")
 
 
 @triton.jit
@@ -144,10 +144,11 @@ def load_square_cols_scaled(p, p_r, i, o_d, m_d, o_k, D: tl.constexpr):
 
 
 @triton.jit
-def load_square_as(p, i, o_s, m_s, D: tl.constexpr, EVICT: tl.constexpr):
-    """load_square with tl.load's eviction_policy EVICT (as utils.load_rows_as)."""
-    return tl.load(p + i.to(tl.int64) * D * D + o_s, mask=m_s, other=0.,
-                   eviction_policy=EVICT).to(tl.float32)
+def load_square_as(p, i, o_s, m_s, D: tl.constexpr, EVICT: tl.constexpr, CACHE: tl.constexpr):
+    """load_square with tl.load's eviction_policy EVICT and cache_modifier CACHE (as
+    utils.load_rows_as)."""
+    return tl.load(p + i.to(tl.int64) * D * D + o_s, mask=m_s, other=0., eviction_policy=EVICT,
+                   cache_modifier=CACHE).to(tl.float32)
 
 
 # The compiler keeps one shared-memory copy of a product's operand per loaded value (two under
@@ -164,7 +165,7 @@ def reload_square(b_S, b_rows, p, i, o_s, m_s, D: tl.constexpr, LIMIT: tl.conste
     that the compiler does not merge the two loads), else b_S itself."""
     b_x = b_S
     if b_rows.shape[0] * b_rows.shape[1] > LIMIT:
-        b_x = load_square_as(p, i, o_s, m_s, D, "evict_last")
+        b_x = load_square_as(p, i, o_s, m_s, D, "evict_last", "")
     return b_x
 
 
@@ -176,7 +177,7 @@ def reload_rows(b_x, x, o_c, m_t, o_d, scale, D: tl.constexpr, H: tl.constexpr,
     reload_square), else b_x itself."""
     b_y = b_x
     if b_x.shape[0] * b_x.shape[1] > LIMIT:
-        b_y = load_rows_as(x, o_c, m_t, o_d, D, H, "evict_last").to(tl.float32) * scale
+        b_y = load_rows_as(x, o_c, m_t, o_d, D, H, "evict_last", "").to(tl.float32) * scale
     return b_y
 
 
@@ -235,26 +236,28 @@ def dot_state_into(b_x, b_S, b_acc, HALF: tl.constexpr, PRECISION: tl.constexpr,
     return b_y
 
 
-# Two programs of one launch that hand each other values while they run (a walk by column
-# slices, each program one slice): each publishes its values, then pair_signal's flag; the
-# other's pair_wait returns once that flag has passed the step. Both must be on the GPU at
-# once: the launch takes program ids from a counter (tl.atomic_add on a zeroed int32), so
-# that the two of a pair take consecutive tickets and the earlier of them waits only on a
-# program already running or the next to start. Triton's interpreter runs a launch's programs
-# one after another, where the first would wait forever: these stages are for the GPU only.
+# Programs of one launch that hand each other values while they run (a walk by column slices,
+# each program one slice; a walk and the programs that take its stores segment by segment):
+# one publishes its values, then step_signal's flag; another's step_wait returns once that flag
+# has passed the step. The one that waits must not hold back the one it waits on: the launch
+# takes program ids from a counter (tl.atomic_add on a zeroed int32), so that a program waits
+# only on programs with earlier tickets, already running (two of a pair take consecutive
+# tickets, the earlier waiting only on the next to start). Triton's interpreter runs a launch's
+# programs one after another in ticket order: there a program that waits on a later one (a
+# pair's first) would wait forever, one that waits on earlier ones finds their flags set.
 
 
 @triton.jit
-def pair_signal(p_flag, step):
-    """Tell the other program of a pair that this one's values for ``step`` are stored: after
-    every thread's stores (a barrier), its flag set to step + 1 with release ordering."""
+def step_signal(p_flag, step):
+    """Tell the programs that wait on p_flag that this one's values for ``step`` are stored:
+    after every thread's stores (a barrier), the flag set to step + 1 with release ordering."""
     tl.debug_barrier()
     tl.atomic_xchg(p_flag, step + 1, sem="release")
 
 
 @triton.jit
-def pair_wait(p_flag, step):
-    """Wait until the other program's flag p_flag says its values for ``step`` are stored
+def step_wait(p_flag, step):
+    """Wait until the flag p_flag says another program's values for ``step`` are stored
     (acquire ordering; read them then with cache_modifier ".cg", past the SM's L1)."""
     seen = tl.atomic_add(p_flag, 0, sem="acquire")
     while seen <= step:

@@ -98,15 +98,18 @@ def add_to(p, b_x, m, NV: tl.constexpr):
 def load_rows(x, o_c, m_t, o_d, D: tl.constexpr, H: tl.constexpr):
     """[BT, BD] tile of a [.., H, D] tensor: x points at the chunk's first row (row t at
     x + t * H * D), rows o_c where m_t, columns o_d < D; zeros elsewhere."""
-    return load_rows_as(x, o_c, m_t, o_d, D, H, "")
+    return load_rows_as(x, o_c, m_t, o_d, D, H, "", "")
 
 
 @triton.jit
-def load_rows_as(x, o_c, m_t, o_d, D: tl.constexpr, H: tl.constexpr, EVICT: tl.constexpr):
-    """load_rows with tl.load's eviction_policy EVICT (a jit function's default argument does
-    not reach the compiler as a constexpr, hence two functions)."""
+def load_rows_as(x, o_c, m_t, o_d, D: tl.constexpr, H: tl.constexpr, EVICT: tl.constexpr,
+                 CACHE: tl.constexpr):
+    """load_rows with tl.load's eviction_policy EVICT and cache_modifier CACHE (a jit
+    function's default argument does not reach the compiler as a constexpr, hence two
+    functions)."""
     return tl.load(x + o_c[:, None] * (H * D) + o_d[None, :],
-                   mask=m_t[:, None] & (o_d < D)[None, :], other=0., eviction_policy=EVICT)
+                   mask=m_t[:, None] & (o_d < D)[None, :], other=0., eviction_policy=EVICT,
+                   cache_modifier=CACHE)
 
 
 @triton.jit

@@ -32,7 +32,8 @@ outputs kernel takes them (WALK_PRODUCTS); or, under REPLAY (for bfloat16 at chu
 each mini-batch's G and the states only every REPLAY mini-batches, and one program per
 (segment of REPLAY mini-batches, head) forms the segment's outputs from that state and the
 stored G, the updates unrolled over the segment (or carried in a chain: REPLAY_CHAIN), all
-segments in parallel. With WALK_GATES_AHEAD (the default) a third
+segments in parallel (or, under REPLAY_OVERLAP, in the walk's launch, each segment once the
+walk has passed it: kernels/titans/overlap.py). With WALK_GATES_AHEAD (the default) a third
 kernel forms the walk's gate factors first, in parallel (for the replay the outputs' too).
 Products of float32 inputs are exact ("ieee"); for half precision they take float32 operands
 in three TF32 passes (utils.dot_precision), but the products of input rows with a float32
@@ -58,6 +59,7 @@ from kernels.titans.fused_bwd import fused_backward
 from kernels.titans.outputs import (chunk_titans_linear_fwd_o_kernel,
                                     chunk_titans_linear_fwd_replay_kernel,
                                     chunk_titans_linear_fwd_segment_kernel)
+from kernels.titans.overlap import chunk_titans_linear_fwd_overlap_kernel
 from kernels.titans.stages import local_meta
 from kernels.titans.walk import (chunk_titans_linear_fwd_gates_kernel,
                                  chunk_titans_linear_fwd_walk_kernel)
@@ -336,6 +338,14 @@ REPLAY_G_PRECISION = None
 # 0.0067, dtheta 0.0099 against 0.0025 (the correction's product of float32 G in three TF32
 # passes beside the state's truncated split), the final states 3.3e-4 against 4.9e-4.
 WALK_AHEAD = False
+# The segment kernel's programs in the walk's launch (kernels/titans/overlap.py), each forming
+# its segment's outputs once the walk has passed the segment (True), or launched after the
+# walk (False). Not with WALK_AHEAD or REPLAY_CHAIN. OVERLAP_WARPS: the launch's warps (None:
+# the walk's, WALK_WARPS).
+REPLAY_OVERLAP = False
+OVERLAP_WARPS = None
+# The gates kernel's warps (a program holds a mini-batch's [C, C] gate products).
+GATES_WARPS = 4
 
 
 def state_dtype(dtype: torch.dtype, backward: bool) -> torch.dtype:
@@ -473,13 +483,26 @@ def _forward(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0, s0,
         chunk_titans_linear_fwd_gates_kernel[(NT, B * H)](
             w, b, theta, alpha, eta, gc, gn, ga, gf, cu_seqlens, chunk_indices, T, H=H, D=D,
             BD=meta["BD"], BC=chunk_size, PRECISION=meta["PRECISION"], OUTPUTS=replay > 1,
-            num_warps=4)
+            num_warps=GATES_WARPS)
+    o = torch.empty_like(v)
+    if replay > 1 and REPLAY_OVERLAP and not (REPLAY_CHAIN or WALK_AHEAD):
+        rows = min(rows or replay * chunk_size, replay * chunk_size)
+        blocks = NS * replay * chunk_size // rows * B * H
+        order = (None if cu_seqlens is None else
+                 torch.argsort(segment_indices[:, 1], stable=True).to(torch.int32))
+        chunk_titans_linear_fwd_overlap_kernel[(N * H + blocks,)](
+            q, k, v, w, b, o, theta, alpha, eta, gc, gn, ga, gf, h0, s0, ht, st, hs, ss, gs,
+            torch.zeros(1 + N * H, dtype=torch.int32, device=q.device), cu_seqlens,
+            chunk_offsets, segment_offsets, segment_indices, order, scale, float(eps), T, N * H,
+            EVERY=replay, ROWS=rows, GPRECISION=gprecision or meta["PRECISION"],
+            PREFETCH=WALK_PREFETCH, GATES_AHEAD=ahead, ACCUMULATE=WALK_ACCUMULATE, SCALES=scales,
+            **with_warps({**meta, **omixed}, OVERLAP_WARPS or WALK_WARPS))
+        return o, ht, st, (hs, ss, hr, sr, zs)
     chunk_titans_linear_fwd_walk_kernel[(N * H,)](
         q, k, v, w, b, theta, alpha, eta, gc, gn, h0, s0, ht, st, hs, ss, hr, sr, qm, qs, gs, zs,
         cu_seqlens, chunk_offsets, segment_offsets if replay > 1 else None, scale, float(eps),
         T, EVERY=replay, PREFETCH=WALK_PREFETCH, GATES_AHEAD=ahead, ACCUMULATE=WALK_ACCUMULATE,
         SCALES=scales, AHEAD=WALK_AHEAD, **with_warps({**meta, **omixed}, WALK_WARPS))
-    o = torch.empty_like(v)
     if replay > 1 and not REPLAY_CHAIN:
         rows = min(rows or replay * chunk_size, replay * chunk_size)
         chunk_titans_linear_fwd_segment_kernel[(NS * replay * chunk_size // rows, B * H)](

@@ -83,7 +83,7 @@ WALK_WARPS = 8
 # against 308), the step 20,689 against 15,135; the tiling family's D = 100 and 128 classes
 # passed with it in bfloat16 and float16 (with its prefetch) and float32 (without; reports/
 # titans.md). Untimed and unchecked: more pairs than the GPU holds at once (2 N H programs
-# past its resident limit), where pairs take the free slots in turn (minibatch.pair_wait).
+# past its resident limit), where pairs take the free slots in turn (minibatch.step_wait).
 WALK_SLICES = {128: 2}
 # The most slices a walk of CPU tensors takes (more: the one-program walk): Triton's
 # interpreter runs a launch's programs one after another, where the first of a pair would wait

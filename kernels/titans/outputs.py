@@ -20,8 +20,10 @@ import triton
 import triton.language as tl
 
 from kernels.common.layernorm import layer_norm_rows
-from kernels.common.minibatch import head_tiles, load_square, mini_batch_program
-from kernels.common.utils import chunk_bounds, chunk_index, load_rows, store_rows, walk_bounds
+from kernels.common.minibatch import (head_tiles, load_square, load_square_as,
+                                      mini_batch_program, step_wait)
+from kernels.common.utils import (chunk_bounds, chunk_index, load_rows, load_rows_as, store_rows,
+                                  walk_bounds)
 from kernels.titans.stages import (ahead_gates, dot_q, gate_rows, hand_on, load_states,
                                    mini_batch_rows, segment_products, stored_grads)
 
@@ -128,14 +130,14 @@ def replay_outputs(o, ga, gf, i_s, row0, o_c, m_t, o_d, m_d, b_g, b_qm, b_qs, b_
 
 
 @triton.jit
-def segment_program(w, b, cu_seqlens, chunk_offsets, segment_indices, T, H: tl.constexpr,
-                    D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr, EVERY: tl.constexpr,
-                    BLOCKS: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """What a (segment, head) program handles, BLOCKS programs a segment: (i_h, i_k, c0, i_g,
-    bos, L, n_j) (its head, its stored state's index, its sequence's first mini-batch among
-    all, the segment's index in the sequence, the sequence's first token and length, the
-    segment's mini-batches), then head_tiles."""
-    i_c, i_bh = tl.program_id(0) // BLOCKS, tl.program_id(1)
+def segment_program(i_c, i_bh, w, b, cu_seqlens, chunk_offsets, segment_indices, T,
+                    H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
+                    EVERY: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """What the program of segment i_c (among all) and of i_bh (batch entry and head) handles:
+    (i_nh, i_k, c0, i_g, bos, L, n_j) (its sequence and head as the walk counts them, its
+    stored state's index, its sequence's first mini-batch among all, the segment's index in
+    the sequence, the sequence's first token and length, the segment's mini-batches), then
+    head_tiles."""
     i_n, i_h = i_bh // H, i_bh % H
     bos, eos, i_g = chunk_bounds(cu_seqlens, segment_indices, i_c, i_n, T, BC * EVERY,
                                  IS_VARLEN)
@@ -146,7 +148,7 @@ def segment_program(w, b, cu_seqlens, chunk_offsets, segment_indices, T, H: tl.c
     o_d, m_d, o_s, m_s, b_w, b_b = head_tiles(w, b, i_h, D, BD)
     L = eos - bos
     n_j = tl.minimum(EVERY, tl.cdiv(L, BC) - i_g * EVERY)
-    return i_h, i_k, c0, i_g, bos, L, n_j, o_d, m_d, o_s, m_s, b_w, b_b
+    return i_n * H + i_h, i_k, c0, i_g, bos, L, n_j, o_d, m_d, o_s, m_s, b_w, b_b
 
 
 @triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
@@ -162,8 +164,10 @@ def chunk_titans_linear_fwd_replay_kernel(
     as the walk hands them on (stages.hand_on, UMIXED, ACCUMULATE; the gates from gc, gn), and
     each mini-batch's O (replay_outputs; Q~ M0, Q~ S0 and Q~ K^T as from_products takes them,
     under OMIXED)."""
-    i_h, i_k, c0, i_g, bos, L, n_j, o_d, m_d, o_s, m_s, b_w, b_b = segment_program(
-        w, b, cu_seqlens, chunk_offsets, segment_indices, T, H, D, BD, BC, EVERY, 1, IS_VARLEN)
+    i_nh, i_k, c0, i_g, bos, L, n_j, o_d, m_d, o_s, m_s, b_w, b_b = segment_program(
+        tl.program_id(0), tl.program_id(1), w, b, cu_seqlens, chunk_offsets, segment_indices, T,
+        H, D, BD, BC, EVERY, IS_VARLEN)
+    i_h = i_nh % H
     o_c = tl.arange(0, BC)
     b_M = load_square(hs, i_k, o_s, m_s, D)
     b_S = load_square(ss, i_k, o_s, m_s, D)
@@ -200,21 +204,19 @@ def coefficients_back(b_al, b_be, b_ep, gn, i_s, n_r, m):
     return tl.where(at, 1., b_al), tl.where(at, 0., b_be), tl.where(at, 1., b_ep)
 
 
-@triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
-@triton.jit(do_not_specialize=['T'])
-def chunk_titans_linear_fwd_segment_kernel(
-    q, k, w, b, o, hs, ss, gs, gc, gn, ga, gf, cu_seqlens, chunk_offsets, segment_indices,
-    scale, eps, T, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
-    EVERY: tl.constexpr, ROWS: tl.constexpr, PRECISION: tl.constexpr, OMIXED: tl.constexpr,
-    GPRECISION: tl.constexpr, IS_VARLEN: tl.constexpr,
-):
-    """One segment of EVERY mini-batches and head, ROWS of its EVERY C rows at once (the
-    replay without a chain, chunk.REPLAY_CHAIN off; EVERY C // ROWS programs a segment, each
-    taking the updates of the mini-batches up to its last row's): with M_c, S_c the states
-    the walk stored at the
-    segment's start, n(t) row t's mini-batch and alpha, beta, epsilon the coefficients with
-    which mini-batch m's updates (m = -1: M_c, S_c) reach M and S of mini-batch n(t)
-    (coefficients_back, over m from the last mini-batch to the first),
+@triton.jit
+def segment_outputs(i_c, i_r, i_bh, q, k, w, b, o, hs, ss, gs, gc, gn, ga, gf, progress,
+                    cu_seqlens, chunk_offsets, segment_indices, scale, eps, T, H: tl.constexpr,
+                    D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr, EVERY: tl.constexpr,
+                    ROWS: tl.constexpr, PRECISION: tl.constexpr, OMIXED: tl.constexpr,
+                    GPRECISION: tl.constexpr, WAIT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Rows i_r * ROWS .. of segment i_c (EVERY mini-batches) of i_bh (batch entry and head;
+    chunk_titans_linear_fwd_segment_kernel's); with WAIT, once the walk's progress flag for
+    its sequence and head has passed the segment (minibatch.step_wait), its stores read past
+    the SM's L1. With M_c, S_c the states the walk stored at the segment's start, n(t) row t's
+    mini-batch and alpha, beta, epsilon the coefficients with which mini-batch m's updates
+    (m = -1: M_c, S_c) reach M and S of mini-batch n(t) (coefficients_back, over m from the
+    last mini-batch to the first),
 
         U = f0 o (alpha Q~ M_c + beta Q~ S_c) + p0 o epsilon (Q~ S_c)
             - sum_m ((Q~ K_m^T) o W_m) G_m,
@@ -223,10 +225,13 @@ def chunk_titans_linear_fwd_segment_kernel(
 
     then O = U + w LN(U) + b: each state the walk hands on, unrolled over the segment; the
     products with G_m in GPRECISION (chunk.REPLAY_G_PRECISION)."""
-    i_h, i_k, c0, i_g, bos, L, n_j, o_d, m_d, o_s, m_s, b_w, b_b = segment_program(
-        w, b, cu_seqlens, chunk_offsets, segment_indices, T, H, D, BD, BC, EVERY,
-        EVERY * BC // ROWS, IS_VARLEN)
-    i_r = tl.program_id(0) % (EVERY * BC // ROWS)
+    i_nh, i_k, c0, i_g, bos, L, n_j, o_d, m_d, o_s, m_s, b_w, b_b = segment_program(
+        i_c, i_bh, w, b, cu_seqlens, chunk_offsets, segment_indices, T, H, D, BD, BC, EVERY,
+        IS_VARLEN)
+    i_h = i_nh % H
+    CACHE: tl.constexpr = ".cg" if WAIT else ""
+    if WAIT:
+        step_wait(progress + i_nh, i_g)
     o_r = i_r * ROWS + tl.arange(0, ROWS)  # within the segment
     n_r = o_r // BC
     m_r = i_g * EVERY * BC + o_r < L
@@ -258,14 +263,32 @@ def chunk_titans_linear_fwd_segment_kernel(
         b_W += tl.load(ga + i_s * BC * BC + (o_r % BC)[:, None] * BC + o_c[None, :],
                        mask=(n_r == m)[:, None], other=0.)
         b_W *= dot_q(b_q, b_qh, tl.trans(b_kh), scale, PRECISION, OMIXED)
-        b_u -= tl.dot(b_W, load_rows(gs + rowm * D, o_c, m_c, o_d, D, H),
+        b_u -= tl.dot(b_W, load_rows_as(gs + rowm * D, o_c, m_c, o_d, D, H, "", CACHE),
                       input_precision=GPRECISION)
     # the stored states: mini-batch 0's factors, rows of mini-batch 0 at (1, 0, 1)
     b_al, b_be, b_ep = coefficients_back(b_al, b_be, b_ep, gn, ((c0 + i_g * EVERY) * H + i_h
                                                                ).to(tl.int64), n_r, -1)
-    b_u += (b_f0 * b_al)[:, None] * dot_q(b_q, b_qh, load_square(hs, i_k, o_s, m_s, D), scale,
-                                          PRECISION, OMIXED)
+    b_u += (b_f0 * b_al)[:, None] * dot_q(
+        b_q, b_qh, load_square_as(hs, i_k, o_s, m_s, D, "", CACHE), scale, PRECISION, OMIXED)
     b_u += (b_f0 * b_be + b_p0 * b_ep)[:, None] * dot_q(
-        b_q, b_qh, load_square(ss, i_k, o_s, m_s, D), scale, PRECISION, OMIXED)
+        b_q, b_qh, load_square_as(ss, i_k, o_s, m_s, D, "", CACHE), scale, PRECISION, OMIXED)
     b_x, _ = layer_norm_rows(b_u, m_d, D, eps)
     store_rows(o + row0 * D, b_u + b_w[None, :] * b_x + b_b[None, :], o_r, m_r, o_d, D, H)
+
+
+@triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
+@triton.jit(do_not_specialize=['T'])
+def chunk_titans_linear_fwd_segment_kernel(
+    q, k, w, b, o, hs, ss, gs, gc, gn, ga, gf, cu_seqlens, chunk_offsets, segment_indices,
+    scale, eps, T, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
+    EVERY: tl.constexpr, ROWS: tl.constexpr, PRECISION: tl.constexpr, OMIXED: tl.constexpr,
+    GPRECISION: tl.constexpr, IS_VARLEN: tl.constexpr,
+):
+    """One segment of EVERY mini-batches and head, ROWS of its EVERY C rows at once (the
+    replay without a chain, chunk.REPLAY_CHAIN off; EVERY C // ROWS programs a segment, each
+    taking the updates of the mini-batches up to its last row's): segment_outputs."""
+    BLOCKS: tl.constexpr = EVERY * BC // ROWS
+    segment_outputs(tl.program_id(0) // BLOCKS, tl.program_id(0) % BLOCKS, tl.program_id(1),
+                    q, k, w, b, o, hs, ss, gs, gc, gn, ga, gf, gn, cu_seqlens, chunk_offsets,
+                    segment_indices, scale, eps, T, H, D, BD, BC, EVERY, ROWS, PRECISION, OMIXED,
+                    GPRECISION, False, IS_VARLEN)

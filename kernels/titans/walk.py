@@ -9,8 +9,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.common.minibatch import (dot_state, dot_state_into, mini_batch_program,
-                                      start_square, store_square_scaled, walk_program)
+from kernels.common.minibatch import (dot_state, dot_state_into, head_tiles,
+                                      mini_batch_program, start_square, step_signal,
+                                      store_square_scaled)
 from kernels.common.utils import load_rows, store_rows, walk_bounds
 from kernels.titans.stages import (ahead_gates, dot_q, gate_rows, grads_from_z, hand_on,
                                    hand_on_gates, hand_on_scaled, handed_scales, recon_grads,
@@ -162,16 +163,17 @@ def walk_step(q, k, v, theta, alpha, eta, gc, gn, qm, qs, gs, zs, i_t, c0, bos, 
 
 
 @triton.jit
-def step_walk(q, k, v, theta, alpha, eta, gc, gn, hs, ss, hr, sr, qm, qs, gs, zs, c0, k0, bos,
-              L, NT, i_h, o_c, o_d, m_d, o_s, m_s, b_M, b_S, b_w, b_b, scale, eps,
+def step_walk(q, k, v, theta, alpha, eta, gc, gn, hs, ss, hr, sr, qm, qs, gs, zs, p_done, c0,
+              k0, bos, L, NT, i_h, o_c, o_d, m_d, o_s, m_s, b_M, b_S, b_w, b_b, scale, eps,
               D: tl.constexpr, H: tl.constexpr, BC: tl.constexpr, EVERY: tl.constexpr,
               PRECISION: tl.constexpr, MIXED: tl.constexpr, UMIXED: tl.constexpr,
               OMIXED: tl.constexpr, STORE: tl.constexpr, SCALED: tl.constexpr,
               PRODUCTS: tl.constexpr, STORE_G: tl.constexpr, STORE_Z: tl.constexpr,
               PREFETCH: tl.constexpr, GATES_AHEAD: tl.constexpr, ACCUMULATE: tl.constexpr,
-              SCALES: tl.constexpr):
+              SCALES: tl.constexpr, SIGNAL: tl.constexpr):
     """The walk over walk_step from M0 = b_M, S0 = b_S: (M, S) at its end, the states stored
-    at c0 + i_t (EVERY 1) or, once per segment of EVERY mini-batches, at k0 + i_t / EVERY."""
+    at c0 + i_t (EVERY 1) or, once per segment of EVERY mini-batches, at k0 + i_t / EVERY;
+    with SIGNAL (EVERY > 1) p_done set to g + 1 after segment g (minibatch.step_signal)."""
     m, s = 1., 1.  # the states' scales (SCALES)
     # mini-batch 0's rows (without PREFETCH walk_step loads each mini-batch's over them)
     b_qh, b_k, b_v, b_th, b_a, b_e = walk_rows(q, k, v, theta, alpha, eta, 0, bos, L, i_h, o_c,
@@ -197,6 +199,8 @@ def step_walk(q, k, v, theta, alpha, eta, gc, gn, hs, ss, hr, sr, qm, qs, gs, zs
                     o_c, o_d, m_d, b_M, b_S, m, s, b_qh, b_k, b_v, b_th, b_a, b_e, b_w, b_b,
                     scale, eps, D, H, BC, PRECISION, MIXED, UMIXED, OMIXED, PRODUCTS, STORE_G,
                     False, PREFETCH, GATES_AHEAD, ACCUMULATE, SCALES)
+            if SIGNAL:
+                step_signal(p_done, i_g)
     return b_M * m, b_S * s
 
 
@@ -300,6 +304,49 @@ def ahead_walk(q, k, v, theta, alpha, eta, gc, gn, hs, ss, hr, sr, qm, qs, gs, z
     return b_M * m, b_S * s
 
 
+@triton.jit
+def walk_sequence(i_nh, q, k, v, w, b, theta, alpha, eta, gc, gn, h0, s0, ht, st, hs, ss, hr, sr,
+                  qm, qs, gs, zs, progress, cu_seqlens, chunk_offsets, segment_offsets, scale,
+                  eps, T, H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
+                  EVERY: tl.constexpr, PRECISION: tl.constexpr, MIXED: tl.constexpr,
+                  UMIXED: tl.constexpr, OMIXED: tl.constexpr, USE_INITIAL_STATE: tl.constexpr,
+                  USE_INITIAL_MOMENTUM: tl.constexpr, STORE_FINAL_STATE: tl.constexpr,
+                  STORE_STATES: tl.constexpr, SCALED: tl.constexpr, PRODUCTS: tl.constexpr,
+                  STORE_G: tl.constexpr, STORE_Z: tl.constexpr, PREFETCH: tl.constexpr,
+                  GATES_AHEAD: tl.constexpr, ACCUMULATE: tl.constexpr, SCALES: tl.constexpr,
+                  AHEAD: tl.constexpr, SIGNAL: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """The walk of sequence and head i_nh (chunk_titans_linear_fwd_walk_kernel's); with SIGNAL
+    (EVERY > 1, not AHEAD) progress[i_nh] set to g + 1 once segment g's G are stored."""
+    i_h = i_nh % H
+    bos, eos, NT, c0 = walk_bounds(cu_seqlens, chunk_offsets, i_nh // H, T, BC, IS_VARLEN)
+    o_d, m_d, o_s, m_s, b_w, b_b = head_tiles(w, b, i_h, D, BD)
+    L = eos - bos
+    o_c = tl.arange(0, BC)
+    b_M = start_square(h0, i_nh, o_s, m_s, D, BD, USE_INITIAL_STATE)
+    b_S = start_square(s0, i_nh, o_s, m_s, D, BD, USE_INITIAL_MOMENTUM)
+    k0 = c0  # the first segment's index among all (EVERY > 1)
+    if EVERY > 1:
+        k0 = walk_bounds(cu_seqlens, segment_offsets, i_nh // H, T, BC * EVERY, IS_VARLEN)[3]
+    p_done = progress
+    if SIGNAL:
+        p_done = progress + i_nh
+    if AHEAD:
+        b_M, b_S = ahead_walk(
+            q, k, v, theta, alpha, eta, gc, gn, hs, ss, hr, sr, qm, qs, gs, zs, c0, k0, bos, L, NT,
+            i_h, o_c, o_d, m_d, o_s, m_s, b_M, b_S, b_w, b_b, scale, eps, D, H, BC, BD, EVERY,
+            PRECISION, MIXED, UMIXED, OMIXED, STORE_STATES, SCALED, PRODUCTS, STORE_G, STORE_Z,
+            GATES_AHEAD, SCALES)
+    else:
+        b_M, b_S = step_walk(
+            q, k, v, theta, alpha, eta, gc, gn, hs, ss, hr, sr, qm, qs, gs, zs, p_done, c0, k0, bos,
+            L, NT, i_h, o_c, o_d, m_d, o_s, m_s, b_M, b_S, b_w, b_b, scale, eps, D, H, BC, EVERY,
+            PRECISION, MIXED, UMIXED, OMIXED, STORE_STATES, SCALED, PRODUCTS, STORE_G, STORE_Z,
+            PREFETCH, GATES_AHEAD, ACCUMULATE, SCALES, SIGNAL)
+    if STORE_FINAL_STATE:
+        tl.store(ht + i_nh.to(tl.int64) * D * D + o_s, b_M, mask=m_s)
+        tl.store(st + i_nh.to(tl.int64) * D * D + o_s, b_S, mask=m_s)
+
+
 @triton.heuristics({
     'USE_INITIAL_STATE': lambda a: a['h0'] is not None,
     'USE_INITIAL_MOMENTUM': lambda a: a['s0'] is not None,
@@ -330,26 +377,9 @@ def chunk_titans_linear_fwd_walk_kernel(
     its Z; with PREFETCH the next mini-batch's rows loaded ahead (WALK_PREFETCH), with
     GATES_AHEAD the gates' part of the updates loaded from gc, gn (WALK_GATES_AHEAD); with
     AHEAD by ahead_walk (WALK_AHEAD)."""
-    i_nh, i_h, bos, L, NT, c0, o_d, m_d, o_s, m_s, b_w, b_b = walk_program(
-        w, b, cu_seqlens, chunk_offsets, T, H, D, BD, BC, IS_VARLEN)
-    o_c = tl.arange(0, BC)
-    b_M = start_square(h0, i_nh, o_s, m_s, D, BD, USE_INITIAL_STATE)
-    b_S = start_square(s0, i_nh, o_s, m_s, D, BD, USE_INITIAL_MOMENTUM)
-    k0 = c0  # the first segment's index among all (EVERY > 1)
-    if EVERY > 1:
-        k0 = walk_bounds(cu_seqlens, segment_offsets, i_nh // H, T, BC * EVERY, IS_VARLEN)[3]
-    if AHEAD:
-        b_M, b_S = ahead_walk(
-            q, k, v, theta, alpha, eta, gc, gn, hs, ss, hr, sr, qm, qs, gs, zs, c0, k0, bos, L, NT,
-            i_h, o_c, o_d, m_d, o_s, m_s, b_M, b_S, b_w, b_b, scale, eps, D, H, BC, BD, EVERY,
-            PRECISION, MIXED, UMIXED, OMIXED, STORE_STATES, SCALED, PRODUCTS, STORE_G, STORE_Z,
-            GATES_AHEAD, SCALES)
-    else:
-        b_M, b_S = step_walk(
-            q, k, v, theta, alpha, eta, gc, gn, hs, ss, hr, sr, qm, qs, gs, zs, c0, k0, bos, L, NT,
-            i_h, o_c, o_d, m_d, o_s, m_s, b_M, b_S, b_w, b_b, scale, eps, D, H, BC, EVERY,
-            PRECISION, MIXED, UMIXED, OMIXED, STORE_STATES, SCALED, PRODUCTS, STORE_G, STORE_Z,
-            PREFETCH, GATES_AHEAD, ACCUMULATE, SCALES)
-    if STORE_FINAL_STATE:
-        tl.store(ht + i_nh.to(tl.int64) * D * D + o_s, b_M, mask=m_s)
-        tl.store(st + i_nh.to(tl.int64) * D * D + o_s, b_S, mask=m_s)
+    walk_sequence(
+        tl.program_id(0), q, k, v, w, b, theta, alpha, eta, gc, gn, h0, s0, ht, st, hs, ss, hr,
+        sr, qm, qs, gs, zs, None, cu_seqlens, chunk_offsets, segment_offsets, scale, eps, T, H, D,
+        BD, BC, EVERY, PRECISION, MIXED, UMIXED, OMIXED, USE_INITIAL_STATE,
+        USE_INITIAL_MOMENTUM, STORE_FINAL_STATE, STORE_STATES, SCALED, PRODUCTS, STORE_G,
+        STORE_Z, PREFETCH, GATES_AHEAD, ACCUMULATE, SCALES, AHEAD, False, IS_VARLEN)

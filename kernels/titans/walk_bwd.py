@@ -11,7 +11,7 @@ one of two forms.
   whole). The one is the LayerNorm backward's sums over a row: each program sums its columns
   of the five that depend on dG (layernorm.ln_recon_grad_bwd_sums) and of dcM, dcS, and the
   pair swap those seven [C] partial sums once a mini-batch through global memory
-  (minibatch.pair_signal, pair_wait). The rows' sums of the forward's (the LayerNorm's
+  (minibatch.step_signal, step_wait). The rows' sums of the forward's (the LayerNorm's
   moments) come from the backward's first kernel (stages.store_moments). Without PAIRED it is
   one program per (sequence, head) (BV = BD) going through the same sums, the form Triton's
   interpreter runs.
@@ -24,8 +24,8 @@ import triton.language as tl
 
 from kernels.common.layernorm import (ln_recon_grad_bwd_cols, ln_recon_grad_bwd_rows,
                                       ln_recon_grad_bwd_sums, ln_recon_grad_cols, row_sums)
-from kernels.common.minibatch import (dot_state, dot_state_into, head_tiles, pair_signal,
-                                      pair_wait, start_slice, start_square, store_square_scaled,
+from kernels.common.minibatch import (dot_state, dot_state_into, head_tiles, step_signal,
+                                      step_wait, start_slice, start_square, store_square_scaled,
                                       walk_program)
 from kernels.common.utils import load_rows, store_rows, walk_bounds
 from kernels.titans.stages import (ROW_CM, ROW_CS, ROW_DCM, ROW_DCS, ROW_E0, ROW_F0, ROW_P0,
@@ -200,8 +200,8 @@ def swap_sums(xs, flags, i_nh, i_k, step, o_c, BC: tl.constexpr, b_a1, b_a2, b_a
     tl.store(p_x + 4 * BC, b_a5)
     tl.store(p_x + 5 * BC, b_cm)
     tl.store(p_x + 6 * BC, b_cs)
-    pair_signal(flags + i_nh * 2 + i_k, step)
-    pair_wait(flags + i_nh * 2 + 1 - i_k, step)
+    step_signal(flags + i_nh * 2 + i_k, step)
+    step_wait(flags + i_nh * 2 + 1 - i_k, step)
     return (b_a1 + tl.load(p_y, cache_modifier=".cg"),
             b_a2 + tl.load(p_y + BC, cache_modifier=".cg"),
             b_a3 + tl.load(p_y + 2 * BC, cache_modifier=".cg"),
@@ -246,7 +246,7 @@ def cols_program(w, b, ticket, cu_seqlens, chunk_offsets, T, H: tl.constexpr, D:
     """What a program of the walk by columns walks: (i_nh, i_k, i_h, bos, L, NT, c0) (its
     (sequence, head), its slice, its tokens and mini-batches), its head's columns o_d, m_d and
     w, its slice's o_v, m_v, w, b, and the offsets and mask of its [BD, BV] slice of a state.
-    Under PAIRED program ids come from the counter ``ticket`` (minibatch.pair_wait)."""
+    Under PAIRED program ids come from the counter ``ticket`` (minibatch.step_wait)."""
     if PAIRED:
         i_p = tl.atomic_add(ticket, 1)
         i_nh, i_k = i_p // 2, i_p % 2
