@@ -73,11 +73,13 @@ COVER = {
     # by blocks of the states). The last backward kernel's two forms (states whole or by rows,
     # its ROWS flag) are two code paths, each compiled at its largest launch: 16 x 128 whole
     # (partial-200, the most shared memory of the whole form) and 64 x 128 by rows. bfloat16's
-    # forward without a backward at D = 64, chunk_size 16 replays the outputs per segment. The
-    # backward walk by column pairs (D = 128) under its registered switch.
+    # forward without a backward at D = 64, chunk_size 16 replays the outputs per segment (in
+    # the walk's launch under a registered switch). The backward walk by column pairs (D = 128)
+    # under its registered switch.
     "titans": (["partial-64+6", "partial-200", "varlen-empty", "cs64-d64", "cs64-d128"],
                {"chunk_titans_linear_fwd_gates_kernel", "chunk_titans_linear_fwd_walk_kernel",
                 "chunk_titans_linear_fwd_o_kernel", "chunk_titans_linear_fwd_segment_kernel",
+                "chunk_titans_linear_fwd_overlap_kernel",
                 "chunk_titans_linear_bwd_kernel",
                 "chunk_titans_linear_bwd_local_kernel", "chunk_titans_linear_bwd_walk_kernel",
                 "chunk_titans_linear_bwd_walk_cols_kernel",

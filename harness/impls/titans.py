@@ -94,6 +94,12 @@ _PAIRED_WALK_RECORDED = {"what": "backward walk by column pairs, recorded on the
                          "set": {"kernels.titans.chunk_bwd.WALK_SLICES": {128: 2},
                                  "kernels.titans.chunk_bwd.CPU_WALK_SLICES": 2}}
 
+# The forward walk and the segment kernel's programs in one launch (kernels/titans/overlap.py):
+# the forward at D = 64 17-21% faster on an H100 (reports/titans.md), off until its tiling
+# classes are checked on a GPU.
+_REPLAY_OVERLAP = {"what": "walk and replay in one launch",
+                   "set": {"kernels.titans.chunk.REPLAY_OVERLAP": True}}
+
 IMPLEMENTATIONS = [
     *references(TITANS),
     Implementation(
@@ -101,7 +107,8 @@ IMPLEMENTATIONS = [
         dtypes=KERNEL_DTYPES,
         description="memory and momentum walked per mini-batch, outputs in parallel (Triton)",
         available=triton_available, supports=_ours_supports, inference_path=True,
-        switches=(_ONE_WALK, _TF32X3, _FLOAT32_STATES_BACKWARD, _PAIRED_WALK_RECORDED)),
+        switches=(_ONE_WALK, _TF32X3, _FLOAT32_STATES_BACKWARD, _PAIRED_WALK_RECORDED,
+                  _REPLAY_OVERLAP)),
     Implementation(
         op="titans", name="fla_torch", kind="baseline", target=_fla_torch, devices=("cuda",),
         dtypes=KERNEL_DTYPES, description="fla-core chunk_titans_linear: PyTorch, its own math "

@@ -275,19 +275,12 @@ PRODUCTS_MAX_D = 64
 # --dtype '' --head-dim 64 --set "off:...REPLAY=None" --set "seg:...REPLAY=8" ..., each form
 # twice) the forward took 0.353 / 1.341 / 5.245 ms at T = 2K / 8K / 32K with REPLAY 8
 # against 0.376 / 1.449 / 5.709 without (walk 1,266 -> 948 µs, the segment kernel 325 where
-# the outputs kernel took 146, gates 50 -> 78: tools/kernel_profile.py); peak memory 180 MB
-# against 228 at 8K; REPLAY 4: 1.495 ms, the chain (REPLAY_CHAIN) 1.465 (2026-12-06). On
-# 2026-12-07 (same command, --time-dtype float16 --seq-len 2048,32768): float16 0.563 / 8.465
-# ms with REPLAY 8 against 0.667 / 10.236 without; D = 128 (bfloat16, --head-dim 128,
-# REPLAY_MAX_D 128 with REPLAY_ROWS 32) 0.723 / 2.816 / 11.082 ms at 2K / 8K / 32K against
-# 0.990 / 3.812 / 15.131 on the outputs kernel. The tiling family passed in bfloat16 and
-# float16 with each; o's error did not move (gate-saturated in float16: 2.07e-4 either way;
-# --acc 2,1000,4,128 in bfloat16: 1.67e-3 against 1.68e-3, the final states' 3.2e-4 / 4.1e-4
-# against 2.9e-4 / 2.7e-4, the walk's scaled states). float32 inputs:
-# ptxas gives the replay kernel's exact products 32 registers and ~10 KB of spills a thread
-# (the segment kernel 8.5 KB); D = 128: 1.6 KB at 8 warps, 1.1 KB at 16. REPLAY_MAX_CHUNK
-# keeps chunk_size 32 and 64 on the walk's products: their segments would hold at most 4 and
-# 2 mini-batches (128 rows), untimed.
+# the outputs kernel took 146, gates 50 -> 78); peak memory 180 MB against 228 at 8K; float16
+# 0.563 / 8.465 ms at 2K / 32K against 0.667 / 10.236; D = 128 (REPLAY_ROWS 32) 0.723 / 2.816
+# / 11.082 against 0.990 / 3.812 / 15.131. The tiling family passed in bfloat16 and float16
+# with each; o's error did not move. float32 inputs stay off it (ptxas spills ~10 KB a thread
+# in the replay's exact products). REPLAY_MAX_CHUNK keeps chunk_size 32 and 64 on the walk's
+# products (segments of at most 4 and 2 mini-batches), untimed.
 REPLAY = {"bfloat16": 8, "float16": 8}
 REPLAY_MAX_D = 128
 REPLAY_MAX_CHUNK = 16
@@ -327,24 +320,27 @@ REPLAY_G_PRECISION = None
 # The forward walk's chain: each mini-batch's Z = K M0 from M0 after its update (False), or
 # with the product that takes the state one mini-batch ahead (walk.ahead_step: Z = m (K N -
 # (K K'^T) (cM' o G')), N the handed-on state before the last update), so that the updates
-# and the product with the state lie beside the chain from one G to the next. It loads the
-# next mini-batch's rows ahead and accumulates its updates whatever WALK_PREFETCH and
-# WALK_ACCUMULATE say (tests/test_kernels_titans_ahead.py). Slower and less accurate on an
-# H100 (bfloat16, B=2, H=16, 2026-12-07, python tools/switch_compare.py titans chunk
-# --no-registered --case '<gate-saturated>' --set "ahead:...WALK_AHEAD=True" ..., each form
-# twice; reports/titans.md): the forward at D = 64 0.472 / 1.877 / 7.447 ms at T = 2K / 8K /
-# 32K against 0.374 / 1.339 / 5.308, at D = 128 3.712 / 14.625 at 8K / 32K against 2.829 /
-# 11.045, fwd+bwd at D = 64 and 8K 6.558 against 6.015; gate-saturated dK 0.0156 against
-# 0.0067, dtheta 0.0099 against 0.0025 (the correction's product of float32 G in three TF32
-# passes beside the state's truncated split), the final states 3.3e-4 against 4.9e-4.
+# and the product with the state lie beside the chain from one G to the next; it loads ahead
+# and accumulates whatever WALK_PREFETCH and WALK_ACCUMULATE say. Slower and less accurate
+# on an H100 (bfloat16, 2026-12-07, reports/titans.md): the forward at D = 64, 8K 1.877 ms
+# against 1.339, gate-saturated dK 0.0156 against 0.0067 (the correction's product of float32
+# G in three TF32 passes beside the state's truncated split).
 WALK_AHEAD = False
 # The segment kernel's programs in the walk's launch (kernels/titans/overlap.py), each forming
 # its segment's outputs once the walk has passed the segment (True), or launched after the
 # walk (False). Not with WALK_AHEAD or REPLAY_CHAIN. OVERLAP_WARPS: the launch's warps (None:
-# the walk's, WALK_WARPS).
+# the walk's, WALK_WARPS). On an H100 (bfloat16, B=2, H=16, D=64, 2026-12-07, `harness bench
+# titans --impl chunk --set "ov8:...REPLAY_OVERLAP=True,...OVERLAP_WARPS=8" --mode fwd
+# --head-dim 64 --seq-len 2048,8192,32768`, reports/titans.md) the forward took 0.318 / 1.103
+# / 4.322 ms at T = 2K / 8K / 32K against 0.401 / 1.365 / 5.210 launched apart; at the walk's
+# 4 warps 0.361 / 1.335 / 5.132 against 0.437 / 1.337 / 5.285 (a segment program beside a
+# walk on its SM; at 8 warps, 208 registers a thread, an SM holds one program). Off until its
+# tiling classes are checked on a GPU: only one shape was (B=2, T=2048, H=16, D=64, 4 warps:
+# o and the final states bit for bit those of the two launches).
 REPLAY_OVERLAP = False
-OVERLAP_WARPS = None
-# The gates kernel's warps (a program holds a mini-batch's [C, C] gate products).
+OVERLAP_WARPS = 8
+# The gates kernel's warps (a program holds a mini-batch's [C, C] gate products; 78 µs of the
+# forward at D = 64, T = 8K on an H100 with the replay's part). Other counts untimed.
 GATES_WARPS = 4
 
 

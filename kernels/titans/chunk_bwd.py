@@ -76,9 +76,10 @@ WALK_WARPS = 8
 # swapping seven per-row partial sums once a mini-batch; a BD it does not name takes the
 # one-program walk (walk_bwd.chunk_titans_linear_bwd_walk_kernel). With 1 the walk by columns
 # runs whole, the form the CPU tests check its math by (at D = 128 with 64-token mini-batches
-# it needs more shared memory than sm_90 has: ptxas, 334,336 bytes in bfloat16). On an H100 (bfloat16, B=2, H=16,
-# D = 128, T = 8K, fwd+bwd, 2026-12-07; python tools/kernel_profile.py titans chunk --seq-len
-# 8192 --head-dim 128 --mode fwdbwd --set "pair:kernels.titans.chunk_bwd.WALK_SLICES={128:2}")
+# it needs more shared memory than sm_90 has: ptxas, 334,336 bytes in bfloat16). On an H100
+# (bfloat16, B=2, H=16, D = 128, T = 8K, fwd+bwd, 2026-12-07; python tools/kernel_profile.py
+# titans chunk --seq-len 8192 --head-dim 128 --mode fwdbwd --set
+# "pair:kernels.titans.chunk_bwd.WALK_SLICES={128:2}")
 # the walk took 10,639 µs whole and 5,286 as a pair (ptxas: 1,188 bytes of spill a thread
 # against 308), the step 20,689 against 15,135; the tiling family's D = 100 and 128 classes
 # passed with it in bfloat16 and float16 (with its prefetch) and float32 (without; reports/
