@@ -240,11 +240,11 @@ def dot_state_into(b_x, b_S, b_acc, HALF: tl.constexpr, PRECISION: tl.constexpr,
 # each program one slice; a walk and the programs that take its stores segment by segment):
 # one publishes its values, then step_signal's flag; another's step_wait returns once that flag
 # has passed the step. The one that waits must not hold back the one it waits on: the launch
-# takes program ids from a counter (tl.atomic_add on a zeroed int32), so that a program waits
-# only on programs with earlier tickets, already running (two of a pair take consecutive
-# tickets, the earlier waiting only on the next to start). Triton's interpreter runs a launch's
-# programs one after another in ticket order: there a program that waits on a later one (a
-# pair's first) would wait forever, one that waits on earlier ones finds their flags set.
+# takes program ids from a counter (tl.atomic_add on a zeroed int32), so that the program
+# waited on is running or the next to start: a walk's flags are waited on by programs with
+# later tickets only; of a pair (consecutive tickets) the first waits on the next to start.
+# Triton's interpreter runs a launch's programs one after another in ticket order: there a
+# pair's first would wait forever, a program that waits on earlier ones finds their flags set.
 
 
 @triton.jit
@@ -258,7 +258,8 @@ def step_signal(p_flag, step):
 @triton.jit
 def step_wait(p_flag, step):
     """Wait until the flag p_flag says another program's values for ``step`` are stored
-    (acquire ordering; read them then with cache_modifier ".cg", past the SM's L1)."""
+    (acquire ordering, which makes them visible to the loads after it; those ask for
+    cache_modifier ".cg" too, which Triton's asynchronous copies may not keep)."""
     seen = tl.atomic_add(p_flag, 0, sem="acquire")
     while seen <= step:
         seen = tl.atomic_add(p_flag, 0, sem="acquire")

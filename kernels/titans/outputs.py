@@ -212,11 +212,11 @@ def segment_outputs(i_c, i_r, i_bh, q, k, w, b, o, hs, ss, gs, gc, gn, ga, gf, p
                     GPRECISION: tl.constexpr, WAIT: tl.constexpr, IS_VARLEN: tl.constexpr):
     """Rows i_r * ROWS .. of segment i_c (EVERY mini-batches) of i_bh (batch entry and head;
     chunk_titans_linear_fwd_segment_kernel's); with WAIT, once the walk's progress flag for
-    its sequence and head has passed the segment (minibatch.step_wait), its stores read past
-    the SM's L1. With M_c, S_c the states the walk stored at the segment's start, n(t) row t's
-    mini-batch and alpha, beta, epsilon the coefficients with which mini-batch m's updates
-    (m = -1: M_c, S_c) reach M and S of mini-batch n(t) (coefficients_back, over m from the
-    last mini-batch to the first),
+    its sequence and head has passed the segment (minibatch.step_wait), its stores then read
+    with ".cg" asked for. With M_c, S_c the states the walk stored at the segment's start,
+    n(t) row t's mini-batch and alpha, beta, epsilon the coefficients with which mini-batch
+    m's updates (m = -1: M_c, S_c) reach M and S of mini-batch n(t) (coefficients_back, over
+    m from the last mini-batch to the first),
 
         U = f0 o (alpha Q~ M_c + beta Q~ S_c) + p0 o epsilon (Q~ S_c)
             - sum_m ((Q~ K_m^T) o W_m) G_m,

@@ -317,6 +317,9 @@ def walk_sequence(i_nh, q, k, v, w, b, theta, alpha, eta, gc, gn, h0, s0, ht, st
                   AHEAD: tl.constexpr, SIGNAL: tl.constexpr, IS_VARLEN: tl.constexpr):
     """The walk of sequence and head i_nh (chunk_titans_linear_fwd_walk_kernel's); with SIGNAL
     (EVERY > 1, not AHEAD) progress[i_nh] set to g + 1 once segment g's G are stored."""
+    if SIGNAL:  # a form that never signals would leave the programs that wait hanging
+        tl.static_assert(EVERY > 1, "SIGNAL needs segments: EVERY > 1")
+        tl.static_assert(not AHEAD, "SIGNAL is not given by ahead_walk")
     i_h = i_nh % H
     bos, eos, NT, c0 = walk_bounds(cu_seqlens, chunk_offsets, i_nh // H, T, BC, IS_VARLEN)
     o_d, m_d, o_s, m_s, b_w, b_b = head_tiles(w, b, i_h, D, BD)
