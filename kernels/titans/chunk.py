@@ -328,15 +328,11 @@ REPLAY_G_PRECISION = None
 WALK_AHEAD = False
 # The segment kernel's programs in the walk's launch (kernels/titans/overlap.py), each forming its
 # segment's outputs once the walk has passed the segment (True), or launched after the walk (False).
-# Not with WALK_AHEAD or REPLAY_CHAIN. OVERLAP_WARPS: the launch's warps (None: the walk's:
-# WALK_WARPS, else 4 at D <= 64, 8 above). On an H100 (bfloat16, B=2, H=16, D=64, 2026-12-07,
-# `harness bench titans --impl chunk --set "ov8:...REPLAY_OVERLAP=True,...OVERLAP_WARPS=8" --mode
-# fwd --head-dim 64 --seq-len 2048,8192,32768`, reports/titans.md) the forward took 0.318 / 1.103 /
-# 4.322 ms at T = 2K / 8K / 32K against 0.401 / 1.365 / 5.210 launched apart; at the walk's 4 warps
-# (OVERLAP_WARPS None) 0.361 / 1.335 / 5.132 against 0.437 / 1.337 / 5.285 (a segment program beside
-# a walk on its SM; at 8 warps, 208 registers a thread, an SM holds one program). Off until its
-# tiling classes are checked on a GPU: only one shape was (B=2, T=2048, H=16, D=64, 4 warps: o and
-# the final states bit for bit those of the two launches).
+# Not with WALK_AHEAD or REPLAY_CHAIN. OVERLAP_WARPS: the launch's warps (None: the walk's). On an
+# H100 (bfloat16, B=2, H=16, D=64, 2026-12-07, reports/titans.md) the forward took 0.318 / 1.103 /
+# 4.322 ms at T = 2K / 8K / 32K against 0.401 / 1.365 / 5.210 launched apart (at 8 warps, 208
+# registers, an SM holds one program; at the walk's 4 two, and the launch gained nothing at 8K).
+# Off until its tiling classes are checked on a GPU (one shape was, at 4 warps: bit for bit).
 REPLAY_OVERLAP = False
 OVERLAP_WARPS = 8
 # The gates kernel's warps (a program holds a mini-batch's [C, C] gate products; 78 µs of the
