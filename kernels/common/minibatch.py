@@ -22,7 +22,8 @@ __all__ = ["dot_state", "dot_state_into", "head_tile", "head_tiles", "load_squar
            "load_square_cols", "load_square_cols_scaled", "load_square_rows",
            "load_square_rows_scaled", "load_square_scaled", "mini_batch_meta",
            "mini_batch_program", "step_signal", "step_wait", "reload_rows", "reload_square",
-           "start_slice", "start_square", "store_square_scaled", "walk_program"]
+           "sequence_program", "start_slice", "start_square", "store_square_scaled",
+           "walk_program"]
 
 
 def head_tile(D: int) -> int:
@@ -59,7 +60,15 @@ def walk_program(w, b, cu_seqlens, chunk_offsets, T, H: tl.constexpr, D: tl.cons
                  BD: tl.constexpr, BC: tl.constexpr, IS_VARLEN: tl.constexpr):
     """What a (sequence, head) program walks: (i_nh, i_h, bos, L, NT, c0) (its tokens, its
     mini-batches and the first one's index among all), then head_tiles."""
-    i_nh = tl.program_id(0)
+    return sequence_program(tl.program_id(0), w, b, cu_seqlens, chunk_offsets, T, H, D, BD, BC,
+                            IS_VARLEN)
+
+
+@triton.jit
+def sequence_program(i_nh, w, b, cu_seqlens, chunk_offsets, T, H: tl.constexpr,
+                     D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
+                     IS_VARLEN: tl.constexpr):
+    """walk_program's values for sequence and head i_nh (a program id from a counter)."""
     i_h = i_nh % H
     bos, eos, NT, c0 = walk_bounds(cu_seqlens, chunk_offsets, i_nh // H, T, BC, IS_VARLEN)
     o_d, m_d, o_s, m_s, b_w, b_b = head_tiles(w, b, i_h, D, BD)

@@ -441,6 +441,8 @@ def _forward(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0, s0,
     if rows is not None and (rows < chunk_size or rows & (rows - 1)):
         raise ValueError(f"REPLAY_ROWS must be a power of two of at least chunk_size "
                          f"({chunk_size}), got {rows}")
+    if replay > 1 and not REPLAY_CHAIN:  # None: all of a segment's rows
+        rows = min(rows or replay * chunk_size, replay * chunk_size)
     gprecision = mode_for(REPLAY_G_PRECISION, q.dtype) if replay > 1 and not REPLAY_CHAIN else ""
     if gprecision not in ("", "tf32", "tf32x3", "ieee"):
         raise ValueError(f"REPLAY_G_PRECISION must be 'tf32', 'tf32x3', 'ieee' or None per "
@@ -478,7 +480,6 @@ def _forward(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0, s0,
             num_warps=GATES_WARPS)
     o = torch.empty_like(v)
     if replay > 1 and REPLAY_OVERLAP and not (REPLAY_CHAIN or WALK_AHEAD):
-        rows = min(rows or replay * chunk_size, replay * chunk_size)
         blocks = NS * replay * chunk_size // rows * B * H
         order = (None if cu_seqlens is None else
                  torch.argsort(segment_indices[:, 1], stable=True).to(torch.int32))
@@ -496,7 +497,6 @@ def _forward(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0, s0,
         T, EVERY=replay, PREFETCH=WALK_PREFETCH, GATES_AHEAD=ahead, ACCUMULATE=WALK_ACCUMULATE,
         SCALES=scales, AHEAD=WALK_AHEAD, **with_warps({**meta, **omixed}, WALK_WARPS))
     if replay > 1 and not REPLAY_CHAIN:
-        rows = min(rows or replay * chunk_size, replay * chunk_size)
         chunk_titans_linear_fwd_segment_kernel[(NS * replay * chunk_size // rows, B * H)](
             q, k, w, b, o, hs, ss, gs, gc, gn, ga, gf, cu_seqlens, chunk_offsets,
             segment_indices, scale, float(eps), T, EVERY=replay, ROWS=rows,

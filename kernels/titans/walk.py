@@ -9,8 +9,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from kernels.common.minibatch import (dot_state, dot_state_into, head_tiles,
-                                      mini_batch_program, start_square, step_signal,
+from kernels.common.minibatch import (dot_state, dot_state_into, mini_batch_program,
+                                      sequence_program, start_square, step_signal,
                                       store_square_scaled)
 from kernels.common.utils import load_rows, store_rows, walk_bounds
 from kernels.titans.stages import (ahead_gates, dot_q, gate_rows, grads_from_z, hand_on,
@@ -320,10 +320,8 @@ def walk_sequence(i_nh, q, k, v, w, b, theta, alpha, eta, gc, gn, h0, s0, ht, st
     if SIGNAL:  # a form that never signals would leave the programs that wait hanging
         tl.static_assert(EVERY > 1, "SIGNAL needs segments: EVERY > 1")
         tl.static_assert(not AHEAD, "SIGNAL is not given by ahead_walk")
-    i_h = i_nh % H
-    bos, eos, NT, c0 = walk_bounds(cu_seqlens, chunk_offsets, i_nh // H, T, BC, IS_VARLEN)
-    o_d, m_d, o_s, m_s, b_w, b_b = head_tiles(w, b, i_h, D, BD)
-    L = eos - bos
+    _, i_h, bos, L, NT, c0, o_d, m_d, o_s, m_s, b_w, b_b = sequence_program(
+        i_nh, w, b, cu_seqlens, chunk_offsets, T, H, D, BD, BC, IS_VARLEN)
     o_c = tl.arange(0, BC)
     b_M = start_square(h0, i_nh, o_s, m_s, D, BD, USE_INITIAL_STATE)
     b_S = start_square(s0, i_nh, o_s, m_s, D, BD, USE_INITIAL_MOMENTUM)
