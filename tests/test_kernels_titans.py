@@ -246,6 +246,34 @@ def test_replay_overlap(monkeypatch, B, T, cu, every, rows):
         assert torch.equal(a, b), (name, float((a - b).abs().max()))
 
 
+def test_replay_overlap_only_where_the_walks_leave_processors(monkeypatch):
+    """The one launch is taken only where the N H walks take at most OVERLAP_SHARE of the
+    GPU's SMs (more would walk in waves at one program a SM); else the walk and the segment
+    kernel run apart. Here 4 walks at share 0.5: apart on 7 SMs, one launch on 8, the
+    reference's values either way; on the CPU every count of walks fits. Broken once: `<`
+    for `<=` (8 SMs ran apart)."""
+    x, st, cu = inputs(2, 40, 2, 16)
+    monkeypatch.setattr(chunk, "REPLAY", 2)
+    monkeypatch.setattr(chunk, "REPLAY_ROWS", None)
+    monkeypatch.setattr(chunk, "REPLAY_OVERLAP", True)
+    monkeypatch.setattr(chunk, "OVERLAP_SHARE", 0.5)
+    launched, real = [], chunk.chunk_titans_linear_fwd_overlap_kernel
+
+    class Spy:  # records the one launch's grids
+        def __getitem__(self, grid):
+            launched.append(grid)
+            return real[grid]
+
+    monkeypatch.setattr(chunk, "chunk_titans_linear_fwd_overlap_kernel", Spy())
+    assert chunk.processors(torch.device("cpu")) == float("inf")
+    for sms, one in ((7, False), (8, True)):
+        monkeypatch.setattr(chunk, "processors", lambda device, sms=sms: sms)
+        launched.clear()
+        with torch.no_grad():
+            check(*both(x, st, cu), 1e-5)
+        assert bool(launched) == one, (sms, launched)
+
+
 @pytest.mark.parametrize("every,rows,gprecision,says", [
     (3, None, None, "REPLAY must be a power of two"),
     (8, 24, None, "REPLAY_ROWS must be a power of two"),

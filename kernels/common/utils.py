@@ -236,6 +236,15 @@ def check_launchable(name: str, x: torch.Tensor) -> None:
                      f"tensors (or on the CPU through Triton's interpreter)")
 
 
+def processors(device: torch.device) -> float:
+    """The streaming multiprocessors of a CUDA device, for launches that size themselves by
+    what stays resident; infinite on the CPU (Triton's interpreter runs one program at a
+    time, so there is no such limit)."""
+    if device.type != "cuda":
+        return float("inf")
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def tuning(configs: list) -> list:
     """Autotune configs: all on a GPU; the first alone under the interpreter (where timing
     configs means nothing and every extra config costs seconds) and when LINATTN_AUTOTUNE=0

@@ -53,7 +53,7 @@ from functools import partial
 import torch
 
 from kernels.common.minibatch import head_tile, mini_batch_meta, with_warps
-from kernels.common.utils import check_launchable, chunk_layout, mixed_mode, mode_for
+from kernels.common.utils import check_launchable, chunk_layout, mixed_mode, mode_for, processors
 from kernels.titans.chunk_bwd import chunk_backward
 from kernels.titans.fused_bwd import fused_backward
 from kernels.titans.outputs import (chunk_titans_linear_fwd_o_kernel,
@@ -141,14 +141,13 @@ WALK_MIXED = {"bfloat16": "split_trunc"}
 # puts the failure in the forward walk's Z alone: the backward walk's products alone in
 # "split_trunc" worst 27% of a tolerance at T = 4096 (d initial memory); with Z "split3"
 # 27% / 30% at 4096 / 65536 (d initial memory, dK); the backward walk's products "tf32" with
-# Z "tf32x2" 440% / 1086% (dtheta, dK). fwd+bwd ms at T = 2K /
-# 8K / 32K, H100, bfloat16, one run each (python -m harness bench titans ttt --impl chunk
-# --set ... --mode fwdbwd): Z "split3" 1.535 / 5.769 / 22.777 at D = 64 and 5.040 / 19.786
-# / 77.372 at D = 128, "tf32x2" 1.512 / 5.754 / 22.731 and 5.296 / 20.984 / 83.595 (ptxas
-# spills 548 bytes a thread in the D = 128 walk under "tf32x2", 104 under "split3"); every
-# walk "tf32x2" 1.627 / 6.269 / 24.236 and 5.862 / 23.033 / 91.785 in another run, where Z
-# "tf32x2" took 1.530 / 5.763 / 22.762 and 5.376 / 20.964 / 83.362; every walk
-# "split_trunc" 1.487 / 5.678 / 22.431 and 4.870 / 19.161 / 76.369 in a third.
+# Z "tf32x2" 440% / 1086% (dtheta, dK). fwd+bwd ms at T = 2K / 8K / 32K, H100, bfloat16, one run
+# each (python -m harness bench titans ttt --impl chunk --set ... --mode fwdbwd): Z "split3"
+# 1.535 / 5.769 / 22.777 at D = 64 and 5.040 / 19.786 / 77.372 at D = 128, "tf32x2" 1.512 / 5.754 /
+# 22.731 and 5.296 / 20.984 / 83.595 (ptxas spills 548 bytes a thread in the D = 128 walk under
+# "tf32x2", 104 under "split3"); every walk "tf32x2" 1.627 / 6.269 / 24.236 and 5.862 / 23.033 /
+# 91.785 in another run, where Z "tf32x2" took 1.530 / 5.763 / 22.762 and 5.376 / 20.964 / 83.362;
+# every walk "split_trunc" 1.487 / 5.678 / 22.431 and 4.870 / 19.161 / 76.369 in a third.
 TRAINING_WALK_MIXED = {"bfloat16": "split3"}
 BACKWARD_WALK_MIXED = {"bfloat16": "split_trunc"}
 # The walks' update products (the forward's K^T (cM o G), K^T (cS o G); the backward's
@@ -233,22 +232,21 @@ HALF_STATES = {"bfloat16": "float16"}
 # to float16 between forward and backward), with Z formed again from the rounded M0 the
 # gradients came up to 6.9e-3 off float64 (dK; 1.2e-3 at gate 1; float32 states <= 1.3e-5),
 # with Z as the walk formed it <= 5.4e-5 at gate 20 and <= 1.2e-4 at gate 1 (bfloat16 on a
-# GPU: 2e-3 to 7e-3 at gate 20); tests/test_kernels_titans_states.py checks the switch in
-# float16. Halves what the walk writes
-# and three kernels read of the states (at D = 64, T = 8K, B=2, H=16: 268 MB each way
-# instead of 537, Z's 67 MB written and read once more). ptxas (sm_90, bfloat16, chunk_size
-# 16; python tools/kernel_registers.py titans --case basic | partial-200 --impl chunk --set
-# "hsb:kernels.titans.chunk.HALF_STATES_BACKWARD={'bfloat16': 'float16'}"): the backward's
-# first kernel spills 8 bytes a thread at D = 64 (108 with float32 states; shared memory 16
-# KB against 32) and 344 at D = 128 (1,508), its last 588 at D = 128 (816).
-# On an H100 (bfloat16, B=2, H=16, chunk_size 16, 2026-12-07, reports/titans.md; `harness bench
-# titans ttt --impl chunk --set "hsb:...HALF_STATES_BACKWARD={'bfloat16':'float16'}" --mode
-# fwdbwd ...`) fwd+bwd at T = 2K / 8K / 32K took 1.487 / 5.678 / 22.431 ms at D = 64 against
-# 1.614 / 6.068 / 23.808 with float32 states (TTT 1.066 / 4.014 / 15.701), and 4.870 / 19.161
-# / 76.369 at D = 128 against 5.930 / 23.439 / 92.971 (TTT 2.878 / 11.200 / 44.904); extra
-# peak memory at 8K 1,204 MB against 1,452 (D = 64), 3,916 against 4,924 (D = 128). Errors:
-# gate-saturated's within 2% of the float32 states' (dK 6.70e-3 against 6.69e-3), the bfloat16
-# tiling family passed (worst 25% of a tolerance), the long family as with float32 states.
+# GPU: 2e-3 to 7e-3 at gate 20); tests/test_kernels_titans_states.py checks the switch in float16.
+# Halves what the walk writes and three kernels read of the states (at D = 64, T = 8K, B=2, H=16:
+# 268 MB each way instead of 537, Z's 67 MB written and read once more). ptxas (sm_90, bfloat16,
+# chunk_size 16; python tools/kernel_registers.py titans --case basic | partial-200 --impl chunk
+# --set "hsb:kernels.titans.chunk.HALF_STATES_BACKWARD={'bfloat16': 'float16'}"): the backward's
+# first kernel spills 8 bytes a thread at D = 64 (108 with float32 states; shared memory 16 KB
+# against 32) and 344 at D = 128 (1,508), its last 588 at D = 128 (816). On an H100 (bfloat16,
+# B=2, H=16, chunk_size 16, 2026-12-07, reports/titans.md; `harness bench titans ttt --impl chunk
+# --set "hsb:...HALF_STATES_BACKWARD={'bfloat16':'float16'}" --mode fwdbwd ...`) fwd+bwd at T = 2K
+# / 8K / 32K took 1.487 / 5.678 / 22.431 ms at D = 64 against 1.614 / 6.068 / 23.808 with float32
+# states (TTT 1.066 / 4.014 / 15.701), and 4.870 / 19.161 / 76.369 at D = 128 against 5.930 /
+# 23.439 / 92.971 (TTT 2.878 / 11.200 / 44.904); extra peak memory at 8K 1,204 MB against 1,452
+# (D = 64), 3,916 against 4,924 (D = 128). Errors: gate-saturated's within 2% of the float32 states'
+# (dK 6.70e-3 against 6.69e-3), the bfloat16 tiling family passed (worst 25% of a tolerance), the
+# long family as with float32 states.
 HALF_STATES_BACKWARD = {"bfloat16": "float16"}
 # What the forward walk stores for the outputs kernel: the states M0, S0 each mini-batch starts
 # from, from which that kernel forms Z = K M0, G, Q~ M0 and Q~ S0 (None), or G, Q~ M0 and
@@ -327,14 +325,17 @@ REPLAY_G_PRECISION = None
 # G in three TF32 passes beside the state's truncated split).
 WALK_AHEAD = False
 # The segment kernel's programs in the walk's launch (kernels/titans/overlap.py), each forming its
-# segment's outputs once the walk has passed the segment (True), or launched after the walk (False).
-# Not with WALK_AHEAD or REPLAY_CHAIN. OVERLAP_WARPS: the launch's warps (None: the walk's). On an
-# H100 (bfloat16, B=2, H=16, D=64, 2026-12-07, reports/titans.md) the forward took 0.318 / 1.103 /
-# 4.322 ms at T = 2K / 8K / 32K against 0.401 / 1.365 / 5.210 launched apart (at 8 warps, 208
-# registers, an SM holds one program; at the walk's 4 two, and the launch gained nothing at 8K).
-# Off until its tiling classes are checked on a GPU (one shape was, at 4 warps: bit for bit).
+# segment's outputs once the walk has passed the segment (True), or launched after the walk
+# (False); not with WALK_AHEAD or REPLAY_CHAIN, and on a GPU only where the N H walks take at
+# most OVERLAP_SHARE of its SMs (at one program a SM more would walk in waves, where the walk
+# kernel's 4 warps fit two a SM; 0.5 untimed). OVERLAP_WARPS: the launch's (None: the walk's).
+# H100, bfloat16, B=2, H=16, D=64 (2026-12-07, reports/titans.md): the forward 0.318 / 1.103 /
+# 4.322 ms at T = 2K / 8K / 32K against 0.401 / 1.365 / 5.210 apart (8 warps: 208 registers,
+# one program a SM; at 4, two, no gain at 8K). Off until its tiling classes are checked on a
+# GPU (one shape was, at 4 warps: bit for bit).
 REPLAY_OVERLAP = False
 OVERLAP_WARPS = 8
+OVERLAP_SHARE = 0.5
 # The gates kernel's warps (a program holds a mini-batch's [C, C] gate products; 78 µs of the
 # forward at D = 64, T = 8K on an H100 with the replay's part). Other counts untimed.
 GATES_WARPS = 4
@@ -479,7 +480,8 @@ def _forward(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0, s0,
             BD=meta["BD"], BC=chunk_size, PRECISION=meta["PRECISION"], OUTPUTS=replay > 1,
             num_warps=GATES_WARPS)
     o = torch.empty_like(v)
-    if replay > 1 and REPLAY_OVERLAP and not (REPLAY_CHAIN or WALK_AHEAD):
+    overlap = REPLAY_OVERLAP and N * H <= OVERLAP_SHARE * processors(q.device)
+    if replay > 1 and overlap and not (REPLAY_CHAIN or WALK_AHEAD):
         blocks = NS * replay * chunk_size // rows * B * H
         order = (None if cu_seqlens is None else
                  torch.argsort(segment_indices[:, 1], stable=True).to(torch.int32))
