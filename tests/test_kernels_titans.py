@@ -274,6 +274,28 @@ def test_replay_overlap_only_where_the_walks_leave_processors(monkeypatch):
         assert bool(launched) == one, (sms, launched)
 
 
+def test_gates_kernel_zeroes_the_one_launchs_flags():
+    """The gates kernel's program (0, 0) zeroes the one launch's counter and flags (all NF of
+    them, in blocks of 128: here 300), so that they need no launch of their own; the gates it
+    stores are those of a launch without flags. Broken once: the zeroing left out (the flags
+    kept their 7s)."""
+    from kernels.titans.walk import chunk_titans_linear_fwd_gates_kernel
+
+    B, T, H, D, C = 1, 40, 2, 16, 16
+    x, _, _ = inputs(B, T, H, D)
+    NT = -(-T // C)
+    out = []
+    for flags in (None, torch.full((300,), 7, dtype=torch.int32)):
+        gates = [torch.zeros(B, T, H, 2), torch.zeros(NT, H, 4), torch.zeros(NT, H, C, C),
+                 torch.zeros(B, T, H, 2)]
+        chunk_titans_linear_fwd_gates_kernel[(NT, B * H)](
+            x["w"], x["b"], x["theta"], x["alpha"], x["eta"], *gates, flags, 300, None, None, T,
+            H=H, D=D, BD=64, BC=C, PRECISION="ieee", OUTPUTS=True)
+        out.append(gates)
+    assert torch.equal(flags, torch.zeros_like(flags))
+    assert all(torch.equal(a, b) for a, b in zip(*out))
+
+
 @pytest.mark.parametrize("every,rows,gprecision,says", [
     (3, None, None, "REPLAY must be a power of two"),
     (8, 24, None, "REPLAY_ROWS must be a power of two"),

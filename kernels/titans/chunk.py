@@ -73,8 +73,8 @@ CHUNK_SIZES = (16, 32, 64)  # tl.dot needs 16 rows at least
 # 64 * 64 = 4096 values. With 32-token mini-batches at D = 128 ptxas put it at 262,144 bytes of
 # shared memory before it loaded M0, S0, Q~ and K again for its last products
 # (fused_bwd.RELOAD_TILE), 196,608 after (bfloat16, 1 stage; sm_90 allows 232,448; python
-# tools/kernel_registers.py titans --impl chunk --case cs32-d128). 64-token ones at D = 128 do
-# not fit it (327,680 bytes in bfloat16); the split backward takes them (chunk_bwd.RELOAD_TILE,
+# tools/kernel_registers.py titans --impl chunk --case cs32-d128). 64-token ones at D = 128 do not
+# fit it (327,680 bytes in bfloat16); the split backward takes them (chunk_bwd.RELOAD_TILE,
 # GATES_WHOLE: --case cs64-d128).
 MAX_TILE = 64 * 64
 # The backward's split form and the forward walk's prefetch are the defaults: on an H100 in
@@ -126,28 +126,28 @@ WALK_MIXED = {"bfloat16": "split_trunc"}
 # The forward walk's Z in a call with a backward (TRAINING_WALK_MIXED; the outputs kernel and the
 # backward's first kernel take it where they form Z again) and the split backward walk's
 # K dM', K dS' (BACKWARD_WALK_MIXED) for half-precision inputs: None for WALK_MIXED's mode
-# (TRAINING_WALK_MIXED's for the second), else a dot_state mode or a dict per dtype as
-# WALK_MIXED. For bfloat16 the first "split3" (the state as three bfloat16 parts, three
-# products: all of float32's 24 bits), the second "split_trunc" (~15), as WALK_MIXED for a
-# forward without a backward. On an H100 (2026-12-07, reports/titans.md, `harness check
-# titans --dtype bfloat16 --family long` with --plugin forms) every walk in "split_trunc"
-# failed the long family (gate 20, D = 64, T = 1K to 64K): dalpha and deta 109% of their
-# tolerance at T = 4096, dalpha 321% and dK 174% at 65536; "split" 74% and 238% there; every
-# walk "tf32x2" (~22 bits) passed, worst 47%, as did float32 operands (WALK_MIXED None, worst
-# 25%); Z "tf32x2" or "split3" with the backward walk's products "split_trunc" passed, worst
-# 48% (dK at 64K), as did the bfloat16 tiling family (worst 25% under "split3"). o and the
-# final states stayed within 20% under every mode. A float64 emulation of the modes on the
-# long family's inputs (python tools/walk_rounding.py --seq-len T --forward F --backward B)
-# puts the failure in the forward walk's Z alone: the backward walk's products alone in
-# "split_trunc" worst 27% of a tolerance at T = 4096 (d initial memory); with Z "split3"
-# 27% / 30% at 4096 / 65536 (d initial memory, dK); the backward walk's products "tf32" with
-# Z "tf32x2" 440% / 1086% (dtheta, dK). fwd+bwd ms at T = 2K / 8K / 32K, H100, bfloat16, one run
-# each (python -m harness bench titans ttt --impl chunk --set ... --mode fwdbwd): Z "split3"
-# 1.535 / 5.769 / 22.777 at D = 64 and 5.040 / 19.786 / 77.372 at D = 128, "tf32x2" 1.512 / 5.754 /
-# 22.731 and 5.296 / 20.984 / 83.595 (ptxas spills 548 bytes a thread in the D = 128 walk under
-# "tf32x2", 104 under "split3"); every walk "tf32x2" 1.627 / 6.269 / 24.236 and 5.862 / 23.033 /
-# 91.785 in another run, where Z "tf32x2" took 1.530 / 5.763 / 22.762 and 5.376 / 20.964 / 83.362;
-# every walk "split_trunc" 1.487 / 5.678 / 22.431 and 4.870 / 19.161 / 76.369 in a third.
+# (TRAINING_WALK_MIXED's for the second), else a dot_state mode or a dict per dtype as WALK_MIXED.
+# For bfloat16 the first "split3" (the state as three bfloat16 parts, three products: all of
+# float32's 24 bits), the second "split_trunc" (~15), as WALK_MIXED for a forward without a
+# backward. On an H100 (2026-12-07, reports/titans.md, `harness check titans --dtype bfloat16
+# --family long` with --plugin forms) every walk in "split_trunc" failed the long family (gate 20,
+# D = 64, T = 1K to 64K): dalpha and deta 109% of their tolerance at T = 4096, dalpha 321% and dK
+# 174% at 65536; "split" 74% and 238% there; every walk "tf32x2" (~22 bits) passed, worst 47%, as
+# did float32 operands (WALK_MIXED None, worst 25%); Z "tf32x2" or "split3" with the backward
+# walk's products "split_trunc" passed, worst 48% (dK at 64K), as did the bfloat16 tiling family
+# (worst 25% under "split3"). o and the final states stayed within 20% under every mode. A float64
+# emulation of the modes on the long family's inputs (python tools/walk_rounding.py --seq-len T
+# --forward F --backward B) puts the failure in the forward walk's Z alone: the backward walk's
+# products alone in "split_trunc" worst 27% of a tolerance at T = 4096 (d initial memory); with Z
+# "split3" 27% / 30% at 4096 / 65536 (d initial memory, dK); the backward walk's products "tf32"
+# with Z "tf32x2" 440% / 1086% (dtheta, dK). fwd+bwd ms at T = 2K / 8K / 32K, H100, bfloat16, one
+# run each (python -m harness bench titans ttt --impl chunk --set ... --mode fwdbwd): Z "split3"
+# 1.535 / 5.769 / 22.777 at D = 64 and 5.040 / 19.786 / 77.372 at D = 128, "tf32x2" 1.512 /
+# 5.754 / 22.731 and 5.296 / 20.984 / 83.595 (ptxas spills 548 bytes a thread in the D = 128 walk
+# under "tf32x2", 104 under "split3"); every walk "tf32x2" 1.627 / 6.269 / 24.236 and 5.862 /
+# 23.033 / 91.785 in another run, where Z "tf32x2" took 1.530 / 5.763 / 22.762 and 5.376 / 20.964
+# / 83.362; every walk "split_trunc" 1.487 / 5.678 / 22.431 and 4.870 / 19.161 / 76.369 in a
+# third.
 TRAINING_WALK_MIXED = {"bfloat16": "split3"}
 BACKWARD_WALK_MIXED = {"bfloat16": "split_trunc"}
 # The walks' update products (the forward's K^T (cM o G), K^T (cS o G); the backward's
@@ -198,30 +198,29 @@ WALK_GATES_AHEAD = True
 # (kernels/titans/chunk_bwd.py, True), or one walk holding every product
 # (kernels/titans/fused_bwd.py, False).
 SPLIT_BACKWARD = True
-# The dtype of the M0, S0 stored per mini-batch in a call without a backward (under
-# torch.no_grad, or no input that needs a gradient) where the walk stores states there (D >
-# PRODUCTS_MAX_D, or WALK_PRODUCTS None), per inputs' dtype as WALK_MIXED: "float16"
-# (each state's rows scaled by powers of two into float16's range, the scales stored beside
-# them: minibatch.store_square_scaled), "bfloat16", or None (float32). A store rounds the
-# walk's float32 states, which carry on in float32 to the final states; half the bytes the
-# walk writes and the outputs kernel reads, as chunk_ttt_linear's HALF_STATES. The outputs
-# kernel takes its products with them (Z = K M0, Q M0, Q S0) exactly (output_modes).
-# On an H100 (bfloat16, B=2, H=16, T=8192, 2026-12-06, reports/titans.md; python
-# tools/kernel_profile.py titans chunk --seq-len 8192 --head-dim D --mode fwd --set ...) float16
-# states took the forward from 1,865 to 1,658 µs at D = 64 (walk 1,364 -> 1,235, outputs 452 ->
-# 373) and from 5,187 to 4,739 at D = 128; bfloat16 states to 1,419 and 4,421. One scale per
-# state instead of per row: the walk 1,350 (a maximum across warps), the forward 1,736. The
-# rows' scales put on Q's and K's columns instead of the state, the state as two bfloat16
-# halves: outputs 529 µs.
-# Why float16: where the gates saturate (the gpu suite's gate-saturated case) o is 0.0058 off
-# float64 from float16 states (0.0017 from float32 ones; tolerance 0.0089, the gpu gate); a
-# float64 emulation of the rounding (python tools/rounded_states.py) puts it at 0.0038 from
-# float16 states and 0.0200 from bfloat16 ones, on long-T4096 0.0020 and 0.0111. Every other
-# gpu-gate entry of o moved by 1% at most; the bfloat16 tiling family's o stays at 19% of its
-# tolerance. float16 inputs keep float32 states: HALF_STATES "float16" for them is checked
-# through the interpreter only (tests/test_kernels_titans.py), not on a GPU, and not timed.
-# (With the backward from bfloat16 states too the gradients' errors grew 1.7x median, up to
-# 6.7x, past the tolerances of dalpha, deta and the initial memory's in the tiling family.)
+# The dtype of the M0, S0 stored per mini-batch in a call without a backward (under torch.no_grad,
+# or no input that needs a gradient) where the walk stores states there (D > PRODUCTS_MAX_D, or
+# WALK_PRODUCTS None), per inputs' dtype as WALK_MIXED: "float16" (each state's rows scaled by
+# powers of two into float16's range, the scales stored beside them:
+# minibatch.store_square_scaled), "bfloat16", or None (float32). A store rounds the walk's float32
+# states, which carry on in float32 to the final states; half the bytes the walk writes and the
+# outputs kernel reads, as chunk_ttt_linear's HALF_STATES. The outputs kernel takes its products
+# with them (Z = K M0, Q M0, Q S0) exactly (output_modes). On an H100 (bfloat16, B=2, H=16,
+# T=8192, 2026-12-06, reports/titans.md; python tools/kernel_profile.py titans chunk --seq-len
+# 8192 --head-dim D --mode fwd --set ...) float16 states took the forward from 1,865 to 1,658 µs
+# at D = 64 (walk 1,364 -> 1,235, outputs 452 -> 373) and from 5,187 to 4,739 at D = 128; bfloat16
+# states to 1,419 and 4,421. One scale per state instead of per row: the walk 1,350 (a maximum
+# across warps), the forward 1,736. The rows' scales put on Q's and K's columns instead of the
+# state, the state as two bfloat16 halves: outputs 529 µs. Why float16: where the gates saturate
+# (the gpu suite's gate-saturated case) o is 0.0058 off float64 from float16 states (0.0017 from
+# float32 ones; tolerance 0.0089, the gpu gate); a float64 emulation of the rounding (python
+# tools/rounded_states.py) puts it at 0.0038 from float16 states and 0.0200 from bfloat16 ones, on
+# long-T4096 0.0020 and 0.0111. Every other gpu-gate entry of o moved by 1% at most; the bfloat16
+# tiling family's o stays at 19% of its tolerance. float16 inputs keep float32 states: HALF_STATES
+# "float16" for them is checked through the interpreter only (tests/test_kernels_titans.py), not
+# on a GPU, and not timed. (With the backward from bfloat16 states too the gradients' errors grew
+# 1.7x median, up to 6.7x, past the tolerances of dalpha, deta and the initial memory's in the
+# tiling family.)
 HALF_STATES = {"bfloat16": "float16"}
 # The states stored per mini-batch for the split backward (SPLIT_BACKWARD): float32 (None), or
 # "float16" (per dtype as WALK_MIXED), rows scaled by powers of two as HALF_STATES stores
@@ -325,14 +324,12 @@ REPLAY_G_PRECISION = None
 # G in three TF32 passes beside the state's truncated split).
 WALK_AHEAD = False
 # The segment kernel's programs in the walk's launch (kernels/titans/overlap.py), each forming its
-# segment's outputs once the walk has passed the segment (True), or launched after the walk
-# (False); not with WALK_AHEAD or REPLAY_CHAIN, and on a GPU only where the N H walks take at
-# most OVERLAP_SHARE of its SMs (at one program a SM more would walk in waves, where the walk
-# kernel's 4 warps fit two a SM; 0.5 untimed). OVERLAP_WARPS: the launch's (None: the walk's).
-# H100, bfloat16, B=2, H=16, D=64 (2026-12-07, reports/titans.md): the forward 0.318 / 1.103 /
-# 4.322 ms at T = 2K / 8K / 32K against 0.401 / 1.365 / 5.210 apart (8 warps: 208 registers,
-# one program a SM; at 4, two, no gain at 8K). Off until its tiling classes are checked on a
-# GPU (one shape was, at 4 warps: bit for bit).
+# segment's outputs once the walk has passed it (True), or launched after the walk (False); not
+# with WALK_AHEAD or REPLAY_CHAIN, and on a GPU only where the N H walks take at most
+# OVERLAP_SHARE of its SMs (one program a SM: more would walk in waves; 0.5 untimed).
+# OVERLAP_WARPS: the launch's (None: the walk's). H100, bfloat16, B=2, H=16, D=64, T = 2K / 8K /
+# 32K (reports/titans.md): 0.318 / 1.103 / 4.322 ms against 0.401 / 1.365 / 5.210 apart, at 8
+# warps (208 registers). Off until its tiling classes are checked on a GPU.
 REPLAY_OVERLAP = False
 OVERLAP_WARPS = 8
 OVERLAP_SHARE = 0.5
@@ -474,21 +471,23 @@ def _forward(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0, s0,
     gc, gf = (torch.empty(B, T, H, 2, **f32) if gates else None for _ in range(2))
     gn = torch.empty(chunks, H, 4, **f32) if gates else None
     ga = torch.empty(chunks, H, chunk_size, chunk_size, **f32) if replay > 1 else None
-    if gates:
+    one = (replay > 1 and REPLAY_OVERLAP and not (REPLAY_CHAIN or WALK_AHEAD)
+           and N * H <= OVERLAP_SHARE * processors(q.device))  # the walk and replay in one
+    flags = torch.empty(1 + N * H, dtype=torch.int32, device=q.device) if one else None
+    if gates:  # zeroing the one launch's flags
         chunk_titans_linear_fwd_gates_kernel[(NT, B * H)](
-            w, b, theta, alpha, eta, gc, gn, ga, gf, cu_seqlens, chunk_indices, T, H=H, D=D,
-            BD=meta["BD"], BC=chunk_size, PRECISION=meta["PRECISION"], OUTPUTS=replay > 1,
-            num_warps=GATES_WARPS)
+            w, b, theta, alpha, eta, gc, gn, ga, gf, flags, 1 + N * H, cu_seqlens, chunk_indices,
+            T, H=H, D=D, BD=meta["BD"], BC=chunk_size, PRECISION=meta["PRECISION"],
+            OUTPUTS=replay > 1, num_warps=GATES_WARPS)
     o = torch.empty_like(v)
-    overlap = REPLAY_OVERLAP and N * H <= OVERLAP_SHARE * processors(q.device)
-    if replay > 1 and overlap and not (REPLAY_CHAIN or WALK_AHEAD):
+    if one:
         blocks = NS * replay * chunk_size // rows * B * H
         order = (None if cu_seqlens is None else
                  torch.argsort(segment_indices[:, 1], stable=True).to(torch.int32))
         chunk_titans_linear_fwd_overlap_kernel[(N * H + blocks,)](
             q, k, v, w, b, o, theta, alpha, eta, gc, gn, ga, gf, h0, s0, ht, st, hs, ss, gs,
-            torch.zeros(1 + N * H, dtype=torch.int32, device=q.device), cu_seqlens,
-            chunk_offsets, segment_offsets, segment_indices, order, scale, float(eps), T, N * H,
+            flags, cu_seqlens, chunk_offsets, segment_offsets, segment_indices, order, scale,
+            float(eps), T, N * H,
             EVERY=replay, ROWS=rows, GPRECISION=gprecision or meta["PRECISION"],
             PREFETCH=WALK_PREFETCH, GATES_AHEAD=ahead, ACCUMULATE=WALK_ACCUMULATE, SCALES=scales,
             **with_warps({**meta, **omixed}, OVERLAP_WARPS or WALK_WARPS))

@@ -37,17 +37,27 @@ def walk_rows(q, k, v, theta, alpha, eta, i_t, bos, L, i_h, o_c, o_d, D: tl.cons
     return b_qh, b_kh.to(tl.float32), b_v, b_th, b_a, b_e
 
 
-@triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None})
-@triton.jit(do_not_specialize=['T'])
+@triton.heuristics({'IS_VARLEN': lambda a: a['cu_seqlens'] is not None,
+                    'ZERO_FLAGS': lambda a: a['flags'] is not None})
+@triton.jit(do_not_specialize=['T', 'NF'])
 def chunk_titans_linear_fwd_gates_kernel(
-    w, b, theta, alpha, eta, gc, gn, ga, gf, cu_seqlens, chunk_indices, T, H: tl.constexpr,
-    D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr, PRECISION: tl.constexpr,
-    OUTPUTS: tl.constexpr, IS_VARLEN: tl.constexpr,
+    w, b, theta, alpha, eta, gc, gn, ga, gf, flags, NF, cu_seqlens, chunk_indices, T,
+    H: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BC: tl.constexpr,
+    PRECISION: tl.constexpr, OUTPUTS: tl.constexpr, ZERO_FLAGS: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):
     """One mini-batch and head: stages.update_gates, stored for the walk (WALK_GATES_AHEAD) and
     the replay: cM, cS per row into gc [B, T, H, 2], f0[n], e0[n], p0[n] into gn [mini-batches,
     H, 4]; with OUTPUTS (the replay) also what the outputs take from the gates, P theta^T into
-    ga [mini-batches, H, C, C] and f0, p0 per row into gf [B, T, H, 2]."""
+    ga [mini-batches, H, C, C] and f0, p0 per row into gf [B, T, H, 2]. With flags (the
+    counter and progress flags of the launch that follows on the stream, the walk and replay
+    in one: overlap.py), program (0, 0) zeroes their NF int32 too, instead of a launch of its
+    own."""
+    if ZERO_FLAGS:
+        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+            for i in range(0, NF, 128):
+                o_f = i + tl.arange(0, 128)
+                tl.store(flags + o_f, tl.zeros([128], dtype=tl.int32), mask=o_f < NF)
     i_s, row0, o_c, m_t, n_t, _, _, _, _, _, _ = mini_batch_program(
         w, b, cu_seqlens, chunk_indices, T, H, D, BD, BC, IS_VARLEN)
     b_th, b_a, b_e = gate_rows(theta, alpha, eta, row0, o_c, m_t, H)
