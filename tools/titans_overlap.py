@@ -6,14 +6,15 @@ the two launches: the same values bit for bit, and the time of each by the numbe
 Each case runs the forward without a backward (the replay's path) twice on the same inputs:
 the walk kernel and then the segment kernel, and the one launch, both at ``--warps`` warps
 (the walk kernel's WALK_WARPS and the launch's OVERLAP_WARPS, so that both walks issue the
-same products), three times on a GPU, o and both final states compared with ``torch.equal``. The
-cases are what the check families do not reach: more walks than stay resident (varlen with 60
+same products), three times on a GPU, o and both final states compared with ``torch.equal``.
+The cases are what the check families do not reach: more walks than stay resident (varlen with 60
 sequences, empty and one-token ones among them, at H = 16: 960 walks; B = 8, H = 32), D = 100
 and 128, float16. ``--time`` then times both forms (``do_bench`` median) at D = 64 for N H
 from 32 to 512 walks against the device's SMs, the measurement behind chunk.OVERLAP_SHARE
 (the launch is taken where N H is at most that share of the SMs; here it is set to take it
-always). On the CPU (``--device cpu``, Triton's interpreter) only the first case runs, at a
-small shape. Needs bfloat16 or float16 inputs: the replay's dtypes (chunk.REPLAY).
+always), the two launches with the walk at its default warps (WALK_WARPS None). On the CPU
+(``--device cpu``, Triton's interpreter) two small cases run instead, one of them varlen.
+Needs bfloat16 or float16 inputs: the replay's dtypes (chunk.REPLAY).
 """
 
 from __future__ import annotations
@@ -115,6 +116,7 @@ def main(
         from triton.testing import do_bench
 
         console.print(f"SMs: {torch.cuda.get_device_properties(0).multi_processor_count}")
+        chunk.WALK_WARPS = None  # the two launches as the defaults run them
         for B, H, T in ((2, 16, 4096), (4, 16, 4096), (2, 48, 4096), (4, 32, 4096),
                         (8, 32, 2048), (16, 32, 1024)):
             x, states = inputs(B, T, H, 64, bf16, B, device)
