@@ -89,7 +89,8 @@ COVER = {
 
 # Code paths a kernel takes only under a flag that CPU tensors never set (the compile records
 # them under a registered switch): (kernel, constexpr, value) that must be among the launches.
-FLAGGED = {"titans": [("chunk_titans_linear_bwd_walk_cols_kernel", "PAIRED", True)]}
+FLAGGED = {"titans": [("chunk_titans_linear_bwd_walk_cols_kernel", "PAIRED", True),
+                      ("chunk_titans_linear_fwd_gates_kernel", "ZERO_FLAGS", True)]}
 
 
 def test_every_operator_with_kernels_lists_its_covering_cases():

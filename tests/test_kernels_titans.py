@@ -257,21 +257,31 @@ def test_replay_overlap_only_where_the_walks_leave_processors(monkeypatch):
     monkeypatch.setattr(chunk, "REPLAY_ROWS", None)
     monkeypatch.setattr(chunk, "REPLAY_OVERLAP", True)
     monkeypatch.setattr(chunk, "OVERLAP_SHARE", 0.5)
-    launched, real = [], chunk.chunk_titans_linear_fwd_overlap_kernel
+    launched = {"gates": [], "overlap": []}
 
-    class Spy:  # records the one launch's grids
+    class Spy:  # records a kernel's launches' arguments
+        def __init__(self, name):
+            self.name, self.kernel = name, getattr(chunk, f"chunk_titans_linear_fwd_{name}_kernel")
+
         def __getitem__(self, grid):
-            launched.append(grid)
-            return real[grid]
+            def launch(*args, **kwargs):
+                launched[self.name].append(args)
+                return self.kernel[grid](*args, **kwargs)
+            return launch
 
-    monkeypatch.setattr(chunk, "chunk_titans_linear_fwd_overlap_kernel", Spy())
+    for name in launched:
+        monkeypatch.setattr(chunk, f"chunk_titans_linear_fwd_{name}_kernel", Spy(name))
     assert chunk.processors(torch.device("cpu")) == float("inf")
     for sms, one in ((7, False), (8, True)):
         monkeypatch.setattr(chunk, "processors", lambda device, sms=sms: sms)
-        launched.clear()
+        for calls in launched.values():
+            calls.clear()
         with torch.no_grad():
             check(*both(x, st, cu), 1e-5)
-        assert bool(launched) == one, (sms, launched)
+        assert len(launched["overlap"]) == one, (sms, launched)
+        # the flags the gates kernel zeroes are the one launch's (its 10th and 21st arguments)
+        flags = launched["gates"][0][9]
+        assert flags is (launched["overlap"][0][20] if one else None)
 
 
 def test_gates_kernel_zeroes_the_one_launchs_flags():
@@ -284,13 +294,13 @@ def test_gates_kernel_zeroes_the_one_launchs_flags():
     B, T, H, D, C = 1, 40, 2, 16, 16
     x, _, _ = inputs(B, T, H, D)
     NT = -(-T // C)
-    out = []
+    meta, out = chunk.walk_meta(x["q"], C), []  # as chunk_titans_linear launches it
     for flags in (None, torch.full((300,), 7, dtype=torch.int32)):
         gates = [torch.zeros(B, T, H, 2), torch.zeros(NT, H, 4), torch.zeros(NT, H, C, C),
                  torch.zeros(B, T, H, 2)]
         chunk_titans_linear_fwd_gates_kernel[(NT, B * H)](
             x["w"], x["b"], x["theta"], x["alpha"], x["eta"], *gates, flags, 300, None, None, T,
-            H=H, D=D, BD=64, BC=C, PRECISION="ieee", OUTPUTS=True)
+            H=H, D=D, BD=meta["BD"], BC=C, PRECISION=meta["PRECISION"], OUTPUTS=True)
         out.append(gates)
     assert torch.equal(flags, torch.zeros_like(flags))
     assert all(torch.equal(a, b) for a, b in zip(*out))

@@ -1,12 +1,13 @@
 """Titans' forward walk and replay in one launch (kernels.titans.chunk.REPLAY_OVERLAP) against
 the two launches: the same values bit for bit, and the time of each by the number of walks.
 
-    python tools/titans_overlap.py [--warps 8] [--time/--no-time] [--device cuda]
+    python tools/titans_overlap.py [--warps 8] [--time/--no-time] [--device cuda | cpu]
 
 Each case runs the forward without a backward (the replay's path) twice on the same inputs:
-the walk kernel and then the segment kernel, and the one launch, both at ``--warps`` warps
-(the walk kernel's WALK_WARPS and the launch's OVERLAP_WARPS, so that both walks issue the
-same products), three times on a GPU, o and both final states compared with ``torch.equal``.
+the walk kernel and then the segment kernel, and the one launch, all at ``--warps`` warps
+(WALK_WARPS, REPLAY_WARPS and OVERLAP_WARPS, so that both forms issue the same products),
+three times on a GPU, o and both final states compared with ``torch.equal``; a case whose
+call did not take the one launch fails.
 The cases are what the check families do not reach: more walks than stay resident (varlen with 60
 sequences, empty and one-token ones among them, at H = 16: 960 walks; B = 8, H = 32), D = 100
 and 128, float16. ``--time`` then times both forms (``do_bench`` median) at D = 64 for N H
@@ -55,6 +56,17 @@ def varlen(count: int, longest: int, seed: int = 1) -> list[int]:
     return [0, *torch.cumsum(lens, 0).tolist()]
 
 
+class Counted:
+    """A kernel that counts its launches (kernel[grid] calls)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
 def forward(chunk, x, states, cu, overlap: bool):
     import torch
 
@@ -75,7 +87,11 @@ def compare(chunk, name, B, T, H, D, dtype, cu, device, runs) -> bool:
     two = forward(chunk, x, states, cu, False)
     same = True
     for rep in range(runs):
+        before = chunk.chunk_titans_linear_fwd_overlap_kernel.launches
         one = forward(chunk, x, states, cu, True)
+        if chunk.chunk_titans_linear_fwd_overlap_kernel.launches == before:
+            console.print(f"{name}: the call did not take the one launch")
+            return False
         equal = [torch.equal(a, b) for a, b in zip(one, two)]
         diff = max(float((a.float() - b.float()).abs().max()) for a, b in zip(one, two))
         console.print(f"{name}: run {rep}: o, final state, final momentum equal {equal}, "
@@ -87,13 +103,21 @@ def compare(chunk, name, B, T, H, D, dtype, cu, device, runs) -> bool:
 def main(
     warps: int = typer.Option(8, help="the walk's and the one launch's warps"),
     time: bool = typer.Option(True, "--time/--no-time", help="also time both forms (GPU)"),
-    device: str = typer.Option("cuda", help="cuda, or cpu (Triton's interpreter, one case)"),
+    device: str = typer.Option("cuda", help="cuda, or cpu (Triton's interpreter: two small "
+                               "cases)"),
 ) -> None:
+    from harness.cli.common import select_device
+
+    device = select_device(device)  # on the CPU: TRITON_INTERPRET=1 before triton is imported
     import torch
 
     from kernels.titans import chunk
 
-    chunk.WALK_WARPS, chunk.OVERLAP_WARPS, chunk.OVERLAP_SHARE = warps, warps, float("inf")
+    defaults = {"WALK_WARPS": chunk.WALK_WARPS, "REPLAY_WARPS": chunk.REPLAY_WARPS}
+    chunk.WALK_WARPS = chunk.REPLAY_WARPS = chunk.OVERLAP_WARPS = warps
+    chunk.OVERLAP_SHARE = float("inf")
+    chunk.chunk_titans_linear_fwd_overlap_kernel = Counted(
+        chunk.chunk_titans_linear_fwd_overlap_kernel)
     bf16, f16 = torch.bfloat16, torch.float16
     cases = [("bf16 B=2 T=2048 H=16 D=64", 2, 2048, 16, 64, bf16, None)]
     if device == "cpu":
@@ -116,7 +140,8 @@ def main(
         from triton.testing import do_bench
 
         console.print(f"SMs: {torch.cuda.get_device_properties(0).multi_processor_count}")
-        chunk.WALK_WARPS = None  # the two launches as the defaults run them
+        for name, value in defaults.items():  # the two launches as the defaults run them
+            setattr(chunk, name, value)
         for B, H, T in ((2, 16, 4096), (4, 16, 4096), (2, 48, 4096), (4, 32, 4096),
                         (8, 32, 2048), (16, 32, 1024)):
             x, states = inputs(B, T, H, 64, bf16, B, device)
@@ -124,7 +149,7 @@ def main(
                            rep=200, return_mode="median") for overlap in (False, True)]
             console.print(f"B={B} H={H} T={T} D=64 bfloat16, {B * H} walks: apart "
                           f"{ms[0]:.3f} ms, one launch {ms[1]:.3f} ms")
-    console.print("all equal" if not failed else f"differ: {failed}")
+    console.print("all equal" if not failed else f"failed: {failed}")
     raise typer.Exit(1 if failed else 0)
 
 

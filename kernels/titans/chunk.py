@@ -474,7 +474,7 @@ def _forward(q, k, v, w, b, theta, alpha, eta, scale, eps, chunk_size, h0, s0,
     one = (replay > 1 and REPLAY_OVERLAP and not (REPLAY_CHAIN or WALK_AHEAD)
            and N * H <= OVERLAP_SHARE * processors(q.device))  # the walk and replay in one
     flags = torch.empty(1 + N * H, dtype=torch.int32, device=q.device) if one else None
-    if gates:  # zeroing the one launch's flags
+    if gates:  # (one implies gates) with flags it zeroes them too
         chunk_titans_linear_fwd_gates_kernel[(NT, B * H)](
             w, b, theta, alpha, eta, gc, gn, ga, gf, flags, 1 + N * H, cu_seqlens, chunk_indices,
             T, H=H, D=D, BD=meta["BD"], BC=chunk_size, PRECISION=meta["PRECISION"],
